@@ -1,0 +1,46 @@
+#include "gemm.h"
+
+#include <cblas.h>
+
+#include <limits>
+#include <stdexcept>
+
+namespace lstmfast {
+namespace {
+
+blasint to_blasint(int64_t v) {
+  if (v < 0 || v > std::numeric_limits<blasint>::max())
+    throw std::length_error("lstmfast: a matrix dimension exceeds the 32-bit BLAS interface");
+  return static_cast<blasint>(v);
+}
+
+CBLAS_TRANSPOSE op(bool t) { return t ? CblasTrans : CblasNoTrans; }
+
+}  // namespace
+
+template <>
+void gemm<float>(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, float alpha,
+                 const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
+                 float* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  scipy_cblas_sgemm(CblasRowMajor, op(trans_a), op(trans_b), to_blasint(M), to_blasint(N),
+                    to_blasint(K), alpha, A, to_blasint(lda), B, to_blasint(ldb), beta, C,
+                    to_blasint(ldc));
+}
+
+template <>
+void gemm<double>(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, double alpha,
+                  const double* A, int64_t lda, const double* B, int64_t ldb, double beta,
+                  double* C, int64_t ldc) {
+  if (M == 0 || N == 0) return;
+  scipy_cblas_dgemm(CblasRowMajor, op(trans_a), op(trans_b), to_blasint(M), to_blasint(N),
+                    to_blasint(K), alpha, A, to_blasint(lda), B, to_blasint(ldb), beta, C,
+                    to_blasint(ldc));
+}
+
+void blas_set_num_threads(int n) { scipy_openblas_set_num_threads(n); }
+int blas_get_num_threads() { return scipy_openblas_get_num_threads(); }
+const char* blas_config() { return scipy_openblas_get_config(); }
+const char* blas_corename() { return scipy_openblas_get_corename(); }
+
+}  // namespace lstmfast

@@ -1,0 +1,17 @@
+"""lstmfast: fast LSTM, GRU and Elman-RNN layers for the CPU, with torch.nn's API.
+
+``backend="fused"`` runs the C++ kernels, ``backend="numpy"`` the readable NumPy
+reference in :mod:`lstmfast.reference`.
+"""
+
+from ._native import _core
+from ._config import get_num_threads, set_num_threads, show_config
+
+__version__ = _core.__version__
+
+__all__ = [
+    "__version__",
+    "get_num_threads",
+    "set_num_threads",
+    "show_config",
+]

@@ -1,0 +1,226 @@
+// Portable SIMD for the pointwise gate math.
+//
+// This header is included by translation units that are compiled once per
+// instruction set (generic, AVX2+FMA, AVX-512): the vector width follows the
+// flags of the including unit, so the same source becomes three kernels and
+// dispatch.cpp picks one at run time. It uses GCC/Clang vector extensions rather
+// than intrinsics so one body serves every width and architecture.
+//
+// Accuracy: vexp/vsigmoid/vtanh follow Cephes (expf/exp, tanhf/tanh): a few ulps
+// in float32 and float64, no lookup tables. Inputs are clamped to the range where
+// the result is finite; NaN propagation is not guaranteed.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+namespace lstmfast {
+namespace simd {
+
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;
+#endif
+
+template <typename T>
+struct IntOf;
+template <>
+struct IntOf<float> {
+  using type = int32_t;
+};
+template <>
+struct IntOf<double> {
+  using type = int64_t;
+};
+
+template <typename T>
+struct Vec {
+  static constexpr int width = kVectorBytes / static_cast<int>(sizeof(T));
+  typedef T type __attribute__((vector_size(kVectorBytes)));
+  typedef typename IntOf<T>::type int_type __attribute__((vector_size(kVectorBytes)));
+};
+
+template <typename T>
+using vec_t = typename Vec<T>::type;
+template <typename T>
+using ivec_t = typename Vec<T>::int_type;
+
+template <typename T>
+inline vec_t<T> broadcast(T v) {
+  return vec_t<T>{} + v;
+}
+
+// Unaligned loads and stores; memcpy compiles to one vector move.
+template <typename T>
+inline vec_t<T> load(const T* p) {
+  vec_t<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+inline void store(T* p, vec_t<T> v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+// The first n (< width) lanes; the others are zero.
+template <typename T>
+inline vec_t<T> load_partial(const T* p, int64_t n) {
+  vec_t<T> v = vec_t<T>{};
+  std::memcpy(&v, p, static_cast<size_t>(n) * sizeof(T));
+  return v;
+}
+template <typename T>
+inline void store_partial(T* p, vec_t<T> v, int64_t n) {
+  std::memcpy(p, &v, static_cast<size_t>(n) * sizeof(T));
+}
+
+template <typename T>
+inline vec_t<T> vmin(vec_t<T> a, vec_t<T> b) {
+  return a < b ? a : b;
+}
+template <typename T>
+inline vec_t<T> vmax(vec_t<T> a, vec_t<T> b) {
+  return a > b ? a : b;
+}
+
+namespace detail {
+
+template <typename T>
+inline vec_t<T> bitcast_to_float(ivec_t<T> i) {
+  vec_t<T> v;
+  std::memcpy(&v, &i, sizeof(v));
+  return v;
+}
+
+// floor(x + 0.5) as integers, for |x| well inside the integer range: truncation
+// rounds toward zero, so subtract one where it rounded a negative value up.
+template <typename T>
+inline ivec_t<T> round_half_up(vec_t<T> x) {
+  const vec_t<T> shifted = x + T(0.5);
+  ivec_t<T> n = __builtin_convertvector(shifted, ivec_t<T>);
+  const vec_t<T> back = __builtin_convertvector(n, vec_t<T>);
+  n += (back > shifted);  // comparison lanes are -1 where true
+  return n;
+}
+
+// 2^n for integer n in the normal exponent range.
+template <typename T>
+inline vec_t<T> pow2(ivec_t<T> n);
+template <>
+inline vec_t<float> pow2<float>(ivec_t<float> n) {
+  return bitcast_to_float<float>((n + 127) << 23);
+}
+template <>
+inline vec_t<double> pow2<double>(ivec_t<double> n) {
+  return bitcast_to_float<double>((n + 1023) << 52);
+}
+
+}  // namespace detail
+
+// e^x. Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial in r.
+inline vec_t<float> vexp(vec_t<float> x) {
+  using V = vec_t<float>;
+  x = vmin<float>(vmax<float>(x, broadcast(-87.3f)), broadcast(88.3f));
+  const ivec_t<float> n = detail::round_half_up<float>(x * 1.44269504088896341f);
+  const V fn = __builtin_convertvector(n, V);
+  // ln2 split in two so n*ln2_hi is exact.
+  V r = x - fn * 0.693359375f;
+  r = r - fn * -2.12194440e-4f;
+  const V r2 = r * r;
+  V p = broadcast(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const V y = p * r2 + r + 1.0f;
+  return y * detail::pow2<float>(n);
+}
+
+// e^x. Cephes exp: x = n ln2 + r, then a Pade form e^r = 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2)).
+inline vec_t<double> vexp(vec_t<double> x) {
+  using V = vec_t<double>;
+  x = vmin<double>(vmax<double>(x, broadcast(-708.0)), broadcast(709.0));
+  const ivec_t<double> n = detail::round_half_up<double>(x * 1.4426950408889634073599);
+  const V fn = __builtin_convertvector(n, V);
+  V r = x - fn * 6.93145751953125e-1;
+  r = r - fn * 1.42860682030941723212e-6;
+  const V rr = r * r;
+  V p = broadcast(1.26177193074810590878e-4);
+  p = p * rr + 3.02994407707441961300e-2;
+  p = p * rr + 9.99999999999999999910e-1;
+  p = p * r;
+  V q = broadcast(3.00198505138664455042e-6);
+  q = q * rr + 2.52448340349684104192e-3;
+  q = q * rr + 2.27265548208155028766e-1;
+  q = q * rr + 2.00000000000000000009e0;
+  const V y = (p / (q - p)) * 2.0 + 1.0;
+  return y * detail::pow2<double>(n);
+}
+
+template <typename T>
+inline vec_t<T> vsigmoid(vec_t<T> x) {
+  return T(1) / (T(1) + vexp(-x));
+}
+
+// tanh. Near zero a polynomial (float) or rational (double) form keeps the
+// relative error small where 1 - 2/(e^2x + 1) would cancel; beyond 0.625 the
+// exponential form, computed on |x| and given x's sign back.
+inline vec_t<float> vtanh(vec_t<float> x) {
+  using V = vec_t<float>;
+  const V ax = vmax<float>(x, -x);
+  const V z = x * x;
+  V p = broadcast(-5.70498872745e-3f);
+  p = p * z + 2.06390887954e-2f;
+  p = p * z - 5.37397155531e-2f;
+  p = p * z + 1.33314422036e-1f;
+  p = p * z - 3.33332819422e-1f;
+  const V small = p * z * x + x;
+  const V e = vexp(ax * 2.0f);
+  V large = 1.0f - 2.0f / (e + 1.0f);
+  large = x < 0.0f ? -large : large;
+  return ax < 0.625f ? small : large;
+}
+
+inline vec_t<double> vtanh(vec_t<double> x) {
+  using V = vec_t<double>;
+  const V ax = vmax<double>(x, -x);
+  const V z = x * x;
+  V p = broadcast(-9.64399179425052238628e-1);
+  p = p * z - 9.92877231001918586564e1;
+  p = p * z - 1.61468768441708447952e3;
+  V q = z + 1.12811678491632931402e2;
+  q = q * z + 2.23548839060100448583e3;
+  q = q * z + 4.84406305325125486048e3;
+  const V small = x + x * z * (p / q);
+  const V e = vexp(ax * 2.0);
+  V large = 1.0 - 2.0 / (e + 1.0);
+  large = x < 0.0 ? -large : large;
+  return ax < 0.625 ? small : large;
+}
+
+// Whole-array forms, for tests and for simple callers.
+template <typename T, typename F>
+inline void map_array(const T* x, T* y, int64_t n, F f) {
+  constexpr int W = Vec<T>::width;
+  int64_t i = 0;
+  for (; i + W <= n; i += W) store<T>(y + i, f(load<T>(x + i)));
+  if (i < n) store_partial<T>(y + i, f(load_partial<T>(x + i, n - i)), n - i);
+}
+template <typename T>
+inline void exp_array(const T* x, T* y, int64_t n) {
+  map_array<T>(x, y, n, [](vec_t<T> v) { return vexp(v); });
+}
+template <typename T>
+inline void sigmoid_array(const T* x, T* y, int64_t n) {
+  map_array<T>(x, y, n, [](vec_t<T> v) { return vsigmoid<T>(v); });
+}
+template <typename T>
+inline void tanh_array(const T* x, T* y, int64_t n) {
+  map_array<T>(x, y, n, [](vec_t<T> v) { return vtanh(v); });
+}
+
+}  // namespace simd
+}  // namespace lstmfast

@@ -1,0 +1,378 @@
+"""``python -m lstmfast.bench``: lstmfast against the NumPy reference and torch.
+
+Every figure comes from one process and one run: each case times the
+implementations in interleaved rounds (so machine noise hits them alike), takes
+the median per implementation, and prints ratios. Before timing, the fused result
+of each case is checked against the reference.
+
+The grid is the one in DESIGN.md: float32, one layer, one direction unless said.
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+import lstmfast
+from lstmfast import _core
+
+# name -> (T, N, I, H)
+SHAPES = {
+    "stream": (100, 1, 128, 128),
+    "small": (100, 8, 256, 256),
+    "medium": (100, 32, 256, 256),
+    "large": (100, 64, 512, 512),
+    "wide": (50, 16, 1024, 1024),
+}
+CELLS = ("LSTM", "GRU")
+MODES = ("inference", "training")
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def forward_flops(cell, T, N, I, H):
+    """2*T*N*G*H*(I+H): the two GEMMs of every step; pointwise work is not counted."""
+    return 2.0 * T * N * GATES[cell] * H * (I + H)
+
+
+def case_flops(cell, mode, T, N, I, H):
+    # Training is counted as three forwards: forward, and the two GEMMs of backward.
+    return forward_flops(cell, T, N, I, H) * (3 if mode == "training" else 1)
+
+
+def _try_import_torch():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+def _blas_thread_limiter():
+    """Limits NumPy's own BLAS threads for the reference, when threadpoolctl is there."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    return threadpool_limits
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sgemm_gflops(threads, size=1024, min_time=0.3):
+    """The machine's sgemm rate through the same OpenBLAS, at the given thread count."""
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((size, size), dtype=np.float32)
+    b = rng.standard_normal((size, size), dtype=np.float32)
+    _core.blas_set_num_threads(threads)
+    _core.matmul_f32(a, b)
+    times = []
+    start = time.perf_counter()
+    while time.perf_counter() - start < min_time or len(times) < 3:
+        t0 = time.perf_counter()
+        _core.matmul_f32(a, b)
+        times.append(time.perf_counter() - t0)
+    return 2.0 * size**3 / min(times) / 1e9
+
+
+class Case:
+    """One benchmark case: a cell, a shape, a mode and a thread count."""
+
+    def __init__(self, cell, shape_name, mode, threads, dtype="float32"):
+        self.cell, self.shape_name, self.mode, self.threads, self.dtype = cell, shape_name, mode, threads, dtype
+        self.T, self.N, self.I, self.H = SHAPES[shape_name]
+
+    @property
+    def label(self):
+        return f"{self.cell:4s} {self.shape_name:6s} {self.mode:9s} t={self.threads}"
+
+    def make_inputs(self):
+        rng = np.random.default_rng(1)
+        x = rng.standard_normal((self.T, self.N, self.I)).astype(self.dtype)
+        d_out = rng.standard_normal((self.T, self.N, self.H)).astype(self.dtype)
+        return x, d_out
+
+
+def _lstmfast_runner(case, backend, x, d_out):
+    layer = getattr(lstmfast, case.cell)(case.I, case.H, dtype=case.dtype, backend=backend, seed=0)
+    if case.mode == "inference":
+        layer.eval()
+
+        def run():
+            return layer(x)[0]
+    else:
+        layer.train()
+
+        def run():
+            out = layer(x)[0]
+            layer.backward(d_out)
+            return out
+    return layer, run
+
+
+def _torch_runner(torch, case, state_dict, x, d_out):
+    module = getattr(torch.nn, case.cell)(case.I, case.H)
+    module = module.to(getattr(torch, case.dtype))
+    module.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()})
+    xt = torch.from_numpy(x)
+    gt = torch.from_numpy(d_out)
+    if case.mode == "inference":
+        module.eval()
+
+        def run():
+            with torch.inference_mode():
+                return module(xt)[0]
+    else:
+        module.train()
+        xg = xt.clone().requires_grad_(True)
+
+        def run():
+            module.zero_grad(set_to_none=False)
+            xg.grad = None
+            out = module(xg)[0]
+            out.backward(gt)
+            return out
+    return run
+
+
+def fused_available():
+    try:
+        from lstmfast import _fused
+    except ImportError:
+        return False
+    return bool(getattr(_fused, "available", False))
+
+
+def time_case(case, impls, rounds, min_time, torch, limiter):
+    """Median seconds per call for each implementation, timed in interleaved rounds."""
+    x, d_out = case.make_inputs()
+    runners = {}
+    ref_layer, ref_run = _lstmfast_runner(case, "numpy", x, d_out)
+    state = ref_layer.state_dict()
+    if "fused" in impls:
+        fused_layer, fused_run = _lstmfast_runner(case, "fused", x, d_out)
+        fused_layer.load_state_dict(state)
+        # Each timed case checks its result before any figure is taken.
+        ref_out = np.asarray(ref_run(), dtype=np.float64)
+        fused_out = np.asarray(fused_run(), dtype=np.float64)
+        err = np.abs(ref_out - fused_out).max() / max(1.0, np.abs(ref_out).max())
+        if err > 1e-4:
+            raise AssertionError(f"{case.label}: fused differs from the reference by {err:.3g}")
+        runners["fused"] = fused_run
+    if "reference" in impls:
+        runners["reference"] = ref_run
+    if "torch" in impls and torch is not None:
+        runners["torch"] = _torch_runner(torch, case, state, x, d_out)
+
+    lstmfast.set_num_threads(case.threads)
+    if torch is not None:
+        torch.set_num_threads(case.threads)
+    limit = limiter(limits=case.threads, user_api="blas") if limiter else None
+    try:
+        times = {name: [] for name in runners}
+        for run in runners.values():  # warm-up: workspaces, caches, thread pools
+            run()
+        start = time.perf_counter()
+        r = 0
+        while r < rounds or (time.perf_counter() - start < min_time and r < 50 * rounds):
+            for name, run in runners.items():
+                if name == "reference" and r >= rounds:
+                    continue  # the reference is slow and steady: `rounds` samples suffice
+                t0 = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t0)
+            r += 1
+    finally:
+        if limit is not None:
+            limit.restore_original_limits()
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _fmt_time(seconds):
+    if seconds is None:
+        return "-"
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def _fmt_ratio(a, b):
+    if a is None or b is None:
+        return "-"
+    return f"{b / a:.2f}x"
+
+
+def configuration(torch, limiter):
+    return {
+        "cpu": cpu_name(),
+        "cores": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "lstmfast": lstmfast.__version__,
+        "simd_target": lstmfast._config.simd_target(),
+        "blas": _core.blas_config(),
+        "numpy": np.__version__,
+        "torch": torch.__version__ if torch is not None else None,
+        "reference_blas_threads_limited": limiter is not None,
+        "dtype": "float32",
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m lstmfast.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a reduced grid that finishes in under a minute")
+    parser.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS))
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--rounds", type=int, default=5, help="minimum timed rounds per case")
+    parser.add_argument("--min-time", type=float, default=0.5, help="minimum seconds of timing per case")
+    parser.add_argument("--no-torch", action="store_true", help="do not benchmark torch even when installed")
+    parser.add_argument("--json", metavar="FILE", help="write the configuration and all figures to FILE")
+    parser.add_argument("--plot", metavar="FILE.png", help="draw the speedups (needs matplotlib)")
+    args = parser.parse_args(argv)
+
+    if args.quick:
+        args.shapes = [s for s in args.shapes if s in ("stream", "small")] or ["stream"]
+        args.threads = [max(args.threads)]
+        args.rounds, args.min_time = 3, 0.2
+    if any(t < 1 for t in args.threads):
+        parser.error("--threads must be positive")
+
+    torch = None if args.no_torch else _try_import_torch()
+    limiter = _blas_thread_limiter()
+    impls = ["reference"] + (["fused"] if fused_available() else []) + (["torch"] if torch else [])
+
+    config = configuration(torch, limiter)
+    print("lstmfast benchmark")
+    for key, value in config.items():
+        print(f"  {key:31s} {value}")
+    print(f"  {'implementations':31s} {', '.join(impls)}")
+    if "fused" not in impls:
+        print("  note: the fused kernels are not built yet; timing the reference and torch only")
+    sys.stdout.flush()
+
+    sgemm = {t: sgemm_gflops(t) for t in args.threads}
+    for t, g in sgemm.items():
+        print(f"  {'sgemm ceiling (1024^3, ' + str(t) + ' thr)':31s} {g:.1f} GFLOP/s")
+    print()
+
+    cases = [Case(c, s, m, t) for t in args.threads for m in args.modes for s in args.shapes for c in args.cells]
+    results = []
+    saved_threads = lstmfast.get_num_threads()
+    try:
+        for i, case in enumerate(cases, 1):
+            print(f"[{i}/{len(cases)}] {case.label} ...", file=sys.stderr, flush=True)
+            medians = time_case(case, impls, args.rounds, args.min_time, torch, limiter)
+            flops = case_flops(case.cell, case.mode, case.T, case.N, case.I, case.H)
+            best = medians.get("fused", medians.get("reference"))
+            results.append({
+                "cell": case.cell, "shape": case.shape_name, "mode": case.mode, "threads": case.threads,
+                "T": case.T, "N": case.N, "I": case.I, "H": case.H, "dtype": case.dtype,
+                "seconds": medians,
+                "gflops": flops / best / 1e9,
+                "sgemm_gflops": sgemm[case.threads],
+            })
+    finally:
+        lstmfast.set_num_threads(saved_threads)
+
+    header = (f"{'cell':4s} {'shape':6s} {'T':>4s} {'N':>3s} {'I':>5s} {'H':>5s} {'mode':9s} {'thr':>3s} "
+              f"{'fused':>9s} {'reference':>10s} {'torch':>9s} {'vs torch':>8s} {'vs ref':>8s} "
+              f"{'GFLOP/s':>8s} {'% sgemm':>7s}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        s = r["seconds"]
+        fused, ref, tt = s.get("fused"), s.get("reference"), s.get("torch")
+        mine = fused if fused is not None else ref
+        print(f"{r['cell']:4s} {r['shape']:6s} {r['T']:4d} {r['N']:3d} {r['I']:5d} {r['H']:5d} {r['mode']:9s} "
+              f"{r['threads']:3d} {_fmt_time(fused):>9s} {_fmt_time(ref):>10s} {_fmt_time(tt):>9s} "
+              f"{_fmt_ratio(mine, tt):>8s} {_fmt_ratio(fused, ref):>8s} "
+              f"{r['gflops']:8.1f} {100 * r['gflops'] / r['sgemm_gflops']:6.0f}%")
+    print()
+    summary = summarize(results)
+    for line in summary["lines"]:
+        print(line)
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"config": config, "sgemm_gflops": sgemm, "results": results,
+                       "summary": summary["figures"]}, f, indent=2)
+        print(f"wrote {args.json}")
+    if args.plot:
+        plot(results, args.plot)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _geomean(values):
+    values = [v for v in values if v is not None and v > 0]
+    return float(np.exp(np.mean(np.log(values)))) if values else None
+
+
+def summarize(results):
+    """Geometric-mean speedups of lstmfast (fused, else reference) over torch and over the reference."""
+    lines, figures = [], {}
+    for mode in MODES:
+        rows = [r for r in results if r["mode"] == mode]
+        if not rows:
+            continue
+        vs_torch = [r["seconds"]["torch"] / r["seconds"].get("fused", r["seconds"]["reference"])
+                    for r in rows if "torch" in r["seconds"]]
+        vs_ref = [r["seconds"]["reference"] / r["seconds"]["fused"] for r in rows if "fused" in r["seconds"]]
+        g_t, g_r = _geomean(vs_torch), _geomean(vs_ref)
+        figures[mode] = {"geomean_vs_torch": g_t, "min_vs_torch": min(vs_torch) if vs_torch else None,
+                         "geomean_vs_reference": g_r}
+        parts = []
+        if g_t is not None:
+            parts.append(f"vs torch geomean {g_t:.2f}x (min {min(vs_torch):.2f}x)")
+        if g_r is not None:
+            parts.append(f"vs reference geomean {g_r:.2f}x")
+        if parts:
+            lines.append(f"{mode}: " + ", ".join(parts))
+    return {"lines": lines, "figures": figures}
+
+
+def plot(results, path):
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("--plot needs matplotlib: pip install 'lstmfast[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results if "torch" in r["seconds"]]
+    if not rows:
+        raise SystemExit("--plot: nothing to plot (torch was not benchmarked)")
+    labels = [f"{r['cell']} {r['shape']}\n{r['mode'][:5]} t={r['threads']}" for r in rows]
+    speedups = [r["seconds"]["torch"] / r["seconds"].get("fused", r["seconds"]["reference"]) for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(rows)), 4.5))
+    colors = ["tab:green" if s >= 1 else "tab:red" for s in speedups]
+    ax.bar(range(len(rows)), speedups, color=colors)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels(labels, rotation=90, fontsize=7)
+    ax.set_ylabel("speedup over torch (x, log scale)")
+    ax.set_title(f"lstmfast {lstmfast.__version__} vs torch, float32, {cpu_name()}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,469 @@
+"""Pure-NumPy reference implementation of LSTM, GRU and Elman-RNN layers.
+
+This module is the specification the C++ kernels are tested and benchmarked
+against. It is written to be read side by side with the equations in the
+torch.nn documentation, so it favours plain code over speed: one loop over time
+steps, one cell step per iteration, masks for sequence lengths. It imports NumPy
+and nothing else.
+
+Letters used for shapes everywhere:
+    T  time steps            N  batch size          I  input features
+    H  hidden units          P  projection size     H_out = P if P > 0 else H
+    D  directions (1 or 2)   L  layers              G  gates: 4 LSTM, 3 GRU, 1 RNN
+
+Conventions:
+* Arrays are time-major: x is (T, N, I), outputs are (T, N, D*H_out).
+* Weights are in torch's layout and gate order, so a row batch times a weight is
+  ``x @ W_ih.T``:  W_ih (G*H, I), W_hh (G*H, H_out), b_ih and b_hh (G*H,),
+  W_hr (P, H). Gate blocks along G*H: LSTM (i, f, g, o), GRU (r, z, n).
+* The gradient of ``name`` is called ``dname`` (dh, dW_hh).
+* Backward functions RETURN gradients of their inputs and ADD gradients of
+  parameters into the arrays they are given; the caller zeroes those.
+* Everything is computed in the dtype of x: float32 stays float32.
+
+Layout of the file: one ``*_cell_forward`` / ``*_cell_backward`` pair per cell
+(one time step), then ``_layer_direction_forward`` / ``_backward`` (one cell
+over the whole sequence, with lengths and time reversal), then ``forward`` /
+``backward`` (the stack of layers and directions, with dropout between layers),
+then the parameter shapes and initialisation.
+"""
+
+import numpy as np
+
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+
+
+# ----------------------------------------------------------------------------
+# Small helpers
+
+
+def sigmoid(a):
+    """1 / (1 + exp(-a)), written through tanh so that it never overflows."""
+    return 0.5 * (1.0 + np.tanh(0.5 * a))
+
+
+def _linear(x, W, b):
+    """x W^T + b (b may be None: a layer built with bias=False)."""
+    y = x @ W.T
+    if b is not None:
+        y = y + b
+    return y
+
+
+def _linear_backward(dy, x, W, dW, db):
+    """Backward of y = x W^T + b: adds dW += dy^T x and db += sum_n dy; returns dx."""
+    dW += dy.T @ x
+    if db is not None:
+        db += dy.sum(axis=0)
+    return dy @ W
+
+
+# ----------------------------------------------------------------------------
+# LSTM cell
+#
+# The cell weights ``w`` are a dict with keys W_ih, W_hh, b_ih, b_hh, W_hr
+# (a bias is None when bias=False, W_hr is None without projection); the
+# parameter gradients ``dw`` are a dict with the same keys (see _cell_weights).
+
+
+def lstm_cell_forward(x, h, c, w):
+    """One LSTM step.
+
+    x: (N, I) input;  h: (N, H_out) previous hidden state;  c: (N, H) previous cell state.
+    Returns h_next (N, H_out), c_next (N, H) and the cache for lstm_cell_backward.
+
+        gates  = x W_ih^T + b_ih + h W_hh^T + b_hh        (N, 4H), blocks i, f, g, o
+        i, f, o = sigmoid(.)      g = tanh(.)
+        c_next = f * c + i * g
+        m      = o * tanh(c_next)
+        h_next = m W_hr^T  with projection (P > 0), else m
+    """
+    H = c.shape[1]
+    gates = _linear(x, w["W_ih"], w["b_ih"]) + _linear(h, w["W_hh"], w["b_hh"])
+    i = sigmoid(gates[:, 0 * H:1 * H])
+    f = sigmoid(gates[:, 1 * H:2 * H])
+    g = np.tanh(gates[:, 2 * H:3 * H])
+    o = sigmoid(gates[:, 3 * H:4 * H])
+    c_next = f * c + i * g
+    tanh_c_next = np.tanh(c_next)
+    m = o * tanh_c_next
+    h_next = m if w["W_hr"] is None else m @ w["W_hr"].T
+    cache = (x, h, c, i, f, g, o, tanh_c_next, m)
+    return h_next, c_next, cache
+
+
+def lstm_cell_backward(dh_next, dc_next, cache, w, dw):
+    """Backward of lstm_cell_forward.
+
+    dh_next: (N, H_out), dc_next: (N, H) gradients of the loss w.r.t. h_next and c_next.
+    Adds dW_ih, dW_hh, db_ih, db_hh, dW_hr into dw; returns dx (N, I), dh (N, H_out), dc (N, H).
+    Derivatives are written from the saved activations: sigmoid' = s (1 - s), tanh' = 1 - t^2.
+    """
+    x, h, c, i, f, g, o, tanh_c_next, m = cache
+    if w["W_hr"] is None:
+        dm = dh_next
+    else:
+        dm = dh_next @ w["W_hr"]
+        dw["W_hr"] += dh_next.T @ m
+    do = dm * tanh_c_next
+    dc_next = dc_next + dm * o * (1 - tanh_c_next * tanh_c_next)
+    di = dc_next * g
+    df = dc_next * c
+    dg = dc_next * i
+    dc = dc_next * f
+    dgates = np.concatenate(
+        [di * i * (1 - i), df * f * (1 - f), dg * (1 - g * g), do * o * (1 - o)], axis=1)
+    dx = _linear_backward(dgates, x, w["W_ih"], dw["W_ih"], dw["b_ih"])
+    dh = _linear_backward(dgates, h, w["W_hh"], dw["W_hh"], dw["b_hh"])
+    return dx, dh, dc
+
+
+# ----------------------------------------------------------------------------
+# GRU cell
+
+
+def gru_cell_forward(x, h, w):
+    """One GRU step (torch's variant: the reset gate multiplies W_hn h + b_hn).
+
+    x: (N, I) input;  h: (N, H) previous hidden state.
+    Returns h_next (N, H) and the cache for gru_cell_backward.
+
+        gi = x W_ih^T + b_ih,  gh = h W_hh^T + b_hh       (N, 3H) each, blocks r, z, n
+        r  = sigmoid(gi_r + gh_r)
+        z  = sigmoid(gi_z + gh_z)
+        n  = tanh(gi_n + r * gh_n)
+        h_next = (1 - z) * n + z * h
+    """
+    H = h.shape[1]
+    gi = _linear(x, w["W_ih"], w["b_ih"])
+    gh = _linear(h, w["W_hh"], w["b_hh"])
+    r = sigmoid(gi[:, 0 * H:1 * H] + gh[:, 0 * H:1 * H])
+    z = sigmoid(gi[:, 1 * H:2 * H] + gh[:, 1 * H:2 * H])
+    gh_n = gh[:, 2 * H:3 * H]
+    n = np.tanh(gi[:, 2 * H:3 * H] + r * gh_n)
+    h_next = (1 - z) * n + z * h
+    cache = (x, h, r, z, n, gh_n)
+    return h_next, cache
+
+
+def gru_cell_backward(dh_next, cache, w, dw):
+    """Backward of gru_cell_forward.
+
+    dh_next: (N, H) gradient of the loss w.r.t. h_next.
+    Adds dW_ih, dW_hh, db_ih, db_hh into dw; returns dx (N, I), dh (N, H).
+    """
+    x, h, r, z, n, gh_n = cache
+    dn = dh_next * (1 - z)
+    dz = dh_next * (h - n)
+    dh = dh_next * z
+    da_n = dn * (1 - n * n)                 # gradient w.r.t. the argument of tanh
+    da_r = da_n * gh_n * r * (1 - r)        # ... of the sigmoid giving r
+    da_z = dz * z * (1 - z)                 # ... of the sigmoid giving z
+    dgi = np.concatenate([da_r, da_z, da_n], axis=1)
+    dgh = np.concatenate([da_r, da_z, da_n * r], axis=1)
+    dx = _linear_backward(dgi, x, w["W_ih"], dw["W_ih"], dw["b_ih"])
+    dh = dh + _linear_backward(dgh, h, w["W_hh"], dw["W_hh"], dw["b_hh"])
+    return dx, dh
+
+
+# ----------------------------------------------------------------------------
+# Elman RNN cell
+
+
+def rnn_cell_forward(x, h, w, nonlinearity):
+    """One Elman RNN step.
+
+    x: (N, I) input;  h: (N, H) previous hidden state;  nonlinearity: "tanh" or "relu".
+    Returns h_next (N, H) and the cache for rnn_cell_backward.
+
+        h_next = act(x W_ih^T + b_ih + h W_hh^T + b_hh)
+    """
+    a = _linear(x, w["W_ih"], w["b_ih"]) + _linear(h, w["W_hh"], w["b_hh"])
+    h_next = np.tanh(a) if nonlinearity == "tanh" else np.maximum(a, 0)
+    cache = (x, h, h_next, nonlinearity)
+    return h_next, cache
+
+
+def rnn_cell_backward(dh_next, cache, w, dw):
+    """Backward of rnn_cell_forward.
+
+    dh_next: (N, H) gradient of the loss w.r.t. h_next.
+    Adds dW_ih, dW_hh, db_ih, db_hh into dw; returns dx (N, I), dh (N, H).
+    """
+    x, h, h_next, nonlinearity = cache
+    if nonlinearity == "tanh":
+        da = dh_next * (1 - h_next * h_next)
+    else:
+        da = dh_next * (h_next > 0)
+    dx = _linear_backward(da, x, w["W_ih"], dw["W_ih"], dw["b_ih"])
+    dh = _linear_backward(da, h, w["W_hh"], dw["W_hh"], dw["b_hh"])
+    return dx, dh
+
+
+# ----------------------------------------------------------------------------
+# One cell over time: one direction of one layer
+
+
+def _cell_step_forward(mode, x, h, c, w):
+    """One step of the cell of `mode`; returns h_next, c_next (None unless LSTM), cache."""
+    if mode == "LSTM":
+        return lstm_cell_forward(x, h, c, w)
+    if mode == "GRU":
+        h_next, cache = gru_cell_forward(x, h, w)
+    else:
+        h_next, cache = rnn_cell_forward(x, h, w, "tanh" if mode == "RNN_TANH" else "relu")
+    return h_next, None, cache
+
+
+def _cell_step_backward(mode, dh_next, dc_next, cache, w, dw):
+    """Backward of _cell_step_forward; returns dx, dh, dc (None unless LSTM)."""
+    if mode == "LSTM":
+        return lstm_cell_backward(dh_next, dc_next, cache, w, dw)
+    if mode == "GRU":
+        dx, dh = gru_cell_backward(dh_next, cache, w, dw)
+    else:
+        dx, dh = rnn_cell_backward(dh_next, cache, w, dw)
+    return dx, dh, None
+
+
+def _layer_direction_forward(mode, x, h0, c0, w, lengths, reverse):
+    """Run one cell over the whole sequence.
+
+    x: (T, N, I);  h0: (N, H_out);  c0: (N, H) or None;  lengths: (N,) ints in 1..T.
+    reverse: walk t = T-1 down to 0 instead of 0 up to T-1.
+    Sequence b has steps 0..lengths[b]-1 only: at any other step its state is held
+    unchanged and its output is 0. So the forward direction ends at its own last step,
+    and the reverse direction starts from h0 at its own last step.
+    Returns output (T, N, H_out), h_n (N, H_out), c_n (N, H) or None, and the cache.
+    """
+    T, N, _ = x.shape
+    output = np.zeros((T, N, h0.shape[1]), dtype=x.dtype)
+    h, c = h0, c0
+    steps = []
+    for t in (reversed(range(T)) if reverse else range(T)):
+        valid = (t < lengths)[:, None]          # (N, 1): which sequences have a step t
+        h_next, c_next, cell_cache = _cell_step_forward(mode, x[t], h, c, w)
+        h = np.where(valid, h_next, h)
+        if c is not None:
+            c = np.where(valid, c_next, c)
+        output[t] = np.where(valid, h_next, 0)
+        steps.append((t, valid, cell_cache))
+    cache = {"steps": steps, "input_shape": x.shape}
+    return output, h, c, cache
+
+
+def _layer_direction_backward(mode, d_output, dh_n, dc_n, cache, w, dw):
+    """Backward of _layer_direction_forward.
+
+    d_output: (T, N, H_out);  dh_n: (N, H_out);  dc_n: (N, H) or None.
+    Adds the parameter gradients into dw; returns dx (T, N, I), dh0 (N, H_out), dc0 (N, H) or None.
+    Steps are undone in the reverse of the order they were taken. Where a sequence had
+    no step, its state was copied through: its gradient is copied back unchanged, and
+    the (constant zero) output there receives no gradient.
+    """
+    dx = np.zeros(cache["input_shape"], dtype=d_output.dtype)
+    dh, dc = dh_n, dc_n
+    for t, valid, cell_cache in reversed(cache["steps"]):
+        # Rows without a step enter the cell with zero gradients, so they also add
+        # nothing to the parameter gradients.
+        dh_next = np.where(valid, dh + d_output[t], 0)
+        dc_next = None if dc is None else np.where(valid, dc, 0)
+        dx_t, dh_prev, dc_prev = _cell_step_backward(mode, dh_next, dc_next, cell_cache, w, dw)
+        dx[t] = np.where(valid, dx_t, 0)
+        dh = np.where(valid, dh_prev, dh)
+        if dc is not None:
+            dc = np.where(valid, dc_prev, dc)
+    return dx, dh, dc
+
+
+def _cell_weights(arrays, layer, direction):
+    """The arrays of one layer and direction, from a dict keyed by torch's names.
+
+    Used for params (giving the cell weights w) and for grads (giving dw).
+    """
+    suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+    return {
+        "W_ih": arrays[f"weight_ih{suffix}"],
+        "W_hh": arrays[f"weight_hh{suffix}"],
+        "b_ih": arrays.get(f"bias_ih{suffix}"),
+        "b_hh": arrays.get(f"bias_hh{suffix}"),
+        "W_hr": arrays.get(f"weight_hr{suffix}"),
+    }
+
+
+def _check_mode(mode):
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+# ----------------------------------------------------------------------------
+# The stack: layers, directions, dropout between layers
+
+
+def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
+            lengths=None, dropout_masks=None, training=False):
+    """Forward pass of a stacked (bi)directional LSTM / GRU / RNN, as torch.nn computes it.
+
+    mode: one of MODES.
+    x: (T, N, I) float32 or float64.
+    hx: LSTM: a pair (h0 (L*D, N, H_out), c0 (L*D, N, H)); others: h0 (L*D, N, H).
+        Index layer*D + direction, direction 0 forward, 1 reverse.
+    params: dict of torch's names -> arrays of x's dtype: weight_ih_l{k}, weight_hh_l{k},
+        bias_ih_l{k}, bias_hh_l{k} (absent when bias=False), weight_hr_l{k} (LSTM with
+        proj_size > 0), and the same names with suffix "_reverse" for the reverse direction.
+        They are kept by reference in the cache: do not change them before backward.
+    lengths: None (all T) or (N,) ints, each in 1..T, in any order. Sequence b has
+        steps 0..lengths[b]-1 only (the semantics of a PackedSequence).
+    dropout_masks: None or a list of L-1 arrays; mask k, (T, N, D*H_out), multiplies the
+        output of layer k before it enters layer k+1. Applied whenever given: the caller
+        decides (training mode) and draws them (values 0 or 1/(1-p)).
+    training: when True also return the cache that backward needs; else the cache is None.
+
+    Returns (output (T, N, D*H_out), h_n (L*D, N, H_out), c_n (L*D, N, H) or None, cache).
+    Output of each direction is concatenated along the last axis, forward first; output
+    rows past a sequence's length are exactly 0.
+    """
+    _check_mode(mode)
+    x = np.asarray(x)
+    dtype = x.dtype
+    T, N, _ = x.shape
+    D = 2 if bidirectional else 1
+    if mode == "LSTM":
+        h0, c0 = hx
+        c0 = np.asarray(c0, dtype=dtype)
+    else:
+        h0, c0 = hx, None
+    h0 = np.asarray(h0, dtype=dtype)
+    lengths = np.full(N, T) if lengths is None else np.asarray(lengths)
+
+    h_n, c_n, layer_caches = [], [], []
+    layer_input = x
+    for layer in range(num_layers):
+        outputs, direction_caches = [], []
+        for direction in range(D):
+            k = layer * D + direction
+            w = _cell_weights(params, layer, direction)
+            output, h, c, direction_cache = _layer_direction_forward(
+                mode, layer_input, h0[k], None if c0 is None else c0[k], w, lengths,
+                reverse=(direction == 1))
+            outputs.append(output)
+            h_n.append(h)
+            c_n.append(c)
+            direction_caches.append(direction_cache)
+        layer_caches.append(direction_caches)
+        layer_output = np.concatenate(outputs, axis=2)
+        if dropout_masks is not None and layer < num_layers - 1:
+            layer_output = layer_output * np.asarray(dropout_masks[layer], dtype=dtype)
+        layer_input = layer_output
+
+    output = layer_input
+    h_n = np.stack(h_n)
+    c_n = np.stack(c_n) if mode == "LSTM" else None
+    cache = None
+    if training:
+        cache = {
+            "mode": mode, "num_layers": num_layers, "D": D, "dtype": dtype,
+            "params": params, "dropout_masks": dropout_masks, "layers": layer_caches,
+            "h0_shape": h0.shape, "c0_shape": None if c0 is None else c0.shape,
+        }
+    return output, h_n, c_n, cache
+
+
+def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None):
+    """Backpropagation through time for a forward(..., training=True) call.
+
+    d_output: (T, N, D*H_out);  d_h_n: (L*D, N, H_out) or None (= zeros);
+    d_c_n: (L*D, N, H) or None (= zeros; LSTM only).
+    grads: dict with the same keys and shapes as params; parameter gradients are ADDED
+        into these arrays in place (the caller zeroes them). If None, a zero dict is made.
+    Returns (dx (T, N, I), dh0 (L*D, N, H_out), dc0 (L*D, N, H) or None, grads).
+    """
+    if cache is None:
+        raise ValueError("backward needs the cache of a forward(..., training=True) call")
+    mode, D, dtype = cache["mode"], cache["D"], cache["dtype"]
+    params, dropout_masks = cache["params"], cache["dropout_masks"]
+    if grads is None:
+        grads = {name: np.zeros(np.shape(p), dtype=dtype) for name, p in params.items()}
+    d_output = np.asarray(d_output, dtype=dtype)
+    d_h_n = (np.zeros(cache["h0_shape"], dtype=dtype) if d_h_n is None
+             else np.asarray(d_h_n, dtype=dtype))
+    dh0 = np.zeros(cache["h0_shape"], dtype=dtype)
+    if mode == "LSTM":
+        d_c_n = (np.zeros(cache["c0_shape"], dtype=dtype) if d_c_n is None
+                 else np.asarray(d_c_n, dtype=dtype))
+        dc0 = np.zeros(cache["c0_shape"], dtype=dtype)
+    else:
+        dc0 = None
+    H_out = cache["h0_shape"][2]
+
+    d_layer_output = d_output
+    for layer in reversed(range(cache["num_layers"])):
+        direction_caches = cache["layers"][layer]
+        d_layer_input = np.zeros(direction_caches[0]["input_shape"], dtype=dtype)
+        for direction in range(D):
+            k = layer * D + direction
+            w = _cell_weights(params, layer, direction)
+            dw = _cell_weights(grads, layer, direction)
+            d_direction_output = d_layer_output[:, :, direction * H_out:(direction + 1) * H_out]
+            dx, dh, dc = _layer_direction_backward(
+                mode, d_direction_output, d_h_n[k], None if dc0 is None else d_c_n[k],
+                direction_caches[direction], w, dw)
+            d_layer_input += dx
+            dh0[k] = dh
+            if dc0 is not None:
+                dc0[k] = dc
+        if dropout_masks is not None and layer > 0:
+            d_layer_input = d_layer_input * np.asarray(dropout_masks[layer - 1], dtype=dtype)
+        d_layer_output = d_layer_input
+
+    dx = d_layer_output
+    return dx, dh0, dc0, grads
+
+
+# ----------------------------------------------------------------------------
+# Parameters
+
+
+def param_shapes(mode, input_size, hidden_size, num_layers, bias, bidirectional, proj_size):
+    """Torch's parameter names -> shapes, in torch's order (that of state_dict().keys())."""
+    _check_mode(mode)
+    if proj_size < 0:
+        raise ValueError(f"proj_size must be >= 0, got {proj_size}")
+    if proj_size > 0 and mode != "LSTM":
+        raise ValueError(f"proj_size > 0 is only supported for LSTM, not {mode}")
+    if proj_size > 0 and proj_size >= hidden_size:
+        raise ValueError(
+            f"proj_size ({proj_size}) must be smaller than hidden_size ({hidden_size})")
+    G, H, P = GATES[mode], hidden_size, proj_size
+    H_out = P if P > 0 else H
+    D = 2 if bidirectional else 1
+    shapes = {}
+    for layer in range(num_layers):
+        layer_input_size = input_size if layer == 0 else D * H_out
+        for direction in range(D):
+            suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+            shapes[f"weight_ih{suffix}"] = (G * H, layer_input_size)
+            shapes[f"weight_hh{suffix}"] = (G * H, H_out)
+            if bias:
+                shapes[f"bias_ih{suffix}"] = (G * H,)
+                shapes[f"bias_hh{suffix}"] = (G * H,)
+            if P > 0:
+                shapes[f"weight_hr{suffix}"] = (P, H)
+    return shapes
+
+
+def init_params(mode, input_size, hidden_size, num_layers, bias, bidirectional, proj_size,
+                dtype, rng):
+    """Parameters initialised as torch does: each U(-1/sqrt(H), 1/sqrt(H)).
+
+    Drawn from the numpy Generator rng in torch's parameter order (see param_shapes),
+    in float64 and then cast to dtype, so one seed gives the same values in both dtypes
+    up to rounding.
+    """
+    bound = 1.0 / np.sqrt(hidden_size)
+    shapes = param_shapes(mode, input_size, hidden_size, num_layers, bias, bidirectional,
+                          proj_size)
+    return {name: rng.uniform(-bound, bound, size=shape).astype(dtype)
+            for name, shape in shapes.items()}

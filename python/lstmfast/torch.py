@@ -93,7 +93,6 @@ class _RecurrentFunction(torch.autograd.Function):
         dx, dh0, dc0, grads = settings["backend"].backward(
             ctx.cache, _as_numpy(d_output.contiguous()), _as_numpy(d_h_n.contiguous()),
             _as_numpy(d_c_n.contiguous()) if is_lstm else None, grads)
-        ctx.cache = None  # the workspace is released with the graph
         return (None, torch.from_numpy(dx), torch.from_numpy(dh0),
                 torch.from_numpy(dc0) if is_lstm else None, None,
                 *(torch.from_numpy(grads[name]) for name in settings["names"]))

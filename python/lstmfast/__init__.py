@@ -6,11 +6,18 @@ reference in :mod:`lstmfast.reference`.
 
 from ._native import _core
 from ._config import get_num_threads, set_num_threads, show_config
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
 
 __version__ = _core.__version__
 
 __all__ = [
     "__version__",
+    "LSTM",
+    "GRU",
+    "RNN",
+    "LSTMCell",
+    "GRUCell",
+    "RNNCell",
     "get_num_threads",
     "set_num_threads",
     "show_config",

@@ -1,0 +1,812 @@
+"""The layers and cells: ``LSTM``, ``GRU``, ``RNN``, ``LSTMCell``, ``GRUCell``, ``RNNCell``.
+
+These classes mirror ``torch.nn``'s: same constructor arguments, parameter names and
+shapes, call signature, output shapes and ``state_dict`` keys. They check arguments,
+hold the parameters as NumPy arrays and delegate all math to a backend module:
+``backend="numpy"`` uses :mod:`lstmfast.reference` (the readable specification) and
+``backend="fused"`` uses the C++ kernels through ``lstmfast._fused``. Both expose
+
+    forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
+            lengths=None, dropout_masks=None, training=False)
+        -> (output, h_n, c_n or None, cache or None)
+    backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None)
+        -> (dx, dh0, dc0 or None, grads)        # adds into grads
+
+always in the time-major batched layout ``x (T, N, I)``; this module converts from and
+to the caller's layout (batch_first, unbatched) and fills in defaults (zero h0/c0).
+
+Decisions worth knowing (beyond what torch documents):
+
+* dtypes are strict: ``x``, ``hx`` and the upstream gradients must already have the
+  layer's dtype (float32 or float64), otherwise TypeError. Nothing is cast silently.
+  Parameters given to ``load_state_dict`` or assigned as attributes ARE cast to the
+  layer's dtype (an explicit load, like torch's ``copy_``).
+* Parameter attributes (``lstm.weight_ih_l0``) are the live arrays the layer computes
+  with: editing one in place changes the layer. Assigning ``lstm.weight_ih_l0 = w``
+  copies ``w`` into the existing array after checking its shape. ``state_dict()``
+  returns copies, in torch's order.
+* ``load_state_dict`` raises KeyError for missing or unexpected names, ValueError for a
+  wrong shape, TypeError for values that are not real numbers; every problem is listed
+  in one message and on failure no parameter is changed.
+* Randomness: ``seed`` feeds ``np.random.SeedSequence(seed).spawn(2)``; the first child
+  initialises the parameters (through ``reference.init_params``, for both backends, so
+  one seed gives the same weights whatever the backend), the second is the dropout
+  stream. Dropout masks are made here, not in the backend: per call, one float64
+  uniform array of shape (T, N, D*H_out) for each gap between layers, in layer order,
+  keeping an element where ``u >= p`` and scaling it by ``1/(1-p)`` (``p == 1`` gives
+  all zeros). Masks are therefore identical for both backends and both dtypes.
+* Like torch, dropout > 0 with num_layers == 1 emits a UserWarning, and a new layer
+  is in training mode. In training mode each call keeps what backward needs (one
+  pending forward per layer; a new forward replaces it). ``backward`` consumes it: a
+  second backward, a backward after an eval-mode forward or before any forward raises
+  RuntimeError. Parameter gradients are ADDED into ``layer.grad``; ``zero_grad()``
+  clears them in place.
+* Do not modify inputs or returned arrays in place between a forward and its backward:
+  the backend may keep references to them (torch would raise; we cannot detect it).
+* Empty inputs (sequence length 0 or batch size 0) are rejected with ValueError.
+* ``lengths`` (one int per batch element, each in 1..L, any order) gives the
+  semantics of a PackedSequence: outputs past a sequence's end are 0 (and their
+  upstream gradients are ignored), h_n/c_n hold each sequence's state at its own end.
+  Unbatched input takes a one-element ``lengths``.
+* Cells are called as ``cell(x, hx=None)`` (torch's argument name) and run the backend
+  with T = 1 and one layer; ``cell.backward(grad_h1)`` for GRU/RNN cells and
+  ``lstm_cell.backward(grad_h1, grad_c1=None)`` give the gradients of that one step.
+* ``repr`` is torch's, plus ``nonlinearity``, ``dtype`` and ``backend`` when they are
+  not the defaults.
+"""
+
+import importlib
+import numbers
+import warnings
+
+import numpy as np
+
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
+
+_PACKAGE = __name__.rpartition(".")[0]
+_BACKENDS = ("fused", "numpy")
+_NONLINEARITIES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+
+
+# ----------------------------------------------------------------------------------
+# argument checks
+
+
+def _check_size(name, value, minimum=1):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+    return bool(value)
+
+
+def _check_dropout(value):
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
+            or not 0 <= value <= 1):
+        raise ValueError(
+            f"dropout should be a number in range [0, 1] (the probability of an element "
+            f"being zeroed), got {value!r}")
+    return float(value)
+
+
+def _resolve_dtype(dtype):
+    # np.dtype(None) is float64 and dtype == None compares as float64: exclude None first.
+    try:
+        resolved = None if dtype is None else np.dtype(dtype)
+    except (TypeError, ValueError):
+        resolved = None
+    if resolved is None or resolved.type not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return resolved
+
+
+def _check_backend(backend):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _check_seed(seed):
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed should be None or an int, got: {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return int(seed)
+
+
+def _load_backend(backend):
+    """The module computing for ``backend``; NotImplementedError if it is not built."""
+    if backend == "numpy":
+        return importlib.import_module(_PACKAGE + ".reference")
+    name = _PACKAGE + "._fused"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        module = None
+    if module is None or not getattr(module, "available", False):
+        raise NotImplementedError(
+            "backend='fused': the fused C++ kernels are not built yet; use backend='numpy'")
+    return module
+
+
+def _to_numpy(value):
+    """np.asarray, also for torch tensors (without importing torch)."""
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu()
+    return np.asarray(value)
+
+
+def _shape_str(shape):
+    return "(" + ", ".join(str(s) for s in shape) + ")"
+
+
+# ----------------------------------------------------------------------------------
+# what every layer and cell shares
+
+
+class _Module:
+    """Parameters, gradients, train/eval, state_dict and the pending forward."""
+
+    _mode = None  # "LSTM", "GRU", "RNN_TANH" or "RNN_RELU"
+
+    def _setup(self, dtype, backend, seed):
+        self.dtype = _resolve_dtype(dtype)
+        self.backend = _check_backend(backend)
+        self.seed = _check_seed(seed)
+        self._backend = _load_backend(self.backend)
+        init_seq, dropout_seq = np.random.SeedSequence(self.seed).spawn(2)
+        self._init_rng = np.random.default_rng(init_seq)
+        self._dropout_rng = np.random.default_rng(dropout_seq)
+        self.training = True
+        self._pending = None  # what backward needs from the last training forward
+        self._last_forward = None  # None (never), "train", "eval" or "consumed"
+
+    def _set_params(self, params):
+        """Keep ``params`` (name -> array) in the order of ``self._param_names()``."""
+        names = self._param_names()
+        if set(params) != set(names):
+            raise RuntimeError(
+                f"internal error: the backend made parameters {sorted(params)}, "
+                f"expected {names}")
+        self._params = {n: np.array(params[n], dtype=self.dtype, order="C") for n in names}
+        self.grad = {n: np.zeros_like(p) for n, p in self._params.items()}
+
+    # parameters as attributes ------------------------------------------------------
+
+    def __getattr__(self, name):
+        params = self.__dict__.get("_params")
+        if params is not None and name in params:
+            return params[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __setattr__(self, name, value):
+        params = self.__dict__.get("_params")
+        if params is not None and name in params:
+            params[name][...] = self._checked_param(name, value)
+        else:
+            object.__setattr__(self, name, value)
+
+    def __dir__(self):
+        return list(super().__dir__()) + list(self.__dict__.get("_params", ()))
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_backend", None)  # a module object; resolved again on unpickling
+        state["_pending"] = None
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._backend = _load_backend(self.backend)
+
+    # state_dict --------------------------------------------------------------------
+
+    def state_dict(self):
+        """A new dict name -> copy of the parameter, in torch's order."""
+        return {name: value.copy() for name, value in self._params.items()}
+
+    def _checked_param(self, name, value):
+        """``value`` as an array of the layer dtype with the shape of parameter ``name``."""
+        expected = self._params[name].shape
+        try:
+            array = _to_numpy(value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"parameter {name!r}: cannot convert the value to an array ({exc})") from None
+        if array.dtype.kind not in "fiu":
+            raise TypeError(
+                f"parameter {name!r}: expected real numbers, got an array of dtype {array.dtype}")
+        if array.shape != expected:
+            raise ValueError(
+                f"parameter {name!r}: expected shape {_shape_str(expected)}, "
+                f"got {_shape_str(array.shape)}")
+        return array.astype(self.dtype, copy=False)
+
+    def load_state_dict(self, state_dict):
+        """Copy parameters from ``state_dict`` (ours or a torch module's), cast to our dtype.
+
+        Every name and shape is checked before anything changes: on missing or unexpected
+        names KeyError, on a wrong shape ValueError, on non-numeric values TypeError.
+        """
+        if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+            raise TypeError(
+                f"state_dict should be a mapping name -> array, got {type(state_dict).__name__}")
+        given = list(state_dict.keys())
+        missing = [n for n in self._params if n not in state_dict]
+        unexpected = [n for n in given if n not in self._params]
+        if missing or unexpected:
+            problems = []
+            if missing:
+                problems.append(f"missing key(s): {missing}")
+            if unexpected:
+                problems.append(f"unexpected key(s): {unexpected}")
+            raise KeyError(
+                f"load_state_dict for {type(self).__name__}: " + "; ".join(problems)
+                + f" (expected exactly {list(self._params)})")
+        values, shape_errors = {}, []
+        for name in self._params:
+            try:
+                values[name] = self._checked_param(name, state_dict[name])
+            except ValueError as exc:
+                shape_errors.append(str(exc))
+        if shape_errors:
+            raise ValueError(
+                f"load_state_dict for {type(self).__name__}: " + "; ".join(shape_errors))
+        for name, value in values.items():
+            self._params[name][...] = value
+
+    # training ----------------------------------------------------------------------
+
+    def train(self, mode=True):
+        """Training mode (dropout on, forward keeps what backward needs); returns self."""
+        self.training = _check_flag("mode", mode)
+        return self
+
+    def eval(self):
+        """Inference mode (no dropout, nothing kept); returns self."""
+        return self.train(False)
+
+    def zero_grad(self):
+        """Set every gradient in ``self.grad`` to zero (in place)."""
+        for g in self.grad.values():
+            g.fill(0)
+
+    # input checks ------------------------------------------------------------------
+
+    def _as_input(self, name, value):
+        """``value`` as an array of exactly the layer dtype, else TypeError."""
+        try:
+            array = _to_numpy(value)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"{name}: cannot convert to an array ({exc})") from None
+        if array.dtype != self.dtype:
+            raise TypeError(
+                f"{name} must have dtype {self.dtype} (the layer's dtype), got {array.dtype}; "
+                f"convert it explicitly, e.g. {name}.astype(np.{self.dtype})")
+        return array
+
+    def _check_shape(self, name, array, expected):
+        if array.shape != tuple(expected):
+            raise ValueError(
+                f"{name}: expected shape {_shape_str(expected)}, got {_shape_str(array.shape)}")
+
+    def _run_forward(self, x, hx, params, **kwargs):
+        """Call the backend forward; remember the cache in training mode."""
+        output, h_n, c_n, cache = self._backend.forward(
+            self._mode, x, hx, params, training=self.training, **kwargs)
+        self._pending = cache if self.training else None
+        self._last_forward = "train" if self.training else "eval"
+        return output, h_n, c_n
+
+    def _check_backward_allowed(self):
+        if self._pending is not None:
+            return
+        if self._last_forward is None:
+            why = "no forward pass has run yet"
+        elif self._last_forward == "eval":
+            why = ("the last forward ran in eval mode, which keeps nothing for backward; "
+                   "call .train() and run the forward again")
+        else:
+            why = ("backward was already called for the last forward pass (its saved state "
+                   "is freed after one backward); run the forward again")
+        raise RuntimeError(f"{type(self).__name__}.backward: {why}")
+
+    def _run_backward(self, d_output, d_h_n, d_c_n, grads):
+        """Call the backend backward, consuming the cache; grads are added into ``grads``."""
+        cache, self._pending = self._pending, None
+        self._last_forward = "consumed"
+        dx, dh0, dc0, returned = self._backend.backward(
+            cache, d_output, d_h_n, d_c_n, grads=dict(grads))
+        for name, target in grads.items():  # in case the backend rebound a key
+            if returned[name] is not target:
+                target[...] = returned[name]
+        return dx, dh0, dc0
+
+    def __call__(self, *args, **kwargs):
+        return self.forward(*args, **kwargs)
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.extra_repr()})"
+
+    def _extra_repr_tail(self):
+        s = ""
+        if self._mode == "RNN_RELU":
+            s += ", nonlinearity=relu"
+        if self.dtype != np.float32:
+            s += f", dtype={self.dtype}"
+        if self.backend != "fused":
+            s += f", backend={self.backend}"
+        return s
+
+
+# ----------------------------------------------------------------------------------
+# multi-layer, multi-step layers
+
+
+class _RNNBase(_Module):
+    """Shared by LSTM, GRU and RNN: checks, layouts, hx defaults, dropout masks."""
+
+    def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
+                 dtype="float32", backend="fused", seed=None):
+        self._mode = mode
+        self.input_size = _check_size("input_size", input_size)
+        self.hidden_size = _check_size("hidden_size", hidden_size)
+        self.num_layers = _check_size("num_layers", num_layers)
+        self.bias = _check_flag("bias", bias)
+        self.batch_first = _check_flag("batch_first", batch_first)
+        self.dropout = _check_dropout(dropout)
+        self.bidirectional = _check_flag("bidirectional", bidirectional)
+        self.proj_size = _check_size("proj_size", proj_size, minimum=0)
+        if self.proj_size and mode != "LSTM":
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        if self.proj_size >= self.hidden_size:
+            raise ValueError(
+                f"proj_size has to be smaller than hidden_size, got proj_size={self.proj_size}"
+                f" and hidden_size={self.hidden_size}")
+        if self.dropout > 0 and self.num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero "
+                f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
+                f"num_layers={num_layers}", UserWarning, stacklevel=3)
+        self._setup(dtype, backend, seed)
+        reference = importlib.import_module(_PACKAGE + ".reference")
+        self._set_params(reference.init_params(
+            mode, self.input_size, self.hidden_size, self.num_layers, self.bias,
+            self.bidirectional, self.proj_size, self.dtype, self._init_rng))
+        shapes = reference.param_shapes(
+            mode, self.input_size, self.hidden_size, self.num_layers, self.bias,
+            self.bidirectional, self.proj_size)
+        for name, p in self._params.items():
+            if p.shape != tuple(shapes[name]):
+                raise RuntimeError(f"internal error: {name} has shape {p.shape}, expected {shapes[name]}")
+
+    @property
+    def _num_directions(self):
+        return 2 if self.bidirectional else 1
+
+    @property
+    def _out_size(self):
+        return self.proj_size or self.hidden_size
+
+    def _param_names(self):
+        """torch's ``_flat_weights_names``: per layer, per direction, ih hh [biases] [hr]."""
+        names = []
+        for k in range(self.num_layers):
+            for suffix in ("", "_reverse")[: self._num_directions]:
+                names += [f"weight_ih_l{k}{suffix}", f"weight_hh_l{k}{suffix}"]
+                if self.bias:
+                    names += [f"bias_ih_l{k}{suffix}", f"bias_hh_l{k}{suffix}"]
+                if self.proj_size:
+                    names.append(f"weight_hr_l{k}{suffix}")
+        return names
+
+    def extra_repr(self):
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.proj_size != 0:
+            s += f", proj_size={self.proj_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if self.batch_first is not False:
+            s += f", batch_first={self.batch_first}"
+        if self.dropout != 0:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional is not False:
+            s += f", bidirectional={self.bidirectional}"
+        return s + self._extra_repr_tail()
+
+    # forward -------------------------------------------------------------------------
+
+    def forward(self, x, hx=None, lengths=None):
+        """``output, h_n = layer(x, hx, lengths)`` (LSTM: ``output, (h_n, c_n)``), as torch."""
+        x = self._as_input("x", x)
+        if x.ndim not in (2, 3):
+            raise ValueError(
+                f"x: expected a 3-D (batched) or 2-D (unbatched) array, got {x.ndim}-D "
+                f"with shape {_shape_str(x.shape)}")
+        if x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"x: expected input_size={self.input_size} features in the last dimension, "
+                f"got {x.shape[-1]} (shape {_shape_str(x.shape)})")
+        batched = x.ndim == 3
+        if not batched:
+            x_tm = x[:, None, :]
+        elif self.batch_first:
+            x_tm = x.transpose(1, 0, 2)
+        else:
+            x_tm = x
+        T, N = x_tm.shape[:2]
+        if T == 0 or N == 0:
+            raise ValueError(
+                f"x: empty input (sequence length {T}, batch size {N}); both must be >= 1")
+        x_tm = np.ascontiguousarray(x_tm)
+        h0, c0 = self._prepare_hx(hx, N, batched)
+        lengths = self._prepare_lengths(lengths, T, N)
+        masks = None
+        if self.training and self.dropout > 0 and self.num_layers > 1:
+            masks = self._make_dropout_masks(T, N)
+        output, h_n, c_n = self._run_forward(
+            x_tm, (h0, c0) if self._mode == "LSTM" else h0, self._params,
+            num_layers=self.num_layers, bidirectional=self.bidirectional,
+            proj_size=self.proj_size, lengths=lengths, dropout_masks=masks)
+        self._layout = (batched, T, N)
+        output = self._from_time_major(output, batched)
+        if not batched:
+            h_n = h_n[:, 0]
+            c_n = None if c_n is None else c_n[:, 0]
+        if self._mode == "LSTM":
+            return output, (h_n, c_n)
+        return output, h_n
+
+    def _from_time_major(self, a, batched):
+        if not batched:
+            return a[:, 0]
+        if self.batch_first:
+            return np.ascontiguousarray(a.transpose(1, 0, 2))
+        return a
+
+    def _to_time_major(self, a, batched):
+        if not batched:
+            return np.ascontiguousarray(a[:, None, :])
+        if self.batch_first:
+            return np.ascontiguousarray(a.transpose(1, 0, 2))
+        return np.ascontiguousarray(a)
+
+    def _state_shapes(self, N, batched):
+        """Expected (h, c) shapes in the caller's layout."""
+        LD = self.num_layers * self._num_directions
+        lead = (LD, N) if batched else (LD,)
+        return lead + (self._out_size,), lead + (self.hidden_size,)
+
+    def _prepare_hx(self, hx, N, batched):
+        """(h0, c0) time-major batched, zeros when hx is None; c0 is None unless LSTM."""
+        LD = self.num_layers * self._num_directions
+        h_shape, c_shape = self._state_shapes(N, batched)
+        kind = "batched 3-D" if batched else "unbatched 2-D"
+        if hx is None:
+            h0 = np.zeros((LD, N, self._out_size), dtype=self.dtype)
+            c0 = (np.zeros((LD, N, self.hidden_size), dtype=self.dtype)
+                  if self._mode == "LSTM" else None)
+            return h0, c0
+        if self._mode == "LSTM":
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise ValueError(
+                    f"hx: LSTM expects a pair (h0, c0), got {type(hx).__name__}"
+                    + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
+            h0 = self._as_input("hx[0] (h0)", hx[0])
+            c0 = self._as_input("hx[1] (c0)", hx[1])
+            self._check_state("hx[0] (h0)", h0, h_shape, kind)
+            self._check_state("hx[1] (c0)", c0, c_shape, kind)
+        else:
+            if isinstance(hx, tuple):
+                raise ValueError(
+                    f"hx: {type(self).__name__} expects a single array h0, got a tuple "
+                    f"(a pair (h0, c0) is for LSTM)")
+            h0 = self._as_input("hx", hx)
+            self._check_state("hx", h0, h_shape, kind)
+            c0 = None
+        if not batched:
+            h0 = h0[:, None, :]
+            c0 = None if c0 is None else c0[:, None, :]
+        return np.ascontiguousarray(h0), None if c0 is None else np.ascontiguousarray(c0)
+
+    def _check_state(self, name, array, expected, kind):
+        if array.shape != expected:
+            raise ValueError(
+                f"{name}: for {kind} input expected shape {_shape_str(expected)} "
+                f"(num_layers*num_directions, {'batch, ' if len(expected) == 3 else ''}size), "
+                f"got {_shape_str(array.shape)}")
+
+    def _prepare_lengths(self, lengths, T, N):
+        if lengths is None:
+            return None
+        try:
+            array = _to_numpy(lengths)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise ValueError(f"lengths: cannot convert to an array of ints ({exc})") from None
+        if array.ndim != 1:
+            raise ValueError(
+                f"lengths: expected a 1-D sequence with one int per batch element, "
+                f"got shape {_shape_str(array.shape)}")
+        if array.dtype.kind not in "iu":
+            raise ValueError(f"lengths: expected integers, got dtype {array.dtype}")
+        if array.shape[0] != N:
+            raise ValueError(
+                f"lengths: expected one length per batch element ({N}), got {array.shape[0]}")
+        bad = np.flatnonzero((array < 1) | (array > T))
+        if bad.size:
+            raise ValueError(
+                f"lengths: each length must be in 1..{T} (the sequence length), got "
+                f"lengths[{bad[0]}] = {array[bad[0]]}")
+        return np.ascontiguousarray(array, dtype=np.int64)
+
+    def _make_dropout_masks(self, T, N):
+        """One mask per gap between layers, values 0 or 1/(1-p), from the dropout stream."""
+        p = self.dropout
+        shape = (T, N, self._num_directions * self._out_size)
+        masks = []
+        for _ in range(self.num_layers - 1):
+            u = self._dropout_rng.random(shape)
+            if p >= 1:
+                masks.append(np.zeros(shape, dtype=self.dtype))
+            else:
+                masks.append(np.where(u >= p, 1.0 / (1.0 - p), 0.0).astype(self.dtype))
+        return masks
+
+    # backward ------------------------------------------------------------------------
+
+    def backward(self, grad_output, grad_h_n=None):
+        """Gradients of the last training-mode forward, given the upstream gradients.
+
+        ``grad_output`` has the shape of ``output``; ``grad_h_n`` that of ``h_n`` (LSTM:
+        a pair ``(grad_h_n, grad_c_n)``, either may be None) or None for zeros. Returns
+        ``(grad_x, grad_hx)`` in the caller's layout (LSTM: ``grad_hx = (grad_h0,
+        grad_c0)``) and ADDS the parameter gradients into ``self.grad``.
+        """
+        self._check_backward_allowed()
+        batched, T, N = self._layout
+        D = self._num_directions
+        out_shape = ((N, T) if self.batch_first else (T, N)) if batched else (T,)
+        out_shape += (D * self._out_size,)
+        d_output = self._as_input("grad_output", grad_output)
+        self._check_shape("grad_output", d_output, out_shape)
+        h_shape, c_shape = self._state_shapes(N, batched)
+        d_h = d_c = None
+        if self._mode == "LSTM":
+            if grad_h_n is not None:
+                if not isinstance(grad_h_n, (tuple, list)) or len(grad_h_n) != 2:
+                    raise ValueError(
+                        "grad_h_n: LSTM expects None or a pair (grad_h_n, grad_c_n), "
+                        f"got {type(grad_h_n).__name__}")
+                d_h, d_c = grad_h_n
+        else:
+            if isinstance(grad_h_n, tuple):
+                raise ValueError(
+                    f"grad_h_n: {type(self).__name__} expects None or a single array, got a tuple")
+            d_h = grad_h_n
+        if d_h is not None:
+            name = "grad_h_n[0]" if self._mode == "LSTM" else "grad_h_n"
+            d_h = self._as_input(name, d_h)
+            self._check_shape(name, d_h, h_shape)
+            d_h = self._to_time_major_state(d_h, batched)
+        if d_c is not None:
+            d_c = self._as_input("grad_h_n[1]", d_c)
+            self._check_shape("grad_h_n[1]", d_c, c_shape)
+            d_c = self._to_time_major_state(d_c, batched)
+        d_output = self._to_time_major(d_output, batched)
+        dx, dh0, dc0 = self._run_backward(d_output, d_h, d_c, self.grad)
+        dx = self._from_time_major(dx, batched)
+        if not batched:
+            dh0 = dh0[:, 0]
+            dc0 = None if dc0 is None else dc0[:, 0]
+        if self._mode == "LSTM":
+            return dx, (dh0, dc0)
+        return dx, dh0
+
+    @staticmethod
+    def _to_time_major_state(a, batched):
+        return np.ascontiguousarray(a if batched else a[:, None, :])
+
+
+class LSTM(_RNNBase):
+    """Multi-layer LSTM, as ``torch.nn.LSTM`` (gates i, f, g, o; optional projection)."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, dtype="float32",
+                 backend="fused", seed=None):
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, proj_size, dtype, backend, seed)
+
+
+class GRU(_RNNBase):
+    """Multi-layer GRU, as ``torch.nn.GRU`` (gates r, z, n; reset applied after W_hn h)."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, dtype="float32", backend="fused",
+                 seed=None, *, proj_size=0):
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, proj_size, dtype, backend, seed)
+
+
+class RNN(_RNNBase):
+    """Multi-layer Elman RNN with tanh or ReLU, as ``torch.nn.RNN``."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, dtype="float32",
+                 backend="fused", seed=None, *, proj_size=0):
+        if nonlinearity not in _NONLINEARITIES:
+            raise ValueError(
+                f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(_NONLINEARITIES[nonlinearity], input_size, hidden_size, num_layers,
+                         bias, batch_first, dropout, bidirectional, proj_size, dtype, backend,
+                         seed)
+
+
+# ----------------------------------------------------------------------------------
+# one-step cells
+
+
+_CELL_TO_BACKEND = {"weight_ih": "weight_ih_l0", "weight_hh": "weight_hh_l0",
+                    "bias_ih": "bias_ih_l0", "bias_hh": "bias_hh_l0"}
+
+
+class _CellBase(_Module):
+    """One time step of one layer: the backend with T = 1, num_layers = 1."""
+
+    def __init__(self, mode, input_size, hidden_size, bias, dtype, backend, seed):
+        self._mode = mode
+        self.input_size = _check_size("input_size", input_size)
+        self.hidden_size = _check_size("hidden_size", hidden_size)
+        self.bias = _check_flag("bias", bias)
+        self._setup(dtype, backend, seed)
+        reference = importlib.import_module(_PACKAGE + ".reference")
+        params = reference.init_params(mode, self.input_size, self.hidden_size, 1, self.bias,
+                                       False, 0, self.dtype, self._init_rng)
+        backend_to_cell = {v: k for k, v in _CELL_TO_BACKEND.items()}
+        self._set_params({backend_to_cell[k]: v for k, v in params.items()})
+
+    def _param_names(self):
+        return ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if self.bias else [])
+
+    def _backend_params(self, values):
+        return {_CELL_TO_BACKEND[n]: v for n, v in values.items()}
+
+    def extra_repr(self):
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        return s + self._extra_repr_tail()
+
+    def forward(self, x, hx=None):
+        """``h1 = cell(x, h0)``; LSTMCell: ``h1, c1 = cell(x, (h0, c0))``, as torch."""
+        x = self._as_input("x", x)
+        if x.ndim not in (1, 2):
+            raise ValueError(
+                f"x: expected a 2-D (batched) or 1-D (unbatched) array, got {x.ndim}-D "
+                f"with shape {_shape_str(x.shape)}")
+        if x.shape[-1] != self.input_size:
+            raise ValueError(
+                f"x: expected input_size={self.input_size} features in the last dimension, "
+                f"got {x.shape[-1]} (shape {_shape_str(x.shape)})")
+        batched = x.ndim == 2
+        N = x.shape[0] if batched else 1
+        if N == 0:
+            raise ValueError("x: empty batch (batch size 0); it must be >= 1")
+        x_b = np.ascontiguousarray((x if batched else x[None])[None])
+        state_shape = (N, self.hidden_size) if batched else (self.hidden_size,)
+        kind = "batched 2-D" if batched else "unbatched 1-D"
+        states = []
+        if hx is None:
+            n_states = 2 if self._mode == "LSTM" else 1
+            states = [np.zeros((1, N, self.hidden_size), dtype=self.dtype)
+                      for _ in range(n_states)]
+        else:
+            if self._mode == "LSTM":
+                if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                    raise ValueError(
+                        f"hx: LSTMCell expects a pair (h0, c0), got {type(hx).__name__}"
+                        + (f" of length {len(hx)}" if isinstance(hx, (tuple, list)) else ""))
+                named = [("hx[0] (h0)", hx[0]), ("hx[1] (c0)", hx[1])]
+            else:
+                if isinstance(hx, tuple):
+                    raise ValueError(
+                        f"hx: {type(self).__name__} expects a single array h0, got a tuple "
+                        f"(a pair (h0, c0) is for LSTMCell)")
+                named = [("hx", hx)]
+            for name, value in named:
+                a = self._as_input(name, value)
+                if a.shape != state_shape:
+                    raise ValueError(
+                        f"{name}: for {kind} input expected shape {_shape_str(state_shape)}, "
+                        f"got {_shape_str(a.shape)}")
+                states.append(np.ascontiguousarray((a if batched else a[None])[None]))
+        _, h_n, c_n = self._run_forward(
+            x_b, tuple(states) if self._mode == "LSTM" else states[0],
+            self._backend_params(self._params), num_layers=1, bidirectional=False,
+            proj_size=0, lengths=None, dropout_masks=None)
+        self._layout = (batched, N)
+        h1 = h_n[0] if batched else h_n[0, 0]
+        if self._mode == "LSTM":
+            return h1, (c_n[0] if batched else c_n[0, 0])
+        return h1
+
+    def _cell_backward(self, grad_h1, grad_c1):
+        self._check_backward_allowed()
+        batched, N = self._layout
+        shape = (N, self.hidden_size) if batched else (self.hidden_size,)
+        d_h1 = self._as_input("grad_h1", grad_h1)
+        self._check_shape("grad_h1", d_h1, shape)
+        d_c1 = None
+        if grad_c1 is not None:
+            d_c1 = self._as_input("grad_c1", grad_c1)
+            self._check_shape("grad_c1", d_c1, shape)
+
+        def to_backend(a):
+            return np.ascontiguousarray((a if batched else a[None])[None])
+
+        # h1 is both output[0] and h_n[0]; its gradient goes in as d_output.
+        dx, dh0, dc0 = self._run_backward(
+            to_backend(d_h1), None, None if d_c1 is None else to_backend(d_c1),
+            self._backend_params(self.grad))
+
+        def back(a):
+            return a[0] if batched else a[0, 0]
+
+        dx, dh0 = back(dx), back(dh0)
+        if self._mode == "LSTM":
+            return dx, (dh0, back(dc0))
+        return dx, dh0
+
+
+class LSTMCell(_CellBase):
+    """One LSTM step, as ``torch.nn.LSTMCell``: ``h1, c1 = cell(x, (h0, c0))``."""
+
+    def __init__(self, input_size, hidden_size, bias=True, dtype="float32", backend="fused",
+                 seed=None):
+        super().__init__("LSTM", input_size, hidden_size, bias, dtype, backend, seed)
+
+    def backward(self, grad_h1, grad_c1=None):
+        """``grad_x, (grad_h0, grad_c0)`` of the last training-mode step; adds into ``grad``."""
+        return self._cell_backward(grad_h1, grad_c1)
+
+
+class GRUCell(_CellBase):
+    """One GRU step, as ``torch.nn.GRUCell``: ``h1 = cell(x, h0)``."""
+
+    def __init__(self, input_size, hidden_size, bias=True, dtype="float32", backend="fused",
+                 seed=None):
+        super().__init__("GRU", input_size, hidden_size, bias, dtype, backend, seed)
+
+    def backward(self, grad_h1):
+        """``grad_x, grad_h0`` of the last training-mode step; adds into ``grad``."""
+        return self._cell_backward(grad_h1, None)
+
+
+class RNNCell(_CellBase):
+    """One Elman RNN step with tanh or ReLU, as ``torch.nn.RNNCell``: ``h1 = cell(x, h0)``."""
+
+    def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh",
+                 dtype="float32", backend="fused", seed=None):
+        if nonlinearity not in _NONLINEARITIES:
+            raise ValueError(
+                f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(_NONLINEARITIES[nonlinearity], input_size, hidden_size, bias, dtype,
+                         backend, seed)
+
+    def backward(self, grad_h1):
+        """``grad_x, grad_h0`` of the last training-mode step; adds into ``grad``."""
+        return self._cell_backward(grad_h1, None)

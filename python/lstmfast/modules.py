@@ -41,8 +41,9 @@ Decisions worth knowing (beyond what torch documents):
   second backward, a backward after an eval-mode forward or before any forward raises
   RuntimeError. Parameter gradients are ADDED into ``layer.grad``; ``zero_grad()``
   clears them in place.
-* Do not modify inputs or returned arrays in place between a forward and its backward:
-  the backend may keep references to them (torch would raise; we cannot detect it).
+* Do not modify inputs, returned arrays or parameters (in place, by assignment or by
+  ``load_state_dict``) between a forward and its backward: the backend keeps
+  references to them (torch would raise; we cannot detect it).
 * Empty inputs (sequence length 0 or batch size 0) are rejected with ValueError.
 * ``lengths`` (one int per batch element, each in 1..L, any order) gives the
   semantics of a PackedSequence: outputs past a sequence's end are 0 (and their
@@ -148,7 +149,7 @@ def _to_numpy(value):
 
 
 def _shape_str(shape):
-    return "(" + ", ".join(str(s) for s in shape) + ")"
+    return str(tuple(int(s) for s in shape))
 
 
 # ----------------------------------------------------------------------------------

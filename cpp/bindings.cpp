@@ -2,8 +2,16 @@
 // with clear messages, GIL released around every kernel, no math here.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dispatch.h"
 #include "gemm.h"
+#include "lstmfast.h"
+#include "workspace.h"
 
 namespace py = pybind11;
 
@@ -47,10 +55,341 @@ void register_blas(py::module_& m) {
   m.def("blas_corename", []() { return std::string(lstmfast::blas_corename()); });
 }
 
+
+// ---------------------------------------------------------------------------
+// Recurrent stacks: rnn_forward / rnn_backward (lstmfast._fused wraps them).
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string out = "(";
+  for (size_t i = 0; i < shape.size(); ++i)
+    out += (i ? ", " : "") + std::to_string(shape[i]) + (shape.size() == 1 ? "," : "");
+  return out + ")";
+}
+
+std::string type_name(py::handle obj) {
+  return std::string(py::str(py::type::handle_of(obj).attr("__name__")));
+}
+
+std::vector<int64_t> shape_of(const py::array& a) {
+  return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
+}
+
+lstmfast::Mode parse_mode(const std::string& mode) {
+  if (mode == "LSTM") return lstmfast::Mode::LSTM;
+  if (mode == "GRU") return lstmfast::Mode::GRU;
+  if (mode == "RNN_TANH") return lstmfast::Mode::RNN_TANH;
+  if (mode == "RNN_RELU") return lstmfast::Mode::RNN_RELU;
+  throw py::value_error("mode must be one of 'LSTM', 'GRU', 'RNN_TANH', 'RNN_RELU', got '" + mode +
+                        "'");
+}
+
+// `obj` as a C-contiguous array of Real with the given shape (copied only when
+// its layout is not C-contiguous); TypeError for another dtype, ValueError for
+// another shape, both naming the argument.
+template <typename Real>
+py::array_t<Real, py::array::c_style> checked(py::handle obj, const std::string& name,
+                                              const std::vector<int64_t>& shape) {
+  if (!py::isinstance<py::array>(obj))
+    throw py::type_error(name + ": expected a numpy array, got " +
+                         type_name(obj));
+  auto a = py::reinterpret_borrow<py::array>(obj);
+  if (!a.dtype().equal(py::dtype::of<Real>()))
+    throw py::type_error(name + ": expected dtype " + std::string(py::str(py::dtype::of<Real>())) +
+                         " (that of x), got " + std::string(py::str(a.dtype())));
+  if (shape_of(a) != shape)
+    throw py::value_error(name + ": expected shape " + shape_str(shape) + ", got " +
+                          shape_str(shape_of(a)));
+  return py::array_t<Real, py::array::c_style>::ensure(a);
+}
+
+// The name torch gives parameter j (0..4) of layer-direction i, for messages.
+std::string param_name(int64_t i, int j, int64_t D) {
+  static const char* names[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"};
+  return std::string("weights[") + std::to_string(i) + "][" + std::to_string(j) + "] (" +
+         names[j] + "_l" + std::to_string(i / D) + (i % D ? "_reverse" : "") + ")";
+}
+
+// The cache of a training forward: the C++ cache and the arrays it points into.
+struct RnnCache {
+  std::unique_ptr<lstmfast::StackCacheBase> cache;
+  lstmfast::StackShape shape;
+  py::dtype dtype;
+  std::vector<py::object> keep_alive;  // x, parameters, dropout masks
+};
+
+py::list as_list(py::handle obj, const std::string& name, size_t length) {
+  if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
+    throw py::type_error(name + ": expected a list, got " +
+                         type_name(obj));
+  py::list list = py::reinterpret_steal<py::list>(PySequence_List(obj.ptr()));
+  if (!list) throw py::error_already_set();
+  if (list.size() != length)
+    throw py::value_error(name + ": expected " + std::to_string(length) + " entries, got " +
+                          std::to_string(list.size()));
+  return list;
+}
+
+// Shapes of the five parameters of layer-direction i (zeros: must be None).
+std::vector<std::vector<int64_t>> param_shapes(const lstmfast::StackShape& s, int64_t i) {
+  const int64_t GH = lstmfast::gates_of(s.mode) * s.H;
+  return {{GH, s.input_size(i / s.D)}, {GH, s.H_out()}, {GH}, {GH}, {s.P, s.H}};
+}
+
+template <typename Real>
+py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle h0_obj,
+                      py::handle c0_obj, py::handle weights_obj, py::handle lengths_obj,
+                      py::handle masks_obj) {
+  const bool lstm = s.mode == lstmfast::Mode::LSTM;
+  const int G = lstmfast::gates_of(s.mode);
+  if (x_obj.ndim() != 3)
+    throw py::value_error("x: expected 3 dimensions (T, N, I), got shape " +
+                          shape_str(shape_of(x_obj)));
+  s.T = x_obj.shape(0);
+  s.N = x_obj.shape(1);
+  s.I = x_obj.shape(2);
+  auto x = checked<Real>(x_obj, "x", {s.T, s.N, s.I});
+  const int64_t LD = s.L * s.D;
+  py::list weights = as_list(weights_obj, "weights", static_cast<size_t>(LD));
+  // H from weight_hh_l0: (G*H, H_out).
+  {
+    py::list first = as_list(weights[0], "weights[0]", 5);
+    if (!py::isinstance<py::array>(first[1]) || py::array(first[1]).ndim() != 2 ||
+        py::array(first[1]).shape(0) % G != 0)
+      throw py::value_error(param_name(0, 1, s.D) + ": expected a 2-D array of G*H rows");
+    s.H = py::array(first[1]).shape(0) / G;
+  }
+  if (s.P < 0 || (s.P > 0 && (!lstm || s.P >= s.H)))
+    throw py::value_error("proj_size = " + std::to_string(s.P) +
+                          ": must be 0, or for LSTM in 1..hidden_size-1");
+  auto rc = std::make_unique<RnnCache>();
+  rc->keep_alive.push_back(x);
+  std::vector<lstmfast::Params<Real>> params(static_cast<size_t>(LD));
+  for (int64_t i = 0; i < LD; ++i) {
+    py::list entry = as_list(weights[i], "weights[" + std::to_string(i) + "]", 5);
+    const auto shapes = param_shapes(s, i);
+    const Real* ptr[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+    for (int j = 0; j < 5; ++j) {
+      const bool required = j < 2 || (j == 4 && s.P > 0);  // biases are optional
+      if (entry[j].is_none()) {
+        if (required) throw py::value_error(param_name(i, j, s.D) + ": missing");
+        continue;
+      }
+      if (j == 4 && s.P == 0)
+        throw py::value_error(param_name(i, j, s.D) + ": given but proj_size is 0");
+      auto a = checked<Real>(entry[j], param_name(i, j, s.D), shapes[j]);
+      ptr[j] = a.data();
+      rc->keep_alive.push_back(a);
+    }
+    params[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4]};
+  }
+  auto h0 = checked<Real>(h0_obj, "h0", {LD, s.N, s.H_out()});
+  py::array_t<Real, py::array::c_style> c0;
+  const Real* c0_ptr = nullptr;
+  if (lstm) {
+    c0 = checked<Real>(c0_obj, "c0", {LD, s.N, s.H});
+    c0_ptr = c0.data();
+  } else if (!c0_obj.is_none()) {
+    throw py::value_error("c0: only LSTM has a cell state; pass None");
+  }
+  py::array_t<int64_t, py::array::c_style> lengths;
+  const int64_t* lengths_ptr = nullptr;
+  if (!lengths_obj.is_none()) {
+    py::array l = py::array::ensure(lengths_obj);
+    if (!l || (l.dtype().kind() != 'i' && l.dtype().kind() != 'u'))
+      throw py::type_error("lengths: expected an integer array");
+    if (shape_of(l) != std::vector<int64_t>{s.N})
+      throw py::value_error("lengths: expected shape " + shape_str({s.N}) + ", got " +
+                            shape_str(shape_of(l)));
+    lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(l);
+    lengths_ptr = lengths.data();
+  }
+  std::vector<const Real*> masks;
+  if (!masks_obj.is_none() && s.L > 1) {
+    py::list list = as_list(masks_obj, "dropout_masks", static_cast<size_t>(s.L - 1));
+    for (int64_t k = 0; k + 1 < s.L; ++k) {
+      auto m = checked<Real>(list[k], "dropout_masks[" + std::to_string(k) + "]",
+                             {s.T, s.N, s.D * s.H_out()});
+      masks.push_back(m.data());
+      rc->keep_alive.push_back(m);
+    }
+  }
+
+  py::array_t<Real> y({s.T, s.N, s.D * s.H_out()});
+  py::array_t<Real> h_n({LD, s.N, s.H_out()});
+  py::array_t<Real> c_n({lstm ? LD : 0, s.N, s.H});
+  std::unique_ptr<lstmfast::StackCache<Real>> cache;
+  {
+    py::gil_scoped_release release;
+    cache = lstmfast::stack_forward<Real>(
+        y.mutable_data(), h_n.mutable_data(), lstm ? c_n.mutable_data() : nullptr, x.data(),
+        h0.data(), c0_ptr, params.data(), lengths_ptr, masks.empty() ? nullptr : masks.data(), s);
+  }
+  py::object cache_obj = py::none();
+  if (cache) {
+    rc->shape = s;
+    rc->dtype = py::dtype::of<Real>();
+    rc->cache = std::move(cache);
+    cache_obj = py::cast(std::move(rc));
+  }
+  return py::make_tuple(y, h_n, lstm ? py::object(c_n) : py::none(), cache_obj);
+}
+
+template <typename Real>
+py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_obj,
+                       py::handle dc_n_obj, py::handle grads_obj) {
+  const lstmfast::StackShape& s = rc.shape;
+  const bool lstm = s.mode == lstmfast::Mode::LSTM;
+  const int64_t LD = s.L * s.D;
+  // Each gradient may be None (zeros): the kernels then get a null pointer.
+  py::array_t<Real, py::array::c_style> dy, dh_n, dc_n;
+  const Real *dy_ptr = nullptr, *dh_n_ptr = nullptr, *dc_n_ptr = nullptr;
+  if (!dy_obj.is_none()) {
+    dy = checked<Real>(dy_obj, "d_output", {s.T, s.N, s.D * s.H_out()});
+    dy_ptr = dy.data();
+  }
+  if (!dh_n_obj.is_none()) {
+    dh_n = checked<Real>(dh_n_obj, "d_h_n", {LD, s.N, s.H_out()});
+    dh_n_ptr = dh_n.data();
+  }
+  if (!dc_n_obj.is_none()) {
+    if (!lstm) throw py::value_error("d_c_n: only LSTM has a cell state; pass None");
+    dc_n = checked<Real>(dc_n_obj, "d_c_n", {LD, s.N, s.H});
+    dc_n_ptr = dc_n.data();
+  }
+  py::list grads = as_list(grads_obj, "grads", static_cast<size_t>(LD));
+  std::vector<lstmfast::Grads<Real>> g(static_cast<size_t>(LD));
+  const auto* cache = static_cast<const lstmfast::StackCache<Real>*>(rc.cache.get());
+  for (int64_t i = 0; i < LD; ++i) {
+    py::list entry = as_list(grads[i], "grads[" + std::to_string(i) + "]", 5);
+    const auto shapes = param_shapes(s, i);
+    const lstmfast::Params<Real>& p = cache->params[i];
+    const void* given[5] = {p.W_ih, p.W_hh, p.b_ih, p.b_hh, p.W_hr};
+    Real* ptr[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+    for (int j = 0; j < 5; ++j) {
+      const std::string name = "grads" + param_name(i, j, s.D).substr(7);
+      if (!given[j]) {
+        if (!entry[j].is_none()) throw py::value_error(name + ": the forward had no such parameter");
+        continue;
+      }
+      if (entry[j].is_none()) throw py::value_error(name + ": missing");
+      auto a = checked<Real>(entry[j], name, shapes[j]);
+      if (!a.is(entry[j]) || !a.writeable())
+        throw py::value_error(name + ": must be a writeable C-contiguous array (added into in place)");
+      ptr[j] = a.mutable_data();
+    }
+    g[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4]};
+  }
+  py::array_t<Real> dx({s.T, s.N, s.I});
+  py::array_t<Real> dh0({LD, s.N, s.H_out()});
+  py::array_t<Real> dc0({lstm ? LD : 0, s.N, s.H});
+  {
+    py::gil_scoped_release release;
+    lstmfast::stack_backward<Real>(dx.mutable_data(), dh0.mutable_data(),
+                                   lstm ? dc0.mutable_data() : nullptr, g.data(),
+                                   dy_ptr, dh_n_ptr, dc_n_ptr, *cache);
+  }
+  return py::make_tuple(dx, dh0, lstm ? py::object(dc0) : py::none());
+}
+
+void register_rnn(py::module_& m) {
+  py::class_<RnnCache>(m, "RnnCache",
+                       "What a training forward keeps for backward (opaque; pass it to "
+                       "rnn_backward, which may be called more than once).")
+      .def_property_readonly("nbytes", [](const RnnCache& c) { return c.cache->nbytes(); })
+      .def_property_readonly("dtype", [](const RnnCache& c) { return c.dtype; });
+
+  m.def(
+      "rnn_forward",
+      [](const std::string& mode, py::handle x, py::handle h0, py::handle c0, py::handle weights,
+         int64_t num_layers, bool bidirectional, int64_t proj_size, py::handle lengths,
+         py::handle dropout_masks, bool training) {
+        lstmfast::StackShape s;
+        s.mode = parse_mode(mode);
+        s.L = num_layers;
+        s.D = bidirectional ? 2 : 1;
+        s.P = proj_size;
+        s.training = training;
+        if (num_layers < 1)
+          throw py::value_error("num_layers must be >= 1, got " + std::to_string(num_layers));
+        if (!py::isinstance<py::array>(x))
+          throw py::type_error("x: expected a numpy array, got " +
+                               type_name(x));
+        py::array xa = py::reinterpret_borrow<py::array>(x);
+        if (xa.dtype().equal(py::dtype::of<float>()))
+          return rnn_forward<float>(s, xa, h0, c0, weights, lengths, dropout_masks);
+        if (xa.dtype().equal(py::dtype::of<double>()))
+          return rnn_forward<double>(s, xa, h0, c0, weights, lengths, dropout_masks);
+        throw py::type_error("x: expected dtype float32 or float64, got " +
+                             std::string(py::str(xa.dtype())));
+      },
+      py::arg("mode"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("weights"),
+      py::arg("num_layers"), py::arg("bidirectional"), py::arg("proj_size"), py::arg("lengths"),
+      py::arg("dropout_masks"), py::arg("training"),
+      "Forward of a stack; weights: per layer-direction [W_ih, W_hh, b_ih, b_hh, W_hr] "
+      "(None where absent). Returns (y, h_n, c_n or None, cache or None).");
+
+  m.def(
+      "rnn_backward",
+      [](const RnnCache& cache, py::handle d_output, py::handle d_h_n, py::handle d_c_n,
+         py::handle grads) {
+        if (cache.dtype.equal(py::dtype::of<float>()))
+          return rnn_backward<float>(cache, d_output, d_h_n, d_c_n, grads);
+        return rnn_backward<double>(cache, d_output, d_h_n, d_c_n, grads);
+      },
+      py::arg("cache"), py::arg("d_output"), py::arg("d_h_n"), py::arg("d_c_n"), py::arg("grads"),
+      "BPTT of a training forward; adds parameter gradients into grads (per layer-direction "
+      "[dW_ih, dW_hh, db_ih, db_hh, dW_hr], None where absent). Returns (dx, dh0, dc0 or None).");
+
+  m.def("set_num_threads", &lstmfast::set_num_threads, py::arg("n"));
+  m.def("get_num_threads", &lstmfast::get_num_threads);
+}
+
+// ---------------------------------------------------------------------------
+// Instruction sets.
+
+template <typename Real>
+py::array_t<Real> activation(int which, const py::array& x_obj) {
+  auto x = py::array_t<Real, py::array::c_style>::ensure(x_obj);
+  py::array_t<Real> y(shape_of(x));
+  const Real* px = x.data();
+  Real* py_ = y.mutable_data();
+  const int64_t n = x.size();
+  {
+    py::gil_scoped_release release;
+    lstmfast::kernels().get<Real>().activation(which, px, py_, n);
+  }
+  return y;
+}
+
+void register_simd(py::module_& m) {
+  m.def("simd_target", []() { return std::string(lstmfast::simd_target()); },
+        "The instruction set the kernels use.");
+  m.def("simd_targets", &lstmfast::simd_targets,
+        "The instruction sets compiled in and supported by this CPU, best last.");
+  m.def("set_simd_target", &lstmfast::set_simd_target, py::arg("name"),
+        "Use the named instruction set (for tests); ValueError if unknown or unsupported.");
+  m.def(
+      "_activation",
+      [](const std::string& name, const py::array& x) -> py::object {
+        const int which = name == "exp" ? 0 : name == "sigmoid" ? 1 : name == "tanh" ? 2 : -1;
+        if (which < 0)
+          throw py::value_error("_activation: name must be 'exp', 'sigmoid' or 'tanh', got '" +
+                                name + "'");
+        if (x.dtype().equal(py::dtype::of<float>())) return activation<float>(which, x);
+        if (x.dtype().equal(py::dtype::of<double>())) return activation<double>(which, x);
+        throw py::type_error("_activation: x must be float32 or float64, got " +
+                             std::string(py::str(x.dtype())));
+      },
+      py::arg("name"), py::arg("x"),
+      "Test hook: exp, sigmoid or tanh of the current instruction set's vector math.");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "lstmfast's compiled kernels (private; use the lstmfast package)";
   m.attr("__version__") = LSTMFAST_VERSION;
   register_blas(m);
+  register_rnn(m);
+  register_simd(m);
 }

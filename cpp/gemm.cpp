@@ -3,6 +3,7 @@
 #include <cblas.h>
 
 #include <limits>
+#include <mutex>
 #include <stdexcept>
 
 namespace lstmfast {
@@ -16,6 +17,17 @@ blasint to_blasint(int64_t v) {
 
 CBLAS_TRANSPOSE op(bool t) { return t ? CblasTrans : CblasNoTrans; }
 
+// C = beta * C, for K = 0 (BLAS implementations differ there).
+template <typename T>
+void scale(int64_t M, int64_t N, T beta, T* C, int64_t ldc) {
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = 0; j < N; ++j) C[i * ldc + j] = beta == T(0) ? T(0) : beta * C[i * ldc + j];
+}
+
+std::mutex g_threads_mutex;
+int g_single_regions = 0;  // open BlasSingleThreaded regions
+int g_wanted_threads = 0;  // the count to restore (0: unknown yet)
+
 }  // namespace
 
 template <>
@@ -23,6 +35,7 @@ void gemm<float>(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, fl
                  const float* A, int64_t lda, const float* B, int64_t ldb, float beta,
                  float* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
+  if (K == 0) return scale(M, N, beta, C, ldc);
   scipy_cblas_sgemm(CblasRowMajor, op(trans_a), op(trans_b), to_blasint(M), to_blasint(N),
                     to_blasint(K), alpha, A, to_blasint(lda), B, to_blasint(ldb), beta, C,
                     to_blasint(ldc));
@@ -33,13 +46,35 @@ void gemm<double>(bool trans_a, bool trans_b, int64_t M, int64_t N, int64_t K, d
                   const double* A, int64_t lda, const double* B, int64_t ldb, double beta,
                   double* C, int64_t ldc) {
   if (M == 0 || N == 0) return;
+  if (K == 0) return scale(M, N, beta, C, ldc);
   scipy_cblas_dgemm(CblasRowMajor, op(trans_a), op(trans_b), to_blasint(M), to_blasint(N),
                     to_blasint(K), alpha, A, to_blasint(lda), B, to_blasint(ldb), beta, C,
                     to_blasint(ldc));
 }
 
-void blas_set_num_threads(int n) { scipy_openblas_set_num_threads(n); }
-int blas_get_num_threads() { return scipy_openblas_get_num_threads(); }
+void blas_set_num_threads(int n) {
+  std::lock_guard<std::mutex> lock(g_threads_mutex);
+  g_wanted_threads = n;
+  if (g_single_regions == 0) scipy_openblas_set_num_threads(n);
+}
+
+BlasSingleThreaded::BlasSingleThreaded() {
+  std::lock_guard<std::mutex> lock(g_threads_mutex);
+  if (g_single_regions++ == 0) {
+    if (g_wanted_threads == 0) g_wanted_threads = scipy_openblas_get_num_threads();
+    scipy_openblas_set_num_threads(1);
+  }
+}
+
+BlasSingleThreaded::~BlasSingleThreaded() {
+  std::lock_guard<std::mutex> lock(g_threads_mutex);
+  if (--g_single_regions == 0) scipy_openblas_set_num_threads(g_wanted_threads);
+}
+
+int blas_get_num_threads() {
+  std::lock_guard<std::mutex> lock(g_threads_mutex);
+  return g_single_regions > 0 ? g_wanted_threads : scipy_openblas_get_num_threads();
+}
 const char* blas_config() { return scipy_openblas_get_config(); }
 const char* blas_corename() { return scipy_openblas_get_corename(); }
 

@@ -1,0 +1,216 @@
+// What the three cell files (lstm.cpp, gru.cpp, rnn.cpp) share: the row/time
+// bookkeeping of lengths and reversal, vector loads of a partial tail, and the
+// GEMMs outside the time loop. Included only by translation units compiled once
+// per instruction set: everything here lives in namespace lstmfast::LSTMFAST_ISA,
+// so the copies built with different flags never meet at link time.
+#pragma once
+
+#ifndef LSTMFAST_ISA
+#error "cell.h is for the per-ISA kernel units: compile with -DLSTMFAST_ISA=<name>"
+#endif
+
+#include <cstdint>
+#include <cstring>
+
+#include "gemm.h"
+#include "lstmfast.h"
+#include "simd.h"
+
+namespace lstmfast {
+namespace LSTMFAST_ISA {
+
+// The kernels this unit family defines (explicitly instantiated for float and double).
+template <typename Real>
+void lstm_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
+                  const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
+                  const LayerShape& s);
+template <typename Real>
+void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
+                   const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
+                   const Real* dc_n, const Real* x, const LayerWeights<Real>& w,
+                   const LayerShape& s);
+template <typename Real>
+void gru_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
+                 const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
+                 const LayerShape& s);
+template <typename Real>
+void gru_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
+                  const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
+                  const Real* dc_n, const Real* x, const LayerWeights<Real>& w,
+                  const LayerShape& s);
+template <typename Real>
+void rnn_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
+                 const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
+                 const LayerShape& s);
+template <typename Real>
+void rnn_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
+                  const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
+                  const Real* dc_n, const Real* x, const LayerWeights<Real>& w,
+                  const LayerShape& s);
+
+// ---------------------------------------------------------------------------
+// Vectors: full-width or partial loads and stores, chosen by the lane count n.
+
+template <typename Real>
+using V = simd::vec_t<Real>;
+
+template <typename Real>
+constexpr int64_t kWidth = simd::Vec<Real>::width;
+
+template <typename Real>
+inline V<Real> ld(const Real* p, int64_t n) {
+  return n == kWidth<Real> ? simd::load<Real>(p) : simd::load_partial<Real>(p, n);
+}
+template <typename Real>
+inline void st(Real* p, V<Real> v, int64_t n) {
+  if (n == kWidth<Real>)
+    simd::store<Real>(p, v);
+  else
+    simd::store_partial<Real>(p, v, n);
+}
+template <typename Real>
+inline V<Real> splat(Real v) {
+  return simd::broadcast<Real>(v);
+}
+
+// f(j, n) over 0..count-1 in chunks of the vector width; the last chunk may be short.
+template <typename Real, typename F>
+inline void for_lanes(int64_t count, F&& f) {
+  int64_t j = 0;
+  for (; j + kWidth<Real> <= count; j += kWidth<Real>) f(j, kWidth<Real>);
+  if (j < count) f(j, count - j);
+}
+
+// ---------------------------------------------------------------------------
+// Rows, times and steps (see LayerShape).
+
+struct Walk {
+  const LayerShape& s;
+  explicit Walk(const LayerShape& shape) : s(shape) {}
+
+  int64_t row(int64_t b) const { return s.rows ? s.rows[b] : b; }
+  int64_t length(int64_t b) const { return s.lengths ? s.lengths[b] : s.T; }
+  // Time visited by sorted row b at step k.
+  int64_t time(int64_t k, int64_t b) const { return s.reverse ? length(b) - 1 - k : k; }
+  // Index of (time, batch row) into [T, N, ...] arrays.
+  int64_t at(int64_t k, int64_t b) const { return time(k, b) * s.N + row(b); }
+  // Rows still running at step k: a prefix, since lengths are non-increasing.
+  int64_t active(int64_t k) const {
+    if (!s.lengths) return s.N;
+    int64_t lo = 0, hi = s.N;  // first b with lengths[b] <= k
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) / 2;
+      if (s.lengths[mid] > k)
+        lo = mid + 1;
+      else
+        hi = mid;
+    }
+    return lo;
+  }
+  // Whether step k of sorted row b is at time k of batch row b for every row,
+  // i.e. step-ordered buffers are already in x's order.
+  bool identity() const { return !s.reverse && !s.rows && !s.lengths; }
+};
+
+// Slot of step k in a state buffer: every step when training, else ping-pong.
+inline int64_t slot(int64_t k, bool training) { return training ? k : (k & 1); }
+
+template <typename Real>
+inline void copy_row(Real* dst, const Real* src, int64_t n) {
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(Real));
+}
+template <typename Real>
+inline void zero_row(Real* dst, int64_t n) {
+  std::memset(dst, 0, static_cast<size_t>(n) * sizeof(Real));
+}
+
+// state[b] = init[rows[b]] (or zeros when init is null), for b in 0..N-1.
+template <typename Real>
+inline void gather_state(Real* state, const Real* init, int64_t width, const Walk& walk) {
+  for (int64_t b = 0; b < walk.s.N; ++b) {
+    if (init)
+      copy_row(state + b * width, init + walk.row(b) * width, width);
+    else
+      zero_row(state + b * width, width);
+  }
+}
+// out[rows[b]] = state[b] (nothing when out is null).
+template <typename Real>
+inline void scatter_state(Real* out, const Real* state, int64_t width, const Walk& walk) {
+  if (!out) return;
+  for (int64_t b = 0; b < walk.s.N; ++b)
+    copy_row(out + walk.row(b) * width, state + b * width, width);
+}
+
+// ---------------------------------------------------------------------------
+// GEMMs outside the time loop.
+
+// xproj = x W_ih^T for all T*N rows at once (biases are added in the pointwise step).
+template <typename Real>
+inline void input_projection(Real* xproj, const Real* x, const Real* W_ih, int64_t GH,
+                             const LayerShape& s) {
+  gemm<Real>(false, true, s.T * s.N, GH, s.I, Real(1), x, s.I, W_ih, s.I, Real(0), xproj, GH);
+}
+
+// sum[j] = sum over rows of a[r, j], a: [rows, width].
+template <typename Real>
+inline void column_sums(Real* sum, const Real* a, int64_t rows, int64_t width) {
+  for (int64_t j = 0; j < width; ++j) sum[j] = Real(0);
+  for (int64_t r = 0; r < rows; ++r) {
+    const Real* ar = a + r * width;
+    for_lanes<Real>(width, [&](int64_t j, int64_t n) { st(sum + j, ld(sum + j, n) + ld(ar + j, n), n); });
+  }
+}
+template <typename Real>
+inline void add_into(Real* acc, const Real* v, int64_t n_total) {
+  for_lanes<Real>(n_total, [&](int64_t j, int64_t n) { st(acc + j, ld(acc + j, n) + ld(v + j, n), n); });
+}
+
+// Where the backward keeps its per-step gate gradients: when the walk is the
+// identity (forward direction, no lengths) steps are times, so the input-side
+// gradient goes straight into the caller's dG_x; otherwise into buf and it is
+// reordered after the loop.
+template <typename Real>
+inline Real* input_gate_grads(Real* dG_x, Real* scratch, const LayerShape& s) {
+  return Walk(s).identity() ? dG_x : scratch;
+}
+
+// After the backward time loop, with dG and dG_in for all S steps (sorted rows,
+// zero for rows past their length; dG_in may be dG):
+//   dW_hh += dG^T h_prev and db_hh += sum dG    (one GEMM / one pass over all steps)
+//   dG_x = dG_in in x's order (a copy unless dG_in already is dG_x),
+//   dW_ih += dG_x^T x and db_ih += sum dG_in.
+template <typename Real>
+inline void weight_gradients(Real* dG_x, const LayerGrads<Real>& dw, Real* dsum, const Real* dG,
+                             const Real* dG_in, const Real* h_prev, const Real* x, int64_t GH,
+                             const LayerShape& s) {
+  const Walk walk(s);
+  const int64_t S = s.steps(), N = s.N, H_out = s.H_out();
+  gemm<Real>(true, false, GH, H_out, S * N, Real(1), dG, GH, h_prev, H_out, Real(1), dw.dW_hh,
+             H_out);
+  if (dw.db_hh) {
+    column_sums(dsum, dG, S * N, GH);
+    add_into(dw.db_hh, dsum, GH);
+  }
+  if (dw.db_ih) {
+    if (dG_in != dG) column_sums(dsum, dG_in, S * N, GH);
+    add_into(dw.db_ih, dsum, GH);
+  }
+  if (dG_in != dG_x) {
+    // dG_x[t, rows[b]] = dG_in[k, b] at t = time(k, b); zero where a row has no step.
+    for (int64_t t = 0; t < s.T; ++t)
+      for (int64_t b = 0; b < N; ++b) {
+        Real* dst = dG_x + (t * N + walk.row(b)) * GH;
+        if (t < walk.length(b)) {
+          const int64_t k = s.reverse ? walk.length(b) - 1 - t : t;
+          copy_row(dst, dG_in + (k * N + b) * GH, GH);
+        } else {
+          zero_row(dst, GH);
+        }
+      }
+  }
+  gemm<Real>(true, false, GH, s.I, s.T * N, Real(1), dG_x, GH, x, s.I, Real(1), dw.dW_ih, s.I);
+}
+
+}  // namespace LSTMFAST_ISA
+}  // namespace lstmfast

@@ -1,0 +1,73 @@
+// Run-time choice of the instruction set: each per-ISA build of the kernels
+// (lstm.cpp, gru.cpp, rnn.cpp, kernel_table.cpp compiled with -DLSTMFAST_ISA=<name>)
+// exports one table of function pointers; the best one this CPU supports is
+// chosen once, on first use. Tests can force any other supported one.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "lstmfast.h"
+
+namespace lstmfast {
+
+template <typename Real>
+struct CellKernels {
+  LayerForwardFn<Real> forward;
+  LayerBackwardFn<Real> backward;
+};
+
+// Test hook: y = f(x) elementwise for n values, f = exp (which 0), sigmoid (1),
+// tanh (2) of this instruction set's simd.h.
+template <typename Real>
+using ActivationFn = void (*)(int which, const Real* x, Real* y, int64_t n);
+
+template <typename Real>
+struct TypedKernels {
+  CellKernels<Real> lstm, gru, rnn;
+  ActivationFn<Real> activation;
+
+  const CellKernels<Real>& cell(Mode mode) const {
+    return mode == Mode::LSTM ? lstm : mode == Mode::GRU ? gru : rnn;
+  }
+};
+
+struct KernelTable {
+  const char* name;
+  TypedKernels<float> f32;
+  TypedKernels<double> f64;
+
+  template <typename Real>
+  const TypedKernels<Real>& get() const;
+};
+template <>
+inline const TypedKernels<float>& KernelTable::get<float>() const {
+  return f32;
+}
+template <>
+inline const TypedKernels<double>& KernelTable::get<double>() const {
+  return f64;
+}
+
+// The tables of the builds (defined in kernel_table.cpp, one per instruction set).
+namespace generic {
+extern const KernelTable kernel_table;
+}
+namespace avx2 {
+extern const KernelTable kernel_table;
+}
+namespace avx512 {
+extern const KernelTable kernel_table;
+}
+
+// The table in use: the best supported one unless set_simd_target chose another.
+const KernelTable& kernels();
+// Its name: "generic", "avx2" or "avx512".
+const char* simd_target();
+// The instruction sets compiled into this build AND supported by this CPU, best last.
+std::vector<std::string> simd_targets();
+// Use the named table from now on (process-wide); throws std::invalid_argument
+// when it is unknown, not compiled or not supported by this CPU.
+void set_simd_target(const std::string& name);
+
+}  // namespace lstmfast

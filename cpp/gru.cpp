@@ -1,0 +1,148 @@
+// GRU (torch's variant), one layer in one direction: forward, then backward (BPTT).
+// Compiled once per instruction set (see cell.h); arguments are documented in lstmfast.h.
+//
+//   gi = x W_ih^T + b_ih,  gh = h W_hh^T + b_hh      blocks r, z, n of H each
+//   r  = sigmoid(gi_r + gh_r)
+//   z  = sigmoid(gi_z + gh_z)
+//   n  = tanh(gi_n + r * gh_n)                      (gh_n = W_hn h + b_hn: b_hn stays inside r)
+//   h' = (1 - z) n + z h
+#include "cell.h"
+
+namespace lstmfast {
+namespace LSTMFAST_ISA {
+namespace {
+
+// One row of one step, fused.
+//   h_next: [H] out;  y: [H] out;  gates: [4H] out when training: r, z, n, gh_n
+//   xp: [3H] x W_ih^T;  rec: [3H] h W_hh^T;  bias: [3H] (b_ir + b_hr, b_iz + b_hz, b_in);
+//   b_hn: [H];  h_prev: [H]
+template <typename Real, bool kTraining>
+inline void gru_forward_row(Real* h_next, Real* y, Real* gates, const Real* xp, const Real* rec,
+                            const Real* bias, const Real* b_hn, const Real* h_prev, int64_t H) {
+  for_lanes<Real>(H, [&](int64_t j, int64_t n) {
+    const V<Real> r = simd::vsigmoid<Real>(ld(xp + j, n) + ld(rec + j, n) + ld(bias + j, n));
+    const V<Real> z =
+        simd::vsigmoid<Real>(ld(xp + H + j, n) + ld(rec + H + j, n) + ld(bias + H + j, n));
+    const V<Real> ghn = ld(rec + 2 * H + j, n) + ld(b_hn + j, n);
+    const V<Real> nn = simd::vtanh(ld(xp + 2 * H + j, n) + ld(bias + 2 * H + j, n) + r * ghn);
+    const V<Real> h = nn + z * (ld(h_prev + j, n) - nn);
+    st(h_next + j, h, n);
+    st(y + j, h, n);
+    if constexpr (kTraining) {
+      st(gates + j, r, n);
+      st(gates + H + j, z, n);
+      st(gates + 2 * H + j, nn, n);
+      st(gates + 3 * H + j, ghn, n);
+    }
+  });
+}
+
+template <typename Real, bool kTraining>
+void forward_steps(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
+                   const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
+  const Walk walk(s);
+  const int64_t N = s.N, H = s.H, GH = 3 * H, S = s.steps();
+  input_projection(buf.xproj, x, w.W_ih, GH, s);
+  gather_state(buf.h, h0, H, walk);
+  for (int64_t k = 0; k < S; ++k) {
+    const int64_t n = walk.active(k);
+    const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
+    Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
+    gemm<Real>(false, true, n, GH, H, Real(1), h_prev, H, w.W_hh, H, Real(0), buf.rec, GH);
+    for (int64_t b = 0; b < n; ++b) {
+      const int64_t at = walk.at(k, b);
+      gru_forward_row<Real, kTraining>(h_next + b * H, y + at * ldy,
+                                       kTraining ? buf.gates + (k * N + b) * 4 * H : nullptr,
+                                       buf.xproj + at * GH, buf.rec + b * GH, w.bias, w.b_hn,
+                                       h_prev + b * H, H);
+    }
+    for (int64_t b = n; b < N; ++b) copy_row(h_next + b * H, h_prev + b * H, H);
+  }
+  scatter_state(h_n, buf.h + slot(S, kTraining) * N * H, H, walk);
+}
+
+// Backward of one row of one step.
+//   dG_in: [3H] out: gradient of gi (r, z, n pre-activations on the input side)
+//   dG: [3H] out: gradient of gh (the same but r * that of n in the n block)
+//   dh: [H] in: gradient of h'; out: the part of the gradient of h that bypasses W_hh (dh' z)
+//   dy: [H] added to dh, or nullptr;  gates: [4H] saved r, z, n, gh_n;  h_prev: [H]
+template <typename Real>
+inline void gru_backward_row(Real* dG_in, Real* dG, Real* dh, const Real* dy, const Real* gates,
+                             const Real* h_prev, int64_t H) {
+  const V<Real> one = splat<Real>(1);
+  for_lanes<Real>(H, [&](int64_t j, int64_t n) {
+    V<Real> dhj = ld(dh + j, n);
+    if (dy) dhj += ld(dy + j, n);
+    const V<Real> r = ld(gates + j, n), z = ld(gates + H + j, n);
+    const V<Real> nn = ld(gates + 2 * H + j, n), ghn = ld(gates + 3 * H + j, n);
+    const V<Real> da_n = dhj * (one - z) * (one - nn * nn);
+    const V<Real> da_r = da_n * ghn * r * (one - r);
+    const V<Real> da_z = dhj * (ld(h_prev + j, n) - nn) * z * (one - z);
+    st(dh + j, dhj * z, n);
+    st(dG_in + j, da_r, n);
+    st(dG_in + H + j, da_z, n);
+    st(dG_in + 2 * H + j, da_n, n);
+    st(dG + j, da_r, n);
+    st(dG + H + j, da_z, n);
+    st(dG + 2 * H + j, da_n * r, n);
+  });
+}
+
+}  // namespace
+
+template <typename Real>
+void gru_forward(Real* y, int64_t ldy, Real* h_n, Real* /*c_n*/, const LayerBuffers<Real>& buf,
+                 const Real* x, const Real* h0, const Real* /*c0*/, const LayerWeights<Real>& w,
+                 const LayerShape& s) {
+  if (s.training)
+    forward_steps<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
+  else
+    forward_steps<Real, false>(y, ldy, h_n, buf, x, h0, w, s);
+}
+
+template <typename Real>
+void gru_backward(Real* dG_x, Real* dh0, Real* /*dc0*/, const LayerGrads<Real>& dw,
+                  const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
+                  const Real* /*dc_n*/, const Real* x, const LayerWeights<Real>& w,
+                  const LayerShape& s) {
+  const Walk walk(s);
+  const int64_t N = s.N, H = s.H, GH = 3 * H, S = s.steps();
+  Real* dG_in = input_gate_grads(dG_x, buf.dG_in, s);
+  Real* dG = buf.dG;
+  gather_state(buf.dh, dh_n, H, walk);
+  for (int64_t k = S - 1; k >= 0; --k) {
+    const int64_t n = walk.active(k);
+    const Real* h_prev = buf.h + k * N * H;
+    for (int64_t b = 0; b < n; ++b)
+      gru_backward_row<Real>(dG_in + (k * N + b) * GH, dG + (k * N + b) * GH, buf.dh + b * H,
+                             dy ? dy + walk.at(k, b) * lddy : nullptr,
+                             buf.gates + (k * N + b) * 4 * H, h_prev + b * H, H);
+    for (int64_t b = n; b < N; ++b) {
+      zero_row(dG_in + (k * N + b) * GH, GH);
+      zero_row(dG + (k * N + b) * GH, GH);
+    }
+    // dh = dh' z + dG W_hh for the running rows; finished rows keep theirs.
+    gemm<Real>(false, false, n, H, GH, Real(1), dG + k * N * GH, GH, w.W_hh, H, Real(1), buf.dh,
+               H);
+  }
+  scatter_state(dh0, buf.dh, H, walk);
+  weight_gradients(dG_x, dw, buf.dsum, dG, dG_in, buf.h, x, GH, s);
+}
+
+template void gru_forward<float>(float*, int64_t, float*, float*, const LayerBuffers<float>&,
+                                 const float*, const float*, const float*,
+                                 const LayerWeights<float>&, const LayerShape&);
+template void gru_forward<double>(double*, int64_t, double*, double*, const LayerBuffers<double>&,
+                                  const double*, const double*, const double*,
+                                  const LayerWeights<double>&, const LayerShape&);
+template void gru_backward<float>(float*, float*, float*, const LayerGrads<float>&,
+                                  const LayerBuffers<float>&, const float*, int64_t, const float*,
+                                  const float*, const float*, const LayerWeights<float>&,
+                                  const LayerShape&);
+template void gru_backward<double>(double*, double*, double*, const LayerGrads<double>&,
+                                   const LayerBuffers<double>&, const double*, int64_t,
+                                   const double*, const double*, const double*,
+                                   const LayerWeights<double>&, const LayerShape&);
+
+}  // namespace LSTMFAST_ISA
+}  // namespace lstmfast

@@ -1,0 +1,39 @@
+// The table of this instruction set's kernels (see dispatch.h), and the
+// activation test hook. Compiled once per instruction set.
+#include "cell.h"
+#include "dispatch.h"
+
+namespace lstmfast {
+namespace LSTMFAST_ISA {
+namespace {
+
+#define LSTMFAST_STR2(x) #x
+#define LSTMFAST_STR(x) LSTMFAST_STR2(x)
+
+template <typename Real>
+void activation(int which, const Real* x, Real* y, int64_t count) {
+  for_lanes<Real>(count, [&](int64_t j, int64_t n) {
+    const V<Real> v = ld(x + j, n);
+    st(y + j,
+       which == 0   ? simd::vexp(v)
+       : which == 1 ? simd::vsigmoid<Real>(v)
+                    : simd::vtanh(v),
+       n);
+  });
+}
+
+template <typename Real>
+constexpr TypedKernels<Real> typed() {
+  return {{&lstm_forward<Real>, &lstm_backward<Real>},
+          {&gru_forward<Real>, &gru_backward<Real>},
+          {&rnn_forward<Real>, &rnn_backward<Real>},
+          &activation<Real>};
+}
+
+}  // namespace
+
+extern const KernelTable kernel_table;
+const KernelTable kernel_table = {LSTMFAST_STR(LSTMFAST_ISA), typed<float>(), typed<double>()};
+
+}  // namespace LSTMFAST_ISA
+}  // namespace lstmfast

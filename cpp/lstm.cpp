@@ -1,0 +1,190 @@
+// LSTM, one layer in one direction: forward, then backward (BPTT).
+// Compiled once per instruction set (see cell.h); arguments are documented in lstmfast.h.
+//
+//   pre   = x W_ih^T + h W_hh^T + b_ih + b_hh        blocks i, f, g, o of H each
+//   i, f, o = sigmoid(pre)   g = tanh(pre)
+//   c'    = f c + i g
+//   m     = o tanh(c')
+//   h'    = m W_hr^T with a projection (P > 0), else m
+#include "cell.h"
+
+namespace lstmfast {
+namespace LSTMFAST_ISA {
+namespace {
+
+// One row of one step, fused: pre-activations (still in cache) to c', m and y.
+//   c_next: [H] out;  m: [H] out (h' itself without projection);  y: [H] out or nullptr
+//   gates: [4H] out when training: i, f, g, o
+//   xp: [4H] x W_ih^T;  rec: [4H] h W_hh^T;  bias: [4H];  c_prev: [H]
+template <typename Real, bool kTraining>
+inline void lstm_forward_row(Real* c_next, Real* m, Real* y, Real* gates, const Real* xp,
+                             const Real* rec, const Real* bias, const Real* c_prev, int64_t H) {
+  for_lanes<Real>(H, [&](int64_t j, int64_t n) {
+    auto pre = [&](int64_t gate) {
+      const int64_t o = gate * H + j;
+      return ld(xp + o, n) + ld(rec + o, n) + ld(bias + o, n);
+    };
+    const V<Real> i = simd::vsigmoid<Real>(pre(0));
+    const V<Real> f = simd::vsigmoid<Real>(pre(1));
+    const V<Real> g = simd::vtanh(pre(2));
+    const V<Real> o = simd::vsigmoid<Real>(pre(3));
+    const V<Real> c = f * ld(c_prev + j, n) + i * g;
+    const V<Real> h = o * simd::vtanh(c);
+    st(c_next + j, c, n);
+    st(m + j, h, n);
+    if (y) st(y + j, h, n);
+    if constexpr (kTraining) {
+      st(gates + j, i, n);
+      st(gates + H + j, f, n);
+      st(gates + 2 * H + j, g, n);
+      st(gates + 3 * H + j, o, n);
+    }
+  });
+}
+
+template <typename Real, bool kTraining>
+void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
+                   const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
+                   const LayerShape& s) {
+  const Walk walk(s);
+  const int64_t N = s.N, H = s.H, P = s.P, H_out = s.H_out(), GH = 4 * H, S = s.steps();
+  input_projection(buf.xproj, x, w.W_ih, GH, s);
+  gather_state(buf.h, h0, H_out, walk);
+  gather_state(buf.c, c0, H, walk);
+  for (int64_t k = 0; k < S; ++k) {
+    const int64_t n = walk.active(k);
+    const Real* h_prev = buf.h + slot(k, kTraining) * N * H_out;
+    Real* h_next = buf.h + slot(k + 1, kTraining) * N * H_out;
+    const Real* c_prev = buf.c + slot(k, kTraining) * N * H;
+    Real* c_next = buf.c + slot(k + 1, kTraining) * N * H;
+    Real* m = P ? buf.m + (kTraining ? k * N * H : 0) : h_next;
+    Real* gates = kTraining ? buf.gates + k * N * GH : nullptr;
+
+    gemm<Real>(false, true, n, GH, H_out, Real(1), h_prev, H_out, w.W_hh, H_out, Real(0), buf.rec,
+               GH);
+    for (int64_t b = 0; b < n; ++b) {
+      const int64_t at = walk.at(k, b);
+      lstm_forward_row<Real, kTraining>(c_next + b * H, m + b * H, P ? nullptr : y + at * ldy,
+                                        kTraining ? gates + b * GH : nullptr,
+                                        buf.xproj + at * GH, buf.rec + b * GH, w.bias,
+                                        c_prev + b * H, H);
+    }
+    if (P) {
+      gemm<Real>(false, true, n, P, H, Real(1), m, H, w.W_hr, H, Real(0), h_next, P);
+      for (int64_t b = 0; b < n; ++b) copy_row(y + walk.at(k, b) * ldy, h_next + b * P, P);
+    }
+    // Finished rows keep their state, so the last slot holds h_n and c_n, and
+    // every saved row is finite for the weight-gradient GEMMs.
+    for (int64_t b = n; b < N; ++b) {
+      copy_row(h_next + b * H_out, h_prev + b * H_out, H_out);
+      copy_row(c_next + b * H, c_prev + b * H, H);
+      if (kTraining && P) zero_row(m + b * H, H);
+    }
+  }
+  scatter_state(h_n, buf.h + slot(S, kTraining) * N * H_out, H_out, walk);
+  scatter_state(c_n, buf.c + slot(S, kTraining) * N * H, H, walk);
+}
+
+// Backward of one row of one step.
+//   dG: [4H] out: gradient of the pre-activations (i, f, g, o)
+//   dc: [H] in: gradient of c'; out: gradient of c
+//   dm: [H] gradient of m (of h' without projection);  dy: [H] added to dm, or nullptr
+//   gates: [4H] saved i, f, g, o;  c_prev: [H] c;  c_next: [H] c'
+template <typename Real>
+inline void lstm_backward_row(Real* dG, Real* dc, const Real* dm, const Real* dy,
+                              const Real* gates, const Real* c_prev, const Real* c_next,
+                              int64_t H) {
+  const V<Real> one = splat<Real>(1);
+  for_lanes<Real>(H, [&](int64_t j, int64_t n) {
+    V<Real> dmj = ld(dm + j, n);
+    if (dy) dmj += ld(dy + j, n);
+    const V<Real> i = ld(gates + j, n), f = ld(gates + H + j, n);
+    const V<Real> g = ld(gates + 2 * H + j, n), o = ld(gates + 3 * H + j, n);
+    const V<Real> tc = simd::vtanh(ld(c_next + j, n));  // recomputed: tanh(c') is not saved
+    const V<Real> dcj = ld(dc + j, n) + dmj * o * (one - tc * tc);
+    st(dc + j, dcj * f, n);
+    st(dG + j, dcj * g * i * (one - i), n);
+    st(dG + H + j, dcj * ld(c_prev + j, n) * f * (one - f), n);
+    st(dG + 2 * H + j, dcj * i * (one - g * g), n);
+    st(dG + 3 * H + j, dmj * tc * o * (one - o), n);
+  });
+}
+
+}  // namespace
+
+template <typename Real>
+void lstm_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
+                  const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
+                  const LayerShape& s) {
+  if (s.training)
+    forward_steps<Real, true>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  else
+    forward_steps<Real, false>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+}
+
+template <typename Real>
+void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
+                   const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
+                   const Real* dc_n, const Real* x, const LayerWeights<Real>& w,
+                   const LayerShape& s) {
+  const Walk walk(s);
+  const int64_t N = s.N, H = s.H, P = s.P, H_out = s.H_out(), GH = 4 * H, S = s.steps();
+  Real* dG = input_gate_grads(dG_x, buf.dG, s);
+  gather_state(buf.dh, dh_n, H_out, walk);
+  gather_state(buf.dc, dc_n, H, walk);
+  for (int64_t k = S - 1; k >= 0; --k) {
+    const int64_t n = walk.active(k);
+    Real* dGk = dG + k * N * GH;
+    const Real* gates = buf.gates + k * N * GH;
+    const Real* c_prev = buf.c + k * N * H;
+    const Real* c_next = buf.c + (k + 1) * N * H;
+    const Real* dm = buf.dh;
+    bool add_dy = dy != nullptr;
+    if (P) {
+      // dh' in total (from step k+1 and from y), saved for dW_hr; then dm = dh' W_hr.
+      Real* dhk = buf.dhs + k * N * P;
+      for (int64_t b = 0; b < n; ++b) {
+        const Real* dyb = dy ? dy + walk.at(k, b) * lddy : nullptr;
+        for_lanes<Real>(P, [&](int64_t j, int64_t l) {
+          V<Real> v = ld(buf.dh + b * P + j, l);
+          if (dyb) v += ld(dyb + j, l);
+          st(dhk + b * P + j, v, l);
+        });
+      }
+      for (int64_t b = n; b < N; ++b) zero_row(dhk + b * P, P);
+      gemm<Real>(false, false, n, H, P, Real(1), dhk, P, w.W_hr, H, Real(0), buf.dm, H);
+      dm = buf.dm;
+      add_dy = false;
+    }
+    for (int64_t b = 0; b < n; ++b)
+      lstm_backward_row<Real>(dGk + b * GH, buf.dc + b * H, dm + b * H,
+                              add_dy ? dy + walk.at(k, b) * lddy : nullptr, gates + b * GH,
+                              c_prev + b * H, c_next + b * H, H);
+    for (int64_t b = n; b < N; ++b) zero_row(dGk + b * GH, GH);
+    // dh = dG W_hh for the running rows; finished rows keep theirs.
+    gemm<Real>(false, false, n, H_out, GH, Real(1), dGk, GH, w.W_hh, H_out, Real(0), buf.dh, H_out);
+  }
+  scatter_state(dh0, buf.dh, H_out, walk);
+  scatter_state(dc0, buf.dc, H, walk);
+  weight_gradients(dG_x, dw, buf.dsum, dG, dG, buf.h, x, GH, s);
+  if (P)  // dW_hr += sum over steps of dh'^T m: one GEMM
+    gemm<Real>(true, false, P, H, S * N, Real(1), buf.dhs, P, buf.m, H, Real(1), dw.dW_hr, H);
+}
+
+template void lstm_forward<float>(float*, int64_t, float*, float*, const LayerBuffers<float>&,
+                                  const float*, const float*, const float*,
+                                  const LayerWeights<float>&, const LayerShape&);
+template void lstm_forward<double>(double*, int64_t, double*, double*,
+                                   const LayerBuffers<double>&, const double*, const double*,
+                                   const double*, const LayerWeights<double>&, const LayerShape&);
+template void lstm_backward<float>(float*, float*, float*, const LayerGrads<float>&,
+                                   const LayerBuffers<float>&, const float*, int64_t,
+                                   const float*, const float*, const float*,
+                                   const LayerWeights<float>&, const LayerShape&);
+template void lstm_backward<double>(double*, double*, double*, const LayerGrads<double>&,
+                                    const LayerBuffers<double>&, const double*, int64_t,
+                                    const double*, const double*, const double*,
+                                    const LayerWeights<double>&, const LayerShape&);
+
+}  // namespace LSTMFAST_ISA
+}  // namespace lstmfast

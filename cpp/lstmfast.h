@@ -1,0 +1,197 @@
+// The C++ API of lstmfast's fused recurrent kernels. Knows nothing of Python.
+//
+// Two levels:
+//   * the stack (stack.cpp): layers x directions x lengths x dropout masks, the
+//     whole of torch.nn.LSTM/GRU/RNN's forward and backward;
+//   * one layer in one direction (lstm.cpp, gru.cpp, rnn.cpp, compiled once per
+//     instruction set and reached through dispatch.h), which the stack calls.
+//
+// Letters (README "Shapes, letters and gate order" maps them to torch's names):
+//   T time steps, N batch rows, I input features, H hidden units,
+//   P LSTM projection size (0 = none), H_out = P if P > 0 else H (width of h),
+//   G gates per unit (LSTM 4: i, f, g, o; GRU 3: r, z, n; RNN 1), D directions,
+//   L layers, S = steps actually taken = max length (T without lengths).
+// Every array is row-major and contiguous unless a leading dimension (ld*) is given.
+// Weights are in torch's layout: a batch of rows times a weight is x W^T.
+//
+// Arguments are documented once, here, as `name: [shape] meaning`.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+namespace lstmfast {
+
+enum class Mode { LSTM, GRU, RNN_TANH, RNN_RELU };
+
+// G: 4 (LSTM), 3 (GRU), 1 (RNN).
+int gates_of(Mode mode);
+
+// ---------------------------------------------------------------------------
+// One layer, one direction.
+
+// Sizes and the order in which rows and times are visited.
+//
+// Rows are processed in "sorted" order: sorted row b is batch row rows[b], and
+// lengths[] is non-increasing, so the rows still running at step s are always a
+// prefix 0..n(s)-1 and the recurrent GEMM runs on that prefix. Arrays indexed by
+// time and batch row (x, y, dy, h0, h_n, ...) stay in the caller's order; the
+// per-step state buffers are in sorted order, indexed by step s (not time t).
+// At step s sorted row b reads and writes time t = s (forward) or
+// t = lengths[b] - 1 - s (reverse: each sequence starts at its own end).
+struct LayerShape {
+  int64_t T = 0;                     // time steps of x and y
+  int64_t N = 0;                     // batch rows
+  int64_t I = 0;                     // input features of this layer
+  int64_t H = 0;                     // hidden units
+  int64_t P = 0;                     // LSTM projection size, 0 for none
+  bool reverse = false;              // walk each sequence backwards in time
+  bool relu = false;                 // RNN only: relu instead of tanh
+  bool training = false;             // keep every step's state for backward
+  const int64_t* lengths = nullptr;  // lengths: [N] steps of sorted row b, non-increasing, each in 1..T; nullptr = all T
+  const int64_t* rows = nullptr;     // rows: [N] batch row held by sorted row b; nullptr = identity
+
+  int64_t H_out() const { return P > 0 ? P : H; }
+  int64_t steps() const { return lengths ? lengths[0] : T; }
+};
+
+// Parameters of one layer and direction (pointers into the caller's arrays).
+template <typename Real>
+struct LayerWeights {
+  const Real* W_ih = nullptr;  // W_ih: [G*H, I] input weights
+  const Real* W_hh = nullptr;  // W_hh: [G*H, H_out] recurrent weights
+  const Real* W_hr = nullptr;  // W_hr: [P, H] LSTM projection; nullptr when P = 0
+  const Real* bias = nullptr;  // bias: [G*H] b_ih + b_hh, except the GRU's n block which is b_in alone; never null
+  const Real* b_hn = nullptr;  // b_hn: [H] GRU only: the bias inside r * (W_hn h + b_hn); never null for GRU
+};
+
+// Gradients of one layer and direction: ADDED into (the caller zeroes them).
+template <typename Real>
+struct LayerGrads {
+  Real* dW_ih = nullptr;  // dW_ih: [G*H, I]
+  Real* dW_hh = nullptr;  // dW_hh: [G*H, H_out]
+  Real* dW_hr = nullptr;  // dW_hr: [P, H]; nullptr when P = 0
+  Real* db_ih = nullptr;  // db_ih: [G*H]; nullptr without bias
+  Real* db_hh = nullptr;  // db_hh: [G*H]; nullptr without bias
+};
+
+// Buffers of one layer and direction. The saved part (h, c, m, gates when
+// training) is what BPTT needs and lives in the training cache; the rest is scratch.
+template <typename Real>
+struct LayerBuffers {
+  // forward
+  Real* xproj = nullptr;  // xproj: [T, N, G*H] scratch: x W_ih^T for all steps (one GEMM)
+  Real* rec = nullptr;    // rec: [N, G*H] scratch: h W_hh^T of the current step
+  Real* h = nullptr;      // h: [S+1, N, H_out] training / [2, N, H_out] inference: h per step, sorted rows, slot 0 = h0
+  Real* c = nullptr;      // c: LSTM, like h with width H: the cell state
+  Real* m = nullptr;      // m: LSTM with P > 0: [S, N, H] training / [N, H] inference: o * tanh(c) before the projection
+  Real* gates = nullptr;  // gates: training, [S, N, 4H]: LSTM (i, f, g, o) activated; GRU (r, z, n, W_hn h + b_hn); RNN unused
+  // backward (scratch)
+  Real* dG = nullptr;     // dG: [S, N, G*H] gradient of the recurrent pre-activations (h W_hh^T), per step, sorted rows
+  Real* dG_in = nullptr;  // dG_in: GRU [S, N, 3H] gradient of the input pre-activations (x W_ih^T); differs from dG by r in the n block
+  Real* dh = nullptr;     // dh: [N, H_out] gradient flowing into h of the current step
+  Real* dc = nullptr;     // dc: LSTM [N, H] gradient flowing into c of the current step
+  Real* dhs = nullptr;    // dhs: LSTM with P > 0: [S, N, P] total gradient of h per step (for dW_hr)
+  Real* dm = nullptr;     // dm: LSTM with P > 0: [N, H] gradient of m of the current step
+  Real* dsum = nullptr;   // dsum: [G*H] scratch for bias gradients
+};
+
+// Forward of one layer in one direction (lstm_forward, gru_forward, rnn_forward).
+//   y: [T, N, ldy] output h at each of a row's steps (columns 0..H_out-1); positions
+//      past a row's length are not written (the caller zeroes them)
+//   h_n: [N, H_out] h at each row's last step;  c_n: LSTM [N, H] likewise (ignored otherwise)
+//   x: [T, N, I] input;  h0: [N, H_out] initial h;  c0: LSTM [N, H] initial c
+template <typename Real>
+using LayerForwardFn = void (*)(Real* y, int64_t ldy, Real* h_n, Real* c_n,
+                                const LayerBuffers<Real>& buf, const Real* x, const Real* h0,
+                                const Real* c0, const LayerWeights<Real>& w, const LayerShape& s);
+
+// Backward of one layer in one direction, from the buffers its training forward filled.
+//   dG_x: [T, N, G*H] out: gradient of x W_ih^T in x's order (zero past a row's
+//         length); the caller forms dx = dG_x W_ih (summing the directions)
+//   dh0: [N, H_out], dc0: LSTM [N, H] out: gradients of h0 and c0
+//   dw: parameter gradients, added into
+//   dy: [T, N, lddy] gradient of y (columns 0..H_out-1); nullptr = zeros
+//   dh_n: [N, H_out], dc_n: LSTM [N, H] gradients of h_n and c_n; nullptr = zeros
+//   x: [T, N, I] the forward's input
+template <typename Real>
+using LayerBackwardFn = void (*)(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
+                                 const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy,
+                                 const Real* dh_n, const Real* dc_n, const Real* x,
+                                 const LayerWeights<Real>& w, const LayerShape& s);
+
+// ---------------------------------------------------------------------------
+// The stack: L layers x D directions, lengths, dropout between layers.
+
+struct StackShape {
+  Mode mode = Mode::LSTM;
+  int64_t L = 1;  // layers
+  int64_t D = 1;  // directions
+  int64_t T = 0, N = 0, I = 0, H = 0, P = 0;
+  bool training = false;  // keep what backward needs in the returned cache
+
+  int64_t H_out() const { return P > 0 ? P : H; }
+  int64_t input_size(int64_t layer) const { return layer == 0 ? I : D * H_out(); }
+};
+
+// Parameters of layer k, direction d at index k*D + d (torch's names in comments).
+template <typename Real>
+struct Params {
+  const Real* W_ih = nullptr;  // weight_ih_l{k}[_reverse]: [G*H, I of layer k]
+  const Real* W_hh = nullptr;  // weight_hh_l{k}[_reverse]: [G*H, H_out]
+  const Real* b_ih = nullptr;  // bias_ih_l{k}[_reverse]: [G*H]; nullptr without bias
+  const Real* b_hh = nullptr;  // bias_hh_l{k}[_reverse]: [G*H]; nullptr without bias
+  const Real* W_hr = nullptr;  // weight_hr_l{k}[_reverse]: [P, H]; nullptr when P = 0
+};
+
+template <typename Real>
+struct Grads {
+  Real* dW_ih = nullptr;  // like Params, added into
+  Real* dW_hh = nullptr;
+  Real* db_ih = nullptr;  // nullptr without bias
+  Real* db_hh = nullptr;
+  Real* dW_hr = nullptr;  // nullptr when P = 0
+};
+
+// What a training forward keeps for backward (opaque; workspace.h).
+class StackCacheBase {
+ public:
+  virtual ~StackCacheBase() = default;
+  virtual int64_t nbytes() const = 0;  // memory held
+};
+template <typename Real>
+class StackCache;
+
+// Forward of the stack.
+//   y: [T, N, D*H_out] out: last layer's output, forward direction first; 0 past a row's length
+//   h_n: [L*D, N, H_out] out: h at each row's last step, index layer*D + direction
+//   c_n: [L*D, N, H] out: LSTM cell state likewise (nullptr otherwise)
+//   x: [T, N, I] input;  h0: [L*D, N, H_out];  c0: [L*D, N, H] (LSTM)
+//   params: [L*D] parameters
+//   lengths: [N] each in 1..T, any order; nullptr = all T (PackedSequence semantics)
+//   dropout_masks: [L-1] pointers to [T, N, D*H_out] masks multiplying layer k's output
+//      before layer k+1; nullptr = none
+// Returns the cache when shape.training, else nullptr. The cache refers to x,
+// params and dropout_masks: they must stay alive and unchanged until backward.
+// Throws std::invalid_argument on bad sizes or lengths.
+template <typename Real>
+std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, const Real* x,
+                                                const Real* h0, const Real* c0,
+                                                const Params<Real>* params, const int64_t* lengths,
+                                                const Real* const* dropout_masks,
+                                                const StackShape& shape);
+
+// Backward of the stack (may be called more than once, and concurrently, per cache).
+//   dx: [T, N, I] out;  dh0: [L*D, N, H_out] out;  dc0: [L*D, N, H] out (LSTM; else nullptr)
+//   grads: [L*D] parameter gradients, ADDED into
+//   dy: [T, N, D*H_out] gradient of y;  dh_n: [L*D, N, H_out];  dc_n: [L*D, N, H]; each nullptr = zeros
+template <typename Real>
+void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, const Real* dy,
+                    const Real* dh_n, const Real* dc_n, const StackCache<Real>& cache);
+
+// Threads in total for one call (the directions run concurrently when >= 2).
+void set_num_threads(int n);
+int get_num_threads();
+
+}  // namespace lstmfast

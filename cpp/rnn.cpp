@@ -1,0 +1,131 @@
+// Elman RNN (tanh or relu), one layer in one direction: forward, then backward (BPTT).
+// Compiled once per instruction set (see cell.h); arguments are documented in lstmfast.h.
+//
+//   h' = act(x W_ih^T + h W_hh^T + b_ih + b_hh),  act = tanh or relu
+#include "cell.h"
+
+namespace lstmfast {
+namespace LSTMFAST_ISA {
+namespace {
+
+// One row of one step, fused.
+//   h_next: [H] out;  y: [H] out;  xp: [H] x W_ih^T;  rec: [H] h W_hh^T;  bias: [H]
+template <typename Real, bool kRelu>
+inline void rnn_forward_row(Real* h_next, Real* y, const Real* xp, const Real* rec,
+                            const Real* bias, int64_t H) {
+  for_lanes<Real>(H, [&](int64_t j, int64_t n) {
+    const V<Real> a = ld(xp + j, n) + ld(rec + j, n) + ld(bias + j, n);
+    V<Real> h;
+    if constexpr (kRelu)
+      h = simd::vmax<Real>(a, splat<Real>(0));
+    else
+      h = simd::vtanh(a);
+    st(h_next + j, h, n);
+    st(y + j, h, n);
+  });
+}
+
+template <typename Real, bool kRelu>
+void forward_steps(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
+                   const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
+  const Walk walk(s);
+  const int64_t N = s.N, H = s.H, S = s.steps();
+  input_projection(buf.xproj, x, w.W_ih, H, s);
+  gather_state(buf.h, h0, H, walk);
+  for (int64_t k = 0; k < S; ++k) {
+    const int64_t n = walk.active(k);
+    const Real* h_prev = buf.h + slot(k, s.training) * N * H;
+    Real* h_next = buf.h + slot(k + 1, s.training) * N * H;
+    gemm<Real>(false, true, n, H, H, Real(1), h_prev, H, w.W_hh, H, Real(0), buf.rec, H);
+    for (int64_t b = 0; b < n; ++b) {
+      const int64_t at = walk.at(k, b);
+      rnn_forward_row<Real, kRelu>(h_next + b * H, y + at * ldy, buf.xproj + at * H,
+                                   buf.rec + b * H, w.bias, H);
+    }
+    for (int64_t b = n; b < N; ++b) copy_row(h_next + b * H, h_prev + b * H, H);
+  }
+  scatter_state(h_n, buf.h + slot(S, s.training) * N * H, H, walk);
+}
+
+// Backward of one row of one step, from the saved output h' (no pre-activation is kept):
+// tanh' = 1 - h'^2, relu' = [h' > 0].
+//   dG: [H] out: gradient of the pre-activation;  dh: [H] gradient of h';
+//   dy: [H] added to dh, or nullptr;  h_next: [H] h'
+template <typename Real, bool kRelu>
+inline void rnn_backward_row(Real* dG, const Real* dh, const Real* dy, const Real* h_next,
+                             int64_t H) {
+  for_lanes<Real>(H, [&](int64_t j, int64_t n) {
+    V<Real> dhj = ld(dh + j, n);
+    if (dy) dhj += ld(dy + j, n);
+    const V<Real> h = ld(h_next + j, n);
+    if constexpr (kRelu)
+      st(dG + j, h > Real(0) ? dhj : splat<Real>(0), n);
+    else
+      st(dG + j, dhj * (splat<Real>(1) - h * h), n);
+  });
+}
+
+template <typename Real, bool kRelu>
+void backward_steps(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
+                    const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy,
+                    const Real* dh_n, const Real* x, const LayerWeights<Real>& w,
+                    const LayerShape& s) {
+  const Walk walk(s);
+  const int64_t N = s.N, H = s.H, S = s.steps();
+  Real* dG = input_gate_grads(dG_x, buf.dG, s);
+  gather_state(buf.dh, dh_n, H, walk);
+  for (int64_t k = S - 1; k >= 0; --k) {
+    const int64_t n = walk.active(k);
+    Real* dGk = dG + k * N * H;
+    const Real* h_next = buf.h + (k + 1) * N * H;
+    for (int64_t b = 0; b < n; ++b)
+      rnn_backward_row<Real, kRelu>(dGk + b * H, buf.dh + b * H,
+                                    dy ? dy + walk.at(k, b) * lddy : nullptr, h_next + b * H, H);
+    for (int64_t b = n; b < N; ++b) zero_row(dGk + b * H, H);
+    // dh = dG W_hh for the running rows; finished rows keep theirs.
+    gemm<Real>(false, false, n, H, H, Real(1), dGk, H, w.W_hh, H, Real(0), buf.dh, H);
+  }
+  scatter_state(dh0, buf.dh, H, walk);
+  weight_gradients(dG_x, dw, buf.dsum, dG, dG, buf.h, x, H, s);
+}
+
+}  // namespace
+
+template <typename Real>
+void rnn_forward(Real* y, int64_t ldy, Real* h_n, Real* /*c_n*/, const LayerBuffers<Real>& buf,
+                 const Real* x, const Real* h0, const Real* /*c0*/, const LayerWeights<Real>& w,
+                 const LayerShape& s) {
+  if (s.relu)
+    forward_steps<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
+  else
+    forward_steps<Real, false>(y, ldy, h_n, buf, x, h0, w, s);
+}
+
+template <typename Real>
+void rnn_backward(Real* dG_x, Real* dh0, Real* /*dc0*/, const LayerGrads<Real>& dw,
+                  const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
+                  const Real* /*dc_n*/, const Real* x, const LayerWeights<Real>& w,
+                  const LayerShape& s) {
+  if (s.relu)
+    backward_steps<Real, true>(dG_x, dh0, dw, buf, dy, lddy, dh_n, x, w, s);
+  else
+    backward_steps<Real, false>(dG_x, dh0, dw, buf, dy, lddy, dh_n, x, w, s);
+}
+
+template void rnn_forward<float>(float*, int64_t, float*, float*, const LayerBuffers<float>&,
+                                 const float*, const float*, const float*,
+                                 const LayerWeights<float>&, const LayerShape&);
+template void rnn_forward<double>(double*, int64_t, double*, double*, const LayerBuffers<double>&,
+                                  const double*, const double*, const double*,
+                                  const LayerWeights<double>&, const LayerShape&);
+template void rnn_backward<float>(float*, float*, float*, const LayerGrads<float>&,
+                                  const LayerBuffers<float>&, const float*, int64_t, const float*,
+                                  const float*, const float*, const LayerWeights<float>&,
+                                  const LayerShape&);
+template void rnn_backward<double>(double*, double*, double*, const LayerGrads<double>&,
+                                   const LayerBuffers<double>&, const double*, int64_t,
+                                   const double*, const double*, const double*,
+                                   const LayerWeights<double>&, const LayerShape&);
+
+}  // namespace LSTMFAST_ISA
+}  // namespace lstmfast

@@ -1,0 +1,347 @@
+// The stack: layers x directions x lengths x dropout masks. Drives the
+// one-layer-one-direction kernels of the chosen instruction set (dispatch.h);
+// arguments are documented in lstmfast.h.
+//
+// Per call: rows are sorted by length once (a permutation, no data moved: the
+// kernels index x and y through it), biases are combined once, all memory is
+// planned up front (the training cache in one block, scratch in this thread's
+// reusable block), and the two directions of a layer run concurrently when two
+// threads are allowed.
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <exception>
+#include <numeric>
+#include <stdexcept>
+#include <string>
+#include <thread>
+
+#include "denormals.h"
+#include "dispatch.h"
+#include "gemm.h"
+#include "lstmfast.h"
+#include "workspace.h"
+
+namespace lstmfast {
+
+int gates_of(Mode mode) {
+  switch (mode) {
+    case Mode::LSTM:
+      return 4;
+    case Mode::GRU:
+      return 3;
+    default:
+      return 1;
+  }
+}
+
+namespace {
+
+int default_threads() {
+  const unsigned n = std::thread::hardware_concurrency();
+  return n > 0 ? static_cast<int>(n) : 1;
+}
+
+std::atomic<int> g_num_threads{default_threads()};
+
+void require(bool ok, const std::string& message) {
+  if (!ok) throw std::invalid_argument(message);
+}
+
+void check_shape(const StackShape& s) {
+  auto str = [](int64_t v) { return std::to_string(v); };
+  require(s.L >= 1, "num_layers must be >= 1, got " + str(s.L));
+  require(s.D == 1 || s.D == 2, "directions must be 1 or 2, got " + str(s.D));
+  require(s.T >= 1, "x must have at least one time step, got T = " + str(s.T));
+  require(s.N >= 1, "x must have at least one batch row, got N = " + str(s.N));
+  require(s.I >= 1, "input_size must be >= 1, got " + str(s.I));
+  require(s.H >= 1, "hidden_size must be >= 1, got " + str(s.H));
+  require(s.P >= 0, "proj_size must be >= 0, got " + str(s.P));
+  require(s.P == 0 || s.mode == Mode::LSTM, "proj_size > 0 is only supported for LSTM");
+  require(s.P < s.H || s.P == 0, "proj_size (" + str(s.P) +
+                                     ") must be smaller than hidden_size (" + str(s.H) + ")");
+}
+
+// Rows sorted by length, longest first (stable), so the rows still running at
+// any step are a prefix. Both stay empty when every row has all T steps (the
+// fast path); rows stays empty when the order is already sorted.
+void sort_rows(std::vector<int64_t>& sorted, std::vector<int64_t>& rows, const int64_t* lengths,
+               int64_t T, int64_t N) {
+  sorted.clear();
+  rows.clear();
+  if (!lengths) return;
+  bool all_full = true;
+  for (int64_t b = 0; b < N; ++b) {
+    require(lengths[b] >= 1 && lengths[b] <= T,
+            "lengths[" + std::to_string(b) + "] = " + std::to_string(lengths[b]) +
+                " is outside 1..T = 1.." + std::to_string(T));
+    all_full = all_full && lengths[b] == T;
+  }
+  if (all_full) return;
+  rows.resize(static_cast<size_t>(N));
+  std::iota(rows.begin(), rows.end(), int64_t(0));
+  std::stable_sort(rows.begin(), rows.end(),
+                   [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
+  sorted.resize(static_cast<size_t>(N));
+  bool identity = true;
+  for (int64_t b = 0; b < N; ++b) {
+    sorted[b] = lengths[rows[b]];
+    identity = identity && rows[b] == b;
+  }
+  if (identity) rows.clear();
+}
+
+// bias = b_ih + b_hh (the GRU's n block: b_in alone, b_hn kept apart), once per call.
+template <typename Real>
+void combine_biases(StackCache<Real>& c) {
+  const StackShape& s = c.shape;
+  const bool gru = s.mode == Mode::GRU;
+  const int64_t H = s.H, GH = gates_of(s.mode) * H, stride = GH + H;
+  c.biases.assign(static_cast<size_t>(s.L * s.D * stride), Real(0));
+  c.weights.resize(static_cast<size_t>(s.L * s.D));
+  for (int64_t i = 0; i < s.L * s.D; ++i) {
+    const Params<Real>& p = c.params[i];
+    Real* bias = c.biases.data() + i * stride;
+    Real* b_hn = bias + GH;
+    for (int64_t j = 0; j < GH; ++j) {
+      if (p.b_ih) bias[j] += p.b_ih[j];
+      if (p.b_hh && !(gru && j >= 2 * H)) bias[j] += p.b_hh[j];
+    }
+    if (gru && p.b_hh)
+      for (int64_t j = 0; j < H; ++j) b_hn[j] = p.b_hh[2 * H + j];
+    c.weights[i] = {p.W_ih, p.W_hh, p.W_hr, bias, b_hn};
+  }
+}
+
+template <typename Real>
+LayerShape layer_shape(const StackCache<Real>& c, int64_t layer, int64_t direction) {
+  const StackShape& s = c.shape;
+  LayerShape l;
+  l.T = s.T;
+  l.N = s.N;
+  l.I = s.input_size(layer);
+  l.H = s.H;
+  l.P = s.P;
+  l.reverse = direction == 1;
+  l.relu = s.mode == Mode::RNN_RELU;
+  l.training = s.training;
+  l.lengths = c.lengths.empty() ? nullptr : c.lengths.data();
+  l.rows = c.rows.empty() ? nullptr : c.rows.data();
+  return l;
+}
+
+template <typename Real>
+int64_t steps(const StackCache<Real>& c) {
+  return c.lengths.empty() ? c.shape.T : c.lengths[0];
+}
+
+// f(0) and f(1) at the same time when there are two directions and two threads
+// (OpenBLAS single-threaded meanwhile: the two threads are the budget), else in turn.
+template <typename F>
+void for_directions(int64_t D, F&& f) {
+  if (D == 2 && get_num_threads() >= 2) {
+    BlasSingleThreaded single;
+    std::exception_ptr error;
+    std::thread worker([&] {
+      ScopedFlushDenormals flush;
+      try {
+        f(1);
+      } catch (...) {
+        error = std::current_exception();
+      }
+    });
+    try {
+      f(0);
+    } catch (...) {
+      worker.join();
+      throw;
+    }
+    worker.join();
+    if (error) std::rethrow_exception(error);
+  } else {
+    for (int64_t d = 0; d < D; ++d) f(d);
+  }
+}
+
+template <typename Real>
+void multiply(Real* a, const Real* mask, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) a[i] *= mask[i];
+}
+
+// Runs layout(carver) twice: to size this thread's scratch block, then to cut it.
+template <typename F>
+void carve_scratch(F&& layout) {
+  Carver count;
+  layout(count);
+  Carver carve(thread_scratch(count.bytes()));
+  layout(carve);
+}
+
+}  // namespace
+
+void set_num_threads(int n) {
+  if (n < 1) throw std::invalid_argument("set_num_threads: n must be >= 1, got " + std::to_string(n));
+  g_num_threads.store(n);
+}
+
+int get_num_threads() { return g_num_threads.load(); }
+
+template <typename Real>
+std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, const Real* x,
+                                                const Real* h0, const Real* c0,
+                                                const Params<Real>* params, const int64_t* lengths,
+                                                const Real* const* dropout_masks,
+                                                const StackShape& shape) {
+  check_shape(shape);
+  auto cache = std::make_unique<StackCache<Real>>();
+  StackCache<Real>& c = *cache;
+  c.shape = shape;
+  const StackShape& s = c.shape;
+  const bool lstm = s.mode == Mode::LSTM, training = s.training;
+  const int64_t L = s.L, D = s.D, T = s.T, N = s.N, H = s.H, P = s.P, H_out = s.H_out();
+  const int64_t GH = gates_of(s.mode) * H, Y = T * N * D * H_out;
+  sort_rows(c.lengths, c.rows, lengths, T, N);
+  const int64_t S = steps(c);
+  c.params.assign(params, params + L * D);
+  combine_biases(c);
+  if (dropout_masks && L > 1) c.masks.assign(dropout_masks, dropout_masks + L - 1);
+  c.inputs.assign(static_cast<size_t>(L), nullptr);
+  c.inputs[0] = x;
+  c.saved.resize(static_cast<size_t>(L * D));
+
+  // What backward needs: h (and c, m, gates) of every step, and each layer's input.
+  if (training) {
+    std::vector<Real*> inputs(static_cast<size_t>(L), nullptr);
+    auto layout = [&](Carver& cv) {
+      for (int64_t i = 0; i < L * D; ++i) {
+        LayerBuffers<Real>& b = c.saved[i];
+        b.h = cv.take<Real>((S + 1) * N * H_out);
+        if (lstm) b.c = cv.take<Real>((S + 1) * N * H);
+        if (P) b.m = cv.take<Real>(S * N * H);
+        if (s.mode == Mode::LSTM || s.mode == Mode::GRU) b.gates = cv.take<Real>(S * N * 4 * H);
+      }
+      for (int64_t k = 1; k < L; ++k) inputs[k] = cv.take<Real>(Y);
+    };
+    Carver count;
+    layout(count);
+    c.block = Block(count.bytes());
+    Carver carve(c.block.data());
+    layout(carve);
+    for (int64_t k = 1; k < L; ++k) c.inputs[k] = inputs[k];
+  }
+
+  // Scratch: per direction the input projection and the current step's recurrent
+  // projection (and, for inference, two slots of state); for inference two
+  // buffers between layers, used in turn.
+  LayerBuffers<Real> scratch[2];
+  Real* between[2] = {nullptr, nullptr};
+  carve_scratch([&](Carver& cv) {
+    for (int64_t d = 0; d < D; ++d) {
+      scratch[d].xproj = cv.take<Real>(T * N * GH);
+      scratch[d].rec = cv.take<Real>(N * GH);
+      if (!training) {
+        scratch[d].h = cv.take<Real>(2 * N * H_out);
+        if (lstm) scratch[d].c = cv.take<Real>(2 * N * H);
+        if (P) scratch[d].m = cv.take<Real>(N * H);
+      }
+    }
+    if (!training)
+      for (int64_t i = 0; i < std::min<int64_t>(L - 1, 2); ++i) between[i] = cv.take<Real>(Y);
+  });
+
+  ScopedFlushDenormals flush;
+  const CellKernels<Real>& cell = kernels().get<Real>().cell(s.mode);
+  const Real* in = x;
+  for (int64_t k = 0; k < L; ++k) {
+    Real* out = k == L - 1 ? y : training ? const_cast<Real*>(c.inputs[k + 1]) : between[k % 2];
+    if (!c.lengths.empty()) std::memset(out, 0, static_cast<size_t>(Y) * sizeof(Real));
+    for_directions(D, [&](int64_t d) {
+      const int64_t i = k * D + d;
+      LayerBuffers<Real> b = training ? c.saved[i] : scratch[d];
+      b.xproj = scratch[d].xproj;
+      b.rec = scratch[d].rec;
+      cell.forward(out + d * H_out, D * H_out, h_n + i * N * H_out, c_n ? c_n + i * N * H : nullptr,
+                   b, in, h0 ? h0 + i * N * H_out : nullptr, c0 ? c0 + i * N * H : nullptr,
+                   c.weights[i], layer_shape(c, k, d));
+    });
+    if (k < L - 1 && !c.masks.empty()) multiply(out, c.masks[k], Y);
+    in = out;
+  }
+  if (!training) cache.reset();
+  return cache;
+}
+
+template <typename Real>
+void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, const Real* dy,
+                    const Real* dh_n, const Real* dc_n, const StackCache<Real>& c) {
+  const StackShape& s = c.shape;
+  if (!s.training) throw std::invalid_argument("backward needs the cache of a training forward");
+  const bool lstm = s.mode == Mode::LSTM, gru = s.mode == Mode::GRU;
+  const int64_t L = s.L, D = s.D, T = s.T, N = s.N, H = s.H, P = s.P, H_out = s.H_out();
+  const int64_t GH = gates_of(s.mode) * H, Y = T * N * D * H_out, S = steps(c);
+
+  // Scratch per direction: the gate gradients of every step (in step order when
+  // that differs from x's order; the GRU's recurrent ones always), the running
+  // dh (dc), and two buffers between layers, used in turn.
+  LayerBuffers<Real> scratch[2];
+  Real* dG_x[2] = {nullptr, nullptr};
+  Real* between[2] = {nullptr, nullptr};
+  carve_scratch([&](Carver& cv) {
+    for (int64_t d = 0; d < D; ++d) {
+      const bool in_order = d == 0 && c.lengths.empty();
+      dG_x[d] = cv.take<Real>(T * N * GH);
+      if (gru || !in_order) scratch[d].dG = cv.take<Real>(S * N * GH);
+      if (gru && !in_order) scratch[d].dG_in = cv.take<Real>(S * N * GH);
+      scratch[d].dh = cv.take<Real>(N * H_out);
+      if (lstm) scratch[d].dc = cv.take<Real>(N * H);
+      if (P) {
+        scratch[d].dhs = cv.take<Real>(S * N * P);
+        scratch[d].dm = cv.take<Real>(N * H);
+      }
+      scratch[d].dsum = cv.take<Real>(GH);
+    }
+    for (int64_t i = 0; i < std::min<int64_t>(L - 1, 2); ++i) between[i] = cv.take<Real>(Y);
+  });
+
+  ScopedFlushDenormals flush;
+  const CellKernels<Real>& cell = kernels().get<Real>().cell(s.mode);
+  for (int64_t k = L - 1; k >= 0; --k) {
+    const Real* dy_k = k == L - 1 ? dy : between[k % 2];
+    Real* dx_k = k == 0 ? dx : between[(k - 1) % 2];
+    const int64_t I = s.input_size(k);
+    for_directions(D, [&](int64_t d) {
+      const int64_t i = k * D + d;
+      LayerBuffers<Real> b = c.saved[i];
+      b.dG = scratch[d].dG;
+      b.dG_in = scratch[d].dG_in;
+      b.dh = scratch[d].dh;
+      b.dc = scratch[d].dc;
+      b.dhs = scratch[d].dhs;
+      b.dm = scratch[d].dm;
+      b.dsum = scratch[d].dsum;
+      const Grads<Real>& g = grads[i];
+      const LayerGrads<Real> dw{g.dW_ih, g.dW_hh, g.dW_hr, g.db_ih, g.db_hh};
+      cell.backward(dG_x[d], dh0 ? dh0 + i * N * H_out : nullptr, dc0 ? dc0 + i * N * H : nullptr,
+                    dw, b, dy_k ? dy_k + d * H_out : nullptr, D * H_out,
+                    dh_n ? dh_n + i * N * H_out : nullptr, dc_n ? dc_n + i * N * H : nullptr,
+                    c.inputs[k], c.weights[i], layer_shape(c, k, d));
+    });
+    // dx = sum over directions of dG_x W_ih: one GEMM each, over all steps.
+    for (int64_t d = 0; d < D; ++d)
+      gemm<Real>(false, false, T * N, I, GH, Real(1), dG_x[d], GH, c.weights[k * D + d].W_ih, I,
+                 d == 0 ? Real(0) : Real(1), dx_k, I);
+    if (k > 0 && !c.masks.empty()) multiply(dx_k, c.masks[k - 1], Y);
+  }
+}
+
+#define LSTMFAST_INSTANTIATE(Real)                                                               \
+  template std::unique_ptr<StackCache<Real>> stack_forward<Real>(                                \
+      Real*, Real*, Real*, const Real*, const Real*, const Real*, const Params<Real>*,           \
+      const int64_t*, const Real* const*, const StackShape&);                                    \
+  template void stack_backward<Real>(Real*, Real*, Real*, const Grads<Real>*, const Real*,       \
+                                     const Real*, const Real*, const StackCache<Real>&);
+LSTMFAST_INSTANTIATE(float)
+LSTMFAST_INSTANTIATE(double)
+#undef LSTMFAST_INSTANTIATE
+
+}  // namespace lstmfast

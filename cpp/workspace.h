@@ -1,0 +1,73 @@
+// Memory of the kernels: aligned blocks, a per-thread scratch block reused across
+// calls, and the training cache (what BPTT needs, in one block).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "lstmfast.h"
+
+namespace lstmfast {
+
+// An uninitialised, 64-byte aligned block of memory.
+class Block {
+ public:
+  Block() = default;
+  explicit Block(size_t bytes);
+  char* data() const { return data_.get(); }
+  size_t size() const { return size_; }
+
+ private:
+  struct Free {
+    void operator()(char* p) const;
+  };
+  std::unique_ptr<char, Free> data_;
+  size_t size_ = 0;
+};
+
+// Cuts one block into 64-byte aligned arrays. Run a layout twice: first with no
+// base to add up the bytes (take() then returns nullptr), then on a block of that
+// size to hand out the pointers.
+class Carver {
+ public:
+  explicit Carver(char* base = nullptr) : base_(base) {}
+  template <typename Real>
+  Real* take(int64_t count) {
+    Real* p = base_ ? reinterpret_cast<Real*>(base_ + offset_) : nullptr;
+    offset_ += (static_cast<size_t>(count) * sizeof(Real) + 63) / 64 * 64;
+    return p;
+  }
+  size_t bytes() const { return offset_; }
+
+ private:
+  char* base_;
+  size_t offset_ = 0;
+};
+
+// This thread's scratch block, grown to at least `bytes` (its contents are not
+// kept). Per thread, so concurrent calls never share scratch.
+char* thread_scratch(size_t bytes);
+
+// What a training forward keeps for backward (see stack.cpp).
+template <typename Real>
+class StackCache : public StackCacheBase {
+ public:
+  StackShape shape;
+  std::vector<int64_t> lengths;      // [N] sorted lengths, non-increasing; empty = all T
+  std::vector<int64_t> rows;         // [N] batch row of each sorted row; empty = identity
+  std::vector<Params<Real>> params;  // [L*D] the caller's parameters
+  std::vector<Real> biases;          // [L*D, G*H + H] combined biases and GRU b_hn (LayerWeights)
+  std::vector<LayerWeights<Real>> weights;  // [L*D] pointing into params and biases
+  std::vector<const Real*> masks;           // [L-1] dropout masks, or empty
+  std::vector<const Real*> inputs;          // [L] input of each layer: x, then masked outputs
+  std::vector<LayerBuffers<Real>> saved;    // [L*D] the saved h, c, m, gates per layer-direction
+  Block block;                              // memory of saved and of inputs 1..L-1
+
+  int64_t nbytes() const override {
+    return static_cast<int64_t>(block.size() + biases.size() * sizeof(Real));
+  }
+};
+
+}  // namespace lstmfast

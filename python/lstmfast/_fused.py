@@ -1,0 +1,121 @@
+"""The fused C++ kernels behind the two functions of :mod:`lstmfast.reference`.
+
+``forward`` and ``backward`` take and return exactly what ``reference.forward`` and
+``reference.backward`` do (see their docstrings: they are the specification); only
+the cache differs: here it wraps what the C++ forward saved for BPTT (gate
+activations, cell states, h per step) in one block of memory.
+
+This module only maps names to lists and back; shapes, dtypes and lengths are
+checked by the compiled module, whose errors name the offending argument.
+"""
+
+import numpy as np
+
+from ._native import _core
+
+#: True when the compiled module carries the recurrent kernels.
+available = hasattr(_core, "rnn_forward") and hasattr(_core, "rnn_backward")
+
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+
+
+def _names(layer, direction):
+    """Torch's names of the five parameters of one layer and direction."""
+    suffix = f"_l{layer}" + ("_reverse" if direction else "")
+    return [p + suffix for p in _PARAMS]
+
+
+class _Cache:
+    """What a training forward keeps for backward: the C++ cache and the parameter layout."""
+
+    __slots__ = ("core", "mode", "num_layers", "D", "dtype", "shapes")
+
+    def __init__(self, core, mode, num_layers, D, dtype, shapes):
+        self.core = core
+        self.mode = mode
+        self.num_layers = num_layers
+        self.D = D
+        self.dtype = dtype
+        self.shapes = shapes  # name -> shape, for every parameter given to forward
+
+    @property
+    def nbytes(self):
+        return self.core.nbytes
+
+
+def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
+            lengths=None, dropout_masks=None, training=False):
+    """Forward pass of a stacked (bi)directional LSTM / GRU / RNN; as reference.forward."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    x = np.asarray(x)
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
+    dtype = x.dtype
+    D = 2 if bidirectional else 1
+    if mode == "LSTM":
+        h0, c0 = hx
+        c0 = np.asarray(c0, dtype=dtype)
+    else:
+        h0, c0 = hx, None
+    h0 = np.asarray(h0, dtype=dtype)
+    if lengths is not None:
+        lengths = np.asarray(lengths)
+    if dropout_masks is not None:
+        dropout_masks = [np.asarray(m, dtype=dtype) for m in dropout_masks]
+    weights = [[None if params.get(name) is None else np.asarray(params[name])
+                for name in _names(layer, direction)]
+               for layer in range(num_layers) for direction in range(D)]
+    output, h_n, c_n, core = _core.rnn_forward(
+        mode, x, h0, c0, weights, num_layers, bidirectional, proj_size, lengths,
+        dropout_masks, bool(training))
+    cache = None
+    if core is not None:
+        shapes = {name: np.shape(params[name]) for name in params}
+        cache = _Cache(core, mode, num_layers, D, dtype, shapes)
+    return output, h_n, c_n, cache
+
+
+def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None):
+    """Backpropagation through time for a forward(..., training=True) call; as reference.backward.
+
+    Parameter gradients are ADDED into ``grads`` in place (a zero dict is made when None).
+    """
+    if cache is None:
+        raise ValueError("backward needs the cache of a forward(..., training=True) call")
+    if not isinstance(cache, _Cache):
+        raise TypeError(f"cache: expected the cache of lstmfast._fused.forward, "
+                        f"got {type(cache).__name__}")
+    dtype = cache.dtype
+    if grads is None:
+        grads = {name: np.zeros(shape, dtype=dtype) for name, shape in cache.shapes.items()}
+
+    def as_dtype(a):
+        return None if a is None else np.asarray(a, dtype=dtype)
+
+    # The kernels add into C-contiguous writeable arrays of the right dtype; any
+    # other gradient array gets a zeroed stand-in, added into it afterwards.
+    targets, late = [], []
+    for layer in range(cache.num_layers):
+        for direction in range(cache.D):
+            entry = []
+            for name in _names(layer, direction):
+                if name not in cache.shapes:
+                    entry.append(None)
+                    continue
+                g = grads[name]
+                if (isinstance(g, np.ndarray) and g.dtype == dtype and g.flags.c_contiguous
+                        and g.flags.writeable and g.shape == cache.shapes[name]):
+                    entry.append(g)
+                else:
+                    stand_in = np.zeros(cache.shapes[name], dtype=dtype)
+                    late.append((name, stand_in))
+                    entry.append(stand_in)
+            targets.append(entry)
+    dx, dh0, dc0 = _core.rnn_backward(cache.core, as_dtype(d_output), as_dtype(d_h_n),
+                                      as_dtype(d_c_n) if cache.mode == "LSTM" else None, targets)
+    for name, stand_in in late:
+        grads[name][...] += stand_in
+    return dx, dh0, dc0, grads

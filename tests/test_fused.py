@@ -1,0 +1,343 @@
+"""The fused C++ kernels against the NumPy reference (the specification).
+
+Every check runs on every SIMD target this build and CPU support: outputs, final
+states, dx, dh0, dc0 and every parameter gradient, to 1e-5 (float32) / 1e-10
+(float64) relative to the largest magnitude of the reference.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lstmfast import _core, reference
+
+_fused = pytest.importorskip("lstmfast._fused")
+pytestmark = pytest.mark.skipif(not _fused.available, reason="fused kernels not built")
+
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+DTYPES = (np.float32, np.float64)
+TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
+
+
+@pytest.fixture(params=_core.simd_targets())
+def simd_target(request):
+    """Run the test with each instruction set compiled in and supported here."""
+    before = _core.simd_target()
+    _core.set_simd_target(request.param)
+    yield request.param
+    _core.set_simd_target(before)
+
+
+def assert_close(actual, expected, name):
+    """max|a - b| <= tol * max(1, max|expected|), the message showing the max diff and where."""
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
+    if expected.size == 0:
+        return
+    a, e = actual.astype(np.float64), expected.astype(np.float64)
+    assert np.isfinite(a).all(), f"{name}: non-finite values"
+    scale = max(1.0, float(np.abs(e).max()))
+    bound = TOL[expected.dtype] * scale
+    diff = np.abs(a - e)
+    where = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    assert diff[where] <= bound, (
+        f"{name}: max |diff| {diff[where]:.3e} at {tuple(int(i) for i in where)} "
+        f"(fused {a[where]!r}, reference {e[where]!r}) > {bound:.3e}")
+
+
+class Case:
+    """Inputs of one forward/backward: parameters, x, hx, masks and output gradients."""
+
+    def __init__(self, mode, dtype, T=5, N=3, I=4, H=6, L=1, bidirectional=False, bias=True,
+                 P=0, lengths=None, dropout=False, seed=0, scale=1.0):
+        rng = np.random.default_rng(seed)
+        self.mode, self.dtype = mode, np.dtype(dtype)
+        D = 2 if bidirectional else 1
+        H_out = P if P else H
+        self.params = reference.init_params(mode, I, H, L, bias, bidirectional, P, dtype, rng)
+        self.x = (scale * rng.standard_normal((T, N, I))).astype(dtype)
+        h0 = rng.standard_normal((L * D, N, H_out)).astype(dtype)
+        self.hx = (h0, rng.standard_normal((L * D, N, H)).astype(dtype)) if mode == "LSTM" else h0
+        self.kwargs = dict(num_layers=L, bidirectional=bidirectional, proj_size=P,
+                           lengths=None if lengths is None else np.asarray(lengths, np.int64),
+                           dropout_masks=None)
+        if dropout and L > 1:
+            self.kwargs["dropout_masks"] = [
+                ((rng.random((T, N, D * H_out)) > 0.25) / 0.75).astype(dtype)
+                for _ in range(L - 1)]
+        self.d_output = rng.standard_normal((T, N, D * H_out)).astype(dtype)
+        self.d_h_n = rng.standard_normal((L * D, N, H_out)).astype(dtype)
+        self.d_c_n = rng.standard_normal((L * D, N, H)).astype(dtype) if mode == "LSTM" else None
+
+    def forward(self, backend, training=True):
+        return backend.forward(self.mode, self.x, self.hx, self.params, training=training,
+                               **self.kwargs)
+
+    def run(self, backend, with_state_grads=True):
+        out = self.forward(backend)
+        d_h_n = self.d_h_n if with_state_grads else None
+        d_c_n = self.d_c_n if with_state_grads else None
+        back = backend.backward(out[3], self.d_output, d_h_n, d_c_n)
+        return out[:3], back
+
+    def check(self, with_state_grads=True):
+        (y, h_n, c_n), (dx, dh0, dc0, grads) = self.run(_fused, with_state_grads)
+        (ry, rh_n, rc_n), (rdx, rdh0, rdc0, rgrads) = self.run(reference, with_state_grads)
+        assert_close(y, ry, "output")
+        assert_close(h_n, rh_n, "h_n")
+        assert_close(dx, rdx, "dx")
+        assert_close(dh0, rdh0, "dh0")
+        if self.mode == "LSTM":
+            assert_close(c_n, rc_n, "c_n")
+            assert_close(dc0, rdc0, "dc0")
+        else:
+            assert c_n is None and dc0 is None
+        assert sorted(grads) == sorted(rgrads)
+        for name in rgrads:
+            assert_close(grads[name], rgrads[name], f"grads[{name!r}]")
+
+
+CONFIGS = {
+    "one_layer": dict(),
+    "bidirectional": dict(bidirectional=True),
+    "three_layers_bidirectional": dict(L=3, bidirectional=True),
+    "no_bias": dict(L=2, bias=False),
+    "lengths_unsorted": dict(N=5, lengths=[3, 5, 1, 5, 2]),
+    "lengths_sorted": dict(N=4, lengths=[5, 4, 4, 1]),
+    "lengths_all_full": dict(N=3, lengths=[5, 5, 5]),
+    "lengths_short_max": dict(N=3, lengths=[2, 3, 1]),
+    "lengths_bidirectional_layers": dict(N=5, L=2, bidirectional=True, lengths=[2, 5, 3, 1, 5]),
+    "dropout": dict(L=3, bidirectional=True, dropout=True),
+    "dropout_lengths": dict(L=2, dropout=True, N=4, lengths=[1, 5, 3, 2]),
+    "T1": dict(T=1, bidirectional=True),
+    "N1": dict(N=1, L=2, bidirectional=True),
+    "I1": dict(I=1),
+    "H1": dict(H=1, bidirectional=True),
+    "H13": dict(H=13, L=2, bidirectional=True, lengths=[4, 5, 2]),
+    "H17": dict(H=17, I=9),
+}
+LSTM_CONFIGS = {
+    "proj": dict(H=8, P=3),
+    "proj_layers_bidirectional": dict(H=8, P=5, L=2, bidirectional=True, dropout=True),
+    "proj_lengths_bidirectional": dict(H=13, P=7, N=4, bidirectional=True, lengths=[3, 5, 1, 4]),
+    "proj_no_bias_P1": dict(H=5, P=1, bias=False, L=2),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_reference(simd_target, mode, dtype, config):
+    Case(mode, dtype, **CONFIGS[config]).check()
+
+
+@pytest.mark.parametrize("config", list(LSTM_CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_lstm_projection_matches_reference(simd_target, dtype, config):
+    Case("LSTM", dtype, **LSTM_CONFIGS[config]).check()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_state_gradients_default_to_zero(simd_target, mode):
+    Case(mode, np.float64, L=2, bidirectional=True, lengths=[2, 5, 4]).check(
+        with_state_grads=False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_without_d_output(mode):
+    case = Case(mode, np.float64, L=2, bidirectional=True)
+    _, _, _, cache = case.forward(_fused)
+    _, _, _, rcache = case.forward(reference)
+    got = _fused.backward(cache, None, case.d_h_n, case.d_c_n)
+    want = reference.backward(rcache, np.zeros_like(case.d_output), case.d_h_n, case.d_c_n)
+    for name, a, b in zip(("dx", "dh0", "dc0"), got[:3], want[:3]):
+        if b is not None:
+            assert_close(a, b, name)
+    for name in want[3]:
+        assert_close(got[3][name], want[3][name], name)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_large_inputs_saturate_like_the_reference(simd_target, mode):
+    Case(mode, np.float32, scale=30.0, H=9, bidirectional=True).check()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_inference_keeps_nothing_and_matches_training(mode):
+    case = Case(mode, np.float32, L=2, bidirectional=True, lengths=[5, 2, 3])
+    y, h_n, c_n, cache = case.forward(_fused, training=False)
+    ty, th_n, tc_n, tcache = case.forward(_fused, training=True)
+    assert cache is None and tcache is not None and tcache.nbytes > 0
+    np.testing.assert_array_equal(y, ty)
+    np.testing.assert_array_equal(h_n, th_n)
+    if mode == "LSTM":
+        np.testing.assert_array_equal(c_n, tc_n)
+
+
+def test_output_is_zero_past_each_length():
+    case = Case("GRU", np.float32, N=4, bidirectional=True, lengths=[2, 5, 1, 3])
+    y = case.forward(_fused)[0]
+    for b, n in enumerate(case.kwargs["lengths"]):
+        assert not y[n:, b].any()
+        assert y[:n, b].all()
+
+
+def test_backward_adds_into_grads_and_can_run_twice():
+    case = Case("LSTM", np.float64, L=2, bidirectional=True, P=2)
+    _, _, _, cache = case.forward(_fused)
+    first = _fused.backward(cache, case.d_output, case.d_h_n, case.d_c_n)
+    grads = {name: g.copy() for name, g in first[3].items()}
+    # one gradient array that is not C-contiguous: still added into in place
+    name = "weight_ih_l0"
+    grads[name] = np.asfortranarray(grads[name])
+    second = _fused.backward(cache, case.d_output, case.d_h_n, case.d_c_n, grads=grads)
+    assert second[3] is grads
+    for key in first[3]:
+        assert_close(grads[key], 2 * first[3][key], key)
+    for a, b in zip(first[:3], second[:3]):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_any_memory_layout():
+    case = Case("LSTM", np.float32, T=4, N=3, I=5, H=6, L=2, bidirectional=True)
+    (y, h_n, c_n), back = case.run(_fused)
+    # x as a transposed view, h0 and c0 Fortran-ordered, weights as strided views
+    case.x = np.ascontiguousarray(case.x.transpose(1, 0, 2)).transpose(1, 0, 2)
+    assert not case.x.flags.c_contiguous
+    case.hx = tuple(np.asfortranarray(a) for a in case.hx)
+    case.params = {k: np.asfortranarray(v) for k, v in case.params.items()}
+    (y2, h_n2, c_n2), back2 = case.run(_fused)
+    np.testing.assert_array_equal(y, y2)
+    np.testing.assert_array_equal(h_n, h_n2)
+    np.testing.assert_array_equal(back[0], back2[0])
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_thread_counts_agree(threads):
+    import lstmfast
+
+    before = lstmfast.get_num_threads()
+    try:
+        lstmfast.set_num_threads(threads)
+        Case("GRU", np.float64, L=2, bidirectional=True, lengths=[4, 5, 1]).check()
+    finally:
+        lstmfast.set_num_threads(before)
+
+
+def test_concurrent_calls_from_python_threads():
+    cases = [Case(mode, np.float64, L=2, bidirectional=True, N=4, lengths=[3, 5, 1, 2], seed=i)
+             for i, mode in enumerate(MODES * 2)]
+    expected = [c.run(reference) for c in cases]
+    results = [None] * len(cases)
+
+    def work(i):
+        for _ in range(5):
+            results[i] = cases[i].run(_fused)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (out, back), (rout, rback) in zip(results, expected):
+        assert_close(out[0], rout[0], "output")
+        assert_close(back[0], rback[0], "dx")
+        for name in rback[3]:
+            assert_close(back[3][name], rback[3][name], name)
+
+
+# --- bad input: clear errors naming the argument --------------------------------
+
+
+def test_rejects_integer_x():
+    case = Case("GRU", np.float32)
+    with pytest.raises(TypeError, match="x: expected dtype float32 or float64"):
+        _fused.forward("GRU", case.x.astype(np.int64), case.hx, case.params, num_layers=1,
+                       bidirectional=False)
+
+
+def test_rejects_parameter_of_other_dtype():
+    case = Case("GRU", np.float32)
+    params = dict(case.params, weight_hh_l0=case.params["weight_hh_l0"].astype(np.float64))
+    with pytest.raises(TypeError, match="weight_hh_l0"):
+        _fused.forward("GRU", case.x, case.hx, params, num_layers=1, bidirectional=False)
+
+
+def test_rejects_parameter_of_wrong_shape():
+    case = Case("LSTM", np.float32, L=2, bidirectional=True)
+    params = dict(case.params)
+    params["weight_ih_l1_reverse"] = params["weight_ih_l1_reverse"][:, :-1]
+    with pytest.raises(ValueError, match=r"weight_ih_l1_reverse.*expected shape \(24, 12\)"):
+        _fused.forward("LSTM", case.x, case.hx, params, num_layers=2, bidirectional=True)
+
+
+def test_rejects_missing_parameter():
+    case = Case("RNN_TANH", np.float32)
+    params = {k: v for k, v in case.params.items() if k != "weight_hh_l0"}
+    with pytest.raises((ValueError, KeyError), match="weight_hh_l0"):
+        _fused.forward("RNN_TANH", case.x, case.hx, params, num_layers=1, bidirectional=False)
+
+
+@pytest.mark.parametrize("lengths", [[0, 5, 5], [5, 6, 1]])
+def test_rejects_lengths_out_of_range(lengths):
+    case = Case("GRU", np.float32, lengths=lengths)
+    with pytest.raises(ValueError, match=r"lengths\[\d\] = \d is outside 1..T"):
+        case.forward(_fused)
+
+
+def test_rejects_wrong_state_shape():
+    case = Case("LSTM", np.float32)
+    with pytest.raises(ValueError, match=r"c0: expected shape \(1, 3, 6\)"):
+        _fused.forward("LSTM", case.x, (case.hx[0], case.hx[1][:, :2]), case.params,
+                       num_layers=1, bidirectional=False)
+
+
+def test_rejects_unknown_mode_and_missing_cache():
+    case = Case("GRU", np.float32)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        _fused.forward("LSTMX", case.x, case.hx, case.params, num_layers=1, bidirectional=False)
+    with pytest.raises(ValueError, match="needs the cache"):
+        _fused.backward(None, case.d_output)
+
+
+def test_simd_targets_and_forcing_one():
+    targets = _core.simd_targets()
+    assert targets[0] == "generic"
+    assert _core.simd_target() in targets
+    with pytest.raises(ValueError, match="unknown or unsupported SIMD target"):
+        _core.set_simd_target("avx9000")
+
+
+# --- property-based ---------------------------------------------------------------
+
+
+@st.composite
+def configs(draw):
+    mode = draw(st.sampled_from(MODES))
+    T = draw(st.integers(1, 6))
+    N = draw(st.integers(1, 4))
+    H = draw(st.integers(1, 12))
+    P = draw(st.integers(0, H - 1)) if mode == "LSTM" and H > 1 and draw(st.booleans()) else 0
+    L = draw(st.integers(1, 3))
+    lengths = None
+    if draw(st.booleans()):
+        lengths = draw(st.lists(st.integers(1, T), min_size=N, max_size=N))
+    return dict(mode=mode, dtype=draw(st.sampled_from(DTYPES)), T=T, N=N,
+                I=draw(st.integers(1, 7)), H=H, P=P, L=L,
+                bidirectional=draw(st.booleans()), bias=draw(st.booleans()), lengths=lengths,
+                dropout=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(config=configs(), target=st.sampled_from(_core.simd_targets()))
+def test_random_configurations_match_reference(config, target):
+    before = _core.simd_target()
+    _core.set_simd_target(target)
+    try:
+        Case(**config).check()
+    finally:
+        _core.set_simd_target(before)

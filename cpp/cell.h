@@ -48,6 +48,11 @@ void rnn_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
                   const Real* dc_n, const Real* x, const LayerWeights<Real>& w,
                   const LayerShape& s);
 
+// Nothing here calls an inline function of another namespace (std:: templates,
+// LayerShape's members) other than simd.h's, whose names carry the vector type:
+// a copy compiled with this unit's ISA flags could be the one the linker keeps
+// for every caller.
+
 // ---------------------------------------------------------------------------
 // Vectors: full-width or partial loads and stores, chosen by the lane count n.
 
@@ -84,6 +89,14 @@ inline void for_lanes(int64_t count, F&& f) {
 // ---------------------------------------------------------------------------
 // Rows, times and steps (see LayerShape).
 
+// Rows up to which small_gemm beats OpenBLAS (measured with AVX2, H = 128..512:
+// 1.5-2x faster up to 4 rows with 1 or 2 threads; even at 8 rows on one thread,
+// behind OpenBLAS's two threads there).
+constexpr int64_t kSmallGemmRows = 4;
+
+inline int64_t h_out(const LayerShape& s) { return s.P > 0 ? s.P : s.H; }
+inline int64_t steps_of(const LayerShape& s) { return s.lengths ? s.lengths[0] : s.T; }
+
 struct Walk {
   const LayerShape& s;
   explicit Walk(const LayerShape& shape) : s(shape) {}
@@ -111,6 +124,12 @@ struct Walk {
   // i.e. step-ordered buffers are already in x's order.
   bool identity() const { return !s.reverse && !s.rows && !s.lengths; }
 };
+
+// Whether any step runs few enough rows for small_gemm (then the forward lays
+// out the transposed weights it needs, once per call).
+inline bool uses_small_gemm(const LayerShape& s) {
+  return Walk(s).active(steps_of(s) - 1) <= kSmallGemmRows;
+}
 
 // Slot of step k in a state buffer: every step when training, else ping-pong.
 inline int64_t slot(int64_t k, bool training) { return training ? k : (k & 1); }
@@ -140,6 +159,135 @@ inline void scatter_state(Real* out, const Real* state, int64_t width, const Wal
   if (!out) return;
   for (int64_t b = 0; b < walk.s.N; ++b)
     copy_row(out + walk.row(b) * width, state + b * width, width);
+}
+
+// ---------------------------------------------------------------------------
+// The per-step GEMM for few rows.
+//
+// OpenBLAS packs the whole of B on every call, which for a handful of rows costs
+// more than the product itself (and would copy the recurrent weights once per
+// step). Here B is used as it lies, row-major [K, cols] (the forward lays W_hh^T
+// out once per call, the backward uses W_hh itself), and C is computed in
+// register tiles of up to 4 rows x 3 vectors, k innermost. The column loop is
+// outermost so a panel of B stays in L1 while the row tiles pass over it.
+
+template <typename Real, int R, int NV>
+inline void small_gemm_tile(Real* C, int64_t ldc, const Real* A, int64_t lda, const Real* B,
+                            int64_t ldb, int64_t K, bool accumulate, int64_t keep_from) {
+  constexpr int64_t W = kWidth<Real>;
+  V<Real> acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V<Real>{};
+  for (int64_t k = 0; k < K; ++k) {
+    V<Real> b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = simd::load<Real>(B + k * ldb + v * W);
+    for (int r = 0; r < R; ++r) {
+      const V<Real> a = splat<Real>(A[r * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) {
+      Real* c = C + r * ldc + v * W;
+      if (keep_from == 0) {  // the whole vector
+        st(c, accumulate ? ld(c, W) + acc[r][v] : acc[r][v], W);
+      } else {  // only lanes keep_from.. (the others overlap a tile already stored)
+        Real lanes[W];
+        simd::store<Real>(lanes, acc[r][v]);
+        for (int64_t l = keep_from; l < W; ++l) c[l] = accumulate ? c[l] + lanes[l] : lanes[l];
+      }
+    }
+}
+
+template <typename Real, int R>
+inline void small_gemm_rows(Real* C, int64_t ldc, const Real* A, int64_t lda, const Real* B,
+                            int64_t ldb, int64_t K, int64_t j, int64_t vectors, bool accumulate,
+                            int64_t keep_from) {
+  switch (vectors) {
+    case 3:
+      return small_gemm_tile<Real, R, 3>(C + j, ldc, A, lda, B + j, ldb, K, accumulate, 0);
+    case 2:
+      return small_gemm_tile<Real, R, 2>(C + j, ldc, A, lda, B + j, ldb, K, accumulate, 0);
+    default:
+      return small_gemm_tile<Real, R, 1>(C + j, ldc, A, lda, B + j, ldb, K, accumulate,
+                                         keep_from);
+  }
+}
+
+// C[n, cols] = A[n, K] B[K, cols] (+ C when accumulate); all row-major.
+template <typename Real>
+inline void small_gemm(Real* C, int64_t ldc, const Real* A, int64_t lda, const Real* B,
+                       int64_t ldb, int64_t n, int64_t K, int64_t cols, bool accumulate) {
+  constexpr int64_t W = kWidth<Real>;
+  if (cols < W) {  // narrower than one vector: plain loops
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < cols; ++c) {
+        Real sum = accumulate ? C[r * ldc + c] : Real(0);
+        for (int64_t k = 0; k < K; ++k) sum += A[r * lda + k] * B[k * ldb + c];
+        C[r * ldc + c] = sum;
+      }
+    return;
+  }
+  // Column blocks of 3 vectors, then 1-2 vectors, then a last vector ending at
+  // cols exactly (overlapping the previous block; only its new lanes are stored).
+  auto block = [&](int64_t j, int64_t vectors, int64_t keep_from) {
+    for (int64_t r = 0; r < n; r += 4) {
+      Real* c = C + r * ldc;
+      const Real* a = A + r * lda;
+      switch (n - r < 4 ? n - r : 4) {
+        case 4:
+          small_gemm_rows<Real, 4>(c, ldc, a, lda, B, ldb, K, j, vectors, accumulate, keep_from);
+          break;
+        case 3:
+          small_gemm_rows<Real, 3>(c, ldc, a, lda, B, ldb, K, j, vectors, accumulate, keep_from);
+          break;
+        case 2:
+          small_gemm_rows<Real, 2>(c, ldc, a, lda, B, ldb, K, j, vectors, accumulate, keep_from);
+          break;
+        default:
+          small_gemm_rows<Real, 1>(c, ldc, a, lda, B, ldb, K, j, vectors, accumulate, keep_from);
+      }
+    }
+  };
+  int64_t j = 0;
+  for (; j + 3 * W <= cols; j += 3 * W) block(j, 3, 0);
+  if (j + 2 * W <= cols) {
+    block(j, 2, 0);
+    j += 2 * W;
+  } else if (j + W <= cols) {
+    block(j, 1, 0);
+    j += W;
+  }
+  if (j < cols) block(cols - W, 1, W - (cols - j));
+}
+
+// dst[cols, rows] = src[rows, cols]^T (weights laid out once per call), in
+// 16 x 16 tiles so that both sides stay in cache lines already loaded.
+template <typename Real>
+inline void transpose(Real* dst, const Real* src, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile)
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t r1 = r0 + kTile < rows ? r0 + kTile : rows;
+      const int64_t c1 = c0 + kTile < cols ? c0 + kTile : cols;
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t r = r0; r < r1; ++r) dst[c * rows + r] = src[r * cols + c];
+    }
+}
+
+// Whether any step of the walk runs few enough rows for small_gemm (then the
+// forward lays out the transposed weights it needs, once per call).
+// The per-step product C[n, cols] = A[n, K] op(W) (+ C when accumulate):
+//   W: the weight as stored, used by OpenBLAS for many rows; op(W) = W^T when transposed_W
+//   B: op(W) laid out row-major [K, cols] for small_gemm (may be W itself when not transposed)
+template <typename Real>
+inline void step_gemm(Real* C, const Real* A, const Real* W, bool transposed_W, const Real* B,
+                      int64_t n, int64_t K, int64_t cols, bool accumulate) {
+  if (n <= kSmallGemmRows && B)
+    small_gemm(C, cols, A, K, B, cols, n, K, cols, accumulate);
+  else
+    gemm<Real>(false, transposed_W, n, cols, K, Real(1), A, K, W, transposed_W ? K : cols,
+               accumulate ? Real(1) : Real(0), C, cols);
 }
 
 // ---------------------------------------------------------------------------
@@ -185,7 +333,7 @@ inline void weight_gradients(Real* dG_x, const LayerGrads<Real>& dw, Real* dsum,
                              const Real* dG_in, const Real* h_prev, const Real* x, int64_t GH,
                              const LayerShape& s) {
   const Walk walk(s);
-  const int64_t S = s.steps(), N = s.N, H_out = s.H_out();
+  const int64_t S = steps_of(s), N = s.N, H_out = h_out(s);
   gemm<Real>(true, false, GH, H_out, S * N, Real(1), dG, GH, h_prev, H_out, Real(1), dw.dW_hh,
              H_out);
   if (dw.db_hh) {

@@ -41,14 +41,16 @@ template <typename Real, bool kTraining>
 void forward_steps(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
                    const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
   const Walk walk(s);
-  const int64_t N = s.N, H = s.H, GH = 3 * H, S = s.steps();
+  const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
   input_projection(buf.xproj, x, w.W_ih, GH, s);
+  const bool small = uses_small_gemm(s);
+  if (small) transpose(buf.W_hh_t, w.W_hh, GH, H);
   gather_state(buf.h, h0, H, walk);
   for (int64_t k = 0; k < S; ++k) {
     const int64_t n = walk.active(k);
     const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
     Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
-    gemm<Real>(false, true, n, GH, H, Real(1), h_prev, H, w.W_hh, H, Real(0), buf.rec, GH);
+    step_gemm(buf.rec, h_prev, w.W_hh, true, small ? buf.W_hh_t : nullptr, n, H, GH, false);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
       gru_forward_row<Real, kTraining>(h_next + b * H, y + at * ldy,
@@ -106,7 +108,7 @@ void gru_backward(Real* dG_x, Real* dh0, Real* /*dc0*/, const LayerGrads<Real>& 
                   const Real* /*dc_n*/, const Real* x, const LayerWeights<Real>& w,
                   const LayerShape& s) {
   const Walk walk(s);
-  const int64_t N = s.N, H = s.H, GH = 3 * H, S = s.steps();
+  const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
   Real* dG_in = input_gate_grads(dG_x, buf.dG_in, s);
   Real* dG = buf.dG;
   gather_state(buf.dh, dh_n, H, walk);
@@ -122,8 +124,7 @@ void gru_backward(Real* dG_x, Real* dh0, Real* /*dc0*/, const LayerGrads<Real>& 
       zero_row(dG + (k * N + b) * GH, GH);
     }
     // dh = dh' z + dG W_hh for the running rows; finished rows keep theirs.
-    gemm<Real>(false, false, n, H, GH, Real(1), dG + k * N * GH, GH, w.W_hh, H, Real(1), buf.dh,
-               H);
+    step_gemm(buf.dh, dG + k * N * GH, w.W_hh, false, w.W_hh, n, GH, H, true);
   }
   scatter_state(dh0, buf.dh, H, walk);
   weight_gradients(dG_x, dw, buf.dsum, dG, dG_in, buf.h, x, GH, s);

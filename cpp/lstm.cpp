@@ -47,8 +47,13 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
                    const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
                    const LayerShape& s) {
   const Walk walk(s);
-  const int64_t N = s.N, H = s.H, P = s.P, H_out = s.H_out(), GH = 4 * H, S = s.steps();
+  const int64_t N = s.N, H = s.H, P = s.P, H_out = h_out(s), GH = 4 * H, S = steps_of(s);
   input_projection(buf.xproj, x, w.W_ih, GH, s);
+  const bool small = uses_small_gemm(s);
+  if (small) {
+    transpose(buf.W_hh_t, w.W_hh, GH, H_out);
+    if (P) transpose(buf.W_hr_t, w.W_hr, P, H);
+  }
   gather_state(buf.h, h0, H_out, walk);
   gather_state(buf.c, c0, H, walk);
   for (int64_t k = 0; k < S; ++k) {
@@ -60,8 +65,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
     Real* m = P ? buf.m + (kTraining ? k * N * H : 0) : h_next;
     Real* gates = kTraining ? buf.gates + k * N * GH : nullptr;
 
-    gemm<Real>(false, true, n, GH, H_out, Real(1), h_prev, H_out, w.W_hh, H_out, Real(0), buf.rec,
-               GH);
+    step_gemm(buf.rec, h_prev, w.W_hh, true, small ? buf.W_hh_t : nullptr, n, H_out, GH, false);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
       lstm_forward_row<Real, kTraining>(c_next + b * H, m + b * H, P ? nullptr : y + at * ldy,
@@ -70,7 +74,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
                                         c_prev + b * H, H);
     }
     if (P) {
-      gemm<Real>(false, true, n, P, H, Real(1), m, H, w.W_hr, H, Real(0), h_next, P);
+      step_gemm(h_next, m, w.W_hr, true, small ? buf.W_hr_t : nullptr, n, H, P, false);
       for (int64_t b = 0; b < n; ++b) copy_row(y + walk.at(k, b) * ldy, h_next + b * P, P);
     }
     // Finished rows keep their state, so the last slot holds h_n and c_n, and
@@ -128,7 +132,7 @@ void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
                    const Real* dc_n, const Real* x, const LayerWeights<Real>& w,
                    const LayerShape& s) {
   const Walk walk(s);
-  const int64_t N = s.N, H = s.H, P = s.P, H_out = s.H_out(), GH = 4 * H, S = s.steps();
+  const int64_t N = s.N, H = s.H, P = s.P, H_out = h_out(s), GH = 4 * H, S = steps_of(s);
   Real* dG = input_gate_grads(dG_x, buf.dG, s);
   gather_state(buf.dh, dh_n, H_out, walk);
   gather_state(buf.dc, dc_n, H, walk);
@@ -152,7 +156,7 @@ void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
         });
       }
       for (int64_t b = n; b < N; ++b) zero_row(dhk + b * P, P);
-      gemm<Real>(false, false, n, H, P, Real(1), dhk, P, w.W_hr, H, Real(0), buf.dm, H);
+      step_gemm(buf.dm, dhk, w.W_hr, false, w.W_hr, n, P, H, false);
       dm = buf.dm;
       add_dy = false;
     }
@@ -162,7 +166,7 @@ void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
                               c_prev + b * H, c_next + b * H, H);
     for (int64_t b = n; b < N; ++b) zero_row(dGk + b * GH, GH);
     // dh = dG W_hh for the running rows; finished rows keep theirs.
-    gemm<Real>(false, false, n, H_out, GH, Real(1), dGk, GH, w.W_hh, H_out, Real(0), buf.dh, H_out);
+    step_gemm(buf.dh, dGk, w.W_hh, false, w.W_hh, n, GH, H_out, false);
   }
   scatter_state(dh0, buf.dh, H_out, walk);
   scatter_state(dc0, buf.dc, H, walk);

@@ -83,6 +83,8 @@ struct LayerBuffers {
   // forward
   Real* xproj = nullptr;  // xproj: [T, N, G*H] scratch: x W_ih^T for all steps (one GEMM)
   Real* rec = nullptr;    // rec: [N, G*H] scratch: h W_hh^T of the current step
+  Real* W_hh_t = nullptr; // W_hh_t: [H_out, G*H] scratch: W_hh^T laid out once per call for the few-row GEMM
+  Real* W_hr_t = nullptr; // W_hr_t: [H, P] scratch: W_hr^T likewise (LSTM with P > 0)
   Real* h = nullptr;      // h: [S+1, N, H_out] training / [2, N, H_out] inference: h per step, sorted rows, slot 0 = h0
   Real* c = nullptr;      // c: LSTM, like h with width H: the cell state
   Real* m = nullptr;      // m: LSTM with P > 0: [S, N, H] training / [N, H] inference: o * tanh(c) before the projection

@@ -29,14 +29,16 @@ template <typename Real, bool kRelu>
 void forward_steps(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
                    const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
   const Walk walk(s);
-  const int64_t N = s.N, H = s.H, S = s.steps();
+  const int64_t N = s.N, H = s.H, S = steps_of(s);
   input_projection(buf.xproj, x, w.W_ih, H, s);
+  const bool small = uses_small_gemm(s);
+  if (small) transpose(buf.W_hh_t, w.W_hh, H, H);
   gather_state(buf.h, h0, H, walk);
   for (int64_t k = 0; k < S; ++k) {
     const int64_t n = walk.active(k);
     const Real* h_prev = buf.h + slot(k, s.training) * N * H;
     Real* h_next = buf.h + slot(k + 1, s.training) * N * H;
-    gemm<Real>(false, true, n, H, H, Real(1), h_prev, H, w.W_hh, H, Real(0), buf.rec, H);
+    step_gemm(buf.rec, h_prev, w.W_hh, true, small ? buf.W_hh_t : nullptr, n, H, H, false);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
       rnn_forward_row<Real, kRelu>(h_next + b * H, y + at * ldy, buf.xproj + at * H,
@@ -71,7 +73,7 @@ void backward_steps(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
                     const Real* dh_n, const Real* x, const LayerWeights<Real>& w,
                     const LayerShape& s) {
   const Walk walk(s);
-  const int64_t N = s.N, H = s.H, S = s.steps();
+  const int64_t N = s.N, H = s.H, S = steps_of(s);
   Real* dG = input_gate_grads(dG_x, buf.dG, s);
   gather_state(buf.dh, dh_n, H, walk);
   for (int64_t k = S - 1; k >= 0; --k) {
@@ -83,7 +85,7 @@ void backward_steps(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
                                     dy ? dy + walk.at(k, b) * lddy : nullptr, h_next + b * H, H);
     for (int64_t b = n; b < N; ++b) zero_row(dGk + b * H, H);
     // dh = dG W_hh for the running rows; finished rows keep theirs.
-    gemm<Real>(false, false, n, H, H, Real(1), dGk, H, w.W_hh, H, Real(0), buf.dh, H);
+    step_gemm(buf.dh, dGk, w.W_hh, false, w.W_hh, n, H, H, false);
   }
   scatter_state(dh0, buf.dh, H, walk);
   weight_gradients(dG_x, dw, buf.dsum, dG, dG, buf.h, x, H, s);

@@ -239,6 +239,8 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
     for (int64_t d = 0; d < D; ++d) {
       scratch[d].xproj = cv.take<Real>(T * N * GH);
       scratch[d].rec = cv.take<Real>(N * GH);
+      scratch[d].W_hh_t = cv.take<Real>(H_out * GH);
+      if (P) scratch[d].W_hr_t = cv.take<Real>(H * P);
       if (!training) {
         scratch[d].h = cv.take<Real>(2 * N * H_out);
         if (lstm) scratch[d].c = cv.take<Real>(2 * N * H);
@@ -260,6 +262,8 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       LayerBuffers<Real> b = training ? c.saved[i] : scratch[d];
       b.xproj = scratch[d].xproj;
       b.rec = scratch[d].rec;
+      b.W_hh_t = scratch[d].W_hh_t;
+      b.W_hr_t = scratch[d].W_hr_t;
       cell.forward(out + d * H_out, D * H_out, h_n + i * N * H_out, c_n ? c_n + i * N * H : nullptr,
                    b, in, h0 ? h0 + i * N * H_out : nullptr, c0 ? c0 + i * N * H : nullptr,
                    c.weights[i], layer_shape(c, k, d));

@@ -117,6 +117,7 @@ CONFIGS = {
     "N1": dict(N=1, L=2, bidirectional=True),
     "I1": dict(I=1),
     "H1": dict(H=1, bidirectional=True),
+    "N9_lengths_bidirectional": dict(N=9, bidirectional=True, lengths=[5, 1, 4, 2, 5, 3, 3, 2, 1]),
     "H13": dict(H=13, L=2, bidirectional=True, lengths=[4, 5, 2]),
     "H17": dict(H=17, I=9),
 }

@@ -11,10 +11,13 @@ checked by the compiled module, whose errors name the offending argument.
 
 import numpy as np
 
+from ._config import get_num_threads
 from ._native import _core
 
 #: True when the compiled module carries the recurrent kernels.
 available = hasattr(_core, "rnn_forward") and hasattr(_core, "rnn_backward")
+
+get_num_threads()  # settles the thread count (LSTMFAST_NUM_THREADS) in BLAS and the kernels
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))

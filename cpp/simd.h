@@ -14,8 +14,21 @@
 #include <cstdint>
 #include <cstring>
 
+// Every unit that includes this header gets its own copy of these inline
+// functions; a per-width inline namespace gives each copy its own symbol names,
+// so the linker can never merge an AVX-512 body into the portable build (an ODR
+// violation that would crash on older CPUs).
+#if defined(__AVX512F__)
+#define LSTMFAST_SIMD_NAMESPACE width64
+#elif defined(__AVX__)
+#define LSTMFAST_SIMD_NAMESPACE width32
+#else
+#define LSTMFAST_SIMD_NAMESPACE width16
+#endif
+
 namespace lstmfast {
 namespace simd {
+inline namespace LSTMFAST_SIMD_NAMESPACE {
 
 #if defined(__AVX512F__)
 constexpr int kVectorBytes = 64;
@@ -222,5 +235,6 @@ inline void tanh_array(const T* x, T* y, int64_t n) {
   map_array<T>(x, y, n, [](vec_t<T> v) { return vtanh(v); });
 }
 
+}  // inline namespace LSTMFAST_SIMD_NAMESPACE
 }  // namespace simd
 }  // namespace lstmfast

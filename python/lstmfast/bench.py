@@ -32,6 +32,7 @@ SHAPES = {
 CELLS = ("LSTM", "GRU")
 MODES = ("inference", "training")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+_PAUSE = 0.2  # seconds between timed blocks (see time_case)
 
 
 def forward_flops(cell, T, N, I, H):
@@ -183,17 +184,25 @@ def time_case(case, impls, rounds, min_time, torch, limiter):
     limit = limiter(limits=case.threads, user_api="blas") if limiter else None
     try:
         times = {name: [] for name in runners}
-        for run in runners.values():  # warm-up: workspaces, caches, thread pools
-            run()
+        # Rounds of blocks: each implementation runs a block of calls in turn, so
+        # slow drifts of the machine hit all of them alike. Between blocks the
+        # process sleeps: the BLAS and OpenMP worker pools spin for a while after
+        # their last job, and would otherwise steal the cores from the next block.
         start = time.perf_counter()
         r = 0
-        while r < rounds or (time.perf_counter() - start < min_time and r < 50 * rounds):
+        while r < rounds or (time.perf_counter() - start < min_time * len(runners) and r < 4 * rounds):
             for name, run in runners.items():
                 if name == "reference" and r >= rounds:
-                    continue  # the reference is slow and steady: `rounds` samples suffice
-                t0 = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - t0)
+                    continue  # the reference is slow and steady: `rounds` blocks suffice
+                time.sleep(_PAUSE)
+                run()  # warm: workspaces, caches, woken thread pools
+                block_start = time.perf_counter()
+                block = []
+                while not block or (time.perf_counter() - block_start < min_time / rounds and len(block) < 200):
+                    t0 = time.perf_counter()
+                    run()
+                    block.append(time.perf_counter() - t0)
+                times[name].append(statistics.median(block))
             r += 1
     finally:
         if limit is not None:

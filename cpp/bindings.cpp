@@ -4,8 +4,12 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cstdint>
+#include <limits>
 #include <memory>
+#include <new>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "dispatch.h"
@@ -83,6 +87,14 @@ lstmfast::Mode parse_mode(const std::string& mode) {
                         "'");
 }
 
+// `a` as a C-contiguous array of Real: `a` itself when it is one, else a copy. Unlike
+// array_t::ensure, which returns a null array (and clears the error) when the copy
+// fails, this raises the Python error (MemoryError for a copy too large to allocate).
+template <typename Real, int Flags = py::array::c_style>
+py::array_t<Real, Flags> c_contiguous(const py::array& a) {
+  return py::array_t<Real, Flags>(py::reinterpret_borrow<py::object>(a));
+}
+
 // `obj` as a C-contiguous array of Real with the given shape (copied only when
 // its layout is not C-contiguous); TypeError for another dtype, ValueError for
 // another shape, both naming the argument.
@@ -99,7 +111,7 @@ py::array_t<Real, py::array::c_style> checked(py::handle obj, const std::string&
   if (shape_of(a) != shape)
     throw py::value_error(name + ": expected shape " + shape_str(shape) + ", got " +
                           shape_str(shape_of(a)));
-  return py::array_t<Real, py::array::c_style>::ensure(a);
+  return c_contiguous<Real>(a);
 }
 
 // The name torch gives parameter j (0..4) of layer-direction i, for messages.
@@ -135,6 +147,61 @@ std::vector<std::vector<int64_t>> param_shapes(const lstmfast::StackShape& s, in
   return {{GH, s.input_size(i / s.D)}, {GH, s.H_out()}, {GH}, {GH}, {s.P, s.H}};
 }
 
+// Raises MemoryError with `message` (the GIL must be held).
+[[noreturn]] void throw_memory_error(const std::string& message) {
+  PyErr_SetString(PyExc_MemoryError, message.c_str());
+  throw py::error_already_set();
+}
+
+std::string sizes_str(const lstmfast::StackShape& s) {
+  return "T=" + std::to_string(s.T) + ", N=" + std::to_string(s.N) + ", I=" + std::to_string(s.I) +
+         ", H=" + std::to_string(s.H) + ", P=" + std::to_string(s.P) + ", L=" + std::to_string(s.L) +
+         ", D=" + std::to_string(s.D);
+}
+
+// Checks, before anything is copied or allocated, that the kernels' size arithmetic
+// cannot go wrong: every dimension handed to the 32-bit BLAS fits in it (ValueError
+// otherwise), and a generous bound on every workspace the kernels plan (the training
+// cache, the scratch of forward and backward, each a sum of products of these sizes)
+// fits in int64 with room to spare (MemoryError otherwise: no allocator could serve
+// it). With both, no int64 product in the kernels overflows.
+void check_sizes(const lstmfast::StackShape& s, int64_t real_size) {
+  constexpr int64_t kBlasMax = std::numeric_limits<int32_t>::max();
+  constexpr int64_t kMax = std::numeric_limits<int64_t>::max() / 4;
+  const int64_t G = lstmfast::gates_of(s.mode);
+  bool overflow = false;
+  auto mul = [&](int64_t a, int64_t b) {
+    int64_t r = 0;
+    overflow = overflow || __builtin_mul_overflow(a, b, &r) || r > kMax;
+    return overflow ? kMax : r;
+  };
+  auto add = [&](int64_t a, int64_t b) {
+    int64_t r = 0;
+    overflow = overflow || __builtin_add_overflow(a, b, &r) || r > kMax;
+    return overflow ? kMax : r;
+  };
+  const int64_t TN = mul(s.T, s.N), GH = mul(G, s.H), DH = mul(s.D, s.H);
+  const std::pair<const char*, int64_t> blas_dims[] = {
+      {"T*N (sequence length * batch size)", TN},
+      {"G*H (gates * hidden_size)", GH},
+      {"I (input_size)", s.I},
+      {"D*H (directions * hidden_size)", DH}};
+  for (const auto& [what, value] : blas_dims)
+    if (!overflow && value > kBlasMax)
+      throw py::value_error(what + std::string(" = ") + std::to_string(value) +
+                            " exceeds the 32-bit BLAS interface (at most " +
+                            std::to_string(kBlasMax) + "); got " + sizes_str(s));
+  // Elements per batch row and step, over-counting every per-step buffer.
+  const int64_t width = add(add(mul(4, GH), mul(8, s.H)), add(mul(3, DH), s.I));
+  const int64_t per_slice = add(add(mul(add(s.T, 2), mul(s.N, width)), mul(GH, s.H)),
+                                add(mul(s.H, s.H), add(GH, 1024)));
+  const int64_t slices = add(mul(s.L, s.D), add(s.L, 4));
+  mul(real_size, mul(slices, per_slice));
+  if (overflow)
+    throw_memory_error("the workspace for " + sizes_str(s) +
+                       " would exceed the 64-bit address space");
+}
+
 template <typename Real>
 py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle h0_obj,
                       py::handle c0_obj, py::handle weights_obj, py::handle lengths_obj,
@@ -147,7 +214,6 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
   s.T = x_obj.shape(0);
   s.N = x_obj.shape(1);
   s.I = x_obj.shape(2);
-  auto x = checked<Real>(x_obj, "x", {s.T, s.N, s.I});
   const int64_t LD = s.L * s.D;
   py::list weights = as_list(weights_obj, "weights", static_cast<size_t>(LD));
   // H from weight_hh_l0: (G*H, H_out).
@@ -161,6 +227,8 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
   if (s.P < 0 || (s.P > 0 && (!lstm || s.P >= s.H)))
     throw py::value_error("proj_size = " + std::to_string(s.P) +
                           ": must be 0, or for LSTM in 1..hidden_size-1");
+  check_sizes(s, sizeof(Real));
+  auto x = checked<Real>(x_obj, "x", {s.T, s.N, s.I});
   auto rc = std::make_unique<RnnCache>();
   rc->keep_alive.push_back(x);
   std::vector<lstmfast::Params<Real>> params(static_cast<size_t>(LD));
@@ -200,7 +268,7 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
     if (shape_of(l) != std::vector<int64_t>{s.N})
       throw py::value_error("lengths: expected shape " + shape_str({s.N}) + ", got " +
                             shape_str(shape_of(l)));
-    lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>::ensure(l);
+    lengths = c_contiguous<int64_t, py::array::c_style | py::array::forcecast>(l);
     lengths_ptr = lengths.data();
   }
   std::vector<const Real*> masks;
@@ -218,11 +286,14 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
   py::array_t<Real> h_n({LD, s.N, s.H_out()});
   py::array_t<Real> c_n({lstm ? LD : 0, s.N, s.H});
   std::unique_ptr<lstmfast::StackCache<Real>> cache;
-  {
+  try {
     py::gil_scoped_release release;
     cache = lstmfast::stack_forward<Real>(
         y.mutable_data(), h_n.mutable_data(), lstm ? c_n.mutable_data() : nullptr, x.data(),
         h0.data(), c0_ptr, params.data(), lengths_ptr, masks.empty() ? nullptr : masks.data(), s);
+  } catch (const std::bad_alloc&) {
+    throw_memory_error("rnn_forward: cannot allocate the workspace for " + sizes_str(s) +
+                       (s.training ? " (training)" : " (inference)"));
   }
   py::object cache_obj = py::none();
   if (cache) {
@@ -282,11 +353,13 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
   py::array_t<Real> dx({s.T, s.N, s.I});
   py::array_t<Real> dh0({LD, s.N, s.H_out()});
   py::array_t<Real> dc0({lstm ? LD : 0, s.N, s.H});
-  {
+  try {
     py::gil_scoped_release release;
     lstmfast::stack_backward<Real>(dx.mutable_data(), dh0.mutable_data(),
                                    lstm ? dc0.mutable_data() : nullptr, g.data(),
                                    dy_ptr, dh_n_ptr, dc_n_ptr, *cache);
+  } catch (const std::bad_alloc&) {
+    throw_memory_error("rnn_backward: cannot allocate the workspace for " + sizes_str(s));
   }
   return py::make_tuple(dx, dh0, lstm ? py::object(dc0) : py::none());
 }
@@ -309,8 +382,9 @@ void register_rnn(py::module_& m) {
         s.D = bidirectional ? 2 : 1;
         s.P = proj_size;
         s.training = training;
-        if (num_layers < 1)
-          throw py::value_error("num_layers must be >= 1, got " + std::to_string(num_layers));
+        if (num_layers < 1 || num_layers > std::numeric_limits<int32_t>::max())
+          throw py::value_error("num_layers must be in 1..2147483647, got " +
+                                std::to_string(num_layers));
         if (!py::isinstance<py::array>(x))
           throw py::type_error("x: expected a numpy array, got " +
                                type_name(x));
@@ -349,7 +423,7 @@ void register_rnn(py::module_& m) {
 
 template <typename Real>
 py::array_t<Real> activation(int which, const py::array& x_obj) {
-  auto x = py::array_t<Real, py::array::c_style>::ensure(x_obj);
+  auto x = c_contiguous<Real>(x_obj);
   py::array_t<Real> y(shape_of(x));
   const Real* px = x.data();
   Real* py_ = y.mutable_data();

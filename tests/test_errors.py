@@ -145,21 +145,59 @@ def test_x_feature_size(kind):
 
 
 @pytest.mark.parametrize("kind", LAYERS)
-@pytest.mark.parametrize("shape", [(0, 2, 3), (4, 0, 3), (0, 3)])
-def test_layer_empty_input(kind, shape):
-    with pytest.raises(ValueError, match="x: empty input"):
+@pytest.mark.parametrize("shape", [(0, 2, 3), (0, 3), (0, 0, 3)])
+def test_layer_zero_length_sequence(kind, shape):
+    with pytest.raises(ValueError, match=r"x: empty sequence \(sequence length 0"):
         make(kind, 3, 4)(np.zeros(shape, np.float32))
 
 
-def test_layer_empty_batch_first():
-    with pytest.raises(ValueError, match="x: empty input"):
+def test_layer_zero_length_sequence_batch_first():
+    with pytest.raises(ValueError, match="x: empty sequence"):
         make("GRU", 3, 4, batch_first=True)(np.zeros((2, 0, 3), np.float32))
 
 
+# An empty batch is not an error: as torch, empty outputs (and empty gradients).
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_layer_empty_batch_as_torch(kind, backend_name, batch_first):
+    layer = make(kind, 3, 4, num_layers=2, bidirectional=True, batch_first=batch_first,
+                 backend=backend_name, dropout=0.5)
+    before = {k: v.copy() for k, v in layer.grad.items()}
+    x = np.zeros((0, 5, 3) if batch_first else (5, 0, 3), np.float32)
+    out, h = layer(x, lengths=[])
+    assert out.shape == ((0, 5, 8) if batch_first else (5, 0, 8)) and out.dtype == np.float32
+    h_n, c_n = h if kind == "LSTM" else (h, None)
+    assert h_n.shape == (4, 0, 4)
+    if kind == "LSTM":
+        assert c_n.shape == (4, 0, 4)
+    hx = (h_n, c_n) if kind == "LSTM" else h_n
+    layer(x, hx)  # an empty hx of the right shape is accepted
+    dx, dhx = layer.backward(np.zeros_like(out))
+    assert dx.shape == x.shape
+    dh0 = dhx[0] if kind == "LSTM" else dhx
+    assert dh0.shape == (4, 0, 4)
+    for name, g in layer.grad.items():
+        np.testing.assert_array_equal(g, before[name])
+    with pytest.raises(RuntimeError, match="already called"):
+        layer.backward(np.zeros_like(out))
+    with pytest.raises(ValueError, match="hx.*expected shape"):
+        layer(x, (np.zeros((4, 1, 4), np.float32),) * 2 if kind == "LSTM"
+              else np.zeros((4, 1, 4), np.float32))
+
+
 @pytest.mark.parametrize("kind", CELLS)
-def test_cell_empty_batch(kind):
-    with pytest.raises(ValueError, match="x: empty batch"):
-        make(kind, 3, 4)(np.zeros((0, 3), np.float32))
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_cell_empty_batch_as_torch(kind, backend_name):
+    cell = make(kind, 3, 4, backend=backend_name)
+    out = cell(np.zeros((0, 3), np.float32))
+    h1 = out[0] if kind == "LSTMCell" else out
+    assert h1.shape == (0, 4)
+    grads = cell.backward(np.zeros((0, 4), np.float32))
+    assert grads[0].shape == (0, 3)
+    assert all(not g.any() for g in cell.grad.values())
 
 
 # ------------------------------------------------------------------------------------------
@@ -448,3 +486,51 @@ def test_parameter_assignment_checked():
     assert_unchanged(layer, before)
     with pytest.raises(AttributeError, match="weight_hr_l0"):
         layer.weight_hr_l0
+
+
+# ------------------------------------------------------------------------------------------
+# sizes no layer could hold: refused before anything is allocated
+
+
+FUSED = pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")
+
+
+@FUSED
+@pytest.mark.parametrize("kind, args, kwargs, match", [
+    ("LSTM", (3, 2**40), {}, r"hidden_size: 4 gates \* hidden_size = 4398046511104"),
+    ("LSTM", (3, 2**29), {}, r"hidden_size: 4 gates \* hidden_size = 2147483648"),
+    ("GRU", (2**31, 4), {}, "input_size: input_size = 2147483648"),
+    ("RNN", (3, 2**30 + 1), dict(bidirectional=True), r"hidden_size: 2 directions \* hidden"),
+    ("GRU", (3, 4), dict(num_layers=2**31), "num_layers = 2147483648 exceeds what"),
+    ("LSTMCell", (3, 2**40), {}, "hidden_size"),
+    ("GRUCell", (2**40, 3), {}, "input_size"),
+])
+def test_fused_sizes_beyond_32_bit_blas(kind, args, kwargs, match):
+    with pytest.raises(ValueError, match=match + ".*(32-bit BLAS|at most 2147483647)"):
+        getattr(lstmfast, kind)(*args, backend="fused", **kwargs)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("kind, args, kwargs", [
+    ("LSTM", (2**20, 2**20), {}),
+    ("GRU", (3, 4), dict(num_layers=10**9)),
+    ("RNN", (2**30, 2**30), {}),
+    ("RNNCell", (2**25, 2**25), {}),
+])
+def test_parameters_beyond_memory(kind, args, kwargs, backend_name):
+    with pytest.raises(MemoryError, match=f"{kind}: the parameters and their gradients would "
+                                          "need .* more than this machine's"):
+        getattr(lstmfast, kind)(*args, backend=backend_name, **kwargs)
+
+
+def test_numpy_backend_has_no_blas_limit_but_memory():
+    with pytest.raises(MemoryError, match="LSTM: the parameters"):
+        make("LSTM", 3, 2**40)
+
+
+@pytest.mark.parametrize("bad", [2**31, 2**63])
+def test_set_num_threads_rejects_too_many(bad):
+    before = lstmfast.get_num_threads()
+    with pytest.raises(ValueError, match=r"set_num_threads: n must be <= 2147483647"):
+        lstmfast.set_num_threads(bad)
+    assert lstmfast.get_num_threads() == before  # nothing changed

@@ -37,14 +37,29 @@ Decisions worth knowing (beyond what torch documents):
   all zeros). Masks are therefore identical for both backends and both dtypes.
 * Like torch, dropout > 0 with num_layers == 1 emits a UserWarning, and a new layer
   is in training mode. In training mode each call keeps what backward needs (one
-  pending forward per layer; a new forward replaces it). ``backward`` consumes it: a
-  second backward, a backward after an eval-mode forward or before any forward raises
-  RuntimeError. Parameter gradients are ADDED into ``layer.grad``; ``zero_grad()``
-  clears them in place.
+  pending forward per layer and thread; a new forward replaces it). ``backward``
+  consumes it: a second backward, a backward after an eval-mode forward or before any
+  forward raises RuntimeError. Parameter gradients are ADDED into ``layer.grad``;
+  ``zero_grad()`` clears them in place.
+* Threads: one layer may be called from several threads at once, in eval and in
+  training mode. The pending forward is per thread (``threading.local``): a thread's
+  ``backward`` pairs with that thread's last training forward, never another's.
+  Forwards run concurrently (the kernels release the GIL); backwards of one layer
+  run one at a time under a lock, since they add into the same ``layer.grad``, so
+  the gradients of concurrent steps are summed (in whatever order the threads reach
+  the lock). Changing parameters while calls run is the caller's race.
 * Do not modify inputs, returned arrays or parameters (in place, by assignment or by
   ``load_state_dict``) between a forward and its backward: the backend keeps
   references to them (torch would raise; we cannot detect it).
-* Empty inputs (sequence length 0 or batch size 0) are rejected with ValueError.
+* A zero-length sequence raises ValueError (torch raises too). An empty batch (batch
+  size 0) returns empty outputs as torch does, without calling the backend; its
+  backward returns empty input gradients and adds nothing to ``layer.grad``.
+* Sizes are checked at construction: with ``backend="fused"`` every dimension the
+  32-bit BLAS sees (input_size, G*hidden_size, D*hidden_size) must fit in it, else
+  ValueError; parameters plus gradients that would need more than the machine's
+  physical memory raise MemoryError before anything is allocated. The compiled
+  module checks each call's sizes the same way, in overflow-checked 64-bit
+  arithmetic, and a workspace that cannot be allocated raises MemoryError.
 * ``lengths`` (one int per batch element, each in 1..L, any order) gives the
   semantics of a PackedSequence: outputs past a sequence's end are 0 (and their
   upstream gradients are ignored), h_n/c_n hold each sequence's state at its own end.
@@ -58,6 +73,8 @@ Decisions worth knowing (beyond what torch documents):
 
 import importlib
 import numbers
+import os
+import threading
 import warnings
 
 import numpy as np
@@ -67,6 +84,9 @@ __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
 _PACKAGE = __name__.rpartition(".")[0]
 _BACKENDS = ("fused", "numpy")
 _NONLINEARITIES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_BLAS_MAX = 2**31 - 1  # the fused kernels' BLAS takes 32-bit dimensions
+_BYTES_PER_ARRAY = 1024  # rough cost of one parameter and its gradient as Python objects
 
 
 # ----------------------------------------------------------------------------------
@@ -141,6 +161,52 @@ def _load_backend(backend):
     return module
 
 
+def _physical_memory():
+    """Bytes of physical memory, or None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_sizes(kind, mode, input_size, hidden_size, num_layers, bidirectional, proj_size,
+                 dtype, backend):
+    """Refuse sizes the layer could never hold or compute, before allocating anything.
+
+    ValueError for a dimension beyond the fused kernels' 32-bit BLAS; MemoryError when
+    the parameters and their gradients alone would need more than this machine's
+    physical memory (sums in Python ints: nothing overflows).
+    """
+    G, H, P = _GATES[mode], hidden_size, proj_size
+    H_out = P or H
+    D = 2 if bidirectional else 1
+    if backend == "fused":
+        for name, what, value in (
+                ("input_size", "input_size", input_size),
+                ("hidden_size", f"{G} gates * hidden_size", G * H),
+                ("hidden_size", f"{D} directions * hidden_size", D * H)):
+            if value > _BLAS_MAX:
+                raise ValueError(
+                    f"{name}: {what} = {value} exceeds the 32-bit BLAS interface of "
+                    f"backend='fused' (at most {_BLAS_MAX})")
+        if num_layers > _BLAS_MAX:
+            raise ValueError(
+                f"num_layers = {num_layers} exceeds what backend='fused' takes (at most "
+                f"{_BLAS_MAX})")
+    per_direction = G * H * (H_out + 2) + P * H  # weight_hh, both biases, weight_hr
+    elements = D * (G * H * input_size + per_direction)
+    elements += (num_layers - 1) * D * (G * H * D * H_out + per_direction)
+    arrays = num_layers * D * 5
+    needed = 2 * elements * dtype.itemsize + arrays * _BYTES_PER_ARRAY
+    available = _physical_memory()
+    if available is not None and needed > available:
+        raise MemoryError(
+            f"{kind}: the parameters and their gradients would need {needed} bytes "
+            f"({needed / 2**30:.3g} GiB), more than this machine's {available / 2**30:.3g} GiB "
+            f"of memory (input_size={input_size}, hidden_size={hidden_size}, "
+            f"num_layers={num_layers}, proj_size={proj_size}, dtype={dtype})")
+
+
 def _to_numpy(value):
     """np.asarray, also for torch tensors (without importing torch)."""
     if hasattr(value, "detach") and hasattr(value, "cpu"):
@@ -154,6 +220,23 @@ def _shape_str(shape):
 
 # ----------------------------------------------------------------------------------
 # what every layer and cell shares
+
+
+class _CallState(threading.local):
+    """One thread's view of a layer's calls: backward pairs with the same thread's forward."""
+
+    pending = None  # what backward needs from this thread's last training forward
+    last_forward = None  # None (never), "train", "eval" or "consumed"
+    layout = None  # the caller's layout of that forward, for backward's shapes
+
+
+class _EmptyBatch:
+    """The 'cache' of a training forward on a batch of size 0 (no backend call)."""
+
+    __slots__ = ("T", "I", "LD", "H_out", "H")
+
+    def __init__(self, T, I, LD, H_out, H):  # noqa: E741
+        self.T, self.I, self.LD, self.H_out, self.H = T, I, LD, H_out, H
 
 
 class _Module:
@@ -170,8 +253,8 @@ class _Module:
         self._init_rng = np.random.default_rng(init_seq)
         self._dropout_rng = np.random.default_rng(dropout_seq)
         self.training = True
-        self._pending = None  # what backward needs from the last training forward
-        self._last_forward = None  # None (never), "train", "eval" or "consumed"
+        self._calls = _CallState()  # per thread: the pending forward and its layout
+        self._grad_lock = threading.Lock()  # backward adds into self.grad one call at a time
 
     def _set_params(self, params):
         """Keep ``params`` (name -> array) in the order of ``self._param_names()``."""
@@ -204,12 +287,15 @@ class _Module:
     def __getstate__(self):
         state = dict(self.__dict__)
         state.pop("_backend", None)  # a module object; resolved again on unpickling
-        state["_pending"] = None
+        state.pop("_calls", None)  # per-thread pending forwards are not kept
+        state.pop("_grad_lock", None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._backend = _load_backend(self.backend)
+        self._calls = _CallState()
+        self._grad_lock = threading.Lock()
 
     # state_dict --------------------------------------------------------------------
 
@@ -279,8 +365,9 @@ class _Module:
 
     def zero_grad(self):
         """Set every gradient in ``self.grad`` to zero (in place)."""
-        for g in self.grad.values():
-            g.fill(0)
+        with self._grad_lock:
+            for g in self.grad.values():
+                g.fill(0)
 
     # input checks ------------------------------------------------------------------
 
@@ -301,20 +388,39 @@ class _Module:
             raise ValueError(
                 f"{name}: expected shape {_shape_str(expected)}, got {_shape_str(array.shape)}")
 
-    def _run_forward(self, x, hx, params, **kwargs):
-        """Call the backend forward; remember the cache in training mode."""
-        output, h_n, c_n, cache = self._backend.forward(
-            self._mode, x, hx, params, training=self.training, **kwargs)
-        self._pending = cache if self.training else None
-        self._last_forward = "train" if self.training else "eval"
+    def _run_forward(self, x, hx, params, layout, **kwargs):
+        """Call the backend forward; remember the cache (this thread's) in training mode.
+
+        An empty batch (N = 0, x of shape (T, 0, I)) gives empty results as torch does,
+        without calling the backend.
+        """
+        training = self.training
+        T, N, I = x.shape  # noqa: E741
+        if N == 0:
+            D = 2 if kwargs["bidirectional"] else 1
+            LD, H = kwargs["num_layers"] * D, self.hidden_size
+            H_out = kwargs.get("proj_size") or H
+            output = np.zeros((T, 0, D * H_out), dtype=self.dtype)
+            h_n = np.zeros((LD, 0, H_out), dtype=self.dtype)
+            c_n = np.zeros((LD, 0, H), dtype=self.dtype) if self._mode == "LSTM" else None
+            cache = _EmptyBatch(T, I, LD, H_out, H) if training else None
+        else:
+            output, h_n, c_n, cache = self._backend.forward(
+                self._mode, x, hx, params, training=training, **kwargs)
+        calls = self._calls
+        calls.pending = cache if training else None
+        calls.last_forward = "train" if training else "eval"
+        calls.layout = layout
         return output, h_n, c_n
 
     def _check_backward_allowed(self):
-        if self._pending is not None:
-            return
-        if self._last_forward is None:
-            why = "no forward pass has run yet"
-        elif self._last_forward == "eval":
+        calls = self._calls
+        if calls.pending is not None:
+            return calls.layout
+        if calls.last_forward is None:
+            why = "no forward pass has run yet (in this thread: backward pairs with the " \
+                  "last training-mode forward of the calling thread)"
+        elif calls.last_forward == "eval":
             why = ("the last forward ran in eval mode, which keeps nothing for backward; "
                    "call .train() and run the forward again")
         else:
@@ -323,14 +429,24 @@ class _Module:
         raise RuntimeError(f"{type(self).__name__}.backward: {why}")
 
     def _run_backward(self, d_output, d_h_n, d_c_n, grads):
-        """Call the backend backward, consuming the cache; grads are added into ``grads``."""
-        cache, self._pending = self._pending, None
-        self._last_forward = "consumed"
-        dx, dh0, dc0, returned = self._backend.backward(
-            cache, d_output, d_h_n, d_c_n, grads=dict(grads))
-        for name, target in grads.items():  # in case the backend rebound a key
-            if returned[name] is not target:
-                target[...] = returned[name]
+        """Call the backend backward, consuming this thread's cache; adds into ``grads``.
+
+        Backward calls of one layer run one at a time (they add into the same arrays).
+        """
+        calls = self._calls
+        cache, calls.pending = calls.pending, None
+        calls.last_forward = "consumed"
+        if isinstance(cache, _EmptyBatch):
+            c = cache
+            return (np.zeros((c.T, 0, c.I), dtype=self.dtype),
+                    np.zeros((c.LD, 0, c.H_out), dtype=self.dtype),
+                    np.zeros((c.LD, 0, c.H), dtype=self.dtype) if self._mode == "LSTM" else None)
+        with self._grad_lock:
+            dx, dh0, dc0, returned = self._backend.backward(
+                cache, d_output, d_h_n, d_c_n, grads=dict(grads))
+            for name, target in grads.items():  # in case the backend rebound a key
+                if returned[name] is not target:
+                    target[...] = returned[name]
         return dx, dh0, dc0
 
     def __call__(self, *args, **kwargs):
@@ -381,6 +497,8 @@ class _RNNBase(_Module):
                 f"dropout expects num_layers greater than 1, but got dropout={dropout} and "
                 f"num_layers={num_layers}", UserWarning, stacklevel=3)
         self._setup(dtype, backend, seed)
+        _check_sizes(type(self).__name__, mode, self.input_size, self.hidden_size,
+                     self.num_layers, self.bidirectional, self.proj_size, self.dtype, self.backend)
         reference = importlib.import_module(_PACKAGE + ".reference")
         self._set_params(reference.init_params(
             mode, self.input_size, self.hidden_size, self.num_layers, self.bias,
@@ -449,9 +567,10 @@ class _RNNBase(_Module):
         else:
             x_tm = x
         T, N = x_tm.shape[:2]
-        if T == 0 or N == 0:
+        if T == 0:
             raise ValueError(
-                f"x: empty input (sequence length {T}, batch size {N}); both must be >= 1")
+                f"x: empty sequence (sequence length 0, shape {_shape_str(x.shape)}); "
+                f"it must be >= 1 (an empty batch is fine)")
         x_tm = np.ascontiguousarray(x_tm)
         h0, c0 = self._prepare_hx(hx, N, batched)
         lengths = self._prepare_lengths(lengths, T, N)
@@ -461,8 +580,8 @@ class _RNNBase(_Module):
         output, h_n, c_n = self._run_forward(
             x_tm, (h0, c0) if self._mode == "LSTM" else h0, self._params,
             num_layers=self.num_layers, bidirectional=self.bidirectional,
-            proj_size=self.proj_size, lengths=lengths, dropout_masks=masks)
-        self._layout = (batched, T, N)
+            proj_size=self.proj_size, lengths=lengths, dropout_masks=masks,
+            layout=(batched, T, N))
         output = self._from_time_major(output, batched)
         if not batched:
             h_n = h_n[:, 0]
@@ -541,7 +660,7 @@ class _RNNBase(_Module):
             raise ValueError(
                 f"lengths: expected a 1-D sequence with one int per batch element, "
                 f"got shape {_shape_str(array.shape)}")
-        if array.dtype.kind not in "iu":
+        if array.dtype.kind not in "iu" and not (N == 0 and array.size == 0):
             raise ValueError(f"lengths: expected integers, got dtype {array.dtype}")
         if array.shape[0] != N:
             raise ValueError(
@@ -576,8 +695,7 @@ class _RNNBase(_Module):
         ``(grad_x, grad_hx)`` in the caller's layout (LSTM: ``grad_hx = (grad_h0,
         grad_c0)``) and ADDS the parameter gradients into ``self.grad``.
         """
-        self._check_backward_allowed()
-        batched, T, N = self._layout
+        batched, T, N = self._check_backward_allowed()
         D = self._num_directions
         out_shape = ((N, T) if self.batch_first else (T, N)) if batched else (T,)
         out_shape += (D * self._out_size,)
@@ -673,6 +791,8 @@ class _CellBase(_Module):
         self.hidden_size = _check_size("hidden_size", hidden_size)
         self.bias = _check_flag("bias", bias)
         self._setup(dtype, backend, seed)
+        _check_sizes(type(self).__name__, mode, self.input_size, self.hidden_size, 1, False, 0,
+                     self.dtype, self.backend)
         reference = importlib.import_module(_PACKAGE + ".reference")
         params = reference.init_params(mode, self.input_size, self.hidden_size, 1, self.bias,
                                        False, 0, self.dtype, self._init_rng)
@@ -704,8 +824,6 @@ class _CellBase(_Module):
                 f"got {x.shape[-1]} (shape {_shape_str(x.shape)})")
         batched = x.ndim == 2
         N = x.shape[0] if batched else 1
-        if N == 0:
-            raise ValueError("x: empty batch (batch size 0); it must be >= 1")
         x_b = np.ascontiguousarray((x if batched else x[None])[None])
         state_shape = (N, self.hidden_size) if batched else (self.hidden_size,)
         kind = "batched 2-D" if batched else "unbatched 1-D"
@@ -737,16 +855,14 @@ class _CellBase(_Module):
         _, h_n, c_n = self._run_forward(
             x_b, tuple(states) if self._mode == "LSTM" else states[0],
             self._backend_params(self._params), num_layers=1, bidirectional=False,
-            proj_size=0, lengths=None, dropout_masks=None)
-        self._layout = (batched, N)
+            proj_size=0, lengths=None, dropout_masks=None, layout=(batched, N))
         h1 = h_n[0] if batched else h_n[0, 0]
         if self._mode == "LSTM":
             return h1, (c_n[0] if batched else c_n[0, 0])
         return h1
 
     def _cell_backward(self, grad_h1, grad_c1):
-        self._check_backward_allowed()
-        batched, N = self._layout
+        batched, N = self._check_backward_allowed()
         shape = (N, self.hidden_size) if batched else (self.hidden_size,)
         d_h1 = self._as_input("grad_h1", grad_h1)
         self._check_shape("grad_h1", d_h1, shape)

@@ -9,6 +9,7 @@ import numpy as np
 from ._native import _core
 
 _ENV_THREADS = "LSTMFAST_NUM_THREADS"
+_MAX_THREADS = 2**31 - 1  # the compiled module takes a C int
 
 
 def _default_num_threads():
@@ -38,10 +39,13 @@ def set_num_threads(n):
         raise TypeError(f"set_num_threads: n must be an int, got {type(n).__name__}")
     if n < 1:
         raise ValueError(f"set_num_threads: n must be >= 1, got {n}")
-    _num_threads = int(n)
-    _core.blas_set_num_threads(_num_threads)
+    if n > _MAX_THREADS:
+        raise ValueError(f"set_num_threads: n must be <= {_MAX_THREADS}, got {n}")
+    n = int(n)
+    _core.blas_set_num_threads(n)
     if hasattr(_core, "set_num_threads"):
-        _core.set_num_threads(_num_threads)
+        _core.set_num_threads(n)
+    _num_threads = n
 
 
 def get_num_threads():

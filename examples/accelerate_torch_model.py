@@ -84,6 +84,7 @@ def main(argv=None):
 
     # Same function before and after: outputs and gradients agree.
     model.eval(), before.eval()
+    model.zero_grad(), before.zero_grad()
     out_fast, out_torch = model(x), before(x)
     out_fast.square().mean().backward()
     out_torch.square().mean().backward()

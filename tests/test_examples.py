@@ -1,0 +1,29 @@
+"""Every example runs end to end in its --quick mode and saves its plot."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("matplotlib")
+pytest.importorskip("sklearn")
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("sine_to_cosine", "test mse"),
+    ("digits_rows", "test accuracy"),
+    ("bilstm_attention", "test accuracy"),
+    ("accelerate_torch_model", "max relative difference"),
+])
+def test_example_runs(tmp_path, name, expected):
+    plot = tmp_path / f"{name}.png"
+    result = subprocess.run([sys.executable, os.path.join(EXAMPLES, f"{name}.py"), "--quick", "--plot", str(plot)],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env=dict(os.environ, MPLBACKEND="Agg"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert expected in result.stdout
+    assert plot.stat().st_size > 1000, "the plot was not written"

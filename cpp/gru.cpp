@@ -6,7 +6,7 @@
 //   z  = sigmoid(gi_z + gh_z)
 //   n  = tanh(gi_n + r * gh_n)                      (gh_n = W_hn h + b_hn: b_hn stays inside r)
 //   h' = (1 - z) n + z h
-#include "cell.h"
+#include "recurrent_gemm.h"
 
 namespace lstmfast {
 namespace LSTMFAST_ISA {
@@ -63,6 +63,56 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
   scatter_state(h_n, buf.h + slot(S, kTraining) * N * H, H, walk);
 }
 
+// The forward on the persistent pool (as lstm.cpp's forward_fused): each thread
+// owns a range of unit blocks, and the micro-kernel's epilogue does the gate math.
+template <typename Real, bool kTraining>
+void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
+                   const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
+  const Walk walk(s);
+  const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
+  constexpr int64_t U = kWidth<Real>;
+  gather_state(buf.h, h0, H, walk);
+  auto body = [&](int tid, int nt) {
+    int64_t u0, u1;
+    share(unit_blocks<Real>(H), tid, nt, u0, u1);
+    const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H;
+    pack_gate_panels(buf.W_hh_p, w.W_hh, 3, H, H, u0, u1);
+    input_projection_units(buf.xproj, x, w.W_ih, 3, H, j0, j1, s);
+    const Real* bias = w.bias;
+    for (int64_t k = 0; k < S; ++k) {
+      const int64_t n = walk.active(k);
+      const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
+      Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
+      Real* gates = kTraining ? buf.gates + k * N * 4 * H : nullptr;
+      auto epilogue = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
+        const int64_t at = walk.at(k, b);
+        const Real* xp = buf.xproj + at * GH + j;
+        const Real* bj = bias + j;
+        const V<Real> r = simd::vsigmoid<Real>(acc[0] + ld(xp, lanes) + ld(bj, lanes));
+        const V<Real> z = simd::vsigmoid<Real>(acc[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
+        const V<Real> ghn = acc[2] + ld(w.b_hn + j, lanes);
+        const V<Real> nn =
+            simd::vtanh(ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes) + r * ghn);
+        const V<Real> h = nn + z * (ld(h_prev + b * H + j, lanes) - nn);
+        st(h_next + b * H + j, h, lanes);
+        st(y + at * ldy + j, h, lanes);
+        if constexpr (kTraining) {
+          Real* gb = gates + b * 4 * H + j;
+          st(gb, r, lanes);
+          st(gb + H, z, lanes);
+          st(gb + 2 * H, nn, lanes);
+          st(gb + 3 * H, ghn, lanes);
+        }
+      };
+      recurrent_step<Real, 3>(h_prev, H, n, H, buf.W_hh_p, H, u0, u1, epilogue);
+      for (int64_t b = n; b < N; ++b) copy_row(h_next + b * H + j0, h_prev + b * H + j0, j1 - j0);
+      pool_barrier();
+    }
+  };
+  run_on_pool(s.threads, body);
+  scatter_state(h_n, buf.h + slot(S, kTraining) * N * H, H, walk);
+}
+
 // Backward of one row of one step.
 //   dG_in: [3H] out: gradient of gi (r, z, n pre-activations on the input side)
 //   dG: [3H] out: gradient of gh (the same but r * that of n in the n block)
@@ -96,7 +146,12 @@ template <typename Real>
 void gru_forward(Real* y, int64_t ldy, Real* h_n, Real* /*c_n*/, const LayerBuffers<Real>& buf,
                  const Real* x, const Real* h0, const Real* /*c0*/, const LayerWeights<Real>& w,
                  const LayerShape& s) {
-  if (s.training)
+  const bool fused = use_fused_recurrence(s);
+  if (fused && s.training)
+    forward_fused<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
+  else if (fused)
+    forward_fused<Real, false>(y, ldy, h_n, buf, x, h0, w, s);
+  else if (s.training)
     forward_steps<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
   else
     forward_steps<Real, false>(y, ldy, h_n, buf, x, h0, w, s);

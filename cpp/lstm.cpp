@@ -6,7 +6,7 @@
 //   c'    = f c + i g
 //   m     = o tanh(c')
 //   h'    = m W_hr^T with a projection (P > 0), else m
-#include "cell.h"
+#include "recurrent_gemm.h"
 
 namespace lstmfast {
 namespace LSTMFAST_ISA {
@@ -89,17 +89,82 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
   scatter_state(c_n, buf.c + slot(S, kTraining) * N * H, H, walk);
 }
 
+// The forward without projection on the persistent pool: each thread owns a
+// range of unit blocks (all four gates of its units), packs their panels, projects
+// their inputs, and at every step computes their pre-activations for all running
+// rows and the cell update in the micro-kernel's epilogue; one barrier per step
+// (the next step needs all of h).
+template <typename Real, bool kTraining>
+void forward_fused(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
+                   const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
+                   const LayerShape& s) {
+  const Walk walk(s);
+  const int64_t N = s.N, H = s.H, GH = 4 * H, S = steps_of(s);
+  constexpr int64_t U = kWidth<Real>;
+  gather_state(buf.h, h0, H, walk);
+  gather_state(buf.c, c0, H, walk);
+  auto body = [&](int tid, int nt) {
+    int64_t u0, u1;
+    share(unit_blocks<Real>(H), tid, nt, u0, u1);
+    const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H;
+    pack_gate_panels(buf.W_hh_p, w.W_hh, 4, H, H, u0, u1);
+    input_projection_units(buf.xproj, x, w.W_ih, 4, H, j0, j1, s);
+    const Real* bias = w.bias;
+    for (int64_t k = 0; k < S; ++k) {
+      const int64_t n = walk.active(k);
+      const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
+      Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
+      const Real* c_prev = buf.c + slot(k, kTraining) * N * H;
+      Real* c_next = buf.c + slot(k + 1, kTraining) * N * H;
+      Real* gates = kTraining ? buf.gates + k * N * GH : nullptr;
+      auto epilogue = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
+        const int64_t at = walk.at(k, b);
+        const Real* xp = buf.xproj + at * GH + j;
+        const Real* bj = bias + j;
+        const V<Real> i = simd::vsigmoid<Real>(acc[0] + ld(xp, lanes) + ld(bj, lanes));
+        const V<Real> f = simd::vsigmoid<Real>(acc[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
+        const V<Real> g = simd::vtanh(acc[2] + ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes));
+        const V<Real> o =
+            simd::vsigmoid<Real>(acc[3] + ld(xp + 3 * H, lanes) + ld(bj + 3 * H, lanes));
+        const V<Real> c = f * ld(c_prev + b * H + j, lanes) + i * g;
+        const V<Real> h = o * simd::vtanh(c);
+        st(c_next + b * H + j, c, lanes);
+        st(h_next + b * H + j, h, lanes);
+        st(y + at * ldy + j, h, lanes);
+        if constexpr (kTraining) {
+          Real* gb = gates + b * GH + j;
+          st(gb, i, lanes);
+          st(gb + H, f, lanes);
+          st(gb + 2 * H, g, lanes);
+          st(gb + 3 * H, o, lanes);
+        }
+      };
+      recurrent_step<Real, 4>(h_prev, H, n, H, buf.W_hh_p, H, u0, u1, epilogue);
+      // Finished rows keep their state (see forward_steps).
+      for (int64_t b = n; b < N; ++b) {
+        copy_row(h_next + b * H + j0, h_prev + b * H + j0, j1 - j0);
+        copy_row(c_next + b * H + j0, c_prev + b * H + j0, j1 - j0);
+      }
+      pool_barrier();
+    }
+  };
+  run_on_pool(s.threads, body);
+  scatter_state(h_n, buf.h + slot(S, kTraining) * N * H, H, walk);
+  scatter_state(c_n, buf.c + slot(S, kTraining) * N * H, H, walk);
+}
+
 // Backward of one row of one step.
 //   dG: [4H] out: gradient of the pre-activations (i, f, g, o)
 //   dc: [H] in: gradient of c'; out: gradient of c
 //   dm: [H] gradient of m (of h' without projection);  dy: [H] added to dm, or nullptr
 //   gates: [4H] saved i, f, g, o;  c_prev: [H] c;  c_next: [H] c'
+//   H: the gate stride;  units: how many units from the pointers on (H for all)
 template <typename Real>
 inline void lstm_backward_row(Real* dG, Real* dc, const Real* dm, const Real* dy,
                               const Real* gates, const Real* c_prev, const Real* c_next,
-                              int64_t H) {
+                              int64_t H, int64_t units) {
   const V<Real> one = splat<Real>(1);
-  for_lanes<Real>(H, [&](int64_t j, int64_t n) {
+  for_lanes<Real>(units, [&](int64_t j, int64_t n) {
     V<Real> dmj = ld(dm + j, n);
     if (dy) dmj += ld(dy + j, n);
     const V<Real> i = ld(gates + j, n), f = ld(gates + H + j, n);
@@ -114,16 +179,67 @@ inline void lstm_backward_row(Real* dG, Real* dc, const Real* dm, const Real* dy
   });
 }
 
+// The backward without projection on the pool: thread tid owns units j0..j1-1,
+// does their gate gradients, meets the others (dh needs every unit's dG), then
+// computes its columns of dh = dG W_hh, which only its own next step reads: one
+// barrier per step. The weight gradients follow, cut over the same threads.
+template <typename Real>
+void backward_fused(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
+                    const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy,
+                    const Real* dh_n, const Real* dc_n, const Real* x,
+                    const LayerWeights<Real>& w, const LayerShape& s) {
+  const Walk walk(s);
+  const int64_t N = s.N, H = s.H, GH = 4 * H, S = steps_of(s);
+  constexpr int64_t U = kWidth<Real>;
+  Real* dG = input_gate_grads(dG_x, buf.dG, s);
+  gather_state(buf.dh, dh_n, H, walk);
+  gather_state(buf.dc, dc_n, H, walk);
+  auto body = [&](int tid, int nt) {
+    int64_t u0, u1;
+    share(unit_blocks<Real>(H), tid, nt, u0, u1);
+    const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H, units = j1 - j0;
+    for (int64_t k = S - 1; k >= 0; --k) {
+      const int64_t n = walk.active(k);
+      Real* dGk = dG + k * N * GH;
+      const Real* gates = buf.gates + k * N * GH;
+      const Real* c_prev = buf.c + k * N * H;
+      const Real* c_next = buf.c + (k + 1) * N * H;
+      if (units > 0) {
+        for (int64_t b = 0; b < n; ++b)
+          lstm_backward_row<Real>(dGk + b * GH + j0, buf.dc + b * H + j0, buf.dh + b * H + j0,
+                                  dy ? dy + walk.at(k, b) * lddy + j0 : nullptr,
+                                  gates + b * GH + j0, c_prev + b * H + j0, c_next + b * H + j0,
+                                  H, units);
+        for (int64_t b = n; b < N; ++b)
+          for (int64_t g = 0; g < 4; ++g) zero_row(dGk + b * GH + g * H + j0, units);
+      }
+      pool_barrier();
+      dh_product(buf.dh, dGk, w.W_hh, n, GH, H, j0, j1, false);
+    }
+    pool_barrier();
+    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, dG, buf.h, x, GH, s);
+  };
+  run_on_pool(s.threads, body);
+  scatter_state(dh0, buf.dh, H, walk);
+  scatter_state(dc0, buf.dc, H, walk);
+}
+
 }  // namespace
 
 template <typename Real>
 void lstm_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                   const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
                   const LayerShape& s) {
-  if (s.training)
+  if (s.P == 0 && use_fused_recurrence(s)) {
+    if (s.training)
+      forward_fused<Real, true>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+    else
+      forward_fused<Real, false>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  } else if (s.training) {
     forward_steps<Real, true>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
-  else
+  } else {
     forward_steps<Real, false>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  }
 }
 
 template <typename Real>
@@ -131,6 +247,8 @@ void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
                    const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
                    const Real* dc_n, const Real* x, const LayerWeights<Real>& w,
                    const LayerShape& s) {
+  if (s.P == 0 && use_fused_recurrence(s))
+    return backward_fused(dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, P = s.P, H_out = h_out(s), GH = 4 * H, S = steps_of(s);
   Real* dG = input_gate_grads(dG_x, buf.dG, s);
@@ -163,7 +281,7 @@ void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
     for (int64_t b = 0; b < n; ++b)
       lstm_backward_row<Real>(dGk + b * GH, buf.dc + b * H, dm + b * H,
                               add_dy ? dy + walk.at(k, b) * lddy : nullptr, gates + b * GH,
-                              c_prev + b * H, c_next + b * H, H);
+                              c_prev + b * H, c_next + b * H, H, H);
     for (int64_t b = n; b < N; ++b) zero_row(dGk + b * GH, GH);
     // dh = dG W_hh for the running rows; finished rows keep theirs.
     step_gemm(buf.dh, dGk, w.W_hh, false, w.W_hh, n, GH, H_out, false);

@@ -51,6 +51,7 @@ struct LayerShape {
   bool training = false;             // keep every step's state for backward
   const int64_t* lengths = nullptr;  // lengths: [N] steps of sorted row b, non-increasing, each in 1..T; nullptr = all T
   const int64_t* rows = nullptr;     // rows: [N] batch row held by sorted row b; nullptr = identity
+  int threads = 1;                   // threads of the persistent pool this layer may use (thread_pool.h)
 
   int64_t H_out() const { return P > 0 ? P : H; }
   int64_t steps() const { return lengths ? lengths[0] : T; }
@@ -85,6 +86,8 @@ struct LayerBuffers {
   Real* rec = nullptr;    // rec: [N, G*H] scratch: h W_hh^T of the current step
   Real* W_hh_t = nullptr; // W_hh_t: [H_out, G*H] scratch: W_hh^T laid out once per call for the few-row GEMM
   Real* W_hr_t = nullptr; // W_hr_t: [H, P] scratch: W_hr^T likewise (LSTM with P > 0)
+  Real* W_hh_p = nullptr; // W_hh_p: [packed_size(G, H, H_out)] scratch: W_hh packed once per call into
+                          //   gate-interleaved panels for the fused recurrent kernel (recurrent_gemm.h)
   Real* h = nullptr;      // h: [S+1, N, H_out] training / [2, N, H_out] inference: h per step, sorted rows, slot 0 = h0
   Real* c = nullptr;      // c: LSTM, like h with width H: the cell state
   Real* m = nullptr;      // m: LSTM with P > 0: [S, N, H] training / [N, H] inference: o * tanh(c) before the projection
@@ -98,6 +101,10 @@ struct LayerBuffers {
   Real* dm = nullptr;     // dm: LSTM with P > 0: [N, H] gradient of m of the current step
   Real* dsum = nullptr;   // dsum: [G*H] scratch for bias gradients
 };
+
+// Elements of the packed recurrent weights W_hh_p: G * K * H rounded up to the
+// widest vector (16 floats), enough for every instruction set's panels.
+inline int64_t packed_size(int64_t G, int64_t H, int64_t K) { return G * K * ((H + 15) / 16 * 16); }
 
 // Forward of one layer in one direction (lstm_forward, gru_forward, rnn_forward).
 //   y: [T, N, ldy] output h at each of a row's steps (columns 0..H_out-1); positions

@@ -2,7 +2,7 @@
 // Compiled once per instruction set (see cell.h); arguments are documented in lstmfast.h.
 //
 //   h' = act(x W_ih^T + h W_hh^T + b_ih + b_hh),  act = tanh or relu
-#include "cell.h"
+#include "recurrent_gemm.h"
 
 namespace lstmfast {
 namespace LSTMFAST_ISA {
@@ -46,6 +46,44 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
     }
     for (int64_t b = n; b < N; ++b) copy_row(h_next + b * H, h_prev + b * H, H);
   }
+  scatter_state(h_n, buf.h + slot(S, s.training) * N * H, H, walk);
+}
+
+// The forward on the persistent pool (as lstm.cpp's forward_fused).
+template <typename Real, bool kRelu>
+void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
+                   const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
+  const Walk walk(s);
+  const int64_t N = s.N, H = s.H, S = steps_of(s);
+  constexpr int64_t U = kWidth<Real>;
+  gather_state(buf.h, h0, H, walk);
+  auto body = [&](int tid, int nt) {
+    int64_t u0, u1;
+    share(unit_blocks<Real>(H), tid, nt, u0, u1);
+    const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H;
+    pack_gate_panels(buf.W_hh_p, w.W_hh, 1, H, H, u0, u1);
+    input_projection_units(buf.xproj, x, w.W_ih, 1, H, j0, j1, s);
+    for (int64_t k = 0; k < S; ++k) {
+      const int64_t n = walk.active(k);
+      const Real* h_prev = buf.h + slot(k, s.training) * N * H;
+      Real* h_next = buf.h + slot(k + 1, s.training) * N * H;
+      auto epilogue = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
+        const int64_t at = walk.at(k, b);
+        const V<Real> a = acc[0] + ld(buf.xproj + at * H + j, lanes) + ld(w.bias + j, lanes);
+        V<Real> h;
+        if constexpr (kRelu)
+          h = simd::vmax<Real>(a, splat<Real>(0));
+        else
+          h = simd::vtanh(a);
+        st(h_next + b * H + j, h, lanes);
+        st(y + at * ldy + j, h, lanes);
+      };
+      recurrent_step<Real, 1>(h_prev, H, n, H, buf.W_hh_p, H, u0, u1, epilogue);
+      for (int64_t b = n; b < N; ++b) copy_row(h_next + b * H + j0, h_prev + b * H + j0, j1 - j0);
+      pool_barrier();
+    }
+  };
+  run_on_pool(s.threads, body);
   scatter_state(h_n, buf.h + slot(S, s.training) * N * H, H, walk);
 }
 
@@ -97,7 +135,12 @@ template <typename Real>
 void rnn_forward(Real* y, int64_t ldy, Real* h_n, Real* /*c_n*/, const LayerBuffers<Real>& buf,
                  const Real* x, const Real* h0, const Real* /*c0*/, const LayerWeights<Real>& w,
                  const LayerShape& s) {
-  if (s.relu)
+  const bool fused = use_fused_recurrence(s);
+  if (fused && s.relu)
+    forward_fused<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
+  else if (fused)
+    forward_fused<Real, false>(y, ldy, h_n, buf, x, h0, w, s);
+  else if (s.relu)
     forward_steps<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
   else
     forward_steps<Real, false>(y, ldy, h_n, buf, x, h0, w, s);

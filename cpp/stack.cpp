@@ -113,8 +113,12 @@ void combine_biases(StackCache<Real>& c) {
   }
 }
 
+// Threads for the per-step work of one layer-direction: all of them, unless the
+// directions run concurrently (one thread each then; see for_directions).
+bool concurrent_directions(int64_t D) { return D == 2 && get_num_threads() >= 2; }
+
 template <typename Real>
-LayerShape layer_shape(const StackCache<Real>& c, int64_t layer, int64_t direction) {
+LayerShape layer_shape(const StackCache<Real>& c, int64_t layer, int64_t direction, int64_t D) {
   const StackShape& s = c.shape;
   LayerShape l;
   l.T = s.T;
@@ -127,6 +131,7 @@ LayerShape layer_shape(const StackCache<Real>& c, int64_t layer, int64_t directi
   l.training = s.training;
   l.lengths = c.lengths.empty() ? nullptr : c.lengths.data();
   l.rows = c.rows.empty() ? nullptr : c.rows.data();
+  l.threads = concurrent_directions(D) ? 1 : get_num_threads();
   return l;
 }
 
@@ -139,7 +144,7 @@ int64_t steps(const StackCache<Real>& c) {
 // (OpenBLAS single-threaded meanwhile: the two threads are the budget), else in turn.
 template <typename F>
 void for_directions(int64_t D, F&& f) {
-  if (D == 2 && get_num_threads() >= 2) {
+  if (concurrent_directions(D)) {
     BlasSingleThreaded single;
     std::exception_ptr error;
     std::thread worker([&] {
@@ -240,6 +245,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       scratch[d].xproj = cv.take<Real>(T * N * GH);
       scratch[d].rec = cv.take<Real>(N * GH);
       scratch[d].W_hh_t = cv.take<Real>(H_out * GH);
+      scratch[d].W_hh_p = cv.take<Real>(packed_size(gates_of(s.mode), H, H_out));
       if (P) scratch[d].W_hr_t = cv.take<Real>(H * P);
       if (!training) {
         scratch[d].h = cv.take<Real>(2 * N * H_out);
@@ -264,9 +270,10 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       b.rec = scratch[d].rec;
       b.W_hh_t = scratch[d].W_hh_t;
       b.W_hr_t = scratch[d].W_hr_t;
+      b.W_hh_p = scratch[d].W_hh_p;
       cell.forward(out + d * H_out, D * H_out, h_n + i * N * H_out, c_n ? c_n + i * N * H : nullptr,
                    b, in, h0 ? h0 + i * N * H_out : nullptr, c0 ? c0 + i * N * H : nullptr,
-                   c.weights[i], layer_shape(c, k, d));
+                   c.weights[i], layer_shape(c, k, d, D));
     });
     if (k < L - 1 && !c.masks.empty()) multiply(out, c.masks[k], Y);
     in = out;
@@ -328,7 +335,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       cell.backward(dG_x[d], dh0 ? dh0 + i * N * H_out : nullptr, dc0 ? dc0 + i * N * H : nullptr,
                     dw, b, dy_k ? dy_k + d * H_out : nullptr, D * H_out,
                     dh_n ? dh_n + i * N * H_out : nullptr, dc_n ? dc_n + i * N * H : nullptr,
-                    c.inputs[k], c.weights[i], layer_shape(c, k, d));
+                    c.inputs[k], c.weights[i], layer_shape(c, k, d, D));
     });
     // dx = sum over directions of dG_x W_ih: one GEMM each, over all steps.
     for (int64_t d = 0; d < D; ++d)

@@ -1,0 +1,234 @@
+// The forward's per-step recurrent product with the gate math in its epilogue.
+//
+// W_hh [G*H, K] is packed once per call into panels that interleave the G gates
+// of a block of U units (U = the vector width): panel u holds, for k = 0..K-1 and
+// gate g = 0..G-1, the U weights W_hh[g*H + u*U + l, k], l = 0..U-1 (zero past H).
+// One micro-kernel then computes all G gate pre-activations of a unit block for R
+// batch rows in registers (R x G vector accumulators, k innermost) and hands them
+// to the cell's epilogue (add x W_ih^T and bias, activations, state update), so the
+// pre-activations never go to memory. Gates of a unit stay together, so a thread
+// owning a range of unit blocks does its whole share of a step with no other
+// thread's results but h of the step before.
+//
+// Included only by the per-ISA kernel units (see cell.h).
+#pragma once
+
+#include <cstdlib>
+
+#include "cell.h"
+#include "thread_pool.h"
+
+namespace lstmfast {
+namespace LSTMFAST_ISA {
+
+// Unit blocks of the panels: ceil(H / U).
+template <typename Real>
+inline int64_t unit_blocks(int64_t H) {
+  return (H + kWidth<Real> - 1) / kWidth<Real>;
+}
+
+// Packs blocks u0..u1-1 of W_hh into panels (see above).
+//   panels: [unit_blocks(H), K, G, U] out;  W_hh: [G*H, K]
+template <typename Real>
+inline void pack_gate_panels(Real* panels, const Real* W_hh, int64_t G, int64_t H, int64_t K,
+                             int64_t u0, int64_t u1) {
+  constexpr int64_t U = kWidth<Real>;
+  for (int64_t u = u0; u < u1; ++u) {
+    Real* panel = panels + u * K * G * U;
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t l = 0; l < U; ++l) {
+        const int64_t unit = u * U + l;
+        const Real* w = W_hh + (g * H + unit) * K;
+        Real* dst = panel + g * U + l;
+        if (unit < H)
+          for (int64_t k = 0; k < K; ++k) dst[k * G * U] = w[k];
+        else
+          for (int64_t k = 0; k < K; ++k) dst[k * G * U] = Real(0);
+      }
+  }
+}
+
+// acc[r][g] = sum over k of A[r, k] * panel[k, g, :] for R rows of A (lda apart).
+// With fewer than 8 accumulators the FMA latency would bound the loop, so even
+// and odd k then go to two sets of accumulators, added at the end.
+template <typename Real, int R, int G>
+inline void gate_tile(V<Real> (&acc)[R][G], const Real* A, int64_t lda, const Real* panel,
+                      int64_t K) {
+  constexpr int64_t U = kWidth<Real>;
+  for (int r = 0; r < R; ++r)
+    for (int g = 0; g < G; ++g) acc[r][g] = V<Real>{};
+  int64_t k = 0;
+  if constexpr (R * G < 8) {
+    V<Real> odd[R][G];
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < G; ++g) odd[r][g] = V<Real>{};
+    for (; k + 2 <= K; k += 2) {
+      const Real* p = panel + k * G * U;
+      for (int g = 0; g < G; ++g) {
+        const V<Real> b0 = simd::load<Real>(p + g * U);
+        const V<Real> b1 = simd::load<Real>(p + (G + g) * U);
+        for (int r = 0; r < R; ++r) {
+          acc[r][g] += splat<Real>(A[r * lda + k]) * b0;
+          odd[r][g] += splat<Real>(A[r * lda + k + 1]) * b1;
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < G; ++g) acc[r][g] += odd[r][g];
+  }
+  for (; k < K; ++k) {
+    const Real* p = panel + k * G * U;
+    V<Real> b[G];
+    for (int g = 0; g < G; ++g) b[g] = simd::load<Real>(p + g * U);
+    for (int r = 0; r < R; ++r) {
+      const V<Real> a = splat<Real>(A[r * lda + k]);
+      for (int g = 0; g < G; ++g) acc[r][g] += a * b[g];
+    }
+  }
+}
+
+// Rows of one register tile: as many as keep R x G accumulators within 12 vectors.
+template <int G>
+constexpr int kTileRows = G >= 4 ? 3 : G == 3 ? 4 : 4;
+
+template <typename Real, int G, int R, typename Epilogue>
+inline void gate_rows(const Real* A, int64_t lda, const Real* panel, int64_t K, int64_t b0,
+                      int64_t j, int64_t lanes, Epilogue& epilogue) {
+  V<Real> acc[R][G];
+  gate_tile<Real, R, G>(acc, A + b0 * lda, lda, panel, K);
+  for (int r = 0; r < R; ++r) epilogue(b0 + r, j, lanes, acc[r]);
+}
+
+// One step's share of a thread: for unit blocks u0..u1-1 and rows 0..n-1,
+// epilogue(b, j, lanes, acc) with acc[g] the pre-activation h_prev[b] W_hh^T of
+// gate g at units j..j+lanes-1 (lanes < U only in the last block).
+//   h_prev: [n, K] (lda apart);  panels: from pack_gate_panels;  H: hidden units
+template <typename Real, int G, typename Epilogue>
+inline void recurrent_step(const Real* h_prev, int64_t lda, int64_t n, int64_t K,
+                           const Real* panels, int64_t H, int64_t u0, int64_t u1,
+                           Epilogue&& epilogue) {
+  constexpr int64_t U = kWidth<Real>;
+  constexpr int R = kTileRows<G>;
+  for (int64_t u = u0; u < u1; ++u) {
+    const Real* panel = panels + u * K * G * U;
+    const int64_t j = u * U, lanes = H - j < U ? H - j : U;
+    int64_t b = 0;
+    for (; b + R <= n; b += R) gate_rows<Real, G, R>(h_prev, lda, panel, K, b, j, lanes, epilogue);
+    switch (n - b) {
+      case 3:
+        if constexpr (R > 3) gate_rows<Real, G, 3>(h_prev, lda, panel, K, b, j, lanes, epilogue);
+        break;
+      case 2:
+        gate_rows<Real, G, 2>(h_prev, lda, panel, K, b, j, lanes, epilogue);
+        break;
+      case 1:
+        gate_rows<Real, G, 1>(h_prev, lda, panel, K, b, j, lanes, epilogue);
+        break;
+      default:
+        break;
+    }
+  }
+}
+
+// Whether the forward runs the fused kernel (else OpenBLAS per step + pointwise).
+inline bool use_fused_recurrence(const LayerShape& s) {
+  static const char* env = std::getenv("LSTMFAST_DEV_RECURRENCE");  // development switch
+  if (env && env[0] == 'b') return false;
+  (void)s;
+  return true;
+}
+
+// The share of thread tid of nt in count items: [first, last).
+inline void share(int64_t count, int tid, int nt, int64_t& first, int64_t& last) {
+  first = count * tid / nt;
+  last = count * (tid + 1) / nt;
+}
+
+// xproj[:, g*H + j0 .. g*H + j1) = x W_ih[g*H + j0 .. g*H + j1)^T for every gate g:
+// the input projection of one thread's units (columns), all T*N rows.
+template <typename Real>
+inline void input_projection_units(Real* xproj, const Real* x, const Real* W_ih, int64_t G,
+                                   int64_t H, int64_t j0, int64_t j1, const LayerShape& s) {
+  if (j1 <= j0) return;
+  const int64_t GH = G * H;
+  for (int64_t g = 0; g < G; ++g)
+    gemm<Real>(false, true, s.T * s.N, j1 - j0, s.I, Real(1), x, s.I, W_ih + (g * H + j0) * s.I,
+               s.I, Real(0), xproj + g * H + j0, GH);
+}
+
+// ---------------------------------------------------------------------------
+// Backward on the pool: thread tid owns units (columns of dh) j0..j1-1.
+
+// dh[:, j0:j1] = dG[n, GK] W[:, j0:j1] (+ dh[:, j0:j1] when accumulate), with W
+// [GK, width] as stored (dh_{t-1} = dG_t W_hh needs no transpose).
+template <typename Real>
+inline void dh_product(Real* dh, const Real* dG, const Real* W, int64_t n, int64_t GK,
+                       int64_t width, int64_t j0, int64_t j1, bool accumulate) {
+  if (n <= 0 || j1 <= j0) return;
+  if (n <= kSmallGemmRows)
+    small_gemm(dh + j0, width, dG, GK, W + j0, width, n, GK, j1 - j0, accumulate);
+  else
+    gemm<Real>(false, false, n, j1 - j0, GK, Real(1), dG, GK, W + j0, width,
+               accumulate ? Real(1) : Real(0), dh + j0, width);
+}
+
+// weight_gradients (cell.h) cut over the pool's threads: the reordering of dG_in
+// by times, then (after a barrier) the gate rows r0..r1 of dW_hh, dW_ih and both
+// bias gradients by each thread; each element is summed in the same order
+// whatever the thread count.
+template <typename Real>
+inline void weight_gradients_share(int tid, int nt, Real* dG_x, const LayerGrads<Real>& dw,
+                                   Real* dsum, const Real* dG, const Real* dG_in,
+                                   const Real* h_prev, const Real* x, int64_t GH,
+                                   const LayerShape& s) {
+  const Walk walk(s);
+  const int64_t S = steps_of(s), N = s.N, H_out = h_out(s);
+  int64_t first, last;
+  if (dG_in != dG_x) {
+    share(s.T, tid, nt, first, last);
+    for (int64_t t = first; t < last; ++t)
+      for (int64_t b = 0; b < N; ++b) {
+        Real* dst = dG_x + (t * N + walk.row(b)) * GH;
+        if (t < walk.length(b)) {
+          const int64_t k = s.reverse ? walk.length(b) - 1 - t : t;
+          copy_row(dst, dG_in + (k * N + b) * GH, GH);
+        } else {
+          zero_row(dst, GH);
+        }
+      }
+    pool_barrier();
+  }
+  share(GH, tid, nt, first, last);
+  const int64_t rows = last - first;
+  if (rows <= 0) return;
+  gemm<Real>(true, false, rows, H_out, S * N, Real(1), dG + first, GH, h_prev, H_out, Real(1),
+             dw.dW_hh + first * H_out, H_out);
+  auto bias_sums = [&](Real* db, const Real* a) {  // db[first:last] += sum over rows of a
+    Real* sum = dsum + first;
+    for (int64_t j = 0; j < rows; ++j) sum[j] = Real(0);
+    for (int64_t r = 0; r < S * N; ++r) add_into(sum, a + r * GH + first, rows);
+    add_into(db + first, sum, rows);
+  };
+  if (dw.db_hh) bias_sums(dw.db_hh, dG);
+  if (dw.db_ih) bias_sums(dw.db_ih, dG_in);
+  gemm<Real>(true, false, rows, s.I, s.T * N, Real(1), dG_x + first, GH, x, s.I, Real(1),
+             dw.dW_ih + first * s.I, s.I);
+}
+
+// Runs body(tid, nt) on s.threads pool threads (fewer when the pool is busy),
+// OpenBLAS single-threaded meanwhile.
+template <typename F>
+inline void run_on_pool(int threads, F& body) {
+  struct Call {
+    static void task(void* ctx, int tid) { (*static_cast<F*>(ctx))(tid, pool_threads()); }
+  };
+  if (threads > 1) {
+    BlasSingleThreaded single;
+    pool_run(threads, &Call::task, &body);
+  } else {
+    pool_run(1, &Call::task, &body);
+  }
+}
+
+}  // namespace LSTMFAST_ISA
+}  // namespace lstmfast

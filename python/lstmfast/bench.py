@@ -90,52 +90,102 @@ def sgemm_gflops(threads, size=1024, min_time=0.3):
 
 
 class Case:
-    """One benchmark case: a cell, a shape, a mode and a thread count."""
+    """One benchmark case: a cell, a shape, a mode, a thread count and a variant.
 
-    def __init__(self, cell, shape_name, mode, threads, dtype="float32"):
-        self.cell, self.shape_name, self.mode, self.threads, self.dtype = cell, shape_name, mode, threads, dtype
-        self.T, self.N, self.I, self.H = SHAPES[shape_name]
+    Variants beyond the plain grid: ``float64``; ``bidir`` (bidirectional);
+    ``2layer`` (two stacked layers); ``lengths`` (a random length per sequence, as
+    a PackedSequence for torch, packed inside the timed call as a user must).
+    """
+
+    def __init__(self, cell, shape_name, mode, threads, variant="", shape=None):
+        self.cell, self.shape_name, self.mode, self.threads, self.variant = cell, shape_name, mode, threads, variant
+        self.T, self.N, self.I, self.H = shape or SHAPES[shape_name]
+        self.dtype = "float64" if variant == "float64" else "float32"
+        self.bidirectional = variant == "bidir"
+        self.num_layers = 2 if variant == "2layer" else 1
+        self.D = 2 if self.bidirectional else 1
 
     @property
     def label(self):
-        return f"{self.cell:4s} {self.shape_name:6s} {self.mode:9s} t={self.threads}"
+        return f"{self.cell:4s} {self.shape_name:6s} {self.variant or '-':8s} {self.mode:9s} t={self.threads}"
+
+    @property
+    def kwargs(self):
+        return dict(num_layers=self.num_layers, bidirectional=self.bidirectional)
+
+    def flops(self):
+        f = case_flops(self.cell, self.mode, self.T, self.N, self.I, self.H) * self.D
+        if self.num_layers == 2:  # the second layer reads D*H features
+            f += case_flops(self.cell, self.mode, self.T, self.N, self.D * self.H, self.H) * self.D
+        if self.lengths is not None:
+            f *= self.lengths.sum() / (self.T * self.N)
+        return f
 
     def make_inputs(self):
         rng = np.random.default_rng(1)
         x = rng.standard_normal((self.T, self.N, self.I)).astype(self.dtype)
-        d_out = rng.standard_normal((self.T, self.N, self.H)).astype(self.dtype)
+        d_out = rng.standard_normal((self.T, self.N, self.D * self.H)).astype(self.dtype)
         return x, d_out
+
+    @property
+    def lengths(self):
+        if self.variant != "lengths":
+            return None
+        return np.random.default_rng(2).integers(1, self.T + 1, size=self.N)
+
+
+# Variant cases run in a full run (not with --quick): (cell, shape name, variant, (T, N, I, H) or None)
+VARIANTS = [
+    ("LSTM", "lengths", "lengths", (200, 16, 256, 256)),
+    ("LSTM", "small", "float64", None),
+    ("GRU", "small", "float64", None),
+    ("LSTM", "small", "bidir", None),
+    ("GRU", "small", "bidir", None),
+    ("LSTM", "small", "2layer", None),
+    ("GRU", "small", "2layer", None),
+]
 
 
 def _lstmfast_runner(case, backend, x, d_out):
-    layer = getattr(lstmfast, case.cell)(case.I, case.H, dtype=case.dtype, backend=backend, seed=0)
+    layer = getattr(lstmfast, case.cell)(case.I, case.H, dtype=case.dtype, backend=backend, seed=0, **case.kwargs)
+    lengths = case.lengths
     if case.mode == "inference":
         layer.eval()
 
         def run():
-            return layer(x)[0]
+            return layer(x, lengths=lengths)[0]
     else:
         layer.train()
 
         def run():
-            out = layer(x)[0]
+            out = layer(x, lengths=lengths)[0]
             layer.backward(d_out)
             return out
     return layer, run
 
 
 def _torch_runner(torch, case, state_dict, x, d_out):
-    module = getattr(torch.nn, case.cell)(case.I, case.H)
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+    module = getattr(torch.nn, case.cell)(case.I, case.H, **case.kwargs)
     module = module.to(getattr(torch, case.dtype))
     module.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()})
     xt = torch.from_numpy(x)
     gt = torch.from_numpy(d_out)
+    lengths = None if case.lengths is None else torch.from_numpy(case.lengths)
+
+    def call(inp):
+        if lengths is None:
+            return module(inp)[0]
+        packed = pack_padded_sequence(inp, lengths, enforce_sorted=False)
+        return pad_packed_sequence(module(packed)[0], total_length=case.T)[0]
+
     if case.mode == "inference":
         module.eval()
 
         def run():
             with torch.inference_mode():
-                return module(xt)[0]
+                return call(xt)
     else:
         module.train()
         xg = xt.clone().requires_grad_(True)
@@ -143,10 +193,58 @@ def _torch_runner(torch, case, state_dict, x, d_out):
         def run():
             module.zero_grad(set_to_none=False)
             xg.grad = None
-            out = module(xg)[0]
+            out = call(xg)
             out.backward(gt)
             return out
     return run
+
+
+def peak_memory_mb(case, impl):
+    """Extra resident memory (MB) of two training steps, measured in a fresh process.
+
+    A tiny warm-up case first initialises the libraries (BLAS buffers, thread
+    pools) so they are not counted; then the layer and its inputs are built, the
+    resident set is the baseline, the kernel's high-water mark is reset (Linux
+    ``clear_refs``), two training steps run, and the figure is the high-water mark
+    minus the baseline. The same measure for every implementation, whoever
+    allocates the memory. None where the platform has no such counters.
+    """
+    import subprocess
+
+    code = f"""
+import gc, numpy as np
+from lstmfast import bench
+def status(key):
+    for line in open('/proc/self/status'):
+        if line.startswith(key):
+            return int(line.split()[1]) * 1024
+def runner(case):
+    x, d_out = case.make_inputs()
+    if impl == 'torch':
+        import torch
+        torch.set_num_threads(case.threads)
+        layer, _ = bench._lstmfast_runner(case, 'numpy', x, d_out)
+        return bench._torch_runner(torch, case, layer.state_dict(), x, d_out)
+    import lstmfast
+    lstmfast.set_num_threads(case.threads)
+    return bench._lstmfast_runner(case, 'fused' if impl == 'fused' else 'numpy', x, d_out)[1]
+impl = {impl!r}
+warm = runner(bench.Case({case.cell!r}, 'tiny', 'training', {case.threads}, {case.variant!r}, (2, 1, 4, 4)))
+warm(); warm()
+del warm
+run = runner(bench.Case({case.cell!r}, {case.shape_name!r}, 'training', {case.threads}, {case.variant!r},
+                        {(case.T, case.N, case.I, case.H)!r}))
+gc.collect()
+base = status('VmRSS')
+with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')
+run(); run()
+print((status('VmHWM') - base) / 2**20)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
 
 
 def fused_available():
@@ -238,7 +336,6 @@ def configuration(torch, limiter):
         "numpy": np.__version__,
         "torch": torch.__version__ if torch is not None else None,
         "reference_blas_threads_limited": limiter is not None,
-        "dtype": "float32",
     }
 
 
@@ -254,12 +351,17 @@ def main(argv=None):
     parser.add_argument("--no-torch", action="store_true", help="do not benchmark torch even when installed")
     parser.add_argument("--json", metavar="FILE", help="write the configuration and all figures to FILE")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the speedups (needs matplotlib)")
+    parser.add_argument("--no-variants", action="store_true",
+                        help="skip the variant cases (lengths, float64, bidirectional, 2 layers)")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure the peak memory of a training step of each grid case (fresh processes)")
     args = parser.parse_args(argv)
 
     if args.quick:
         args.shapes = [s for s in args.shapes if s in ("stream", "small")] or ["stream"]
         args.threads = [max(args.threads)]
         args.rounds, args.min_time = 3, 0.2
+        args.no_variants = True
     if any(t < 1 for t in args.threads):
         parser.error("--threads must be positive")
 
@@ -282,25 +384,31 @@ def main(argv=None):
     print()
 
     cases = [Case(c, s, m, t) for t in args.threads for m in args.modes for s in args.shapes for c in args.cells]
+    if not args.no_variants:
+        cases += [Case(c, s, m, t, variant, shape) for t in args.threads for m in args.modes
+                  for c, s, variant, shape in VARIANTS if c in args.cells]
     results = []
     saved_threads = lstmfast.get_num_threads()
     try:
         for i, case in enumerate(cases, 1):
             print(f"[{i}/{len(cases)}] {case.label} ...", file=sys.stderr, flush=True)
             medians = time_case(case, impls, args.rounds, args.min_time, torch, limiter)
-            flops = case_flops(case.cell, case.mode, case.T, case.N, case.I, case.H)
             best = medians.get("fused", medians.get("reference"))
-            results.append({
-                "cell": case.cell, "shape": case.shape_name, "mode": case.mode, "threads": case.threads,
-                "T": case.T, "N": case.N, "I": case.I, "H": case.H, "dtype": case.dtype,
-                "seconds": medians,
-                "gflops": flops / best / 1e9,
+            row = {
+                "cell": case.cell, "shape": case.shape_name, "variant": case.variant, "mode": case.mode,
+                "threads": case.threads, "T": case.T, "N": case.N, "I": case.I, "H": case.H,
+                "dtype": case.dtype, "seconds": medians,
+                "gflops": case.flops() / best / 1e9,
                 "sgemm_gflops": sgemm[case.threads],
-            })
+            }
+            if args.memory and case.mode == "training" and not case.variant:
+                print(f"      peak memory of {case.label} ...", file=sys.stderr, flush=True)
+                row["peak_mb"] = {impl: peak_memory_mb(case, impl) for impl in impls}
+            results.append(row)
     finally:
         lstmfast.set_num_threads(saved_threads)
 
-    header = (f"{'cell':4s} {'shape':6s} {'T':>4s} {'N':>3s} {'I':>5s} {'H':>5s} {'mode':9s} {'thr':>3s} "
+    header = (f"{'cell':4s} {'shape':7s} {'variant':7s} {'T':>4s} {'N':>3s} {'I':>5s} {'H':>5s} {'mode':9s} {'thr':>3s} "
               f"{'fused':>9s} {'reference':>10s} {'torch':>9s} {'vs torch':>8s} {'vs ref':>8s} "
               f"{'GFLOP/s':>8s} {'% sgemm':>7s}")
     print(header)
@@ -309,10 +417,17 @@ def main(argv=None):
         s = r["seconds"]
         fused, ref, tt = s.get("fused"), s.get("reference"), s.get("torch")
         mine = fused if fused is not None else ref
-        print(f"{r['cell']:4s} {r['shape']:6s} {r['T']:4d} {r['N']:3d} {r['I']:5d} {r['H']:5d} {r['mode']:9s} "
+        print(f"{r['cell']:4s} {r['shape']:7s} {r['variant'] or '-':7s} {r['T']:4d} {r['N']:3d} {r['I']:5d} {r['H']:5d} {r['mode']:9s} "
               f"{r['threads']:3d} {_fmt_time(fused):>9s} {_fmt_time(ref):>10s} {_fmt_time(tt):>9s} "
               f"{_fmt_ratio(mine, tt):>8s} {_fmt_ratio(fused, ref):>8s} "
               f"{r['gflops']:8.1f} {100 * r['gflops'] / r['sgemm_gflops']:6.0f}%")
+    memory_rows = [r for r in results if "peak_mb" in r]
+    if memory_rows:
+        print()
+        print("peak extra memory of one training step (MB, resident set, fresh process):")
+        for r in memory_rows:
+            figures = "  ".join(f"{k} {v:8.1f}" if v is not None else f"{k} -" for k, v in r["peak_mb"].items())
+            print(f"  {r['cell']:4s} {r['shape']:7s} t={r['threads']}  {figures}")
     print()
     summary = summarize(results)
     for line in summary["lines"]:
@@ -335,25 +450,30 @@ def _geomean(values):
 
 
 def summarize(results):
-    """Geometric-mean speedups of lstmfast (fused, else reference) over torch and over the reference."""
+    """Geometric-mean speedups over the DESIGN.md grid (no variants), per mode and thread count.
+
+    lstmfast here is the fused kernels when built, else the reference.
+    """
     lines, figures = [], {}
-    for mode in MODES:
-        rows = [r for r in results if r["mode"] == mode]
-        if not rows:
-            continue
-        vs_torch = [r["seconds"]["torch"] / r["seconds"].get("fused", r["seconds"]["reference"])
-                    for r in rows if "torch" in r["seconds"]]
-        vs_ref = [r["seconds"]["reference"] / r["seconds"]["fused"] for r in rows if "fused" in r["seconds"]]
-        g_t, g_r = _geomean(vs_torch), _geomean(vs_ref)
-        figures[mode] = {"geomean_vs_torch": g_t, "min_vs_torch": min(vs_torch) if vs_torch else None,
-                         "geomean_vs_reference": g_r}
-        parts = []
-        if g_t is not None:
-            parts.append(f"vs torch geomean {g_t:.2f}x (min {min(vs_torch):.2f}x)")
-        if g_r is not None:
-            parts.append(f"vs reference geomean {g_r:.2f}x")
-        if parts:
-            lines.append(f"{mode}: " + ", ".join(parts))
+    for threads in sorted({r["threads"] for r in results}):
+        for mode in MODES:
+            rows = [r for r in results if r["mode"] == mode and r["threads"] == threads and not r["variant"]]
+            if not rows:
+                continue
+            vs_torch = [r["seconds"]["torch"] / r["seconds"].get("fused", r["seconds"]["reference"])
+                        for r in rows if "torch" in r["seconds"]]
+            vs_ref = [r["seconds"]["reference"] / r["seconds"]["fused"] for r in rows if "fused" in r["seconds"]]
+            g_t, g_r = _geomean(vs_torch), _geomean(vs_ref)
+            figures[f"{mode}, {threads} threads"] = {
+                "geomean_vs_torch": g_t, "min_vs_torch": min(vs_torch) if vs_torch else None,
+                "geomean_vs_reference": g_r}
+            parts = []
+            if g_t is not None:
+                parts.append(f"vs torch geomean {g_t:.2f}x (min {min(vs_torch):.2f}x)")
+            if g_r is not None:
+                parts.append(f"vs reference geomean {g_r:.2f}x")
+            if parts:
+                lines.append(f"grid, {mode}, {threads} thread{'s' if threads > 1 else ''}: " + ", ".join(parts))
     return {"lines": lines, "figures": figures}
 
 
@@ -368,7 +488,7 @@ def plot(results, path):
     rows = [r for r in results if "torch" in r["seconds"]]
     if not rows:
         raise SystemExit("--plot: nothing to plot (torch was not benchmarked)")
-    labels = [f"{r['cell']} {r['shape']}\n{r['mode'][:5]} t={r['threads']}" for r in rows]
+    labels = [f"{r['cell']} {r['shape']} {r['variant']}\n{r['mode'][:5]} t={r['threads']}" for r in rows]
     speedups = [r["seconds"]["torch"] / r["seconds"].get("fused", r["seconds"]["reference"]) for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.55 * len(rows)), 4.5))
     colors = ["tab:green" if s >= 1 else "tab:red" for s in speedups]

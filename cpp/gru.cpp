@@ -118,11 +118,12 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
 //   dG: [3H] out: gradient of gh (the same but r * that of n in the n block)
 //   dh: [H] in: gradient of h'; out: the part of the gradient of h that bypasses W_hh (dh' z)
 //   dy: [H] added to dh, or nullptr;  gates: [4H] saved r, z, n, gh_n;  h_prev: [H]
+//   H: the gate stride;  units: how many units from the pointers on (H for all)
 template <typename Real>
 inline void gru_backward_row(Real* dG_in, Real* dG, Real* dh, const Real* dy, const Real* gates,
-                             const Real* h_prev, int64_t H) {
+                             const Real* h_prev, int64_t H, int64_t units) {
   const V<Real> one = splat<Real>(1);
-  for_lanes<Real>(H, [&](int64_t j, int64_t n) {
+  for_lanes<Real>(units, [&](int64_t j, int64_t n) {
     V<Real> dhj = ld(dh + j, n);
     if (dy) dhj += ld(dy + j, n);
     const V<Real> r = ld(gates + j, n), z = ld(gates + H + j, n);
@@ -138,6 +139,49 @@ inline void gru_backward_row(Real* dG_in, Real* dG, Real* dh, const Real* dy, co
     st(dG + H + j, da_z, n);
     st(dG + 2 * H + j, da_n * r, n);
   });
+}
+
+// The backward on the pool (as lstm.cpp's backward_fused): own units' gate
+// gradients and dh' z, a barrier, then own columns of dh += dG W_hh.
+template <typename Real>
+void backward_fused(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
+                    const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy,
+                    const Real* dh_n, const Real* x, const LayerWeights<Real>& w,
+                    const LayerShape& s) {
+  const Walk walk(s);
+  const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
+  constexpr int64_t U = kWidth<Real>;
+  Real* dG_in = input_gate_grads(dG_x, buf.dG_in, s);
+  Real* dG = buf.dG;
+  gather_state(buf.dh, dh_n, H, walk);
+  auto body = [&](int tid, int nt) {
+    int64_t u0, u1;
+    share(unit_blocks<Real>(H), tid, nt, u0, u1);
+    const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H, units = j1 - j0;
+    for (int64_t k = S - 1; k >= 0; --k) {
+      const int64_t n = walk.active(k);
+      const Real* h_prev = buf.h + k * N * H;
+      if (units > 0) {
+        for (int64_t b = 0; b < n; ++b)
+          gru_backward_row<Real>(dG_in + (k * N + b) * GH + j0, dG + (k * N + b) * GH + j0,
+                                 buf.dh + b * H + j0,
+                                 dy ? dy + walk.at(k, b) * lddy + j0 : nullptr,
+                                 buf.gates + (k * N + b) * 4 * H + j0, h_prev + b * H + j0, H,
+                                 units);
+        for (int64_t b = n; b < N; ++b)
+          for (int64_t g = 0; g < 3; ++g) {
+            zero_row(dG_in + (k * N + b) * GH + g * H + j0, units);
+            zero_row(dG + (k * N + b) * GH + g * H + j0, units);
+          }
+      }
+      pool_barrier();
+      dh_product(buf.dh, dG + k * N * GH, w.W_hh, n, GH, H, j0, j1, true);
+    }
+    pool_barrier();
+    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, dG_in, buf.h, x, GH, s);
+  };
+  run_on_pool(s.threads, body);
+  scatter_state(dh0, buf.dh, H, walk);
 }
 
 }  // namespace
@@ -162,6 +206,8 @@ void gru_backward(Real* dG_x, Real* dh0, Real* /*dc0*/, const LayerGrads<Real>& 
                   const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
                   const Real* /*dc_n*/, const Real* x, const LayerWeights<Real>& w,
                   const LayerShape& s) {
+  if (use_fused_recurrence(s))
+    return backward_fused(dG_x, dh0, dw, buf, dy, lddy, dh_n, x, w, s);
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
   Real* dG_in = input_gate_grads(dG_x, buf.dG_in, s);
@@ -173,7 +219,7 @@ void gru_backward(Real* dG_x, Real* dh0, Real* /*dc0*/, const LayerGrads<Real>& 
     for (int64_t b = 0; b < n; ++b)
       gru_backward_row<Real>(dG_in + (k * N + b) * GH, dG + (k * N + b) * GH, buf.dh + b * H,
                              dy ? dy + walk.at(k, b) * lddy : nullptr,
-                             buf.gates + (k * N + b) * 4 * H, h_prev + b * H, H);
+                             buf.gates + (k * N + b) * 4 * H, h_prev + b * H, H, H);
     for (int64_t b = n; b < N; ++b) {
       zero_row(dG_in + (k * N + b) * GH, GH);
       zero_row(dG + (k * N + b) * GH, GH);

@@ -91,10 +91,11 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
 // tanh' = 1 - h'^2, relu' = [h' > 0].
 //   dG: [H] out: gradient of the pre-activation;  dh: [H] gradient of h';
 //   dy: [H] added to dh, or nullptr;  h_next: [H] h'
+//   units: how many units from the pointers on (H for all)
 template <typename Real, bool kRelu>
 inline void rnn_backward_row(Real* dG, const Real* dh, const Real* dy, const Real* h_next,
-                             int64_t H) {
-  for_lanes<Real>(H, [&](int64_t j, int64_t n) {
+                             int64_t units) {
+  for_lanes<Real>(units, [&](int64_t j, int64_t n) {
     V<Real> dhj = ld(dh + j, n);
     if (dy) dhj += ld(dy + j, n);
     const V<Real> h = ld(h_next + j, n);
@@ -114,6 +115,34 @@ void backward_steps(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
   const int64_t N = s.N, H = s.H, S = steps_of(s);
   Real* dG = input_gate_grads(dG_x, buf.dG, s);
   gather_state(buf.dh, dh_n, H, walk);
+  if (use_fused_recurrence(s)) {
+    // On the pool (as lstm.cpp's backward_fused).
+    constexpr int64_t U = kWidth<Real>;
+    auto body = [&](int tid, int nt) {
+      int64_t u0, u1;
+      share(unit_blocks<Real>(H), tid, nt, u0, u1);
+      const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H, units = j1 - j0;
+      for (int64_t k = S - 1; k >= 0; --k) {
+        const int64_t n = walk.active(k);
+        Real* dGk = dG + k * N * H;
+        const Real* h_next = buf.h + (k + 1) * N * H;
+        if (units > 0) {
+          for (int64_t b = 0; b < n; ++b)
+            rnn_backward_row<Real, kRelu>(dGk + b * H + j0, buf.dh + b * H + j0,
+                                          dy ? dy + walk.at(k, b) * lddy + j0 : nullptr,
+                                          h_next + b * H + j0, units);
+          for (int64_t b = n; b < N; ++b) zero_row(dGk + b * H + j0, units);
+        }
+        pool_barrier();
+        dh_product(buf.dh, dGk, w.W_hh, n, H, H, j0, j1, false);
+      }
+      pool_barrier();
+      weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, dG, buf.h, x, H, s);
+    };
+    run_on_pool(s.threads, body);
+    scatter_state(dh0, buf.dh, H, walk);
+    return;
+  }
   for (int64_t k = S - 1; k >= 0; --k) {
     const int64_t n = walk.active(k);
     Real* dGk = dG + k * N * H;

@@ -66,3 +66,9 @@ def test_same_threads_same_bits_and_counts_may_change(threads_restored, mode):
         results[threads] = got
     for a, b in zip(results[1], results[4]):  # any count: equal within rounding
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_many_rows_on_one_thread_take_the_blas_path(simd_target, threads_restored, mode):
+    lstmfast.set_num_threads(1)  # N > 16 on one thread: OpenBLAS per step, then pointwise
+    Case(mode, np.float32, T=4, N=21, I=5, H=19, lengths=[4] * 11 + [3, 1] * 5).check()

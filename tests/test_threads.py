@@ -97,8 +97,6 @@ def test_eval_mode_from_8_threads(kind, kwargs, with_lengths):
             for a, b in zip(h if isinstance(h, tuple) else (h,),
                             expected[i][1] if isinstance(h, tuple) else (expected[i][1],)):
                 assert_close(a, b, name=f"thread {i} state")
-        first = repeats[0][0]
-        assert all(np.array_equal(out, first) for out, _ in repeats), f"thread {i} varies"
 
 
 @FUSED

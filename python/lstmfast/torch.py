@@ -122,6 +122,8 @@ class _FastRNNMixin:
     def forward(self, input, hx=None):  # noqa: A002  (torch's argument name)
         packed = isinstance(input, PackedSequence)
         data = input.data if packed else input
+        if data.numel() == 0:  # an empty batch (or sequence): torch's answer, whatever it is
+            return super().forward(input, hx)
         reason = self._lstmfast_unsupported(data)
         if reason is not None:
             _warn_once((type(self).__name__, reason),

@@ -488,7 +488,7 @@ def torch_cases(draw):
         P=draw(st.integers(0, H - 1)) if kind == "LSTM" and H > 1 and draw(st.booleans()) else 0,
         dtype=draw(st.sampled_from(["float32", "float64", "float32", "float64", "float16",
                                     "int64"])),
-        T=draw(st.integers(1, 4)), N=draw(st.integers(1, 3)), unbatched=draw(st.booleans()),
+        T=draw(st.integers(1, 4)), N=draw(st.integers(0, 3)), unbatched=draw(st.booleans()),
         packed=draw(st.booleans()), with_hx=draw(st.booleans()),
         layout=draw(st.sampled_from(["contiguous", "transposed", "expanded", "strided"])),
         values=draw(st.sampled_from(VALUES)), wrong_features=draw(st.booleans()),

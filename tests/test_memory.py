@@ -119,7 +119,10 @@ def test_layers_and_their_caches_are_freed():
 
 
 def test_scratch_of_finished_threads_is_freed():
-    """Each thread's scratch block (here ~8 MB) goes away when the thread ends."""
+    """Each thread's scratch block (here ~12 MB) goes away when the thread ends.
+
+    The bound leaves room for what glibc keeps on purpose: the stacks of finished
+    threads, cached for reuse up to 40 MB, with the pages they touched."""
     layer = lstmfast.GRU(64, 256, seed=0).eval()
     x = np.ones((200, 16, 64), np.float32)  # x W_ih^T for all steps: 200*16*768 floats
 
@@ -131,7 +134,7 @@ def test_scratch_of_finished_threads_is_freed():
     for _ in range(3):
         in_a_thread()
     before = resident_bytes()
-    for _ in range(40):  # would be ~400 MB if the blocks outlived their threads
+    for _ in range(60):  # would be ~700 MB if the blocks outlived their threads
         in_a_thread()
     grown = resident_bytes() - before
-    assert grown < 16 * MiB, f"resident memory grew by {grown / MiB:.1f} MiB over 40 threads"
+    assert grown < 64 * MiB, f"resident memory grew by {grown / MiB:.1f} MiB over 60 threads"

@@ -261,6 +261,96 @@ inline void small_gemm(Real* C, int64_t ldc, const Real* A, int64_t lda, const R
   if (j < cols) block(cols - W, 1, W - (cols - j));
 }
 
+// ---------------------------------------------------------------------------
+// The product with a weight as it lies, for calls too short to lay it out.
+//
+// C[n, M] = A[n, K] W[M, K]^T: every element is the dot product of a row of A and
+// a row of W, both contiguous, so W is read in place, once per 4 rows of A. For a
+// step or two of a few rows (a cell called once per frame) packing or transposing
+// W, as the longer calls do, would cost more than the product itself.
+
+template <typename Real>
+inline Real lane_sum(V<Real> v) {
+  constexpr int64_t W = kWidth<Real>;
+  Real lanes[W];
+  simd::store<Real>(lanes, v);
+  for (int64_t w = W / 2; w >= 1; w /= 2)
+    for (int64_t l = 0; l < w; ++l) lanes[l] += lanes[l + w];
+  return lanes[0];
+}
+
+// C[r, m] for R rows of A and RB rows of W (m = 0..RB-1), k in vectors.
+template <typename Real, int R, int RB>
+inline void row_dot_tile(Real* C, int64_t ldc, const Real* A, int64_t lda, const Real* Wm,
+                         int64_t K) {
+  V<Real> acc[RB][R];
+  for (int m = 0; m < RB; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = V<Real>{};
+  for_lanes<Real>(K, [&](int64_t k, int64_t n) {
+    V<Real> a[R];
+    for (int r = 0; r < R; ++r) a[r] = ld(A + r * lda + k, n);
+    for (int m = 0; m < RB; ++m) {
+      const V<Real> w = ld(Wm + m * K + k, n);
+      for (int r = 0; r < R; ++r) acc[m][r] += a[r] * w;
+    }
+  });
+  for (int m = 0; m < RB; ++m)
+    for (int r = 0; r < R; ++r) C[r * ldc + m] = lane_sum<Real>(acc[m][r]);
+}
+
+// R rows of A against every row of W: blocks of RB rows of W keep about 8
+// accumulators in flight (FMA latency), then single rows for the rest.
+template <typename Real, int R>
+inline void row_dot_rows(Real* C, int64_t ldc, const Real* A, int64_t lda, const Real* Wm,
+                         int64_t M, int64_t K) {
+  constexpr int RB = R == 1 ? 8 : R == 2 ? 4 : 2;
+  int64_t m = 0;
+  for (; m + RB <= M; m += RB) row_dot_tile<Real, R, RB>(C + m, ldc, A, lda, Wm + m * K, K);
+  for (; m < M; ++m) row_dot_tile<Real, R, 1>(C + m, ldc, A, lda, Wm + m * K, K);
+}
+
+// C[n, M] = A[n, K] W[M, K]^T, all row-major and contiguous.
+template <typename Real>
+inline void row_gemm(Real* C, const Real* A, const Real* Wm, int64_t n, int64_t K, int64_t M) {
+  for (int64_t r = 0; r < n; r += 4) {
+    Real* c = C + r * M;
+    const Real* a = A + r * K;
+    switch (n - r < 4 ? n - r : 4) {
+      case 4:
+        row_dot_rows<Real, 4>(c, M, a, K, Wm, M, K);
+        break;
+      case 3:
+        row_dot_rows<Real, 3>(c, M, a, K, Wm, M, K);
+        break;
+      case 2:
+        row_dot_rows<Real, 2>(c, M, a, K, Wm, M, K);
+        break;
+      default:
+        row_dot_rows<Real, 1>(c, M, a, K, Wm, M, K);
+    }
+  }
+}
+
+// Row-steps (steps x rows) up to which a forward of few rows uses the weights in
+// place (row_gemm) on the calling thread: no packing, no transposing, no pool.
+// Measured with AVX2, float32, LSTM H = I = 128: in place about 7 us per step and
+// row, packed 5 us per step plus 55 us per call at N = 1, one thread (even near
+// T = 30); at N = 4 even near T = 5 with one thread or two.
+constexpr int64_t kDirectRowSteps = 20;
+constexpr int64_t kDirectRowStepsThreaded = 16;
+// Weight elements (G*H*(I + H_out)) up to which the direct path stays on the calling
+// thread when more threads are allowed (beyond, the pool's share of the product pays).
+constexpr int64_t kDirectSerialWeights = int64_t(1) << 20;
+
+// Whether a forward multiplies by its weights in place (see row_gemm).
+inline bool direct_weights(const LayerShape& s, int64_t G) {
+  if (s.N > kSmallGemmRows) return false;
+  const int64_t row_steps = steps_of(s) * s.N;
+  if (s.threads <= 1) return row_steps <= kDirectRowSteps;
+  const int64_t elements = G * s.H * (s.I + h_out(s)) + s.P * s.H;
+  return row_steps <= kDirectRowStepsThreaded && elements <= kDirectSerialWeights;
+}
+
 // dst[cols, rows] = src[rows, cols]^T (weights laid out once per call), in
 // 16 x 16 tiles so that both sides stay in cache lines already loaded.
 template <typename Real>

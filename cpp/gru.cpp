@@ -42,15 +42,22 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
                    const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
-  input_projection(buf.xproj, x, w.W_ih, GH, s);
-  const bool small = uses_small_gemm(s);
+  const bool direct = direct_weights(s, 3);
+  if (direct)
+    row_gemm(buf.xproj, x, w.W_ih, s.T * N, s.I, GH);
+  else
+    input_projection(buf.xproj, x, w.W_ih, GH, s);
+  const bool small = !direct && uses_small_gemm(s);
   if (small) transpose(buf.W_hh_t, w.W_hh, GH, H);
   gather_state(buf.h, h0, H, walk);
   for (int64_t k = 0; k < S; ++k) {
     const int64_t n = walk.active(k);
     const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
     Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
-    step_gemm(buf.rec, h_prev, w.W_hh, true, small ? buf.W_hh_t : nullptr, n, H, GH, false);
+    if (direct)
+      row_gemm(buf.rec, h_prev, w.W_hh, n, H, GH);
+    else
+      step_gemm(buf.rec, h_prev, w.W_hh, true, small ? buf.W_hh_t : nullptr, n, H, GH, false);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
       gru_forward_row<Real, kTraining>(h_next + b * H, y + at * ldy,
@@ -190,7 +197,7 @@ template <typename Real>
 void gru_forward(Real* y, int64_t ldy, Real* h_n, Real* /*c_n*/, const LayerBuffers<Real>& buf,
                  const Real* x, const Real* h0, const Real* /*c0*/, const LayerWeights<Real>& w,
                  const LayerShape& s) {
-  const bool fused = use_fused_recurrence(s);
+  const bool fused = !direct_weights(s, 3) && use_fused_recurrence(s);
   if (fused && s.training)
     forward_fused<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
   else if (fused)

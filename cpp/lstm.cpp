@@ -48,8 +48,12 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
                    const LayerShape& s) {
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, P = s.P, H_out = h_out(s), GH = 4 * H, S = steps_of(s);
-  input_projection(buf.xproj, x, w.W_ih, GH, s);
-  const bool small = uses_small_gemm(s);
+  const bool direct = direct_weights(s, 4);
+  if (direct)
+    row_gemm(buf.xproj, x, w.W_ih, s.T * N, s.I, GH);
+  else
+    input_projection(buf.xproj, x, w.W_ih, GH, s);
+  const bool small = !direct && uses_small_gemm(s);
   if (small) {
     transpose(buf.W_hh_t, w.W_hh, GH, H_out);
     if (P) transpose(buf.W_hr_t, w.W_hr, P, H);
@@ -65,7 +69,10 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
     Real* m = P ? buf.m + (kTraining ? k * N * H : 0) : h_next;
     Real* gates = kTraining ? buf.gates + k * N * GH : nullptr;
 
-    step_gemm(buf.rec, h_prev, w.W_hh, true, small ? buf.W_hh_t : nullptr, n, H_out, GH, false);
+    if (direct)
+      row_gemm(buf.rec, h_prev, w.W_hh, n, H_out, GH);
+    else
+      step_gemm(buf.rec, h_prev, w.W_hh, true, small ? buf.W_hh_t : nullptr, n, H_out, GH, false);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
       lstm_forward_row<Real, kTraining>(c_next + b * H, m + b * H, P ? nullptr : y + at * ldy,
@@ -74,7 +81,10 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
                                         c_prev + b * H, H);
     }
     if (P) {
-      step_gemm(h_next, m, w.W_hr, true, small ? buf.W_hr_t : nullptr, n, H, P, false);
+      if (direct)
+        row_gemm(h_next, m, w.W_hr, n, H, P);
+      else
+        step_gemm(h_next, m, w.W_hr, true, small ? buf.W_hr_t : nullptr, n, H, P, false);
       for (int64_t b = 0; b < n; ++b) copy_row(y + walk.at(k, b) * ldy, h_next + b * P, P);
     }
     // Finished rows keep their state, so the last slot holds h_n and c_n, and
@@ -230,7 +240,7 @@ template <typename Real>
 void lstm_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                   const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
                   const LayerShape& s) {
-  if (s.P == 0 && use_fused_recurrence(s)) {
+  if (s.P == 0 && !direct_weights(s, 4) && use_fused_recurrence(s)) {
     if (s.training)
       forward_fused<Real, true>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
     else

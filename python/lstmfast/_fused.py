@@ -81,6 +81,22 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
     return output, h_n, c_n, cache
 
 
+def cell_forward(mode, x, hx, weights, training=False):
+    """One step of one cell, as forward with num_layers=1, unidirectional, and the
+    parameters already in the compiled module's order: ``weights`` is
+    [weight_ih, weight_hh, bias_ih or None, bias_hh or None]. ``x``: (1, N, I) and
+    the state(s) (1, N, H) must already be arrays of one float dtype (the compiled
+    module checks shapes and dtypes). Returns h_n, c_n (None but for LSTM), cache."""
+    h0, c0 = hx if mode == "LSTM" else (hx, None)
+    _, h_n, c_n, core = _core.rnn_forward(mode, x, h0, c0, [weights + [None]], 1, False, 0,
+                                          None, None, bool(training))
+    cache = None
+    if core is not None:
+        shapes = {name: np.shape(w) for name, w in zip(_names(0, 0), weights) if w is not None}
+        cache = _Cache(core, mode, 1, 1, x.dtype, shapes)
+    return h_n, c_n, cache
+
+
 def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None):
     """Backpropagation through time for a forward(..., training=True) call; as reference.backward.
 

@@ -373,6 +373,8 @@ class _Module:
 
     def _as_input(self, name, value):
         """``value`` as an array of exactly the layer dtype, else TypeError."""
+        if type(value) is np.ndarray and value.dtype == self.dtype:
+            return value
         try:
             array = _to_numpy(value)
         except (TypeError, ValueError, RuntimeError) as exc:
@@ -852,10 +854,23 @@ class _CellBase(_Module):
                         f"{name}: for {kind} input expected shape {_shape_str(state_shape)}, "
                         f"got {_shape_str(a.shape)}")
                 states.append(np.ascontiguousarray((a if batched else a[None])[None]))
-        _, h_n, c_n = self._run_forward(
-            x_b, tuple(states) if self._mode == "LSTM" else states[0],
-            self._backend_params(self._params), num_layers=1, bidirectional=False,
-            proj_size=0, lengths=None, dropout_masks=None, layout=(batched, N))
+        hx_b = tuple(states) if self._mode == "LSTM" else states[0]
+        cell_forward = getattr(self._backend, "cell_forward", None)
+        if cell_forward is not None and N > 0:  # the lean path of the fused backend
+            p = self._params
+            training = self.training
+            h_n, c_n, cache = cell_forward(
+                self._mode, x_b, hx_b,
+                [p["weight_ih"], p["weight_hh"], p.get("bias_ih"), p.get("bias_hh")], training)
+            calls = self._calls
+            calls.pending = cache if training else None
+            calls.last_forward = "train" if training else "eval"
+            calls.layout = (batched, N)
+        else:
+            _, h_n, c_n = self._run_forward(
+                x_b, hx_b, self._backend_params(self._params), num_layers=1,
+                bidirectional=False, proj_size=0, lengths=None, dropout_masks=None,
+                layout=(batched, N))
         h1 = h_n[0] if batched else h_n[0, 0]
         if self._mode == "LSTM":
             return h1, (c_n[0] if batched else c_n[0, 0])

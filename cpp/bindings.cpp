@@ -74,6 +74,15 @@ std::string type_name(py::handle obj) {
   return std::string(py::str(py::type::handle_of(obj).attr("__name__")));
 }
 
+// The name of an argument, for messages: a string, or a function building one
+// (so that names are only put together when a check fails).
+inline const std::string& name_str(const std::string& name) { return name; }
+inline std::string name_str(const char* name) { return name; }
+template <typename F>
+std::string name_str(const F& name) {
+  return name();
+}
+
 std::vector<int64_t> shape_of(const py::array& a) {
   return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
 }
@@ -98,18 +107,20 @@ py::array_t<Real, Flags> c_contiguous(const py::array& a) {
 // `obj` as a C-contiguous array of Real with the given shape (copied only when
 // its layout is not C-contiguous); TypeError for another dtype, ValueError for
 // another shape, both naming the argument.
-template <typename Real>
-py::array_t<Real, py::array::c_style> checked(py::handle obj, const std::string& name,
+template <typename Real, typename Name>
+py::array_t<Real, py::array::c_style> checked(py::handle obj, const Name& name,
                                               const std::vector<int64_t>& shape) {
   if (!py::isinstance<py::array>(obj))
-    throw py::type_error(name + ": expected a numpy array, got " +
-                         type_name(obj));
+    throw py::type_error(name_str(name) + ": expected a numpy array, got " + type_name(obj));
   auto a = py::reinterpret_borrow<py::array>(obj);
   if (!a.dtype().equal(py::dtype::of<Real>()))
-    throw py::type_error(name + ": expected dtype " + std::string(py::str(py::dtype::of<Real>())) +
-                         " (that of x), got " + std::string(py::str(a.dtype())));
-  if (shape_of(a) != shape)
-    throw py::value_error(name + ": expected shape " + shape_str(shape) + ", got " +
+    throw py::type_error(name_str(name) + ": expected dtype " +
+                         std::string(py::str(py::dtype::of<Real>())) + " (that of x), got " +
+                         std::string(py::str(a.dtype())));
+  bool same = a.ndim() == static_cast<py::ssize_t>(shape.size());
+  for (size_t d = 0; same && d < shape.size(); ++d) same = a.shape(d) == shape[d];
+  if (!same)
+    throw py::value_error(name_str(name) + ": expected shape " + shape_str(shape) + ", got " +
                           shape_str(shape_of(a)));
   return c_contiguous<Real>(a);
 }
@@ -129,15 +140,16 @@ struct RnnCache {
   std::vector<py::object> keep_alive;  // x, parameters, dropout masks
 };
 
-py::list as_list(py::handle obj, const std::string& name, size_t length) {
+template <typename Name>
+py::list as_list(py::handle obj, const Name& name, size_t length) {
   if (!py::isinstance<py::sequence>(obj) || py::isinstance<py::str>(obj))
-    throw py::type_error(name + ": expected a list, got " +
+    throw py::type_error(name_str(name) + ": expected a list, got " +
                          type_name(obj));
   py::list list = py::reinterpret_steal<py::list>(PySequence_List(obj.ptr()));
   if (!list) throw py::error_already_set();
   if (list.size() != length)
-    throw py::value_error(name + ": expected " + std::to_string(length) + " entries, got " +
-                          std::to_string(list.size()));
+    throw py::value_error(name_str(name) + ": expected " + std::to_string(length) +
+                          " entries, got " + std::to_string(list.size()));
   return list;
 }
 
@@ -233,7 +245,8 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
   rc->keep_alive.push_back(x);
   std::vector<lstmfast::Params<Real>> params(static_cast<size_t>(LD));
   for (int64_t i = 0; i < LD; ++i) {
-    py::list entry = as_list(weights[i], "weights[" + std::to_string(i) + "]", 5);
+    auto entry_name = [&] { return "weights[" + std::to_string(i) + "]"; };
+    py::list entry = as_list(weights[i], entry_name, 5);
     const auto shapes = param_shapes(s, i);
     const Real* ptr[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
     for (int j = 0; j < 5; ++j) {
@@ -244,7 +257,7 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
       }
       if (j == 4 && s.P == 0)
         throw py::value_error(param_name(i, j, s.D) + ": given but proj_size is 0");
-      auto a = checked<Real>(entry[j], param_name(i, j, s.D), shapes[j]);
+      auto a = checked<Real>(entry[j], [&] { return param_name(i, j, s.D); }, shapes[j]);
       ptr[j] = a.data();
       rc->keep_alive.push_back(a);
     }

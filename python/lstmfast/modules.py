@@ -826,9 +826,8 @@ class _CellBase(_Module):
                 f"got {x.shape[-1]} (shape {_shape_str(x.shape)})")
         batched = x.ndim == 2
         N = x.shape[0] if batched else 1
-        x_b = np.ascontiguousarray((x if batched else x[None])[None])
+        x_b = np.ascontiguousarray(x[None] if batched else x[None, None])
         state_shape = (N, self.hidden_size) if batched else (self.hidden_size,)
-        kind = "batched 2-D" if batched else "unbatched 1-D"
         states = []
         if hx is None:
             n_states = 2 if self._mode == "LSTM" else 1
@@ -850,10 +849,11 @@ class _CellBase(_Module):
             for name, value in named:
                 a = self._as_input(name, value)
                 if a.shape != state_shape:
+                    kind = "batched 2-D" if batched else "unbatched 1-D"
                     raise ValueError(
                         f"{name}: for {kind} input expected shape {_shape_str(state_shape)}, "
                         f"got {_shape_str(a.shape)}")
-                states.append(np.ascontiguousarray((a if batched else a[None])[None]))
+                states.append(np.ascontiguousarray(a[None] if batched else a[None, None]))
         hx_b = tuple(states) if self._mode == "LSTM" else states[0]
         cell_forward = getattr(self._backend, "cell_forward", None)
         if cell_forward is not None and N > 0:  # the lean path of the fused backend

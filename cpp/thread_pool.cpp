@@ -8,6 +8,7 @@
 #include <condition_variable>
 #include <exception>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -83,7 +84,7 @@ class Pool {
   bool run(Job& job) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
-    grow(job.threads - 1);
+    if (!grow(job.threads - 1)) return false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = &job;
@@ -98,12 +99,21 @@ class Pool {
   }
 
  private:
-  void grow(int workers) {
+  // Starts workers until there are `workers`; false when the system refuses a
+  // thread. A worker is counted only once it exists, so a job never waits for one
+  // that was never started (the caller then runs the job on its own thread).
+  bool grow(int workers) {
     while (static_cast<int>(workers_) < workers) {
-      const int tid = static_cast<int>(++workers_);
+      const int tid = static_cast<int>(workers_) + 1;
       const unsigned seen = generation_.load(std::memory_order_acquire);  // before the next job
-      std::thread([this, tid, seen] { work(tid, seen); }).detach();
+      try {
+        std::thread([this, tid, seen] { work(tid, seen); }).detach();
+      } catch (const std::system_error&) {
+        return false;
+      }
+      ++workers_;
     }
+    return true;
   }
 
   void work(int tid, unsigned seen) {

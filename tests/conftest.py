@@ -19,6 +19,33 @@ def _fused_available():
 BACKENDS = ["numpy"] + (["fused"] if _fused_available() else [])
 
 
+def _simd_targets():
+    from lstmfast import _core
+
+    return _core.simd_targets() if hasattr(_core, "simd_targets") else []
+
+
+@pytest.fixture(params=_simd_targets())
+def simd_target(request):
+    """Run the test with each instruction set compiled in and supported here, then restore."""
+    from lstmfast import _core
+
+    before = _core.simd_target()
+    _core.set_simd_target(request.param)
+    yield request.param
+    _core.set_simd_target(before)
+
+
+@pytest.fixture
+def threads_restored():
+    """Give the test a free hand with set_num_threads: the count is restored after it."""
+    import lstmfast
+
+    before = lstmfast.get_num_threads()
+    yield
+    lstmfast.set_num_threads(before)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """Every backend built in this install: always "numpy", "fused" once the kernels exist."""

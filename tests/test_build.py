@@ -83,3 +83,15 @@ def test_import_does_not_import_torch():
     code = "import sys, lstmfast, lstmfast.reference; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_blas_spin_setting_is_scoped_to_our_openblas():
+    # lstmfast loads its OpenBLAS with a short worker spin; the environment is left
+    # as the user had it, and a value the user set is used as it is.
+    code = "import os, lstmfast; print(os.environ.get('OPENBLAS_THREAD_TIMEOUT'))"
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"
+    env["OPENBLAS_THREAD_TIMEOUT"] = "20"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "20"

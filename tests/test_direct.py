@@ -21,21 +21,6 @@ pytestmark = pytest.mark.skipif(not _fused.available, reason="fused kernels not 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 
 
-@pytest.fixture(params=_core.simd_targets())
-def simd_target(request):
-    before = _core.simd_target()
-    _core.set_simd_target(request.param)
-    yield request.param
-    _core.set_simd_target(before)
-
-
-@pytest.fixture
-def threads_restored():
-    before = lstmfast.get_num_threads()
-    yield
-    lstmfast.set_num_threads(before)
-
-
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("T", [1, 2, 5, 6, 17, 21])
 @pytest.mark.parametrize("N", [1, 2, 3, 4])

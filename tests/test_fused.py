@@ -22,15 +22,6 @@ DTYPES = (np.float32, np.float64)
 TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
 
 
-@pytest.fixture(params=_core.simd_targets())
-def simd_target(request):
-    """Run the test with each instruction set compiled in and supported here."""
-    before = _core.simd_target()
-    _core.set_simd_target(request.param)
-    yield request.param
-    _core.set_simd_target(before)
-
-
 def assert_close(actual, expected, name):
     """max|a - b| <= tol * max(1, max|expected|), the message showing the max diff and where."""
     actual, expected = np.asarray(actual), np.asarray(expected)

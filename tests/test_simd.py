@@ -24,15 +24,6 @@ def _sigmoid(x):
 EXACT = {"exp": np.exp, "sigmoid": _sigmoid, "tanh": np.tanh}
 
 
-@pytest.fixture(params=_core.simd_targets())
-def simd_target(request):
-    """Run the test with each instruction set compiled in and supported here."""
-    before = _core.simd_target()
-    _core.set_simd_target(request.param)
-    yield request.param
-    _core.set_simd_target(before)
-
-
 def inputs(dtype):
     tiny = np.geomspace(1e-30 if dtype == np.float32 else 1e-300, 1.0, 2000)
     x = np.concatenate([

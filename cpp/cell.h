@@ -418,6 +418,25 @@ inline Real* input_gate_grads(Real* dG_x, Real* scratch, const LayerShape& s) {
 //   dW_hh += dG^T h_prev and db_hh += sum dG    (one GEMM / one pass over all steps)
 //   dG_x = dG_in in x's order (a copy unless dG_in already is dG_x),
 //   dW_ih += dG_x^T x and db_ih += sum dG_in.
+// dG_x[t, rows[b]] = dG_in[k, b] at t = time(k, b), for t in [t_first, t_last);
+// zero where a row has no step. Puts per-step gate gradients (sorted rows, step
+// order) back in x's time order for the after-loop GEMMs.
+template <typename Real>
+void gate_gradients_to_time_order(Real* dG_x, const Real* dG_in, const Walk& walk, int64_t GH,
+                                  const LayerShape& s, int64_t t_first, int64_t t_last) {
+  const int64_t N = s.N;
+  for (int64_t t = t_first; t < t_last; ++t)
+    for (int64_t b = 0; b < N; ++b) {
+      Real* dst = dG_x + (t * N + walk.row(b)) * GH;
+      if (t < walk.length(b)) {
+        const int64_t k = s.reverse ? walk.length(b) - 1 - t : t;
+        copy_row(dst, dG_in + (k * N + b) * GH, GH);
+      } else {
+        zero_row(dst, GH);
+      }
+    }
+}
+
 template <typename Real>
 inline void weight_gradients(Real* dG_x, const LayerGrads<Real>& dw, Real* dsum, const Real* dG,
                              const Real* dG_in, const Real* h_prev, const Real* x, int64_t GH,
@@ -435,17 +454,7 @@ inline void weight_gradients(Real* dG_x, const LayerGrads<Real>& dw, Real* dsum,
     add_into(dw.db_ih, dsum, GH);
   }
   if (dG_in != dG_x) {
-    // dG_x[t, rows[b]] = dG_in[k, b] at t = time(k, b); zero where a row has no step.
-    for (int64_t t = 0; t < s.T; ++t)
-      for (int64_t b = 0; b < N; ++b) {
-        Real* dst = dG_x + (t * N + walk.row(b)) * GH;
-        if (t < walk.length(b)) {
-          const int64_t k = s.reverse ? walk.length(b) - 1 - t : t;
-          copy_row(dst, dG_in + (k * N + b) * GH, GH);
-        } else {
-          zero_row(dst, GH);
-        }
-      }
+    gate_gradients_to_time_order(dG_x, dG_in, walk, GH, s, 0, s.T);
   }
   gemm<Real>(true, false, GH, s.I, s.T * N, Real(1), dG_x, GH, x, s.I, Real(1), dw.dW_ih, s.I);
 }

@@ -183,16 +183,7 @@ inline void weight_gradients_share(int tid, int nt, Real* dG_x, const LayerGrads
   int64_t first, last;
   if (dG_in != dG_x) {
     share(s.T, tid, nt, first, last);
-    for (int64_t t = first; t < last; ++t)
-      for (int64_t b = 0; b < N; ++b) {
-        Real* dst = dG_x + (t * N + walk.row(b)) * GH;
-        if (t < walk.length(b)) {
-          const int64_t k = s.reverse ? walk.length(b) - 1 - t : t;
-          copy_row(dst, dG_in + (k * N + b) * GH, GH);
-        } else {
-          zero_row(dst, GH);
-        }
-      }
+    gate_gradients_to_time_order(dG_x, dG_in, walk, GH, s, first, last);
     pool_barrier();
   }
   share(GH, tid, nt, first, last);

@@ -61,9 +61,12 @@ using vec_t = typename Vec<T>::type;
 template <typename T>
 using ivec_t = typename Vec<T>::int_type;
 
+// Every lane set to v. "v - 0" is exactly v for every v, so it compiles to one
+// broadcast (from memory when v was just loaded); "vec_t<T>{} + v" would keep the
+// addition (0 + -0 is +0), an add and a shuffle per call in the innermost loops.
 template <typename T>
 inline vec_t<T> broadcast(T v) {
-  return vec_t<T>{} + v;
+  return v - vec_t<T>{};
 }
 
 // Unaligned loads and stores; memcpy compiles to one vector move.

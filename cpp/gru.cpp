@@ -37,27 +37,20 @@ inline void gru_forward_row(Real* h_next, Real* y, Real* gates, const Real* xp, 
   });
 }
 
+// The forward of a short call of few rows (direct_weights), on the calling
+// thread with the weights used in place.
 template <typename Real, bool kTraining>
-void forward_steps(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
-                   const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
+void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
+                    const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
-  const bool direct = direct_weights(s, 3);
-  if (direct)
-    row_gemm(buf.xproj, x, w.W_ih, s.T * N, s.I, GH);
-  else
-    input_projection(buf.xproj, x, w.W_ih, GH, s);
-  const bool small = !direct && uses_small_gemm(s);
-  if (small) transpose(buf.W_hh_t, w.W_hh, GH, H);
+  row_gemm(buf.xproj, x, w.W_ih, s.T * N, s.I, GH);
   gather_state(buf.h, h0, H, walk);
   for (int64_t k = 0; k < S; ++k) {
     const int64_t n = walk.active(k);
     const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
     Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
-    if (direct)
-      row_gemm(buf.rec, h_prev, w.W_hh, n, H, GH);
-    else
-      step_gemm(buf.rec, h_prev, w.W_hh, true, small ? buf.W_hh_t : nullptr, n, H, GH, false);
+    row_gemm(buf.rec, h_prev, w.W_hh, n, H, GH);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
       gru_forward_row<Real, kTraining>(h_next + b * H, y + at * ldy,
@@ -197,15 +190,15 @@ template <typename Real>
 void gru_forward(Real* y, int64_t ldy, Real* h_n, Real* /*c_n*/, const LayerBuffers<Real>& buf,
                  const Real* x, const Real* h0, const Real* /*c0*/, const LayerWeights<Real>& w,
                  const LayerShape& s) {
-  const bool fused = !direct_weights(s, 3) && use_fused_recurrence(s);
-  if (fused && s.training)
-    forward_fused<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
-  else if (fused)
-    forward_fused<Real, false>(y, ldy, h_n, buf, x, h0, w, s);
+  const bool direct = direct_weights(s, 3);
+  if (direct && s.training)
+    forward_direct<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
+  else if (direct)
+    forward_direct<Real, false>(y, ldy, h_n, buf, x, h0, w, s);
   else if (s.training)
-    forward_steps<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
+    forward_fused<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
   else
-    forward_steps<Real, false>(y, ldy, h_n, buf, x, h0, w, s);
+    forward_fused<Real, false>(y, ldy, h_n, buf, x, h0, w, s);
 }
 
 template <typename Real>
@@ -213,29 +206,7 @@ void gru_backward(Real* dG_x, Real* dh0, Real* /*dc0*/, const LayerGrads<Real>& 
                   const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
                   const Real* /*dc_n*/, const Real* x, const LayerWeights<Real>& w,
                   const LayerShape& s) {
-  if (use_fused_recurrence(s))
-    return backward_fused(dG_x, dh0, dw, buf, dy, lddy, dh_n, x, w, s);
-  const Walk walk(s);
-  const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
-  Real* dG_in = input_gate_grads(dG_x, buf.dG_in, s);
-  Real* dG = buf.dG;
-  gather_state(buf.dh, dh_n, H, walk);
-  for (int64_t k = S - 1; k >= 0; --k) {
-    const int64_t n = walk.active(k);
-    const Real* h_prev = buf.h + k * N * H;
-    for (int64_t b = 0; b < n; ++b)
-      gru_backward_row<Real>(dG_in + (k * N + b) * GH, dG + (k * N + b) * GH, buf.dh + b * H,
-                             dy ? dy + walk.at(k, b) * lddy : nullptr,
-                             buf.gates + (k * N + b) * 4 * H, h_prev + b * H, H, H);
-    for (int64_t b = n; b < N; ++b) {
-      zero_row(dG_in + (k * N + b) * GH, GH);
-      zero_row(dG + (k * N + b) * GH, GH);
-    }
-    // dh = dh' z + dG W_hh for the running rows; finished rows keep theirs.
-    step_gemm(buf.dh, dG + k * N * GH, w.W_hh, false, w.W_hh, n, GH, H, true);
-  }
-  scatter_state(dh0, buf.dh, H, walk);
-  weight_gradients(dG_x, dw, buf.dsum, dG, dG_in, buf.h, x, GH, s);
+  backward_fused(dG_x, dh0, dw, buf, dy, lddy, dh_n, x, w, s);
 }
 
 template void gru_forward<float>(float*, int64_t, float*, float*, const LayerBuffers<float>&,

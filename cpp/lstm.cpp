@@ -240,7 +240,7 @@ template <typename Real>
 void lstm_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                   const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
                   const LayerShape& s) {
-  if (s.P == 0 && !direct_weights(s, 4) && use_fused_recurrence(s)) {
+  if (s.P == 0 && !direct_weights(s, 4)) {
     if (s.training)
       forward_fused<Real, true>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
     else
@@ -257,7 +257,7 @@ void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
                    const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
                    const Real* dc_n, const Real* x, const LayerWeights<Real>& w,
                    const LayerShape& s) {
-  if (s.P == 0 && use_fused_recurrence(s))
+  if (s.P == 0)
     return backward_fused(dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, P = s.P, H_out = h_out(s), GH = 4 * H, S = steps_of(s);

@@ -46,54 +46,70 @@ inline void pack_gate_panels(Real* panels, const Real* W_hh, int64_t G, int64_t 
   }
 }
 
-// acc[r][g] = sum over k of A[r, k] * panel[k, g, :] for R rows of A (lda apart).
-// With fewer than 8 accumulators the FMA latency would bound the loop, so even
-// and odd k then go to two sets of accumulators, added at the end.
-template <typename Real, int R, int G>
-inline void gate_tile(V<Real> (&acc)[R][G], const Real* A, int64_t lda, const Real* panel,
-                      int64_t K) {
+// acc[r][c] = sum over k of A[r, k] * panel[k, c0 + c, :] for R rows of A (lda
+// apart) and C of the G vectors of a panel row, from vector c0 on. With fewer than
+// 8 accumulators the FMA latency would bound the loop, so even and odd k then go
+// to two sets of accumulators, added at the end.
+template <typename Real, int R, int C, int G>
+inline void gate_tile(V<Real> (&acc)[R][C], const Real* A, int64_t lda, const Real* panel,
+                      int c0, int64_t K) {
   constexpr int64_t U = kWidth<Real>;
+  panel += c0 * U;
   for (int r = 0; r < R; ++r)
-    for (int g = 0; g < G; ++g) acc[r][g] = V<Real>{};
+    for (int c = 0; c < C; ++c) acc[r][c] = V<Real>{};
   int64_t k = 0;
-  if constexpr (R * G < 8) {
-    V<Real> odd[R][G];
+  if constexpr (R * C < 8) {
+    V<Real> odd[R][C];
     for (int r = 0; r < R; ++r)
-      for (int g = 0; g < G; ++g) odd[r][g] = V<Real>{};
+      for (int c = 0; c < C; ++c) odd[r][c] = V<Real>{};
     for (; k + 2 <= K; k += 2) {
       const Real* p = panel + k * G * U;
-      for (int g = 0; g < G; ++g) {
-        const V<Real> b0 = simd::load<Real>(p + g * U);
-        const V<Real> b1 = simd::load<Real>(p + (G + g) * U);
+      for (int c = 0; c < C; ++c) {
+        const V<Real> b0 = simd::load<Real>(p + c * U);
+        const V<Real> b1 = simd::load<Real>(p + (G + c) * U);
         for (int r = 0; r < R; ++r) {
-          acc[r][g] += splat<Real>(A[r * lda + k]) * b0;
-          odd[r][g] += splat<Real>(A[r * lda + k + 1]) * b1;
+          acc[r][c] += splat<Real>(A[r * lda + k]) * b0;
+          odd[r][c] += splat<Real>(A[r * lda + k + 1]) * b1;
         }
       }
     }
     for (int r = 0; r < R; ++r)
-      for (int g = 0; g < G; ++g) acc[r][g] += odd[r][g];
+      for (int c = 0; c < C; ++c) acc[r][c] += odd[r][c];
   }
   for (; k < K; ++k) {
     const Real* p = panel + k * G * U;
-    V<Real> b[G];
-    for (int g = 0; g < G; ++g) b[g] = simd::load<Real>(p + g * U);
+    V<Real> b[C];
+    for (int c = 0; c < C; ++c) b[c] = simd::load<Real>(p + c * U);
     for (int r = 0; r < R; ++r) {
       const V<Real> a = splat<Real>(A[r * lda + k]);
-      for (int g = 0; g < G; ++g) acc[r][g] += a * b[g];
+      for (int c = 0; c < C; ++c) acc[r][c] += a * b[c];
     }
   }
 }
 
-// Rows of one register tile: as many as keep R x G accumulators within 12 vectors.
+// Rows of one register tile, and the gate vectors it covers at a time: a tile
+// keeps R x C accumulators, C weight vectors and one broadcast row value in the 16
+// vector registers of AVX2, and each weight vector loaded serves R rows. Measured
+// single-threaded (float32, AVX2, K=H): GRU 4 rows x 3 gates runs at the sgemm
+// rate; LSTM 6 rows x 2 gates (two passes per unit block) beats 3 rows x 4 gates
+// (17 registers) by 5-7% at H=512..1024 and is within 3% of it at H=256.
 template <int G>
-constexpr int kTileRows = G >= 4 ? 3 : G == 3 ? 4 : 4;
+constexpr int kTileRows = G == 4 ? 6 : 4;
+template <int R, int G>
+constexpr int kTileGates = G == 4 && R > 2 ? 2 : G;
 
 template <typename Real, int G, int R, typename Epilogue>
 inline void gate_rows(const Real* A, int64_t lda, const Real* panel, int64_t K, int64_t b0,
                       int64_t j, int64_t lanes, Epilogue& epilogue) {
+  constexpr int C = kTileGates<R, G>;
+  static_assert(G % C == 0, "a tile covers whole chunks of gates");
   V<Real> acc[R][G];
-  gate_tile<Real, R, G>(acc, A + b0 * lda, lda, panel, K);
+  for (int c0 = 0; c0 < G; c0 += C) {
+    V<Real> part[R][C];
+    gate_tile<Real, R, C, G>(part, A + b0 * lda, lda, panel, c0, K);
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < C; ++c) acc[r][c0 + c] = part[r][c];
+  }
   for (int r = 0; r < R; ++r) epilogue(b0 + r, j, lanes, acc[r]);
 }
 
@@ -113,8 +129,14 @@ inline void recurrent_step(const Real* h_prev, int64_t lda, int64_t n, int64_t K
     int64_t b = 0;
     for (; b + R <= n; b += R) gate_rows<Real, G, R>(h_prev, lda, panel, K, b, j, lanes, epilogue);
     switch (n - b) {
+      case 5:
+        if constexpr (R > 5) gate_rows<Real, G, 5>(h_prev, lda, panel, K, b, j, lanes, epilogue);
+        break;
+      case 4:
+        if constexpr (R > 4) gate_rows<Real, G, 4>(h_prev, lda, panel, K, b, j, lanes, epilogue);
+        break;
       case 3:
-        if constexpr (R > 3) gate_rows<Real, G, 3>(h_prev, lda, panel, K, b, j, lanes, epilogue);
+        gate_rows<Real, G, 3>(h_prev, lda, panel, K, b, j, lanes, epilogue);
         break;
       case 2:
         gate_rows<Real, G, 2>(h_prev, lda, panel, K, b, j, lanes, epilogue);
@@ -127,13 +149,6 @@ inline void recurrent_step(const Real* h_prev, int64_t lda, int64_t n, int64_t K
     }
   }
 }
-
-// Whether a layer runs on the pool with the fused kernel, or on the calling
-// thread with OpenBLAS per step + pointwise. Measured with AVX2, T=100, float32,
-// one thread: fused 0.57 vs 0.76 ms at N=1 H=128, even at N=8 H=256, 7-13%
-// behind OpenBLAS at N=32..64 (its kernel streams W_hh better than ours); with
-// two threads the pool wins everywhere (OpenBLAS threads a per-step GEMM poorly).
-inline bool use_fused_recurrence(const LayerShape& s) { return s.threads > 1 || s.N <= 16; }
 
 // The share of thread tid of nt in count items: [first, last).
 inline void share(int64_t count, int tid, int nt, int64_t& first, int64_t& last) {

@@ -25,27 +25,20 @@ inline void rnn_forward_row(Real* h_next, Real* y, const Real* xp, const Real* r
   });
 }
 
+// The forward of a short call of few rows (direct_weights), on the calling
+// thread with the weights used in place.
 template <typename Real, bool kRelu>
-void forward_steps(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
-                   const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
+void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
+                    const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, S = steps_of(s);
-  const bool direct = direct_weights(s, 1);
-  if (direct)
-    row_gemm(buf.xproj, x, w.W_ih, s.T * N, s.I, H);
-  else
-    input_projection(buf.xproj, x, w.W_ih, H, s);
-  const bool small = !direct && uses_small_gemm(s);
-  if (small) transpose(buf.W_hh_t, w.W_hh, H, H);
+  row_gemm(buf.xproj, x, w.W_ih, s.T * N, s.I, H);
   gather_state(buf.h, h0, H, walk);
   for (int64_t k = 0; k < S; ++k) {
     const int64_t n = walk.active(k);
     const Real* h_prev = buf.h + slot(k, s.training) * N * H;
     Real* h_next = buf.h + slot(k + 1, s.training) * N * H;
-    if (direct)
-      row_gemm(buf.rec, h_prev, w.W_hh, n, H, H);
-    else
-      step_gemm(buf.rec, h_prev, w.W_hh, true, small ? buf.W_hh_t : nullptr, n, H, H, false);
+    row_gemm(buf.rec, h_prev, w.W_hh, n, H, H);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
       rnn_forward_row<Real, kRelu>(h_next + b * H, y + at * ldy, buf.xproj + at * H,
@@ -113,8 +106,9 @@ inline void rnn_backward_row(Real* dG, const Real* dh, const Real* dy, const Rea
   });
 }
 
+// The backward on the pool (as lstm.cpp's backward_fused).
 template <typename Real, bool kRelu>
-void backward_steps(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
+void backward_fused(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
                     const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy,
                     const Real* dh_n, const Real* x, const LayerWeights<Real>& w,
                     const LayerShape& s) {
@@ -122,47 +116,30 @@ void backward_steps(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
   const int64_t N = s.N, H = s.H, S = steps_of(s);
   Real* dG = input_gate_grads(dG_x, buf.dG, s);
   gather_state(buf.dh, dh_n, H, walk);
-  if (use_fused_recurrence(s)) {
-    // On the pool (as lstm.cpp's backward_fused).
-    constexpr int64_t U = kWidth<Real>;
-    auto body = [&](int tid, int nt) {
-      int64_t u0, u1;
-      share(unit_blocks<Real>(H), tid, nt, u0, u1);
-      const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H, units = j1 - j0;
-      for (int64_t k = S - 1; k >= 0; --k) {
-        const int64_t n = walk.active(k);
-        Real* dGk = dG + k * N * H;
-        const Real* h_next = buf.h + (k + 1) * N * H;
-        if (units > 0) {
-          for (int64_t b = 0; b < n; ++b)
-            rnn_backward_row<Real, kRelu>(dGk + b * H + j0, buf.dh + b * H + j0,
-                                          dy ? dy + walk.at(k, b) * lddy + j0 : nullptr,
-                                          h_next + b * H + j0, units);
-          for (int64_t b = n; b < N; ++b) zero_row(dGk + b * H + j0, units);
-        }
-        pool_barrier();
-        dh_product(buf.dh, dGk, w.W_hh, n, H, H, j0, j1, false);
+  constexpr int64_t U = kWidth<Real>;
+  auto body = [&](int tid, int nt) {
+    int64_t u0, u1;
+    share(unit_blocks<Real>(H), tid, nt, u0, u1);
+    const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H, units = j1 - j0;
+    for (int64_t k = S - 1; k >= 0; --k) {
+      const int64_t n = walk.active(k);
+      Real* dGk = dG + k * N * H;
+      const Real* h_next = buf.h + (k + 1) * N * H;
+      if (units > 0) {
+        for (int64_t b = 0; b < n; ++b)
+          rnn_backward_row<Real, kRelu>(dGk + b * H + j0, buf.dh + b * H + j0,
+                                        dy ? dy + walk.at(k, b) * lddy + j0 : nullptr,
+                                        h_next + b * H + j0, units);
+        for (int64_t b = n; b < N; ++b) zero_row(dGk + b * H + j0, units);
       }
       pool_barrier();
-      weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, dG, buf.h, x, H, s);
-    };
-    run_on_pool(s.threads, body);
-    scatter_state(dh0, buf.dh, H, walk);
-    return;
-  }
-  for (int64_t k = S - 1; k >= 0; --k) {
-    const int64_t n = walk.active(k);
-    Real* dGk = dG + k * N * H;
-    const Real* h_next = buf.h + (k + 1) * N * H;
-    for (int64_t b = 0; b < n; ++b)
-      rnn_backward_row<Real, kRelu>(dGk + b * H, buf.dh + b * H,
-                                    dy ? dy + walk.at(k, b) * lddy : nullptr, h_next + b * H, H);
-    for (int64_t b = n; b < N; ++b) zero_row(dGk + b * H, H);
-    // dh = dG W_hh for the running rows; finished rows keep theirs.
-    step_gemm(buf.dh, dGk, w.W_hh, false, w.W_hh, n, H, H, false);
-  }
+      dh_product(buf.dh, dGk, w.W_hh, n, H, H, j0, j1, false);
+    }
+    pool_barrier();
+    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, dG, buf.h, x, H, s);
+  };
+  run_on_pool(s.threads, body);
   scatter_state(dh0, buf.dh, H, walk);
-  weight_gradients(dG_x, dw, buf.dsum, dG, dG, buf.h, x, H, s);
 }
 
 }  // namespace
@@ -171,15 +148,15 @@ template <typename Real>
 void rnn_forward(Real* y, int64_t ldy, Real* h_n, Real* /*c_n*/, const LayerBuffers<Real>& buf,
                  const Real* x, const Real* h0, const Real* /*c0*/, const LayerWeights<Real>& w,
                  const LayerShape& s) {
-  const bool fused = !direct_weights(s, 1) && use_fused_recurrence(s);
-  if (fused && s.relu)
-    forward_fused<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
-  else if (fused)
-    forward_fused<Real, false>(y, ldy, h_n, buf, x, h0, w, s);
+  const bool direct = direct_weights(s, 1);
+  if (direct && s.relu)
+    forward_direct<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
+  else if (direct)
+    forward_direct<Real, false>(y, ldy, h_n, buf, x, h0, w, s);
   else if (s.relu)
-    forward_steps<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
+    forward_fused<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
   else
-    forward_steps<Real, false>(y, ldy, h_n, buf, x, h0, w, s);
+    forward_fused<Real, false>(y, ldy, h_n, buf, x, h0, w, s);
 }
 
 template <typename Real>
@@ -188,9 +165,9 @@ void rnn_backward(Real* dG_x, Real* dh0, Real* /*dc0*/, const LayerGrads<Real>& 
                   const Real* /*dc_n*/, const Real* x, const LayerWeights<Real>& w,
                   const LayerShape& s) {
   if (s.relu)
-    backward_steps<Real, true>(dG_x, dh0, dw, buf, dy, lddy, dh_n, x, w, s);
+    backward_fused<Real, true>(dG_x, dh0, dw, buf, dy, lddy, dh_n, x, w, s);
   else
-    backward_steps<Real, false>(dG_x, dh0, dw, buf, dy, lddy, dh_n, x, w, s);
+    backward_fused<Real, false>(dG_x, dh0, dw, buf, dy, lddy, dh_n, x, w, s);
 }
 
 template void rnn_forward<float>(float*, int64_t, float*, float*, const LayerBuffers<float>&,

@@ -5,8 +5,8 @@
 // Per call: rows are sorted by length once (a permutation, no data moved: the
 // kernels index x and y through it), biases are combined once, all memory is
 // planned up front (the training cache in one block, scratch in this thread's
-// reusable block), and the two directions of a layer run concurrently when two
-// threads are allowed.
+// reusable block), and the two directions of a layer run in turn, each on the
+// whole thread pool.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -245,9 +245,12 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
     for (int64_t d = 0; d < D; ++d) {
       scratch[d].xproj = cv.take<Real>(T * N * GH);
       scratch[d].rec = cv.take<Real>(N * GH);
-      scratch[d].W_hh_t = cv.take<Real>(H_out * GH);
-      scratch[d].W_hh_p = cv.take<Real>(packed_size(gates_of(s.mode), H, H_out));
-      if (P) scratch[d].W_hr_t = cv.take<Real>(H * P);
+      if (P) {  // the projected LSTM steps with OpenBLAS, or few rows with transposed weights
+        scratch[d].W_hh_t = cv.take<Real>(H_out * GH);
+        scratch[d].W_hr_t = cv.take<Real>(H * P);
+      } else {  // the fused kernel's packed panels
+        scratch[d].W_hh_p = cv.take<Real>(packed_size(gates_of(s.mode), H, H_out));
+      }
       if (!training) {
         scratch[d].h = cv.take<Real>(2 * N * H_out);
         if (lstm) scratch[d].c = cv.take<Real>(2 * N * H);

@@ -111,6 +111,10 @@ CONFIGS = {
     "N9_lengths_bidirectional": dict(N=9, bidirectional=True, lengths=[5, 1, 4, 2, 5, 3, 3, 2, 1]),
     "H13": dict(H=13, L=2, bidirectional=True, lengths=[4, 5, 2]),
     "H17": dict(H=17, I=9),
+    # 13 rows, one of them finishing at each step: the recurrent micro-kernel runs
+    # every row count from 13 down to 1 (whole register tiles and each remainder),
+    # over a partial last block of units.
+    "every_row_count": dict(T=13, N=13, H=19, I=5, lengths=list(range(13, 0, -1))),
 }
 LSTM_CONFIGS = {
     "proj": dict(H=8, P=3),

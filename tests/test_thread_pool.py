@@ -54,6 +54,6 @@ def test_same_threads_same_bits_and_counts_may_change(threads_restored, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_many_rows_on_one_thread_take_the_blas_path(simd_target, threads_restored, mode):
-    lstmfast.set_num_threads(1)  # N > 16 on one thread: OpenBLAS per step, then pointwise
+def test_many_rows_on_one_thread(simd_target, threads_restored, mode):
+    lstmfast.set_num_threads(1)  # whole register tiles of rows and remainders, finishing rows
     Case(mode, np.float32, T=4, N=21, I=5, H=19, lengths=[4] * 11 + [3, 1] * 5).check()

@@ -230,7 +230,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
     };
     Carver count;
     layout(count);
-    c.block = Block(count.bytes());
+    c.block = cache_block(count.bytes());
     Carver carve(c.block.data());
     layout(carve);
     for (int64_t k = 1; k < L; ++k) c.inputs[k] = inputs[k];

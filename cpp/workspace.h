@@ -50,6 +50,16 @@ class Carver {
 // kept). Per thread, so concurrent calls never share scratch.
 char* thread_scratch(size_t bytes);
 
+// Memory for a training cache: a block given back by an earlier cache when one
+// fits (at least bytes, at most twice that), else a new one. Training forwards of
+// one shape follow one another, and a new block of tens of MB costs a page fault
+// and a page clear per 4 KB on first touch: measured on an LSTM T=100 N=64
+// I=H=512 training forward (2 threads), 215 ms in fresh memory, 168 ms reused.
+Block cache_block(size_t bytes);
+// Keeps a cache's block for cache_block; only the few most recently given back
+// are kept (one training step of a model with several layers), older ones freed.
+void give_back_cache_block(Block&& block);
+
 // What a training forward keeps for backward (see stack.cpp).
 template <typename Real>
 class StackCache : public StackCacheBase {
@@ -64,6 +74,11 @@ class StackCache : public StackCacheBase {
   std::vector<const Real*> inputs;          // [L] input of each layer: x, then masked outputs
   std::vector<LayerBuffers<Real>> saved;    // [L*D] the saved h, c, m, gates per layer-direction
   Block block;                              // memory of saved and of inputs 1..L-1
+
+  StackCache() = default;
+  StackCache(const StackCache&) = delete;
+  StackCache& operator=(const StackCache&) = delete;
+  ~StackCache() override { give_back_cache_block(std::move(block)); }
 
   int64_t nbytes() const override {
     return static_cast<int64_t>(block.size() + biases.size() * sizeof(Real));

@@ -182,6 +182,31 @@ def test_output_is_zero_past_each_length():
         assert y[:n, b].all()
 
 
+def test_training_caches_alive_together_keep_their_own_memory():
+    """Freed training caches lend their memory to later ones; live ones never share it."""
+    cases = [Case(mode, np.float32, T=9, N=7, H=11, seed=seed)
+             for seed, mode in enumerate(["LSTM", "LSTM", "GRU", "LSTM"])]
+    expected = [case.run(reference) for case in cases]
+
+    def finish(i, cache):
+        c = cases[i]
+        back = _fused.backward(cache, c.d_output, c.d_h_n, c.d_c_n)
+        (rdx, rdh0, _, rgrads) = expected[i][1]
+        assert_close(back[0], rdx, f"case {i} dx")
+        assert_close(back[1], rdh0, f"case {i} dh0")
+        for name in rgrads:
+            assert_close(back[3][name], rgrads[name], f"case {i} grads[{name!r}]")
+
+    pending = {}
+    for i in (0, 1):
+        pending[i] = cases[i].forward(_fused)[3]
+    finish(0, pending.pop(0))
+    pending[2] = cases[2].forward(_fused)[3]  # may reuse case 0's memory
+    pending[3] = cases[3].forward(_fused)[3]
+    for i in (1, 3, 2):
+        finish(i, pending.pop(i))
+
+
 def test_backward_adds_into_grads_and_can_run_twice():
     case = Case("LSTM", np.float64, L=2, bidirectional=True, P=2)
     _, _, _, cache = case.forward(_fused)

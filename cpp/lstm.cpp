@@ -117,7 +117,7 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
     int64_t u0, u1;
     share(unit_blocks<Real>(H), tid, nt, u0, u1);
     const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H;
-    pack_gate_panels(buf.W_hh_p, w.W_hh, 4, H, H, u0, u1);
+    pack_gate_panels<Real, 4>(buf.W_hh_p, w.W_hh, H, H, u0, u1);
     input_projection_units(buf.xproj, x, w.W_ih, 4, H, j0, j1, s);
     const Real* bias = w.bias;
     for (int64_t k = 0; k < S; ++k) {

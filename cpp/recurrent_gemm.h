@@ -1,11 +1,13 @@
 // The forward's per-step recurrent product with the gate math in its epilogue.
 //
 // W_hh [G*H, K] is packed once per call into panels that interleave the G gates
-// of a block of U units (U = the vector width): panel u holds, for k = 0..K-1 and
-// gate g = 0..G-1, the U weights W_hh[g*H + u*U + l, k], l = 0..U-1 (zero past H).
-// One micro-kernel then computes all G gate pre-activations of a unit block for R
-// batch rows in registers (R x G vector accumulators, k innermost) and hands them
-// to the cell's epilogue (add x W_ih^T and bias, activations, state update), so the
+// of a block of U units (U = the vector width). Panel u is cut into chunks of C
+// gates (C = kChunkGates<G>), one after the other; chunk q holds, for k = 0..K-1
+// and gate g = q*C .. q*C+C-1, the U weights W_hh[g*H + u*U + l, k], l = 0..U-1
+// (zero past H), so a pass over one chunk reads memory in order. One micro-kernel
+// then computes all G gate pre-activations of a unit block for R batch rows in
+// registers (R x C vector accumulators per pass, k innermost) and hands them to
+// the cell's epilogue (add x W_ih^T and bias, activations, state update), so the
 // pre-activations never go to memory. Gates of a unit stay together, so a thread
 // owning a range of unit blocks does its whole share of a step with no other
 // thread's results but h of the step before.
@@ -25,90 +27,95 @@ inline int64_t unit_blocks(int64_t H) {
   return (H + kWidth<Real> - 1) / kWidth<Real>;
 }
 
+// Gates interleaved in one chunk of a panel (see above): LSTM panels hold two
+// chunks of two gates, each read by its own pass of a tile.
+template <int G>
+constexpr int kChunkGates = G == 4 ? 2 : G;
+
 // Packs blocks u0..u1-1 of W_hh into panels (see above).
-//   panels: [unit_blocks(H), K, G, U] out;  W_hh: [G*H, K]
-template <typename Real>
-inline void pack_gate_panels(Real* panels, const Real* W_hh, int64_t G, int64_t H, int64_t K,
-                             int64_t u0, int64_t u1) {
-  constexpr int64_t U = kWidth<Real>;
-  for (int64_t u = u0; u < u1; ++u) {
-    Real* panel = panels + u * K * G * U;
-    for (int64_t g = 0; g < G; ++g)
+//   panels: [unit_blocks(H), G / C, K, C, U] out with C = kChunkGates<G>;  W_hh: [G*H, K]
+template <typename Real, int G>
+inline void pack_gate_panels(Real* panels, const Real* W_hh, int64_t H, int64_t K, int64_t u0,
+                             int64_t u1) {
+  constexpr int64_t U = kWidth<Real>, C = kChunkGates<G>;
+  for (int64_t u = u0; u < u1; ++u)
+    for (int64_t g = 0; g < G; ++g) {
+      Real* chunk = panels + u * K * G * U + (g / C) * K * C * U;
       for (int64_t l = 0; l < U; ++l) {
         const int64_t unit = u * U + l;
         const Real* w = W_hh + (g * H + unit) * K;
-        Real* dst = panel + g * U + l;
+        Real* dst = chunk + (g % C) * U + l;
         if (unit < H)
-          for (int64_t k = 0; k < K; ++k) dst[k * G * U] = w[k];
+          for (int64_t k = 0; k < K; ++k) dst[k * C * U] = w[k];
         else
-          for (int64_t k = 0; k < K; ++k) dst[k * G * U] = Real(0);
+          for (int64_t k = 0; k < K; ++k) dst[k * C * U] = Real(0);
       }
-  }
+    }
 }
 
-// acc[r][c] = sum over k of A[r, k] * panel[k, c0 + c, :] for R rows of A (lda
-// apart) and C of the G vectors of a panel row, from vector c0 on. With fewer than
-// 8 accumulators the FMA latency would bound the loop, so even and odd k then go
-// to two sets of accumulators, added at the end.
-template <typename Real, int R, int C, int G>
-inline void gate_tile(V<Real> (&acc)[R][C], const Real* A, int64_t lda, const Real* panel,
-                      int c0, int64_t K) {
-  constexpr int64_t U = kWidth<Real>;
-  panel += c0 * U;
+// acc[r][q * C + c] = sum over k of A[r, k] * chunk_q[k, c, :] for R rows of A
+// (lda apart) and NC chunks of C gates each (chunk_q = chunks + q * K * C * U).
+// With fewer than 8 accumulators the FMA latency would bound the loop, so even and
+// odd k then go to two sets of accumulators, added at the end.
+template <typename Real, int R, int C, int NC>
+inline void gate_tile(V<Real> (&acc)[R][NC * C], const Real* A, int64_t lda, const Real* chunks,
+                      int64_t K) {
+  constexpr int64_t U = kWidth<Real>, CU = C * U;
+  constexpr int NV = NC * C;  // vectors per row
+  const int64_t chunk_stride = K * CU;
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = V<Real>{};
+    for (int v = 0; v < NV; ++v) acc[r][v] = V<Real>{};
   int64_t k = 0;
-  if constexpr (R * C < 8) {
-    V<Real> odd[R][C];
+  if constexpr (R * NV < 8) {
+    V<Real> odd[R][NV];
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) odd[r][c] = V<Real>{};
-    for (; k + 2 <= K; k += 2) {
-      const Real* p = panel + k * G * U;
-      for (int c = 0; c < C; ++c) {
-        const V<Real> b0 = simd::load<Real>(p + c * U);
-        const V<Real> b1 = simd::load<Real>(p + (G + c) * U);
+      for (int v = 0; v < NV; ++v) odd[r][v] = V<Real>{};
+    for (; k + 2 <= K; k += 2)
+      for (int v = 0; v < NV; ++v) {
+        const Real* p = chunks + (v / C) * chunk_stride + k * CU + (v % C) * U;
+        const V<Real> b0 = simd::load<Real>(p);
+        const V<Real> b1 = simd::load<Real>(p + CU);
         for (int r = 0; r < R; ++r) {
-          acc[r][c] += splat<Real>(A[r * lda + k]) * b0;
-          odd[r][c] += splat<Real>(A[r * lda + k + 1]) * b1;
+          acc[r][v] += splat<Real>(A[r * lda + k]) * b0;
+          odd[r][v] += splat<Real>(A[r * lda + k + 1]) * b1;
         }
       }
-    }
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) acc[r][c] += odd[r][c];
+      for (int v = 0; v < NV; ++v) acc[r][v] += odd[r][v];
   }
   for (; k < K; ++k) {
-    const Real* p = panel + k * G * U;
-    V<Real> b[C];
-    for (int c = 0; c < C; ++c) b[c] = simd::load<Real>(p + c * U);
+    V<Real> b[NV];
+    for (int v = 0; v < NV; ++v)
+      b[v] = simd::load<Real>(chunks + (v / C) * chunk_stride + k * CU + (v % C) * U);
     for (int r = 0; r < R; ++r) {
       const V<Real> a = splat<Real>(A[r * lda + k]);
-      for (int c = 0; c < C; ++c) acc[r][c] += a * b[c];
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
     }
   }
 }
 
-// Rows of one register tile, and the gate vectors it covers at a time: a tile
-// keeps R x C accumulators, C weight vectors and one broadcast row value in the 16
-// vector registers of AVX2, and each weight vector loaded serves R rows. Measured
-// single-threaded (float32, AVX2, K=H): GRU 4 rows x 3 gates runs at the sgemm
-// rate; LSTM 6 rows x 2 gates (two passes per unit block) beats 3 rows x 4 gates
-// (17 registers) by 5-7% at H=512..1024 and is within 3% of it at H=256.
+// Rows of one register tile. A tile keeps R x (vectors) accumulators, the weight
+// vectors of one k and one broadcast row value in the 16 vector registers of AVX2,
+// and each weight vector loaded serves R rows. Measured single-threaded (float32,
+// AVX2, K = H = 256..1024, N = 8..64): GRU 4 rows x 3 gates runs at the sgemm rate;
+// LSTM 6 rows x one chunk of 2 gates, two passes, reaches 92-97% of it at H = 256..512
+// (3 rows x 4 gates needed 17 registers: 70-80%).
 template <int G>
 constexpr int kTileRows = G == 4 ? 6 : 4;
-template <int R, int G>
-constexpr int kTileGates = G == 4 && R > 2 ? 2 : G;
 
+// Tiles of R rows: every chunk in one pass when the accumulators fit (few rows),
+// else one pass per chunk.
 template <typename Real, int G, int R, typename Epilogue>
 inline void gate_rows(const Real* A, int64_t lda, const Real* panel, int64_t K, int64_t b0,
                       int64_t j, int64_t lanes, Epilogue& epilogue) {
-  constexpr int C = kTileGates<R, G>;
-  static_assert(G % C == 0, "a tile covers whole chunks of gates");
+  constexpr int64_t U = kWidth<Real>;
+  constexpr int C = kChunkGates<G>, chunks_per_pass = R * G <= 8 ? G / C : 1;
   V<Real> acc[R][G];
-  for (int c0 = 0; c0 < G; c0 += C) {
-    V<Real> part[R][C];
-    gate_tile<Real, R, C, G>(part, A + b0 * lda, lda, panel, c0, K);
+  for (int q = 0; q < G / C; q += chunks_per_pass) {
+    V<Real> part[R][chunks_per_pass * C];
+    gate_tile<Real, R, C, chunks_per_pass>(part, A + b0 * lda, lda, panel + q * K * C * U, K);
     for (int r = 0; r < R; ++r)
-      for (int c = 0; c < C; ++c) acc[r][c0 + c] = part[r][c];
+      for (int v = 0; v < chunks_per_pass * C; ++v) acc[r][q * C + v] = part[r][v];
   }
   for (int r = 0; r < R; ++r) epilogue(b0 + r, j, lanes, acc[r]);
 }

@@ -61,7 +61,7 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
     int64_t u0, u1;
     share(unit_blocks<Real>(H), tid, nt, u0, u1);
     const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H;
-    pack_gate_panels(buf.W_hh_p, w.W_hh, 1, H, H, u0, u1);
+    pack_gate_panels<Real, 1>(buf.W_hh_p, w.W_hh, H, H, u0, u1);
     input_projection_units(buf.xproj, x, w.W_ih, 1, H, j0, j1, s);
     for (int64_t k = 0; k < S; ++k) {
       const int64_t n = walk.active(k);

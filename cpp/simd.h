@@ -110,15 +110,24 @@ inline vec_t<T> bitcast_to_float(ivec_t<T> i) {
   return v;
 }
 
-// floor(x + 0.5) as integers, for |x| well inside the integer range: truncation
-// rounds toward zero, so subtract one where it rounded a negative value up.
 template <typename T>
-inline ivec_t<T> round_half_up(vec_t<T> x) {
-  const vec_t<T> shifted = x + T(0.5);
-  ivec_t<T> n = __builtin_convertvector(shifted, ivec_t<T>);
-  const vec_t<T> back = __builtin_convertvector(n, vec_t<T>);
-  n += (back > shifted);  // comparison lanes are -1 where true
-  return n;
+inline ivec_t<T> bitcast_to_int(vec_t<T> v) {
+  ivec_t<T> i;
+  std::memcpy(&i, &v, sizeof(i));
+  return i;
+}
+
+// x rounded to the nearest integer, as a float (fn) and as an integer (n), for
+// |x| < 2^22 (float) or 2^51 (double): adding 1.5 * 2^mantissa-bits pushes the
+// fraction out of the mantissa (rounded to nearest by the FPU), so the rounded
+// value is read back by one subtraction, and the integer from the low bits. Two
+// instructions where a convert, a convert back and a fix-up took five.
+template <typename T>
+inline void round_to_int(vec_t<T> x, vec_t<T>& fn, ivec_t<T>& n) {
+  constexpr T magic = sizeof(T) == 4 ? T(12582912.0) : T(6755399441055744.0);
+  const vec_t<T> shifted = x + magic;
+  fn = shifted - magic;
+  n = bitcast_to_int<T>(shifted) - bitcast_to_int<T>(vec_t<T>{} + magic);
 }
 
 // 2^n for integer n in the normal exponent range.
@@ -139,8 +148,9 @@ inline vec_t<double> pow2<double>(ivec_t<double> n) {
 inline vec_t<float> vexp(vec_t<float> x) {
   using V = vec_t<float>;
   x = vmin<float>(vmax<float>(x, broadcast(-87.3f)), broadcast(88.3f));
-  const ivec_t<float> n = detail::round_half_up<float>(x * 1.44269504088896341f);
-  const V fn = __builtin_convertvector(n, V);
+  V fn;
+  ivec_t<float> n;
+  detail::round_to_int<float>(x * 1.44269504088896341f, fn, n);
   // ln2 split in two so n*ln2_hi is exact.
   V r = x - fn * 0.693359375f;
   r = r - fn * -2.12194440e-4f;
@@ -159,8 +169,9 @@ inline vec_t<float> vexp(vec_t<float> x) {
 inline vec_t<double> vexp(vec_t<double> x) {
   using V = vec_t<double>;
   x = vmin<double>(vmax<double>(x, broadcast(-708.0)), broadcast(709.0));
-  const ivec_t<double> n = detail::round_half_up<double>(x * 1.4426950408889634073599);
-  const V fn = __builtin_convertvector(n, V);
+  V fn;
+  ivec_t<double> n;
+  detail::round_to_int<double>(x * 1.4426950408889634073599, fn, n);
   V r = x - fn * 6.93145751953125e-1;
   r = r - fn * 1.42860682030941723212e-6;
   const V rr = r * r;

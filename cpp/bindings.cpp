@@ -320,7 +320,7 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
 
 template <typename Real>
 py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_obj,
-                       py::handle dc_n_obj, py::handle grads_obj) {
+                       py::handle dc_n_obj, py::handle grads_obj, bool consume) {
   const lstmfast::StackShape& s = rc.shape;
   const bool lstm = s.mode == lstmfast::Mode::LSTM;
   const int64_t LD = s.L * s.D;
@@ -342,7 +342,7 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
   }
   py::list grads = as_list(grads_obj, "grads", static_cast<size_t>(LD));
   std::vector<lstmfast::Grads<Real>> g(static_cast<size_t>(LD));
-  const auto* cache = static_cast<const lstmfast::StackCache<Real>*>(rc.cache.get());
+  auto* cache = static_cast<lstmfast::StackCache<Real>*>(rc.cache.get());
   for (int64_t i = 0; i < LD; ++i) {
     py::list entry = as_list(grads[i], "grads[" + std::to_string(i) + "]", 5);
     const auto shapes = param_shapes(s, i);
@@ -370,7 +370,7 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
     py::gil_scoped_release release;
     lstmfast::stack_backward<Real>(dx.mutable_data(), dh0.mutable_data(),
                                    lstm ? dc0.mutable_data() : nullptr, g.data(),
-                                   dy_ptr, dh_n_ptr, dc_n_ptr, *cache);
+                                   dy_ptr, dh_n_ptr, dc_n_ptr, *cache, consume);
   } catch (const std::bad_alloc&) {
     throw_memory_error("rnn_backward: cannot allocate the workspace for " + sizes_str(s));
   }
@@ -380,7 +380,7 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
 void register_rnn(py::module_& m) {
   py::class_<RnnCache>(m, "RnnCache",
                        "What a training forward keeps for backward (opaque; pass it to "
-                       "rnn_backward, which may be called more than once).")
+                       "rnn_backward, which may be called more than once unless consume=True).")
       .def_property_readonly("nbytes", [](const RnnCache& c) { return c.cache->nbytes(); })
       .def_property_readonly("dtype", [](const RnnCache& c) { return c.dtype; });
 
@@ -418,14 +418,17 @@ void register_rnn(py::module_& m) {
   m.def(
       "rnn_backward",
       [](const RnnCache& cache, py::handle d_output, py::handle d_h_n, py::handle d_c_n,
-         py::handle grads) {
+         py::handle grads, bool consume) {
         if (cache.dtype.equal(py::dtype::of<float>()))
-          return rnn_backward<float>(cache, d_output, d_h_n, d_c_n, grads);
-        return rnn_backward<double>(cache, d_output, d_h_n, d_c_n, grads);
+          return rnn_backward<float>(cache, d_output, d_h_n, d_c_n, grads, consume);
+        return rnn_backward<double>(cache, d_output, d_h_n, d_c_n, grads, consume);
       },
       py::arg("cache"), py::arg("d_output"), py::arg("d_h_n"), py::arg("d_c_n"), py::arg("grads"),
+      py::arg("consume") = false,
       "BPTT of a training forward; adds parameter gradients into grads (per layer-direction "
-      "[dW_ih, dW_hh, db_ih, db_hh, dW_hr], None where absent). Returns (dx, dh0, dc0 or None).");
+      "[dW_ih, dW_hh, db_ih, db_hh, dW_hr], None where absent). Returns (dx, dh0, dc0 or None). "
+      "consume=True writes the gate gradients over the cache's saved gates (less memory); the "
+      "cache then serves no further backward (ValueError).");
 
   m.def("set_num_threads", &lstmfast::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &lstmfast::get_num_threads);

@@ -119,6 +119,7 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
 //   dh: [H] in: gradient of h'; out: the part of the gradient of h that bypasses W_hh (dh' z)
 //   dy: [H] added to dh, or nullptr;  gates: [4H] saved r, z, n, gh_n;  h_prev: [H]
 //   H: the gate stride;  units: how many units from the pointers on (H for all)
+// dG may point at gates: every value is read before any is written.
 template <typename Real>
 inline void gru_backward_row(Real* dG_in, Real* dG, Real* dh, const Real* dy, const Real* gates,
                              const Real* h_prev, int64_t H, int64_t units) {
@@ -152,7 +153,9 @@ void backward_fused(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
   const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
   constexpr int64_t U = kWidth<Real>;
   Real* dG_in = input_gate_grads(dG_x, buf.dG_in, s);
-  Real* dG = buf.dG;
+  // The recurrent gate gradients: in scratch, or over the saved gates (see LayerBuffers::dG).
+  Real* dG = buf.dG ? buf.dG : buf.gates;
+  const int64_t ldg = buf.dG ? GH : 4 * H;
   gather_state(buf.dh, dh_n, H, walk);
   auto body = [&](int tid, int nt) {
     int64_t u0, u1;
@@ -163,7 +166,7 @@ void backward_fused(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
       const Real* h_prev = buf.h + k * N * H;
       if (units > 0) {
         for (int64_t b = 0; b < n; ++b)
-          gru_backward_row<Real>(dG_in + (k * N + b) * GH + j0, dG + (k * N + b) * GH + j0,
+          gru_backward_row<Real>(dG_in + (k * N + b) * GH + j0, dG + (k * N + b) * ldg + j0,
                                  buf.dh + b * H + j0,
                                  dy ? dy + walk.at(k, b) * lddy + j0 : nullptr,
                                  buf.gates + (k * N + b) * 4 * H + j0, h_prev + b * H + j0, H,
@@ -171,14 +174,14 @@ void backward_fused(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
         for (int64_t b = n; b < N; ++b)
           for (int64_t g = 0; g < 3; ++g) {
             zero_row(dG_in + (k * N + b) * GH + g * H + j0, units);
-            zero_row(dG + (k * N + b) * GH + g * H + j0, units);
+            zero_row(dG + (k * N + b) * ldg + g * H + j0, units);
           }
       }
       pool_barrier();
-      dh_product(buf.dh, dG + k * N * GH, w.W_hh, n, GH, H, j0, j1, true);
+      dh_product(buf.dh, dG + k * N * ldg, ldg, w.W_hh, n, GH, H, j0, j1, true);
     }
     pool_barrier();
-    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, dG_in, buf.h, x, GH, s);
+    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, ldg, dG_in, buf.h, x, GH, s);
   };
   run_on_pool(s.threads, body);
   scatter_state(dh0, buf.dh, H, walk);

@@ -169,6 +169,7 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
 //   dm: [H] gradient of m (of h' without projection);  dy: [H] added to dm, or nullptr
 //   gates: [4H] saved i, f, g, o;  c_prev: [H] c;  c_next: [H] c'
 //   H: the gate stride;  units: how many units from the pointers on (H for all)
+// dG may point at gates: every value is read before any is written.
 template <typename Real>
 inline void lstm_backward_row(Real* dG, Real* dc, const Real* dm, const Real* dy,
                               const Real* gates, const Real* c_prev, const Real* c_next,
@@ -201,7 +202,7 @@ void backward_fused(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, GH = 4 * H, S = steps_of(s);
   constexpr int64_t U = kWidth<Real>;
-  Real* dG = input_gate_grads(dG_x, buf.dG, s);
+  Real* dG = input_gate_grads(dG_x, buf.dG ? buf.dG : buf.gates, s);  // see LayerBuffers::dG
   gather_state(buf.dh, dh_n, H, walk);
   gather_state(buf.dc, dc_n, H, walk);
   auto body = [&](int tid, int nt) {
@@ -224,10 +225,10 @@ void backward_fused(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw
           for (int64_t g = 0; g < 4; ++g) zero_row(dGk + b * GH + g * H + j0, units);
       }
       pool_barrier();
-      dh_product(buf.dh, dGk, w.W_hh, n, GH, H, j0, j1, false);
+      dh_product(buf.dh, dGk, GH, w.W_hh, n, GH, H, j0, j1, false);
     }
     pool_barrier();
-    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, dG, buf.h, x, GH, s);
+    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, GH, dG, buf.h, x, GH, s);
   };
   run_on_pool(s.threads, body);
   scatter_state(dh0, buf.dh, H, walk);
@@ -261,7 +262,7 @@ void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
     return backward_fused(dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, P = s.P, H_out = h_out(s), GH = 4 * H, S = steps_of(s);
-  Real* dG = input_gate_grads(dG_x, buf.dG, s);
+  Real* dG = input_gate_grads(dG_x, buf.dG ? buf.dG : buf.gates, s);  // see LayerBuffers::dG
   gather_state(buf.dh, dh_n, H_out, walk);
   gather_state(buf.dc, dc_n, H, walk);
   for (int64_t k = S - 1; k >= 0; --k) {

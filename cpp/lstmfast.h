@@ -93,7 +93,9 @@ struct LayerBuffers {
   Real* m = nullptr;      // m: LSTM with P > 0: [S, N, H] training / [N, H] inference: o * tanh(c) before the projection
   Real* gates = nullptr;  // gates: training, [S, N, 4H]: LSTM (i, f, g, o) activated; GRU (r, z, n, W_hn h + b_hn); RNN unused
   // backward (scratch)
-  Real* dG = nullptr;     // dG: [S, N, G*H] gradient of the recurrent pre-activations (h W_hh^T), per step, sorted rows
+  Real* dG = nullptr;     // dG: [S, N, G*H] gradient of the recurrent pre-activations (h W_hh^T), per step, sorted rows;
+                          //   nullptr (LSTM, GRU) when the backward consumes the cache: then written over gates
+                          //   (row stride 4H), whose values each step reads before it writes
   Real* dG_in = nullptr;  // dG_in: GRU [S, N, 3H] gradient of the input pre-activations (x W_ih^T); differs from dG by r in the n block
   Real* dh = nullptr;     // dh: [N, H_out] gradient flowing into h of the current step
   Real* dc = nullptr;     // dc: LSTM [N, H] gradient flowing into c of the current step
@@ -191,13 +193,17 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
                                                 const Real* const* dropout_masks,
                                                 const StackShape& shape);
 
-// Backward of the stack (may be called more than once, and concurrently, per cache).
+// Backward of the stack. Without consume it may be called more than once, and
+// concurrently, per cache. With consume it writes the gate gradients over the
+// saved gates instead of into scratch of the same size (the memory a training
+// step needs drops by that much) and the cache can serve no further backward.
 //   dx: [T, N, I] out;  dh0: [L*D, N, H_out] out;  dc0: [L*D, N, H] out (LSTM; else nullptr)
 //   grads: [L*D] parameter gradients, ADDED into
 //   dy: [T, N, D*H_out] gradient of y;  dh_n: [L*D, N, H_out];  dc_n: [L*D, N, H]; each nullptr = zeros
+// Throws std::invalid_argument when the cache was consumed already.
 template <typename Real>
 void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, const Real* dy,
-                    const Real* dh_n, const Real* dc_n, const StackCache<Real>& cache);
+                    const Real* dh_n, const Real* dc_n, StackCache<Real>& cache, bool consume);
 
 // Threads in total for one call (the directions run concurrently when >= 2).
 void set_num_threads(int n);

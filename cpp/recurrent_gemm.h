@@ -179,25 +179,27 @@ inline void input_projection_units(Real* xproj, const Real* x, const Real* W_ih,
 // Backward on the pool: thread tid owns units (columns of dh) j0..j1-1.
 
 // dh[:, j0:j1] = dG[n, GK] W[:, j0:j1] (+ dh[:, j0:j1] when accumulate), with W
-// [GK, width] as stored (dh_{t-1} = dG_t W_hh needs no transpose).
+// [GK, width] as stored (dh_{t-1} = dG_t W_hh needs no transpose) and dG's rows
+// ldg apart.
 template <typename Real>
-inline void dh_product(Real* dh, const Real* dG, const Real* W, int64_t n, int64_t GK,
-                       int64_t width, int64_t j0, int64_t j1, bool accumulate) {
+inline void dh_product(Real* dh, const Real* dG, int64_t ldg, const Real* W, int64_t n,
+                       int64_t GK, int64_t width, int64_t j0, int64_t j1, bool accumulate) {
   if (n <= 0 || j1 <= j0) return;
   if (n <= kSmallGemmRows)
-    small_gemm(dh + j0, width, dG, GK, W + j0, width, n, GK, j1 - j0, accumulate);
+    small_gemm(dh + j0, width, dG, ldg, W + j0, width, n, GK, j1 - j0, accumulate);
   else
-    gemm<Real>(false, false, n, j1 - j0, GK, Real(1), dG, GK, W + j0, width,
+    gemm<Real>(false, false, n, j1 - j0, GK, Real(1), dG, ldg, W + j0, width,
                accumulate ? Real(1) : Real(0), dh + j0, width);
 }
 
 // weight_gradients (cell.h) cut over the pool's threads: the reordering of dG_in
 // by times, then (after a barrier) the gate rows r0..r1 of dW_hh, dW_ih and both
 // bias gradients by each thread; each element is summed in the same order
-// whatever the thread count.
+// whatever the thread count. dG's rows are ldg apart (GH, or 4H when written over
+// the GRU's saved gates), those of dG_in and dG_x GH.
 template <typename Real>
 inline void weight_gradients_share(int tid, int nt, Real* dG_x, const LayerGrads<Real>& dw,
-                                   Real* dsum, const Real* dG, const Real* dG_in,
+                                   Real* dsum, const Real* dG, int64_t ldg, const Real* dG_in,
                                    const Real* h_prev, const Real* x, int64_t GH,
                                    const LayerShape& s) {
   const Walk walk(s);
@@ -211,16 +213,16 @@ inline void weight_gradients_share(int tid, int nt, Real* dG_x, const LayerGrads
   share(GH, tid, nt, first, last);
   const int64_t rows = last - first;
   if (rows <= 0) return;
-  gemm<Real>(true, false, rows, H_out, S * N, Real(1), dG + first, GH, h_prev, H_out, Real(1),
+  gemm<Real>(true, false, rows, H_out, S * N, Real(1), dG + first, ldg, h_prev, H_out, Real(1),
              dw.dW_hh + first * H_out, H_out);
-  auto bias_sums = [&](Real* db, const Real* a) {  // db[first:last] += sum over rows of a
+  auto bias_sums = [&](Real* db, const Real* a, int64_t lda) {  // db[first:last] += column sums
     Real* sum = dsum + first;
     for (int64_t j = 0; j < rows; ++j) sum[j] = Real(0);
-    for (int64_t r = 0; r < S * N; ++r) add_into(sum, a + r * GH + first, rows);
+    for (int64_t r = 0; r < S * N; ++r) add_into(sum, a + r * lda + first, rows);
     add_into(db + first, sum, rows);
   };
-  if (dw.db_hh) bias_sums(dw.db_hh, dG);
-  if (dw.db_ih) bias_sums(dw.db_ih, dG_in);
+  if (dw.db_hh) bias_sums(dw.db_hh, dG, ldg);
+  if (dw.db_ih) bias_sums(dw.db_ih, dG_in, GH);
   gemm<Real>(true, false, rows, s.I, s.T * N, Real(1), dG_x + first, GH, x, s.I, Real(1),
              dw.dW_ih + first * s.I, s.I);
 }

@@ -133,10 +133,10 @@ void backward_fused(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
         for (int64_t b = n; b < N; ++b) zero_row(dGk + b * H + j0, units);
       }
       pool_barrier();
-      dh_product(buf.dh, dGk, w.W_hh, n, H, H, j0, j1, false);
+      dh_product(buf.dh, dGk, H, w.W_hh, n, H, H, j0, j1, false);
     }
     pool_barrier();
-    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, dG, buf.h, x, H, s);
+    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, H, dG, buf.h, x, H, s);
   };
   run_on_pool(s.threads, body);
   scatter_state(dh0, buf.dh, H, walk);

@@ -288,24 +288,31 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
 
 template <typename Real>
 void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, const Real* dy,
-                    const Real* dh_n, const Real* dc_n, const StackCache<Real>& c) {
+                    const Real* dh_n, const Real* dc_n, StackCache<Real>& c, bool consume) {
   const StackShape& s = c.shape;
   if (!s.training) throw std::invalid_argument("backward needs the cache of a training forward");
+  if (c.consumed.load())
+    throw std::invalid_argument(
+        "this forward's saved state was used up by a backward that consumed it");
   const bool lstm = s.mode == Mode::LSTM, gru = s.mode == Mode::GRU;
+  // Gate gradients written over the saved gates (LSTM and GRU save 4H per row-step).
+  const bool in_place = consume && (lstm || gru);
   const int64_t L = s.L, D = s.D, T = s.T, N = s.N, H = s.H, P = s.P, H_out = s.H_out();
   const int64_t GH = gates_of(s.mode) * H, Y = T * N * D * H_out, S = steps(c);
 
-  // Scratch per direction: the gate gradients of every step (in step order when
-  // that differs from x's order; the GRU's recurrent ones always), the running
-  // dh (dc), and two buffers between layers, used in turn.
+  // Scratch per direction: the gate gradients of every step in x's order
+  // (dG_x; an LSTM consuming the cache in order writes them over its gates), in
+  // step order when that differs from x's order and the GRU's recurrent ones
+  // (dG; over the gates when consuming), the running dh (dc), and two buffers
+  // between layers, used in turn.
   LayerBuffers<Real> scratch[2];
   Real* dG_x[2] = {nullptr, nullptr};
   Real* between[2] = {nullptr, nullptr};
   carve_scratch([&](Carver& cv) {
     for (int64_t d = 0; d < D; ++d) {
       const bool in_order = d == 0 && c.lengths.empty();
-      dG_x[d] = cv.take<Real>(T * N * GH);
-      if (gru || !in_order) scratch[d].dG = cv.take<Real>(S * N * GH);
+      if (!(in_place && lstm && in_order)) dG_x[d] = cv.take<Real>(T * N * GH);
+      if ((gru || !in_order) && !in_place) scratch[d].dG = cv.take<Real>(S * N * GH);
       if (gru && !in_order) scratch[d].dG_in = cv.take<Real>(S * N * GH);
       scratch[d].dh = cv.take<Real>(N * H_out);
       if (lstm) scratch[d].dc = cv.take<Real>(N * H);
@@ -318,12 +325,18 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
     for (int64_t i = 0; i < std::min<int64_t>(L - 1, 2); ++i) between[i] = cv.take<Real>(Y);
   });
 
+  if (consume && c.consumed.exchange(true))
+    throw std::invalid_argument(
+        "this forward's saved state was used up by a backward that consumed it");
   ScopedFlushDenormals flush;
   const CellKernels<Real>& cell = kernels().get<Real>().cell(s.mode);
   for (int64_t k = L - 1; k >= 0; --k) {
     const Real* dy_k = k == L - 1 ? dy : between[k % 2];
     Real* dx_k = k == 0 ? dx : between[(k - 1) % 2];
     const int64_t I = s.input_size(k);
+    Real* dG_x_layer[2] = {dG_x[0], dG_x[1]};
+    for (int64_t d = 0; d < D; ++d)
+      if (!dG_x_layer[d]) dG_x_layer[d] = c.saved[k * D + d].gates;
     for_directions(D, [&](int64_t d) {
       const int64_t i = k * D + d;
       LayerBuffers<Real> b = c.saved[i];
@@ -336,14 +349,14 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       b.dsum = scratch[d].dsum;
       const Grads<Real>& g = grads[i];
       const LayerGrads<Real> dw{g.dW_ih, g.dW_hh, g.dW_hr, g.db_ih, g.db_hh};
-      cell.backward(dG_x[d], dh0 ? dh0 + i * N * H_out : nullptr, dc0 ? dc0 + i * N * H : nullptr,
+      cell.backward(dG_x_layer[d], dh0 ? dh0 + i * N * H_out : nullptr, dc0 ? dc0 + i * N * H : nullptr,
                     dw, b, dy_k ? dy_k + d * H_out : nullptr, D * H_out,
                     dh_n ? dh_n + i * N * H_out : nullptr, dc_n ? dc_n + i * N * H : nullptr,
                     c.inputs[k], c.weights[i], layer_shape(c, k, d));
     });
     // dx = sum over directions of dG_x W_ih: one GEMM each, over all steps.
     for (int64_t d = 0; d < D; ++d)
-      gemm<Real>(false, false, T * N, I, GH, Real(1), dG_x[d], GH, c.weights[k * D + d].W_ih, I,
+      gemm<Real>(false, false, T * N, I, GH, Real(1), dG_x_layer[d], GH, c.weights[k * D + d].W_ih, I,
                  d == 0 ? Real(0) : Real(1), dx_k, I);
     if (k > 0 && !c.masks.empty()) multiply(dx_k, c.masks[k - 1], Y);
   }
@@ -354,7 +367,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       Real*, Real*, Real*, const Real*, const Real*, const Real*, const Params<Real>*,           \
       const int64_t*, const Real* const*, const StackShape&);                                    \
   template void stack_backward<Real>(Real*, Real*, Real*, const Grads<Real>*, const Real*,       \
-                                     const Real*, const Real*, const StackCache<Real>&);
+                                     const Real*, const Real*, StackCache<Real>&, bool);
 LSTMFAST_INSTANTIATE(float)
 LSTMFAST_INSTANTIATE(double)
 #undef LSTMFAST_INSTANTIATE

@@ -4,6 +4,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <atomic>
 #include <memory>
 #include <vector>
 
@@ -74,6 +75,7 @@ class StackCache : public StackCacheBase {
   std::vector<const Real*> inputs;          // [L] input of each layer: x, then masked outputs
   std::vector<LayerBuffers<Real>> saved;    // [L*D] the saved h, c, m, gates per layer-direction
   Block block;                              // memory of saved and of inputs 1..L-1
+  std::atomic<bool> consumed{false};        // a consuming backward has run (or is running)
 
   StackCache() = default;
   StackCache(const StackCache&) = delete;

@@ -68,15 +68,15 @@ class Case:
         return backend.forward(self.mode, self.x, self.hx, self.params, training=training,
                                **self.kwargs)
 
-    def run(self, backend, with_state_grads=True):
+    def run(self, backend, with_state_grads=True, consume=False):
         out = self.forward(backend)
         d_h_n = self.d_h_n if with_state_grads else None
         d_c_n = self.d_c_n if with_state_grads else None
-        back = backend.backward(out[3], self.d_output, d_h_n, d_c_n)
+        back = backend.backward(out[3], self.d_output, d_h_n, d_c_n, consume=consume)
         return out[:3], back
 
-    def check(self, with_state_grads=True):
-        (y, h_n, c_n), (dx, dh0, dc0, grads) = self.run(_fused, with_state_grads)
+    def check(self, with_state_grads=True, consume=False):
+        (y, h_n, c_n), (dx, dh0, dc0, grads) = self.run(_fused, with_state_grads, consume)
         (ry, rh_n, rc_n), (rdx, rdh0, rdc0, rgrads) = self.run(reference, with_state_grads)
         assert_close(y, ry, "output")
         assert_close(h_n, rh_n, "h_n")
@@ -135,6 +135,26 @@ def test_matches_reference(simd_target, mode, dtype, config):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
 def test_lstm_projection_matches_reference(simd_target, dtype, config):
     Case("LSTM", dtype, **LSTM_CONFIGS[config]).check()
+
+
+# A backward that consumes the cache writes the gate gradients over the saved
+# gates (LSTM, GRU) instead of into scratch: every layout of those must still
+# give the reference's gradients.
+@pytest.mark.parametrize("mode, config", [(mode, config) for mode in MODES for config in CONFIGS]
+                         + [("LSTM", config) for config in LSTM_CONFIGS])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+def test_consuming_backward_matches_reference(simd_target, mode, dtype, config):
+    Case(mode, dtype, **{**CONFIGS, **LSTM_CONFIGS}[config]).check(consume=True)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_consumed_cache_refuses_another_backward(mode):
+    case = Case(mode, np.float32, N=6, T=7)
+    cache = case.forward(_fused)[3]
+    _fused.backward(cache, case.d_output, consume=True)
+    for consume in (False, True):
+        with pytest.raises(ValueError, match="used up by a backward that consumed it"):
+            _fused.backward(cache, case.d_output, consume=consume)
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -97,10 +97,12 @@ def cell_forward(mode, x, hx, weights, training=False):
     return h_n, c_n, cache
 
 
-def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None):
+def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False):
     """Backpropagation through time for a forward(..., training=True) call; as reference.backward.
 
     Parameter gradients are ADDED into ``grads`` in place (a zero dict is made when None).
+    With ``consume`` the gate gradients are written over the saved gates instead of into
+    scratch of the same size, and a later backward with this cache raises ValueError.
     """
     if cache is None:
         raise ValueError("backward needs the cache of a forward(..., training=True) call")
@@ -134,7 +136,8 @@ def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None):
                     entry.append(stand_in)
             targets.append(entry)
     dx, dh0, dc0 = _core.rnn_backward(cache.core, as_dtype(d_output), as_dtype(d_h_n),
-                                      as_dtype(d_c_n) if cache.mode == "LSTM" else None, targets)
+                                      as_dtype(d_c_n) if cache.mode == "LSTM" else None, targets,
+                                      consume)
     for name, stand_in in late:
         grads[name][...] += stand_in
     return dx, dh0, dc0, grads

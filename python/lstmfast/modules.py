@@ -444,8 +444,8 @@ class _Module:
                     np.zeros((c.LD, 0, c.H_out), dtype=self.dtype),
                     np.zeros((c.LD, 0, c.H), dtype=self.dtype) if self._mode == "LSTM" else None)
         with self._grad_lock:
-            dx, dh0, dc0, returned = self._backend.backward(
-                cache, d_output, d_h_n, d_c_n, grads=dict(grads))
+            dx, dh0, dc0, returned = self._backend.backward(  # the cache is ours alone
+                cache, d_output, d_h_n, d_c_n, grads=dict(grads), consume=True)
             for name, target in grads.items():  # in case the backend rebound a key
                 if returned[name] is not target:
                     target[...] = returned[name]

@@ -371,13 +371,15 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
     return output, h_n, c_n, cache
 
 
-def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None):
+def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False):
     """Backpropagation through time for a forward(..., training=True) call.
 
     d_output: (T, N, D*H_out);  d_h_n: (L*D, N, H_out) or None (= zeros);
     d_c_n: (L*D, N, H) or None (= zeros; LSTM only).
     grads: dict with the same keys and shapes as params; parameter gradients are ADDED
         into these arrays in place (the caller zeroes them). If None, a zero dict is made.
+    consume: the caller will not pass this cache again (a backend may then reuse its
+        memory); the reference has nothing to gain and keeps it as it is.
     Returns (dx (T, N, I), dh0 (L*D, N, H_out), dc0 (L*D, N, H) or None, grads).
     """
     if cache is None:

@@ -241,9 +241,12 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   // buffers between layers, used in turn.
   LayerBuffers<Real> scratch[2];
   Real* between[2] = {nullptr, nullptr};
+  // A training LSTM in x's order projects its inputs straight into its saved gates:
+  // the epilogue reads each pre-activation there before it writes the gate.
+  const bool project_into_gates = training && lstm && c.lengths.empty();
   carve_scratch([&](Carver& cv) {
     for (int64_t d = 0; d < D; ++d) {
-      scratch[d].xproj = cv.take<Real>(T * N * GH);
+      if (!(project_into_gates && d == 0)) scratch[d].xproj = cv.take<Real>(T * N * GH);
       scratch[d].rec = cv.take<Real>(N * GH);
       if (P) {  // the projected LSTM steps with OpenBLAS, or few rows with transposed weights
         scratch[d].W_hh_t = cv.take<Real>(H_out * GH);
@@ -270,7 +273,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
     for_directions(D, [&](int64_t d) {
       const int64_t i = k * D + d;
       LayerBuffers<Real> b = training ? c.saved[i] : scratch[d];
-      b.xproj = scratch[d].xproj;
+      b.xproj = scratch[d].xproj ? scratch[d].xproj : b.gates;
       b.rec = scratch[d].rec;
       b.W_hh_t = scratch[d].W_hh_t;
       b.W_hr_t = scratch[d].W_hr_t;

@@ -309,24 +309,25 @@ inline void row_dot_rows(Real* C, int64_t ldc, const Real* A, int64_t lda, const
   for (; m < M; ++m) row_dot_tile<Real, R, 1>(C + m, ldc, A, lda, Wm + m * K, K);
 }
 
-// C[n, M] = A[n, K] W[M, K]^T, all row-major and contiguous.
+// C[n, M] = A[n, K] W[M, K]^T, all row-major, C's rows ldc apart, A and W contiguous.
 template <typename Real>
-inline void row_gemm(Real* C, const Real* A, const Real* Wm, int64_t n, int64_t K, int64_t M) {
+inline void row_gemm(Real* C, int64_t ldc, const Real* A, const Real* Wm, int64_t n, int64_t K,
+                     int64_t M) {
   for (int64_t r = 0; r < n; r += 4) {
-    Real* c = C + r * M;
+    Real* c = C + r * ldc;
     const Real* a = A + r * K;
     switch (n - r < 4 ? n - r : 4) {
       case 4:
-        row_dot_rows<Real, 4>(c, M, a, K, Wm, M, K);
+        row_dot_rows<Real, 4>(c, ldc, a, K, Wm, M, K);
         break;
       case 3:
-        row_dot_rows<Real, 3>(c, M, a, K, Wm, M, K);
+        row_dot_rows<Real, 3>(c, ldc, a, K, Wm, M, K);
         break;
       case 2:
-        row_dot_rows<Real, 2>(c, M, a, K, Wm, M, K);
+        row_dot_rows<Real, 2>(c, ldc, a, K, Wm, M, K);
         break;
       default:
-        row_dot_rows<Real, 1>(c, M, a, K, Wm, M, K);
+        row_dot_rows<Real, 1>(c, ldc, a, K, Wm, M, K);
     }
   }
 }

@@ -37,6 +37,13 @@ inline void gru_forward_row(Real* h_next, Real* y, Real* gates, const Real* xp, 
   });
 }
 
+// Row stride of xproj: 4H when it is the saved gates (see LayerBuffers::xproj),
+// whose r, z, n columns it fills before each step writes r, z, n, gh_n there.
+template <typename Real>
+inline int64_t x_projection_stride(const LayerBuffers<Real>& buf, int64_t H) {
+  return buf.xproj == buf.gates ? 4 * H : 3 * H;
+}
+
 // The forward of a short call of few rows (direct_weights), on the calling
 // thread with the weights used in place.
 template <typename Real, bool kTraining>
@@ -44,18 +51,19 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
                     const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
-  row_gemm(buf.xproj, x, w.W_ih, s.T * N, s.I, GH);
+  const int64_t ldx = x_projection_stride(buf, H);
+  row_gemm(buf.xproj, ldx, x, w.W_ih, s.T * N, s.I, GH);
   gather_state(buf.h, h0, H, walk);
   for (int64_t k = 0; k < S; ++k) {
     const int64_t n = walk.active(k);
     const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
     Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
-    row_gemm(buf.rec, h_prev, w.W_hh, n, H, GH);
+    row_gemm(buf.rec, GH, h_prev, w.W_hh, n, H, GH);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
       gru_forward_row<Real, kTraining>(h_next + b * H, y + at * ldy,
                                        kTraining ? buf.gates + (k * N + b) * 4 * H : nullptr,
-                                       buf.xproj + at * GH, buf.rec + b * GH, w.bias, w.b_hn,
+                                       buf.xproj + at * ldx, buf.rec + b * GH, w.bias, w.b_hn,
                                        h_prev + b * H, H);
     }
     for (int64_t b = n; b < N; ++b) copy_row(h_next + b * H, h_prev + b * H, H);
@@ -70,6 +78,7 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
                    const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
+  const int64_t ldx = x_projection_stride(buf, H);
   constexpr int64_t U = kWidth<Real>;
   gather_state(buf.h, h0, H, walk);
   auto body = [&](int tid, int nt) {
@@ -77,7 +86,7 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
     share(unit_blocks<Real>(H), tid, nt, u0, u1);
     const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H;
     pack_gate_panels<Real, 3>(buf.W_hh_p, w.W_hh, H, H, u0, u1);
-    input_projection_units(buf.xproj, x, w.W_ih, 3, H, j0, j1, s);
+    input_projection_units(buf.xproj, ldx, x, w.W_ih, 3, H, j0, j1, s);
     const Real* bias = w.bias;
     for (int64_t k = 0; k < S; ++k) {
       const int64_t n = walk.active(k);
@@ -86,7 +95,7 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
       Real* gates = kTraining ? buf.gates + k * N * 4 * H : nullptr;
       auto epilogue = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
         const int64_t at = walk.at(k, b);
-        const Real* xp = buf.xproj + at * GH + j;
+        const Real* xp = buf.xproj + at * ldx + j;
         const Real* bj = bias + j;
         const V<Real> r = simd::vsigmoid<Real>(acc[0] + ld(xp, lanes) + ld(bj, lanes));
         const V<Real> z = simd::vsigmoid<Real>(acc[1] + ld(xp + H, lanes) + ld(bj + H, lanes));

@@ -50,7 +50,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
   const int64_t N = s.N, H = s.H, P = s.P, H_out = h_out(s), GH = 4 * H, S = steps_of(s);
   const bool direct = direct_weights(s, 4);
   if (direct)
-    row_gemm(buf.xproj, x, w.W_ih, s.T * N, s.I, GH);
+    row_gemm(buf.xproj, GH, x, w.W_ih, s.T * N, s.I, GH);
   else
     input_projection(buf.xproj, x, w.W_ih, GH, s);
   const bool small = !direct && uses_small_gemm(s);
@@ -70,7 +70,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
     Real* gates = kTraining ? buf.gates + k * N * GH : nullptr;
 
     if (direct)
-      row_gemm(buf.rec, h_prev, w.W_hh, n, H_out, GH);
+      row_gemm(buf.rec, GH, h_prev, w.W_hh, n, H_out, GH);
     else
       step_gemm(buf.rec, h_prev, w.W_hh, true, small ? buf.W_hh_t : nullptr, n, H_out, GH, false);
     for (int64_t b = 0; b < n; ++b) {
@@ -82,7 +82,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
     }
     if (P) {
       if (direct)
-        row_gemm(h_next, m, w.W_hr, n, H, P);
+        row_gemm(h_next, P, m, w.W_hr, n, H, P);
       else
         step_gemm(h_next, m, w.W_hr, true, small ? buf.W_hr_t : nullptr, n, H, P, false);
       for (int64_t b = 0; b < n; ++b) copy_row(y + walk.at(k, b) * ldy, h_next + b * P, P);
@@ -118,7 +118,7 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
     share(unit_blocks<Real>(H), tid, nt, u0, u1);
     const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H;
     pack_gate_panels<Real, 4>(buf.W_hh_p, w.W_hh, H, H, u0, u1);
-    input_projection_units(buf.xproj, x, w.W_ih, 4, H, j0, j1, s);
+    input_projection_units(buf.xproj, GH, x, w.W_ih, 4, H, j0, j1, s);
     const Real* bias = w.bias;
     for (int64_t k = 0; k < S; ++k) {
       const int64_t n = walk.active(k);

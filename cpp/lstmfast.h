@@ -82,8 +82,9 @@ struct LayerGrads {
 template <typename Real>
 struct LayerBuffers {
   // forward
-  Real* xproj = nullptr;  // xproj: [T, N, G*H] scratch: x W_ih^T for all steps (one GEMM); may be gates
-                          //   (LSTM training in x's order: each step reads its row there before writing it)
+  Real* xproj = nullptr;  // xproj: [T, N, G*H] scratch: x W_ih^T for all steps (one GEMM); or gates
+                          //   itself (training in x's order, LSTM or GRU, rows 4H apart): each step reads
+                          //   a row's pre-activations there before it writes the row's gates
   Real* rec = nullptr;    // rec: [N, G*H] scratch: h W_hh^T of the current step
   Real* W_hh_t = nullptr; // W_hh_t: LSTM with P > 0, [H_out, G*H] scratch: W_hh^T laid out once per call for the few-row GEMM
   Real* W_hr_t = nullptr; // W_hr_t: [H, P] scratch: W_hr^T likewise (LSTM with P > 0)

@@ -32,13 +32,13 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
                     const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, S = steps_of(s);
-  row_gemm(buf.xproj, x, w.W_ih, s.T * N, s.I, H);
+  row_gemm(buf.xproj, H, x, w.W_ih, s.T * N, s.I, H);
   gather_state(buf.h, h0, H, walk);
   for (int64_t k = 0; k < S; ++k) {
     const int64_t n = walk.active(k);
     const Real* h_prev = buf.h + slot(k, s.training) * N * H;
     Real* h_next = buf.h + slot(k + 1, s.training) * N * H;
-    row_gemm(buf.rec, h_prev, w.W_hh, n, H, H);
+    row_gemm(buf.rec, H, h_prev, w.W_hh, n, H, H);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
       rnn_forward_row<Real, kRelu>(h_next + b * H, y + at * ldy, buf.xproj + at * H,
@@ -62,7 +62,7 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
     share(unit_blocks<Real>(H), tid, nt, u0, u1);
     const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H;
     pack_gate_panels<Real, 1>(buf.W_hh_p, w.W_hh, H, H, u0, u1);
-    input_projection_units(buf.xproj, x, w.W_ih, 1, H, j0, j1, s);
+    input_projection_units(buf.xproj, H, x, w.W_ih, 1, H, j0, j1, s);
     for (int64_t k = 0; k < S; ++k) {
       const int64_t n = walk.active(k);
       const Real* h_prev = buf.h + slot(k, s.training) * N * H;

@@ -241,9 +241,10 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   // buffers between layers, used in turn.
   LayerBuffers<Real> scratch[2];
   Real* between[2] = {nullptr, nullptr};
-  // A training LSTM in x's order projects its inputs straight into its saved gates:
-  // the epilogue reads each pre-activation there before it writes the gate.
-  const bool project_into_gates = training && lstm && c.lengths.empty();
+  // A training LSTM or GRU in x's order projects its inputs straight into its
+  // saved gates: each step reads a row's pre-activations there before it writes
+  // the row's gates.
+  const bool project_into_gates = training && (lstm || s.mode == Mode::GRU) && c.lengths.empty();
   carve_scratch([&](Carver& cv) {
     for (int64_t d = 0; d < D; ++d) {
       if (!(project_into_gates && d == 0)) scratch[d].xproj = cv.take<Real>(T * N * GH);

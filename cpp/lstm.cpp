@@ -209,6 +209,7 @@ void backward_fused(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw
     int64_t u0, u1;
     share(unit_blocks<Real>(H), tid, nt, u0, u1);
     const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H, units = j1 - j0;
+    pack_column_panels(buf.W_hh_c, w.W_hh, GH, H, u0, u1);
     for (int64_t k = S - 1; k >= 0; --k) {
       const int64_t n = walk.active(k);
       Real* dGk = dG + k * N * GH;
@@ -225,7 +226,7 @@ void backward_fused(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw
           for (int64_t g = 0; g < 4; ++g) zero_row(dGk + b * GH + g * H + j0, units);
       }
       pool_barrier();
-      dh_product(buf.dh, dGk, GH, w.W_hh, n, GH, H, j0, j1, false);
+      dh_product(buf.dh, dGk, GH, buf.W_hh_c, n, GH, H, u0, u1, false);
     }
     pool_barrier();
     weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, GH, dG, buf.h, x, GH, s);

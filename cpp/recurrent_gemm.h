@@ -178,18 +178,85 @@ inline void input_projection_units(Real* xproj, int64_t ldx, const Real* x, cons
 // ---------------------------------------------------------------------------
 // Backward on the pool: thread tid owns units (columns of dh) j0..j1-1.
 
-// dh[:, j0:j1] = dG[n, GK] W[:, j0:j1] (+ dh[:, j0:j1] when accumulate), with W
-// [GK, width] as stored (dh_{t-1} = dG_t W_hh needs no transpose) and dG's rows
-// ldg apart.
+// dh = dG W_hh (W_hh [GK, H] as stored) runs on the same tiles as the forward:
+// W_hh is packed once per call by column blocks, panel u holding for k = 0..GK-1
+// the U weights W_hh[k, u*U + l] (zero past H), and a tile computes 6 rows x 2
+// blocks from two panels read in order. OpenBLAS per step packed the thread's
+// slice of W_hh again at every step, which for few rows cost as much as the
+// product (LSTM N=8 H=256: 1024 x 128 weights per step per thread).
+//   panels: [unit_blocks(H), GK, U] out;  W_hh: [GK, H]
 template <typename Real>
-inline void dh_product(Real* dh, const Real* dG, int64_t ldg, const Real* W, int64_t n,
-                       int64_t GK, int64_t width, int64_t j0, int64_t j1, bool accumulate) {
-  if (n <= 0 || j1 <= j0) return;
-  if (n <= kSmallGemmRows)
-    small_gemm(dh + j0, width, dG, ldg, W + j0, width, n, GK, j1 - j0, accumulate);
+inline void pack_column_panels(Real* panels, const Real* W_hh, int64_t GK, int64_t H,
+                               int64_t u0, int64_t u1) {
+  constexpr int64_t U = kWidth<Real>;
+  for (int64_t u = u0; u < u1; ++u) {
+    Real* panel = panels + u * GK * U;
+    const int64_t j = u * U, lanes = H - j < U ? H - j : U;
+    for (int64_t k = 0; k < GK; ++k) {
+      copy_row(panel + k * U, W_hh + k * H + j, lanes);
+      if (lanes < U) zero_row(panel + k * U + lanes, U - lanes);
+    }
+  }
+}
+
+// dh[b, units of blocks u..u+NB-1] = (+= when accumulate) dG[b] W_hh[:, those units]
+// for R rows from b = 0 (dh's rows H apart, dG's ldg apart).
+template <typename Real, int R, int NB>
+inline void dh_tile(Real* dh, int64_t H, const Real* dG, int64_t ldg, const Real* panels,
+                    int64_t GK, int64_t u, bool accumulate) {
+  constexpr int64_t U = kWidth<Real>;
+  V<Real> acc[R][NB];
+  gate_tile<Real, R, 1, NB>(acc, dG, ldg, panels + u * GK * U, GK);
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NB; ++q) {
+      const int64_t j = (u + q) * U, lanes = H - j < U ? H - j : U;
+      Real* d = dh + r * H + j;
+      st(d, accumulate ? acc[r][q] + ld(d, lanes) : acc[r][q], lanes);
+    }
+}
+
+template <typename Real, int R>
+inline void dh_rows(Real* dh, int64_t H, const Real* dG, int64_t ldg, const Real* panels,
+                    int64_t GK, int64_t u, bool pair, bool accumulate) {
+  if (pair)
+    dh_tile<Real, R, 2>(dh, H, dG, ldg, panels, GK, u, accumulate);
   else
-    gemm<Real>(false, false, n, j1 - j0, GK, Real(1), dG, ldg, W + j0, width,
-               accumulate ? Real(1) : Real(0), dh + j0, width);
+    dh_tile<Real, R, 1>(dh, H, dG, ldg, panels, GK, u, accumulate);
+}
+
+// dh[:n, units of blocks u0..u1-1] = (+= when accumulate) dG[:n, :GK] W_hh[:, those units].
+//   dh: [n, H];  dG: rows ldg apart;  panels: from pack_column_panels
+template <typename Real>
+inline void dh_product(Real* dh, const Real* dG, int64_t ldg, const Real* panels, int64_t n,
+                       int64_t GK, int64_t H, int64_t u0, int64_t u1, bool accumulate) {
+  constexpr int R = 6;  // x 2 blocks: 12 accumulators, as the forward's LSTM tile
+  for (int64_t u = u0; u < u1; u += 2) {
+    const bool pair = u + 1 < u1;
+    int64_t b = 0;
+    for (; b + R <= n; b += R)
+      dh_rows<Real, R>(dh + b * H, H, dG + b * ldg, ldg, panels, GK, u, pair, accumulate);
+    Real* d = dh + b * H;
+    const Real* g = dG + b * ldg;
+    switch (n - b) {
+      case 5:
+        dh_rows<Real, 5>(d, H, g, ldg, panels, GK, u, pair, accumulate);
+        break;
+      case 4:
+        dh_rows<Real, 4>(d, H, g, ldg, panels, GK, u, pair, accumulate);
+        break;
+      case 3:
+        dh_rows<Real, 3>(d, H, g, ldg, panels, GK, u, pair, accumulate);
+        break;
+      case 2:
+        dh_rows<Real, 2>(d, H, g, ldg, panels, GK, u, pair, accumulate);
+        break;
+      case 1:
+        dh_rows<Real, 1>(d, H, g, ldg, panels, GK, u, pair, accumulate);
+        break;
+      default:
+        break;
+    }
+  }
 }
 
 // weight_gradients (cell.h) cut over the pool's threads: the reordering of dG_in

@@ -121,6 +121,7 @@ void backward_fused(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
     int64_t u0, u1;
     share(unit_blocks<Real>(H), tid, nt, u0, u1);
     const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H, units = j1 - j0;
+    pack_column_panels(buf.W_hh_c, w.W_hh, H, H, u0, u1);
     for (int64_t k = S - 1; k >= 0; --k) {
       const int64_t n = walk.active(k);
       Real* dGk = dG + k * N * H;
@@ -133,7 +134,7 @@ void backward_fused(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
         for (int64_t b = n; b < N; ++b) zero_row(dGk + b * H + j0, units);
       }
       pool_barrier();
-      dh_product(buf.dh, dGk, H, w.W_hh, n, H, H, j0, j1, false);
+      dh_product(buf.dh, dGk, H, buf.W_hh_c, n, H, H, u0, u1, false);
     }
     pool_barrier();
     weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, H, dG, buf.h, x, H, s);

@@ -318,6 +318,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       if (!(in_place && lstm && in_order)) dG_x[d] = cv.take<Real>(T * N * GH);
       if ((gru || !in_order) && !in_place) scratch[d].dG = cv.take<Real>(S * N * GH);
       if (gru && !in_order) scratch[d].dG_in = cv.take<Real>(S * N * GH);
+      if (!P) scratch[d].W_hh_c = cv.take<Real>(packed_size(gates_of(s.mode), H, H));
       scratch[d].dh = cv.take<Real>(N * H_out);
       if (lstm) scratch[d].dc = cv.take<Real>(N * H);
       if (P) {
@@ -346,6 +347,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       LayerBuffers<Real> b = c.saved[i];
       b.dG = scratch[d].dG;
       b.dG_in = scratch[d].dG_in;
+      b.W_hh_c = scratch[d].W_hh_c;
       b.dh = scratch[d].dh;
       b.dc = scratch[d].dc;
       b.dhs = scratch[d].dhs;

@@ -95,6 +95,8 @@ inline void for_lanes(int64_t count, F&& f) {
 constexpr int64_t kSmallGemmRows = 4;
 
 inline int64_t h_out(const LayerShape& s) { return s.P > 0 ? s.P : s.H; }
+// Rows of x and of its projection: all T*N, or only the running ones (LayerShape::offsets).
+inline int64_t x_rows(const LayerShape& s) { return s.offsets ? s.offsets[s.T] : s.T * s.N; }
 inline int64_t steps_of(const LayerShape& s) { return s.lengths ? s.lengths[0] : s.T; }
 
 struct Walk {
@@ -107,6 +109,10 @@ struct Walk {
   int64_t time(int64_t k, int64_t b) const { return s.reverse ? length(b) - 1 - k : k; }
   // Index of (time, batch row) into [T, N, ...] arrays.
   int64_t at(int64_t k, int64_t b) const { return time(k, b) * s.N + row(b); }
+  // Row of x and of its projection for step k of sorted row b (see LayerShape::offsets).
+  int64_t x_row(int64_t k, int64_t b) const {
+    return s.offsets ? s.offsets[time(k, b)] + b : at(k, b);
+  }
   // Rows still running at step k: a prefix, since lengths are non-increasing.
   int64_t active(int64_t k) const {
     if (!s.lengths) return s.N;
@@ -388,7 +394,7 @@ inline void step_gemm(Real* C, const Real* A, const Real* W, bool transposed_W, 
 template <typename Real>
 inline void input_projection(Real* xproj, const Real* x, const Real* W_ih, int64_t GH,
                              const LayerShape& s) {
-  gemm<Real>(false, true, s.T * s.N, GH, s.I, Real(1), x, s.I, W_ih, s.I, Real(0), xproj, GH);
+  gemm<Real>(false, true, x_rows(s), GH, s.I, Real(1), x, s.I, W_ih, s.I, Real(0), xproj, GH);
 }
 
 // sum[j] = sum over rows of a[r, j], a: [rows, width].

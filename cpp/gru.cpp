@@ -52,7 +52,7 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
   const int64_t ldx = x_projection_stride(buf, H);
-  row_gemm(buf.xproj, ldx, x, w.W_ih, s.T * N, s.I, GH);
+  row_gemm(buf.xproj, ldx, x, w.W_ih, x_rows(s), s.I, GH);
   gather_state(buf.h, h0, H, walk);
   for (int64_t k = 0; k < S; ++k) {
     const int64_t n = walk.active(k);
@@ -63,7 +63,7 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
       const int64_t at = walk.at(k, b);
       gru_forward_row<Real, kTraining>(h_next + b * H, y + at * ldy,
                                        kTraining ? buf.gates + (k * N + b) * 4 * H : nullptr,
-                                       buf.xproj + at * ldx, buf.rec + b * GH, w.bias, w.b_hn,
+                                       buf.xproj + walk.x_row(k, b) * ldx, buf.rec + b * GH, w.bias, w.b_hn,
                                        h_prev + b * H, H);
     }
     for (int64_t b = n; b < N; ++b) copy_row(h_next + b * H, h_prev + b * H, H);
@@ -95,7 +95,7 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
       Real* gates = kTraining ? buf.gates + k * N * 4 * H : nullptr;
       auto epilogue = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
         const int64_t at = walk.at(k, b);
-        const Real* xp = buf.xproj + at * ldx + j;
+        const Real* xp = buf.xproj + walk.x_row(k, b) * ldx + j;
         const Real* bj = bias + j;
         const V<Real> r = simd::vsigmoid<Real>(acc[0] + ld(xp, lanes) + ld(bj, lanes));
         const V<Real> z = simd::vsigmoid<Real>(acc[1] + ld(xp + H, lanes) + ld(bj + H, lanes));

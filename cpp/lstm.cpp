@@ -50,7 +50,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
   const int64_t N = s.N, H = s.H, P = s.P, H_out = h_out(s), GH = 4 * H, S = steps_of(s);
   const bool direct = direct_weights(s, 4);
   if (direct)
-    row_gemm(buf.xproj, GH, x, w.W_ih, s.T * N, s.I, GH);
+    row_gemm(buf.xproj, GH, x, w.W_ih, x_rows(s), s.I, GH);
   else
     input_projection(buf.xproj, x, w.W_ih, GH, s);
   const bool small = !direct && uses_small_gemm(s);
@@ -77,7 +77,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
       const int64_t at = walk.at(k, b);
       lstm_forward_row<Real, kTraining>(c_next + b * H, m + b * H, P ? nullptr : y + at * ldy,
                                         kTraining ? gates + b * GH : nullptr,
-                                        buf.xproj + at * GH, buf.rec + b * GH, w.bias,
+                                        buf.xproj + walk.x_row(k, b) * GH, buf.rec + b * GH, w.bias,
                                         c_prev + b * H, H);
     }
     if (P) {
@@ -129,7 +129,7 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
       Real* gates = kTraining ? buf.gates + k * N * GH : nullptr;
       auto epilogue = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
         const int64_t at = walk.at(k, b);
-        const Real* xp = buf.xproj + at * GH + j;
+        const Real* xp = buf.xproj + walk.x_row(k, b) * GH + j;
         const Real* bj = bias + j;
         const V<Real> i = simd::vsigmoid<Real>(acc[0] + ld(xp, lanes) + ld(bj, lanes));
         const V<Real> f = simd::vsigmoid<Real>(acc[1] + ld(xp + H, lanes) + ld(bj + H, lanes));

@@ -51,6 +51,9 @@ struct LayerShape {
   bool training = false;             // keep every step's state for backward
   const int64_t* lengths = nullptr;  // lengths: [N] steps of sorted row b, non-increasing, each in 1..T; nullptr = all T
   const int64_t* rows = nullptr;     // rows: [N] batch row held by sorted row b; nullptr = identity
+  const int64_t* offsets = nullptr;  // offsets: [T+1] with lengths: x holds only the inputs of running
+                                     //   rows, time by time (PackedSequence's layout in sorted order):
+                                     //   sorted row b at time t is row offsets[t] + b; nullptr = x is [T, N, I]
   int threads = 1;                   // threads of the persistent pool this layer may use (thread_pool.h)
 
   int64_t H_out() const { return P > 0 ? P : H; }
@@ -116,7 +119,8 @@ inline int64_t packed_size(int64_t G, int64_t H, int64_t K) { return G * K * ((H
 //   y: [T, N, ldy] output h at each of a row's steps (columns 0..H_out-1); positions
 //      past a row's length are not written (the caller zeroes them)
 //   h_n: [N, H_out] h at each row's last step;  c_n: LSTM [N, H] likewise (ignored otherwise)
-//   x: [T, N, I] input;  h0: [N, H_out] initial h;  c0: LSTM [N, H] initial c
+//   x: [T, N, I] input (packed [offsets[T], I] with s.offsets);  h0: [N, H_out] initial h;
+//   c0: LSTM [N, H] initial c
 template <typename Real>
 using LayerForwardFn = void (*)(Real* y, int64_t ldy, Real* h_n, Real* c_n,
                                 const LayerBuffers<Real>& buf, const Real* x, const Real* h0,

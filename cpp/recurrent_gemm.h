@@ -164,14 +164,14 @@ inline void share(int64_t count, int tid, int nt, int64_t& first, int64_t& last)
 }
 
 // xproj[:, g*H + j0 .. g*H + j1) = x W_ih[g*H + j0 .. g*H + j1)^T for every gate g:
-// the input projection of one thread's units (columns), all T*N rows, ldx apart.
+// the input projection of one thread's units (columns), all rows of x, ldx apart.
 template <typename Real>
 inline void input_projection_units(Real* xproj, int64_t ldx, const Real* x, const Real* W_ih,
                                    int64_t G, int64_t H, int64_t j0, int64_t j1,
                                    const LayerShape& s) {
   if (j1 <= j0) return;
   for (int64_t g = 0; g < G; ++g)
-    gemm<Real>(false, true, s.T * s.N, j1 - j0, s.I, Real(1), x, s.I, W_ih + (g * H + j0) * s.I,
+    gemm<Real>(false, true, x_rows(s), j1 - j0, s.I, Real(1), x, s.I, W_ih + (g * H + j0) * s.I,
                s.I, Real(0), xproj + g * H + j0, ldx);
 }
 

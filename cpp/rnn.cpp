@@ -32,7 +32,7 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
                     const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, S = steps_of(s);
-  row_gemm(buf.xproj, H, x, w.W_ih, s.T * N, s.I, H);
+  row_gemm(buf.xproj, H, x, w.W_ih, x_rows(s), s.I, H);
   gather_state(buf.h, h0, H, walk);
   for (int64_t k = 0; k < S; ++k) {
     const int64_t n = walk.active(k);
@@ -41,7 +41,7 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
     row_gemm(buf.rec, H, h_prev, w.W_hh, n, H, H);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
-      rnn_forward_row<Real, kRelu>(h_next + b * H, y + at * ldy, buf.xproj + at * H,
+      rnn_forward_row<Real, kRelu>(h_next + b * H, y + at * ldy, buf.xproj + walk.x_row(k, b) * H,
                                    buf.rec + b * H, w.bias, H);
     }
     for (int64_t b = n; b < N; ++b) copy_row(h_next + b * H, h_prev + b * H, H);
@@ -69,7 +69,8 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
       Real* h_next = buf.h + slot(k + 1, s.training) * N * H;
       auto epilogue = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
         const int64_t at = walk.at(k, b);
-        const V<Real> a = acc[0] + ld(buf.xproj + at * H + j, lanes) + ld(w.bias + j, lanes);
+        const V<Real> a =
+            acc[0] + ld(buf.xproj + walk.x_row(k, b) * H + j, lanes) + ld(w.bias + j, lanes);
         V<Real> h;
         if constexpr (kRelu)
           h = simd::vmax<Real>(a, splat<Real>(0));

@@ -114,6 +114,36 @@ void sort_rows(std::vector<int64_t>& sorted, std::vector<int64_t>& rows, const i
   if (identity) rows.clear();
 }
 
+// With lengths, the first packed row of each time (LayerShape::offsets): the
+// input projection then multiplies only the rows that run, about half of T x N
+// for lengths spread evenly over 1..T.
+void packed_offsets(std::vector<int64_t>& offsets, const std::vector<int64_t>& lengths,
+                    int64_t T) {
+  offsets.clear();
+  if (lengths.empty()) return;
+  offsets.resize(static_cast<size_t>(T + 1));
+  int64_t running = static_cast<int64_t>(lengths.size());  // rows with length > t
+  offsets[0] = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    while (running > 0 && lengths[running - 1] <= t) --running;
+    offsets[t + 1] = offsets[t] + running;
+  }
+}
+
+// packed[offsets[t] + b] = in[t, rows[b]] for the rows b still running at time t.
+template <typename Real>
+void pack_inputs(Real* packed, const Real* in, int64_t width, const StackCache<Real>& c) {
+  const int64_t T = c.shape.T, N = c.shape.N;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t running = c.offsets[t + 1] - c.offsets[t];
+    for (int64_t b = 0; b < running; ++b) {
+      const int64_t row = c.rows.empty() ? b : c.rows[b];
+      std::memcpy(packed + (c.offsets[t] + b) * width, in + (t * N + row) * width,
+                  static_cast<size_t>(width) * sizeof(Real));
+    }
+  }
+}
+
 // bias = b_ih + b_hh (the GRU's n block: b_in alone, b_hn kept apart), once per call.
 template <typename Real>
 void combine_biases(StackCache<Real>& c) {
@@ -150,6 +180,7 @@ LayerShape layer_shape(const StackCache<Real>& c, int64_t layer, int64_t directi
   l.training = s.training;
   l.lengths = c.lengths.empty() ? nullptr : c.lengths.data();
   l.rows = c.rows.empty() ? nullptr : c.rows.data();
+  l.offsets = c.offsets.empty() ? nullptr : c.offsets.data();
   l.threads = step_threads();
   return l;
 }
@@ -207,6 +238,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   const int64_t L = s.L, D = s.D, T = s.T, N = s.N, H = s.H, P = s.P, H_out = s.H_out();
   const int64_t GH = gates_of(s.mode) * H, Y = T * N * D * H_out;
   sort_rows(c.lengths, c.rows, lengths, T, N);
+  packed_offsets(c.offsets, c.lengths, T);
   const int64_t S = steps(c);
   c.params.assign(params, params + L * D);
   combine_biases(c);
@@ -241,6 +273,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   // buffers between layers, used in turn.
   LayerBuffers<Real> scratch[2];
   Real* between[2] = {nullptr, nullptr};
+  Real* packed_in = nullptr;  // with lengths: the running rows of a layer's input
   // A training LSTM or GRU in x's order projects its inputs straight into its
   // saved gates: each step reads a row's pre-activations there before it writes
   // the row's gates.
@@ -263,6 +296,8 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
     }
     if (!training)
       for (int64_t i = 0; i < std::min<int64_t>(L - 1, 2); ++i) between[i] = cv.take<Real>(Y);
+    if (!c.offsets.empty())
+      packed_in = cv.take<Real>(c.offsets[T] * std::max(s.I, L > 1 ? D * H_out : int64_t(0)));
   });
 
   ScopedFlushDenormals flush;
@@ -271,6 +306,11 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   for (int64_t k = 0; k < L; ++k) {
     Real* out = k == L - 1 ? y : training ? const_cast<Real*>(c.inputs[k + 1]) : between[k % 2];
     if (!c.lengths.empty()) std::memset(out, 0, static_cast<size_t>(Y) * sizeof(Real));
+    const Real* layer_in = in;
+    if (packed_in) {
+      pack_inputs(packed_in, in, s.input_size(k), c);
+      layer_in = packed_in;
+    }
     for_directions(D, [&](int64_t d) {
       const int64_t i = k * D + d;
       LayerBuffers<Real> b = training ? c.saved[i] : scratch[d];
@@ -280,7 +320,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       b.W_hr_t = scratch[d].W_hr_t;
       b.W_hh_p = scratch[d].W_hh_p;
       cell.forward(out + d * H_out, D * H_out, h_n + i * N * H_out, c_n ? c_n + i * N * H : nullptr,
-                   b, in, h0 ? h0 + i * N * H_out : nullptr, c0 ? c0 + i * N * H : nullptr,
+                   b, layer_in, h0 ? h0 + i * N * H_out : nullptr, c0 ? c0 + i * N * H : nullptr,
                    c.weights[i], layer_shape(c, k, d));
     });
     if (k < L - 1 && !c.masks.empty()) multiply(out, c.masks[k], Y);

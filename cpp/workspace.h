@@ -68,6 +68,7 @@ class StackCache : public StackCacheBase {
   StackShape shape;
   std::vector<int64_t> lengths;      // [N] sorted lengths, non-increasing; empty = all T
   std::vector<int64_t> rows;         // [N] batch row of each sorted row; empty = identity
+  std::vector<int64_t> offsets;      // [T+1] with lengths: LayerShape::offsets; empty = none
   std::vector<Params<Real>> params;  // [L*D] the caller's parameters
   std::vector<Real> biases;          // [L*D, G*H + H] combined biases and GRU b_hn (LayerWeights)
   std::vector<LayerWeights<Real>> weights;  // [L*D] pointing into params and biases

@@ -427,11 +427,20 @@ inline Real* input_gate_grads(Real* dG_x, Real* scratch, const LayerShape& s) {
 //   dW_ih += dG_x^T x and db_ih += sum dG_in.
 // dG_x[t, rows[b]] = dG_in[k, b] at t = time(k, b), for t in [t_first, t_last);
 // zero where a row has no step. Puts per-step gate gradients (sorted rows, step
-// order) back in x's time order for the after-loop GEMMs.
+// order) back in x's time order for the after-loop GEMMs; in x's packed order
+// (dG_x[offsets[t] + b], running rows only) when x is packed (LayerShape::offsets).
 template <typename Real>
 void gate_gradients_to_time_order(Real* dG_x, const Real* dG_in, const Walk& walk, int64_t GH,
                                   const LayerShape& s, int64_t t_first, int64_t t_last) {
   const int64_t N = s.N;
+  if (s.offsets) {
+    for (int64_t t = t_first; t < t_last; ++t)
+      for (int64_t b = 0; b < s.offsets[t + 1] - s.offsets[t]; ++b) {
+        const int64_t k = s.reverse ? walk.length(b) - 1 - t : t;
+        copy_row(dG_x + (s.offsets[t] + b) * GH, dG_in + (k * N + b) * GH, GH);
+      }
+    return;
+  }
   for (int64_t t = t_first; t < t_last; ++t)
     for (int64_t b = 0; b < N; ++b) {
       Real* dst = dG_x + (t * N + walk.row(b)) * GH;
@@ -463,7 +472,7 @@ inline void weight_gradients(Real* dG_x, const LayerGrads<Real>& dw, Real* dsum,
   if (dG_in != dG_x) {
     gate_gradients_to_time_order(dG_x, dG_in, walk, GH, s, 0, s.T);
   }
-  gemm<Real>(true, false, GH, s.I, s.T * N, Real(1), dG_x, GH, x, s.I, Real(1), dw.dW_ih, s.I);
+  gemm<Real>(true, false, GH, s.I, x_rows(s), Real(1), dG_x, GH, x, s.I, Real(1), dw.dW_ih, s.I);
 }
 
 }  // namespace LSTMFAST_ISA

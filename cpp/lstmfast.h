@@ -134,6 +134,7 @@ using LayerForwardFn = void (*)(Real* y, int64_t ldy, Real* h_n, Real* c_n,
 //   dy: [T, N, lddy] gradient of y (columns 0..H_out-1); nullptr = zeros
 //   dh_n: [N, H_out], dc_n: LSTM [N, H] gradients of h_n and c_n; nullptr = zeros
 //   x: [T, N, I] the forward's input
+// With s.offsets, dG_x and x hold only the running rows (packed as the forward's x).
 template <typename Real>
 using LayerBackwardFn = void (*)(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
                                  const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy,

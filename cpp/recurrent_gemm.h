@@ -290,7 +290,7 @@ inline void weight_gradients_share(int tid, int nt, Real* dG_x, const LayerGrads
   };
   if (dw.db_hh) bias_sums(dw.db_hh, dG, ldg);
   if (dw.db_ih) bias_sums(dw.db_ih, dG_in, GH);
-  gemm<Real>(true, false, rows, s.I, s.T * N, Real(1), dG_x + first, GH, x, s.I, Real(1),
+  gemm<Real>(true, false, rows, s.I, x_rows(s), Real(1), dG_x + first, GH, x, s.I, Real(1),
              dw.dW_ih + first * s.I, s.I);
 }
 

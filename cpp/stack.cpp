@@ -144,6 +144,21 @@ void pack_inputs(Real* packed, const Real* in, int64_t width, const StackCache<R
   }
 }
 
+// out[t, rows[b]] = packed[offsets[t] + b] for the running rows, zero elsewhere.
+template <typename Real>
+void unpack_rows(Real* out, const Real* packed, int64_t width, const StackCache<Real>& c) {
+  const int64_t T = c.shape.T, N = c.shape.N;
+  std::memset(out, 0, static_cast<size_t>(T * N * width) * sizeof(Real));
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t running = c.offsets[t + 1] - c.offsets[t];
+    for (int64_t b = 0; b < running; ++b) {
+      const int64_t row = c.rows.empty() ? b : c.rows[b];
+      std::memcpy(out + (t * N + row) * width, packed + (c.offsets[t] + b) * width,
+                  static_cast<size_t>(width) * sizeof(Real));
+    }
+  }
+}
+
 // bias = b_ih + b_hh (the GRU's n block: b_in alone, b_hn kept apart), once per call.
 template <typename Real>
 void combine_biases(StackCache<Real>& c) {
@@ -352,6 +367,8 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
   LayerBuffers<Real> scratch[2];
   Real* dG_x[2] = {nullptr, nullptr};
   Real* between[2] = {nullptr, nullptr};
+  Real* packed_in = nullptr;  // with lengths: the running rows of a layer's input, and of dx
+  Real* packed_dx = nullptr;
   carve_scratch([&](Carver& cv) {
     for (int64_t d = 0; d < D; ++d) {
       const bool in_order = d == 0 && c.lengths.empty();
@@ -368,6 +385,11 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       scratch[d].dsum = cv.take<Real>(GH);
     }
     for (int64_t i = 0; i < std::min<int64_t>(L - 1, 2); ++i) between[i] = cv.take<Real>(Y);
+    if (!c.offsets.empty()) {
+      const int64_t width = std::max(s.I, L > 1 ? D * H_out : int64_t(0));
+      packed_in = cv.take<Real>(c.offsets[T] * width);
+      packed_dx = cv.take<Real>(c.offsets[T] * width);
+    }
   });
 
   if (consume && c.consumed.exchange(true))
@@ -382,6 +404,11 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
     Real* dG_x_layer[2] = {dG_x[0], dG_x[1]};
     for (int64_t d = 0; d < D; ++d)
       if (!dG_x_layer[d]) dG_x_layer[d] = c.saved[k * D + d].gates;
+    const Real* layer_in = c.inputs[k];
+    if (packed_in) {
+      pack_inputs(packed_in, layer_in, I, c);
+      layer_in = packed_in;
+    }
     for_directions(D, [&](int64_t d) {
       const int64_t i = k * D + d;
       LayerBuffers<Real> b = c.saved[i];
@@ -398,12 +425,16 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       cell.backward(dG_x_layer[d], dh0 ? dh0 + i * N * H_out : nullptr, dc0 ? dc0 + i * N * H : nullptr,
                     dw, b, dy_k ? dy_k + d * H_out : nullptr, D * H_out,
                     dh_n ? dh_n + i * N * H_out : nullptr, dc_n ? dc_n + i * N * H : nullptr,
-                    c.inputs[k], c.weights[i], layer_shape(c, k, d));
+                    layer_in, c.weights[i], layer_shape(c, k, d));
     });
-    // dx = sum over directions of dG_x W_ih: one GEMM each, over all steps.
+    // dx = sum over directions of dG_x W_ih: one GEMM each, over all steps (over
+    // the running rows, then put in place, when x was packed).
+    const int64_t rows = packed_in ? c.offsets[T] : T * N;
+    Real* dx_rows = packed_in ? packed_dx : dx_k;
     for (int64_t d = 0; d < D; ++d)
-      gemm<Real>(false, false, T * N, I, GH, Real(1), dG_x_layer[d], GH, c.weights[k * D + d].W_ih, I,
-                 d == 0 ? Real(0) : Real(1), dx_k, I);
+      gemm<Real>(false, false, rows, I, GH, Real(1), dG_x_layer[d], GH, c.weights[k * D + d].W_ih,
+                 I, d == 0 ? Real(0) : Real(1), dx_rows, I);
+    if (packed_in) unpack_rows(dx_k, packed_dx, I, c);
     if (k > 0 && !c.masks.empty()) multiply(dx_k, c.masks[k - 1], Y);
   }
 }

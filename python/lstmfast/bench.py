@@ -73,18 +73,20 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def sgemm_gflops(threads, size=1024, min_time=0.3):
-    """The machine's sgemm rate through the same OpenBLAS, at the given thread count."""
+def gemm_gflops(threads, dtype, size=1024, min_time=0.3):
+    """The machine's sgemm (float32) or dgemm (float64) rate through the same OpenBLAS,
+    at the given thread count: the ceiling each case's GFLOP/s is compared with."""
     rng = np.random.default_rng(0)
-    a = rng.standard_normal((size, size), dtype=np.float32)
-    b = rng.standard_normal((size, size), dtype=np.float32)
+    a = rng.standard_normal((size, size)).astype(dtype)
+    b = rng.standard_normal((size, size)).astype(dtype)
+    matmul = _core.matmul_f32 if np.dtype(dtype) == np.float32 else _core.matmul_f64
     _core.blas_set_num_threads(threads)
-    _core.matmul_f32(a, b)
+    matmul(a, b)
     times = []
     start = time.perf_counter()
     while time.perf_counter() - start < min_time or len(times) < 3:
         t0 = time.perf_counter()
-        _core.matmul_f32(a, b)
+        matmul(a, b)
         times.append(time.perf_counter() - t0)
     return 2.0 * size**3 / min(times) / 1e9
 
@@ -378,15 +380,18 @@ def main(argv=None):
         print("  note: the fused kernels are not built yet; timing the reference and torch only")
     sys.stdout.flush()
 
-    sgemm = {t: sgemm_gflops(t) for t in args.threads}
-    for t, g in sgemm.items():
-        print(f"  {'sgemm ceiling (1024^3, ' + str(t) + ' thr)':31s} {g:.1f} GFLOP/s")
-    print()
-
     cases = [Case(c, s, m, t) for t in args.threads for m in args.modes for s in args.shapes for c in args.cells]
     if not args.no_variants:
         cases += [Case(c, s, m, t, variant, shape) for t in args.threads for m in args.modes
                   for c, s, variant, shape in VARIANTS if c in args.cells]
+    ceilings = {}  # (dtype name, threads) -> GFLOP/s of a 1024^3 GEMM of that dtype
+    for dtype in ("float32", "float64"):
+        if any(case.dtype == dtype for case in cases):
+            for t in args.threads:
+                g = ceilings[dtype, t] = gemm_gflops(t, dtype)
+                name = "sgemm" if dtype == "float32" else "dgemm"
+                print(f"  {name + ' ceiling (1024^3, ' + str(t) + ' thr)':31s} {g:.1f} GFLOP/s")
+    print()
     results = []
     saved_threads = lstmfast.get_num_threads()
     try:
@@ -399,7 +404,7 @@ def main(argv=None):
                 "threads": case.threads, "T": case.T, "N": case.N, "I": case.I, "H": case.H,
                 "dtype": case.dtype, "seconds": medians,
                 "gflops": case.flops() / best / 1e9,
-                "sgemm_gflops": sgemm[case.threads],
+                "gemm_gflops": ceilings[case.dtype, case.threads],
             }
             if args.memory and case.mode == "training" and not case.variant:
                 print(f"      peak memory of {case.label} ...", file=sys.stderr, flush=True)
@@ -410,7 +415,7 @@ def main(argv=None):
 
     header = (f"{'cell':4s} {'shape':7s} {'variant':7s} {'T':>4s} {'N':>3s} {'I':>5s} {'H':>5s} {'mode':9s} {'thr':>3s} "
               f"{'fused':>9s} {'reference':>10s} {'torch':>9s} {'vs torch':>8s} {'vs ref':>8s} "
-              f"{'GFLOP/s':>8s} {'% sgemm':>7s}")
+              f"{'GFLOP/s':>8s} {'% gemm':>7s}")
     print(header)
     print("-" * len(header))
     for r in results:
@@ -420,7 +425,7 @@ def main(argv=None):
         print(f"{r['cell']:4s} {r['shape']:7s} {r['variant'] or '-':7s} {r['T']:4d} {r['N']:3d} {r['I']:5d} {r['H']:5d} {r['mode']:9s} "
               f"{r['threads']:3d} {_fmt_time(fused):>9s} {_fmt_time(ref):>10s} {_fmt_time(tt):>9s} "
               f"{_fmt_ratio(mine, tt):>8s} {_fmt_ratio(fused, ref):>8s} "
-              f"{r['gflops']:8.1f} {100 * r['gflops'] / r['sgemm_gflops']:6.0f}%")
+              f"{r['gflops']:8.1f} {100 * r['gflops'] / r['gemm_gflops']:6.0f}%")
     memory_rows = [r for r in results if "peak_mb" in r]
     if memory_rows:
         print()
@@ -435,7 +440,9 @@ def main(argv=None):
 
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"config": config, "sgemm_gflops": sgemm, "results": results,
+            json.dump({"config": config,
+                       "gemm_gflops": {f"{d} {t}": g for (d, t), g in ceilings.items()},
+                       "results": results,
                        "summary": summary["figures"]}, f, indent=2)
         print(f"wrote {args.json}")
     if args.plot:

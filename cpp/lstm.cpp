@@ -110,13 +110,11 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
                    const LayerShape& s) {
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, GH = 4 * H, S = steps_of(s);
-  constexpr int64_t U = kWidth<Real>;
   gather_state(buf.h, h0, H, walk);
   gather_state(buf.c, c0, H, walk);
   auto body = [&](int tid, int nt) {
-    int64_t u0, u1;
-    share(unit_blocks<Real>(H), tid, nt, u0, u1);
-    const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H;
+    const UnitShare mine = unit_share<Real>(H, tid, nt);
+    const int64_t u0 = mine.u0, u1 = mine.u1, j0 = mine.j0, j1 = mine.j1;
     pack_gate_panels<Real, 4>(buf.W_hh_p, w.W_hh, H, H, u0, u1);
     input_projection_units(buf.xproj, GH, x, w.W_ih, 4, H, j0, j1, s);
     const Real* bias = w.bias;
@@ -201,14 +199,13 @@ void backward_fused(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw
                     const LayerWeights<Real>& w, const LayerShape& s) {
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, GH = 4 * H, S = steps_of(s);
-  constexpr int64_t U = kWidth<Real>;
   Real* dG = input_gate_grads(dG_x, buf.dG ? buf.dG : buf.gates, s);  // see LayerBuffers::dG
   gather_state(buf.dh, dh_n, H, walk);
   gather_state(buf.dc, dc_n, H, walk);
   auto body = [&](int tid, int nt) {
-    int64_t u0, u1;
-    share(unit_blocks<Real>(H), tid, nt, u0, u1);
-    const int64_t j0 = u0 * U, j1 = u1 * U < H ? u1 * U : H, units = j1 - j0;
+    const UnitShare mine = unit_share<Real>(H, tid, nt);
+    const int64_t u0 = mine.u0, u1 = mine.u1, j0 = mine.j0, j1 = mine.j1;
+    const int64_t units = j1 - j0;
     pack_column_panels(buf.W_hh_c, w.W_hh, GH, H, u0, u1);
     for (int64_t k = S - 1; k >= 0; --k) {
       const int64_t n = walk.active(k);

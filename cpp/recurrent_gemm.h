@@ -15,6 +15,8 @@
 // Included only by the per-ISA kernel units (see cell.h).
 #pragma once
 
+#include <type_traits>
+
 #include "cell.h"
 #include "thread_pool.h"
 
@@ -120,6 +122,38 @@ inline void gate_rows(const Real* A, int64_t lda, const Real* panel, int64_t K, 
   for (int r = 0; r < R; ++r) epilogue(b0 + r, j, lanes, acc[r]);
 }
 
+// f(b, rows) for the row tiles of 0..n-1: rows = R from b = 0, R, 2R, ..., then
+// one tile of the n % R rows left; rows is a std::integral_constant, so each tile
+// height is a compile-time constant of the micro-kernel.
+template <int M, typename F>
+inline void last_row_tile(int64_t b, int64_t rest, F& f) {
+  if constexpr (M > 0) {
+    if (rest == M)
+      f(b, std::integral_constant<int, M>{});
+    else
+      last_row_tile<M - 1>(b, rest, f);
+  }
+}
+template <int R, typename F>
+inline void for_row_tiles(int64_t n, F&& f) {
+  int64_t b = 0;
+  for (; b + R <= n; b += R) f(b, std::integral_constant<int, R>{});
+  last_row_tile<R - 1>(b, n - b, f);
+}
+
+// Unit blocks u0..u1-1 (units j0..j1-1) of thread tid of nt: the columns of W_hh it
+// packs and computes, and of h, c and the gate gradients it alone writes.
+struct UnitShare {
+  int64_t u0, u1, j0, j1;
+};
+template <typename Real>
+inline UnitShare unit_share(int64_t H, int tid, int nt) {
+  constexpr int64_t U = kWidth<Real>;
+  const int64_t blocks = unit_blocks<Real>(H);
+  const int64_t u0 = blocks * tid / nt, u1 = blocks * (tid + 1) / nt;
+  return {u0, u1, u0 * U, u1 * U < H ? u1 * U : H};
+}
+
 // One step's share of a thread: for unit blocks u0..u1-1 and rows 0..n-1,
 // epilogue(b, j, lanes, acc) with acc[g] the pre-activation h_prev[b] W_hh^T of
 // gate g at units j..j+lanes-1 (lanes < U only in the last block).
@@ -133,27 +167,9 @@ inline void recurrent_step(const Real* h_prev, int64_t lda, int64_t n, int64_t K
   for (int64_t u = u0; u < u1; ++u) {
     const Real* panel = panels + u * K * G * U;
     const int64_t j = u * U, lanes = H - j < U ? H - j : U;
-    int64_t b = 0;
-    for (; b + R <= n; b += R) gate_rows<Real, G, R>(h_prev, lda, panel, K, b, j, lanes, epilogue);
-    switch (n - b) {
-      case 5:
-        if constexpr (R > 5) gate_rows<Real, G, 5>(h_prev, lda, panel, K, b, j, lanes, epilogue);
-        break;
-      case 4:
-        if constexpr (R > 4) gate_rows<Real, G, 4>(h_prev, lda, panel, K, b, j, lanes, epilogue);
-        break;
-      case 3:
-        gate_rows<Real, G, 3>(h_prev, lda, panel, K, b, j, lanes, epilogue);
-        break;
-      case 2:
-        gate_rows<Real, G, 2>(h_prev, lda, panel, K, b, j, lanes, epilogue);
-        break;
-      case 1:
-        gate_rows<Real, G, 1>(h_prev, lda, panel, K, b, j, lanes, epilogue);
-        break;
-      default:
-        break;
-    }
+    for_row_tiles<R>(n, [&](int64_t b, auto rows) {
+      gate_rows<Real, G, decltype(rows)::value>(h_prev, lda, panel, K, b, j, lanes, epilogue);
+    });
   }
 }
 
@@ -232,30 +248,10 @@ inline void dh_product(Real* dh, const Real* dG, int64_t ldg, const Real* panels
   constexpr int R = 6;  // x 2 blocks: 12 accumulators, as the forward's LSTM tile
   for (int64_t u = u0; u < u1; u += 2) {
     const bool pair = u + 1 < u1;
-    int64_t b = 0;
-    for (; b + R <= n; b += R)
-      dh_rows<Real, R>(dh + b * H, H, dG + b * ldg, ldg, panels, GK, u, pair, accumulate);
-    Real* d = dh + b * H;
-    const Real* g = dG + b * ldg;
-    switch (n - b) {
-      case 5:
-        dh_rows<Real, 5>(d, H, g, ldg, panels, GK, u, pair, accumulate);
-        break;
-      case 4:
-        dh_rows<Real, 4>(d, H, g, ldg, panels, GK, u, pair, accumulate);
-        break;
-      case 3:
-        dh_rows<Real, 3>(d, H, g, ldg, panels, GK, u, pair, accumulate);
-        break;
-      case 2:
-        dh_rows<Real, 2>(d, H, g, ldg, panels, GK, u, pair, accumulate);
-        break;
-      case 1:
-        dh_rows<Real, 1>(d, H, g, ldg, panels, GK, u, pair, accumulate);
-        break;
-      default:
-        break;
-    }
+    for_row_tiles<R>(n, [&](int64_t b, auto rows) {
+      dh_rows<Real, decltype(rows)::value>(dh + b * H, H, dG + b * ldg, ldg, panels, GK, u, pair,
+                                           accumulate);
+    });
   }
 }
 

@@ -167,7 +167,6 @@ void backward_fused(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
     const UnitShare mine = unit_share<Real>(H, tid, nt);
     const int64_t u0 = mine.u0, u1 = mine.u1, j0 = mine.j0, j1 = mine.j1;
     const int64_t units = j1 - j0;
-    pack_column_panels(buf.W_hh_c, w.W_hh, GH, H, u0, u1);
     for (int64_t k = S - 1; k >= 0; --k) {
       const int64_t n = walk.active(k);
       const Real* h_prev = buf.h + k * N * H;
@@ -185,7 +184,7 @@ void backward_fused(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
           }
       }
       pool_barrier();
-      dh_product(buf.dh, dG + k * N * ldg, ldg, buf.W_hh_c, n, GH, H, u0, u1, true);
+      dh_product_blas(buf.dh, dG + k * N * ldg, ldg, w.W_hh, n, GH, H, j0, j1, true);
     }
     pool_barrier();
     weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, ldg, dG_in, buf.h, x, GH, s);

@@ -102,7 +102,7 @@ struct LayerBuffers {
                           //   nullptr (LSTM, GRU) when the backward consumes the cache: then written over gates
                           //   (row stride 4H), whose values each step reads before it writes
   Real* dG_in = nullptr;  // dG_in: GRU [S, N, 3H] gradient of the input pre-activations (x W_ih^T); differs from dG by r in the n block
-  Real* W_hh_c = nullptr; // W_hh_c: without P, [packed_size(G, H, H)] scratch: W_hh packed once per
+  Real* W_hh_c = nullptr; // W_hh_c: LSTM without P, RNN: [packed_size(G, H, H)] scratch: W_hh packed once per
                           //   backward by column blocks for dh = dG W_hh (recurrent_gemm.h)
   Real* dh = nullptr;     // dh: [N, H_out] gradient flowing into h of the current step
   Real* dc = nullptr;     // dc: LSTM [N, H] gradient flowing into c of the current step

@@ -375,7 +375,8 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       if (!(in_place && lstm && in_order)) dG_x[d] = cv.take<Real>(T * N * GH);
       if ((gru || !in_order) && !in_place) scratch[d].dG = cv.take<Real>(S * N * GH);
       if (gru && !in_order) scratch[d].dG_in = cv.take<Real>(S * N * GH);
-      if (!P) scratch[d].W_hh_c = cv.take<Real>(packed_size(gates_of(s.mode), H, H));
+      if (!P && !gru)  // see dh_product_blas
+        scratch[d].W_hh_c = cv.take<Real>(packed_size(gates_of(s.mode), H, H));
       scratch[d].dh = cv.take<Real>(N * H_out);
       if (lstm) scratch[d].dc = cv.take<Real>(N * H);
       if (P) {

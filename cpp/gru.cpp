@@ -77,46 +77,38 @@ template <typename Real, bool kTraining>
 void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
                    const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
   const Walk walk(s);
-  const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
+  const int64_t N = s.N, H = s.H, S = steps_of(s);
   const int64_t ldx = x_projection_stride(buf, H);
   gather_state(buf.h, h0, H, walk);
-  auto body = [&](int tid, int nt) {
-    const UnitShare mine = unit_share<Real>(H, tid, nt);
-    const int64_t u0 = mine.u0, u1 = mine.u1, j0 = mine.j0, j1 = mine.j1;
-    pack_gate_panels<Real, 3>(buf.W_hh_p, w.W_hh, H, H, u0, u1);
-    input_projection_units(buf.xproj, ldx, x, w.W_ih, 3, H, j0, j1, s);
-    const Real* bias = w.bias;
-    for (int64_t k = 0; k < S; ++k) {
-      const int64_t n = walk.active(k);
-      const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
-      Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
-      Real* gates = kTraining ? buf.gates + k * N * 4 * H : nullptr;
-      auto epilogue = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
-        const int64_t at = walk.at(k, b);
-        const Real* xp = buf.xproj + walk.x_row(k, b) * ldx + j;
-        const Real* bj = bias + j;
-        const V<Real> r = simd::vsigmoid<Real>(acc[0] + ld(xp, lanes) + ld(bj, lanes));
-        const V<Real> z = simd::vsigmoid<Real>(acc[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
-        const V<Real> ghn = acc[2] + ld(w.b_hn + j, lanes);
-        const V<Real> nn =
-            simd::vtanh(ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes) + r * ghn);
-        const V<Real> h = nn + z * (ld(h_prev + b * H + j, lanes) - nn);
-        st(h_next + b * H + j, h, lanes);
-        st(y + at * ldy + j, h, lanes);
-        if constexpr (kTraining) {
-          Real* gb = gates + b * 4 * H + j;
-          st(gb, r, lanes);
-          st(gb + H, z, lanes);
-          st(gb + 2 * H, nn, lanes);
-          st(gb + 3 * H, ghn, lanes);
-        }
-      };
-      recurrent_step<Real, 3>(h_prev, H, n, H, buf.W_hh_p, H, u0, u1, epilogue);
-      for (int64_t b = n; b < N; ++b) copy_row(h_next + b * H + j0, h_prev + b * H + j0, j1 - j0);
-      pool_barrier();
-    }
-  };
-  run_on_pool(s.threads, body);
+  const Real* bias = w.bias;
+  forward_on_pool<Real, 3>(buf, x, ldx, w, s, [&](int64_t k, int64_t n, const UnitShare& mine) {
+    const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
+    Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
+    Real* gates = kTraining ? buf.gates + k * N * 4 * H : nullptr;
+    auto epilogue = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
+      const int64_t at = walk.at(k, b);
+      const Real* xp = buf.xproj + walk.x_row(k, b) * ldx + j;
+      const Real* bj = bias + j;
+      const V<Real> r = simd::vsigmoid<Real>(acc[0] + ld(xp, lanes) + ld(bj, lanes));
+      const V<Real> z = simd::vsigmoid<Real>(acc[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
+      const V<Real> ghn = acc[2] + ld(w.b_hn + j, lanes);
+      const V<Real> nn =
+          simd::vtanh(ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes) + r * ghn);
+      const V<Real> h = nn + z * (ld(h_prev + b * H + j, lanes) - nn);
+      st(h_next + b * H + j, h, lanes);
+      st(y + at * ldy + j, h, lanes);
+      if constexpr (kTraining) {
+        Real* gb = gates + b * 4 * H + j;
+        st(gb, r, lanes);
+        st(gb + H, z, lanes);
+        st(gb + 2 * H, nn, lanes);
+        st(gb + 3 * H, ghn, lanes);
+      }
+    };
+    recurrent_step<Real, 3>(h_prev, H, n, H, buf.W_hh_p, H, mine.u0, mine.u1, epilogue);
+    for (int64_t b = n; b < N; ++b)
+      copy_row(h_next + b * H + mine.j0, h_prev + b * H + mine.j0, mine.j1 - mine.j0);
+  });
   scatter_state(h_n, buf.h + slot(S, kTraining) * N * H, H, walk);
 }
 
@@ -149,47 +141,34 @@ inline void gru_backward_row(Real* dG_in, Real* dG, Real* dh, const Real* dy, co
   });
 }
 
-// The backward on the pool (as lstm.cpp's backward_fused): own units' gate
-// gradients and dh' z, a barrier, then own columns of dh += dG W_hh.
+// The backward on the pool: own units' gate gradients and dh' z, a barrier, then
+// own columns of dh += dG W_hh (backward_on_pool).
 template <typename Real>
 void backward_fused(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
                     const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy,
                     const Real* dh_n, const Real* x, const LayerWeights<Real>& w,
                     const LayerShape& s) {
   const Walk walk(s);
-  const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
+  const int64_t N = s.N, H = s.H, GH = 3 * H;
   Real* dG_in = input_gate_grads(dG_x, buf.dG_in, s);
   // The recurrent gate gradients: in scratch, or over the saved gates (see LayerBuffers::dG).
   Real* dG = buf.dG ? buf.dG : buf.gates;
   const int64_t ldg = buf.dG ? GH : 4 * H;
   gather_state(buf.dh, dh_n, H, walk);
-  auto body = [&](int tid, int nt) {
-    const UnitShare mine = unit_share<Real>(H, tid, nt);
-    const int64_t u0 = mine.u0, u1 = mine.u1, j0 = mine.j0, j1 = mine.j1;
-    const int64_t units = j1 - j0;
-    for (int64_t k = S - 1; k >= 0; --k) {
-      const int64_t n = walk.active(k);
-      const Real* h_prev = buf.h + k * N * H;
-      if (units > 0) {
-        for (int64_t b = 0; b < n; ++b)
-          gru_backward_row<Real>(dG_in + (k * N + b) * GH + j0, dG + (k * N + b) * ldg + j0,
-                                 buf.dh + b * H + j0,
-                                 dy ? dy + walk.at(k, b) * lddy + j0 : nullptr,
-                                 buf.gates + (k * N + b) * 4 * H + j0, h_prev + b * H + j0, H,
-                                 units);
-        for (int64_t b = n; b < N; ++b)
-          for (int64_t g = 0; g < 3; ++g) {
-            zero_row(dG_in + (k * N + b) * GH + g * H + j0, units);
-            zero_row(dG + (k * N + b) * ldg + g * H + j0, units);
-          }
+  auto pointwise = [&](int64_t k, int64_t n, const UnitShare& mine) {
+    const int64_t j0 = mine.j0, units = mine.j1 - mine.j0;
+    const Real* h_prev = buf.h + k * N * H;
+    for (int64_t b = 0; b < n; ++b)
+      gru_backward_row<Real>(dG_in + (k * N + b) * GH + j0, dG + (k * N + b) * ldg + j0,
+                             buf.dh + b * H + j0, dy ? dy + walk.at(k, b) * lddy + j0 : nullptr,
+                             buf.gates + (k * N + b) * 4 * H + j0, h_prev + b * H + j0, H, units);
+    for (int64_t b = n; b < N; ++b)
+      for (int64_t g = 0; g < 3; ++g) {
+        zero_row(dG_in + (k * N + b) * GH + g * H + j0, units);
+        zero_row(dG + (k * N + b) * ldg + g * H + j0, units);
       }
-      pool_barrier();
-      dh_product_blas(buf.dh, dG + k * N * ldg, ldg, w.W_hh, n, GH, H, j0, j1, true);
-    }
-    pool_barrier();
-    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, ldg, dG_in, buf.h, x, GH, s);
   };
-  run_on_pool(s.threads, body);
+  backward_on_pool(dG_x, dw, buf, dG, ldg, dG_in, GH, true, x, w, s, pointwise);
   scatter_state(dh0, buf.dh, H, walk);
 }
 

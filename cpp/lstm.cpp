@@ -99,11 +99,10 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
   scatter_state(c_n, buf.c + slot(S, kTraining) * N * H, H, walk);
 }
 
-// The forward without projection on the persistent pool: each thread owns a
-// range of unit blocks (all four gates of its units), packs their panels, projects
-// their inputs, and at every step computes their pre-activations for all running
-// rows and the cell update in the micro-kernel's epilogue; one barrier per step
-// (the next step needs all of h).
+// The forward without projection on the persistent pool (forward_on_pool): each
+// thread owns a range of unit blocks (all four gates of its units) and at every step
+// computes their pre-activations for all running rows and the cell update in the
+// micro-kernel's epilogue.
 template <typename Real, bool kTraining>
 void forward_fused(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                    const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
@@ -112,51 +111,43 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
   const int64_t N = s.N, H = s.H, GH = 4 * H, S = steps_of(s);
   gather_state(buf.h, h0, H, walk);
   gather_state(buf.c, c0, H, walk);
-  auto body = [&](int tid, int nt) {
-    const UnitShare mine = unit_share<Real>(H, tid, nt);
-    const int64_t u0 = mine.u0, u1 = mine.u1, j0 = mine.j0, j1 = mine.j1;
-    pack_gate_panels<Real, 4>(buf.W_hh_p, w.W_hh, H, H, u0, u1);
-    input_projection_units(buf.xproj, GH, x, w.W_ih, 4, H, j0, j1, s);
-    const Real* bias = w.bias;
-    for (int64_t k = 0; k < S; ++k) {
-      const int64_t n = walk.active(k);
-      const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
-      Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
-      const Real* c_prev = buf.c + slot(k, kTraining) * N * H;
-      Real* c_next = buf.c + slot(k + 1, kTraining) * N * H;
-      Real* gates = kTraining ? buf.gates + k * N * GH : nullptr;
-      auto epilogue = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
-        const int64_t at = walk.at(k, b);
-        const Real* xp = buf.xproj + walk.x_row(k, b) * GH + j;
-        const Real* bj = bias + j;
-        const V<Real> i = simd::vsigmoid<Real>(acc[0] + ld(xp, lanes) + ld(bj, lanes));
-        const V<Real> f = simd::vsigmoid<Real>(acc[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
-        const V<Real> g = simd::vtanh(acc[2] + ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes));
-        const V<Real> o =
-            simd::vsigmoid<Real>(acc[3] + ld(xp + 3 * H, lanes) + ld(bj + 3 * H, lanes));
-        const V<Real> c = f * ld(c_prev + b * H + j, lanes) + i * g;
-        const V<Real> h = o * simd::vtanh(c);
-        st(c_next + b * H + j, c, lanes);
-        st(h_next + b * H + j, h, lanes);
-        st(y + at * ldy + j, h, lanes);
-        if constexpr (kTraining) {
-          Real* gb = gates + b * GH + j;
-          st(gb, i, lanes);
-          st(gb + H, f, lanes);
-          st(gb + 2 * H, g, lanes);
-          st(gb + 3 * H, o, lanes);
-        }
-      };
-      recurrent_step<Real, 4>(h_prev, H, n, H, buf.W_hh_p, H, u0, u1, epilogue);
-      // Finished rows keep their state (see forward_steps).
-      for (int64_t b = n; b < N; ++b) {
-        copy_row(h_next + b * H + j0, h_prev + b * H + j0, j1 - j0);
-        copy_row(c_next + b * H + j0, c_prev + b * H + j0, j1 - j0);
+  const Real* bias = w.bias;
+  forward_on_pool<Real, 4>(buf, x, GH, w, s, [&](int64_t k, int64_t n, const UnitShare& mine) {
+    const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
+    Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
+    const Real* c_prev = buf.c + slot(k, kTraining) * N * H;
+    Real* c_next = buf.c + slot(k + 1, kTraining) * N * H;
+    Real* gates = kTraining ? buf.gates + k * N * GH : nullptr;
+    auto epilogue = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
+      const int64_t at = walk.at(k, b);
+      const Real* xp = buf.xproj + walk.x_row(k, b) * GH + j;
+      const Real* bj = bias + j;
+      const V<Real> i = simd::vsigmoid<Real>(acc[0] + ld(xp, lanes) + ld(bj, lanes));
+      const V<Real> f = simd::vsigmoid<Real>(acc[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
+      const V<Real> g = simd::vtanh(acc[2] + ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes));
+      const V<Real> o =
+          simd::vsigmoid<Real>(acc[3] + ld(xp + 3 * H, lanes) + ld(bj + 3 * H, lanes));
+      const V<Real> c = f * ld(c_prev + b * H + j, lanes) + i * g;
+      const V<Real> h = o * simd::vtanh(c);
+      st(c_next + b * H + j, c, lanes);
+      st(h_next + b * H + j, h, lanes);
+      st(y + at * ldy + j, h, lanes);
+      if constexpr (kTraining) {
+        Real* gb = gates + b * GH + j;
+        st(gb, i, lanes);
+        st(gb + H, f, lanes);
+        st(gb + 2 * H, g, lanes);
+        st(gb + 3 * H, o, lanes);
       }
-      pool_barrier();
+    };
+    recurrent_step<Real, 4>(h_prev, H, n, H, buf.W_hh_p, H, mine.u0, mine.u1, epilogue);
+    // Finished rows keep their state (see forward_steps).
+    const int64_t j0 = mine.j0, units = mine.j1 - mine.j0;
+    for (int64_t b = n; b < N; ++b) {
+      copy_row(h_next + b * H + j0, h_prev + b * H + j0, units);
+      copy_row(c_next + b * H + j0, c_prev + b * H + j0, units);
     }
-  };
-  run_on_pool(s.threads, body);
+  });
   scatter_state(h_n, buf.h + slot(S, kTraining) * N * H, H, walk);
   scatter_state(c_n, buf.c + slot(S, kTraining) * N * H, H, walk);
 }
@@ -188,47 +179,32 @@ inline void lstm_backward_row(Real* dG, Real* dc, const Real* dm, const Real* dy
   });
 }
 
-// The backward without projection on the pool: thread tid owns units j0..j1-1,
-// does their gate gradients, meets the others (dh needs every unit's dG), then
-// computes its columns of dh = dG W_hh, which only its own next step reads: one
-// barrier per step. The weight gradients follow, cut over the same threads.
+// The backward without projection on the pool (backward_on_pool): each thread
+// does the gate gradients (and dc) of its units at every step.
 template <typename Real>
 void backward_fused(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
                     const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy,
                     const Real* dh_n, const Real* dc_n, const Real* x,
                     const LayerWeights<Real>& w, const LayerShape& s) {
   const Walk walk(s);
-  const int64_t N = s.N, H = s.H, GH = 4 * H, S = steps_of(s);
+  const int64_t N = s.N, H = s.H, GH = 4 * H;
   Real* dG = input_gate_grads(dG_x, buf.dG ? buf.dG : buf.gates, s);  // see LayerBuffers::dG
   gather_state(buf.dh, dh_n, H, walk);
   gather_state(buf.dc, dc_n, H, walk);
-  auto body = [&](int tid, int nt) {
-    const UnitShare mine = unit_share<Real>(H, tid, nt);
-    const int64_t u0 = mine.u0, u1 = mine.u1, j0 = mine.j0, j1 = mine.j1;
-    const int64_t units = j1 - j0;
-    pack_column_panels(buf.W_hh_c, w.W_hh, GH, H, u0, u1);
-    for (int64_t k = S - 1; k >= 0; --k) {
-      const int64_t n = walk.active(k);
-      Real* dGk = dG + k * N * GH;
-      const Real* gates = buf.gates + k * N * GH;
-      const Real* c_prev = buf.c + k * N * H;
-      const Real* c_next = buf.c + (k + 1) * N * H;
-      if (units > 0) {
-        for (int64_t b = 0; b < n; ++b)
-          lstm_backward_row<Real>(dGk + b * GH + j0, buf.dc + b * H + j0, buf.dh + b * H + j0,
-                                  dy ? dy + walk.at(k, b) * lddy + j0 : nullptr,
-                                  gates + b * GH + j0, c_prev + b * H + j0, c_next + b * H + j0,
-                                  H, units);
-        for (int64_t b = n; b < N; ++b)
-          for (int64_t g = 0; g < 4; ++g) zero_row(dGk + b * GH + g * H + j0, units);
-      }
-      pool_barrier();
-      dh_product(buf.dh, dGk, GH, buf.W_hh_c, n, GH, H, u0, u1, false);
-    }
-    pool_barrier();
-    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, GH, dG, buf.h, x, GH, s);
+  auto pointwise = [&](int64_t k, int64_t n, const UnitShare& mine) {
+    const int64_t j0 = mine.j0, units = mine.j1 - mine.j0;
+    Real* dGk = dG + k * N * GH;
+    const Real* gates = buf.gates + k * N * GH;
+    const Real* c_prev = buf.c + k * N * H;
+    const Real* c_next = buf.c + (k + 1) * N * H;
+    for (int64_t b = 0; b < n; ++b)
+      lstm_backward_row<Real>(dGk + b * GH + j0, buf.dc + b * H + j0, buf.dh + b * H + j0,
+                              dy ? dy + walk.at(k, b) * lddy + j0 : nullptr, gates + b * GH + j0,
+                              c_prev + b * H + j0, c_next + b * H + j0, H, units);
+    for (int64_t b = n; b < N; ++b)
+      for (int64_t g = 0; g < 4; ++g) zero_row(dGk + b * GH + g * H + j0, units);
   };
-  run_on_pool(s.threads, body);
+  backward_on_pool(dG_x, dw, buf, dG, GH, dG, GH, false, x, w, s, pointwise);
   scatter_state(dh0, buf.dh, H, walk);
   scatter_state(dc0, buf.dc, H, walk);
 }

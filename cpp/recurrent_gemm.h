@@ -256,7 +256,8 @@ inline void dh_product(Real* dh, const Real* dG, int64_t ldg, const Real* panels
 }
 
 // dh[:, j0:j1] = dG[n, GK] W_hh[:, j0:j1] (+ dh[:, j0:j1] when accumulate) with
-// OpenBLAS (small_gemm for few rows) on W_hh as stored: the GRU's. With the packed
+// OpenBLAS (small_gemm for few rows) on W_hh as stored, when there is no packed
+// copy (LayerBuffers::W_hh_c is null): the GRU's. With the packed
 // copy of W_hh a GRU training step needed more memory than torch's (measured, 2
 // threads: N=8 H=256 10.6 against 9.9 MB; T=50 N=16 H=1024, one thread, 37.6
 // against 36.2 MB); without it, about 7% slower at N=8.
@@ -319,6 +320,61 @@ inline void run_on_pool(int threads, F& body) {
   } else {
     pool_run(1, &Call::task, &body);
   }
+}
+
+// ---------------------------------------------------------------------------
+// What every cell's layer does on the pool; the cells give the per-step part.
+
+// The forward: each thread packs the panels and projects the inputs (rows ldx
+// apart) of its unit blocks, then runs step(k, n, mine) for every step k with n
+// rows running, a barrier after each (the next step needs all of h).
+template <typename Real, int G, typename Step>
+inline void forward_on_pool(const LayerBuffers<Real>& buf, const Real* x, int64_t ldx,
+                            const LayerWeights<Real>& w, const LayerShape& s, Step&& step) {
+  const Walk walk(s);
+  const int64_t H = s.H, S = steps_of(s);
+  auto body = [&](int tid, int nt) {
+    const UnitShare mine = unit_share<Real>(H, tid, nt);
+    pack_gate_panels<Real, G>(buf.W_hh_p, w.W_hh, H, H, mine.u0, mine.u1);
+    input_projection_units(buf.xproj, ldx, x, w.W_ih, G, H, mine.j0, mine.j1, s);
+    for (int64_t k = 0; k < S; ++k) {
+      step(k, walk.active(k), mine);
+      pool_barrier();
+    }
+  };
+  run_on_pool(s.threads, body);
+}
+
+// The backward. A thread owns units j0..j1-1: at every step, last to first,
+// pointwise(k, n, mine) writes its units' gate gradients into dG (GK columns, rows
+// ldg apart) and leaves in dh the part of its gradient that bypasses W_hh; after a
+// barrier (dh needs every unit's dG) the thread computes its columns of
+// dh = dG W_hh (added to what pointwise left when accumulate_dh), which only its own
+// next step reads. After the loop, a barrier and its share of the weight gradients.
+template <typename Real, typename Pointwise>
+inline void backward_on_pool(Real* dG_x, const LayerGrads<Real>& dw, const LayerBuffers<Real>& buf,
+                             Real* dG, int64_t ldg, const Real* dG_in, int64_t GK,
+                             bool accumulate_dh, const Real* x, const LayerWeights<Real>& w,
+                             const LayerShape& s, Pointwise&& pointwise) {
+  const Walk walk(s);
+  const int64_t N = s.N, H = s.H, S = steps_of(s);
+  auto body = [&](int tid, int nt) {
+    const UnitShare mine = unit_share<Real>(H, tid, nt);
+    if (buf.W_hh_c) pack_column_panels(buf.W_hh_c, w.W_hh, GK, H, mine.u0, mine.u1);
+    for (int64_t k = S - 1; k >= 0; --k) {
+      const int64_t n = walk.active(k);
+      if (mine.j1 > mine.j0) pointwise(k, n, mine);
+      pool_barrier();
+      const Real* dG_step = dG + k * N * ldg;
+      if (buf.W_hh_c)
+        dh_product(buf.dh, dG_step, ldg, buf.W_hh_c, n, GK, H, mine.u0, mine.u1, accumulate_dh);
+      else
+        dh_product_blas(buf.dh, dG_step, ldg, w.W_hh, n, GK, H, mine.j0, mine.j1, accumulate_dh);
+    }
+    pool_barrier();
+    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, ldg, dG_in, buf.h, x, GK, s);
+  };
+  run_on_pool(s.threads, body);
 }
 
 }  // namespace LSTMFAST_ISA

@@ -49,40 +49,32 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
   scatter_state(h_n, buf.h + slot(S, s.training) * N * H, H, walk);
 }
 
-// The forward on the persistent pool (as lstm.cpp's forward_fused).
+// The forward on the persistent pool (forward_on_pool), as lstm.cpp's.
 template <typename Real, bool kRelu>
 void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
                    const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, S = steps_of(s);
   gather_state(buf.h, h0, H, walk);
-  auto body = [&](int tid, int nt) {
-    const UnitShare mine = unit_share<Real>(H, tid, nt);
-    const int64_t u0 = mine.u0, u1 = mine.u1, j0 = mine.j0, j1 = mine.j1;
-    pack_gate_panels<Real, 1>(buf.W_hh_p, w.W_hh, H, H, u0, u1);
-    input_projection_units(buf.xproj, H, x, w.W_ih, 1, H, j0, j1, s);
-    for (int64_t k = 0; k < S; ++k) {
-      const int64_t n = walk.active(k);
-      const Real* h_prev = buf.h + slot(k, s.training) * N * H;
-      Real* h_next = buf.h + slot(k + 1, s.training) * N * H;
-      auto epilogue = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
-        const int64_t at = walk.at(k, b);
-        const V<Real> a =
-            acc[0] + ld(buf.xproj + walk.x_row(k, b) * H + j, lanes) + ld(w.bias + j, lanes);
-        V<Real> h;
-        if constexpr (kRelu)
-          h = simd::vmax<Real>(a, splat<Real>(0));
-        else
-          h = simd::vtanh(a);
-        st(h_next + b * H + j, h, lanes);
-        st(y + at * ldy + j, h, lanes);
-      };
-      recurrent_step<Real, 1>(h_prev, H, n, H, buf.W_hh_p, H, u0, u1, epilogue);
-      for (int64_t b = n; b < N; ++b) copy_row(h_next + b * H + j0, h_prev + b * H + j0, j1 - j0);
-      pool_barrier();
-    }
-  };
-  run_on_pool(s.threads, body);
+  forward_on_pool<Real, 1>(buf, x, H, w, s, [&](int64_t k, int64_t n, const UnitShare& mine) {
+    const Real* h_prev = buf.h + slot(k, s.training) * N * H;
+    Real* h_next = buf.h + slot(k + 1, s.training) * N * H;
+    auto epilogue = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
+      const int64_t at = walk.at(k, b);
+      const V<Real> a =
+          acc[0] + ld(buf.xproj + walk.x_row(k, b) * H + j, lanes) + ld(w.bias + j, lanes);
+      V<Real> h;
+      if constexpr (kRelu)
+        h = simd::vmax<Real>(a, splat<Real>(0));
+      else
+        h = simd::vtanh(a);
+      st(h_next + b * H + j, h, lanes);
+      st(y + at * ldy + j, h, lanes);
+    };
+    recurrent_step<Real, 1>(h_prev, H, n, H, buf.W_hh_p, H, mine.u0, mine.u1, epilogue);
+    for (int64_t b = n; b < N; ++b)
+      copy_row(h_next + b * H + mine.j0, h_prev + b * H + mine.j0, mine.j1 - mine.j0);
+  });
   scatter_state(h_n, buf.h + slot(S, s.training) * N * H, H, walk);
 }
 
@@ -105,39 +97,27 @@ inline void rnn_backward_row(Real* dG, const Real* dh, const Real* dy, const Rea
   });
 }
 
-// The backward on the pool (as lstm.cpp's backward_fused).
+// The backward on the pool (backward_on_pool), as lstm.cpp's.
 template <typename Real, bool kRelu>
 void backward_fused(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
                     const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy,
                     const Real* dh_n, const Real* x, const LayerWeights<Real>& w,
                     const LayerShape& s) {
   const Walk walk(s);
-  const int64_t N = s.N, H = s.H, S = steps_of(s);
+  const int64_t N = s.N, H = s.H;
   Real* dG = input_gate_grads(dG_x, buf.dG, s);
   gather_state(buf.dh, dh_n, H, walk);
-  auto body = [&](int tid, int nt) {
-    const UnitShare mine = unit_share<Real>(H, tid, nt);
-    const int64_t u0 = mine.u0, u1 = mine.u1, j0 = mine.j0, j1 = mine.j1;
-    const int64_t units = j1 - j0;
-    pack_column_panels(buf.W_hh_c, w.W_hh, H, H, u0, u1);
-    for (int64_t k = S - 1; k >= 0; --k) {
-      const int64_t n = walk.active(k);
-      Real* dGk = dG + k * N * H;
-      const Real* h_next = buf.h + (k + 1) * N * H;
-      if (units > 0) {
-        for (int64_t b = 0; b < n; ++b)
-          rnn_backward_row<Real, kRelu>(dGk + b * H + j0, buf.dh + b * H + j0,
-                                        dy ? dy + walk.at(k, b) * lddy + j0 : nullptr,
-                                        h_next + b * H + j0, units);
-        for (int64_t b = n; b < N; ++b) zero_row(dGk + b * H + j0, units);
-      }
-      pool_barrier();
-      dh_product(buf.dh, dGk, H, buf.W_hh_c, n, H, H, u0, u1, false);
-    }
-    pool_barrier();
-    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, H, dG, buf.h, x, H, s);
+  auto pointwise = [&](int64_t k, int64_t n, const UnitShare& mine) {
+    const int64_t j0 = mine.j0, units = mine.j1 - mine.j0;
+    Real* dGk = dG + k * N * H;
+    const Real* h_next = buf.h + (k + 1) * N * H;
+    for (int64_t b = 0; b < n; ++b)
+      rnn_backward_row<Real, kRelu>(dGk + b * H + j0, buf.dh + b * H + j0,
+                                    dy ? dy + walk.at(k, b) * lddy + j0 : nullptr,
+                                    h_next + b * H + j0, units);
+    for (int64_t b = n; b < N; ++b) zero_row(dGk + b * H + j0, units);
   };
-  run_on_pool(s.threads, body);
+  backward_on_pool(dG_x, dw, buf, dG, H, dG, H, false, x, w, s, pointwise);
   scatter_state(dh0, buf.dh, H, walk);
 }
 

@@ -1,28 +1,43 @@
-"""lstmfast inside torch models: ``LSTM``, ``GRU``, ``RNN`` and ``accelerate``.
+"""lstmfast inside torch models: ``LSTM``, ``GRU``, ``RNN``, the cells, ``accelerate``.
 
-The classes are subclasses of ``torch.nn.LSTM`` / ``GRU`` / ``RNN``: same
-constructor, parameters, ``state_dict`` keys and forward signature (a tensor or a
-``PackedSequence``, and ``hx``). On CPU float32/float64 tensors the forward pass
-and its backward run through lstmfast's fused kernels inside one
+The classes are subclasses of ``torch.nn.LSTM`` / ``GRU`` / ``RNN`` and
+``LSTMCell`` / ``GRUCell`` / ``RNNCell``: same constructor, parameters,
+``state_dict`` keys and forward signature. On CPU float32/float64 tensors the
+forward pass and its backward run through lstmfast's fused kernels inside one
 ``torch.autograd.Function``; contiguous tensors are shared with the kernels, not
-copied. Anything else (CUDA, other dtypes) falls back to torch's own
-implementation, with a warning the first time.
+copied.
 
-``accelerate(model)`` swaps the class of every ``nn.LSTM``/``nn.GRU``/``nn.RNN``
-inside ``model`` in place. The modules keep their parameter objects, so
-optimizers built before the swap keep working.
+Everything the kernels cannot do exactly as torch does runs on torch's own
+implementation of the same module, so the result is torch's by construction:
+  * CUDA, other dtypes, weights of another dtype than the input (with a warning
+    the first time);
+  * tracing (``torch.jit.trace``, ONNX export), ``torch.export``, scripting (the
+    scripted module is the torch class, see ``__prepare_scriptable__``),
+    ``torch.func`` transforms, and autocast;
+  * input torch would reject: torch's forward raises its own error;
+  * double backward (``create_graph=True``): the backward then differentiates
+    torch's own graph of the same computation, built from the saved inputs.
+Under ``torch.compile`` the fused call runs eagerly behind a graph break: for a
+layer the same one torch's own RNN costs (dynamo runs nn.LSTM/GRU/RNN eagerly),
+for a cell one per call; the rest of the model compiles.
+
+``accelerate(model)`` swaps the class of every torch RNN module inside ``model`` in
+place; ``restore(model)`` swaps them back. The modules keep their parameter objects,
+so optimizers built before the swap keep working.
 
 This is the only module of lstmfast that imports torch.
 """
 
+import copy
 import warnings
 
 import numpy as np
 import torch
-from torch import nn
-from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch import _VF, nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["LSTM", "GRU", "RNN", "accelerate"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "accelerate", "restore"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _warned = set()
@@ -43,7 +58,7 @@ def _backend(name):
 def _warn_once(key, message):
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
 
 
 def _as_numpy(t):
@@ -51,12 +66,94 @@ def _as_numpy(t):
     return t.detach().numpy()
 
 
+def _in_torch_only_context(tensors):
+    """True where only torch's own implementation can give torch's result: while
+    tracing, exporting or under a ``torch.func`` transform (the kernels see neither
+    fake nor wrapped tensors), and under autocast (torch's dtype rules)."""
+    if torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
+        return True
+    if torch._C._are_functorch_transforms_active():
+        return True
+    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+    return any(t is not None and is_wrapped(t) for t in tensors)
+
+
+def _unsupported_reason(data, weights):
+    """Why the kernels cannot take this call (a warning names it), or None."""
+    if data.device.type != "cpu":
+        return f"device {data.device.type}"
+    if data.dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {data.dtype}"
+    for w in weights:
+        if w is not None and (w.device.type != "cpu" or w.dtype != data.dtype):
+            return "weights of another device or dtype than the input"
+    return None
+
+
+def _differentiate_torch_graph(recompute, saved, needs_input_grad, grad_outputs):
+    """Gradients of ``recompute(*saved)`` (torch's own ops) with a graph of their own,
+    for a backward called with ``create_graph=True``: the fused backward gives
+    numbers only, so double backward differentiates torch's graph instead."""
+    with torch.enable_grad():
+        outputs = recompute(*saved)
+        wanted = [t for t, need in zip(saved, needs_input_grad) if need and t is not None]
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and o.requires_grad]
+        grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                    create_graph=True, allow_unused=True, materialize_grads=True)
+    grads = iter(grads)
+    return [next(grads) if need and t is not None else None
+            for t, need in zip(saved, needs_input_grad)]
+
+
+# ---------------------------------------------------------------------------
+# Layers: LSTM, GRU, RNN
+# ---------------------------------------------------------------------------
+
+_VF_LAYER = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
+
+
+def _torch_stack(s, x, h0, c0, masks, *weights):
+    """The stack of ``_RecurrentFunction`` computed layer by layer with torch's own
+    kernels, the same dropout masks included (for double backward)."""
+    is_lstm = s["mode"] == "LSTM"
+    D = 2 if s["bidirectional"] else 1
+    per_layer = len(weights) // s["num_layers"]
+    T, N = x.shape[0], x.shape[1]
+    rows = s["rows"]  # packed: the (t, n) rows of x that are inside their sequence
+    h_n, c_n = [], []
+    layer_input = x
+    for layer in range(s["num_layers"]):
+        if layer > 0 and masks.numel():
+            layer_input = layer_input * masks[layer - 1]
+        w = list(weights[layer * per_layer:(layer + 1) * per_layer])
+        hx = h0[layer * D:(layer + 1) * D]
+        if is_lstm:
+            hx = (hx, c0[layer * D:(layer + 1) * D])
+        if rows is None:
+            result = _VF_LAYER[s["mode"]](layer_input, hx, w, s["bias"], 1, 0.0, False,
+                                          s["bidirectional"], False)
+            layer_output = result[0]
+        else:
+            data = layer_input.reshape(T * N, -1).index_select(0, rows)
+            result = _VF_LAYER[s["mode"]](data, s["batch_sizes"], hx, w, s["bias"], 1, 0.0,
+                                          False, s["bidirectional"])
+            layer_output = data.new_zeros(T * N, result[0].shape[1]).index_copy(
+                0, rows, result[0]).view(T, N, -1)
+        h_n.append(result[1])
+        if is_lstm:
+            c_n.append(result[2])
+        layer_input = layer_output
+    return layer_input, torch.cat(h_n), (torch.cat(c_n) if is_lstm else None)
+
+
 class _RecurrentFunction(torch.autograd.Function):
     """Forward and BPTT of a whole stack through an lstmfast backend.
 
     Inputs: a dict of static settings, x (T, N, I), h0, c0 (or an empty tensor for
     non-LSTM), dropout masks (or an empty tensor), then the flat weights in the
-    module's ``_flat_weights_names`` order.
+    module's ``_flat_weights_names`` order. All are saved for backward, so changing
+    one in place before backward raises torch's "modified by an inplace operation"
+    error (the kernels' cache reads x and the weights where they are).
     """
 
     @staticmethod
@@ -73,8 +170,7 @@ class _RecurrentFunction(torch.autograd.Function):
             dropout_masks=dropout_masks, training=settings["keep_for_backward"])
         ctx.cache = cache
         ctx.settings = settings
-        ctx.param_shapes = {name: tuple(w.shape) for name, w in zip(settings["names"], weights)}
-        ctx.dtype = x.dtype
+        ctx.save_for_backward(x, h0, c0 if is_lstm else None, masks, *weights)
         out = torch.from_numpy(output)
         h_n = torch.from_numpy(h_n)
         c_n = torch.from_numpy(c_n) if is_lstm else torch.empty(0, dtype=x.dtype)
@@ -84,12 +180,20 @@ class _RecurrentFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_output, d_h_n, d_c_n):
+        saved = ctx.saved_tensors  # raises if one was changed in place since forward
         settings = ctx.settings
+        is_lstm = settings["mode"] == "LSTM"
+        if torch.is_grad_enabled():
+            grads = _differentiate_torch_graph(
+                lambda *t: _torch_stack(settings, *t), saved, ctx.needs_input_grad[1:],
+                (d_output, d_h_n, d_c_n if is_lstm else None))
+            return (None, *grads)
         if ctx.cache is None:
             raise RuntimeError("lstmfast: this forward kept nothing for backward")
-        is_lstm = settings["mode"] == "LSTM"
-        np_dtype = np.float32 if ctx.dtype == torch.float32 else np.float64
-        grads = {name: np.zeros(shape, np_dtype) for name, shape in ctx.param_shapes.items()}
+        x, weights = saved[0], saved[4:]
+        np_dtype = np.float32 if x.dtype == torch.float32 else np.float64
+        grads = {name: np.zeros(tuple(w.shape), np_dtype)
+                 for name, w in zip(settings["names"], weights)}
         dx, dh0, dc0, grads = settings["backend"].backward(
             ctx.cache, _as_numpy(d_output.contiguous()), _as_numpy(d_h_n.contiguous()),
             _as_numpy(d_c_n.contiguous()) if is_lstm else None, grads)
@@ -98,141 +202,365 @@ class _RecurrentFunction(torch.autograd.Function):
                 *(torch.from_numpy(grads[name]) for name in settings["names"]))
 
 
+def _packed_rows(batch_sizes, N):
+    """The rows t*N + n of a padded (T, N, ...) tensor that a PackedSequence with these
+    batch sizes holds, in its order, and each sequence's length."""
+    inside = torch.arange(N)[None, :] < batch_sizes[:, None]  # (T, N)
+    return inside.reshape(-1).nonzero().squeeze(1), inside.sum(0).numpy().astype(np.int64)
+
+
 class _FastRNNMixin:
-    """The forward shared by the three classes; the rest is torch's nn.RNNBase."""
+    """The forward shared by the three layer classes; the rest is torch's nn.RNNBase.
+
+    It follows torch's own forward step by step and calls torch's own checks, so
+    shapes, errors and messages are torch's; where it is unsure (a malformed call),
+    it hands the call to torch's forward, which raises exactly what torch raises.
+    """
 
     _lstmfast_backend = "fused"
 
-    def _lstmfast_mode(self):
-        if self.mode in ("LSTM", "GRU", "RNN_TANH", "RNN_RELU"):
-            return self.mode
-        raise ValueError(f"lstmfast: unsupported mode {self.mode!r}")
-
-    def _lstmfast_unsupported(self, data):
-        """Why this call must take torch's own path, or None."""
-        if data.device.type != "cpu":
-            return f"device {data.device.type}"
-        if data.dtype not in _SUPPORTED_DTYPES:
-            return f"dtype {data.dtype}"
-        for w in self._flat_weights:
-            if w is None or w.device.type != "cpu" or w.dtype != data.dtype:
-                return "weights of another device or dtype than the input"
-        return None
-
     def forward(self, input, hx=None):  # noqa: A002  (torch's argument name)
-        packed = isinstance(input, PackedSequence)
-        data = input.data if packed else input
-        if data.numel() == 0:  # an empty batch (or sequence): torch's answer, whatever it is
-            return super().forward(input, hx)
-        reason = self._lstmfast_unsupported(data)
-        if reason is not None:
-            _warn_once((type(self).__name__, reason),
-                       f"lstmfast.torch.{type(self).__name__}: {reason} is not supported by the "
-                       "fused kernels; using torch's implementation")
-            return super().forward(input, hx)
+        if torch.compiler.is_exporting():
+            return self._torch_forward(input, hx)
+        return _fused_layer_forward(self, input, hx)
 
-        is_lstm = self.mode == "LSTM"
-        D = 2 if self.bidirectional else 1
-        H_out = self.proj_size if getattr(self, "proj_size", 0) > 0 else self.hidden_size
-        lengths = None
-        if packed:
-            x, lengths_t = pad_packed_sequence(input)  # (T, N, I), batch in the caller's order
-            lengths = lengths_t.numpy().astype(np.int64)
-            unbatched = False
-        else:
-            x = input
-            unbatched = x.dim() == 2
-            if x.dim() not in (2, 3):
-                raise ValueError(f"{type(self).__name__}: input must be 2-D (unbatched) or 3-D, got {x.dim()}-D")
-            if unbatched:
-                x = x.unsqueeze(1)
-            elif self.batch_first:
-                x = x.transpose(0, 1)
-        T, N = x.shape[0], x.shape[1]
-        if x.shape[2] != self.input_size:
-            raise ValueError(f"{type(self).__name__}: input.size(-1) must be {self.input_size}, got {x.shape[2]}")
+    def _torch_forward(self, input, hx):
+        return self._lstmfast_torch_class.forward(self, input, hx)
 
-        zeros = lambda size: torch.zeros(D * self.num_layers, N, size, dtype=x.dtype)  # noqa: E731
-        if hx is None:
-            h0, c0 = zeros(H_out), (zeros(self.hidden_size) if is_lstm else None)
-        else:
-            h0, c0 = (hx if is_lstm else (hx, None))
-            if unbatched:
-                h0 = h0.unsqueeze(1)
-                c0 = c0.unsqueeze(1) if c0 is not None else None
-            expected_h = (D * self.num_layers, N, H_out)
-            if tuple(h0.shape) != expected_h:
-                raise RuntimeError(f"Expected hidden size {expected_h}, got {tuple(h0.shape)}")
-            if is_lstm and tuple(c0.shape) != (D * self.num_layers, N, self.hidden_size):
-                raise RuntimeError(f"Expected hidden[1] size {(D * self.num_layers, N, self.hidden_size)}, "
-                                   f"got {tuple(c0.shape)}")
-        if c0 is None:
-            c0 = torch.empty(0, dtype=x.dtype)
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` compiles torch's class on the same parameters."""
+        return _as_class(self, self._lstmfast_torch_class)
 
-        masks = torch.empty(0, dtype=x.dtype)
-        if self.training and self.dropout > 0 and self.num_layers > 1:
-            keep = 1.0 - self.dropout
-            shape = (self.num_layers - 1, T, N, D * H_out)
-            masks = (torch.bernoulli(torch.full(shape, keep, dtype=x.dtype)) / keep
-                     if keep > 0 else torch.zeros(shape, dtype=x.dtype))
 
-        weights = list(self._flat_weights)
-        needs_grad = torch.is_grad_enabled() and (
-            x.requires_grad or h0.requires_grad or c0.requires_grad or any(w.requires_grad for w in weights))
-        settings = {
-            "backend": _backend(self._lstmfast_backend),
-            "mode": self._lstmfast_mode(),
-            "names": list(self._flat_weights_names),
-            "num_layers": self.num_layers,
-            "bidirectional": self.bidirectional,
-            "proj_size": getattr(self, "proj_size", 0),
-            "lengths": lengths,
-            "keep_for_backward": needs_grad,
-        }
-        out, h_n, c_n = _RecurrentFunction.apply(settings, x, h0, c0, masks, *weights)
+# torch.compile cannot trace into the kernels: the fused call runs eagerly behind a
+# graph break. Dynamo never traces torch's own nn.LSTM/GRU/RNN either (it runs
+# them eagerly), so a layer costs the same break either way; a cell costs one
+# break per call, where torch's cell compiles into the graph. Disabled also when
+# called eagerly, because dynamo would otherwise try to compile the frames this
+# function runs on behalf of a compiled caller (about 1 us per call).
+@torch.compiler.disable
+def _fused_layer_forward(self, input, hx):
+    self._update_flat_weights()
+    packed = isinstance(input, PackedSequence)
+    data = input.data if packed else input
+    weights = self._flat_weights
+    is_lstm = self.mode == "LSTM"
+    if hx is None:
+        hx_list = []
+    elif is_lstm and isinstance(hx, (tuple, list)) and len(hx) == 2:
+        hx_list = list(hx)
+    elif not is_lstm and isinstance(hx, torch.Tensor):
+        hx_list = [hx]
+    else:
+        return self._torch_forward(input, hx)  # torch's answer to a malformed hx
+    if not all(isinstance(h, torch.Tensor) for h in hx_list):
+        return self._torch_forward(input, hx)
+    if _in_torch_only_context([data, *hx_list, *weights]) or data.numel() == 0:
+        return self._torch_forward(input, hx)
+    reason = _unsupported_reason(data, weights)
+    if reason is not None:
+        _warn_once((type(self).__name__, reason),
+                   f"lstmfast.torch.{type(self).__name__}: {reason} is not supported by the "
+                   "fused kernels; using torch's implementation")
+        return self._torch_forward(input, hx)
 
-        if packed:
-            # Back to the caller's PackedSequence layout: step t holds the first
-            # batch_sizes[t] sequences in sorted order.
-            order = input.sorted_indices if input.sorted_indices is not None else torch.arange(N)
-            rows = [out[t, order[: int(b)]] for t, b in enumerate(input.batch_sizes)]
-            output = PackedSequence(torch.cat(rows, 0), input.batch_sizes, input.sorted_indices,
-                                    input.unsorted_indices)
-        elif unbatched:
-            output = out.squeeze(1)
-            h_n = h_n.squeeze(1)
-            c_n = c_n.squeeze(1) if is_lstm else c_n
-        else:
-            output = out.transpose(0, 1) if self.batch_first else out
-        return output, ((h_n, c_n) if is_lstm else h_n)
+    D = 2 if self.bidirectional else 1
+    H_out = self.proj_size if self.proj_size > 0 else self.hidden_size
+    batch_sizes = rows = lengths = None
+    if packed:
+        x, batch_sizes, sorted_indices, unsorted_indices = input
+        N = int(batch_sizes[0])
+        T = batch_sizes.shape[0]
+        if hx is not None:
+            hx = self.permute_hidden(hx, sorted_indices)
+    else:
+        if data.dim() not in (2, 3) or any(h.dim() != data.dim() for h in hx_list):
+            return self._torch_forward(input, hx)  # raises torch's own error
+        batch_dim = 0 if self.batch_first else 1
+        x = input if input.dim() == 3 else input.unsqueeze(batch_dim)
+        if hx is not None and input.dim() == 2:
+            hx = tuple(h.unsqueeze(1) for h in hx) if is_lstm else hx.unsqueeze(1)
+        N = x.shape[batch_dim]
+    if hx is None:
+        h0 = torch.zeros(D * self.num_layers, N, H_out, dtype=data.dtype)
+        hx = (h0, torch.zeros(D * self.num_layers, N, self.hidden_size, dtype=data.dtype)) if is_lstm else h0
+    self.check_forward_args(x, hx, batch_sizes)  # torch's own checks and messages
+    if not packed:
+        x = x.transpose(0, 1) if self.batch_first else x
+        T = x.shape[0]
+    if packed:
+        rows, lengths = _packed_rows(batch_sizes, N)
+        x = x.new_zeros(T * N, x.shape[1]).index_copy(0, rows, x).view(T, N, -1)
+    h0, c0 = hx if is_lstm else (hx, torch.empty(0, dtype=data.dtype))
+
+    masks = torch.empty(0, dtype=data.dtype)
+    if self.training and self.dropout > 0 and self.num_layers > 1:
+        keep = 1.0 - self.dropout
+        shape = (self.num_layers - 1, T, N, D * H_out)
+        masks = (torch.bernoulli(torch.full(shape, keep, dtype=data.dtype)) / keep
+                 if keep > 0 else torch.zeros(shape, dtype=data.dtype))
+
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or h0.requires_grad or c0.requires_grad or any(w.requires_grad for w in weights))
+    settings = {
+        "backend": _backend(self._lstmfast_backend),
+        "mode": self.mode,
+        "names": list(self._flat_weights_names),
+        "num_layers": self.num_layers,
+        "bidirectional": self.bidirectional,
+        "bias": self.bias,
+        "proj_size": self.proj_size,
+        "lengths": lengths,
+        "rows": rows,
+        "batch_sizes": batch_sizes,
+        "keep_for_backward": needs_grad,
+    }
+    out, h_n, c_n = _RecurrentFunction.apply(settings, x, h0, c0, masks, *weights)
+
+    if packed:
+        output = PackedSequence(out.reshape(T * N, -1).index_select(0, rows), batch_sizes,
+                                sorted_indices, unsorted_indices)
+        return output, self.permute_hidden((h_n, c_n) if is_lstm else h_n, unsorted_indices)
+    if input.dim() == 2:
+        output, h_n, c_n = out.squeeze(1), h_n.squeeze(1), c_n.squeeze(1) if is_lstm else c_n
+    else:
+        output = out.transpose(0, 1) if self.batch_first else out
+    return output, ((h_n, c_n) if is_lstm else h_n)
 
 
 class LSTM(_FastRNNMixin, nn.LSTM):
     """``torch.nn.LSTM`` computed by lstmfast's fused kernels."""
 
+    _lstmfast_torch_class = nn.LSTM
+
 
 class GRU(_FastRNNMixin, nn.GRU):
     """``torch.nn.GRU`` computed by lstmfast's fused kernels."""
+
+    _lstmfast_torch_class = nn.GRU
 
 
 class RNN(_FastRNNMixin, nn.RNN):
     """``torch.nn.RNN`` computed by lstmfast's fused kernels."""
 
+    _lstmfast_torch_class = nn.RNN
 
-_SWAPS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN}
+
+# ---------------------------------------------------------------------------
+# Cells: LSTMCell, GRUCell, RNNCell (one time step; decoders step them in loops,
+# so this path is kept short)
+# ---------------------------------------------------------------------------
+
+_VF_CELL = {"LSTM": _VF.lstm_cell, "GRU": _VF.gru_cell, "RNN_TANH": _VF.rnn_tanh_cell,
+            "RNN_RELU": _VF.rnn_relu_cell}
+
+
+def _torch_cell(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+    """One step of ``_CellFunction`` with torch's own kernels (for double backward)."""
+    if mode == "LSTM":
+        return _VF.lstm_cell(x, (h0, c0), w_ih, w_hh, b_ih, b_hh)
+    return _VF_CELL[mode](x, h0, w_ih, w_hh, b_ih, b_hh), None
+
+
+class _CellFunction(torch.autograd.Function):
+    """One step of one cell through the fused kernels: x (N, I), h0 (N, H), c0 (N, H)
+    or None, then weight_ih, weight_hh, bias_ih, bias_hh (or None)."""
+
+    @staticmethod
+    def forward(ctx, mode, backend, keep, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        is_lstm = c0 is not None
+        N = x.shape[0]
+        h0_np = _as_numpy(h0).reshape(1, N, -1)
+        hx = (h0_np, _as_numpy(c0).reshape(1, N, -1)) if is_lstm else h0_np
+        h1, c1, cache = backend.cell_forward(
+            mode, _as_numpy(x).reshape(1, N, -1), hx,
+            [_as_numpy(w_ih), _as_numpy(w_hh),
+             None if b_ih is None else _as_numpy(b_ih), None if b_hh is None else _as_numpy(b_hh)],
+            keep)
+        ctx.cache = cache
+        ctx.mode = mode
+        ctx.backend = backend
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        h1 = torch.from_numpy(h1[0])
+        if not is_lstm:
+            return h1
+        return h1, torch.from_numpy(c1[0])
+
+    @staticmethod
+    def backward(ctx, d_h1, d_c1=None):
+        saved = ctx.saved_tensors  # raises if one was changed in place since forward
+        if torch.is_grad_enabled():
+            grads = _differentiate_torch_graph(
+                lambda *t: _torch_cell(ctx.mode, *t), saved, ctx.needs_input_grad[3:],
+                (d_h1, d_c1))
+            return (None, None, None, *grads)
+        if ctx.cache is None:
+            raise RuntimeError("lstmfast: this forward kept nothing for backward")
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh = saved
+        N = x.shape[0]
+        np_dtype = np.float32 if x.dtype == torch.float32 else np.float64
+        names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+        grads = {name: np.zeros(tuple(w.shape), np_dtype)
+                 for name, w in zip(names, (w_ih, w_hh, b_ih, b_hh)) if w is not None}
+        # h1 is both output[0] and h_n[0]: its gradient goes in as d_output.
+        dx, dh0, dc0, grads = ctx.backend.backward(
+            ctx.cache, _as_numpy(d_h1.contiguous()).reshape(1, N, -1), None,
+            None if c0 is None else _as_numpy(d_c1.contiguous()).reshape(1, N, -1), grads)
+        g = [None if w is None else torch.from_numpy(grads[name])
+             for name, w in zip(names, (w_ih, w_hh, b_ih, b_hh))]
+        return (None, None, None, torch.from_numpy(dx[0]), torch.from_numpy(dh0[0]),
+                None if c0 is None else torch.from_numpy(dc0[0]), *g)
+
+
+class _FastCellMixin:
+    """The forward shared by the three cell classes; the rest is torch's nn.RNNCellBase.
+
+    Well-formed calls go to the kernels; anything else goes to torch's forward, which
+    computes or raises exactly what torch does.
+    """
+
+    _lstmfast_backend = "fused"
+
+    def forward(self, input, hx=None):  # noqa: A002  (torch's argument name)
+        if torch.compiler.is_exporting():
+            return self._lstmfast_torch_class.forward(self, input, hx)
+        return _fused_cell_forward(self, input, hx)
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` compiles torch's class on the same parameters."""
+        return _as_class(self, self._lstmfast_torch_class)
+
+
+def _cell_mode(cell):
+    if isinstance(cell, nn.LSTMCell):
+        return "LSTM"
+    if isinstance(cell, nn.GRUCell):
+        return "GRU"
+    return "RNN_RELU" if cell.nonlinearity == "relu" else "RNN_TANH"
+
+
+@torch.compiler.disable  # as _fused_layer_forward
+def _fused_cell_forward(self, input, hx):
+    mode = _cell_mode(self)
+    is_lstm = mode == "LSTM"
+    weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+    states = () if hx is None else (tuple(hx) if is_lstm else (hx,))
+    H, dim = self.hidden_size, input.dim()
+    if (_in_torch_only_context((input, *states, *weights))
+            or dim not in (1, 2) or input.shape[-1] != self.input_size or input.numel() == 0
+            or len(states) not in (0, 2 if is_lstm else 1)
+            or any(not isinstance(s, torch.Tensor) or s.shape != input.shape[:-1] + (H,)
+                   for s in states)):
+        return self._lstmfast_torch_class.forward(self, input, hx)
+    reason = _unsupported_reason(input, (*states, *weights))
+    if reason is not None:
+        _warn_once((type(self).__name__, reason),
+                   f"lstmfast.torch.{type(self).__name__}: {reason} is not supported by the "
+                   "fused kernels; using torch's implementation")
+        return self._lstmfast_torch_class.forward(self, input, hx)
+
+    x = input if dim == 2 else input.unsqueeze(0)
+    if states:
+        states = states if dim == 2 else tuple(s.unsqueeze(0) for s in states)
+    else:
+        zeros = torch.zeros(x.shape[0], H, dtype=x.dtype)
+        states = (zeros, zeros) if is_lstm else (zeros,)
+    h0, c0 = states if is_lstm else (states[0], None)
+    keep = torch.is_grad_enabled() and (
+        x.requires_grad or h0.requires_grad or (c0 is not None and c0.requires_grad)
+        or any(w is not None and w.requires_grad for w in weights))
+    result = _CellFunction.apply(mode, _backend(self._lstmfast_backend), keep, x, h0, c0, *weights)
+    if dim == 1:
+        return (result[0].squeeze(0), result[1].squeeze(0)) if is_lstm else result.squeeze(0)
+    return result
+
+
+class LSTMCell(_FastCellMixin, nn.LSTMCell):
+    """``torch.nn.LSTMCell`` computed by lstmfast's fused kernels."""
+
+    _lstmfast_torch_class = nn.LSTMCell
+
+
+class GRUCell(_FastCellMixin, nn.GRUCell):
+    """``torch.nn.GRUCell`` computed by lstmfast's fused kernels."""
+
+    _lstmfast_torch_class = nn.GRUCell
+
+
+class RNNCell(_FastCellMixin, nn.RNNCell):
+    """``torch.nn.RNNCell`` computed by lstmfast's fused kernels."""
+
+    _lstmfast_torch_class = nn.RNNCell
+
+
+# ---------------------------------------------------------------------------
+# accelerate / restore
+# ---------------------------------------------------------------------------
+
+_SWAPS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN,
+          nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell, nn.RNNCell: RNNCell}
+_RESTORES = {fast: plain for plain, fast in _SWAPS.items()}
+_twins = {}  # (parametrized class, new base) -> its twin over that base
+_twin_origins = {}  # twin -> the parametrized class it was made from
+
+
+def _swapped_class(cls, table):
+    """The class ``table`` maps ``cls`` to; a parametrized module's class (torch makes
+    a subclass per module, holding the parametrized attributes) gets a twin over the
+    new base, and a twin goes back to the class it came from. None when ``cls`` is
+    not one to swap."""
+    if cls in table:
+        return table[cls]
+    if cls.__module__ != parametrize.__name__:  # where torch makes its Parametrized<Base>
+        return None
+    base = cls.__bases__[0]
+    if base not in table:
+        return None
+    origin = _twin_origins.get(cls)
+    if origin is not None and origin.__bases__[0] is table[base]:
+        return origin
+    key = (cls, table[base])
+    if key not in _twins:
+        attrs = {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")}
+        twin = type(cls.__name__, (table[base],), attrs)
+        _twins[key] = twin
+        _twin_origins[twin] = cls
+    return _twins[key]
+
+
+def _as_class(module, cls):
+    """A shallow twin of ``module`` of class ``cls``: the same parameter objects, its own
+    registries (so registering on one does not change the other)."""
+    twin = copy.copy(module)
+    for registry in ("_parameters", "_buffers", "_modules"):
+        setattr(twin, registry, dict(getattr(module, registry)))
+    twin.__class__ = cls
+    return twin
+
+
+def _swap_all(model, table, what):
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{what}: model must be a torch.nn.Module, got {type(model).__name__}")
+    for module in model.modules():
+        cls = _swapped_class(type(module), table)
+        if cls is not None:
+            module.__class__ = cls
+    return model
 
 
 def accelerate(model):
-    """Make every ``nn.LSTM``/``nn.GRU``/``nn.RNN`` in ``model`` (itself included) an lstmfast one.
+    """Make every ``nn.LSTM``/``GRU``/``RNN`` and ``nn.LSTMCell``/``GRUCell``/``RNNCell``
+    in ``model`` (itself included) an lstmfast one.
 
-    The swap changes each module's class in place: parameters, buffers, hooks and
-    the training flag stay exactly as they were. Subclasses of the torch modules
-    are left alone, since they may override ``forward``. Returns ``model``.
+    The swap changes each module's class in place: parameters, buffers, hooks,
+    parametrizations and the training flag stay exactly as they were. Subclasses of
+    the torch modules are left alone, since they may override ``forward``.
+    ``restore(model)`` undoes it. Returns ``model``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"accelerate: model must be a torch.nn.Module, got {type(model).__name__}")
-    for module in model.modules():
-        fast = _SWAPS.get(type(module))
-        if fast is not None:
-            module.__class__ = fast
-    return model
+    return _swap_all(model, _SWAPS, "accelerate")
+
+
+def restore(model):
+    """Undo ``accelerate``: every lstmfast module in ``model`` becomes the torch class it
+    came from, with its parameters, hooks and state as they are. Returns ``model``."""
+    return _swap_all(model, _RESTORES, "restore")

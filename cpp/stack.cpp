@@ -215,6 +215,20 @@ void for_directions(int64_t D, F&& f) {
   for (int64_t d = 0; d < D; ++d) f(d);
 }
 
+// A backward of at most this many row-steps (steps x rows: a cell stepped in a
+// decoder loop, a few frames) runs on the calling thread and multiplies dG by W_hh
+// as it lies, through OpenBLAS. Packing W_hh for the fused dh product reads and
+// writes all 4H x H of it (16 MB per call for an LSTMCell of 1024), which one step
+// cannot repay, and a barrier per step costs more than a step's work at one row.
+// The forward of such calls takes the in-place path for the same reasons
+// (kDirectRowSteps in cell.h).
+constexpr int64_t kShortBackwardRowSteps = 16;
+
+template <typename Real>
+bool short_backward(const StackCache<Real>& c) {
+  return steps(c) * c.shape.N <= kShortBackwardRowSteps;
+}
+
 template <typename Real>
 void multiply(Real* a, const Real* mask, int64_t n) {
   for (int64_t i = 0; i < n; ++i) a[i] *= mask[i];
@@ -375,7 +389,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       if (!(in_place && lstm && in_order)) dG_x[d] = cv.take<Real>(T * N * GH);
       if ((gru || !in_order) && !in_place) scratch[d].dG = cv.take<Real>(S * N * GH);
       if (gru && !in_order) scratch[d].dG_in = cv.take<Real>(S * N * GH);
-      if (!P && !gru)  // see dh_product_blas
+      if (!P && !gru && !short_backward(c))  // see dh_product_blas
         scratch[d].W_hh_c = cv.take<Real>(packed_size(gates_of(s.mode), H, H));
       scratch[d].dh = cv.take<Real>(N * H_out);
       if (lstm) scratch[d].dc = cv.take<Real>(N * H);
@@ -423,10 +437,12 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       b.dsum = scratch[d].dsum;
       const Grads<Real>& g = grads[i];
       const LayerGrads<Real> dw{g.dW_ih, g.dW_hh, g.dW_hr, g.db_ih, g.db_hh};
+      LayerShape shape = layer_shape(c, k, d);
+      if (short_backward(c)) shape.threads = 1;
       cell.backward(dG_x_layer[d], dh0 ? dh0 + i * N * H_out : nullptr, dc0 ? dc0 + i * N * H : nullptr,
                     dw, b, dy_k ? dy_k + d * H_out : nullptr, D * H_out,
                     dh_n ? dh_n + i * N * H_out : nullptr, dc_n ? dc_n + i * N * H : nullptr,
-                    layer_in, c.weights[i], layer_shape(c, k, d));
+                    layer_in, c.weights[i], shape);
     });
     // dx = sum over directions of dG_x W_ih: one GEMM each, over all steps (over
     // the running rows, then put in place, when x was packed).

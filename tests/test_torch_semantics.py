@@ -435,18 +435,16 @@ def test_torch_compile_runs_the_fused_kernels_and_matches():
     expected = model(x)
     lt.accelerate(model)
     calls = []
-    forward = lt._RecurrentFunction.forward
-    cell_forward = lt._CellFunction.forward
+    stack_step, cell_step = lt._stack_step, lt._cell_step
     torch._dynamo.reset()
     try:
-        lt._RecurrentFunction.forward = staticmethod(lambda *a: calls.append("layer") or forward(*a))
-        lt._CellFunction.forward = staticmethod(lambda *a: calls.append("cell") or cell_forward(*a))
+        lt._stack_step = lambda *a: calls.append("layer") or stack_step(*a)
+        lt._cell_step = lambda *a: calls.append("cell") or cell_step(*a)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # dynamo's notes on what it does not trace
             got = torch.compile(model)(x)
     finally:
-        lt._RecurrentFunction.forward = staticmethod(forward)
-        lt._CellFunction.forward = staticmethod(cell_forward)
+        lt._stack_step, lt._cell_step = stack_step, cell_step
         torch._dynamo.reset()
     assert_close(got, expected, 1e-10, "compiled")
     assert calls.count("layer") >= 1 and calls.count("cell") >= 3
@@ -532,16 +530,21 @@ def test_cell_with_given_state_gets_its_gradient():
     assert_close(grads[1][1], grads[0][1], 1e-10, "dc0")
 
 
-def test_cell_runs_on_the_kernels():
-    _, ours = twins(nn.GRUCell, {})
+@pytest.mark.parametrize("grad", [True, False])
+def test_cells_and_layers_run_on_the_kernels(grad):
+    cell, layer = twins(nn.GRUCell, {})[1], twins(nn.LSTM, {})[1]
     calls = []
-    forward = lt._CellFunction.forward
+    stack_step, cell_step = lt._stack_step, lt._cell_step
     try:
-        lt._CellFunction.forward = staticmethod(lambda *a: calls.append(1) or forward(*a))
-        ours(torch.randn(3, I, dtype=torch.float64))
+        lt._stack_step = lambda *a: calls.append("layer") or stack_step(*a)
+        lt._cell_step = lambda *a: calls.append("cell") or cell_step(*a)
+        with torch.set_grad_enabled(grad):
+            h = cell(torch.randn(3, I, dtype=torch.float64))
+            out, _ = layer(torch.randn(6, 3, I, dtype=torch.float64))
     finally:
-        lt._CellFunction.forward = staticmethod(forward)
-    assert calls == [1]
+        lt._stack_step, lt._cell_step = stack_step, cell_step
+    assert calls == ["cell", "layer"]
+    assert (h.grad_fn is not None, out.grad_fn is not None) == (grad, grad)
 
 
 def test_cells_pickle_and_keep_their_class():

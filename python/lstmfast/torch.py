@@ -43,16 +43,22 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _warned = set()
 
 
+_backends = {}
+
+
 def _backend(name):
+    backend = _backends.get(name)
+    if backend is not None:
+        return backend
     if name == "numpy":
-        from . import reference
+        from . import reference as backend
+    else:
+        from . import _fused as backend
 
-        return reference
-    from . import _fused
-
-    if not getattr(_fused, "available", False):
-        raise NotImplementedError("lstmfast's fused kernels are not built")
-    return _fused
+        if not getattr(backend, "available", False):
+            raise NotImplementedError("lstmfast's fused kernels are not built")
+    _backends[name] = backend
+    return backend
 
 
 def _warn_once(key, message):
@@ -66,26 +72,24 @@ def _as_numpy(t):
     return t.detach().numpy()
 
 
-def _in_torch_only_context(tensors):
+def _in_torch_only_context():
     """True where only torch's own implementation can give torch's result: while
-    tracing, exporting or under a ``torch.func`` transform (the kernels see neither
-    fake nor wrapped tensors), and under autocast (torch's dtype rules)."""
-    if torch.jit.is_tracing() or torch.is_autocast_enabled("cpu"):
-        return True
-    if torch._C._are_functorch_transforms_active():
-        return True
-    is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(t is not None and is_wrapped(t) for t in tensors)
+    tracing (the kernels are invisible to the tracer), under a ``torch.func``
+    transform (they see no wrapped tensors), and under autocast (torch's dtype
+    rules). Exporting is checked before (``torch.compiler.is_exporting``)."""
+    return (torch.jit.is_tracing() or torch.is_autocast_enabled("cpu")
+            or torch._C._are_functorch_transforms_active())
 
 
 def _unsupported_reason(data, weights):
     """Why the kernels cannot take this call (a warning names it), or None."""
-    if data.device.type != "cpu":
+    if not data.is_cpu:
         return f"device {data.device.type}"
-    if data.dtype not in _SUPPORTED_DTYPES:
-        return f"dtype {data.dtype}"
+    dtype = data.dtype
+    if dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {dtype}"
     for w in weights:
-        if w is not None and (w.device.type != "cpu" or w.dtype != data.dtype):
+        if w is not None and (w.dtype != dtype or not w.is_cpu):
             return "weights of another device or dtype than the input"
     return None
 
@@ -146,6 +150,22 @@ def _torch_stack(s, x, h0, c0, masks, *weights):
     return layer_input, torch.cat(h_n), (torch.cat(c_n) if is_lstm else None)
 
 
+def _stack_step(settings, x, h0, c0, masks, weights):
+    """The whole stack on the backend: output, h_n, c_n (an empty tensor but for
+    LSTM) as tensors, and the cache (None unless settings["keep_for_backward"])."""
+    is_lstm = settings["mode"] == "LSTM"
+    params = {name: _as_numpy(w) for name, w in zip(settings["names"], weights)}
+    hx = (_as_numpy(h0), _as_numpy(c0)) if is_lstm else _as_numpy(h0)
+    dropout_masks = list(_as_numpy(masks)) if masks.numel() else None
+    output, h_n, c_n, cache = settings["backend"].forward(
+        settings["mode"], _as_numpy(x), hx, params,
+        num_layers=settings["num_layers"], bidirectional=settings["bidirectional"],
+        proj_size=settings["proj_size"], lengths=settings["lengths"],
+        dropout_masks=dropout_masks, training=settings["keep_for_backward"])
+    c_n = torch.from_numpy(c_n) if is_lstm else torch.empty(0, dtype=x.dtype)
+    return torch.from_numpy(output), torch.from_numpy(h_n), c_n, cache
+
+
 class _RecurrentFunction(torch.autograd.Function):
     """Forward and BPTT of a whole stack through an lstmfast backend.
 
@@ -158,23 +178,10 @@ class _RecurrentFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, settings, x, h0, c0, masks, *weights):
-        backend = settings["backend"]
-        is_lstm = settings["mode"] == "LSTM"
-        params = {name: _as_numpy(w) for name, w in zip(settings["names"], weights)}
-        hx = (_as_numpy(h0), _as_numpy(c0)) if is_lstm else _as_numpy(h0)
-        dropout_masks = list(_as_numpy(masks)) if masks.numel() else None
-        output, h_n, c_n, cache = backend.forward(
-            settings["mode"], _as_numpy(x), hx, params,
-            num_layers=settings["num_layers"], bidirectional=settings["bidirectional"],
-            proj_size=settings["proj_size"], lengths=settings["lengths"],
-            dropout_masks=dropout_masks, training=settings["keep_for_backward"])
-        ctx.cache = cache
+        out, h_n, c_n, ctx.cache = _stack_step(settings, x, h0, c0, masks, weights)
         ctx.settings = settings
-        ctx.save_for_backward(x, h0, c0 if is_lstm else None, masks, *weights)
-        out = torch.from_numpy(output)
-        h_n = torch.from_numpy(h_n)
-        c_n = torch.from_numpy(c_n) if is_lstm else torch.empty(0, dtype=x.dtype)
-        if not is_lstm:
+        ctx.save_for_backward(x, h0, c0 if settings["mode"] == "LSTM" else None, masks, *weights)
+        if settings["mode"] != "LSTM":
             ctx.mark_non_differentiable(c_n)
         return out, h_n, c_n
 
@@ -255,7 +262,7 @@ def _fused_layer_forward(self, input, hx):
         return self._torch_forward(input, hx)  # torch's answer to a malformed hx
     if not all(isinstance(h, torch.Tensor) for h in hx_list):
         return self._torch_forward(input, hx)
-    if _in_torch_only_context([data, *hx_list, *weights]) or data.numel() == 0:
+    if _in_torch_only_context() or data.numel() == 0:
         return self._torch_forward(input, hx)
     reason = _unsupported_reason(data, weights)
     if reason is not None:
@@ -315,7 +322,10 @@ def _fused_layer_forward(self, input, hx):
         "batch_sizes": batch_sizes,
         "keep_for_backward": needs_grad,
     }
-    out, h_n, c_n = _RecurrentFunction.apply(settings, x, h0, c0, masks, *weights)
+    if needs_grad:
+        out, h_n, c_n = _RecurrentFunction.apply(settings, x, h0, c0, masks, *weights)
+    else:  # nothing to differentiate: the kernels alone, no autograd node
+        out, h_n, c_n, _ = _stack_step(settings, x, h0, c0, masks, weights)
 
     if packed:
         output = PackedSequence(out.reshape(T * N, -1).index_select(0, rows), batch_sizes,
@@ -362,40 +372,39 @@ def _torch_cell(mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
     return _VF_CELL[mode](x, h0, w_ih, w_hh, b_ih, b_hh), None
 
 
+def _cell_step(backend, mode, keep, x, h0, c0, weights):
+    """One step on the kernels: x (N, I), h0 and c0 (N, H) (c0 None but for LSTM),
+    weights (weight_ih, weight_hh, bias_ih, bias_hh; biases may be None).
+    Returns h1, c1 (None but for LSTM) as tensors, and the cache (None unless keep)."""
+    N = x.shape[0]
+    h0 = h0.detach().numpy().reshape(1, N, -1)
+    hx = (h0, c0.detach().numpy().reshape(1, N, -1)) if c0 is not None else h0
+    h1, c1, cache = backend.cell_forward(
+        mode, x.detach().numpy().reshape(1, N, -1), hx,
+        [None if w is None else w.detach().numpy() for w in weights], keep)
+    return torch.from_numpy(h1[0]), (None if c1 is None else torch.from_numpy(c1[0])), cache
+
+
 class _CellFunction(torch.autograd.Function):
-    """One step of one cell through the fused kernels: x (N, I), h0 (N, H), c0 (N, H)
-    or None, then weight_ih, weight_hh, bias_ih, bias_hh (or None)."""
+    """One step of one cell through the fused kernels, for autograd; the arguments
+    after the backend and mode are those of ``_cell_step``, weights spread out."""
 
     @staticmethod
-    def forward(ctx, mode, backend, keep, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
-        is_lstm = c0 is not None
-        N = x.shape[0]
-        h0_np = _as_numpy(h0).reshape(1, N, -1)
-        hx = (h0_np, _as_numpy(c0).reshape(1, N, -1)) if is_lstm else h0_np
-        h1, c1, cache = backend.cell_forward(
-            mode, _as_numpy(x).reshape(1, N, -1), hx,
-            [_as_numpy(w_ih), _as_numpy(w_hh),
-             None if b_ih is None else _as_numpy(b_ih), None if b_hh is None else _as_numpy(b_hh)],
-            keep)
-        ctx.cache = cache
+    def forward(ctx, backend, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        h1, c1, ctx.cache = _cell_step(backend, mode, True, x, h0, c0, (w_ih, w_hh, b_ih, b_hh))
         ctx.mode = mode
         ctx.backend = backend
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
-        h1 = torch.from_numpy(h1[0])
-        if not is_lstm:
-            return h1
-        return h1, torch.from_numpy(c1[0])
+        return h1 if c1 is None else (h1, c1)
 
     @staticmethod
     def backward(ctx, d_h1, d_c1=None):
         saved = ctx.saved_tensors  # raises if one was changed in place since forward
         if torch.is_grad_enabled():
             grads = _differentiate_torch_graph(
-                lambda *t: _torch_cell(ctx.mode, *t), saved, ctx.needs_input_grad[3:],
+                lambda *t: _torch_cell(ctx.mode, *t), saved, ctx.needs_input_grad[2:],
                 (d_h1, d_c1))
-            return (None, None, None, *grads)
-        if ctx.cache is None:
-            raise RuntimeError("lstmfast: this forward kept nothing for backward")
+            return (None, None, *grads)
         x, h0, c0, w_ih, w_hh, b_ih, b_hh = saved
         N = x.shape[0]
         np_dtype = np.float32 if x.dtype == torch.float32 else np.float64
@@ -404,11 +413,11 @@ class _CellFunction(torch.autograd.Function):
                  for name, w in zip(names, (w_ih, w_hh, b_ih, b_hh)) if w is not None}
         # h1 is both output[0] and h_n[0]: its gradient goes in as d_output.
         dx, dh0, dc0, grads = ctx.backend.backward(
-            ctx.cache, _as_numpy(d_h1.contiguous()).reshape(1, N, -1), None,
-            None if c0 is None else _as_numpy(d_c1.contiguous()).reshape(1, N, -1), grads)
+            ctx.cache, d_h1.detach().contiguous().numpy().reshape(1, N, -1), None,
+            None if c0 is None else d_c1.detach().contiguous().numpy().reshape(1, N, -1), grads)
         g = [None if w is None else torch.from_numpy(grads[name])
              for name, w in zip(names, (w_ih, w_hh, b_ih, b_hh))]
-        return (None, None, None, torch.from_numpy(dx[0]), torch.from_numpy(dh0[0]),
+        return (None, None, torch.from_numpy(dx[0]), torch.from_numpy(dh0[0]),
                 None if c0 is None else torch.from_numpy(dc0[0]), *g)
 
 
@@ -431,28 +440,26 @@ class _FastCellMixin:
         return _as_class(self, self._lstmfast_torch_class)
 
 
-def _cell_mode(cell):
-    if isinstance(cell, nn.LSTMCell):
-        return "LSTM"
-    if isinstance(cell, nn.GRUCell):
-        return "GRU"
-    return "RNN_RELU" if cell.nonlinearity == "relu" else "RNN_TANH"
-
-
 @torch.compiler.disable  # as _fused_layer_forward
 def _fused_cell_forward(self, input, hx):
-    mode = _cell_mode(self)
+    # Decoders call this once per step: every check here is paid per step, so the
+    # path is kept short (about 2x the kernel's own time at H = 32).
+    mode = self._lstmfast_mode
     is_lstm = mode == "LSTM"
     weights = (self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
-    states = () if hx is None else (tuple(hx) if is_lstm else (hx,))
-    H, dim = self.hidden_size, input.dim()
-    if (_in_torch_only_context((input, *states, *weights))
-            or dim not in (1, 2) or input.shape[-1] != self.input_size or input.numel() == 0
-            or len(states) not in (0, 2 if is_lstm else 1)
-            or any(not isinstance(s, torch.Tensor) or s.shape != input.shape[:-1] + (H,)
-                   for s in states)):
+    if hx is None:
+        states = ()
+    else:
+        states = tuple(hx) if is_lstm and isinstance(hx, (tuple, list)) else (hx,)
+    dim = input.dim() if isinstance(input, torch.Tensor) else 0
+    if (dim not in (1, 2) or _in_torch_only_context() or input.shape[-1] != self.input_size
+            or len(states) not in (0, 2 if is_lstm else 1) or input.numel() == 0):
         return self._lstmfast_torch_class.forward(self, input, hx)
-    reason = _unsupported_reason(input, (*states, *weights))
+    state_shape = input.shape[:-1] + (self.hidden_size,)
+    for state in states:
+        if not isinstance(state, torch.Tensor) or state.shape != state_shape:
+            return self._lstmfast_torch_class.forward(self, input, hx)  # torch's error
+    reason = _unsupported_reason(input, states + weights)
     if reason is not None:
         _warn_once((type(self).__name__, reason),
                    f"lstmfast.torch.{type(self).__name__}: {reason} is not supported by the "
@@ -461,15 +468,20 @@ def _fused_cell_forward(self, input, hx):
 
     x = input if dim == 2 else input.unsqueeze(0)
     if states:
-        states = states if dim == 2 else tuple(s.unsqueeze(0) for s in states)
+        if dim == 1:
+            states = tuple(s.unsqueeze(0) for s in states)
     else:
-        zeros = torch.zeros(x.shape[0], H, dtype=x.dtype)
+        zeros = torch.zeros(x.shape[0], self.hidden_size, dtype=x.dtype)
         states = (zeros, zeros) if is_lstm else (zeros,)
     h0, c0 = states if is_lstm else (states[0], None)
-    keep = torch.is_grad_enabled() and (
-        x.requires_grad or h0.requires_grad or (c0 is not None and c0.requires_grad)
-        or any(w is not None and w.requires_grad for w in weights))
-    result = _CellFunction.apply(mode, _backend(self._lstmfast_backend), keep, x, h0, c0, *weights)
+    backend = _backend(self._lstmfast_backend)
+    if torch.is_grad_enabled() and (
+            x.requires_grad or h0.requires_grad or (c0 is not None and c0.requires_grad)
+            or any(w is not None and w.requires_grad for w in weights)):
+        result = _CellFunction.apply(backend, mode, x, h0, c0, *weights)
+    else:  # nothing to differentiate: the kernels alone, no autograd node
+        h1, c1, _ = _cell_step(backend, mode, False, x, h0, c0, weights)
+        result = (h1, c1) if is_lstm else h1
     if dim == 1:
         return (result[0].squeeze(0), result[1].squeeze(0)) if is_lstm else result.squeeze(0)
     return result
@@ -479,18 +491,24 @@ class LSTMCell(_FastCellMixin, nn.LSTMCell):
     """``torch.nn.LSTMCell`` computed by lstmfast's fused kernels."""
 
     _lstmfast_torch_class = nn.LSTMCell
+    _lstmfast_mode = "LSTM"
 
 
 class GRUCell(_FastCellMixin, nn.GRUCell):
     """``torch.nn.GRUCell`` computed by lstmfast's fused kernels."""
 
     _lstmfast_torch_class = nn.GRUCell
+    _lstmfast_mode = "GRU"
 
 
 class RNNCell(_FastCellMixin, nn.RNNCell):
     """``torch.nn.RNNCell`` computed by lstmfast's fused kernels."""
 
     _lstmfast_torch_class = nn.RNNCell
+
+    @property
+    def _lstmfast_mode(self):
+        return "RNN_RELU" if self.nonlinearity == "relu" else "RNN_TANH"
 
 
 # ---------------------------------------------------------------------------

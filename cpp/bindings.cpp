@@ -320,7 +320,7 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
 
 template <typename Real>
 py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_obj,
-                       py::handle dc_n_obj, py::handle grads_obj, bool consume) {
+                       py::handle dc_n_obj, py::handle grads_obj, bool consume, bool assign) {
   const lstmfast::StackShape& s = rc.shape;
   const bool lstm = s.mode == lstmfast::Mode::LSTM;
   const int64_t LD = s.L * s.D;
@@ -358,7 +358,7 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
       if (entry[j].is_none()) throw py::value_error(name + ": missing");
       auto a = checked<Real>(entry[j], name, shapes[j]);
       if (!a.is(entry[j]) || !a.writeable())
-        throw py::value_error(name + ": must be a writeable C-contiguous array (added into in place)");
+        throw py::value_error(name + ": must be a writeable C-contiguous array (written in place)");
       ptr[j] = a.mutable_data();
     }
     g[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4]};
@@ -370,7 +370,7 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
     py::gil_scoped_release release;
     lstmfast::stack_backward<Real>(dx.mutable_data(), dh0.mutable_data(),
                                    lstm ? dc0.mutable_data() : nullptr, g.data(),
-                                   dy_ptr, dh_n_ptr, dc_n_ptr, *cache, consume);
+                                   dy_ptr, dh_n_ptr, dc_n_ptr, *cache, consume, assign);
   } catch (const std::bad_alloc&) {
     throw_memory_error("rnn_backward: cannot allocate the workspace for " + sizes_str(s));
   }
@@ -418,15 +418,16 @@ void register_rnn(py::module_& m) {
   m.def(
       "rnn_backward",
       [](const RnnCache& cache, py::handle d_output, py::handle d_h_n, py::handle d_c_n,
-         py::handle grads, bool consume) {
+         py::handle grads, bool consume, bool assign) {
         if (cache.dtype.equal(py::dtype::of<float>()))
-          return rnn_backward<float>(cache, d_output, d_h_n, d_c_n, grads, consume);
-        return rnn_backward<double>(cache, d_output, d_h_n, d_c_n, grads, consume);
+          return rnn_backward<float>(cache, d_output, d_h_n, d_c_n, grads, consume, assign);
+        return rnn_backward<double>(cache, d_output, d_h_n, d_c_n, grads, consume, assign);
       },
       py::arg("cache"), py::arg("d_output"), py::arg("d_h_n"), py::arg("d_c_n"), py::arg("grads"),
-      py::arg("consume") = false,
+      py::arg("consume") = false, py::arg("assign") = false,
       "BPTT of a training forward; adds parameter gradients into grads (per layer-direction "
-      "[dW_ih, dW_hh, db_ih, db_hh, dW_hr], None where absent). Returns (dx, dh0, dc0 or None). "
+      "[dW_ih, dW_hh, db_ih, db_hh, dW_hr], None where absent), or writes them over grads when "
+      "assign=True (whatever grads held). Returns (dx, dh0, dc0 or None). "
       "consume=True writes the gate gradients over the cache's saved gates (less memory); the "
       "cache then serves no further backward (ValueError).");
 

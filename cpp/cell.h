@@ -410,6 +410,14 @@ template <typename Real>
 inline void add_into(Real* acc, const Real* v, int64_t n_total) {
   for_lanes<Real>(n_total, [&](int64_t j, int64_t n) { st(acc + j, ld(acc + j, n) + ld(v + j, n), n); });
 }
+// acc += v (beta 1) or acc = v (beta 0, acc may hold anything), as LayerGrads::beta says.
+template <typename Real>
+inline void add_or_assign(Real* acc, const Real* v, int64_t n_total, Real beta) {
+  if (beta != Real(0))
+    add_into(acc, v, n_total);
+  else
+    std::copy(v, v + n_total, acc);
+}
 
 // Where the backward keeps its per-step gate gradients: when the walk is the
 // identity (forward direction, no lengths) steps are times, so the input-side
@@ -459,20 +467,20 @@ inline void weight_gradients(Real* dG_x, const LayerGrads<Real>& dw, Real* dsum,
                              const LayerShape& s) {
   const Walk walk(s);
   const int64_t S = steps_of(s), N = s.N, H_out = h_out(s);
-  gemm<Real>(true, false, GH, H_out, S * N, Real(1), dG, GH, h_prev, H_out, Real(1), dw.dW_hh,
+  gemm<Real>(true, false, GH, H_out, S * N, Real(1), dG, GH, h_prev, H_out, dw.beta, dw.dW_hh,
              H_out);
   if (dw.db_hh) {
     column_sums(dsum, dG, S * N, GH);
-    add_into(dw.db_hh, dsum, GH);
+    add_or_assign(dw.db_hh, dsum, GH, dw.beta);
   }
   if (dw.db_ih) {
     if (dG_in != dG) column_sums(dsum, dG_in, S * N, GH);
-    add_into(dw.db_ih, dsum, GH);
+    add_or_assign(dw.db_ih, dsum, GH, dw.beta);
   }
   if (dG_in != dG_x) {
     gate_gradients_to_time_order(dG_x, dG_in, walk, GH, s, 0, s.T);
   }
-  gemm<Real>(true, false, GH, s.I, x_rows(s), Real(1), dG_x, GH, x, s.I, Real(1), dw.dW_ih, s.I);
+  gemm<Real>(true, false, GH, s.I, x_rows(s), Real(1), dG_x, GH, x, s.I, dw.beta, dw.dW_ih, s.I);
 }
 
 }  // namespace LSTMFAST_ISA

@@ -275,7 +275,7 @@ void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
   scatter_state(dc0, buf.dc, H, walk);
   weight_gradients(dG_x, dw, buf.dsum, dG, dG, buf.h, x, GH, s);
   if (P)  // dW_hr += sum over steps of dh'^T m: one GEMM
-    gemm<Real>(true, false, P, H, S * N, Real(1), buf.dhs, P, buf.m, H, Real(1), dw.dW_hr, H);
+    gemm<Real>(true, false, P, H, S * N, Real(1), buf.dhs, P, buf.m, H, dw.beta, dw.dW_hr, H);
 }
 
 template void lstm_forward<float>(float*, int64_t, float*, float*, const LayerBuffers<float>&,

@@ -70,7 +70,8 @@ struct LayerWeights {
   const Real* b_hn = nullptr;  // b_hn: [H] GRU only: the bias inside r * (W_hn h + b_hn); never null for GRU
 };
 
-// Gradients of one layer and direction: ADDED into (the caller zeroes them).
+// Gradients of one layer and direction: ADDED into (the caller zeroes them), or
+// written over when beta is 0 (the caller then need not clear them).
 template <typename Real>
 struct LayerGrads {
   Real* dW_ih = nullptr;  // dW_ih: [G*H, I]
@@ -78,6 +79,7 @@ struct LayerGrads {
   Real* dW_hr = nullptr;  // dW_hr: [P, H]; nullptr when P = 0
   Real* db_ih = nullptr;  // db_ih: [G*H]; nullptr without bias
   Real* db_hh = nullptr;  // db_hh: [G*H]; nullptr without bias
+  Real beta = 1;          // 1: add into the gradients; 0: overwrite them
 };
 
 // Buffers of one layer and direction. The saved part (h, c, m, gates when
@@ -210,9 +212,11 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
 //   grads: [L*D] parameter gradients, ADDED into
 //   dy: [T, N, D*H_out] gradient of y;  dh_n: [L*D, N, H_out];  dc_n: [L*D, N, H]; each nullptr = zeros
 // Throws std::invalid_argument when the cache was consumed already.
+// assign: the parameter gradients are written over instead of added into.
 template <typename Real>
 void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, const Real* dy,
-                    const Real* dh_n, const Real* dc_n, StackCache<Real>& cache, bool consume);
+                    const Real* dh_n, const Real* dc_n, StackCache<Real>& cache, bool consume,
+                    bool assign = false);
 
 // Threads in total for one call (the directions run concurrently when >= 2).
 void set_num_threads(int n);

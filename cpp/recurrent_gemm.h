@@ -293,17 +293,17 @@ inline void weight_gradients_share(int tid, int nt, Real* dG_x, const LayerGrads
   share(GH, tid, nt, first, last);
   const int64_t rows = last - first;
   if (rows <= 0) return;
-  gemm<Real>(true, false, rows, H_out, S * N, Real(1), dG + first, ldg, h_prev, H_out, Real(1),
+  gemm<Real>(true, false, rows, H_out, S * N, Real(1), dG + first, ldg, h_prev, H_out, dw.beta,
              dw.dW_hh + first * H_out, H_out);
   auto bias_sums = [&](Real* db, const Real* a, int64_t lda) {  // db[first:last] += column sums
     Real* sum = dsum + first;
     for (int64_t j = 0; j < rows; ++j) sum[j] = Real(0);
     for (int64_t r = 0; r < S * N; ++r) add_into(sum, a + r * lda + first, rows);
-    add_into(db + first, sum, rows);
+    add_or_assign(db + first, sum, rows, dw.beta);
   };
   if (dw.db_hh) bias_sums(dw.db_hh, dG, ldg);
   if (dw.db_ih) bias_sums(dw.db_ih, dG_in, GH);
-  gemm<Real>(true, false, rows, s.I, x_rows(s), Real(1), dG_x + first, GH, x, s.I, Real(1),
+  gemm<Real>(true, false, rows, s.I, x_rows(s), Real(1), dG_x + first, GH, x, s.I, dw.beta,
              dw.dW_ih + first * s.I, s.I);
 }
 

@@ -361,7 +361,8 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
 
 template <typename Real>
 void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, const Real* dy,
-                    const Real* dh_n, const Real* dc_n, StackCache<Real>& c, bool consume) {
+                    const Real* dh_n, const Real* dc_n, StackCache<Real>& c, bool consume,
+                    bool assign) {
   const StackShape& s = c.shape;
   if (!s.training) throw std::invalid_argument("backward needs the cache of a training forward");
   if (c.consumed.load())
@@ -436,7 +437,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       b.dm = scratch[d].dm;
       b.dsum = scratch[d].dsum;
       const Grads<Real>& g = grads[i];
-      const LayerGrads<Real> dw{g.dW_ih, g.dW_hh, g.dW_hr, g.db_ih, g.db_hh};
+      const LayerGrads<Real> dw{g.dW_ih, g.dW_hh, g.dW_hr, g.db_ih, g.db_hh, Real(assign ? 0 : 1)};
       LayerShape shape = layer_shape(c, k, d);
       if (short_backward(c)) shape.threads = 1;
       cell.backward(dG_x_layer[d], dh0 ? dh0 + i * N * H_out : nullptr, dc0 ? dc0 + i * N * H : nullptr,
@@ -461,7 +462,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       Real*, Real*, Real*, const Real*, const Real*, const Real*, const Params<Real>*,           \
       const int64_t*, const Real* const*, const StackShape&);                                    \
   template void stack_backward<Real>(Real*, Real*, Real*, const Grads<Real>*, const Real*,       \
-                                     const Real*, const Real*, StackCache<Real>&, bool);
+                                     const Real*, const Real*, StackCache<Real>&, bool, bool);
 LSTMFAST_INSTANTIATE(float)
 LSTMFAST_INSTANTIATE(double)
 #undef LSTMFAST_INSTANTIATE

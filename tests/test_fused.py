@@ -227,6 +227,27 @@ def test_training_caches_alive_together_keep_their_own_memory():
         finish(i, pending.pop(i))
 
 
+@pytest.mark.parametrize("mode, config", [(mode, config) for mode in MODES for config in CONFIGS]
+                         + [("LSTM", config) for config in LSTM_CONFIGS])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fresh_gradients_overwrite_whatever_their_memory_held(mode, config, threads, threads_restored):
+    # The kernels write fresh gradient arrays without their being cleared: arrays
+    # full of NaN must come back as the reference's gradients.
+    import lstmfast
+
+    lstmfast.set_num_threads(threads)
+    case = Case(mode, np.float32, **{**CONFIGS, **LSTM_CONFIGS}[config])
+    cache = case.forward(_fused)[3]
+    back = _fused.fresh_gradients_backward(
+        cache, case.d_output, case.d_h_n, case.d_c_n,
+        empty=lambda shape, dtype: np.full(shape, np.nan, dtype))
+    _, rback = case.run(reference)
+    assert sorted(back[3]) == sorted(rback[3])
+    for name in rback[3]:
+        assert_close(back[3][name], rback[3][name], f"grads[{name!r}]")
+    assert_close(back[0], rback[0], "dx")
+
+
 def test_backward_adds_into_grads_and_can_run_twice():
     case = Case("LSTM", np.float64, L=2, bidirectional=True, P=2)
     _, _, _, cache = case.forward(_fused)

@@ -481,9 +481,11 @@ def test_accelerate_and_restore_reject_non_modules():
 @pytest.mark.parametrize("kind", list(CELLS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batched", [True, False])
-def test_cell_loop_outputs_and_gradients_match_torch(kind, dtype, batched):
+@pytest.mark.parametrize("backend", _available_backends())
+def test_cell_loop_outputs_and_gradients_match_torch(kind, dtype, batched, backend):
     cls, kwargs = CELLS[kind]
     theirs, ours = twins(cls, kwargs, dtype=dtype)
+    ours._lstmfast_backend = backend
     g = torch.Generator().manual_seed(3)
     xs = torch.randn(5, 3, I, generator=g, dtype=dtype)
     if not batched:

@@ -50,6 +50,8 @@ def rnn_backward(
     d_h_n: Optional[npt.NDArray[_Float]],
     d_c_n: Optional[npt.NDArray[_Float]],
     grads: Sequence[Sequence[Optional[npt.NDArray[_Float]]]],  # like weights; added into in place
+    consume: bool = False,
+    assign: bool = False,  # write the gradients over grads instead of adding into them
 ) -> tuple[npt.NDArray[_Float], npt.NDArray[_Float], Optional[npt.NDArray[_Float]]]:
     """Returns (dx, dh0, dc0 or None)."""
 

@@ -81,6 +81,30 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
     return output, h_n, c_n, cache
 
 
+def fresh_gradients_backward(cache, d_output, d_h_n=None, d_c_n=None, consume=False, empty=np.empty):
+    """``backward`` into new gradient arrays, which the kernels write without their
+    being cleared first: a cell stepped in a loop gets a fresh set every step, and
+    clearing them cost as much as filling them (4H x (I + H) values each).
+    ``empty`` makes the arrays (tests give one that fills them with NaN)."""
+    if cache is None:
+        raise ValueError("backward needs the cache of a forward(..., training=True) call")
+    if not isinstance(cache, _Cache):
+        raise TypeError(f"cache: expected the cache of lstmfast._fused.forward, "
+                        f"got {type(cache).__name__}")
+    dtype = cache.dtype
+
+    def as_dtype(a):
+        return None if a is None else np.asarray(a, dtype=dtype)
+
+    grads = {name: empty(shape, dtype=dtype) for name, shape in cache.shapes.items()}
+    targets = [[grads.get(name) for name in _names(layer, direction)]
+               for layer in range(cache.num_layers) for direction in range(cache.D)]
+    dx, dh0, dc0 = _core.rnn_backward(cache.core, as_dtype(d_output), as_dtype(d_h_n),
+                                      as_dtype(d_c_n) if cache.mode == "LSTM" else None, targets,
+                                      consume, True)
+    return dx, dh0, dc0, grads
+
+
 def cell_forward(mode, x, hx, weights, training=False):
     """One step of one cell, as forward with num_layers=1, unidirectional, and the
     parameters already in the compiled module's order: ``weights`` is
@@ -104,6 +128,8 @@ def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False)
     With ``consume`` the gate gradients are written over the saved gates instead of into
     scratch of the same size, and a later backward with this cache raises ValueError.
     """
+    if grads is None:
+        return fresh_gradients_backward(cache, d_output, d_h_n, d_c_n, consume=consume)
     if cache is None:
         raise ValueError("backward needs the cache of a forward(..., training=True) call")
     if not isinstance(cache, _Cache):

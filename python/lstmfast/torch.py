@@ -61,6 +61,13 @@ def _backend(name):
     return backend
 
 
+def _fused_backend_or_none():
+    try:
+        return _backend("fused")
+    except (ImportError, NotImplementedError):
+        return None
+
+
 def _warn_once(key, message):
     if key not in _warned:
         _warned.add(key)
@@ -81,16 +88,18 @@ def _in_torch_only_context():
             or torch._C._are_functorch_transforms_active())
 
 
-def _unsupported_reason(data, weights):
-    """Why the kernels cannot take this call (a warning names it), or None."""
+def _unsupported_reason(data, tensors):
+    """Why the kernels cannot take this call, or None: a reason for a warning, or ""
+    when torch's path needs no warning (it raises, as for an input of another dtype
+    than the weights; a warning would only hide torch's error)."""
     if not data.is_cpu:
         return f"device {data.device.type}"
     dtype = data.dtype
+    for t in tensors:
+        if t is not None and (t.dtype != dtype or not t.is_cpu):
+            return ""
     if dtype not in _SUPPORTED_DTYPES:
         return f"dtype {dtype}"
-    for w in weights:
-        if w is not None and (w.dtype != dtype or not w.is_cpu):
-            return "weights of another device or dtype than the input"
     return None
 
 
@@ -197,13 +206,11 @@ class _RecurrentFunction(torch.autograd.Function):
             return (None, *grads)
         if ctx.cache is None:
             raise RuntimeError("lstmfast: this forward kept nothing for backward")
-        x, weights = saved[0], saved[4:]
-        np_dtype = np.float32 if x.dtype == torch.float32 else np.float64
-        grads = {name: np.zeros(tuple(w.shape), np_dtype)
-                 for name, w in zip(settings["names"], weights)}
+        # grads=None: the backend returns new gradient arrays (the fused one fills
+        # them without clearing them first)
         dx, dh0, dc0, grads = settings["backend"].backward(
             ctx.cache, _as_numpy(d_output.contiguous()), _as_numpy(d_h_n.contiguous()),
-            _as_numpy(d_c_n.contiguous()) if is_lstm else None, grads)
+            _as_numpy(d_c_n.contiguous()) if is_lstm else None)
         return (None, torch.from_numpy(dx), torch.from_numpy(dh0),
                 torch.from_numpy(dc0) if is_lstm else None, None,
                 *(torch.from_numpy(grads[name]) for name in settings["names"]))
@@ -264,11 +271,12 @@ def _fused_layer_forward(self, input, hx):
         return self._torch_forward(input, hx)
     if _in_torch_only_context() or data.numel() == 0:
         return self._torch_forward(input, hx)
-    reason = _unsupported_reason(data, weights)
+    reason = _unsupported_reason(data, hx_list + list(weights))
     if reason is not None:
-        _warn_once((type(self).__name__, reason),
-                   f"lstmfast.torch.{type(self).__name__}: {reason} is not supported by the "
-                   "fused kernels; using torch's implementation")
+        if reason:
+            _warn_once((type(self).__name__, reason),
+                       f"lstmfast.torch.{type(self).__name__}: {reason} is not supported by the "
+                       "fused kernels; using torch's implementation")
         return self._torch_forward(input, hx)
 
     D = 2 if self.bidirectional else 1
@@ -379,9 +387,15 @@ def _cell_step(backend, mode, keep, x, h0, c0, weights):
     N = x.shape[0]
     h0 = h0.detach().numpy().reshape(1, N, -1)
     hx = (h0, c0.detach().numpy().reshape(1, N, -1)) if c0 is not None else h0
-    h1, c1, cache = backend.cell_forward(
-        mode, x.detach().numpy().reshape(1, N, -1), hx,
-        [None if w is None else w.detach().numpy() for w in weights], keep)
+    x = x.detach().numpy().reshape(1, N, -1)
+    weights = [None if w is None else w.detach().numpy() for w in weights]
+    if backend is _fused_backend_or_none():
+        h1, c1, cache = backend.cell_forward(mode, x, hx, weights, keep)
+    else:  # the reference has no one-step entry: the stack with T = 1
+        names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+        params = {name: w for name, w in zip(names, weights) if w is not None}
+        _, h1, c1, cache = backend.forward(mode, x, hx, params, num_layers=1,
+                                           bidirectional=False, training=keep)
     return torch.from_numpy(h1[0]), (None if c1 is None else torch.from_numpy(c1[0])), cache
 
 
@@ -407,14 +421,12 @@ class _CellFunction(torch.autograd.Function):
             return (None, None, *grads)
         x, h0, c0, w_ih, w_hh, b_ih, b_hh = saved
         N = x.shape[0]
-        np_dtype = np.float32 if x.dtype == torch.float32 else np.float64
         names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
-        grads = {name: np.zeros(tuple(w.shape), np_dtype)
-                 for name, w in zip(names, (w_ih, w_hh, b_ih, b_hh)) if w is not None}
-        # h1 is both output[0] and h_n[0]: its gradient goes in as d_output.
+        # h1 is both output[0] and h_n[0]: its gradient goes in as d_output. The
+        # backend returns new gradient arrays (grads=None).
         dx, dh0, dc0, grads = ctx.backend.backward(
             ctx.cache, d_h1.detach().contiguous().numpy().reshape(1, N, -1), None,
-            None if c0 is None else d_c1.detach().contiguous().numpy().reshape(1, N, -1), grads)
+            None if c0 is None else d_c1.detach().contiguous().numpy().reshape(1, N, -1))
         g = [None if w is None else torch.from_numpy(grads[name])
              for name, w in zip(names, (w_ih, w_hh, b_ih, b_hh))]
         return (None, None, torch.from_numpy(dx[0]), torch.from_numpy(dh0[0]),
@@ -461,9 +473,10 @@ def _fused_cell_forward(self, input, hx):
             return self._lstmfast_torch_class.forward(self, input, hx)  # torch's error
     reason = _unsupported_reason(input, states + weights)
     if reason is not None:
-        _warn_once((type(self).__name__, reason),
-                   f"lstmfast.torch.{type(self).__name__}: {reason} is not supported by the "
-                   "fused kernels; using torch's implementation")
+        if reason:
+            _warn_once((type(self).__name__, reason),
+                       f"lstmfast.torch.{type(self).__name__}: {reason} is not supported by the "
+                       "fused kernels; using torch's implementation")
         return self._lstmfast_torch_class.forward(self, input, hx)
 
     x = input if dim == 2 else input.unsqueeze(0)

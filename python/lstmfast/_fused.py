@@ -86,23 +86,29 @@ def fresh_gradients_backward(cache, d_output, d_h_n=None, d_c_n=None, consume=Fa
     being cleared first: a cell stepped in a loop gets a fresh set every step, and
     clearing them cost as much as filling them (4H x (I + H) values each).
     ``empty`` makes the arrays (tests give one that fills them with NaN)."""
+    _check_cache(cache)
+    grads = {name: empty(shape, dtype=cache.dtype) for name, shape in cache.shapes.items()}
+    targets = [[grads.get(name) for name in _names(layer, direction)]
+               for layer in range(cache.num_layers) for direction in range(cache.D)]
+    dx, dh0, dc0 = _core.rnn_backward(cache.core, *_output_grads(cache, d_output, d_h_n, d_c_n),
+                                      targets, consume, True)
+    return dx, dh0, dc0, grads
+
+
+def _check_cache(cache):
     if cache is None:
         raise ValueError("backward needs the cache of a forward(..., training=True) call")
     if not isinstance(cache, _Cache):
         raise TypeError(f"cache: expected the cache of lstmfast._fused.forward, "
                         f"got {type(cache).__name__}")
-    dtype = cache.dtype
 
+
+def _output_grads(cache, d_output, d_h_n, d_c_n):
+    """The gradients of the outputs in the cache's dtype (None stays None: zeros)."""
     def as_dtype(a):
-        return None if a is None else np.asarray(a, dtype=dtype)
+        return None if a is None else np.asarray(a, dtype=cache.dtype)
 
-    grads = {name: empty(shape, dtype=dtype) for name, shape in cache.shapes.items()}
-    targets = [[grads.get(name) for name in _names(layer, direction)]
-               for layer in range(cache.num_layers) for direction in range(cache.D)]
-    dx, dh0, dc0 = _core.rnn_backward(cache.core, as_dtype(d_output), as_dtype(d_h_n),
-                                      as_dtype(d_c_n) if cache.mode == "LSTM" else None, targets,
-                                      consume, True)
-    return dx, dh0, dc0, grads
+    return as_dtype(d_output), as_dtype(d_h_n), as_dtype(d_c_n) if cache.mode == "LSTM" else None
 
 
 def cell_forward(mode, x, hx, weights, training=False):
@@ -124,23 +130,15 @@ def cell_forward(mode, x, hx, weights, training=False):
 def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False):
     """Backpropagation through time for a forward(..., training=True) call; as reference.backward.
 
-    Parameter gradients are ADDED into ``grads`` in place (a zero dict is made when None).
-    With ``consume`` the gate gradients are written over the saved gates instead of into
-    scratch of the same size, and a later backward with this cache raises ValueError.
+    Parameter gradients are ADDED into ``grads`` in place; when None, new arrays are
+    made and filled (see fresh_gradients_backward). With ``consume`` the gate
+    gradients are written over the saved gates instead of into scratch of the same
+    size, and a later backward with this cache raises ValueError.
     """
     if grads is None:
         return fresh_gradients_backward(cache, d_output, d_h_n, d_c_n, consume=consume)
-    if cache is None:
-        raise ValueError("backward needs the cache of a forward(..., training=True) call")
-    if not isinstance(cache, _Cache):
-        raise TypeError(f"cache: expected the cache of lstmfast._fused.forward, "
-                        f"got {type(cache).__name__}")
+    _check_cache(cache)
     dtype = cache.dtype
-    if grads is None:
-        grads = {name: np.zeros(shape, dtype=dtype) for name, shape in cache.shapes.items()}
-
-    def as_dtype(a):
-        return None if a is None else np.asarray(a, dtype=dtype)
 
     # The kernels add into C-contiguous writeable arrays of the right dtype; any
     # other gradient array gets a zeroed stand-in, added into it afterwards.
@@ -161,9 +159,8 @@ def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False)
                     late.append((name, stand_in))
                     entry.append(stand_in)
             targets.append(entry)
-    dx, dh0, dc0 = _core.rnn_backward(cache.core, as_dtype(d_output), as_dtype(d_h_n),
-                                      as_dtype(d_c_n) if cache.mode == "LSTM" else None, targets,
-                                      consume)
+    dx, dh0, dc0 = _core.rnn_backward(cache.core, *_output_grads(cache, d_output, d_h_n, d_c_n),
+                                      targets, consume)
     for name, stand_in in late:
         grads[name][...] += stand_in
     return dx, dh0, dc0, grads

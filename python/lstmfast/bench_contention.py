@@ -12,7 +12,7 @@ Two questions the grid of ``python -m lstmfast.bench`` does not ask:
 * **More runnable threads than cores.** The NumPy API's LSTM at the ``small`` and
   ``stream`` shapes, inference and training: the time with ``set_num_threads(k)``
   for k above the cores, and with a busy process pinned on one core, each as a
-  ratio to the time with as many threads as cores and nothing else running.
+  ratio to the time with as many threads as cores and no busy process of ours.
 
 Every figure comes from a fresh process (thread pools, OpenMP's and ours, keep
 state between calls), and the alternatives of a comparison run in interleaved
@@ -213,7 +213,7 @@ def run_crnn(args, report):
     for isolated in (False, True):
         what = "the two BiLSTMs alone" if isolated else "CRNN whole model"
         print(f"\n{what}: 1x32x{args.width} image, {columns} columns, batch 1, "
-              f"{threads} threads (torch and lstmfast), {args.rounds} rounds")
+              f"{threads} threads (torch and lstmfast); rounds: {args.rounds}")
         results = {"torch": [], "lstmfast": []}
         for _ in range(args.rounds):
             for impl in results:
@@ -234,8 +234,8 @@ def run_crnn(args, report):
 def run_oversubscription(args, report):
     cores = args.threads
     counts = sorted({cores, 2 * cores, 4 * cores})
-    print(f"\nmore threads than cores: NumPy API LSTM, float32; ratio to {cores} threads "
-          f"on a quiet machine, {args.rounds} rounds")
+    print(f"\nmore threads than cores: NumPy API LSTM, float32; time at {cores} threads, then "
+          f"ratios to it at k threads and beside a busy core; rounds: {args.rounds}")
     print(f"  {'case':34s} {'time':>11s}  " + "  ".join(
         f"{'k=' + str(k):>7s}" for k in counts if k != cores) + "  busy core")
     report["oversubscription"] = []

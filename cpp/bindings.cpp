@@ -15,6 +15,7 @@
 #include "dispatch.h"
 #include "gemm.h"
 #include "lstmfast.h"
+#include "thread_pool.h"
 #include "workspace.h"
 
 namespace py = pybind11;
@@ -436,6 +437,28 @@ void register_rnn(py::module_& m) {
 }
 
 // ---------------------------------------------------------------------------
+// The thread pool's test hooks.
+
+void register_pool(py::module_& m) {
+  m.def("_pool_set_never_spin", &lstmfast::pool_set_never_spin, py::arg("never"),
+        "Tests: every wait of the pool sleeps at once instead of spinning first.");
+  m.def("_pool_sleeps", &lstmfast::pool_sleeps, "Tests: the pool's waits that went to sleep so far.");
+  m.def(
+      "_pool_check_barriers",
+      [](int threads, int steps) {
+        int ran = 1;
+        long violations;
+        {
+          py::gil_scoped_release release;
+          violations = lstmfast::pool_check_barriers(threads, steps, &ran);
+        }
+        return py::make_tuple(ran, violations);
+      },
+      py::arg("threads"), py::arg("steps"),
+      "Tests: `steps` barriers on `threads` pool threads; returns (threads run, violations).");
+}
+
+// ---------------------------------------------------------------------------
 // Instruction sets.
 
 template <typename Real>
@@ -483,4 +506,5 @@ PYBIND11_MODULE(_core, m) {
   register_blas(m);
   register_rnn(m);
   register_simd(m);
+  register_pool(m);
 }

@@ -12,6 +12,7 @@
 #include <cstring>
 #include <exception>
 #include <numeric>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -24,6 +25,7 @@
 #include "dispatch.h"
 #include "gemm.h"
 #include "lstmfast.h"
+#include "thread_pool.h"
 #include "workspace.h"
 
 namespace lstmfast {
@@ -65,6 +67,17 @@ int available_cpus() {
 int step_threads() {
   static const int cpus = available_cpus();
   return std::max(1, std::min(get_num_threads(), cpus));
+}
+
+// OpenBLAS's threads wait for one another in every GEMM as the pool's do at every
+// step, spinning and then yielding. On a machine with no free core for a second
+// thread the pool runs its jobs on the caller alone (thread_pool.h), and the
+// GEMMs around them must follow: training of LSTM T=100 N=1 I=H=128 on 2 cores
+// with 3 other busy processes took 64-72 ms with OpenBLAS on 2 threads, 14.8 ms
+// on 1 (the pool on 1 thread in both; 14.1 ms at set_num_threads(1)). Opens a
+// single-threaded region for the call when that is the case.
+void blas_alone_without_a_free_core(std::optional<BlasSingleThreaded>& region) {
+  if (get_num_threads() > 1 && pool_usable_threads(step_threads()) <= 1) region.emplace();
 }
 
 void require(bool ok, const std::string& message) {
@@ -259,6 +272,8 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
                                                 const Real* const* dropout_masks,
                                                 const StackShape& shape) {
   check_shape(shape);
+  std::optional<BlasSingleThreaded> blas_alone;
+  blas_alone_without_a_free_core(blas_alone);
   auto cache = std::make_unique<StackCache<Real>>();
   StackCache<Real>& c = *cache;
   c.shape = shape;
@@ -368,6 +383,8 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
   if (c.consumed.load())
     throw std::invalid_argument(
         "this forward's saved state was used up by a backward that consumed it");
+  std::optional<BlasSingleThreaded> blas_alone;
+  blas_alone_without_a_free_core(blas_alone);
   const bool lstm = s.mode == Mode::LSTM, gru = s.mode == Mode::GRU;
   // Gate gradients written over the saved gates (LSTM and GRU save 4H per row-step).
   const bool in_place = consume && (lstm || gru);

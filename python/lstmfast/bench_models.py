@@ -276,7 +276,7 @@ MODELS = {spec.name: spec for spec in [
                    f"BiLSTM({s['rnn_input']}, {s['hidden']}, 3 layers), linear + sigmoid mask")),
     ModelSpec(
         "deepspeech", ("inference", "training"),
-        {"full": dict(batch=4, mels=80, frames=300, channels=32, hidden=1024, layers=2, classes=29,
+        {"full": dict(batch=4, mels=80, frames=200, channels=32, hidden=1024, layers=2, classes=29,
                       label_length=40),
          "tiny": dict(batch=2, mels=8, frames=16, channels=2, hidden=8, layers=2, classes=5, label_length=3)},
         _build_deepspeech,
@@ -294,7 +294,7 @@ MODELS = {spec.name: spec for spec in [
     ModelSpec(
         "tacotron_dec", ("inference",),
         {"full": dict(batch=4, mels=80, prenet=256, memory_size=512, memory_length=100, attention=128,
-                      hidden=1024, steps=200),
+                      hidden=1024, steps=100),
          "tiny": dict(batch=2, mels=4, prenet=6, memory_size=5, memory_length=7, attention=3, hidden=8, steps=10)},
         _build_tacotron,
         lambda s: (f"{s['steps']} steps at N={s['batch']}: prenet, LSTMCell({s['prenet'] + s['memory_size']}, "
@@ -393,7 +393,7 @@ class Repeats:
     def for_run(cls, quick, tiny=False):
         if tiny:  # a test of the command: its figures mean nothing, so take as few as possible
             return cls(1, 0.0, 1, 0.0, 1, 1)
-        return cls(2, 0.3, 3, 0.5, 20, 2) if quick else cls(2, 1.0, 7, 2.0, 50, 5)
+        return cls(2, 0.3, 3, 0.5, 20, 2) if quick else cls(2, 0.5, 5, 1.0, 30, 3)
 
 
 def timed_calls(fn, repeats):
@@ -731,6 +731,9 @@ def run(names, threads, quick=False, tiny=False, json_path=None):
                 row["shapes"] = spec.describe(spec.sizes[size_key])
                 row["max_rel_diff"] = check["max_rel_diff"]
                 rows.append(row)
+                print(f"      torch {bench._fmt_time(row['seconds']['torch'])}, accelerated "
+                      f"{bench._fmt_time(row['seconds']['accelerated'])}: {row['ratio']:.2f}x", file=sys.stderr,
+                      flush=True)
     print()
     print_table(rows)
     print()

@@ -6,6 +6,8 @@ the median per implementation, and prints ratios. Before timing, the fused resul
 of each case is checked against the reference.
 
 The grid is the one in DESIGN.md: float32, one layer, one direction unless said.
+``--models`` times whole torch models instead, torch against ``accelerate(model)``,
+one process per measurement (see ``lstmfast.bench_models``).
 """
 
 import argparse
@@ -343,11 +345,12 @@ def configuration(torch, limiter):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m lstmfast.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a reduced grid that finishes in under a minute")
+    parser.add_argument("--quick", action="store_true", help="a reduced grid that finishes in under a minute; with --models, fewer repeats")
     parser.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS))
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--threads", nargs="+", type=int,
+                        help="thread counts (default: 1 2, and 2 with --models)")
     parser.add_argument("--rounds", type=int, default=5, help="minimum timed rounds per case")
     parser.add_argument("--min-time", type=float, default=0.5, help="minimum seconds of timing per case")
     parser.add_argument("--no-torch", action="store_true", help="do not benchmark torch even when installed")
@@ -357,7 +360,19 @@ def main(argv=None):
                         help="skip the variant cases (lengths, float64, bidirectional, 2 layers)")
     parser.add_argument("--memory", action="store_true",
                         help="also measure the peak memory of a training step of each grid case (fresh processes)")
+    parser.add_argument("--models", nargs="?", const="all", metavar="NAME,...",
+                        help="instead of the grid, time whole torch models against accelerate(model), one fresh "
+                             "process per measurement; all of them, or a comma-separated subset of: "
+                             "crnn, gru_forecaster, bilstm3, deepspeech, wavernn_gen, tacotron_dec")
+    parser.add_argument("--tiny", action="store_true",
+                        help="with --models: tiny sizes, to test the command (the figures mean nothing)")
     args = parser.parse_args(argv)
+
+    if args.models is not None:
+        return _main_models(parser, args)
+    if args.tiny:
+        parser.error("--tiny goes with --models")
+    args.threads = args.threads or [1, 2]
 
     if args.quick:
         args.shapes = [s for s in args.shapes if s in ("stream", "small")] or ["stream"]
@@ -449,6 +464,23 @@ def main(argv=None):
         plot(results, args.plot)
         print(f"wrote {args.plot}")
     return 0
+
+
+def _main_models(parser, args):
+    if args.plot or args.memory or args.no_torch:
+        parser.error("--models times torch models; --plot, --memory and --no-torch do not apply")
+    if _try_import_torch() is None:
+        parser.error("--models needs torch: pip install 'lstmfast[torch]'")
+    from lstmfast import bench_models
+
+    names = list(bench_models.MODELS) if args.models == "all" else args.models.split(",")
+    unknown = [n for n in names if n not in bench_models.MODELS]
+    if unknown or not names:
+        parser.error(f"--models: unknown model {', '.join(unknown)!r}; choose from {', '.join(bench_models.MODELS)}")
+    threads = args.threads or [2]
+    if any(t < 1 for t in threads):
+        parser.error("--threads must be positive")
+    return bench_models.run(names, threads, quick=args.quick, tiny=args.tiny, json_path=args.json)
 
 
 def _geomean(values):

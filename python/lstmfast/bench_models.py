@@ -1,0 +1,752 @@
+"""``python -m lstmfast.bench --models``: whole torch models, torch against ``accelerate(model)``.
+
+A layer benchmark says how fast the recurrent kernels are; a user wants to know
+what ``lstmfast.torch.accelerate`` does to a model, where convolutions, linear
+layers, attention, losses and optimizer steps take their own share. Six small
+models in the shape of common recurrent architectures are timed here as users run
+them: every measurement is a fresh Python process, so the thread pools, caches and
+allocator state one implementation leaves behind never touch the other.
+
+For each model and mode, in this order:
+
+1. one process builds the model from its seed twice, accelerates one copy, runs
+   both on the same input and writes their outputs (and, for training, the loss and
+   every parameter gradient) to a file; the parent compares them and refuses to
+   time a model whose accelerated outputs disagree with torch's;
+2. one process per implementation times the model: warm-up calls, then repeats of
+   the plain call (the figure), then a separate repeat with forward hooks on the RNN
+   modules that measures their share of the time (hooks cost a little per call, so
+   they stay out of the main figure);
+3. one process per implementation times the RNN modules alone: the same modules,
+   called with the very inputs they received inside the model (recorded during one
+   call), and nothing else.
+
+Comparing the RNN speed-up inside the model with the speed-up of the same RNN alone
+shows whether the model lets the kernels' speed through.
+
+Workers are started as ``python -m lstmfast.bench_models --worker JOB`` and
+print one JSON line; this module imports torch, so ``lstmfast.bench`` imports it
+only for ``--models``.
+"""
+
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+import lstmfast
+import lstmfast.torch
+from lstmfast import bench
+
+# float32 across two implementations whose sums run in different orders; relative
+# to the largest magnitude of each compared tensor (the convention of the tests).
+AGREEMENT_RTOL = 1e-4
+RNN_TYPES = (nn.RNNBase, nn.RNNCellBase)
+MODEL_SEED, INPUT_SEED = 0, 1
+IMPLEMENTATIONS = ("torch", "accelerated")
+
+
+# ---------------------------------------------------------------------------
+# The models: plain torch, as their authors would write them.
+
+
+class CRNN(nn.Module):
+    """A CRNN text-line recognizer (Shi et al. 2015): conv features of a 32-pixel-high
+    grey image, one column per time step, two bidirectional LSTMs, per-column classes."""
+
+    def __init__(self, channels, hidden, classes):
+        super().__init__()
+        # Five halvings of the height (32 -> 1), two of the width (W -> W/4 columns).
+        pools = [(2, 2), (2, 2), (2, 1), (2, 1), (2, 1)]
+        blocks, c_in = [], 1
+        for c_out, pool in zip(channels, pools):
+            blocks += [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                       nn.ReLU(inplace=True), nn.MaxPool2d(pool)]
+            c_in = c_out
+        self.conv = nn.Sequential(*blocks)
+        self.rnn1 = nn.LSTM(c_in, hidden, bidirectional=True)
+        self.between = nn.Linear(2 * hidden, hidden)
+        self.rnn2 = nn.LSTM(hidden, hidden, bidirectional=True)
+        self.head = nn.Linear(2 * hidden, classes)
+
+    def forward(self, image):  # (N, 1, 32, W)
+        columns = self.conv(image).squeeze(2).permute(2, 0, 1)  # (W/4, N, C)
+        y, _ = self.rnn1(columns)
+        y, _ = self.rnn2(self.between(y))
+        return self.head(y)  # (W/4, N, classes)
+
+
+class GRUForecaster(nn.Module):
+    """A 2-layer GRU reads a window of a multivariate series and predicts the next steps."""
+
+    def __init__(self, features, hidden, horizon):
+        super().__init__()
+        self.gru = nn.GRU(features, hidden, num_layers=2, batch_first=True)
+        self.head = nn.Linear(hidden, horizon)
+
+    def forward(self, window):  # (N, T, features)
+        y, _ = self.gru(window)
+        return self.head(y[:, -1])  # (N, horizon)
+
+
+class BiLSTMSeparator(nn.Module):
+    """A music-separator core (Open-Unmix style): spectrogram frames are compressed by a
+    linear layer, a 3-layer bidirectional LSTM runs over time, and a linear layer with a
+    sigmoid gives a mask over the input bins."""
+
+    def __init__(self, bins, rnn_input, hidden):
+        super().__init__()
+        self.encode = nn.Linear(bins, rnn_input)
+        self.lstm = nn.LSTM(rnn_input, hidden, num_layers=3, bidirectional=True)
+        self.decode = nn.Linear(2 * hidden, bins)
+
+    def forward(self, frames):  # (T, N, bins)
+        y, _ = self.lstm(torch.tanh(self.encode(frames)))
+        return torch.sigmoid(self.decode(y)) * frames
+
+
+class DeepSpeech(nn.Module):
+    """DeepSpeech 2 in small: two strided convolutions over a spectrogram, a bidirectional
+    tanh RNN over the frames, per-frame character log-probabilities for CTC."""
+
+    def __init__(self, mels, channels, hidden, layers, classes):
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(1, channels, 11, stride=(2, 2), padding=5, bias=False), nn.BatchNorm2d(channels),
+            nn.Hardtanh(0, 20, inplace=True),
+            nn.Conv2d(channels, channels, 11, stride=(2, 1), padding=5, bias=False), nn.BatchNorm2d(channels),
+            nn.Hardtanh(0, 20, inplace=True))
+        self.rnn = nn.RNN(channels * ((mels + 3) // 4), hidden, num_layers=layers, nonlinearity="tanh",
+                          bidirectional=True)
+        self.head = nn.Linear(2 * hidden, classes)
+
+    def forward(self, spectrogram):  # (N, 1, mels, frames)
+        f = self.conv(spectrogram)  # (N, C, mels/4, frames/2)
+        n, c, m, t = f.shape
+        y, _ = self.rnn(f.reshape(n, c * m, t).permute(2, 0, 1))  # over (frames/2, N, C*mels/4)
+        return self.head(y).log_softmax(-1)  # (frames/2, N, classes)
+
+
+class WaveRNNGenerator(nn.Module):
+    """Autoregressive generation (WaveRNN style): a GRU takes one step at a time, N=1, and
+    its output comes back through a small linear layer as the next input."""
+
+    def __init__(self, features, hidden, steps):
+        super().__init__()
+        self.gru = nn.GRU(features, hidden)
+        self.feedback = nn.Linear(hidden, features)
+        self.steps = steps
+
+    def forward(self, first):  # (1, 1, features)
+        x, h, samples = first, None, []
+        for _ in range(self.steps):
+            y, h = self.gru(x, h)
+            x = torch.tanh(self.feedback(y))
+            samples.append(x)
+        return torch.cat(samples)  # (steps, 1, features)
+
+
+class TacotronDecoder(nn.Module):
+    """A Tacotron 2 decoder loop: prenet, attention LSTM cell, additive attention over the
+    encoder's outputs, decoder LSTM cell and a linear projection to the next mel frame,
+    stepped in Python (teacher forcing off: each frame is fed back)."""
+
+    def __init__(self, mels, prenet, memory_size, attention, hidden, steps):
+        super().__init__()
+        self.mels, self.hidden, self.steps = mels, hidden, steps
+        self.prenet = nn.Sequential(nn.Linear(mels, prenet), nn.ReLU(), nn.Linear(prenet, prenet), nn.ReLU())
+        self.attention_rnn = nn.LSTMCell(prenet + memory_size, hidden)
+        self.query = nn.Linear(hidden, attention, bias=False)
+        self.keys = nn.Linear(memory_size, attention)
+        self.energy = nn.Linear(attention, 1, bias=False)
+        self.decoder_rnn = nn.LSTMCell(hidden + memory_size, hidden)
+        self.project = nn.Linear(hidden + memory_size, mels)
+
+    def forward(self, memory):  # (N, L, memory_size): the encoder's outputs
+        n = memory.shape[0]
+        keys = self.keys(memory)
+        frame = memory.new_zeros(n, self.mels)
+        context = memory.new_zeros(n, memory.shape[2])
+        h1 = c1 = h2 = c2 = memory.new_zeros(n, self.hidden)
+        frames = []
+        for _ in range(self.steps):
+            h1, c1 = self.attention_rnn(torch.cat([self.prenet(frame), context], 1), (h1, c1))
+            energies = self.energy(torch.tanh(self.query(h1).unsqueeze(1) + keys)).squeeze(2)
+            context = torch.bmm(energies.softmax(1).unsqueeze(1), memory).squeeze(1)
+            h2, c2 = self.decoder_rnn(torch.cat([h1, context], 1), (h2, c2))
+            frame = self.project(torch.cat([h2, context], 1))
+            frames.append(frame)
+        return torch.stack(frames, 1)  # (N, steps, mels)
+
+
+def _ctc_loss(log_probs, target):
+    labels, input_lengths, label_lengths = target
+    return F.ctc_loss(log_probs, labels, input_lengths, label_lengths)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one benchmark model at its full and its tiny (test) sizes.
+
+    ``build(sizes, generator)`` returns the model and its inputs; ``target(sizes,
+    generator)`` what a training step's ``loss(output, target)`` compares with.
+    """
+    name: str
+    modes: tuple
+    sizes: dict  # "full" / "tiny" -> constructor and input sizes
+    build: object
+    describe: object  # sizes -> the shapes in words, for the printed table
+    target: object = None
+    loss: object = None
+    notes: tuple = field(default=())
+
+
+def _build_crnn(s, g):
+    model = CRNN(s["channels"], s["hidden"], s["classes"])
+    return model, (torch.randn(s["batch"], 1, 32, s["width"], generator=g),)
+
+
+def _build_forecaster(s, g):
+    model = GRUForecaster(s["features"], s["hidden"], s["horizon"])
+    return model, (torch.randn(s["batch"], s["T"], s["features"], generator=g),)
+
+
+def _build_separator(s, g):
+    model = BiLSTMSeparator(s["bins"], s["rnn_input"], s["hidden"])
+    return model, (torch.rand(s["T"], s["batch"], s["bins"], generator=g),)
+
+
+def _build_deepspeech(s, g):
+    model = DeepSpeech(s["mels"], s["channels"], s["hidden"], s["layers"], s["classes"])
+    return model, (torch.randn(s["batch"], 1, s["mels"], s["frames"], generator=g),)
+
+
+def _deepspeech_target(s, g):
+    frames_out = (s["frames"] + 1) // 2
+    label_lengths = torch.randint(1, s["label_length"] + 1, (s["batch"],), generator=g)
+    labels = torch.randint(1, s["classes"], (s["batch"], s["label_length"]), generator=g)  # 0 is CTC's blank
+    return labels, torch.full((s["batch"],), frames_out, dtype=torch.long), label_lengths
+
+
+def _build_wavernn(s, g):
+    model = WaveRNNGenerator(s["features"], s["hidden"], s["steps"])
+    return model, (torch.randn(1, 1, s["features"], generator=g),)
+
+
+def _build_tacotron(s, g):
+    model = TacotronDecoder(s["mels"], s["prenet"], s["memory_size"], s["attention"], s["hidden"], s["steps"])
+    return model, (torch.randn(s["batch"], s["memory_length"], s["memory_size"], generator=g),)
+
+
+MODELS = {spec.name: spec for spec in [
+    ModelSpec(
+        "crnn", ("inference",),
+        {"full": dict(width=1000, batch=1, channels=(64, 128, 256, 256, 512), hidden=256, classes=37),
+         "tiny": dict(width=64, batch=1, channels=(4, 8, 8, 8, 8), hidden=16, classes=5)},
+        _build_crnn,
+        lambda s: (f"image 1x32x{s['width']}, N={s['batch']}; 5 x (conv3x3+BN+ReLU+maxpool) "
+                   f"{'-'.join(map(str, s['channels']))} ch; BiLSTM({s['channels'][-1]}, {s['hidden']}) "
+                   f"+ linear + BiLSTM({s['hidden']}, {s['hidden']}) over T={s['width'] // 4} columns; "
+                   f"linear to {s['classes']} classes")),
+    ModelSpec(
+        "gru_forecaster", ("training",),
+        {"full": dict(batch=32, T=48, features=8, hidden=128, horizon=12),
+         "tiny": dict(batch=4, T=6, features=3, hidden=8, horizon=2)},
+        _build_forecaster,
+        lambda s: (f"N={s['batch']}, T={s['T']}, {s['features']} features; GRU({s['features']}, "
+                   f"{s['hidden']}, 2 layers) + linear to {s['horizon']} steps; MSE, Adam"),
+        target=lambda s, g: torch.randn(s["batch"], s["horizon"], generator=g),
+        loss=F.mse_loss),
+    ModelSpec(
+        "bilstm3", ("inference",),
+        {"full": dict(T=200, batch=1, bins=512, rnn_input=256, hidden=512),
+         "tiny": dict(T=8, batch=1, bins=12, rnn_input=6, hidden=8)},
+        _build_separator,
+        lambda s: (f"T={s['T']}, N={s['batch']}, {s['bins']} bins; linear to {s['rnn_input']}, "
+                   f"BiLSTM({s['rnn_input']}, {s['hidden']}, 3 layers), linear + sigmoid mask")),
+    ModelSpec(
+        "deepspeech", ("inference", "training"),
+        {"full": dict(batch=4, mels=80, frames=200, channels=32, hidden=1024, layers=2, classes=29,
+                      label_length=40),
+         "tiny": dict(batch=2, mels=8, frames=16, channels=2, hidden=8, layers=2, classes=5, label_length=3)},
+        _build_deepspeech,
+        lambda s: (f"N={s['batch']}, {s['mels']} mels x {s['frames']} frames; 2 x conv11x11+BN ({s['channels']} ch); "
+                   f"tanh BiRNN({s['channels'] * ((s['mels'] + 3) // 4)}, {s['hidden']}, {s['layers']} layers) "
+                   f"over T={(s['frames'] + 1) // 2}; linear to {s['classes']}, CTC loss, Adam"),
+        target=_deepspeech_target, loss=_ctc_loss),
+    ModelSpec(
+        "wavernn_gen", ("inference",),
+        {"full": dict(features=32, hidden=512, steps=1000),
+         "tiny": dict(features=3, hidden=8, steps=20)},
+        _build_wavernn,
+        lambda s: (f"{s['steps']} steps of GRU({s['features']}, {s['hidden']}) at T=1, N=1, "
+                   f"output fed back through linear({s['hidden']}, {s['features']}) + tanh")),
+    ModelSpec(
+        "tacotron_dec", ("inference",),
+        {"full": dict(batch=4, mels=80, prenet=256, memory_size=512, memory_length=100, attention=128,
+                      hidden=1024, steps=100),
+         "tiny": dict(batch=2, mels=4, prenet=6, memory_size=5, memory_length=7, attention=3, hidden=8, steps=10)},
+        _build_tacotron,
+        lambda s: (f"{s['steps']} steps at N={s['batch']}: prenet, LSTMCell({s['prenet'] + s['memory_size']}, "
+                   f"{s['hidden']}), additive attention over {s['memory_length']} encoder steps, "
+                   f"LSTMCell({s['hidden'] + s['memory_size']}, {s['hidden']}), linear to {s['mels']} mels")),
+]}
+
+
+def build(name, tiny):
+    """The model ``name`` with its seeded random weights, its inputs and its training target."""
+    spec = MODELS[name]
+    sizes = spec.sizes["tiny" if tiny else "full"]
+    torch.manual_seed(MODEL_SEED)
+    generator = torch.Generator().manual_seed(INPUT_SEED)
+    model, inputs = spec.build(sizes, generator)
+    target = spec.target(sizes, generator) if spec.target is not None else None
+    return model, inputs, target
+
+
+def rnn_modules(model):
+    return [m for m in model.modules() if isinstance(m, RNN_TYPES)]
+
+
+def accelerated_count(model):
+    """How many RNN modules ``accelerate`` made lstmfast ones (the rest run torch's code)."""
+    return sum(type(m).__module__.startswith("lstmfast") for m in rnn_modules(model))
+
+
+# ---------------------------------------------------------------------------
+# What the worker processes do.
+
+
+def make_step(spec, model, inputs, target, mode):
+    """One call (inference) or one training step; it returns the seconds of its forward
+    part, loss included, which is where hooks can attribute time to modules."""
+    if mode == "inference":
+        model.eval()
+
+        def step():
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                model(*inputs)
+            return time.perf_counter() - t0
+        return step
+
+    model.train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        t0 = time.perf_counter()
+        loss = spec.loss(model(*inputs), target)
+        forward_seconds = time.perf_counter() - t0
+        loss.backward()
+        optimizer.step()
+        return forward_seconds
+    return step
+
+
+class RNNClock:
+    """Forward pre/post hooks that add up the wall time spent inside the RNN modules."""
+
+    def __init__(self, modules):
+        self.modules, self.seconds, self._started, self._handles = modules, 0.0, {}, []
+
+    def _pre(self, module, args):
+        self._started[id(module)] = time.perf_counter()
+
+    def _post(self, module, args, output):
+        self.seconds += time.perf_counter() - self._started.pop(id(module))
+
+    def __enter__(self):
+        for m in self.modules:
+            self._handles += [m.register_forward_pre_hook(self._pre), m.register_forward_hook(self._post)]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+@dataclass(frozen=True)
+class Repeats:
+    """Untimed calls first (at least ``warmup``, and for at least ``warmup_seconds``: the
+    first calls create oneDNN primitives, grow workspaces and wake thread pools), then
+    timed calls: at least ``minimum``, more while under ``min_seconds``, up to ``maximum``."""
+    warmup: int
+    warmup_seconds: float
+    minimum: int
+    min_seconds: float
+    maximum: int
+    hooked: int  # calls of the separate repeat with hooks
+
+    @classmethod
+    def for_run(cls, quick, tiny=False):
+        if tiny:  # a test of the command: its figures mean nothing, so take as few as possible
+            return cls(1, 0.0, 1, 0.0, 1, 1)
+        return cls(2, 0.3, 3, 0.5, 20, 2) if quick else cls(2, 0.5, 5, 1.0, 30, 3)
+
+
+def timed_calls(fn, repeats):
+    start = time.perf_counter()
+    warm = 0
+    while warm < repeats.warmup or time.perf_counter() - start < repeats.warmup_seconds:
+        fn()
+        warm += 1
+    times, start = [], time.perf_counter()
+    while len(times) < repeats.minimum or (
+            time.perf_counter() - start < repeats.min_seconds and len(times) < repeats.maximum):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _prepare(job):
+    torch.set_num_threads(job["threads"])
+    lstmfast.set_num_threads(job["threads"])
+    model, inputs, target = build(job["model"], job["tiny"])
+    if job.get("impl") == "accelerated":
+        lstmfast.torch.accelerate(model)
+    return MODELS[job["model"]], model, inputs, target
+
+
+def measure_model(job):
+    """Median seconds per call or step, then, in a separate repeat with hooks, the RNN
+    modules' seconds and their share of the (forward) time."""
+    spec, model, inputs, target = _prepare(job)
+    repeats = Repeats(**job["repeats"])
+    step = make_step(spec, model, inputs, target, job["mode"])
+    times = timed_calls(step, repeats)
+    forward_times, rnn_times = [], []
+    with RNNClock(rnn_modules(model)) as clock:
+        for _ in range(repeats.hooked):
+            clock.seconds = 0.0
+            forward_times.append(step())
+            rnn_times.append(clock.seconds)
+    return {
+        "seconds": statistics.median(times), "repeats": len(times),
+        "rnn_seconds": statistics.median(rnn_times),
+        "rnn_share": sum(rnn_times) / sum(forward_times),
+        "rnn_modules": len(rnn_modules(model)), "accelerated_modules": accelerated_count(model),
+    }
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone().requires_grad_(value.requires_grad)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _detached(v) for k, v in value.items()}
+    return value
+
+
+def _first_tensor(value):
+    while not isinstance(value, torch.Tensor):
+        value = value[0]
+    return value
+
+
+def record_rnn_calls(spec, model, inputs, target, mode):
+    """Every call of an RNN module during one model call: (module, args, kwargs), the
+    tensors copied as they arrived (strides and requires_grad included)."""
+    calls = []
+
+    def record(module, args, kwargs):
+        calls.append((module, _detached(args), _detached(kwargs)))
+
+    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in rnn_modules(model)]
+    try:
+        if mode == "inference":
+            model.eval()
+            with torch.no_grad():  # not inference_mode: the copies must be usable outside it
+                model(*inputs)
+        else:
+            model.train()
+            spec.loss(model(*inputs), target)
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def measure_rnn_alone(job):
+    """The RNN modules alone, called with the inputs they had inside the model: median
+    seconds of the forward calls, and for training also of forward + backward."""
+    spec, model, inputs, target = _prepare(job)
+    repeats = Repeats(**job["repeats"])
+    calls = record_rnn_calls(spec, model, inputs, target, job["mode"])
+    if job["mode"] == "inference":
+        def forward():
+            with torch.inference_mode():
+                for module, args, kwargs in calls:
+                    module(*args, **kwargs)
+        return {"seconds": statistics.median(timed_calls(forward, repeats)), "calls": len(calls)}
+
+    modules = rnn_modules(model)
+    leaves = [t for _, args, kwargs in calls for t in _tensors((args, kwargs)) if t.requires_grad]
+    generator = torch.Generator().manual_seed(INPUT_SEED)
+    with torch.no_grad():
+        upstream = [torch.randn(_first_tensor(m(*a, **k)).shape, generator=generator) for m, a, k in calls]
+
+    def forward():
+        return [_first_tensor(module(*args, **kwargs)) for module, args, kwargs in calls]
+
+    def forward_backward():
+        for m in modules:
+            m.zero_grad(set_to_none=True)
+        for t in leaves:
+            t.grad = None
+        torch.autograd.backward(forward(), upstream)
+
+    model.train()
+    return {"seconds": statistics.median(timed_calls(forward, repeats)),
+            "step_seconds": statistics.median(timed_calls(forward_backward, repeats)), "calls": len(calls)}
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+
+
+def model_outputs(name, tiny, threads, path):
+    """Both implementations of ``name`` from the same seed on the same input: their outputs
+    (and for training the loss and every parameter gradient), saved to ``path`` as
+    ``torch/<key>`` and ``accelerated/<key>`` arrays."""
+    torch.set_num_threads(threads)
+    lstmfast.set_num_threads(threads)
+    spec = MODELS[name]
+    reference, inputs, target = build(name, tiny)
+    accelerated = lstmfast.torch.accelerate(copy.deepcopy(reference))
+    arrays = {}
+    for impl, model in (("torch", reference), ("accelerated", accelerated)):
+        for mode in spec.modes:
+            if mode == "inference":
+                model.eval()
+                with torch.inference_mode():
+                    arrays[f"{impl}/{mode}/output"] = model(*inputs).numpy()
+            else:
+                model.train()
+                model.zero_grad(set_to_none=True)
+                output = model(*inputs)
+                loss = spec.loss(output, target)
+                loss.backward()
+                arrays[f"{impl}/{mode}/output"] = output.detach().numpy()
+                arrays[f"{impl}/{mode}/loss"] = loss.detach().numpy()
+                for pname, p in model.named_parameters():
+                    arrays[f"{impl}/{mode}/grad {pname}"] = p.grad.numpy()
+    np.savez(path, **arrays)
+    return {"arrays": len(arrays), "accelerated_modules": accelerated_count(accelerated)}
+
+
+WORKERS = {"model": measure_model, "alone": measure_rnn_alone,
+           "check": lambda job: model_outputs(job["model"], job["tiny"], job["threads"], job["path"])}
+
+
+def worker_main(argv):
+    if len(argv) != 3 or argv[1] != "--worker":
+        print("this is the worker of `python -m lstmfast.bench --models`; run that instead", file=sys.stderr)
+        return 2
+    job = json.loads(argv[2])
+    print(json.dumps(WORKERS[job["kind"]](job)))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# The parent: starts the workers, checks, tabulates.
+
+
+def run_worker(job):
+    """Run one job in a fresh Python process; its last line of output is the JSON result."""
+    proc = subprocess.run([sys.executable, "-m", "lstmfast.bench_models", "--worker", json.dumps(job)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench_models worker {job['kind']} {job['model']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def load_check_outputs(path):
+    """The arrays a check worker saved: {impl: {key: array}}."""
+    outputs = {impl: {} for impl in IMPLEMENTATIONS}
+    with np.load(path) as saved:
+        for name in saved.files:
+            impl, key = name.split("/", 1)
+            outputs[impl][key] = saved[name]
+    return outputs
+
+
+def compare_outputs(outputs):
+    """The worst relative difference of the accelerated arrays from torch's, and where."""
+    worst, where = 0.0, None
+    expected, actual = outputs["torch"], outputs["accelerated"]
+    if set(expected) != set(actual):
+        return float("inf"), f"different outputs: {sorted(set(expected) ^ set(actual))}"
+    for key, ref in expected.items():
+        a, e = np.asarray(actual[key], np.float64), np.asarray(ref, np.float64)
+        if a.shape != e.shape:
+            return float("inf"), f"{key}: shape {a.shape} != {e.shape}"
+        if not (np.isfinite(a).all() and np.isfinite(e).all()):
+            return float("inf"), f"{key}: non-finite values"
+        diff = np.abs(a - e).max(initial=0.0)
+        scale = np.abs(e).max(initial=0.0)
+        error = diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf"))
+        if where is None or error > worst:
+            worst, where = error, key
+    return worst, where
+
+
+def check_agreement(name, tiny, threads):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "outputs.npz")
+        info = run_worker({"kind": "check", "model": name, "tiny": tiny, "threads": threads, "path": path})
+        outputs = load_check_outputs(path)
+    error, where = compare_outputs(outputs)
+    return {"max_rel_diff": float(error), "where": where, "compared": info["arrays"] // 2,
+            "agree": bool(error <= AGREEMENT_RTOL)}
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def measure(name, mode, threads, tiny, repeats):
+    """Four processes: the model and its RNN modules alone, for each implementation."""
+    base = {"model": name, "mode": mode, "threads": threads, "tiny": tiny, "repeats": repeats.__dict__}
+    model, alone = {}, {}
+    for kind, into in (("model", model), ("alone", alone)):
+        for impl in IMPLEMENTATIONS:
+            print(f"      {name} {mode} t={threads}: {kind} {impl} ...", file=sys.stderr, flush=True)
+            into[impl] = run_worker({**base, "kind": kind, "impl": impl})
+    row = {
+        "model": name, "mode": mode, "threads": threads, "dtype": "float32",
+        "seconds": {impl: model[impl]["seconds"] for impl in IMPLEMENTATIONS},
+        "repeats": {impl: model[impl]["repeats"] for impl in IMPLEMENTATIONS},
+        "rnn_share": {impl: model[impl]["rnn_share"] for impl in IMPLEMENTATIONS},
+        # Hooks see module calls; backward runs in autograd's engine, outside them.
+        "rnn_share_of": "call" if mode == "inference" else "forward",
+        "rnn_seconds_in_model": {impl: model[impl]["rnn_seconds"] for impl in IMPLEMENTATIONS},
+        "rnn_alone_seconds": {impl: alone[impl]["seconds"] for impl in IMPLEMENTATIONS},
+        "rnn_modules": model["torch"]["rnn_modules"],
+        "accelerated_modules": model["accelerated"]["accelerated_modules"],
+        "rnn_calls_per_step": alone["torch"]["calls"],
+    }
+    row["ratio"] = _ratio(row["seconds"]["torch"], row["seconds"]["accelerated"])
+    row["rnn_ratio_in_model"] = _ratio(*(row["rnn_seconds_in_model"][i] for i in IMPLEMENTATIONS))
+    row["rnn_ratio_alone"] = _ratio(*(row["rnn_alone_seconds"][i] for i in IMPLEMENTATIONS))
+    if mode == "training":
+        row["rnn_alone_step_seconds"] = {impl: alone[impl]["step_seconds"] for impl in IMPLEMENTATIONS}
+        row["rnn_ratio_alone_step"] = _ratio(*(row["rnn_alone_step_seconds"][i] for i in IMPLEMENTATIONS))
+    return row
+
+
+def configuration(threads):
+    config = bench.configuration(torch, None)
+    del config["reference_blas_threads_limited"]  # no NumPy reference runs here
+    config["torch threads (intra-op)"] = config["lstmfast threads"] = ", ".join(map(str, threads))
+    config["dtype"] = "float32"
+    return config
+
+
+def _fmt(value, spec, none="-"):
+    return none if value is None else format(value, spec)
+
+
+def print_table(rows, file=None):
+    header = (f"{'model':14s} {'mode':10s} {'thr':>3s} {'torch':>9s} {'accel':>9s} {'speed-up':>8s} "
+              f"{'RNN share':>9s} {'(accel)':>7s} {'RNN in model':>12s} {'RNN alone':>9s} {'alone f+b':>9s} "
+              f"{'swapped':>7s}")
+    print(header, file=file)
+    print("-" * len(header), file=file)
+    for r in rows:
+        star = "*" if r["rnn_share_of"] == "forward" else ""
+        print(f"{r['model']:14s} {r['mode'] + star:10s} {r['threads']:3d} "
+              f"{bench._fmt_time(r['seconds']['torch']):>9s} {bench._fmt_time(r['seconds']['accelerated']):>9s} "
+              f"{_fmt(r['ratio'], '.2f') + 'x':>8s} "
+              f"{100 * r['rnn_share']['torch']:8.0f}% {100 * r['rnn_share']['accelerated']:6.0f}% "
+              f"{_fmt(r['rnn_ratio_in_model'], '.2f') + 'x':>12s} {_fmt(r['rnn_ratio_alone'], '.2f') + 'x':>9s} "
+              f"{_fmt(r.get('rnn_ratio_alone_step'), '.2f') + ('x' if 'rnn_ratio_alone_step' in r else ''):>9s} "
+              f"{str(r['accelerated_modules']) + '/' + str(r['rnn_modules']):>7s}", file=file)
+
+
+LEGEND = """\
+torch, accel: median seconds per model call (inference) or training step (forward, loss,
+  backward, Adam step), each implementation in its own fresh process; speed-up = torch / accel
+  (above 1x: accelerated faster).
+RNN share: time inside the RNN modules (forward hooks, in a separate repeat) over the time of the
+  call, for torch and for the accelerated model. RNN in model: torch's RNN time / accelerated's,
+  inside the model. RNN alone: the same for the RNN modules called alone with the inputs they had
+  in the model, in their own processes. alone f+b: the same with forward and backward.
+* training: hooks cannot attribute backward to modules (it runs in autograd's engine), so RNN
+  share and RNN in model cover the forward pass and loss only, compared with RNN alone (forward).
+swapped: RNN modules that accelerate() replaced, of all the model's RNN modules."""
+
+
+def run(names, threads, quick=False, tiny=False, json_path=None):
+    """The whole ``--models`` benchmark; returns the exit code (1 if any model was refused)."""
+    repeats = Repeats.for_run(quick, tiny)
+    config = configuration(threads)
+    print("lstmfast whole-model benchmark: torch against lstmfast.torch.accelerate(model)")
+    for key, value in config.items():
+        print(f"  {key:31s} {value}")
+    print(f"  {'sizes':31s} {'tiny (a test of the command, not a benchmark)' if tiny else 'full'}")
+    print(f"  {'agreement tolerance':31s} max|accelerated - torch| <= {AGREEMENT_RTOL:g} * max|torch|, "
+          "per output, loss and gradient")
+    print()
+    sys.stdout.flush()
+    size_key = "tiny" if tiny else "full"
+    rows, refused, checks = [], [], {}
+    for name in names:
+        spec = MODELS[name]
+        print(f"[{name}] agreement check ...", file=sys.stderr, flush=True)
+        check = checks[name] = check_agreement(name, tiny, threads[0])
+        line = (f"{name:14s} {', '.join(spec.modes)}: {spec.describe(spec.sizes[size_key])}\n"
+                f"{'':14s} accelerated vs torch over {check['compared']} arrays: max relative difference "
+                f"{check['max_rel_diff']:.2g} ({check['where']})")
+        if not check["agree"]:
+            line += f"  REFUSED: above {AGREEMENT_RTOL:g}, not timed"
+            refused.append({"model": name, **check})
+        print(line, flush=True)
+        if not check["agree"]:
+            continue
+        for mode in spec.modes:
+            for t in threads:
+                print(f"[{name}] {mode}, {t} threads ...", file=sys.stderr, flush=True)
+                row = measure(name, mode, t, tiny, repeats)
+                row["shapes"] = spec.describe(spec.sizes[size_key])
+                row["max_rel_diff"] = check["max_rel_diff"]
+                rows.append(row)
+                print(f"      torch {bench._fmt_time(row['seconds']['torch'])}, accelerated "
+                      f"{bench._fmt_time(row['seconds']['accelerated'])}: {row['ratio']:.2f}x", file=sys.stderr,
+                      flush=True)
+    print()
+    print_table(rows)
+    print()
+    print(LEGEND)
+    if refused:
+        print(f"refused (accelerated outputs differ from torch's): {', '.join(r['model'] for r in refused)}")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"config": config, "sizes": size_key, "agreement_rtol": AGREEMENT_RTOL,
+                       "results": rows, "refused": refused}, f, indent=2)
+        print(f"wrote {json_path}")
+    return 1 if refused else 0
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv))

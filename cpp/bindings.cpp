@@ -442,6 +442,8 @@ void register_rnn(py::module_& m) {
 void register_pool(py::module_& m) {
   m.def("_pool_set_never_spin", &lstmfast::pool_set_never_spin, py::arg("never"),
         "Tests: every wait of the pool sleeps at once instead of spinning first.");
+  m.def("_pool_set_fit_to_cores", &lstmfast::pool_set_fit_to_cores, py::arg("fit"),
+        "Tests: False runs every job on all its threads, however busy the machine.");
   m.def("_pool_sleeps", &lstmfast::pool_sleeps, "Tests: the pool's waits that went to sleep so far.");
   m.def(
       "_pool_check_barriers",

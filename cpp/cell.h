@@ -339,23 +339,25 @@ inline void row_gemm(Real* C, int64_t ldc, const Real* A, const Real* Wm, int64_
 }
 
 // Row-steps (steps x rows) up to which a forward of few rows uses the weights in
-// place (row_gemm) on the calling thread: no packing, no transposing, no pool.
-// Measured with AVX2, float32, LSTM H = I = 128: in place about 7 us per step and
-// row, packed 5 us per step plus 55 us per call at N = 1, one thread (even near
-// T = 30); at N = 4 even near T = 5 with one thread or two.
+// place (row_gemm): no packing, no transposing. Measured with AVX2, float32, LSTM
+// H = I = 128: in place about 7 us per step and row, packed 5 us per step plus
+// 55 us per call at N = 1, one thread (even near T = 30); at N = 4 even near T = 5
+// with one thread or two. Packing reads and writes all of W_hh, which a call of a
+// few steps cannot repay at any size.
 constexpr int64_t kDirectRowSteps = 20;
 constexpr int64_t kDirectRowStepsThreaded = 16;
-// Weight elements (G*H*(I + H_out)) up to which the direct path stays on the calling
-// thread when more threads are allowed (beyond, the pool's share of the product pays).
-constexpr int64_t kDirectSerialWeights = int64_t(1) << 20;
+// Weights (elements of one product's W) from which the direct path cuts each
+// product over the pool's threads (direct_gemm); below, the calling thread does it
+// alone. 1 MB of float32: W_hh of an LSTM of H = 256, whose T = 1, N = 1 inference
+// went from about 0.2 ms on one thread to 0.11-0.17 ms on two (AVX2, 2 cores); for
+// smaller weights, waking a worker (some us) is a larger share of what it saves.
+constexpr int64_t kDirectSerialWeights = int64_t(1) << 18;
 
 // Whether a forward multiplies by its weights in place (see row_gemm).
-inline bool direct_weights(const LayerShape& s, int64_t G) {
+inline bool direct_weights(const LayerShape& s) {
   if (s.N > kSmallGemmRows) return false;
   const int64_t row_steps = steps_of(s) * s.N;
-  if (s.threads <= 1) return row_steps <= kDirectRowSteps;
-  const int64_t elements = G * s.H * (s.I + h_out(s)) + s.P * s.H;
-  return row_steps <= kDirectRowStepsThreaded && elements <= kDirectSerialWeights;
+  return row_steps <= (s.threads <= 1 ? kDirectRowSteps : kDirectRowStepsThreaded);
 }
 
 // dst[cols, rows] = src[rows, cols]^T (weights laid out once per call), in

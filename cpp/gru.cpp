@@ -44,21 +44,21 @@ inline int64_t x_projection_stride(const LayerBuffers<Real>& buf, int64_t H) {
   return buf.xproj == buf.gates ? 4 * H : 3 * H;
 }
 
-// The forward of a short call of few rows (direct_weights), on the calling
-// thread with the weights used in place.
+// The forward of a short call of few rows (direct_weights), with the weights
+// used in place.
 template <typename Real, bool kTraining>
 void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
                     const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
   const int64_t ldx = x_projection_stride(buf, H);
-  row_gemm(buf.xproj, ldx, x, w.W_ih, x_rows(s), s.I, GH);
+  direct_gemm(buf.xproj, ldx, x, w.W_ih, x_rows(s), s.I, GH, s.threads);
   gather_state(buf.h, h0, H, walk);
   for (int64_t k = 0; k < S; ++k) {
     const int64_t n = walk.active(k);
     const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
     Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
-    row_gemm(buf.rec, GH, h_prev, w.W_hh, n, H, GH);
+    direct_gemm(buf.rec, GH, h_prev, w.W_hh, n, H, GH, s.threads);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
       gru_forward_row<Real, kTraining>(h_next + b * H, y + at * ldy,
@@ -178,7 +178,7 @@ template <typename Real>
 void gru_forward(Real* y, int64_t ldy, Real* h_n, Real* /*c_n*/, const LayerBuffers<Real>& buf,
                  const Real* x, const Real* h0, const Real* /*c0*/, const LayerWeights<Real>& w,
                  const LayerShape& s) {
-  const bool direct = direct_weights(s, 3);
+  const bool direct = direct_weights(s);
   if (direct && s.training)
     forward_direct<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
   else if (direct)

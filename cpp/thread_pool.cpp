@@ -37,6 +37,7 @@ using Clock = std::chrono::steady_clock;
 
 std::atomic<long> g_sleeps{0};            // waits that went to sleep (for tests)
 std::atomic<bool> g_never_spin{false};    // tests: every wait sleeps at once
+std::atomic<bool> g_fit_to_cores{true};   // tests: false runs every job on all its threads
 
 // ---------------------------------------------------------------------------
 // Waiting: a short spin, then sleep until the word changes.
@@ -292,7 +293,7 @@ class Pool {
   bool run(Job& job) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
-    if (job.fit_to_cores) job.threads = usable_threads(job.threads, 1 + awake_workers());
+    if (job.fit_to_cores && g_fit_to_cores.load(std::memory_order_relaxed)) job.threads = usable_threads(job.threads, 1 + awake_workers());
     if (job.threads <= 1) return false;
     if (!grow(job.threads - 1)) return false;
     finished_.store(0);  // the workers of the last job have all counted themselves
@@ -408,6 +409,8 @@ int pool_usable_threads(int wanted) {
 }
 
 void pool_set_never_spin(bool never) { g_never_spin.store(never); }
+
+void pool_set_fit_to_cores(bool fit) { g_fit_to_cores.store(fit); }
 
 long pool_sleeps() { return g_sleeps.load(); }
 

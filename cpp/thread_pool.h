@@ -38,6 +38,10 @@ void pool_barrier();
 // For tests: when `never` is set, every wait sleeps at once instead of spinning.
 void pool_set_never_spin(bool never);
 
+// For tests: when `fit` is false, every job runs on all the threads it asks for
+// (unless the pool is busy), however few cores the machine has free.
+void pool_set_fit_to_cores(bool fit);
+
 // For tests: the waits that have gone to sleep so far, in the whole process.
 long pool_sleeps();
 

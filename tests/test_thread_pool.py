@@ -18,7 +18,7 @@ import pytest
 
 import lstmfast
 from lstmfast import _core, reference
-from test_fused import Case, _fused
+from test_fused import Case, _fused, assert_close
 
 pytestmark = pytest.mark.skipif(not _fused.available, reason="fused kernels not built")
 
@@ -62,6 +62,51 @@ def test_same_threads_same_bits_and_counts_may_change(threads_restored, mode):
 def test_many_rows_on_one_thread(simd_target, threads_restored, mode):
     lstmfast.set_num_threads(1)  # whole register tiles of rows and remainders, finishing rows
     Case(mode, np.float32, T=4, N=21, I=5, H=19, lengths=[4] * 11 + [3, 1] * 5).check()
+
+
+# ------------------------------------------------------------------------------------------
+# Short calls (a cell step, a few frames) use the weights in place, and cut each product
+# whose weight matrix has 2**18 elements or more over the pool by rows of W; these hidden
+# sizes reach that for W_ih, W_hh (and W_hr) of each cell, with a partial tile of rows.
+
+BIG_HIDDEN = {"LSTM": 260, "GRU": 300, "RNN_TANH": 515, "RNN_RELU": 515}
+
+
+@pytest.fixture
+def every_thread():
+    """Jobs run on all their threads even when the machine has no core free for them."""
+    _core._pool_set_fit_to_cores(False)
+    yield
+    _core._pool_set_fit_to_cores(True)
+
+
+def _check_inference(case):
+    got = case.forward(_fused, training=False)
+    want = case.forward(reference, training=False)
+    for name, a, b in zip(("output", "h_n", "c_n"), got[:3], want[:3]):
+        if b is not None:
+            assert_close(a, b, name)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("mode", MODES)
+def test_short_calls_with_big_weights_on_the_pool(simd_target, threads_restored, every_thread,
+                                                  mode, threads):
+    lstmfast.set_num_threads(threads)
+    for T, N, lengths in ((1, 4, None), (3, 2, [3, 1])):
+        case = Case(mode, np.float32, T=T, N=N, I=600, H=BIG_HIDDEN[mode], lengths=lengths,
+                    scale=0.05)
+        case.check()
+        _check_inference(case)
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_short_projected_lstm_with_big_weights_on_the_pool(simd_target, threads_restored,
+                                                           every_thread, threads):
+    lstmfast.set_num_threads(threads)
+    case = Case("LSTM", np.float64, T=2, N=3, I=30, H=600, P=440, scale=0.05)
+    case.check()
+    _check_inference(case)
 
 
 # ------------------------------------------------------------------------------------------

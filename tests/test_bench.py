@@ -138,7 +138,8 @@ def _tiny_job(bench_models, name, mode, impl):
     return {"model": name, "mode": mode, "impl": impl, "threads": 1, "tiny": True, "repeats": repeats.__dict__}
 
 
-@pytest.mark.parametrize("name", ["crnn", "gru_forecaster", "bilstm3", "deepspeech", "wavernn_gen", "tacotron_dec"])
+@pytest.mark.parametrize("name", ["crnn", "gru_forecaster", "bilstm3", "deepspeech", "wavernn_gen", "tacotron_dec",
+                                  "cell_loop"])
 def test_every_model_agrees_and_measures_in_process(name, tmp_path, bench_models, torch_threads_restored):
     # The workers' own functions, in this process and at tiny sizes: every model builds,
     # its accelerated outputs (and gradients) agree with torch's, and each measure is sane.

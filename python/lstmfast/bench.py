@@ -363,7 +363,7 @@ def main(argv=None):
     parser.add_argument("--models", nargs="?", const="all", metavar="NAME,...",
                         help="instead of the grid, time whole torch models against accelerate(model), one fresh "
                              "process per measurement; all of them, or a comma-separated subset of: "
-                             "crnn, gru_forecaster, bilstm3, deepspeech, wavernn_gen, tacotron_dec")
+                             "crnn, gru_forecaster, bilstm3, deepspeech, wavernn_gen, tacotron_dec, cell_loop")
     parser.add_argument("--tiny", action="store_true",
                         help="with --models: tiny sizes, to test the command (the figures mean nothing)")
     args = parser.parse_args(argv)

@@ -2,7 +2,7 @@
 
 A layer benchmark says how fast the recurrent kernels are; a user wants to know
 what ``lstmfast.torch.accelerate`` does to a model, where convolutions, linear
-layers, attention, losses and optimizer steps take their own share. Six small
+layers, attention, losses and optimizer steps take their own share. Seven small
 models in the shape of common recurrent architectures are timed here as users run
 them: every measurement is a fresh Python process, so the thread pools, caches and
 allocator state one implementation leaves behind never touch the other.
@@ -189,6 +189,23 @@ class TacotronDecoder(nn.Module):
         return torch.stack(frames, 1)  # (N, steps, mels)
 
 
+class CellLoop(nn.Module):
+    """An LSTMCell stepped over a sequence in Python, one frame at a time, the state
+    carried by hand (as decoders and streaming models do), and a linear read-out."""
+
+    def __init__(self, features, hidden, outputs):
+        super().__init__()
+        self.cell = nn.LSTMCell(features, hidden)
+        self.readout = nn.Linear(hidden, outputs)
+
+    def forward(self, frames):  # (T, N, features)
+        state, hs = None, []
+        for frame in frames:
+            state = self.cell(frame, state)
+            hs.append(state[0])
+        return self.readout(torch.stack(hs))  # (T, N, outputs)
+
+
 def _ctc_loss(log_probs, target):
     labels, input_lengths, label_lengths = target
     return F.ctc_loss(log_probs, labels, input_lengths, label_lengths)
@@ -241,6 +258,11 @@ def _deepspeech_target(s, g):
 def _build_wavernn(s, g):
     model = WaveRNNGenerator(s["features"], s["hidden"], s["steps"])
     return model, (torch.randn(1, 1, s["features"], generator=g),)
+
+
+def _build_cell_loop(s, g):
+    model = CellLoop(s["features"], s["hidden"], s["outputs"])
+    return model, (torch.randn(s["T"], s["batch"], s["features"], generator=g),)
 
 
 def _build_tacotron(s, g):
@@ -300,6 +322,15 @@ MODELS = {spec.name: spec for spec in [
         lambda s: (f"{s['steps']} steps at N={s['batch']}: prenet, LSTMCell({s['prenet'] + s['memory_size']}, "
                    f"{s['hidden']}), additive attention over {s['memory_length']} encoder steps, "
                    f"LSTMCell({s['hidden'] + s['memory_size']}, {s['hidden']}), linear to {s['mels']} mels")),
+    ModelSpec(
+        "cell_loop", ("inference", "training"),
+        {"full": dict(T=100, batch=1, features=256, hidden=256, outputs=16),
+         "tiny": dict(T=5, batch=1, features=3, hidden=4, outputs=2)},
+        _build_cell_loop,
+        lambda s: (f"{s['T']} steps of LSTMCell({s['features']}, {s['hidden']}) at N={s['batch']} in a "
+                   f"Python loop, linear to {s['outputs']}; MSE, Adam"),
+        target=lambda s, g: torch.randn(s["T"], s["batch"], s["outputs"], generator=g),
+        loss=F.mse_loss),
 ]}
 
 

@@ -267,6 +267,59 @@ inline void small_gemm(Real* C, int64_t ldc, const Real* A, int64_t lda, const R
   if (j < cols) block(cols - W, 1, W - (cols - j));
 }
 
+// C[n, cols] = A[n, K] B[K, cols] (+ C when accumulate) for n <= 4 rows and a B
+// too big for cache, read once in its own order: blocks of 8 rows of B, each row
+// contiguous, are added into C (which stays in L1). small_gemm's column panels
+// instead walk down all K rows of B once per panel, 2 KB apart for B = W_hh at
+// H = 512: the backward of an LSTM step at H = 512, N = 1 spent 40% of its time
+// there. Each element is summed over k in order.
+template <typename Real, int R>
+inline void stream_rows_of_b(Real* C, int64_t ldc, const Real* A, int64_t lda, const Real* B,
+                             int64_t ldb, int64_t K, int64_t cols, bool accumulate) {
+  constexpr int64_t kRowsOfB = 8;
+  if (!accumulate)
+    for (int r = 0; r < R; ++r)
+      for (int64_t j = 0; j < cols; ++j) C[r * ldc + j] = Real(0);
+  for (int64_t k0 = 0; k0 < K; k0 += kRowsOfB) {
+    const int64_t rows = K - k0 < kRowsOfB ? K - k0 : kRowsOfB;
+    V<Real> a[R][kRowsOfB];
+    for (int r = 0; r < R; ++r)
+      for (int64_t k = 0; k < rows; ++k) a[r][k] = splat<Real>(A[r * lda + k0 + k]);
+    const Real* b = B + k0 * ldb;
+    for_lanes<Real>(cols, [&](int64_t j, int64_t n) {
+      V<Real> acc[R];
+      for (int r = 0; r < R; ++r) acc[r] = ld(C + r * ldc + j, n);
+      for (int64_t k = 0; k < rows; ++k) {
+        const V<Real> w = ld(b + k * ldb + j, n);
+        for (int r = 0; r < R; ++r) acc[r] += a[r][k] * w;
+      }
+      for (int r = 0; r < R; ++r) st(C + r * ldc + j, acc[r], n);
+    });
+  }
+}
+
+template <typename Real>
+inline void small_gemm_streaming(Real* C, int64_t ldc, const Real* A, int64_t lda, const Real* B,
+                                 int64_t ldb, int64_t n, int64_t K, int64_t cols, bool accumulate) {
+  for (int64_t r = 0; r < n; r += 4) {
+    Real* c = C + r * ldc;
+    const Real* a = A + r * lda;
+    switch (n - r < 4 ? n - r : 4) {
+      case 4:
+        stream_rows_of_b<Real, 4>(c, ldc, a, lda, B, ldb, K, cols, accumulate);
+        break;
+      case 3:
+        stream_rows_of_b<Real, 3>(c, ldc, a, lda, B, ldb, K, cols, accumulate);
+        break;
+      case 2:
+        stream_rows_of_b<Real, 2>(c, ldc, a, lda, B, ldb, K, cols, accumulate);
+        break;
+      default:
+        stream_rows_of_b<Real, 1>(c, ldc, a, lda, B, ldb, K, cols, accumulate);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------
 // The product with a weight as it lies, for calls too short to lay it out.
 //
@@ -335,6 +388,42 @@ inline void row_gemm(Real* C, int64_t ldc, const Real* A, const Real* Wm, int64_
       default:
         row_dot_rows<Real, 1>(c, ldc, a, K, Wm, M, K);
     }
+  }
+}
+
+// A weight gradient dW[M, cols] = A^T B (+ dW when accumulate), A = dG [K, M] and
+// B = h or x [K, cols] (rows lda and ldb apart), summed over its K row-steps.
+// For K up to kSmallGemmRows (a cell step's backward), one pass over dW: OpenBLAS
+// first scales all of dW by beta in a pass of its own and packs A and B, which at
+// K = 1 is most of the work (LSTM H = 512, N = 1: a memset of dW and the packing
+// were a third of the step's backward). Each element is summed over k in order,
+// so the result does not depend on how the rows of dW are shared out.
+template <typename Real>
+inline void weight_gradient_product(Real* C, int64_t ldc, const Real* A, int64_t lda, const Real* B,
+                                    int64_t ldb, int64_t M, int64_t K, int64_t cols, Real beta) {
+  if (K > kSmallGemmRows) {
+    gemm<Real>(true, false, M, cols, K, Real(1), A, lda, B, ldb, beta, C, ldc);
+    return;
+  }
+  constexpr int64_t W = kWidth<Real>;
+  const bool accumulate = beta != Real(0);
+  for (int64_t m = 0; m < M; ++m) {
+    V<Real> a[kSmallGemmRows];
+    for (int64_t k = 0; k < K; ++k) a[k] = splat<Real>(A[k * lda + m]);
+    Real* c = C + m * ldc;
+    int64_t j = 0;
+    for (; j + 4 * W <= cols; j += 4 * W) {  // four independent sums in flight
+      V<Real> acc[4];
+      for (int v = 0; v < 4; ++v) acc[v] = accumulate ? ld(c + j + v * W, W) : V<Real>{};
+      for (int64_t k = 0; k < K; ++k)
+        for (int v = 0; v < 4; ++v) acc[v] += a[k] * ld(B + k * ldb + j + v * W, W);
+      for (int v = 0; v < 4; ++v) st(c + j + v * W, acc[v], W);
+    }
+    for_lanes<Real>(cols - j, [&](int64_t jj, int64_t n) {
+      V<Real> acc = accumulate ? ld(c + j + jj, n) : V<Real>{};
+      for (int64_t k = 0; k < K; ++k) acc += a[k] * ld(B + k * ldb + j + jj, n);
+      st(c + j + jj, acc, n);
+    });
   }
 }
 
@@ -469,8 +558,7 @@ inline void weight_gradients(Real* dG_x, const LayerGrads<Real>& dw, Real* dsum,
                              const LayerShape& s) {
   const Walk walk(s);
   const int64_t S = steps_of(s), N = s.N, H_out = h_out(s);
-  gemm<Real>(true, false, GH, H_out, S * N, Real(1), dG, GH, h_prev, H_out, dw.beta, dw.dW_hh,
-             H_out);
+  weight_gradient_product(dw.dW_hh, H_out, dG, GH, h_prev, H_out, GH, S * N, H_out, dw.beta);
   if (dw.db_hh) {
     column_sums(dsum, dG, S * N, GH);
     add_or_assign(dw.db_hh, dsum, GH, dw.beta);
@@ -482,7 +570,7 @@ inline void weight_gradients(Real* dG_x, const LayerGrads<Real>& dw, Real* dsum,
   if (dG_in != dG_x) {
     gate_gradients_to_time_order(dG_x, dG_in, walk, GH, s, 0, s.T);
   }
-  gemm<Real>(true, false, GH, s.I, x_rows(s), Real(1), dG_x, GH, x, s.I, dw.beta, dw.dW_ih, s.I);
+  weight_gradient_product(dw.dW_ih, s.I, dG_x, GH, x, s.I, GH, x_rows(s), s.I, dw.beta);
 }
 
 }  // namespace LSTMFAST_ISA

@@ -22,10 +22,18 @@ struct CellKernels {
 template <typename Real>
 using ActivationFn = void (*)(int which, const Real* x, Real* y, int64_t n);
 
+// C[n, cols] = A[n, K] B[K, cols] (+ C when accumulate), all row-major with rows
+// ldc, lda, ldb apart: the input gradient dx = dG W_ih. Few rows (a cell step's
+// backward) use B as it lies, as OpenBLAS would pack all of W_ih for them.
+template <typename Real>
+using ProductFn = void (*)(Real* C, int64_t ldc, const Real* A, int64_t lda, const Real* B,
+                           int64_t ldb, int64_t n, int64_t K, int64_t cols, bool accumulate);
+
 template <typename Real>
 struct TypedKernels {
   CellKernels<Real> lstm, gru, rnn;
   ActivationFn<Real> activation;
+  ProductFn<Real> product;
 
   const CellKernels<Real>& cell(Mode mode) const {
     return mode == Mode::LSTM ? lstm : mode == Mode::GRU ? gru : rnn;

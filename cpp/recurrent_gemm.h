@@ -266,7 +266,7 @@ inline void dh_product_blas(Real* dh, const Real* dG, int64_t ldg, const Real* W
                             int64_t GK, int64_t H, int64_t j0, int64_t j1, bool accumulate) {
   if (n <= 0 || j1 <= j0) return;
   if (n <= kSmallGemmRows)
-    small_gemm(dh + j0, H, dG, ldg, W_hh + j0, H, n, GK, j1 - j0, accumulate);
+    small_gemm_streaming(dh + j0, H, dG, ldg, W_hh + j0, H, n, GK, j1 - j0, accumulate);
   else
     gemm<Real>(false, false, n, j1 - j0, GK, Real(1), dG, ldg, W_hh + j0, H,
                accumulate ? Real(1) : Real(0), dh + j0, H);
@@ -293,8 +293,8 @@ inline void weight_gradients_share(int tid, int nt, Real* dG_x, const LayerGrads
   share(GH, tid, nt, first, last);
   const int64_t rows = last - first;
   if (rows <= 0) return;
-  gemm<Real>(true, false, rows, H_out, S * N, Real(1), dG + first, ldg, h_prev, H_out, dw.beta,
-             dw.dW_hh + first * H_out, H_out);
+  weight_gradient_product(dw.dW_hh + first * H_out, H_out, dG + first, ldg, h_prev, H_out, rows,
+                          S * N, H_out, dw.beta);
   auto bias_sums = [&](Real* db, const Real* a, int64_t lda) {  // db[first:last] += column sums
     Real* sum = dsum + first;
     for (int64_t j = 0; j < rows; ++j) sum[j] = Real(0);
@@ -303,8 +303,8 @@ inline void weight_gradients_share(int tid, int nt, Real* dG_x, const LayerGrads
   };
   if (dw.db_hh) bias_sums(dw.db_hh, dG, ldg);
   if (dw.db_ih) bias_sums(dw.db_ih, dG_in, GH);
-  gemm<Real>(true, false, rows, s.I, x_rows(s), Real(1), dG_x + first, GH, x, s.I, dw.beta,
-             dw.dW_ih + first * s.I, s.I);
+  weight_gradient_product(dw.dW_ih + first * s.I, s.I, dG_x + first, GH, x, s.I, rows, x_rows(s),
+                          s.I, dw.beta);
 }
 
 // Runs body(tid, nt) on s.threads pool threads (fewer when the pool is busy),

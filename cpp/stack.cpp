@@ -467,8 +467,8 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
     const int64_t rows = packed_in ? c.offsets[T] : T * N;
     Real* dx_rows = packed_in ? packed_dx : dx_k;
     for (int64_t d = 0; d < D; ++d)
-      gemm<Real>(false, false, rows, I, GH, Real(1), dG_x_layer[d], GH, c.weights[k * D + d].W_ih,
-                 I, d == 0 ? Real(0) : Real(1), dx_rows, I);
+      kernels().get<Real>().product(dx_rows, I, dG_x_layer[d], GH, c.weights[k * D + d].W_ih, I,
+                                    rows, GH, I, d > 0);
     if (packed_in) unpack_rows(dx_k, packed_dx, I, c);
     if (k > 0 && !c.masks.empty()) multiply(dx_k, c.masks[k - 1], Y);
   }

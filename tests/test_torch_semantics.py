@@ -507,6 +507,34 @@ def test_cell_loop_outputs_and_gradients_match_torch(kind, dtype, batched, backe
 
 
 @pytest.mark.parametrize("kind", list(CELLS))
+def test_gradients_held_by_the_caller_are_never_written_again(kind):
+    # The adapter makes each gradient array again once autograd has let go of it.
+    # Gradients still held (returned by autograd.grad, taken over as .grad) must keep
+    # their values while later backward calls run: each one is checked against torch
+    # only after all the calls.
+    cls, kwargs = CELLS[kind]
+    theirs, ours = twins(cls, kwargs)
+    xs = torch.randn(6, 3, I, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    kept = []
+    for module in (theirs, ours):
+        params = list(module.parameters())
+        for p in params:
+            p.grad = None
+        state, per_step = None, []
+        for t in range(xs.shape[0]):
+            state = module(xs[t], state)
+            if t == 1:  # .grad taken over from this backward's own arrays
+                first_output(state).sum().backward(retain_graph=True)
+            per_step.append(torch.autograd.grad(first_output(state).sum(), params, retain_graph=True))
+        kept.append((per_step, [p.grad for p in params]))
+    for step, (a, b) in enumerate(zip(kept[1][0], kept[0][0])):
+        for i, (ga, gb) in enumerate(zip(a, b)):
+            assert_close(ga, gb, 1e-10, f"{kind} step {step} parameter {i}")
+    for i, (a, b) in enumerate(zip(kept[1][1], kept[0][1])):
+        assert_close(a, b, 1e-10, f"{kind} .grad {i}")
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
 def test_cell_keeps_nothing_without_grad(kind):
     cls, kwargs = CELLS[kind]
     theirs, ours = twins(cls, kwargs)

@@ -437,10 +437,14 @@ constexpr int64_t kDirectRowSteps = 20;
 constexpr int64_t kDirectRowStepsThreaded = 16;
 // Weights (elements of one product's W) from which the direct path cuts each
 // product over the pool's threads (direct_gemm); below, the calling thread does it
-// alone. 1 MB of float32: W_hh of an LSTM of H = 256, whose T = 1, N = 1 inference
-// went from about 0.2 ms on one thread to 0.11-0.17 ms on two (AVX2, 2 cores); for
-// smaller weights, waking a worker (some us) is a larger share of what it saves.
-constexpr int64_t kDirectSerialWeights = int64_t(1) << 18;
+// alone. Alone, a pool of 2 threads already gains from 2^18 (LSTM H = 256, T = 1,
+// N = 1 inference: about 0.2 ms on one thread, 0.11-0.17 ms on two, AVX2), but in
+// a torch model the step is called between torch's own parallel ops, whose OpenMP
+// workers hold the other core for a while, and there one thread did as well or
+// better: a 100-step LSTMCell(256) loop, 2 threads, 14-16 ms at 2^18 and 12-15 ms
+// at 2^20 (torch 16-19 ms). From 2^20 (4 MB of float32: LSTMCell(1024)) streaming
+// the weights is long enough that two cores win everywhere.
+constexpr int64_t kDirectSerialWeights = int64_t(1) << 20;
 
 // Whether a forward multiplies by its weights in place (see row_gemm).
 inline bool direct_weights(const LayerShape& s) {

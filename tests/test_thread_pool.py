@@ -66,10 +66,10 @@ def test_many_rows_on_one_thread(simd_target, threads_restored, mode):
 
 # ------------------------------------------------------------------------------------------
 # Short calls (a cell step, a few frames) use the weights in place, and cut each product
-# whose weight matrix has 2**18 elements or more over the pool by rows of W; these hidden
-# sizes reach that for W_ih, W_hh (and W_hr) of each cell, with a partial tile of rows.
+# whose weight matrix has 2**20 elements or more over the pool by rows of W; these hidden
+# sizes (input size the same) reach that for W_ih and W_hh of each cell.
 
-BIG_HIDDEN = {"LSTM": 260, "GRU": 300, "RNN_TANH": 515, "RNN_RELU": 515}
+BIG_HIDDEN = {"LSTM": 520, "GRU": 600, "RNN_TANH": 1030, "RNN_RELU": 1030}
 
 
 @pytest.fixture
@@ -94,8 +94,8 @@ def test_short_calls_with_big_weights_on_the_pool(simd_target, threads_restored,
                                                   mode, threads):
     lstmfast.set_num_threads(threads)
     for T, N, lengths in ((1, 4, None), (3, 2, [3, 1])):
-        case = Case(mode, np.float32, T=T, N=N, I=600, H=BIG_HIDDEN[mode], lengths=lengths,
-                    scale=0.05)
+        case = Case(mode, np.float32, T=T, N=N, I=BIG_HIDDEN[mode], H=BIG_HIDDEN[mode],
+                    lengths=lengths, scale=0.05)
         case.check()
         _check_inference(case)
 
@@ -104,7 +104,7 @@ def test_short_calls_with_big_weights_on_the_pool(simd_target, threads_restored,
 def test_short_projected_lstm_with_big_weights_on_the_pool(simd_target, threads_restored,
                                                            every_thread, threads):
     lstmfast.set_num_threads(threads)
-    case = Case("LSTM", np.float64, T=2, N=3, I=30, H=600, P=440, scale=0.05)
+    case = Case("LSTM", np.float64, T=2, N=3, I=30, H=1200, P=900, scale=0.05)  # W_hr: 2**20 +
     case.check()
     _check_inference(case)
 

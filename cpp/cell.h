@@ -320,6 +320,19 @@ inline void small_gemm_streaming(Real* C, int64_t ldc, const Real* A, int64_t ld
   }
 }
 
+// C[n, cols] = A[n, K] B[K, cols] (+ C when accumulate) with B as it lies: read
+// row by row for few rows of A, through OpenBLAS (which packs B) for more. The
+// products of dG with a weight in the backward (dh = dG W_hh, dx = dG W_ih).
+template <typename Real>
+inline void times_stored_matrix(Real* C, int64_t ldc, const Real* A, int64_t lda, const Real* B,
+                                int64_t ldb, int64_t n, int64_t K, int64_t cols, bool accumulate) {
+  if (n <= kSmallGemmRows)
+    small_gemm_streaming(C, ldc, A, lda, B, ldb, n, K, cols, accumulate);
+  else
+    gemm<Real>(false, false, n, cols, K, Real(1), A, lda, B, ldb, accumulate ? Real(1) : Real(0),
+               C, ldc);
+}
+
 // ---------------------------------------------------------------------------
 // The product with a weight as it lies, for calls too short to lay it out.
 //

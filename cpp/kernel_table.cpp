@@ -23,22 +23,12 @@ void activation(int which, const Real* x, Real* y, int64_t count) {
 }
 
 template <typename Real>
-void product(Real* C, int64_t ldc, const Real* A, int64_t lda, const Real* B, int64_t ldb,
-             int64_t n, int64_t K, int64_t cols, bool accumulate) {
-  if (n <= kSmallGemmRows)
-    small_gemm_streaming(C, ldc, A, lda, B, ldb, n, K, cols, accumulate);
-  else
-    gemm<Real>(false, false, n, cols, K, Real(1), A, lda, B, ldb, accumulate ? Real(1) : Real(0),
-               C, ldc);
-}
-
-template <typename Real>
 constexpr TypedKernels<Real> typed() {
   return {{&lstm_forward<Real>, &lstm_backward<Real>},
           {&gru_forward<Real>, &gru_backward<Real>},
           {&rnn_forward<Real>, &rnn_backward<Real>},
           &activation<Real>,
-          &product<Real>};
+          &times_stored_matrix<Real>};
 }
 
 }  // namespace

@@ -255,21 +255,17 @@ inline void dh_product(Real* dh, const Real* dG, int64_t ldg, const Real* panels
   }
 }
 
-// dh[:, j0:j1] = dG[n, GK] W_hh[:, j0:j1] (+ dh[:, j0:j1] when accumulate) with
-// OpenBLAS (small_gemm for few rows) on W_hh as stored, when there is no packed
-// copy (LayerBuffers::W_hh_c is null): the GRU's. With the packed
+// dh[:, j0:j1] = dG[n, GK] W_hh[:, j0:j1] (+ dh[:, j0:j1] when accumulate) on W_hh
+// as stored (times_stored_matrix), when there is no packed copy
+// (LayerBuffers::W_hh_c is null): the GRU's, and any short backward's. With the packed
 // copy of W_hh a GRU training step needed more memory than torch's (measured, 2
 // threads: N=8 H=256 10.6 against 9.9 MB; T=50 N=16 H=1024, one thread, 37.6
 // against 36.2 MB); without it, about 7% slower at N=8.
 template <typename Real>
-inline void dh_product_blas(Real* dh, const Real* dG, int64_t ldg, const Real* W_hh, int64_t n,
-                            int64_t GK, int64_t H, int64_t j0, int64_t j1, bool accumulate) {
+inline void dh_product_stored(Real* dh, const Real* dG, int64_t ldg, const Real* W_hh, int64_t n,
+                              int64_t GK, int64_t H, int64_t j0, int64_t j1, bool accumulate) {
   if (n <= 0 || j1 <= j0) return;
-  if (n <= kSmallGemmRows)
-    small_gemm_streaming(dh + j0, H, dG, ldg, W_hh + j0, H, n, GK, j1 - j0, accumulate);
-  else
-    gemm<Real>(false, false, n, j1 - j0, GK, Real(1), dG, ldg, W_hh + j0, H,
-               accumulate ? Real(1) : Real(0), dh + j0, H);
+  times_stored_matrix(dh + j0, H, dG, ldg, W_hh + j0, H, n, GK, j1 - j0, accumulate);
 }
 
 // weight_gradients (cell.h) cut over the pool's threads: the reordering of dG_in
@@ -389,7 +385,7 @@ inline void backward_on_pool(Real* dG_x, const LayerGrads<Real>& dw, const Layer
       if (buf.W_hh_c)
         dh_product(buf.dh, dG_step, ldg, buf.W_hh_c, n, GK, H, mine.u0, mine.u1, accumulate_dh);
       else
-        dh_product_blas(buf.dh, dG_step, ldg, w.W_hh, n, GK, H, mine.j0, mine.j1, accumulate_dh);
+        dh_product_stored(buf.dh, dG_step, ldg, w.W_hh, n, GK, H, mine.j0, mine.j1, accumulate_dh);
     }
     pool_barrier();
     weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, ldg, dG_in, buf.h, x, GK, s);

@@ -230,7 +230,7 @@ void for_directions(int64_t D, F&& f) {
 
 // A backward of at most this many row-steps (steps x rows: a cell stepped in a
 // decoder loop, a few frames) runs on the calling thread and multiplies dG by W_hh
-// as it lies, through OpenBLAS. Packing W_hh for the fused dh product reads and
+// as it lies (dh_product_stored). Packing W_hh for the fused dh product reads and
 // writes all 4H x H of it (16 MB per call for an LSTMCell of 1024), which one step
 // cannot repay, and a barrier per step costs more than a step's work at one row.
 // The forward of such calls takes the in-place path for the same reasons
@@ -407,7 +407,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       if (!(in_place && lstm && in_order)) dG_x[d] = cv.take<Real>(T * N * GH);
       if ((gru || !in_order) && !in_place) scratch[d].dG = cv.take<Real>(S * N * GH);
       if (gru && !in_order) scratch[d].dG_in = cv.take<Real>(S * N * GH);
-      if (!P && !gru && !short_backward(c))  // see dh_product_blas
+      if (!P && !gru && !short_backward(c))  // see dh_product_stored
         scratch[d].W_hh_c = cv.take<Real>(packed_size(gates_of(s.mode), H, H));
       scratch[d].dh = cv.take<Real>(N * H_out);
       if (lstm) scratch[d].dc = cv.take<Real>(N * H);

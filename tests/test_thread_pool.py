@@ -104,7 +104,8 @@ def test_short_calls_with_big_weights_on_the_pool(simd_target, threads_restored,
 def test_short_projected_lstm_with_big_weights_on_the_pool(simd_target, threads_restored,
                                                            every_thread, threads):
     lstmfast.set_num_threads(threads)
-    case = Case("LSTM", np.float64, T=2, N=3, I=30, H=1200, P=900, scale=0.05)  # W_hr: 2**20 +
+    # W_hr is 900 x 1200: above 2**20 as W_hh (4800 x 900) is
+    case = Case("LSTM", np.float64, T=2, N=3, I=30, H=1200, P=900, scale=0.05)
     case.check()
     _check_inference(case)
 

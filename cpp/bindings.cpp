@@ -9,6 +9,7 @@
 #include <memory>
 #include <new>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -215,6 +216,30 @@ void check_sizes(const lstmfast::StackShape& s, int64_t real_size) {
                        " would exceed the 64-bit address space");
 }
 
+const char* precision_name(lstmfast::Precision p) {
+  return p == lstmfast::Precision::Int8 ? "int8" : "bfloat16";
+}
+
+// A reduced-precision weight standing for a float weight of the given shape:
+// float32 inference only (ValueError naming the parameter otherwise).
+template <typename Real>
+const lstmfast::ReducedMatrix* checked_reduced(py::handle obj, const std::string& name,
+                                               const std::vector<int64_t>& shape,
+                                               const lstmfast::StackShape& s) {
+  const auto& r = obj.cast<const lstmfast::ReducedMatrix&>();
+  if (!std::is_same<Real, float>::value)
+    throw py::type_error(name + ": " + precision_name(r.precision) +
+                         " weights need float32 inputs, got x of dtype float64");
+  if (s.training)
+    throw py::value_error(name + ": " + precision_name(r.precision) +
+                          " weights are for inference only; pass training=False");
+  if (std::vector<int64_t>{r.M, r.K} != shape)
+    throw py::value_error(name + ": expected shape " + shape_str(shape) + ", got " +
+                          precision_name(r.precision) + " weights of shape " +
+                          shape_str({r.M, r.K}));
+  return &r;
+}
+
 template <typename Real>
 py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle h0_obj,
                       py::handle c0_obj, py::handle weights_obj, py::handle lengths_obj,
@@ -232,10 +257,14 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
   // H from weight_hh_l0: (G*H, H_out).
   {
     py::list first = as_list(weights[0], "weights[0]", 5);
-    if (!py::isinstance<py::array>(first[1]) || py::array(first[1]).ndim() != 2 ||
-        py::array(first[1]).shape(0) % G != 0)
+    int64_t rows = -1;
+    if (py::isinstance<lstmfast::ReducedMatrix>(first[1]))
+      rows = first[1].cast<const lstmfast::ReducedMatrix&>().M;
+    else if (py::isinstance<py::array>(first[1]) && py::array(first[1]).ndim() == 2)
+      rows = py::array(first[1]).shape(0);
+    if (rows < 0 || rows % G != 0)
       throw py::value_error(param_name(0, 1, s.D) + ": expected a 2-D array of G*H rows");
-    s.H = py::array(first[1]).shape(0) / G;
+    s.H = rows / G;
   }
   if (s.P < 0 || (s.P > 0 && (!lstm || s.P >= s.H)))
     throw py::value_error("proj_size = " + std::to_string(s.P) +
@@ -250,6 +279,7 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
     py::list entry = as_list(weights[i], entry_name, 5);
     const auto shapes = param_shapes(s, i);
     const Real* ptr[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+    const lstmfast::ReducedMatrix* reduced[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
     for (int j = 0; j < 5; ++j) {
       const bool required = j < 2 || (j == 4 && s.P > 0);  // biases are optional
       if (entry[j].is_none()) {
@@ -258,11 +288,21 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
       }
       if (j == 4 && s.P == 0)
         throw py::value_error(param_name(i, j, s.D) + ": given but proj_size is 0");
+      if (j != 2 && j != 3 && py::isinstance<lstmfast::ReducedMatrix>(entry[j])) {
+        reduced[j] = checked_reduced<Real>(entry[j], param_name(i, j, s.D), shapes[j], s);
+        rc->keep_alive.push_back(py::reinterpret_borrow<py::object>(entry[j]));
+        continue;
+      }
       auto a = checked<Real>(entry[j], [&] { return param_name(i, j, s.D); }, shapes[j]);
       ptr[j] = a.data();
       rc->keep_alive.push_back(a);
     }
-    params[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4]};
+    const bool any = reduced[0] || reduced[1] || reduced[4];
+    if (any && (!reduced[0] || !reduced[1] || (s.P > 0 && !reduced[4])))
+      throw py::type_error(param_name(i, reduced[0] ? 1 : 0, s.D) +
+                           ": expected a reduced-precision weight like the others of the layer, "
+                           "got a numpy array");
+    params[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], reduced[0], reduced[1], reduced[4]};
   }
   auto h0 = checked<Real>(h0_obj, "h0", {LD, s.N, s.H_out()});
   py::array_t<Real, py::array::c_style> c0;
@@ -376,6 +416,83 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
     throw_memory_error("rnn_backward: cannot allocate the workspace for " + sizes_str(s));
   }
   return py::make_tuple(dx, dh0, lstm ? py::object(dc0) : py::none());
+}
+
+// Reduced-precision weights (lstmfast.quantize): packing and a product test hook.
+void register_reduced(py::module_& m) {
+  py::class_<lstmfast::ReducedMatrix>(
+      m, "ReducedWeight",
+      "A weight packed in int8 or bfloat16 for inference (made by pack_int8 or pack_bfloat16); "
+      "pass it to rnn_forward in place of the float32 weight it stands for.")
+      .def_property_readonly("precision",
+                             [](const lstmfast::ReducedMatrix& r) { return precision_name(r.precision); })
+      .def_property_readonly("shape", [](const lstmfast::ReducedMatrix& r) {
+        return py::make_tuple(r.M, r.K);
+      })
+      .def_property_readonly("nbytes", &lstmfast::ReducedMatrix::nbytes);
+
+  m.def(
+      "pack_int8",
+      [](const py::array& q_obj, const py::array& scale_obj) {
+        if (!q_obj.dtype().equal(py::dtype::of<int8_t>()) || q_obj.ndim() != 2)
+          throw py::type_error("q: expected a 2-D int8 array, got " + std::to_string(q_obj.ndim()) +
+                               "-D " + std::string(py::str(q_obj.dtype())));
+        const int64_t M = q_obj.shape(0), K = q_obj.shape(1);
+        if (M < 1 || K < 1)
+          throw py::value_error("q: expected a non-empty matrix, got shape " + shape_str({M, K}));
+        auto q = c_contiguous<int8_t>(q_obj);
+        auto scale = checked<float>(scale_obj, "scale", {M});
+        for (int64_t m = 0; m < M; ++m)
+          if (!(scale.data()[m] > 0.0f) || !(scale.data()[m] < 3.0e38f))
+            throw py::value_error("scale: expected positive finite values, got " +
+                                  std::to_string(scale.data()[m]) + " at row " + std::to_string(m));
+        py::gil_scoped_release release;
+        return lstmfast::pack_int8(q.data(), scale.data(), M, K);
+      },
+      py::arg("q"), py::arg("scale"),
+      "Packs W = scale[:, None] * q (q: (M, K) int8, scale: (M,) float32) for the int8 kernels.");
+  m.def(
+      "pack_bfloat16",
+      [](const py::array& bits_obj) {
+        if (!bits_obj.dtype().equal(py::dtype::of<uint16_t>()) || bits_obj.ndim() != 2)
+          throw py::type_error("bits: expected a 2-D uint16 array of bfloat16 bit patterns, got " +
+                               std::to_string(bits_obj.ndim()) + "-D " +
+                               std::string(py::str(bits_obj.dtype())));
+        const int64_t M = bits_obj.shape(0), K = bits_obj.shape(1);
+        if (M < 1 || K < 1)
+          throw py::value_error("bits: expected a non-empty matrix, got shape " + shape_str({M, K}));
+        auto bits = c_contiguous<uint16_t>(bits_obj);
+        py::gil_scoped_release release;
+        return lstmfast::pack_bf16(bits.data(), M, K);
+      },
+      py::arg("bits"),
+      "Packs W (M, K) given as bfloat16 bit patterns (the upper halves of float32) for the "
+      "bfloat16 kernels.");
+  m.def(
+      "_reduced_matmul",
+      [](const py::array& a_obj, const lstmfast::ReducedMatrix& w, int threads) {
+        if (a_obj.ndim() != 2)
+          throw py::value_error("a: expected a 2-D array, got " + std::to_string(a_obj.ndim()) + "-D");
+        const int64_t n = a_obj.shape(0);
+        auto a = checked<float>(a_obj, "a", {n, w.K});
+        py::array_t<float> c({n, w.M});
+        std::vector<uint8_t> act_q(static_cast<size_t>(n * w.K_padded));
+        std::vector<float> act_scale(static_cast<size_t>(n));
+        std::vector<int32_t> act_zero(static_cast<size_t>(n));
+        lstmfast::LayerBuffers<float> buf;
+        buf.act_q = act_q.data();
+        buf.act_scale = act_scale.data();
+        buf.act_zero = act_zero.data();
+        const float* pa = a.data();
+        float* pc = c.mutable_data();
+        if (n > 0) {
+          py::gil_scoped_release release;
+          lstmfast::kernels().reduced_product(pc, w.M, pa, w, n, buf, threads);
+        }
+        return c;
+      },
+      py::arg("a"), py::arg("w"), py::arg("threads") = 1,
+      "Test hook: a @ W.T with the reduced weight w, by the current instruction set's kernel.");
 }
 
 void register_rnn(py::module_& m) {
@@ -506,6 +623,7 @@ PYBIND11_MODULE(_core, m) {
   m.doc() = "lstmfast's compiled kernels (private; use the lstmfast package)";
   m.attr("__version__") = LSTMFAST_VERSION;
   register_blas(m);
+  register_reduced(m);
   register_rnn(m);
   register_simd(m);
   register_pool(m);

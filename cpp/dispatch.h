@@ -40,10 +40,16 @@ struct TypedKernels {
   }
 };
 
+// C[n, M] = A[n, K] W^T with reduced weights (recurrent_gemm.h: reduced_product);
+// buf.act_* give the int8 scratch for n rows.
+using ReducedProductFn = void (*)(float* C, int64_t ldc, const float* A, const ReducedMatrix& W,
+                                  int64_t n, const LayerBuffers<float>& buf, int threads);
+
 struct KernelTable {
   const char* name;
   TypedKernels<float> f32;
   TypedKernels<double> f64;
+  ReducedProductFn reduced_product;
 
   template <typename Real>
   const TypedKernels<Real>& get() const;

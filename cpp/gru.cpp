@@ -52,13 +52,13 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
   const int64_t ldx = x_projection_stride(buf, H);
-  direct_gemm(buf.xproj, ldx, x, w.W_ih, x_rows(s), s.I, GH, s.threads);
+  weight_product(buf.xproj, ldx, x, w.W_ih, w.W_ih_r, x_rows(s), s.I, GH, buf, s.threads);
   gather_state(buf.h, h0, H, walk);
   for (int64_t k = 0; k < S; ++k) {
     const int64_t n = walk.active(k);
     const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
     Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
-    direct_gemm(buf.rec, GH, h_prev, w.W_hh, n, H, GH, s.threads);
+    weight_product(buf.rec, GH, h_prev, w.W_hh, w.W_hh_r, n, H, GH, buf, s.threads);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
       gru_forward_row<Real, kTraining>(h_next + b * H, y + at * ldy,
@@ -178,7 +178,7 @@ template <typename Real>
 void gru_forward(Real* y, int64_t ldy, Real* h_n, Real* /*c_n*/, const LayerBuffers<Real>& buf,
                  const Real* x, const Real* h0, const Real* /*c0*/, const LayerWeights<Real>& w,
                  const LayerShape& s) {
-  const bool direct = direct_weights(s);
+  const bool direct = direct_weights(s) || (w.W_hh_r != nullptr);
   if (direct && s.training)
     forward_direct<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
   else if (direct)

@@ -1,7 +1,7 @@
 // The table of this instruction set's kernels (see dispatch.h), and the
 // activation test hook. Compiled once per instruction set.
-#include "cell.h"
 #include "dispatch.h"
+#include "recurrent_gemm.h"
 
 namespace lstmfast {
 namespace LSTMFAST_ISA {
@@ -34,7 +34,8 @@ constexpr TypedKernels<Real> typed() {
 }  // namespace
 
 extern const KernelTable kernel_table;
-const KernelTable kernel_table = {LSTMFAST_STR(LSTMFAST_ISA), typed<float>(), typed<double>()};
+const KernelTable kernel_table = {LSTMFAST_STR(LSTMFAST_ISA), typed<float>(), typed<double>(),
+                                  &reduced_product};
 
 }  // namespace LSTMFAST_ISA
 }  // namespace lstmfast

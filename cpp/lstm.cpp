@@ -48,9 +48,9 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
                    const LayerShape& s) {
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, P = s.P, H_out = h_out(s), GH = 4 * H, S = steps_of(s);
-  const bool direct = direct_weights(s);
+  const bool direct = direct_weights(s) || (w.W_hh_r != nullptr);
   if (direct)
-    direct_gemm(buf.xproj, GH, x, w.W_ih, x_rows(s), s.I, GH, s.threads);
+    weight_product(buf.xproj, GH, x, w.W_ih, w.W_ih_r, x_rows(s), s.I, GH, buf, s.threads);
   else
     input_projection(buf.xproj, x, w.W_ih, GH, s);
   const bool small = !direct && uses_small_gemm(s);
@@ -70,7 +70,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
     Real* gates = kTraining ? buf.gates + k * N * GH : nullptr;
 
     if (direct)
-      direct_gemm(buf.rec, GH, h_prev, w.W_hh, n, H_out, GH, s.threads);
+      weight_product(buf.rec, GH, h_prev, w.W_hh, w.W_hh_r, n, H_out, GH, buf, s.threads);
     else
       step_gemm(buf.rec, h_prev, w.W_hh, true, small ? buf.W_hh_t : nullptr, n, H_out, GH, false);
     for (int64_t b = 0; b < n; ++b) {
@@ -82,7 +82,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
     }
     if (P) {
       if (direct)
-        direct_gemm(h_next, P, m, w.W_hr, n, H, P, s.threads);
+        weight_product(h_next, P, m, w.W_hr, w.W_hr_r, n, H, P, buf, s.threads);
       else
         step_gemm(h_next, m, w.W_hr, true, small ? buf.W_hr_t : nullptr, n, H, P, false);
       for (int64_t b = 0; b < n; ++b) copy_row(y + walk.at(k, b) * ldy, h_next + b * P, P);
@@ -215,7 +215,7 @@ template <typename Real>
 void lstm_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                   const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
                   const LayerShape& s) {
-  if (s.P == 0 && !direct_weights(s)) {
+  if (s.P == 0 && !direct_weights(s) && !(w.W_hh_r != nullptr)) {
     if (s.training)
       forward_fused<Real, true>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
     else

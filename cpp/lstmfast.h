@@ -60,7 +60,52 @@ struct LayerShape {
   int64_t steps() const { return lengths ? lengths[0] : T; }
 };
 
+// ---------------------------------------------------------------------------
+// Reduced-precision weights (inference only: lstmfast.quantize).
+
+enum class Precision { Int8, BFloat16 };
+
+// Columns of W (outputs) per panel of a packed reduced matrix: two AVX2 vectors,
+// one AVX-512 vector, of 32-bit lanes.
+constexpr int64_t kReducedPanel = 16;
+
+// A weight W [M, K] (a row per output, torch's layout) held in reduced precision,
+// packed once (pack_int8, pack_bf16) into panels of kReducedPanel outputs so that
+// a product reads it in order; zero past M and past K.
+//   int8: W[m, k] = scale[m] * q[m, k], q symmetric in -128..127 (per output row).
+//     Panel p holds, for each group of 4 k, the 4 values of its 16 outputs in turn:
+//     [M_panels, K_padded / 4, 16, 4] (the operand order of vpmaddubsw / vpdpbusd).
+//     Activations are quantized per row and per call to 0..127 with a zero point
+//     (reduced_gemm.h); row_sum corrects for it.
+//   bfloat16: the upper 16 bits of float32 W, pairs of k interleaved:
+//     [M_panels, K_padded / 2, 16, 2] (the operand order of vdpbf16ps).
+struct ReducedMatrix {
+  Precision precision = Precision::Int8;
+  int64_t M = 0, K = 0;
+  int64_t K_padded = 0;             // K rounded up to 4 (int8) or 2 (bfloat16)
+  int64_t panels = 0;               // ceil(M / kReducedPanel)
+  const int8_t* q = nullptr;        // int8 panels
+  const uint16_t* bf16 = nullptr;   // bfloat16 panels
+  const float* scale = nullptr;     // int8: [panels * 16] per output row, zero past M
+  const int32_t* row_sum = nullptr; // int8: [panels * 16] sum over k of q[m, k]
+  std::vector<int64_t> storage;     // owns what the pointers point at (8-byte aligned)
+
+  ReducedMatrix() = default;
+  ReducedMatrix(ReducedMatrix&&) = default;  // the storage moves, the pointers stay valid
+  ReducedMatrix& operator=(ReducedMatrix&&) = default;
+  ReducedMatrix(const ReducedMatrix&) = delete;
+
+  int64_t nbytes() const { return static_cast<int64_t>(storage.size() * sizeof(int64_t)); }
+};
+
+// q: [M, K] row-major int8;  scale: [M] positive and finite.
+ReducedMatrix pack_int8(const int8_t* q, const float* scale, int64_t M, int64_t K);
+// bits: [M, K] row-major bfloat16 bit patterns.
+ReducedMatrix pack_bf16(const uint16_t* bits, int64_t M, int64_t K);
+
 // Parameters of one layer and direction (pointers into the caller's arrays).
+// With reduced weights (float32 inference only) the *_r pointers are set and the
+// float pointers are null.
 template <typename Real>
 struct LayerWeights {
   const Real* W_ih = nullptr;  // W_ih: [G*H, I] input weights
@@ -68,6 +113,9 @@ struct LayerWeights {
   const Real* W_hr = nullptr;  // W_hr: [P, H] LSTM projection; nullptr when P = 0
   const Real* bias = nullptr;  // bias: [G*H] b_ih + b_hh, except the GRU's n block which is b_in alone; never null
   const Real* b_hn = nullptr;  // b_hn: [H] GRU only: the bias inside r * (W_hn h + b_hn); never null for GRU
+  const ReducedMatrix* W_ih_r = nullptr;  // reduced forms of W_ih, W_hh, W_hr (see above)
+  const ReducedMatrix* W_hh_r = nullptr;
+  const ReducedMatrix* W_hr_r = nullptr;
 };
 
 // Gradients of one layer and direction: ADDED into (the caller zeroes them), or
@@ -111,6 +159,10 @@ struct LayerBuffers {
   Real* dhs = nullptr;    // dhs: LSTM with P > 0: [S, N, P] total gradient of h per step (for dW_hr)
   Real* dm = nullptr;     // dm: LSTM with P > 0: [N, H] gradient of m of the current step
   Real* dsum = nullptr;   // dsum: [G*H] scratch for bias gradients
+  // reduced int8 weights (scratch): activations quantized per row for a product
+  uint8_t* act_q = nullptr;       // act_q: [x_rows, round_up(max(I, H_out, H), 4)] values 0..127
+  float* act_scale = nullptr;     // act_scale: [x_rows] per row
+  int32_t* act_zero = nullptr;    // act_zero: [x_rows] zero point per row
 };
 
 // Elements of the packed recurrent weights W_hh_p: G * K * H rounded up to the
@@ -165,6 +217,9 @@ struct Params {
   const Real* b_ih = nullptr;  // bias_ih_l{k}[_reverse]: [G*H]; nullptr without bias
   const Real* b_hh = nullptr;  // bias_hh_l{k}[_reverse]: [G*H]; nullptr without bias
   const Real* W_hr = nullptr;  // weight_hr_l{k}[_reverse]: [P, H]; nullptr when P = 0
+  const ReducedMatrix* W_ih_r = nullptr;  // reduced forms (LayerWeights): float32 inference only,
+  const ReducedMatrix* W_hh_r = nullptr;  //   all three set (W_hr_r when P > 0) and W_ih, W_hh,
+  const ReducedMatrix* W_hr_r = nullptr;  //   W_hr null
 };
 
 template <typename Real>

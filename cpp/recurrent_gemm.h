@@ -18,6 +18,7 @@
 #include <type_traits>
 
 #include "cell.h"
+#include "reduced_gemm.h"
 #include "thread_pool.h"
 
 namespace lstmfast {
@@ -336,6 +337,46 @@ inline void direct_gemm(Real* C, int64_t ldc, const Real* A, const Real* Wm, int
     if (end > m0) row_gemm(C + m0, ldc, A, Wm + m0 * K, n, K, end - m0);
   };
   run_on_pool(threads, body);
+}
+
+// Products (in multiply-adds) from which a reduced product is cut over the pool,
+// as direct_gemm's 2^20 weights.
+constexpr int64_t kReducedSerialWork = int64_t(1) << 20;
+
+// C[n, M] = A[n, K] W^T with W reduced (reduced_gemm.h): each thread quantizes its
+// share of the rows of A (int8), then, once all have, computes its share of the
+// panels for every row. A's rows are K apart; buf gives the int8 scratch.
+inline void reduced_product(float* C, int64_t ldc, const float* A, const ReducedMatrix& W,
+                            int64_t n, const LayerBuffers<float>& buf, int threads) {
+  const bool int8 = W.precision == Precision::Int8;
+  auto body = [&](int tid, int nt) {
+    if (int8) {
+      quantize_rows(buf.act_q, W.K_padded, buf.act_scale, buf.act_zero, A, W.K, n * tid / nt,
+                    n * (tid + 1) / nt, W.K);
+      pool_barrier();
+    }
+    const int64_t p0 = W.panels * tid / nt, p1 = W.panels * (tid + 1) / nt;
+    if (int8)
+      int8_panels(C, ldc, buf.act_q, W.K_padded, buf.act_scale, buf.act_zero, n, W, p0, p1);
+    else
+      bf16_panels(C, ldc, A, W.K, n, W, p0, p1);
+  };
+  if (threads <= 1 || n * W.M * W.K < kReducedSerialWork)
+    body(0, 1);
+  else
+    run_on_pool(threads, body);
+}
+
+// The direct path's product C[n, M] = A[n, K] W[M, K]^T, with W's float form
+// (direct_gemm) or, when it has one, its reduced form.
+template <typename Real>
+inline void weight_product(Real* C, int64_t ldc, const Real* A, const Real* Wm,
+                           const ReducedMatrix* reduced, int64_t n, int64_t K, int64_t M,
+                           const LayerBuffers<Real>& buf, int threads) {
+  if constexpr (std::is_same<Real, float>::value) {
+    if (reduced) return reduced_product(C, ldc, A, *reduced, n, buf, threads);
+  }
+  direct_gemm(C, ldc, A, Wm, n, K, M, threads);
 }
 
 // ---------------------------------------------------------------------------

@@ -32,13 +32,13 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
                     const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, S = steps_of(s);
-  direct_gemm(buf.xproj, H, x, w.W_ih, x_rows(s), s.I, H, s.threads);
+  weight_product(buf.xproj, H, x, w.W_ih, w.W_ih_r, x_rows(s), s.I, H, buf, s.threads);
   gather_state(buf.h, h0, H, walk);
   for (int64_t k = 0; k < S; ++k) {
     const int64_t n = walk.active(k);
     const Real* h_prev = buf.h + slot(k, s.training) * N * H;
     Real* h_next = buf.h + slot(k + 1, s.training) * N * H;
-    direct_gemm(buf.rec, H, h_prev, w.W_hh, n, H, H, s.threads);
+    weight_product(buf.rec, H, h_prev, w.W_hh, w.W_hh_r, n, H, H, buf, s.threads);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
       rnn_forward_row<Real, kRelu>(h_next + b * H, y + at * ldy, buf.xproj + walk.x_row(k, b) * H,
@@ -127,7 +127,7 @@ template <typename Real>
 void rnn_forward(Real* y, int64_t ldy, Real* h_n, Real* /*c_n*/, const LayerBuffers<Real>& buf,
                  const Real* x, const Real* h0, const Real* /*c0*/, const LayerWeights<Real>& w,
                  const LayerShape& s) {
-  const bool direct = direct_weights(s);
+  const bool direct = direct_weights(s) || (w.W_hh_r != nullptr);
   if (direct && s.relu)
     forward_direct<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
   else if (direct)

@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 
 #if defined(__linux__)
 #include <sched.h>
@@ -96,6 +97,32 @@ void check_shape(const StackShape& s) {
   require(s.P == 0 || s.mode == Mode::LSTM, "proj_size > 0 is only supported for LSTM");
   require(s.P < s.H || s.P == 0, "proj_size (" + str(s.P) +
                                      ") must be smaller than hidden_size (" + str(s.H) + ")");
+}
+
+// Reduced weights: all layer-directions or none, float32 inference, the shapes
+// of the float weights they stand for.
+template <typename Real>
+void check_reduced(const Params<Real>* params, const StackShape& s) {
+  const bool reduced = params[0].W_hh_r != nullptr;
+  const int64_t GH = gates_of(s.mode) * s.H;
+  auto fits = [](const ReducedMatrix* r, int64_t M, int64_t K) {
+    return r && r->M == M && r->K == K;
+  };
+  for (int64_t i = 0; i < s.L * s.D; ++i) {
+    const Params<Real>& p = params[i];
+    require((p.W_hh_r != nullptr) == reduced,
+            "reduced-precision weights must be given for every layer and direction or none");
+    if (!reduced) continue;
+    require(std::is_same<Real, float>::value, "reduced-precision weights need float32 inputs");
+    require(!s.training, "reduced-precision weights are for inference only (training=False)");
+    require(fits(p.W_ih_r, GH, s.input_size(i / s.D)) && fits(p.W_hh_r, GH, s.H_out()) &&
+                (s.P == 0 ? p.W_hr_r == nullptr : fits(p.W_hr_r, s.P, s.H)),
+            "reduced-precision weights of layer-direction " + std::to_string(i) +
+                " do not have the shapes of the layer's weights");
+    require(p.W_ih_r->precision == p.W_hh_r->precision &&
+                p.W_hh_r->precision == params[0].W_hh_r->precision,
+            "reduced-precision weights must all have one precision");
+  }
 }
 
 // Rows sorted by length, longest first (stable), so the rows still running at
@@ -190,7 +217,7 @@ void combine_biases(StackCache<Real>& c) {
     }
     if (gru && p.b_hh)
       for (int64_t j = 0; j < H; ++j) b_hn[j] = p.b_hh[2 * H + j];
-    c.weights[i] = {p.W_ih, p.W_hh, p.W_hr, bias, b_hn};
+    c.weights[i] = {p.W_ih, p.W_hh, p.W_hr, bias, b_hn, p.W_ih_r, p.W_hh_r, p.W_hr_r};
   }
 }
 
@@ -272,6 +299,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
                                                 const Real* const* dropout_masks,
                                                 const StackShape& shape) {
   check_shape(shape);
+  check_reduced(params, shape);
   std::optional<BlasSingleThreaded> blas_alone;
   blas_alone_without_a_free_core(blas_alone);
   auto cache = std::make_unique<StackCache<Real>>();
@@ -322,11 +350,22 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   // saved gates: each step reads a row's pre-activations there before it writes
   // the row's gates.
   const bool project_into_gates = training && (lstm || s.mode == Mode::GRU) && c.lengths.empty();
+  // Reduced weights (inference): products with them need no packed or transposed
+  // float weights; int8 ones quantize their left operand into act_*.
+  const bool reduced = params[0].W_hh_r != nullptr;
+  const bool int8 = reduced && params[0].W_hh_r->precision == Precision::Int8;
+  const int64_t widest = std::max({s.I, D * H_out, H});
   carve_scratch([&](Carver& cv) {
     for (int64_t d = 0; d < D; ++d) {
       if (!(project_into_gates && d == 0)) scratch[d].xproj = cv.take<Real>(T * N * GH);
       scratch[d].rec = cv.take<Real>(N * GH);
-      if (P) {  // the projected LSTM steps with OpenBLAS, or few rows with transposed weights
+      if (reduced) {
+        if (int8) {
+          scratch[d].act_q = cv.take<uint8_t>(T * N * ((widest + 3) / 4 * 4));
+          scratch[d].act_scale = cv.take<float>(T * N);
+          scratch[d].act_zero = cv.take<int32_t>(T * N);
+        }
+      } else if (P) {  // the projected LSTM steps with OpenBLAS, or few rows with transposed weights
         scratch[d].W_hh_t = cv.take<Real>(H_out * GH);
         scratch[d].W_hr_t = cv.take<Real>(H * P);
       } else {  // the fused kernel's packed panels
@@ -363,6 +402,9 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       b.W_hh_t = scratch[d].W_hh_t;
       b.W_hr_t = scratch[d].W_hr_t;
       b.W_hh_p = scratch[d].W_hh_p;
+      b.act_q = scratch[d].act_q;
+      b.act_scale = scratch[d].act_scale;
+      b.act_zero = scratch[d].act_zero;
       cell.forward(out + d * H_out, D * H_out, h_n + i * N * H_out, c_n ? c_n + i * N * H : nullptr,
                    b, layer_in, h0 ? h0 + i * N * H_out : nullptr, c0 ? c0 + i * N * H : nullptr,
                    c.weights[i], layer_shape(c, k, d));

@@ -6,7 +6,7 @@ reference in :mod:`lstmfast.reference`.
 
 from ._native import _core
 from ._config import get_num_threads, set_num_threads, show_config
-from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell
+from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, quantize
 
 __version__ = _core.__version__
 
@@ -18,6 +18,7 @@ __all__ = [
     "LSTMCell",
     "GRUCell",
     "RNNCell",
+    "quantize",
     "get_num_threads",
     "set_num_threads",
     "show_config",

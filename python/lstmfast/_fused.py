@@ -68,8 +68,7 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         lengths = np.asarray(lengths)
     if dropout_masks is not None:
         dropout_masks = [np.asarray(m, dtype=dtype) for m in dropout_masks]
-    weights = [[None if params.get(name) is None else np.asarray(params[name])
-                for name in _names(layer, direction)]
+    weights = [[_weight(params.get(name)) for name in _names(layer, direction)]
                for layer in range(num_layers) for direction in range(D)]
     output, h_n, c_n, core = _core.rnn_forward(
         mode, x, h0, c0, weights, num_layers, bidirectional, proj_size, lengths,
@@ -79,6 +78,22 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         shapes = {name: np.shape(params[name]) for name in params}
         cache = _Cache(core, mode, num_layers, D, dtype, shapes)
     return output, h_n, c_n, cache
+
+
+def _weight(value):
+    """A parameter for the compiled module: an array, a packed reduced weight
+    (_core.ReducedWeight, from pack_weight), or None."""
+    if value is None or isinstance(value, _core.ReducedWeight):
+        return value
+    return np.asarray(value)
+
+
+def pack_weight(weight):
+    """The compiled module's packed form of a reference.Int8Weight or BFloat16Weight,
+    made once per quantized layer and given to forward in place of the weight."""
+    if hasattr(weight, "q"):
+        return _core.pack_int8(weight.q, weight.scale)
+    return _core.pack_bfloat16(weight.bits)
 
 
 def fresh_gradients_backward(cache, d_output, d_h_n=None, d_c_n=None, consume=False, empty=np.empty):

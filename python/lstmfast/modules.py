@@ -79,7 +79,7 @@ import warnings
 
 import numpy as np
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "quantize"]
 
 _PACKAGE = __name__.rpartition(".")[0]
 _BACKENDS = ("fused", "numpy")
@@ -256,6 +256,23 @@ class _Module:
         self._calls = _CallState()  # per thread: the pending forward and its layout
         self._grad_lock = threading.Lock()  # backward adds into self.grad one call at a time
 
+    precision = "float32"  # or "int8" / "bfloat16" for a layer made by quantize()
+    _packed = None  # reduced layers: the backend's form of _params, made on first use
+
+    @property
+    def _trains(self):
+        """Whether a forward keeps what backward needs (reduced layers never do)."""
+        return self.training and self.precision == "float32"
+
+    def _forward_params(self):
+        """The parameters as the backend takes them: the arrays themselves, or for a
+        reduced layer its weights packed once (see quantize)."""
+        if self.precision == "float32":
+            return self._params
+        if self._packed is None:
+            self._packed = _backend_weights(self._params, self.precision, self._backend)
+        return self._packed
+
     def _set_params(self, params):
         """Keep ``params`` (name -> array) in the order of ``self._param_names()``."""
         names = self._param_names()
@@ -277,6 +294,10 @@ class _Module:
     def __setattr__(self, name, value):
         params = self.__dict__.get("_params")
         if params is not None and name in params:
+            if self.precision != "float32":
+                raise AttributeError(
+                    f"{name}: the parameters of a {self.precision} layer are read-only; "
+                    f"quantize a float32 layer again, or use load_state_dict")
             params[name][...] = self._checked_param(name, value)
         else:
             object.__setattr__(self, name, value)
@@ -289,6 +310,7 @@ class _Module:
         state.pop("_backend", None)  # a module object; resolved again on unpickling
         state.pop("_calls", None)  # per-thread pending forwards are not kept
         state.pop("_grad_lock", None)
+        state.pop("_packed", None)  # the compiled module's packed weights; made again on use
         return state
 
     def __setstate__(self, state):
@@ -324,7 +346,10 @@ class _Module:
 
         Every name and shape is checked before anything changes: on missing or unexpected
         names KeyError, on a wrong shape ValueError, on non-numeric values TypeError.
+        A reduced layer (quantize) takes the state_dict of a reduced layer of its kind.
         """
+        if self.precision != "float32":
+            return self._load_reduced_state_dict(state_dict)
         if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
             raise TypeError(
                 f"state_dict should be a mapping name -> array, got {type(state_dict).__name__}")
@@ -396,7 +421,7 @@ class _Module:
         An empty batch (N = 0, x of shape (T, 0, I)) gives empty results as torch does,
         without calling the backend.
         """
-        training = self.training
+        training = self._trains
         T, N, I = x.shape  # noqa: E741
         if N == 0:
             D = 2 if kwargs["bidirectional"] else 1
@@ -416,6 +441,11 @@ class _Module:
         return output, h_n, c_n
 
     def _check_backward_allowed(self):
+        if self.precision != "float32":
+            raise RuntimeError(
+                f"{type(self).__name__}.backward: this is a {self.precision} layer made by "
+                f"lstmfast.quantize, for inference only; train the float32 layer and quantize "
+                f"it again")
         calls = self._calls
         if calls.pending is not None:
             return calls.layout
@@ -429,6 +459,33 @@ class _Module:
             why = ("backward was already called for the last forward pass (its saved state "
                    "is freed after one backward); run the forward again")
         raise RuntimeError(f"{type(self).__name__}.backward: {why}")
+
+    def _load_reduced_state_dict(self, state_dict):
+        if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+            raise TypeError(
+                f"state_dict should be a mapping name -> array, got {type(state_dict).__name__}")
+        missing = [n for n in self._params if n not in state_dict]
+        unexpected = [n for n in state_dict.keys() if n not in self._params]
+        if missing or unexpected:
+            raise KeyError(
+                f"load_state_dict for a {self.precision} {type(self).__name__}: missing key(s): "
+                f"{missing}; unexpected key(s): {unexpected} (expected exactly {list(self._params)})")
+        values = {}
+        for name, current in self._params.items():
+            value = _to_numpy(state_dict[name])
+            if value.dtype != current.dtype:
+                raise TypeError(
+                    f"parameter {name!r}: a {self.precision} layer holds it as {current.dtype}, "
+                    f"got {value.dtype}")
+            if value.shape != current.shape:
+                raise ValueError(
+                    f"parameter {name!r}: expected shape {_shape_str(current.shape)}, "
+                    f"got {_shape_str(value.shape)}")
+            if name.endswith("_scale") and not (np.isfinite(value).all() and (value > 0).all()):
+                raise ValueError(f"parameter {name!r}: scales must be positive and finite")
+            values[name] = _read_only(value)
+        self._params = values
+        self._packed = None
 
     def _run_backward(self, d_output, d_h_n, d_c_n, grads):
         """Call the backend backward, consuming this thread's cache; adds into ``grads``.
@@ -465,6 +522,8 @@ class _Module:
             s += f", dtype={self.dtype}"
         if self.backend != "fused":
             s += f", backend={self.backend}"
+        if self.precision != "float32":
+            s += f", precision={self.precision}"
         return s
 
 
@@ -577,10 +636,10 @@ class _RNNBase(_Module):
         h0, c0 = self._prepare_hx(hx, N, batched)
         lengths = self._prepare_lengths(lengths, T, N)
         masks = None
-        if self.training and self.dropout > 0 and self.num_layers > 1:
+        if self._trains and self.dropout > 0 and self.num_layers > 1:
             masks = self._make_dropout_masks(T, N)
         output, h_n, c_n = self._run_forward(
-            x_tm, (h0, c0) if self._mode == "LSTM" else h0, self._params,
+            x_tm, (h0, c0) if self._mode == "LSTM" else h0, self._forward_params(),
             num_layers=self.num_layers, bidirectional=self.bidirectional,
             proj_size=self.proj_size, lengths=lengths, dropout_masks=masks,
             layout=(batched, T, N))
@@ -942,3 +1001,92 @@ class RNNCell(_CellBase):
     def backward(self, grad_h1):
         """``grad_x, grad_h0`` of the last training-mode step; adds into ``grad``."""
         return self._cell_backward(grad_h1, None)
+
+
+# ----------------------------------------------------------------------------------
+# reduced precision
+
+
+_PRECISIONS = ("int8", "bfloat16")
+_WEIGHT_PREFIXES = ("weight_ih", "weight_hh", "weight_hr")
+
+
+def _read_only(array):
+    array = np.array(array, order="C")
+    array.flags.writeable = False
+    return array
+
+
+def quantize(layer, precision):
+    """An inference-only copy of ``layer`` with its weights in ``precision``.
+
+    ``layer``: an ``LSTM``, ``GRU`` or ``RNN`` of dtype float32 (any options).
+    ``precision``: ``"int8"``, weights per output row in symmetric int8 and the left
+    operand of every product quantized per row and per call (the contract is in
+    :mod:`lstmfast.reference`, "Reduced precision"), or ``"bfloat16"``, weights
+    rounded to bfloat16. State, gate math, inputs and outputs stay float32.
+
+    The result is a layer of the same class and options, in eval mode: forward takes
+    and returns what the float layer's does; ``backward`` raises RuntimeError. Its
+    ``state_dict`` holds each weight as ``weight_*`` int8 plus ``weight_*_scale``
+    float32 (int8), or as ``weight_*`` uint16 bfloat16 bit patterns (bfloat16), and
+    the biases as float32; ``load_state_dict`` takes such a dict back.
+    """
+    if not isinstance(layer, _RNNBase):
+        raise TypeError(
+            f"quantize: expected an lstmfast LSTM, GRU or RNN layer, got {type(layer).__name__}")
+    if precision not in _PRECISIONS:
+        raise ValueError(f"quantize: precision must be one of {_PRECISIONS}, got {precision!r}")
+    if layer.precision != "float32":
+        raise ValueError(
+            f"quantize: the layer is already {layer.precision}; quantize its float32 original")
+    if layer.dtype != np.float32:
+        raise TypeError(
+            f"quantize: reduced precision is for float32 layers, got a layer of dtype {layer.dtype}")
+    reference = importlib.import_module(_PACKAGE + ".reference")
+    state = {}
+    for name, value in layer._params.items():
+        if not name.startswith(_WEIGHT_PREFIXES):
+            state[name] = value
+        elif precision == "int8":
+            state[name], state[name + "_scale"] = reference.quantize_int8(value)
+        else:
+            state[name] = reference.to_bfloat16_bits(value)
+    return _reduced_like(layer, precision, state)
+
+
+def _reduced_like(layer, precision, state):
+    """A reduced layer with ``layer``'s class and options holding ``state`` (checked as
+    load_state_dict checks a dict)."""
+    reduced = object.__new__(type(layer))
+    reduced.__setstate__({k: v for k, v in layer.__getstate__().items()
+                          if k not in ("_params", "grad")})
+    reduced.precision = precision
+    reduced.training = False
+    reduced.grad = {}
+    names = []
+    for name in layer._param_names():
+        names.append(name)
+        if precision == "int8" and name.startswith(_WEIGHT_PREFIXES):
+            names.append(name + "_scale")
+    reduced._params = {name: _read_only(state[name]) for name in names}
+    reduced.load_state_dict(state)
+    return reduced
+
+
+def _backend_weights(params, precision, backend):
+    """Parameters of a reduced layer as ``backend.forward`` takes them: each weight a
+    reference.Int8Weight / BFloat16Weight, packed by the backend when it packs."""
+    reference = importlib.import_module(_PACKAGE + ".reference")
+    pack = getattr(backend, "pack_weight", None)
+    out = {}
+    for name, value in params.items():
+        if name.endswith("_scale"):
+            continue
+        if name.startswith(_WEIGHT_PREFIXES):
+            value = (reference.Int8Weight(value, params[name + "_scale"]) if precision == "int8"
+                     else reference.BFloat16Weight(value))
+            if pack is not None:
+                value = pack(value)
+        out[name] = value
+    return out

@@ -45,8 +45,8 @@ def sigmoid(a):
 
 
 def _linear(x, W, b):
-    """x W^T + b (b may be None: a layer built with bias=False)."""
-    y = x @ W.T
+    """x W^T + b (b may be None: a layer built with bias=False). W may be reduced."""
+    y = times_transposed(x, W)
     if b is not None:
         y = y + b
     return y
@@ -89,7 +89,7 @@ def lstm_cell_forward(x, h, c, w):
     c_next = f * c + i * g
     tanh_c_next = np.tanh(c_next)
     m = o * tanh_c_next
-    h_next = m if w["W_hr"] is None else m @ w["W_hr"].T
+    h_next = m if w["W_hr"] is None else times_transposed(m, w["W_hr"])
     cache = (x, h, c, i, f, g, o, tanh_c_next, m)
     return h_next, c_next, cache
 
@@ -422,6 +422,96 @@ def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False)
 
     dx = d_layer_output
     return dx, dh0, dc0, grads
+
+
+# ----------------------------------------------------------------------------
+# Reduced precision (inference only: lstmfast.quantize)
+#
+# A weight W (M, K) in torch's layout may be given to forward as an Int8Weight or a
+# BFloat16Weight instead of an array; every product x W^T then goes through
+# times_transposed. State, gate math and outputs stay in x's dtype (float32).
+#
+# int8: W ~ scale[:, None] * q, per output row, symmetric. Each product quantizes
+# its left operand per row to 0..127 with a zero point (quantize_activations),
+# sums the integer products exactly, and scales back:
+#     x W^T ~ (sx[:, None] * sw[None, :]) * ((qx - zx[:, None]) @ q^T)
+# 0..127 rather than 0..255 is what the AVX2 kernels can sum without saturating
+# (torch's dynamic quantization makes the same choice, reduce_range).
+# bfloat16: W rounded to bfloat16 (the upper 16 bits of float32, round to nearest
+# even), widened back to float32 for the product.
+
+
+class Int8Weight:
+    """W ~ scale[:, None] * q: q (M, K) int8, scale (M,) float32 > 0."""
+
+    def __init__(self, q, scale):
+        self.q = np.asarray(q, dtype=np.int8)
+        self.scale = np.asarray(scale, dtype=np.float32)
+        self.shape = self.q.shape
+
+
+class BFloat16Weight:
+    """W in bfloat16, held as its bit patterns: bits (M, K) uint16."""
+
+    def __init__(self, bits):
+        self.bits = np.asarray(bits, dtype=np.uint16)
+        self.shape = self.bits.shape
+
+
+def quantize_int8(W):
+    """Per output row symmetric int8: returns q (M, K) int8 and scale (M,) float32 with
+    scale = max |W[m]| / 127 (1 for a row of zeros), q = round(W / scale)."""
+    W = np.asarray(W, dtype=np.float32)
+    if not np.isfinite(W).all():
+        raise ValueError("quantize_int8: the weight has values that are not finite")
+    peak = np.abs(W).max(axis=1)
+    scale = np.where(peak > 0, peak / np.float32(127), np.float32(1)).astype(np.float32)
+    q = np.clip(np.rint(W / scale[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def quantize_activations(a):
+    """Rows of a (n, K) float32 as a ~ scale[:, None] * (q - zero[:, None]), q in 0..127.
+
+    Each row's range is widened to include 0, so that 0 is exact: scale = (hi - lo) / 127,
+    zero = round(-lo / scale). A row of zeros gets scale 1 and zero 0.
+    Returns q (n, K) int64, scale (n,) float32, zero (n,) int64.
+    """
+    a = np.asarray(a, dtype=np.float32)
+    lo = np.minimum(a.min(axis=1), 0)
+    hi = np.maximum(a.max(axis=1), 0)
+    scale = ((hi - lo) / np.float32(127)).astype(np.float32)
+    scale[~((scale > 0) & np.isfinite(scale))] = 1
+    zero = np.rint(-lo / scale)
+    with np.errstate(invalid="ignore"):
+        q = np.nan_to_num(np.rint(a / scale[:, None]) + zero[:, None], nan=0.0)
+    return np.clip(q, 0, 127).astype(np.int64), scale, zero.astype(np.int64)
+
+
+def to_bfloat16_bits(W):
+    """The bfloat16 bit patterns (uint16) of float32 W, rounded to nearest even."""
+    bits = np.ascontiguousarray(W, dtype=np.float32).view(np.uint32)
+    rounded = ((bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
+    return np.where(np.isnan(W), np.uint16(0x7FC0), rounded)
+
+
+def from_bfloat16_bits(bits):
+    """float32 values of bfloat16 bit patterns."""
+    return (np.asarray(bits, dtype=np.uint32) << 16).view(np.float32)
+
+
+def times_transposed(x, W):
+    """x W^T for x (n, K) and W an array, an Int8Weight or a BFloat16Weight."""
+    if isinstance(W, Int8Weight):
+        qx, sx, zx = quantize_activations(x)
+        # Integer sums of at most K * 127 * 128 are exact in float64 (< 2**53), and
+        # a float64 product runs through BLAS.
+        q = W.q.astype(np.float64)
+        exact = qx.astype(np.float64) @ q.T - zx[:, None] * q.sum(axis=1)[None, :]
+        return exact.astype(np.float32) * (sx[:, None] * W.scale[None, :])
+    if isinstance(W, BFloat16Weight):
+        return x @ from_bfloat16_bits(W.bits).T
+    return x @ W.T
 
 
 # ----------------------------------------------------------------------------

@@ -33,14 +33,17 @@ import copy
 import sys
 import threading
 import warnings
+import weakref
 
 import numpy as np
 import torch
 from torch import _VF, nn
+from torch.ao.nn.quantized import dynamic as nnqd
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "accelerate", "restore"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "QuantizedLSTM",
+           "QuantizedGRU", "accelerate", "restore", "quantize_dynamic"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _warned = set()
@@ -134,12 +137,13 @@ def _as_numpy(t):
     return t.detach().numpy()
 
 
-def _in_torch_only_context():
+def _in_torch_only_context(autocast=True):
     """True where only torch's own implementation can give torch's result: while
     tracing (the kernels are invisible to the tracer), under a ``torch.func``
     transform (they see no wrapped tensors), and under autocast (torch's dtype
-    rules). Exporting is checked before (``torch.compiler.is_exporting``)."""
-    return (torch.jit.is_tracing() or torch.is_autocast_enabled("cpu")
+    rules; the layers serve bfloat16 autocast themselves and pass autocast=False).
+    Exporting is checked before (``torch.compiler.is_exporting``)."""
+    return (torch.jit.is_tracing() or (autocast and torch.is_autocast_enabled("cpu"))
             or torch._C._are_functorch_transforms_active())
 
 
@@ -218,7 +222,8 @@ def _stack_step(settings, x, h0, c0, masks, weights):
     """The whole stack on the backend: output, h_n, c_n (an empty tensor but for
     LSTM) as tensors, and the cache (None unless settings["keep_for_backward"])."""
     is_lstm = settings["mode"] == "LSTM"
-    params = {name: _as_numpy(w) for name, w in zip(settings["names"], weights)}
+    params = {name: _as_numpy(w) if isinstance(w, torch.Tensor) else w
+              for name, w in zip(settings["names"], weights)}
     hx = (_as_numpy(h0), _as_numpy(c0)) if is_lstm else _as_numpy(h0)
     dropout_masks = list(_as_numpy(masks)) if masks.numel() else None
     output, h_n, c_n, cache = settings["backend"].forward(
@@ -285,6 +290,7 @@ class _FastRNNMixin:
     """
 
     _lstmfast_backend = "fused"
+    _lstmfast_quantized = False  # QuantizedLSTM / QuantizedGRU: int8 weights, inference only
 
     def forward(self, input, hx=None):  # noqa: A002  (torch's argument name)
         if torch.compiler.is_exporting():
@@ -307,10 +313,8 @@ class _FastRNNMixin:
 # function runs on behalf of a compiled caller (about 1 us per call).
 @torch.compiler.disable
 def _fused_layer_forward(self, input, hx):
-    self._update_flat_weights()
     packed = isinstance(input, PackedSequence)
     data = input.data if packed else input
-    weights = self._flat_weights
     is_lstm = self.mode == "LSTM"
     if hx is None:
         hx_list = []
@@ -322,9 +326,27 @@ def _fused_layer_forward(self, input, hx):
         return self._torch_forward(input, hx)  # torch's answer to a malformed hx
     if not all(isinstance(h, torch.Tensor) for h in hx_list):
         return self._torch_forward(input, hx)
-    if _in_torch_only_context() or data.numel() == 0:
+    if (_in_torch_only_context(autocast=False) or not isinstance(data, torch.Tensor)
+            or data.numel() == 0):
         return self._torch_forward(input, hx)
-    reason = _unsupported_reason(data, hx_list + list(weights))
+    if torch.is_autocast_enabled("cpu") and not self._lstmfast_quantized:
+        if not _autocast_serves(self, data):
+            return self._torch_forward(input, hx)
+        return _bfloat16_autocast_forward(self, input, hx, hx_list)
+    weights = self._lstmfast_weights()
+    if weights is None:
+        return self._torch_forward(input, hx)
+    return _layer_forward_on(self, input, hx, hx_list, *weights)
+
+
+def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False):
+    """The rest of _fused_layer_forward with the given weights: tensors, or for
+    ``reduced`` the packed reduced weights (and bias tensors) of an inference-only path."""
+    packed = isinstance(input, PackedSequence)
+    data = input.data if packed else input
+    is_lstm = self.mode == "LSTM"
+    tensors = [w for w in weights if isinstance(w, torch.Tensor)]
+    reason = _unsupported_reason(data, hx_list + tensors)
     if reason is not None:
         if reason:
             _warn_once((type(self).__name__, reason),
@@ -369,11 +391,13 @@ def _fused_layer_forward(self, input, hx):
                  if keep > 0 else torch.zeros(shape, dtype=data.dtype))
 
     needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or h0.requires_grad or c0.requires_grad or any(w.requires_grad for w in weights))
+        x.requires_grad or h0.requires_grad or c0.requires_grad or any(w.requires_grad for w in tensors))
+    if needs_grad and reduced:  # reduced weights have no backward: torch's answer
+        return self._torch_forward(input, hx)
     settings = {
         "backend": _backend(self._lstmfast_backend),
         "mode": self.mode,
-        "names": list(self._flat_weights_names),
+        "names": names,
         "num_layers": self.num_layers,
         "bidirectional": self.bidirectional,
         "bias": self.bias,
@@ -399,6 +423,103 @@ def _fused_layer_forward(self, input, hx):
     return output, ((h_n, c_n) if is_lstm else h_n)
 
 
+def _float_layer_weights(self):
+    """The weights of a float layer for _layer_forward_on: its flat weights, their
+    names, and reduced=False."""
+    self._update_flat_weights()
+    return list(self._flat_weights), list(self._flat_weights_names), False
+
+
+_FastRNNMixin._lstmfast_weights = _float_layer_weights
+
+
+# ---------------------------------------------------------------------------
+# Reduced precision: bfloat16 autocast, and torch's dynamically quantized int8
+# layers (QuantizedLSTM, QuantizedGRU)
+# ---------------------------------------------------------------------------
+
+# module -> (what its packed weights were made from, the packed weights): kept out
+# of the module itself, whose copies, pickles and state_dicts must not carry them.
+_packed_weights = weakref.WeakKeyDictionary()
+_packed_lock = threading.Lock()
+
+
+def _packed_for(module, source_key, make):
+    """``make()`` once per ``source_key`` of ``module`` (the packed weights of its
+    current parameters), cached until the key changes."""
+    with _packed_lock:
+        entry = _packed_weights.get(module)
+        if entry is not None and len(entry[0]) == len(source_key) and all(
+                a is b or (isinstance(a, tuple) and a == b) for a, b in zip(entry[0], source_key)):
+            return entry[1]
+    value = make()
+    with _packed_lock:
+        _packed_weights[module] = (source_key, value)
+    return value
+
+
+def _reduced_weight(backend, weight):
+    """A reference.Int8Weight / BFloat16Weight as the backend takes it."""
+    pack = getattr(backend, "pack_weight", None)
+    return weight if pack is None else pack(weight)
+
+
+def _autocast_serves(self, data):
+    """Whether the kernels give torch's result under this autocast: CPU bfloat16
+    autocast, float32 weights, input of float32 or bfloat16."""
+    if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return False
+    self._update_flat_weights()
+    return (data.is_cpu and data.dtype in (torch.float32, torch.bfloat16)
+            and all(w.dtype == torch.float32 and w.is_cpu for w in self._flat_weights))
+
+
+def _bfloat16_autocast_forward(self, input, hx, hx_list):
+    """A layer under CPU bfloat16 autocast. torch multiplies by bfloat16 weights and
+    returns bfloat16, except for the GRU, whose products autocast reaches inside
+    its float32 implementation: it returns float32. Here the weights are rounded to
+    bfloat16 once (until they change), state and gate math stay float32 (README
+    "Reduced precision"), and the results get torch's dtype. Training under
+    autocast needs torch's backward: torch's path."""
+    from . import reference
+
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in [input.data if isinstance(input, PackedSequence) else input]
+        + hx_list + list(self._flat_weights))
+    if needs_grad:
+        return self._torch_forward(input, hx)
+    backend = _backend(self._lstmfast_backend)
+    weights = list(self._flat_weights)
+    names = list(self._flat_weights_names)
+    key = tuple((w.data_ptr(), w._version, tuple(w.shape)) for w in weights) + (backend,)
+
+    def make():
+        return [_reduced_weight(backend, reference.BFloat16Weight(
+                    reference.to_bfloat16_bits(w.detach().numpy())))
+                if name.startswith("weight") else w.detach().clone()
+                for name, w in zip(names, weights)]
+
+    reduced = _packed_for(self, key, make)
+    as_float = [h.float() for h in hx_list]
+    if isinstance(input, PackedSequence):
+        input = PackedSequence(input.data.float(), input.batch_sizes, input.sorted_indices,
+                               input.unsorted_indices)
+    else:
+        input = input.float()
+    hx = None if hx is None else (tuple(as_float) if self.mode == "LSTM" else as_float[0])
+    with torch.autocast("cpu", enabled=False):
+        output, state = _layer_forward_on(self, input, hx, as_float, reduced, names, True)
+    if self.mode == "GRU":
+        return output, state
+    if isinstance(output, PackedSequence):
+        output = PackedSequence(output.data.bfloat16(), output.batch_sizes,
+                                output.sorted_indices, output.unsorted_indices)
+    else:
+        output = output.bfloat16()
+    state = tuple(t.bfloat16() for t in state) if self.mode == "LSTM" else state.bfloat16()
+    return output, state
+
+
 class LSTM(_FastRNNMixin, nn.LSTM):
     """``torch.nn.LSTM`` computed by lstmfast's fused kernels."""
 
@@ -415,6 +536,79 @@ class RNN(_FastRNNMixin, nn.RNN):
     """``torch.nn.RNN`` computed by lstmfast's fused kernels."""
 
     _lstmfast_torch_class = nn.RNN
+
+
+def _int8_weight(qweight):
+    """A reference.Int8Weight holding a torch quantized weight as it is: its int8
+    values and its scale (per tensor, or per output row), when it is symmetric
+    (zero point 0), which torch's dynamic quantization makes. Any other scheme is
+    quantized again per output row from its float values."""
+    from . import reference
+
+    M = qweight.shape[0]
+    scheme = qweight.qscheme()
+    if qweight.dtype == torch.qint8:
+        if scheme in (torch.per_tensor_affine, torch.per_tensor_symmetric) and \
+                qweight.q_zero_point() == 0:
+            return reference.Int8Weight(qweight.int_repr().numpy(),
+                                        np.full(M, qweight.q_scale(), dtype=np.float32))
+        if scheme in (torch.per_channel_affine, torch.per_channel_symmetric) and \
+                qweight.q_per_channel_axis() == 0 and not qweight.q_per_channel_zero_points().any():
+            return reference.Int8Weight(qweight.int_repr().numpy(),
+                                        qweight.q_per_channel_scales().numpy().astype(np.float32))
+    return reference.Int8Weight(*reference.quantize_int8(qweight.dequantize().numpy()))
+
+
+class _QuantizedRNNMixin(_FastRNNMixin):
+    """torch's dynamically quantized LSTM / GRU (``torch.ao.nn.quantized.dynamic``) on
+    lstmfast's int8 kernels, with the module's own int8 weights and scales.
+
+    Activations are quantized as lstmfast does (per row and per product, 7 bits),
+    not per tensor as torch does, so results differ from torch's within int8's
+    error, which is no larger than torch's (README "Reduced precision"). Modules of
+    another dtype (float16 weights) and calls that need gradients run torch's forward.
+    """
+
+    _lstmfast_quantized = True
+    proj_size = 0  # torch's quantized layers have no projection
+
+    def _lstmfast_weights(self):
+        if self.dtype != torch.qint8:
+            return None
+        backend = _backend(self._lstmfast_backend)
+        key = tuple(v.param for v in self._all_weight_values) + (backend,)
+
+        def make():
+            weight_bias = self._weight_bias()
+            weights, names = [], []
+            for layer in range(self.num_layers):
+                for suffix in ("", "_reverse")[: 2 if self.bidirectional else 1]:
+                    for kind in ("ih", "hh"):
+                        name = f"weight_{kind}_l{layer}{suffix}"
+                        names.append(name)
+                        weights.append(_reduced_weight(backend, _int8_weight(weight_bias["weight"][name])))
+                    for kind in ("ih", "hh"):
+                        name = f"bias_{kind}_l{layer}{suffix}"
+                        bias = weight_bias["bias"].get(name)
+                        if bias is not None:
+                            names.append(name)
+                            weights.append(bias.detach().float().contiguous())
+            return weights, names
+
+        weights, names = _packed_for(self, key, make)
+        return weights, names, True
+
+
+class QuantizedLSTM(_QuantizedRNNMixin, nnqd.LSTM):
+    """``torch.ao.nn.quantized.dynamic.LSTM`` computed by lstmfast's int8 kernels."""
+
+    _lstmfast_torch_class = nnqd.LSTM
+
+
+class QuantizedGRU(_QuantizedRNNMixin, nnqd.GRU):
+    """``torch.ao.nn.quantized.dynamic.GRU`` computed by lstmfast's int8 kernels."""
+
+    _lstmfast_torch_class = nnqd.GRU
 
 
 # ---------------------------------------------------------------------------
@@ -581,7 +775,8 @@ class RNNCell(_FastCellMixin, nn.RNNCell):
 # ---------------------------------------------------------------------------
 
 _SWAPS = {nn.LSTM: LSTM, nn.GRU: GRU, nn.RNN: RNN,
-          nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell, nn.RNNCell: RNNCell}
+          nn.LSTMCell: LSTMCell, nn.GRUCell: GRUCell, nn.RNNCell: RNNCell,
+          nnqd.LSTM: QuantizedLSTM, nnqd.GRU: QuantizedGRU}
 _RESTORES = {fast: plain for plain, fast in _SWAPS.items()}
 _twins = {}  # (parametrized class, new base) -> its twin over that base
 _twin_origins = {}  # twin -> the parametrized class it was made from
@@ -633,7 +828,8 @@ def _swap_all(model, table, what):
 
 def accelerate(model):
     """Make every ``nn.LSTM``/``GRU``/``RNN`` and ``nn.LSTMCell``/``GRUCell``/``RNNCell``
-    in ``model`` (itself included) an lstmfast one.
+    in ``model`` (itself included) an lstmfast one, and every dynamically quantized
+    ``torch.ao.nn.quantized.dynamic.LSTM``/``GRU`` a ``QuantizedLSTM``/``QuantizedGRU``.
 
     The swap changes each module's class in place: parameters, buffers, hooks,
     parametrizations and the training flag stay exactly as they were. Subclasses of
@@ -647,3 +843,25 @@ def restore(model):
     """Undo ``accelerate``: every lstmfast module in ``model`` becomes the torch class it
     came from, with its parameters, hooks and state as they are. Returns ``model``."""
     return _swap_all(model, _RESTORES, "restore")
+
+
+def quantize_dynamic(model, qconfig_spec=None, dtype=torch.qint8, inplace=False):
+    """``torch.ao.quantization.quantize_dynamic`` followed by ``accelerate``: the
+    model's LSTM and GRU layers get torch's int8 weights and run on lstmfast's int8
+    kernels (the other modules are quantized exactly as torch's function does).
+    Arguments are torch's; ``dtype`` must be ``torch.qint8`` (torch.float16 layers
+    would run torch's kernels: use torch's function for them). Layers already
+    accelerated are quantized too. Returns the quantized model.
+    """
+    if dtype != torch.qint8:
+        raise ValueError(
+            f"quantize_dynamic: dtype must be torch.qint8 (lstmfast's int8 kernels), got {dtype}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"quantize_dynamic: model must be a torch.nn.Module, got {type(model).__name__}")
+    if not inplace:
+        model = copy.deepcopy(model)
+    restore(model)  # torch's function matches modules by their exact class
+    model = torch.ao.quantization.quantize_dynamic(model, qconfig_spec, dtype=dtype,
+                                                   inplace=True)
+    return accelerate(model)

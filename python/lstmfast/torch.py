@@ -475,12 +475,11 @@ def _autocast_serves(self, data):
 
 
 def _bfloat16_autocast_forward(self, input, hx, hx_list):
-    """A layer under CPU bfloat16 autocast. torch multiplies by bfloat16 weights and
-    returns bfloat16, except for the GRU, whose products autocast reaches inside
-    its float32 implementation: it returns float32. Here the weights are rounded to
-    bfloat16 once (until they change), state and gate math stay float32 (README
-    "Reduced precision"), and the results get torch's dtype. Training under
-    autocast needs torch's backward: torch's path."""
+    """A layer under CPU bfloat16 autocast: torch multiplies by bfloat16 weights.
+    Here the weights are rounded to bfloat16 once (until they change), state and
+    gate math stay float32 (README "Reduced precision"), and the results get the
+    dtypes torch gives them (_autocast_dtypes). Training under autocast needs
+    torch's backward: torch's path."""
     from . import reference
 
     needs_grad = torch.is_grad_enabled() and any(
@@ -500,6 +499,7 @@ def _bfloat16_autocast_forward(self, input, hx, hx_list):
                 for name, w in zip(names, weights)]
 
     reduced = _packed_for(self, key, make)
+    data_dtype = (input.data if isinstance(input, PackedSequence) else input).dtype
     as_float = [h.float() for h in hx_list]
     if isinstance(input, PackedSequence):
         input = PackedSequence(input.data.float(), input.batch_sizes, input.sorted_indices,
@@ -509,15 +509,29 @@ def _bfloat16_autocast_forward(self, input, hx, hx_list):
     hx = None if hx is None else (tuple(as_float) if self.mode == "LSTM" else as_float[0])
     with torch.autocast("cpu", enabled=False):
         output, state = _layer_forward_on(self, input, hx, as_float, reduced, names, True)
-    if self.mode == "GRU":
-        return output, state
+    out_dtype, h_dtype, c_dtype = _autocast_dtypes(self.mode, self.proj_size, data_dtype)
     if isinstance(output, PackedSequence):
-        output = PackedSequence(output.data.bfloat16(), output.batch_sizes,
+        output = PackedSequence(output.data.to(out_dtype), output.batch_sizes,
                                 output.sorted_indices, output.unsorted_indices)
     else:
-        output = output.bfloat16()
-    state = tuple(t.bfloat16() for t in state) if self.mode == "LSTM" else state.bfloat16()
-    return output, state
+        output = output.to(out_dtype)
+    if self.mode == "LSTM":
+        return output, (state[0].to(h_dtype), state[1].to(c_dtype))
+    return output, state.to(h_dtype)
+
+
+def _autocast_dtypes(mode, proj_size, input_dtype):
+    """The dtypes of (output, h_n, c_n) that torch's layer returns under CPU bfloat16
+    autocast (torch 2.13; tests/test_torch_quantized.py compares them with torch's
+    wherever torch's kernels run). Autocast lowers the LSTM and RNN ops to bfloat16,
+    but not the GRU, whose results keep the input's dtype; a projected LSTM's
+    float32 input keeps c_n in float32 (it never passes through the projection)."""
+    bf16 = torch.bfloat16
+    if mode == "GRU":
+        return input_dtype, input_dtype, None
+    if mode == "LSTM":
+        return bf16, bf16, torch.float32 if proj_size and input_dtype == torch.float32 else bf16
+    return bf16, bf16, None
 
 
 class LSTM(_FastRNNMixin, nn.LSTM):

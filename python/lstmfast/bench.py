@@ -34,7 +34,7 @@ SHAPES = {
 CELLS = ("LSTM", "GRU")
 MODES = ("inference", "training")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
-_PAUSE = 0.2  # seconds between timed blocks (see time_case)
+_PAUSE = 0.2  # seconds between timed blocks (see time_interleaved)
 
 
 def forward_flops(cell, T, N, I, H):
@@ -279,11 +279,17 @@ def time_case(case, impls, rounds, min_time, torch, limiter):
         runners["reference"] = ref_run
     if "torch" in impls and torch is not None:
         runners["torch"] = _torch_runner(torch, case, state, x, d_out)
+    return time_interleaved(runners, case.threads, rounds, min_time, torch, limiter)
 
-    lstmfast.set_num_threads(case.threads)
+
+def time_interleaved(runners, threads, rounds, min_time, torch, limiter):
+    """Median seconds per call of each runner (name -> function of no argument), timed in
+    interleaved rounds at ``threads`` threads. A runner named "reference" gets only
+    ``rounds`` blocks."""
+    lstmfast.set_num_threads(threads)
     if torch is not None:
-        torch.set_num_threads(case.threads)
-    limit = limiter(limits=case.threads, user_api="blas") if limiter else None
+        torch.set_num_threads(threads)
+    limit = limiter(limits=threads, user_api="blas") if limiter else None
     try:
         times = {name: [] for name in runners}
         # Rounds of blocks: each implementation runs a block of calls in turn, so

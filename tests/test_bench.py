@@ -7,7 +7,9 @@ test's); their presence, consistency and the ceilings they are compared with are
 
 import importlib.util
 import json
+import sys
 
+import numpy as np
 import pytest
 
 from conftest import BACKENDS
@@ -163,3 +165,139 @@ def test_every_model_agrees_and_measures_in_process(name, tmp_path, bench_models
             alone = bench_models.measure_rnn_alone(_tiny_job(bench_models, name, mode, impl))
             assert alone["seconds"] > 0 and alone["calls"] == len(rnn_calls)
             assert ("step_seconds" in alone) == (mode == "training")
+
+
+# --- python -m lstmfast.bench --peers ---------------------------------------------
+
+@pytest.fixture
+def bench_peers(monkeypatch):
+    from lstmfast import bench_peers
+
+    # Blocks of one call at tiny sizes: the pause for spinning thread pools would be
+    # nearly all of the test's time.
+    monkeypatch.setattr(bench, "_PAUSE", 0.0)
+    return bench_peers
+
+
+def _run_peers(tmp_path, *options):
+    out_json = tmp_path / "peers.json"
+    rc = bench.main(["--peers", "--tiny", "--threads", "1", "--rounds", "1", "--min-time", "0",
+                     "--json", str(out_json), *options])
+    assert rc == 0
+    return json.loads(out_json.read_text())
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("cell", ["LSTM", "GRU"])
+def test_onnx_graph_computes_torch_layer(cell, bias, bench_peers):
+    torch = pytest.importorskip("torch")
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    T, N, I, H = 6, 3, 5, 7  # noqa: E741  (I != H: a transposed weight cannot pass)
+    module = getattr(torch.nn, cell)(I, H, bias=bias).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            # Biases as large as the weights' products: a bias in the wrong gate must show.
+            p.copy_(torch.randn(p.shape, generator=generator) * (1.0 if name.startswith("bias") else 0.5))
+    state = {k: v.numpy() for k, v in module.state_dict().items()}
+    x = np.random.default_rng(1).standard_normal((T, N, I)).astype(np.float32)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x))[0].numpy()
+
+    model = bench_peers.onnx_model(cell, state, I, H)
+    assert [n.input for n in model.graph.node][0][-1] == ("B" if bias else "R")
+    (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x})
+    assert y.shape == (T, 1, N, H)
+    err = np.abs(y[:, 0] - expected).max()
+    assert err <= 1e-4, f"{cell}: ORT differs from torch by {err:.3g}"
+
+
+def test_onnx_graph_refuses_what_one_node_cannot_hold(bench_peers):
+    state = {"weight_ih_l0": np.zeros((8, 3)), "weight_hh_l0": np.zeros((8, 2)),
+             "weight_ih_l0_reverse": np.zeros((8, 3)), "weight_hh_l0_reverse": np.zeros((8, 2))}
+    with pytest.raises(ValueError, match="one direction"):
+        bench_peers.onnx_model("LSTM", state, 3, 2)
+    with pytest.raises(ValueError, match="LSTM or GRU"):
+        bench_peers.onnx_model("RNN", state, 3, 2)
+
+
+def test_peers_time_every_precision_on_a_tiny_shape(tmp_path, capsys, bench_peers):
+    pytest.importorskip("torch")
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import lstmfast
+
+    data = _run_peers(tmp_path)
+    printed = capsys.readouterr().out
+    simd = lstmfast._config.simd_target()
+    for text in ("simd_target", "onnxruntime", "torch quantized engine", "vs torch", "vs ORT", "int8/float32",
+                 f"peers, inference, 1 thread, simd {simd}:", "lstmfast int8 vs torch int8: geomean",
+                 "lstmfast float32 vs onnxruntime float32: geomean"):
+        assert text in printed, text
+
+    lstmfast_keys = {"lstmfast float32"} | (
+        {"lstmfast int8", "lstmfast bfloat16"} if hasattr(lstmfast, "quantize") else set())
+    rows = {r["cell"]: r for r in data["results"]}
+    assert sorted(rows) == ["GRU", "LSTM"]
+    peers = {"torch float32", "torch int8", "torch bfloat16", "onnxruntime float32"}
+    assert set(rows["LSTM"]["seconds"]) == lstmfast_keys | peers | {"onnxruntime int8"}
+    # ORT has no integer GRU: its quantize_dynamic leaves the node alone, and the bench says so.
+    assert set(rows["GRU"]["seconds"]) == lstmfast_keys | peers
+    assert any("onnxruntime int8 GRU" in note and "float32" in note for note in data["notes"])
+    assert any("DynamicQuantizeLSTM" in note for note in data["notes"])
+
+    for r in data["results"]:
+        assert r["simd_target"] == simd and r["threads"] == 1
+        assert all(s > 0 for s in r["seconds"].values())
+        for name, diff in r["max_rel_diff"].items():
+            precision = name.split()[1]
+            assert diff <= bench_peers.TOLERANCE[precision], name
+            if precision != "float32":
+                # really reduced: a peer that quietly stayed float32 would agree to 1e-6
+                assert diff > 1e-5, name
+        s = r["seconds"]
+        for ratio_name, ratio in r["ratios"].items():
+            mine, theirs = ratio_name.split(" vs ")
+            assert ratio == pytest.approx(s[theirs] / s[f"lstmfast {mine}"]), ratio_name
+        assert "float32 vs torch float32" in r["ratios"] and "float32 vs onnxruntime float32" in r["ratios"]
+        if "lstmfast int8" in s:
+            assert {"int8 vs torch int8", "int8 vs torch float32", "bfloat16 vs torch bfloat16"} <= set(r["ratios"])
+    assert "int8 vs onnxruntime int8" in rows["LSTM"]["ratios"]
+    assert "int8 vs onnxruntime int8" not in rows["GRU"]["ratios"]
+    assert data["summary"]["float32 vs torch float32, 1 threads"]["cases"] == 2
+
+
+@pytest.mark.parametrize("missing", ["onnxruntime", "torch", "lstmfast.quantize"])
+def test_peers_skip_a_missing_package_with_a_note(missing, tmp_path, capsys, monkeypatch, bench_peers):
+    import lstmfast
+
+    installed = {who for who in ("torch", "onnxruntime") if importlib.util.find_spec(who)}
+    if missing == "lstmfast.quantize":
+        monkeypatch.delattr(lstmfast, "quantize", raising=False)
+    else:
+        # None in sys.modules makes `import` raise ImportError, as when it is not installed.
+        monkeypatch.setitem(sys.modules, missing, None)
+    data = _run_peers(tmp_path, "--cells", "LSTM")
+    printed = capsys.readouterr().out
+
+    (row,) = data["results"]
+    assert "lstmfast float32" in row["seconds"]
+    if missing == "lstmfast.quantize":
+        gone, note = {"lstmfast int8", "lstmfast bfloat16"}, "lstmfast int8: this lstmfast has no lstmfast.quantize"
+    else:
+        gone = {f"{missing} {p}" for p in ("float32", "int8", "bfloat16")}
+        note = f"{missing}: not installed" if missing == "torch" else "onnxruntime: onnxruntime is not installed"
+    assert not gone & set(row["seconds"]) and not gone & set(row["max_rel_diff"])
+    assert not any(name.split(" vs ")[1] in gone or f"lstmfast {name.split()[0]}" in gone for name in row["ratios"])
+    assert note in printed and any(n.startswith(note) for n in data["notes"])
+    # the peers that are there still run
+    for who in installed - {missing}:
+        assert f"{who} float32" in row["seconds"], who
+
+
+def test_peers_refuse_training_and_the_grid_only_options(bench_peers, capsys):
+    for options in (["--modes", "training"], ["--memory"]):
+        with pytest.raises(SystemExit):
+            bench.main(["--peers", "--tiny", *options])
+    assert "--peers" in capsys.readouterr().err

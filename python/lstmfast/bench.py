@@ -7,7 +7,9 @@ of each case is checked against the reference.
 
 The grid is the one in DESIGN.md: float32, one layer, one direction unless said.
 ``--models`` times whole torch models instead, torch against ``accelerate(model)``,
-one process per measurement (see ``lstmfast.bench_models``).
+one process per measurement (see ``lstmfast.bench_models``). ``--peers`` times
+inference against torch and ONNX Runtime, in float32, int8 and bfloat16 (see
+``lstmfast.bench_peers``).
 """
 
 import argparse
@@ -354,7 +356,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="a reduced grid that finishes in under a minute; with --models, fewer repeats")
     parser.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS))
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, help="default: both")
     parser.add_argument("--threads", nargs="+", type=int,
                         help="thread counts (default: 1 2, and 2 with --models)")
     parser.add_argument("--rounds", type=int, default=5, help="minimum timed rounds per case")
@@ -370,14 +372,18 @@ def main(argv=None):
                         help="instead of the grid, time whole torch models against accelerate(model), one fresh "
                              "process per measurement; all of them, or a comma-separated subset of: "
                              "crnn, gru_forecaster, bilstm3, deepspeech, wavernn_gen, tacotron_dec, cell_loop")
+    parser.add_argument("--peers", action="store_true",
+                        help="instead of the grid, time inference against what a user would pick instead: "
+                             "torch float32, int8 (quantize_dynamic) and bfloat16 (autocast), ONNX Runtime "
+                             "float32 and int8, against lstmfast float32 and lstmfast.quantize's int8 and bfloat16")
     parser.add_argument("--tiny", action="store_true",
-                        help="with --models: tiny sizes, to test the command (the figures mean nothing)")
+                        help="with --models or --peers: tiny sizes, to test the command (the figures mean nothing)")
     args = parser.parse_args(argv)
 
     if args.models is not None:
         return _main_models(parser, args)
-    if args.tiny:
-        parser.error("--tiny goes with --models")
+    if args.tiny and not args.peers:
+        parser.error("--tiny goes with --models or --peers")
     args.threads = args.threads or [1, 2]
 
     if args.quick:
@@ -387,6 +393,9 @@ def main(argv=None):
         args.no_variants = True
     if any(t < 1 for t in args.threads):
         parser.error("--threads must be positive")
+    if args.peers:
+        return _main_peers(parser, args)
+    args.modes = args.modes or list(MODES)
 
     torch = None if args.no_torch else _try_import_torch()
     limiter = _blas_thread_limiter()
@@ -487,6 +496,17 @@ def _main_models(parser, args):
     if any(t < 1 for t in threads):
         parser.error("--threads must be positive")
     return bench_models.run(names, threads, quick=args.quick, tiny=args.tiny, json_path=args.json)
+
+
+def _main_peers(parser, args):
+    if args.plot or args.memory:
+        parser.error("--peers: --plot and --memory do not apply")
+    if args.modes and args.modes != ["inference"]:
+        parser.error("--peers times inference only")
+    from lstmfast import bench_peers
+
+    return bench_peers.run(args.cells, args.shapes, args.threads, args.rounds, args.min_time,
+                           no_torch=args.no_torch, tiny=args.tiny, json_path=args.json)
 
 
 def _geomean(values):

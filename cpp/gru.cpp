@@ -52,7 +52,7 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
   const int64_t ldx = x_projection_stride(buf, H);
-  weight_product(buf.xproj, ldx, x, w.W_ih, w.W_ih_r, x_rows(s), s.I, GH, buf, s.threads);
+  direct_input_projection(buf.xproj, ldx, x, w, GH, buf, s);
   gather_state(buf.h, h0, H, walk);
   for (int64_t k = 0; k < S; ++k) {
     const int64_t n = walk.active(k);

@@ -50,7 +50,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
   const int64_t N = s.N, H = s.H, P = s.P, H_out = h_out(s), GH = 4 * H, S = steps_of(s);
   const bool direct = direct_weights(s) || (w.W_hh_r != nullptr);
   if (direct)
-    weight_product(buf.xproj, GH, x, w.W_ih, w.W_ih_r, x_rows(s), s.I, GH, buf, s.threads);
+    direct_input_projection(buf.xproj, GH, x, w, GH, buf, s);
   else
     input_projection(buf.xproj, x, w.W_ih, GH, s);
   const bool small = !direct && uses_small_gemm(s);

@@ -379,6 +379,19 @@ inline void weight_product(Real* C, int64_t ldc, const Real* A, const Real* Wm,
   direct_gemm(C, ldc, A, Wm, n, K, M, threads);
 }
 
+// The direct path's input projection xproj = x W_ih^T (rows ldx apart): in place
+// for a short call or reduced weights, else one OpenBLAS GEMM over all rows (a
+// bfloat16 layer gets W_ih widened to float32 for that: stack.cpp).
+template <typename Real>
+inline void direct_input_projection(Real* xproj, int64_t ldx, const Real* x,
+                                    const LayerWeights<Real>& w, int64_t GH,
+                                    const LayerBuffers<Real>& buf, const LayerShape& s) {
+  if (w.W_ih_r || direct_weights(s))
+    weight_product(xproj, ldx, x, w.W_ih, w.W_ih_r, x_rows(s), s.I, GH, buf, s.threads);
+  else
+    gemm<Real>(false, true, x_rows(s), GH, s.I, Real(1), x, s.I, w.W_ih, s.I, Real(0), xproj, ldx);
+}
+
 // ---------------------------------------------------------------------------
 // What every cell's layer does on the pool; the cells give the per-step part.
 

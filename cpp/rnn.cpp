@@ -32,7 +32,7 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
                     const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, S = steps_of(s);
-  weight_product(buf.xproj, H, x, w.W_ih, w.W_ih_r, x_rows(s), s.I, H, buf, s.threads);
+  direct_input_projection(buf.xproj, H, x, w, H, buf, s);
   gather_state(buf.h, h0, H, walk);
   for (int64_t k = 0; k < S; ++k) {
     const int64_t n = walk.active(k);

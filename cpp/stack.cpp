@@ -125,6 +125,60 @@ void check_reduced(const Params<Real>* params, const StackShape& s) {
   }
 }
 
+// W [M, K] row-major float32 from a packed bfloat16 matrix (lstmfast.h): each
+// 32-bit lane of a panel holds k and k + 1 of one row, which become the floats
+// (lane << 16) and (lane & 0xFFFF0000). Row by row: the 16 rows of a panel
+// written side by side are 4 KB apart for K = 1024, where L1 has only a few lines
+// for all of them (measured 4 ns per weight that way, K = 512).
+void widen_bf16(float* W, const ReducedMatrix& r) {
+  const int64_t pairs = r.K_padded / 2;
+  std::vector<uint32_t> row(static_cast<size_t>(2 * pairs));
+  for (int64_t m = 0; m < r.M; ++m) {
+    const uint32_t* lanes = reinterpret_cast<const uint32_t*>(r.bf16) +
+                            (m / kReducedPanel) * pairs * kReducedPanel + m % kReducedPanel;
+    for (int64_t j = 0; j < pairs; ++j) {
+      const uint32_t both = lanes[j * kReducedPanel];
+      row[2 * j] = both << 16;
+      row[2 * j + 1] = both & 0xFFFF0000u;
+    }
+    std::memcpy(W + m * r.K, row.data(), static_cast<size_t>(r.K) * sizeof(float));
+  }
+}
+
+// Rows from which a bfloat16 product runs faster on its weights widened to
+// float32 once per call (OpenBLAS's sgemm, or the fused float path) than in
+// place: in place, every row tile widens the weights again in registers, and
+// with AVX2 nothing multiplies bfloat16 itself. Below it (a short call, whose
+// products run in place anyway: cell.h's kDirectRowSteps), and for the step of
+// a few rows, the kernels stream half the bytes of float32.
+constexpr int64_t kWidenBf16Rows = 32;
+// Batch rows up to which the step multiplies by bfloat16 weights in place (as
+// cell.h's kSmallGemmRows); with more, the whole layer runs on widened weights.
+constexpr int64_t kBf16InPlaceBatch = 4;
+
+// Scratch for the float32 forms of a bfloat16 layer's weights (null: not widened).
+struct WideWeights {
+  float* W_ih = nullptr;
+  float* W_hh = nullptr;
+  float* W_hr = nullptr;
+};
+
+// Points w at widened float32 weights for the products that take them.
+template <typename Real>
+void widen_weights(LayerWeights<Real>& w, const WideWeights& wide) {
+  if constexpr (std::is_same<Real, float>::value) {
+    auto widen = [](const float*& W, const ReducedMatrix*& r, float* into) {
+      if (!into || !r) return;
+      widen_bf16(into, *r);
+      W = into;
+      r = nullptr;
+    };
+    widen(w.W_ih, w.W_ih_r, wide.W_ih);
+    widen(w.W_hh, w.W_hh_r, wide.W_hh);
+    widen(w.W_hr, w.W_hr_r, wide.W_hr);
+  }
+}
+
 // Rows sorted by length, longest first (stable), so the rows still running at
 // any step are a prefix. Both stay empty when every row has all T steps (the
 // fast path); rows stays empty when the order is already sorted.
@@ -344,6 +398,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   // projection (and, for inference, two slots of state); for inference two
   // buffers between layers, used in turn.
   LayerBuffers<Real> scratch[2];
+  WideWeights wide[2];  // bfloat16 weights widened for this call (see kWidenBf16Rows)
   Real* between[2] = {nullptr, nullptr};
   Real* packed_in = nullptr;  // with lengths: the running rows of a layer's input
   // A training LSTM or GRU in x's order projects its inputs straight into its
@@ -355,11 +410,23 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   const bool reduced = params[0].W_hh_r != nullptr;
   const bool int8 = reduced && params[0].W_hh_r->precision == Precision::Int8;
   const int64_t widest = std::max({s.I, D * H_out, H});
+  // bfloat16 layers: which products run on weights widened to float32 (see
+  // kWidenBf16Rows). The step's product when the batch is more than a few rows
+  // (then the layer takes the float path whole), the input projection when it
+  // has many rows.
+  const bool bf16 = reduced && !int8;
+  const bool widen_all = bf16 && N > kBf16InPlaceBatch;
+  const bool widen_input = bf16 && (widen_all || (c.offsets.empty() ? T * N : c.offsets[T]) >= kWidenBf16Rows);
   carve_scratch([&](Carver& cv) {
     for (int64_t d = 0; d < D; ++d) {
       if (!(project_into_gates && d == 0)) scratch[d].xproj = cv.take<Real>(T * N * GH);
       scratch[d].rec = cv.take<Real>(N * GH);
-      if (reduced) {
+      if (widen_input) wide[d].W_ih = cv.take<float>(GH * widest);
+      if (widen_all) {
+        wide[d].W_hh = cv.take<float>(GH * H_out);
+        if (P) wide[d].W_hr = cv.take<float>(P * H);
+      }
+      if (reduced && !widen_all) {
         if (int8) {
           scratch[d].act_q = cv.take<uint8_t>(T * N * ((widest + 3) / 4 * 4));
           scratch[d].act_scale = cv.take<float>(T * N);
@@ -405,9 +472,11 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       b.act_q = scratch[d].act_q;
       b.act_scale = scratch[d].act_scale;
       b.act_zero = scratch[d].act_zero;
+      LayerWeights<Real> w = c.weights[i];
+      widen_weights(w, wide[d]);
       cell.forward(out + d * H_out, D * H_out, h_n + i * N * H_out, c_n ? c_n + i * N * H : nullptr,
                    b, layer_in, h0 ? h0 + i * N * H_out : nullptr, c0 ? c0 + i * N * H : nullptr,
-                   c.weights[i], layer_shape(c, k, d));
+                   w, layer_shape(c, k, d));
     });
     if (k < L - 1 && !c.masks.empty()) multiply(out, c.masks[k], Y);
     in = out;

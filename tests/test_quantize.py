@@ -165,12 +165,13 @@ def layer_pair(cls_name, options, precision, I=11, H=16, seed=5):  # noqa: E741
 
 @needs_fused
 @pytest.mark.parametrize("cls_name, options", CONFIGS)
-def test_bfloat16_layers_match_the_reference(simd_target, cls_name, options):
+@pytest.mark.parametrize("T, N", [(9, 5), (12, 3), (5, 2)],
+                         ids=["widened", "input-widened", "in-place"])  # stack.cpp: kWidenBf16Rows
+def test_bfloat16_layers_match_the_reference(simd_target, cls_name, options, T, N):
     # bfloat16 quantizes nothing per call, so every step, length, direction and
     # layer is compared at float32's tolerance.
     fused, numpy = layer_pair(cls_name, options, "bfloat16")
     rng = np.random.default_rng(6)
-    T, N = 9, 5
     x = rng.standard_normal((N, T, 11) if fused.batch_first else (T, N, 11)).astype(np.float32)
     for lengths in (None, rng.integers(1, T + 1, N)):
         assert_close(fused(x, lengths=lengths)[0], numpy(x, lengths=lengths)[0], 1e-5)

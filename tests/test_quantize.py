@@ -346,4 +346,7 @@ def test_reduced_layers_serve_several_threads_at_once(precision, threads_restore
     for t in threads:
         t.join()
     for got, want in zip(results, expected):
-        np.testing.assert_array_equal(got, want)
+        if precision == "int8":  # exact integer sums: identical however the work was cut
+            np.testing.assert_array_equal(got, want)
+        else:  # OpenBLAS may take another thread count when the cores are busy
+            assert_close(got, want, 1e-5)

@@ -78,23 +78,45 @@ inline void store_panel_row(float* c, const float* out, int64_t columns) {
 
 #if defined(__AVX2__)
 
-// int8: R rows x 16 outputs, two vectors of 8 int32 sums per row.
+// int8: R rows x 16 outputs, two vectors of 8 int32 sums per row. Two groups of
+// 4 k per pass, summed apart before they join the row's sums: the chain of adds
+// into each accumulator is then half as long (measured with AVX2, R = 4,
+// K = 512: 42 GMAC/s one group per pass, 58-76 two; four per pass spilled).
 template <int R>
 inline void int8_tile(float* C, int64_t ldc, const uint8_t* q, int64_t ldq, const float* sa,
                       const int32_t* za, const int8_t* panel, int64_t groups, const float* scale,
                       const int32_t* row_sum, int64_t columns) {
   const __m256i ones = _mm256_set1_epi16(1);
+  auto weights = [&](int64_t g, int half) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + g * 64 + half * 32));
+  };
+  auto activations = [&](int r, int64_t g) {
+    int32_t four;
+    __builtin_memcpy(&four, q + r * ldq + g * 4, 4);
+    return _mm256_set1_epi32(four);
+  };
+  // u8 x s8 products of one group, 4 per int32 lane (pairs summed in int16 first)
+  auto products = [&](__m256i a, __m256i w) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, w), ones);
+  };
   __m256i acc[R][2];
   for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-  for (int64_t g = 0; g < groups; ++g) {
-    const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + g * 64));
-    const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + g * 64 + 32));
+  int64_t g = 0;
+  for (; g + 2 <= groups; g += 2) {
+    const __m256i w00 = weights(g, 0), w01 = weights(g, 1);
+    const __m256i w10 = weights(g + 1, 0), w11 = weights(g + 1, 1);
     for (int r = 0; r < R; ++r) {
-      int32_t four;
-      __builtin_memcpy(&four, q + r * ldq + g * 4, 4);
-      const __m256i a = _mm256_set1_epi32(four);
-      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(a, w0), ones));
-      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(a, w1), ones));
+      const __m256i a0 = activations(r, g), a1 = activations(r, g + 1);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], _mm256_add_epi32(products(a0, w00), products(a1, w10)));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], _mm256_add_epi32(products(a0, w01), products(a1, w11)));
+    }
+  }
+  if (g < groups) {
+    const __m256i w0 = weights(g, 0), w1 = weights(g, 1);
+    for (int r = 0; r < R; ++r) {
+      const __m256i a = activations(r, g);
+      acc[r][0] = _mm256_add_epi32(acc[r][0], products(a, w0));
+      acc[r][1] = _mm256_add_epi32(acc[r][1], products(a, w1));
     }
   }
   for (int r = 0; r < R; ++r) {

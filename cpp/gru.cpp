@@ -71,6 +71,32 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
   scatter_state(h_n, buf.h + slot(S, kTraining) * N * H, H, walk);
 }
 
+// The forward of an inference layer with reduced weights (reduced_steps): float32
+// only, as reduced weights are.
+template <typename Real>
+void forward_reduced(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
+                     const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
+  if constexpr (std::is_same<Real, float>::value) {
+    const Walk walk(s);
+    const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
+    direct_input_projection(buf.xproj, GH, x, w, GH, buf, s);
+    gather_state(buf.h, h0, H, walk);
+    reduced_steps(buf, *w.W_hh_r, s, [&](int64_t k, int64_t n, int64_t b0, int64_t b1) {
+      const Real* h_prev = buf.h + (k & 1) * N * H;
+      Real* h_next = buf.h + ((k + 1) & 1) * N * H;
+      for (int64_t b = b0; b < b1; ++b) {
+        if (b < n)
+          gru_forward_row<Real, false>(h_next + b * H, y + walk.at(k, b) * ldy, nullptr,
+                                       buf.xproj + walk.x_row(k, b) * GH, buf.rec + b * GH,
+                                       w.bias, w.b_hn, h_prev + b * H, H);
+        else
+          copy_row(h_next + b * H, h_prev + b * H, H);
+      }
+    });
+    scatter_state(h_n, buf.h + (S & 1) * N * H, H, walk);
+  }
+}
+
 // The forward on the persistent pool (as lstm.cpp's forward_fused): each thread
 // owns a range of unit blocks, and the micro-kernel's epilogue does the gate math.
 template <typename Real, bool kTraining>
@@ -178,8 +204,10 @@ template <typename Real>
 void gru_forward(Real* y, int64_t ldy, Real* h_n, Real* /*c_n*/, const LayerBuffers<Real>& buf,
                  const Real* x, const Real* h0, const Real* /*c0*/, const LayerWeights<Real>& w,
                  const LayerShape& s) {
-  const bool direct = direct_weights(s) || (w.W_hh_r != nullptr);
-  if (direct && s.training)
+  const bool direct = direct_weights(s);
+  if (w.W_hh_r)
+    forward_reduced<Real>(y, ldy, h_n, buf, x, h0, w, s);
+  else if (direct && s.training)
     forward_direct<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
   else if (direct)
     forward_direct<Real, false>(y, ldy, h_n, buf, x, h0, w, s);

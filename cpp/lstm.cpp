@@ -152,6 +152,39 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
   scatter_state(c_n, buf.c + slot(S, kTraining) * N * H, H, walk);
 }
 
+// The forward of an inference layer with reduced weights and no projection
+// (reduced_steps): float32 only, as reduced weights are.
+template <typename Real>
+void forward_reduced(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
+                     const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
+                     const LayerShape& s) {
+  if constexpr (std::is_same<Real, float>::value) {
+    const Walk walk(s);
+    const int64_t N = s.N, H = s.H, GH = 4 * H, S = steps_of(s);
+    direct_input_projection(buf.xproj, GH, x, w, GH, buf, s);
+    gather_state(buf.h, h0, H, walk);
+    gather_state(buf.c, c0, H, walk);
+    reduced_steps(buf, *w.W_hh_r, s, [&](int64_t k, int64_t n, int64_t b0, int64_t b1) {
+      const Real* h_prev = buf.h + (k & 1) * N * H;
+      Real* h_next = buf.h + ((k + 1) & 1) * N * H;
+      const Real* c_prev = buf.c + (k & 1) * N * H;
+      Real* c_next = buf.c + ((k + 1) & 1) * N * H;
+      for (int64_t b = b0; b < b1; ++b) {
+        if (b < n) {
+          lstm_forward_row<Real, false>(c_next + b * H, h_next + b * H, y + walk.at(k, b) * ldy,
+                                        nullptr, buf.xproj + walk.x_row(k, b) * GH,
+                                        buf.rec + b * GH, w.bias, c_prev + b * H, H);
+        } else {  // finished rows keep their state (see forward_steps)
+          copy_row(h_next + b * H, h_prev + b * H, H);
+          copy_row(c_next + b * H, c_prev + b * H, H);
+        }
+      }
+    });
+    scatter_state(h_n, buf.h + (S & 1) * N * H, H, walk);
+    scatter_state(c_n, buf.c + (S & 1) * N * H, H, walk);
+  }
+}
+
 // Backward of one row of one step.
 //   dG: [4H] out: gradient of the pre-activations (i, f, g, o)
 //   dc: [H] in: gradient of c'; out: gradient of c
@@ -215,7 +248,9 @@ template <typename Real>
 void lstm_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                   const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
                   const LayerShape& s) {
-  if (s.P == 0 && !direct_weights(s) && !(w.W_hh_r != nullptr)) {
+  if (s.P == 0 && w.W_hh_r != nullptr) {
+    forward_reduced<Real>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  } else if (s.P == 0 && !direct_weights(s) && w.W_hh_r == nullptr) {
     if (s.training)
       forward_fused<Real, true>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
     else

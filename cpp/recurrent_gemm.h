@@ -379,6 +379,52 @@ inline void weight_product(Real* C, int64_t ldc, const Real* A, const Real* Wm,
   direct_gemm(C, ldc, A, Wm, n, K, M, threads);
 }
 
+// The steps of an inference layer with reduced W_hh and no projection, in one
+// pool job (few products per step and a job each, as the direct path has, paid
+// a wake-up per step and left the gate math to one thread). Every step:
+//   1. each thread multiplies h of the step (quantized, for int8) by its panels
+//      of W_hh for all running rows, into buf.rec;
+//   2. after a barrier, each thread runs step_rows(k, n, b0, b1) on its share
+//      b0..b1-1 of the N rows: the cell's gate math for the running ones
+//      (b < n) and the state copy of finished ones, writing h of step k + 1 in
+//      slot (k + 1) & 1 of buf.h; then quantizes those rows of it (int8);
+//   3. a barrier, as h of step k + 1 is read whole by every thread.
+// Below kReducedSerialWork multiply-adds per step the calling thread does it all.
+template <typename StepRows>
+inline void reduced_steps(const LayerBuffers<float>& buf, const ReducedMatrix& W_hh,
+                          const LayerShape& s, StepRows&& step_rows) {
+  const Walk walk(s);
+  const int64_t N = s.N, K = W_hh.K, S = steps_of(s);
+  const bool int8 = W_hh.precision == Precision::Int8;
+  auto quantize = [&](int64_t k, int64_t b0, int64_t b1) {
+    if (int8)
+      quantize_rows(buf.act_q, W_hh.K_padded, buf.act_scale, buf.act_zero,
+                    buf.h + (k & 1) * N * K, K, b0, b1, K);
+  };
+  auto body = [&](int tid, int nt) {
+    const int64_t p0 = W_hh.panels * tid / nt, p1 = W_hh.panels * (tid + 1) / nt;
+    const int64_t b0 = N * tid / nt, b1 = N * (tid + 1) / nt;
+    quantize(0, b0, b1);
+    pool_barrier();
+    for (int64_t k = 0; k < S; ++k) {
+      const int64_t n = walk.active(k);
+      if (int8)
+        int8_panels(buf.rec, W_hh.M, buf.act_q, W_hh.K_padded, buf.act_scale, buf.act_zero, n,
+                    W_hh, p0, p1);
+      else
+        bf16_panels(buf.rec, W_hh.M, buf.h + (k & 1) * N * K, K, n, W_hh, p0, p1);
+      pool_barrier();
+      step_rows(k, n, b0, b1);
+      quantize(k + 1, b0, b1);
+      pool_barrier();
+    }
+  };
+  if (s.threads <= 1 || N * W_hh.M * K < kReducedSerialWork)
+    body(0, 1);
+  else
+    run_on_pool(s.threads, body);
+}
+
 // The direct path's input projection xproj = x W_ih^T (rows ldx apart): in place
 // for a short call or reduced weights, else one OpenBLAS GEMM over all rows (a
 // bfloat16 layer gets W_ih widened to float32 for that: stack.cpp).

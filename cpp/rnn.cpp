@@ -49,6 +49,31 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
   scatter_state(h_n, buf.h + slot(S, s.training) * N * H, H, walk);
 }
 
+// The forward of an inference layer with reduced weights (reduced_steps): float32
+// only, as reduced weights are.
+template <typename Real, bool kRelu>
+void forward_reduced(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
+                     const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
+  if constexpr (std::is_same<Real, float>::value) {
+    const Walk walk(s);
+    const int64_t N = s.N, H = s.H, S = steps_of(s);
+    direct_input_projection(buf.xproj, H, x, w, H, buf, s);
+    gather_state(buf.h, h0, H, walk);
+    reduced_steps(buf, *w.W_hh_r, s, [&](int64_t k, int64_t n, int64_t b0, int64_t b1) {
+      const Real* h_prev = buf.h + (k & 1) * N * H;
+      Real* h_next = buf.h + ((k + 1) & 1) * N * H;
+      for (int64_t b = b0; b < b1; ++b) {
+        if (b < n)
+          rnn_forward_row<Real, kRelu>(h_next + b * H, y + walk.at(k, b) * ldy,
+                                       buf.xproj + walk.x_row(k, b) * H, buf.rec + b * H, w.bias, H);
+        else
+          copy_row(h_next + b * H, h_prev + b * H, H);
+      }
+    });
+    scatter_state(h_n, buf.h + (S & 1) * N * H, H, walk);
+  }
+}
+
 // The forward on the persistent pool (forward_on_pool), as lstm.cpp's.
 template <typename Real, bool kRelu>
 void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
@@ -127,8 +152,12 @@ template <typename Real>
 void rnn_forward(Real* y, int64_t ldy, Real* h_n, Real* /*c_n*/, const LayerBuffers<Real>& buf,
                  const Real* x, const Real* h0, const Real* /*c0*/, const LayerWeights<Real>& w,
                  const LayerShape& s) {
-  const bool direct = direct_weights(s) || (w.W_hh_r != nullptr);
-  if (direct && s.relu)
+  const bool direct = direct_weights(s);
+  if (w.W_hh_r && s.relu)
+    forward_reduced<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
+  else if (w.W_hh_r)
+    forward_reduced<Real, false>(y, ldy, h_n, buf, x, h0, w, s);
+  else if (direct && s.relu)
     forward_direct<Real, true>(y, ldy, h_n, buf, x, h0, w, s);
   else if (direct)
     forward_direct<Real, false>(y, ldy, h_n, buf, x, h0, w, s);

@@ -140,8 +140,8 @@ def _tiny_job(bench_models, name, mode, impl):
     return {"model": name, "mode": mode, "impl": impl, "threads": 1, "tiny": True, "repeats": repeats.__dict__}
 
 
-@pytest.mark.parametrize("name", ["crnn", "gru_forecaster", "bilstm3", "deepspeech", "wavernn_gen", "tacotron_dec",
-                                  "cell_loop"])
+@pytest.mark.parametrize("name", ["crnn", "crnn_int8", "gru_forecaster", "bilstm3", "deepspeech", "wavernn_gen",
+                                  "tacotron_dec", "cell_loop"])
 def test_every_model_agrees_and_measures_in_process(name, tmp_path, bench_models, torch_threads_restored):
     # The workers' own functions, in this process and at tiny sizes: every model builds,
     # its accelerated outputs (and gradients) agree with torch's, and each measure is sane.
@@ -149,7 +149,11 @@ def test_every_model_agrees_and_measures_in_process(name, tmp_path, bench_models
     path = tmp_path / "outputs.npz"
     bench_models.model_outputs(name, True, 1, str(path))
     error, where = bench_models.compare_outputs(bench_models.load_check_outputs(path))
-    assert error <= bench_models.AGREEMENT_RTOL, f"{name}: {where} differs by {error:.3g}"
+    assert error <= spec.agreement_rtol, f"{name}: {where} differs by {error:.3g}"
+    if name == "crnn_int8":  # torch's int8 LSTMs, run by lstmfast's int8 kernels once accelerated
+        model, _, _ = bench_models.build(name, tiny=True)
+        assert {type(m).__name__ for m in bench_models.rnn_modules(model)} == {"LSTM"}
+        assert bench_models.accelerated_count(lstmfast_torch().accelerate(model)) == 2
 
     model, inputs, _ = bench_models.build(name, tiny=True)
     rnn_calls = []
@@ -165,6 +169,12 @@ def test_every_model_agrees_and_measures_in_process(name, tmp_path, bench_models
             alone = bench_models.measure_rnn_alone(_tiny_job(bench_models, name, mode, impl))
             assert alone["seconds"] > 0 and alone["calls"] == len(rnn_calls)
             assert ("step_seconds" in alone) == (mode == "training")
+
+
+def lstmfast_torch():
+    import lstmfast.torch
+
+    return lstmfast.torch
 
 
 # --- python -m lstmfast.bench --peers ---------------------------------------------

@@ -371,7 +371,8 @@ def main(argv=None):
     parser.add_argument("--models", nargs="?", const="all", metavar="NAME,...",
                         help="instead of the grid, time whole torch models against accelerate(model), one fresh "
                              "process per measurement; all of them, or a comma-separated subset of: "
-                             "crnn, gru_forecaster, bilstm3, deepspeech, wavernn_gen, tacotron_dec, cell_loop")
+                             "crnn, crnn_int8, gru_forecaster, bilstm3, deepspeech, wavernn_gen, tacotron_dec, "
+                             "cell_loop")
     parser.add_argument("--peers", action="store_true",
                         help="instead of the grid, time inference against what a user would pick instead: "
                              "torch float32, int8 (quantize_dynamic) and bfloat16 (autocast), ONNX Runtime "

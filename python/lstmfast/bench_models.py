@@ -37,11 +37,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
+from torch.ao.nn.quantized import dynamic as nnqd
 from torch.nn import functional as F
 
 import lstmfast
@@ -51,7 +53,10 @@ from lstmfast import bench
 # float32 across two implementations whose sums run in different orders; relative
 # to the largest magnitude of each compared tensor (the convention of the tests).
 AGREEMENT_RTOL = 1e-4
-RNN_TYPES = (nn.RNNBase, nn.RNNCellBase)
+RNN_TYPES = (nn.RNNBase, nn.RNNCellBase, nnqd.LSTM, nnqd.GRU)
+# int8 against int8: torch quantizes each product's activations per tensor, lstmfast
+# per row (README "Reduced precision"), so outputs agree within int8's error.
+INT8_AGREEMENT_RTOL = 5e-2
 MODEL_SEED, INPUT_SEED = 0, 1
 IMPLEMENTATIONS = ("torch", "accelerated")
 
@@ -226,11 +231,22 @@ class ModelSpec:
     target: object = None
     loss: object = None
     notes: tuple = field(default=())
+    agreement_rtol: float = AGREEMENT_RTOL
 
 
 def _build_crnn(s, g):
     model = CRNN(s["channels"], s["hidden"], s["classes"])
     return model, (torch.randn(s["batch"], 1, 32, s["width"], generator=g),)
+
+
+def _build_crnn_int8(s, g):
+    """The CRNN as a user serves it after torch's dynamic quantization: its LSTMs int8."""
+    model, inputs = _build_crnn(s, g)
+    model.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's notes on its migration to torchao
+        model = torch.ao.quantization.quantize_dynamic(model, {nn.LSTM}, dtype=torch.qint8)
+    return model, inputs
 
 
 def _build_forecaster(s, g):
@@ -280,6 +296,14 @@ MODELS = {spec.name: spec for spec in [
                    f"{'-'.join(map(str, s['channels']))} ch; BiLSTM({s['channels'][-1]}, {s['hidden']}) "
                    f"+ linear + BiLSTM({s['hidden']}, {s['hidden']}) over T={s['width'] // 4} columns; "
                    f"linear to {s['classes']} classes")),
+    ModelSpec(
+        "crnn_int8", ("inference",),
+        {"full": dict(width=1000, batch=1, channels=(64, 128, 256, 256, 512), hidden=256, classes=37),
+         "tiny": dict(width=64, batch=1, channels=(4, 8, 8, 8, 8), hidden=16, classes=5)},
+        _build_crnn_int8,
+        lambda s: (f"crnn with its two BiLSTMs quantized by torch's quantize_dynamic (int8 weights); "
+                   f"accelerate() runs them on lstmfast's int8 kernels with the same weights"),
+        agreement_rtol=INT8_AGREEMENT_RTOL),
     ModelSpec(
         "gru_forecaster", ("training",),
         {"full": dict(batch=32, T=48, features=8, hidden=128, horizon=12),
@@ -649,7 +673,7 @@ def check_agreement(name, tiny, threads):
         outputs = load_check_outputs(path)
     error, where = compare_outputs(outputs)
     return {"max_rel_diff": float(error), "where": where, "compared": info["arrays"] // 2,
-            "agree": bool(error <= AGREEMENT_RTOL)}
+            "agree": bool(error <= MODELS[name].agreement_rtol)}
 
 
 def _ratio(a, b):
@@ -737,7 +761,7 @@ def run(names, threads, quick=False, tiny=False, json_path=None):
         print(f"  {key:31s} {value}")
     print(f"  {'sizes':31s} {'tiny (a test of the command, not a benchmark)' if tiny else 'full'}")
     print(f"  {'agreement tolerance':31s} max|accelerated - torch| <= {AGREEMENT_RTOL:g} * max|torch|, "
-          "per output, loss and gradient")
+          f"per output, loss and gradient ({INT8_AGREEMENT_RTOL:g} for int8 models)")
     print()
     sys.stdout.flush()
     size_key = "tiny" if tiny else "full"
@@ -750,7 +774,7 @@ def run(names, threads, quick=False, tiny=False, json_path=None):
                 f"{'':14s} accelerated vs torch over {check['compared']} arrays: max relative difference "
                 f"{check['max_rel_diff']:.2g} ({check['where']})")
         if not check["agree"]:
-            line += f"  REFUSED: above {AGREEMENT_RTOL:g}, not timed"
+            line += f"  REFUSED: above {spec.agreement_rtol:g}, not timed"
             refused.append({"model": name, **check})
         print(line, flush=True)
         if not check["agree"]:

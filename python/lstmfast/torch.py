@@ -300,6 +300,13 @@ class _FastRNNMixin:
     def _torch_forward(self, input, hx):
         return self._lstmfast_torch_class.forward(self, input, hx)
 
+    def _lstmfast_weights(self):
+        """The weights for _layer_forward_on: the flat weights, their names, and
+        whether they are reduced (QuantizedLSTM / QuantizedGRU: packed int8); None
+        when only torch's forward can run them."""
+        self._update_flat_weights()
+        return list(self._flat_weights), list(self._flat_weights_names), False
+
     def __prepare_scriptable__(self):
         """``torch.jit.script`` compiles torch's class on the same parameters."""
         return _as_class(self, self._lstmfast_torch_class)
@@ -421,16 +428,6 @@ def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False):
     else:
         output = out.transpose(0, 1) if self.batch_first else out
     return output, ((h_n, c_n) if is_lstm else h_n)
-
-
-def _float_layer_weights(self):
-    """The weights of a float layer for _layer_forward_on: its flat weights, their
-    names, and reduced=False."""
-    self._update_flat_weights()
-    return list(self._flat_weights), list(self._flat_weights_names), False
-
-
-_FastRNNMixin._lstmfast_weights = _float_layer_weights
 
 
 # ---------------------------------------------------------------------------

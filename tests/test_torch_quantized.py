@@ -5,6 +5,7 @@ Oracles: the reference's int8 product with torch's own int8 weights, float32
 torch for the accuracy contract, and torch's own int8 and autocast results.
 """
 
+import copy
 import warnings
 
 import numpy as np
@@ -187,3 +188,21 @@ def test_bfloat16_autocast_sees_changed_weights_and_leaves_training_to_torch():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = module(x)[0]
     assert out.requires_grad and out.grad_fn is not None  # torch's graph, for training
+
+
+def test_packed_weights_stay_out_of_copies_and_saves(tmp_path):
+    # The packed reduced weights are cached beside the module, not in it: copies,
+    # torch.save and state_dicts carry only what torch's modules carry.
+    torch.manual_seed(7)
+    float_model = nn.Sequential(lt.LSTM(6, 10))
+    int8_model = lt.quantize_dynamic(float_model)
+    x = torch.randn(5, 2, 6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_out = float_model(x)[0]
+    int8_out = int8_model(x)[0]
+    for model, out, autocast in ((float_model, bf16_out, True), (int8_model, int8_out, False)):
+        assert set(vars(model[0])) == set(vars(copy.deepcopy(model[0])))
+        torch.save(model, tmp_path / "model.pt")
+        loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            assert torch.equal(loaded(x)[0], out)

@@ -30,13 +30,14 @@ def assert_close(name, actual, expected, atol):
 
 
 def make_problem(mode, *, T=3, N=2, I=3, H=4, num_layers=1, bidirectional=False, bias=True,
-                 proj_size=0, lengths=None, dropout=0.0, dtype=np.float64, seed=0):
+                 proj_size=0, lengths=None, dropout=0.0, dtype=np.float64, seed=0,
+                 peephole=False):
     """Random inputs, parameters, dropout masks and loss weights for one configuration."""
     rng = np.random.default_rng(seed)
     D = 2 if bidirectional else 1
     H_out = proj_size if proj_size > 0 else H
     params = reference.init_params(mode, I, H, num_layers, bias, bidirectional, proj_size,
-                                   dtype, rng)
+                                   dtype, rng, peephole=peephole)
     x = rng.standard_normal((T, N, I)).astype(dtype)
     h0 = (0.5 * rng.standard_normal((num_layers * D, N, H_out))).astype(dtype)
     c0 = (0.5 * rng.standard_normal((num_layers * D, N, H))).astype(dtype)
@@ -125,6 +126,10 @@ FD_CASES += [
         "proj_size": 2, "bidirectional": True, "num_layers": 2, "N": 3,
         "lengths": [2, 3, 1], "dropout": 0.3}),
     ("LSTM", "projection_of_one", {"proj_size": 1, "H": 2, "T": 2, "N": 1, "I": 1}),
+    ("LSTM", "peephole", {"peephole": True}),
+    ("LSTM", "peephole_projection_bidirectional_lengths_two_layers", {
+        "peephole": True, "proj_size": 2, "bidirectional": True, "num_layers": 2, "N": 3,
+        "lengths": [2, 3, 1], "dropout": 0.3}),
 ]
 
 

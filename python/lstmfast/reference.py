@@ -63,9 +63,10 @@ def _linear_backward(dy, x, W, dW, db):
 # ----------------------------------------------------------------------------
 # LSTM cell
 #
-# The cell weights ``w`` are a dict with keys W_ih, W_hh, b_ih, b_hh, W_hr
-# (a bias is None when bias=False, W_hr is None without projection); the
-# parameter gradients ``dw`` are a dict with the same keys (see _cell_weights).
+# The cell weights ``w`` are a dict with keys W_ih, W_hh, b_ih, b_hh, W_hr and
+# P_i, P_f, P_o (a bias is None when bias=False, W_hr is None without projection,
+# the peephole vectors are None without peepholes); the parameter gradients ``dw``
+# are a dict with the same keys (see _cell_weights).
 
 
 def lstm_cell_forward(x, h, c, w):
@@ -79,18 +80,27 @@ def lstm_cell_forward(x, h, c, w):
         c_next = f * c + i * g
         m      = o * tanh(c_next)
         h_next = m W_hr^T  with projection (P > 0), else m
+
+    With peepholes (w["P_i"], w["P_f"], w["P_o"], each (H,): the ONNX and TensorFlow
+    form), i and f also see the previous cell state and o the new one:
+        i = sigmoid(gates_i + P_i * c)    f = sigmoid(gates_f + P_f * c)
+        o = sigmoid(gates_o + P_o * c_next)
     """
     H = c.shape[1]
+    peephole = w.get("P_i") is not None
     gates = _linear(x, w["W_ih"], w["b_ih"]) + _linear(h, w["W_hh"], w["b_hh"])
-    i = sigmoid(gates[:, 0 * H:1 * H])
-    f = sigmoid(gates[:, 1 * H:2 * H])
+    a_i, a_f, a_o = gates[:, 0 * H:1 * H], gates[:, 1 * H:2 * H], gates[:, 3 * H:4 * H]
+    if peephole:
+        a_i, a_f = a_i + w["P_i"] * c, a_f + w["P_f"] * c
+    i = sigmoid(a_i)
+    f = sigmoid(a_f)
     g = np.tanh(gates[:, 2 * H:3 * H])
-    o = sigmoid(gates[:, 3 * H:4 * H])
     c_next = f * c + i * g
+    o = sigmoid(a_o + w["P_o"] * c_next if peephole else a_o)
     tanh_c_next = np.tanh(c_next)
     m = o * tanh_c_next
     h_next = m if w["W_hr"] is None else times_transposed(m, w["W_hr"])
-    cache = (x, h, c, i, f, g, o, tanh_c_next, m)
+    cache = (x, h, c, i, f, g, o, c_next, tanh_c_next, m)
     return h_next, c_next, cache
 
 
@@ -98,23 +108,33 @@ def lstm_cell_backward(dh_next, dc_next, cache, w, dw):
     """Backward of lstm_cell_forward.
 
     dh_next: (N, H_out), dc_next: (N, H) gradients of the loss w.r.t. h_next and c_next.
-    Adds dW_ih, dW_hh, db_ih, db_hh, dW_hr into dw; returns dx (N, I), dh (N, H_out), dc (N, H).
+    Adds dW_ih, dW_hh, db_ih, db_hh, dW_hr (and dP_i, dP_f, dP_o) into dw; returns
+    dx (N, I), dh (N, H_out), dc (N, H).
     Derivatives are written from the saved activations: sigmoid' = s (1 - s), tanh' = 1 - t^2.
+    With peepholes, o's pre-activation depends on c_next, so its gradient is taken
+    first and flows into dc_next; i's and f's depend on c and flow into dc.
     """
-    x, h, c, i, f, g, o, tanh_c_next, m = cache
+    x, h, c, i, f, g, o, c_next, tanh_c_next, m = cache
+    peephole = w.get("P_i") is not None
     if w["W_hr"] is None:
         dm = dh_next
     else:
         dm = dh_next @ w["W_hr"]
         dw["W_hr"] += dh_next.T @ m
-    do = dm * tanh_c_next
+    da_o = dm * tanh_c_next * o * (1 - o)
     dc_next = dc_next + dm * o * (1 - tanh_c_next * tanh_c_next)
-    di = dc_next * g
-    df = dc_next * c
+    if peephole:
+        dc_next = dc_next + da_o * w["P_o"]
+    da_i = dc_next * g * i * (1 - i)
+    da_f = dc_next * c * f * (1 - f)
     dg = dc_next * i
     dc = dc_next * f
-    dgates = np.concatenate(
-        [di * i * (1 - i), df * f * (1 - f), dg * (1 - g * g), do * o * (1 - o)], axis=1)
+    if peephole:
+        dc = dc + da_i * w["P_i"] + da_f * w["P_f"]
+        dw["P_i"] += (da_i * c).sum(axis=0)
+        dw["P_f"] += (da_f * c).sum(axis=0)
+        dw["P_o"] += (da_o * c_next).sum(axis=0)
+    dgates = np.concatenate([da_i, da_f, dg * (1 - g * g), da_o], axis=1)
     dx = _linear_backward(dgates, x, w["W_ih"], dw["W_ih"], dw["b_ih"])
     dh = _linear_backward(dgates, h, w["W_hh"], dw["W_hh"], dw["b_hh"])
     return dx, dh, dc
@@ -290,6 +310,9 @@ def _cell_weights(arrays, layer, direction):
         "b_ih": arrays.get(f"bias_ih{suffix}"),
         "b_hh": arrays.get(f"bias_hh{suffix}"),
         "W_hr": arrays.get(f"weight_hr{suffix}"),
+        "P_i": arrays.get(f"weight_ci{suffix}"),
+        "P_f": arrays.get(f"weight_cf{suffix}"),
+        "P_o": arrays.get(f"weight_co{suffix}"),
     }
 
 
@@ -518,9 +541,16 @@ def times_transposed(x, W):
 # Parameters
 
 
-def param_shapes(mode, input_size, hidden_size, num_layers, bias, bidirectional, proj_size):
-    """Torch's parameter names -> shapes, in torch's order (that of state_dict().keys())."""
+def param_shapes(mode, input_size, hidden_size, num_layers, bias, bidirectional, proj_size,
+                 peephole=False):
+    """Torch's parameter names -> shapes, in torch's order (that of state_dict().keys()).
+
+    peephole (LSTM only): each layer and direction also has weight_ci, weight_cf and
+    weight_co, (H,) each, after torch's parameters of that layer and direction.
+    """
     _check_mode(mode)
+    if peephole and mode != "LSTM":
+        raise ValueError(f"peephole=True is only supported for LSTM, not {mode}")
     if proj_size < 0:
         raise ValueError(f"proj_size must be >= 0, got {proj_size}")
     if proj_size > 0 and mode != "LSTM":
@@ -543,12 +573,16 @@ def param_shapes(mode, input_size, hidden_size, num_layers, bias, bidirectional,
                 shapes[f"bias_hh{suffix}"] = (G * H,)
             if P > 0:
                 shapes[f"weight_hr{suffix}"] = (P, H)
+            if peephole:
+                for name in ("weight_ci", "weight_cf", "weight_co"):
+                    shapes[f"{name}{suffix}"] = (H,)
     return shapes
 
 
 def init_params(mode, input_size, hidden_size, num_layers, bias, bidirectional, proj_size,
-                dtype, rng):
-    """Parameters initialised as torch does: each U(-1/sqrt(H), 1/sqrt(H)).
+                dtype, rng, peephole=False):
+    """Parameters initialised as torch does: each U(-1/sqrt(H), 1/sqrt(H)) (the
+    peephole vectors too).
 
     Drawn from the numpy Generator rng in torch's parameter order (see param_shapes),
     in float64 and then cast to dtype, so one seed gives the same values in both dtypes
@@ -556,6 +590,6 @@ def init_params(mode, input_size, hidden_size, num_layers, bias, bidirectional, 
     """
     bound = 1.0 / np.sqrt(hidden_size)
     shapes = param_shapes(mode, input_size, hidden_size, num_layers, bias, bidirectional,
-                          proj_size)
+                          proj_size, peephole)
     return {name: rng.uniform(-bound, bound, size=shape).astype(dtype)
             for name, shape in shapes.items()}

@@ -127,9 +127,11 @@ py::array_t<Real, py::array::c_style> checked(py::handle obj, const Name& name,
   return c_contiguous<Real>(a);
 }
 
-// The name torch gives parameter j (0..4) of layer-direction i, for messages.
+// The name torch gives parameter j (0..4; 5..7: the peephole LSTM's) of
+// layer-direction i, for messages.
 std::string param_name(int64_t i, int j, int64_t D) {
-  static const char* names[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"};
+  static const char* names[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr",
+                                "weight_ci", "weight_cf", "weight_co"};
   return std::string("weights[") + std::to_string(i) + "][" + std::to_string(j) + "] (" +
          names[j] + "_l" + std::to_string(i / D) + (i % D ? "_reverse" : "") + ")";
 }
@@ -155,10 +157,20 @@ py::list as_list(py::handle obj, const Name& name, size_t length) {
   return list;
 }
 
-// Shapes of the five parameters of layer-direction i (zeros: must be None).
+// Shapes of the parameters of layer-direction i (zeros: must be None): torch's
+// five, then the peephole LSTM's three.
 std::vector<std::vector<int64_t>> param_shapes(const lstmfast::StackShape& s, int64_t i) {
   const int64_t GH = lstmfast::gates_of(s.mode) * s.H;
-  return {{GH, s.input_size(i / s.D)}, {GH, s.H_out()}, {GH}, {GH}, {s.P, s.H}};
+  return {{GH, s.input_size(i / s.D)}, {GH, s.H_out()}, {GH}, {GH}, {s.P, s.H},
+          {s.H}, {s.H}, {s.H}};
+}
+
+// Entries per layer-direction of a weights or grads list: torch's five, or eight
+// with an LSTM's peepholes (weight_ci, weight_cf, weight_co), the same for all.
+size_t entries_per_layer(py::handle first, lstmfast::Mode mode) {
+  const bool sequence = py::isinstance<py::sequence>(first) && !py::isinstance<py::str>(first);
+  const size_t n = sequence ? static_cast<size_t>(py::len(first)) : 5;
+  return n == 8 && mode == lstmfast::Mode::LSTM ? 8 : 5;
 }
 
 // Raises MemoryError with `message` (the GIL must be held).
@@ -254,9 +266,10 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
   s.I = x_obj.shape(2);
   const int64_t LD = s.L * s.D;
   py::list weights = as_list(weights_obj, "weights", static_cast<size_t>(LD));
+  const size_t entries = entries_per_layer(weights[0], s.mode);
   // H from weight_hh_l0: (G*H, H_out).
   {
-    py::list first = as_list(weights[0], "weights[0]", 5);
+    py::list first = as_list(weights[0], "weights[0]", entries);
     int64_t rows = -1;
     if (py::isinstance<lstmfast::ReducedMatrix>(first[1]))
       rows = first[1].cast<const lstmfast::ReducedMatrix&>().M;
@@ -276,19 +289,19 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
   std::vector<lstmfast::Params<Real>> params(static_cast<size_t>(LD));
   for (int64_t i = 0; i < LD; ++i) {
     auto entry_name = [&] { return "weights[" + std::to_string(i) + "]"; };
-    py::list entry = as_list(weights[i], entry_name, 5);
+    py::list entry = as_list(weights[i], entry_name, entries);
     const auto shapes = param_shapes(s, i);
-    const Real* ptr[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+    const Real* ptr[8] = {};
     const lstmfast::ReducedMatrix* reduced[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
-    for (int j = 0; j < 5; ++j) {
-      const bool required = j < 2 || (j == 4 && s.P > 0);  // biases are optional
+    for (int j = 0; j < static_cast<int>(entries); ++j) {
+      const bool required = j < 2 || (j == 4 && s.P > 0) || j >= 5;  // biases are optional
       if (entry[j].is_none()) {
         if (required) throw py::value_error(param_name(i, j, s.D) + ": missing");
         continue;
       }
       if (j == 4 && s.P == 0)
         throw py::value_error(param_name(i, j, s.D) + ": given but proj_size is 0");
-      if (j != 2 && j != 3 && py::isinstance<lstmfast::ReducedMatrix>(entry[j])) {
+      if ((j == 0 || j == 1 || j == 4) && py::isinstance<lstmfast::ReducedMatrix>(entry[j])) {
         reduced[j] = checked_reduced<Real>(entry[j], param_name(i, j, s.D), shapes[j], s);
         rc->keep_alive.push_back(py::reinterpret_borrow<py::object>(entry[j]));
         continue;
@@ -302,7 +315,8 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
       throw py::type_error(param_name(i, reduced[0] ? 1 : 0, s.D) +
                            ": expected a reduced-precision weight like the others of the layer, "
                            "got a numpy array");
-    params[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], reduced[0], reduced[1], reduced[4]};
+    params[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], reduced[0], reduced[1], reduced[4],
+                 ptr[5], ptr[6], ptr[7]};
   }
   auto h0 = checked<Real>(h0_obj, "h0", {LD, s.N, s.H_out()});
   py::array_t<Real, py::array::c_style> c0;
@@ -385,12 +399,13 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
   std::vector<lstmfast::Grads<Real>> g(static_cast<size_t>(LD));
   auto* cache = static_cast<lstmfast::StackCache<Real>*>(rc.cache.get());
   for (int64_t i = 0; i < LD; ++i) {
-    py::list entry = as_list(grads[i], "grads[" + std::to_string(i) + "]", 5);
-    const auto shapes = param_shapes(s, i);
     const lstmfast::Params<Real>& p = cache->params[i];
-    const void* given[5] = {p.W_ih, p.W_hh, p.b_ih, p.b_hh, p.W_hr};
-    Real* ptr[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
-    for (int j = 0; j < 5; ++j) {
+    const size_t entries = p.P_i ? 8 : 5;
+    py::list entry = as_list(grads[i], "grads[" + std::to_string(i) + "]", entries);
+    const auto shapes = param_shapes(s, i);
+    const void* given[8] = {p.W_ih, p.W_hh, p.b_ih, p.b_hh, p.W_hr, p.P_i, p.P_f, p.P_o};
+    Real* ptr[8] = {};
+    for (int j = 0; j < static_cast<int>(entries); ++j) {
       const std::string name = "grads" + param_name(i, j, s.D).substr(7);
       if (!given[j]) {
         if (!entry[j].is_none()) throw py::value_error(name + ": the forward had no such parameter");
@@ -402,7 +417,7 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
         throw py::value_error(name + ": must be a writeable C-contiguous array (written in place)");
       ptr[j] = a.mutable_data();
     }
-    g[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4]};
+    g[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6], ptr[7]};
   }
   py::array_t<Real> dx({s.T, s.N, s.I});
   py::array_t<Real> dh0({LD, s.N, s.H_out()});
@@ -531,7 +546,8 @@ void register_rnn(py::module_& m) {
       py::arg("num_layers"), py::arg("bidirectional"), py::arg("proj_size"), py::arg("lengths"),
       py::arg("dropout_masks"), py::arg("training"),
       "Forward of a stack; weights: per layer-direction [W_ih, W_hh, b_ih, b_hh, W_hr] "
-      "(None where absent). Returns (y, h_n, c_n or None, cache or None).");
+      "(None where absent), and for a peephole LSTM also [P_i, P_f, P_o]. "
+      "Returns (y, h_n, c_n or None, cache or None).");
 
   m.def(
       "rnn_backward",

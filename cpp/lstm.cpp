@@ -6,30 +6,53 @@
 //   c'    = f c + i g
 //   m     = o tanh(c')
 //   h'    = m W_hr^T with a projection (P > 0), else m
+// With peepholes (w.peephole; VARIANTS.md A) i and f also see c, and o sees c':
+//   i = sigmoid(pre_i + P_i c)   f = sigmoid(pre_f + P_f c)   o = sigmoid(pre_o + P_o c')
 #include "recurrent_gemm.h"
 
 namespace lstmfast {
 namespace LSTMFAST_ISA {
 namespace {
 
+// The cell update of `lanes` units from their four pre-activations a[0..3] (i, f,
+// g, o; bias included) and c: i, f, g, o activated, c' and h' = o tanh(c').
+//   peep: [3H] P_i, P_f, P_o from the first of these units on, H apart; nullptr = none
+template <typename Real>
+LSTMFAST_ALWAYS_INLINE void lstm_units(const V<Real> (&a)[4], V<Real> c_prev, const Real* peep,
+                                       int64_t H, int64_t lanes, V<Real> (&gate)[4], V<Real>& c,
+                                       V<Real>& h) {
+  V<Real> a_i = a[0], a_f = a[1], a_o = a[3];
+  if (peep) {
+    a_i += ld(peep, lanes) * c_prev;
+    a_f += ld(peep + H, lanes) * c_prev;
+  }
+  gate[0] = simd::vsigmoid<Real>(a_i);
+  gate[1] = simd::vsigmoid<Real>(a_f);
+  gate[2] = simd::vtanh(a[2]);
+  c = gate[1] * c_prev + gate[0] * gate[2];
+  if (peep) a_o += ld(peep + 2 * H, lanes) * c;
+  gate[3] = simd::vsigmoid<Real>(a_o);
+  h = gate[3] * simd::vtanh(c);
+}
+
 // One row of one step, fused: pre-activations (still in cache) to c', m and y.
 //   c_next: [H] out;  m: [H] out (h' itself without projection);  y: [H] out or nullptr
 //   gates: [4H] out when training: i, f, g, o
 //   xp: [4H] x W_ih^T;  rec: [4H] h W_hh^T;  bias: [4H];  c_prev: [H]
+//   peep: [3H] peepholes, or nullptr
 template <typename Real, bool kTraining>
 inline void lstm_forward_row(Real* c_next, Real* m, Real* y, Real* gates, const Real* xp,
-                             const Real* rec, const Real* bias, const Real* c_prev, int64_t H) {
+                             const Real* rec, const Real* bias, const Real* c_prev,
+                             const Real* peep, int64_t H) {
   for_lanes<Real>(H, [&](int64_t j, int64_t n) {
     auto pre = [&](int64_t gate) {
       const int64_t o = gate * H + j;
       return ld(xp + o, n) + ld(rec + o, n) + ld(bias + o, n);
     };
-    const V<Real> i = simd::vsigmoid<Real>(pre(0));
-    const V<Real> f = simd::vsigmoid<Real>(pre(1));
-    const V<Real> g = simd::vtanh(pre(2));
-    const V<Real> o = simd::vsigmoid<Real>(pre(3));
-    const V<Real> c = f * ld(c_prev + j, n) + i * g;
-    const V<Real> h = o * simd::vtanh(c);
+    const V<Real> a[4] = {pre(0), pre(1), pre(2), pre(3)};
+    V<Real> gate[4], c, h;
+    lstm_units<Real>(a, ld(c_prev + j, n), peep ? peep + j : nullptr, H, n, gate, c, h);
+    const V<Real> i = gate[0], f = gate[1], g = gate[2], o = gate[3];
     st(c_next + j, c, n);
     st(m + j, h, n);
     if (y) st(y + j, h, n);
@@ -78,7 +101,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
       lstm_forward_row<Real, kTraining>(c_next + b * H, m + b * H, P ? nullptr : y + at * ldy,
                                         kTraining ? gates + b * GH : nullptr,
                                         buf.xproj + walk.x_row(k, b) * GH, buf.rec + b * GH, w.bias,
-                                        c_prev + b * H, H);
+                                        c_prev + b * H, w.peephole, H);
     }
     if (P) {
       if (direct)
@@ -112,6 +135,7 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
   gather_state(buf.h, h0, H, walk);
   gather_state(buf.c, c0, H, walk);
   const Real* bias = w.bias;
+  const Real* peep = w.peephole;
   forward_on_pool<Real, 4>(buf, x, GH, w, s, [&](int64_t k, int64_t n, const UnitShare& mine) {
     const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
     Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
@@ -122,13 +146,14 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
       const int64_t at = walk.at(k, b);
       const Real* xp = buf.xproj + walk.x_row(k, b) * GH + j;
       const Real* bj = bias + j;
-      const V<Real> i = simd::vsigmoid<Real>(acc[0] + ld(xp, lanes) + ld(bj, lanes));
-      const V<Real> f = simd::vsigmoid<Real>(acc[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
-      const V<Real> g = simd::vtanh(acc[2] + ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes));
-      const V<Real> o =
-          simd::vsigmoid<Real>(acc[3] + ld(xp + 3 * H, lanes) + ld(bj + 3 * H, lanes));
-      const V<Real> c = f * ld(c_prev + b * H + j, lanes) + i * g;
-      const V<Real> h = o * simd::vtanh(c);
+      const V<Real> a[4] = {acc[0] + ld(xp, lanes) + ld(bj, lanes),
+                            acc[1] + ld(xp + H, lanes) + ld(bj + H, lanes),
+                            acc[2] + ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes),
+                            acc[3] + ld(xp + 3 * H, lanes) + ld(bj + 3 * H, lanes)};
+      V<Real> gate[4], c, h;
+      lstm_units<Real>(a, ld(c_prev + b * H + j, lanes), peep ? peep + j : nullptr, H, lanes,
+                       gate, c, h);
+      const V<Real> i = gate[0], f = gate[1], g = gate[2], o = gate[3];
       st(c_next + b * H + j, c, lanes);
       st(h_next + b * H + j, h, lanes);
       st(y + at * ldy + j, h, lanes);
@@ -173,7 +198,7 @@ void forward_reduced(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuff
         if (b < n) {
           lstm_forward_row<Real, false>(c_next + b * H, h_next + b * H, y + walk.at(k, b) * ldy,
                                         nullptr, buf.xproj + walk.x_row(k, b) * GH,
-                                        buf.rec + b * GH, w.bias, c_prev + b * H, H);
+                                        buf.rec + b * GH, w.bias, c_prev + b * H, w.peephole, H);
         } else {  // finished rows keep their state (see forward_steps)
           copy_row(h_next + b * H, h_prev + b * H, H);
           copy_row(c_next + b * H, c_prev + b * H, H);
@@ -191,25 +216,48 @@ void forward_reduced(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuff
 //   dm: [H] gradient of m (of h' without projection);  dy: [H] added to dm, or nullptr
 //   gates: [4H] saved i, f, g, o;  c_prev: [H] c;  c_next: [H] c'
 //   H: the gate stride;  units: how many units from the pointers on (H for all)
-// dG may point at gates: every value is read before any is written.
+//   peep: [3H] peepholes (H apart), or nullptr;  dpeep: [3H] their gradients, added into
+// dG may point at gates: every value is read before any is written. With
+// peepholes o's pre-activation saw c', so its gradient joins dc' first; i's and
+// f's saw c, so theirs join dc.
 template <typename Real>
 inline void lstm_backward_row(Real* dG, Real* dc, const Real* dm, const Real* dy,
                               const Real* gates, const Real* c_prev, const Real* c_next,
-                              int64_t H, int64_t units) {
+                              const Real* peep, Real* dpeep, int64_t H, int64_t units) {
   const V<Real> one = splat<Real>(1);
   for_lanes<Real>(units, [&](int64_t j, int64_t n) {
     V<Real> dmj = ld(dm + j, n);
     if (dy) dmj += ld(dy + j, n);
     const V<Real> i = ld(gates + j, n), f = ld(gates + H + j, n);
     const V<Real> g = ld(gates + 2 * H + j, n), o = ld(gates + 3 * H + j, n);
-    const V<Real> tc = simd::vtanh(ld(c_next + j, n));  // recomputed: tanh(c') is not saved
-    const V<Real> dcj = ld(dc + j, n) + dmj * o * (one - tc * tc);
-    st(dc + j, dcj * f, n);
-    st(dG + j, dcj * g * i * (one - i), n);
-    st(dG + H + j, dcj * ld(c_prev + j, n) * f * (one - f), n);
+    const V<Real> cn = ld(c_next + j, n), cp = ld(c_prev + j, n);
+    const V<Real> tc = simd::vtanh(cn);  // recomputed: tanh(c') is not saved
+    const V<Real> da_o = dmj * tc * o * (one - o);
+    V<Real> dcj = ld(dc + j, n) + dmj * o * (one - tc * tc);
+    if (peep) dcj += da_o * ld(peep + 2 * H + j, n);
+    const V<Real> da_i = dcj * g * i * (one - i);
+    const V<Real> da_f = dcj * cp * f * (one - f);
+    V<Real> dc_prev = dcj * f;
+    if (peep) {
+      dc_prev += da_i * ld(peep + j, n) + da_f * ld(peep + H + j, n);
+      st(dpeep + j, ld(dpeep + j, n) + da_i * cp, n);
+      st(dpeep + H + j, ld(dpeep + H + j, n) + da_f * cp, n);
+      st(dpeep + 2 * H + j, ld(dpeep + 2 * H + j, n) + da_o * cn, n);
+    }
+    st(dc + j, dc_prev, n);
+    st(dG + j, da_i, n);
+    st(dG + H + j, da_f, n);
     st(dG + 2 * H + j, dcj * i * (one - g * g), n);
-    st(dG + 3 * H + j, dmj * tc * o * (one - o), n);
+    st(dG + 3 * H + j, da_o, n);
   });
+}
+
+// After the loop: the peephole gradients summed over rows and steps into dw.
+template <typename Real>
+inline void peephole_gradients(const LayerGrads<Real>& dw, const Real* dpeep, int64_t H) {
+  add_or_assign(dw.dP_i, dpeep, H, dw.beta);
+  add_or_assign(dw.dP_f, dpeep + H, H, dw.beta);
+  add_or_assign(dw.dP_o, dpeep + 2 * H, H, dw.beta);
 }
 
 // The backward without projection on the pool (backward_on_pool): each thread
@@ -224,6 +272,8 @@ void backward_fused(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw
   Real* dG = input_gate_grads(dG_x, buf.dG ? buf.dG : buf.gates, s);  // see LayerBuffers::dG
   gather_state(buf.dh, dh_n, H, walk);
   gather_state(buf.dc, dc_n, H, walk);
+  const Real* peep = w.peephole;
+  if (peep) zero_row(buf.dpeep, 3 * H);
   auto pointwise = [&](int64_t k, int64_t n, const UnitShare& mine) {
     const int64_t j0 = mine.j0, units = mine.j1 - mine.j0;
     Real* dGk = dG + k * N * GH;
@@ -233,13 +283,15 @@ void backward_fused(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw
     for (int64_t b = 0; b < n; ++b)
       lstm_backward_row<Real>(dGk + b * GH + j0, buf.dc + b * H + j0, buf.dh + b * H + j0,
                               dy ? dy + walk.at(k, b) * lddy + j0 : nullptr, gates + b * GH + j0,
-                              c_prev + b * H + j0, c_next + b * H + j0, H, units);
+                              c_prev + b * H + j0, c_next + b * H + j0, peep ? peep + j0 : nullptr,
+                              peep ? buf.dpeep + j0 : nullptr, H, units);
     for (int64_t b = n; b < N; ++b)
       for (int64_t g = 0; g < 4; ++g) zero_row(dGk + b * GH + g * H + j0, units);
   };
   backward_on_pool(dG_x, dw, buf, dG, GH, dG, GH, false, x, w, s, pointwise);
   scatter_state(dh0, buf.dh, H, walk);
   scatter_state(dc0, buf.dc, H, walk);
+  if (peep) peephole_gradients(dw, buf.dpeep, H);
 }
 
 }  // namespace
@@ -274,6 +326,8 @@ void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
   Real* dG = input_gate_grads(dG_x, buf.dG ? buf.dG : buf.gates, s);  // see LayerBuffers::dG
   gather_state(buf.dh, dh_n, H_out, walk);
   gather_state(buf.dc, dc_n, H, walk);
+  const Real* peep = w.peephole;
+  if (peep) zero_row(buf.dpeep, 3 * H);
   for (int64_t k = S - 1; k >= 0; --k) {
     const int64_t n = walk.active(k);
     Real* dGk = dG + k * N * GH;
@@ -301,7 +355,7 @@ void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
     for (int64_t b = 0; b < n; ++b)
       lstm_backward_row<Real>(dGk + b * GH, buf.dc + b * H, dm + b * H,
                               add_dy ? dy + walk.at(k, b) * lddy : nullptr, gates + b * GH,
-                              c_prev + b * H, c_next + b * H, H, H);
+                              c_prev + b * H, c_next + b * H, peep, buf.dpeep, H, H);
     for (int64_t b = n; b < N; ++b) zero_row(dGk + b * GH, GH);
     // dh = dG W_hh for the running rows; finished rows keep theirs.
     step_gemm(buf.dh, dGk, w.W_hh, false, w.W_hh, n, GH, H_out, false);
@@ -309,6 +363,7 @@ void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
   scatter_state(dh0, buf.dh, H_out, walk);
   scatter_state(dc0, buf.dc, H, walk);
   weight_gradients(dG_x, dw, buf.dsum, dG, dG, buf.h, x, GH, s);
+  if (peep) peephole_gradients(dw, buf.dpeep, H);
   if (P)  // dW_hr += sum over steps of dh'^T m: one GEMM
     gemm<Real>(true, false, P, H, S * N, Real(1), buf.dhs, P, buf.m, H, dw.beta, dw.dW_hr, H);
 }

@@ -116,6 +116,7 @@ struct LayerWeights {
   const ReducedMatrix* W_ih_r = nullptr;  // reduced forms of W_ih, W_hh, W_hr (see above)
   const ReducedMatrix* W_hh_r = nullptr;
   const ReducedMatrix* W_hr_r = nullptr;
+  const Real* peephole = nullptr;  // peephole: LSTM [3H] P_i, P_f, P_o (VARIANTS.md A); nullptr = none
 };
 
 // Gradients of one layer and direction: ADDED into (the caller zeroes them), or
@@ -128,6 +129,9 @@ struct LayerGrads {
   Real* db_ih = nullptr;  // db_ih: [G*H]; nullptr without bias
   Real* db_hh = nullptr;  // db_hh: [G*H]; nullptr without bias
   Real beta = 1;          // 1: add into the gradients; 0: overwrite them
+  Real* dP_i = nullptr;   // dP_i, dP_f, dP_o: [H] each, peephole LSTM only
+  Real* dP_f = nullptr;
+  Real* dP_o = nullptr;
 };
 
 // Buffers of one layer and direction. The saved part (h, c, m, gates when
@@ -159,6 +163,7 @@ struct LayerBuffers {
   Real* dhs = nullptr;    // dhs: LSTM with P > 0: [S, N, P] total gradient of h per step (for dW_hr)
   Real* dm = nullptr;     // dm: LSTM with P > 0: [N, H] gradient of m of the current step
   Real* dsum = nullptr;   // dsum: [G*H] scratch for bias gradients
+  Real* dpeep = nullptr;  // dpeep: peephole LSTM [3H] scratch: the peephole gradients' sums
   // reduced int8 weights (scratch): activations quantized per row for a product
   uint8_t* act_q = nullptr;       // act_q: [x_rows, round_up(max(I, H_out, H), 4)] values 0..127
   float* act_scale = nullptr;     // act_scale: [x_rows] per row
@@ -220,6 +225,9 @@ struct Params {
   const ReducedMatrix* W_ih_r = nullptr;  // reduced forms (LayerWeights): float32 inference only,
   const ReducedMatrix* W_hh_r = nullptr;  //   all three set (W_hr_r when P > 0) and W_ih, W_hh,
   const ReducedMatrix* W_hr_r = nullptr;  //   W_hr null
+  const Real* P_i = nullptr;  // weight_ci_l{k}[_reverse]: [H] peephole LSTM (all three, or none)
+  const Real* P_f = nullptr;  // weight_cf_l{k}[_reverse]: [H]
+  const Real* P_o = nullptr;  // weight_co_l{k}[_reverse]: [H]
 };
 
 template <typename Real>
@@ -229,6 +237,9 @@ struct Grads {
   Real* db_ih = nullptr;  // nullptr without bias
   Real* db_hh = nullptr;
   Real* dW_hr = nullptr;  // nullptr when P = 0
+  Real* dP_i = nullptr;   // peephole LSTM only
+  Real* dP_f = nullptr;
+  Real* dP_o = nullptr;
 };
 
 // What a training forward keeps for backward (opaque; workspace.h).

@@ -99,6 +99,19 @@ void check_shape(const StackShape& s) {
                                      ") must be smaller than hidden_size (" + str(s.H) + ")");
 }
 
+// Peepholes: LSTM only, all three vectors of every layer-direction or none.
+template <typename Real>
+void check_peepholes(const Params<Real>* params, const StackShape& s) {
+  const bool peephole = params[0].P_i != nullptr;
+  for (int64_t i = 0; i < s.L * s.D; ++i) {
+    const Params<Real>& p = params[i];
+    const int given = (p.P_i != nullptr) + (p.P_f != nullptr) + (p.P_o != nullptr);
+    require(given == (peephole ? 3 : 0),
+            "peephole vectors must be given, all three, for every layer and direction or none");
+  }
+  require(!peephole || s.mode == Mode::LSTM, "peepholes are only supported for LSTM");
+}
+
 // Reduced weights: all layer-directions or none, float32 inference, the shapes
 // of the float weights they stand for.
 template <typename Real>
@@ -273,6 +286,19 @@ void combine_biases(StackCache<Real>& c) {
       for (int64_t j = 0; j < H; ++j) b_hn[j] = p.b_hh[2 * H + j];
     c.weights[i] = {p.W_ih, p.W_hh, p.W_hr, bias, b_hn, p.W_ih_r, p.W_hh_r, p.W_hr_r};
   }
+  // Peepholes side by side per layer-direction, so a kernel reads them at one stride.
+  c.peepholes.clear();
+  if (c.params[0].P_i) {
+    c.peepholes.resize(static_cast<size_t>(s.L * s.D * 3 * H));
+    for (int64_t i = 0; i < s.L * s.D; ++i) {
+      Real* peep = c.peepholes.data() + i * 3 * H;
+      const Params<Real>& p = c.params[i];
+      std::copy(p.P_i, p.P_i + H, peep);
+      std::copy(p.P_f, p.P_f + H, peep + H);
+      std::copy(p.P_o, p.P_o + H, peep + 2 * H);
+      c.weights[i].peephole = peep;
+    }
+  }
 }
 
 template <typename Real>
@@ -354,6 +380,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
                                                 const StackShape& shape) {
   check_shape(shape);
   check_reduced(params, shape);
+  check_peepholes(params, shape);
   std::optional<BlasSingleThreaded> blas_alone;
   blas_alone_without_a_free_core(blas_alone);
   auto cache = std::make_unique<StackCache<Real>>();
@@ -527,6 +554,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
         scratch[d].dm = cv.take<Real>(N * H);
       }
       scratch[d].dsum = cv.take<Real>(GH);
+      if (!c.peepholes.empty()) scratch[d].dpeep = cv.take<Real>(3 * H);
     }
     for (int64_t i = 0; i < std::min<int64_t>(L - 1, 2); ++i) between[i] = cv.take<Real>(Y);
     if (!c.offsets.empty()) {
@@ -564,8 +592,10 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       b.dhs = scratch[d].dhs;
       b.dm = scratch[d].dm;
       b.dsum = scratch[d].dsum;
+      b.dpeep = scratch[d].dpeep;
       const Grads<Real>& g = grads[i];
-      const LayerGrads<Real> dw{g.dW_ih, g.dW_hh, g.dW_hr, g.db_ih, g.db_hh, Real(assign ? 0 : 1)};
+      const LayerGrads<Real> dw{g.dW_ih, g.dW_hh, g.dW_hr, g.db_ih, g.db_hh, Real(assign ? 0 : 1),
+                                g.dP_i, g.dP_f, g.dP_o};
       LayerShape shape = layer_shape(c, k, d);
       if (short_backward(c)) shape.threads = 1;
       cell.backward(dG_x_layer[d], dh0 ? dh0 + i * N * H_out : nullptr, dc0 ? dc0 + i * N * H : nullptr,

@@ -71,6 +71,7 @@ class StackCache : public StackCacheBase {
   std::vector<int64_t> offsets;      // [T+1] with lengths: LayerShape::offsets; empty = none
   std::vector<Params<Real>> params;  // [L*D] the caller's parameters
   std::vector<Real> biases;          // [L*D, G*H + H] combined biases and GRU b_hn (LayerWeights)
+  std::vector<Real> peepholes;       // [L*D, 3H] P_i, P_f, P_o side by side (peephole LSTM), or empty
   std::vector<LayerWeights<Real>> weights;  // [L*D] pointing into params and biases
   std::vector<const Real*> masks;           // [L-1] dropout masks, or empty
   std::vector<const Real*> inputs;          // [L] input of each layer: x, then masked outputs
@@ -84,7 +85,7 @@ class StackCache : public StackCacheBase {
   ~StackCache() override { give_back_cache_block(std::move(block)); }
 
   int64_t nbytes() const override {
-    return static_cast<int64_t>(block.size() + biases.size() * sizeof(Real));
+    return static_cast<int64_t>(block.size() + (biases.size() + peepholes.size()) * sizeof(Real));
   }
 };
 

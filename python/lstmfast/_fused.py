@@ -22,12 +22,18 @@ get_num_threads()  # settles the thread count (LSTMFAST_NUM_THREADS) in BLAS and
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
+_PEEPHOLES = ("weight_ci", "weight_cf", "weight_co")
 
 
-def _names(layer, direction):
-    """Torch's names of the five parameters of one layer and direction."""
+def _names(layer, direction, peephole=False):
+    """Torch's names of the five parameters of one layer and direction, then the
+    peephole LSTM's three (the compiled module's order)."""
     suffix = f"_l{layer}" + ("_reverse" if direction else "")
-    return [p + suffix for p in _PARAMS]
+    return [p + suffix for p in _PARAMS + (_PEEPHOLES if peephole else ())]
+
+
+def _has_peepholes(names):
+    return "weight_ci_l0" in names
 
 
 class _Cache:
@@ -68,7 +74,8 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         lengths = np.asarray(lengths)
     if dropout_masks is not None:
         dropout_masks = [np.asarray(m, dtype=dtype) for m in dropout_masks]
-    weights = [[_weight(params.get(name)) for name in _names(layer, direction)]
+    peephole = _has_peepholes(params)
+    weights = [[_weight(params.get(name)) for name in _names(layer, direction, peephole)]
                for layer in range(num_layers) for direction in range(D)]
     output, h_n, c_n, core = _core.rnn_forward(
         mode, x, h0, c0, weights, num_layers, bidirectional, proj_size, lengths,
@@ -103,7 +110,8 @@ def fresh_gradients_backward(cache, d_output, d_h_n=None, d_c_n=None, consume=Fa
     ``empty`` makes the arrays (tests give one that fills them with NaN)."""
     _check_cache(cache)
     grads = {name: empty(shape, dtype=cache.dtype) for name, shape in cache.shapes.items()}
-    targets = [[grads.get(name) for name in _names(layer, direction)]
+    peephole = _has_peepholes(cache.shapes)
+    targets = [[grads.get(name) for name in _names(layer, direction, peephole)]
                for layer in range(cache.num_layers) for direction in range(cache.D)]
     dx, dh0, dc0 = _core.rnn_backward(cache.core, *_output_grads(cache, d_output, d_h_n, d_c_n),
                                       targets, consume, True)
@@ -158,10 +166,11 @@ def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False)
     # The kernels add into C-contiguous writeable arrays of the right dtype; any
     # other gradient array gets a zeroed stand-in, added into it afterwards.
     targets, late = [], []
+    peephole = _has_peepholes(cache.shapes)
     for layer in range(cache.num_layers):
         for direction in range(cache.D):
             entry = []
-            for name in _names(layer, direction):
+            for name in _names(layer, direction, peephole):
                 if name not in cache.shapes:
                     entry.append(None)
                     continue

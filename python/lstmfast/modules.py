@@ -534,10 +534,13 @@ class _Module:
 class _RNNBase(_Module):
     """Shared by LSTM, GRU and RNN: checks, layouts, hx defaults, dropout masks."""
 
+    peephole = False  # LSTM(peephole=True) sets it
+
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
-                 dtype="float32", backend="fused", seed=None):
+                 dtype="float32", backend="fused", seed=None, peephole=False):
         self._mode = mode
+        self.peephole = _check_flag("peephole", peephole)
         self.input_size = _check_size("input_size", input_size)
         self.hidden_size = _check_size("hidden_size", hidden_size)
         self.num_layers = _check_size("num_layers", num_layers)
@@ -563,10 +566,11 @@ class _RNNBase(_Module):
         reference = importlib.import_module(_PACKAGE + ".reference")
         self._set_params(reference.init_params(
             mode, self.input_size, self.hidden_size, self.num_layers, self.bias,
-            self.bidirectional, self.proj_size, self.dtype, self._init_rng))
+            self.bidirectional, self.proj_size, self.dtype, self._init_rng,
+            peephole=self.peephole))
         shapes = reference.param_shapes(
             mode, self.input_size, self.hidden_size, self.num_layers, self.bias,
-            self.bidirectional, self.proj_size)
+            self.bidirectional, self.proj_size, peephole=self.peephole)
         for name, p in self._params.items():
             if p.shape != tuple(shapes[name]):
                 raise RuntimeError(f"internal error: {name} has shape {p.shape}, expected {shapes[name]}")
@@ -589,6 +593,9 @@ class _RNNBase(_Module):
                     names += [f"bias_ih_l{k}{suffix}", f"bias_hh_l{k}{suffix}"]
                 if self.proj_size:
                     names.append(f"weight_hr_l{k}{suffix}")
+                if self.peephole:
+                    names += [f"weight_ci_l{k}{suffix}", f"weight_cf_l{k}{suffix}",
+                              f"weight_co_l{k}{suffix}"]
         return names
 
     def extra_repr(self):
@@ -605,6 +612,8 @@ class _RNNBase(_Module):
             s += f", dropout={self.dropout}"
         if self.bidirectional is not False:
             s += f", bidirectional={self.bidirectional}"
+        if self.peephole:
+            s += ", peephole=True"
         return s + self._extra_repr_tail()
 
     # forward -------------------------------------------------------------------------
@@ -801,13 +810,19 @@ class _RNNBase(_Module):
 
 
 class LSTM(_RNNBase):
-    """Multi-layer LSTM, as ``torch.nn.LSTM`` (gates i, f, g, o; optional projection)."""
+    """Multi-layer LSTM, as ``torch.nn.LSTM`` (gates i, f, g, o; optional projection).
+
+    ``peephole=True`` adds the peephole connections of the ONNX / TensorFlow form
+    (VARIANTS.md A): i and f also see the previous cell state, o the new one,
+    through per-unit vectors ``weight_ci_l{k}``, ``weight_cf_l{k}``, ``weight_co_l{k}``
+    (``(H,)`` each, plus ``_reverse``), drawn like the other parameters.
+    """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, dtype="float32",
-                 backend="fused", seed=None):
+                 backend="fused", seed=None, *, peephole=False):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, proj_size, dtype, backend, seed)
+                         dropout, bidirectional, proj_size, dtype, backend, seed, peephole)
 
 
 class GRU(_RNNBase):

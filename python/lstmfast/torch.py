@@ -42,8 +42,8 @@ from torch.ao.nn.quantized import dynamic as nnqd
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "QuantizedLSTM",
-           "QuantizedGRU", "accelerate", "restore", "quantize_dynamic"]
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "PeepholeLSTM",
+           "QuantizedLSTM", "QuantizedGRU", "accelerate", "restore", "quantize_dynamic"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
 _warned = set()
@@ -184,9 +184,54 @@ def _differentiate_torch_graph(recompute, saved, needs_input_grad, grad_outputs)
 _VF_LAYER = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
 
 
+def _torch_peephole_stack(s, x, h0, c0, masks, *weights):
+    """A peephole LSTM stack (VARIANTS.md A) as a loop of torch ops, with
+    _torch_stack's contract: torch has no peephole kernel. x is padded (T, N, I); with
+    s["lengths"] a row holds its state past its length and outputs 0 there (as the
+    reference does), so the reverse direction starts at each row's own end."""
+    w = dict(zip(s["names"], weights))
+    D = 2 if s["bidirectional"] else 1
+    T = x.shape[0]
+    lengths = None if s["lengths"] is None else torch.as_tensor(s["lengths"], device=x.device)
+    h_n, c_n = [], []
+    layer_input = x
+    for layer in range(s["num_layers"]):
+        if layer > 0 and masks.numel():
+            layer_input = layer_input * masks[layer - 1]
+        outputs = []
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            h, c = h0[layer * D + d], c0[layer * D + d]
+            steps = [None] * T
+            for t in (reversed(range(T)) if d else range(T)):
+                a = layer_input[t] @ w["weight_ih" + sfx].T + h @ w["weight_hh" + sfx].T
+                if s["bias"]:
+                    a = a + w["bias_ih" + sfx] + w["bias_hh" + sfx]
+                a_i, a_f, a_g, a_o = a.chunk(4, 1)
+                i = torch.sigmoid(a_i + w["weight_ci" + sfx] * c)
+                f = torch.sigmoid(a_f + w["weight_cf" + sfx] * c)
+                c_next = f * c + i * torch.tanh(a_g)
+                h_next = torch.sigmoid(a_o + w["weight_co" + sfx] * c_next) * torch.tanh(c_next)
+                if s["proj_size"]:
+                    h_next = h_next @ w["weight_hr" + sfx].T
+                if lengths is None:
+                    steps[t], h, c = h_next, h_next, c_next
+                else:
+                    running = (t < lengths)[:, None]
+                    steps[t] = torch.where(running, h_next, torch.zeros_like(h_next))
+                    h, c = torch.where(running, h_next, h), torch.where(running, c_next, c)
+            outputs.append(torch.stack(steps))
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = torch.cat(outputs, 2)
+    return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
 def _torch_stack(s, x, h0, c0, masks, *weights):
     """The stack of ``_RecurrentFunction`` computed layer by layer with torch's own
     kernels, the same dropout masks included (for double backward)."""
+    if "weight_ci_l0" in s["names"]:
+        return _torch_peephole_stack(s, x, h0, c0, masks, *weights)
     is_lstm = s["mode"] == "LSTM"
     D = 2 if s["bidirectional"] else 1
     per_layer = len(weights) // s["num_layers"]
@@ -291,6 +336,7 @@ class _FastRNNMixin:
 
     _lstmfast_backend = "fused"
     _lstmfast_quantized = False  # QuantizedLSTM / QuantizedGRU: int8 weights, inference only
+    _lstmfast_autocast = True  # bfloat16 autocast runs on the bfloat16 weights path
 
     def forward(self, input, hx=None):  # noqa: A002  (torch's argument name)
         if torch.compiler.is_exporting():
@@ -337,7 +383,7 @@ def _fused_layer_forward(self, input, hx):
             or data.numel() == 0):
         return self._torch_forward(input, hx)
     if torch.is_autocast_enabled("cpu") and not self._lstmfast_quantized:
-        if not _autocast_serves(self, data):
+        if not self._lstmfast_autocast or not _autocast_serves(self, data):
             return self._torch_forward(input, hx)
         return _bfloat16_autocast_forward(self, input, hx, hx_list)
     weights = self._lstmfast_weights()
@@ -620,6 +666,88 @@ class QuantizedGRU(_QuantizedRNNMixin, nnqd.GRU):
     """``torch.ao.nn.quantized.dynamic.GRU`` computed by lstmfast's int8 kernels."""
 
     _lstmfast_torch_class = nnqd.GRU
+
+
+class PeepholeLSTM(LSTM):
+    """An LSTM with peephole connections (VARIANTS.md A, the ONNX and TensorFlow
+    form), which torch.nn lacks: i and f also see the previous cell state, o the new
+    one, through per-unit parameters ``weight_ci_l{k}``, ``weight_cf_l{k}``,
+    ``weight_co_l{k}`` (``(hidden_size,)``, plus ``_reverse``), drawn as torch draws
+    the others. Constructor and call are ``torch.nn.LSTM``'s; forward and BPTT run on
+    lstmfast's fused kernels. Where only torch can compute (CUDA, other dtypes,
+    tracing, export, ``torch.func``, autocast, double backward) a loop of torch ops
+    computes the same equations. ``lstmfast.LSTM(..., peephole=True)`` loads its
+    ``state_dict``.
+    """
+
+    _lstmfast_autocast = False  # torch's loop under autocast, as for torch's own ops
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        bound = 1.0 / self.hidden_size ** 0.5
+        like = self.weight_ih_l0
+        for name in self._peephole_names():
+            self.register_parameter(name, nn.Parameter(
+                torch.empty(self.hidden_size, dtype=like.dtype, device=like.device).uniform_(-bound, bound)))
+
+    def _peephole_names(self):
+        return [f"weight_c{gate}_l{k}{suffix}" for k in range(self.num_layers)
+                for suffix in ("", "_reverse")[: 2 if self.bidirectional else 1] for gate in "ifo"]
+
+    def _lstmfast_weights(self):
+        weights, names, reduced = super()._lstmfast_weights()
+        names = names + self._peephole_names()
+        return weights + [getattr(self, name) for name in self._peephole_names()], names, reduced
+
+    def _torch_forward(self, input, hx):
+        return _peephole_torch_forward(self, input, hx)
+
+    def __prepare_scriptable__(self):
+        raise TypeError("PeepholeLSTM cannot be scripted: torch has no peephole LSTM to compile; "
+                        "use torch.jit.trace")
+
+
+def _peephole_torch_forward(self, input, hx):
+    """PeepholeLSTM's forward as a loop of torch ops (_torch_peephole_stack), for what
+    the kernels do not take; the layouts and checks of nn.LSTM.forward."""
+    packed = isinstance(input, PackedSequence)
+    if packed:
+        x, lengths = torch.nn.utils.rnn.pad_packed_sequence(input)  # the callers' row order
+        batched = True
+    else:
+        batched = input.dim() == 3
+        x = input if batched else input.unsqueeze(1 - int(self.batch_first))
+        if hx is not None:
+            self.check_forward_args(x, tuple(h if batched else h.unsqueeze(1) for h in hx), None)
+        if self.batch_first:
+            x = x.transpose(0, 1)
+        lengths = None
+    D = 2 if self.bidirectional else 1
+    N = x.shape[1]
+    H_out = self.proj_size if self.proj_size > 0 else self.hidden_size
+    if hx is None:
+        h0 = x.new_zeros(D * self.num_layers, N, H_out)
+        c0 = x.new_zeros(D * self.num_layers, N, self.hidden_size)
+    else:
+        h0, c0 = hx
+        if not batched:
+            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+    masks = x.new_empty(0)
+    if self.training and self.dropout > 0 and self.num_layers > 1:
+        keep = 1.0 - self.dropout
+        masks = x.new_full((self.num_layers - 1, *x.shape[:2], D * H_out), keep).bernoulli() / keep
+    weights, names, _ = self._lstmfast_weights()
+    settings = {"names": names, "num_layers": self.num_layers, "bidirectional": self.bidirectional,
+                "bias": self.bias, "proj_size": self.proj_size, "lengths": lengths}
+    out, h_n, c_n = _torch_peephole_stack(settings, x, h0, c0, masks, *weights)
+    if packed:
+        data = torch.cat([out[t, input.sorted_indices[:int(size)]] if input.sorted_indices is not None
+                          else out[t, :int(size)] for t, size in enumerate(input.batch_sizes)])
+        return PackedSequence(data, input.batch_sizes, input.sorted_indices,
+                              input.unsorted_indices), (h_n, c_n)
+    if not batched:
+        return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+    return (out.transpose(0, 1) if self.batch_first else out), (h_n, c_n)
 
 
 # ---------------------------------------------------------------------------

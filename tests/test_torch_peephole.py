@@ -2,6 +2,8 @@
 reference (whose oracles are in test_peephole_reference.py), and its loop of torch
 ops, which serves where the kernels cannot, against the kernels."""
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -62,7 +64,8 @@ def test_the_torch_loop_computes_what_the_kernels_do():
         a, b = (fused[0].data, loop[0].data) if isinstance(given, type(packed)) else (fused[0], loop[0])
         assert_close(a.numpy(), b.numpy(), 1e-12, "output")
         assert_close(fused[1][1].numpy(), loop[1][1].numpy(), 1e-12, "c_n")
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings on Python control flow
         traced = torch.jit.trace(module, (x,), check_trace=False)
         assert_close(traced(x)[0].numpy(), module(x)[0].numpy(), 1e-12, "traced")
 
@@ -81,6 +84,7 @@ def test_state_dict_is_the_numpy_layers_and_scripting_says_why_not():
     layer = lstmfast.LSTM(4, 6, peephole=True)
     layer.load_state_dict(module.state_dict())
     assert list(layer.state_dict()) == list(module.state_dict())
-    with pytest.raises(TypeError, match="torch has no peephole LSTM"):
+    with pytest.raises(TypeError, match="torch has no peephole LSTM"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation warning
         torch.jit.script(module)
     assert type(lt.accelerate(torch.nn.Sequential(module))[0]) is lt.PeepholeLSTM

@@ -130,3 +130,43 @@ def test_gradients_match_a_torch_autograd_loop():
         theirs = theirs.numpy()
         assert_close(name, ours, theirs, 1e-10 * max(1.0, np.max(np.abs(theirs))))
     assert reference.param_shapes("LSTM", I, H, 1, True, False, 0, peephole=True)["weight_co_l0"] == (H,)
+
+
+@pytest.mark.parametrize("peephole", [True, False])
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_from_onnx_lstm_computes_what_onnxruntime_computes(peephole, bidirectional):
+    import lstmfast
+
+    ort = pytest.importorskip("onnxruntime")
+    T, N, I, H = 6, 3, 5, 4
+    p = make_problem("LSTM", T=T, N=N, I=I, H=H, bidirectional=bidirectional, peephole=True,
+                     lengths=[4, 6, 2], dtype=np.float32, seed=6)
+    model = onnx_lstm(p["params"], I, H, bidirectional, np.float32)
+    if not peephole:  # the same node without its P input
+        model.graph.node[0].input[7] = ""
+        model.graph.initializer.pop()
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    theirs = onnx_outputs(*session.run(None, {
+        "X": p["x"], "lengths": p["lengths"].astype(np.int32), "h0": p["h0"], "c0": p["c0"]}))
+    for backend in ("fused", "numpy"):
+        layer = lstmfast.from_onnx_lstm(model, backend=backend).eval()
+        assert layer.peephole == peephole and layer.bidirectional == bidirectional
+        out, (h_n, c_n) = layer(p["x"], (p["h0"], p["c0"]), lengths=p["lengths"])
+        for name, a, b in zip(("output", "h_n", "c_n"), (out, h_n, c_n), theirs):
+            assert_close(f"{backend} {name}", a, b, 1e-5 * max(1.0, np.max(np.abs(b))))
+
+
+def test_from_onnx_lstm_refuses_what_it_cannot_honour():
+    import lstmfast
+    from onnx import helper
+
+    p = make_problem("LSTM", I=3, H=2, peephole=True, dtype=np.float32)
+    model = onnx_lstm(p["params"], 3, 2, False, np.float32)
+    model.graph.node[0].attribute.append(helper.make_attribute("clip", 3.0))
+    with pytest.raises(ValueError, match="clip"):
+        lstmfast.from_onnx_lstm(model)
+    node = helper.make_node("LSTM", ["X", "W", "R"], ["Y"], hidden_size=2, direction="reverse")
+    with pytest.raises(ValueError, match="direction='reverse'"):
+        lstmfast.from_onnx_lstm(node, {"W": np.zeros((1, 8, 3)), "R": np.zeros((1, 8, 2))})
+    with pytest.raises(TypeError, match="expected an onnx ModelProto"):
+        lstmfast.from_onnx_lstm("model.onnx")

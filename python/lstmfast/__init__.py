@@ -6,6 +6,7 @@ reference in :mod:`lstmfast.reference`.
 
 from ._native import _core
 from ._config import get_num_threads, set_num_threads, show_config
+from .interop import from_onnx_lstm
 from .modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, quantize
 
 __version__ = _core.__version__
@@ -19,6 +20,7 @@ __all__ = [
     "GRUCell",
     "RNNCell",
     "quantize",
+    "from_onnx_lstm",
     "get_num_threads",
     "set_num_threads",
     "show_config",

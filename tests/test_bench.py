@@ -311,3 +311,38 @@ def test_peers_refuse_training_and_the_grid_only_options(bench_peers, capsys):
         with pytest.raises(SystemExit):
             bench.main(["--peers", "--tiny", *options])
     assert "--peers" in capsys.readouterr().err
+
+
+# --- python -m lstmfast.bench --variants ------------------------------------------
+
+def test_variants_time_every_variant_after_checking_it(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("torch")
+    monkeypatch.setattr(bench, "_PAUSE", 0.0)
+    out_json = tmp_path / "variants.json"
+    rc = bench.main(["--variants", "--tiny", "--threads", "1", "--rounds", "1", "--min-time", "0",
+                     "--json", str(out_json)])
+    assert rc == 0
+    rows = json.loads(out_json.read_text())["results"]
+    assert {(r["variant"], r["mode"]) for r in rows} == {("peephole", "inference"), ("peephole", "training")}
+    for row in rows:
+        assert row["max_rel_diff"] <= 1e-4
+        assert set(row["seconds"]) == {"torch loop", "lstmfast", "plain LSTM"}
+        assert all(t > 0 for t in row["seconds"].values())
+    assert "vs loop" in capsys.readouterr().out
+
+
+def test_variants_refuse_an_implementation_that_disagrees(monkeypatch, capsys):
+    torch = pytest.importorskip("torch")
+    from lstmfast import bench_variants
+
+    real = bench_variants._peephole_modules
+
+    def broken(sizes):
+        loop, ours, plain = real(sizes)
+        with torch.no_grad():
+            ours.weight_co_l0.add_(0.5)
+        return loop, ours, plain
+
+    monkeypatch.setitem(bench_variants.VARIANTS["peephole"], "modules", broken)
+    assert bench_variants.run(["peephole"], [1], 1, 0.0, tiny=True) == 1
+    assert "REFUSED" in capsys.readouterr().out

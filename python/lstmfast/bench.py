@@ -377,14 +377,18 @@ def main(argv=None):
                         help="instead of the grid, time inference against what a user would pick instead: "
                              "torch float32, int8 (quantize_dynamic) and bfloat16 (autocast), ONNX Runtime "
                              "float32 and int8, against lstmfast float32 and lstmfast.quantize's int8 and bfloat16")
+    parser.add_argument("--variants", action="store_true",
+                        help="instead of the grid, time the cells torch.nn lacks (peephole LSTM) against the "
+                             "torch loop users run today and against lstmfast's plain LSTM, training and inference")
     parser.add_argument("--tiny", action="store_true",
-                        help="with --models or --peers: tiny sizes, to test the command (the figures mean nothing)")
+                        help="with --models, --peers or --variants: tiny sizes, to test the command (the "
+                             "figures mean nothing)")
     args = parser.parse_args(argv)
 
     if args.models is not None:
         return _main_models(parser, args)
-    if args.tiny and not args.peers:
-        parser.error("--tiny goes with --models or --peers")
+    if args.tiny and not (args.peers or args.variants):
+        parser.error("--tiny goes with --models, --peers or --variants")
     args.threads = args.threads or [1, 2]
 
     if args.quick:
@@ -396,6 +400,8 @@ def main(argv=None):
         parser.error("--threads must be positive")
     if args.peers:
         return _main_peers(parser, args)
+    if args.variants:
+        return _main_variants(parser, args)
     args.modes = args.modes or list(MODES)
 
     torch = None if args.no_torch else _try_import_torch()
@@ -508,6 +514,18 @@ def _main_peers(parser, args):
 
     return bench_peers.run(args.cells, args.shapes, args.threads, args.rounds, args.min_time,
                            no_torch=args.no_torch, tiny=args.tiny, json_path=args.json)
+
+
+def _main_variants(parser, args):
+    if args.plot or args.memory or args.no_torch:
+        parser.error("--variants times torch modules; --plot, --memory and --no-torch do not apply")
+    if _try_import_torch() is None:
+        parser.error("--variants needs torch: pip install 'lstmfast[torch]'")
+    from lstmfast import bench_variants
+
+    return bench_variants.run(list(bench_variants.VARIANTS), args.threads, args.rounds, args.min_time,
+                              modes=args.modes or bench_variants.MODES, tiny=args.tiny,
+                              json_path=args.json)
 
 
 def _geomean(values):

@@ -1,0 +1,174 @@
+"""``python -m lstmfast.bench --variants``: recurrent cells torch.nn lacks, against
+the loop of torch ops each community runs today, and against lstmfast's plain
+LSTM at the same shape (what the variant costs).
+
+Per variant, thread count and mode (inference: forward under inference_mode;
+training: forward, then backward of a fixed random projection of the outputs, with
+every gradient), three implementations are timed in interleaved blocks
+(``bench.time_interleaved``) after their outputs are checked against each other:
+
+* ``torch loop``: the variant written as users write it, a Python loop over torch ops
+  with autograd (for the peephole LSTM: the ONNX/TensorFlow equations of VARIANTS.md A);
+* ``lstmfast``: the variant's lstmfast.torch module (fused forward and BPTT);
+* ``plain LSTM``: lstmfast.torch.LSTM at the same shape.
+
+This module imports torch; ``lstmfast.bench`` imports it only for ``--variants``.
+"""
+
+import json
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+
+import lstmfast
+import lstmfast.torch
+from lstmfast import bench
+
+AGREEMENT_RTOL = 1e-4
+MODES = ("inference", "training")
+
+
+class PeepholeLoop(nn.Module):
+    """A peephole LSTM as a Python loop of torch ops: i and f see c, o sees the new c."""
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        H = hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(4 * H, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(4 * H, H))
+        self.bias_ih = nn.Parameter(torch.empty(4 * H))
+        self.bias_hh = nn.Parameter(torch.empty(4 * H))
+        self.weight_ci = nn.Parameter(torch.empty(H))
+        self.weight_cf = nn.Parameter(torch.empty(H))
+        self.weight_co = nn.Parameter(torch.empty(H))
+        for p in self.parameters():
+            nn.init.uniform_(p, -H ** -0.5, H ** -0.5)
+
+    def forward(self, x):  # (T, N, I)
+        N, H = x.shape[1], self.weight_hh.shape[1]
+        h = c = x.new_zeros(N, H)
+        outputs = []
+        for x_t in x:
+            gates = nn.functional.linear(x_t, self.weight_ih, self.bias_ih) + \
+                nn.functional.linear(h, self.weight_hh, self.bias_hh)
+            i, f, g, o = gates.chunk(4, 1)
+            i = torch.sigmoid(i + self.weight_ci * c)
+            f = torch.sigmoid(f + self.weight_cf * c)
+            c = f * c + i * torch.tanh(g)
+            h = torch.sigmoid(o + self.weight_co * c) * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs), (h, c)
+
+
+def _peephole_modules(s):
+    loop = PeepholeLoop(s["I"], s["H"])
+    ours = lstmfast.torch.PeepholeLSTM(s["I"], s["H"])
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_ci", "weight_cf",
+                     "weight_co"):
+            getattr(ours, name + "_l0").copy_(getattr(loop, name))
+    return loop, ours, lstmfast.torch.LSTM(s["I"], s["H"])
+
+
+VARIANTS = {
+    "peephole": {
+        "describe": "peephole LSTM (VARIANTS.md A)",
+        "sizes": {"full": dict(T=100, N=8, I=256, H=256), "tiny": dict(T=4, N=2, I=3, H=5)},
+        "modules": _peephole_modules,
+    },
+}
+
+
+def _runner(module, x, upstream, mode):
+    if mode == "inference":
+        def run():
+            with torch.inference_mode():
+                module(x)
+        return run
+
+    def run():
+        module.zero_grad(set_to_none=True)
+        (module(x)[0] * upstream).sum().backward()
+    return run
+
+
+def check(loop, ours, x, upstream):
+    """The worst relative difference of lstmfast's output and gradients from the loop's."""
+    worst = 0.0
+    outputs = []
+    for module in (loop, ours):
+        module.zero_grad(set_to_none=True)
+        out = module(x)[0]
+        (out * upstream).sum().backward()
+        grads = {n.replace("_l0", ""): p.grad.clone() for n, p in module.named_parameters()}
+        outputs.append((out.detach(), grads))
+    (a, ga), (b, gb) = outputs
+    for got, expected in [(b, a)] + [(gb[k], ga[k]) for k in ga]:
+        worst = max(worst, ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item())
+    return worst
+
+
+def measure(name, threads, modes, rounds, min_time, tiny):
+    spec = VARIANTS[name]
+    sizes = spec["sizes"]["tiny" if tiny else "full"]
+    torch.manual_seed(0)
+    loop, ours, plain = spec["modules"](sizes)
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(sizes["T"], sizes["N"], sizes["I"], generator=generator)
+    upstream = torch.randn(sizes["T"], sizes["N"], sizes["H"], generator=generator)
+    error = check(loop, ours, x, upstream)
+    row_base = {"variant": name, "sizes": sizes, "max_rel_diff": error}
+    if error > AGREEMENT_RTOL:
+        return [dict(row_base, refused=True)]
+    rows = []
+    for t in threads:
+        for mode in modes:
+            runners = {impl: _runner(m, x, upstream, mode)
+                       for impl, m in (("torch loop", loop), ("lstmfast", ours), ("plain LSTM", plain))}
+            seconds = bench.time_interleaved(runners, t, rounds, min_time, torch, None)
+            rows.append(dict(row_base, threads=t, mode=mode, seconds=seconds,
+                             speedup=seconds["torch loop"] / seconds["lstmfast"],
+                             cost=seconds["lstmfast"] / seconds["plain LSTM"]))
+    return rows
+
+
+def run(names, threads, rounds, min_time, modes=MODES, tiny=False, json_path=None):
+    config = bench.configuration(torch, None)
+    del config["reference_blas_threads_limited"]
+    print("lstmfast benchmark: cell variants against the torch loops users run today")
+    for key, value in config.items():
+        print(f"  {key:31s} {value}")
+    print(f"  {'dtype':31s} float32")
+    print(f"  {'sizes':31s} {'tiny (a test of the command, not a benchmark)' if tiny else 'full'}")
+    print()
+    rows = []
+    for name in names:
+        print(f"[{name}] ...", file=sys.stderr, flush=True)
+        rows += measure(name, threads, modes, rounds, min_time, tiny)
+    header = (f"{'variant':10s} {'T':>4s} {'N':>3s} {'I':>5s} {'H':>5s} {'mode':9s} {'thr':>3s} "
+              f"{'torch loop':>11s} {'lstmfast':>10s} {'plain LSTM':>11s} {'vs loop':>8s} {'vs plain':>9s}")
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        s = row["sizes"]
+        lead = f"{row['variant']:10s} {s['T']:4d} {s['N']:3d} {s['I']:5d} {s['H']:5d}"
+        if row.get("refused"):
+            print(f"{lead} REFUSED: lstmfast differs from the loop by {row['max_rel_diff']:.2g}")
+            continue
+        sec = row["seconds"]
+        print(f"{lead} {row['mode']:9s} {row['threads']:3d} {bench._fmt_time(sec['torch loop']):>11s} "
+              f"{bench._fmt_time(sec['lstmfast']):>10s} {bench._fmt_time(sec['plain LSTM']):>11s} "
+              f"{row['speedup']:7.2f}x {row['cost']:8.2f}x")
+    print()
+    print("vs loop: the torch loop's time over lstmfast's (above 1x: lstmfast faster); vs plain: "
+          "lstmfast's variant\nover lstmfast's plain LSTM at the same shape (what the variant costs). "
+          "Output and every\nparameter gradient agree with the loop's to "
+          + ", ".join(f"{r['max_rel_diff']:.1g}" for r in rows if "threads" in r and r["threads"] == threads[0]
+                      and r["mode"] == modes[0]) + " (relative), checked before timing.")
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"config": config, "results": rows}, f, indent=2, default=float)
+        print(f"wrote {json_path}")
+    return 1 if any(r.get("refused") for r in rows) else 0

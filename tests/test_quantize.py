@@ -350,3 +350,18 @@ def test_reduced_layers_serve_several_threads_at_once(precision, threads_restore
             np.testing.assert_array_equal(got, want)
         else:  # OpenBLAS may take another thread count when the cores are busy
             assert_close(got, want, 1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_non_finite_inputs_give_non_finite_rows_not_a_crash(backend, precision):
+    # Garbage in (NaN, inf) must not reach undefined behaviour in the int8
+    # quantization (a NaN cast to an integer); rows without it stay as they were.
+    layer = lstmfast.quantize(lstmfast.GRU(6, 8, seed=1, backend=backend), precision)
+    x = np.random.default_rng(2).standard_normal((3, 3, 6)).astype(np.float32)
+    clean = layer(x)[0]
+    x[1, 0, 2], x[0, 1, 4] = np.nan, np.inf
+    with np.errstate(invalid="ignore", over="ignore"):
+        got = layer(x)[0]
+    assert got.shape == clean.shape
+    np.testing.assert_array_equal(got[:, 2], clean[:, 2])

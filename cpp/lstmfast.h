@@ -98,7 +98,10 @@ struct ReducedMatrix {
   int64_t nbytes() const { return static_cast<int64_t>(storage.size() * sizeof(int64_t)); }
 };
 
-// q: [M, K] row-major int8;  scale: [M] positive and finite.
+// Inputs per row (K) up to which int8 products cannot overflow their int32 sums.
+constexpr int64_t kMaxInt8Inputs = (int64_t(1) << 31) / (127 * 128) - 1;
+
+// q: [M, K] row-major int8;  scale: [M] positive and finite; K <= kMaxInt8Inputs.
 ReducedMatrix pack_int8(const int8_t* q, const float* scale, int64_t M, int64_t K);
 // bits: [M, K] row-major bfloat16 bit patterns.
 ReducedMatrix pack_bf16(const uint16_t* bits, int64_t M, int64_t K);

@@ -31,6 +31,11 @@ void check(int64_t M, int64_t K, const char* what) {
 
 ReducedMatrix pack_int8(const int8_t* q, const float* scale, int64_t M, int64_t K) {
   check(M, K, "pack_int8");
+  // The products are summed in int32: K terms of at most 127 x 128 each.
+  if (K > kMaxInt8Inputs)
+    throw std::invalid_argument("pack_int8: " + std::to_string(K) +
+                                " inputs per row would overflow the int32 sums (at most " +
+                                std::to_string(kMaxInt8Inputs) + ")");
   ReducedMatrix r;
   r.precision = Precision::Int8;
   r.M = M;

@@ -44,7 +44,8 @@ inline void quantize_rows(uint8_t* q, int64_t ldq, float* scale, int32_t* zero, 
     }
     float s = (hi - lo) / static_cast<float>(kActivationLevels);
     if (!(s > 0.0f) || !(s < 3.0e38f)) s = 1.0f;  // all zeros, or not finite: garbage in, no UB
-    const float z = __builtin_nearbyintf(-lo / s);
+    float z = __builtin_nearbyintf(-lo / s);
+    z = z <= 127.0f ? z : 127.0f;  // only when s was reset above: no int overflow below
     for (int64_t k = 0; k < K; ++k) {
       float v = __builtin_nearbyintf(a[k] / s) + z;
       v = v >= 0.0f ? v : 0.0f;  // NaN goes to 0

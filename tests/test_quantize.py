@@ -139,6 +139,8 @@ def test_packing_rejects_what_it_cannot_hold():
         _core.pack_bfloat16(np.zeros((2, 3), np.float32))
     with pytest.raises(ValueError, match="non-empty"):
         _core.pack_bfloat16(np.zeros((0, 3), np.uint16))
+    with pytest.raises(ValueError, match="would overflow the int32 sums"):
+        _core.pack_int8(np.zeros((1, 140_000), np.int8), np.ones(1, np.float32))
 
 
 # ----------------------------------------------------------------------------------
@@ -360,7 +362,7 @@ def test_non_finite_inputs_give_non_finite_rows_not_a_crash(backend, precision):
     layer = lstmfast.quantize(lstmfast.GRU(6, 8, seed=1, backend=backend), precision)
     x = np.random.default_rng(2).standard_normal((3, 3, 6)).astype(np.float32)
     clean = layer(x)[0]
-    x[1, 0, 2], x[0, 1, 4] = np.nan, np.inf
+    x[1, 0, 2], x[0, 1, 4], x[2, 1, 0], x[2, 1, 1] = np.nan, np.inf, -3e38, 3e38
     with np.errstate(invalid="ignore", over="ignore"):
         got = layer(x)[0]
     assert got.shape == clean.shape

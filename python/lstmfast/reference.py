@@ -505,7 +505,7 @@ def quantize_activations(a):
     hi = np.maximum(a.max(axis=1), 0)
     scale = ((hi - lo) / np.float32(127)).astype(np.float32)
     scale[~((scale > 0) & np.isfinite(scale))] = 1
-    zero = np.rint(-lo / scale)
+    zero = np.minimum(np.rint(-lo / scale), 127)  # above 127 only for a reset scale
     with np.errstate(invalid="ignore"):
         q = np.nan_to_num(np.rint(a / scale[:, None]) + zero[:, None], nan=0.0)
     return np.clip(q, 0, 127).astype(np.int64), scale, zero.astype(np.int64)

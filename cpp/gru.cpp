@@ -81,17 +81,12 @@ void forward_reduced(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& 
     const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
     direct_input_projection(buf.xproj, GH, x, w, GH, buf, s);
     gather_state(buf.h, h0, H, walk);
-    reduced_steps(buf, *w.W_hh_r, s, [&](int64_t k, int64_t n, int64_t b0, int64_t b1) {
-      const Real* h_prev = buf.h + (k & 1) * N * H;
-      Real* h_next = buf.h + ((k + 1) & 1) * N * H;
-      for (int64_t b = b0; b < b1; ++b) {
-        if (b < n)
-          gru_forward_row<Real, false>(h_next + b * H, y + walk.at(k, b) * ldy, nullptr,
-                                       buf.xproj + walk.x_row(k, b) * GH, buf.rec + b * GH,
-                                       w.bias, w.b_hn, h_prev + b * H, H);
-        else
-          copy_row(h_next + b * H, h_prev + b * H, H);
-      }
+    reduced_steps(buf, *w.W_hh_r, s, [&](int64_t k, int64_t b, bool running) {
+      if (running)
+        gru_forward_row<Real, false>(buf.h + ((k + 1) & 1) * N * H + b * H,
+                                     y + walk.at(k, b) * ldy, nullptr,
+                                     buf.xproj + walk.x_row(k, b) * GH, buf.rec + b * GH, w.bias,
+                                     w.b_hn, buf.h + (k & 1) * N * H + b * H, H);
     });
     scatter_state(h_n, buf.h + (S & 1) * N * H, H, walk);
   }

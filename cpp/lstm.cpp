@@ -189,21 +189,16 @@ void forward_reduced(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuff
     direct_input_projection(buf.xproj, GH, x, w, GH, buf, s);
     gather_state(buf.h, h0, H, walk);
     gather_state(buf.c, c0, H, walk);
-    reduced_steps(buf, *w.W_hh_r, s, [&](int64_t k, int64_t n, int64_t b0, int64_t b1) {
-      const Real* h_prev = buf.h + (k & 1) * N * H;
-      Real* h_next = buf.h + ((k + 1) & 1) * N * H;
-      const Real* c_prev = buf.c + (k & 1) * N * H;
-      Real* c_next = buf.c + ((k + 1) & 1) * N * H;
-      for (int64_t b = b0; b < b1; ++b) {
-        if (b < n) {
-          lstm_forward_row<Real, false>(c_next + b * H, h_next + b * H, y + walk.at(k, b) * ldy,
-                                        nullptr, buf.xproj + walk.x_row(k, b) * GH,
-                                        buf.rec + b * GH, w.bias, c_prev + b * H, w.peephole, H);
-        } else {  // finished rows keep their state (see forward_steps)
-          copy_row(h_next + b * H, h_prev + b * H, H);
-          copy_row(c_next + b * H, c_prev + b * H, H);
-        }
-      }
+    reduced_steps(buf, *w.W_hh_r, s, [&](int64_t k, int64_t b, bool running) {
+      const Real* c_prev = buf.c + (k & 1) * N * H + b * H;
+      Real* c_next = buf.c + ((k + 1) & 1) * N * H + b * H;
+      if (running)
+        lstm_forward_row<Real, false>(c_next, buf.h + ((k + 1) & 1) * N * H + b * H,
+                                      y + walk.at(k, b) * ldy, nullptr,
+                                      buf.xproj + walk.x_row(k, b) * GH, buf.rec + b * GH,
+                                      w.bias, c_prev, w.peephole, H);
+      else
+        copy_row(c_next, c_prev, H);
     });
     scatter_state(h_n, buf.h + (S & 1) * N * H, H, walk);
     scatter_state(c_n, buf.c + (S & 1) * N * H, H, walk);

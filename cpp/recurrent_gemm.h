@@ -384,15 +384,16 @@ inline void weight_product(Real* C, int64_t ldc, const Real* A, const Real* Wm,
 // a wake-up per step and left the gate math to one thread). Every step:
 //   1. each thread multiplies h of the step (quantized, for int8) by its panels
 //      of W_hh for all running rows, into buf.rec;
-//   2. after a barrier, each thread runs step_rows(k, n, b0, b1) on its share
-//      b0..b1-1 of the N rows: the cell's gate math for the running ones
-//      (b < n) and the state copy of finished ones, writing h of step k + 1 in
-//      slot (k + 1) & 1 of buf.h; then quantizes those rows of it (int8);
+//   2. after a barrier, each thread takes its share of the N rows: for a running
+//      row b (b < n) step_row(k, b, true) does the cell's gate math, writing h of
+//      step k + 1 in slot (k + 1) & 1 of buf.h; a finished row keeps its h (copied
+//      here) and step_row(k, b, false) keeps the cell's other state; then the
+//      thread quantizes its rows of the new h (int8);
 //   3. a barrier, as h of step k + 1 is read whole by every thread.
 // Below kReducedSerialWork multiply-adds per step the calling thread does it all.
-template <typename StepRows>
+template <typename StepRow>
 inline void reduced_steps(const LayerBuffers<float>& buf, const ReducedMatrix& W_hh,
-                          const LayerShape& s, StepRows&& step_rows) {
+                          const LayerShape& s, StepRow&& step_row) {
   const Walk walk(s);
   const int64_t N = s.N, K = W_hh.K, S = steps_of(s);
   const bool int8 = W_hh.precision == Precision::Int8;
@@ -414,7 +415,11 @@ inline void reduced_steps(const LayerBuffers<float>& buf, const ReducedMatrix& W
       else
         bf16_panels(buf.rec, W_hh.M, buf.h + (k & 1) * N * K, K, n, W_hh, p0, p1);
       pool_barrier();
-      step_rows(k, n, b0, b1);
+      for (int64_t b = b0; b < b1; ++b) {
+        if (b >= n)  // finished rows keep their state
+          copy_row(buf.h + ((k + 1) & 1) * N * K + b * K, buf.h + (k & 1) * N * K + b * K, K);
+        step_row(k, b, b < n);
+      }
       quantize(k + 1, b0, b1);
       pool_barrier();
     }

@@ -27,6 +27,17 @@ void check(int64_t M, int64_t K, const char* what) {
                                 std::to_string(M) + " x " + std::to_string(K));
 }
 
+// An empty matrix of M x K in `precision`, K padded to a multiple of `k_group`.
+ReducedMatrix shaped(Precision precision, int64_t M, int64_t K, int64_t k_group) {
+  ReducedMatrix r;
+  r.precision = precision;
+  r.M = M;
+  r.K = K;
+  r.K_padded = (K + k_group - 1) / k_group * k_group;
+  r.panels = (M + kReducedPanel - 1) / kReducedPanel;
+  return r;
+}
+
 }  // namespace
 
 ReducedMatrix pack_int8(const int8_t* q, const float* scale, int64_t M, int64_t K) {
@@ -36,12 +47,7 @@ ReducedMatrix pack_int8(const int8_t* q, const float* scale, int64_t M, int64_t 
     throw std::invalid_argument("pack_int8: " + std::to_string(K) +
                                 " inputs per row would overflow the int32 sums (at most " +
                                 std::to_string(kMaxInt8Inputs) + ")");
-  ReducedMatrix r;
-  r.precision = Precision::Int8;
-  r.M = M;
-  r.K = K;
-  r.K_padded = (K + 3) / 4 * 4;
-  r.panels = (M + kReducedPanel - 1) / kReducedPanel;
+  ReducedMatrix r = shaped(Precision::Int8, M, K, 4);
   const int64_t rows = r.panels * kReducedPanel, groups = r.K_padded / 4;
   int64_t bytes = 0;
   const int64_t q_at = reserve<int8_t>(bytes, rows * r.K_padded);
@@ -69,12 +75,7 @@ ReducedMatrix pack_int8(const int8_t* q, const float* scale, int64_t M, int64_t 
 
 ReducedMatrix pack_bf16(const uint16_t* bits, int64_t M, int64_t K) {
   check(M, K, "pack_bf16");
-  ReducedMatrix r;
-  r.precision = Precision::BFloat16;
-  r.M = M;
-  r.K = K;
-  r.K_padded = (K + 1) / 2 * 2;
-  r.panels = (M + kReducedPanel - 1) / kReducedPanel;
+  ReducedMatrix r = shaped(Precision::BFloat16, M, K, 2);
   const int64_t rows = r.panels * kReducedPanel, pairs = r.K_padded / 2;
   int64_t bytes = 0;
   const int64_t at = reserve<uint16_t>(bytes, rows * r.K_padded);

@@ -59,16 +59,11 @@ void forward_reduced(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& 
     const int64_t N = s.N, H = s.H, S = steps_of(s);
     direct_input_projection(buf.xproj, H, x, w, H, buf, s);
     gather_state(buf.h, h0, H, walk);
-    reduced_steps(buf, *w.W_hh_r, s, [&](int64_t k, int64_t n, int64_t b0, int64_t b1) {
-      const Real* h_prev = buf.h + (k & 1) * N * H;
-      Real* h_next = buf.h + ((k + 1) & 1) * N * H;
-      for (int64_t b = b0; b < b1; ++b) {
-        if (b < n)
-          rnn_forward_row<Real, kRelu>(h_next + b * H, y + walk.at(k, b) * ldy,
-                                       buf.xproj + walk.x_row(k, b) * H, buf.rec + b * H, w.bias, H);
-        else
-          copy_row(h_next + b * H, h_prev + b * H, H);
-      }
+    reduced_steps(buf, *w.W_hh_r, s, [&](int64_t k, int64_t b, bool running) {
+      if (running)
+        rnn_forward_row<Real, kRelu>(buf.h + ((k + 1) & 1) * N * H + b * H,
+                                     y + walk.at(k, b) * ldy, buf.xproj + walk.x_row(k, b) * H,
+                                     buf.rec + b * H, w.bias, H);
     });
     scatter_state(h_n, buf.h + (S & 1) * N * H, H, walk);
   }

@@ -158,6 +158,14 @@ CONFIGS = [
 ]
 
 
+def assert_all_close(got, expected, tol):
+    """output, and h_n (and c_n) of a layer call: each within tol."""
+    assert_close(got[0], expected[0], tol, "output")
+    states = zip(*(r[1] if isinstance(r[1], tuple) else (r[1],) for r in (got, expected)))
+    for name, (g, e) in zip(("h_n", "c_n"), states):
+        assert_close(g, e, tol, name)
+
+
 def layer_pair(cls_name, options, precision, I=11, H=16, seed=5):  # noqa: E741
     cls = getattr(lstmfast, cls_name)
     fused = lstmfast.quantize(cls(I, H, seed=seed, **options), precision)
@@ -176,7 +184,7 @@ def test_bfloat16_layers_match_the_reference(simd_target, cls_name, options, T, 
     rng = np.random.default_rng(6)
     x = rng.standard_normal((N, T, 11) if fused.batch_first else (T, N, 11)).astype(np.float32)
     for lengths in (None, rng.integers(1, T + 1, N)):
-        assert_close(fused(x, lengths=lengths)[0], numpy(x, lengths=lengths)[0], 1e-5)
+        assert_all_close(fused(x, lengths=lengths), numpy(x, lengths=lengths), 1e-5)
     h_shape = (fused.num_layers * (2 if fused.bidirectional else 1), N,
                fused.proj_size or fused.hidden_size)
     h0 = rng.standard_normal(h_shape).astype(np.float32)
@@ -221,7 +229,7 @@ def test_int8_layers_follow_the_reference_over_sequences(simd_target, cls_name, 
     T, N = 12, 5
     x = rng.standard_normal((N, T, 11) if fused.batch_first else (T, N, 11)).astype(np.float32)
     for lengths in (None, rng.integers(1, T + 1, N)):
-        assert_close(fused(x, lengths=lengths)[0], numpy(x, lengths=lengths)[0], 2e-3)
+        assert_all_close(fused(x, lengths=lengths), numpy(x, lengths=lengths), 2e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -63,18 +63,23 @@ def onnx_outputs(Y, Y_h, Y_c):
     return Y.transpose(0, 2, 1, 3).reshape(T, N, D * H), Y_h, Y_c
 
 
+def onnxruntime_outputs(model, p):
+    """The model run by ONNX Runtime on problem p (all T steps when p has no lengths)."""
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    T, N = p["x"].shape[:2]
+    lengths = np.full(N, T) if p["lengths"] is None else p["lengths"]
+    return onnx_outputs(*session.run(None, {
+        "X": p["x"], "lengths": lengths.astype(np.int32), "h0": p["h0"], "c0": p["c0"]}))
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 @pytest.mark.parametrize("with_lengths", [False, True])
 def test_forward_matches_onnxruntime(bidirectional, with_lengths):
-    ort = pytest.importorskip("onnxruntime")
     T, N, I, H = 6, 3, 5, 4
     p = make_problem("LSTM", T=T, N=N, I=I, H=H, bidirectional=bidirectional, peephole=True,
                      lengths=[4, 6, 2] if with_lengths else None, dtype=np.float32, seed=3)
-    model = onnx_lstm(p["params"], I, H, bidirectional, np.float32)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    lengths = np.full(N, T) if p["lengths"] is None else p["lengths"]
-    theirs = onnx_outputs(*session.run(None, {
-        "X": p["x"], "lengths": lengths.astype(np.int32), "h0": p["h0"], "c0": p["c0"]}))
+    theirs = onnxruntime_outputs(onnx_lstm(p["params"], I, H, bidirectional, np.float32), p)
     ours = run_forward(p)[:3]
     for name, a, b in zip(("output", "h_n", "c_n"), ours, theirs):
         assert_close(f"{name}", a, b, 1e-5 * max(1.0, np.max(np.abs(b))))
@@ -137,7 +142,6 @@ def test_gradients_match_a_torch_autograd_loop():
 def test_from_onnx_lstm_computes_what_onnxruntime_computes(peephole, bidirectional):
     import lstmfast
 
-    ort = pytest.importorskip("onnxruntime")
     T, N, I, H = 6, 3, 5, 4
     p = make_problem("LSTM", T=T, N=N, I=I, H=H, bidirectional=bidirectional, peephole=True,
                      lengths=[4, 6, 2], dtype=np.float32, seed=6)
@@ -145,9 +149,7 @@ def test_from_onnx_lstm_computes_what_onnxruntime_computes(peephole, bidirection
     if not peephole:  # the same node without its P input
         model.graph.node[0].input[7] = ""
         model.graph.initializer.pop()
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    theirs = onnx_outputs(*session.run(None, {
-        "X": p["x"], "lengths": p["lengths"].astype(np.int32), "h0": p["h0"], "c0": p["c0"]}))
+    theirs = onnxruntime_outputs(model, p)
     for backend in ("fused", "numpy"):
         layer = lstmfast.from_onnx_lstm(model, backend=backend).eval()
         assert layer.peephole == peephole and layer.bidirectional == bidirectional

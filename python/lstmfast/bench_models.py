@@ -286,11 +286,14 @@ def _build_tacotron(s, g):
     return model, (torch.randn(s["batch"], s["memory_length"], s["memory_size"], generator=g),)
 
 
+# crnn_int8 is the same model as crnn, quantized.
+_CRNN_SIZES = {"full": dict(width=1000, batch=1, channels=(64, 128, 256, 256, 512), hidden=256, classes=37),
+               "tiny": dict(width=64, batch=1, channels=(4, 8, 8, 8, 8), hidden=16, classes=5)}
+
 MODELS = {spec.name: spec for spec in [
     ModelSpec(
         "crnn", ("inference",),
-        {"full": dict(width=1000, batch=1, channels=(64, 128, 256, 256, 512), hidden=256, classes=37),
-         "tiny": dict(width=64, batch=1, channels=(4, 8, 8, 8, 8), hidden=16, classes=5)},
+        _CRNN_SIZES,
         _build_crnn,
         lambda s: (f"image 1x32x{s['width']}, N={s['batch']}; 5 x (conv3x3+BN+ReLU+maxpool) "
                    f"{'-'.join(map(str, s['channels']))} ch; BiLSTM({s['channels'][-1]}, {s['hidden']}) "
@@ -298,8 +301,7 @@ MODELS = {spec.name: spec for spec in [
                    f"linear to {s['classes']} classes")),
     ModelSpec(
         "crnn_int8", ("inference",),
-        {"full": dict(width=1000, batch=1, channels=(64, 128, 256, 256, 512), hidden=256, classes=37),
-         "tiny": dict(width=64, batch=1, channels=(4, 8, 8, 8, 8), hidden=16, classes=5)},
+        _CRNN_SIZES,
         _build_crnn_int8,
         lambda s: (f"crnn with its two BiLSTMs quantized by torch's quantize_dynamic (int8 weights); "
                    f"accelerate() runs them on lstmfast's int8 kernels with the same weights"),

@@ -1089,19 +1089,23 @@ def _reduced_like(layer, precision, state):
     return reduced
 
 
+def _backend_weight(backend, weight):
+    """A reference.Int8Weight / BFloat16Weight as ``backend.forward`` takes it: packed
+    by the backend when it packs (the fused one), else as it is."""
+    pack = getattr(backend, "pack_weight", None)
+    return weight if pack is None else pack(weight)
+
+
 def _backend_weights(params, precision, backend):
     """Parameters of a reduced layer as ``backend.forward`` takes them: each weight a
     reference.Int8Weight / BFloat16Weight, packed by the backend when it packs."""
     reference = importlib.import_module(_PACKAGE + ".reference")
-    pack = getattr(backend, "pack_weight", None)
     out = {}
     for name, value in params.items():
         if name.endswith("_scale"):
             continue
         if name.startswith(_WEIGHT_PREFIXES):
-            value = (reference.Int8Weight(value, params[name + "_scale"]) if precision == "int8"
-                     else reference.BFloat16Weight(value))
-            if pack is not None:
-                value = pack(value)
+            value = _backend_weight(backend, reference.Int8Weight(value, params[name + "_scale"])
+                                    if precision == "int8" else reference.BFloat16Weight(value))
         out[name] = value
     return out

@@ -42,6 +42,8 @@ from torch.ao.nn.quantized import dynamic as nnqd
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
+from .modules import _backend_weight
+
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "PeepholeLSTM",
            "QuantizedLSTM", "QuantizedGRU", "accelerate", "restore", "quantize_dynamic"]
 
@@ -501,12 +503,6 @@ def _packed_for(module, source_key, make):
     return value
 
 
-def _reduced_weight(backend, weight):
-    """A reference.Int8Weight / BFloat16Weight as the backend takes it."""
-    pack = getattr(backend, "pack_weight", None)
-    return weight if pack is None else pack(weight)
-
-
 def _autocast_serves(self, data):
     """Whether the kernels give torch's result under this autocast: CPU bfloat16
     autocast, float32 weights, input of float32 or bfloat16."""
@@ -536,7 +532,7 @@ def _bfloat16_autocast_forward(self, input, hx, hx_list):
     key = tuple((w.data_ptr(), w._version, tuple(w.shape)) for w in weights) + (backend,)
 
     def make():
-        return [_reduced_weight(backend, reference.BFloat16Weight(
+        return [_backend_weight(backend, reference.BFloat16Weight(
                     reference.to_bfloat16_bits(w.detach().numpy())))
                 if name.startswith("weight") else w.detach().clone()
                 for name, w in zip(names, weights)]
@@ -643,7 +639,7 @@ class _QuantizedRNNMixin(_FastRNNMixin):
                     for kind in ("ih", "hh"):
                         name = f"weight_{kind}_l{layer}{suffix}"
                         names.append(name)
-                        weights.append(_reduced_weight(backend, _int8_weight(weight_bias["weight"][name])))
+                        weights.append(_backend_weight(backend, _int8_weight(weight_bias["weight"][name])))
                     for kind in ("ih", "hh"):
                         name = f"bias_{kind}_l{layer}{suffix}"
                         bias = weight_bias["bias"].get(name)

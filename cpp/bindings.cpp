@@ -90,12 +90,11 @@ std::vector<int64_t> shape_of(const py::array& a) {
 }
 
 lstmfast::Mode parse_mode(const std::string& mode) {
-  if (mode == "LSTM") return lstmfast::Mode::LSTM;
-  if (mode == "GRU") return lstmfast::Mode::GRU;
-  if (mode == "RNN_TANH") return lstmfast::Mode::RNN_TANH;
-  if (mode == "RNN_RELU") return lstmfast::Mode::RNN_RELU;
-  throw py::value_error("mode must be one of 'LSTM', 'GRU', 'RNN_TANH', 'RNN_RELU', got '" + mode +
-                        "'");
+  if (const lstmfast::CellInfo* cell = lstmfast::find_cell(mode.c_str())) return cell->mode;
+  std::string names;
+  for (int m = 0; m < lstmfast::kModes; ++m)
+    names += std::string(m ? ", '" : "'") + lstmfast::cell_info(lstmfast::Mode(m)).name + "'";
+  throw py::value_error("mode must be one of " + names + ", got '" + mode + "'");
 }
 
 // `a` as a C-contiguous array of Real: `a` itself when it is one, else a copy. Unlike
@@ -255,7 +254,7 @@ const lstmfast::ReducedMatrix* checked_reduced(py::handle obj, const std::string
 template <typename Real>
 py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle h0_obj,
                       py::handle c0_obj, py::handle weights_obj, py::handle lengths_obj,
-                      py::handle masks_obj) {
+                      py::handle masks_obj, py::handle noise_obj) {
   const bool lstm = s.mode == lstmfast::Mode::LSTM;
   const int G = lstmfast::gates_of(s.mode);
   if (x_obj.ndim() != 3)
@@ -348,6 +347,15 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
       masks.push_back(m.data());
       rc->keep_alive.push_back(m);
     }
+  }
+
+  // CTRNN noise: read by the forward only, so not kept alive with the cache.
+  py::array_t<Real, py::array::c_style> noise;
+  if (!noise_obj.is_none()) {
+    if (!lstmfast::is_ctrnn(s.mode))
+      throw py::value_error("noise: only a CTRNN takes noise; pass None");
+    noise = checked<Real>(noise_obj, "noise", {LD, s.T, s.N, s.H});
+    for (int64_t i = 0; i < LD; ++i) params[i].noise = noise.data() + i * s.T * s.N * s.H;
   }
 
   py::array_t<Real> y({s.T, s.N, s.D * s.H_out()});
@@ -521,9 +529,16 @@ void register_rnn(py::module_& m) {
       "rnn_forward",
       [](const std::string& mode, py::handle x, py::handle h0, py::handle c0, py::handle weights,
          int64_t num_layers, bool bidirectional, int64_t proj_size, py::handle lengths,
-         py::handle dropout_masks, bool training) {
+         py::handle dropout_masks, bool training, double alpha, const std::string& leak,
+         py::handle noise) {
         lstmfast::StackShape s;
         s.mode = parse_mode(mode);
+        if (leak != "outside" && leak != "inside")
+          throw py::value_error("leak must be 'outside' or 'inside', got '" + leak + "'");
+        if (!(alpha > 0 && alpha <= 1))
+          throw py::value_error("alpha must be in (0, 1], got " + std::to_string(alpha));
+        s.alpha = alpha;
+        s.leak_inside = leak == "inside";
         s.L = num_layers;
         s.D = bidirectional ? 2 : 1;
         s.P = proj_size;
@@ -536,17 +551,20 @@ void register_rnn(py::module_& m) {
                                type_name(x));
         py::array xa = py::reinterpret_borrow<py::array>(x);
         if (xa.dtype().equal(py::dtype::of<float>()))
-          return rnn_forward<float>(s, xa, h0, c0, weights, lengths, dropout_masks);
+          return rnn_forward<float>(s, xa, h0, c0, weights, lengths, dropout_masks, noise);
         if (xa.dtype().equal(py::dtype::of<double>()))
-          return rnn_forward<double>(s, xa, h0, c0, weights, lengths, dropout_masks);
+          return rnn_forward<double>(s, xa, h0, c0, weights, lengths, dropout_masks, noise);
         throw py::type_error("x: expected dtype float32 or float64, got " +
                              std::string(py::str(xa.dtype())));
       },
       py::arg("mode"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("weights"),
       py::arg("num_layers"), py::arg("bidirectional"), py::arg("proj_size"), py::arg("lengths"),
-      py::arg("dropout_masks"), py::arg("training"),
+      py::arg("dropout_masks"), py::arg("training"), py::arg("alpha") = 1.0,
+      py::arg("leak") = "outside", py::arg("noise") = py::none(),
       "Forward of a stack; weights: per layer-direction [W_ih, W_hh, b_ih, b_hh, W_hr] "
       "(None where absent), and for a peephole LSTM also [P_i, P_f, P_o]. "
+      "CTRNN modes: alpha (dt / tau), leak ('outside' or 'inside') and noise "
+      "((L*D, T, N, H) added to each step's state, or None). "
       "Returns (y, h_n, c_n or None, cache or None).");
 
   m.def(

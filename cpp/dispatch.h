@@ -1,5 +1,5 @@
 // Run-time choice of the instruction set: each per-ISA build of the kernels
-// (lstm.cpp, gru.cpp, rnn.cpp, kernel_table.cpp compiled with -DLSTMFAST_ISA=<name>)
+// (the cell files, kernel_table.cpp compiled with -DLSTMFAST_ISA=<name>)
 // exports one table of function pointers; the best one this CPU supports is
 // chosen once, on first use. Tests can force any other supported one.
 #pragma once
@@ -31,13 +31,11 @@ using ProductFn = void (*)(Real* C, int64_t ldc, const Real* A, int64_t lda, con
 
 template <typename Real>
 struct TypedKernels {
-  CellKernels<Real> lstm, gru, rnn;
+  CellKernels<Real> cells[kModes];  // indexed by Mode
   ActivationFn<Real> activation;
   ProductFn<Real> product;
 
-  const CellKernels<Real>& cell(Mode mode) const {
-    return mode == Mode::LSTM ? lstm : mode == Mode::GRU ? gru : rnn;
-  }
+  const CellKernels<Real>& cell(Mode mode) const { return cells[static_cast<int>(mode)]; }
 };
 
 // C[n, M] = A[n, K] W^T with reduced weights (recurrent_gemm.h: reduced_product);

@@ -23,10 +23,30 @@
 
 namespace lstmfast {
 
-enum class Mode { LSTM, GRU, RNN_TANH, RNN_RELU };
+// The cells. Adding one (README "Adding a cell"): a value here, its row in
+// stack.cpp's kCells, its kernel file (forward and BPTT side by side, as rnn.cpp)
+// and its entry in kernel_table.cpp.
+enum class Mode { LSTM, GRU, RNN_TANH, RNN_RELU, CTRNN_TANH, CTRNN_RELU };
+constexpr int kModes = 6;
 
-// G: 4 (LSTM), 3 (GRU), 1 (RNN).
+// What the stack and the bindings know of a cell; the kernels know the rest.
+struct CellInfo {
+  Mode mode;
+  const char* name;        // the mode's name in Python ("LSTM", "CTRNN_RELU", ...)
+  int gates;               // G: pre-activation blocks of H per unit (x W_ih^T is [., G*H])
+  bool cell_state;         // keeps c beside h (LSTM)
+  bool relu;               // LayerShape::relu for the kernel: relu instead of tanh
+  bool saves_activations;  // training saves [S, N, H] activations in LayerBuffers::gates
+                           //   (CTRNN with the leak outside: h cannot give phi(z) back)
+};
+const CellInfo& cell_info(Mode mode);
+// The cell of a Python mode name; nullptr when there is none.
+const CellInfo* find_cell(const char* name);
+
+// G: 4 (LSTM), 3 (GRU), 1 (RNN, CTRNN).
 int gates_of(Mode mode);
+// Continuous-time RNN (VARIANTS.md D): CTRNN_TANH or CTRNN_RELU.
+inline bool is_ctrnn(Mode mode) { return mode == Mode::CTRNN_TANH || mode == Mode::CTRNN_RELU; }
 
 // ---------------------------------------------------------------------------
 // One layer, one direction.
@@ -47,7 +67,10 @@ struct LayerShape {
   int64_t H = 0;                     // hidden units
   int64_t P = 0;                     // LSTM projection size, 0 for none
   bool reverse = false;              // walk each sequence backwards in time
-  bool relu = false;                 // RNN only: relu instead of tanh
+  bool relu = false;                 // RNN, CTRNN: relu instead of tanh
+  double alpha = 1;                  // CTRNN: dt / tau, in (0, 1]
+  bool leak_inside = false;          // CTRNN: h' = phi((1-alpha) h + alpha z) instead of
+                                     //   (1-alpha) h + alpha phi(z) (VARIANTS.md D)
   bool training = false;             // keep every step's state for backward
   const int64_t* lengths = nullptr;  // lengths: [N] steps of sorted row b, non-increasing, each in 1..T; nullptr = all T
   const int64_t* rows = nullptr;     // rows: [N] batch row held by sorted row b; nullptr = identity
@@ -120,6 +143,8 @@ struct LayerWeights {
   const ReducedMatrix* W_hh_r = nullptr;
   const ReducedMatrix* W_hr_r = nullptr;
   const Real* peephole = nullptr;  // peephole: LSTM [3H] P_i, P_f, P_o (VARIANTS.md A); nullptr = none
+  const Real* noise = nullptr;     // noise: CTRNN [T, N, H] added to each step's state, in x's order
+                                   //   (y's indexing); forward only: backward never reads it
 };
 
 // Gradients of one layer and direction: ADDED into (the caller zeroes them), or
@@ -153,7 +178,8 @@ struct LayerBuffers {
   Real* h = nullptr;      // h: [S+1, N, H_out] training / [2, N, H_out] inference: h per step, sorted rows, slot 0 = h0
   Real* c = nullptr;      // c: LSTM, like h with width H: the cell state
   Real* m = nullptr;      // m: LSTM with P > 0: [S, N, H] training / [N, H] inference: o * tanh(c) before the projection
-  Real* gates = nullptr;  // gates: training, [S, N, 4H]: LSTM (i, f, g, o) activated; GRU (r, z, n, W_hn h + b_hn); RNN unused
+  Real* gates = nullptr;  // gates: training, [S, N, 4H]: LSTM (i, f, g, o) activated; GRU (r, z, n, W_hn h + b_hn);
+                          //   CTRNN with the leak outside [S, N, H]: phi(z); RNN unused
   // backward (scratch)
   Real* dG = nullptr;     // dG: [S, N, G*H] gradient of the recurrent pre-activations (h W_hh^T), per step, sorted rows;
                           //   nullptr (LSTM, GRU) when the backward consumes the cache: then written over gates
@@ -212,6 +238,8 @@ struct StackShape {
   int64_t D = 1;  // directions
   int64_t T = 0, N = 0, I = 0, H = 0, P = 0;
   bool training = false;  // keep what backward needs in the returned cache
+  double alpha = 1;          // CTRNN (LayerShape)
+  bool leak_inside = false;  // CTRNN (LayerShape)
 
   int64_t H_out() const { return P > 0 ? P : H; }
   int64_t input_size(int64_t layer) const { return layer == 0 ? I : D * H_out(); }
@@ -231,6 +259,8 @@ struct Params {
   const Real* P_i = nullptr;  // weight_ci_l{k}[_reverse]: [H] peephole LSTM (all three, or none)
   const Real* P_f = nullptr;  // weight_cf_l{k}[_reverse]: [H]
   const Real* P_o = nullptr;  // weight_co_l{k}[_reverse]: [H]
+  const Real* noise = nullptr;  // CTRNN: [T, N, H] additive noise of this layer-direction
+                                //   (LayerWeights::noise); all or none; not kept for backward
 };
 
 template <typename Real>

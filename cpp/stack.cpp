@@ -31,16 +31,31 @@
 
 namespace lstmfast {
 
-int gates_of(Mode mode) {
-  switch (mode) {
-    case Mode::LSTM:
-      return 4;
-    case Mode::GRU:
-      return 3;
-    default:
-      return 1;
-  }
+namespace {
+
+// The cells, in Mode's order (lstmfast.h: CellInfo).
+constexpr CellInfo kCells[] = {
+    // mode            name          gates c_state relu   saves phi(z)
+    {Mode::LSTM,       "LSTM",       4,    true,   false, false},
+    {Mode::GRU,        "GRU",        3,    false,  false, false},
+    {Mode::RNN_TANH,   "RNN_TANH",   1,    false,  false, false},
+    {Mode::RNN_RELU,   "RNN_RELU",   1,    false,  true,  false},
+    {Mode::CTRNN_TANH, "CTRNN_TANH", 1,    false,  false, true},
+    {Mode::CTRNN_RELU, "CTRNN_RELU", 1,    false,  true,  true},
+};
+static_assert(sizeof(kCells) / sizeof(kCells[0]) == kModes, "one row of kCells per Mode");
+
+}  // namespace
+
+const CellInfo& cell_info(Mode mode) { return kCells[static_cast<int>(mode)]; }
+
+const CellInfo* find_cell(const char* name) {
+  for (const CellInfo& cell : kCells)
+    if (std::strcmp(cell.name, name) == 0) return &cell;
+  return nullptr;
 }
+
+int gates_of(Mode mode) { return cell_info(mode).gates; }
 
 namespace {
 
@@ -97,6 +112,19 @@ void check_shape(const StackShape& s) {
   require(s.P == 0 || s.mode == Mode::LSTM, "proj_size > 0 is only supported for LSTM");
   require(s.P < s.H || s.P == 0, "proj_size (" + str(s.P) +
                                      ") must be smaller than hidden_size (" + str(s.H) + ")");
+  // Written so that NaN fails too.
+  require(!is_ctrnn(s.mode) || (s.alpha > 0 && s.alpha <= 1),
+          "alpha must be in (0, 1], got " + std::to_string(s.alpha));
+}
+
+// CTRNN noise: every layer-direction or none, and only for a CTRNN.
+template <typename Real>
+void check_noise(const Params<Real>* params, const StackShape& s) {
+  const bool noise = params[0].noise != nullptr;
+  for (int64_t i = 0; i < s.L * s.D; ++i)
+    require((params[i].noise != nullptr) == noise,
+            "noise must be given for every layer and direction or none");
+  require(!noise || is_ctrnn(s.mode), "noise is only supported for CTRNN");
 }
 
 // Peepholes: LSTM only, all three vectors of every layer-direction or none.
@@ -126,6 +154,7 @@ void check_reduced(const Params<Real>* params, const StackShape& s) {
     require((p.W_hh_r != nullptr) == reduced,
             "reduced-precision weights must be given for every layer and direction or none");
     if (!reduced) continue;
+    require(!is_ctrnn(s.mode), "reduced-precision weights are not supported for CTRNN");
     require(std::is_same<Real, float>::value, "reduced-precision weights need float32 inputs");
     require(!s.training, "reduced-precision weights are for inference only (training=False)");
     require(fits(p.W_ih_r, GH, s.input_size(i / s.D)) && fits(p.W_hh_r, GH, s.H_out()) &&
@@ -285,6 +314,7 @@ void combine_biases(StackCache<Real>& c) {
     if (gru && p.b_hh)
       for (int64_t j = 0; j < H; ++j) b_hn[j] = p.b_hh[2 * H + j];
     c.weights[i] = {p.W_ih, p.W_hh, p.W_hr, bias, b_hn, p.W_ih_r, p.W_hh_r, p.W_hr_r};
+    c.weights[i].noise = p.noise;
   }
   // Peepholes side by side per layer-direction, so a kernel reads them at one stride.
   c.peepholes.clear();
@@ -311,7 +341,9 @@ LayerShape layer_shape(const StackCache<Real>& c, int64_t layer, int64_t directi
   l.H = s.H;
   l.P = s.P;
   l.reverse = direction == 1;
-  l.relu = s.mode == Mode::RNN_RELU;
+  l.relu = cell_info(s.mode).relu;
+  l.alpha = s.alpha;
+  l.leak_inside = s.leak_inside;
   l.training = s.training;
   l.lengths = c.lengths.empty() ? nullptr : c.lengths.data();
   l.rows = c.rows.empty() ? nullptr : c.rows.data();
@@ -381,6 +413,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   check_shape(shape);
   check_reduced(params, shape);
   check_peepholes(params, shape);
+  check_noise(params, shape);
   std::optional<BlasSingleThreaded> blas_alone;
   blas_alone_without_a_free_core(blas_alone);
   auto cache = std::make_unique<StackCache<Real>>();
@@ -410,6 +443,8 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
         if (lstm) b.c = cv.take<Real>((S + 1) * N * H);
         if (P) b.m = cv.take<Real>(S * N * H);
         if (s.mode == Mode::LSTM || s.mode == Mode::GRU) b.gates = cv.take<Real>(S * N * 4 * H);
+        if (cell_info(s.mode).saves_activations && !s.leak_inside)
+          b.gates = cv.take<Real>(S * N * H);
       }
       for (int64_t k = 1; k < L; ++k) inputs[k] = cv.take<Real>(Y);
     };
@@ -508,7 +543,13 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
     if (k < L - 1 && !c.masks.empty()) multiply(out, c.masks[k], Y);
     in = out;
   }
-  if (!training) cache.reset();
+  if (!training) {
+    cache.reset();
+    return cache;
+  }
+  // Backward needs no noise: the cache keeps no pointer to it (the caller may free it).
+  for (Params<Real>& p : c.params) p.noise = nullptr;
+  for (LayerWeights<Real>& w : c.weights) w.noise = nullptr;
   return cache;
 }
 

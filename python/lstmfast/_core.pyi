@@ -8,7 +8,7 @@ import numpy.typing as npt
 __version__: str
 
 _Float = np.float32 | np.float64
-_Mode = Literal["LSTM", "GRU", "RNN_TANH", "RNN_RELU"]
+_Mode = Literal["LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_TANH", "CTRNN_RELU"]
 
 # --- BLAS --------------------------------------------------------------------
 
@@ -41,6 +41,9 @@ def rnn_forward(
     lengths: Optional[npt.NDArray[np.integer]],  # (N,), each in 1..T
     dropout_masks: Optional[Sequence[npt.NDArray[_Float]]],  # num_layers-1 of (T, N, D*H_out)
     training: bool,
+    alpha: float = 1.0,  # CTRNN: dt / tau, in (0, 1]
+    leak: Literal["outside", "inside"] = "outside",  # CTRNN
+    noise: Optional[npt.NDArray[_Float]] = None,  # CTRNN: (L*D, T, N, H) added to each step's state
 ) -> tuple[npt.NDArray[_Float], npt.NDArray[_Float], Optional[npt.NDArray[_Float]], Optional[RnnCache]]:
     """Returns (output (T, N, D*H_out), h_n, c_n or None, cache or None)."""
 

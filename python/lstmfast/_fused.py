@@ -19,7 +19,7 @@ available = hasattr(_core, "rnn_forward") and hasattr(_core, "rnn_backward")
 
 get_num_threads()  # settles the thread count (LSTMFAST_NUM_THREADS) in BLAS and the kernels
 
-MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_TANH", "CTRNN_RELU")
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 _PEEPHOLES = ("weight_ci", "weight_cf", "weight_co")
@@ -55,7 +55,8 @@ class _Cache:
 
 
 def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
-            lengths=None, dropout_masks=None, training=False):
+            lengths=None, dropout_masks=None, training=False, alpha=1.0, leak="outside",
+            noise=None):
     """Forward pass of a stacked (bi)directional LSTM / GRU / RNN; as reference.forward."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -74,12 +75,14 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         lengths = np.asarray(lengths)
     if dropout_masks is not None:
         dropout_masks = [np.asarray(m, dtype=dtype) for m in dropout_masks]
+    if noise is not None:
+        noise = np.asarray(noise, dtype=dtype)
     peephole = _has_peepholes(params)
     weights = [[_weight(params.get(name)) for name in _names(layer, direction, peephole)]
                for layer in range(num_layers) for direction in range(D)]
     output, h_n, c_n, core = _core.rnn_forward(
         mode, x, h0, c0, weights, num_layers, bidirectional, proj_size, lengths,
-        dropout_masks, bool(training))
+        dropout_masks, bool(training), float(alpha), leak, noise)
     cache = None
     if core is not None:
         shapes = {name: np.shape(params[name]) for name in params}

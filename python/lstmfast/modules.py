@@ -84,7 +84,9 @@ __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "quantize"]
 _PACKAGE = __name__.rpartition(".")[0]
 _BACKENDS = ("fused", "numpy")
 _NONLINEARITIES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
-_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+_CTRNN_MODES = {"tanh": "CTRNN_TANH", "relu": "CTRNN_RELU"}
+_LEAKS = ("outside", "inside")
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1, "CTRNN_TANH": 1, "CTRNN_RELU": 1}
 _BLAS_MAX = 2**31 - 1  # the fused kernels' BLAS takes 32-bit dimensions
 _BYTES_PER_ARRAY = 1024  # rough cost of one parameter and its gradient as Python objects
 
@@ -249,9 +251,10 @@ class _Module:
         self.backend = _check_backend(backend)
         self.seed = _check_seed(seed)
         self._backend = _load_backend(self.backend)
-        init_seq, dropout_seq = np.random.SeedSequence(self.seed).spawn(2)
+        init_seq, dropout_seq, noise_seq = np.random.SeedSequence(self.seed).spawn(3)
         self._init_rng = np.random.default_rng(init_seq)
         self._dropout_rng = np.random.default_rng(dropout_seq)
+        self._noise_rng = np.random.default_rng(noise_seq)  # CTRNN
         self.training = True
         self._calls = _CallState()  # per thread: the pending forward and its layout
         self._grad_lock = threading.Lock()  # backward adds into self.grad one call at a time
@@ -620,6 +623,14 @@ class _RNNBase(_Module):
 
     def forward(self, x, hx=None, lengths=None):
         """``output, h_n = layer(x, hx, lengths)`` (LSTM: ``output, (h_n, c_n)``), as torch."""
+        return self._forward(x, hx, lengths)
+
+    def _cell_options(self, T, N, batched, given):
+        """Keyword arguments of the backend forward beyond torch's (a CTRNN's); ``given``
+        is what the caller passed for them."""
+        return {}
+
+    def _forward(self, x, hx, lengths, given=None):
         x = self._as_input("x", x)
         if x.ndim not in (2, 3):
             raise ValueError(
@@ -651,7 +662,7 @@ class _RNNBase(_Module):
             x_tm, (h0, c0) if self._mode == "LSTM" else h0, self._forward_params(),
             num_layers=self.num_layers, bidirectional=self.bidirectional,
             proj_size=self.proj_size, lengths=lengths, dropout_masks=masks,
-            layout=(batched, T, N))
+            layout=(batched, T, N), **self._cell_options(T, N, batched, given))
         output = self._from_time_major(output, batched)
         if not batched:
             h_n = h_n[:, 0]
@@ -848,6 +859,77 @@ class RNN(_RNNBase):
         super().__init__(_NONLINEARITIES[nonlinearity], input_size, hidden_size, num_layers,
                          bias, batch_first, dropout, bidirectional, proj_size, dtype, backend,
                          seed)
+
+
+class CTRNN(_RNNBase):
+    """Continuous-time (leaky) RNN, the Euler step of tau dh/dt = -h + phi(...) with
+    ``alpha = dt / tau`` (VARIANTS.md D). With z = x W_ih^T + b_ih + h W_hh^T + b_hh:
+
+    * ``leak="outside"`` (default): h' = (1 - alpha) h + alpha phi(z) + noise
+    * ``leak="inside"``: h' = phi((1 - alpha) h + alpha z + noise), the form of Yang &
+      Wang's primer code; it equals ``RNN(nonlinearity)`` with reparametrized weights
+      when there is no noise.
+
+    ``phi`` is ``nonlinearity`` ("relu" or "tanh"). ``noise_std > 0`` adds Gaussian
+    noise of that standard deviation to the state at every step, in training and in
+    eval (it is part of the model, as in PsychRNN; for PsychRNN's sqrt(2 alpha)
+    sigma_rec pass that product), drawn from the layer's ``seed``; ``forward(...,
+    noise=)`` gives it instead, one array per layer and direction of the shape of that
+    direction's output. Backward needs none of it. Parameters are ``RNN``'s, and so is
+    the rest of the API; ``alpha=1`` with ``leak="outside"`` and no noise is ``RNN``.
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="relu", alpha=1.0,
+                 leak="outside", noise_std=0.0, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, dtype="float32", backend="fused", seed=None):
+        if nonlinearity not in _CTRNN_MODES:
+            raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha <= 1:
+            raise ValueError(f"alpha (dt / tau) must be a number in (0, 1], got {alpha!r}")
+        if leak not in _LEAKS:
+            raise ValueError(f"leak must be 'outside' or 'inside', got {leak!r}")
+        if (isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real)
+                or not noise_std >= 0 or noise_std == float("inf")):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        self.nonlinearity = nonlinearity
+        self.alpha = float(alpha)
+        self.leak = leak
+        self.noise_std = float(noise_std)
+        super().__init__(_CTRNN_MODES[nonlinearity], input_size, hidden_size, num_layers, bias,
+                         batch_first, dropout, bidirectional, 0, dtype, backend, seed)
+
+    def forward(self, x, hx=None, lengths=None, noise=None):
+        """``output, h_n = layer(x, hx, lengths, noise)``. ``noise``: None (drawn when
+        ``noise_std > 0``) or an array of shape ``(num_layers * D,) + `` the shape of one
+        direction's output (``(T, N, H)``, ``(N, T, H)`` with batch_first, ``(T, H)``
+        unbatched), added as it is."""
+        return self._forward(x, hx, lengths, noise)
+
+    def _cell_options(self, T, N, batched, given):
+        LD, H = self.num_layers * self._num_directions, self.hidden_size
+        noise = None
+        if given is not None:
+            noise = self._as_input("noise", given)
+            lead = ((N, T) if self.batch_first else (T, N)) if batched else (T,)
+            self._check_shape("noise", noise, (LD,) + lead + (H,))
+            if not batched:
+                noise = noise[:, :, None, :]
+            elif self.batch_first:
+                noise = noise.transpose(0, 2, 1, 3)
+            noise = np.ascontiguousarray(noise)
+        elif self.noise_std > 0 and N > 0:
+            noise = (self.noise_std * self._noise_rng.standard_normal((LD, T, N, H))).astype(
+                self.dtype)
+        return {"alpha": self.alpha, "leak": self.leak, "noise": noise}
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        s += f", nonlinearity={self.nonlinearity!r}, alpha={self.alpha}"
+        if self.leak != "outside":
+            s += f", leak={self.leak!r}"
+        if self.noise_std:
+            s += f", noise_std={self.noise_std}"
+        return s
 
 
 # ----------------------------------------------------------------------------------
@@ -1047,7 +1129,7 @@ def quantize(layer, precision):
     float32 (int8), or as ``weight_*`` uint16 bfloat16 bit patterns (bfloat16), and
     the biases as float32; ``load_state_dict`` takes such a dict back.
     """
-    if not isinstance(layer, _RNNBase):
+    if not isinstance(layer, _RNNBase) or isinstance(layer, CTRNN):
         raise TypeError(
             f"quantize: expected an lstmfast LSTM, GRU or RNN layer, got {type(layer).__name__}")
     if precision not in _PRECISIONS:

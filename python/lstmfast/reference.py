@@ -30,9 +30,12 @@ then the parameter shapes and initialisation.
 
 import numpy as np
 
-MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_TANH", "CTRNN_RELU")
 
-GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1, "CTRNN_TANH": 1, "CTRNN_RELU": 1}
+
+#: The continuous-time RNN's modes (ctrnn_cell_forward), by nonlinearity.
+CTRNN_MODES = {"tanh": "CTRNN_TANH", "relu": "CTRNN_RELU"}
 
 
 # ----------------------------------------------------------------------------
@@ -223,15 +226,67 @@ def rnn_cell_backward(dh_next, cache, w, dw):
 
 
 # ----------------------------------------------------------------------------
+# Continuous-time (leaky) RNN cell (VARIANTS.md D)
+
+
+def ctrnn_cell_forward(x, h, w, nonlinearity, alpha, leak, noise=None):
+    """One step of a continuous-time RNN, Euler-discretized with alpha = dt / tau.
+
+    x: (N, I);  h: (N, H);  nonlinearity: "tanh" or "relu";  alpha in (0, 1];
+    leak: "outside" or "inside";  noise: (N, H) added to the state, or None.
+    With z = x W_ih^T + b_ih + h W_hh^T + b_hh (the Elman RNN's pre-activation):
+
+        leak="outside":  h_next = (1 - alpha) h + alpha act(z) + noise
+        leak="inside":   h_next = act((1 - alpha) h + alpha z + noise)
+
+    Returns h_next (N, H) and the cache for ctrnn_cell_backward.
+    """
+    act = np.tanh if nonlinearity == "tanh" else (lambda v: np.maximum(v, 0))
+    z = _linear(x, w["W_ih"], w["b_ih"]) + _linear(h, w["W_hh"], w["b_hh"])
+    noise = 0 if noise is None else noise
+    if leak == "outside":
+        a = act(z)
+        h_next = (1 - alpha) * h + alpha * a + noise
+    else:
+        a = h_next = act((1 - alpha) * h + alpha * z + noise)
+    # a is act() of the step's argument: act' is taken from it in backward
+    cache = (x, h, a, nonlinearity, alpha, leak)
+    return h_next, cache
+
+
+def ctrnn_cell_backward(dh_next, cache, w, dw):
+    """Backward of ctrnn_cell_forward (the noise is added, so it plays no part).
+
+    dh_next: (N, H). Adds dW_ih, dW_hh, db_ih, db_hh into dw; returns dx (N, I), dh (N, H).
+    """
+    x, h, a, nonlinearity, alpha, leak = cache
+    act_prime = (1 - a * a) if nonlinearity == "tanh" else (a > 0)
+    if leak == "outside":  # h_next = (1 - alpha) h + alpha act(z)
+        dz = alpha * dh_next * act_prime
+        dh_leak = (1 - alpha) * dh_next
+    else:  # h_next = act(u), u = (1 - alpha) h + alpha z
+        du = dh_next * act_prime
+        dz = alpha * du
+        dh_leak = (1 - alpha) * du
+    dx = _linear_backward(dz, x, w["W_ih"], dw["W_ih"], dw["b_ih"])
+    dh = dh_leak + _linear_backward(dz, h, w["W_hh"], dw["W_hh"], dw["b_hh"])
+    return dx, dh
+
+
+# ----------------------------------------------------------------------------
 # One cell over time: one direction of one layer
 
 
-def _cell_step_forward(mode, x, h, c, w):
-    """One step of the cell of `mode`; returns h_next, c_next (None unless LSTM), cache."""
+def _cell_step_forward(mode, x, h, c, w, noise=None):
+    """One step of the cell of `mode`; returns h_next, c_next (None unless LSTM), cache.
+    noise: a CTRNN's (N, H) noise of this step, or None."""
     if mode == "LSTM":
         return lstm_cell_forward(x, h, c, w)
     if mode == "GRU":
         h_next, cache = gru_cell_forward(x, h, w)
+    elif mode in ("CTRNN_TANH", "CTRNN_RELU"):
+        h_next, cache = ctrnn_cell_forward(x, h, w, "tanh" if mode == "CTRNN_TANH" else "relu",
+                                           w["alpha"], w["leak"], noise)
     else:
         h_next, cache = rnn_cell_forward(x, h, w, "tanh" if mode == "RNN_TANH" else "relu")
     return h_next, None, cache
@@ -243,16 +298,19 @@ def _cell_step_backward(mode, dh_next, dc_next, cache, w, dw):
         return lstm_cell_backward(dh_next, dc_next, cache, w, dw)
     if mode == "GRU":
         dx, dh = gru_cell_backward(dh_next, cache, w, dw)
+    elif mode in ("CTRNN_TANH", "CTRNN_RELU"):
+        dx, dh = ctrnn_cell_backward(dh_next, cache, w, dw)
     else:
         dx, dh = rnn_cell_backward(dh_next, cache, w, dw)
     return dx, dh, None
 
 
-def _layer_direction_forward(mode, x, h0, c0, w, lengths, reverse):
+def _layer_direction_forward(mode, x, h0, c0, w, lengths, reverse, noise=None):
     """Run one cell over the whole sequence.
 
     x: (T, N, I);  h0: (N, H_out);  c0: (N, H) or None;  lengths: (N,) ints in 1..T.
     reverse: walk t = T-1 down to 0 instead of 0 up to T-1.
+    noise: a CTRNN's (T, N, H) noise, step t's at noise[t], or None.
     Sequence b has steps 0..lengths[b]-1 only: at any other step its state is held
     unchanged and its output is 0. So the forward direction ends at its own last step,
     and the reverse direction starts from h0 at its own last step.
@@ -264,7 +322,8 @@ def _layer_direction_forward(mode, x, h0, c0, w, lengths, reverse):
     steps = []
     for t in (reversed(range(T)) if reverse else range(T)):
         valid = (t < lengths)[:, None]          # (N, 1): which sequences have a step t
-        h_next, c_next, cell_cache = _cell_step_forward(mode, x[t], h, c, w)
+        h_next, c_next, cell_cache = _cell_step_forward(
+            mode, x[t], h, c, w, None if noise is None else noise[t])
         h = np.where(valid, h_next, h)
         if c is not None:
             c = np.where(valid, c_next, c)
@@ -298,8 +357,9 @@ def _layer_direction_backward(mode, d_output, dh_n, dc_n, cache, w, dw):
     return dx, dh, dc
 
 
-def _cell_weights(arrays, layer, direction):
-    """The arrays of one layer and direction, from a dict keyed by torch's names.
+def _cell_weights(arrays, layer, direction, alpha=1.0, leak="outside"):
+    """The arrays of one layer and direction, from a dict keyed by torch's names,
+    and the CTRNN's constants alpha and leak.
 
     Used for params (giving the cell weights w) and for grads (giving dw).
     """
@@ -313,6 +373,8 @@ def _cell_weights(arrays, layer, direction):
         "P_i": arrays.get(f"weight_ci{suffix}"),
         "P_f": arrays.get(f"weight_cf{suffix}"),
         "P_o": arrays.get(f"weight_co{suffix}"),
+        "alpha": alpha,
+        "leak": leak,
     }
 
 
@@ -326,7 +388,8 @@ def _check_mode(mode):
 
 
 def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
-            lengths=None, dropout_masks=None, training=False):
+            lengths=None, dropout_masks=None, training=False, alpha=1.0, leak="outside",
+            noise=None):
     """Forward pass of a stacked (bi)directional LSTM / GRU / RNN, as torch.nn computes it.
 
     mode: one of MODES.
@@ -343,6 +406,9 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         output of layer k before it enters layer k+1. Applied whenever given: the caller
         decides (training mode) and draws them (values 0 or 1/(1-p)).
     training: when True also return the cache that backward needs; else the cache is None.
+    alpha, leak, noise: the CTRNN modes' (ctrnn_cell_forward): alpha = dt / tau in (0, 1],
+        leak "outside" or "inside", noise None or (L*D, T, N, H), layer-direction k's
+        noise at noise[k], added at every step (rows past their length get none).
 
     Returns (output (T, N, D*H_out), h_n (L*D, N, H_out), c_n (L*D, N, H) or None, cache).
     Output of each direction is concatenated along the last axis, forward first; output
@@ -360,6 +426,15 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         h0, c0 = hx, None
     h0 = np.asarray(h0, dtype=dtype)
     lengths = np.full(N, T) if lengths is None else np.asarray(lengths)
+    ctrnn = mode in CTRNN_MODES.values()
+    if ctrnn and not 0 < alpha <= 1:
+        raise ValueError(f"alpha must be in (0, 1], got {alpha}")
+    if ctrnn and leak not in ("outside", "inside"):
+        raise ValueError(f"leak must be 'outside' or 'inside', got {leak!r}")
+    if noise is not None:
+        if not ctrnn:
+            raise ValueError(f"noise: only a CTRNN takes noise, not {mode}")
+        noise = np.asarray(noise, dtype=dtype)
 
     h_n, c_n, layer_caches = [], [], []
     layer_input = x
@@ -367,10 +442,10 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         outputs, direction_caches = [], []
         for direction in range(D):
             k = layer * D + direction
-            w = _cell_weights(params, layer, direction)
+            w = _cell_weights(params, layer, direction, alpha, leak)
             output, h, c, direction_cache = _layer_direction_forward(
                 mode, layer_input, h0[k], None if c0 is None else c0[k], w, lengths,
-                reverse=(direction == 1))
+                reverse=(direction == 1), noise=None if noise is None else noise[k])
             outputs.append(output)
             h_n.append(h)
             c_n.append(c)
@@ -388,6 +463,7 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
     if training:
         cache = {
             "mode": mode, "num_layers": num_layers, "D": D, "dtype": dtype,
+            "alpha": alpha, "leak": leak,
             "params": params, "dropout_masks": dropout_masks, "layers": layer_caches,
             "h0_shape": h0.shape, "c0_shape": None if c0 is None else c0.shape,
         }
@@ -429,7 +505,7 @@ def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False)
         d_layer_input = np.zeros(direction_caches[0]["input_shape"], dtype=dtype)
         for direction in range(D):
             k = layer * D + direction
-            w = _cell_weights(params, layer, direction)
+            w = _cell_weights(params, layer, direction, cache["alpha"], cache["leak"])
             dw = _cell_weights(grads, layer, direction)
             d_direction_output = d_layer_output[:, :, direction * H_out:(direction + 1) * H_out]
             dx, dh, dc = _layer_direction_backward(

@@ -31,8 +31,9 @@ def assert_close(name, actual, expected, atol):
 
 def make_problem(mode, *, T=3, N=2, I=3, H=4, num_layers=1, bidirectional=False, bias=True,
                  proj_size=0, lengths=None, dropout=0.0, dtype=np.float64, seed=0,
-                 peephole=False):
-    """Random inputs, parameters, dropout masks and loss weights for one configuration."""
+                 peephole=False, alpha=0.3, leak="outside", noise_std=0.2):
+    """Random inputs, parameters, dropout masks and loss weights for one configuration.
+    A CTRNN mode also gets alpha, leak and noise of noise_std (none for the others)."""
     rng = np.random.default_rng(seed)
     D = 2 if bidirectional else 1
     H_out = proj_size if proj_size > 0 else H
@@ -48,7 +49,12 @@ def make_problem(mode, *, T=3, N=2, I=3, H=4, num_layers=1, bidirectional=False,
     R1 = rng.standard_normal((T, N, D * H_out)).astype(dtype)
     R2 = rng.standard_normal((num_layers * D, N, H_out)).astype(dtype)
     R3 = rng.standard_normal((num_layers * D, N, H)).astype(dtype)
+    ctrnn = mode.startswith("CTRNN")
+    noise = None
+    if ctrnn and noise_std:
+        noise = (noise_std * rng.standard_normal((num_layers * D, T, N, H))).astype(dtype)
     return {
+        "ctrnn": {"alpha": alpha, "leak": leak, "noise": noise} if ctrnn else {},
         "mode": mode, "x": x, "h0": h0, "c0": c0 if mode == "LSTM" else None,
         "params": params, "masks": masks, "R1": R1, "R2": R2, "R3": R3,
         "lengths": None if lengths is None else np.array(lengths, dtype=np.int64),
@@ -62,7 +68,7 @@ def run_forward(p, training=False):
     return reference.forward(
         p["mode"], p["x"], hx, p["params"], num_layers=p["num_layers"],
         bidirectional=p["bidirectional"], proj_size=p["proj_size"], lengths=p["lengths"],
-        dropout_masks=p["masks"], training=training)
+        dropout_masks=p["masks"], training=training, **p["ctrnn"])
 
 
 def loss(p):
@@ -127,6 +133,12 @@ FD_CASES += [
         "lengths": [2, 3, 1], "dropout": 0.3}),
     ("LSTM", "projection_of_one", {"proj_size": 1, "H": 2, "T": 2, "N": 1, "I": 1}),
     ("LSTM", "peephole", {"peephole": True}),
+    ("CTRNN_TANH", "leak_inside", {"leak": "inside"}),
+    ("CTRNN_RELU", "leak_inside_lengths_dropout_bidirectional_two_layers", {
+        "leak": "inside", "N": 3, "lengths": [1, 3, 2], "num_layers": 2, "bidirectional": True,
+        "dropout": 0.5, "H": 3}),
+    ("CTRNN_TANH", "alpha_one_no_noise", {"alpha": 1.0, "noise_std": 0}),
+    ("CTRNN_RELU", "small_alpha_leak_inside", {"alpha": 0.05, "leak": "inside", "T": 5}),
     ("LSTM", "peephole_projection_bidirectional_lengths_two_layers", {
         "peephole": True, "proj_size": 2, "bidirectional": True, "num_layers": 2, "N": 3,
         "lengths": [2, 3, 1], "dropout": 0.3}),
@@ -180,6 +192,8 @@ def test_lengths_equal_running_each_sequence_alone(mode):
     for b, length in enumerate(p["lengths"]):
         alone = dict(p, x=p["x"][:length, b:b + 1], h0=p["h0"][:, b:b + 1],
                      c0=None if p["c0"] is None else p["c0"][:, b:b + 1], lengths=None)
+        if p["ctrnn"].get("noise") is not None:
+            alone["ctrnn"] = dict(p["ctrnn"], noise=p["ctrnn"]["noise"][:, :length, b:b + 1])
         output_b, h_n_b, c_n_b, _ = run_forward(alone)
         assert_close(f"output[{b}]", output[:length, b:b + 1], output_b, 1e-14)
         assert_close(f"h_n[{b}]", h_n[:, b:b + 1], h_n_b, 1e-14)
@@ -355,7 +369,7 @@ def test_parity_with_torch(mode, config, dtype):
         assert_close(f"{mode} d{key}", our_grads[key], b, rtol * max(1.0, np.max(np.abs(b))))
 
 
-@pytest.mark.parametrize("mode", reference.MODES)
+@pytest.mark.parametrize("mode", [m for m in reference.MODES if not m.startswith("CTRNN")])
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_param_order_matches_torch(mode, bidirectional):
     torch = pytest.importorskip("torch")

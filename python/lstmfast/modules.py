@@ -617,7 +617,11 @@ class _RNNBase(_Module):
             s += f", bidirectional={self.bidirectional}"
         if self.peephole:
             s += ", peephole=True"
-        return s + self._extra_repr_tail()
+        return s + self._options_repr() + self._extra_repr_tail()
+
+    def _options_repr(self):
+        """The constructor options of a variant beyond torch's, for extra_repr."""
+        return ""
 
     # forward -------------------------------------------------------------------------
 
@@ -922,9 +926,8 @@ class CTRNN(_RNNBase):
                 self.dtype)
         return {"alpha": self.alpha, "leak": self.leak, "noise": noise}
 
-    def extra_repr(self):
-        s = super().extra_repr()
-        s += f", nonlinearity={self.nonlinearity!r}, alpha={self.alpha}"
+    def _options_repr(self):
+        s = f", nonlinearity={self.nonlinearity!r}, alpha={self.alpha}"
         if self.leak != "outside":
             s += f", leak={self.leak!r}"
         if self.noise_std:

@@ -30,6 +30,7 @@ This is the only module of lstmfast that imports torch.
 
 import collections
 import copy
+import numbers
 import sys
 import threading
 import warnings
@@ -44,7 +45,7 @@ from torch.nn.utils.rnn import PackedSequence
 
 from .modules import _backend_weight
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "PeepholeLSTM",
+__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "PeepholeLSTM", "CTRNN",
            "QuantizedLSTM", "QuantizedGRU", "accelerate", "restore", "quantize_dynamic"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
@@ -229,11 +230,55 @@ def _torch_peephole_stack(s, x, h0, c0, masks, *weights):
     return layer_input, torch.stack(h_n), torch.stack(c_n)
 
 
+def _torch_ctrnn_stack(s, x, h0, c0, masks, *weights):
+    """A CTRNN stack (VARIANTS.md D) as a loop of torch ops, with _torch_stack's
+    contract and _torch_peephole_stack's handling of lengths (x padded); the noise,
+    s["cell_options"]["noise"] ((L*D, T, N, H) or None), is a constant."""
+    w = dict(zip(s["names"], weights))
+    options = s["cell_options"]
+    alpha, inside, noise = options["alpha"], options["leak"] == "inside", options["noise"]
+    act = torch.relu if s["mode"] == "CTRNN_RELU" else torch.tanh
+    D = 2 if s["bidirectional"] else 1
+    T = x.shape[0]
+    lengths = None if s["lengths"] is None else torch.as_tensor(s["lengths"], device=x.device)
+    h_n = []
+    layer_input = x
+    for layer in range(s["num_layers"]):
+        if layer > 0 and masks.numel():
+            layer_input = layer_input * masks[layer - 1]
+        outputs = []
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            h = h0[layer * D + d]
+            steps = [None] * T
+            for t in (reversed(range(T)) if d else range(T)):
+                z = layer_input[t] @ w["weight_ih" + sfx].T + h @ w["weight_hh" + sfx].T
+                if s["bias"]:
+                    z = z + w["bias_ih" + sfx] + w["bias_hh" + sfx]
+                e = 0 if noise is None else noise[layer * D + d, t]
+                if inside:
+                    h_next = act((1 - alpha) * h + alpha * z + e)
+                else:
+                    h_next = (1 - alpha) * h + alpha * act(z) + e
+                if lengths is None:
+                    steps[t], h = h_next, h_next
+                else:
+                    running = (t < lengths)[:, None]
+                    steps[t] = torch.where(running, h_next, torch.zeros_like(h_next))
+                    h = torch.where(running, h_next, h)
+            outputs.append(torch.stack(steps))
+            h_n.append(h)
+        layer_input = torch.cat(outputs, 2)
+    return layer_input, torch.stack(h_n), None
+
+
 def _torch_stack(s, x, h0, c0, masks, *weights):
     """The stack of ``_RecurrentFunction`` computed layer by layer with torch's own
     kernels, the same dropout masks included (for double backward)."""
     if "weight_ci_l0" in s["names"]:
         return _torch_peephole_stack(s, x, h0, c0, masks, *weights)
+    if s.get("cell_options"):
+        return _torch_ctrnn_stack(s, x, h0, c0, masks, *weights)
     is_lstm = s["mode"] == "LSTM"
     D = 2 if s["bidirectional"] else 1
     per_layer = len(weights) // s["num_layers"]
@@ -273,11 +318,14 @@ def _stack_step(settings, x, h0, c0, masks, weights):
               for name, w in zip(settings["names"], weights)}
     hx = (_as_numpy(h0), _as_numpy(c0)) if is_lstm else _as_numpy(h0)
     dropout_masks = list(_as_numpy(masks)) if masks.numel() else None
+    options = dict(settings.get("cell_options") or {})
+    if options.get("noise") is not None:
+        options["noise"] = _as_numpy(options["noise"])
     output, h_n, c_n, cache = settings["backend"].forward(
         settings["mode"], _as_numpy(x), hx, params,
         num_layers=settings["num_layers"], bidirectional=settings["bidirectional"],
         proj_size=settings["proj_size"], lengths=settings["lengths"],
-        dropout_masks=dropout_masks, training=settings["keep_for_backward"])
+        dropout_masks=dropout_masks, training=settings["keep_for_backward"], **options)
     c_n = torch.from_numpy(c_n) if is_lstm else torch.empty(0, dtype=x.dtype)
     return torch.from_numpy(output), torch.from_numpy(h_n), c_n, cache
 
@@ -345,8 +393,18 @@ class _FastRNNMixin:
             return self._torch_forward(input, hx)
         return _fused_layer_forward(self, input, hx)
 
-    def _torch_forward(self, input, hx):
+    def _torch_forward(self, input, hx, given=None):
         return self._lstmfast_torch_class.forward(self, input, hx)
+
+    @property
+    def _lstmfast_mode(self):
+        """The backends' name of this layer's cell (a variant's differs from torch's mode)."""
+        return self.mode
+
+    def _lstmfast_cell_options(self, T, N, like, given):
+        """Keyword arguments of the backend forward beyond torch's (a CTRNN's), from
+        ``given``, what the caller passed beyond torch's arguments."""
+        return None
 
     def _lstmfast_weights(self):
         """The weights for _layer_forward_on: the flat weights, their names, and
@@ -367,7 +425,7 @@ class _FastRNNMixin:
 # called eagerly, because dynamo would otherwise try to compile the frames this
 # function runs on behalf of a compiled caller (about 1 us per call).
 @torch.compiler.disable
-def _fused_layer_forward(self, input, hx):
+def _fused_layer_forward(self, input, hx, given=None):
     packed = isinstance(input, PackedSequence)
     data = input.data if packed else input
     is_lstm = self.mode == "LSTM"
@@ -378,25 +436,26 @@ def _fused_layer_forward(self, input, hx):
     elif not is_lstm and isinstance(hx, torch.Tensor):
         hx_list = [hx]
     else:
-        return self._torch_forward(input, hx)  # torch's answer to a malformed hx
+        return self._torch_forward(input, hx, given)  # torch's answer to a malformed hx
     if not all(isinstance(h, torch.Tensor) for h in hx_list):
-        return self._torch_forward(input, hx)
+        return self._torch_forward(input, hx, given)
     if (_in_torch_only_context(autocast=False) or not isinstance(data, torch.Tensor)
             or data.numel() == 0):
-        return self._torch_forward(input, hx)
+        return self._torch_forward(input, hx, given)
     if torch.is_autocast_enabled("cpu") and not self._lstmfast_quantized:
         if not self._lstmfast_autocast or not _autocast_serves(self, data):
-            return self._torch_forward(input, hx)
+            return self._torch_forward(input, hx, given)
         return _bfloat16_autocast_forward(self, input, hx, hx_list)
     weights = self._lstmfast_weights()
     if weights is None:
-        return self._torch_forward(input, hx)
-    return _layer_forward_on(self, input, hx, hx_list, *weights)
+        return self._torch_forward(input, hx, given)
+    return _layer_forward_on(self, input, hx, hx_list, *weights, given=given)
 
 
-def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False):
+def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False, given=None):
     """The rest of _fused_layer_forward with the given weights: tensors, or for
-    ``reduced`` the packed reduced weights (and bias tensors) of an inference-only path."""
+    ``reduced`` the packed reduced weights (and bias tensors) of an inference-only path.
+    ``given``: what the caller passed beyond torch's arguments (a CTRNN's noise)."""
     packed = isinstance(input, PackedSequence)
     data = input.data if packed else input
     is_lstm = self.mode == "LSTM"
@@ -407,7 +466,7 @@ def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False):
             _warn_once((type(self).__name__, reason),
                        f"lstmfast.torch.{type(self).__name__}: {reason} is not supported by the "
                        "fused kernels; using torch's implementation")
-        return self._torch_forward(input, hx)
+        return self._torch_forward(input, hx, given)
 
     D = 2 if self.bidirectional else 1
     H_out = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -420,7 +479,7 @@ def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False):
             hx = self.permute_hidden(hx, sorted_indices)
     else:
         if data.dim() not in (2, 3) or any(h.dim() != data.dim() for h in hx_list):
-            return self._torch_forward(input, hx)  # raises torch's own error
+            return self._torch_forward(input, hx, given)  # raises torch's own error
         batch_dim = 0 if self.batch_first else 1
         x = input if input.dim() == 3 else input.unsqueeze(batch_dim)
         if hx is not None and input.dim() == 2:
@@ -448,10 +507,11 @@ def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False):
     needs_grad = torch.is_grad_enabled() and (
         x.requires_grad or h0.requires_grad or c0.requires_grad or any(w.requires_grad for w in tensors))
     if needs_grad and reduced:  # reduced weights have no backward: torch's answer
-        return self._torch_forward(input, hx)
+        return self._torch_forward(input, hx, given)
     settings = {
         "backend": _backend(self._lstmfast_backend),
-        "mode": self.mode,
+        "mode": self._lstmfast_mode,
+        "cell_options": self._lstmfast_cell_options(T, N, x, given),
         "names": names,
         "num_layers": self.num_layers,
         "bidirectional": self.bidirectional,
@@ -462,6 +522,10 @@ def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False):
         "batch_sizes": batch_sizes,
         "keep_for_backward": needs_grad,
     }
+    options = settings["cell_options"]
+    if packed and sorted_indices is not None and options and options.get("noise") is not None:
+        # the noise's rows are in the caller's batch order; x's here in the packed order
+        settings["cell_options"] = dict(options, noise=options["noise"].index_select(2, sorted_indices))
     if needs_grad:
         out, h_n, c_n = _RecurrentFunction.apply(settings, x, h0, c0, masks, *weights)
     else:  # nothing to differentiate: the kernels alone, no autograd node
@@ -695,17 +759,19 @@ class PeepholeLSTM(LSTM):
         names = names + self._peephole_names()
         return weights + [getattr(self, name) for name in self._peephole_names()], names, reduced
 
-    def _torch_forward(self, input, hx):
-        return _peephole_torch_forward(self, input, hx)
+    def _torch_forward(self, input, hx, given=None):
+        return _torch_loop_forward(self, input, hx, _torch_peephole_stack)
 
     def __prepare_scriptable__(self):
         raise TypeError("PeepholeLSTM cannot be scripted: torch has no peephole LSTM to compile; "
                         "use torch.jit.trace")
 
 
-def _peephole_torch_forward(self, input, hx):
-    """PeepholeLSTM's forward as a loop of torch ops (_torch_peephole_stack), for what
-    the kernels do not take; the layouts and checks of nn.LSTM.forward."""
+def _torch_loop_forward(self, input, hx, stack, given=None):
+    """A variant's forward as a loop of torch ops (``stack``: _torch_peephole_stack or
+    _torch_ctrnn_stack), for what the kernels do not take; the layouts and checks of
+    nn.LSTM / nn.RNN.forward."""
+    is_lstm = self.mode == "LSTM"
     packed = isinstance(input, PackedSequence)
     if packed:
         x, lengths = torch.nn.utils.rnn.pad_packed_sequence(input)  # the callers' row order
@@ -714,36 +780,115 @@ def _peephole_torch_forward(self, input, hx):
         batched = input.dim() == 3
         x = input if batched else input.unsqueeze(1 - int(self.batch_first))
         if hx is not None:
-            self.check_forward_args(x, tuple(h if batched else h.unsqueeze(1) for h in hx), None)
+            unsqueezed = (tuple(h if batched else h.unsqueeze(1) for h in hx) if is_lstm
+                          else hx if batched else hx.unsqueeze(1))
+            self.check_forward_args(x, unsqueezed, None)
         if self.batch_first:
             x = x.transpose(0, 1)
         lengths = None
     D = 2 if self.bidirectional else 1
-    N = x.shape[1]
+    T, N = x.shape[:2]
     H_out = self.proj_size if self.proj_size > 0 else self.hidden_size
     if hx is None:
         h0 = x.new_zeros(D * self.num_layers, N, H_out)
-        c0 = x.new_zeros(D * self.num_layers, N, self.hidden_size)
+        c0 = x.new_zeros(D * self.num_layers, N, self.hidden_size) if is_lstm else None
     else:
-        h0, c0 = hx
+        h0, c0 = hx if is_lstm else (hx, None)
         if not batched:
-            h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if is_lstm else None)
     masks = x.new_empty(0)
     if self.training and self.dropout > 0 and self.num_layers > 1:
         keep = 1.0 - self.dropout
-        masks = x.new_full((self.num_layers - 1, *x.shape[:2], D * H_out), keep).bernoulli() / keep
+        masks = x.new_full((self.num_layers - 1, T, N, D * H_out), keep).bernoulli() / keep
     weights, names, _ = self._lstmfast_weights()
-    settings = {"names": names, "num_layers": self.num_layers, "bidirectional": self.bidirectional,
-                "bias": self.bias, "proj_size": self.proj_size, "lengths": lengths}
-    out, h_n, c_n = _torch_peephole_stack(settings, x, h0, c0, masks, *weights)
+    settings = {"mode": self._lstmfast_mode, "names": names, "num_layers": self.num_layers,
+                "bidirectional": self.bidirectional, "bias": self.bias,
+                "proj_size": self.proj_size, "lengths": lengths,
+                "cell_options": self._lstmfast_cell_options(T, N, x, given)}
+    out, h_n, c_n = stack(settings, x, h0, c0, masks, *weights)
+    state = (h_n, c_n) if is_lstm else h_n
     if packed:
         data = torch.cat([out[t, input.sorted_indices[:int(size)]] if input.sorted_indices is not None
                           else out[t, :int(size)] for t, size in enumerate(input.batch_sizes)])
         return PackedSequence(data, input.batch_sizes, input.sorted_indices,
-                              input.unsorted_indices), (h_n, c_n)
+                              input.unsorted_indices), state
     if not batched:
-        return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
-    return (out.transpose(0, 1) if self.batch_first else out), (h_n, c_n)
+        return out.squeeze(1), ((h_n.squeeze(1), c_n.squeeze(1)) if is_lstm else h_n.squeeze(1))
+    return (out.transpose(0, 1) if self.batch_first else out), state
+
+
+class CTRNN(RNN):
+    """A continuous-time (leaky) RNN (VARIANTS.md D), which torch.nn lacks: with
+    z = x W_ih^T + b_ih + h W_hh^T + b_hh and alpha = dt / tau,
+
+    * ``leak="outside"``: h' = (1 - alpha) h + alpha phi(z) + noise
+    * ``leak="inside"``: h' = phi((1 - alpha) h + alpha z + noise) (Yang & Wang's primer)
+
+    phi = ``nonlinearity``. ``noise_std > 0`` adds Gaussian noise of that standard
+    deviation to the state at every step, in training and in eval, drawn from torch's
+    generator (``torch.manual_seed``); ``forward(input, hx, noise=)`` gives it instead,
+    ``(num_layers * D, T, N, H)`` time-major (a constant: no gradient flows into it).
+    Parameters, constructor and call are ``torch.nn.RNN``'s; forward and BPTT run on
+    lstmfast's fused kernels, or, where only torch can compute (CUDA, other dtypes,
+    tracing, export, ``torch.func``, autocast, double backward), a loop of torch ops.
+    ``lstmfast.CTRNN`` loads its ``state_dict``.
+    """
+
+    _lstmfast_autocast = False  # torch's loop under autocast, as for torch's own ops
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="relu", alpha=1.0,
+                 leak="outside", noise_std=0.0, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, device=None, dtype=None):
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha <= 1:
+            raise ValueError(f"alpha (dt / tau) must be a number in (0, 1], got {alpha!r}")
+        if leak not in ("outside", "inside"):
+            raise ValueError(f"leak must be 'outside' or 'inside', got {leak!r}")
+        if (isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real)
+                or not 0 <= noise_std < float("inf")):
+            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        super().__init__(input_size, hidden_size, num_layers, nonlinearity=nonlinearity,
+                         bias=bias, batch_first=batch_first, dropout=dropout,
+                         bidirectional=bidirectional, device=device, dtype=dtype)
+        self.alpha = float(alpha)
+        self.leak = leak
+        self.noise_std = float(noise_std)
+
+    def forward(self, input, hx=None, noise=None):  # noqa: A002  (torch's argument name)
+        if torch.compiler.is_exporting():
+            return self._torch_forward(input, hx, noise)
+        return _fused_layer_forward(self, input, hx, noise)
+
+    @property
+    def _lstmfast_mode(self):
+        return "CTRNN_RELU" if self.nonlinearity == "relu" else "CTRNN_TANH"
+
+    def _lstmfast_cell_options(self, T, N, like, given):
+        shape = (self.num_layers * (2 if self.bidirectional else 1), T, N, self.hidden_size)
+        noise = given
+        if noise is not None:
+            if not isinstance(noise, torch.Tensor) or tuple(noise.shape) != shape:
+                raise ValueError(f"noise: expected a tensor of shape {shape} (num_layers * "
+                                 f"directions, T, N, hidden_size), got "
+                                 f"{tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
+            noise = noise.detach().to(like.dtype).contiguous()
+        elif self.noise_std > 0:
+            noise = self.noise_std * torch.randn(shape, dtype=like.dtype, device=like.device)
+        return {"alpha": self.alpha, "leak": self.leak, "noise": noise}
+
+    def _torch_forward(self, input, hx, given=None):
+        return _torch_loop_forward(self, input, hx, _torch_ctrnn_stack, given)
+
+    def extra_repr(self):
+        s = super().extra_repr() + f", nonlinearity={self.nonlinearity!r}, alpha={self.alpha}"
+        if self.leak != "outside":
+            s += f", leak={self.leak!r}"
+        if self.noise_std:
+            s += f", noise_std={self.noise_std}"
+        return s
+
+    def __prepare_scriptable__(self):
+        raise TypeError("CTRNN cannot be scripted: torch has no CTRNN to compile; "
+                        "use torch.jit.trace")
 
 
 # ---------------------------------------------------------------------------

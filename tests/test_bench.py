@@ -323,10 +323,11 @@ def test_variants_time_every_variant_after_checking_it(tmp_path, capsys, monkeyp
                      "--json", str(out_json)])
     assert rc == 0
     rows = json.loads(out_json.read_text())["results"]
-    assert {(r["variant"], r["mode"]) for r in rows} == {("peephole", "inference"), ("peephole", "training")}
+    assert {(r["variant"], r["mode"]) for r in rows} == {
+        (v, m) for v in ("peephole", "ctrnn") for m in ("inference", "training")}
     for row in rows:
         assert row["max_rel_diff"] <= 1e-4
-        assert set(row["seconds"]) == {"torch loop", "lstmfast", "plain LSTM"}
+        assert set(row["seconds"]) == {"torch loop", "lstmfast", "plain"}
         assert all(t > 0 for t in row["seconds"].values())
     assert "vs loop" in capsys.readouterr().out
 

@@ -379,7 +379,7 @@ def main(argv=None):
                              "float32 and int8, against lstmfast float32 and lstmfast.quantize's int8 and bfloat16")
     parser.add_argument("--variants", action="store_true",
                         help="instead of the grid, time the cells torch.nn lacks (peephole LSTM) against the "
-                             "torch loop users run today and against lstmfast's plain LSTM, training and inference")
+                             "torch loop users run today and against lstmfast's plain layer, training and inference")
     parser.add_argument("--tiny", action="store_true",
                         help="with --models, --peers or --variants: tiny sizes, to test the command (the "
                              "figures mean nothing)")

@@ -8,9 +8,10 @@ every gradient), three implementations are timed in interleaved blocks
 (``bench.time_interleaved``) after their outputs are checked against each other:
 
 * ``torch loop``: the variant written as users write it, a Python loop over torch ops
-  with autograd (for the peephole LSTM: the ONNX/TensorFlow equations of VARIANTS.md A);
+  with autograd (for the peephole LSTM: the ONNX/TensorFlow equations of VARIANTS.md A;
+  for the CTRNN: Yang & Wang's primer module, as published);
 * ``lstmfast``: the variant's lstmfast.torch module (fused forward and BPTT);
-* ``plain LSTM``: lstmfast.torch.LSTM at the same shape.
+* ``plain``: lstmfast.torch's plain layer of the same shape (LSTM; RNN for the CTRNN).
 
 This module imports torch; ``lstmfast.bench`` imports it only for ``--variants``.
 """
@@ -72,11 +73,56 @@ def _peephole_modules(s):
     return loop, ours, lstmfast.torch.LSTM(s["I"], s["H"])
 
 
+class PrimerCTRNN(nn.Module):
+    """Yang & Wang's CTRNN from their primer's code (the module computational
+    neuroscience tutorials copy), as published: input2h and h2h are nn.Linear, the
+    leak sits inside the relu, and forward loops over time."""
+
+    def __init__(self, input_size, hidden_size, dt=20.0, tau=100.0):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.alpha = dt / tau
+        self.oneminusalpha = 1 - self.alpha
+        self.input2h = nn.Linear(input_size, hidden_size)
+        self.h2h = nn.Linear(hidden_size, hidden_size)
+
+    def recurrence(self, input, hidden):  # noqa: A002  (the published code's name)
+        pre_activation = self.input2h(input) + self.h2h(hidden)
+        return torch.relu(hidden * self.oneminusalpha + pre_activation * self.alpha)
+
+    def forward(self, x):  # (T, N, I)
+        hidden = x.new_zeros(x.shape[1], self.hidden_size)
+        outputs = []
+        for x_t in x:
+            hidden = self.recurrence(x_t, hidden)
+            outputs.append(hidden)
+        return torch.stack(outputs), hidden
+
+
+def _ctrnn_modules(s):
+    loop = PrimerCTRNN(s["I"], s["H"])
+    ours = lstmfast.torch.CTRNN(s["I"], s["H"], alpha=loop.alpha, leak="inside")
+    with torch.no_grad():
+        for theirs, mine in _CTRNN_NAMES.items():
+            ours.get_parameter(mine).copy_(loop.get_parameter(theirs))
+    return loop, ours, lstmfast.torch.RNN(s["I"], s["H"], nonlinearity="relu")
+
+
+_CTRNN_NAMES = {"input2h.weight": "weight_ih_l0", "input2h.bias": "bias_ih_l0",
+                "h2h.weight": "weight_hh_l0", "h2h.bias": "bias_hh_l0"}
+
 VARIANTS = {
     "peephole": {
         "describe": "peephole LSTM (VARIANTS.md A)",
         "sizes": {"full": dict(T=100, N=8, I=256, H=256), "tiny": dict(T=4, N=2, I=3, H=5)},
         "modules": _peephole_modules,
+        "loop_names": {},  # the loop's parameter names are ours without _l0
+    },
+    "ctrnn": {
+        "describe": "continuous-time RNN (VARIANTS.md D), leak inside the relu, alpha 0.2",
+        "sizes": {"full": dict(T=100, N=16, I=3, H=64), "tiny": dict(T=4, N=2, I=3, H=5)},
+        "modules": _ctrnn_modules,
+        "loop_names": _CTRNN_NAMES,
     },
 }
 
@@ -94,18 +140,21 @@ def _runner(module, x, upstream, mode):
     return run
 
 
-def check(loop, ours, x, upstream):
-    """The worst relative difference of lstmfast's output and gradients from the loop's."""
+def check(loop, ours, x, upstream, loop_names):
+    """The worst relative difference of lstmfast's output and gradients from the loop's.
+    loop_names: the loop's parameter names -> ours (default: ours without "_l0")."""
     worst = 0.0
     outputs = []
     for module in (loop, ours):
         module.zero_grad(set_to_none=True)
         out = module(x)[0]
         (out * upstream).sum().backward()
-        grads = {n.replace("_l0", ""): p.grad.clone() for n, p in module.named_parameters()}
+        grads = {n: p.grad.clone() for n, p in module.named_parameters()}
         outputs.append((out.detach(), grads))
     (a, ga), (b, gb) = outputs
-    for got, expected in [(b, a)] + [(gb[k], ga[k]) for k in ga]:
+    assert len(ga) == len(gb), "the loop and lstmfast have different parameters"
+    ours_of = {k: loop_names.get(k, k + "_l0") for k in ga}
+    for got, expected in [(b, a)] + [(gb[ours_of[k]], ga[k]) for k in ga]:
         worst = max(worst, ((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item())
     return worst
 
@@ -118,7 +167,7 @@ def measure(name, threads, modes, rounds, min_time, tiny):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(sizes["T"], sizes["N"], sizes["I"], generator=generator)
     upstream = torch.randn(sizes["T"], sizes["N"], sizes["H"], generator=generator)
-    error = check(loop, ours, x, upstream)
+    error = check(loop, ours, x, upstream, spec["loop_names"])
     row_base = {"variant": name, "sizes": sizes, "max_rel_diff": error}
     if error > AGREEMENT_RTOL:
         return [dict(row_base, refused=True)]
@@ -126,11 +175,11 @@ def measure(name, threads, modes, rounds, min_time, tiny):
     for t in threads:
         for mode in modes:
             runners = {impl: _runner(m, x, upstream, mode)
-                       for impl, m in (("torch loop", loop), ("lstmfast", ours), ("plain LSTM", plain))}
+                       for impl, m in (("torch loop", loop), ("lstmfast", ours), ("plain", plain))}
             seconds = bench.time_interleaved(runners, t, rounds, min_time, torch, None)
             rows.append(dict(row_base, threads=t, mode=mode, seconds=seconds,
                              speedup=seconds["torch loop"] / seconds["lstmfast"],
-                             cost=seconds["lstmfast"] / seconds["plain LSTM"]))
+                             cost=seconds["lstmfast"] / seconds["plain"]))
     return rows
 
 
@@ -148,7 +197,7 @@ def run(names, threads, rounds, min_time, modes=MODES, tiny=False, json_path=Non
         print(f"[{name}] ...", file=sys.stderr, flush=True)
         rows += measure(name, threads, modes, rounds, min_time, tiny)
     header = (f"{'variant':10s} {'T':>4s} {'N':>3s} {'I':>5s} {'H':>5s} {'mode':9s} {'thr':>3s} "
-              f"{'torch loop':>11s} {'lstmfast':>10s} {'plain LSTM':>11s} {'vs loop':>8s} {'vs plain':>9s}")
+              f"{'torch loop':>11s} {'lstmfast':>10s} {'plain':>11s} {'vs loop':>8s} {'vs plain':>9s}")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -159,11 +208,12 @@ def run(names, threads, rounds, min_time, modes=MODES, tiny=False, json_path=Non
             continue
         sec = row["seconds"]
         print(f"{lead} {row['mode']:9s} {row['threads']:3d} {bench._fmt_time(sec['torch loop']):>11s} "
-              f"{bench._fmt_time(sec['lstmfast']):>10s} {bench._fmt_time(sec['plain LSTM']):>11s} "
+              f"{bench._fmt_time(sec['lstmfast']):>10s} {bench._fmt_time(sec['plain']):>11s} "
               f"{row['speedup']:7.2f}x {row['cost']:8.2f}x")
     print()
     print("vs loop: the torch loop's time over lstmfast's (above 1x: lstmfast faster); vs plain: "
-          "lstmfast's variant\nover lstmfast's plain LSTM at the same shape (what the variant costs). "
+          "lstmfast's variant\nover lstmfast's plain layer (LSTM; RNN for ctrnn) at the same shape "
+          "(what the variant costs). "
           "Output and every\nparameter gradient agree with the loop's to "
           + ", ".join(f"{r['max_rel_diff']:.1g}" for r in rows if "threads" in r and r["threads"] == threads[0]
                       and r["mode"] == modes[0]) + " (relative), checked before timing.")

@@ -1,13 +1,62 @@
-"""Layers from other formats: ``from_onnx_lstm``.
-
-Needs the ``onnx`` package (imported when called, not by ``import lstmfast``).
+"""Layers and weights from other formats: ``from_onnx_lstm`` (needs the ``onnx``
+package, imported when called, not by ``import lstmfast``), and the key map between
+torchaudio's layer-normalized LSTM and ``LayerNormLSTM`` (``from_torchaudio_lstm``,
+``to_torchaudio_lstm``).
 """
 
 import numpy as np
 
 from .modules import LSTM
 
-__all__ = ["from_onnx_lstm"]
+__all__ = ["from_onnx_lstm", "from_torchaudio_lstm", "to_torchaudio_lstm"]
+
+# torchaudio.models.rnnt._CustomLSTM(layer_norm=True), one module per layer, in the
+# order of its state_dict -> LayerNormLSTM's names for layer k (suffix _l{k}).
+TORCHAUDIO_LSTM_KEYS = {
+    "x2g.weight": "weight_ih",
+    "p2g.weight": "weight_hh",
+    "c_norm.weight": "ln_cell_weight",
+    "c_norm.bias": "ln_cell_bias",
+    "g_norm.weight": "ln_gates_weight",
+    "g_norm.bias": "ln_gates_bias",
+}
+_LN_LSTM_ORDER = ("weight_ih", "weight_hh", "ln_gates_weight", "ln_gates_bias", "ln_cell_weight",
+                  "ln_cell_bias")
+
+
+def _as_array(value):
+    """A numpy array of a numpy array or a (CPU) torch tensor, without importing torch."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def from_torchaudio_lstm(state_dicts):
+    """``LayerNormLSTM`` parameters (a dict, our order) from the state_dicts of
+    torchaudio's ``_CustomLSTM(layer_norm=True)`` modules, one per layer (an RNN-T
+    predictor's ``lstm_layers``), by TORCHAUDIO_LSTM_KEYS. Values may be arrays or
+    tensors. ValueError names a missing or unexpected key (a ``_CustomLSTM`` without
+    layer_norm has biases and no norms, which LayerNormLSTM does not compute)."""
+    params = {}
+    for k, state in enumerate(state_dicts):
+        keys = set(state)
+        missing = [key for key in TORCHAUDIO_LSTM_KEYS if key not in keys]
+        unexpected = sorted(keys - set(TORCHAUDIO_LSTM_KEYS))
+        if missing or unexpected:
+            raise ValueError(
+                f"from_torchaudio_lstm: layer {k}: expected the keys of _CustomLSTM(layer_norm=True) "
+                f"{list(TORCHAUDIO_LSTM_KEYS)}; missing {missing}, unexpected {unexpected}")
+        ours = {TORCHAUDIO_LSTM_KEYS[key]: _as_array(value) for key, value in state.items()}
+        for name in _LN_LSTM_ORDER:
+            params[f"{name}_l{k}"] = ours[name]
+    return params
+
+
+def to_torchaudio_lstm(params, num_layers):
+    """The inverse of from_torchaudio_lstm: one state_dict (of numpy arrays, in
+    _CustomLSTM's key order) per layer of a unidirectional LayerNormLSTM's parameters."""
+    return [{key: np.asarray(params[f"{name}_l{k}"]) for key, name in TORCHAUDIO_LSTM_KEYS.items()}
+            for k in range(num_layers)]
 
 # ONNX orders an LSTM's gate blocks i, o, f, c and its peepholes i, o, f; lstmfast
 # (as torch) orders gates i, f, g (= c), o. Block j of ours is ONNX's block _GATES[j].

@@ -30,9 +30,13 @@ then the parameter shapes and initialisation.
 
 import numpy as np
 
-MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_TANH", "CTRNN_RELU")
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_TANH", "CTRNN_RELU", "LN_LSTM")
 
-GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1, "CTRNN_TANH": 1, "CTRNN_RELU": 1}
+GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1, "CTRNN_TANH": 1, "CTRNN_RELU": 1,
+         "LN_LSTM": 4}
+
+#: The modes whose state is a pair (h, c).
+CELL_STATE_MODES = ("LSTM", "LN_LSTM")
 
 #: The continuous-time RNN's modes (ctrnn_cell_forward), by nonlinearity.
 CTRNN_MODES = {"tanh": "CTRNN_TANH", "relu": "CTRNN_RELU"}
@@ -140,6 +144,74 @@ def lstm_cell_backward(dh_next, dc_next, cache, w, dw):
     dgates = np.concatenate([da_i, da_f, dg * (1 - g * g), da_o], axis=1)
     dx = _linear_backward(dgates, x, w["W_ih"], dw["W_ih"], dw["b_ih"])
     dh = _linear_backward(dgates, h, w["W_hh"], dw["W_hh"], dw["b_hh"])
+    return dx, dh, dc
+
+
+# ----------------------------------------------------------------------------
+# Layer-normalized LSTM cell (VARIANTS.md B: torchaudio's RNN-T form)
+
+
+def layer_norm(a, weight, bias, eps):
+    """nn.LayerNorm over the last axis: returns the output, the normalized a (z-hat)
+    and 1 / sqrt(var + eps) (biased variance), which backward needs."""
+    mean = a.mean(axis=-1, keepdims=True)
+    centered = a - mean
+    rstd = 1.0 / np.sqrt((centered * centered).mean(axis=-1, keepdims=True) + eps)
+    z = centered * rstd
+    return z * weight + bias, z, rstd
+
+
+def layer_norm_backward(dy, z, rstd, weight, dweight, dbias):
+    """Backward of layer_norm: adds dweight, dbias; returns the gradient of a."""
+    dweight += (dy * z).sum(axis=0)
+    dbias += dy.sum(axis=0)
+    gy = dy * weight
+    return rstd * (gy - gy.mean(axis=-1, keepdims=True)
+                   - z * (gy * z).mean(axis=-1, keepdims=True))
+
+
+def ln_lstm_cell_forward(x, h, c, w):
+    """One step of the layer-normalized LSTM of torchaudio's RNN-T (_CustomLSTM with
+    layer_norm=True): no linear biases, one LayerNorm over all 4H gate
+    pre-activations, one over the new cell state, which is what is carried.
+
+        gates  = LN_g(x W_ih^T + h W_hh^T)                   (N, 4H), blocks i, f, g, o
+        i, f, o = sigmoid(.)      g = tanh(.)
+        c_next = LN_c(f * c + i * g)
+        h_next = o * tanh(c_next)
+
+    LN_g has weight w["ln_g_w"] and bias w["ln_g_b"] (4H,); LN_c w["ln_c_w"], w["ln_c_b"]
+    (H,); both w["eps"]. Returns h_next, c_next (N, H) and the cache.
+    """
+    H = c.shape[1]
+    a = times_transposed(x, w["W_ih"]) + times_transposed(h, w["W_hh"])
+    gates, z_g, rstd_g = layer_norm(a, w["ln_g_w"], w["ln_g_b"], w["eps"])
+    i = sigmoid(gates[:, 0 * H:1 * H])
+    f = sigmoid(gates[:, 1 * H:2 * H])
+    g = np.tanh(gates[:, 2 * H:3 * H])
+    o = sigmoid(gates[:, 3 * H:4 * H])
+    c_next, z_c, rstd_c = layer_norm(f * c + i * g, w["ln_c_w"], w["ln_c_b"], w["eps"])
+    tanh_c_next = np.tanh(c_next)
+    h_next = o * tanh_c_next
+    cache = (x, h, c, i, f, g, o, tanh_c_next, z_g, rstd_g, z_c, rstd_c)
+    return h_next, c_next, cache
+
+
+def ln_lstm_cell_backward(dh_next, dc_next, cache, w, dw):
+    """Backward of ln_lstm_cell_forward: adds dW_ih, dW_hh and the four layer-norm
+    gradients into dw; returns dx (N, I), dh (N, H), dc (N, H)."""
+    x, h, c, i, f, g, o, tanh_c_next, z_g, rstd_g, z_c, rstd_c = cache
+    da_o = dh_next * tanh_c_next * o * (1 - o)
+    dc_next = dc_next + dh_next * o * (1 - tanh_c_next * tanh_c_next)
+    dc_raw = layer_norm_backward(dc_next, z_c, rstd_c, w["ln_c_w"], dw["ln_c_w"], dw["ln_c_b"])
+    da_i = dc_raw * g * i * (1 - i)
+    da_f = dc_raw * c * f * (1 - f)
+    da_g = dc_raw * i * (1 - g * g)
+    dc = dc_raw * f
+    dgates = np.concatenate([da_i, da_f, da_g, da_o], axis=1)
+    da = layer_norm_backward(dgates, z_g, rstd_g, w["ln_g_w"], dw["ln_g_w"], dw["ln_g_b"])
+    dx = _linear_backward(da, x, w["W_ih"], dw["W_ih"], None)
+    dh = _linear_backward(da, h, w["W_hh"], dw["W_hh"], None)
     return dx, dh, dc
 
 
@@ -282,6 +354,8 @@ def _cell_step_forward(mode, x, h, c, w, noise=None):
     noise: a CTRNN's (N, H) noise of this step, or None."""
     if mode == "LSTM":
         return lstm_cell_forward(x, h, c, w)
+    if mode == "LN_LSTM":
+        return ln_lstm_cell_forward(x, h, c, w)
     if mode == "GRU":
         h_next, cache = gru_cell_forward(x, h, w)
     elif mode in ("CTRNN_TANH", "CTRNN_RELU"):
@@ -296,6 +370,8 @@ def _cell_step_backward(mode, dh_next, dc_next, cache, w, dw):
     """Backward of _cell_step_forward; returns dx, dh, dc (None unless LSTM)."""
     if mode == "LSTM":
         return lstm_cell_backward(dh_next, dc_next, cache, w, dw)
+    if mode == "LN_LSTM":
+        return ln_lstm_cell_backward(dh_next, dc_next, cache, w, dw)
     if mode == "GRU":
         dx, dh = gru_cell_backward(dh_next, cache, w, dw)
     elif mode in ("CTRNN_TANH", "CTRNN_RELU"):
@@ -357,9 +433,9 @@ def _layer_direction_backward(mode, d_output, dh_n, dc_n, cache, w, dw):
     return dx, dh, dc
 
 
-def _cell_weights(arrays, layer, direction, alpha=1.0, leak="outside"):
+def _cell_weights(arrays, layer, direction, alpha=1.0, leak="outside", eps=1e-5):
     """The arrays of one layer and direction, from a dict keyed by torch's names,
-    and the CTRNN's constants alpha and leak.
+    the CTRNN's constants alpha and leak, and the layer norms' eps.
 
     Used for params (giving the cell weights w) and for grads (giving dw).
     """
@@ -373,8 +449,13 @@ def _cell_weights(arrays, layer, direction, alpha=1.0, leak="outside"):
         "P_i": arrays.get(f"weight_ci{suffix}"),
         "P_f": arrays.get(f"weight_cf{suffix}"),
         "P_o": arrays.get(f"weight_co{suffix}"),
+        "ln_g_w": arrays.get(f"ln_gates_weight{suffix}"),
+        "ln_g_b": arrays.get(f"ln_gates_bias{suffix}"),
+        "ln_c_w": arrays.get(f"ln_cell_weight{suffix}"),
+        "ln_c_b": arrays.get(f"ln_cell_bias{suffix}"),
         "alpha": alpha,
         "leak": leak,
+        "eps": eps,
     }
 
 
@@ -389,7 +470,7 @@ def _check_mode(mode):
 
 def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
             lengths=None, dropout_masks=None, training=False, alpha=1.0, leak="outside",
-            noise=None):
+            noise=None, layer_norm_eps=1e-5):
     """Forward pass of a stacked (bi)directional LSTM / GRU / RNN, as torch.nn computes it.
 
     mode: one of MODES.
@@ -409,6 +490,7 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
     alpha, leak, noise: the CTRNN modes' (ctrnn_cell_forward): alpha = dt / tau in (0, 1],
         leak "outside" or "inside", noise None or (L*D, T, N, H), layer-direction k's
         noise at noise[k], added at every step (rows past their length get none).
+    layer_norm_eps: LN_LSTM's (ln_lstm_cell_forward), > 0.
 
     Returns (output (T, N, D*H_out), h_n (L*D, N, H_out), c_n (L*D, N, H) or None, cache).
     Output of each direction is concatenated along the last axis, forward first; output
@@ -419,13 +501,15 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
     dtype = x.dtype
     T, N, _ = x.shape
     D = 2 if bidirectional else 1
-    if mode == "LSTM":
+    if mode in CELL_STATE_MODES:
         h0, c0 = hx
         c0 = np.asarray(c0, dtype=dtype)
     else:
         h0, c0 = hx, None
     h0 = np.asarray(h0, dtype=dtype)
     lengths = np.full(N, T) if lengths is None else np.asarray(lengths)
+    if mode == "LN_LSTM" and not layer_norm_eps > 0:
+        raise ValueError(f"layer_norm_eps must be > 0, got {layer_norm_eps}")
     ctrnn = mode in CTRNN_MODES.values()
     if ctrnn and not 0 < alpha <= 1:
         raise ValueError(f"alpha must be in (0, 1], got {alpha}")
@@ -442,7 +526,7 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         outputs, direction_caches = [], []
         for direction in range(D):
             k = layer * D + direction
-            w = _cell_weights(params, layer, direction, alpha, leak)
+            w = _cell_weights(params, layer, direction, alpha, leak, layer_norm_eps)
             output, h, c, direction_cache = _layer_direction_forward(
                 mode, layer_input, h0[k], None if c0 is None else c0[k], w, lengths,
                 reverse=(direction == 1), noise=None if noise is None else noise[k])
@@ -458,12 +542,12 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
 
     output = layer_input
     h_n = np.stack(h_n)
-    c_n = np.stack(c_n) if mode == "LSTM" else None
+    c_n = np.stack(c_n) if mode in CELL_STATE_MODES else None
     cache = None
     if training:
         cache = {
             "mode": mode, "num_layers": num_layers, "D": D, "dtype": dtype,
-            "alpha": alpha, "leak": leak,
+            "alpha": alpha, "leak": leak, "layer_norm_eps": layer_norm_eps,
             "params": params, "dropout_masks": dropout_masks, "layers": layer_caches,
             "h0_shape": h0.shape, "c0_shape": None if c0 is None else c0.shape,
         }
@@ -491,7 +575,7 @@ def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False)
     d_h_n = (np.zeros(cache["h0_shape"], dtype=dtype) if d_h_n is None
              else np.asarray(d_h_n, dtype=dtype))
     dh0 = np.zeros(cache["h0_shape"], dtype=dtype)
-    if mode == "LSTM":
+    if mode in CELL_STATE_MODES:
         d_c_n = (np.zeros(cache["c0_shape"], dtype=dtype) if d_c_n is None
                  else np.asarray(d_c_n, dtype=dtype))
         dc0 = np.zeros(cache["c0_shape"], dtype=dtype)
@@ -505,7 +589,8 @@ def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False)
         d_layer_input = np.zeros(direction_caches[0]["input_shape"], dtype=dtype)
         for direction in range(D):
             k = layer * D + direction
-            w = _cell_weights(params, layer, direction, cache["alpha"], cache["leak"])
+            w = _cell_weights(params, layer, direction, cache["alpha"], cache["leak"],
+                              cache["layer_norm_eps"])
             dw = _cell_weights(grads, layer, direction)
             d_direction_output = d_layer_output[:, :, direction * H_out:(direction + 1) * H_out]
             dx, dh, dc = _layer_direction_backward(
@@ -623,8 +708,14 @@ def param_shapes(mode, input_size, hidden_size, num_layers, bias, bidirectional,
 
     peephole (LSTM only): each layer and direction also has weight_ci, weight_cf and
     weight_co, (H,) each, after torch's parameters of that layer and direction.
+    LN_LSTM has no linear biases (bias must be False) and no projection; each layer and
+    direction has weight_ih, weight_hh, then ln_gates_weight, ln_gates_bias (4H,) and
+    ln_cell_weight, ln_cell_bias (H,).
     """
     _check_mode(mode)
+    if mode == "LN_LSTM" and bias:
+        raise ValueError("LN_LSTM has no linear biases (its layer norms' biases take their "
+                         "place): pass bias=False")
     if peephole and mode != "LSTM":
         raise ValueError(f"peephole=True is only supported for LSTM, not {mode}")
     if proj_size < 0:
@@ -652,13 +743,18 @@ def param_shapes(mode, input_size, hidden_size, num_layers, bias, bidirectional,
             if peephole:
                 for name in ("weight_ci", "weight_cf", "weight_co"):
                     shapes[f"{name}{suffix}"] = (H,)
+            if mode == "LN_LSTM":
+                shapes[f"ln_gates_weight{suffix}"] = (G * H,)
+                shapes[f"ln_gates_bias{suffix}"] = (G * H,)
+                shapes[f"ln_cell_weight{suffix}"] = (H,)
+                shapes[f"ln_cell_bias{suffix}"] = (H,)
     return shapes
 
 
 def init_params(mode, input_size, hidden_size, num_layers, bias, bidirectional, proj_size,
                 dtype, rng, peephole=False):
     """Parameters initialised as torch does: each U(-1/sqrt(H), 1/sqrt(H)) (the
-    peephole vectors too).
+    peephole vectors too), layer-norm weights 1 and biases 0 (as nn.LayerNorm).
 
     Drawn from the numpy Generator rng in torch's parameter order (see param_shapes),
     in float64 and then cast to dtype, so one seed gives the same values in both dtypes
@@ -667,5 +763,9 @@ def init_params(mode, input_size, hidden_size, num_layers, bias, bidirectional, 
     bound = 1.0 / np.sqrt(hidden_size)
     shapes = param_shapes(mode, input_size, hidden_size, num_layers, bias, bidirectional,
                           proj_size, peephole)
-    return {name: rng.uniform(-bound, bound, size=shape).astype(dtype)
-            for name, shape in shapes.items()}
+    def draw(name, shape):
+        if name.startswith("ln_"):
+            return np.full(shape, 1.0 if "_weight" in name else 0.0, dtype=dtype)
+        return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+    return {name: draw(name, shape) for name, shape in shapes.items()}

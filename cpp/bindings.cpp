@@ -128,11 +128,16 @@ py::array_t<Real, py::array::c_style> checked(py::handle obj, const Name& name,
 
 // The name torch gives parameter j (0..4; 5..7: the peephole LSTM's) of
 // layer-direction i, for messages.
-std::string param_name(int64_t i, int j, int64_t D) {
+// Entries 5.. of a layer-direction are a variant's: the peephole LSTM's three, or
+// LN_LSTM's four layer-norm parameters.
+std::string param_name(int64_t i, int j, int64_t D, lstmfast::Mode mode = lstmfast::Mode::LSTM) {
   static const char* names[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr",
                                 "weight_ci", "weight_cf", "weight_co"};
-  return std::string("weights[") + std::to_string(i) + "][" + std::to_string(j) + "] (" +
-         names[j] + "_l" + std::to_string(i / D) + (i % D ? "_reverse" : "") + ")";
+  static const char* layer_norms[] = {"ln_gates_weight", "ln_gates_bias", "ln_cell_weight",
+                                      "ln_cell_bias"};
+  const char* name = j >= 5 && mode == lstmfast::Mode::LN_LSTM ? layer_norms[j - 5] : names[j];
+  return std::string("weights[") + std::to_string(i) + "][" + std::to_string(j) + "] (" + name +
+         "_l" + std::to_string(i / D) + (i % D ? "_reverse" : "") + ")";
 }
 
 // The cache of a training forward: the C++ cache and the arrays it points into.
@@ -157,16 +162,21 @@ py::list as_list(py::handle obj, const Name& name, size_t length) {
 }
 
 // Shapes of the parameters of layer-direction i (zeros: must be None): torch's
-// five, then the peephole LSTM's three.
+// five, then the peephole LSTM's three or LN_LSTM's four.
 std::vector<std::vector<int64_t>> param_shapes(const lstmfast::StackShape& s, int64_t i) {
   const int64_t GH = lstmfast::gates_of(s.mode) * s.H;
+  if (s.mode == lstmfast::Mode::LN_LSTM)
+    return {{GH, s.input_size(i / s.D)}, {GH, s.H_out()}, {GH}, {GH}, {s.P, s.H},
+            {GH}, {GH}, {s.H}, {s.H}};
   return {{GH, s.input_size(i / s.D)}, {GH, s.H_out()}, {GH}, {GH}, {s.P, s.H},
           {s.H}, {s.H}, {s.H}};
 }
 
 // Entries per layer-direction of a weights or grads list: torch's five, or eight
-// with an LSTM's peepholes (weight_ci, weight_cf, weight_co), the same for all.
+// with an LSTM's peepholes (weight_ci, weight_cf, weight_co), or nine for LN_LSTM
+// (its four layer-norm parameters), the same for all.
 size_t entries_per_layer(py::handle first, lstmfast::Mode mode) {
+  if (mode == lstmfast::Mode::LN_LSTM) return 9;
   const bool sequence = py::isinstance<py::sequence>(first) && !py::isinstance<py::str>(first);
   const size_t n = sequence ? static_cast<size_t>(py::len(first)) : 5;
   return n == 8 && mode == lstmfast::Mode::LSTM ? 8 : 5;
@@ -256,6 +266,7 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
                       py::handle c0_obj, py::handle weights_obj, py::handle lengths_obj,
                       py::handle masks_obj, py::handle noise_obj) {
   const bool lstm = s.mode == lstmfast::Mode::LSTM;
+  const bool cell_state = lstmfast::has_cell_state(s.mode);
   const int G = lstmfast::gates_of(s.mode);
   if (x_obj.ndim() != 3)
     throw py::value_error("x: expected 3 dimensions (T, N, I), got shape " +
@@ -290,22 +301,26 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
     auto entry_name = [&] { return "weights[" + std::to_string(i) + "]"; };
     py::list entry = as_list(weights[i], entry_name, entries);
     const auto shapes = param_shapes(s, i);
-    const Real* ptr[8] = {};
+    const Real* ptr[9] = {};
     const lstmfast::ReducedMatrix* reduced[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
     for (int j = 0; j < static_cast<int>(entries); ++j) {
       const bool required = j < 2 || (j == 4 && s.P > 0) || j >= 5;  // biases are optional
       if (entry[j].is_none()) {
-        if (required) throw py::value_error(param_name(i, j, s.D) + ": missing");
+        if (required) throw py::value_error(param_name(i, j, s.D, s.mode) + ": missing");
         continue;
       }
       if (j == 4 && s.P == 0)
         throw py::value_error(param_name(i, j, s.D) + ": given but proj_size is 0");
+      if ((j == 2 || j == 3) && s.mode == lstmfast::Mode::LN_LSTM)
+        throw py::value_error(param_name(i, j, s.D) +
+                              ": LN_LSTM has no linear biases (its layer norms' biases take their "
+                              "place); pass None");
       if ((j == 0 || j == 1 || j == 4) && py::isinstance<lstmfast::ReducedMatrix>(entry[j])) {
         reduced[j] = checked_reduced<Real>(entry[j], param_name(i, j, s.D), shapes[j], s);
         rc->keep_alive.push_back(py::reinterpret_borrow<py::object>(entry[j]));
         continue;
       }
-      auto a = checked<Real>(entry[j], [&] { return param_name(i, j, s.D); }, shapes[j]);
+      auto a = checked<Real>(entry[j], [&] { return param_name(i, j, s.D, s.mode); }, shapes[j]);
       ptr[j] = a.data();
       rc->keep_alive.push_back(a);
     }
@@ -314,17 +329,25 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
       throw py::type_error(param_name(i, reduced[0] ? 1 : 0, s.D) +
                            ": expected a reduced-precision weight like the others of the layer, "
                            "got a numpy array");
-    params[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], reduced[0], reduced[1], reduced[4],
-                 ptr[5], ptr[6], ptr[7]};
+    if (s.mode == lstmfast::Mode::LN_LSTM) {
+      params[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], reduced[0], reduced[1], reduced[4]};
+      params[i].ln_g_w = ptr[5];
+      params[i].ln_g_b = ptr[6];
+      params[i].ln_c_w = ptr[7];
+      params[i].ln_c_b = ptr[8];
+    } else {
+      params[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], reduced[0], reduced[1], reduced[4],
+                   ptr[5], ptr[6], ptr[7]};
+    }
   }
   auto h0 = checked<Real>(h0_obj, "h0", {LD, s.N, s.H_out()});
   py::array_t<Real, py::array::c_style> c0;
   const Real* c0_ptr = nullptr;
-  if (lstm) {
+  if (cell_state) {
     c0 = checked<Real>(c0_obj, "c0", {LD, s.N, s.H});
     c0_ptr = c0.data();
   } else if (!c0_obj.is_none()) {
-    throw py::value_error("c0: only LSTM has a cell state; pass None");
+    throw py::value_error("c0: only an LSTM has a cell state; pass None");
   }
   py::array_t<int64_t, py::array::c_style> lengths;
   const int64_t* lengths_ptr = nullptr;
@@ -360,12 +383,12 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
 
   py::array_t<Real> y({s.T, s.N, s.D * s.H_out()});
   py::array_t<Real> h_n({LD, s.N, s.H_out()});
-  py::array_t<Real> c_n({lstm ? LD : 0, s.N, s.H});
+  py::array_t<Real> c_n({cell_state ? LD : 0, s.N, s.H});
   std::unique_ptr<lstmfast::StackCache<Real>> cache;
   try {
     py::gil_scoped_release release;
     cache = lstmfast::stack_forward<Real>(
-        y.mutable_data(), h_n.mutable_data(), lstm ? c_n.mutable_data() : nullptr, x.data(),
+        y.mutable_data(), h_n.mutable_data(), cell_state ? c_n.mutable_data() : nullptr, x.data(),
         h0.data(), c0_ptr, params.data(), lengths_ptr, masks.empty() ? nullptr : masks.data(), s);
   } catch (const std::bad_alloc&) {
     throw_memory_error("rnn_forward: cannot allocate the workspace for " + sizes_str(s) +
@@ -378,14 +401,14 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
     rc->cache = std::move(cache);
     cache_obj = py::cast(std::move(rc));
   }
-  return py::make_tuple(y, h_n, lstm ? py::object(c_n) : py::none(), cache_obj);
+  return py::make_tuple(y, h_n, cell_state ? py::object(c_n) : py::none(), cache_obj);
 }
 
 template <typename Real>
 py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_obj,
                        py::handle dc_n_obj, py::handle grads_obj, bool consume, bool assign) {
   const lstmfast::StackShape& s = rc.shape;
-  const bool lstm = s.mode == lstmfast::Mode::LSTM;
+  const bool cell_state = lstmfast::has_cell_state(s.mode);
   const int64_t LD = s.L * s.D;
   // Each gradient may be None (zeros): the kernels then get a null pointer.
   py::array_t<Real, py::array::c_style> dy, dh_n, dc_n;
@@ -399,7 +422,7 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
     dh_n_ptr = dh_n.data();
   }
   if (!dc_n_obj.is_none()) {
-    if (!lstm) throw py::value_error("d_c_n: only LSTM has a cell state; pass None");
+    if (!cell_state) throw py::value_error("d_c_n: only an LSTM has a cell state; pass None");
     dc_n = checked<Real>(dc_n_obj, "d_c_n", {LD, s.N, s.H});
     dc_n_ptr = dc_n.data();
   }
@@ -408,13 +431,20 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
   auto* cache = static_cast<lstmfast::StackCache<Real>*>(rc.cache.get());
   for (int64_t i = 0; i < LD; ++i) {
     const lstmfast::Params<Real>& p = cache->params[i];
-    const size_t entries = p.P_i ? 8 : 5;
+    const bool ln = s.mode == lstmfast::Mode::LN_LSTM;
+    const size_t entries = ln ? 9 : p.P_i ? 8 : 5;
     py::list entry = as_list(grads[i], "grads[" + std::to_string(i) + "]", entries);
     const auto shapes = param_shapes(s, i);
-    const void* given[8] = {p.W_ih, p.W_hh, p.b_ih, p.b_hh, p.W_hr, p.P_i, p.P_f, p.P_o};
-    Real* ptr[8] = {};
+    const void* given[9] = {p.W_ih, p.W_hh, p.b_ih, p.b_hh, p.W_hr, p.P_i, p.P_f, p.P_o, nullptr};
+    if (ln) {
+      given[5] = p.ln_g_w;
+      given[6] = p.ln_g_b;
+      given[7] = p.ln_c_w;
+      given[8] = p.ln_c_b;
+    }
+    Real* ptr[9] = {};
     for (int j = 0; j < static_cast<int>(entries); ++j) {
-      const std::string name = "grads" + param_name(i, j, s.D).substr(7);
+      const std::string name = "grads" + param_name(i, j, s.D, s.mode).substr(7);
       if (!given[j]) {
         if (!entry[j].is_none()) throw py::value_error(name + ": the forward had no such parameter");
         continue;
@@ -425,20 +455,28 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
         throw py::value_error(name + ": must be a writeable C-contiguous array (written in place)");
       ptr[j] = a.mutable_data();
     }
-    g[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6], ptr[7]};
+    if (ln) {
+      g[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4]};
+      g[i].dln_g_w = ptr[5];
+      g[i].dln_g_b = ptr[6];
+      g[i].dln_c_w = ptr[7];
+      g[i].dln_c_b = ptr[8];
+    } else {
+      g[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6], ptr[7]};
+    }
   }
   py::array_t<Real> dx({s.T, s.N, s.I});
   py::array_t<Real> dh0({LD, s.N, s.H_out()});
-  py::array_t<Real> dc0({lstm ? LD : 0, s.N, s.H});
+  py::array_t<Real> dc0({cell_state ? LD : 0, s.N, s.H});
   try {
     py::gil_scoped_release release;
     lstmfast::stack_backward<Real>(dx.mutable_data(), dh0.mutable_data(),
-                                   lstm ? dc0.mutable_data() : nullptr, g.data(),
+                                   cell_state ? dc0.mutable_data() : nullptr, g.data(),
                                    dy_ptr, dh_n_ptr, dc_n_ptr, *cache, consume, assign);
   } catch (const std::bad_alloc&) {
     throw_memory_error("rnn_backward: cannot allocate the workspace for " + sizes_str(s));
   }
-  return py::make_tuple(dx, dh0, lstm ? py::object(dc0) : py::none());
+  return py::make_tuple(dx, dh0, cell_state ? py::object(dc0) : py::none());
 }
 
 // Reduced-precision weights (lstmfast.quantize): packing and a product test hook.
@@ -530,7 +568,7 @@ void register_rnn(py::module_& m) {
       [](const std::string& mode, py::handle x, py::handle h0, py::handle c0, py::handle weights,
          int64_t num_layers, bool bidirectional, int64_t proj_size, py::handle lengths,
          py::handle dropout_masks, bool training, double alpha, const std::string& leak,
-         py::handle noise) {
+         py::handle noise, double layer_norm_eps) {
         lstmfast::StackShape s;
         s.mode = parse_mode(mode);
         if (leak != "outside" && leak != "inside")
@@ -539,6 +577,9 @@ void register_rnn(py::module_& m) {
           throw py::value_error("alpha must be in (0, 1], got " + std::to_string(alpha));
         s.alpha = alpha;
         s.leak_inside = leak == "inside";
+        if (!(layer_norm_eps > 0))
+          throw py::value_error("layer_norm_eps must be > 0, got " + std::to_string(layer_norm_eps));
+        s.ln_eps = layer_norm_eps;
         s.L = num_layers;
         s.D = bidirectional ? 2 : 1;
         s.P = proj_size;
@@ -560,11 +601,13 @@ void register_rnn(py::module_& m) {
       py::arg("mode"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("weights"),
       py::arg("num_layers"), py::arg("bidirectional"), py::arg("proj_size"), py::arg("lengths"),
       py::arg("dropout_masks"), py::arg("training"), py::arg("alpha") = 1.0,
-      py::arg("leak") = "outside", py::arg("noise") = py::none(),
+      py::arg("leak") = "outside", py::arg("noise") = py::none(), py::arg("layer_norm_eps") = 1e-5,
       "Forward of a stack; weights: per layer-direction [W_ih, W_hh, b_ih, b_hh, W_hr] "
       "(None where absent), and for a peephole LSTM also [P_i, P_f, P_o]. "
       "CTRNN modes: alpha (dt / tau), leak ('outside' or 'inside') and noise "
-      "((L*D, T, N, H) added to each step's state, or None). "
+      "((L*D, T, N, H) added to each step's state, or None). LN_LSTM: per layer-direction "
+      "[W_ih, W_hh, None, None, None, ln_gates_weight, ln_gates_bias, ln_cell_weight, "
+      "ln_cell_bias] and layer_norm_eps. "
       "Returns (y, h_n, c_n or None, cache or None).");
 
   m.def(

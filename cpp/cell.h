@@ -1,4 +1,4 @@
-// What the cell files (lstm.cpp, gru.cpp, rnn.cpp, ctrnn.cpp) share: the row/time
+// What the cell files (lstm.cpp, gru.cpp, rnn.cpp, ctrnn.cpp, ln_lstm.cpp) share: the row/time
 // bookkeeping of lengths and reversal, vector loads of a partial tail, and the
 // GEMMs outside the time loop. Included only by translation units compiled once
 // per instruction set: everything here lives in namespace lstmfast::LSTMFAST_ISA,
@@ -57,6 +57,16 @@ void ctrnn_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw
                     const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
                     const Real* dc_n, const Real* x, const LayerWeights<Real>& w,
                     const LayerShape& s);
+
+template <typename Real>
+void ln_lstm_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
+                     const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
+                     const LayerShape& s);
+template <typename Real>
+void ln_lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
+                      const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy,
+                      const Real* dh_n, const Real* dc_n, const Real* x,
+                      const LayerWeights<Real>& w, const LayerShape& s);
 
 // Nothing here calls an inline function of another namespace (std:: templates,
 // LayerShape's members) other than simd.h's, whose names carry the vector type:

@@ -26,8 +26,8 @@ namespace lstmfast {
 // The cells. Adding one (README "Adding a cell"): a value here, its row in
 // stack.cpp's kCells, its kernel file (forward and BPTT side by side, as rnn.cpp)
 // and its entry in kernel_table.cpp.
-enum class Mode { LSTM, GRU, RNN_TANH, RNN_RELU, CTRNN_TANH, CTRNN_RELU };
-constexpr int kModes = 6;
+enum class Mode { LSTM, GRU, RNN_TANH, RNN_RELU, CTRNN_TANH, CTRNN_RELU, LN_LSTM };
+constexpr int kModes = 7;
 
 // What the stack and the bindings know of a cell; the kernels know the rest.
 struct CellInfo {
@@ -47,6 +47,8 @@ const CellInfo* find_cell(const char* name);
 int gates_of(Mode mode);
 // Continuous-time RNN (VARIANTS.md D): CTRNN_TANH or CTRNN_RELU.
 inline bool is_ctrnn(Mode mode) { return mode == Mode::CTRNN_TANH || mode == Mode::CTRNN_RELU; }
+// Whether the cell carries c beside h (LSTM, LN_LSTM).
+inline bool has_cell_state(Mode mode) { return mode == Mode::LSTM || mode == Mode::LN_LSTM; }
 
 // ---------------------------------------------------------------------------
 // One layer, one direction.
@@ -71,6 +73,7 @@ struct LayerShape {
   double alpha = 1;                  // CTRNN: dt / tau, in (0, 1]
   bool leak_inside = false;          // CTRNN: h' = phi((1-alpha) h + alpha z) instead of
                                      //   (1-alpha) h + alpha phi(z) (VARIANTS.md D)
+  double ln_eps = 1e-5;              // LN_LSTM: the layer norms' epsilon, > 0
   bool training = false;             // keep every step's state for backward
   const int64_t* lengths = nullptr;  // lengths: [N] steps of sorted row b, non-increasing, each in 1..T; nullptr = all T
   const int64_t* rows = nullptr;     // rows: [N] batch row held by sorted row b; nullptr = identity
@@ -145,6 +148,7 @@ struct LayerWeights {
   const Real* peephole = nullptr;  // peephole: LSTM [3H] P_i, P_f, P_o (VARIANTS.md A); nullptr = none
   const Real* noise = nullptr;     // noise: CTRNN [T, N, H] added to each step's state, in x's order
                                    //   (y's indexing); forward only: backward never reads it
+  const Real* ln = nullptr;        // ln: LN_LSTM [10H] gamma_g, beta_g (4H each), gamma_c, beta_c (H each)
 };
 
 // Gradients of one layer and direction: ADDED into (the caller zeroes them), or
@@ -160,6 +164,10 @@ struct LayerGrads {
   Real* dP_i = nullptr;   // dP_i, dP_f, dP_o: [H] each, peephole LSTM only
   Real* dP_f = nullptr;
   Real* dP_o = nullptr;
+  Real* dln_g_w = nullptr;  // dln_g_w, dln_g_b: [4H] LN_LSTM, the gate layer norm's weight and bias
+  Real* dln_g_b = nullptr;
+  Real* dln_c_w = nullptr;  // dln_c_w, dln_c_b: [H] the cell layer norm's
+  Real* dln_c_b = nullptr;
 };
 
 // Buffers of one layer and direction. The saved part (h, c, m, gates when
@@ -193,6 +201,10 @@ struct LayerBuffers {
   Real* dm = nullptr;     // dm: LSTM with P > 0: [N, H] gradient of m of the current step
   Real* dsum = nullptr;   // dsum: [G*H] scratch for bias gradients
   Real* dpeep = nullptr;  // dpeep: peephole LSTM [3H] scratch: the peephole gradients' sums
+  Real* ln = nullptr;     // ln: LN_LSTM training [S, N, 5H + 2]: z_g (4H) and z_c (H), the two layer
+                          //   norms' normalized inputs, then their 1 / sqrt(var + eps)
+  Real* dln_rows = nullptr;  // dln_rows: LN_LSTM backward scratch [S, N, 5H]: the gradients of the two
+                             //   layer norms' outputs, per row-step, for their parameter gradients
   // reduced int8 weights (scratch): activations quantized per row for a product
   uint8_t* act_q = nullptr;       // act_q: [x_rows, round_up(max(I, H_out, H), 4)] values 0..127
   float* act_scale = nullptr;     // act_scale: [x_rows] per row
@@ -240,6 +252,7 @@ struct StackShape {
   bool training = false;  // keep what backward needs in the returned cache
   double alpha = 1;          // CTRNN (LayerShape)
   bool leak_inside = false;  // CTRNN (LayerShape)
+  double ln_eps = 1e-5;      // LN_LSTM (LayerShape)
 
   int64_t H_out() const { return P > 0 ? P : H; }
   int64_t input_size(int64_t layer) const { return layer == 0 ? I : D * H_out(); }
@@ -261,6 +274,10 @@ struct Params {
   const Real* P_o = nullptr;  // weight_co_l{k}[_reverse]: [H]
   const Real* noise = nullptr;  // CTRNN: [T, N, H] additive noise of this layer-direction
                                 //   (LayerWeights::noise); all or none; not kept for backward
+  const Real* ln_g_w = nullptr;  // ln_gates_weight_l{k}[_reverse]: [4H] LN_LSTM (all four)
+  const Real* ln_g_b = nullptr;  // ln_gates_bias_l{k}[_reverse]: [4H]
+  const Real* ln_c_w = nullptr;  // ln_cell_weight_l{k}[_reverse]: [H]
+  const Real* ln_c_b = nullptr;  // ln_cell_bias_l{k}[_reverse]: [H]
 };
 
 template <typename Real>
@@ -273,6 +290,10 @@ struct Grads {
   Real* dP_i = nullptr;   // peephole LSTM only
   Real* dP_f = nullptr;
   Real* dP_o = nullptr;
+  Real* dln_g_w = nullptr;  // LN_LSTM only
+  Real* dln_g_b = nullptr;
+  Real* dln_c_w = nullptr;
+  Real* dln_c_b = nullptr;
 };
 
 // What a training forward keeps for backward (opaque; workspace.h).

@@ -144,15 +144,17 @@ inline void for_row_tiles(int64_t n, F&& f) {
 
 // Unit blocks u0..u1-1 (units j0..j1-1) of thread tid of nt: the columns of W_hh it
 // packs and computes, and of h, c and the gate gradients it alone writes.
+// tid and nt also let a cell whose step needs whole rows (LN_LSTM) share the rows.
 struct UnitShare {
   int64_t u0, u1, j0, j1;
+  int tid, nt;
 };
 template <typename Real>
 inline UnitShare unit_share(int64_t H, int tid, int nt) {
   constexpr int64_t U = kWidth<Real>;
   const int64_t blocks = unit_blocks<Real>(H);
   const int64_t u0 = blocks * tid / nt, u1 = blocks * (tid + 1) / nt;
-  return {u0, u1, u0 * U, u1 * U < H ? u1 * U : H};
+  return {u0, u1, u0 * U, u1 * U < H ? u1 * U : H, tid, nt};
 }
 
 // One step's share of a thread: for unit blocks u0..u1-1 and rows 0..n-1,

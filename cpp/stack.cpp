@@ -42,6 +42,7 @@ constexpr CellInfo kCells[] = {
     {Mode::RNN_RELU,   "RNN_RELU",   1,    false,  true,  false},
     {Mode::CTRNN_TANH, "CTRNN_TANH", 1,    false,  false, true},
     {Mode::CTRNN_RELU, "CTRNN_RELU", 1,    false,  true,  true},
+    {Mode::LN_LSTM,    "LN_LSTM",    4,    true,   false, false},
 };
 static_assert(sizeof(kCells) / sizeof(kCells[0]) == kModes, "one row of kCells per Mode");
 
@@ -110,11 +111,30 @@ void check_shape(const StackShape& s) {
   require(s.H >= 1, "hidden_size must be >= 1, got " + str(s.H));
   require(s.P >= 0, "proj_size must be >= 0, got " + str(s.P));
   require(s.P == 0 || s.mode == Mode::LSTM, "proj_size > 0 is only supported for LSTM");
+  require(s.mode != Mode::LN_LSTM || s.ln_eps > 0,
+          "layer_norm_eps must be > 0, got " + std::to_string(s.ln_eps));
   require(s.P < s.H || s.P == 0, "proj_size (" + str(s.P) +
                                      ") must be smaller than hidden_size (" + str(s.H) + ")");
   // Written so that NaN fails too.
   require(!is_ctrnn(s.mode) || (s.alpha > 0 && s.alpha <= 1),
           "alpha must be in (0, 1], got " + std::to_string(s.alpha));
+}
+
+// LN_LSTM: all four layer-norm parameters of every layer-direction and no linear
+// biases; no other cell takes them.
+template <typename Real>
+void check_layer_norms(const Params<Real>* params, const StackShape& s) {
+  const bool ln = s.mode == Mode::LN_LSTM;
+  for (int64_t i = 0; i < s.L * s.D; ++i) {
+    const Params<Real>& p = params[i];
+    const int given = (p.ln_g_w != nullptr) + (p.ln_g_b != nullptr) + (p.ln_c_w != nullptr) +
+                      (p.ln_c_b != nullptr);
+    require(given == (ln ? 4 : 0), ln ? "LN_LSTM needs its four layer-norm parameters for every "
+                                        "layer and direction"
+                                      : "layer-norm parameters are only for LN_LSTM");
+    require(!ln || (p.b_ih == nullptr && p.b_hh == nullptr),
+            "LN_LSTM has no linear biases (its layer norms' biases take their place)");
+  }
 }
 
 // CTRNN noise: every layer-direction or none, and only for a CTRNN.
@@ -154,7 +174,8 @@ void check_reduced(const Params<Real>* params, const StackShape& s) {
     require((p.W_hh_r != nullptr) == reduced,
             "reduced-precision weights must be given for every layer and direction or none");
     if (!reduced) continue;
-    require(!is_ctrnn(s.mode), "reduced-precision weights are not supported for CTRNN");
+    require(!is_ctrnn(s.mode) && s.mode != Mode::LN_LSTM,
+            "reduced-precision weights are not supported for CTRNN or LN_LSTM");
     require(std::is_same<Real, float>::value, "reduced-precision weights need float32 inputs");
     require(!s.training, "reduced-precision weights are for inference only (training=False)");
     require(fits(p.W_ih_r, GH, s.input_size(i / s.D)) && fits(p.W_hh_r, GH, s.H_out()) &&
@@ -316,6 +337,20 @@ void combine_biases(StackCache<Real>& c) {
     c.weights[i] = {p.W_ih, p.W_hh, p.W_hr, bias, b_hn, p.W_ih_r, p.W_hh_r, p.W_hr_r};
     c.weights[i].noise = p.noise;
   }
+  // Layer-norm parameters side by side per layer-direction (LayerWeights::ln).
+  c.layer_norms.clear();
+  if (s.mode == Mode::LN_LSTM) {
+    c.layer_norms.resize(static_cast<size_t>(s.L * s.D * 10 * H));
+    for (int64_t i = 0; i < s.L * s.D; ++i) {
+      Real* ln = c.layer_norms.data() + i * 10 * H;
+      const Params<Real>& p = c.params[i];
+      std::copy(p.ln_g_w, p.ln_g_w + 4 * H, ln);
+      std::copy(p.ln_g_b, p.ln_g_b + 4 * H, ln + 4 * H);
+      std::copy(p.ln_c_w, p.ln_c_w + H, ln + 8 * H);
+      std::copy(p.ln_c_b, p.ln_c_b + H, ln + 9 * H);
+      c.weights[i].ln = ln;
+    }
+  }
   // Peepholes side by side per layer-direction, so a kernel reads them at one stride.
   c.peepholes.clear();
   if (c.params[0].P_i) {
@@ -344,6 +379,7 @@ LayerShape layer_shape(const StackCache<Real>& c, int64_t layer, int64_t directi
   l.relu = cell_info(s.mode).relu;
   l.alpha = s.alpha;
   l.leak_inside = s.leak_inside;
+  l.ln_eps = s.ln_eps;
   l.training = s.training;
   l.lengths = c.lengths.empty() ? nullptr : c.lengths.data();
   l.rows = c.rows.empty() ? nullptr : c.rows.data();
@@ -414,6 +450,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   check_reduced(params, shape);
   check_peepholes(params, shape);
   check_noise(params, shape);
+  check_layer_norms(params, shape);
   std::optional<BlasSingleThreaded> blas_alone;
   blas_alone_without_a_free_core(blas_alone);
   auto cache = std::make_unique<StackCache<Real>>();
@@ -421,6 +458,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   c.shape = shape;
   const StackShape& s = c.shape;
   const bool lstm = s.mode == Mode::LSTM, training = s.training;
+  const bool cell_state = has_cell_state(s.mode), ln = s.mode == Mode::LN_LSTM;
   const int64_t L = s.L, D = s.D, T = s.T, N = s.N, H = s.H, P = s.P, H_out = s.H_out();
   const int64_t GH = gates_of(s.mode) * H, Y = T * N * D * H_out;
   sort_rows(c.lengths, c.rows, lengths, T, N);
@@ -440,9 +478,10 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       for (int64_t i = 0; i < L * D; ++i) {
         LayerBuffers<Real>& b = c.saved[i];
         b.h = cv.take<Real>((S + 1) * N * H_out);
-        if (lstm) b.c = cv.take<Real>((S + 1) * N * H);
+        if (cell_state) b.c = cv.take<Real>((S + 1) * N * H);
         if (P) b.m = cv.take<Real>(S * N * H);
-        if (s.mode == Mode::LSTM || s.mode == Mode::GRU) b.gates = cv.take<Real>(S * N * 4 * H);
+        if (lstm || ln || s.mode == Mode::GRU) b.gates = cv.take<Real>(S * N * 4 * H);
+        if (ln) b.ln = cv.take<Real>(S * N * (5 * H + 2));
         if (cell_info(s.mode).saves_activations && !s.leak_inside)
           b.gates = cv.take<Real>(S * N * H);
       }
@@ -502,7 +541,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       }
       if (!training) {
         scratch[d].h = cv.take<Real>(2 * N * H_out);
-        if (lstm) scratch[d].c = cv.take<Real>(2 * N * H);
+        if (cell_state) scratch[d].c = cv.take<Real>(2 * N * H);
         if (P) scratch[d].m = cv.take<Real>(N * H);
       }
     }
@@ -565,6 +604,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
   std::optional<BlasSingleThreaded> blas_alone;
   blas_alone_without_a_free_core(blas_alone);
   const bool lstm = s.mode == Mode::LSTM, gru = s.mode == Mode::GRU;
+  const bool cell_state = has_cell_state(s.mode), ln = s.mode == Mode::LN_LSTM;
   // Gate gradients written over the saved gates (LSTM and GRU save 4H per row-step).
   const bool in_place = consume && (lstm || gru);
   const int64_t L = s.L, D = s.D, T = s.T, N = s.N, H = s.H, P = s.P, H_out = s.H_out();
@@ -589,7 +629,8 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       if (!P && !gru && !short_backward(c))  // see dh_product_stored
         scratch[d].W_hh_c = cv.take<Real>(packed_size(gates_of(s.mode), H, H));
       scratch[d].dh = cv.take<Real>(N * H_out);
-      if (lstm) scratch[d].dc = cv.take<Real>(N * H);
+      if (cell_state) scratch[d].dc = cv.take<Real>(N * H);
+      if (ln) scratch[d].dln_rows = cv.take<Real>(S * N * 5 * H);
       if (P) {
         scratch[d].dhs = cv.take<Real>(S * N * P);
         scratch[d].dm = cv.take<Real>(N * H);
@@ -634,9 +675,11 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       b.dm = scratch[d].dm;
       b.dsum = scratch[d].dsum;
       b.dpeep = scratch[d].dpeep;
+      b.dln_rows = scratch[d].dln_rows;
       const Grads<Real>& g = grads[i];
-      const LayerGrads<Real> dw{g.dW_ih, g.dW_hh, g.dW_hr, g.db_ih, g.db_hh, Real(assign ? 0 : 1),
-                                g.dP_i, g.dP_f, g.dP_o};
+      const LayerGrads<Real> dw{g.dW_ih,   g.dW_hh,   g.dW_hr,   g.db_ih, g.db_hh, Real(assign ? 0 : 1),
+                                g.dP_i,    g.dP_f,    g.dP_o,    g.dln_g_w, g.dln_g_b, g.dln_c_w,
+                                g.dln_c_b};
       LayerShape shape = layer_shape(c, k, d);
       if (short_backward(c)) shape.threads = 1;
       cell.backward(dG_x_layer[d], dh0 ? dh0 + i * N * H_out : nullptr, dc0 ? dc0 + i * N * H : nullptr,

@@ -72,6 +72,7 @@ class StackCache : public StackCacheBase {
   std::vector<Params<Real>> params;  // [L*D] the caller's parameters
   std::vector<Real> biases;          // [L*D, G*H + H] combined biases and GRU b_hn (LayerWeights)
   std::vector<Real> peepholes;       // [L*D, 3H] P_i, P_f, P_o side by side (peephole LSTM), or empty
+  std::vector<Real> layer_norms;     // [L*D, 10H] LayerWeights::ln per layer-direction (LN_LSTM), or empty
   std::vector<LayerWeights<Real>> weights;  // [L*D] pointing into params and biases
   std::vector<const Real*> masks;           // [L-1] dropout masks, or empty
   std::vector<const Real*> inputs;          // [L] input of each layer: x, then masked outputs

@@ -7,7 +7,7 @@ reference in :mod:`lstmfast.reference`.
 from ._native import _core
 from ._config import get_num_threads, set_num_threads, show_config
 from .interop import from_onnx_lstm
-from .modules import CTRNN, GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, quantize
+from .modules import CTRNN, GRU, LSTM, RNN, GRUCell, LayerNormLSTM, LSTMCell, RNNCell, quantize
 
 __version__ = _core.__version__
 
@@ -17,6 +17,7 @@ __all__ = [
     "GRU",
     "RNN",
     "CTRNN",
+    "LayerNormLSTM",
     "LSTMCell",
     "GRUCell",
     "RNNCell",

@@ -19,21 +19,28 @@ available = hasattr(_core, "rnn_forward") and hasattr(_core, "rnn_backward")
 
 get_num_threads()  # settles the thread count (LSTMFAST_NUM_THREADS) in BLAS and the kernels
 
-MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_TANH", "CTRNN_RELU")
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_TANH", "CTRNN_RELU", "LN_LSTM")
+_CELL_STATE_MODES = ("LSTM", "LN_LSTM")
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 _PEEPHOLES = ("weight_ci", "weight_cf", "weight_co")
+_LAYER_NORMS = ("ln_gates_weight", "ln_gates_bias", "ln_cell_weight", "ln_cell_bias")
 
 
-def _names(layer, direction, peephole=False):
-    """Torch's names of the five parameters of one layer and direction, then the
-    peephole LSTM's three (the compiled module's order)."""
+def _names(layer, direction, extras=()):
+    """Torch's names of the five parameters of one layer and direction, then a
+    variant's (``extras``: _PEEPHOLES or _LAYER_NORMS), in the compiled module's order."""
     suffix = f"_l{layer}" + ("_reverse" if direction else "")
-    return [p + suffix for p in _PARAMS + (_PEEPHOLES if peephole else ())]
+    return [p + suffix for p in _PARAMS + tuple(extras)]
 
 
-def _has_peepholes(names):
-    return "weight_ci_l0" in names
+def _extras(names):
+    """The variant's parameters beyond torch's five, judged from the names given."""
+    if "weight_ci_l0" in names:
+        return _PEEPHOLES
+    if "ln_gates_weight_l0" in names:
+        return _LAYER_NORMS
+    return ()
 
 
 class _Cache:
@@ -56,7 +63,7 @@ class _Cache:
 
 def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
             lengths=None, dropout_masks=None, training=False, alpha=1.0, leak="outside",
-            noise=None):
+            noise=None, layer_norm_eps=1e-5):
     """Forward pass of a stacked (bi)directional LSTM / GRU / RNN; as reference.forward."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -65,7 +72,7 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
     dtype = x.dtype
     D = 2 if bidirectional else 1
-    if mode == "LSTM":
+    if mode in _CELL_STATE_MODES:
         h0, c0 = hx
         c0 = np.asarray(c0, dtype=dtype)
     else:
@@ -77,12 +84,12 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         dropout_masks = [np.asarray(m, dtype=dtype) for m in dropout_masks]
     if noise is not None:
         noise = np.asarray(noise, dtype=dtype)
-    peephole = _has_peepholes(params)
-    weights = [[_weight(params.get(name)) for name in _names(layer, direction, peephole)]
+    extras = _extras(params)
+    weights = [[_weight(params.get(name)) for name in _names(layer, direction, extras)]
                for layer in range(num_layers) for direction in range(D)]
     output, h_n, c_n, core = _core.rnn_forward(
         mode, x, h0, c0, weights, num_layers, bidirectional, proj_size, lengths,
-        dropout_masks, bool(training), float(alpha), leak, noise)
+        dropout_masks, bool(training), float(alpha), leak, noise, float(layer_norm_eps))
     cache = None
     if core is not None:
         shapes = {name: np.shape(params[name]) for name in params}
@@ -113,8 +120,8 @@ def fresh_gradients_backward(cache, d_output, d_h_n=None, d_c_n=None, consume=Fa
     ``empty`` makes the arrays (tests give one that fills them with NaN)."""
     _check_cache(cache)
     grads = {name: empty(shape, dtype=cache.dtype) for name, shape in cache.shapes.items()}
-    peephole = _has_peepholes(cache.shapes)
-    targets = [[grads.get(name) for name in _names(layer, direction, peephole)]
+    extras = _extras(cache.shapes)
+    targets = [[grads.get(name) for name in _names(layer, direction, extras)]
                for layer in range(cache.num_layers) for direction in range(cache.D)]
     dx, dh0, dc0 = _core.rnn_backward(cache.core, *_output_grads(cache, d_output, d_h_n, d_c_n),
                                       targets, consume, True)
@@ -134,7 +141,8 @@ def _output_grads(cache, d_output, d_h_n, d_c_n):
     def as_dtype(a):
         return None if a is None else np.asarray(a, dtype=cache.dtype)
 
-    return as_dtype(d_output), as_dtype(d_h_n), as_dtype(d_c_n) if cache.mode == "LSTM" else None
+    return (as_dtype(d_output), as_dtype(d_h_n),
+            as_dtype(d_c_n) if cache.mode in _CELL_STATE_MODES else None)
 
 
 def cell_forward(mode, x, hx, weights, training=False):
@@ -169,11 +177,11 @@ def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False)
     # The kernels add into C-contiguous writeable arrays of the right dtype; any
     # other gradient array gets a zeroed stand-in, added into it afterwards.
     targets, late = [], []
-    peephole = _has_peepholes(cache.shapes)
+    extras = _extras(cache.shapes)
     for layer in range(cache.num_layers):
         for direction in range(cache.D):
             entry = []
-            for name in _names(layer, direction, peephole):
+            for name in _names(layer, direction, extras):
                 if name not in cache.shapes:
                     entry.append(None)
                     continue

@@ -79,14 +79,17 @@ import warnings
 
 import numpy as np
 
-__all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "quantize"]
+__all__ = ["LSTM", "GRU", "RNN", "CTRNN", "LayerNormLSTM", "LSTMCell", "GRUCell", "RNNCell",
+           "quantize"]
 
 _PACKAGE = __name__.rpartition(".")[0]
 _BACKENDS = ("fused", "numpy")
 _NONLINEARITIES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
 _CTRNN_MODES = {"tanh": "CTRNN_TANH", "relu": "CTRNN_RELU"}
 _LEAKS = ("outside", "inside")
-_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1, "CTRNN_TANH": 1, "CTRNN_RELU": 1}
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1, "CTRNN_TANH": 1, "CTRNN_RELU": 1,
+          "LN_LSTM": 4}
+_CELL_STATE_MODES = ("LSTM", "LN_LSTM")  # the state is a pair (h, c)
 _BLAS_MAX = 2**31 - 1  # the fused kernels' BLAS takes 32-bit dimensions
 _BYTES_PER_ARRAY = 1024  # rough cost of one parameter and its gradient as Python objects
 
@@ -244,7 +247,7 @@ class _EmptyBatch:
 class _Module:
     """Parameters, gradients, train/eval, state_dict and the pending forward."""
 
-    _mode = None  # "LSTM", "GRU", "RNN_TANH" or "RNN_RELU"
+    _mode = None  # a backend mode: "LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_*", "LN_LSTM"
 
     def _setup(self, dtype, backend, seed):
         self.dtype = _resolve_dtype(dtype)
@@ -432,7 +435,7 @@ class _Module:
             H_out = kwargs.get("proj_size") or H
             output = np.zeros((T, 0, D * H_out), dtype=self.dtype)
             h_n = np.zeros((LD, 0, H_out), dtype=self.dtype)
-            c_n = np.zeros((LD, 0, H), dtype=self.dtype) if self._mode == "LSTM" else None
+            c_n = np.zeros((LD, 0, H), dtype=self.dtype) if self._mode in _CELL_STATE_MODES else None
             cache = _EmptyBatch(T, I, LD, H_out, H) if training else None
         else:
             output, h_n, c_n, cache = self._backend.forward(
@@ -502,7 +505,7 @@ class _Module:
             c = cache
             return (np.zeros((c.T, 0, c.I), dtype=self.dtype),
                     np.zeros((c.LD, 0, c.H_out), dtype=self.dtype),
-                    np.zeros((c.LD, 0, c.H), dtype=self.dtype) if self._mode == "LSTM" else None)
+                    np.zeros((c.LD, 0, c.H), dtype=self.dtype) if self._mode in _CELL_STATE_MODES else None)
         with self._grad_lock:
             dx, dh0, dc0, returned = self._backend.backward(  # the cache is ours alone
                 cache, d_output, d_h_n, d_c_n, grads=dict(grads), consume=True)
@@ -607,7 +610,7 @@ class _RNNBase(_Module):
             s += f", proj_size={self.proj_size}"
         if self.num_layers != 1:
             s += f", num_layers={self.num_layers}"
-        if self.bias is not True:
+        if self.bias is not True and self._mode != "LN_LSTM":
             s += f", bias={self.bias}"
         if self.batch_first is not False:
             s += f", batch_first={self.batch_first}"
@@ -663,7 +666,7 @@ class _RNNBase(_Module):
         if self._trains and self.dropout > 0 and self.num_layers > 1:
             masks = self._make_dropout_masks(T, N)
         output, h_n, c_n = self._run_forward(
-            x_tm, (h0, c0) if self._mode == "LSTM" else h0, self._forward_params(),
+            x_tm, (h0, c0) if self._mode in _CELL_STATE_MODES else h0, self._forward_params(),
             num_layers=self.num_layers, bidirectional=self.bidirectional,
             proj_size=self.proj_size, lengths=lengths, dropout_masks=masks,
             layout=(batched, T, N), **self._cell_options(T, N, batched, given))
@@ -671,7 +674,7 @@ class _RNNBase(_Module):
         if not batched:
             h_n = h_n[:, 0]
             c_n = None if c_n is None else c_n[:, 0]
-        if self._mode == "LSTM":
+        if self._mode in _CELL_STATE_MODES:
             return output, (h_n, c_n)
         return output, h_n
 
@@ -703,9 +706,9 @@ class _RNNBase(_Module):
         if hx is None:
             h0 = np.zeros((LD, N, self._out_size), dtype=self.dtype)
             c0 = (np.zeros((LD, N, self.hidden_size), dtype=self.dtype)
-                  if self._mode == "LSTM" else None)
+                  if self._mode in _CELL_STATE_MODES else None)
             return h0, c0
-        if self._mode == "LSTM":
+        if self._mode in _CELL_STATE_MODES:
             if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 raise ValueError(
                     f"hx: LSTM expects a pair (h0, c0), got {type(hx).__name__}"
@@ -788,7 +791,7 @@ class _RNNBase(_Module):
         self._check_shape("grad_output", d_output, out_shape)
         h_shape, c_shape = self._state_shapes(N, batched)
         d_h = d_c = None
-        if self._mode == "LSTM":
+        if self._mode in _CELL_STATE_MODES:
             if grad_h_n is not None:
                 if not isinstance(grad_h_n, (tuple, list)) or len(grad_h_n) != 2:
                     raise ValueError(
@@ -801,7 +804,7 @@ class _RNNBase(_Module):
                     f"grad_h_n: {type(self).__name__} expects None or a single array, got a tuple")
             d_h = grad_h_n
         if d_h is not None:
-            name = "grad_h_n[0]" if self._mode == "LSTM" else "grad_h_n"
+            name = "grad_h_n[0]" if self._mode in _CELL_STATE_MODES else "grad_h_n"
             d_h = self._as_input(name, d_h)
             self._check_shape(name, d_h, h_shape)
             d_h = self._to_time_major_state(d_h, batched)
@@ -815,7 +818,7 @@ class _RNNBase(_Module):
         if not batched:
             dh0 = dh0[:, 0]
             dc0 = None if dc0 is None else dc0[:, 0]
-        if self._mode == "LSTM":
+        if self._mode in _CELL_STATE_MODES:
             return dx, (dh0, dc0)
         return dx, dh0
 
@@ -933,6 +936,48 @@ class CTRNN(_RNNBase):
         if self.noise_std:
             s += f", noise_std={self.noise_std}"
         return s
+
+
+class LayerNormLSTM(_RNNBase):
+    """Layer-normalized LSTM in the form of torchaudio's RNN-T predictor
+    (``torchaudio.models.rnnt._CustomLSTM(layer_norm=True)``, VARIANTS.md B):
+
+        gates = LN_g(x W_ih^T + h W_hh^T)      one LayerNorm over all 4H, no linear biases
+        i, f, o = sigmoid(gates), g = tanh(gates)   (torch's gate order i, f, g, o)
+        c' = LN_c(f c + i g)                   the normalized cell state is carried
+        h' = o tanh(c')
+
+    Parameters per layer and direction: ``weight_ih_l{k}`` (4H, I), ``weight_hh_l{k}``
+    (4H, H), ``ln_gates_weight_l{k}`` / ``ln_gates_bias_l{k}`` (4H,), ``ln_cell_weight_l{k}``
+    / ``ln_cell_bias_l{k}`` (H,) (plus ``_reverse``); the layer norms start at weight 1
+    and bias 0, as nn.LayerNorm. ``lstmfast.interop.from_torchaudio_lstm`` maps a
+    torchaudio state_dict to these names. Call and return are ``LSTM``'s.
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bidirectional=False,
+                 batch_first=False, dropout=0.0, layer_norm_eps=1e-5, dtype="float32",
+                 backend="fused", seed=None):
+        if (isinstance(layer_norm_eps, bool) or not isinstance(layer_norm_eps, numbers.Real)
+                or not 0 < layer_norm_eps < float("inf")):
+            raise ValueError(f"layer_norm_eps must be a finite number > 0, got {layer_norm_eps!r}")
+        self.layer_norm_eps = float(layer_norm_eps)
+        super().__init__("LN_LSTM", input_size, hidden_size, num_layers, False, batch_first,
+                         dropout, bidirectional, 0, dtype, backend, seed)
+
+    def _param_names(self):
+        names = []
+        for k in range(self.num_layers):
+            for suffix in ("", "_reverse")[: self._num_directions]:
+                names += [f"{name}_l{k}{suffix}" for name in (
+                    "weight_ih", "weight_hh", "ln_gates_weight", "ln_gates_bias", "ln_cell_weight",
+                    "ln_cell_bias")]
+        return names
+
+    def _cell_options(self, T, N, batched, given):
+        return {"layer_norm_eps": self.layer_norm_eps}
+
+    def _options_repr(self):
+        return f", layer_norm_eps={self.layer_norm_eps}" if self.layer_norm_eps != 1e-5 else ""
 
 
 # ----------------------------------------------------------------------------------
@@ -1132,7 +1177,7 @@ def quantize(layer, precision):
     float32 (int8), or as ``weight_*`` uint16 bfloat16 bit patterns (bfloat16), and
     the biases as float32; ``load_state_dict`` takes such a dict back.
     """
-    if not isinstance(layer, _RNNBase) or isinstance(layer, CTRNN):
+    if not isinstance(layer, _RNNBase) or isinstance(layer, (CTRNN, LayerNormLSTM)):
         raise TypeError(
             f"quantize: expected an lstmfast LSTM, GRU or RNN layer, got {type(layer).__name__}")
     if precision not in _PRECISIONS:

@@ -46,9 +46,11 @@ from torch.nn.utils.rnn import PackedSequence
 from .modules import _backend_weight
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "PeepholeLSTM", "CTRNN",
+           "LayerNormLSTM",
            "QuantizedLSTM", "QuantizedGRU", "accelerate", "restore", "quantize_dynamic"]
 
 _SUPPORTED_DTYPES = (torch.float32, torch.float64)
+_CELL_STATE_MODES = ("LSTM", "LN_LSTM")  # the backends' modes whose state is (h, c)
 _warned = set()
 
 
@@ -272,12 +274,55 @@ def _torch_ctrnn_stack(s, x, h0, c0, masks, *weights):
     return layer_input, torch.stack(h_n), None
 
 
+def _torch_ln_lstm_stack(s, x, h0, c0, masks, *weights):
+    """A layer-normalized LSTM stack (VARIANTS.md B, torchaudio's form) as a loop of
+    torch ops, with _torch_peephole_stack's contract and handling of lengths."""
+    w = dict(zip(s["names"], weights))
+    eps = s["cell_options"]["layer_norm_eps"]
+    D = 2 if s["bidirectional"] else 1
+    T = x.shape[0]
+    lengths = None if s["lengths"] is None else torch.as_tensor(s["lengths"], device=x.device)
+    h_n, c_n = [], []
+    layer_input = x
+    for layer in range(s["num_layers"]):
+        if layer > 0 and masks.numel():
+            layer_input = layer_input * masks[layer - 1]
+        outputs = []
+        for d in range(D):
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            h, c = h0[layer * D + d], c0[layer * D + d]
+            H = h.shape[1]
+            steps = [None] * T
+            for t in (reversed(range(T)) if d else range(T)):
+                a = layer_input[t] @ w["weight_ih" + sfx].T + h @ w["weight_hh" + sfx].T
+                gates = nn.functional.layer_norm(a, (4 * H,), w["ln_gates_weight" + sfx],
+                                                 w["ln_gates_bias" + sfx], eps)
+                i, f, g, o = gates.chunk(4, 1)
+                c_next = nn.functional.layer_norm(
+                    torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g), (H,),
+                    w["ln_cell_weight" + sfx], w["ln_cell_bias" + sfx], eps)
+                h_next = torch.sigmoid(o) * torch.tanh(c_next)
+                if lengths is None:
+                    steps[t], h, c = h_next, h_next, c_next
+                else:
+                    running = (t < lengths)[:, None]
+                    steps[t] = torch.where(running, h_next, torch.zeros_like(h_next))
+                    h, c = torch.where(running, h_next, h), torch.where(running, c_next, c)
+            outputs.append(torch.stack(steps))
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = torch.cat(outputs, 2)
+    return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
 def _torch_stack(s, x, h0, c0, masks, *weights):
     """The stack of ``_RecurrentFunction`` computed layer by layer with torch's own
     kernels, the same dropout masks included (for double backward)."""
     if "weight_ci_l0" in s["names"]:
         return _torch_peephole_stack(s, x, h0, c0, masks, *weights)
-    if s.get("cell_options"):
+    if "ln_gates_weight_l0" in s["names"]:
+        return _torch_ln_lstm_stack(s, x, h0, c0, masks, *weights)
+    if s["mode"].startswith("CTRNN"):
         return _torch_ctrnn_stack(s, x, h0, c0, masks, *weights)
     is_lstm = s["mode"] == "LSTM"
     D = 2 if s["bidirectional"] else 1
@@ -313,7 +358,7 @@ def _torch_stack(s, x, h0, c0, masks, *weights):
 def _stack_step(settings, x, h0, c0, masks, weights):
     """The whole stack on the backend: output, h_n, c_n (an empty tensor but for
     LSTM) as tensors, and the cache (None unless settings["keep_for_backward"])."""
-    is_lstm = settings["mode"] == "LSTM"
+    is_lstm = settings["mode"] in _CELL_STATE_MODES
     params = {name: _as_numpy(w) if isinstance(w, torch.Tensor) else w
               for name, w in zip(settings["names"], weights)}
     hx = (_as_numpy(h0), _as_numpy(c0)) if is_lstm else _as_numpy(h0)
@@ -344,8 +389,9 @@ class _RecurrentFunction(torch.autograd.Function):
     def forward(ctx, settings, x, h0, c0, masks, *weights):
         out, h_n, c_n, ctx.cache = _stack_step(settings, x, h0, c0, masks, weights)
         ctx.settings = settings
-        ctx.save_for_backward(x, h0, c0 if settings["mode"] == "LSTM" else None, masks, *weights)
-        if settings["mode"] != "LSTM":
+        is_lstm = settings["mode"] in _CELL_STATE_MODES
+        ctx.save_for_backward(x, h0, c0 if is_lstm else None, masks, *weights)
+        if not is_lstm:
             ctx.mark_non_differentiable(c_n)
         return out, h_n, c_n
 
@@ -353,7 +399,7 @@ class _RecurrentFunction(torch.autograd.Function):
     def backward(ctx, d_output, d_h_n, d_c_n):
         saved = ctx.saved_tensors  # raises if one was changed in place since forward
         settings = ctx.settings
-        is_lstm = settings["mode"] == "LSTM"
+        is_lstm = settings["mode"] in _CELL_STATE_MODES
         if torch.is_grad_enabled():
             grads = _differentiate_torch_graph(
                 lambda *t: _torch_stack(settings, *t), saved, ctx.needs_input_grad[1:],
@@ -817,6 +863,121 @@ def _torch_loop_forward(self, input, hx, stack, given=None):
     return (out.transpose(0, 1) if self.batch_first else out), state
 
 
+class LayerNormLSTM(LSTM):
+    """A layer-normalized LSTM in the form of torchaudio's RNN-T predictor (VARIANTS.md
+    B), which torch.nn lacks: no linear biases, one LayerNorm over the 4H gate
+    pre-activations and one over the new cell state, which is what is carried:
+
+        gates = LN_g(x W_ih^T + h W_hh^T);  c' = LN_c(f c + i g);  h' = o tanh(c')
+
+    Parameters: ``weight_ih_l{k}``, ``weight_hh_l{k}`` (drawn as torch draws an LSTM's),
+    ``ln_gates_weight_l{k}`` / ``ln_gates_bias_l{k}`` (4H), ``ln_cell_weight_l{k}`` /
+    ``ln_cell_bias_l{k}`` (H), 1 and 0 at first, as nn.LayerNorm; plus ``_reverse``.
+    Call and return are ``torch.nn.LSTM``'s; forward and BPTT run on lstmfast's fused
+    kernels, or, where only torch can compute (CUDA, other dtypes, tracing, export,
+    ``torch.func``, autocast, double backward), a loop of torch ops.
+    ``lstmfast.LayerNormLSTM`` loads its ``state_dict``; ``lstmfast.interop
+    .from_torchaudio_lstm`` maps torchaudio's keys to these names.
+    """
+
+    _lstmfast_autocast = False  # torch's loop under autocast, as for torch's own ops
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bidirectional=False,
+                 batch_first=False, dropout=0.0, layer_norm_eps=1e-5, device=None, dtype=None):
+        if (isinstance(layer_norm_eps, bool) or not isinstance(layer_norm_eps, numbers.Real)
+                or not 0 < layer_norm_eps < float("inf")):
+            raise ValueError(f"layer_norm_eps must be a finite number > 0, got {layer_norm_eps!r}")
+        super().__init__(input_size, hidden_size, num_layers, bias=False, batch_first=batch_first,
+                         dropout=dropout, bidirectional=bidirectional, device=device, dtype=dtype)
+        self.layer_norm_eps = float(layer_norm_eps)
+        like = self.weight_ih_l0
+        for name in self._layer_norm_names():
+            width = (4 if "_gates_" in name else 1) * hidden_size
+            fill = 1.0 if "_weight_" in name else 0.0
+            self.register_parameter(name, nn.Parameter(
+                torch.full((width,), fill, dtype=like.dtype, device=like.device)))
+
+    def _layer_norm_names(self):
+        return [f"ln_{part}_l{k}{suffix}" for k in range(self.num_layers)
+                for suffix in ("", "_reverse")[: 2 if self.bidirectional else 1]
+                for part in ("gates_weight", "gates_bias", "cell_weight", "cell_bias")]
+
+    @property
+    def _lstmfast_mode(self):
+        return "LN_LSTM"
+
+    def _lstmfast_cell_options(self, T, N, like, given):
+        return {"layer_norm_eps": self.layer_norm_eps}
+
+    def _lstmfast_weights(self):
+        weights, names, reduced = super()._lstmfast_weights()
+        names = names + self._layer_norm_names()
+        return weights + [getattr(self, name) for name in self._layer_norm_names()], names, reduced
+
+    def _torch_forward(self, input, hx, given=None):
+        return _torch_loop_forward(self, input, hx, _torch_ln_lstm_stack)
+
+    def extra_repr(self):
+        s = super().extra_repr().replace(", bias=False", "")
+        return s + (f", layer_norm_eps={self.layer_norm_eps}" if self.layer_norm_eps != 1e-5 else "")
+
+    def __prepare_scriptable__(self):
+        raise TypeError("LayerNormLSTM cannot be scripted: torch has no layer-normalized LSTM "
+                        "to compile; use torch.jit.trace")
+
+
+class _TorchaudioLSTMForward:
+    """The forward of torchaudio's RNN-T ``_CustomLSTM(layer_norm=True)`` on lstmfast's
+    layer-normalized LSTM kernels, mixed by ``accelerate()`` into such modules (their
+    parameters, ``x2g``, ``p2g``, ``g_norm``, ``c_norm``, stay where they are). Anything
+    the kernels do not take, a ``_CustomLSTM`` without layer norms included, runs
+    torchaudio's own forward."""
+
+    _lstmfast_names = ["weight_ih_l0", "weight_hh_l0", "ln_gates_weight_l0", "ln_gates_bias_l0",
+                       "ln_cell_weight_l0", "ln_cell_bias_l0"]
+
+    def forward(self, input, state):  # noqa: A002  (torchaudio's argument name)
+        g_norm, c_norm = self.g_norm, self.c_norm
+        if not (isinstance(g_norm, nn.LayerNorm) and isinstance(c_norm, nn.LayerNorm)
+                and self.x2g.bias is None and self.p2g.bias is None and g_norm.eps == c_norm.eps
+                and isinstance(input, torch.Tensor) and input.dim() == 3 and input.shape[1] > 0):
+            return super().forward(input, state)
+        weights = [self.x2g.weight, self.p2g.weight, g_norm.weight, g_norm.bias, c_norm.weight,
+                   c_norm.bias]
+        state = list(state) if state is not None else []
+        if (torch.compiler.is_exporting() or _in_torch_only_context()
+                or _unsupported_reason(input, weights + state) is not None):
+            return super().forward(input, state or None)
+        B, H = input.shape[1], self.p2g.weight.shape[1]
+        h0, c0 = (s[None] for s in state) if state else (input.new_zeros(1, B, H),) * 2
+        needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in [input, h0, c0] + weights)
+        settings = {"backend": _backend("fused"), "mode": "LN_LSTM", "names": self._lstmfast_names,
+                    "num_layers": 1, "bidirectional": False, "bias": False, "proj_size": 0,
+                    "lengths": None, "rows": None, "batch_sizes": None,
+                    "cell_options": {"layer_norm_eps": g_norm.eps}, "keep_for_backward": needs_grad}
+        masks = input.new_empty(0)
+        if needs_grad:
+            out, h_n, c_n = _RecurrentFunction.apply(settings, input, h0, c0, masks, *weights)
+        else:
+            out, h_n, c_n, _ = _stack_step(settings, input, h0, c0, masks, weights)
+        return out, [h_n[0], c_n[0]]
+
+
+_torchaudio_twins = {}  # torchaudio's _CustomLSTM class -> its accelerated twin
+
+
+def _torchaudio_swaps():
+    """{torchaudio's _CustomLSTM: its twin on lstmfast's kernels} when the program has
+    imported torchaudio's RNN-T models (a model holding one has), else {}."""
+    custom = getattr(sys.modules.get("torchaudio.models.rnnt"), "_CustomLSTM", None)
+    if not isinstance(custom, type):
+        return {}
+    if custom not in _torchaudio_twins:
+        _torchaudio_twins[custom] = type(custom.__name__, (_TorchaudioLSTMForward, custom),
+                                         {"__module__": __name__})
+    return {custom: _torchaudio_twins[custom]}
+
+
 class CTRNN(RNN):
     """A continuous-time (leaky) RNN (VARIANTS.md D), which torch.nn lacks: with
     z = x W_ih^T + b_ih + h W_hh^T + b_hh and alpha = dt / tau,
@@ -1115,14 +1276,18 @@ def accelerate(model):
     parametrizations and the training flag stay exactly as they were. Subclasses of
     the torch modules are left alone, since they may override ``forward``.
     ``restore(model)`` undoes it. Returns ``model``.
+
+    torchaudio's RNN-T ``_CustomLSTM`` modules (the Emformer RNN-T predictor's
+    layer-normalized LSTMs) run on lstmfast's LayerNormLSTM kernels too.
     """
-    return _swap_all(model, _SWAPS, "accelerate")
+    return _swap_all(model, {**_SWAPS, **_torchaudio_swaps()}, "accelerate")
 
 
 def restore(model):
     """Undo ``accelerate``: every lstmfast module in ``model`` becomes the torch class it
     came from, with its parameters, hooks and state as they are. Returns ``model``."""
-    return _swap_all(model, _RESTORES, "restore")
+    back = {twin: custom for custom, twin in _torchaudio_swaps().items()}
+    return _swap_all(model, {**_RESTORES, **back}, "restore")
 
 
 def quantize_dynamic(model, qconfig_spec=None, dtype=torch.qint8, inplace=False):

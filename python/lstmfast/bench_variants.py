@@ -9,7 +9,9 @@ every gradient), three implementations are timed in interleaved blocks
 
 * ``torch loop``: the variant written as users write it, a Python loop over torch ops
   with autograd (for the peephole LSTM: the ONNX/TensorFlow equations of VARIANTS.md A;
-  for the CTRNN: Yang & Wang's primer module, as published);
+  for the CTRNN: Yang & Wang's primer module, as published; for the layer-normalized
+  LSTM: torchaudio's RNN-T ``_CustomLSTM(layer_norm=True)``, itself when torchaudio
+  imports, else its code transcribed, ``CustomLSTMLoop``);
 * ``lstmfast``: the variant's lstmfast.torch module (fused forward and BPTT);
 * ``plain``: lstmfast.torch's plain layer of the same shape (LSTM; RNN for the CTRNN).
 
@@ -24,6 +26,7 @@ import torch
 from torch import nn
 
 import lstmfast
+import lstmfast.interop
 import lstmfast.torch
 from lstmfast import bench
 
@@ -111,12 +114,81 @@ def _ctrnn_modules(s):
 _CTRNN_NAMES = {"input2h.weight": "weight_ih_l0", "input2h.bias": "bias_ih_l0",
                 "h2h.weight": "weight_hh_l0", "h2h.bias": "bias_hh_l0"}
 
+
+class CustomLSTMLoop(nn.Module):
+    """torchaudio.models.rnnt._CustomLSTM(layer_norm=True)'s code, transcribed (used when
+    torchaudio does not import): x2g, p2g without biases, g_norm over 4H, c_norm over H."""
+
+    def __init__(self, input_dim, hidden_dim, layer_norm=True, layer_norm_epsilon=1e-5):
+        super().__init__()
+        self.x2g = nn.Linear(input_dim, 4 * hidden_dim, bias=False)
+        self.p2g = nn.Linear(hidden_dim, 4 * hidden_dim, bias=False)
+        self.c_norm = nn.LayerNorm(hidden_dim, eps=layer_norm_epsilon)
+        self.g_norm = nn.LayerNorm(4 * hidden_dim, eps=layer_norm_epsilon)
+        self.hidden_dim = hidden_dim
+
+    def forward(self, input, state):  # noqa: A002  (the published code's name)
+        if state is None:
+            h = c = input.new_zeros(input.size(1), self.hidden_dim)
+        else:
+            h, c = state
+        outputs = []
+        for gates in self.x2g(input).unbind(0):
+            gates = self.g_norm(gates + self.p2g(h))
+            i, f, g, o = gates.chunk(4, 1)
+            c = self.c_norm(f.sigmoid() * c + i.sigmoid() * g.tanh())
+            h = o.sigmoid() * c.tanh()
+            outputs.append(h)
+        return torch.stack(outputs, dim=0), [h, c]
+
+
+def _custom_lstm_class():
+    try:
+        from torchaudio.models.rnnt import _CustomLSTM
+    except Exception:  # noqa: BLE001  (not installed, or built for another torch)
+        return CustomLSTMLoop
+    return _CustomLSTM
+
+
+class _StateAsTuple(nn.Module):
+    """Calls a _CustomLSTM as the bench calls every module, ``module(x)``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x):
+        return self.module(x, None)
+
+
+def _ln_lstm_modules(s):
+    loop = _custom_lstm_class()(s["I"], s["H"], layer_norm=True, layer_norm_epsilon=1e-3)
+    with torch.no_grad():  # the layer norms away from their identity start
+        for name, p in loop.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    ours = lstmfast.torch.LayerNormLSTM(s["I"], s["H"], layer_norm_eps=1e-3)
+    with torch.no_grad():
+        for theirs, mine in lstmfast.interop.TORCHAUDIO_LSTM_KEYS.items():
+            ours.get_parameter(mine + "_l0").copy_(loop.get_parameter(theirs))
+    return _StateAsTuple(loop), ours, lstmfast.torch.LSTM(s["I"], s["H"])
+
+
+_LN_LSTM_NAMES = {"module." + key: name + "_l0" for key, name in
+                  lstmfast.interop.TORCHAUDIO_LSTM_KEYS.items()}
+
 VARIANTS = {
     "peephole": {
         "describe": "peephole LSTM (VARIANTS.md A)",
         "sizes": {"full": dict(T=100, N=8, I=256, H=256), "tiny": dict(T=4, N=2, I=3, H=5)},
         "modules": _peephole_modules,
         "loop_names": {},  # the loop's parameter names are ours without _l0
+    },
+    "ln_lstm": {
+        "describe": "layer-normalized LSTM (VARIANTS.md B), torchaudio's RNN-T form, eps 1e-3",
+        "sizes": {"full": dict(T=100, N=8, I=512, H=512), "tiny": dict(T=4, N=2, I=3, H=5)},
+        "modules": _ln_lstm_modules,
+        "loop_names": _LN_LSTM_NAMES,
     },
     "ctrnn": {
         "describe": "continuous-time RNN (VARIANTS.md D), leak inside the relu, alpha 0.2",

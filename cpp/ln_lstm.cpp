@@ -214,8 +214,9 @@ inline void layer_norm_gradients(const LayerGrads<Real>& dw, const Real* dln_row
       }
     Real* gamma = j < GH ? dw.dln_g_w + j : dw.dln_c_w + (j - GH);
     Real* beta = j < GH ? dw.dln_g_b + j : dw.dln_c_b + (j - GH);
-    *gamma = dw.beta * *gamma + d_gamma;
-    *beta = dw.beta * *beta + d_beta;
+    // beta 0 overwrites: the arrays may hold anything then, NaN included
+    *gamma = dw.beta == Real(0) ? d_gamma : *gamma + d_gamma;
+    *beta = dw.beta == Real(0) ? d_beta : *beta + d_beta;
   }
 }
 

@@ -234,8 +234,19 @@ def test_training_caches_alive_together_keep_their_own_memory():
         finish(i, pending.pop(i))
 
 
+# The variants' own parameters and options: (mode, dtype, cell options); the
+# layer-normalized LSTM in float64 (see variant_configs).
+VARIANTS = {
+    "CTRNN_RELU": (np.float32, {"alpha": 0.3, "leak": "outside", "noise": "draw"}),
+    "CTRNN_TANH": (np.float32, {"alpha": 0.5, "leak": "inside"}),
+    "LN_LSTM": (np.float64, {"layer_norm_eps": 1e-3}),
+}
+
+
 @pytest.mark.parametrize("mode, config", [(mode, config) for mode in MODES for config in CONFIGS]
-                         + [("LSTM", config) for config in LSTM_CONFIGS])
+                         + [("LSTM", config) for config in LSTM_CONFIGS]
+                         + [(mode, config) for mode in VARIANTS for config in
+                            ("bidirectional", "lengths_bidirectional_layers", "dropout", "N1")])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fresh_gradients_overwrite_whatever_their_memory_held(mode, config, threads, threads_restored):
     # The kernels write fresh gradient arrays without their being cleared: arrays
@@ -243,7 +254,8 @@ def test_fresh_gradients_overwrite_whatever_their_memory_held(mode, config, thre
     import lstmfast
 
     lstmfast.set_num_threads(threads)
-    case = Case(mode, np.float32, **{**CONFIGS, **LSTM_CONFIGS}[config])
+    dtype, options = VARIANTS.get(mode, (np.float32, None))
+    case = Case(mode, dtype, cell_options=options, **{**CONFIGS, **LSTM_CONFIGS}[config])
     cache = case.forward(_fused)[3]
     back = _fused.fresh_gradients_backward(
         cache, case.d_output, case.d_h_n, case.d_c_n,

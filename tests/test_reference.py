@@ -31,9 +31,12 @@ def assert_close(name, actual, expected, atol):
 
 def make_problem(mode, *, T=3, N=2, I=3, H=4, num_layers=1, bidirectional=False, bias=True,
                  proj_size=0, lengths=None, dropout=0.0, dtype=np.float64, seed=0,
-                 peephole=False, alpha=0.3, leak="outside", noise_std=0.2):
+                 peephole=False, alpha=0.3, leak="outside", noise_std=0.2,
+                 recurrent_dropout=0.0, zoneout=None):
     """Random inputs, parameters, dropout masks and loss weights for one configuration.
-    A CTRNN mode also gets alpha, leak and noise of noise_std (none for the others)."""
+    A CTRNN mode also gets alpha, leak and noise of noise_std (none for the others).
+    recurrent_dropout > 0 draws recurrent dropout masks; zoneout (p_h, p_c) draws zoneout
+    masks, or with eval=True in it, ("eval", p_h, p_c), gives the probabilities (eval)."""
     rng = np.random.default_rng(seed)
     D = 2 if bidirectional else 1
     H_out = proj_size if proj_size > 0 else H
@@ -54,12 +57,25 @@ def make_problem(mode, *, T=3, N=2, I=3, H=4, num_layers=1, bidirectional=False,
     R1 = rng.standard_normal((T, N, D * H_out)).astype(dtype)
     R2 = rng.standard_normal((num_layers * D, N, H_out)).astype(dtype)
     R3 = rng.standard_normal((num_layers * D, N, H)).astype(dtype)
+    regularizers = {}
+    if recurrent_dropout:
+        keep = rng.random((num_layers * D, N, H_out)) >= recurrent_dropout
+        regularizers["recurrent_dropout_masks"] = (keep / (1 - recurrent_dropout)).astype(dtype)
+    if zoneout is not None:
+        if zoneout[0] == "eval":
+            regularizers["zoneout_masks"] = zoneout[1:]
+        else:
+            widths = (H_out, H)
+            regularizers["zoneout_masks"] = tuple(
+                None if p is None else (rng.random((num_layers * D, T, N, width)) < p).astype(dtype)
+                for p, width in zip(zoneout, widths))
     ctrnn = mode.startswith("CTRNN")
     noise = None
     if ctrnn and noise_std:
         noise = (noise_std * rng.standard_normal((num_layers * D, T, N, H))).astype(dtype)
     return {
         "ctrnn": {"alpha": alpha, "leak": leak, "noise": noise} if ctrnn else {},
+        "regularizers": regularizers,
         "mode": mode, "x": x, "h0": h0, "c0": c0 if mode in reference.CELL_STATE_MODES else None,
         "params": params, "masks": masks, "R1": R1, "R2": R2, "R3": R3,
         "lengths": None if lengths is None else np.array(lengths, dtype=np.int64),
@@ -73,7 +89,7 @@ def run_forward(p, training=False):
     return reference.forward(
         p["mode"], p["x"], hx, p["params"], num_layers=p["num_layers"],
         bidirectional=p["bidirectional"], proj_size=p["proj_size"], lengths=p["lengths"],
-        dropout_masks=p["masks"], training=training, **p["ctrnn"])
+        dropout_masks=p["masks"], training=training, **p["ctrnn"], **p["regularizers"])
 
 
 def loss(p):
@@ -139,6 +155,24 @@ FD_CASES += [
     ("LSTM", "projection_of_one", {"proj_size": 1, "H": 2, "T": 2, "N": 1, "I": 1}),
     ("LSTM", "peephole", {"peephole": True}),
     ("CTRNN_TANH", "leak_inside", {"leak": "inside"}),
+    # recurrent dropout (one mask per layer-direction for all steps and gates) and
+    # zoneout (fresh masks every step; ESPnet's convention), and zoneout's eval form
+    ("LSTM", "recurrent_dropout", {"recurrent_dropout": 0.4, "num_layers": 2, "bidirectional": True,
+                                   "N": 3, "lengths": [2, 3, 1]}),
+    ("LSTM", "recurrent_dropout_projection", {"recurrent_dropout": 0.3, "proj_size": 2}),
+    ("GRU", "recurrent_dropout", {"recurrent_dropout": 0.4, "bidirectional": True}),
+    ("RNN_TANH", "recurrent_dropout", {"recurrent_dropout": 0.4, "num_layers": 2}),
+    ("CTRNN_TANH", "recurrent_dropout", {"recurrent_dropout": 0.4, "leak": "inside"}),
+    ("LN_LSTM", "recurrent_dropout", {"recurrent_dropout": 0.4}),
+    ("LSTM", "zoneout", {"zoneout": (0.3, 0.4), "num_layers": 2, "bidirectional": True, "N": 3,
+                         "lengths": [2, 3, 1]}),
+    ("LSTM", "zoneout_h_only_projection", {"zoneout": (0.3, None), "proj_size": 2}),
+    ("LSTM", "zoneout_eval", {"zoneout": ("eval", 0.1, 0.2), "num_layers": 2}),
+    ("LSTM", "zoneout_and_recurrent_dropout", {"zoneout": (0.2, 0.2), "recurrent_dropout": 0.25,
+                                               "dropout": 0.3, "num_layers": 2}),
+    ("GRU", "zoneout", {"zoneout": (0.3, None), "bidirectional": True, "N": 3, "lengths": [3, 1, 2]}),
+    ("RNN_RELU", "zoneout_eval", {"zoneout": ("eval", 0.25, None)}),
+    ("LN_LSTM", "zoneout", {"zoneout": (0.3, 0.3)}),
     ("CTRNN_RELU", "leak_inside_lengths_dropout_bidirectional_two_layers", {
         "leak": "inside", "N": 3, "lengths": [1, 3, 2], "num_layers": 2, "bidirectional": True,
         "dropout": 0.5, "H": 3}),

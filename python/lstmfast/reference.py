@@ -67,6 +67,20 @@ def _linear_backward(dy, x, W, dW, db):
     return dy @ W
 
 
+def _recurrent_input(h, w):
+    """h as the recurrent product h W_hh^T sees it: times the layer-direction's
+    recurrent dropout mask w["rec_mask"] (N, H_out) when there is one (VARIANTS.md C:
+    one mask shared by all gates, kept for the whole sequence)."""
+    mask = w.get("rec_mask")
+    return h if mask is None else h * mask
+
+
+def _recurrent_input_backward(dh_rec, w):
+    """The gradient of h from that of _recurrent_input(h, w)."""
+    mask = w.get("rec_mask")
+    return dh_rec if mask is None else dh_rec * mask
+
+
 # ----------------------------------------------------------------------------
 # LSTM cell
 #
@@ -95,7 +109,8 @@ def lstm_cell_forward(x, h, c, w):
     """
     H = c.shape[1]
     peephole = w.get("P_i") is not None
-    gates = _linear(x, w["W_ih"], w["b_ih"]) + _linear(h, w["W_hh"], w["b_hh"])
+    h_rec = _recurrent_input(h, w)
+    gates = _linear(x, w["W_ih"], w["b_ih"]) + _linear(h_rec, w["W_hh"], w["b_hh"])
     a_i, a_f, a_o = gates[:, 0 * H:1 * H], gates[:, 1 * H:2 * H], gates[:, 3 * H:4 * H]
     if peephole:
         a_i, a_f = a_i + w["P_i"] * c, a_f + w["P_f"] * c
@@ -107,7 +122,7 @@ def lstm_cell_forward(x, h, c, w):
     tanh_c_next = np.tanh(c_next)
     m = o * tanh_c_next
     h_next = m if w["W_hr"] is None else times_transposed(m, w["W_hr"])
-    cache = (x, h, c, i, f, g, o, c_next, tanh_c_next, m)
+    cache = (x, h_rec, c, i, f, g, o, c_next, tanh_c_next, m)
     return h_next, c_next, cache
 
 
@@ -121,7 +136,7 @@ def lstm_cell_backward(dh_next, dc_next, cache, w, dw):
     With peepholes, o's pre-activation depends on c_next, so its gradient is taken
     first and flows into dc_next; i's and f's depend on c and flow into dc.
     """
-    x, h, c, i, f, g, o, c_next, tanh_c_next, m = cache
+    x, h_rec, c, i, f, g, o, c_next, tanh_c_next, m = cache
     peephole = w.get("P_i") is not None
     if w["W_hr"] is None:
         dm = dh_next
@@ -143,7 +158,8 @@ def lstm_cell_backward(dh_next, dc_next, cache, w, dw):
         dw["P_o"] += (da_o * c_next).sum(axis=0)
     dgates = np.concatenate([da_i, da_f, dg * (1 - g * g), da_o], axis=1)
     dx = _linear_backward(dgates, x, w["W_ih"], dw["W_ih"], dw["b_ih"])
-    dh = _linear_backward(dgates, h, w["W_hh"], dw["W_hh"], dw["b_hh"])
+    dh = _recurrent_input_backward(
+        _linear_backward(dgates, h_rec, w["W_hh"], dw["W_hh"], dw["b_hh"]), w)
     return dx, dh, dc
 
 
@@ -184,7 +200,8 @@ def ln_lstm_cell_forward(x, h, c, w):
     (H,); both w["eps"]. Returns h_next, c_next (N, H) and the cache.
     """
     H = c.shape[1]
-    a = times_transposed(x, w["W_ih"]) + times_transposed(h, w["W_hh"])
+    h_rec = _recurrent_input(h, w)
+    a = times_transposed(x, w["W_ih"]) + times_transposed(h_rec, w["W_hh"])
     gates, z_g, rstd_g = layer_norm(a, w["ln_g_w"], w["ln_g_b"], w["eps"])
     i = sigmoid(gates[:, 0 * H:1 * H])
     f = sigmoid(gates[:, 1 * H:2 * H])
@@ -193,14 +210,14 @@ def ln_lstm_cell_forward(x, h, c, w):
     c_next, z_c, rstd_c = layer_norm(f * c + i * g, w["ln_c_w"], w["ln_c_b"], w["eps"])
     tanh_c_next = np.tanh(c_next)
     h_next = o * tanh_c_next
-    cache = (x, h, c, i, f, g, o, tanh_c_next, z_g, rstd_g, z_c, rstd_c)
+    cache = (x, h_rec, c, i, f, g, o, tanh_c_next, z_g, rstd_g, z_c, rstd_c)
     return h_next, c_next, cache
 
 
 def ln_lstm_cell_backward(dh_next, dc_next, cache, w, dw):
     """Backward of ln_lstm_cell_forward: adds dW_ih, dW_hh and the four layer-norm
     gradients into dw; returns dx (N, I), dh (N, H), dc (N, H)."""
-    x, h, c, i, f, g, o, tanh_c_next, z_g, rstd_g, z_c, rstd_c = cache
+    x, h_rec, c, i, f, g, o, tanh_c_next, z_g, rstd_g, z_c, rstd_c = cache
     da_o = dh_next * tanh_c_next * o * (1 - o)
     dc_next = dc_next + dh_next * o * (1 - tanh_c_next * tanh_c_next)
     dc_raw = layer_norm_backward(dc_next, z_c, rstd_c, w["ln_c_w"], dw["ln_c_w"], dw["ln_c_b"])
@@ -211,7 +228,7 @@ def ln_lstm_cell_backward(dh_next, dc_next, cache, w, dw):
     dgates = np.concatenate([da_i, da_f, da_g, da_o], axis=1)
     da = layer_norm_backward(dgates, z_g, rstd_g, w["ln_g_w"], dw["ln_g_w"], dw["ln_g_b"])
     dx = _linear_backward(da, x, w["W_ih"], dw["W_ih"], None)
-    dh = _linear_backward(da, h, w["W_hh"], dw["W_hh"], None)
+    dh = _recurrent_input_backward(_linear_backward(da, h_rec, w["W_hh"], dw["W_hh"], None), w)
     return dx, dh, dc
 
 
@@ -233,13 +250,14 @@ def gru_cell_forward(x, h, w):
     """
     H = h.shape[1]
     gi = _linear(x, w["W_ih"], w["b_ih"])
-    gh = _linear(h, w["W_hh"], w["b_hh"])
+    h_rec = _recurrent_input(h, w)
+    gh = _linear(h_rec, w["W_hh"], w["b_hh"])
     r = sigmoid(gi[:, 0 * H:1 * H] + gh[:, 0 * H:1 * H])
     z = sigmoid(gi[:, 1 * H:2 * H] + gh[:, 1 * H:2 * H])
     gh_n = gh[:, 2 * H:3 * H]
     n = np.tanh(gi[:, 2 * H:3 * H] + r * gh_n)
     h_next = (1 - z) * n + z * h
-    cache = (x, h, r, z, n, gh_n)
+    cache = (x, h, h_rec, r, z, n, gh_n)
     return h_next, cache
 
 
@@ -249,7 +267,7 @@ def gru_cell_backward(dh_next, cache, w, dw):
     dh_next: (N, H) gradient of the loss w.r.t. h_next.
     Adds dW_ih, dW_hh, db_ih, db_hh into dw; returns dx (N, I), dh (N, H).
     """
-    x, h, r, z, n, gh_n = cache
+    x, h, h_rec, r, z, n, gh_n = cache
     dn = dh_next * (1 - z)
     dz = dh_next * (h - n)
     dh = dh_next * z
@@ -259,7 +277,8 @@ def gru_cell_backward(dh_next, cache, w, dw):
     dgi = np.concatenate([da_r, da_z, da_n], axis=1)
     dgh = np.concatenate([da_r, da_z, da_n * r], axis=1)
     dx = _linear_backward(dgi, x, w["W_ih"], dw["W_ih"], dw["b_ih"])
-    dh = dh + _linear_backward(dgh, h, w["W_hh"], dw["W_hh"], dw["b_hh"])
+    dh = dh + _recurrent_input_backward(
+        _linear_backward(dgh, h_rec, w["W_hh"], dw["W_hh"], dw["b_hh"]), w)
     return dx, dh
 
 
@@ -275,9 +294,10 @@ def rnn_cell_forward(x, h, w, nonlinearity):
 
         h_next = act(x W_ih^T + b_ih + h W_hh^T + b_hh)
     """
-    a = _linear(x, w["W_ih"], w["b_ih"]) + _linear(h, w["W_hh"], w["b_hh"])
+    h_rec = _recurrent_input(h, w)
+    a = _linear(x, w["W_ih"], w["b_ih"]) + _linear(h_rec, w["W_hh"], w["b_hh"])
     h_next = np.tanh(a) if nonlinearity == "tanh" else np.maximum(a, 0)
-    cache = (x, h, h_next, nonlinearity)
+    cache = (x, h_rec, h_next, nonlinearity)
     return h_next, cache
 
 
@@ -287,13 +307,13 @@ def rnn_cell_backward(dh_next, cache, w, dw):
     dh_next: (N, H) gradient of the loss w.r.t. h_next.
     Adds dW_ih, dW_hh, db_ih, db_hh into dw; returns dx (N, I), dh (N, H).
     """
-    x, h, h_next, nonlinearity = cache
+    x, h_rec, h_next, nonlinearity = cache
     if nonlinearity == "tanh":
         da = dh_next * (1 - h_next * h_next)
     else:
         da = dh_next * (h_next > 0)
     dx = _linear_backward(da, x, w["W_ih"], dw["W_ih"], dw["b_ih"])
-    dh = _linear_backward(da, h, w["W_hh"], dw["W_hh"], dw["b_hh"])
+    dh = _recurrent_input_backward(_linear_backward(da, h_rec, w["W_hh"], dw["W_hh"], dw["b_hh"]), w)
     return dx, dh
 
 
@@ -314,7 +334,8 @@ def ctrnn_cell_forward(x, h, w, nonlinearity, alpha, leak, noise=None):
     Returns h_next (N, H) and the cache for ctrnn_cell_backward.
     """
     act = np.tanh if nonlinearity == "tanh" else (lambda v: np.maximum(v, 0))
-    z = _linear(x, w["W_ih"], w["b_ih"]) + _linear(h, w["W_hh"], w["b_hh"])
+    h_rec = _recurrent_input(h, w)
+    z = _linear(x, w["W_ih"], w["b_ih"]) + _linear(h_rec, w["W_hh"], w["b_hh"])
     noise = 0 if noise is None else noise
     if leak == "outside":
         a = act(z)
@@ -322,7 +343,7 @@ def ctrnn_cell_forward(x, h, w, nonlinearity, alpha, leak, noise=None):
     else:
         a = h_next = act((1 - alpha) * h + alpha * z + noise)
     # a is act() of the step's argument: act' is taken from it in backward
-    cache = (x, h, a, nonlinearity, alpha, leak)
+    cache = (x, h_rec, a, nonlinearity, alpha, leak)
     return h_next, cache
 
 
@@ -331,7 +352,7 @@ def ctrnn_cell_backward(dh_next, cache, w, dw):
 
     dh_next: (N, H). Adds dW_ih, dW_hh, db_ih, db_hh into dw; returns dx (N, I), dh (N, H).
     """
-    x, h, a, nonlinearity, alpha, leak = cache
+    x, h_rec, a, nonlinearity, alpha, leak = cache
     act_prime = (1 - a * a) if nonlinearity == "tanh" else (a > 0)
     if leak == "outside":  # h_next = (1 - alpha) h + alpha act(z)
         dz = alpha * dh_next * act_prime
@@ -341,7 +362,8 @@ def ctrnn_cell_backward(dh_next, cache, w, dw):
         dz = alpha * du
         dh_leak = (1 - alpha) * du
     dx = _linear_backward(dz, x, w["W_ih"], dw["W_ih"], dw["b_ih"])
-    dh = dh_leak + _linear_backward(dz, h, w["W_hh"], dw["W_hh"], dw["b_hh"])
+    dh = dh_leak + _recurrent_input_backward(
+        _linear_backward(dz, h_rec, w["W_hh"], dw["W_hh"], dw["b_hh"]), w)
     return dx, dh
 
 
@@ -381,12 +403,23 @@ def _cell_step_backward(mode, dh_next, dc_next, cache, w, dw):
     return dx, dh, None
 
 
-def _layer_direction_forward(mode, x, h0, c0, w, lengths, reverse, noise=None):
+def _zoneout_at(masks, t):
+    """Step t's zoneout (m_h, m_c), each None, a number or an (N, width) array."""
+    return tuple(m if m is None or np.ndim(m) == 0 else m[t] for m in masks)
+
+
+def _layer_direction_forward(mode, x, h0, c0, w, lengths, reverse, noise=None,
+                             zoneout=(None, None)):
     """Run one cell over the whole sequence.
 
     x: (T, N, I);  h0: (N, H_out);  c0: (N, H) or None;  lengths: (N,) ints in 1..T.
     reverse: walk t = T-1 down to 0 instead of 0 up to T-1.
     noise: a CTRNN's (T, N, H) noise, step t's at noise[t], or None.
+    zoneout: (m_h, m_c) (VARIANTS.md C, ESPnet's convention: 1 keeps the old value),
+        each None, a number (eval: the probability itself) or a (T, N, width) array:
+            h_t = m_h h_{t-1} + (1 - m_h) h~_t,   c_t = m_c c_{t-1} + (1 - m_c) c~_t
+        where h~_t, c~_t are the cell's step from (h_{t-1}, c_{t-1}); h~_t is computed
+        from the un-zoned c~_t, and the zoned h_t and c_t are output and carried.
     Sequence b has steps 0..lengths[b]-1 only: at any other step its state is held
     unchanged and its output is 0. So the forward direction ends at its own last step,
     and the reverse direction starts from h0 at its own last step.
@@ -400,11 +433,16 @@ def _layer_direction_forward(mode, x, h0, c0, w, lengths, reverse, noise=None):
         valid = (t < lengths)[:, None]          # (N, 1): which sequences have a step t
         h_next, c_next, cell_cache = _cell_step_forward(
             mode, x[t], h, c, w, None if noise is None else noise[t])
+        m_h, m_c = _zoneout_at(zoneout, t)
+        if m_h is not None:
+            h_next = m_h * h + (1 - m_h) * h_next
+        if m_c is not None and c is not None:
+            c_next = m_c * c + (1 - m_c) * c_next
         h = np.where(valid, h_next, h)
         if c is not None:
             c = np.where(valid, c_next, c)
         output[t] = np.where(valid, h_next, 0)
-        steps.append((t, valid, cell_cache))
+        steps.append((t, valid, cell_cache, (m_h, m_c)))
     cache = {"steps": steps, "input_shape": x.shape}
     return output, h, c, cache
 
@@ -416,16 +454,23 @@ def _layer_direction_backward(mode, d_output, dh_n, dc_n, cache, w, dw):
     Adds the parameter gradients into dw; returns dx (T, N, I), dh0 (N, H_out), dc0 (N, H) or None.
     Steps are undone in the reverse of the order they were taken. Where a sequence had
     no step, its state was copied through: its gradient is copied back unchanged, and
-    the (constant zero) output there receives no gradient.
+    the (constant zero) output there receives no gradient. Zoneout splits a step's
+    gradient: (1 - m) of it enters the cell, m of it goes straight to the step before.
     """
     dx = np.zeros(cache["input_shape"], dtype=d_output.dtype)
     dh, dc = dh_n, dc_n
-    for t, valid, cell_cache in reversed(cache["steps"]):
+    for t, valid, cell_cache, (m_h, m_c) in reversed(cache["steps"]):
         # Rows without a step enter the cell with zero gradients, so they also add
         # nothing to the parameter gradients.
-        dh_next = np.where(valid, dh + d_output[t], 0)
-        dc_next = None if dc is None else np.where(valid, dc, 0)
+        dh_step = np.where(valid, dh + d_output[t], 0)
+        dc_step = None if dc is None else np.where(valid, dc, 0)
+        dh_next = dh_step if m_h is None else (1 - m_h) * dh_step
+        dc_next = dc_step if (dc_step is None or m_c is None) else (1 - m_c) * dc_step
         dx_t, dh_prev, dc_prev = _cell_step_backward(mode, dh_next, dc_next, cell_cache, w, dw)
+        if m_h is not None:
+            dh_prev = dh_prev + m_h * dh_step
+        if m_c is not None and dc_prev is not None:
+            dc_prev = dc_prev + m_c * dc_step
         dx[t] = np.where(valid, dx_t, 0)
         dh = np.where(valid, dh_prev, dh)
         if dc is not None:
@@ -470,7 +515,7 @@ def _check_mode(mode):
 
 def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
             lengths=None, dropout_masks=None, training=False, alpha=1.0, leak="outside",
-            noise=None, layer_norm_eps=1e-5):
+            noise=None, layer_norm_eps=1e-5, recurrent_dropout_masks=None, zoneout_masks=None):
     """Forward pass of a stacked (bi)directional LSTM / GRU / RNN, as torch.nn computes it.
 
     mode: one of MODES.
@@ -491,6 +536,12 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         leak "outside" or "inside", noise None or (L*D, T, N, H), layer-direction k's
         noise at noise[k], added at every step (rows past their length get none).
     layer_norm_eps: LN_LSTM's (ln_lstm_cell_forward), > 0.
+    recurrent_dropout_masks: None or (L*D, N, H_out): mask k multiplies h_{t-1} of
+        layer-direction k, for every step and gate, where it enters h W_hh^T (values 0 or
+        1/(1-p)); applied whenever given, like dropout_masks.
+    zoneout_masks: None or a pair (m_h, m_c) (_layer_direction_forward), each None, a
+        number in [0, 1] (eval: the zoneout probability) or an (L*D, T, N, width) array
+        of 0s and 1s (1 keeps the old value), width H_out for h and H for c (cells with c).
 
     Returns (output (T, N, D*H_out), h_n (L*D, N, H_out), c_n (L*D, N, H) or None, cache).
     Output of each direction is concatenated along the last axis, forward first; output
@@ -520,6 +571,14 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
             raise ValueError(f"noise: only a CTRNN takes noise, not {mode}")
         noise = np.asarray(noise, dtype=dtype)
 
+    if zoneout_masks is not None:
+        if len(zoneout_masks) != 2:
+            raise ValueError("zoneout_masks: expected a pair (m_h, m_c)")
+        if zoneout_masks[1] is not None and mode not in CELL_STATE_MODES:
+            raise ValueError(f"zoneout_masks: {mode} has no cell state; m_c must be None")
+        zoneout_masks = tuple(None if m is None else np.asarray(m, dtype=dtype)
+                              for m in zoneout_masks)
+
     h_n, c_n, layer_caches = [], [], []
     layer_input = x
     for layer in range(num_layers):
@@ -527,9 +586,14 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         for direction in range(D):
             k = layer * D + direction
             w = _cell_weights(params, layer, direction, alpha, leak, layer_norm_eps)
+            if recurrent_dropout_masks is not None:
+                w["rec_mask"] = np.asarray(recurrent_dropout_masks[k], dtype=dtype)
+            zoneout = (None, None) if zoneout_masks is None else tuple(
+                m if m is None or m.ndim == 0 else m[k] for m in zoneout_masks)
             output, h, c, direction_cache = _layer_direction_forward(
                 mode, layer_input, h0[k], None if c0 is None else c0[k], w, lengths,
-                reverse=(direction == 1), noise=None if noise is None else noise[k])
+                reverse=(direction == 1), noise=None if noise is None else noise[k],
+                zoneout=zoneout)
             outputs.append(output)
             h_n.append(h)
             c_n.append(c)
@@ -548,6 +612,7 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         cache = {
             "mode": mode, "num_layers": num_layers, "D": D, "dtype": dtype,
             "alpha": alpha, "leak": leak, "layer_norm_eps": layer_norm_eps,
+            "recurrent_dropout_masks": recurrent_dropout_masks,
             "params": params, "dropout_masks": dropout_masks, "layers": layer_caches,
             "h0_shape": h0.shape, "c0_shape": None if c0 is None else c0.shape,
         }
@@ -591,6 +656,8 @@ def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False)
             k = layer * D + direction
             w = _cell_weights(params, layer, direction, cache["alpha"], cache["leak"],
                               cache["layer_norm_eps"])
+            if cache["recurrent_dropout_masks"] is not None:
+                w["rec_mask"] = np.asarray(cache["recurrent_dropout_masks"][k], dtype=dtype)
             dw = _cell_weights(grads, layer, direction)
             d_direction_output = d_layer_output[:, :, direction * H_out:(direction + 1) * H_out]
             dx, dh, dc = _layer_direction_backward(

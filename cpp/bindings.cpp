@@ -264,7 +264,7 @@ const lstmfast::ReducedMatrix* checked_reduced(py::handle obj, const std::string
 template <typename Real>
 py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle h0_obj,
                       py::handle c0_obj, py::handle weights_obj, py::handle lengths_obj,
-                      py::handle masks_obj, py::handle noise_obj) {
+                      py::handle masks_obj, py::handle noise_obj, py::handle rec_masks_obj) {
   const bool lstm = s.mode == lstmfast::Mode::LSTM;
   const bool cell_state = lstmfast::has_cell_state(s.mode);
   const int G = lstmfast::gates_of(s.mode);
@@ -379,6 +379,16 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
       throw py::value_error("noise: only a CTRNN takes noise; pass None");
     noise = checked<Real>(noise_obj, "noise", {LD, s.T, s.N, s.H});
     for (int64_t i = 0; i < LD; ++i) params[i].noise = noise.data() + i * s.T * s.N * s.H;
+  }
+
+  // Recurrent dropout: kept alive with the cache, as backward reads the masks again.
+  if (!rec_masks_obj.is_none()) {
+    if (!s.training)
+      throw py::value_error("recurrent_dropout_masks: recurrent dropout is for training; pass "
+                            "training=True or no masks");
+    auto rec = checked<Real>(rec_masks_obj, "recurrent_dropout_masks", {LD, s.N, s.H_out()});
+    for (int64_t i = 0; i < LD; ++i) params[i].rec_mask = rec.data() + i * s.N * s.H_out();
+    rc->keep_alive.push_back(rec);
   }
 
   py::array_t<Real> y({s.T, s.N, s.D * s.H_out()});
@@ -568,7 +578,7 @@ void register_rnn(py::module_& m) {
       [](const std::string& mode, py::handle x, py::handle h0, py::handle c0, py::handle weights,
          int64_t num_layers, bool bidirectional, int64_t proj_size, py::handle lengths,
          py::handle dropout_masks, bool training, double alpha, const std::string& leak,
-         py::handle noise, double layer_norm_eps) {
+         py::handle noise, double layer_norm_eps, py::handle recurrent_dropout_masks) {
         lstmfast::StackShape s;
         s.mode = parse_mode(mode);
         if (leak != "outside" && leak != "inside")
@@ -592,9 +602,11 @@ void register_rnn(py::module_& m) {
                                type_name(x));
         py::array xa = py::reinterpret_borrow<py::array>(x);
         if (xa.dtype().equal(py::dtype::of<float>()))
-          return rnn_forward<float>(s, xa, h0, c0, weights, lengths, dropout_masks, noise);
+          return rnn_forward<float>(s, xa, h0, c0, weights, lengths, dropout_masks, noise,
+                                    recurrent_dropout_masks);
         if (xa.dtype().equal(py::dtype::of<double>()))
-          return rnn_forward<double>(s, xa, h0, c0, weights, lengths, dropout_masks, noise);
+          return rnn_forward<double>(s, xa, h0, c0, weights, lengths, dropout_masks, noise,
+                                     recurrent_dropout_masks);
         throw py::type_error("x: expected dtype float32 or float64, got " +
                              std::string(py::str(xa.dtype())));
       },
@@ -602,12 +614,14 @@ void register_rnn(py::module_& m) {
       py::arg("num_layers"), py::arg("bidirectional"), py::arg("proj_size"), py::arg("lengths"),
       py::arg("dropout_masks"), py::arg("training"), py::arg("alpha") = 1.0,
       py::arg("leak") = "outside", py::arg("noise") = py::none(), py::arg("layer_norm_eps") = 1e-5,
+      py::arg("recurrent_dropout_masks") = py::none(),
       "Forward of a stack; weights: per layer-direction [W_ih, W_hh, b_ih, b_hh, W_hr] "
       "(None where absent), and for a peephole LSTM also [P_i, P_f, P_o]. "
       "CTRNN modes: alpha (dt / tau), leak ('outside' or 'inside') and noise "
       "((L*D, T, N, H) added to each step's state, or None). LN_LSTM: per layer-direction "
       "[W_ih, W_hh, None, None, None, ln_gates_weight, ln_gates_bias, ln_cell_weight, "
-      "ln_cell_bias] and layer_norm_eps. "
+      "ln_cell_bias] and layer_norm_eps. recurrent_dropout_masks: (L*D, N, H_out) multiplying h "
+      "where it enters the recurrent product (training only), or None. "
       "Returns (y, h_n, c_n or None, cache or None).");
 
   m.def(

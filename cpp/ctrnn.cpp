@@ -90,7 +90,8 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
     const int64_t n = walk.active(k);
     const Real* h_prev = buf.h + slot(k, s.training) * N * H;
     Real* h_next = buf.h + slot(k + 1, s.training) * N * H;
-    weight_product(buf.rec, H, h_prev, w.W_hh, w.W_hh_r, n, H, H, buf, s.threads);
+    mask_state(buf, k, s, 0, N, 0, H);  // recurrent dropout (recurrent_gemm.h)
+    weight_product(buf.rec, H, product_input(buf, k, s), w.W_hh, w.W_hh_r, n, H, H, buf, s.threads);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
       ctrnn_forward_row<Real, kRelu, kInside>(
@@ -125,7 +126,8 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
       st(h_next + b * H + j, h, lanes);
       st(y + at * ldy + j, h, lanes);
     };
-    recurrent_step<Real, 1>(h_prev, H, n, H, buf.W_hh_p, H, mine.u0, mine.u1, epilogue);
+    recurrent_step<Real, 1>(product_input(buf, k, s), H, n, H, buf.W_hh_p, H, mine.u0, mine.u1,
+                            epilogue);
     for (int64_t b = n; b < N; ++b)
       copy_row(h_next + b * H + mine.j0, h_prev + b * H + mine.j0, mine.j1 - mine.j0);
   });

@@ -58,7 +58,9 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
     const int64_t n = walk.active(k);
     const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
     Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
-    weight_product(buf.rec, GH, h_prev, w.W_hh, w.W_hh_r, n, H, GH, buf, s.threads);
+    mask_state(buf, k, s, 0, N, 0, H);  // recurrent dropout (recurrent_gemm.h)
+    weight_product(buf.rec, GH, product_input(buf, k, s), w.W_hh, w.W_hh_r, n, H, GH, buf,
+                   s.threads);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
       gru_forward_row<Real, kTraining>(h_next + b * H, y + at * ldy,
@@ -126,7 +128,8 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
         st(gb + 3 * H, ghn, lanes);
       }
     };
-    recurrent_step<Real, 3>(h_prev, H, n, H, buf.W_hh_p, H, mine.u0, mine.u1, epilogue);
+    recurrent_step<Real, 3>(product_input(buf, k, s), H, n, H, buf.W_hh_p, H, mine.u0, mine.u1,
+                            epilogue);
     for (int64_t b = n; b < N; ++b)
       copy_row(h_next + b * H + mine.j0, h_prev + b * H + mine.j0, mine.j1 - mine.j0);
   });

@@ -123,7 +123,8 @@ void forward_on_rows(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuff
       Real* a = buf.rec + b * GH + j;
       for (int64_t g = 0; g < 4; ++g) st(a + g * H, acc[g] + ld(xp + g * H, lanes), lanes);
     };
-    recurrent_step<Real, 4>(h_prev, H, n, H, buf.W_hh_p, H, mine.u0, mine.u1, epilogue);
+    recurrent_step<Real, 4>(product_input(buf, k, s), H, n, H, buf.W_hh_p, H, mine.u0, mine.u1,
+                            epilogue);
     pool_barrier();  // the row phase reads whole rows of a
     int64_t b0, b1;
     share(N, mine.tid, mine.nt, b0, b1);
@@ -138,6 +139,8 @@ void forward_on_rows(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuff
           kTraining ? buf.gates + (k * N + b) * GH : nullptr,
           kTraining ? buf.ln + (k * N + b) * ln_stride(H) : nullptr, c_prev + b * H, w.ln, eps, H);
     }
+    // forward_on_pool masks h for recurrent dropout by units: all its rows must be written
+    if (buf.hm) pool_barrier();
   });
   scatter_state(h_n, buf.h + slot(S, kTraining) * N * H, H, walk);
   scatter_state(c_n, buf.c + slot(S, kTraining) * N * H, H, walk);
@@ -250,13 +253,16 @@ void backward_on_rows(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& 
                                    buf.c + (k * N + b) * H, buf.c + ((k + 1) * N + b) * H, w.ln, H);
       }
       pool_barrier();  // dh needs every row's dG
+      Real* dh = buf.hm ? buf.dh_rec : buf.dh;  // recurrent dropout: masked_dh after
       if (buf.W_hh_c)
-        dh_product(buf.dh, dG_step, GH, buf.W_hh_c, n, GH, H, mine.u0, mine.u1, false);
+        dh_product(dh, dG_step, GH, buf.W_hh_c, n, GH, H, mine.u0, mine.u1, false);
       else
-        dh_product_stored(buf.dh, dG_step, GH, w.W_hh, n, GH, H, mine.j0, mine.j1, false);
+        dh_product_stored(dh, dG_step, GH, w.W_hh, n, GH, H, mine.j0, mine.j1, false);
+      if (buf.hm) masked_dh(buf, n, H, mine.j0, mine.j1, false);
       pool_barrier();  // the next row phase reads whole rows of dh
     }
-    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, GH, dG, buf.h, x, GH, s);
+    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, GH, dG, buf.hm ? buf.hm : buf.h, x,
+                           GH, s);
     int64_t col0, col1;
     share(5 * H, tid, nt, col0, col1);
     layer_norm_gradients(dw, buf.dln_rows, buf.ln, walk, H, col0, col1);

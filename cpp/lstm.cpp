@@ -92,10 +92,12 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
     Real* m = P ? buf.m + (kTraining ? k * N * H : 0) : h_next;
     Real* gates = kTraining ? buf.gates + k * N * GH : nullptr;
 
+    mask_state(buf, k, s, 0, N, 0, H_out);  // recurrent dropout (recurrent_gemm.h)
+    const Real* h_in = product_input(buf, k, s);
     if (direct)
-      weight_product(buf.rec, GH, h_prev, w.W_hh, w.W_hh_r, n, H_out, GH, buf, s.threads);
+      weight_product(buf.rec, GH, h_in, w.W_hh, w.W_hh_r, n, H_out, GH, buf, s.threads);
     else
-      step_gemm(buf.rec, h_prev, w.W_hh, true, small ? buf.W_hh_t : nullptr, n, H_out, GH, false);
+      step_gemm(buf.rec, h_in, w.W_hh, true, small ? buf.W_hh_t : nullptr, n, H_out, GH, false);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
       lstm_forward_row<Real, kTraining>(c_next + b * H, m + b * H, P ? nullptr : y + at * ldy,
@@ -165,7 +167,8 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
         st(gb + 3 * H, o, lanes);
       }
     };
-    recurrent_step<Real, 4>(h_prev, H, n, H, buf.W_hh_p, H, mine.u0, mine.u1, epilogue);
+    recurrent_step<Real, 4>(product_input(buf, k, s), H, n, H, buf.W_hh_p, H, mine.u0, mine.u1,
+                            epilogue);
     // Finished rows keep their state (see forward_steps).
     const int64_t j0 = mine.j0, units = mine.j1 - mine.j0;
     for (int64_t b = n; b < N; ++b) {
@@ -352,12 +355,14 @@ void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
                               add_dy ? dy + walk.at(k, b) * lddy : nullptr, gates + b * GH,
                               c_prev + b * H, c_next + b * H, peep, buf.dpeep, H, H);
     for (int64_t b = n; b < N; ++b) zero_row(dGk + b * GH, GH);
-    // dh = dG W_hh for the running rows; finished rows keep theirs.
-    step_gemm(buf.dh, dGk, w.W_hh, false, w.W_hh, n, GH, H_out, false);
+    // dh = dG W_hh for the running rows (times the recurrent dropout mask); finished
+    // rows keep theirs.
+    step_gemm(buf.hm ? buf.dh_rec : buf.dh, dGk, w.W_hh, false, w.W_hh, n, GH, H_out, false);
+    if (buf.hm) masked_dh(buf, n, H_out, 0, H_out, false);
   }
   scatter_state(dh0, buf.dh, H_out, walk);
   scatter_state(dc0, buf.dc, H, walk);
-  weight_gradients(dG_x, dw, buf.dsum, dG, dG, buf.h, x, GH, s);
+  weight_gradients(dG_x, dw, buf.dsum, dG, dG, buf.hm ? buf.hm : buf.h, x, GH, s);
   if (peep) peephole_gradients(dw, buf.dpeep, H);
   if (P)  // dW_hr += sum over steps of dh'^T m: one GEMM
     gemm<Real>(true, false, P, H, S * N, Real(1), buf.dhs, P, buf.m, H, dw.beta, dw.dW_hr, H);

@@ -149,6 +149,8 @@ struct LayerWeights {
   const Real* noise = nullptr;     // noise: CTRNN [T, N, H] added to each step's state, in x's order
                                    //   (y's indexing); forward only: backward never reads it
   const Real* ln = nullptr;        // ln: LN_LSTM [10H] gamma_g, beta_g (4H each), gamma_c, beta_c (H each)
+  const Real* rec_mask = nullptr;  // rec_mask: [N, H_out] recurrent dropout (VARIANTS.md C), caller's rows:
+                                   //   multiplies h where it enters h W_hh^T, every step, every gate
 };
 
 // Gradients of one layer and direction: ADDED into (the caller zeroes them), or
@@ -205,6 +207,10 @@ struct LayerBuffers {
                           //   norms' normalized inputs, then their 1 / sqrt(var + eps)
   Real* dln_rows = nullptr;  // dln_rows: LN_LSTM backward scratch [S, N, 5H]: the gradients of the two
                              //   layer norms' outputs, per row-step, for their parameter gradients
+  // recurrent dropout (LayerWeights::rec_mask); all null without it
+  Real* hm = nullptr;         // hm: like h: h times the mask, what the recurrent product reads
+  Real* mask_sorted = nullptr;  // mask_sorted: [N, H_out] the mask in sorted rows (filled by the stack)
+  Real* dh_rec = nullptr;     // dh_rec: backward scratch [N, H_out]: dG W_hh before the mask
   // reduced int8 weights (scratch): activations quantized per row for a product
   uint8_t* act_q = nullptr;       // act_q: [x_rows, round_up(max(I, H_out, H), 4)] values 0..127
   float* act_scale = nullptr;     // act_scale: [x_rows] per row
@@ -278,6 +284,8 @@ struct Params {
   const Real* ln_g_b = nullptr;  // ln_gates_bias_l{k}[_reverse]: [4H]
   const Real* ln_c_w = nullptr;  // ln_cell_weight_l{k}[_reverse]: [H]
   const Real* ln_c_b = nullptr;  // ln_cell_bias_l{k}[_reverse]: [H]
+  const Real* rec_mask = nullptr;  // [N, H_out] recurrent dropout mask (LayerWeights::rec_mask);
+                                   //   all layer-directions or none; training only
 };
 
 template <typename Real>

@@ -446,6 +446,50 @@ inline void direct_input_projection(Real* xproj, int64_t ldx, const Real* x,
 }
 
 // ---------------------------------------------------------------------------
+// Recurrent dropout (VARIANTS.md C): one mask per sequence on h where it enters the
+// recurrent product, the same for every gate and step. buf.hm holds h times the mask,
+// slot by slot like buf.h: the forward's products read it, and so does dW_hh, since
+// the weight gradient is taken with the h the product saw. Without the mask buf.hm is
+// null and both read buf.h.
+
+// The rows the recurrent product of step k reads (rows h_out(s) apart).
+template <typename Real>
+inline const Real* product_input(const LayerBuffers<Real>& buf, int64_t k, const LayerShape& s) {
+  return (buf.hm ? buf.hm : buf.h) + slot(k, s.training) * s.N * h_out(s);
+}
+
+// hm = h times the mask in slot k, rows b0..b1-1, units j0..j1-1 (nothing without hm).
+template <typename Real>
+inline void mask_state(const LayerBuffers<Real>& buf, int64_t k, const LayerShape& s, int64_t b0,
+                       int64_t b1, int64_t j0, int64_t j1) {
+  if (!buf.hm || j1 <= j0) return;
+  const int64_t width = h_out(s), offset = slot(k, s.training) * s.N * width;
+  for (int64_t b = b0; b < b1; ++b) {
+    const int64_t row = offset + b * width + j0;
+    const Real* mask = buf.mask_sorted + b * width + j0;
+    for_lanes<Real>(j1 - j0, [&](int64_t j, int64_t n) {
+      st(buf.hm + row + j, ld(buf.h + row + j, n) * ld(mask + j, n), n);
+    });
+  }
+}
+
+// After dh_rec = dG W_hh for rows 0..n-1, units j0..j1-1: dh = dh_rec times the mask,
+// added to what dh holds when accumulate (the part of the gradient that bypassed W_hh).
+template <typename Real>
+inline void masked_dh(const LayerBuffers<Real>& buf, int64_t n, int64_t width, int64_t j0,
+                      int64_t j1, bool accumulate) {
+  for (int64_t b = 0; b < n; ++b) {
+    Real* dh = buf.dh + b * width + j0;
+    const Real* rec = buf.dh_rec + b * width + j0;
+    const Real* mask = buf.mask_sorted + b * width + j0;
+    for_lanes<Real>(j1 - j0, [&](int64_t j, int64_t l) {
+      const V<Real> v = ld(rec + j, l) * ld(mask + j, l);
+      st(dh + j, accumulate ? ld(dh + j, l) + v : v, l);
+    });
+  }
+}
+
+// ---------------------------------------------------------------------------
 // What every cell's layer does on the pool; the cells give the per-step part.
 
 // The forward: each thread packs the panels and projects the inputs (rows ldx
@@ -460,8 +504,13 @@ inline void forward_on_pool(const LayerBuffers<Real>& buf, const Real* x, int64_
     const UnitShare mine = unit_share<Real>(H, tid, nt);
     pack_gate_panels<Real, G>(buf.W_hh_p, w.W_hh, H, H, mine.u0, mine.u1);
     input_projection_units(buf.xproj, ldx, x, w.W_ih, G, H, mine.j0, mine.j1, s);
+    if (buf.hm) {  // recurrent dropout: each thread masks its units of h, all rows
+      mask_state(buf, 0, s, 0, s.N, mine.j0, mine.j1);
+      pool_barrier();
+    }
     for (int64_t k = 0; k < S; ++k) {
       step(k, walk.active(k), mine);
+      mask_state(buf, k + 1, s, 0, s.N, mine.j0, mine.j1);
       pool_barrier();
     }
   };
@@ -489,13 +538,18 @@ inline void backward_on_pool(Real* dG_x, const LayerGrads<Real>& dw, const Layer
       if (mine.j1 > mine.j0) pointwise(k, n, mine);
       pool_barrier();
       const Real* dG_step = dG + k * N * ldg;
+      // With recurrent dropout the product goes to dh_rec first: the mask applies to it alone.
+      Real* dh = buf.hm ? buf.dh_rec : buf.dh;
+      const bool accumulate = accumulate_dh && !buf.hm;
       if (buf.W_hh_c)
-        dh_product(buf.dh, dG_step, ldg, buf.W_hh_c, n, GK, H, mine.u0, mine.u1, accumulate_dh);
+        dh_product(dh, dG_step, ldg, buf.W_hh_c, n, GK, H, mine.u0, mine.u1, accumulate);
       else
-        dh_product_stored(buf.dh, dG_step, ldg, w.W_hh, n, GK, H, mine.j0, mine.j1, accumulate_dh);
+        dh_product_stored(dh, dG_step, ldg, w.W_hh, n, GK, H, mine.j0, mine.j1, accumulate);
+      if (buf.hm) masked_dh(buf, n, H, mine.j0, mine.j1, accumulate_dh);
     }
     pool_barrier();
-    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, ldg, dG_in, buf.h, x, GK, s);
+    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, ldg, dG_in, buf.hm ? buf.hm : buf.h, x,
+                           GK, s);
   };
   run_on_pool(s.threads, body);
 }

@@ -137,6 +137,16 @@ void check_layer_norms(const Params<Real>* params, const StackShape& s) {
   }
 }
 
+// Recurrent dropout masks: every layer-direction or none, training with float weights.
+template <typename Real>
+void check_recurrent_dropout(const Params<Real>* params, const StackShape& s) {
+  const bool masked = params[0].rec_mask != nullptr;
+  for (int64_t i = 0; i < s.L * s.D; ++i)
+    require((params[i].rec_mask != nullptr) == masked,
+            "recurrent dropout masks must be given for every layer and direction or none");
+  require(!masked || s.training, "recurrent dropout masks are for training (training=True)");
+}
+
 // CTRNN noise: every layer-direction or none, and only for a CTRNN.
 template <typename Real>
 void check_noise(const Params<Real>* params, const StackShape& s) {
@@ -336,6 +346,7 @@ void combine_biases(StackCache<Real>& c) {
       for (int64_t j = 0; j < H; ++j) b_hn[j] = p.b_hh[2 * H + j];
     c.weights[i] = {p.W_ih, p.W_hh, p.W_hr, bias, b_hn, p.W_ih_r, p.W_hh_r, p.W_hr_r};
     c.weights[i].noise = p.noise;
+    c.weights[i].rec_mask = p.rec_mask;
   }
   // Layer-norm parameters side by side per layer-direction (LayerWeights::ln).
   c.layer_norms.clear();
@@ -422,6 +433,17 @@ void multiply(Real* a, const Real* mask, int64_t n) {
   for (int64_t i = 0; i < n; ++i) a[i] *= mask[i];
 }
 
+// The recurrent dropout mask of layer-direction i in sorted rows (LayerBuffers::mask_sorted).
+template <typename Real>
+void sort_mask(Real* mask_sorted, const StackCache<Real>& c, int64_t i) {
+  const int64_t N = c.shape.N, width = c.shape.H_out();
+  const Real* mask = c.weights[i].rec_mask;
+  for (int64_t b = 0; b < N; ++b) {
+    const int64_t row = c.rows.empty() ? b : c.rows[b];
+    std::memcpy(mask_sorted + b * width, mask + row * width, static_cast<size_t>(width) * sizeof(Real));
+  }
+}
+
 // Runs layout(carver) twice: to size this thread's scratch block, then to cut it.
 template <typename F>
 void carve_scratch(F&& layout) {
@@ -451,6 +473,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   check_peepholes(params, shape);
   check_noise(params, shape);
   check_layer_norms(params, shape);
+  check_recurrent_dropout(params, shape);
   std::optional<BlasSingleThreaded> blas_alone;
   blas_alone_without_a_free_core(blas_alone);
   auto cache = std::make_unique<StackCache<Real>>();
@@ -459,6 +482,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   const StackShape& s = c.shape;
   const bool lstm = s.mode == Mode::LSTM, training = s.training;
   const bool cell_state = has_cell_state(s.mode), ln = s.mode == Mode::LN_LSTM;
+  const bool rec_masked = params[0].rec_mask != nullptr;  // recurrent dropout (training only)
   const int64_t L = s.L, D = s.D, T = s.T, N = s.N, H = s.H, P = s.P, H_out = s.H_out();
   const int64_t GH = gates_of(s.mode) * H, Y = T * N * D * H_out;
   sort_rows(c.lengths, c.rows, lengths, T, N);
@@ -482,6 +506,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
         if (P) b.m = cv.take<Real>(S * N * H);
         if (lstm || ln || s.mode == Mode::GRU) b.gates = cv.take<Real>(S * N * 4 * H);
         if (ln) b.ln = cv.take<Real>(S * N * (5 * H + 2));
+        if (rec_masked) b.hm = cv.take<Real>((S + 1) * N * H_out);
         if (cell_info(s.mode).saves_activations && !s.leak_inside)
           b.gates = cv.take<Real>(S * N * H);
       }
@@ -522,6 +547,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
     for (int64_t d = 0; d < D; ++d) {
       if (!(project_into_gates && d == 0)) scratch[d].xproj = cv.take<Real>(T * N * GH);
       scratch[d].rec = cv.take<Real>(N * GH);
+      if (rec_masked) scratch[d].mask_sorted = cv.take<Real>(N * H_out);
       if (widen_input) wide[d].W_ih = cv.take<float>(GH * widest);
       if (widen_all) {
         wide[d].W_hh = cv.take<float>(GH * H_out);
@@ -573,6 +599,8 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       b.act_q = scratch[d].act_q;
       b.act_scale = scratch[d].act_scale;
       b.act_zero = scratch[d].act_zero;
+      b.mask_sorted = scratch[d].mask_sorted;
+      if (b.mask_sorted) sort_mask(b.mask_sorted, c, i);
       LayerWeights<Real> w = c.weights[i];
       widen_weights(w, wide[d]);
       cell.forward(out + d * H_out, D * H_out, h_n + i * N * H_out, c_n ? c_n + i * N * H : nullptr,
@@ -605,6 +633,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
   blas_alone_without_a_free_core(blas_alone);
   const bool lstm = s.mode == Mode::LSTM, gru = s.mode == Mode::GRU;
   const bool cell_state = has_cell_state(s.mode), ln = s.mode == Mode::LN_LSTM;
+  const bool rec_masked = c.weights[0].rec_mask != nullptr;
   // Gate gradients written over the saved gates (LSTM and GRU save 4H per row-step).
   const bool in_place = consume && (lstm || gru);
   const int64_t L = s.L, D = s.D, T = s.T, N = s.N, H = s.H, P = s.P, H_out = s.H_out();
@@ -631,6 +660,10 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       scratch[d].dh = cv.take<Real>(N * H_out);
       if (cell_state) scratch[d].dc = cv.take<Real>(N * H);
       if (ln) scratch[d].dln_rows = cv.take<Real>(S * N * 5 * H);
+      if (rec_masked) {
+        scratch[d].mask_sorted = cv.take<Real>(N * H_out);
+        scratch[d].dh_rec = cv.take<Real>(N * H_out);
+      }
       if (P) {
         scratch[d].dhs = cv.take<Real>(S * N * P);
         scratch[d].dm = cv.take<Real>(N * H);
@@ -676,6 +709,9 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       b.dsum = scratch[d].dsum;
       b.dpeep = scratch[d].dpeep;
       b.dln_rows = scratch[d].dln_rows;
+      b.mask_sorted = scratch[d].mask_sorted;
+      b.dh_rec = scratch[d].dh_rec;
+      if (b.mask_sorted) sort_mask(b.mask_sorted, c, i);
       const Grads<Real>& g = grads[i];
       const LayerGrads<Real> dw{g.dW_ih,   g.dW_hh,   g.dW_hr,   g.db_ih, g.db_hh, Real(assign ? 0 : 1),
                                 g.dP_i,    g.dP_f,    g.dP_o,    g.dln_g_w, g.dln_g_b, g.dln_c_w,

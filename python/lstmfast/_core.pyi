@@ -8,7 +8,7 @@ import numpy.typing as npt
 __version__: str
 
 _Float = np.float32 | np.float64
-_Mode = Literal["LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_TANH", "CTRNN_RELU"]
+_Mode = Literal["LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_TANH", "CTRNN_RELU", "LN_LSTM"]
 
 # --- BLAS --------------------------------------------------------------------
 
@@ -44,6 +44,8 @@ def rnn_forward(
     alpha: float = 1.0,  # CTRNN: dt / tau, in (0, 1]
     leak: Literal["outside", "inside"] = "outside",  # CTRNN
     noise: Optional[npt.NDArray[_Float]] = None,  # CTRNN: (L*D, T, N, H) added to each step's state
+    layer_norm_eps: float = 1e-5,  # LN_LSTM
+    recurrent_dropout_masks: Optional[npt.NDArray[_Float]] = None,  # (L*D, N, H_out), training only
 ) -> tuple[npt.NDArray[_Float], npt.NDArray[_Float], Optional[npt.NDArray[_Float]], Optional[RnnCache]]:
     """Returns (output (T, N, D*H_out), h_n, c_n or None, cache or None)."""
 

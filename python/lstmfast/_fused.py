@@ -63,7 +63,7 @@ class _Cache:
 
 def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
             lengths=None, dropout_masks=None, training=False, alpha=1.0, leak="outside",
-            noise=None, layer_norm_eps=1e-5):
+            noise=None, layer_norm_eps=1e-5, recurrent_dropout_masks=None, zoneout_masks=None):
     """Forward pass of a stacked (bi)directional LSTM / GRU / RNN; as reference.forward."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -84,12 +84,19 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         dropout_masks = [np.asarray(m, dtype=dtype) for m in dropout_masks]
     if noise is not None:
         noise = np.asarray(noise, dtype=dtype)
+    if recurrent_dropout_masks is not None:
+        recurrent_dropout_masks = np.asarray(recurrent_dropout_masks, dtype=dtype)
+    if zoneout_masks is not None and any(m is not None for m in zoneout_masks):
+        raise NotImplementedError(
+            "zoneout_masks: the fused kernels have no zoneout yet; use the reference "
+            "(lstmfast.reference.forward, or backend='numpy')")
     extras = _extras(params)
     weights = [[_weight(params.get(name)) for name in _names(layer, direction, extras)]
                for layer in range(num_layers) for direction in range(D)]
     output, h_n, c_n, core = _core.rnn_forward(
         mode, x, h0, c0, weights, num_layers, bidirectional, proj_size, lengths,
-        dropout_masks, bool(training), float(alpha), leak, noise, float(layer_norm_eps))
+        dropout_masks, bool(training), float(alpha), leak, noise, float(layer_norm_eps),
+        recurrent_dropout_masks)
     cache = None
     if core is not None:
         shapes = {name: np.shape(params[name]) for name in params}

@@ -122,6 +122,28 @@ def _check_dropout(value):
     return float(value)
 
 
+def _check_probability(name, value, upper_open=False):
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
+            or not (0 <= value < 1 if upper_open else 0 <= value <= 1)):
+        bounds = "[0, 1)" if upper_open else "[0, 1]"
+        raise ValueError(f"{name} must be a probability in {bounds}, got {value!r}")
+    return float(value)
+
+
+def _check_zoneout(value, mode):
+    """zoneout: a probability (h and, with a cell state, c) or a pair (p_h, p_c)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"zoneout: expected a probability or a pair (p_h, p_c), got {value!r}")
+        p_h, p_c = (_check_probability(f"zoneout[{i}]", v) for i, v in enumerate(value))
+    else:
+        p_h = _check_probability("zoneout", value)
+        p_c = p_h if mode in _CELL_STATE_MODES else 0.0
+    if p_c and mode not in _CELL_STATE_MODES:
+        raise ValueError(f"zoneout: p_c must be 0 for a cell without a cell state, got {p_c}")
+    return p_h, p_c
+
+
 def _resolve_dtype(dtype):
     # np.dtype(None) is float64 and dtype == None compares as float64: exclude None first.
     try:
@@ -541,12 +563,21 @@ class _RNNBase(_Module):
     """Shared by LSTM, GRU and RNN: checks, layouts, hx defaults, dropout masks."""
 
     peephole = False  # LSTM(peephole=True) sets it
+    recurrent_dropout = 0.0
+    zoneout = (0.0, 0.0)
+    _zoneout_modes = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")  # where zoneout may be set
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
-                 dtype="float32", backend="fused", seed=None, peephole=False):
+                 dtype="float32", backend="fused", seed=None, peephole=False,
+                 recurrent_dropout=0.0, zoneout=0.0):
         self._mode = mode
         self.peephole = _check_flag("peephole", peephole)
+        self.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout,
+                                                    upper_open=True)
+        self.zoneout = _check_zoneout(zoneout, mode)
+        if any(self.zoneout) and mode not in self._zoneout_modes:
+            raise ValueError(f"zoneout is for LSTM, GRU and RNN, not {type(self).__name__}")
         self.input_size = _check_size("input_size", input_size)
         self.hidden_size = _check_size("hidden_size", hidden_size)
         self.num_layers = _check_size("num_layers", num_layers)
@@ -620,6 +651,10 @@ class _RNNBase(_Module):
             s += f", bidirectional={self.bidirectional}"
         if self.peephole:
             s += ", peephole=True"
+        if self.recurrent_dropout:
+            s += f", recurrent_dropout={self.recurrent_dropout}"
+        if any(self.zoneout):
+            s += f", zoneout={self.zoneout}"
         return s + self._options_repr() + self._extra_repr_tail()
 
     def _options_repr(self):
@@ -628,16 +663,76 @@ class _RNNBase(_Module):
 
     # forward -------------------------------------------------------------------------
 
-    def forward(self, x, hx=None, lengths=None):
-        """``output, h_n = layer(x, hx, lengths)`` (LSTM: ``output, (h_n, c_n)``), as torch."""
-        return self._forward(x, hx, lengths)
+    def forward(self, x, hx=None, lengths=None, *, recurrent_dropout_mask=None, zoneout_mask=None):
+        """``output, h_n = layer(x, hx, lengths)`` (LSTM: ``output, (h_n, c_n)``), as torch.
+
+        In training mode, with ``recurrent_dropout`` or ``zoneout``, the masks are drawn
+        from the layer's seed, or given: ``recurrent_dropout_mask`` ``(D*num_layers, N,
+        H_out)`` (``(D*num_layers, H_out)`` unbatched), values 0 or 1/(1-p), one per
+        sequence for every step and gate; ``zoneout_mask`` a pair ``(m_h, m_c)`` (m_c None
+        without a cell state), each with the shape of one direction's output in the
+        caller's layout, H_out wide for h and H for c, optionally with a leading
+        ``D*num_layers``; 1 keeps the old value (VARIANTS.md C).
+        """
+        return self._forward(x, hx, lengths, None, recurrent_dropout_mask, zoneout_mask)
 
     def _cell_options(self, T, N, batched, given):
         """Keyword arguments of the backend forward beyond torch's (a CTRNN's); ``given``
         is what the caller passed for them."""
         return {}
 
-    def _forward(self, x, hx, lengths, given=None):
+    def _regularizer_args(self, T, N, batched, rec_mask, zone_mask):
+        """The backend's recurrent_dropout_masks and zoneout_masks for this call: given
+        (training only), drawn from the dropout stream (training), zoneout's
+        probabilities (eval), or nothing."""
+        args = {}
+        LD, H_out, H = self.num_layers * self._num_directions, self._out_size, self.hidden_size
+        training = self._trains
+        for name, given in (("recurrent_dropout_mask", rec_mask), ("zoneout_mask", zone_mask)):
+            if given is not None and not training:
+                raise ValueError(f"{name}: given in eval mode, where there is no mask "
+                                 f"(call train() first)")
+        if rec_mask is not None:
+            mask = self._as_input("recurrent_dropout_mask", rec_mask)
+            self._check_shape("recurrent_dropout_mask", mask, (LD, N, H_out) if batched else (LD, H_out))
+            args["recurrent_dropout_masks"] = np.ascontiguousarray(
+                mask if batched else mask[:, None, :])
+        elif training and self.recurrent_dropout > 0:
+            p = self.recurrent_dropout
+            keep = self._dropout_rng.random((LD, N, H_out)) >= p
+            args["recurrent_dropout_masks"] = (keep / (1.0 - p)).astype(self.dtype)
+        if zone_mask is not None:
+            if not isinstance(zone_mask, (tuple, list)) or len(zone_mask) != 2:
+                raise ValueError("zoneout_mask: expected a pair (m_h, m_c)")
+            if zone_mask[1] is not None and self._mode not in _CELL_STATE_MODES:
+                raise ValueError("zoneout_mask: m_c must be None for a cell without a cell state")
+            lead = ((N, T) if self.batch_first else (T, N)) if batched else (T,)
+            masks = []
+            for name, m, width in (("zoneout_mask[0]", zone_mask[0], H_out),
+                                   ("zoneout_mask[1]", zone_mask[1], H)):
+                if m is None:
+                    masks.append(None)
+                    continue
+                m = self._as_input(name, m)
+                if m.shape == lead + (width,):
+                    m = np.broadcast_to(m, (LD,) + m.shape)
+                self._check_shape(name, m, (LD,) + lead + (width,))
+                if not batched:
+                    m = m[:, :, None, :]
+                elif self.batch_first:
+                    m = m.transpose(0, 2, 1, 3)
+                masks.append(np.ascontiguousarray(m))
+            args["zoneout_masks"] = tuple(masks)
+        elif any(self.zoneout):
+            if training:
+                args["zoneout_masks"] = tuple(
+                    None if not p else (self._dropout_rng.random((LD, T, N, width)) < p).astype(self.dtype)
+                    for p, width in zip(self.zoneout, (H_out, H)))
+            else:  # eval: the expectation, p old + (1 - p) new
+                args["zoneout_masks"] = tuple(p or None for p in self.zoneout)
+        return args
+
+    def _forward(self, x, hx, lengths, given=None, rec_mask=None, zone_mask=None):
         x = self._as_input("x", x)
         if x.ndim not in (2, 3):
             raise ValueError(
@@ -669,7 +764,8 @@ class _RNNBase(_Module):
             x_tm, (h0, c0) if self._mode in _CELL_STATE_MODES else h0, self._forward_params(),
             num_layers=self.num_layers, bidirectional=self.bidirectional,
             proj_size=self.proj_size, lengths=lengths, dropout_masks=masks,
-            layout=(batched, T, N), **self._cell_options(T, N, batched, given))
+            layout=(batched, T, N), **self._cell_options(T, N, batched, given),
+            **self._regularizer_args(T, N, batched, rec_mask, zone_mask))
         output = self._from_time_major(output, batched)
         if not batched:
             h_n = h_n[:, 0]
@@ -838,9 +934,11 @@ class LSTM(_RNNBase):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, dtype="float32",
-                 backend="fused", seed=None, *, peephole=False):
+                 backend="fused", seed=None, *, peephole=False, recurrent_dropout=0.0,
+                 zoneout=0.0):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, proj_size, dtype, backend, seed, peephole)
+                         dropout, bidirectional, proj_size, dtype, backend, seed, peephole,
+                         recurrent_dropout, zoneout)
 
 
 class GRU(_RNNBase):
@@ -848,9 +946,10 @@ class GRU(_RNNBase):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, dtype="float32", backend="fused",
-                 seed=None, *, proj_size=0):
+                 seed=None, *, proj_size=0, recurrent_dropout=0.0, zoneout=0.0):
         super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
-                         dropout, bidirectional, proj_size, dtype, backend, seed)
+                         dropout, bidirectional, proj_size, dtype, backend, seed,
+                         recurrent_dropout=recurrent_dropout, zoneout=zoneout)
 
 
 class RNN(_RNNBase):
@@ -858,14 +957,15 @@ class RNN(_RNNBase):
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, dtype="float32",
-                 backend="fused", seed=None, *, proj_size=0):
+                 backend="fused", seed=None, *, proj_size=0, recurrent_dropout=0.0,
+                 zoneout=0.0):
         if nonlinearity not in _NONLINEARITIES:
             raise ValueError(
                 f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         super().__init__(_NONLINEARITIES[nonlinearity], input_size, hidden_size, num_layers,
                          bias, batch_first, dropout, bidirectional, proj_size, dtype, backend,
-                         seed)
+                         seed, recurrent_dropout=recurrent_dropout, zoneout=zoneout)
 
 
 class CTRNN(_RNNBase):
@@ -888,7 +988,8 @@ class CTRNN(_RNNBase):
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="relu", alpha=1.0,
                  leak="outside", noise_std=0.0, bias=True, batch_first=False, dropout=0.0,
-                 bidirectional=False, dtype="float32", backend="fused", seed=None):
+                 bidirectional=False, dtype="float32", backend="fused", seed=None, *,
+                 recurrent_dropout=0.0):
         if nonlinearity not in _CTRNN_MODES:
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha <= 1:
@@ -903,14 +1004,15 @@ class CTRNN(_RNNBase):
         self.leak = leak
         self.noise_std = float(noise_std)
         super().__init__(_CTRNN_MODES[nonlinearity], input_size, hidden_size, num_layers, bias,
-                         batch_first, dropout, bidirectional, 0, dtype, backend, seed)
+                         batch_first, dropout, bidirectional, 0, dtype, backend, seed,
+                         recurrent_dropout=recurrent_dropout)
 
-    def forward(self, x, hx=None, lengths=None, noise=None):
+    def forward(self, x, hx=None, lengths=None, noise=None, *, recurrent_dropout_mask=None):
         """``output, h_n = layer(x, hx, lengths, noise)``. ``noise``: None (drawn when
         ``noise_std > 0``) or an array of shape ``(num_layers * D,) + `` the shape of one
         direction's output (``(T, N, H)``, ``(N, T, H)`` with batch_first, ``(T, H)``
-        unbatched), added as it is."""
-        return self._forward(x, hx, lengths, noise)
+        unbatched), added as it is. ``recurrent_dropout_mask``: as LSTM.forward's."""
+        return self._forward(x, hx, lengths, noise, recurrent_dropout_mask)
 
     def _cell_options(self, T, N, batched, given):
         LD, H = self.num_layers * self._num_directions, self.hidden_size
@@ -956,13 +1058,14 @@ class LayerNormLSTM(_RNNBase):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bidirectional=False,
                  batch_first=False, dropout=0.0, layer_norm_eps=1e-5, dtype="float32",
-                 backend="fused", seed=None):
+                 backend="fused", seed=None, *, recurrent_dropout=0.0):
         if (isinstance(layer_norm_eps, bool) or not isinstance(layer_norm_eps, numbers.Real)
                 or not 0 < layer_norm_eps < float("inf")):
             raise ValueError(f"layer_norm_eps must be a finite number > 0, got {layer_norm_eps!r}")
         self.layer_norm_eps = float(layer_norm_eps)
         super().__init__("LN_LSTM", input_size, hidden_size, num_layers, False, batch_first,
-                         dropout, bidirectional, 0, dtype, backend, seed)
+                         dropout, bidirectional, 0, dtype, backend, seed,
+                         recurrent_dropout=recurrent_dropout)
 
     def _param_names(self):
         names = []

@@ -264,7 +264,8 @@ const lstmfast::ReducedMatrix* checked_reduced(py::handle obj, const std::string
 template <typename Real>
 py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle h0_obj,
                       py::handle c0_obj, py::handle weights_obj, py::handle lengths_obj,
-                      py::handle masks_obj, py::handle noise_obj, py::handle rec_masks_obj) {
+                      py::handle masks_obj, py::handle noise_obj, py::handle rec_masks_obj,
+                      py::handle zoneout_obj) {
   const bool lstm = s.mode == lstmfast::Mode::LSTM;
   const bool cell_state = lstmfast::has_cell_state(s.mode);
   const int G = lstmfast::gates_of(s.mode);
@@ -389,6 +390,32 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
     auto rec = checked<Real>(rec_masks_obj, "recurrent_dropout_masks", {LD, s.N, s.H_out()});
     for (int64_t i = 0; i < LD; ++i) params[i].rec_mask = rec.data() + i * s.N * s.H_out();
     rc->keep_alive.push_back(rec);
+  }
+
+  // Zoneout: (m_h, m_c), each None, a probability (the same for every unit: eval) or
+  // masks (L*D, T, N, width), kept with the cache (backward reads them again).
+  if (!zoneout_obj.is_none()) {
+    py::list pair = as_list(zoneout_obj, "zoneout_masks", 2);
+    const char* names[2] = {"zoneout_masks[0]", "zoneout_masks[1]"};
+    const int64_t widths[2] = {s.H_out(), s.H};
+    for (int which = 0; which < 2; ++which) {
+      py::handle m = pair[which];
+      if (m.is_none()) continue;
+      if (which == 1 && !cell_state)
+        throw py::value_error("zoneout_masks[1]: only an LSTM has a cell state; pass None");
+      if (py::isinstance<py::float_>(m) || py::isinstance<py::int_>(m)) {
+        const double p = m.cast<double>();
+        if (!(p >= 0 && p <= 1))
+          throw py::value_error(std::string(names[which]) + ": a probability must be in [0, 1], got " +
+                                std::to_string(p));
+        (which == 0 ? s.zone_p_h : s.zone_p_c) = p;
+        continue;
+      }
+      auto a = checked<Real>(m, names[which], {LD, s.T, s.N, widths[which]});
+      for (int64_t i = 0; i < LD; ++i)
+        (which == 0 ? params[i].zone_h : params[i].zone_c) = a.data() + i * s.T * s.N * widths[which];
+      rc->keep_alive.push_back(a);
+    }
   }
 
   py::array_t<Real> y({s.T, s.N, s.D * s.H_out()});
@@ -578,7 +605,8 @@ void register_rnn(py::module_& m) {
       [](const std::string& mode, py::handle x, py::handle h0, py::handle c0, py::handle weights,
          int64_t num_layers, bool bidirectional, int64_t proj_size, py::handle lengths,
          py::handle dropout_masks, bool training, double alpha, const std::string& leak,
-         py::handle noise, double layer_norm_eps, py::handle recurrent_dropout_masks) {
+         py::handle noise, double layer_norm_eps, py::handle recurrent_dropout_masks,
+         py::handle zoneout_masks) {
         lstmfast::StackShape s;
         s.mode = parse_mode(mode);
         if (leak != "outside" && leak != "inside")
@@ -603,10 +631,10 @@ void register_rnn(py::module_& m) {
         py::array xa = py::reinterpret_borrow<py::array>(x);
         if (xa.dtype().equal(py::dtype::of<float>()))
           return rnn_forward<float>(s, xa, h0, c0, weights, lengths, dropout_masks, noise,
-                                    recurrent_dropout_masks);
+                                    recurrent_dropout_masks, zoneout_masks);
         if (xa.dtype().equal(py::dtype::of<double>()))
           return rnn_forward<double>(s, xa, h0, c0, weights, lengths, dropout_masks, noise,
-                                     recurrent_dropout_masks);
+                                     recurrent_dropout_masks, zoneout_masks);
         throw py::type_error("x: expected dtype float32 or float64, got " +
                              std::string(py::str(xa.dtype())));
       },
@@ -614,14 +642,16 @@ void register_rnn(py::module_& m) {
       py::arg("num_layers"), py::arg("bidirectional"), py::arg("proj_size"), py::arg("lengths"),
       py::arg("dropout_masks"), py::arg("training"), py::arg("alpha") = 1.0,
       py::arg("leak") = "outside", py::arg("noise") = py::none(), py::arg("layer_norm_eps") = 1e-5,
-      py::arg("recurrent_dropout_masks") = py::none(),
+      py::arg("recurrent_dropout_masks") = py::none(), py::arg("zoneout_masks") = py::none(),
       "Forward of a stack; weights: per layer-direction [W_ih, W_hh, b_ih, b_hh, W_hr] "
       "(None where absent), and for a peephole LSTM also [P_i, P_f, P_o]. "
       "CTRNN modes: alpha (dt / tau), leak ('outside' or 'inside') and noise "
       "((L*D, T, N, H) added to each step's state, or None). LN_LSTM: per layer-direction "
       "[W_ih, W_hh, None, None, None, ln_gates_weight, ln_gates_bias, ln_cell_weight, "
       "ln_cell_bias] and layer_norm_eps. recurrent_dropout_masks: (L*D, N, H_out) multiplying h "
-      "where it enters the recurrent product (training only), or None. "
+      "where it enters the recurrent product (training only), or None. zoneout_masks: "
+      "(m_h, m_c), each None, a probability (eval) or (L*D, T, N, width) masks, 1 keeping the "
+      "old value. "
       "Returns (y, h_n, c_n or None, cache or None).");
 
   m.def(

@@ -69,6 +69,7 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
                                        h_prev + b * H, H);
     }
     for (int64_t b = n; b < N; ++b) copy_row(h_next + b * H, h_prev + b * H, H);
+    if (zoneout(w, s)) zoneout_step(buf, y, ldy, w, s, k, n, 0, H, 0, 0);
   }
   scatter_state(h_n, buf.h + slot(S, kTraining) * N * H, H, walk);
 }
@@ -130,6 +131,7 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
     };
     recurrent_step<Real, 3>(product_input(buf, k, s), H, n, H, buf.W_hh_p, H, mine.u0, mine.u1,
                             epilogue);
+    if (zoneout(w, s)) zoneout_step(buf, y, ldy, w, s, k, n, mine.j0, mine.j1, 0, 0);
     for (int64_t b = n; b < N; ++b)
       copy_row(h_next + b * H + mine.j0, h_prev + b * H + mine.j0, mine.j1 - mine.j0);
   });
@@ -182,9 +184,10 @@ void backward_fused(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
   auto pointwise = [&](int64_t k, int64_t n, const UnitShare& mine) {
     const int64_t j0 = mine.j0, units = mine.j1 - mine.j0;
     const Real* h_prev = buf.h + k * N * H;
+    const Real* dy_cell = zoneout_dy(dy, w, s);
     for (int64_t b = 0; b < n; ++b)
       gru_backward_row<Real>(dG_in + (k * N + b) * GH + j0, dG + (k * N + b) * ldg + j0,
-                             buf.dh + b * H + j0, dy ? dy + walk.at(k, b) * lddy + j0 : nullptr,
+                             buf.dh + b * H + j0, dy_cell ? dy_cell + walk.at(k, b) * lddy + j0 : nullptr,
                              buf.gates + (k * N + b) * 4 * H + j0, h_prev + b * H + j0, H, units);
     for (int64_t b = n; b < N; ++b)
       for (int64_t g = 0; g < 3; ++g) {
@@ -192,7 +195,7 @@ void backward_fused(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
         zero_row(dG + (k * N + b) * ldg + g * H + j0, units);
       }
   };
-  backward_on_pool(dG_x, dw, buf, dG, ldg, dG_in, GH, true, x, w, s, pointwise);
+  backward_on_pool(dG_x, dw, buf, dG, ldg, dG_in, GH, true, x, w, s, pointwise, dy, lddy);
   scatter_state(dh0, buf.dh, H, walk);
 }
 

@@ -112,6 +112,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
         step_gemm(h_next, m, w.W_hr, true, small ? buf.W_hr_t : nullptr, n, H, P, false);
       for (int64_t b = 0; b < n; ++b) copy_row(y + walk.at(k, b) * ldy, h_next + b * P, P);
     }
+    if (zoneout(w, s)) zoneout_step(buf, y, ldy, w, s, k, n, 0, H_out, 0, H);
     // Finished rows keep their state, so the last slot holds h_n and c_n, and
     // every saved row is finite for the weight-gradient GEMMs.
     for (int64_t b = n; b < N; ++b) {
@@ -169,6 +170,7 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
     };
     recurrent_step<Real, 4>(product_input(buf, k, s), H, n, H, buf.W_hh_p, H, mine.u0, mine.u1,
                             epilogue);
+    if (zoneout(w, s)) zoneout_step(buf, y, ldy, w, s, k, n, mine.j0, mine.j1, mine.j0, mine.j1);
     // Finished rows keep their state (see forward_steps).
     const int64_t j0 = mine.j0, units = mine.j1 - mine.j0;
     for (int64_t b = n; b < N; ++b) {
@@ -258,6 +260,26 @@ inline void peephole_gradients(const LayerGrads<Real>& dw, const Real* dpeep, in
   add_or_assign(dw.dP_o, dpeep + 2 * H, H, dw.beta);
 }
 
+// With zoneout of c, c' of the saved state is the zoned one, but h~ = o tanh(c~) took
+// c~ = f c + i g: recomputed here for units j0..j1-1 of running rows, into zone_c_raw.
+// Returns where the backward finds c~ of step k (rows H apart).
+template <typename Real>
+inline const Real* unzoned_c(const LayerBuffers<Real>& buf, const LayerWeights<Real>& w,
+                             const LayerShape& s, int64_t k, int64_t n, int64_t j0, int64_t j1) {
+  const int64_t N = s.N, H = s.H, GH = 4 * H;
+  if (!zoneout_c(w, s)) return buf.c + (k + 1) * N * H;
+  for (int64_t b = 0; b < n; ++b) {
+    const Real* gates = buf.gates + (k * N + b) * GH;
+    const Real* c_prev = buf.c + (k * N + b) * H;
+    for_lanes<Real>(j1 - j0, [&](int64_t jj, int64_t l) {
+      const int64_t j = j0 + jj;
+      st(buf.zone_c_raw + b * H + j,
+         ld(gates + H + j, l) * ld(c_prev + j, l) + ld(gates + j, l) * ld(gates + 2 * H + j, l), l);
+    });
+  }
+  return buf.zone_c_raw;
+}
+
 // The backward without projection on the pool (backward_on_pool): each thread
 // does the gate gradients (and dc) of its units at every step.
 template <typename Real>
@@ -277,16 +299,17 @@ void backward_fused(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw
     Real* dGk = dG + k * N * GH;
     const Real* gates = buf.gates + k * N * GH;
     const Real* c_prev = buf.c + k * N * H;
-    const Real* c_next = buf.c + (k + 1) * N * H;
+    const Real* c_next = unzoned_c(buf, w, s, k, n, j0, j0 + units);
+    const Real* dy_cell = zoneout_dy(dy, w, s);
     for (int64_t b = 0; b < n; ++b)
       lstm_backward_row<Real>(dGk + b * GH + j0, buf.dc + b * H + j0, buf.dh + b * H + j0,
-                              dy ? dy + walk.at(k, b) * lddy + j0 : nullptr, gates + b * GH + j0,
+                              dy_cell ? dy_cell + walk.at(k, b) * lddy + j0 : nullptr, gates + b * GH + j0,
                               c_prev + b * H + j0, c_next + b * H + j0, peep ? peep + j0 : nullptr,
                               peep ? buf.dpeep + j0 : nullptr, H, units);
     for (int64_t b = n; b < N; ++b)
       for (int64_t g = 0; g < 4; ++g) zero_row(dGk + b * GH + g * H + j0, units);
   };
-  backward_on_pool(dG_x, dw, buf, dG, GH, dG, GH, false, x, w, s, pointwise);
+  backward_on_pool(dG_x, dw, buf, dG, GH, dG, GH, false, x, w, s, pointwise, dy, lddy);
   scatter_state(dh0, buf.dh, H, walk);
   scatter_state(dc0, buf.dc, H, walk);
   if (peep) peephole_gradients(dw, buf.dpeep, H);
@@ -331,14 +354,17 @@ void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
     Real* dGk = dG + k * N * GH;
     const Real* gates = buf.gates + k * N * GH;
     const Real* c_prev = buf.c + k * N * H;
-    const Real* c_next = buf.c + (k + 1) * N * H;
+    const Real* c_next = unzoned_c(buf, w, s, k, n, 0, H);
     const Real* dm = buf.dh;
-    bool add_dy = dy != nullptr;
+    const bool zoned = zoneout(w, s);
+    if (zoned) zoneout_backward_before(buf, dy, lddy, w, s, k, n, 0, H_out, 0, H);
+    const Real* dy_cell = zoneout_dy(dy, w, s);
+    bool add_dy = dy_cell != nullptr;
     if (P) {
       // dh' in total (from step k+1 and from y), saved for dW_hr; then dm = dh' W_hr.
       Real* dhk = buf.dhs + k * N * P;
       for (int64_t b = 0; b < n; ++b) {
-        const Real* dyb = dy ? dy + walk.at(k, b) * lddy : nullptr;
+        const Real* dyb = dy_cell ? dy_cell + walk.at(k, b) * lddy : nullptr;
         for_lanes<Real>(P, [&](int64_t j, int64_t l) {
           V<Real> v = ld(buf.dh + b * P + j, l);
           if (dyb) v += ld(dyb + j, l);
@@ -352,13 +378,15 @@ void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
     }
     for (int64_t b = 0; b < n; ++b)
       lstm_backward_row<Real>(dGk + b * GH, buf.dc + b * H, dm + b * H,
-                              add_dy ? dy + walk.at(k, b) * lddy : nullptr, gates + b * GH,
+                              add_dy ? dy_cell + walk.at(k, b) * lddy : nullptr, gates + b * GH,
                               c_prev + b * H, c_next + b * H, peep, buf.dpeep, H, H);
     for (int64_t b = n; b < N; ++b) zero_row(dGk + b * GH, GH);
     // dh = dG W_hh for the running rows (times the recurrent dropout mask); finished
     // rows keep theirs.
-    step_gemm(buf.hm ? buf.dh_rec : buf.dh, dGk, w.W_hh, false, w.W_hh, n, GH, H_out, false);
-    if (buf.hm) masked_dh(buf, n, H_out, 0, H_out, false);
+    if (zoned) zoneout_backward_after(buf, w, s, n, 0, H_out, 0, H, false);
+    step_gemm(buf.hm ? buf.dh_rec : buf.dh, dGk, w.W_hh, false, w.W_hh, n, GH, H_out,
+              zoned && !buf.hm);
+    if (buf.hm) masked_dh(buf, n, H_out, 0, H_out, zoned);
   }
   scatter_state(dh0, buf.dh, H_out, walk);
   scatter_state(dc0, buf.dc, H, walk);

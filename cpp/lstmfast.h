@@ -74,6 +74,8 @@ struct LayerShape {
   bool leak_inside = false;          // CTRNN: h' = phi((1-alpha) h + alpha z) instead of
                                      //   (1-alpha) h + alpha phi(z) (VARIANTS.md D)
   double ln_eps = 1e-5;              // LN_LSTM: the layer norms' epsilon, > 0
+  double zone_p_h = 0, zone_p_c = 0;  // zoneout (LayerWeights::zone_h) without masks: the keep-old
+                                      //   factor of every unit of h, of c (eval: the probabilities)
   bool training = false;             // keep every step's state for backward
   const int64_t* lengths = nullptr;  // lengths: [N] steps of sorted row b, non-increasing, each in 1..T; nullptr = all T
   const int64_t* rows = nullptr;     // rows: [N] batch row held by sorted row b; nullptr = identity
@@ -151,6 +153,10 @@ struct LayerWeights {
   const Real* ln = nullptr;        // ln: LN_LSTM [10H] gamma_g, beta_g (4H each), gamma_c, beta_c (H each)
   const Real* rec_mask = nullptr;  // rec_mask: [N, H_out] recurrent dropout (VARIANTS.md C), caller's rows:
                                    //   multiplies h where it enters h W_hh^T, every step, every gate
+  const Real* zone_h = nullptr;    // zone_h: [T, N, H_out] zoneout of h in x's order (y's indexing), 1 keeps
+                                   //   the old value: h' = m h + (1 - m) h~ (VARIANTS.md C, ESPnet); or
+                                   //   nullptr: LayerShape::zone_p_h for every unit
+  const Real* zone_c = nullptr;    // zone_c: [T, N, H] the same for c (LSTM)
 };
 
 // Gradients of one layer and direction: ADDED into (the caller zeroes them), or
@@ -211,6 +217,10 @@ struct LayerBuffers {
   Real* hm = nullptr;         // hm: like h: h times the mask, what the recurrent product reads
   Real* mask_sorted = nullptr;  // mask_sorted: [N, H_out] the mask in sorted rows (filled by the stack)
   Real* dh_rec = nullptr;     // dh_rec: backward scratch [N, H_out]: dG W_hh before the mask
+  // zoneout (LayerWeights::zone_h); all null without it
+  Real* zone_dh = nullptr;    // zone_dh: backward scratch [N, H_out]: the part of a step's dh that skips the cell
+  Real* zone_dc = nullptr;    // zone_dc: [N, H] the same of dc (LSTM)
+  Real* zone_c_raw = nullptr; // zone_c_raw: [N, H] LSTM: c~ of the step, recomputed (c holds the zoned c)
   // reduced int8 weights (scratch): activations quantized per row for a product
   uint8_t* act_q = nullptr;       // act_q: [x_rows, round_up(max(I, H_out, H), 4)] values 0..127
   float* act_scale = nullptr;     // act_scale: [x_rows] per row
@@ -259,6 +269,7 @@ struct StackShape {
   double alpha = 1;          // CTRNN (LayerShape)
   bool leak_inside = false;  // CTRNN (LayerShape)
   double ln_eps = 1e-5;      // LN_LSTM (LayerShape)
+  double zone_p_h = 0, zone_p_c = 0;  // zoneout without masks (LayerShape)
 
   int64_t H_out() const { return P > 0 ? P : H; }
   int64_t input_size(int64_t layer) const { return layer == 0 ? I : D * H_out(); }
@@ -286,6 +297,8 @@ struct Params {
   const Real* ln_c_b = nullptr;  // ln_cell_bias_l{k}[_reverse]: [H]
   const Real* rec_mask = nullptr;  // [N, H_out] recurrent dropout mask (LayerWeights::rec_mask);
                                    //   all layer-directions or none; training only
+  const Real* zone_h = nullptr;    // [T, N, H_out] zoneout masks (LayerWeights::zone_h), all or none
+  const Real* zone_c = nullptr;    // [T, N, H] (LSTM)
 };
 
 template <typename Real>

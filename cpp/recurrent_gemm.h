@@ -490,6 +490,130 @@ inline void masked_dh(const LayerBuffers<Real>& buf, int64_t n, int64_t width, i
 }
 
 // ---------------------------------------------------------------------------
+// Zoneout (VARIANTS.md C, ESPnet's convention): after a cell's step, each unit keeps
+// its old value with factor m (a mask of 0 and 1 per step in training, the
+// probability in eval): h_t = m h_{t-1} + (1 - m) h~_t, the same for c. What is
+// output and carried is the zoned h_t, c_t. In backward a step's gradient g of h_t
+// splits: (1 - m) g enters the cell, m g goes to h_{t-1} directly.
+
+template <typename Real>
+inline bool zoneout_h(const LayerWeights<Real>& w, const LayerShape& s) {
+  return w.zone_h || s.zone_p_h != 0;
+}
+template <typename Real>
+inline bool zoneout_c(const LayerWeights<Real>& w, const LayerShape& s) {
+  return w.zone_c || s.zone_p_c != 0;
+}
+template <typename Real>
+inline bool zoneout(const LayerWeights<Real>& w, const LayerShape& s) {
+  return zoneout_h(w, s) || zoneout_c(w, s);
+}
+
+// The keep-old factors of n units from unit j of (time, row) `at` of a [T, N, width] mask,
+// or the constant p.
+template <typename Real>
+inline V<Real> zoneout_factor(const Real* mask, double p, int64_t at, int64_t width, int64_t j,
+                              int64_t n) {
+  return mask ? ld(mask + at * width + j, n) : splat<Real>(static_cast<Real>(p));
+}
+
+// prev and next rows: next = m prev + (1 - m) next, also into out (y) when given.
+template <typename Real>
+inline void zoneout_blend(Real* next, Real* out, const Real* prev, const Real* mask, double p,
+                          int64_t at, int64_t width, int64_t j0, int64_t j1) {
+  for_lanes<Real>(j1 - j0, [&](int64_t j, int64_t n) {
+    const V<Real> m = zoneout_factor(mask, p, at, width, j0 + j, n);
+    const V<Real> new_value = ld(next + j0 + j, n);
+    const V<Real> v = new_value + m * (ld(prev + j0 + j, n) - new_value);
+    st(next + j0 + j, v, n);
+    if (out) st(out + j0 + j, v, n);
+  });
+}
+
+// After step k of running rows 0..n-1 wrote h (and c, y): zone out units j0..j1-1 of h
+// (of its width h_out(s)) and units c0..c1-1 of c. raw_h: when given (the RNN's
+// training), h~ of the step is saved there first ([N, H], rows H apart).
+template <typename Real>
+inline void zoneout_step(const LayerBuffers<Real>& buf, Real* y, int64_t ldy,
+                         const LayerWeights<Real>& w, const LayerShape& s, int64_t k, int64_t n,
+                         int64_t j0, int64_t j1, int64_t c0, int64_t c1, Real* raw_h = nullptr) {
+  const Walk walk(s);
+  const int64_t N = s.N, W = h_out(s), H = s.H;
+  const bool on_h = zoneout_h(w, s), on_c = zoneout_c(w, s) && buf.c;
+  Real* h_next = buf.h + slot(k + 1, s.training) * N * W;
+  const Real* h_prev = buf.h + slot(k, s.training) * N * W;
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t at = walk.at(k, b);
+    if (on_h) {
+      if (raw_h) copy_row(raw_h + b * W + j0, h_next + b * W + j0, j1 - j0);
+      zoneout_blend(h_next + b * W, y + at * ldy, h_prev + b * W, w.zone_h, s.zone_p_h, at, W,
+                    j0, j1);
+    }
+    if (on_c) {
+      Real* c_next = buf.c + slot(k + 1, s.training) * N * H;
+      const Real* c_prev = buf.c + slot(k, s.training) * N * H;
+      zoneout_blend<Real>(c_next + b * H, nullptr, c_prev + b * H, w.zone_c, s.zone_p_c, at, H,
+                          c0, c1);
+    }
+  }
+}
+
+// Before a step's backward, units j0..j1-1 of running rows: g = dh + dy (dy folded in
+// here, so the cell is given none); the cell gets (1 - m) g, zone_dh keeps m g. The
+// same for dc (LSTM), without dy.
+// Units c0..c1-1 of dc (its width H differs from h's with a projection).
+template <typename Real>
+inline void zoneout_backward_before(const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy,
+                                    const LayerWeights<Real>& w, const LayerShape& s, int64_t k,
+                                    int64_t n, int64_t j0, int64_t j1, int64_t c0, int64_t c1) {
+  const Walk walk(s);
+  const int64_t W = h_out(s), H = s.H;
+  const bool on_h = zoneout_h(w, s), on_c = zoneout_c(w, s) && buf.dc;
+  for (int64_t b = 0; b < n; ++b) {
+    const int64_t at = walk.at(k, b);
+    for_lanes<Real>(j1 - j0, [&](int64_t jj, int64_t l) {
+      const int64_t j = j0 + jj;
+      V<Real> g = ld(buf.dh + b * W + j, l);
+      if (dy) g += ld(dy + at * lddy + j, l);
+      const V<Real> m = on_h ? zoneout_factor(w.zone_h, s.zone_p_h, at, W, j, l) : splat<Real>(0);
+      st(buf.zone_dh + b * W + j, m * g, l);
+      st(buf.dh + b * W + j, g - m * g, l);
+    });
+    if (on_c)
+      for_lanes<Real>(c1 - c0, [&](int64_t jj, int64_t l) {
+        const int64_t j = c0 + jj;
+        const V<Real> g = ld(buf.dc + b * H + j, l);
+        const V<Real> m = zoneout_factor(w.zone_c, s.zone_p_c, at, H, j, l);
+        st(buf.zone_dc + b * H + j, m * g, l);
+        st(buf.dc + b * H + j, g - m * g, l);
+      });
+  }
+}
+
+// After the cell's step backward: dh = (what the cell left there when keep_dh) + zone_dh,
+// so that dG W_hh is then added to it; dc += zone_dc.
+template <typename Real>
+inline void zoneout_backward_after(const LayerBuffers<Real>& buf, const LayerWeights<Real>& w,
+                                   const LayerShape& s, int64_t n, int64_t j0, int64_t j1,
+                                   int64_t c0, int64_t c1, bool keep_dh) {
+  const int64_t W = h_out(s), H = s.H;
+  const bool on_c = zoneout_c(w, s) && buf.dc;
+  for (int64_t b = 0; b < n; ++b) {
+    if (keep_dh)
+      add_into(buf.dh + b * W + j0, buf.zone_dh + b * W + j0, j1 - j0);
+    else
+      copy_row(buf.dh + b * W + j0, buf.zone_dh + b * W + j0, j1 - j0);
+    if (on_c) add_into(buf.dc + b * H + c0, buf.zone_dc + b * H + c0, c1 - c0);
+  }
+}
+
+// The dy a cell's backward reads: none with zoneout (zoneout_backward_before folded it in).
+template <typename Real>
+inline const Real* zoneout_dy(const Real* dy, const LayerWeights<Real>& w, const LayerShape& s) {
+  return zoneout(w, s) ? nullptr : dy;
+}
+
+// ---------------------------------------------------------------------------
 // What every cell's layer does on the pool; the cells give the per-step part.
 
 // The forward: each thread packs the panels and projects the inputs (rows ldx
@@ -523,19 +647,33 @@ inline void forward_on_pool(const LayerBuffers<Real>& buf, const Real* x, int64_
 // barrier (dh needs every unit's dG) the thread computes its columns of
 // dh = dG W_hh (added to what pointwise left when accumulate_dh), which only its own
 // next step reads. After the loop, a barrier and its share of the weight gradients.
+//
+// With zoneout (zoneout_step) the cell's pointwise is wrapped: it is given (1 - m) of
+// the step's gradient (dy folded in, so the cell must read no dy: see zoneout_dy), and
+// m of it is added to dh (and dc) after, before dh = dG W_hh is added.
 template <typename Real, typename Pointwise>
 inline void backward_on_pool(Real* dG_x, const LayerGrads<Real>& dw, const LayerBuffers<Real>& buf,
                              Real* dG, int64_t ldg, const Real* dG_in, int64_t GK,
                              bool accumulate_dh, const Real* x, const LayerWeights<Real>& w,
-                             const LayerShape& s, Pointwise&& pointwise) {
+                             const LayerShape& s, Pointwise&& pointwise,
+                             const Real* dy = nullptr, int64_t lddy = 0) {
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, S = steps_of(s);
+  const bool zoned = zoneout(w, s);
+  const bool cell_leaves_dh = accumulate_dh;  // the cell writes a bypass into dh itself
+  accumulate_dh = accumulate_dh || zoned;
   auto body = [&](int tid, int nt) {
     const UnitShare mine = unit_share<Real>(H, tid, nt);
     if (buf.W_hh_c) pack_column_panels(buf.W_hh_c, w.W_hh, GK, H, mine.u0, mine.u1);
     for (int64_t k = S - 1; k >= 0; --k) {
       const int64_t n = walk.active(k);
-      if (mine.j1 > mine.j0) pointwise(k, n, mine);
+      if (mine.j1 > mine.j0) {
+        if (zoned)
+          zoneout_backward_before(buf, dy, lddy, w, s, k, n, mine.j0, mine.j1, mine.j0, mine.j1);
+        pointwise(k, n, mine);
+        if (zoned)
+          zoneout_backward_after(buf, w, s, n, mine.j0, mine.j1, mine.j0, mine.j1, cell_leaves_dh);
+      }
       pool_barrier();
       const Real* dG_step = dG + k * N * ldg;
       // With recurrent dropout the product goes to dh_rec first: the mask applies to it alone.

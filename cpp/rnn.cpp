@@ -8,6 +8,13 @@ namespace lstmfast {
 namespace LSTMFAST_ISA {
 namespace {
 
+// With zoneout, training keeps h~ of every step in buf.gates ([S, N, H]): the saved
+// h is the zoned one, and tanh' and relu' are taken from h~.
+template <typename Real>
+inline Real* raw_h(const LayerBuffers<Real>& buf, const LayerShape& s, int64_t k) {
+  return s.training ? buf.gates + k * s.N * s.H : nullptr;
+}
+
 // One row of one step, fused.
 //   h_next: [H] out;  y: [H] out;  xp: [H] x W_ih^T;  rec: [H] h W_hh^T;  bias: [H]
 template <typename Real, bool kRelu>
@@ -46,6 +53,7 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
                                    buf.rec + b * H, w.bias, H);
     }
     for (int64_t b = n; b < N; ++b) copy_row(h_next + b * H, h_prev + b * H, H);
+    if (zoneout(w, s)) zoneout_step(buf, y, ldy, w, s, k, n, 0, H, 0, 0, raw_h(buf, s, k));
   }
   scatter_state(h_n, buf.h + slot(S, s.training) * N * H, H, walk);
 }
@@ -94,6 +102,8 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
     };
     recurrent_step<Real, 1>(product_input(buf, k, s), H, n, H, buf.W_hh_p, H, mine.u0, mine.u1,
                             epilogue);
+    if (zoneout(w, s))
+      zoneout_step(buf, y, ldy, w, s, k, n, mine.j0, mine.j1, 0, 0, raw_h(buf, s, k));
     for (int64_t b = n; b < N; ++b)
       copy_row(h_next + b * H + mine.j0, h_prev + b * H + mine.j0, mine.j1 - mine.j0);
   });
@@ -132,14 +142,15 @@ void backward_fused(Real* dG_x, Real* dh0, const LayerGrads<Real>& dw,
   auto pointwise = [&](int64_t k, int64_t n, const UnitShare& mine) {
     const int64_t j0 = mine.j0, units = mine.j1 - mine.j0;
     Real* dGk = dG + k * N * H;
-    const Real* h_next = buf.h + (k + 1) * N * H;
+    const Real* h_next = zoneout_h(w, s) ? buf.gates + k * N * H : buf.h + (k + 1) * N * H;
+    const Real* dy_cell = zoneout_dy(dy, w, s);
     for (int64_t b = 0; b < n; ++b)
       rnn_backward_row<Real, kRelu>(dGk + b * H + j0, buf.dh + b * H + j0,
-                                    dy ? dy + walk.at(k, b) * lddy + j0 : nullptr,
+                                    dy_cell ? dy_cell + walk.at(k, b) * lddy + j0 : nullptr,
                                     h_next + b * H + j0, units);
     for (int64_t b = n; b < N; ++b) zero_row(dGk + b * H + j0, units);
   };
-  backward_on_pool(dG_x, dw, buf, dG, H, dG, H, false, x, w, s, pointwise);
+  backward_on_pool(dG_x, dw, buf, dG, H, dG, H, false, x, w, s, pointwise, dy, lddy);
   scatter_state(dh0, buf.dh, H, walk);
 }
 

@@ -147,6 +147,26 @@ void check_recurrent_dropout(const Params<Real>* params, const StackShape& s) {
   require(!masked || s.training, "recurrent dropout masks are for training (training=True)");
 }
 
+// Zoneout: masks for every layer-direction or none, for h of LSTM, GRU and RNN and c of
+// LSTM, with float weights.
+template <typename Real>
+void check_zoneout(const Params<Real>* params, const StackShape& s) {
+  const bool on_h = params[0].zone_h != nullptr || s.zone_p_h != 0;
+  const bool on_c = params[0].zone_c != nullptr || s.zone_p_c != 0;
+  for (int64_t i = 0; i < s.L * s.D; ++i)
+    require((params[i].zone_h != nullptr) == (params[0].zone_h != nullptr) &&
+                (params[i].zone_c != nullptr) == (params[0].zone_c != nullptr),
+            "zoneout masks must be given for every layer and direction or none");
+  const bool plain_cell = s.mode == Mode::LSTM || s.mode == Mode::GRU || s.mode == Mode::RNN_TANH ||
+                          s.mode == Mode::RNN_RELU;
+  require(!(on_h || on_c) || plain_cell, "zoneout is supported for LSTM, GRU and RNN");
+  require(!on_c || s.mode == Mode::LSTM, "zoneout of c is for LSTM, which has a cell state");
+  require(!(on_h || on_c) || params[0].W_hh_r == nullptr,
+          "zoneout is not supported with reduced-precision weights");
+  require(s.zone_p_h >= 0 && s.zone_p_h <= 1 && s.zone_p_c >= 0 && s.zone_p_c <= 1,
+          "zoneout probabilities must be in [0, 1]");
+}
+
 // CTRNN noise: every layer-direction or none, and only for a CTRNN.
 template <typename Real>
 void check_noise(const Params<Real>* params, const StackShape& s) {
@@ -347,6 +367,8 @@ void combine_biases(StackCache<Real>& c) {
     c.weights[i] = {p.W_ih, p.W_hh, p.W_hr, bias, b_hn, p.W_ih_r, p.W_hh_r, p.W_hr_r};
     c.weights[i].noise = p.noise;
     c.weights[i].rec_mask = p.rec_mask;
+    c.weights[i].zone_h = p.zone_h;
+    c.weights[i].zone_c = p.zone_c;
   }
   // Layer-norm parameters side by side per layer-direction (LayerWeights::ln).
   c.layer_norms.clear();
@@ -391,6 +413,8 @@ LayerShape layer_shape(const StackCache<Real>& c, int64_t layer, int64_t directi
   l.alpha = s.alpha;
   l.leak_inside = s.leak_inside;
   l.ln_eps = s.ln_eps;
+  l.zone_p_h = s.zone_p_h;
+  l.zone_p_c = s.zone_p_c;
   l.training = s.training;
   l.lengths = c.lengths.empty() ? nullptr : c.lengths.data();
   l.rows = c.rows.empty() ? nullptr : c.rows.data();
@@ -474,6 +498,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   check_noise(params, shape);
   check_layer_norms(params, shape);
   check_recurrent_dropout(params, shape);
+  check_zoneout(params, shape);
   std::optional<BlasSingleThreaded> blas_alone;
   blas_alone_without_a_free_core(blas_alone);
   auto cache = std::make_unique<StackCache<Real>>();
@@ -483,6 +508,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   const bool lstm = s.mode == Mode::LSTM, training = s.training;
   const bool cell_state = has_cell_state(s.mode), ln = s.mode == Mode::LN_LSTM;
   const bool rec_masked = params[0].rec_mask != nullptr;  // recurrent dropout (training only)
+  const bool zoned_h = params[0].zone_h != nullptr || shape.zone_p_h != 0;
   const int64_t L = s.L, D = s.D, T = s.T, N = s.N, H = s.H, P = s.P, H_out = s.H_out();
   const int64_t GH = gates_of(s.mode) * H, Y = T * N * D * H_out;
   sort_rows(c.lengths, c.rows, lengths, T, N);
@@ -507,6 +533,8 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
         if (lstm || ln || s.mode == Mode::GRU) b.gates = cv.take<Real>(S * N * 4 * H);
         if (ln) b.ln = cv.take<Real>(S * N * (5 * H + 2));
         if (rec_masked) b.hm = cv.take<Real>((S + 1) * N * H_out);
+        if (zoned_h && (s.mode == Mode::RNN_TANH || s.mode == Mode::RNN_RELU))
+          b.gates = cv.take<Real>(S * N * H);  // h~ of every step (rnn.cpp: raw_h)
         if (cell_info(s.mode).saves_activations && !s.leak_inside)
           b.gates = cv.take<Real>(S * N * H);
       }
@@ -634,6 +662,8 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
   const bool lstm = s.mode == Mode::LSTM, gru = s.mode == Mode::GRU;
   const bool cell_state = has_cell_state(s.mode), ln = s.mode == Mode::LN_LSTM;
   const bool rec_masked = c.weights[0].rec_mask != nullptr;
+  const bool zoned = c.weights[0].zone_h || c.weights[0].zone_c || s.zone_p_h != 0 ||
+                     s.zone_p_c != 0;
   // Gate gradients written over the saved gates (LSTM and GRU save 4H per row-step).
   const bool in_place = consume && (lstm || gru);
   const int64_t L = s.L, D = s.D, T = s.T, N = s.N, H = s.H, P = s.P, H_out = s.H_out();
@@ -663,6 +693,11 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       if (rec_masked) {
         scratch[d].mask_sorted = cv.take<Real>(N * H_out);
         scratch[d].dh_rec = cv.take<Real>(N * H_out);
+      }
+      if (zoned) {
+        scratch[d].zone_dh = cv.take<Real>(N * H_out);
+        if (cell_state) scratch[d].zone_dc = cv.take<Real>(N * H);
+        if (lstm) scratch[d].zone_c_raw = cv.take<Real>(N * H);
       }
       if (P) {
         scratch[d].dhs = cv.take<Real>(S * N * P);
@@ -711,6 +746,9 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       b.dln_rows = scratch[d].dln_rows;
       b.mask_sorted = scratch[d].mask_sorted;
       b.dh_rec = scratch[d].dh_rec;
+      b.zone_dh = scratch[d].zone_dh;
+      b.zone_dc = scratch[d].zone_dc;
+      b.zone_c_raw = scratch[d].zone_c_raw;
       if (b.mask_sorted) sort_mask(b.mask_sorted, c, i);
       const Grads<Real>& g = grads[i];
       const LayerGrads<Real> dw{g.dW_ih,   g.dW_hh,   g.dW_hr,   g.db_ih, g.db_hh, Real(assign ? 0 : 1),

@@ -94,3 +94,85 @@ def test_weight_gradient_uses_the_masked_h():
     assert np.all(grads["weight_hh_l0"][:, 3] == 0)
     assert np.all(grads["weight_hh_l0"][:, 2] != 0)
     assert_close(grads["weight_hh_l0"], case.run(reference)[1][3]["weight_hh_l0"], "dW_hh")
+
+
+# --- zoneout ---------------------------------------------------------------------------
+
+ZONEOUT_MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+
+
+def zoned_case(mode, shape, options, zoneout=(0.3, 0.4), eval_form=False, recurrent_dropout=0.0,
+               seed=0):
+    """A Case with zoneout masks (fresh each step, 1 keeps the old value) or, with
+    eval_form, the probabilities themselves; c's only for the LSTM."""
+    case = masked_case(mode, shape, options, p=recurrent_dropout or 0.4, seed=seed)
+    if not recurrent_dropout:
+        del case.kwargs["recurrent_dropout_masks"]
+    p_h, p_c = zoneout if mode == "LSTM" else (zoneout[0], None)
+    if eval_form:
+        case.kwargs["zoneout_masks"] = (p_h, p_c)
+        return case
+    rng = np.random.default_rng(seed + 1)
+    T, N, _ = case.x.shape
+    LD = case.kwargs["num_layers"] * (2 if case.kwargs["bidirectional"] else 1)
+    H_out = case.d_h_n.shape[2]
+    H = case.d_c_n.shape[2] if case.d_c_n is not None else H_out
+
+    def draw(p, width):
+        return None if p is None else (rng.random((LD, T, N, width)) < p).astype(case.dtype)
+
+    case.kwargs["zoneout_masks"] = (draw(p_h, H_out), draw(p_c, H))
+    return case
+
+
+@pytest.mark.parametrize("mode", ZONEOUT_MODES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("form", ["masks", "eval", "masks_and_recurrent_dropout"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_zoneout_matches_the_reference(simd_target, threads_restored, mode, shape, options, form,
+                                       threads):
+    import lstmfast
+
+    lstmfast.set_num_threads(threads)
+    zoned_case(mode, shape, OPTIONS[options], eval_form=form == "eval",
+               recurrent_dropout=0.25 if form == "masks_and_recurrent_dropout" else 0.0).check()
+
+
+@pytest.mark.parametrize("form", ["masks", "eval"])
+@pytest.mark.parametrize("zoneout", [(0.3, 0.4), (0.3, None), (None, 0.4)])
+def test_zoneout_of_a_projected_lstm(simd_target, form, zoneout):
+    zoned_case("LSTM", "pool", dict(L=2, bidirectional=True, P=4, lengths="random"),
+               zoneout=zoneout, eval_form=form == "eval").check()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_zoneout_fresh_gradients_overwrite_whatever_their_memory_held(threads_restored, threads):
+    import lstmfast
+
+    lstmfast.set_num_threads(threads)
+    for mode in ZONEOUT_MODES:
+        case = zoned_case(mode, "pool", OPTIONS["layers_bidirectional_lengths"], recurrent_dropout=0.3)
+        cache = case.forward(_fused)[3]
+        back = _fused.fresh_gradients_backward(
+            cache, case.d_output, case.d_h_n, case.d_c_n,
+            empty=lambda shape, dtype: np.full(shape, np.nan, dtype))
+        _, rback = case.run(reference)
+        for name in rback[3]:
+            assert_close(back[3][name], rback[3][name], f"{mode} grads[{name!r}]")
+
+
+def test_zoneout_is_refused_where_the_kernels_lack_it():
+    case = zoned_case("LSTM", "pool", dict())
+    gru = reference.init_params("GRU", 4, 13, 1, True, False, 0, np.float32, np.random.default_rng(0))
+    with pytest.raises(ValueError, match=r"zoneout_masks\[1\]: only an LSTM has a cell state"):
+        _fused.forward("GRU", case.x, case.hx[0], gru, num_layers=1, bidirectional=False,
+                       zoneout_masks=(None, 0.1))
+    ctrnn = reference.init_params("CTRNN_TANH", 4, 13, 1, True, False, 0, np.float32,
+                                  np.random.default_rng(0))
+    with pytest.raises(ValueError, match="zoneout is supported for LSTM, GRU and RNN"):
+        _fused.forward("CTRNN_TANH", case.x, case.hx[0], ctrnn, num_layers=1, bidirectional=False,
+                       zoneout_masks=(0.1, None))
+    with pytest.raises(ValueError, match="probability must be in"):
+        _fused.forward("LSTM", case.x, case.hx, case.params, num_layers=1, bidirectional=False,
+                       zoneout_masks=(1.5, None))

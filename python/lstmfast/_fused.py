@@ -86,17 +86,17 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         noise = np.asarray(noise, dtype=dtype)
     if recurrent_dropout_masks is not None:
         recurrent_dropout_masks = np.asarray(recurrent_dropout_masks, dtype=dtype)
-    if zoneout_masks is not None and any(m is not None for m in zoneout_masks):
-        raise NotImplementedError(
-            "zoneout_masks: the fused kernels have no zoneout yet; use the reference "
-            "(lstmfast.reference.forward, or backend='numpy')")
+    if zoneout_masks is not None:
+        zoneout_masks = [m if m is None or np.ndim(m) == 0 else np.asarray(m, dtype=dtype)
+                         for m in zoneout_masks]
+        zoneout_masks = [float(m) if m is not None and np.ndim(m) == 0 else m for m in zoneout_masks]
     extras = _extras(params)
     weights = [[_weight(params.get(name)) for name in _names(layer, direction, extras)]
                for layer in range(num_layers) for direction in range(D)]
     output, h_n, c_n, core = _core.rnn_forward(
         mode, x, h0, c0, weights, num_layers, bidirectional, proj_size, lengths,
         dropout_masks, bool(training), float(alpha), leak, noise, float(layer_norm_eps),
-        recurrent_dropout_masks)
+        recurrent_dropout_masks, zoneout_masks)
     cache = None
     if core is not None:
         shapes = {name: np.shape(params[name]) for name in params}

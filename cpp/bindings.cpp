@@ -384,9 +384,6 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
 
   // Recurrent dropout: kept alive with the cache, as backward reads the masks again.
   if (!rec_masks_obj.is_none()) {
-    if (!s.training)
-      throw py::value_error("recurrent_dropout_masks: recurrent dropout is for training; pass "
-                            "training=True or no masks");
     auto rec = checked<Real>(rec_masks_obj, "recurrent_dropout_masks", {LD, s.N, s.H_out()});
     for (int64_t i = 0; i < LD; ++i) params[i].rec_mask = rec.data() + i * s.N * s.H_out();
     rc->keep_alive.push_back(rec);
@@ -649,7 +646,7 @@ void register_rnn(py::module_& m) {
       "((L*D, T, N, H) added to each step's state, or None). LN_LSTM: per layer-direction "
       "[W_ih, W_hh, None, None, None, ln_gates_weight, ln_gates_bias, ln_cell_weight, "
       "ln_cell_bias] and layer_norm_eps. recurrent_dropout_masks: (L*D, N, H_out) multiplying h "
-      "where it enters the recurrent product (training only), or None. zoneout_masks: "
+      "where it enters the recurrent product, or None. zoneout_masks: "
       "(m_h, m_c), each None, a probability (eval) or (L*D, T, N, width) masks, 1 keeping the "
       "old value. "
       "Returns (y, h_n, c_n or None, cache or None).");

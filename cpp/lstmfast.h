@@ -296,7 +296,7 @@ struct Params {
   const Real* ln_c_w = nullptr;  // ln_cell_weight_l{k}[_reverse]: [H]
   const Real* ln_c_b = nullptr;  // ln_cell_bias_l{k}[_reverse]: [H]
   const Real* rec_mask = nullptr;  // [N, H_out] recurrent dropout mask (LayerWeights::rec_mask);
-                                   //   all layer-directions or none; training only
+                                   //   all layer-directions or none
   const Real* zone_h = nullptr;    // [T, N, H_out] zoneout masks (LayerWeights::zone_h), all or none
   const Real* zone_c = nullptr;    // [T, N, H] (LSTM)
 };

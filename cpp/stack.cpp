@@ -137,14 +137,15 @@ void check_layer_norms(const Params<Real>* params, const StackShape& s) {
   }
 }
 
-// Recurrent dropout masks: every layer-direction or none, training with float weights.
+// Recurrent dropout masks: every layer-direction or none, with float weights.
 template <typename Real>
 void check_recurrent_dropout(const Params<Real>* params, const StackShape& s) {
   const bool masked = params[0].rec_mask != nullptr;
   for (int64_t i = 0; i < s.L * s.D; ++i)
     require((params[i].rec_mask != nullptr) == masked,
             "recurrent dropout masks must be given for every layer and direction or none");
-  require(!masked || s.training, "recurrent dropout masks are for training (training=True)");
+  require(!masked || params[0].W_hh_r == nullptr,
+          "recurrent dropout is not supported with reduced-precision weights");
 }
 
 // Zoneout: masks for every layer-direction or none, for h of LSTM, GRU and RNN and c of
@@ -595,6 +596,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       }
       if (!training) {
         scratch[d].h = cv.take<Real>(2 * N * H_out);
+        if (rec_masked) scratch[d].hm = cv.take<Real>(2 * N * H_out);
         if (cell_state) scratch[d].c = cv.take<Real>(2 * N * H);
         if (P) scratch[d].m = cv.take<Real>(N * H);
       }

@@ -76,12 +76,14 @@ def test_masks_are_checked():
     with pytest.raises(ValueError, match=r"recurrent_dropout_masks: expected shape \(1, 9, 13\)"):
         _fused.forward(case.mode, case.x, case.hx, case.params, training=True,
                        recurrent_dropout_masks=mask[:, :5], **case.kwargs)
-    with pytest.raises(ValueError, match="recurrent dropout is for training"):
-        _fused.forward(case.mode, case.x, case.hx, case.params, training=False,
-                       recurrent_dropout_masks=mask, **case.kwargs)
-    # the reference applies masks whenever given; the kernels take them in training only
-    reference.forward(case.mode, case.x, case.hx, case.params, recurrent_dropout_masks=mask,
-                      **case.kwargs)
+    # masks apply whenever given, in inference too (the caller decides: training mode)
+    for backend in (_fused, reference):
+        for training in (False, True):
+            out = backend.forward(case.mode, case.x, case.hx, case.params, training=training,
+                                  recurrent_dropout_masks=mask, **case.kwargs)[0]
+            expected = reference.forward(case.mode, case.x, case.hx, case.params,
+                                         recurrent_dropout_masks=mask, **case.kwargs)[0]
+            assert_close(out, expected, "output")
 
 
 def test_weight_gradient_uses_the_masked_h():

@@ -45,7 +45,7 @@ def rnn_forward(
     leak: Literal["outside", "inside"] = "outside",  # CTRNN
     noise: Optional[npt.NDArray[_Float]] = None,  # CTRNN: (L*D, T, N, H) added to each step's state
     layer_norm_eps: float = 1e-5,  # LN_LSTM
-    recurrent_dropout_masks: Optional[npt.NDArray[_Float]] = None,  # (L*D, N, H_out), training only
+    recurrent_dropout_masks: Optional[npt.NDArray[_Float]] = None,  # (L*D, N, H_out)
     zoneout_masks: Optional[Sequence[object]] = None,  # (m_h, m_c): None, a probability or (L*D, T, N, width)
 ) -> tuple[npt.NDArray[_Float], npt.NDArray[_Float], Optional[npt.NDArray[_Float]], Optional[RnnCache]]:
     """Returns (output (T, N, D*H_out), h_n, c_n or None, cache or None)."""

@@ -315,6 +315,78 @@ def _torch_ln_lstm_stack(s, x, h0, c0, masks, *weights):
     return layer_input, torch.stack(h_n), torch.stack(c_n)
 
 
+def _torch_regularized_stack(s, x, h0, c0, masks, *weights):
+    """An LSTM (projection included), GRU or RNN stack with recurrent dropout and zoneout
+    (VARIANTS.md C) as a loop of torch ops, with _torch_peephole_stack's contract and
+    handling of lengths; the masks, s["cell_options"] (as the backends take them), are
+    constants."""
+    w = dict(zip(s["names"], weights))
+    options = s["cell_options"]
+    rec = options.get("recurrent_dropout_masks")
+    zone = options.get("zoneout_masks") or (None, None)
+    mode = s["mode"]
+    D = 2 if s["bidirectional"] else 1
+    T = x.shape[0]
+    lengths = None if s["lengths"] is None else torch.as_tensor(s["lengths"], device=x.device)
+    h_n, c_n = [], []
+    layer_input = x
+
+    def factor(m, k, t):
+        return None if m is None else m if not isinstance(m, torch.Tensor) else m[k, t]
+
+    for layer in range(s["num_layers"]):
+        if layer > 0 and masks.numel():
+            layer_input = layer_input * masks[layer - 1]
+        outputs = []
+        for d in range(D):
+            k = layer * D + d
+            sfx = f"_l{layer}" + ("_reverse" if d else "")
+            h = h0[k]
+            c = c0[k] if mode == "LSTM" else None
+            b_ih, b_hh = w.get("bias_ih" + sfx), w.get("bias_hh" + sfx)
+            steps = [None] * T
+            for t in (reversed(range(T)) if d else range(T)):
+                h_rec = h if rec is None else h * rec[k]
+                gi = layer_input[t] @ w["weight_ih" + sfx].T
+                gh = h_rec @ w["weight_hh" + sfx].T
+                if b_ih is not None:
+                    gi, gh = gi + b_ih, gh + b_hh
+                c_next = None
+                if mode == "LSTM":
+                    i, f, g, o = (gi + gh).chunk(4, 1)
+                    c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h_next = torch.sigmoid(o) * torch.tanh(c_next)
+                    if s["proj_size"]:
+                        h_next = h_next @ w["weight_hr" + sfx].T
+                elif mode == "GRU":
+                    i_r, i_z, i_n = gi.chunk(3, 1)
+                    h_r, h_z, h_n_ = gh.chunk(3, 1)
+                    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+                    n = torch.tanh(i_n + r * h_n_)
+                    h_next = (1 - z) * n + z * h
+                else:
+                    a = gi + gh
+                    h_next = torch.relu(a) if mode == "RNN_RELU" else torch.tanh(a)
+                m_h, m_c = factor(zone[0], k, t), factor(zone[1], k, t)
+                if m_h is not None:
+                    h_next = m_h * h + (1 - m_h) * h_next
+                if m_c is not None and c is not None:
+                    c_next = m_c * c + (1 - m_c) * c_next
+                if lengths is None:
+                    steps[t], h, c = h_next, h_next, c_next
+                else:
+                    running = (t < lengths)[:, None]
+                    steps[t] = torch.where(running, h_next, torch.zeros_like(h_next))
+                    h = torch.where(running, h_next, h)
+                    if c is not None:
+                        c = torch.where(running, c_next, c)
+            outputs.append(torch.stack(steps))
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = torch.cat(outputs, 2)
+    return layer_input, torch.stack(h_n), (torch.stack(c_n) if mode == "LSTM" else None)
+
+
 def _torch_stack(s, x, h0, c0, masks, *weights):
     """The stack of ``_RecurrentFunction`` computed layer by layer with torch's own
     kernels, the same dropout masks included (for double backward)."""
@@ -324,6 +396,8 @@ def _torch_stack(s, x, h0, c0, masks, *weights):
         return _torch_ln_lstm_stack(s, x, h0, c0, masks, *weights)
     if s["mode"].startswith("CTRNN"):
         return _torch_ctrnn_stack(s, x, h0, c0, masks, *weights)
+    if s.get("cell_options"):
+        return _torch_regularized_stack(s, x, h0, c0, masks, *weights)
     is_lstm = s["mode"] == "LSTM"
     D = 2 if s["bidirectional"] else 1
     per_layer = len(weights) // s["num_layers"]
@@ -355,6 +429,19 @@ def _torch_stack(s, x, h0, c0, masks, *weights):
     return layer_input, torch.cat(h_n), (torch.cat(c_n) if is_lstm else None)
 
 
+def _numpy_options(options):
+    """A backend's extra keyword arguments (settings["cell_options"]) with tensors, alone
+    or in a pair (zoneout's), as arrays."""
+    def as_numpy(value):
+        if isinstance(value, torch.Tensor):
+            return _as_numpy(value.detach().contiguous())
+        if isinstance(value, tuple):
+            return tuple(as_numpy(v) for v in value)
+        return value
+
+    return {key: as_numpy(value) for key, value in (options or {}).items()}
+
+
 def _stack_step(settings, x, h0, c0, masks, weights):
     """The whole stack on the backend: output, h_n, c_n (an empty tensor but for
     LSTM) as tensors, and the cache (None unless settings["keep_for_backward"])."""
@@ -363,9 +450,7 @@ def _stack_step(settings, x, h0, c0, masks, weights):
               for name, w in zip(settings["names"], weights)}
     hx = (_as_numpy(h0), _as_numpy(c0)) if is_lstm else _as_numpy(h0)
     dropout_masks = list(_as_numpy(masks)) if masks.numel() else None
-    options = dict(settings.get("cell_options") or {})
-    if options.get("noise") is not None:
-        options["noise"] = _as_numpy(options["noise"])
+    options = _numpy_options(settings.get("cell_options"))
     output, h_n, c_n, cache = settings["backend"].forward(
         settings["mode"], _as_numpy(x), hx, params,
         num_layers=settings["num_layers"], bidirectional=settings["bidirectional"],
@@ -422,6 +507,14 @@ def _packed_rows(batch_sizes, N):
     return inside.reshape(-1).nonzero().squeeze(1), inside.sum(0).numpy().astype(np.int64)
 
 
+def _set_regularizers(module, recurrent_dropout, zoneout):
+    from .modules import _check_probability, _check_zoneout
+
+    module.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout,
+                                                  upper_open=True)
+    module.zoneout = _check_zoneout(zoneout, "LSTM" if module.mode == "LSTM" else "GRU")
+
+
 class _FastRNNMixin:
     """The forward shared by the three layer classes; the rest is torch's nn.RNNBase.
 
@@ -433,13 +526,32 @@ class _FastRNNMixin:
     _lstmfast_backend = "fused"
     _lstmfast_quantized = False  # QuantizedLSTM / QuantizedGRU: int8 weights, inference only
     _lstmfast_autocast = True  # bfloat16 autocast runs on the bfloat16 weights path
+    recurrent_dropout = 0.0  # set by the constructors of LSTM, GRU and RNN (VARIANTS.md C)
+    zoneout = (0.0, 0.0)
 
-    def forward(self, input, hx=None):  # noqa: A002  (torch's argument name)
+    def forward(self, input, hx=None, *, recurrent_dropout_mask=None,  # noqa: A002
+                zoneout_mask=None):
+        given = None
+        if recurrent_dropout_mask is not None or zoneout_mask is not None:
+            given = {"recurrent_dropout_mask": recurrent_dropout_mask, "zoneout_mask": zoneout_mask}
         if torch.compiler.is_exporting():
-            return self._torch_forward(input, hx)
-        return _fused_layer_forward(self, input, hx)
+            return self._torch_forward(input, hx, given)
+        return _fused_layer_forward(self, input, hx, given)
+
+    def _regularized(self, given):
+        return bool(self.recurrent_dropout or any(self.zoneout) or given)
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        if self.recurrent_dropout:
+            s += f", recurrent_dropout={self.recurrent_dropout}"
+        if any(self.zoneout):
+            s += f", zoneout={self.zoneout}"
+        return s
 
     def _torch_forward(self, input, hx, given=None):
+        if self._regularized(given):  # torch has no recurrent dropout or zoneout
+            return _torch_loop_forward(self, input, hx, _torch_regularized_stack, given)
         return self._lstmfast_torch_class.forward(self, input, hx)
 
     @property
@@ -448,9 +560,47 @@ class _FastRNNMixin:
         return self.mode
 
     def _lstmfast_cell_options(self, T, N, like, given):
-        """Keyword arguments of the backend forward beyond torch's (a CTRNN's), from
-        ``given``, what the caller passed beyond torch's arguments."""
-        return None
+        """Keyword arguments of the backend forward beyond torch's, from ``given``, what
+        the caller passed beyond torch's arguments: here recurrent dropout's and
+        zoneout's masks (given, or drawn from torch's generator in training), or
+        zoneout's probabilities (eval); a variant's own otherwise."""
+        if not self._regularized(given):
+            return None
+        given = given or {}
+        LD = self.num_layers * (2 if self.bidirectional else 1)
+        H = self.hidden_size
+        H_out = self.proj_size if self.proj_size > 0 else H
+        options = {}
+
+        def checked(name, value, shape):
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{name}: expected a tensor of shape {shape}, got {got}")
+            if not self.training:
+                raise ValueError(f"{name}: given in eval mode, where there is no mask")
+            return value.detach().to(like.dtype)
+
+        rec = given.get("recurrent_dropout_mask")
+        if rec is not None:
+            options["recurrent_dropout_masks"] = checked("recurrent_dropout_mask", rec, (LD, N, H_out))
+        elif self.training and self.recurrent_dropout > 0:
+            keep = 1.0 - self.recurrent_dropout
+            options["recurrent_dropout_masks"] = like.new_full((LD, N, H_out), keep).bernoulli() / keep
+        zone = given.get("zoneout_mask")
+        if zone is not None:
+            if not isinstance(zone, (tuple, list)) or len(zone) != 2:
+                raise ValueError("zoneout_mask: expected a pair (m_h, m_c)")
+            options["zoneout_masks"] = tuple(
+                None if m is None else checked(f"zoneout_mask[{i}]", m, (LD, T, N, width))
+                for i, (m, width) in enumerate(zip(zone, (H_out, H))))
+        elif any(self.zoneout):
+            if self.training:
+                options["zoneout_masks"] = tuple(
+                    like.new_full((LD, T, N, width), p).bernoulli() if p else None
+                    for p, width in zip(self.zoneout, (H_out, H)))
+            else:
+                options["zoneout_masks"] = tuple(p or None for p in self.zoneout)
+        return options or None
 
     def _lstmfast_weights(self):
         """The weights for _layer_forward_on: the flat weights, their names, and
@@ -569,9 +719,19 @@ def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False, g
         "keep_for_backward": needs_grad,
     }
     options = settings["cell_options"]
-    if packed and sorted_indices is not None and options and options.get("noise") is not None:
-        # the noise's rows are in the caller's batch order; x's here in the packed order
-        settings["cell_options"] = dict(options, noise=options["noise"].index_select(2, sorted_indices))
+    if packed and sorted_indices is not None and options:
+        # masks and noise have their rows in the caller's batch order; x's here is the packed order
+        def to_packed_order(value, dim):
+            return value.index_select(dim, sorted_indices) if isinstance(value, torch.Tensor) else value
+
+        options = dict(options)
+        if options.get("noise") is not None:
+            options["noise"] = to_packed_order(options["noise"], 2)
+        if options.get("recurrent_dropout_masks") is not None:
+            options["recurrent_dropout_masks"] = to_packed_order(options["recurrent_dropout_masks"], 1)
+        if options.get("zoneout_masks") is not None:
+            options["zoneout_masks"] = tuple(to_packed_order(m, 2) for m in options["zoneout_masks"])
+        settings["cell_options"] = options
     if needs_grad:
         out, h_n, c_n = _RecurrentFunction.apply(settings, x, h0, c0, masks, *weights)
     else:  # nothing to differentiate: the kernels alone, no autograd node
@@ -684,21 +844,39 @@ def _autocast_dtypes(mode, proj_size, input_dtype):
 
 
 class LSTM(_FastRNNMixin, nn.LSTM):
-    """``torch.nn.LSTM`` computed by lstmfast's fused kernels."""
+    """``torch.nn.LSTM`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
+    ``zoneout`` (a probability, or (p_h, p_c) for h and c)
+    add the regularizers of VARIANTS.md C (``lstmfast.LSTM``'s)."""
 
     _lstmfast_torch_class = nn.LSTM
 
+    def __init__(self, *args, recurrent_dropout=0.0, zoneout=0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        _set_regularizers(self, recurrent_dropout, zoneout)
+
 
 class GRU(_FastRNNMixin, nn.GRU):
-    """``torch.nn.GRU`` computed by lstmfast's fused kernels."""
+    """``torch.nn.GRU`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
+    ``zoneout`` (a probability, or (p_h, p_c), p_c 0)
+    add the regularizers of VARIANTS.md C (``lstmfast.GRU``'s)."""
 
     _lstmfast_torch_class = nn.GRU
 
+    def __init__(self, *args, recurrent_dropout=0.0, zoneout=0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        _set_regularizers(self, recurrent_dropout, zoneout)
+
 
 class RNN(_FastRNNMixin, nn.RNN):
-    """``torch.nn.RNN`` computed by lstmfast's fused kernels."""
+    """``torch.nn.RNN`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
+    ``zoneout`` (a probability, or (p_h, p_c), p_c 0)
+    add the regularizers of VARIANTS.md C (``lstmfast.RNN``'s)."""
 
     _lstmfast_torch_class = nn.RNN
+
+    def __init__(self, *args, recurrent_dropout=0.0, zoneout=0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        _set_regularizers(self, recurrent_dropout, zoneout)
 
 
 def _int8_weight(qweight):
@@ -789,12 +967,18 @@ class PeepholeLSTM(LSTM):
     _lstmfast_autocast = False  # torch's loop under autocast, as for torch's own ops
 
     def __init__(self, *args, **kwargs):
+        if kwargs.get("recurrent_dropout") or kwargs.get("zoneout"):
+            raise ValueError("PeepholeLSTM: recurrent_dropout and zoneout are not supported in "
+                             "lstmfast.torch yet (lstmfast.LSTM(peephole=True) has them)")
         super().__init__(*args, **kwargs)
         bound = 1.0 / self.hidden_size ** 0.5
         like = self.weight_ih_l0
         for name in self._peephole_names():
             self.register_parameter(name, nn.Parameter(
                 torch.empty(self.hidden_size, dtype=like.dtype, device=like.device).uniform_(-bound, bound)))
+
+    def forward(self, input, hx=None):  # noqa: A002  (torch's; no regularizer masks here)
+        return super().forward(input, hx)
 
     def _peephole_names(self):
         return [f"weight_c{gate}_l{k}{suffix}" for k in range(self.num_layers)
@@ -896,6 +1080,9 @@ class LayerNormLSTM(LSTM):
             fill = 1.0 if "_weight_" in name else 0.0
             self.register_parameter(name, nn.Parameter(
                 torch.full((width,), fill, dtype=like.dtype, device=like.device)))
+
+    def forward(self, input, hx=None):  # noqa: A002  (torch's; no regularizer masks here)
+        return super().forward(input, hx)
 
     def _layer_norm_names(self):
         return [f"ln_{part}_l{k}{suffix}" for k in range(self.num_layers)

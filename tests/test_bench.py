@@ -324,7 +324,8 @@ def test_variants_time_every_variant_after_checking_it(tmp_path, capsys, monkeyp
     assert rc == 0
     rows = json.loads(out_json.read_text())["results"]
     assert {(r["variant"], r["mode"]) for r in rows} == {
-        (v, m) for v in ("peephole", "ln_lstm", "ctrnn") for m in ("inference", "training")}
+        (v, m) for v in ("peephole", "ln_lstm", "ctrnn") for m in ("inference", "training")} | {
+        ("rec_dropout", "training"), ("zoneout", "training")}
     for row in rows:
         assert row["max_rel_diff"] <= 1e-4
         assert set(row["seconds"]) == {"torch loop", "lstmfast", "plain"}

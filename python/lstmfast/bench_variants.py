@@ -13,7 +13,13 @@ every gradient), three implementations are timed in interleaved blocks
   LSTM: torchaudio's RNN-T ``_CustomLSTM(layer_norm=True)``, itself when torchaudio
   imports, else its code transcribed, ``CustomLSTMLoop``);
 * ``lstmfast``: the variant's lstmfast.torch module (fused forward and BPTT);
-* ``plain``: lstmfast.torch's plain layer of the same shape (LSTM; RNN for the CTRNN).
+  for the regularizers (VARIANTS.md C): a loop over ``nn.LSTMCell`` with one recurrent
+  dropout mask on h per sequence, and ESPnet's ZoneOutCell around ``nn.LSTMCell``);
+* ``plain``: lstmfast.torch's plain layer of the same shape (LSTM; RNN for the CTRNN;
+  the LSTM without the regularizer for the regularizers).
+
+The regularizers are timed in training mode, each implementation drawing its own masks
+every call; they are checked with the same masks given to both.
 
 This module imports torch; ``lstmfast.bench`` imports it only for ``--variants``.
 """
@@ -177,6 +183,103 @@ def _ln_lstm_modules(s):
 _LN_LSTM_NAMES = {"module." + key: name + "_l0" for key, name in
                   lstmfast.interop.TORCHAUDIO_LSTM_KEYS.items()}
 
+class _Regularized(nn.Module):
+    """A module whose forward may run with masks fixed by the check (``fixed``: the masks
+    as lstmfast.torch's forward takes them), else draws its own in training."""
+
+    fixed = None
+
+
+class RecurrentDropoutLoop(_Regularized):
+    """Variational (Gal & Ghahramani) recurrent dropout as users write it: a loop over
+    nn.LSTMCell, one mask on h per sequence, kept for every step."""
+
+    def __init__(self, input_size, hidden_size, p):
+        super().__init__()
+        self.cell = nn.LSTMCell(input_size, hidden_size)
+        self.p = p
+
+    def forward(self, x):
+        N, H = x.shape[1], self.cell.hidden_size
+        h = c = x.new_zeros(N, H)
+        mask = None
+        if self.fixed is not None:
+            mask = self.fixed["recurrent_dropout_mask"][0]
+        elif self.training:
+            mask = x.new_full((N, H), 1 - self.p).bernoulli() / (1 - self.p)
+        outputs = []
+        for x_t in x:
+            h, c = self.cell(x_t, (h if mask is None else h * mask, c))
+            outputs.append(h)
+        return torch.stack(outputs), (h, c)
+
+
+class ZoneoutLoop(_Regularized):
+    """ESPnet's ZoneOutCell (Tacotron 2's decoders) around nn.LSTMCell, stepped over the
+    sequence: masks fresh each step, 1 keeps the old value; the expectation in eval."""
+
+    def __init__(self, input_size, hidden_size, p):
+        super().__init__()
+        self.cell = nn.LSTMCell(input_size, hidden_size)
+        self.p = p
+
+    def _zoneout(self, old, new, mask):
+        if mask is not None:
+            return mask * old + (1 - mask) * new
+        if self.training:
+            mask = old.new_empty(old.shape).bernoulli_(self.p)
+            return mask * old + (1 - mask) * new
+        return self.p * old + (1 - self.p) * new
+
+    def forward(self, x):
+        N, H = x.shape[1], self.cell.hidden_size
+        h = c = x.new_zeros(N, H)
+        outputs = []
+        for t, x_t in enumerate(x):
+            h_new, c_new = self.cell(x_t, (h, c))
+            masks = (None, None) if self.fixed is None else (
+                self.fixed["zoneout_mask"][0][0, t], self.fixed["zoneout_mask"][1][0, t])
+            h, c = self._zoneout(h, h_new, masks[0]), self._zoneout(c, c_new, masks[1])
+            outputs.append(h)
+        return torch.stack(outputs), (h, c)
+
+
+class _Ours(_Regularized):
+    """lstmfast.torch.LSTM with a regularizer, given the check's masks when fixed."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.lstm = layer
+
+    def forward(self, x):
+        return self.lstm(x, **(self.fixed or {}))
+
+
+def _regularizer_modules(loop_cls, p, options):
+    def make(s):
+        loop = loop_cls(s["I"], s["H"], p)
+        ours = _Ours(lstmfast.torch.LSTM(s["I"], s["H"], **options))
+        with torch.no_grad():
+            for theirs, mine in _CELL_NAMES.items():
+                ours.get_parameter(mine).copy_(loop.get_parameter(theirs))
+        return loop, ours, lstmfast.torch.LSTM(s["I"], s["H"])
+    return make
+
+
+def _check_masks(option, s):
+    """The same masks for both implementations during the check."""
+    generator = torch.Generator().manual_seed(2)
+    if option == "recurrent_dropout":
+        keep = (torch.rand(1, s["N"], s["H"], generator=generator) >= 0.25).float()
+        return {"recurrent_dropout_mask": keep / 0.75}
+    shape = (1, s["T"], s["N"], s["H"])
+    return {"zoneout_mask": tuple((torch.rand(shape, generator=generator) < 0.1).float()
+                                  for _ in range(2))}
+
+
+_CELL_NAMES = {"cell.weight_ih": "lstm.weight_ih_l0", "cell.weight_hh": "lstm.weight_hh_l0",
+               "cell.bias_ih": "lstm.bias_ih_l0", "cell.bias_hh": "lstm.bias_hh_l0"}
+
 VARIANTS = {
     "peephole": {
         "describe": "peephole LSTM (VARIANTS.md A)",
@@ -195,6 +298,22 @@ VARIANTS = {
         "sizes": {"full": dict(T=100, N=16, I=3, H=64), "tiny": dict(T=4, N=2, I=3, H=5)},
         "modules": _ctrnn_modules,
         "loop_names": _CTRNN_NAMES,
+    },
+    "rec_dropout": {
+        "describe": "LSTM with recurrent dropout 0.25 (VARIANTS.md C), one mask per sequence",
+        "sizes": {"full": dict(T=100, N=16, I=256, H=256), "tiny": dict(T=4, N=2, I=3, H=5)},
+        "modules": _regularizer_modules(RecurrentDropoutLoop, 0.25, {"recurrent_dropout": 0.25}),
+        "loop_names": _CELL_NAMES,
+        "modes": ("training",),
+        "check_masks": lambda s: _check_masks("recurrent_dropout", s),
+    },
+    "zoneout": {
+        "describe": "LSTM with zoneout (0.1, 0.1) (VARIANTS.md C), ESPnet's convention",
+        "sizes": {"full": dict(T=100, N=16, I=256, H=256), "tiny": dict(T=4, N=2, I=3, H=5)},
+        "modules": _regularizer_modules(ZoneoutLoop, 0.1, {"zoneout": (0.1, 0.1)}),
+        "loop_names": _CELL_NAMES,
+        "modes": ("training",),
+        "check_masks": lambda s: _check_masks("zoneout", s),
     },
 }
 
@@ -239,13 +358,16 @@ def measure(name, threads, modes, rounds, min_time, tiny):
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(sizes["T"], sizes["N"], sizes["I"], generator=generator)
     upstream = torch.randn(sizes["T"], sizes["N"], sizes["H"], generator=generator)
+    if "check_masks" in spec:
+        loop.fixed = ours.fixed = spec["check_masks"](sizes)
     error = check(loop, ours, x, upstream, spec["loop_names"])
+    loop.fixed = ours.fixed = None
     row_base = {"variant": name, "sizes": sizes, "max_rel_diff": error}
     if error > AGREEMENT_RTOL:
         return [dict(row_base, refused=True)]
     rows = []
     for t in threads:
-        for mode in modes:
+        for mode in (m for m in modes if m in spec.get("modes", MODES)):
             runners = {impl: _runner(m, x, upstream, mode)
                        for impl, m in (("torch loop", loop), ("lstmfast", ours), ("plain", plain))}
             seconds = bench.time_interleaved(runners, t, rounds, min_time, torch, None)
@@ -284,11 +406,13 @@ def run(names, threads, rounds, min_time, modes=MODES, tiny=False, json_path=Non
               f"{row['speedup']:7.2f}x {row['cost']:8.2f}x")
     print()
     print("vs loop: the torch loop's time over lstmfast's (above 1x: lstmfast faster); vs plain: "
-          "lstmfast's variant\nover lstmfast's plain layer (LSTM; RNN for ctrnn) at the same shape "
+          "lstmfast's variant\nover lstmfast's plain layer (LSTM; RNN for ctrnn; the LSTM without the "
+          "regularizer) at the same shape "
           "(what the variant costs). "
           "Output and every\nparameter gradient agree with the loop's to "
-          + ", ".join(f"{r['max_rel_diff']:.1g}" for r in rows if "threads" in r and r["threads"] == threads[0]
-                      and r["mode"] == modes[0]) + " (relative), checked before timing.")
+          + ", ".join(f"{name} {diff:.1g}" for name, diff in
+                      {r["variant"]: r["max_rel_diff"] for r in rows}.items())
+          + " (relative), checked before timing.")
     if json_path:
         with open(json_path, "w") as f:
             json.dump({"config": config, "results": rows}, f, indent=2, default=float)

@@ -190,3 +190,56 @@ def test_weight_dropout_of_fastai_replaces_weight_hh_before_each_forward():
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert ours.weight_hh_l0_raw.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_cells_zone_out_as_espnet_zoneout_cell(kind):
+    """A decoder stepping the cell in a loop (Tacotron 2): ESPnet's ZoneOutCell around
+    torch's cell, with the same masks, forward and every gradient; and eval's expectation."""
+    torch.manual_seed(8)
+    ours = getattr(lt, kind)(4, 5, zoneout=(0.2, 0.3) if kind == "LSTMCell" else 0.2).double()
+    theirs = getattr(torch.nn, kind)(4, 5).double()
+    theirs.load_state_dict(ours.state_dict())
+    is_lstm = kind == "LSTMCell"
+    x = torch.randn(6, 3, 4, dtype=torch.float64, requires_grad=True)
+    generator = torch.Generator().manual_seed(9)
+    masks = [tuple((torch.rand(3, 5, generator=generator, dtype=torch.float64) < 0.25).double()
+                   if i == 0 or is_lstm else None for i in range(2)) for _ in range(6)]
+
+    def run(cell, espnet):
+        state = None
+        outputs = []
+        for t in range(6):
+            if espnet:
+                old = state if state is not None else (
+                    (x.new_zeros(3, 5),) * 2 if is_lstm else x.new_zeros(3, 5))
+                new = cell(x[t], state)
+                if is_lstm:
+                    state = tuple(m * o + (1 - m) * n for m, o, n in zip(masks[t], old, new))
+                else:
+                    state = masks[t][0] * old + (1 - masks[t][0]) * new
+            else:
+                state = cell(x[t], state, zoneout_mask=masks[t])
+            outputs.append(state[0] if is_lstm else state)
+        return torch.stack(outputs)
+
+    results = []
+    for cell, espnet in ((ours, False), (theirs, True)):
+        x.grad = None
+        cell.zero_grad()
+        out = run(cell, espnet)
+        out.square().sum().backward()
+        results.append([out.detach(), x.grad.clone()] + [p.grad.clone() for p in cell.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    ours.eval()
+    with torch.no_grad():
+        h = torch.randn(3, 5, dtype=torch.float64)
+        state = (h, torch.randn(3, 5, dtype=torch.float64)) if is_lstm else h
+        new = theirs(x[0], state)
+        got = ours(x[0], state)
+        if is_lstm:
+            for g, n, o, p in zip(got, new, state, ours.zoneout):
+                torch.testing.assert_close(g, p * o + (1 - p) * n)
+        else:
+            torch.testing.assert_close(got, 0.2 * state + 0.8 * new)

@@ -1315,15 +1315,64 @@ class _FastCellMixin:
     """
 
     _lstmfast_backend = "fused"
+    zoneout = (0.0, 0.0)  # set by the constructors (VARIANTS.md C)
 
-    def forward(self, input, hx=None):  # noqa: A002  (torch's argument name)
+    def __init__(self, *args, zoneout=0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        from .modules import _check_zoneout
+
+        self.zoneout = _check_zoneout(zoneout, "LSTM" if isinstance(self, nn.LSTMCell) else "GRU")
+
+    def forward(self, input, hx=None, *, zoneout_mask=None):  # noqa: A002  (torch's name)
         if torch.compiler.is_exporting():
-            return self._lstmfast_torch_class.forward(self, input, hx)
-        return _fused_cell_forward(self, input, hx)
+            result = self._lstmfast_torch_class.forward(self, input, hx)
+        else:
+            result = _fused_cell_forward(self, input, hx)
+        if zoneout_mask is None and not any(self.zoneout):
+            return result
+        return _zoneout_cell_step(self, input, hx, result, zoneout_mask)
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        return s + (f", zoneout={self.zoneout}" if any(self.zoneout) else "")
 
     def __prepare_scriptable__(self):
         """``torch.jit.script`` compiles torch's class on the same parameters."""
+        if any(self.zoneout):
+            raise TypeError(f"{type(self).__name__} with zoneout cannot be scripted: torch's cell "
+                            "has none; use torch.jit.trace")
         return _as_class(self, self._lstmfast_torch_class)
+
+
+def _zoneout_cell_step(cell, input, hx, result, given):
+    """Zoneout of one cell step (VARIANTS.md C, ESPnet's ZoneOutCell: the convention of
+    Tacotron 2's decoders): each unit keeps its old value with a mask drawn each call
+    in training (1 keeps it), or given as ``zoneout_mask=(m_h, m_c)`` (training only),
+    and with the probability's weight in eval: new = m old + (1 - m) new. Torch ops on
+    the cell's result, so autograd takes the identity path too."""
+    is_lstm = isinstance(cell, nn.LSTMCell)
+    new = tuple(result) if is_lstm else (result,)
+    if hx is None:
+        old = tuple(torch.zeros_like(n) for n in new)
+    else:
+        old = tuple(hx) if is_lstm else (hx,)
+    if given is not None:
+        if not cell.training:
+            raise ValueError("zoneout_mask: given in eval mode, where there is no mask")
+        if not isinstance(given, (tuple, list)) or len(given) != 2:
+            raise ValueError("zoneout_mask: expected a pair (m_h, m_c), m_c None without c")
+        masks = tuple(given[:len(new)])
+        for name, m, n in zip(("zoneout_mask[0]", "zoneout_mask[1]"), masks, new):
+            if m is not None and (not isinstance(m, torch.Tensor) or m.shape != n.shape):
+                got = tuple(m.shape) if isinstance(m, torch.Tensor) else type(m).__name__
+                raise ValueError(f"{name}: expected a tensor of shape {tuple(n.shape)}, got {got}")
+    elif cell.training:
+        masks = tuple(torch.empty_like(n).bernoulli_(p) if p else None
+                      for p, n in zip(cell.zoneout, new))
+    else:
+        masks = tuple(p or None for p in cell.zoneout[:len(new)])
+    zoned = tuple(n if m is None else m * o + (1 - m) * n for m, o, n in zip(masks, old, new))
+    return zoned if is_lstm else zoned[0]
 
 
 @torch.compiler.disable  # as _fused_layer_forward

@@ -178,3 +178,47 @@ def test_zoneout_is_refused_where_the_kernels_lack_it():
     with pytest.raises(ValueError, match="probability must be in"):
         _fused.forward("LSTM", case.x, case.hx, case.params, num_layers=1, bidirectional=False,
                        zoneout_masks=(1.5, None))
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("backend", ["fused", "numpy"])
+def test_numpy_cells_zone_out_as_espnet_zoneout_cell(kind, backend):
+    """lstmfast's cells with zoneout against the same cell without it and ESPnet's
+    formula, new = m old + (1 - m) new, forward and backward; eval's expectation."""
+    import lstmfast
+
+    is_lstm = kind == "LSTMCell"
+    ours = getattr(lstmfast, kind)(3, 4, zoneout=(0.2, 0.3) if is_lstm else 0.2,
+                                   dtype="float64", backend=backend, seed=1)
+    plain = getattr(lstmfast, kind)(3, 4, dtype="float64", backend="numpy", seed=1)
+    plain.load_state_dict(ours.state_dict())
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3))
+    old = (rng.standard_normal((2, 4)), rng.standard_normal((2, 4)))
+    masks = ((rng.random((2, 4)) < 0.3) * 1.0, (rng.random((2, 4)) < 0.3) * 1.0)
+    if not is_lstm:
+        old, masks = old[:1], (masks[0], None)
+    got = ours(x, old if is_lstm else old[0], zoneout_mask=masks)
+    new = plain(x, old if is_lstm else old[0])
+    got, new = (got, new) if is_lstm else ((got,), (new,))
+    for g, n, o, m in zip(got, new, old, masks):
+        assert_close(g, m * o + (1 - m) * n, "zoned state")
+    # backward: (1 - m) of the gradient through the cell, m of it straight to the old state
+    grads = [rng.standard_normal((2, 4)) for _ in got]
+    back = ours.backward(*grads) if is_lstm else ours.backward(grads[0])
+    plain_back = plain.backward(*[(1 - m) * g for g, m in zip(grads, masks)]) if is_lstm else \
+        plain.backward((1 - masks[0]) * grads[0])
+    assert_close(back[0], plain_back[0], "grad x")
+    d_old = back[1] if is_lstm else (back[1],)
+    d_plain = plain_back[1] if is_lstm else (plain_back[1],)
+    for d, dp, g, m in zip(d_old, d_plain, grads, masks):
+        assert_close(d, dp + m * g, "grad of the old state")
+    for name in plain.grad:
+        assert_close(ours.grad[name], plain.grad[name], name)
+    ours.eval()
+    plain.eval()
+    got = ours(x, old if is_lstm else old[0])
+    new = plain(x, old if is_lstm else old[0])
+    got, new = (got, new) if is_lstm else ((got,), (new,))
+    for g, n, o, p in zip(got, new, old, ours.zoneout):
+        assert_close(g, p * o + (1 - p) * n, "eval expectation")

@@ -1094,8 +1094,11 @@ _CELL_TO_BACKEND = {"weight_ih": "weight_ih_l0", "weight_hh": "weight_hh_l0",
 class _CellBase(_Module):
     """One time step of one layer: the backend with T = 1, num_layers = 1."""
 
-    def __init__(self, mode, input_size, hidden_size, bias, dtype, backend, seed):
+    zoneout = (0.0, 0.0)
+
+    def __init__(self, mode, input_size, hidden_size, bias, dtype, backend, seed, zoneout=0.0):
         self._mode = mode
+        self.zoneout = _check_zoneout(zoneout, mode)
         self.input_size = _check_size("input_size", input_size)
         self.hidden_size = _check_size("hidden_size", hidden_size)
         self.bias = _check_flag("bias", bias)
@@ -1118,10 +1121,43 @@ class _CellBase(_Module):
         s = f"{self.input_size}, {self.hidden_size}"
         if self.bias is not True:
             s += f", bias={self.bias}"
+        if any(self.zoneout):
+            s += f", zoneout={self.zoneout}"
         return s + self._extra_repr_tail()
 
-    def forward(self, x, hx=None):
-        """``h1 = cell(x, h0)``; LSTMCell: ``h1, c1 = cell(x, (h0, c0))``, as torch."""
+    def _cell_zoneout(self, N, batched, given):
+        """The backend's zoneout_masks for one step: given ``(m_h, m_c)`` of the state's
+        shape (training only), drawn per call (training), the probabilities (eval), or None."""
+        if given is None and not any(self.zoneout):
+            return None
+        training = self._trains
+        if given is not None:
+            if not training:
+                raise ValueError("zoneout_mask: given in eval mode, where there is no mask")
+            if not isinstance(given, (tuple, list)) or len(given) != 2:
+                raise ValueError("zoneout_mask: expected a pair (m_h, m_c), m_c None without c")
+            if given[1] is not None and self._mode != "LSTM":
+                raise ValueError("zoneout_mask: m_c must be None for a cell without a cell state")
+            shape = (N, self.hidden_size) if batched else (self.hidden_size,)
+            masks = []
+            for name, m in (("zoneout_mask[0]", given[0]), ("zoneout_mask[1]", given[1])):
+                if m is None:
+                    masks.append(None)
+                    continue
+                m = self._as_input(name, m)
+                self._check_shape(name, m, shape)
+                masks.append(np.ascontiguousarray(m.reshape(1, 1, N, self.hidden_size)))
+            return tuple(masks)
+        if training:
+            return tuple(None if not p else (self._dropout_rng.random((1, 1, N, self.hidden_size))
+                                             < p).astype(self.dtype) for p in self.zoneout)
+        return tuple(p or None for p in self.zoneout)
+
+    def forward(self, x, hx=None, *, zoneout_mask=None):
+        """``h1 = cell(x, h0)``; LSTMCell: ``h1, c1 = cell(x, (h0, c0))``, as torch.
+        With ``zoneout`` (ESPnet's ZoneOutCell, VARIANTS.md C) each unit keeps its old
+        value where the mask (drawn per call in training, or ``zoneout_mask=(m_h, m_c)``
+        of the state's shape) is 1; eval takes the expectation."""
         x = self._as_input("x", x)
         if x.ndim not in (1, 2):
             raise ValueError(
@@ -1162,8 +1198,9 @@ class _CellBase(_Module):
                         f"got {_shape_str(a.shape)}")
                 states.append(np.ascontiguousarray(a[None] if batched else a[None, None]))
         hx_b = tuple(states) if self._mode == "LSTM" else states[0]
+        zoneout = self._cell_zoneout(N, batched, zoneout_mask) if N > 0 else None
         cell_forward = getattr(self._backend, "cell_forward", None)
-        if cell_forward is not None and N > 0:  # the lean path of the fused backend
+        if cell_forward is not None and N > 0 and zoneout is None:  # the lean path of the fused backend
             p = self._params
             training = self.training
             h_n, c_n, cache = cell_forward(
@@ -1174,10 +1211,11 @@ class _CellBase(_Module):
             calls.last_forward = "train" if training else "eval"
             calls.layout = (batched, N)
         else:
+            extra = {} if zoneout is None else {"zoneout_masks": zoneout}
             _, h_n, c_n = self._run_forward(
                 x_b, hx_b, self._backend_params(self._params), num_layers=1,
                 bidirectional=False, proj_size=0, lengths=None, dropout_masks=None,
-                layout=(batched, N))
+                layout=(batched, N), **extra)
         h1 = h_n[0] if batched else h_n[0, 0]
         if self._mode == "LSTM":
             return h1, (c_n[0] if batched else c_n[0, 0])
@@ -1214,8 +1252,8 @@ class LSTMCell(_CellBase):
     """One LSTM step, as ``torch.nn.LSTMCell``: ``h1, c1 = cell(x, (h0, c0))``."""
 
     def __init__(self, input_size, hidden_size, bias=True, dtype="float32", backend="fused",
-                 seed=None):
-        super().__init__("LSTM", input_size, hidden_size, bias, dtype, backend, seed)
+                 seed=None, *, zoneout=0.0):
+        super().__init__("LSTM", input_size, hidden_size, bias, dtype, backend, seed, zoneout)
 
     def backward(self, grad_h1, grad_c1=None):
         """``grad_x, (grad_h0, grad_c0)`` of the last training-mode step; adds into ``grad``."""
@@ -1226,8 +1264,8 @@ class GRUCell(_CellBase):
     """One GRU step, as ``torch.nn.GRUCell``: ``h1 = cell(x, h0)``."""
 
     def __init__(self, input_size, hidden_size, bias=True, dtype="float32", backend="fused",
-                 seed=None):
-        super().__init__("GRU", input_size, hidden_size, bias, dtype, backend, seed)
+                 seed=None, *, zoneout=0.0):
+        super().__init__("GRU", input_size, hidden_size, bias, dtype, backend, seed, zoneout)
 
     def backward(self, grad_h1):
         """``grad_x, grad_h0`` of the last training-mode step; adds into ``grad``."""
@@ -1238,13 +1276,13 @@ class RNNCell(_CellBase):
     """One Elman RNN step with tanh or ReLU, as ``torch.nn.RNNCell``: ``h1 = cell(x, h0)``."""
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh",
-                 dtype="float32", backend="fused", seed=None):
+                 dtype="float32", backend="fused", seed=None, *, zoneout=0.0):
         if nonlinearity not in _NONLINEARITIES:
             raise ValueError(
                 f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         super().__init__(_NONLINEARITIES[nonlinearity], input_size, hidden_size, bias, dtype,
-                         backend, seed)
+                         backend, seed, zoneout)
 
     def backward(self, grad_h1):
         """``grad_x, grad_h0`` of the last training-mode step; adds into ``grad``."""

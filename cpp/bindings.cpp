@@ -265,7 +265,7 @@ template <typename Real>
 py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle h0_obj,
                       py::handle c0_obj, py::handle weights_obj, py::handle lengths_obj,
                       py::handle masks_obj, py::handle noise_obj, py::handle rec_masks_obj,
-                      py::handle zoneout_obj) {
+                      py::handle zoneout_obj, py::handle zoneout_seed_obj) {
   const bool lstm = s.mode == lstmfast::Mode::LSTM;
   const bool cell_state = lstmfast::has_cell_state(s.mode);
   const int G = lstmfast::gates_of(s.mode);
@@ -413,6 +413,17 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
         (which == 0 ? params[i].zone_h : params[i].zone_c) = a.data() + i * s.T * s.N * widths[which];
       rc->keep_alive.push_back(a);
     }
+  }
+
+  if (!zoneout_seed_obj.is_none()) {
+    if (!py::isinstance<py::int_>(zoneout_seed_obj))
+      throw py::type_error("zoneout_seed: expected an int, got " + type_name(zoneout_seed_obj));
+    if (zoneout_obj.is_none() || params[0].zone_h || params[0].zone_c)
+      throw py::value_error("zoneout_seed: draws masks with the probabilities of zoneout_masks "
+                            "(numbers, not arrays)");
+    const uint64_t seed = zoneout_seed_obj.cast<uint64_t>();
+    s.zone_hashed = true;
+    for (int64_t i = 0; i < LD; ++i) params[i].zone_seed = lstmfast::zoneout_layer_seed(seed, i);
   }
 
   py::array_t<Real> y({s.T, s.N, s.D * s.H_out()});
@@ -603,7 +614,7 @@ void register_rnn(py::module_& m) {
          int64_t num_layers, bool bidirectional, int64_t proj_size, py::handle lengths,
          py::handle dropout_masks, bool training, double alpha, const std::string& leak,
          py::handle noise, double layer_norm_eps, py::handle recurrent_dropout_masks,
-         py::handle zoneout_masks) {
+         py::handle zoneout_masks, py::handle zoneout_seed) {
         lstmfast::StackShape s;
         s.mode = parse_mode(mode);
         if (leak != "outside" && leak != "inside")
@@ -628,10 +639,10 @@ void register_rnn(py::module_& m) {
         py::array xa = py::reinterpret_borrow<py::array>(x);
         if (xa.dtype().equal(py::dtype::of<float>()))
           return rnn_forward<float>(s, xa, h0, c0, weights, lengths, dropout_masks, noise,
-                                    recurrent_dropout_masks, zoneout_masks);
+                                    recurrent_dropout_masks, zoneout_masks, zoneout_seed);
         if (xa.dtype().equal(py::dtype::of<double>()))
           return rnn_forward<double>(s, xa, h0, c0, weights, lengths, dropout_masks, noise,
-                                     recurrent_dropout_masks, zoneout_masks);
+                                     recurrent_dropout_masks, zoneout_masks, zoneout_seed);
         throw py::type_error("x: expected dtype float32 or float64, got " +
                              std::string(py::str(xa.dtype())));
       },
@@ -640,6 +651,7 @@ void register_rnn(py::module_& m) {
       py::arg("dropout_masks"), py::arg("training"), py::arg("alpha") = 1.0,
       py::arg("leak") = "outside", py::arg("noise") = py::none(), py::arg("layer_norm_eps") = 1e-5,
       py::arg("recurrent_dropout_masks") = py::none(), py::arg("zoneout_masks") = py::none(),
+      py::arg("zoneout_seed") = py::none(),
       "Forward of a stack; weights: per layer-direction [W_ih, W_hh, b_ih, b_hh, W_hr] "
       "(None where absent), and for a peephole LSTM also [P_i, P_f, P_o]. "
       "CTRNN modes: alpha (dt / tau), leak ('outside' or 'inside') and noise "
@@ -648,7 +660,8 @@ void register_rnn(py::module_& m) {
       "ln_cell_bias] and layer_norm_eps. recurrent_dropout_masks: (L*D, N, H_out) multiplying h "
       "where it enters the recurrent product, or None. zoneout_masks: "
       "(m_h, m_c), each None, a probability (eval) or (L*D, T, N, width) masks, 1 keeping the "
-      "old value. "
+      "old value; with zoneout_seed (an int) masks are drawn with those probabilities inside the "
+      "kernels instead (reference.zoneout_masks_from_seed). "
       "Returns (y, h_n, c_n or None, cache or None).");
 
   m.def(

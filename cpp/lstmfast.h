@@ -76,6 +76,8 @@ struct LayerShape {
   double ln_eps = 1e-5;              // LN_LSTM: the layer norms' epsilon, > 0
   double zone_p_h = 0, zone_p_c = 0;  // zoneout (LayerWeights::zone_h) without masks: the keep-old
                                       //   factor of every unit of h, of c (eval: the probabilities)
+  bool zone_hashed = false;           // zoneout masks drawn from LayerWeights::zone_seed with those
+                                      //   probabilities (training) instead of the factors themselves
   bool training = false;             // keep every step's state for backward
   const int64_t* lengths = nullptr;  // lengths: [N] steps of sorted row b, non-increasing, each in 1..T; nullptr = all T
   const int64_t* rows = nullptr;     // rows: [N] batch row held by sorted row b; nullptr = identity
@@ -157,6 +159,9 @@ struct LayerWeights {
                                    //   the old value: h' = m h + (1 - m) h~ (VARIANTS.md C, ESPnet); or
                                    //   nullptr: LayerShape::zone_p_h for every unit
   const Real* zone_c = nullptr;    // zone_c: [T, N, H] the same for c (LSTM)
+  uint64_t zone_seed = 0;          // zone_seed: with LayerShape::zone_hashed, the masks are not arrays but
+                                   //   drawn with probabilities zone_p_h, zone_p_c from this layer-direction's
+                                   //   seed by zoneout_keep (recurrent_gemm.h), in forward and again in backward
 };
 
 // Gradients of one layer and direction: ADDED into (the caller zeroes them), or
@@ -270,6 +275,7 @@ struct StackShape {
   bool leak_inside = false;  // CTRNN (LayerShape)
   double ln_eps = 1e-5;      // LN_LSTM (LayerShape)
   double zone_p_h = 0, zone_p_c = 0;  // zoneout without masks (LayerShape)
+  bool zone_hashed = false;           // (LayerShape); Params::zone_seed per layer-direction
 
   int64_t H_out() const { return P > 0 ? P : H; }
   int64_t input_size(int64_t layer) const { return layer == 0 ? I : D * H_out(); }
@@ -299,6 +305,7 @@ struct Params {
                                    //   all layer-directions or none
   const Real* zone_h = nullptr;    // [T, N, H_out] zoneout masks (LayerWeights::zone_h), all or none
   const Real* zone_c = nullptr;    // [T, N, H] (LSTM)
+  uint64_t zone_seed = 0;          // with StackShape::zone_hashed (LayerWeights::zone_seed)
 };
 
 template <typename Real>
@@ -358,6 +365,10 @@ template <typename Real>
 void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, const Real* dy,
                     const Real* dh_n, const Real* dc_n, StackCache<Real>& cache, bool consume,
                     bool assign = false);
+
+// The zoneout seed of layer-direction ld (Params::zone_seed) from a call's seed:
+// splitmix64(seed + ld) (recurrent_gemm.h: zoneout_keep).
+uint64_t zoneout_layer_seed(uint64_t seed, int64_t ld);
 
 // Threads in total for one call (the directions run concurrently when >= 2).
 void set_num_threads(int n);

@@ -496,6 +496,48 @@ inline void masked_dh(const LayerBuffers<Real>& buf, int64_t n, int64_t width, i
 // output and carried is the zoned h_t, c_t. In backward a step's gradient g of h_t
 // splits: (1 - m) g enters the cell, m g goes to h_{t-1} directly.
 
+// Masks drawn inside the kernels (LayerShape::zone_hashed): a counter-based generator,
+// so that backward draws again what forward drew and nothing is stored. The mask of
+// unit j of (time, row) `at` (at = t N + row, the caller's row) of state `which` (0 h,
+// 1 c) of a layer-direction with seed s:
+//   key  = low 32 bits of splitmix64(s ^ (which T N + at))
+//   hash = fmix32(key + j * 0x9E3779B9)                 (MurmurHash3's finalizer)
+//   keep = hash < p 2^32                                 (1: keep the old value)
+// All integer arithmetic, so every instruction set and thread count draws the same
+// masks; reference.zoneout_masks_from_seed is the same in NumPy.
+inline uint64_t splitmix64(uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+// 1 where units j..j+lanes-1 keep their old value, else 0 (lanes past n: anything).
+template <typename Real>
+inline V<Real> zoneout_keep(uint64_t seed, int64_t which, int64_t T, int64_t N, int64_t at,
+                            int64_t j, double p) {
+  if (p >= 1) return splat<Real>(1);
+  if (p <= 0) return splat<Real>(0);
+  using U = typename simd::UintOf<Real>::vec;  // unsigned lanes as wide as Real's
+  constexpr int64_t W = kWidth<Real>;
+  const uint32_t key =
+      static_cast<uint32_t>(splitmix64(seed ^ static_cast<uint64_t>(which * T * N + at)));
+  const U low = U{} + 0xFFFFFFFFu;  // 32-bit arithmetic in lanes that may be 64-bit wide
+  U h;
+  for (int64_t l = 0; l < W; ++l) h[l] = static_cast<uint32_t>(j + l);
+  h = (h * 0x9E3779B9u + key) & low;
+  h ^= h >> 16;
+  h = (h * 0x85EBCA6Bu) & low;
+  h ^= h >> 13;
+  h = (h * 0xC2B2AE35u) & low;
+  h ^= h >> 16;
+  // below 2^32 as p < 1, so it fits 32-bit lanes
+  const auto threshold = static_cast<typename simd::UintOf<Real>::lane>(p * 4294967296.0);
+  using I = simd::ivec_t<Real>;
+  const I keep = (I)(h < (U{} + threshold));  // -1 where kept, 0 elsewhere
+  return __builtin_convertvector(-keep, V<Real>);
+}
+
 template <typename Real>
 inline bool zoneout_h(const LayerWeights<Real>& w, const LayerShape& s) {
   return w.zone_h || s.zone_p_h != 0;
@@ -509,20 +551,26 @@ inline bool zoneout(const LayerWeights<Real>& w, const LayerShape& s) {
   return zoneout_h(w, s) || zoneout_c(w, s);
 }
 
-// The keep-old factors of n units from unit j of (time, row) `at` of a [T, N, width] mask,
-// or the constant p.
+// The keep-old factors of n units from unit j of (time, row) `at` of state `which`: from
+// its [T, N, width] mask, drawn from the seed (LayerShape::zone_hashed), or the constant p.
 template <typename Real>
-inline V<Real> zoneout_factor(const Real* mask, double p, int64_t at, int64_t width, int64_t j,
-                              int64_t n) {
-  return mask ? ld(mask + at * width + j, n) : splat<Real>(static_cast<Real>(p));
+inline V<Real> zoneout_factor(const LayerWeights<Real>& w, const LayerShape& s, int which,
+                              int64_t at, int64_t width, int64_t j, int64_t n) {
+  const Real* mask = which == 0 ? w.zone_h : w.zone_c;
+  const double p = which == 0 ? s.zone_p_h : s.zone_p_c;
+  if (mask) return ld(mask + at * width + j, n);
+  if (s.zone_hashed) return zoneout_keep<Real>(w.zone_seed, which, s.T, s.N, at, j, p);
+  return splat<Real>(static_cast<Real>(p));
 }
 
-// prev and next rows: next = m prev + (1 - m) next, also into out (y) when given.
+// prev and next rows of state `which`: next = m prev + (1 - m) next, also into out (y)
+// when given.
 template <typename Real>
-inline void zoneout_blend(Real* next, Real* out, const Real* prev, const Real* mask, double p,
-                          int64_t at, int64_t width, int64_t j0, int64_t j1) {
+inline void zoneout_blend(Real* next, Real* out, const Real* prev, const LayerWeights<Real>& w,
+                          const LayerShape& s, int which, int64_t at, int64_t width, int64_t j0,
+                          int64_t j1) {
   for_lanes<Real>(j1 - j0, [&](int64_t j, int64_t n) {
-    const V<Real> m = zoneout_factor(mask, p, at, width, j0 + j, n);
+    const V<Real> m = zoneout_factor(w, s, which, at, width, j0 + j, n);
     const V<Real> new_value = ld(next + j0 + j, n);
     const V<Real> v = new_value + m * (ld(prev + j0 + j, n) - new_value);
     st(next + j0 + j, v, n);
@@ -546,14 +594,12 @@ inline void zoneout_step(const LayerBuffers<Real>& buf, Real* y, int64_t ldy,
     const int64_t at = walk.at(k, b);
     if (on_h) {
       if (raw_h) copy_row(raw_h + b * W + j0, h_next + b * W + j0, j1 - j0);
-      zoneout_blend(h_next + b * W, y + at * ldy, h_prev + b * W, w.zone_h, s.zone_p_h, at, W,
-                    j0, j1);
+      zoneout_blend(h_next + b * W, y + at * ldy, h_prev + b * W, w, s, 0, at, W, j0, j1);
     }
     if (on_c) {
       Real* c_next = buf.c + slot(k + 1, s.training) * N * H;
       const Real* c_prev = buf.c + slot(k, s.training) * N * H;
-      zoneout_blend<Real>(c_next + b * H, nullptr, c_prev + b * H, w.zone_c, s.zone_p_c, at, H,
-                          c0, c1);
+      zoneout_blend<Real>(c_next + b * H, nullptr, c_prev + b * H, w, s, 1, at, H, c0, c1);
     }
   }
 }
@@ -575,7 +621,7 @@ inline void zoneout_backward_before(const LayerBuffers<Real>& buf, const Real* d
       const int64_t j = j0 + jj;
       V<Real> g = ld(buf.dh + b * W + j, l);
       if (dy) g += ld(dy + at * lddy + j, l);
-      const V<Real> m = on_h ? zoneout_factor(w.zone_h, s.zone_p_h, at, W, j, l) : splat<Real>(0);
+      const V<Real> m = on_h ? zoneout_factor(w, s, 0, at, W, j, l) : splat<Real>(0);
       st(buf.zone_dh + b * W + j, m * g, l);
       st(buf.dh + b * W + j, g - m * g, l);
     });
@@ -583,7 +629,7 @@ inline void zoneout_backward_before(const LayerBuffers<Real>& buf, const Real* d
       for_lanes<Real>(c1 - c0, [&](int64_t jj, int64_t l) {
         const int64_t j = c0 + jj;
         const V<Real> g = ld(buf.dc + b * H + j, l);
-        const V<Real> m = zoneout_factor(w.zone_c, s.zone_p_c, at, H, j, l);
+        const V<Real> m = zoneout_factor(w, s, 1, at, H, j, l);
         st(buf.zone_dc + b * H + j, m * g, l);
         st(buf.dc + b * H + j, g - m * g, l);
       });

@@ -65,6 +65,20 @@ struct Vec {
   typedef typename IntOf<T>::type int_type __attribute__((vector_size(kVectorBytes)));
 };
 
+// Unsigned integer lanes as wide as T's (for integer hashes: zoneout_keep).
+template <typename T>
+struct UintOf;
+template <>
+struct UintOf<float> {
+  typedef uint32_t lane;
+  typedef uint32_t vec __attribute__((vector_size(kVectorBytes)));
+};
+template <>
+struct UintOf<double> {
+  typedef uint64_t lane;
+  typedef uint64_t vec __attribute__((vector_size(kVectorBytes)));
+};
+
 template <typename T>
 using vec_t = typename Vec<T>::type;
 template <typename T>

@@ -58,6 +58,13 @@ const CellInfo* find_cell(const char* name) {
 
 int gates_of(Mode mode) { return cell_info(mode).gates; }
 
+uint64_t zoneout_layer_seed(uint64_t seed, int64_t ld) {
+  uint64_t x = seed + static_cast<uint64_t>(ld) + 0x9E3779B97F4A7C15ull;  // splitmix64
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
 namespace {
 
 int default_threads() {
@@ -166,6 +173,8 @@ void check_zoneout(const Params<Real>* params, const StackShape& s) {
           "zoneout is not supported with reduced-precision weights");
   require(s.zone_p_h >= 0 && s.zone_p_h <= 1 && s.zone_p_c >= 0 && s.zone_p_c <= 1,
           "zoneout probabilities must be in [0, 1]");
+  require(!s.zone_hashed || (params[0].zone_h == nullptr && params[0].zone_c == nullptr),
+          "zoneout: masks are given or drawn from a seed, not both");
 }
 
 // CTRNN noise: every layer-direction or none, and only for a CTRNN.
@@ -370,6 +379,7 @@ void combine_biases(StackCache<Real>& c) {
     c.weights[i].rec_mask = p.rec_mask;
     c.weights[i].zone_h = p.zone_h;
     c.weights[i].zone_c = p.zone_c;
+    c.weights[i].zone_seed = p.zone_seed;
   }
   // Layer-norm parameters side by side per layer-direction (LayerWeights::ln).
   c.layer_norms.clear();
@@ -416,6 +426,7 @@ LayerShape layer_shape(const StackCache<Real>& c, int64_t layer, int64_t directi
   l.ln_eps = s.ln_eps;
   l.zone_p_h = s.zone_p_h;
   l.zone_p_c = s.zone_p_c;
+  l.zone_hashed = s.zone_hashed;
   l.training = s.training;
   l.lengths = c.lengths.empty() ? nullptr : c.lengths.data();
   l.rows = c.rows.empty() ? nullptr : c.rows.data();

@@ -222,3 +222,51 @@ def test_numpy_cells_zone_out_as_espnet_zoneout_cell(kind, backend):
     got, new = (got, new) if is_lstm else ((got,), (new,))
     for g, n, o, p in zip(got, new, old, ours.zoneout):
         assert_close(g, p * o + (1 - p) * n, "eval expectation")
+
+
+# --- zoneout masks drawn inside the kernels ---------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ZONEOUT_MODES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_masks_drawn_from_a_seed_are_the_references_on_every_target_and_thread_count(
+        simd_target, threads_restored, mode, shape, threads):
+    """The counter-based generator: the kernels draw in forward, and again in backward,
+    exactly reference.zoneout_masks_from_seed's masks, whatever the instruction set and
+    the thread count (the check would fail on a single differing mask)."""
+    import lstmfast
+
+    lstmfast.set_num_threads(threads)
+    case = zoned_case(mode, shape, OPTIONS["layers_bidirectional_lengths"], recurrent_dropout=0.3)
+    case.kwargs["zoneout_masks"] = (0.3, 0.2 if mode == "LSTM" else None)
+    case.kwargs["zoneout_seed"] = 2**63 + 12345
+    case.check()
+
+
+def test_seeded_masks_have_the_probability_and_differ_by_seed_layer_state_and_step():
+    masks = reference.zoneout_masks_from_seed(7, (0.3, 0.1), 2, 60, 16, (64, 32))
+    assert masks[0].shape == (2, 60, 16, 64) and masks[1].shape == (2, 60, 16, 32)
+    assert abs(masks[0].mean() - 0.3) < 0.01 and abs(masks[1].mean() - 0.1) < 0.01
+    assert not np.array_equal(masks[0][0], masks[0][1])          # layer-directions
+    assert not np.array_equal(masks[0][0, 0], masks[0][0, 1])    # steps
+    assert not np.array_equal(masks[0][0, 0, 0, :32], masks[1][0, 0, 0] > 0.5)  # h and c
+    other = reference.zoneout_masks_from_seed(8, (0.3, None), 2, 60, 16, (64, 32))
+    assert other[1] is None and not np.array_equal(other[0], masks[0])
+    ones = reference.zoneout_masks_from_seed(7, (1.0, 0.0), 1, 2, 2, (3, 3))
+    assert ones[0].min() == 1 and ones[1].max() == 0
+
+
+def test_layers_draw_zoneout_masks_from_their_seed_in_both_backends():
+    import lstmfast
+
+    x = np.random.default_rng(0).standard_normal((20, 4, 3)).astype(np.float64)
+    results = []
+    for backend in ("fused", "numpy"):
+        layer = lstmfast.LSTM(3, 6, num_layers=2, zoneout=(0.2, 0.3), recurrent_dropout=0.2,
+                              dtype="float64", backend=backend, seed=5)
+        out, _ = layer(x)
+        layer.backward(np.ones_like(out))
+        results.append((out, layer.grad["weight_hh_l1"]))
+    for a, b in zip(*results):
+        assert_close(a, b, "same seed, same masks")

@@ -47,6 +47,7 @@ def rnn_forward(
     layer_norm_eps: float = 1e-5,  # LN_LSTM
     recurrent_dropout_masks: Optional[npt.NDArray[_Float]] = None,  # (L*D, N, H_out)
     zoneout_masks: Optional[Sequence[object]] = None,  # (m_h, m_c): None, a probability or (L*D, T, N, width)
+    zoneout_seed: Optional[int] = None,  # draw the masks with those probabilities from this seed
 ) -> tuple[npt.NDArray[_Float], npt.NDArray[_Float], Optional[npt.NDArray[_Float]], Optional[RnnCache]]:
     """Returns (output (T, N, D*H_out), h_n, c_n or None, cache or None)."""
 

@@ -63,7 +63,8 @@ class _Cache:
 
 def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
             lengths=None, dropout_masks=None, training=False, alpha=1.0, leak="outside",
-            noise=None, layer_norm_eps=1e-5, recurrent_dropout_masks=None, zoneout_masks=None):
+            noise=None, layer_norm_eps=1e-5, recurrent_dropout_masks=None, zoneout_masks=None,
+            zoneout_seed=None):
     """Forward pass of a stacked (bi)directional LSTM / GRU / RNN; as reference.forward."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -96,7 +97,7 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
     output, h_n, c_n, core = _core.rnn_forward(
         mode, x, h0, c0, weights, num_layers, bidirectional, proj_size, lengths,
         dropout_masks, bool(training), float(alpha), leak, noise, float(layer_norm_eps),
-        recurrent_dropout_masks, zoneout_masks)
+        recurrent_dropout_masks, zoneout_masks, zoneout_seed)
     cache = None
     if core is not None:
         shapes = {name: np.shape(params[name]) for name in params}

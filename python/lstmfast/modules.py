@@ -724,12 +724,11 @@ class _RNNBase(_Module):
                 masks.append(np.ascontiguousarray(m))
             args["zoneout_masks"] = tuple(masks)
         elif any(self.zoneout):
+            # training: masks drawn inside the backend from a seed of the dropout stream
+            # (reference.zoneout_masks_from_seed), nothing stored; eval: the expectation
+            args["zoneout_masks"] = tuple(p or None for p in self.zoneout)
             if training:
-                args["zoneout_masks"] = tuple(
-                    None if not p else (self._dropout_rng.random((LD, T, N, width)) < p).astype(self.dtype)
-                    for p, width in zip(self.zoneout, (H_out, H)))
-            else:  # eval: the expectation, p old + (1 - p) new
-                args["zoneout_masks"] = tuple(p or None for p in self.zoneout)
+                args["zoneout_seed"] = int(self._dropout_rng.integers(2**63))
         return args
 
     def _forward(self, x, hx, lengths, given=None, rec_mask=None, zone_mask=None):

@@ -403,6 +403,55 @@ def _cell_step_backward(mode, dh_next, dc_next, cache, w, dw):
     return dx, dh, None
 
 
+def _splitmix64(x):
+    """splitmix64 of uint64 values (arrays wrap modulo 2**64)."""
+    x = np.asarray(x, dtype=np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def zoneout_masks_from_seed(seed, probabilities, LD, T, N, widths):
+    """The zoneout masks the fused kernels draw inside themselves from ``seed``
+    (``zoneout_seed``), so that backward draws them again instead of storing them: a
+    counter-based generator. For layer-direction ld, state which (0 h, 1 c), time t,
+    row n (the caller's) and unit j:
+
+        s    = splitmix64(seed + ld)
+        key  = low 32 bits of splitmix64(s ^ (which T N + t N + n))
+        hash = fmix32(key + j * 0x9E3779B9 mod 2**32)     (MurmurHash3's finalizer)
+        mask = 1 (keep the old value) where hash < p * 2**32
+
+    probabilities: (p_h, p_c), each a number or None; widths: (H_out, H).
+    Returns (m_h, m_c), each None or (LD, T, N, width) of 0.0 and 1.0.
+    """
+    masks = []
+    with np.errstate(over="ignore"):
+        for which, (p, width) in enumerate(zip(probabilities, widths)):
+            if p is None:
+                masks.append(None)
+                continue
+            ld = np.arange(LD, dtype=np.uint64)[:, None, None]
+            layer = _splitmix64(np.uint64(seed) + ld)
+            at = (np.arange(T, dtype=np.uint64)[:, None] * np.uint64(N)
+                  + np.arange(N, dtype=np.uint64)[None, :])
+            key = (_splitmix64(layer ^ (np.uint64(which * T * N) + at)) & np.uint64(0xFFFFFFFF))
+            h = (key[..., None] + np.arange(width, dtype=np.uint64) * np.uint64(0x9E3779B9))
+            h &= np.uint64(0xFFFFFFFF)
+            h ^= h >> np.uint64(16)
+            h = (h * np.uint64(0x85EBCA6B)) & np.uint64(0xFFFFFFFF)
+            h ^= h >> np.uint64(13)
+            h = (h * np.uint64(0xC2B2AE35)) & np.uint64(0xFFFFFFFF)
+            h ^= h >> np.uint64(16)
+            if p >= 1:
+                masks.append(np.ones(h.shape))
+            elif p <= 0:
+                masks.append(np.zeros(h.shape))
+            else:
+                masks.append((h < np.uint64(int(p * 4294967296.0))).astype(np.float64))
+    return tuple(masks)
+
+
 def _zoneout_at(masks, t):
     """Step t's zoneout (m_h, m_c), each None, a number or an (N, width) array."""
     return tuple(m if m is None or np.ndim(m) == 0 else m[t] for m in masks)
@@ -515,7 +564,8 @@ def _check_mode(mode):
 
 def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
             lengths=None, dropout_masks=None, training=False, alpha=1.0, leak="outside",
-            noise=None, layer_norm_eps=1e-5, recurrent_dropout_masks=None, zoneout_masks=None):
+            noise=None, layer_norm_eps=1e-5, recurrent_dropout_masks=None, zoneout_masks=None,
+            zoneout_seed=None):
     """Forward pass of a stacked (bi)directional LSTM / GRU / RNN, as torch.nn computes it.
 
     mode: one of MODES.
@@ -542,6 +592,8 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
     zoneout_masks: None or a pair (m_h, m_c) (_layer_direction_forward), each None, a
         number in [0, 1] (eval: the zoneout probability) or an (L*D, T, N, width) array
         of 0s and 1s (1 keeps the old value), width H_out for h and H for c (cells with c).
+    zoneout_seed: None, or an int: the masks are drawn with the probabilities of
+        zoneout_masks (numbers) by zoneout_masks_from_seed, as the fused kernels draw them.
 
     Returns (output (T, N, D*H_out), h_n (L*D, N, H_out), c_n (L*D, N, H) or None, cache).
     Output of each direction is concatenated along the last axis, forward first; output
@@ -571,6 +623,14 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
             raise ValueError(f"noise: only a CTRNN takes noise, not {mode}")
         noise = np.asarray(noise, dtype=dtype)
 
+    if zoneout_seed is not None:
+        if zoneout_masks is None or any(m is not None and np.ndim(m) != 0 for m in zoneout_masks):
+            raise ValueError("zoneout_seed: draws masks with the probabilities of zoneout_masks "
+                             "(numbers, not arrays)")
+        H = (c0 if c0 is not None else h0).shape[2]
+        zoneout_masks = zoneout_masks_from_seed(
+            zoneout_seed, zoneout_masks, num_layers * (2 if bidirectional else 1), T, N,
+            (h0.shape[2], H))
     if zoneout_masks is not None:
         if len(zoneout_masks) != 2:
             raise ValueError("zoneout_masks: expected a pair (m_h, m_c)")

@@ -327,6 +327,17 @@ def _torch_regularized_stack(s, x, h0, c0, masks, *weights):
     mode = s["mode"]
     D = 2 if s["bidirectional"] else 1
     T = x.shape[0]
+    if options.get("zoneout_seed") is not None:  # the masks the kernels draw from the seed
+        from .reference import zoneout_masks_from_seed
+
+        H = h0.shape[2] if c0 is None or not c0.numel() else c0.shape[2]
+        zone = tuple(None if m is None else torch.from_numpy(m).to(x.dtype) for m in
+                     zoneout_masks_from_seed(options["zoneout_seed"], zone, h0.shape[0], T,
+                                             x.shape[1], (h0.shape[2], H)))
+        # the kernels number a PackedSequence's rows in its sorted order; x here is the caller's
+        position = s.get("packed_positions")
+        if position is not None:
+            zone = tuple(None if m is None else m.index_select(2, position) for m in zone)
     lengths = None if s["lengths"] is None else torch.as_tensor(s["lengths"], device=x.device)
     h_n, c_n = [], []
     layer_input = x
@@ -594,12 +605,11 @@ class _FastRNNMixin:
                 None if m is None else checked(f"zoneout_mask[{i}]", m, (LD, T, N, width))
                 for i, (m, width) in enumerate(zip(zone, (H_out, H))))
         elif any(self.zoneout):
+            # training: masks drawn inside the kernels from a seed of torch's generator
+            # (reference.zoneout_masks_from_seed), nothing stored; eval: the expectation
+            options["zoneout_masks"] = tuple(p or None for p in self.zoneout)
             if self.training:
-                options["zoneout_masks"] = tuple(
-                    like.new_full((LD, T, N, width), p).bernoulli() if p else None
-                    for p, width in zip(self.zoneout, (H_out, H)))
-            else:
-                options["zoneout_masks"] = tuple(p or None for p in self.zoneout)
+                options["zoneout_seed"] = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         return options or None
 
     def _lstmfast_weights(self):
@@ -1034,7 +1044,8 @@ def _torch_loop_forward(self, input, hx, stack, given=None):
     settings = {"mode": self._lstmfast_mode, "names": names, "num_layers": self.num_layers,
                 "bidirectional": self.bidirectional, "bias": self.bias,
                 "proj_size": self.proj_size, "lengths": lengths,
-                "cell_options": self._lstmfast_cell_options(T, N, x, given)}
+                "cell_options": self._lstmfast_cell_options(T, N, x, given),
+                "packed_positions": input.unsorted_indices if packed else None}
     out, h_n, c_n = stack(settings, x, h0, c0, masks, *weights)
     state = (h_n, c_n) if is_lstm else h_n
     if packed:

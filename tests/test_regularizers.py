@@ -270,3 +270,46 @@ def test_layers_draw_zoneout_masks_from_their_seed_in_both_backends():
         results.append((out, layer.grad["weight_hh_l1"]))
     for a, b in zip(*results):
         assert_close(a, b, "same seed, same masks")
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+@pytest.mark.parametrize("backend", ["fused", "numpy"])
+def test_cells_recurrent_dropout_is_the_layers_for_one_step(kind, backend):
+    """A cell step with a recurrent dropout mask is the reference's one-step layer with it,
+    forward and backward; the mask of a sequence is kept from step to step until
+    reset_recurrent_dropout_mask()."""
+    import lstmfast
+
+    mode = {"LSTMCell": "LSTM", "GRUCell": "GRU", "RNNCell": "RNN_TANH"}[kind]
+    cell = getattr(lstmfast, kind)(3, 4, dtype="float64", backend=backend, seed=2,
+                                   recurrent_dropout=0.4)
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3))
+    h, c = rng.standard_normal((2, 4)), rng.standard_normal((2, 4))
+    mask = ((rng.random((2, 4)) >= 0.4) / 0.6)
+    state = (h, c) if mode == "LSTM" else h
+    got = cell(x, state, recurrent_dropout_mask=mask)
+    params = {k + "_l0": v for k, v in cell.state_dict().items()}
+    hx = (h[None], c[None]) if mode == "LSTM" else h[None]
+    out, h_n, c_n, cache = reference.forward(mode, x[None], hx, params, num_layers=1,
+                                             bidirectional=False, recurrent_dropout_masks=mask[None],
+                                             training=True)
+    got = got if mode == "LSTM" else (got,)
+    for g, e in zip(got, (h_n[0], c_n[0]) if mode == "LSTM" else (h_n[0],)):
+        assert_close(g, e, "state")
+    dh = rng.standard_normal((2, 4))
+    back = cell.backward(dh, np.zeros((2, 4))) if mode == "LSTM" else cell.backward(dh)
+    dx, dh0, dc0, grads = reference.backward(cache, dh[None], None,
+                                             np.zeros((1, 2, 4)) if mode == "LSTM" else None)
+    assert_close(back[0], dx[0], "grad x")
+    assert_close(back[1][0] if mode == "LSTM" else back[1], dh0[0], "grad h0")
+    for name, g in cell.grad.items():
+        assert_close(g, grads[name + "_l0"], name)
+    # drawn: kept for the steps of a sequence, new after a reset
+    first = cell(x, state)
+    again = cell(x, state)
+    for a, b in zip(*((first, again) if mode == "LSTM" else ((first,), (again,)))):
+        np.testing.assert_array_equal(a, b)
+    cell.reset_recurrent_dropout_mask()
+    other = cell(x, state)
+    assert not np.allclose(other[0] if mode == "LSTM" else other, first[0] if mode == "LSTM" else first)

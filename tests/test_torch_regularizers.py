@@ -243,3 +243,32 @@ def test_cells_zone_out_as_espnet_zoneout_cell(kind):
                 torch.testing.assert_close(g, p * o + (1 - p) * n)
         else:
             torch.testing.assert_close(got, 0.2 * state + 0.8 * new)
+
+
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
+def test_torch_cells_recurrent_dropout_matches_the_numpy_cells(kind):
+    torch.manual_seed(10)
+    ours = getattr(lt, kind)(3, 4, recurrent_dropout=0.4).double()
+    twin = getattr(lstmfast, kind)(3, 4, dtype="float64", backend="numpy", recurrent_dropout=0.4)
+    twin.load_state_dict({k: v.detach().numpy() for k, v in ours.state_dict().items()})
+    is_lstm = kind == "LSTMCell"
+    x = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(2, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(2, 4, dtype=torch.float64)
+    mask = (torch.rand(2, 4, dtype=torch.float64) >= 0.4).double() / 0.6
+    got = ours(x, (h, c) if is_lstm else h, recurrent_dropout_mask=mask)
+    out = got[0] if is_lstm else got
+    out.sum().backward()
+    expected = twin(x.detach().numpy(), (h.detach().numpy(), c.numpy()) if is_lstm else h.detach().numpy(),
+                    recurrent_dropout_mask=mask.numpy())
+    assert_close(out.detach().numpy(), expected[0] if is_lstm else expected, 1e-10, "h1")
+    back = twin.backward(np.ones((2, 4)), np.zeros((2, 4))) if is_lstm else twin.backward(np.ones((2, 4)))
+    assert_close(x.grad.numpy(), back[0], 1e-10, "grad x")
+    assert_close(h.grad.numpy(), back[1][0] if is_lstm else back[1], 1e-10, "grad h")
+    for name, p in ours.named_parameters():
+        assert_close(p.grad.numpy(), twin.grad[name], 1e-10, name)
+    first = ours(x, (h, c) if is_lstm else h)
+    again = ours(x, (h, c) if is_lstm else h)
+    torch.testing.assert_close(first, again, rtol=0, atol=0)  # the sequence's mask is kept
+    ours.reset_recurrent_dropout_mask()
+    assert ours._recurrent_dropout_mask is None

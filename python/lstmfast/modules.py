@@ -1094,10 +1094,15 @@ class _CellBase(_Module):
     """One time step of one layer: the backend with T = 1, num_layers = 1."""
 
     zoneout = (0.0, 0.0)
+    recurrent_dropout = 0.0
+    _recurrent_dropout_mask = None  # kept for the steps of a sequence (Keras's convention)
 
-    def __init__(self, mode, input_size, hidden_size, bias, dtype, backend, seed, zoneout=0.0):
+    def __init__(self, mode, input_size, hidden_size, bias, dtype, backend, seed, zoneout=0.0,
+                 recurrent_dropout=0.0):
         self._mode = mode
         self.zoneout = _check_zoneout(zoneout, mode)
+        self.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout,
+                                                    upper_open=True)
         self.input_size = _check_size("input_size", input_size)
         self.hidden_size = _check_size("hidden_size", hidden_size)
         self.bias = _check_flag("bias", bias)
@@ -1122,7 +1127,33 @@ class _CellBase(_Module):
             s += f", bias={self.bias}"
         if any(self.zoneout):
             s += f", zoneout={self.zoneout}"
+        if self.recurrent_dropout:
+            s += f", recurrent_dropout={self.recurrent_dropout}"
         return s + self._extra_repr_tail()
+
+    def reset_recurrent_dropout_mask(self):
+        """Start a new sequence: the next training step draws a new recurrent dropout mask,
+        which the steps after it keep (as Keras's cells do)."""
+        self._recurrent_dropout_mask = None
+
+    def _cell_recurrent_dropout(self, N, batched, given):
+        """The backend's recurrent_dropout_masks for one step: given (training only), the
+        kept mask of the sequence (drawn at its first step), or None."""
+        if given is None and not (self.recurrent_dropout and self._trains):
+            return None
+        if not self._trains:
+            raise ValueError("recurrent_dropout_mask: given in eval mode, where there is no mask")
+        if given is not None:
+            mask = self._as_input("recurrent_dropout_mask", given)
+            self._check_shape("recurrent_dropout_mask", mask,
+                              (N, self.hidden_size) if batched else (self.hidden_size,))
+            return np.ascontiguousarray(mask.reshape(1, N, self.hidden_size))
+        kept = self._recurrent_dropout_mask
+        if kept is None or kept.shape != (1, N, self.hidden_size):
+            p = self.recurrent_dropout
+            keep = self._dropout_rng.random((1, N, self.hidden_size)) >= p
+            kept = self._recurrent_dropout_mask = (keep / (1.0 - p)).astype(self.dtype)
+        return kept
 
     def _cell_zoneout(self, N, batched, given):
         """The backend's zoneout_masks for one step: given ``(m_h, m_c)`` of the state's
@@ -1152,11 +1183,15 @@ class _CellBase(_Module):
                                              < p).astype(self.dtype) for p in self.zoneout)
         return tuple(p or None for p in self.zoneout)
 
-    def forward(self, x, hx=None, *, zoneout_mask=None):
+    def forward(self, x, hx=None, *, zoneout_mask=None, recurrent_dropout_mask=None):
         """``h1 = cell(x, h0)``; LSTMCell: ``h1, c1 = cell(x, (h0, c0))``, as torch.
         With ``zoneout`` (ESPnet's ZoneOutCell, VARIANTS.md C) each unit keeps its old
         value where the mask (drawn per call in training, or ``zoneout_mask=(m_h, m_c)``
-        of the state's shape) is 1; eval takes the expectation."""
+        of the state's shape) is 1; eval takes the expectation. With
+        ``recurrent_dropout`` h is multiplied, where it enters the recurrent product, by a
+        mask drawn at a sequence's first training step and kept until
+        ``reset_recurrent_dropout_mask()`` (or given: ``recurrent_dropout_mask``, the
+        state's shape)."""
         x = self._as_input("x", x)
         if x.ndim not in (1, 2):
             raise ValueError(
@@ -1198,8 +1233,10 @@ class _CellBase(_Module):
                 states.append(np.ascontiguousarray(a[None] if batched else a[None, None]))
         hx_b = tuple(states) if self._mode == "LSTM" else states[0]
         zoneout = self._cell_zoneout(N, batched, zoneout_mask) if N > 0 else None
+        rec_mask = self._cell_recurrent_dropout(N, batched, recurrent_dropout_mask) if N > 0 else None
         cell_forward = getattr(self._backend, "cell_forward", None)
-        if cell_forward is not None and N > 0 and zoneout is None:  # the lean path of the fused backend
+        if cell_forward is not None and N > 0 and zoneout is None and rec_mask is None:
+            # the lean path of the fused backend
             p = self._params
             training = self.training
             h_n, c_n, cache = cell_forward(
@@ -1211,6 +1248,8 @@ class _CellBase(_Module):
             calls.layout = (batched, N)
         else:
             extra = {} if zoneout is None else {"zoneout_masks": zoneout}
+            if rec_mask is not None:
+                extra["recurrent_dropout_masks"] = rec_mask
             _, h_n, c_n = self._run_forward(
                 x_b, hx_b, self._backend_params(self._params), num_layers=1,
                 bidirectional=False, proj_size=0, lengths=None, dropout_masks=None,
@@ -1251,8 +1290,9 @@ class LSTMCell(_CellBase):
     """One LSTM step, as ``torch.nn.LSTMCell``: ``h1, c1 = cell(x, (h0, c0))``."""
 
     def __init__(self, input_size, hidden_size, bias=True, dtype="float32", backend="fused",
-                 seed=None, *, zoneout=0.0):
-        super().__init__("LSTM", input_size, hidden_size, bias, dtype, backend, seed, zoneout)
+                 seed=None, *, zoneout=0.0, recurrent_dropout=0.0):
+        super().__init__("LSTM", input_size, hidden_size, bias, dtype, backend, seed, zoneout,
+                         recurrent_dropout)
 
     def backward(self, grad_h1, grad_c1=None):
         """``grad_x, (grad_h0, grad_c0)`` of the last training-mode step; adds into ``grad``."""
@@ -1263,8 +1303,9 @@ class GRUCell(_CellBase):
     """One GRU step, as ``torch.nn.GRUCell``: ``h1 = cell(x, h0)``."""
 
     def __init__(self, input_size, hidden_size, bias=True, dtype="float32", backend="fused",
-                 seed=None, *, zoneout=0.0):
-        super().__init__("GRU", input_size, hidden_size, bias, dtype, backend, seed, zoneout)
+                 seed=None, *, zoneout=0.0, recurrent_dropout=0.0):
+        super().__init__("GRU", input_size, hidden_size, bias, dtype, backend, seed, zoneout,
+                         recurrent_dropout)
 
     def backward(self, grad_h1):
         """``grad_x, grad_h0`` of the last training-mode step; adds into ``grad``."""
@@ -1275,13 +1316,14 @@ class RNNCell(_CellBase):
     """One Elman RNN step with tanh or ReLU, as ``torch.nn.RNNCell``: ``h1 = cell(x, h0)``."""
 
     def __init__(self, input_size, hidden_size, bias=True, nonlinearity="tanh",
-                 dtype="float32", backend="fused", seed=None, *, zoneout=0.0):
+                 dtype="float32", backend="fused", seed=None, *, zoneout=0.0,
+                 recurrent_dropout=0.0):
         if nonlinearity not in _NONLINEARITIES:
             raise ValueError(
                 f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
         self.nonlinearity = nonlinearity
         super().__init__(_NONLINEARITIES[nonlinearity], input_size, hidden_size, bias, dtype,
-                         backend, seed, zoneout)
+                         backend, seed, zoneout, recurrent_dropout)
 
     def backward(self, grad_h1):
         """``grad_x, grad_h0`` of the last training-mode step; adds into ``grad``."""

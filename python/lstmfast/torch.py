@@ -1327,15 +1327,28 @@ class _FastCellMixin:
 
     _lstmfast_backend = "fused"
     zoneout = (0.0, 0.0)  # set by the constructors (VARIANTS.md C)
+    recurrent_dropout = 0.0
+    _recurrent_dropout_mask = None  # kept for the steps of a sequence (Keras's convention)
 
-    def __init__(self, *args, zoneout=0.0, **kwargs):
+    def __init__(self, *args, zoneout=0.0, recurrent_dropout=0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        from .modules import _check_zoneout
+        from .modules import _check_probability, _check_zoneout
 
         self.zoneout = _check_zoneout(zoneout, "LSTM" if isinstance(self, nn.LSTMCell) else "GRU")
+        self.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout,
+                                                    upper_open=True)
 
-    def forward(self, input, hx=None, *, zoneout_mask=None):  # noqa: A002  (torch's name)
-        if torch.compiler.is_exporting():
+    def reset_recurrent_dropout_mask(self):
+        """Start a new sequence: the next training step draws a new recurrent dropout mask
+        (from torch's generator), which the steps after it keep, as Keras's cells do."""
+        self._recurrent_dropout_mask = None
+
+    def forward(self, input, hx=None, *, zoneout_mask=None,  # noqa: A002  (torch's name)
+                recurrent_dropout_mask=None):
+        mask = _cell_recurrent_dropout_mask(self, input, recurrent_dropout_mask)
+        if mask is not None:
+            result = _masked_cell_step(self, input, hx, mask)
+        elif torch.compiler.is_exporting():
             result = self._lstmfast_torch_class.forward(self, input, hx)
         else:
             result = _fused_cell_forward(self, input, hx)
@@ -1345,14 +1358,58 @@ class _FastCellMixin:
 
     def extra_repr(self):
         s = super().extra_repr()
-        return s + (f", zoneout={self.zoneout}" if any(self.zoneout) else "")
+        s += f", zoneout={self.zoneout}" if any(self.zoneout) else ""
+        return s + (f", recurrent_dropout={self.recurrent_dropout}" if self.recurrent_dropout else "")
 
     def __prepare_scriptable__(self):
         """``torch.jit.script`` compiles torch's class on the same parameters."""
-        if any(self.zoneout):
-            raise TypeError(f"{type(self).__name__} with zoneout cannot be scripted: torch's cell "
-                            "has none; use torch.jit.trace")
+        if any(self.zoneout) or self.recurrent_dropout:
+            raise TypeError(f"{type(self).__name__} with zoneout or recurrent dropout cannot be "
+                            "scripted: torch's cell has neither; use torch.jit.trace")
         return _as_class(self, self._lstmfast_torch_class)
+
+
+def _cell_recurrent_dropout_mask(cell, input, given):
+    """A cell step's recurrent dropout mask: given (training only), the sequence's kept
+    mask (drawn at its first training step), or None."""
+    if given is None and not (cell.recurrent_dropout and cell.training):
+        return None
+    shape = input.shape[:-1] + (cell.hidden_size,)
+    if not cell.training:
+        raise ValueError("recurrent_dropout_mask: given in eval mode, where there is no mask")
+    if given is not None:
+        if not isinstance(given, torch.Tensor) or given.shape != shape:
+            got = tuple(given.shape) if isinstance(given, torch.Tensor) else type(given).__name__
+            raise ValueError(f"recurrent_dropout_mask: expected a tensor of shape {tuple(shape)}, "
+                             f"got {got}")
+        return given.detach()
+    kept = cell._recurrent_dropout_mask
+    if kept is None or kept.shape != shape or kept.dtype != input.dtype:
+        keep = 1.0 - cell.recurrent_dropout
+        kept = cell._recurrent_dropout_mask = input.new_full(shape, keep).bernoulli() / keep
+    return kept
+
+
+def _masked_cell_step(cell, input, hx, mask):
+    """One step with h times the recurrent dropout mask where it enters the recurrent
+    product: the LSTM and RNN cells read h nowhere else, so their (fused) step on h * M
+    is exact; the GRU also reads h in z * h, unmasked, so its step is written in torch ops."""
+    is_lstm = isinstance(cell, nn.LSTMCell)
+    h = (hx[0] if is_lstm else hx) if hx is not None else input.new_zeros(mask.shape)
+    if is_lstm:
+        c = hx[1] if hx is not None else input.new_zeros(mask.shape)
+        return _fused_cell_forward(cell, input, (h * mask, c))
+    if not isinstance(cell, nn.GRUCell):
+        return _fused_cell_forward(cell, input, h * mask)
+    gi = input @ cell.weight_ih.T
+    gh = (h * mask) @ cell.weight_hh.T
+    if cell.bias:
+        gi, gh = gi + cell.bias_ih, gh + cell.bias_hh
+    i_r, i_z, i_n = gi.chunk(3, -1)
+    h_r, h_z, h_n = gh.chunk(3, -1)
+    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+    n = torch.tanh(i_n + r * h_n)
+    return (1 - z) * n + z * h
 
 
 def _zoneout_cell_step(cell, input, hx, result, given):

@@ -313,3 +313,13 @@ def test_cells_recurrent_dropout_is_the_layers_for_one_step(kind, backend):
     cell.reset_recurrent_dropout_mask()
     other = cell(x, state)
     assert not np.allclose(other[0] if mode == "LSTM" else other, first[0] if mode == "LSTM" else first)
+
+
+def test_quantize_refuses_zoneout_but_takes_recurrent_dropout():
+    import lstmfast
+
+    with pytest.raises(ValueError, match="zoneout"):
+        lstmfast.quantize(lstmfast.LSTM(3, 4, zoneout=0.1), "int8")
+    layer = lstmfast.LSTM(3, 4, recurrent_dropout=0.3)  # no mask in eval: nothing to refuse
+    x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
+    assert lstmfast.quantize(layer, "int8")(x)[0].shape == (5, 2, 4)

@@ -1370,6 +1370,9 @@ def quantize(layer, precision):
     if layer.dtype != np.float32:
         raise TypeError(
             f"quantize: reduced precision is for float32 layers, got a layer of dtype {layer.dtype}")
+    if any(layer.zoneout):
+        raise ValueError(f"quantize: zoneout={layer.zoneout} has no reduced-precision kernels; "
+                         f"quantize a layer without it")
     reference = importlib.import_module(_PACKAGE + ".reference")
     state = {}
     for name, value in layer._params.items():

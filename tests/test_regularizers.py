@@ -323,3 +323,24 @@ def test_quantize_refuses_zoneout_but_takes_recurrent_dropout():
     layer = lstmfast.LSTM(3, 4, recurrent_dropout=0.3)  # no mask in eval: nothing to refuse
     x = np.random.default_rng(0).standard_normal((5, 2, 3)).astype(np.float32)
     assert lstmfast.quantize(layer, "int8")(x)[0].shape == (5, 2, 4)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_peephole_lstm_with_both_regularizers_matches_the_reference(simd_target, threads_restored,
+                                                                    threads):
+    import lstmfast
+
+    lstmfast.set_num_threads(threads)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((20, 9, 4))
+    layers = [lstmfast.LSTM(4, 13, num_layers=2, bidirectional=True, peephole=True,
+                            recurrent_dropout=0.3, zoneout=(0.2, 0.3), dtype="float64",
+                            backend=backend, seed=4) for backend in ("fused", "numpy")]
+    lengths = rng.integers(1, 21, 9)
+    results = []
+    for layer in layers:
+        out, (h, c) = layer(x, lengths=lengths)
+        back = layer.backward(np.ones_like(out), (np.ones_like(h), np.ones_like(c)))
+        results.append([out, h, c, back[0]] + [layer.grad[k] for k in sorted(layer.grad)])
+    for a, b in zip(*results):
+        assert_close(a, b, "peephole with recurrent dropout and zoneout")

@@ -75,7 +75,7 @@ def test_first_and_second_derivatives_pass_gradcheck():
     module = lt.PeepholeLSTM(3, 4, num_layers=2, proj_size=2).double()
     x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: module(x)[0], (x,))
-    # double backward differentiates the torch loop's graph (_torch_peephole_stack)
+    # double backward differentiates the torch loop's graph (_torch_loop_stack)
     assert torch.autograd.gradgradcheck(lambda x: module(x)[0], (x,))
 
 

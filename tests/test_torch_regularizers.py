@@ -132,8 +132,6 @@ def test_bad_arguments_raise():
         lt.LSTM(3, 4, recurrent_dropout=1.0)
     with pytest.raises(ValueError, match="p_c must be 0"):
         lt.GRU(3, 4, zoneout=(0.1, 0.2))
-    with pytest.raises(ValueError, match="PeepholeLSTM"):
-        lt.PeepholeLSTM(3, 4, recurrent_dropout=0.1)
     module = lt.LSTM(3, 4)
     x = torch.randn(6, 2, 3)
     with pytest.raises(ValueError, match=r"recurrent_dropout_mask: expected a tensor of shape \(1, 2, 4\)"):
@@ -272,3 +270,31 @@ def test_torch_cells_recurrent_dropout_matches_the_numpy_cells(kind):
     torch.testing.assert_close(first, again, rtol=0, atol=0)  # the sequence's mask is kept
     ours.reset_recurrent_dropout_mask()
     assert ours._recurrent_dropout_mask is None
+
+
+@pytest.mark.parametrize("options", [dict(), dict(num_layers=2, bidirectional=True, proj_size=3)],
+                         ids=["plain", "layers_projection"])
+def test_peephole_lstm_with_both_regularizers(options):
+    """PeepholeLSTM with given masks: the kernels against lstmfast.LSTM(peephole=True) of
+    the reference backend, and against its torch loop (double backward's graph)."""
+    torch.manual_seed(11)
+    module = lt.PeepholeLSTM(5, 7, recurrent_dropout=0.3, zoneout=(0.2, 0.25), **options).double()
+    T, N = 6, 3
+    x = torch.randn(T, N, 5, dtype=torch.float64, requires_grad=True)
+    rec, zone = given_masks(module, T, N, torch.Generator().manual_seed(12))
+    masks = {"recurrent_dropout_mask": rec, "zoneout_mask": zone}
+    out, (h, c) = module(x, **masks)
+    loop, (lh, lc) = module._torch_forward(x, None, masks)
+    for a, b in ((out, loop), (h, lh), (c, lc)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
+    twin = lstmfast.LSTM(5, 7, peephole=True, dtype="float64", backend="numpy", **options)
+    twin.load_state_dict({k: v.detach().numpy() for k, v in module.state_dict().items()})
+    expected, _ = twin(x.detach().numpy(), recurrent_dropout_mask=rec.numpy(),
+                       zoneout_mask=tuple(m.numpy() for m in zone))
+    assert_close(out.detach().numpy(), expected, 1e-10, "output")
+    dx, _ = twin.backward(grad_out.numpy())
+    assert_close(x.grad.numpy(), dx, 1e-10, "grad x")
+    for name, p in module.named_parameters():
+        assert_close(p.grad.numpy(), twin.grad[name], 1e-10, f"grad {name}")

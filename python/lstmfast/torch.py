@@ -189,52 +189,9 @@ def _differentiate_torch_graph(recompute, saved, needs_input_grad, grad_outputs)
 _VF_LAYER = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
 
 
-def _torch_peephole_stack(s, x, h0, c0, masks, *weights):
-    """A peephole LSTM stack (VARIANTS.md A) as a loop of torch ops, with
-    _torch_stack's contract: torch has no peephole kernel. x is padded (T, N, I); with
-    s["lengths"] a row holds its state past its length and outputs 0 there (as the
-    reference does), so the reverse direction starts at each row's own end."""
-    w = dict(zip(s["names"], weights))
-    D = 2 if s["bidirectional"] else 1
-    T = x.shape[0]
-    lengths = None if s["lengths"] is None else torch.as_tensor(s["lengths"], device=x.device)
-    h_n, c_n = [], []
-    layer_input = x
-    for layer in range(s["num_layers"]):
-        if layer > 0 and masks.numel():
-            layer_input = layer_input * masks[layer - 1]
-        outputs = []
-        for d in range(D):
-            sfx = f"_l{layer}" + ("_reverse" if d else "")
-            h, c = h0[layer * D + d], c0[layer * D + d]
-            steps = [None] * T
-            for t in (reversed(range(T)) if d else range(T)):
-                a = layer_input[t] @ w["weight_ih" + sfx].T + h @ w["weight_hh" + sfx].T
-                if s["bias"]:
-                    a = a + w["bias_ih" + sfx] + w["bias_hh" + sfx]
-                a_i, a_f, a_g, a_o = a.chunk(4, 1)
-                i = torch.sigmoid(a_i + w["weight_ci" + sfx] * c)
-                f = torch.sigmoid(a_f + w["weight_cf" + sfx] * c)
-                c_next = f * c + i * torch.tanh(a_g)
-                h_next = torch.sigmoid(a_o + w["weight_co" + sfx] * c_next) * torch.tanh(c_next)
-                if s["proj_size"]:
-                    h_next = h_next @ w["weight_hr" + sfx].T
-                if lengths is None:
-                    steps[t], h, c = h_next, h_next, c_next
-                else:
-                    running = (t < lengths)[:, None]
-                    steps[t] = torch.where(running, h_next, torch.zeros_like(h_next))
-                    h, c = torch.where(running, h_next, h), torch.where(running, c_next, c)
-            outputs.append(torch.stack(steps))
-            h_n.append(h)
-            c_n.append(c)
-        layer_input = torch.cat(outputs, 2)
-    return layer_input, torch.stack(h_n), torch.stack(c_n)
-
-
 def _torch_ctrnn_stack(s, x, h0, c0, masks, *weights):
     """A CTRNN stack (VARIANTS.md D) as a loop of torch ops, with _torch_stack's
-    contract and _torch_peephole_stack's handling of lengths (x padded); the noise,
+    contract and _torch_loop_stack's handling of lengths (x padded); the noise,
     s["cell_options"]["noise"] ((L*D, T, N, H) or None), is a constant."""
     w = dict(zip(s["names"], weights))
     options = s["cell_options"]
@@ -276,7 +233,7 @@ def _torch_ctrnn_stack(s, x, h0, c0, masks, *weights):
 
 def _torch_ln_lstm_stack(s, x, h0, c0, masks, *weights):
     """A layer-normalized LSTM stack (VARIANTS.md B, torchaudio's form) as a loop of
-    torch ops, with _torch_peephole_stack's contract and handling of lengths."""
+    torch ops, with _torch_loop_stack's contract and handling of lengths."""
     w = dict(zip(s["names"], weights))
     eps = s["cell_options"]["layer_norm_eps"]
     D = 2 if s["bidirectional"] else 1
@@ -315,13 +272,16 @@ def _torch_ln_lstm_stack(s, x, h0, c0, masks, *weights):
     return layer_input, torch.stack(h_n), torch.stack(c_n)
 
 
-def _torch_regularized_stack(s, x, h0, c0, masks, *weights):
-    """An LSTM (projection included), GRU or RNN stack with recurrent dropout and zoneout
-    (VARIANTS.md C) as a loop of torch ops, with _torch_peephole_stack's contract and
-    handling of lengths; the masks, s["cell_options"] (as the backends take them), are
+def _torch_loop_stack(s, x, h0, c0, masks, *weights):
+    """An LSTM (peepholes and projection included), GRU or RNN stack, with recurrent
+    dropout and zoneout (VARIANTS.md C), as a loop of torch ops: what torch's kernels
+    cannot compute (peepholes: VARIANTS.md A; the regularizers), with _torch_stack's
+    contract. x is padded (T, N, I); with s["lengths"] a row holds its state past its
+    length and outputs 0 there (as the reference does), so the reverse direction starts
+    at each row's own end. The masks, s["cell_options"] (as the backends take them), are
     constants."""
     w = dict(zip(s["names"], weights))
-    options = s["cell_options"]
+    options = s.get("cell_options") or {}
     rec = options.get("recurrent_dropout_masks")
     zone = options.get("zoneout_masks") or (None, None)
     mode = s["mode"]
@@ -365,7 +325,11 @@ def _torch_regularized_stack(s, x, h0, c0, masks, *weights):
                 c_next = None
                 if mode == "LSTM":
                     i, f, g, o = (gi + gh).chunk(4, 1)
+                    if "weight_ci" + sfx in w:  # peepholes: i and f see c, o the new c
+                        i, f = i + w["weight_ci" + sfx] * c, f + w["weight_cf" + sfx] * c
                     c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    if "weight_co" + sfx in w:
+                        o = o + w["weight_co" + sfx] * c_next
                     h_next = torch.sigmoid(o) * torch.tanh(c_next)
                     if s["proj_size"]:
                         h_next = h_next @ w["weight_hr" + sfx].T
@@ -402,13 +366,13 @@ def _torch_stack(s, x, h0, c0, masks, *weights):
     """The stack of ``_RecurrentFunction`` computed layer by layer with torch's own
     kernels, the same dropout masks included (for double backward)."""
     if "weight_ci_l0" in s["names"]:
-        return _torch_peephole_stack(s, x, h0, c0, masks, *weights)
+        return _torch_loop_stack(s, x, h0, c0, masks, *weights)
     if "ln_gates_weight_l0" in s["names"]:
         return _torch_ln_lstm_stack(s, x, h0, c0, masks, *weights)
     if s["mode"].startswith("CTRNN"):
         return _torch_ctrnn_stack(s, x, h0, c0, masks, *weights)
     if s.get("cell_options"):
-        return _torch_regularized_stack(s, x, h0, c0, masks, *weights)
+        return _torch_loop_stack(s, x, h0, c0, masks, *weights)
     is_lstm = s["mode"] == "LSTM"
     D = 2 if s["bidirectional"] else 1
     per_layer = len(weights) // s["num_layers"]
@@ -562,7 +526,7 @@ class _FastRNNMixin:
 
     def _torch_forward(self, input, hx, given=None):
         if self._regularized(given):  # torch has no recurrent dropout or zoneout
-            return _torch_loop_forward(self, input, hx, _torch_regularized_stack, given)
+            return _torch_loop_forward(self, input, hx, _torch_loop_stack, given)
         return self._lstmfast_torch_class.forward(self, input, hx)
 
     @property
@@ -977,18 +941,12 @@ class PeepholeLSTM(LSTM):
     _lstmfast_autocast = False  # torch's loop under autocast, as for torch's own ops
 
     def __init__(self, *args, **kwargs):
-        if kwargs.get("recurrent_dropout") or kwargs.get("zoneout"):
-            raise ValueError("PeepholeLSTM: recurrent_dropout and zoneout are not supported in "
-                             "lstmfast.torch yet (lstmfast.LSTM(peephole=True) has them)")
         super().__init__(*args, **kwargs)
         bound = 1.0 / self.hidden_size ** 0.5
         like = self.weight_ih_l0
         for name in self._peephole_names():
             self.register_parameter(name, nn.Parameter(
                 torch.empty(self.hidden_size, dtype=like.dtype, device=like.device).uniform_(-bound, bound)))
-
-    def forward(self, input, hx=None):  # noqa: A002  (torch's; no regularizer masks here)
-        return super().forward(input, hx)
 
     def _peephole_names(self):
         return [f"weight_c{gate}_l{k}{suffix}" for k in range(self.num_layers)
@@ -1000,7 +958,7 @@ class PeepholeLSTM(LSTM):
         return weights + [getattr(self, name) for name in self._peephole_names()], names, reduced
 
     def _torch_forward(self, input, hx, given=None):
-        return _torch_loop_forward(self, input, hx, _torch_peephole_stack)
+        return _torch_loop_forward(self, input, hx, _torch_loop_stack, given)
 
     def __prepare_scriptable__(self):
         raise TypeError("PeepholeLSTM cannot be scripted: torch has no peephole LSTM to compile; "
@@ -1008,8 +966,8 @@ class PeepholeLSTM(LSTM):
 
 
 def _torch_loop_forward(self, input, hx, stack, given=None):
-    """A variant's forward as a loop of torch ops (``stack``: _torch_peephole_stack or
-    _torch_ctrnn_stack), for what the kernels do not take; the layouts and checks of
+    """A variant's forward as a loop of torch ops (``stack``: _torch_loop_stack,
+    _torch_ctrnn_stack or _torch_ln_lstm_stack), for what the kernels do not take; the layouts and checks of
     nn.LSTM / nn.RNN.forward."""
     is_lstm = self.mode == "LSTM"
     packed = isinstance(input, PackedSequence)

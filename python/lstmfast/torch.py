@@ -189,122 +189,19 @@ def _differentiate_torch_graph(recompute, saved, needs_input_grad, grad_outputs)
 _VF_LAYER = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RELU": _VF.rnn_relu}
 
 
-def _torch_ctrnn_stack(s, x, h0, c0, masks, *weights):
-    """A CTRNN stack (VARIANTS.md D) as a loop of torch ops, with _torch_stack's
-    contract and _torch_loop_stack's handling of lengths (x padded); the noise,
-    s["cell_options"]["noise"] ((L*D, T, N, H) or None), is a constant."""
-    w = dict(zip(s["names"], weights))
-    options = s["cell_options"]
-    alpha, inside, noise = options["alpha"], options["leak"] == "inside", options["noise"]
-    act = torch.relu if s["mode"] == "CTRNN_RELU" else torch.tanh
-    D = 2 if s["bidirectional"] else 1
-    T = x.shape[0]
-    lengths = None if s["lengths"] is None else torch.as_tensor(s["lengths"], device=x.device)
-    h_n = []
-    layer_input = x
-    for layer in range(s["num_layers"]):
-        if layer > 0 and masks.numel():
-            layer_input = layer_input * masks[layer - 1]
-        outputs = []
-        for d in range(D):
-            sfx = f"_l{layer}" + ("_reverse" if d else "")
-            h = h0[layer * D + d]
-            steps = [None] * T
-            for t in (reversed(range(T)) if d else range(T)):
-                z = layer_input[t] @ w["weight_ih" + sfx].T + h @ w["weight_hh" + sfx].T
-                if s["bias"]:
-                    z = z + w["bias_ih" + sfx] + w["bias_hh" + sfx]
-                e = 0 if noise is None else noise[layer * D + d, t]
-                if inside:
-                    h_next = act((1 - alpha) * h + alpha * z + e)
-                else:
-                    h_next = (1 - alpha) * h + alpha * act(z) + e
-                if lengths is None:
-                    steps[t], h = h_next, h_next
-                else:
-                    running = (t < lengths)[:, None]
-                    steps[t] = torch.where(running, h_next, torch.zeros_like(h_next))
-                    h = torch.where(running, h_next, h)
-            outputs.append(torch.stack(steps))
-            h_n.append(h)
-        layer_input = torch.cat(outputs, 2)
-    return layer_input, torch.stack(h_n), None
-
-
-def _torch_ln_lstm_stack(s, x, h0, c0, masks, *weights):
-    """A layer-normalized LSTM stack (VARIANTS.md B, torchaudio's form) as a loop of
-    torch ops, with _torch_loop_stack's contract and handling of lengths."""
-    w = dict(zip(s["names"], weights))
-    eps = s["cell_options"]["layer_norm_eps"]
-    D = 2 if s["bidirectional"] else 1
-    T = x.shape[0]
-    lengths = None if s["lengths"] is None else torch.as_tensor(s["lengths"], device=x.device)
-    h_n, c_n = [], []
-    layer_input = x
-    for layer in range(s["num_layers"]):
-        if layer > 0 and masks.numel():
-            layer_input = layer_input * masks[layer - 1]
-        outputs = []
-        for d in range(D):
-            sfx = f"_l{layer}" + ("_reverse" if d else "")
-            h, c = h0[layer * D + d], c0[layer * D + d]
-            H = h.shape[1]
-            steps = [None] * T
-            for t in (reversed(range(T)) if d else range(T)):
-                a = layer_input[t] @ w["weight_ih" + sfx].T + h @ w["weight_hh" + sfx].T
-                gates = nn.functional.layer_norm(a, (4 * H,), w["ln_gates_weight" + sfx],
-                                                 w["ln_gates_bias" + sfx], eps)
-                i, f, g, o = gates.chunk(4, 1)
-                c_next = nn.functional.layer_norm(
-                    torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g), (H,),
-                    w["ln_cell_weight" + sfx], w["ln_cell_bias" + sfx], eps)
-                h_next = torch.sigmoid(o) * torch.tanh(c_next)
-                if lengths is None:
-                    steps[t], h, c = h_next, h_next, c_next
-                else:
-                    running = (t < lengths)[:, None]
-                    steps[t] = torch.where(running, h_next, torch.zeros_like(h_next))
-                    h, c = torch.where(running, h_next, h), torch.where(running, c_next, c)
-            outputs.append(torch.stack(steps))
-            h_n.append(h)
-            c_n.append(c)
-        layer_input = torch.cat(outputs, 2)
-    return layer_input, torch.stack(h_n), torch.stack(c_n)
-
-
-def _torch_loop_stack(s, x, h0, c0, masks, *weights):
-    """An LSTM (peepholes and projection included), GRU or RNN stack, with recurrent
-    dropout and zoneout (VARIANTS.md C), as a loop of torch ops: what torch's kernels
-    cannot compute (peepholes: VARIANTS.md A; the regularizers), with _torch_stack's
-    contract. x is padded (T, N, I); with s["lengths"] a row holds its state past its
+def _torch_layer_loop(s, x, h0, c0, masks, step):
+    """The loop of the torch-op stacks below, with _torch_stack's contract: layers,
+    directions (the reverse one walks time backwards), dropout between layers, and
+    lengths: x is padded (T, N, I); with s["lengths"] a row holds its state past its
     length and outputs 0 there (as the reference does), so the reverse direction starts
-    at each row's own end. The masks, s["cell_options"] (as the backends take them), are
-    constants."""
-    w = dict(zip(s["names"], weights))
-    options = s.get("cell_options") or {}
-    rec = options.get("recurrent_dropout_masks")
-    zone = options.get("zoneout_masks") or (None, None)
-    mode = s["mode"]
+    at each row's own end. ``step(k, sfx, t, x_t, h, c)`` gives (h_next, c_next) of
+    layer-direction k (parameter suffix sfx) at time t; c0 None: no cell state (c is
+    None throughout and c_n is None)."""
     D = 2 if s["bidirectional"] else 1
     T = x.shape[0]
-    if options.get("zoneout_seed") is not None:  # the masks the kernels draw from the seed
-        from .reference import zoneout_masks_from_seed
-
-        H = h0.shape[2] if c0 is None or not c0.numel() else c0.shape[2]
-        zone = tuple(None if m is None else torch.from_numpy(m).to(x.dtype) for m in
-                     zoneout_masks_from_seed(options["zoneout_seed"], zone, h0.shape[0], T,
-                                             x.shape[1], (h0.shape[2], H)))
-        # the kernels number a PackedSequence's rows in its sorted order; x here is the caller's
-        position = s.get("packed_positions")
-        if position is not None:
-            zone = tuple(None if m is None else m.index_select(2, position) for m in zone)
     lengths = None if s["lengths"] is None else torch.as_tensor(s["lengths"], device=x.device)
     h_n, c_n = [], []
     layer_input = x
-
-    def factor(m, k, t):
-        return None if m is None else m if not isinstance(m, torch.Tensor) else m[k, t]
-
     for layer in range(s["num_layers"]):
         if layer > 0 and masks.numel():
             layer_input = layer_input * masks[layer - 1]
@@ -312,41 +209,10 @@ def _torch_loop_stack(s, x, h0, c0, masks, *weights):
         for d in range(D):
             k = layer * D + d
             sfx = f"_l{layer}" + ("_reverse" if d else "")
-            h = h0[k]
-            c = c0[k] if mode == "LSTM" else None
-            b_ih, b_hh = w.get("bias_ih" + sfx), w.get("bias_hh" + sfx)
+            h, c = h0[k], None if c0 is None else c0[k]
             steps = [None] * T
             for t in (reversed(range(T)) if d else range(T)):
-                h_rec = h if rec is None else h * rec[k]
-                gi = layer_input[t] @ w["weight_ih" + sfx].T
-                gh = h_rec @ w["weight_hh" + sfx].T
-                if b_ih is not None:
-                    gi, gh = gi + b_ih, gh + b_hh
-                c_next = None
-                if mode == "LSTM":
-                    i, f, g, o = (gi + gh).chunk(4, 1)
-                    if "weight_ci" + sfx in w:  # peepholes: i and f see c, o the new c
-                        i, f = i + w["weight_ci" + sfx] * c, f + w["weight_cf" + sfx] * c
-                    c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                    if "weight_co" + sfx in w:
-                        o = o + w["weight_co" + sfx] * c_next
-                    h_next = torch.sigmoid(o) * torch.tanh(c_next)
-                    if s["proj_size"]:
-                        h_next = h_next @ w["weight_hr" + sfx].T
-                elif mode == "GRU":
-                    i_r, i_z, i_n = gi.chunk(3, 1)
-                    h_r, h_z, h_n_ = gh.chunk(3, 1)
-                    r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-                    n = torch.tanh(i_n + r * h_n_)
-                    h_next = (1 - z) * n + z * h
-                else:
-                    a = gi + gh
-                    h_next = torch.relu(a) if mode == "RNN_RELU" else torch.tanh(a)
-                m_h, m_c = factor(zone[0], k, t), factor(zone[1], k, t)
-                if m_h is not None:
-                    h_next = m_h * h + (1 - m_h) * h_next
-                if m_c is not None and c is not None:
-                    c_next = m_c * c + (1 - m_c) * c_next
+                h_next, c_next = step(k, sfx, t, layer_input[t], h, c)
                 if lengths is None:
                     steps[t], h, c = h_next, h_next, c_next
                 else:
@@ -359,7 +225,109 @@ def _torch_loop_stack(s, x, h0, c0, masks, *weights):
             h_n.append(h)
             c_n.append(c)
         layer_input = torch.cat(outputs, 2)
-    return layer_input, torch.stack(h_n), (torch.stack(c_n) if mode == "LSTM" else None)
+    return layer_input, torch.stack(h_n), (None if c0 is None else torch.stack(c_n))
+
+
+def _torch_ctrnn_stack(s, x, h0, c0, masks, *weights):
+    """A CTRNN stack (VARIANTS.md D) as a loop of torch ops (_torch_layer_loop); the
+    noise, s["cell_options"]["noise"] ((L*D, T, N, H) or None), is a constant."""
+    w = dict(zip(s["names"], weights))
+    options = s["cell_options"]
+    alpha, inside, noise = options["alpha"], options["leak"] == "inside", options["noise"]
+    act = torch.relu if s["mode"] == "CTRNN_RELU" else torch.tanh
+
+    def step(k, sfx, t, x_t, h, c):
+        z = x_t @ w["weight_ih" + sfx].T + h @ w["weight_hh" + sfx].T
+        if s["bias"]:
+            z = z + w["bias_ih" + sfx] + w["bias_hh" + sfx]
+        e = 0 if noise is None else noise[k, t]
+        if inside:
+            return act((1 - alpha) * h + alpha * z + e), None
+        return (1 - alpha) * h + alpha * act(z) + e, None
+
+    return _torch_layer_loop(s, x, h0, None, masks, step)
+
+
+def _torch_ln_lstm_stack(s, x, h0, c0, masks, *weights):
+    """A layer-normalized LSTM stack (VARIANTS.md B, torchaudio's form) as a loop of
+    torch ops (_torch_layer_loop)."""
+    w = dict(zip(s["names"], weights))
+    eps = s["cell_options"]["layer_norm_eps"]
+
+    def step(k, sfx, t, x_t, h, c):
+        H = h.shape[1]
+        a = x_t @ w["weight_ih" + sfx].T + h @ w["weight_hh" + sfx].T
+        gates = nn.functional.layer_norm(a, (4 * H,), w["ln_gates_weight" + sfx],
+                                         w["ln_gates_bias" + sfx], eps)
+        i, f, g, o = gates.chunk(4, 1)
+        c_next = nn.functional.layer_norm(
+            torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g), (H,),
+            w["ln_cell_weight" + sfx], w["ln_cell_bias" + sfx], eps)
+        return torch.sigmoid(o) * torch.tanh(c_next), c_next
+
+    return _torch_layer_loop(s, x, h0, c0, masks, step)
+
+
+def _torch_loop_stack(s, x, h0, c0, masks, *weights):
+    """An LSTM (peepholes and projection included), GRU or RNN stack, with recurrent
+    dropout and zoneout (VARIANTS.md C), as a loop of torch ops (_torch_layer_loop): what
+    torch's kernels cannot compute (peepholes: VARIANTS.md A; the regularizers). The
+    masks, s["cell_options"] (as the backends take them), are constants."""
+    w = dict(zip(s["names"], weights))
+    options = s.get("cell_options") or {}
+    rec = options.get("recurrent_dropout_masks")
+    zone = options.get("zoneout_masks") or (None, None)
+    mode = s["mode"]
+    if options.get("zoneout_seed") is not None:  # the masks the kernels draw from the seed
+        from .reference import zoneout_masks_from_seed
+
+        H = h0.shape[2] if c0 is None or not c0.numel() else c0.shape[2]
+        zone = tuple(None if m is None else torch.from_numpy(m).to(x.dtype) for m in
+                     zoneout_masks_from_seed(options["zoneout_seed"], zone, h0.shape[0],
+                                             x.shape[0], x.shape[1], (h0.shape[2], H)))
+        # the kernels number a PackedSequence's rows in its sorted order; x here is the caller's
+        position = s.get("packed_positions")
+        if position is not None:
+            zone = tuple(None if m is None else m.index_select(2, position) for m in zone)
+
+    def factor(m, k, t):
+        return None if m is None else m if not isinstance(m, torch.Tensor) else m[k, t]
+
+    def step(k, sfx, t, x_t, h, c):
+        h_rec = h if rec is None else h * rec[k]
+        gi = x_t @ w["weight_ih" + sfx].T
+        gh = h_rec @ w["weight_hh" + sfx].T
+        b_ih, b_hh = w.get("bias_ih" + sfx), w.get("bias_hh" + sfx)
+        if b_ih is not None:
+            gi, gh = gi + b_ih, gh + b_hh
+        c_next = None
+        if mode == "LSTM":
+            i, f, g, o = (gi + gh).chunk(4, 1)
+            if "weight_ci" + sfx in w:  # peepholes: i and f see c, o the new c
+                i, f = i + w["weight_ci" + sfx] * c, f + w["weight_cf" + sfx] * c
+            c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            if "weight_co" + sfx in w:
+                o = o + w["weight_co" + sfx] * c_next
+            h_next = torch.sigmoid(o) * torch.tanh(c_next)
+            if s["proj_size"]:
+                h_next = h_next @ w["weight_hr" + sfx].T
+        elif mode == "GRU":
+            i_r, i_z, i_n = gi.chunk(3, 1)
+            h_r, h_z, h_n = gh.chunk(3, 1)
+            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+            n = torch.tanh(i_n + r * h_n)
+            h_next = (1 - z) * n + z * h
+        else:
+            a = gi + gh
+            h_next = torch.relu(a) if mode == "RNN_RELU" else torch.tanh(a)
+        m_h, m_c = factor(zone[0], k, t), factor(zone[1], k, t)
+        if m_h is not None:
+            h_next = m_h * h + (1 - m_h) * h_next
+        if m_c is not None and c is not None:
+            c_next = m_c * c + (1 - m_c) * c_next
+        return h_next, c_next
+
+    return _torch_layer_loop(s, x, h0, c0 if mode == "LSTM" else None, masks, step)
 
 
 def _torch_stack(s, x, h0, c0, masks, *weights):

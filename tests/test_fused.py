@@ -431,23 +431,23 @@ def variant_configs(draw):
     return dict(config, mode=mode, P=0, cell_options=options)
 
 
-@settings(max_examples=40, deadline=None)
-@given(config=variant_configs(), target=st.sampled_from(_core.simd_targets()))
-def test_random_variant_configurations_match_reference(config, target):
+def check_on_target(config, target):
+    """Case(**config).check() with the kernels of SIMD target ``target``."""
     before = _core.simd_target()
     _core.set_simd_target(target)
     try:
         Case(**config).check()
     finally:
         _core.set_simd_target(before)
+
+
+@settings(max_examples=40, deadline=None)
+@given(config=variant_configs(), target=st.sampled_from(_core.simd_targets()))
+def test_random_variant_configurations_match_reference(config, target):
+    check_on_target(config, target)
 
 
 @settings(max_examples=30, deadline=None)
 @given(config=configs(), target=st.sampled_from(_core.simd_targets()))
 def test_random_configurations_match_reference(config, target):
-    before = _core.simd_target()
-    _core.set_simd_target(target)
-    try:
-        Case(**config).check()
-    finally:
-        _core.set_simd_target(before)
+    check_on_target(config, target)

@@ -1,7 +1,8 @@
 """The reference's layer-normalized LSTM (VARIANTS.md B) against torchaudio's RNN-T form.
 
-torchaudio's ``_CustomLSTM(layer_norm=True)`` is transcribed below as a torch loop
-(nn.functional.layer_norm and autograd), one module per layer, fed our parameters
+torchaudio's ``_CustomLSTM(layer_norm=True)``, transcribed as a torch loop
+(``lstmfast.bench_variants.CustomLSTMLoop``, which the benchmark times), one module per
+layer, fed our parameters
 through the documented key map (``lstmfast.interop.from_torchaudio_lstm``). When
 torchaudio itself imports, its module is the oracle too. Finite differences for every
 gradient are in test_reference.py (FD_CASES).
@@ -16,28 +17,7 @@ from test_reference import assert_close, make_problem, run_backward, run_forward
 
 torch = pytest.importorskip("torch")
 
-
-class CustomLSTMLoop(torch.nn.Module):
-    """torchaudio.models.rnnt._CustomLSTM(layer_norm=True), transcribed: x2g and p2g
-    without biases, g_norm over 4H, c_norm over H, time-major, one layer."""
-
-    def __init__(self, input_dim, hidden_dim, eps, dtype):
-        super().__init__()
-        self.x2g = torch.nn.Linear(input_dim, 4 * hidden_dim, bias=False, dtype=dtype)
-        self.p2g = torch.nn.Linear(hidden_dim, 4 * hidden_dim, bias=False, dtype=dtype)
-        self.c_norm = torch.nn.LayerNorm(hidden_dim, eps=eps, dtype=dtype)
-        self.g_norm = torch.nn.LayerNorm(4 * hidden_dim, eps=eps, dtype=dtype)
-
-    def forward(self, input, state):  # noqa: A002
-        h, c = state
-        outputs = []
-        for gates in self.x2g(input).unbind(0):
-            gates = self.g_norm(gates + self.p2g(h))
-            i, f, g, o = gates.chunk(4, 1)
-            c = self.c_norm(f.sigmoid() * c + i.sigmoid() * g.tanh())
-            h = o.sigmoid() * c.tanh()
-            outputs.append(h)
-        return torch.stack(outputs), [h, c]
+from lstmfast.bench_variants import CustomLSTMLoop  # noqa: E402
 
 
 def torchaudio_custom_lstm():
@@ -67,7 +47,7 @@ def test_reference_matches_torchaudio_custom_lstm_as_a_torch_loop(dtype, num_lay
     tdtype = torch.float64 if dtype == np.float64 else torch.float32
     layers = []
     for k, state in enumerate(interop.to_torchaudio_lstm(p["params"], num_layers)):
-        module = CustomLSTMLoop(4 if k == 0 else H, H, eps, tdtype)
+        module = CustomLSTMLoop(4 if k == 0 else H, H, layer_norm_epsilon=eps).to(tdtype)
         module.load_state_dict({key: torch.from_numpy(v.copy()) for key, v in state.items()})
         layers.append(module)
     x = torch.from_numpy(p["x"].copy()).requires_grad_()

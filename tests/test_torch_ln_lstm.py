@@ -16,7 +16,8 @@ import lstmfast  # noqa: E402
 import lstmfast.torch as lt  # noqa: E402
 
 from conftest import assert_close  # noqa: E402
-from test_ln_lstm_reference import CustomLSTMLoop, torchaudio_custom_lstm  # noqa: E402
+from lstmfast.bench_variants import CustomLSTMLoop  # noqa: E402
+from test_ln_lstm_reference import torchaudio_custom_lstm  # noqa: E402
 
 CONFIGS = [dict(), dict(num_layers=2, bidirectional=True), dict(batch_first=True, layer_norm_eps=1e-3)]
 
@@ -102,27 +103,13 @@ def test_names_repr_state_dict_and_scripting():
         torch.jit.script(module)
 
 
-class StandInCustomLSTM(CustomLSTMLoop):
-    """Stands for torchaudio's _CustomLSTM where torchaudio is not installed: the same
-    submodules, call and return (test_ln_lstm_reference.CustomLSTMLoop)."""
-
-    def __init__(self, input_dim, hidden_dim, layer_norm_epsilon=1e-5):
-        super().__init__(input_dim, hidden_dim, layer_norm_epsilon, torch.float32)
-        self.hidden_dim = hidden_dim
-
-    def forward(self, input, state):  # noqa: A002
-        if state is None:
-            zeros = input.new_zeros(input.shape[1], self.hidden_dim)
-            state = [zeros, zeros]
-        return super().forward(input, state)
-
-
 def test_accelerate_swaps_torchaudio_custom_lstm_modules(monkeypatch):
     rnnt = types.ModuleType("torchaudio.models.rnnt")
-    rnnt._CustomLSTM = StandInCustomLSTM
+    rnnt._CustomLSTM = CustomLSTMLoop  # torchaudio's code transcribed: a stand-in for it
     monkeypatch.setitem(sys.modules, "torchaudio.models.rnnt", rnnt)
     torch.manual_seed(2)
-    model = torch.nn.ModuleList([perturbed(StandInCustomLSTM(4, 6, 1e-3)), StandInCustomLSTM(6, 6)])
+    model = torch.nn.ModuleList([perturbed(CustomLSTMLoop(4, 6, layer_norm_epsilon=1e-3)),
+                                 CustomLSTMLoop(6, 6)])
     x = torch.randn(7, 3, 4, requires_grad=True)
 
     def run(model):
@@ -140,7 +127,7 @@ def test_accelerate_swaps_torchaudio_custom_lstm_modules(monkeypatch):
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     lt.restore(model)
-    assert all(type(m) is StandInCustomLSTM for m in model)
+    assert all(type(m) is CustomLSTMLoop for m in model)
 
 
 def test_accelerate_on_a_torchaudio_emformer_rnnt_predictor():

@@ -144,6 +144,25 @@ def _check_zoneout(value, mode):
     return p_h, p_c
 
 
+def _check_ctrnn_options(alpha, leak, noise_std):
+    """A CTRNN's alpha, leak and noise_std, checked (both APIs): (float, str, float)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha <= 1:
+        raise ValueError(f"alpha (dt / tau) must be a number in (0, 1], got {alpha!r}")
+    if leak not in _LEAKS:
+        raise ValueError(f"leak must be 'outside' or 'inside', got {leak!r}")
+    if (isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real)
+            or not 0 <= noise_std < float("inf")):
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+    return float(alpha), leak, float(noise_std)
+
+
+def _check_layer_norm_eps(eps):
+    """A layer-normalized LSTM's layer_norm_eps, checked (both APIs), as a float."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < float("inf"):
+        raise ValueError(f"layer_norm_eps must be a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
 def _resolve_dtype(dtype):
     # np.dtype(None) is float64 and dtype == None compares as float64: exclude None first.
     try:
@@ -991,17 +1010,8 @@ class CTRNN(_RNNBase):
                  recurrent_dropout=0.0):
         if nonlinearity not in _CTRNN_MODES:
             raise ValueError(f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha <= 1:
-            raise ValueError(f"alpha (dt / tau) must be a number in (0, 1], got {alpha!r}")
-        if leak not in _LEAKS:
-            raise ValueError(f"leak must be 'outside' or 'inside', got {leak!r}")
-        if (isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real)
-                or not noise_std >= 0 or noise_std == float("inf")):
-            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
         self.nonlinearity = nonlinearity
-        self.alpha = float(alpha)
-        self.leak = leak
-        self.noise_std = float(noise_std)
+        self.alpha, self.leak, self.noise_std = _check_ctrnn_options(alpha, leak, noise_std)
         super().__init__(_CTRNN_MODES[nonlinearity], input_size, hidden_size, num_layers, bias,
                          batch_first, dropout, bidirectional, 0, dtype, backend, seed,
                          recurrent_dropout=recurrent_dropout)
@@ -1058,10 +1068,7 @@ class LayerNormLSTM(_RNNBase):
     def __init__(self, input_size, hidden_size, num_layers=1, bidirectional=False,
                  batch_first=False, dropout=0.0, layer_norm_eps=1e-5, dtype="float32",
                  backend="fused", seed=None, *, recurrent_dropout=0.0):
-        if (isinstance(layer_norm_eps, bool) or not isinstance(layer_norm_eps, numbers.Real)
-                or not 0 < layer_norm_eps < float("inf")):
-            raise ValueError(f"layer_norm_eps must be a finite number > 0, got {layer_norm_eps!r}")
-        self.layer_norm_eps = float(layer_norm_eps)
+        self.layer_norm_eps = _check_layer_norm_eps(layer_norm_eps)
         super().__init__("LN_LSTM", input_size, hidden_size, num_layers, False, batch_first,
                          dropout, bidirectional, 0, dtype, backend, seed,
                          recurrent_dropout=recurrent_dropout)

@@ -30,7 +30,6 @@ This is the only module of lstmfast that imports torch.
 
 import collections
 import copy
-import numbers
 import sys
 import threading
 import warnings
@@ -43,7 +42,8 @@ from torch.ao.nn.quantized import dynamic as nnqd
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-from .modules import _backend_weight
+from .modules import (_backend_weight, _check_ctrnn_options, _check_layer_norm_eps,
+                      _check_probability, _check_zoneout)
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "PeepholeLSTM", "CTRNN",
            "LayerNormLSTM",
@@ -451,8 +451,6 @@ def _packed_rows(batch_sizes, N):
 
 
 def _set_regularizers(module, recurrent_dropout, zoneout):
-    from .modules import _check_probability, _check_zoneout
-
     module.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout,
                                                   upper_open=True)
     module.zoneout = _check_zoneout(zoneout, "LSTM" if module.mode == "LSTM" else "GRU")
@@ -1005,12 +1003,10 @@ class LayerNormLSTM(LSTM):
 
     def __init__(self, input_size, hidden_size, num_layers=1, bidirectional=False,
                  batch_first=False, dropout=0.0, layer_norm_eps=1e-5, device=None, dtype=None):
-        if (isinstance(layer_norm_eps, bool) or not isinstance(layer_norm_eps, numbers.Real)
-                or not 0 < layer_norm_eps < float("inf")):
-            raise ValueError(f"layer_norm_eps must be a finite number > 0, got {layer_norm_eps!r}")
+        eps = _check_layer_norm_eps(layer_norm_eps)
         super().__init__(input_size, hidden_size, num_layers, bias=False, batch_first=batch_first,
                          dropout=dropout, bidirectional=bidirectional, device=device, dtype=dtype)
-        self.layer_norm_eps = float(layer_norm_eps)
+        self.layer_norm_eps = eps
         like = self.weight_ih_l0
         for name in self._layer_norm_names():
             width = (4 if "_gates_" in name else 1) * hidden_size
@@ -1124,19 +1120,11 @@ class CTRNN(RNN):
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="relu", alpha=1.0,
                  leak="outside", noise_std=0.0, bias=True, batch_first=False, dropout=0.0,
                  bidirectional=False, device=None, dtype=None):
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha <= 1:
-            raise ValueError(f"alpha (dt / tau) must be a number in (0, 1], got {alpha!r}")
-        if leak not in ("outside", "inside"):
-            raise ValueError(f"leak must be 'outside' or 'inside', got {leak!r}")
-        if (isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real)
-                or not 0 <= noise_std < float("inf")):
-            raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+        options = _check_ctrnn_options(alpha, leak, noise_std)
         super().__init__(input_size, hidden_size, num_layers, nonlinearity=nonlinearity,
                          bias=bias, batch_first=batch_first, dropout=dropout,
                          bidirectional=bidirectional, device=device, dtype=dtype)
-        self.alpha = float(alpha)
-        self.leak = leak
-        self.noise_std = float(noise_std)
+        self.alpha, self.leak, self.noise_std = options
 
     def forward(self, input, hx=None, noise=None):  # noqa: A002  (torch's argument name)
         if torch.compiler.is_exporting():
@@ -1258,8 +1246,6 @@ class _FastCellMixin:
 
     def __init__(self, *args, zoneout=0.0, recurrent_dropout=0.0, **kwargs):
         super().__init__(*args, **kwargs)
-        from .modules import _check_probability, _check_zoneout
-
         self.zoneout = _check_zoneout(zoneout, "LSTM" if isinstance(self, nn.LSTMCell) else "GRU")
         self.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout,
                                                     upper_open=True)

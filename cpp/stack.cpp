@@ -144,13 +144,22 @@ void check_layer_norms(const Params<Real>* params, const StackShape& s) {
   }
 }
 
+// Whether layer-direction 0 is given what `of` picks (a pointer); every other must agree.
+template <typename Real, typename Of>
+bool given_to_all_or_none(const Params<Real>* params, const StackShape& s, Of of,
+                          const std::string& what) {
+  const bool given = of(params[0]) != nullptr;
+  for (int64_t i = 1; i < s.L * s.D; ++i)
+    require((of(params[i]) != nullptr) == given,
+            what + " must be given for every layer and direction or none");
+  return given;
+}
+
 // Recurrent dropout masks: every layer-direction or none, with float weights.
 template <typename Real>
 void check_recurrent_dropout(const Params<Real>* params, const StackShape& s) {
-  const bool masked = params[0].rec_mask != nullptr;
-  for (int64_t i = 0; i < s.L * s.D; ++i)
-    require((params[i].rec_mask != nullptr) == masked,
-            "recurrent dropout masks must be given for every layer and direction or none");
+  const bool masked = given_to_all_or_none(
+      params, s, [](const Params<Real>& p) { return p.rec_mask; }, "recurrent dropout masks");
   require(!masked || params[0].W_hh_r == nullptr,
           "recurrent dropout is not supported with reduced-precision weights");
 }
@@ -159,12 +168,12 @@ void check_recurrent_dropout(const Params<Real>* params, const StackShape& s) {
 // LSTM, with float weights.
 template <typename Real>
 void check_zoneout(const Params<Real>* params, const StackShape& s) {
-  const bool on_h = params[0].zone_h != nullptr || s.zone_p_h != 0;
-  const bool on_c = params[0].zone_c != nullptr || s.zone_p_c != 0;
-  for (int64_t i = 0; i < s.L * s.D; ++i)
-    require((params[i].zone_h != nullptr) == (params[0].zone_h != nullptr) &&
-                (params[i].zone_c != nullptr) == (params[0].zone_c != nullptr),
-            "zoneout masks must be given for every layer and direction or none");
+  const bool on_h = given_to_all_or_none(
+                        params, s, [](const Params<Real>& p) { return p.zone_h; }, "zoneout masks") ||
+                    s.zone_p_h != 0;
+  const bool on_c = given_to_all_or_none(
+                        params, s, [](const Params<Real>& p) { return p.zone_c; }, "zoneout masks") ||
+                    s.zone_p_c != 0;
   const bool plain_cell = s.mode == Mode::LSTM || s.mode == Mode::GRU || s.mode == Mode::RNN_TANH ||
                           s.mode == Mode::RNN_RELU;
   require(!(on_h || on_c) || plain_cell, "zoneout is supported for LSTM, GRU and RNN");
@@ -180,10 +189,8 @@ void check_zoneout(const Params<Real>* params, const StackShape& s) {
 // CTRNN noise: every layer-direction or none, and only for a CTRNN.
 template <typename Real>
 void check_noise(const Params<Real>* params, const StackShape& s) {
-  const bool noise = params[0].noise != nullptr;
-  for (int64_t i = 0; i < s.L * s.D; ++i)
-    require((params[i].noise != nullptr) == noise,
-            "noise must be given for every layer and direction or none");
+  const bool noise =
+      given_to_all_or_none(params, s, [](const Params<Real>& p) { return p.noise; }, "noise");
   require(!noise || is_ctrnn(s.mode), "noise is only supported for CTRNN");
 }
 

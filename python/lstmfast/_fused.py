@@ -87,10 +87,9 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         noise = np.asarray(noise, dtype=dtype)
     if recurrent_dropout_masks is not None:
         recurrent_dropout_masks = np.asarray(recurrent_dropout_masks, dtype=dtype)
-    if zoneout_masks is not None:
-        zoneout_masks = [m if m is None or np.ndim(m) == 0 else np.asarray(m, dtype=dtype)
-                         for m in zoneout_masks]
-        zoneout_masks = [float(m) if m is not None and np.ndim(m) == 0 else m for m in zoneout_masks]
+    if zoneout_masks is not None:  # each None, a probability or masks
+        zoneout_masks = [None if m is None else float(m) if np.ndim(m) == 0
+                         else np.asarray(m, dtype=dtype) for m in zoneout_masks]
     extras = _extras(params)
     weights = [[_weight(params.get(name)) for name in _names(layer, direction, extras)]
                for layer in range(num_layers) for direction in range(D)]

@@ -585,15 +585,18 @@ void register_reduced(py::module_& m) {
         std::vector<uint8_t> act_q(static_cast<size_t>(n * w.K_padded));
         std::vector<float> act_scale(static_cast<size_t>(n));
         std::vector<int32_t> act_zero(static_cast<size_t>(n));
-        lstmfast::LayerBuffers<float> buf;
-        buf.act_q = act_q.data();
-        buf.act_scale = act_scale.data();
-        buf.act_zero = act_zero.data();
+        std::vector<uint16_t> act_bf16(static_cast<size_t>(n * w.K_padded));
+        lstmfast::ActivationScratch act;
+        act.q = act_q.data();
+        act.scale = act_scale.data();
+        act.zero = act_zero.data();
+        act.bf16 = act_bf16.data();
         const float* pa = a.data();
         float* pc = c.mutable_data();
         if (n > 0) {
           py::gil_scoped_release release;
-          lstmfast::kernels().reduced_product(pc, w.M, pa, w, n, buf, threads);
+          lstmfast::kernels().reduced_product(pc, w.M, pa, w, n, lstmfast::reduced_products(), act,
+                                              threads);
         }
         return c;
       },
@@ -730,8 +733,19 @@ void register_simd(py::module_& m) {
         "The instruction set the kernels use.");
   m.def("simd_targets", &lstmfast::simd_targets,
         "The instruction sets compiled in and supported by this CPU, best last.");
+  m.def("compiled_simd_targets", &lstmfast::compiled_simd_targets,
+        "The instruction sets compiled in, whether this CPU supports them or not, worst first.");
   m.def("set_simd_target", &lstmfast::set_simd_target, py::arg("name"),
         "Use the named instruction set (for tests); ValueError if unknown or unsupported.");
+  m.def(
+      "simd_target_builds",
+      [](const std::string& name) {
+        const lstmfast::SimdTarget& t = lstmfast::find_simd_target(name);
+        return py::make_tuple(t.kernels->name, t.products->name);
+      },
+      py::arg("name"),
+      "The builds a target runs: (its cell kernels', its reduced products'). Targets that "
+      "extend avx512 for the reduced products alone share avx512's cell kernels.");
   m.def(
       "_activation",
       [](const std::string& name, const py::array& x) -> py::object {

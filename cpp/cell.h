@@ -106,6 +106,17 @@ inline void for_lanes(int64_t count, F&& f) {
   if (j < count) f(j, count - j);
 }
 
+// out[0..n) = v rounded to bfloat16 (simd.h: round_to_bfloat16); out may be v.
+// float32 only: reduced weights are.
+template <typename Real>
+inline void round_to_bfloat16(Real* out, const Real* v, int64_t count) {
+  if constexpr (sizeof(Real) == sizeof(float)) {
+    for_lanes<Real>(count, [&](int64_t j, int64_t n) {
+      st(out + j, simd::round_to_bfloat16(ld(v + j, n)), n);
+    });
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Rows, times and steps (see LayerShape).
 

@@ -1,5 +1,5 @@
 // Run-time choice of the instruction set (see dispatch.h). Compiled without any
-// ISA flags: it only asks the CPU what it supports and hands out a table.
+// ISA flags: it only asks the CPU what it supports and hands out a target.
 #include "dispatch.h"
 
 #include <atomic>
@@ -8,72 +8,92 @@
 namespace lstmfast {
 namespace {
 
-// The builds in this binary, worst first. CMake defines LSTMFAST_HAVE_<ISA> for
-// the ones it compiled.
-std::vector<const KernelTable*> compiled() {
-  std::vector<const KernelTable*> tables{&generic::kernel_table};
+// The targets in this binary, worst first. CMake defines LSTMFAST_HAVE_<ISA> for
+// the builds it compiled.
+const std::vector<SimdTarget>& compiled() {
+  static const std::vector<SimdTarget> targets = [] {
+    std::vector<SimdTarget> t{{"generic", &generic::kernel_table, &generic::reduced_products}};
 #ifdef LSTMFAST_HAVE_AVX2
-  tables.push_back(&avx2::kernel_table);
+    t.push_back({"avx2", &avx2::kernel_table, &avx2::reduced_products});
 #endif
 #ifdef LSTMFAST_HAVE_AVX512
-  tables.push_back(&avx512::kernel_table);
+    t.push_back({"avx512", &avx512::kernel_table, &avx512::reduced_products});
 #endif
-  return tables;
+#ifdef LSTMFAST_HAVE_AVX512_VNNI
+    t.push_back({"avx512_vnni", &avx512::kernel_table, &avx512_vnni::reduced_products});
+#endif
+#ifdef LSTMFAST_HAVE_AVX512_BF16
+    t.push_back({"avx512_bf16", &avx512::kernel_table, &avx512_bf16::reduced_products});
+#endif
+    return t;
+  }();
+  return targets;
 }
 
 bool cpu_supports(const std::string& name) {
   if (name == "generic") return true;
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_cpu_init();
-  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  if (name == "avx512")
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-           __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("fma");
+  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const bool avx512 = avx2 && __builtin_cpu_supports("avx512f") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512dq");
+  const bool vnni = avx512 && __builtin_cpu_supports("avx512vnni");
+  if (name == "avx2") return avx2;
+  if (name == "avx512") return avx512;
+  if (name == "avx512_vnni") return vnni;
+  // Every CPU with AVX512_BF16 so far has VNNI too (Cooper Lake, Sapphire Rapids, Zen 4).
+  if (name == "avx512_bf16") return vnni && __builtin_cpu_supports("avx512bf16");
 #endif
   return false;
 }
 
-std::vector<const KernelTable*> supported() {
-  std::vector<const KernelTable*> tables;
-  for (const KernelTable* t : compiled())
-    if (cpu_supports(t->name)) tables.push_back(t);
-  return tables;
+std::vector<const SimdTarget*> supported() {
+  std::vector<const SimdTarget*> targets;
+  for (const SimdTarget& t : compiled())
+    if (cpu_supports(t.name)) targets.push_back(&t);
+  return targets;
 }
 
-std::atomic<const KernelTable*> g_table{nullptr};
+std::atomic<const SimdTarget*> g_target{nullptr};
 
 }  // namespace
 
-const KernelTable& kernels() {
-  const KernelTable* t = g_table.load(std::memory_order_acquire);
+const SimdTarget& simd_target_in_use() {
+  const SimdTarget* t = g_target.load(std::memory_order_acquire);
   if (!t) {
     t = supported().back();
-    const KernelTable* expected = nullptr;
-    if (!g_table.compare_exchange_strong(expected, t, std::memory_order_acq_rel)) t = expected;
+    const SimdTarget* expected = nullptr;
+    if (!g_target.compare_exchange_strong(expected, t, std::memory_order_acq_rel)) t = expected;
   }
   return *t;
 }
 
-const char* simd_target() { return kernels().name; }
+const char* simd_target() { return simd_target_in_use().name; }
 
 std::vector<std::string> simd_targets() {
   std::vector<std::string> names;
-  for (const KernelTable* t : supported()) names.emplace_back(t->name);
+  for (const SimdTarget* t : supported()) names.emplace_back(t->name);
   return names;
 }
 
-void set_simd_target(const std::string& name) {
-  for (const KernelTable* t : supported()) {
-    if (name == t->name) {
-      g_table.store(t, std::memory_order_release);
-      return;
-    }
-  }
+std::vector<std::string> compiled_simd_targets() {
+  std::vector<std::string> names;
+  for (const SimdTarget& t : compiled()) names.emplace_back(t.name);
+  return names;
+}
+
+const SimdTarget& find_simd_target(const std::string& name) {
+  for (const SimdTarget* t : supported())
+    if (name == t->name) return *t;
   std::string known;
   for (const std::string& n : simd_targets()) known += (known.empty() ? "" : ", ") + n;
   throw std::invalid_argument("unknown or unsupported SIMD target '" + name +
                               "'; this build on this CPU supports: " + known);
+}
+
+void set_simd_target(const std::string& name) {
+  g_target.store(&find_simd_target(name), std::memory_order_release);
 }
 
 }  // namespace lstmfast

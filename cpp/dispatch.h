@@ -1,13 +1,15 @@
 // Run-time choice of the instruction set: each per-ISA build of the kernels
-// (the cell files, kernel_table.cpp compiled with -DLSTMFAST_ISA=<name>)
-// exports one table of function pointers; the best one this CPU supports is
-// chosen once, on first use. Tests can force any other supported one.
+// (the cell files, kernel_table.cpp compiled with -DLSTMFAST_ISA=<name>) and of
+// the reduced products (reduced_products.cpp) exports one table of function
+// pointers; the best target this CPU supports is chosen once, on first use.
+// Tests can force any other supported one.
 #pragma once
 
 #include <string>
 #include <vector>
 
 #include "lstmfast.h"
+#include "reduced_products.h"
 
 namespace lstmfast {
 
@@ -38,10 +40,11 @@ struct TypedKernels {
   const CellKernels<Real>& cell(Mode mode) const { return cells[static_cast<int>(mode)]; }
 };
 
-// C[n, M] = A[n, K] W^T with reduced weights (recurrent_gemm.h: reduced_product);
-// buf.act_* give the int8 scratch for n rows.
+// C[n, M] = A[n, K] W^T with reduced weights (recurrent_gemm.h: reduced_product),
+// by the given products, act giving the scratch for n prepared rows.
 using ReducedProductFn = void (*)(float* C, int64_t ldc, const float* A, const ReducedMatrix& W,
-                                  int64_t n, const LayerBuffers<float>& buf, int threads);
+                                  int64_t n, const ReducedProducts& products,
+                                  const ActivationScratch& act, int threads);
 
 struct KernelTable {
   const char* name;
@@ -72,13 +75,30 @@ namespace avx512 {
 extern const KernelTable kernel_table;
 }
 
-// The table in use: the best supported one unless set_simd_target chose another.
-const KernelTable& kernels();
-// Its name: "generic", "avx2" or "avx512".
+// A target: a name, the cell kernels and the reduced-precision products it runs.
+// The instruction-set extensions that only the reduced products use (AVX512_VNNI,
+// AVX512_BF16) are targets of their own on top of avx512's cell kernels, so that
+// tests can force each level below the best one.
+struct SimdTarget {
+  const char* name;
+  const KernelTable* kernels;
+  const ReducedProducts* products;
+};
+
+// The target in use: the best supported one unless set_simd_target chose another.
+const SimdTarget& simd_target_in_use();
+// Its cell kernels and its reduced products.
+inline const KernelTable& kernels() { return *simd_target_in_use().kernels; }
+inline const ReducedProducts& reduced_products() { return *simd_target_in_use().products; }
+// Its name: "generic", "avx2", "avx512", "avx512_vnni" or "avx512_bf16".
 const char* simd_target();
-// The instruction sets compiled into this build AND supported by this CPU, best last.
+// The targets compiled into this build AND supported by this CPU, best last.
 std::vector<std::string> simd_targets();
-// Use the named table from now on (process-wide); throws std::invalid_argument
+// The targets compiled into this build, supported here or not, worst first.
+std::vector<std::string> compiled_simd_targets();
+// The target of that name among them; throws std::invalid_argument when there is none.
+const SimdTarget& find_simd_target(const std::string& name);
+// Use the named target from now on (process-wide); throws std::invalid_argument
 // when it is unknown, not compiled or not supported by this CPU.
 void set_simd_target(const std::string& name);
 

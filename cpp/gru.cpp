@@ -59,7 +59,7 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
     const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
     Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
     mask_state(buf, k, s, 0, N, 0, H);  // recurrent dropout (recurrent_gemm.h)
-    weight_product(buf.rec, GH, product_input(buf, k, s), w.W_hh, w.W_hh_r, n, H, GH, buf,
+    weight_product(buf.rec, GH, product_input(buf, k, s), w.W_hh, w.W_hh_r, n, H, GH, buf, w,
                    s.threads);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
@@ -84,7 +84,7 @@ void forward_reduced(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& 
     const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
     direct_input_projection(buf.xproj, GH, x, w, GH, buf, s);
     gather_state(buf.h, h0, H, walk);
-    reduced_steps(buf, *w.W_hh_r, s, [&](int64_t k, int64_t b, bool running) {
+    reduced_steps(buf, w, s, [&](int64_t k, int64_t b, bool running) {
       if (running)
         gru_forward_row<Real, false>(buf.h + ((k + 1) & 1) * N * H + b * H,
                                      y + walk.at(k, b) * ldy, nullptr,

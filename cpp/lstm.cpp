@@ -95,7 +95,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
     mask_state(buf, k, s, 0, N, 0, H_out);  // recurrent dropout (recurrent_gemm.h)
     const Real* h_in = product_input(buf, k, s);
     if (direct)
-      weight_product(buf.rec, GH, h_in, w.W_hh, w.W_hh_r, n, H_out, GH, buf, s.threads);
+      weight_product(buf.rec, GH, h_in, w.W_hh, w.W_hh_r, n, H_out, GH, buf, w, s.threads);
     else
       step_gemm(buf.rec, h_in, w.W_hh, true, small ? buf.W_hh_t : nullptr, n, H_out, GH, false);
     for (int64_t b = 0; b < n; ++b) {
@@ -106,8 +106,9 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
                                         c_prev + b * H, w.peephole, H);
     }
     if (P) {
+      if (s.round_bf16) round_to_bfloat16(m, m, n * H);  // inference: m is scratch
       if (direct)
-        weight_product(h_next, P, m, w.W_hr, w.W_hr_r, n, H, P, buf, s.threads);
+        weight_product(h_next, P, m, w.W_hr, w.W_hr_r, n, H, P, buf, w, s.threads);
       else
         step_gemm(h_next, m, w.W_hr, true, small ? buf.W_hr_t : nullptr, n, H, P, false);
       for (int64_t b = 0; b < n; ++b) copy_row(y + walk.at(k, b) * ldy, h_next + b * P, P);
@@ -194,7 +195,7 @@ void forward_reduced(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuff
     direct_input_projection(buf.xproj, GH, x, w, GH, buf, s);
     gather_state(buf.h, h0, H, walk);
     gather_state(buf.c, c0, H, walk);
-    reduced_steps(buf, *w.W_hh_r, s, [&](int64_t k, int64_t b, bool running) {
+    reduced_steps(buf, w, s, [&](int64_t k, int64_t b, bool running) {
       const Real* c_prev = buf.c + (k & 1) * N * H + b * H;
       Real* c_next = buf.c + ((k + 1) & 1) * N * H + b * H;
       if (running)

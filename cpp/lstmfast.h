@@ -79,6 +79,9 @@ struct LayerShape {
   bool zone_hashed = false;           // zoneout masks drawn from LayerWeights::zone_seed with those
                                       //   probabilities (training) instead of the factors themselves
   bool training = false;             // keep every step's state for backward
+  bool round_bf16 = false;           // the products multiply bfloat16 weights widened to float32: their
+                                     //   left operands are rounded to bfloat16 first (h through
+                                     //   LayerBuffers::hm, m in place; x by the stack)
   const int64_t* lengths = nullptr;  // lengths: [N] steps of sorted row b, non-increasing, each in 1..T; nullptr = all T
   const int64_t* rows = nullptr;     // rows: [N] batch row held by sorted row b; nullptr = identity
   const int64_t* offsets = nullptr;  // offsets: [T+1] with lengths: x holds only the inputs of running
@@ -106,7 +109,7 @@ constexpr int64_t kReducedPanel = 16;
 //     Panel p holds, for each group of 4 k, the 4 values of its 16 outputs in turn:
 //     [M_panels, K_padded / 4, 16, 4] (the operand order of vpmaddubsw / vpdpbusd).
 //     Activations are quantized per row and per call to 0..127 with a zero point
-//     (reduced_gemm.h); row_sum corrects for it.
+//     (reduced_products.h); row_sum corrects for it.
 //   bfloat16: the upper 16 bits of float32 W, pairs of k interleaved:
 //     [M_panels, K_padded / 2, 16, 2] (the operand order of vdpbf16ps).
 struct ReducedMatrix {
@@ -127,6 +130,11 @@ struct ReducedMatrix {
 
   int64_t nbytes() const { return static_cast<int64_t>(storage.size() * sizeof(int64_t)); }
 };
+
+// Rows of a left operand prepared for the products with one reduced weight, and
+// the products of one instruction set (both in reduced_products.h).
+struct ActivationScratch;
+struct ReducedProducts;
 
 // Inputs per row (K) up to which int8 products cannot overflow their int32 sums.
 constexpr int64_t kMaxInt8Inputs = (int64_t(1) << 31) / (127 * 128) - 1;
@@ -149,6 +157,7 @@ struct LayerWeights {
   const ReducedMatrix* W_ih_r = nullptr;  // reduced forms of W_ih, W_hh, W_hr (see above)
   const ReducedMatrix* W_hh_r = nullptr;
   const ReducedMatrix* W_hr_r = nullptr;
+  const ReducedProducts* products = nullptr;  // with reduced weights: the products to use (dispatch.h)
   const Real* peephole = nullptr;  // peephole: LSTM [3H] P_i, P_f, P_o (VARIANTS.md A); nullptr = none
   const Real* noise = nullptr;     // noise: CTRNN [T, N, H] added to each step's state, in x's order
                                    //   (y's indexing); forward only: backward never reads it
@@ -218,18 +227,18 @@ struct LayerBuffers {
                           //   norms' normalized inputs, then their 1 / sqrt(var + eps)
   Real* dln_rows = nullptr;  // dln_rows: LN_LSTM backward scratch [S, N, 5H]: the gradients of the two
                              //   layer norms' outputs, per row-step, for their parameter gradients
-  // recurrent dropout (LayerWeights::rec_mask); all null without it
-  Real* hm = nullptr;         // hm: like h: h times the mask, what the recurrent product reads
+  // recurrent dropout (LayerWeights::rec_mask) or LayerShape::round_bf16; all null without
+  Real* hm = nullptr;         // hm: like h: h times the mask (or rounded to bfloat16), what the
+                              //   recurrent product reads
   Real* mask_sorted = nullptr;  // mask_sorted: [N, H_out] the mask in sorted rows (filled by the stack)
   Real* dh_rec = nullptr;     // dh_rec: backward scratch [N, H_out]: dG W_hh before the mask
   // zoneout (LayerWeights::zone_h); all null without it
   Real* zone_dh = nullptr;    // zone_dh: backward scratch [N, H_out]: the part of a step's dh that skips the cell
   Real* zone_dc = nullptr;    // zone_dc: [N, H] the same of dc (LSTM)
   Real* zone_c_raw = nullptr; // zone_c_raw: [N, H] LSTM: c~ of the step, recomputed (c holds the zoned c)
-  // reduced int8 weights (scratch): activations quantized per row for a product
-  uint8_t* act_q = nullptr;       // act_q: [x_rows, round_up(max(I, H_out, H), 4)] values 0..127
-  float* act_scale = nullptr;     // act_scale: [x_rows] per row
-  int32_t* act_zero = nullptr;    // act_zero: [x_rows] zero point per row
+  // reduced weights (scratch): the left operand of a product prepared for it, [x_rows]
+  // rows of round_up(max(I, H_out, H), 4) (reduced_products.h); null without
+  const ActivationScratch* act = nullptr;
 };
 
 // Elements of the packed recurrent weights W_hh_p: G * K * H rounded up to the

@@ -18,7 +18,7 @@
 #include <type_traits>
 
 #include "cell.h"
-#include "reduced_gemm.h"
+#include "reduced_products.h"
 #include "thread_pool.h"
 
 namespace lstmfast {
@@ -345,23 +345,16 @@ inline void direct_gemm(Real* C, int64_t ldc, const Real* A, const Real* Wm, int
 // as direct_gemm's 2^20 weights.
 constexpr int64_t kReducedSerialWork = int64_t(1) << 20;
 
-// C[n, M] = A[n, K] W^T with W reduced (reduced_gemm.h): each thread quantizes its
-// share of the rows of A (int8), then, once all have, computes its share of the
-// panels for every row. A's rows are K apart; buf gives the int8 scratch.
+// C[n, M] = A[n, K] W^T with W reduced (reduced_products.h): each thread prepares
+// its share of the rows of A, then, once all have, computes its share of the
+// panels for every row. A's rows are K apart.
 inline void reduced_product(float* C, int64_t ldc, const float* A, const ReducedMatrix& W,
-                            int64_t n, const LayerBuffers<float>& buf, int threads) {
-  const bool int8 = W.precision == Precision::Int8;
+                            int64_t n, const ReducedProducts& products,
+                            const ActivationScratch& act, int threads) {
   auto body = [&](int tid, int nt) {
-    if (int8) {
-      quantize_rows(buf.act_q, W.K_padded, buf.act_scale, buf.act_zero, A, W.K, n * tid / nt,
-                    n * (tid + 1) / nt, W.K);
-      pool_barrier();
-    }
-    const int64_t p0 = W.panels * tid / nt, p1 = W.panels * (tid + 1) / nt;
-    if (int8)
-      int8_panels(C, ldc, buf.act_q, W.K_padded, buf.act_scale, buf.act_zero, n, W, p0, p1);
-    else
-      bf16_panels(C, ldc, A, W.K, n, W, p0, p1);
+    products.prepare_rows(act, A, W.K, W, n * tid / nt, n * (tid + 1) / nt);
+    if (nt > 1) pool_barrier();
+    products.panels(C, ldc, act, n, W, W.panels * tid / nt, W.panels * (tid + 1) / nt);
   };
   if (threads <= 1 || n * W.M * W.K < kReducedSerialWork)
     body(0, 1);
@@ -374,9 +367,10 @@ inline void reduced_product(float* C, int64_t ldc, const float* A, const Reduced
 template <typename Real>
 inline void weight_product(Real* C, int64_t ldc, const Real* A, const Real* Wm,
                            const ReducedMatrix* reduced, int64_t n, int64_t K, int64_t M,
-                           const LayerBuffers<Real>& buf, int threads) {
+                           const LayerBuffers<Real>& buf, const LayerWeights<Real>& w,
+                           int threads) {
   if constexpr (std::is_same<Real, float>::value) {
-    if (reduced) return reduced_product(C, ldc, A, *reduced, n, buf, threads);
+    if (reduced) return reduced_product(C, ldc, A, *reduced, n, *w.products, *buf.act, threads);
   }
   direct_gemm(C, ldc, A, Wm, n, K, M, threads);
 }
@@ -384,46 +378,39 @@ inline void weight_product(Real* C, int64_t ldc, const Real* A, const Real* Wm,
 // The steps of an inference layer with reduced W_hh and no projection, in one
 // pool job (few products per step and a job each, as the direct path has, paid
 // a wake-up per step and left the gate math to one thread). Every step:
-//   1. each thread multiplies h of the step (quantized, for int8) by its panels
-//      of W_hh for all running rows, into buf.rec;
+//   1. each thread multiplies h of the step (prepared: quantized or rounded) by
+//      its panels of W_hh for all running rows, into buf.rec;
 //   2. after a barrier, each thread takes its share of the N rows: for a running
 //      row b (b < n) step_row(k, b, true) does the cell's gate math, writing h of
 //      step k + 1 in slot (k + 1) & 1 of buf.h; a finished row keeps its h (copied
 //      here) and step_row(k, b, false) keeps the cell's other state; then the
-//      thread quantizes its rows of the new h (int8);
+//      thread prepares its rows of the new h;
 //   3. a barrier, as h of step k + 1 is read whole by every thread.
 // Below kReducedSerialWork multiply-adds per step the calling thread does it all.
 template <typename StepRow>
-inline void reduced_steps(const LayerBuffers<float>& buf, const ReducedMatrix& W_hh,
+inline void reduced_steps(const LayerBuffers<float>& buf, const LayerWeights<float>& w,
                           const LayerShape& s, StepRow&& step_row) {
   const Walk walk(s);
+  const ReducedMatrix& W_hh = *w.W_hh_r;
+  const ReducedProducts& products = *w.products;
   const int64_t N = s.N, K = W_hh.K, S = steps_of(s);
-  const bool int8 = W_hh.precision == Precision::Int8;
-  auto quantize = [&](int64_t k, int64_t b0, int64_t b1) {
-    if (int8)
-      quantize_rows(buf.act_q, W_hh.K_padded, buf.act_scale, buf.act_zero,
-                    buf.h + (k & 1) * N * K, K, b0, b1, K);
-  };
   auto body = [&](int tid, int nt) {
     const int64_t p0 = W_hh.panels * tid / nt, p1 = W_hh.panels * (tid + 1) / nt;
     const int64_t b0 = N * tid / nt, b1 = N * (tid + 1) / nt;
-    quantize(0, b0, b1);
-    pool_barrier();
+    products.prepare_rows(*buf.act, buf.h, K, W_hh, b0, b1);
+    if (nt > 1) pool_barrier();
     for (int64_t k = 0; k < S; ++k) {
       const int64_t n = walk.active(k);
-      if (int8)
-        int8_panels(buf.rec, W_hh.M, buf.act_q, W_hh.K_padded, buf.act_scale, buf.act_zero, n,
-                    W_hh, p0, p1);
-      else
-        bf16_panels(buf.rec, W_hh.M, buf.h + (k & 1) * N * K, K, n, W_hh, p0, p1);
-      pool_barrier();
+      products.panels(buf.rec, W_hh.M, *buf.act, n, W_hh, p0, p1);
+      if (nt > 1) pool_barrier();
+      float* h_next = buf.h + ((k + 1) & 1) * N * K;
       for (int64_t b = b0; b < b1; ++b) {
         if (b >= n)  // finished rows keep their state
-          copy_row(buf.h + ((k + 1) & 1) * N * K + b * K, buf.h + (k & 1) * N * K + b * K, K);
+          copy_row(h_next + b * K, buf.h + (k & 1) * N * K + b * K, K);
         step_row(k, b, b < n);
       }
-      quantize(k + 1, b0, b1);
-      pool_barrier();
+      products.prepare_rows(*buf.act, h_next, K, W_hh, b0, b1);
+      if (nt > 1) pool_barrier();
     }
   };
   if (s.threads <= 1 || N * W_hh.M * K < kReducedSerialWork)
@@ -440,7 +427,7 @@ inline void direct_input_projection(Real* xproj, int64_t ldx, const Real* x,
                                     const LayerWeights<Real>& w, int64_t GH,
                                     const LayerBuffers<Real>& buf, const LayerShape& s) {
   if (w.W_ih_r || direct_weights(s))
-    weight_product(xproj, ldx, x, w.W_ih, w.W_ih_r, x_rows(s), s.I, GH, buf, s.threads);
+    weight_product(xproj, ldx, x, w.W_ih, w.W_ih_r, x_rows(s), s.I, GH, buf, w, s.threads);
   else
     gemm<Real>(false, true, x_rows(s), GH, s.I, Real(1), x, s.I, w.W_ih, s.I, Real(0), xproj, ldx);
 }
@@ -458,7 +445,12 @@ inline const Real* product_input(const LayerBuffers<Real>& buf, int64_t k, const
   return (buf.hm ? buf.hm : buf.h) + slot(k, s.training) * s.N * h_out(s);
 }
 
-// hm = h times the mask in slot k, rows b0..b1-1, units j0..j1-1 (nothing without hm).
+// A bfloat16 layer on widened weights (LayerShape::round_bf16) reads h through hm
+// too, rounded to bfloat16 there (recurrent dropout and reduced weights exclude
+// each other).
+
+// hm = h times the mask (or h rounded) in slot k, rows b0..b1-1, units j0..j1-1
+// (nothing without hm).
 template <typename Real>
 inline void mask_state(const LayerBuffers<Real>& buf, int64_t k, const LayerShape& s, int64_t b0,
                        int64_t b1, int64_t j0, int64_t j1) {
@@ -466,6 +458,10 @@ inline void mask_state(const LayerBuffers<Real>& buf, int64_t k, const LayerShap
   const int64_t width = h_out(s), offset = slot(k, s.training) * s.N * width;
   for (int64_t b = b0; b < b1; ++b) {
     const int64_t row = offset + b * width + j0;
+    if (s.round_bf16) {
+      round_to_bfloat16(buf.hm + row, buf.h + row, j1 - j0);
+      continue;
+    }
     const Real* mask = buf.mask_sorted + b * width + j0;
     for_lanes<Real>(j1 - j0, [&](int64_t j, int64_t n) {
       st(buf.hm + row + j, ld(buf.h + row + j, n) * ld(mask + j, n), n);

@@ -46,7 +46,7 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
     const Real* h_prev = buf.h + slot(k, s.training) * N * H;
     Real* h_next = buf.h + slot(k + 1, s.training) * N * H;
     mask_state(buf, k, s, 0, N, 0, H);  // recurrent dropout (recurrent_gemm.h)
-    weight_product(buf.rec, H, product_input(buf, k, s), w.W_hh, w.W_hh_r, n, H, H, buf, s.threads);
+    weight_product(buf.rec, H, product_input(buf, k, s), w.W_hh, w.W_hh_r, n, H, H, buf, w, s.threads);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);
       rnn_forward_row<Real, kRelu>(h_next + b * H, y + at * ldy, buf.xproj + walk.x_row(k, b) * H,
@@ -68,7 +68,7 @@ void forward_reduced(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& 
     const int64_t N = s.N, H = s.H, S = steps_of(s);
     direct_input_projection(buf.xproj, H, x, w, H, buf, s);
     gather_state(buf.h, h0, H, walk);
-    reduced_steps(buf, *w.W_hh_r, s, [&](int64_t k, int64_t b, bool running) {
+    reduced_steps(buf, w, s, [&](int64_t k, int64_t b, bool running) {
       if (running)
         rnn_forward_row<Real, kRelu>(buf.h + ((k + 1) & 1) * N * H + b * H,
                                      y + walk.at(k, b) * ldy, buf.xproj + walk.x_row(k, b) * H,

@@ -17,8 +17,13 @@
 // Every unit that includes this header gets its own copy of these inline
 // functions; a per-width inline namespace gives each copy its own symbol names,
 // so the linker can never merge an AVX-512 body into the portable build (an ODR
-// violation that would crash on older CPUs).
-#if defined(__AVX512F__)
+// violation that would crash on older CPUs), nor a body built with an extension
+// (VNNI, BF16) into the build without it.
+#if defined(__AVX512BF16__)
+#define LSTMFAST_SIMD_NAMESPACE width64_bf16
+#elif defined(__AVX512VNNI__)
+#define LSTMFAST_SIMD_NAMESPACE width64_vnni
+#elif defined(__AVX512F__)
 #define LSTMFAST_SIMD_NAMESPACE width64
 #elif defined(__AVX__)
 #define LSTMFAST_SIMD_NAMESPACE width32
@@ -249,6 +254,16 @@ LSTMFAST_ALWAYS_INLINE vec_t<double> vtanh(vec_t<double> x) {
   V large = 1.0 - 2.0 / (e + 1.0);
   large = x < 0.0 ? -large : large;
   return ax < 0.625 ? small : large;
+}
+
+// v rounded to bfloat16 (its upper 16 bits, nearest even) and widened back to
+// float32: the value a bfloat16 product multiplies (reference.to_bfloat16_bits).
+// NaN stays NaN.
+inline vec_t<float> round_to_bfloat16(vec_t<float> v) {
+  using I = ivec_t<float>;
+  const I bits = detail::bitcast_to_int<float>(v);
+  const I rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) & static_cast<int32_t>(0xFFFF0000u);
+  return v != v ? v : detail::bitcast_to_float<float>(rounded);
 }
 
 // Whole-array forms, for tests and for simple callers.

@@ -255,6 +255,21 @@ void widen_bf16(float* W, const ReducedMatrix& r) {
   }
 }
 
+// x[0..n) rounded to bfloat16 into out (simd.h: round_to_bfloat16, in scalar form:
+// this unit is compiled for no instruction set in particular). float32 only.
+template <typename Real>
+void round_rows_to_bfloat16(Real* out, const Real* x, int64_t n) {
+  if constexpr (std::is_same<Real, float>::value) {
+    for (int64_t i = 0; i < n; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, x + i, 4);
+      bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u;
+      if (x[i] == x[i]) std::memcpy(out + i, &bits, 4);
+      else out[i] = x[i];
+    }
+  }
+}
+
 // Rows from which a bfloat16 product runs faster on its weights widened to
 // float32 once per call (OpenBLAS's sgemm, or the fused float path) than in
 // place: in place, every row tile widens the weights again in registers, and
@@ -382,6 +397,7 @@ void combine_biases(StackCache<Real>& c) {
     if (gru && p.b_hh)
       for (int64_t j = 0; j < H; ++j) b_hn[j] = p.b_hh[2 * H + j];
     c.weights[i] = {p.W_ih, p.W_hh, p.W_hr, bias, b_hn, p.W_ih_r, p.W_hh_r, p.W_hr_r};
+    if (p.W_hh_r) c.weights[i].products = &reduced_products();
     c.weights[i].noise = p.noise;
     c.weights[i].rec_mask = p.rec_mask;
     c.weights[i].zone_h = p.zone_h;
@@ -574,6 +590,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   WideWeights wide[2];  // bfloat16 weights widened for this call (see kWidenBf16Rows)
   Real* between[2] = {nullptr, nullptr};
   Real* packed_in = nullptr;  // with lengths: the running rows of a layer's input
+  Real* rounded_in = nullptr;  // a layer's input rounded to bfloat16, for widened W_ih
   // A training LSTM or GRU in x's order projects its inputs straight into its
   // saved gates: each step reads a row's pre-activations there before it writes
   // the row's gates.
@@ -587,9 +604,11 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   // kWidenBf16Rows). The step's product when the batch is more than a few rows
   // (then the layer takes the float path whole), the input projection when it
   // has many rows.
-  const bool bf16 = reduced && !int8;
+  // With bfloat16 in hardware nothing is widened.
+  const bool bf16 = reduced && !int8 && !reduced_products().native_bf16;
   const bool widen_all = bf16 && N > kBf16InPlaceBatch;
   const bool widen_input = bf16 && (widen_all || (c.offsets.empty() ? T * N : c.offsets[T]) >= kWidenBf16Rows);
+  ActivationScratch acts[2];
   carve_scratch([&](Carver& cv) {
     for (int64_t d = 0; d < D; ++d) {
       if (!(project_into_gates && d == 0)) scratch[d].xproj = cv.take<Real>(T * N * GH);
@@ -601,11 +620,15 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
         if (P) wide[d].W_hr = cv.take<float>(P * H);
       }
       if (reduced && !widen_all) {
+        const int64_t row = (widest + 3) / 4 * 4;
         if (int8) {
-          scratch[d].act_q = cv.take<uint8_t>(T * N * ((widest + 3) / 4 * 4));
-          scratch[d].act_scale = cv.take<float>(T * N);
-          scratch[d].act_zero = cv.take<int32_t>(T * N);
+          acts[d].q = cv.take<uint8_t>(T * N * row);
+          acts[d].scale = cv.take<float>(T * N);
+          acts[d].zero = cv.take<int32_t>(T * N);
+        } else {
+          acts[d].bf16 = cv.take<uint16_t>(T * N * row);
         }
+        scratch[d].act = &acts[d];
       } else if (P) {  // the projected LSTM steps with OpenBLAS, or few rows with transposed weights
         scratch[d].W_hh_t = cv.take<Real>(H_out * GH);
         scratch[d].W_hr_t = cv.take<Real>(H * P);
@@ -614,7 +637,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       }
       if (!training) {
         scratch[d].h = cv.take<Real>(2 * N * H_out);
-        if (rec_masked) scratch[d].hm = cv.take<Real>(2 * N * H_out);
+        if (rec_masked || widen_all) scratch[d].hm = cv.take<Real>(2 * N * H_out);
         if (cell_state) scratch[d].c = cv.take<Real>(2 * N * H);
         if (P) scratch[d].m = cv.take<Real>(N * H);
       }
@@ -623,6 +646,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       for (int64_t i = 0; i < std::min<int64_t>(L - 1, 2); ++i) between[i] = cv.take<Real>(Y);
     if (!c.offsets.empty())
       packed_in = cv.take<Real>(c.offsets[T] * std::max(s.I, L > 1 ? D * H_out : int64_t(0)));
+    if (widen_input) rounded_in = cv.take<Real>(T * N * widest);
   });
 
   ScopedFlushDenormals flush;
@@ -636,6 +660,11 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       pack_inputs(packed_in, in, s.input_size(k), c);
       layer_in = packed_in;
     }
+    if (rounded_in) {  // the input projection multiplies widened bfloat16 weights
+      round_rows_to_bfloat16(rounded_in, layer_in,
+                             (c.offsets.empty() ? T * N : c.offsets[T]) * s.input_size(k));
+      layer_in = rounded_in;
+    }
     for_directions(D, [&](int64_t d) {
       const int64_t i = k * D + d;
       LayerBuffers<Real> b = training ? c.saved[i] : scratch[d];
@@ -644,16 +673,16 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       b.W_hh_t = scratch[d].W_hh_t;
       b.W_hr_t = scratch[d].W_hr_t;
       b.W_hh_p = scratch[d].W_hh_p;
-      b.act_q = scratch[d].act_q;
-      b.act_scale = scratch[d].act_scale;
-      b.act_zero = scratch[d].act_zero;
+      b.act = scratch[d].act;
       b.mask_sorted = scratch[d].mask_sorted;
       if (b.mask_sorted) sort_mask(b.mask_sorted, c, i);
       LayerWeights<Real> w = c.weights[i];
       widen_weights(w, wide[d]);
+      LayerShape ls = layer_shape(c, k, d);
+      ls.round_bf16 = widen_all;
       cell.forward(out + d * H_out, D * H_out, h_n + i * N * H_out, c_n ? c_n + i * N * H : nullptr,
                    b, layer_in, h0 ? h0 + i * N * H_out : nullptr, c0 ? c0 + i * N * H : nullptr,
-                   w, layer_shape(c, k, d));
+                   w, ls);
     });
     if (k < L - 1 && !c.masks.empty()) multiply(out, c.masks[k], Y);
     in = out;

@@ -19,21 +19,46 @@ def _fused_available():
 BACKENDS = ["numpy"] + (["fused"] if _fused_available() else [])
 
 
-def _simd_targets():
+def _compiled_simd_targets(own_cell_kernels):
+    """The SIMD targets compiled in; with own_cell_kernels, only those whose cell
+    kernels are their own (avx512_vnni and avx512_bf16 run avx512's and differ only
+    in their reduced-precision products)."""
+    if not _fused_available():
+        return []
     from lstmfast import _core
 
-    return _core.simd_targets() if hasattr(_core, "simd_targets") else []
+    targets = _core.compiled_simd_targets()
+    if own_cell_kernels:
+        targets = [t for t in targets if _core.simd_target_builds(t)[0] == t]
+    return targets
 
 
-@pytest.fixture(params=_simd_targets())
-def simd_target(request):
-    """Run the test with each instruction set compiled in and supported here, then restore."""
+def _use_simd_target(name):
+    """Force target ``name`` for one test and restore the one before; a target this
+    CPU cannot run skips the test, saying which."""
     from lstmfast import _core
 
+    if name not in _core.simd_targets():
+        pytest.skip(f"this CPU cannot run SIMD target {name} "
+                    f"(it runs: {', '.join(_core.simd_targets())})")
     before = _core.simd_target()
-    _core.set_simd_target(request.param)
-    yield request.param
-    _core.set_simd_target(before)
+    _core.set_simd_target(name)
+    try:
+        yield name
+    finally:
+        _core.set_simd_target(before)
+
+
+@pytest.fixture(params=_compiled_simd_targets(own_cell_kernels=True))
+def simd_target(request):
+    """Run the test with each instruction set's cell kernels, then restore."""
+    yield from _use_simd_target(request.param)
+
+
+@pytest.fixture(params=_compiled_simd_targets(own_cell_kernels=False))
+def reduced_simd_target(request):
+    """Every target, those that add only reduced-precision products (VNNI, BF16) too."""
+    yield from _use_simd_target(request.param)
 
 
 @pytest.fixture

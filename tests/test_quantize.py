@@ -96,6 +96,25 @@ def test_the_reference_int8_product_is_the_exact_integer_sum_scaled():
     np.testing.assert_array_equal(reference.times_transposed(x, W), expected)
 
 
+def bfloat16_product_exactly(x, W):
+    """x W^T for a BFloat16Weight in float64: both operands rounded to bfloat16 (the
+    contract), every product and sum exact but for the float64 rounding."""
+    x16 = reference.from_bfloat16_bits(reference.to_bfloat16_bits(x)).astype(np.float64)
+    return x16 @ reference.from_bfloat16_bits(W.bits).astype(np.float64).T
+
+
+def test_the_reference_bfloat16_product_rounds_both_operands():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((6, 45)).astype(np.float32)
+    W = reduced(random_weight(rng, 20, 45), "bfloat16")
+    got = reference.times_transposed(x, W)
+    assert got.dtype == np.float32
+    assert_close(got, bfloat16_product_exactly(x, W).astype(np.float32), 1e-6)
+    # against the weights alone rounded, the activations' rounding shows
+    weights_only = x.astype(np.float64) @ reference.from_bfloat16_bits(W.bits).astype(np.float64).T
+    assert np.abs(got - weights_only).max() > 1e-4
+
+
 # ----------------------------------------------------------------------------------
 # the kernels' products against the reference's, on every instruction set
 
@@ -104,7 +123,7 @@ def test_the_reference_int8_product_is_the_exact_integer_sum_scaled():
 @pytest.mark.parametrize("n, K, M", [(1, 5, 3), (3, 17, 33), (4, 64, 16), (7, 130, 100),
                                      (70, 33, 50)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_int8_products_equal_the_reference_exactly(simd_target, n, K, M, threads):
+def test_kernel_int8_products_equal_the_reference_exactly(reduced_simd_target, n, K, M, threads):
     # Integer sums are exact on every path, and the scaling is the same float32
     # operations in the same order: the results are identical, not just close.
     rng = np.random.default_rng(n * 1000 + K)
@@ -118,13 +137,14 @@ def test_kernel_int8_products_equal_the_reference_exactly(simd_target, n, K, M, 
 @needs_fused
 @pytest.mark.parametrize("n, K, M", [(1, 5, 3), (3, 17, 33), (7, 130, 100), (70, 33, 50)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_bfloat16_products_match_the_widened_weights(simd_target, n, K, M, threads):
+def test_kernel_bfloat16_products_match_the_exact_products(reduced_simd_target, n, K, M, threads):
+    # Products of bfloat16 values are exact in float32: only the order of the
+    # float32 sums differs from float64's.
     rng = np.random.default_rng(n * 1000 + K)
     x = rng.standard_normal((n, K)).astype(np.float32)
     W = reduced(random_weight(rng, M, K), "bfloat16")
     got = _core._reduced_matmul(x, pack_weight(W), threads)
-    exact = x.astype(np.float64) @ reference.from_bfloat16_bits(W.bits).astype(np.float64).T
-    assert_close(got, exact.astype(np.float32), 1e-5)
+    assert_close(got, bfloat16_product_exactly(x, W).astype(np.float32), 1e-5)
 
 
 @needs_fused
@@ -177,7 +197,7 @@ def layer_pair(cls_name, options, precision, I=11, H=16, seed=5):  # noqa: E741
 @pytest.mark.parametrize("cls_name, options", CONFIGS)
 @pytest.mark.parametrize("T, N", [(9, 5), (12, 3), (5, 2)],
                          ids=["widened", "input-widened", "in-place"])  # stack.cpp: kWidenBf16Rows
-def test_bfloat16_layers_match_the_reference(simd_target, cls_name, options, T, N):
+def test_bfloat16_layers_match_the_reference(reduced_simd_target, cls_name, options, T, N):
     # bfloat16 quantizes nothing per call, so every step, length, direction and
     # layer is compared at float32's tolerance.
     fused, numpy = layer_pair(cls_name, options, "bfloat16")
@@ -198,7 +218,7 @@ def test_bfloat16_layers_match_the_reference(simd_target, cls_name, options, T, 
 
 @needs_fused
 @pytest.mark.parametrize("cls_name, options", CONFIGS)
-def test_int8_layers_match_the_reference_in_one_step(simd_target, cls_name, options):
+def test_int8_layers_match_the_reference_in_one_step(reduced_simd_target, cls_name, options):
     # One step from a given state: every quantized operand (x, h0) is the same
     # array in both, so the products are identical and only the gate math differs
     # (ulps). Over many steps h differs by ulps too, and an ulp can move a value
@@ -219,7 +239,7 @@ def test_int8_layers_match_the_reference_in_one_step(simd_target, cls_name, opti
 
 @needs_fused
 @pytest.mark.parametrize("cls_name, options", CONFIGS)
-def test_int8_layers_follow_the_reference_over_sequences(simd_target, cls_name, options):
+def test_int8_layers_follow_the_reference_over_sequences(reduced_simd_target, cls_name, options):
     # Where an ulp of h flips one quantized value, that value moves by one step of
     # its row's grid (scale ~ range / 127) and the next products by about
     # scale * |w|: a bound of a few such steps, far below int8's own error

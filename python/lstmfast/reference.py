@@ -748,8 +748,12 @@ def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False)
 #     x W^T ~ (sx[:, None] * sw[None, :]) * ((qx - zx[:, None]) @ q^T)
 # 0..127 rather than 0..255 is what the AVX2 kernels can sum without saturating
 # (torch's dynamic quantization makes the same choice, reduce_range).
-# bfloat16: W rounded to bfloat16 (the upper 16 bits of float32, round to nearest
-# even), widened back to float32 for the product.
+# bfloat16: W and each product's left operand rounded to bfloat16 (the upper 16
+# bits of float32, round to nearest even); the product of two bfloat16 values is
+# exact in float32, and the products are summed in float32, as AVX512_BF16's
+# vdpbf16ps and torch's bfloat16 autocast do. Every instruction set computes this
+# (without AVX512_BF16 the kernels widen both operands to float32), so results
+# differ between them only by the order of the float32 sums.
 
 
 class Int8Weight:
@@ -821,7 +825,7 @@ def times_transposed(x, W):
         exact = qx.astype(np.float64) @ q.T - zx[:, None] * q.sum(axis=1)[None, :]
         return exact.astype(np.float32) * (sx[:, None] * W.scale[None, :])
     if isinstance(W, BFloat16Weight):
-        return x @ from_bfloat16_bits(W.bits).T
+        return from_bfloat16_bits(to_bfloat16_bits(x)) @ from_bfloat16_bits(W.bits).T
     return x @ W.T
 
 

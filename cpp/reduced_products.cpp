@@ -1,0 +1,529 @@
+// The reduced-precision products (reduced_products.h), compiled once per
+// instruction set: the portable loops, AVX2 (also the AVX-512 build without
+// extensions), AVX512_VNNI for int8 and AVX512_BF16 for bfloat16.
+//
+// Every panel kernel computes a register tile of R rows x P panels of 16 outputs,
+// k innermost: per step of k it loads one vector of each panel and broadcasts one
+// group of k of each row, so each weight loaded serves R rows and each
+// broadcast P panels. Panels are read in order; at batch 1 a step streams W once,
+// in a quarter (int8) or half (bfloat16) of the bytes of float32.
+#ifndef LSTMFAST_ISA
+#error "reduced_products.cpp is compiled once per instruction set: -DLSTMFAST_ISA=<name>"
+#endif
+
+#include "reduced_products.h"
+
+#include <cstring>
+#include <type_traits>
+
+#include "simd.h"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace lstmfast {
+namespace LSTMFAST_ISA {
+namespace {
+
+using V = simd::vec_t<float>;
+using VI = simd::ivec_t<float>;
+constexpr int64_t kLanes = simd::Vec<float>::width;
+typedef uint8_t VBytes __attribute__((vector_size(kLanes)));
+
+constexpr int64_t kActivationLevels = 127;
+
+// Blocks of a product, so that what a tile reads comes from cache: the panels
+// of a block of W (at most kPanelBlockBytes of it, L2) pass over a block of
+// kRowBlock rows of A (64 rows of K = 1024 are 64 KB of int8 activations). Every
+// row tile reads all the panels of the block: with all of W at once, a W larger
+// than L2 (the input projection of LSTM I=H=1024: 4 MB of int8) came from L3
+// for every 6 rows (measured with VNNI, n = 6400, K = 512, M = 2048: 167 GMAC/s,
+// against 199 at n = 64).
+constexpr int64_t kRowBlock = 64;
+constexpr int64_t kPanelBlockBytes = 256 * 1024;
+
+inline V load_lanes(const float* p, int64_t n) {
+  return n == kLanes ? simd::load<float>(p) : simd::load_partial<float>(p, n);
+}
+
+// x rounded to the nearest integer, ties to even, for |x| < 2^22: the fraction is
+// pushed out of the mantissa by 1.5 * 2^23 (simd.h: round_to_int). Larger values
+// come out within 1 of it, which the clamp to 0..127 below makes the same.
+inline V round_even(V x) {
+  const V magic = simd::broadcast(12582912.0f);
+  return (x + magic) - magic;
+}
+
+// int8: A[r, k] ~ scale[r] * (q[r, k] - zero[r]) with q in 0..127 and the range
+// widened to include 0, so that 0 is exact (rows of zeros, ReLU outputs);
+// q[r, K:K_padded] = 0. The same arithmetic as reference.quantize_activations: a
+// division per value (not a multiplication by 1 / scale, which rounds otherwise).
+void quantize_rows(const ActivationScratch& act, const float* A, int64_t lda, const ReducedMatrix& W,
+                   int64_t r0, int64_t r1) {
+  const int64_t K = W.K, ldq = W.K_padded;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* a = A + r * lda;
+    uint8_t* q = act.q + r * ldq;
+    V lo_lanes = V{}, hi_lanes = V{};
+    for (int64_t k = 0; k < K; k += kLanes) {  // NaN is passed over: comparisons with it fail
+      const V v = load_lanes(a + k, K - k < kLanes ? K - k : kLanes);
+      lo_lanes = v < lo_lanes ? v : lo_lanes;
+      hi_lanes = v > hi_lanes ? v : hi_lanes;
+    }
+    float lo = 0.0f, hi = 0.0f;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      lo = lo_lanes[l] < lo ? lo_lanes[l] : lo;
+      hi = hi_lanes[l] > hi ? hi_lanes[l] : hi;
+    }
+    float s = (hi - lo) / static_cast<float>(kActivationLevels);
+    if (!(s > 0.0f) || !(s < 3.0e38f)) s = 1.0f;  // all zeros, or not finite: garbage in, no UB
+    float z = __builtin_nearbyintf(-lo / s);
+    z = z <= 127.0f ? z : 127.0f;  // only when s was reset above: no int overflow below
+    const V sv = simd::broadcast(s), zv = simd::broadcast(z);
+    const V zero_v = V{}, top = simd::broadcast(127.0f);
+    for (int64_t k = 0; k < K; k += kLanes) {
+      const int64_t n = K - k < kLanes ? K - k : kLanes;
+      V v = round_even(load_lanes(a + k, n) / sv) + zv;
+      v = v >= zero_v ? v : zero_v;  // NaN goes to 0
+      v = v <= top ? v : top;
+      const VBytes bytes = __builtin_convertvector(__builtin_convertvector(v, VI), VBytes);
+      std::memcpy(q + k, &bytes, static_cast<size_t>(n));
+    }
+    if (ldq > K) std::memset(q + K, 0, static_cast<size_t>(ldq - K));
+    act.scale[r] = s;
+    act.zero[r] = static_cast<int32_t>(z);
+  }
+}
+
+// bfloat16: the upper 16 bits of float32 rounded to nearest even (NaN stays NaN:
+// reference.to_bfloat16_bits);
+// act.bf16[r, K:K_padded] = 0.
+void round_rows_to_bf16(const ActivationScratch& act, const float* A, int64_t lda,
+                        const ReducedMatrix& W, int64_t r0, int64_t r1) {
+  const int64_t K = W.K, ld = W.K_padded;
+  for (int64_t r = r0; r < r1; ++r) {
+    const float* a = A + r * lda;
+    uint16_t* out = act.bf16 + r * ld;
+    int64_t k = 0;
+#if defined(__AVX512BF16__)
+    for (; k + 16 <= K; k += 16)
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k),
+                          (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(a + k)));
+#endif
+    for (; k < K; ++k) {
+      uint32_t bits;
+      std::memcpy(&bits, a + k, 4);
+      out[k] = a[k] != a[k] ? static_cast<uint16_t>(0x7FC0)
+                            : static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    }
+    for (; k < ld; ++k) out[k] = 0;
+  }
+}
+
+void prepare_rows(const ActivationScratch& act, const float* A, int64_t lda, const ReducedMatrix& W,
+                  int64_t r0, int64_t r1) {
+  if (W.precision == Precision::Int8)
+    quantize_rows(act, A, lda, W, r0, r1);
+  else
+    round_rows_to_bf16(act, A, lda, W, r0, r1);
+}
+
+// What a tile needs of one product besides its rows and panels.
+struct Tile {
+  int64_t groups;        // int8: K_padded / 4; bfloat16: K_padded / 2
+  int64_t panel_stride;  // elements (int8 bytes, bfloat16 values) from one panel to the next
+  int64_t lda;           // prepared rows' stride, elements
+};
+
+// Columns of panel p of a tile whose first output is column m0 of W: 0..16.
+inline int64_t panel_columns(const ReducedMatrix& W, int64_t m0, int p) {
+  const int64_t left = W.M - m0 - 16 * p;
+  return left <= 0 ? 0 : left < 16 ? left : 16;
+}
+
+inline void store_columns(float* c, const float* out, int64_t columns) {
+  for (int64_t j = 0; j < columns; ++j) c[j] = out[j];
+}
+
+// ---------------------------------------------------------------------------
+// int8 tiles
+
+#if defined(__AVX512VNNI__)
+
+// acc + the four u8 x s8 products of each 32-bit lane of a (u8) and w (s8), in int32.
+// GCC 12 copies every accumulator of a tile to another register around each
+// vpdpbusd it emits for the intrinsic (66 moves for 24 vpdpbusd in the 6 x 4 tile);
+// the instruction written out keeps each sum in its register.
+inline __m512i dpbusd(__m512i acc, __m512i a, __m512i w) {
+#if defined(__GNUC__) && !defined(__clang__)
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a), "v"(w));
+  return acc;
+#else
+  return _mm512_dpbusd_epi32(acc, a, w);
+#endif
+}
+
+// vpdpbusd: the four u8 x s8 products of a 32-bit lane summed into its int32.
+template <int R, int P>
+inline void int8_tile(float* C, int64_t ldc, const ActivationScratch& act, int64_t b,
+                      const ReducedMatrix& W, int64_t panel, const Tile& t) {
+  const int8_t* w = W.q + panel * t.panel_stride;
+  const uint8_t* q = act.q + b * t.lda;
+  __m512i acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_si512();
+  for (int64_t g = 0; g < t.groups; ++g) {
+    __m512i a[R];
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, q + r * t.lda + g * 4, 4);
+      a[r] = _mm512_set1_epi32(four);
+    }
+    for (int p = 0; p < P; ++p) {
+      const __m512i wv = _mm512_loadu_si512(w + p * t.panel_stride + g * 64);
+      for (int r = 0; r < R; ++r) acc[r][p] = dpbusd(acc[r][p], a[r], wv);
+    }
+  }
+  const int64_t m0 = panel * 16;
+  for (int p = 0; p < P; ++p) {
+    const int64_t columns = panel_columns(W, m0, p);
+    const __mmask16 keep = static_cast<__mmask16>((1u << columns) - 1);
+    const __m512i sums = _mm512_loadu_si512(W.row_sum + m0 + 16 * p);
+    const __m512 wscale = _mm512_loadu_ps(W.scale + m0 + 16 * p);
+    for (int r = 0; r < R; ++r) {
+      const __m512i exact =
+          _mm512_sub_epi32(acc[r][p], _mm512_mullo_epi32(_mm512_set1_epi32(act.zero[b + r]), sums));
+      const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(act.scale[b + r]), wscale);
+      // maskz: GCC 12 warns that _mm512_cvtepi32_ps reads an undefined register
+      _mm512_mask_storeu_ps(C + r * ldc + m0 + 16 * p, keep,
+                            _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, exact), scales));
+    }
+  }
+}
+
+#elif defined(__AVX2__)
+
+// vpmaddubsw sums pairs of u8 x s8 products in int16 (exact: activations are 7-bit),
+// vpmaddwd the pairs in int32. Two groups of 4 k per pass, summed apart before they
+// join the row's sums: the chain of adds into each accumulator is then half as long
+// (measured with AVX2, R = 4, P = 1, K = 512: 42 GMAC/s one group per pass, 58-76 two).
+template <int R, int P>
+inline void int8_tile(float* C, int64_t ldc, const ActivationScratch& act, int64_t b,
+                      const ReducedMatrix& W, int64_t panel, const Tile& t) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* w = W.q + panel * t.panel_stride;
+  const uint8_t* q = act.q + b * t.lda;
+  auto weights = [&](int p, int64_t g, int half) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * t.panel_stride + g * 64 + half * 32));
+  };
+  auto activations = [&](int r, int64_t g) {
+    int32_t four;
+    std::memcpy(&four, q + r * t.lda + g * 4, 4);
+    return _mm256_set1_epi32(four);
+  };
+  auto products = [&](__m256i a, __m256i wv) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, wv), ones);
+  };
+  __m256i acc[R][P][2];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_si256();
+  int64_t g = 0;
+  for (; g + 2 <= t.groups; g += 2)
+    for (int p = 0; p < P; ++p) {
+      const __m256i w00 = weights(p, g, 0), w01 = weights(p, g, 1);
+      const __m256i w10 = weights(p, g + 1, 0), w11 = weights(p, g + 1, 1);
+      for (int r = 0; r < R; ++r) {
+        const __m256i a0 = activations(r, g), a1 = activations(r, g + 1);
+        acc[r][p][0] = _mm256_add_epi32(acc[r][p][0], _mm256_add_epi32(products(a0, w00), products(a1, w10)));
+        acc[r][p][1] = _mm256_add_epi32(acc[r][p][1], _mm256_add_epi32(products(a0, w01), products(a1, w11)));
+      }
+    }
+  if (g < t.groups)
+    for (int p = 0; p < P; ++p) {
+      const __m256i w0 = weights(p, g, 0), w1 = weights(p, g, 1);
+      for (int r = 0; r < R; ++r) {
+        const __m256i a = activations(r, g);
+        acc[r][p][0] = _mm256_add_epi32(acc[r][p][0], products(a, w0));
+        acc[r][p][1] = _mm256_add_epi32(acc[r][p][1], products(a, w1));
+      }
+    }
+  const int64_t m0 = panel * 16;
+  for (int p = 0; p < P; ++p) {
+    const int64_t columns = panel_columns(W, m0, p);
+    for (int r = 0; r < R; ++r) {
+      alignas(32) float out[16];
+      float* c = C + r * ldc + m0 + 16 * p;
+      for (int v = 0; v < 2; ++v) {
+        const int64_t m = m0 + 16 * p + 8 * v;
+        const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W.row_sum + m));
+        const __m256i exact = _mm256_sub_epi32(
+            acc[r][p][v], _mm256_mullo_epi32(_mm256_set1_epi32(act.zero[b + r]), sums));
+        const __m256 scales = _mm256_mul_ps(_mm256_set1_ps(act.scale[b + r]), _mm256_loadu_ps(W.scale + m));
+        const __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(exact), scales);
+        if (columns == 16)
+          _mm256_storeu_ps(c + 8 * v, value);
+        else
+          _mm256_store_ps(out + 8 * v, value);
+      }
+      if (columns < 16) store_columns(c, out, columns);
+    }
+  }
+}
+
+#else  // portable: the same integer sums, one lane at a time
+
+template <int R, int P>
+inline void int8_tile(float* C, int64_t ldc, const ActivationScratch& act, int64_t b,
+                      const ReducedMatrix& W, int64_t panel, const Tile& t) {
+  for (int p = 0; p < P; ++p) {
+    const int8_t* w = W.q + (panel + p) * t.panel_stride;
+    const int64_t m0 = (panel + p) * 16, columns = panel_columns(W, panel * 16, p);
+    for (int r = 0; r < R; ++r) {
+      int32_t acc[16] = {};
+      for (int64_t g = 0; g < t.groups; ++g) {
+        const uint8_t* a = act.q + (b + r) * t.lda + g * 4;
+        const int8_t* wg = w + g * 64;
+        for (int j = 0; j < 16; ++j)
+          acc[j] += a[0] * wg[4 * j] + a[1] * wg[4 * j + 1] + a[2] * wg[4 * j + 2] + a[3] * wg[4 * j + 3];
+      }
+      for (int64_t j = 0; j < columns; ++j)
+        C[r * ldc + m0 + j] = static_cast<float>(acc[j] - act.zero[b + r] * W.row_sum[m0 + j]) *
+                              (act.scale[b + r] * W.scale[m0 + j]);
+    }
+  }
+}
+
+#endif
+
+// ---------------------------------------------------------------------------
+// bfloat16 tiles: each 32-bit lane of a panel holds the weights of k and k + 1 of
+// one output, each 32-bit value of a prepared row the activations of k and k + 1.
+
+#if defined(__AVX512BF16__)
+
+// acc + the two products of bfloat16 pairs in each 32-bit lane of a and w, in float32
+// (written out for GCC, as dpbusd above).
+inline __m512 dpbf16(__m512 acc, __m512i a, __m512i w) {
+#if defined(__GNUC__) && !defined(__clang__)
+  asm("vdpbf16ps %2, %1, %0" : "+v"(acc) : "v"(a), "v"(w));
+  return acc;
+#else
+  return _mm512_dpbf16_ps(acc, (__m512bh)a, (__m512bh)w);
+#endif
+}
+
+// vdpbf16ps: the two bfloat16 products of a 32-bit lane added into its float32.
+template <int R, int P>
+inline void bf16_tile(float* C, int64_t ldc, const ActivationScratch& act, int64_t b,
+                      const ReducedMatrix& W, int64_t panel, const Tile& t) {
+  const uint16_t* w = W.bf16 + panel * t.panel_stride;
+  const uint16_t* a16 = act.bf16 + b * t.lda;
+  __m512 acc[R][P];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < t.groups; ++j) {
+    __m512i a[R];
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a16 + r * t.lda + 2 * j, 4);
+      a[r] = _mm512_set1_epi32(pair);
+    }
+    for (int p = 0; p < P; ++p) {
+      const __m512i wv = _mm512_loadu_si512(w + p * t.panel_stride + j * 32);
+      for (int r = 0; r < R; ++r)
+        acc[r][p] = dpbf16(acc[r][p], a[r], wv);
+    }
+  }
+  const int64_t m0 = panel * 16;
+  for (int p = 0; p < P; ++p) {
+    const __mmask16 keep = static_cast<__mmask16>((1u << panel_columns(W, m0, p)) - 1);
+    for (int r = 0; r < R; ++r) _mm512_mask_storeu_ps(C + r * ldc + m0 + 16 * p, keep, acc[r][p]);
+  }
+}
+
+#elif defined(__AVX2__)
+
+// Both bfloat16 halves of a lane widened by a shift and a mask, then FMAs.
+template <int R, int P>
+inline void bf16_tile(float* C, int64_t ldc, const ActivationScratch& act, int64_t b,
+                      const ReducedMatrix& W, int64_t panel, const Tile& t) {
+  const __m256i high = _mm256_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+  const uint16_t* w = W.bf16 + panel * t.panel_stride;
+  const uint16_t* a16 = act.bf16 + b * t.lda;
+  __m256 acc[R][P][2];
+  for (int r = 0; r < R; ++r)
+    for (int p = 0; p < P; ++p) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_ps();
+  for (int64_t j = 0; j < t.groups; ++j) {
+    __m256 even_a[R], odd_a[R];
+    for (int r = 0; r < R; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a16 + r * t.lda + 2 * j, 4);
+      const __m256i both = _mm256_set1_epi32(pair);
+      even_a[r] = _mm256_castsi256_ps(_mm256_slli_epi32(both, 16));
+      odd_a[r] = _mm256_castsi256_ps(_mm256_and_si256(both, high));
+    }
+    for (int p = 0; p < P; ++p)
+      for (int v = 0; v < 2; ++v) {
+        const __m256i wv =
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + p * t.panel_stride + j * 32 + 16 * v));
+        const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(wv, 16));
+        const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(wv, high));
+        for (int r = 0; r < R; ++r) {
+          acc[r][p][v] = _mm256_fmadd_ps(even_a[r], even, acc[r][p][v]);
+          acc[r][p][v] = _mm256_fmadd_ps(odd_a[r], odd, acc[r][p][v]);
+        }
+      }
+  }
+  const int64_t m0 = panel * 16;
+  for (int p = 0; p < P; ++p) {
+    const int64_t columns = panel_columns(W, m0, p);
+    for (int r = 0; r < R; ++r) {
+      float* c = C + r * ldc + m0 + 16 * p;
+      if (columns == 16) {
+        _mm256_storeu_ps(c, acc[r][p][0]);
+        _mm256_storeu_ps(c + 8, acc[r][p][1]);
+      } else {
+        alignas(32) float out[16];
+        _mm256_store_ps(out, acc[r][p][0]);
+        _mm256_store_ps(out + 8, acc[r][p][1]);
+        store_columns(c, out, columns);
+      }
+    }
+  }
+}
+
+#else  // portable
+
+inline float widen(uint16_t bits) {
+  const uint32_t wide = static_cast<uint32_t>(bits) << 16;
+  float value;
+  std::memcpy(&value, &wide, 4);
+  return value;
+}
+
+template <int R, int P>
+inline void bf16_tile(float* C, int64_t ldc, const ActivationScratch& act, int64_t b,
+                      const ReducedMatrix& W, int64_t panel, const Tile& t) {
+  for (int p = 0; p < P; ++p) {
+    const uint16_t* w = W.bf16 + (panel + p) * t.panel_stride;
+    const int64_t m0 = (panel + p) * 16, columns = panel_columns(W, panel * 16, p);
+    for (int r = 0; r < R; ++r) {
+      const uint16_t* a16 = act.bf16 + (b + r) * t.lda;
+      float acc[16] = {};
+      for (int64_t j = 0; j < t.groups; ++j) {
+        const float a0 = widen(a16[2 * j]), a1 = widen(a16[2 * j + 1]);
+        for (int l = 0; l < 16; ++l) {
+          acc[l] += a0 * widen(w[j * 32 + 2 * l]);
+          acc[l] += a1 * widen(w[j * 32 + 2 * l + 1]);
+        }
+      }
+      store_columns(C + r * ldc + m0, acc, columns);
+    }
+  }
+}
+
+#endif
+
+// ---------------------------------------------------------------------------
+// Tiles over the rows and panels of a product.
+
+// Tile shapes: kRows rows x kPanels panels for many rows; fewer rows take more
+// panels per tile, so that enough independent sums stay in flight (a chain of
+// vpdpbusd into one register waits on its latency at every step).
+#if defined(__AVX512F__)
+constexpr int kRows = 6, kPanels = 4;  // 24 accumulators of the 32 vector registers
+#elif defined(__AVX2__)
+constexpr int kRows = 4, kPanels = 1;  // 8 accumulators (two vectors a panel) of 16
+#else
+constexpr int kRows = 4, kPanels = 1;
+#endif
+template <int R>
+constexpr int panels_for_rows() {
+#if defined(__AVX512F__)
+  return R >= 4 ? kPanels : R == 3 ? 6 : R == 2 ? 8 : 8;
+#else
+  return kPanels;
+#endif
+}
+
+// f(b, rows) over tiles of R rows from b0 to b1, then one tile of the rows left;
+// rows is a std::integral_constant, so each tile height is a compile-time constant.
+template <int M, typename F>
+inline void last_row_tile(int64_t b, int64_t rest, F& f) {
+  if constexpr (M > 0) {
+    if (rest == M)
+      f(b, std::integral_constant<int, M>{});
+    else
+      last_row_tile<M - 1>(b, rest, f);
+  }
+}
+template <int R, typename F>
+inline void for_row_tiles(int64_t b0, int64_t b1, F&& f) {
+  int64_t b = b0;
+  for (; b + R <= b1; b += R) f(b, std::integral_constant<int, R>{});
+  last_row_tile<R - 1>(b, b1 - b, f);
+}
+
+// Panels p0..p1-1 in groups of P (then smaller ones) for one tile of R rows at b.
+template <int R, int P, bool kInt8>
+inline void tile_panels(float* C, int64_t ldc, const ActivationScratch& act, int64_t b,
+                        const ReducedMatrix& W, int64_t p0, int64_t p1, const Tile& t) {
+  int64_t p = p0;
+  for (; p + P <= p1; p += P) {
+    if constexpr (kInt8)
+      int8_tile<R, P>(C + b * ldc, ldc, act, b, W, p, t);
+    else
+      bf16_tile<R, P>(C + b * ldc, ldc, act, b, W, p, t);
+  }
+  if constexpr (P > 1) {
+    if (p < p1) tile_panels<R, (P > 2 ? P / 2 : 1), kInt8>(C, ldc, act, b, W, p, p1, t);
+  }
+}
+
+template <bool kInt8>
+void panels_of(float* C, int64_t ldc, const ActivationScratch& act, int64_t n, const ReducedMatrix& W,
+               int64_t p0, int64_t p1) {
+  Tile t;
+  t.lda = W.K_padded;
+  t.groups = kInt8 ? W.K_padded / 4 : W.K_padded / 2;
+  t.panel_stride = W.K_padded * kReducedPanel;
+  const int64_t panel_bytes = W.K_padded * kReducedPanel * (kInt8 ? 1 : 2);
+  int64_t block = kPanelBlockBytes / panel_bytes / kPanels * kPanels;
+  block = block > kPanels ? block : kPanels;
+  for (int64_t b0 = 0; b0 < n; b0 += kRowBlock) {
+    const int64_t b1 = b0 + kRowBlock < n ? b0 + kRowBlock : n;
+    for (int64_t q0 = p0; q0 < p1; q0 += block) {
+      const int64_t q1 = q0 + block < p1 ? q0 + block : p1;
+      for_row_tiles<kRows>(b0, b1, [&](int64_t b, auto rows) {
+        constexpr int R = decltype(rows)::value;
+        tile_panels<R, panels_for_rows<R>(), kInt8>(C, ldc, act, b, W, q0, q1, t);
+      });
+    }
+  }
+}
+
+void panels(float* C, int64_t ldc, const ActivationScratch& act, int64_t n, const ReducedMatrix& W,
+            int64_t p0, int64_t p1) {
+  if (W.precision == Precision::Int8)
+    panels_of<true>(C, ldc, act, n, W, p0, p1);
+  else
+    panels_of<false>(C, ldc, act, n, W, p0, p1);
+}
+
+#define LSTMFAST_STR2(x) #x
+#define LSTMFAST_STR(x) LSTMFAST_STR2(x)
+
+}  // namespace
+
+extern const ReducedProducts reduced_products;
+const ReducedProducts reduced_products = {LSTMFAST_STR(LSTMFAST_ISA),
+#if defined(__AVX512BF16__)
+                                          true,
+#else
+                                          false,
+#endif
+                                          &prepare_rows, &panels};
+
+}  // namespace LSTMFAST_ISA
+}  // namespace lstmfast

@@ -1,0 +1,74 @@
+// Products with reduced-precision weights (lstmfast.h: ReducedMatrix), for
+// inference: C[n, M] = A[n, K] W[M, K]^T with A float32. reduced_products.cpp is
+// compiled once per instruction set, its extensions included (AVX512_VNNI,
+// AVX512_BF16), and dispatch.h hands out the table of the one in use.
+//
+// A product runs in two passes, so that the rows of A are prepared once and
+// then read by every panel of W (and, on the pool, by every thread):
+//   1. prepare_rows converts rows of A into ActivationScratch:
+//        int8:     quantized per row to 0..127 with a zero point (A ~ scale (q - zero));
+//        bfloat16: rounded to bfloat16, nearest even;
+//   2. panels computes panels of 16 outputs (kReducedPanel) for the prepared rows:
+//        int8:     the u8 x s8 products summed exactly in int32, the zero point
+//                  taken out with W's row sums, the sum scaled back to float32;
+//        bfloat16: the products of two bfloat16 values (exact in float32) summed
+//                  in float32.
+// The contract (reference.py, "Reduced precision"): int8 results are identical on
+// every instruction set; bfloat16 ones agree to the float32 rounding of the sums.
+//
+// Activations are quantized to 0..127, not 0..255: AVX2 has no instruction that
+// sums u8 x s8 products in int32 directly, and vpmaddubsw sums pairs of them in
+// int16 with saturation; 127 x 128 x 2 < 2^15 cannot saturate. With VNNI
+// (vpdpbusd sums four products in int32) the same 7-bit activations keep every
+// instruction set on the same integers. torch's dynamic quantization (fbgemm,
+// reduce_range) uses the same 7-bit range.
+#pragma once
+
+#include <cstdint>
+
+#include "lstmfast.h"
+
+namespace lstmfast {
+
+// Rows of A prepared for the products of one weight W (rows W.K_padded wide, zero
+// past W.K): the int8 or the bfloat16 fields, by W's precision.
+struct ActivationScratch {
+  uint8_t* q = nullptr;      // q: [rows, K_padded] int8 activations, values 0..127
+  float* scale = nullptr;    // scale: [rows] per row
+  int32_t* zero = nullptr;   // zero: [rows] zero point per row
+  uint16_t* bf16 = nullptr;  // bf16: [rows, K_padded] bfloat16 bit patterns
+};
+
+// The products of one instruction set.
+struct ReducedProducts {
+  const char* name;  // the instruction set they were compiled for
+  // Multiplies bfloat16 in hardware (vdpbf16ps): whole bfloat16 layers then run on
+  // it; without, a layer of many rows runs on its weights widened to float32 (stack.cpp).
+  bool native_bf16;
+  // Rows r0..r1-1 of A (lda apart, W.K values each) into rows r0..r1-1 of act.
+  void (*prepare_rows)(const ActivationScratch& act, const float* A, int64_t lda,
+                       const ReducedMatrix& W, int64_t r0, int64_t r1);
+  // C[b, 16 p .. 16 p + 15] for panels p0..p1-1 of W and prepared rows 0..n-1 (C's
+  // rows ldc apart; columns past W.M are not written).
+  void (*panels)(float* C, int64_t ldc, const ActivationScratch& act, int64_t n,
+                 const ReducedMatrix& W, int64_t p0, int64_t p1);
+};
+
+// The tables of the builds (reduced_products.cpp, one per instruction set).
+namespace generic {
+extern const ReducedProducts reduced_products;
+}
+namespace avx2 {
+extern const ReducedProducts reduced_products;
+}
+namespace avx512 {
+extern const ReducedProducts reduced_products;
+}
+namespace avx512_vnni {
+extern const ReducedProducts reduced_products;
+}
+namespace avx512_bf16 {
+extern const ReducedProducts reduced_products;
+}
+
+}  // namespace lstmfast

@@ -205,6 +205,8 @@ struct LayerBuffers {
   Real* W_hr_t = nullptr; // W_hr_t: [H, P] scratch: W_hr^T likewise (LSTM with P > 0)
   Real* W_hh_p = nullptr; // W_hh_p: without P, [packed_size(G, H, H_out)] scratch: W_hh packed once per call into
                           //   gate-interleaved panels for the fused recurrent kernel (recurrent_gemm.h)
+  Real* W_ih_p = nullptr; // W_ih_p: [packed_size(G, H, I)] scratch: W_ih packed likewise, for the input projection
+                          //   of a few steps at a time on the pool; nullptr: projected at once by OpenBLAS
   Real* h = nullptr;      // h: [S+1, N, H_out] training / [2, N, H_out] inference: h per step, sorted rows, slot 0 = h0
   Real* c = nullptr;      // c: LSTM, like h with width H: the cell state
   Real* m = nullptr;      // m: LSTM with P > 0: [S, N, H] training / [N, H] inference: o * tanh(c) before the projection

@@ -105,6 +105,10 @@ inline void gate_tile(V<Real> (&acc)[R][NC * C], const Real* A, int64_t lda, con
 // (3 rows x 4 gates needed 17 registers: 70-80%).
 template <int G>
 constexpr int kTileRows = G == 4 ? 6 : 4;
+// Accumulators one pass of a tile may keep: with the 32 vector registers of
+// AVX-512, a 6-row LSTM tile computes its four gates in one pass (24), each
+// broadcast row value serving four weight vectors instead of two.
+constexpr int kPassAccumulators = simd::kVectorBytes == 64 ? 24 : 8;
 
 // Tiles of R rows: every chunk in one pass when the accumulators fit (few rows),
 // else one pass per chunk.
@@ -112,7 +116,7 @@ template <typename Real, int G, int R, typename Epilogue>
 inline void gate_rows(const Real* A, int64_t lda, const Real* panel, int64_t K, int64_t b0,
                       int64_t j, int64_t lanes, Epilogue& epilogue) {
   constexpr int64_t U = kWidth<Real>;
-  constexpr int C = kChunkGates<G>, chunks_per_pass = R * G <= 8 ? G / C : 1;
+  constexpr int C = kChunkGates<G>, chunks_per_pass = R * G <= kPassAccumulators ? G / C : 1;
   V<Real> acc[R][G];
   for (int q = 0; q < G / C; q += chunks_per_pass) {
     V<Real> part[R][chunks_per_pass * C];
@@ -123,9 +127,11 @@ inline void gate_rows(const Real* A, int64_t lda, const Real* panel, int64_t K, 
   for (int r = 0; r < R; ++r) epilogue(b0 + r, j, lanes, acc[r]);
 }
 
-// f(b, rows) for the row tiles of 0..n-1: rows = R from b = 0, R, 2R, ..., then
-// one tile of the n % R rows left; rows is a std::integral_constant, so each tile
-// height is a compile-time constant of the micro-kernel.
+// f(b, rows) for the row tiles of 0..n-1: as few tiles as R rows allow, their
+// heights as even as can be (n = 8, R = 6: 4 + 4, not 6 + 2; a tile of few rows
+// waits on the FMA latency and reloads the panel for little work); rows is a
+// std::integral_constant, so each tile height is a compile-time constant of the
+// micro-kernel.
 template <int M, typename F>
 inline void last_row_tile(int64_t b, int64_t rest, F& f) {
   if constexpr (M > 0) {
@@ -137,9 +143,16 @@ inline void last_row_tile(int64_t b, int64_t rest, F& f) {
 }
 template <int R, typename F>
 inline void for_row_tiles(int64_t n, F&& f) {
+  const int64_t tiles = (n + R - 1) / R;
   int64_t b = 0;
-  for (; b + R <= n; b += R) f(b, std::integral_constant<int, R>{});
-  last_row_tile<R - 1>(b, n - b, f);
+  for (int64_t i = 0; i < tiles; ++i) {
+    const int64_t left = tiles - i, rows = (n - b + left - 1) / left;
+    if (rows == R)
+      f(b, std::integral_constant<int, R>{});
+    else
+      last_row_tile<R - 1>(b, rows, f);
+    b += rows;
+  }
 }
 
 // Unit blocks u0..u1-1 (units j0..j1-1) of thread tid of nt: the columns of W_hh it
@@ -658,23 +671,74 @@ inline const Real* zoneout_dy(const Real* dy, const LayerWeights<Real>& w, const
 // ---------------------------------------------------------------------------
 // What every cell's layer does on the pool; the cells give the per-step part.
 
+// The input projection of a few steps at a time (forward_on_pool): each thread
+// projects the rows of the next steps onto its unit blocks, on W_ih packed as
+// W_hh is, just before the steps read them. Projected all at once (one OpenBLAS
+// GEMM per thread), xproj ([T, N, G*H]: 13 MB for LSTM N=32 H=256) had left the
+// caches by the time each step read its rows: a quarter of the gate math's time
+// went to those loads (AVX-512, one thread), and OpenBLAS first cleared all of
+// xproj in a pass of its own (beta 0).
+//
+// Bytes of xproj one chunk of steps may fill: they stay in L2 until read.
+constexpr int64_t kProjectionChunkBytes = 256 * 1024;
+
+// Whether the steps of a chunk read one contiguous block of rows of x: every walk
+// but the reverse one with lengths (each row then starts at its own end).
+template <typename Real>
+inline bool projection_in_chunks(const LayerShape& s, const LayerBuffers<Real>& buf) {
+  return buf.W_ih_p != nullptr && !(s.reverse && s.lengths);
+}
+
+// Steps per chunk: at least one.
+template <typename Real>
+inline int64_t projection_chunk_steps(int64_t ldx, const LayerShape& s) {
+  const int64_t step_bytes = s.N * ldx * static_cast<int64_t>(sizeof(Real));
+  return step_bytes >= kProjectionChunkBytes ? 1 : kProjectionChunkBytes / step_bytes;
+}
+
+// xproj rows of steps k0..k1-1 (rows ldx apart) = x W_ih^T for the units of blocks
+// u0..u1-1 (W_ih_p packed by pack_gate_panels): the rows of those steps' times are
+// one block of x, in its order, as xproj's (LayerShape::offsets when packed).
+template <typename Real, int G>
+inline void project_steps(Real* xproj, int64_t ldx, const Real* x, const Real* W_ih_p,
+                          const LayerShape& s, int64_t k0, int64_t k1, int64_t u0, int64_t u1) {
+  const int64_t t0 = s.reverse ? s.T - k1 : k0, t1 = s.reverse ? s.T - k0 : k1;
+  const int64_t r0 = s.offsets ? s.offsets[t0] : t0 * s.N;
+  const int64_t r1 = s.offsets ? s.offsets[t1] : t1 * s.N;
+  const int64_t H = s.H;
+  recurrent_step<Real, G>(x + r0 * s.I, s.I, r1 - r0, s.I, W_ih_p, H, u0, u1,
+                          [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
+                            Real* out = xproj + (r0 + b) * ldx + j;
+                            for (int g = 0; g < G; ++g) st(out + g * H, acc[g], lanes);
+                          });
+}
+
 // The forward: each thread packs the panels and projects the inputs (rows ldx
-// apart) of its unit blocks, then runs step(k, n, mine) for every step k with n
-// rows running, a barrier after each (the next step needs all of h).
+// apart) of its unit blocks (a few steps ahead, or all at once: see
+// projection_in_chunks), then runs step(k, n, mine) for every step k with n rows
+// running, a barrier after each (the next step needs all of h).
 template <typename Real, int G, typename Step>
 inline void forward_on_pool(const LayerBuffers<Real>& buf, const Real* x, int64_t ldx,
                             const LayerWeights<Real>& w, const LayerShape& s, Step&& step) {
   const Walk walk(s);
   const int64_t H = s.H, S = steps_of(s);
+  const bool chunked = projection_in_chunks(s, buf);
+  const int64_t chunk = projection_chunk_steps<Real>(ldx, s);
   auto body = [&](int tid, int nt) {
     const UnitShare mine = unit_share<Real>(H, tid, nt);
     pack_gate_panels<Real, G>(buf.W_hh_p, w.W_hh, H, H, mine.u0, mine.u1);
-    input_projection_units(buf.xproj, ldx, x, w.W_ih, G, H, mine.j0, mine.j1, s);
+    if (chunked)
+      pack_gate_panels<Real, G>(buf.W_ih_p, w.W_ih, H, s.I, mine.u0, mine.u1);
+    else
+      input_projection_units(buf.xproj, ldx, x, w.W_ih, G, H, mine.j0, mine.j1, s);
     if (buf.hm) {  // recurrent dropout: each thread masks its units of h, all rows
       mask_state(buf, 0, s, 0, s.N, mine.j0, mine.j1);
       pool_barrier();
     }
     for (int64_t k = 0; k < S; ++k) {
+      if (chunked && k % chunk == 0)
+        project_steps<Real, G>(buf.xproj, ldx, x, buf.W_ih_p, s, k, k + chunk < S ? k + chunk : S,
+                               mine.u0, mine.u1);
       step(k, walk.active(k), mine);
       mask_state(buf, k + 1, s, 0, s.N, mine.j0, mine.j1);
       pool_barrier();

@@ -600,6 +600,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   const bool reduced = params[0].W_hh_r != nullptr;
   const bool int8 = reduced && params[0].W_hh_r->precision == Precision::Int8;
   const int64_t widest = std::max({s.I, D * H_out, H});
+  const int64_t widest_input = L > 1 ? std::max(s.I, D * H_out) : s.I;
   // bfloat16 layers: which products run on weights widened to float32 (see
   // kWidenBf16Rows). The step's product when the batch is more than a few rows
   // (then the layer takes the float path whole), the input projection when it
@@ -634,6 +635,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
         scratch[d].W_hr_t = cv.take<Real>(H * P);
       } else {  // the fused kernel's packed panels
         scratch[d].W_hh_p = cv.take<Real>(packed_size(gates_of(s.mode), H, H_out));
+        scratch[d].W_ih_p = cv.take<Real>(packed_size(gates_of(s.mode), H, widest_input));
       }
       if (!training) {
         scratch[d].h = cv.take<Real>(2 * N * H_out);
@@ -673,6 +675,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       b.W_hh_t = scratch[d].W_hh_t;
       b.W_hr_t = scratch[d].W_hr_t;
       b.W_hh_p = scratch[d].W_hh_p;
+      b.W_ih_p = scratch[d].W_ih_p;
       b.act = scratch[d].act;
       b.mask_sorted = scratch[d].mask_sorted;
       if (b.mask_sorted) sort_mask(b.mask_sorted, c, i);

@@ -733,6 +733,15 @@ void register_simd(py::module_& m) {
         "The instruction set the kernels use.");
   m.def("simd_targets", &lstmfast::simd_targets,
         "The instruction sets compiled in and supported by this CPU, best last.");
+  m.def(
+      "cpu_features",
+      []() {
+        py::dict d;
+        for (const auto& [name, has] : lstmfast::cpu_features()) d[py::str(name)] = has;
+        return d;
+      },
+      "The instruction-set extensions that matter here (avx2, fma, avx512f, avx512_vnni, "
+      "avx512_bf16, avx_vnni) -> whether this CPU has each.");
   m.def("compiled_simd_targets", &lstmfast::compiled_simd_targets,
         "The instruction sets compiled in, whether this CPU supports them or not, worst first.");
   m.def("set_simd_target", &lstmfast::set_simd_target, py::arg("name"),

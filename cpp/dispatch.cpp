@@ -77,6 +77,20 @@ std::vector<std::string> simd_targets() {
   return names;
 }
 
+std::vector<std::pair<std::string, bool>> cpu_features() {
+  std::vector<std::pair<std::string, bool>> found;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+  found = {{"avx2", __builtin_cpu_supports("avx2")},
+           {"fma", __builtin_cpu_supports("fma")},
+           {"avx512f", __builtin_cpu_supports("avx512f")},
+           {"avx512_vnni", __builtin_cpu_supports("avx512vnni")},
+           {"avx512_bf16", __builtin_cpu_supports("avx512bf16")},
+           {"avx_vnni", __builtin_cpu_supports("avxvnni")}};
+#endif
+  return found;
+}
+
 std::vector<std::string> compiled_simd_targets() {
   std::vector<std::string> names;
   for (const SimdTarget& t : compiled()) names.emplace_back(t.name);

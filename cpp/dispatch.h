@@ -6,6 +6,7 @@
 #pragma once
 
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "lstmfast.h"
@@ -96,6 +97,10 @@ const char* simd_target();
 std::vector<std::string> simd_targets();
 // The targets compiled into this build, supported here or not, worst first.
 std::vector<std::string> compiled_simd_targets();
+// The instruction-set extensions the kernels and their peers care about, each with
+// whether this CPU has it: avx2, fma, avx512f, avx512_vnni, avx512_bf16, avx_vnni
+// (the 256-bit VEX form of VNNI). Empty off x86.
+std::vector<std::pair<std::string, bool>> cpu_features();
 // The target of that name among them; throws std::invalid_argument when there is none.
 const SimdTarget& find_simd_target(const std::string& name);
 // Use the named target from now on (process-wide); throws std::invalid_argument

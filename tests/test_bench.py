@@ -26,7 +26,8 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys, threads_restored
     assert rc == 0
     printed = capsys.readouterr().out
     for text in ("simd_target", "sgemm ceiling (1024^3, 1 thr)", "dgemm ceiling (1024^3, 1 thr)",
-                 "vs torch", "vs ref", "% gemm", "grid, inference, 1 thread", "grid, training, 1 thread"):
+                 "vs torch", "vs ref", "% gemm", "grid, inference, 1 thread", "grid, training, 1 thread",
+                 "cpu features", "blas core", "(OpenBLAS core "):
         assert text in printed
 
     data = json.loads(out_json.read_text())
@@ -50,6 +51,50 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys, threads_restored
         assert set(r["seconds"]) == expected
         assert r["gflops"] > 0
     assert out_png.stat().st_size > 0
+
+
+def test_the_header_names_the_cpu_extensions_and_the_blas_core(monkeypatch):
+    for name in bench.OPENBLAS_FORCING:
+        monkeypatch.delenv(name, raising=False)
+    from lstmfast import _core
+
+    config = bench.configuration(None, None)
+    assert config["blas core"] == _core.blas_corename() != ""
+    features = _core.cpu_features()
+    if features:  # x86
+        assert set(features) == {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni"}
+        for name, present in features.items():
+            assert (name in config["cpu features"].split(" (not:")[0].split()) == present
+    assert "warning" not in config
+
+
+def test_a_forced_openblas_kernel_is_warned_of_and_not_the_ceiling(monkeypatch):
+    monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
+    warning = bench.configuration(None, None)["warning"]
+    assert "OPENBLAS_CORETYPE=Haswell" in warning
+    assert "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE" in warning
+    # The ceiling is the best of this process and a child without the variable, whose
+    # OpenBLAS picks its own kernel.
+    import subprocess
+
+    monkeypatch.setattr(bench, "gemm_gflops", lambda *args: 50.0)
+    children = []
+
+    def child(argv, env, **kwargs):
+        children.append(env)
+        return subprocess.CompletedProcess(argv, 0, stdout=f"{child_gflops} ChildCore\n")
+
+    monkeypatch.setattr(subprocess, "run", child)
+    from lstmfast import _core
+
+    child_gflops = 80.0
+    assert bench.gemm_ceiling(1, "float32", 64, 0.01) == (80.0, "ChildCore")
+    child_gflops = 20.0
+    assert bench.gemm_ceiling(1, "float32", 64, 0.01) == (50.0, _core.blas_corename())
+    assert len(children) == 2 and not any(k in env for env in children for k in bench.OPENBLAS_FORCING)
+    monkeypatch.delenv("OPENBLAS_CORETYPE")
+    assert bench.gemm_ceiling(1, "float32", 64, 0.01) == (50.0, _core.blas_corename())
+    assert len(children) == 2  # nothing forced: no child
 
 
 # --- python -m lstmfast.bench --models -------------------------------------------

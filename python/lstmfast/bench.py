@@ -77,9 +77,32 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
+# Environment variables that force OpenBLAS's kernel and cache blocking. Users do not
+# set them; with OPENBLAS_CORETYPE=Haswell on an AVX-512 machine, OpenBLAS runs its
+# AVX2 kernels, at half the float32 rate of its own choice there.
+OPENBLAS_FORCING = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def openblas_forced():
+    """The variables of OPENBLAS_FORCING set in this process, name -> value."""
+    return {k: os.environ[k] for k in OPENBLAS_FORCING if os.environ.get(k)}
+
+
+def openblas_warning():
+    """A warning to print above any figure when OpenBLAS runs a forced kernel; None otherwise."""
+    forced = openblas_forced()
+    if not forced:
+        return None
+    settings = ", ".join(f"{k}={v}" for k, v in forced.items())
+    return (f"WARNING: {settings} forces OpenBLAS's kernel (core {_core.blas_corename()}), as "
+            f"users' processes do not: the OpenBLAS GEMMs below run slower than they would "
+            f"for a user. For figures users meet: env -u {' -u '.join(OPENBLAS_FORCING)} "
+            f"python -m lstmfast.bench ...")
+
+
 def gemm_gflops(threads, dtype, size=1024, min_time=0.3):
-    """The machine's sgemm (float32) or dgemm (float64) rate through the same OpenBLAS,
-    at the given thread count: the ceiling each case's GFLOP/s is compared with."""
+    """The machine's sgemm (float32) or dgemm (float64) rate through this process's
+    OpenBLAS at the given thread count (gemm_ceiling: the best a process can get)."""
     rng = np.random.default_rng(0)
     a = rng.standard_normal((size, size)).astype(dtype)
     b = rng.standard_normal((size, size)).astype(dtype)
@@ -93,6 +116,32 @@ def gemm_gflops(threads, dtype, size=1024, min_time=0.3):
         matmul(a, b)
         times.append(time.perf_counter() - t0)
     return 2.0 * size**3 / min(times) / 1e9
+
+
+def gemm_ceiling(threads, dtype, size=1024, min_time=0.3):
+    """The best GEMM rate this process could get: gemm_gflops here and, when a
+    variable of OPENBLAS_FORCING is set, in a child process without them (OpenBLAS
+    picks its kernel once, when it loads). Returns (GFLOP/s, OpenBLAS core that gave it)."""
+    best = (gemm_gflops(threads, dtype, size, min_time), _core.blas_corename())
+    if openblas_forced():
+        import subprocess
+
+        env = {k: v for k, v in os.environ.items() if k not in OPENBLAS_FORCING}
+        code = ("from lstmfast import bench, _core; "
+                f"print(bench.gemm_gflops({int(threads)}, {str(dtype)!r}, {int(size)}, {float(min_time)}), "
+                "_core.blas_corename())")
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        best = max(best, (float(out[0]), out[1]))
+    return best
+
+
+def cpu_features():
+    """The instruction-set extensions this CPU has of those that matter here, and those it lacks."""
+    features = _core.cpu_features() if hasattr(_core, "cpu_features") else {}
+    has = " ".join(name for name, present in features.items() if present) or "none"
+    lacks = [name for name, present in features.items() if not present]
+    return has + (f" (not: {' '.join(lacks)})" if lacks else "")
 
 
 class Case:
@@ -337,18 +386,24 @@ def _fmt_ratio(a, b):
 
 
 def configuration(torch, limiter):
-    return {
+    config = {
         "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "machine": platform.machine(),
+        "cpu features": cpu_features(),
         "python": platform.python_version(),
         "lstmfast": lstmfast.__version__,
         "simd_target": lstmfast._config.simd_target(),
         "blas": _core.blas_config(),
+        "blas core": _core.blas_corename(),
         "numpy": np.__version__,
         "torch": torch.__version__ if torch is not None else None,
         "reference_blas_threads_limited": limiter is not None,
     }
+    warning = openblas_warning()
+    if warning:
+        config["warning"] = warning
+    return config
 
 
 def main(argv=None):
@@ -421,13 +476,14 @@ def main(argv=None):
     if not args.no_variants:
         cases += [Case(c, s, m, t, variant, shape) for t in args.threads for m in args.modes
                   for c, s, variant, shape in VARIANTS if c in args.cells]
-    ceilings = {}  # (dtype name, threads) -> GFLOP/s of a 1024^3 GEMM of that dtype
+    ceilings = {}  # (dtype name, threads) -> GFLOP/s of the best 1024^3 GEMM of that dtype
     for dtype in ("float32", "float64"):
         if any(case.dtype == dtype for case in cases):
             for t in args.threads:
-                g = ceilings[dtype, t] = gemm_gflops(t, dtype)
+                g, core = gemm_ceiling(t, dtype)
+                ceilings[dtype, t] = g
                 name = "sgemm" if dtype == "float32" else "dgemm"
-                print(f"  {name + ' ceiling (1024^3, ' + str(t) + ' thr)':31s} {g:.1f} GFLOP/s")
+                print(f"  {name + ' ceiling (1024^3, ' + str(t) + ' thr)':31s} {g:.1f} GFLOP/s (OpenBLAS core {core})")
     print()
     results = []
     saved_threads = lstmfast.get_num_threads()

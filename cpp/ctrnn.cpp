@@ -134,6 +134,29 @@ void forward_fused(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& bu
   scatter_state(h_n, buf.h + slot(S, s.training) * N * H, H, walk);
 }
 
+// The forward of an inference layer with reduced weights (reduced_steps): float32
+// only, as reduced weights are.
+template <typename Real, bool kRelu, bool kInside>
+void forward_reduced(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& buf, const Real* x,
+                     const Real* h0, const LayerWeights<Real>& w, const LayerShape& s) {
+  if constexpr (std::is_same<Real, float>::value) {
+    const Walk walk(s);
+    const int64_t N = s.N, H = s.H, S = steps_of(s);
+    const Real alpha = static_cast<Real>(s.alpha);
+    direct_input_projection(buf.xproj, H, x, w, H, buf, s);
+    gather_state(buf.h, h0, H, walk);
+    reduced_steps(buf, w, s, [&](int64_t k, int64_t b, bool running) {
+      if (!running) return;
+      const int64_t at = walk.at(k, b);
+      ctrnn_forward_row<Real, kRelu, kInside>(
+          buf.h + ((k + 1) & 1) * N * H + b * H, y + at * ldy, nullptr, buf.h + (k & 1) * N * H + b * H,
+          buf.xproj + walk.x_row(k, b) * H, buf.rec + b * H, w.bias,
+          w.noise ? w.noise + at * H : nullptr, alpha, H);
+    });
+    scatter_state(h_n, buf.h + (S & 1) * N * H, H, walk);
+  }
+}
+
 // Backward of one row of one step. With g = dh + dy the gradient of h':
 //   leak outside:  dz = alpha g phi'(z),   the bypass (1 - alpha) g;
 //   leak inside:   du = g phi'(u),  dz = alpha du,   the bypass (1 - alpha) du.
@@ -202,7 +225,9 @@ void ctrnn_forward(Real* y, int64_t ldy, Real* h_n, Real* /*c_n*/, const LayerBu
                    const LayerShape& s) {
   with_cell_flags(s, [&](auto relu, auto inside) {
     constexpr bool kRelu = decltype(relu)::value, kInside = decltype(inside)::value;
-    if (direct_weights(s))
+    if (w.W_hh_r)
+      forward_reduced<Real, kRelu, kInside>(y, ldy, h_n, buf, x, h0, w, s);
+    else if (direct_weights(s))
       forward_direct<Real, kRelu, kInside>(y, ldy, h_n, buf, x, h0, w, s);
     else
       forward_fused<Real, kRelu, kInside>(y, ldy, h_n, buf, x, h0, w, s);

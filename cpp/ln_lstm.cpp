@@ -17,6 +17,8 @@
 // rows of dh. The layer norms' parameter gradients are one reduction after the loop.
 #include <math.h>
 
+#include <type_traits>
+
 #include "recurrent_gemm.h"
 
 namespace lstmfast {
@@ -144,6 +146,35 @@ void forward_on_rows(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuff
   });
   scatter_state(h_n, buf.h + slot(S, kTraining) * N * H, H, walk);
   scatter_state(c_n, buf.c + slot(S, kTraining) * N * H, H, walk);
+}
+
+// The forward of an inference layer with reduced weights (reduced_steps): the
+// products by panels, then each row's pre-activations a = xproj + rec and its row
+// phase, as forward_on_rows's. float32 only, as reduced weights are.
+template <typename Real>
+void forward_reduced(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
+                     const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
+                     const LayerShape& s) {
+  if constexpr (std::is_same<Real, float>::value) {
+    const Walk walk(s);
+    const int64_t N = s.N, H = s.H, GH = 4 * H, S = steps_of(s);
+    const Real eps = static_cast<Real>(s.ln_eps);
+    direct_input_projection(buf.xproj, GH, x, w, GH, buf, s);
+    gather_state(buf.h, h0, H, walk);
+    gather_state(buf.c, c0, H, walk);
+    reduced_steps(buf, w, s, [&](int64_t k, int64_t b, bool running) {
+      const Real* c_prev = buf.c + (k & 1) * N * H + b * H;
+      Real* c_next = buf.c + ((k + 1) & 1) * N * H + b * H;
+      if (!running) return copy_row(c_next, c_prev, H);
+      Real* a = buf.rec + b * GH;
+      add_into(a, buf.xproj + walk.x_row(k, b) * GH, GH);
+      ln_lstm_forward_row<Real, false>(a, c_next, buf.h + ((k + 1) & 1) * N * H + b * H,
+                                       y + walk.at(k, b) * ldy, nullptr, nullptr, c_prev, w.ln,
+                                       eps, H);
+    });
+    scatter_state(h_n, buf.h + (S & 1) * N * H, H, walk);
+    scatter_state(c_n, buf.c + (S & 1) * N * H, H, walk);
+  }
 }
 
 // Through one layer norm backward: returns, in dx, r (gy - mean(gy) - z mean(gy z)) with
@@ -278,7 +309,9 @@ template <typename Real>
 void ln_lstm_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                      const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
                      const LayerShape& s) {
-  if (s.training)
+  if (w.W_hh_r)
+    forward_reduced<Real>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  else if (s.training)
     forward_on_rows<Real, true>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
   else
     forward_on_rows<Real, false>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);

@@ -221,8 +221,6 @@ void check_reduced(const Params<Real>* params, const StackShape& s) {
     require((p.W_hh_r != nullptr) == reduced,
             "reduced-precision weights must be given for every layer and direction or none");
     if (!reduced) continue;
-    require(!is_ctrnn(s.mode) && s.mode != Mode::LN_LSTM,
-            "reduced-precision weights are not supported for CTRNN or LN_LSTM");
     require(std::is_same<Real, float>::value, "reduced-precision weights need float32 inputs");
     require(!s.training, "reduced-precision weights are for inference only (training=False)");
     require(fits(p.W_ih_r, GH, s.input_size(i / s.D)) && fits(p.W_hh_r, GH, s.H_out()) &&

@@ -142,9 +142,15 @@ def test_bad_options_raise_value_error(kwargs, match):
         lstmfast.CTRNN(3, 4, **kwargs)
 
 
-def test_ctrnn_cannot_be_quantized():
-    with pytest.raises(TypeError, match="quantize"):
-        lstmfast.quantize(lstmfast.CTRNN(3, 4), "int8")
+@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
+def test_quantizing_keeps_the_options(precision):
+    # The products' accuracy and the kernels against the reference: test_quantize.py.
+    layer = lstmfast.CTRNN(3, 4, nonlinearity="tanh", alpha=0.25, leak="inside", seed=0)
+    q = lstmfast.quantize(layer, precision)
+    assert type(q) is lstmfast.CTRNN
+    assert (q.nonlinearity, q.alpha, q.leak) == ("tanh", 0.25, "inside")
+    assert q.state_dict()["weight_hh_l0"].dtype == (np.int8 if precision == "int8" else np.uint16)
+    assert q.state_dict()["bias_hh_l0"].dtype == np.float32
 
 
 @needs_fused

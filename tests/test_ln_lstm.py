@@ -112,9 +112,18 @@ def test_bad_eps_raises_value_error(eps):
         lstmfast.LayerNormLSTM(3, 4, layer_norm_eps=eps)
 
 
-def test_layer_norm_lstm_cannot_be_quantized():
-    with pytest.raises(TypeError, match="quantize"):
-        lstmfast.quantize(lstmfast.LayerNormLSTM(3, 4), "int8")
+@pytest.mark.parametrize("precision", ["int8", "bfloat16"])
+def test_quantizing_reduces_the_weights_and_keeps_the_layer_norms(precision):
+    # The products' accuracy and the kernels against the reference: test_quantize.py.
+    layer = lstmfast.LayerNormLSTM(3, 4, layer_norm_eps=1e-3, seed=0)
+    q = lstmfast.quantize(layer, precision)
+    assert type(q) is lstmfast.LayerNormLSTM and q.layer_norm_eps == 1e-3
+    state, original = q.state_dict(), layer.state_dict()
+    for name in ("weight_ih_l0", "weight_hh_l0"):
+        assert state[name].dtype == (np.int8 if precision == "int8" else np.uint16)
+    for name in ("ln_gates_weight_l0", "ln_gates_bias_l0", "ln_cell_weight_l0", "ln_cell_bias_l0"):
+        assert state[name].dtype == np.float32
+        np.testing.assert_array_equal(state[name], original[name])
 
 
 @needs_fused

@@ -175,7 +175,12 @@ CONFIGS = [
     ("GRU", dict(num_layers=2, bidirectional=True, batch_first=True)),
     ("LSTM", dict(proj_size=7, num_layers=2, bidirectional=True)),
     ("LSTM", dict(bias=False)),
+    ("CTRNN", dict(alpha=0.5)),
+    ("CTRNN", dict(nonlinearity="tanh", leak="inside", alpha=0.2, num_layers=2, bidirectional=True)),
+    ("LayerNormLSTM", dict()),
+    ("LayerNormLSTM", dict(num_layers=2, bidirectional=True)),
 ]
+CELL_STATE = ("LSTM", "LayerNormLSTM")
 
 
 def assert_all_close(got, expected, tol):
@@ -193,68 +198,59 @@ def layer_pair(cls_name, options, precision, I=11, H=16, seed=5):  # noqa: E741
     return fused, numpy
 
 
+def initial_state(rng, layer, cls_name, N):
+    h_shape = (layer.num_layers * (2 if layer.bidirectional else 1), N,
+               getattr(layer, "proj_size", 0) or layer.hidden_size)
+    h0 = rng.standard_normal(h_shape).astype(np.float32)
+    if cls_name in CELL_STATE:
+        return h0, rng.standard_normal(h_shape[:2] + (layer.hidden_size,)).astype(np.float32)
+    return h0
+
+
 @needs_fused
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("cls_name, options", CONFIGS)
+@pytest.mark.parametrize("N", [6, 2], ids=["widened", "in-place"])  # stack.cpp: kBf16InPlaceBatch
+def test_reduced_layers_match_the_reference_in_one_step(reduced_simd_target, precision, cls_name,
+                                                        options, N):
+    # One step from a given state: every operand a product prepares (x, h0) is the
+    # same array in both, so the products are the same (int8: identical integers;
+    # bfloat16: the same rounded operands, summed in another order) and the gate math
+    # differs by ulps. Over many steps h differs by ulps too, and an ulp can move a
+    # value across a rounding boundary of the next step's preparation: see the next test.
+    fused, numpy = layer_pair(cls_name, options, precision)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((N, 1, 11) if fused.batch_first else (1, N, 11)).astype(np.float32)
+    hx = initial_state(rng, fused, cls_name, N)
+    # The second layer prepares the first one's output (and a projected LSTM its
+    # m): computed values, so one step of one layer is the exact comparison.
+    tol = 1e-5 if fused.num_layers == 1 and not getattr(fused, "proj_size", 0) else 2e-3
+    assert_all_close(fused(x, hx), numpy(x, hx), tol)
+
+
+@needs_fused
+@pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("cls_name, options", CONFIGS)
 @pytest.mark.parametrize("T, N", [(9, 5), (12, 3), (5, 2)],
                          ids=["widened", "input-widened", "in-place"])  # stack.cpp: kWidenBf16Rows
-def test_bfloat16_layers_match_the_reference(reduced_simd_target, cls_name, options, T, N):
-    # bfloat16 quantizes nothing per call, so every step, length, direction and
-    # layer is compared at float32's tolerance.
-    fused, numpy = layer_pair(cls_name, options, "bfloat16")
-    rng = np.random.default_rng(6)
-    x = rng.standard_normal((N, T, 11) if fused.batch_first else (T, N, 11)).astype(np.float32)
-    for lengths in (None, rng.integers(1, T + 1, N)):
-        assert_all_close(fused(x, lengths=lengths), numpy(x, lengths=lengths), 1e-5)
-    h_shape = (fused.num_layers * (2 if fused.bidirectional else 1), N,
-               fused.proj_size or fused.hidden_size)
-    h0 = rng.standard_normal(h_shape).astype(np.float32)
-    hx = (h0, rng.standard_normal(h_shape[:2] + (16,)).astype(np.float32)) if cls_name == "LSTM" else h0
-    got, expected = fused(x, hx), numpy(x, hx)
-    assert_close(got[0], expected[0], 1e-5)
-    for g, e in zip(got[1] if cls_name == "LSTM" else [got[1]],
-                    expected[1] if cls_name == "LSTM" else [expected[1]]):
-        assert_close(g, e, 1e-5)
-
-
-@needs_fused
-@pytest.mark.parametrize("cls_name, options", CONFIGS)
-def test_int8_layers_match_the_reference_in_one_step(reduced_simd_target, cls_name, options):
-    # One step from a given state: every quantized operand (x, h0) is the same
-    # array in both, so the products are identical and only the gate math differs
-    # (ulps). Over many steps h differs by ulps too, and an ulp can move a value
-    # across a rounding boundary of the next step's quantization: see the next test.
-    fused, numpy = layer_pair(cls_name, options, "int8")
-    rng = np.random.default_rng(7)
-    N = 6
-    x = rng.standard_normal((N, 1, 11) if fused.batch_first else (1, N, 11)).astype(np.float32)
-    h_shape = (fused.num_layers * (2 if fused.bidirectional else 1), N,
-               fused.proj_size or fused.hidden_size)
-    h0 = rng.standard_normal(h_shape).astype(np.float32)
-    hx = (h0, rng.standard_normal(h_shape[:2] + (16,)).astype(np.float32)) if cls_name == "LSTM" else h0
-    # The second layer quantizes the first one's output (and a projected LSTM its
-    # m): computed values, so one step of one layer is the exact comparison.
-    tol = 1e-5 if fused.num_layers == 1 and not fused.proj_size else 2e-3
-    assert_close(fused(x, hx)[0], numpy(x, hx)[0], tol)
-
-
-@needs_fused
-@pytest.mark.parametrize("cls_name, options", CONFIGS)
-def test_int8_layers_follow_the_reference_over_sequences(reduced_simd_target, cls_name, options):
-    # Where an ulp of h flips one quantized value, that value moves by one step of
-    # its row's grid (scale ~ range / 127) and the next products by about
-    # scale * |w|: a bound of a few such steps, far below int8's own error
-    # against float32 (about 1e-2, test_accuracy_contract...).
-    fused, numpy = layer_pair(cls_name, options, "int8")
+def test_reduced_layers_follow_the_reference_over_sequences(reduced_simd_target, precision,
+                                                            cls_name, options, T, N):
+    # Where an ulp of h flips one prepared value, that value moves by one step of
+    # its grid (int8: its row's scale ~ range / 127; bfloat16: 2^-8 of itself) and
+    # the next products by about that times |w|: a bound of a few such steps, far
+    # below either precision's own error against float32 (test_accuracy_contract...).
+    fused, numpy = layer_pair(cls_name, options, precision)
     rng = np.random.default_rng(8)
-    T, N = 12, 5
     x = rng.standard_normal((N, T, 11) if fused.batch_first else (T, N, 11)).astype(np.float32)
     for lengths in (None, rng.integers(1, T + 1, N)):
         assert_all_close(fused(x, lengths=lengths), numpy(x, lengths=lengths), 2e-3)
+    hx = initial_state(rng, fused, cls_name, N)
+    assert_all_close(fused(x, hx), numpy(x, hx), 2e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("precision, bound", [("int8", 3e-2), ("bfloat16", 1e-2)])
-@pytest.mark.parametrize("cls_name", ["LSTM", "GRU"])
+@pytest.mark.parametrize("cls_name", ["LSTM", "GRU", "CTRNN"])  # LayerNormLSTM: test_torch_quantized
 def test_accuracy_contract_against_float32_on_random_weights(backend, precision, bound,
                                                              cls_name):
     # README "Reduced precision": bfloat16 relative error <= 1e-2 against float32
@@ -335,7 +331,8 @@ def test_quantize_checks_its_arguments():
         lstmfast.quantize(lstmfast.LSTM(2, 3), "int4")
     with pytest.raises(TypeError, match="float32 layers, got a layer of dtype float64"):
         lstmfast.quantize(lstmfast.LSTM(2, 3, dtype="float64"), "int8")
-    with pytest.raises(TypeError, match="expected an lstmfast LSTM, GRU or RNN layer, got LSTMCell"):
+    with pytest.raises(TypeError, match="expected an lstmfast LSTM, GRU, RNN, CTRNN or LayerNormLSTM "
+                                        "layer, got LSTMCell"):
         lstmfast.quantize(lstmfast.LSTMCell(2, 3), "int8")
 
 

@@ -1354,7 +1354,8 @@ def _read_only(array):
 def quantize(layer, precision):
     """An inference-only copy of ``layer`` with its weights in ``precision``.
 
-    ``layer``: an ``LSTM``, ``GRU`` or ``RNN`` of dtype float32 (any options).
+    ``layer``: an ``LSTM``, ``GRU``, ``RNN``, ``CTRNN`` or ``LayerNormLSTM`` of dtype
+    float32 (any options but zoneout). The layer norms' parameters stay float32.
     ``precision``: ``"int8"``, weights per output row in symmetric int8 and the left
     operand of every product quantized per row and per call (the contract is in
     :mod:`lstmfast.reference`, "Reduced precision"), or ``"bfloat16"``, weights
@@ -1366,9 +1367,10 @@ def quantize(layer, precision):
     float32 (int8), or as ``weight_*`` uint16 bfloat16 bit patterns (bfloat16), and
     the biases as float32; ``load_state_dict`` takes such a dict back.
     """
-    if not isinstance(layer, _RNNBase) or isinstance(layer, (CTRNN, LayerNormLSTM)):
+    if not isinstance(layer, _RNNBase):
         raise TypeError(
-            f"quantize: expected an lstmfast LSTM, GRU or RNN layer, got {type(layer).__name__}")
+            f"quantize: expected an lstmfast LSTM, GRU, RNN, CTRNN or LayerNormLSTM layer, "
+            f"got {type(layer).__name__}")
     if precision not in _PRECISIONS:
         raise ValueError(f"quantize: precision must be one of {_PRECISIONS}, got {precision!r}")
     if layer.precision != "float32":

@@ -143,9 +143,8 @@ void forward_reduced(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& 
     const Walk walk(s);
     const int64_t N = s.N, H = s.H, S = steps_of(s);
     const Real alpha = static_cast<Real>(s.alpha);
-    direct_input_projection(buf.xproj, H, x, w, H, buf, s);
     gather_state(buf.h, h0, H, walk);
-    reduced_steps(buf, w, s, [&](int64_t k, int64_t b, bool running) {
+    reduced_steps(buf, x, H, w, s, [&](int64_t k, int64_t b, bool running) {
       if (!running) return;
       const int64_t at = walk.at(k, b);
       ctrnn_forward_row<Real, kRelu, kInside>(

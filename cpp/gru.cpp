@@ -82,9 +82,8 @@ void forward_reduced(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& 
   if constexpr (std::is_same<Real, float>::value) {
     const Walk walk(s);
     const int64_t N = s.N, H = s.H, GH = 3 * H, S = steps_of(s);
-    direct_input_projection(buf.xproj, GH, x, w, GH, buf, s);
     gather_state(buf.h, h0, H, walk);
-    reduced_steps(buf, w, s, [&](int64_t k, int64_t b, bool running) {
+    reduced_steps(buf, x, GH, w, s, [&](int64_t k, int64_t b, bool running) {
       if (running)
         gru_forward_row<Real, false>(buf.h + ((k + 1) & 1) * N * H + b * H,
                                      y + walk.at(k, b) * ldy, nullptr,

@@ -192,10 +192,9 @@ void forward_reduced(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuff
   if constexpr (std::is_same<Real, float>::value) {
     const Walk walk(s);
     const int64_t N = s.N, H = s.H, GH = 4 * H, S = steps_of(s);
-    direct_input_projection(buf.xproj, GH, x, w, GH, buf, s);
     gather_state(buf.h, h0, H, walk);
     gather_state(buf.c, c0, H, walk);
-    reduced_steps(buf, w, s, [&](int64_t k, int64_t b, bool running) {
+    reduced_steps(buf, x, GH, w, s, [&](int64_t k, int64_t b, bool running) {
       const Real* c_prev = buf.c + (k & 1) * N * H + b * H;
       Real* c_next = buf.c + ((k + 1) & 1) * N * H + b * H;
       if (running)

@@ -241,6 +241,8 @@ struct LayerBuffers {
   // reduced weights (scratch): the left operand of a product prepared for it, [x_rows]
   // rows of round_up(max(I, H_out, H), 4) (reduced_products.h); null without
   const ActivationScratch* act = nullptr;
+  const ActivationScratch* act_state = nullptr;  // likewise [N] rows: h for the recurrent product
+                                                 //   while act holds rows of x (reduced_steps)
 };
 
 // Elements of the packed recurrent weights W_hh_p: G * K * H rounded up to the

@@ -388,50 +388,6 @@ inline void weight_product(Real* C, int64_t ldc, const Real* A, const Real* Wm,
   direct_gemm(C, ldc, A, Wm, n, K, M, threads);
 }
 
-// The steps of an inference layer with reduced W_hh and no projection, in one
-// pool job (few products per step and a job each, as the direct path has, paid
-// a wake-up per step and left the gate math to one thread). Every step:
-//   1. each thread multiplies h of the step (prepared: quantized or rounded) by
-//      its panels of W_hh for all running rows, into buf.rec;
-//   2. after a barrier, each thread takes its share of the N rows: for a running
-//      row b (b < n) step_row(k, b, true) does the cell's gate math, writing h of
-//      step k + 1 in slot (k + 1) & 1 of buf.h; a finished row keeps its h (copied
-//      here) and step_row(k, b, false) keeps the cell's other state; then the
-//      thread prepares its rows of the new h;
-//   3. a barrier, as h of step k + 1 is read whole by every thread.
-// Below kReducedSerialWork multiply-adds per step the calling thread does it all.
-template <typename StepRow>
-inline void reduced_steps(const LayerBuffers<float>& buf, const LayerWeights<float>& w,
-                          const LayerShape& s, StepRow&& step_row) {
-  const Walk walk(s);
-  const ReducedMatrix& W_hh = *w.W_hh_r;
-  const ReducedProducts& products = *w.products;
-  const int64_t N = s.N, K = W_hh.K, S = steps_of(s);
-  auto body = [&](int tid, int nt) {
-    const int64_t p0 = W_hh.panels * tid / nt, p1 = W_hh.panels * (tid + 1) / nt;
-    const int64_t b0 = N * tid / nt, b1 = N * (tid + 1) / nt;
-    products.prepare_rows(*buf.act, buf.h, K, W_hh, b0, b1);
-    if (nt > 1) pool_barrier();
-    for (int64_t k = 0; k < S; ++k) {
-      const int64_t n = walk.active(k);
-      products.panels(buf.rec, W_hh.M, *buf.act, n, W_hh, p0, p1);
-      if (nt > 1) pool_barrier();
-      float* h_next = buf.h + ((k + 1) & 1) * N * K;
-      for (int64_t b = b0; b < b1; ++b) {
-        if (b >= n)  // finished rows keep their state
-          copy_row(h_next + b * K, buf.h + (k & 1) * N * K + b * K, K);
-        step_row(k, b, b < n);
-      }
-      products.prepare_rows(*buf.act, h_next, K, W_hh, b0, b1);
-      if (nt > 1) pool_barrier();
-    }
-  };
-  if (s.threads <= 1 || N * W_hh.M * K < kReducedSerialWork)
-    body(0, 1);
-  else
-    run_on_pool(s.threads, body);
-}
-
 // The direct path's input projection xproj = x W_ih^T (rows ldx apart): in place
 // for a short call or reduced weights, else one OpenBLAS GEMM over all rows (a
 // bfloat16 layer gets W_ih widened to float32 for that: stack.cpp).
@@ -711,6 +667,76 @@ inline void project_steps(Real* xproj, int64_t ldx, const Real* x, const Real* W
                             Real* out = xproj + (r0 + b) * ldx + j;
                             for (int g = 0; g < G; ++g) st(out + g * H, acc[g], lanes);
                           });
+}
+
+// The steps of an inference layer with reduced W_hh and no projection, in one
+// pool job (few products per step and a job each, as the direct path has, paid
+// a wake-up per step and left the gate math to one thread). Every step:
+//   0. every few steps (as forward_on_pool: projection_in_chunks), the input
+//      projection of the next steps: the threads prepare their share of those
+//      rows of x, and after a barrier each multiplies them by its panels of W_ih
+//      into xproj (rows ldx apart);
+//   1. each thread multiplies h of the step (prepared: quantized or rounded) by
+//      its panels of W_hh for all running rows, into buf.rec;
+//   2. after a barrier, each thread takes its share of the N rows: for a running
+//      row b (b < n) step_row(k, b, true) does the cell's gate math, writing h of
+//      step k + 1 in slot (k + 1) & 1 of buf.h; a finished row keeps its h (copied
+//      here) and step_row(k, b, false) keeps the cell's other state; then the
+//      thread prepares its rows of the new h;
+//   3. a barrier, as h of step k + 1 is read whole by every thread.
+// Below kReducedSerialWork multiply-adds per step the calling thread does it all.
+// The rows of h are prepared into buf.act_state, those of x into buf.act.
+template <typename StepRow>
+inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_t ldx,
+                          const LayerWeights<float>& w, const LayerShape& s, StepRow&& step_row) {
+  const Walk walk(s);
+  const ReducedMatrix& W_hh = *w.W_hh_r;
+  const ReducedProducts& products = *w.products;
+  const int64_t N = s.N, K = W_hh.K, S = steps_of(s);
+  // W_ih widened to float32 (a bfloat16 layer without vdpbf16ps) or scattered rows:
+  // projected at once.
+  const bool chunked = w.W_ih_r && !(s.reverse && s.lengths);
+  if (!chunked) direct_input_projection(buf.xproj, ldx, x, w, ldx, buf, s);
+  const int64_t chunk = projection_chunk_steps<float>(ldx, s);
+  const int threads = s.threads <= 1 || N * W_hh.M * K < kReducedSerialWork ? 1 : s.threads;
+  auto body = [&](int tid, int nt) {
+    const int64_t p0 = W_hh.panels * tid / nt, p1 = W_hh.panels * (tid + 1) / nt;
+    const int64_t b0 = N * tid / nt, b1 = N * (tid + 1) / nt;
+    auto barrier = [nt] {
+      if (nt > 1) pool_barrier();
+    };
+    products.prepare_rows(*buf.act_state, buf.h, K, W_hh, b0, b1);
+    barrier();
+    for (int64_t k = 0; k < S; ++k) {
+      if (chunked && k % chunk == 0) {
+        const int64_t k1 = k + chunk < S ? k + chunk : S;
+        const int64_t t0 = s.reverse ? s.T - k1 : k, t1 = s.reverse ? s.T - k : k1;
+        const int64_t r0 = s.offsets ? s.offsets[t0] : t0 * N;
+        const int64_t rows = (s.offsets ? s.offsets[t1] : t1 * N) - r0;
+        const ReducedMatrix& W_ih = *w.W_ih_r;
+        products.prepare_rows(*buf.act, x + r0 * s.I, s.I, W_ih, rows * tid / nt,
+                              rows * (tid + 1) / nt);
+        barrier();
+        products.panels(buf.xproj + r0 * ldx, ldx, *buf.act, rows, W_ih, W_ih.panels * tid / nt,
+                        W_ih.panels * (tid + 1) / nt);
+      }
+      const int64_t n = walk.active(k);
+      products.panels(buf.rec, W_hh.M, *buf.act_state, n, W_hh, p0, p1);
+      barrier();
+      float* h_next = buf.h + ((k + 1) & 1) * N * K;
+      for (int64_t b = b0; b < b1; ++b) {
+        if (b >= n)  // finished rows keep their state
+          copy_row(h_next + b * K, buf.h + (k & 1) * N * K + b * K, K);
+        step_row(k, b, b < n);
+      }
+      products.prepare_rows(*buf.act_state, h_next, K, W_hh, b0, b1);
+      barrier();
+    }
+  };
+  if (threads <= 1)
+    body(0, 1);
+  else
+    run_on_pool(threads, body);
 }
 
 // The forward: each thread packs the panels and projects the inputs (rows ldx

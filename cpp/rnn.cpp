@@ -66,9 +66,8 @@ void forward_reduced(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& 
   if constexpr (std::is_same<Real, float>::value) {
     const Walk walk(s);
     const int64_t N = s.N, H = s.H, S = steps_of(s);
-    direct_input_projection(buf.xproj, H, x, w, H, buf, s);
     gather_state(buf.h, h0, H, walk);
-    reduced_steps(buf, w, s, [&](int64_t k, int64_t b, bool running) {
+    reduced_steps(buf, x, H, w, s, [&](int64_t k, int64_t b, bool running) {
       if (running)
         rnn_forward_row<Real, kRelu>(buf.h + ((k + 1) & 1) * N * H + b * H,
                                      y + walk.at(k, b) * ldy, buf.xproj + walk.x_row(k, b) * H,

@@ -607,7 +607,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   const bool bf16 = reduced && !int8 && !reduced_products().native_bf16;
   const bool widen_all = bf16 && N > kBf16InPlaceBatch;
   const bool widen_input = bf16 && (widen_all || (c.offsets.empty() ? T * N : c.offsets[T]) >= kWidenBf16Rows);
-  ActivationScratch acts[2];
+  ActivationScratch acts[2], acts_state[2];
   carve_scratch([&](Carver& cv) {
     for (int64_t d = 0; d < D; ++d) {
       if (!(project_into_gates && d == 0)) scratch[d].xproj = cv.take<Real>(T * N * GH);
@@ -620,14 +620,17 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       }
       if (reduced && !widen_all) {
         const int64_t row = (widest + 3) / 4 * 4;
-        if (int8) {
-          acts[d].q = cv.take<uint8_t>(T * N * row);
-          acts[d].scale = cv.take<float>(T * N);
-          acts[d].zero = cv.take<int32_t>(T * N);
-        } else {
-          acts[d].bf16 = cv.take<uint16_t>(T * N * row);
+        for (auto [act, rows] : {std::pair{&acts[d], T * N}, std::pair{&acts_state[d], N}}) {
+          if (int8) {
+            act->q = cv.take<uint8_t>(rows * row);
+            act->scale = cv.take<float>(rows);
+            act->zero = cv.take<int32_t>(rows);
+          } else {
+            act->bf16 = cv.take<uint16_t>(rows * row);
+          }
         }
         scratch[d].act = &acts[d];
+        scratch[d].act_state = &acts_state[d];
       } else if (P) {  // the projected LSTM steps with OpenBLAS, or few rows with transposed weights
         scratch[d].W_hh_t = cv.take<Real>(H_out * GH);
         scratch[d].W_hr_t = cv.take<Real>(H * P);
@@ -675,6 +678,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       b.W_hh_p = scratch[d].W_hh_p;
       b.W_ih_p = scratch[d].W_ih_p;
       b.act = scratch[d].act;
+      b.act_state = scratch[d].act_state;
       b.mask_sorted = scratch[d].mask_sorted;
       if (b.mask_sorted) sort_mask(b.mask_sorted, c, i);
       LayerWeights<Real> w = c.weights[i];

@@ -696,19 +696,83 @@ void register_pool(py::module_& m) {
   m.def("_pool_set_fit_to_cores", &lstmfast::pool_set_fit_to_cores, py::arg("fit"),
         "Tests: False runs every job on all its threads, however busy the machine.");
   m.def("_pool_sleeps", &lstmfast::pool_sleeps, "Tests: the pool's waits that went to sleep so far.");
+  m.def("_pool_set_counting", &lstmfast::pool_set_counting, py::arg("on"),
+        "Diagnosis: count the pool's jobs and waits from now on (zeroed when switched on).");
+  m.def(
+      "_pool_counts",
+      []() {
+        const lstmfast::PoolCounts c = lstmfast::pool_counts();
+        py::dict d;
+        d["jobs"] = c.jobs;
+        d["jobs_fewer_threads"] = c.jobs_fewer_threads;
+        d["jobs_alone"] = c.jobs_alone;
+        d["same_cpu"] = c.same_cpu;
+        d["moves"] = c.moves;
+        d["prewakes"] = c.prewakes;
+        d["jobs_openmp"] = c.jobs_openmp;
+        for (auto [name, w] : {std::pair{"barrier", c.barrier}, std::pair{"idle", c.idle},
+                               std::pair{"finish", c.finish}}) {
+          d[py::str(std::string(name) + "_waits")] = w[0];
+          d[py::str(std::string(name) + "_sleeps")] = w[1];
+          d[py::str(std::string(name) + "_wait_ns")] = w[2];
+        }
+        return d;
+      },
+      "Diagnosis: what the pool did since _pool_set_counting(True).");
   m.def(
       "_pool_check_barriers",
-      [](int threads, int steps) {
+      [](int threads, int steps, long late_ns) {
         int ran = 1;
         long violations;
         {
           py::gil_scoped_release release;
-          violations = lstmfast::pool_check_barriers(threads, steps, &ran);
+          violations = lstmfast::pool_check_barriers(threads, steps, &ran, late_ns);
         }
         return py::make_tuple(ran, violations);
       },
-      py::arg("threads"), py::arg("steps"),
-      "Tests: `steps` barriers on `threads` pool threads; returns (threads run, violations).");
+      py::arg("threads"), py::arg("steps"), py::arg("late_ns") = 0,
+      "Tests: `steps` barriers on `threads` pool threads, the last one busy for late_ns "
+      "before each; returns (threads run, violations).");
+  m.def("_pool_set_use_openmp", &lstmfast::pool_set_use_openmp, py::arg("use"),
+        "Tests: where an OpenMP runtime is loaded, run jobs as its parallel regions never (0), "
+        "when the cores are busy (1, the default) or always (2).");
+  m.def("_pool_openmp_found", &lstmfast::pool_openmp_found,
+        "Whether jobs run on a loaded OpenMP runtime's team (torch's) now.");
+  m.def("_pool_prepare", &lstmfast::pool_prepare, py::arg("threads"),
+        "Tests: what a call does as it starts (wakes the sleeping workers).");
+  m.def("_pool_sleeping_workers", &lstmfast::pool_sleeping_workers,
+        "Tests: the pool's workers asleep between jobs now.");
+  m.def(
+      "_pool_spin_limits",
+      [](const std::vector<long>& idle_waits_ns) {
+        std::vector<long> limits(idle_waits_ns.size());
+        const lstmfast::SpinLimits l = lstmfast::pool_spin_limits(
+            idle_waits_ns.data(), static_cast<int>(idle_waits_ns.size()), limits.data());
+        py::dict d;
+        d["job_ns"] = l.job_ns;
+        d["idle_floor_ns"] = l.idle_floor_ns;
+        d["idle_ceiling_ns"] = l.idle_ceiling_ns;
+        d["idle_limits_ns"] = limits;
+        return d;
+      },
+      py::arg("idle_waits_ns"),
+      "Tests: the waiting policy; idle_limits_ns[i]: a fresh worker's idle spin after the "
+      "waits idle_waits_ns[:i + 1].");
+  m.def(
+      "_pool_colocation_action",
+      [](int tid, int my_cpu, const std::vector<int>& cpus, const std::vector<int>& allowed) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        for (int c : allowed) CPU_SET(c, &set);
+        const lstmfast::Colocated a = lstmfast::colocation_action(
+            tid, my_cpu, cpus.data(), static_cast<int>(cpus.size()), &set);
+        return std::string(a == lstmfast::Colocated::kSpin   ? "spin"
+                           : a == lstmfast::Colocated::kMove ? "move"
+                                                             : "yield");
+      },
+      py::arg("tid"), py::arg("my_cpu"), py::arg("cpus"), py::arg("allowed"),
+      "Tests: what thread tid of a job, waiting on CPU my_cpu, does when its threads were "
+      "last seen on `cpus` and the process may use `allowed`.");
 }
 
 // ---------------------------------------------------------------------------

@@ -525,6 +525,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
                                                 const Params<Real>* params, const int64_t* lengths,
                                                 const Real* const* dropout_masks,
                                                 const StackShape& shape) {
+  pool_prepare(step_threads());  // the workers wake while the call sorts, checks and lays out
   check_shape(shape);
   check_reduced(params, shape);
   check_peepholes(params, shape);
@@ -711,6 +712,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
   if (c.consumed.load())
     throw std::invalid_argument(
         "this forward's saved state was used up by a backward that consumed it");
+  pool_prepare(step_threads());
   std::optional<BlasSingleThreaded> blas_alone;
   blas_alone_without_a_free_core(blas_alone);
   const bool lstm = s.mode == Mode::LSTM, gru = s.mode == Mode::GRU;

@@ -2,11 +2,13 @@
 #include "thread_pool.h"
 
 #include <pthread.h>
+#include <sched.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <climits>
+#include <cstring>
 #include <condition_variable>
 #include <cstdlib>
 #include <exception>
@@ -15,7 +17,9 @@
 #include <thread>
 
 #if defined(__linux__)
+#include <dlfcn.h>
 #include <fcntl.h>
+#include <link.h>
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -38,6 +42,31 @@ using Clock = std::chrono::steady_clock;
 std::atomic<long> g_sleeps{0};            // waits that went to sleep (for tests)
 std::atomic<bool> g_never_spin{false};    // tests: every wait sleeps at once
 std::atomic<bool> g_fit_to_cores{true};   // tests: false runs every job on all its threads
+
+// What the pool did, counted while g_counting is on (pool_set_counting): for
+// diagnosis and for tests of its decisions. Off, a wait reads one relaxed flag.
+std::atomic<bool> g_counting{false};
+struct WaitCounters {
+  std::atomic<long> waits{0}, sleeps{0}, nanoseconds{0};
+  void count(bool slept, Clock::duration waited) {
+    waits.fetch_add(1, std::memory_order_relaxed);
+    if (slept) sleeps.fetch_add(1, std::memory_order_relaxed);
+    nanoseconds.fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(waited).count(),
+                          std::memory_order_relaxed);
+  }
+  void reset() { waits = sleeps = nanoseconds = 0; }
+};
+WaitCounters g_barrier_waits;  // at a job's barriers
+WaitCounters g_idle_waits;     // workers waiting for the next job
+WaitCounters g_finish_waits;   // the caller waiting for its workers at the end of a job
+std::atomic<long> g_jobs{0};            // jobs run on the pool
+std::atomic<long> g_jobs_fewer{0};      // of those, on fewer threads than asked (fit to cores)
+std::atomic<long> g_jobs_alone{0};      // jobs asking for threads that ran on the caller alone
+std::atomic<long> g_same_cpu{0};        // barrier checks that found two threads of a job on one CPU
+std::atomic<long> g_moves{0};           // workers moved off a CPU they shared with another of the job
+std::atomic<long> g_prewakes{0};        // calls that woke sleeping workers early (pool_prepare)
+std::atomic<long> g_jobs_openmp{0};     // jobs run as a parallel region of the process's OpenMP runtime
+std::atomic<int> g_use_openmp{1};       // 0 never, 1 when the cores are busy (run_job), 2 always (tests)
 
 // ---------------------------------------------------------------------------
 // Waiting: a short spin, then sleep until the word changes.
@@ -115,16 +144,16 @@ class WaitWord {
   std::atomic<int> sleepers_{0};
 };
 
-// How long a thread spins before it sleeps, learned per thread and per kind of
-// wait from the waits it has seen. A sleep and its wake-up cost about 5 us
-// (a futex ping-pong between two threads: 9-11 us a round trip on a 2-core VM,
-// loaded or not); spinning that long first is never more than twice the best
-// choice, so that is the floor. Waits up to `ceiling` are worth spinning
-// through when they are the rule: `typical` follows their length, and the spin
-// covers four times that. Waits beyond the ceiling (a thread without a core, a
-// long gap between jobs) are not; their share `late` takes the spin down to the
-// floor, so on an oversubscribed machine a thread soon sleeps instead of
-// holding a core.
+// Between jobs: how long a worker spins for the next job before it sleeps,
+// learned from the waits it has seen. A sleep and its wake-up cost about 5 us on
+// bare metal; spinning that long first is never more than twice the best choice,
+// so that is the floor. Waits up to `ceiling` are worth spinning through when they
+// are the rule (the jobs of one call follow one another within microseconds):
+// `typical` follows their length, and the spin covers four times that. Waits
+// beyond the ceiling (a gap between calls, a model's other layers) are not; their
+// share `late` takes the spin down to the floor, so an idle worker soon sleeps
+// instead of holding a core. A call wakes the sleeping workers early, as it
+// starts (pool_prepare), so the wake-up overlaps its serial work.
 class Spin {
  public:
   Spin(double floor_ns, double ceiling_ns) : floor_(floor_ns), ceiling_(ceiling_ns) {}
@@ -148,42 +177,72 @@ class Spin {
   double typical_ = 0, late_ = 0;
 };
 
-// Waits until done(word) holds: spins up to spin.limit(), then sleeps.
-template <typename Done>
-void wait_for(WaitWord& word, Done&& done, Spin& spin) {
+constexpr double kIdleSpinFloor = 10e3, kIdleSpinCeiling = 200e3;  // ns
+Spin& idle_spin() {
+  thread_local Spin spin(kIdleSpinFloor, kIdleSpinCeiling);
+  return spin;
+}
+
+// Inside a job (its barriers, and the caller's wait for its workers at the end) a
+// thread spins up to this long before it sleeps, whatever waits it has seen.
+// There a wait is short whenever every thread of the job has a core (a few us
+// between threads of one step); a long one means a thread without a core, or a
+// worker the job woke from sleep. Sleeping is the wrong answer to both on a VM:
+// a futex wake-up of a thread whose virtual CPU has halted took 100 us to 1.5 ms
+// (2-core KVM guest), longer than any step, so once one thread slept the other
+// waited past its spin at the next barrier and slept too, and every step of the
+// call paid a wake-up (LSTM T=100 N=8 H=256, 2 threads, calls 100 ms apart: 96
+// of 100 barriers slept, 12.3 ms a call against 5.3 back to back). And Linux
+// wakes a thread onto its waker's CPU when the sleeper's virtual CPU looks
+// preempted, which put both threads of a job on one CPU for the rest of the call
+// (half the barriers of such calls). A thread without a core stays possible
+// (fit_to_cores keeps jobs to the free cores when they start); the spin bounds
+// what it costs.
+constexpr auto kJobSpin = std::chrono::milliseconds(2);
+
+// The CPU the calling thread runs on (-1 where unknown).
+int current_cpu() {
+#if defined(__linux__)
+  return sched_getcpu();
+#else
+  return -1;
+#endif
+}
+
+// Waits until done(word) holds: spins up to `limit`, then sleeps. Every 16 spins
+// `check()` may act (and returns whether the spin should end at once).
+template <typename Done, typename Check>
+Clock::duration wait_for(WaitWord& word, Done&& done, Clock::duration limit,
+                         WaitCounters& counters, Check&& check) {
   unsigned seen = word.load();
-  if (done(seen)) return;
-  const Clock::time_point start = Clock::now(), until = start + spin.limit();
+  if (done(seen)) return Clock::duration::zero();
+  const Clock::time_point start = Clock::now(), until = start + limit;
+  bool slept = false;
   for (unsigned i = 1;; ++i) {
     LSTMFAST_PAUSE();
     seen = word.load();
-    if (done(seen)) {
-      spin.record(Clock::now() - start);
-      return;
+    if (done(seen)) break;
+    if ((i & 15) == 0 && (Clock::now() >= until || check())) {
+      while (!done(seen)) {
+        word.sleep(seen);
+        seen = word.load();
+      }
+      slept = true;
+      break;
     }
-    if ((i & 15) == 0 && Clock::now() >= until) break;
   }
-  while (!done(seen)) {
-    word.sleep(seen);
-    seen = word.load();
-  }
-  spin.record(Clock::now() - start);
+  const Clock::duration waited = Clock::now() - start;
+  if (g_counting.load(std::memory_order_relaxed)) counters.count(slept, waited);
+  return waited;
 }
 
-// Barrier waits: a step takes from about 4 us (LSTM T=100 N=1 I=H=128 inference
-// on 2 threads, 0.36 ms a call at best) to about 160 us (N=8 I=H=256: 16 ms), and
-// when both threads have a core they arrive within a few us of one another; a
-// wait of more than 50 us means a thread without a core.
-Spin& barrier_spin() {
-  thread_local Spin spin(10e3, 50e3);
-  return spin;
-}
-
-// Waits for the next job: those of one call follow one another within
-// microseconds; those of a torch model come after its other layers' work.
-Spin& idle_spin() {
-  thread_local Spin spin(10e3, 200e3);
-  return spin;
+// The learned wait between jobs.
+template <typename Done>
+void wait_idle(WaitWord& word, Done&& done, Clock::duration at_least) {
+  Spin& spin = idle_spin();
+  const Clock::duration limit = std::max(spin.limit(), at_least);
+  spin.record(wait_for(word, done, g_never_spin.load(std::memory_order_relaxed) ? Clock::duration::zero() : limit,
+                       g_idle_waits, [] { return false; }));
 }
 
 // ---------------------------------------------------------------------------
@@ -252,28 +311,118 @@ int usable_threads(int wanted, int ours) {
   return std::max(1, std::min(wanted, free));
 }
 
+// What thread tid of a job, waiting on CPU my_cpu, does when cpus[0..threads) (the
+// CPU each thread of the job was last seen on) shows another thread there: a
+// worker moves to the job's other allowed CPUs (kMove; its own threads are the
+// pool's business), the caller, whose CPU is the user's, lets the other run
+// (kYield); kSpin when the CPU is its own (or unknown).
+Colocated colocation_decision(int tid, int my_cpu, const int* cpus, int threads,
+                              const cpu_set_t* allowed) {
+  if (my_cpu < 0) return Colocated::kSpin;
+  bool shared = false;
+  for (int t = 0; t < threads && !shared; ++t) shared = t != tid && cpus[t] == my_cpu;
+  if (!shared) return Colocated::kSpin;
+  if (g_counting.load(std::memory_order_relaxed)) g_same_cpu.fetch_add(1);
+  if (tid > 0 && allowed && CPU_ISSET(my_cpu, allowed) && CPU_COUNT(allowed) >= 2)
+    return Colocated::kMove;
+  return Colocated::kYield;
+}
+
+// The entry points of a loaded OpenMP runtime (see openmp() below).
+struct OpenMP {
+  void (*parallel)(void (*fn)(void*), void* data, unsigned threads, unsigned flags);
+  void (*barrier)();
+  int (*thread_num)();
+  int (*num_threads)();
+};
+
+struct Job;
+thread_local Job* t_job = nullptr;  // the job this thread is working on
+thread_local int t_tid = 0;         // its thread number in that job
+
+// Moves the calling worker off `cpu` for the rest of its job (to the other CPUs
+// `allowed` has); true when it did. The worker gets all of `allowed` back after.
+bool leave_cpu(int cpu, const cpu_set_t& allowed) {
+#if defined(__linux__)
+  if (cpu < 0 || !CPU_ISSET(cpu, &allowed) || CPU_COUNT(&allowed) < 2) return false;
+  cpu_set_t others = allowed;
+  CPU_CLR(cpu, &others);
+  if (sched_setaffinity(0, sizeof(others), &others) != 0) return false;
+  if (g_counting.load(std::memory_order_relaxed)) g_moves.fetch_add(1);
+  return true;
+#else
+  (void)cpu;
+  (void)allowed;
+  return false;
+#endif
+}
+
 struct Job {
+  static constexpr int kMaxThreads = 64;
   PoolTask task = nullptr;
   void* ctx = nullptr;
   int threads = 1;
   bool fit_to_cores = true;     // false: all its threads even without free cores (tests)
   std::atomic<int> arrived{0};  // barrier: threads that reached the current one
   WaitWord phase;               // barrier: completed barriers
+  std::atomic<int> cpu[kMaxThreads];  // the CPU each thread last reached a barrier on
+  const cpu_set_t* allowed = nullptr;  // the CPUs the process may use
+  bool moved[kMaxThreads] = {};        // workers moved off a CPU (leave_cpu), each its own entry
+  const OpenMP* openmp = nullptr;      // run as a parallel region of this runtime (see openmp())
   std::exception_ptr error;
   std::mutex error_mutex;
 
+  Job() {
+    for (auto& c : cpu) c.store(-1, std::memory_order_relaxed);
+  }
+
+  // While thread tid waits inside the job: when another thread of the job was last
+  // seen on tid's current CPU, spinning only keeps that thread from running, so
+  // tid acts on it (colocation_action). Returns false: the wait goes on spinning.
+  bool share_a_cpu(int tid) {
+    const int me = current_cpu();
+    int seen[kMaxThreads];
+    const int n = std::min(threads, kMaxThreads);
+    for (int t = 0; t < n; ++t) seen[t] = cpu[t].load(std::memory_order_relaxed);
+    switch (colocation_decision(tid, me, seen, n, allowed)) {
+      case Colocated::kSpin:
+        break;
+      case Colocated::kMove:
+        if (leave_cpu(me, *allowed)) {
+          moved[tid] = true;
+          cpu[tid].store(current_cpu(), std::memory_order_relaxed);
+          break;
+        }
+        [[fallthrough]];
+      case Colocated::kYield:
+        sched_yield();
+        break;
+    }
+    return false;
+  }
+
   void barrier() {
     if (threads <= 1) return;
+    if (openmp) return openmp->barrier();
     const unsigned p = phase.load();
+    const int tid = t_tid;
+    if (tid < kMaxThreads) cpu[tid].store(current_cpu(), std::memory_order_relaxed);
     if (arrived.fetch_add(1, std::memory_order_acq_rel) == threads - 1) {
       arrived.store(0, std::memory_order_relaxed);
       phase.store(p + 1);
       return;
     }
-    wait_for(phase, [p](unsigned now) { return now != p; }, barrier_spin());
+    wait_for(phase, [p](unsigned now) { return now != p; }, job_spin(), g_barrier_waits,
+             [this, tid] { return share_a_cpu(tid); });
+  }
+
+  static Clock::duration job_spin() {
+    return g_never_spin.load(std::memory_order_relaxed) ? Clock::duration::zero()
+                                                         : Clock::duration(kJobSpin);
   }
 
   void run(int tid) {
+    t_tid = tid;
     try {
       task(ctx, tid);
     } catch (...) {
@@ -283,35 +432,69 @@ struct Job {
   }
 };
 
-thread_local Job* t_job = nullptr;  // the job this thread is working on
-
 class Pool {
  public:
+  Pool() {
+    CPU_ZERO(&allowed_);
+    if (sched_getaffinity(0, sizeof(allowed_), &allowed_) != 0) CPU_ZERO(&allowed_);
+  }
+
   // Runs the job on its threads (fewer when the machine has no free core for
-// them); false (nothing run) when another caller holds the pool or when one
-// thread is all it gets.
+  // them); false (nothing run) when another caller holds the pool or when one
+  // thread is all it gets.
   bool run(Job& job) {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
-    if (job.fit_to_cores && g_fit_to_cores.load(std::memory_order_relaxed)) job.threads = usable_threads(job.threads, 1 + awake_workers());
+    const int asked = job.threads;
+    if (job.fit_to_cores && g_fit_to_cores.load(std::memory_order_relaxed))
+      job.threads = usable_threads(job.threads, 1 + awake_workers());
+    if (g_counting.load(std::memory_order_relaxed) && job.threads < asked) g_jobs_fewer.fetch_add(1);
     if (job.threads <= 1) return false;
     if (!grow(job.threads - 1)) return false;
     finished_.store(0);  // the workers of the last job have all counted themselves
+    job.allowed = &allowed_;
+    job.cpu[0].store(current_cpu(), std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = &job;
       job_threads_ = job.threads;
     }
+    if (g_counting.load(std::memory_order_relaxed)) g_jobs.fetch_add(1);
     generation_.add(1);
     job.run(0);
     const unsigned workers = static_cast<unsigned>(job.threads - 1);
-    wait_for(finished_, [workers](unsigned n) { return n == workers; }, barrier_spin());
+    wait_for(finished_, [workers](unsigned n) { return n == workers; }, Job::job_spin(),
+             g_finish_waits, [&job] { return job.share_a_cpu(0); });
     return true;
   }
 
+  // Wakes the workers that sleep between jobs, for a job about to come: they
+  // then spin for it a while (kJobSpin) instead of sleeping at once, so their
+  // wake-up overlaps the caller's work before the job. Nothing while another
+  // caller's job runs (its workers are awake anyway).
+  void prepare(int threads) {
+    if (threads <= 1 || static_cast<int>(workers_) == 0 || generation_.sleepers() == 0) return;
+    std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
+    if (!busy.owns_lock()) return;
+    prewake_until_.store((Clock::now() + kJobSpin).time_since_epoch().count(),
+                         std::memory_order_relaxed);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = nullptr;  // a generation without a job: the workers look, and wait again
+      job_threads_ = 0;
+    }
+    if (g_counting.load(std::memory_order_relaxed)) g_prewakes.fetch_add(1);
+    generation_.add(1);
+  }
+
+  int sleeping_workers() const { return generation_.sleepers(); }
+
   // Workers not asleep between jobs (spinning for the next, or working): running
-  // threads of ours, not of others.
+  // threads of ours, not of others. Workers prepare() woke are runnable before
+  // they stop counting as sleepers (the wake-up takes up to a millisecond on a VM).
   int awake_workers() const {
+    if (Clock::now().time_since_epoch().count() < prewake_until_.load(std::memory_order_relaxed))
+      return static_cast<int>(workers_);
     return std::max(0, static_cast<int>(workers_) - generation_.sleepers());
   }
 
@@ -336,7 +519,10 @@ class Pool {
   void work(int tid, unsigned seen) {
     ScopedFlushDenormals flush;
     for (;;) {
-      wait_for(generation_, [&seen](unsigned now) { return now != seen; }, idle_spin());
+      const Clock::duration prewoken =
+          Clock::duration(prewake_until_.load(std::memory_order_relaxed)) - Clock::now().time_since_epoch();
+      wait_idle(generation_, [&seen](unsigned now) { return now != seen; },
+                std::max(prewoken, Clock::duration::zero()));
       Job* job;
       {
         // The job and its generation are read together under the lock; a job this
@@ -349,6 +535,7 @@ class Pool {
       if (!job) continue;
       t_job = job;
       job->run(tid);
+      if (tid < Job::kMaxThreads && job->moved[tid]) sched_setaffinity(0, sizeof(allowed_), &allowed_);
       t_job = nullptr;
       finished_.add(1);  // the pool's word, not the job's: the job may be gone right after
     }
@@ -361,6 +548,8 @@ class Pool {
   Job* job_ = nullptr;
   int job_threads_ = 0;
   std::atomic<unsigned> workers_{0};
+  std::atomic<Clock::rep> prewake_until_{0};  // prepare(): idle workers spin until then
+  cpu_set_t allowed_;  // the CPUs the process may use, when the pool started
 };
 
 // Never destroyed: detached workers may still sleep in it at exit. A forked
@@ -380,6 +569,94 @@ Pool& pool() {
 
 namespace {
 
+// ---------------------------------------------------------------------------
+// The OpenMP team torch already has.
+//
+// torch runs its parallel ops on an OpenMP runtime (its wheels bring libgomp), whose
+// workers spin for milliseconds after every region: inside a model, when lstmfast's
+// call comes between torch's ops, those threads hold the cores. Counted as other
+// running threads, they made every job of such a call run on the caller alone
+// (LSTM T=100 N=8 H=256 inference after a torch op, 2 threads: 10.6 ms, against 5.3
+// in a process without torch); given its own threads anyway, a job would have
+// fought them for the cores. So when the process has loaded an OpenMP runtime with
+// the GNU ABI (libgomp; LLVM's and Intel's export it too), a job is a parallel
+// region of it, on the very threads that are spinning, and its barriers are the
+// runtime's: one set of threads serves both libraries. Without one the pool's own
+// threads run it. (struct OpenMP, the runtime's entry points, is above, with Job.)
+
+#if defined(__linux__)
+int find_openmp(struct dl_phdr_info* info, size_t, void* out) {
+  const char* name = info->dlpi_name;
+  if (!name || !(std::strstr(name, "libgomp") || std::strstr(name, "libiomp") ||
+                 std::strstr(name, "libomp")))
+    return 0;
+  void* lib = dlopen(name, RTLD_NOW | RTLD_NOLOAD);  // already loaded: no new one
+  if (!lib) return 0;
+  OpenMP omp;
+  omp.parallel = reinterpret_cast<decltype(omp.parallel)>(dlsym(lib, "GOMP_parallel"));
+  omp.barrier = reinterpret_cast<decltype(omp.barrier)>(dlsym(lib, "GOMP_barrier"));
+  omp.thread_num = reinterpret_cast<decltype(omp.thread_num)>(dlsym(lib, "omp_get_thread_num"));
+  omp.num_threads = reinterpret_cast<decltype(omp.num_threads)>(dlsym(lib, "omp_get_num_threads"));
+  if (!omp.parallel || !omp.barrier || !omp.thread_num || !omp.num_threads) return 0;
+  *static_cast<OpenMP*>(out) = omp;
+  return 1;  // stop: found
+}
+#endif
+
+// Whether the machine has cores free for all `threads` of a job, the pool's own
+// awake workers counted as ours: when it has not, and an OpenMP runtime is loaded,
+// the threads running are most likely the runtime's, spinning after torch's last
+// op, and the job runs on them. When it has, the runtime's threads sleep, and a
+// wake-up of the pool's workers is what the job pays either way: the pool's, which
+// keep its threads on separate CPUs (colocation_decision), do it better (LSTM T=100
+// N=8 H=256, 2 threads, calls 100 ms apart: 7.7 ms a call on the pool's, 15.7 ms
+// as an OpenMP region, 5.1 back to back).
+bool pool_has_free_cores(int threads);
+
+// The loaded runtime, or null. Looked for at most every 100 ms until found (torch may
+// be imported after lstmfast), never in a forked child of the process that found it:
+// the child has none of the runtime's threads, which the runtime does not know.
+const OpenMP* openmp() {
+#if defined(__linux__)
+  static std::atomic<const OpenMP*> found{nullptr};
+  static std::atomic<Clock::rep> looked_at{0};
+  static OpenMP runtime;
+  static pid_t owner = 0;
+  if (g_use_openmp.load(std::memory_order_relaxed) == 0) return nullptr;
+  if (const OpenMP* omp = found.load(std::memory_order_acquire)) return getpid() == owner ? omp : nullptr;
+  const Clock::rep now = Clock::now().time_since_epoch().count();
+  Clock::rep last = looked_at.load(std::memory_order_relaxed);
+  if (now - last < std::chrono::duration_cast<Clock::duration>(std::chrono::milliseconds(100)).count() ||
+      !looked_at.compare_exchange_strong(last, now))
+    return nullptr;
+  static std::mutex looking;
+  std::lock_guard<std::mutex> lock(looking);
+  if (found.load() == nullptr && dl_iterate_phdr(&find_openmp, &runtime)) {
+    owner = getpid();
+    found.store(&runtime, std::memory_order_release);
+  }
+  return found.load() && getpid() == owner ? found.load() : nullptr;
+#else
+  return nullptr;
+#endif
+}
+
+// One thread of a job run as an OpenMP region: its number and the team's size come
+// from the runtime; denormals are flushed while it works, as on the pool's threads,
+// and the runtime's thread gets its own mode back.
+void openmp_thread(void* data) {
+  Job& job = *static_cast<Job*>(data);
+  const OpenMP& omp = *job.openmp;
+  const int tid = omp.thread_num();
+  if (tid == 0) job.threads = omp.num_threads();  // read by the task through pool_threads()
+  omp.barrier();  // ... after this
+  ScopedFlushDenormals flush;
+  Job* outer = t_job;
+  t_job = &job;
+  job.run(tid);
+  t_job = outer;
+}
+
 void run_job(int threads, PoolTask task, void* ctx, bool fit_to_cores) {
   Job job;
   job.task = task;
@@ -387,8 +664,19 @@ void run_job(int threads, PoolTask task, void* ctx, bool fit_to_cores) {
   job.fit_to_cores = fit_to_cores;
   job.threads = threads > 1 && t_job == nullptr ? threads : 1;
   Job* outer = t_job;
+  const OpenMP* omp = job.threads > 1 ? openmp() : nullptr;
+  if (omp && (g_use_openmp.load(std::memory_order_relaxed) == 2 || !pool_has_free_cores(job.threads))) {
+    job.openmp = omp;
+    if (g_counting.load(std::memory_order_relaxed)) g_jobs_openmp.fetch_add(1);
+    job.openmp->parallel(&openmp_thread, &job, static_cast<unsigned>(job.threads), 0);
+    if (job.error) std::rethrow_exception(job.error);
+    return;
+  }
   t_job = &job;
-  if (job.threads > 1 && !pool().run(job)) job.threads = 1;
+  if (job.threads > 1 && !pool().run(job)) {
+    job.threads = 1;
+    if (g_counting.load(std::memory_order_relaxed)) g_jobs_alone.fetch_add(1);
+  }
   if (job.threads == 1) job.run(0);
   t_job = outer;
   if (job.error) std::rethrow_exception(job.error);
@@ -397,6 +685,10 @@ void run_job(int threads, PoolTask task, void* ctx, bool fit_to_cores) {
 }  // namespace
 
 void pool_run(int threads, PoolTask task, void* ctx) { run_job(threads, task, ctx, true); }
+
+void pool_prepare(int threads) {
+  if (threads > 1 && t_job == nullptr) pool().prepare(threads);
+}
 
 int pool_threads() { return t_job ? t_job->threads : 1; }
 
@@ -412,24 +704,93 @@ void pool_set_never_spin(bool never) { g_never_spin.store(never); }
 
 void pool_set_fit_to_cores(bool fit) { g_fit_to_cores.store(fit); }
 
+void pool_set_use_openmp(int use) { g_use_openmp.store(use); }
+
+namespace {
+bool pool_has_free_cores(int threads) {
+  return usable_threads(threads, 1 + pool().awake_workers()) >= threads;
+}
+}  // namespace
+
+bool pool_openmp_found() { return openmp() != nullptr; }
+
 long pool_sleeps() { return g_sleeps.load(); }
 
-long pool_check_barriers(int threads, int steps, int* ran) {
+void pool_set_counting(bool on) {
+  if (on && !g_counting.load()) {
+    for (WaitCounters* c : {&g_barrier_waits, &g_idle_waits, &g_finish_waits}) c->reset();
+    g_jobs = g_jobs_fewer = g_jobs_alone = 0;
+    g_same_cpu = 0;
+    g_moves = 0;
+    g_prewakes = 0;
+    g_jobs_openmp = 0;
+  }
+  g_counting.store(on);
+}
+
+SpinLimits pool_spin_limits(const long* idle_waits_ns, int count, long* idle_limits_ns) {
+  Spin spin(kIdleSpinFloor, kIdleSpinCeiling);
+  for (int i = 0; i < count; ++i) {
+    spin.record(std::chrono::nanoseconds(idle_waits_ns[i]));
+    idle_limits_ns[i] = static_cast<long>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(spin.limit()).count());
+  }
+  SpinLimits limits;
+  limits.job_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(kJobSpin).count();
+  limits.idle_floor_ns = static_cast<long>(kIdleSpinFloor);
+  limits.idle_ceiling_ns = static_cast<long>(kIdleSpinCeiling);
+  return limits;
+}
+
+int pool_sleeping_workers() { return pool().sleeping_workers(); }
+
+Colocated colocation_action(int tid, int my_cpu, const int* cpus, int threads,
+                            const cpu_set_t* allowed) {
+  return colocation_decision(tid, my_cpu, cpus, threads, allowed);
+}
+
+PoolCounts pool_counts() {
+  PoolCounts c;
+  c.jobs = g_jobs.load();
+  c.jobs_fewer_threads = g_jobs_fewer.load();
+  c.jobs_alone = g_jobs_alone.load();
+  c.same_cpu = g_same_cpu.load();
+  c.moves = g_moves.load();
+  c.prewakes = g_prewakes.load();
+  c.jobs_openmp = g_jobs_openmp.load();
+  auto take = [](const WaitCounters& w, long (&into)[3]) {
+    into[0] = w.waits.load();
+    into[1] = w.sleeps.load();
+    into[2] = w.nanoseconds.load();
+  };
+  take(g_barrier_waits, c.barrier);
+  take(g_idle_waits, c.idle);
+  take(g_finish_waits, c.finish);
+  return c;
+}
+
+long pool_check_barriers(int threads, int steps, int* ran, long late_ns) {
   struct Check {
     std::atomic<int> reached[64];  // the last step each thread has reached
     std::atomic<long> violations{0};
     std::atomic<int> ran{1};
     int steps = 0;
+    Clock::duration late{};
   } check;
   if (threads > 64) threads = 64;
   for (auto& r : check.reached) r.store(-1);
   check.steps = steps;
+  check.late = std::chrono::duration_cast<Clock::duration>(std::chrono::nanoseconds(late_ns));
   run_job(threads, [](void* ctx, int tid) {
     Check& c = *static_cast<Check*>(ctx);
     const int nt = pool_threads();
     if (tid == 0) c.ran.store(nt);
     for (int k = 0; k < c.steps; ++k) {
       c.reached[tid].store(k);
+      if (tid == nt - 1 && c.late > Clock::duration::zero()) {  // busy, as a slower share would be
+        const Clock::time_point until = Clock::now() + c.late;
+        while (Clock::now() < until) LSTMFAST_PAUSE();
+      }
       pool_barrier();
       // Every thread has reached step k, and none is past k + 1: passing the
       // next barrier needs this thread too.

@@ -150,6 +150,126 @@ def test_barriers_hold_with_spinning():
     assert (ran, violations) == (2, 0)
 
 
+# ------------------------------------------------------------------------------------------
+# The waiting policy's decisions (thread_pool.cpp), checked without timing where they can
+# be: on the policy itself, on counts of what the pool did, and with margins far beyond
+# any scheduling delay where threads must run.
+
+
+def test_a_wait_inside_a_job_spins_as_long_whatever_came_before():
+    # Learned down from long waits, as the idle spin is, the barrier spin fell below a
+    # VM's wake-up latency after a gap between calls, and every step of the next call
+    # slept: the limit inside a job is fixed, and longer than such a wake-up.
+    limits = _core._pool_spin_limits([5_000_000] * 40)
+    assert limits["job_ns"] >= 1_000_000
+    assert _core._pool_spin_limits([])["job_ns"] == limits["job_ns"]
+
+
+def test_the_idle_spin_follows_short_waits_and_drops_after_long_ones():
+    floor, ceiling = (_core._pool_spin_limits([])[k] for k in ("idle_floor_ns", "idle_ceiling_ns"))
+    short = _core._pool_spin_limits([20_000] * 64)["idle_limits_ns"]
+    # four times the typical wait (an average over about the last 16, from 0 at first)
+    assert short[-1] == pytest.approx(4 * 20_000 + floor, rel=0.02)
+    late = _core._pool_spin_limits([20_000] * 64 + [10 * ceiling] * 64)["idle_limits_ns"]
+    assert late[-1] < 1.05 * floor  # gaps between calls: soon asleep, the call wakes it early
+    assert all(floor <= v <= ceiling for v in short + late)
+
+
+@pytest.mark.parametrize("tid, my_cpu, cpus, allowed, action", [
+    (1, 0, [0, 0], [0, 1], "move"),    # a worker woken onto the caller's CPU leaves it
+    (0, 0, [0, 0], [0, 1], "yield"),   # the caller's CPU is the user's: it lets the worker run
+    (1, 0, [1, 0], [0, 1], "spin"),    # each on its own CPU
+    (1, 0, [0, 0], [0], "yield"),      # nowhere to move to
+    (1, 2, [2, 2, 1], [1, 2], "move"),
+    (2, 1, [0, 1, 1], [0, 1], "move"),
+    (1, -1, [0, 0], [0, 1], "spin"),   # CPU unknown
+])
+def test_a_thread_sharing_a_cpu_with_another_of_its_job_stops_spinning_on_it(
+        tid, my_cpu, cpus, allowed, action):
+    assert _core._pool_colocation_action(tid, my_cpu, cpus, allowed) == action
+
+
+def test_a_partner_late_by_a_few_hundred_microseconds_is_not_slept_on():
+    # The last thread of the job is busy 300 us before every barrier (a VM's wake-up
+    # takes that long): the others spin through it. A barrier spin learned from such
+    # waits slept at every one (50 us ceiling). 300 us against a 2 ms spin: a sleep
+    # here needs a thread kept from its core for over 1.7 ms.
+    _core._pool_set_use_openmp(0)  # the pool's own threads, even where torch is loaded
+    _core._pool_set_counting(True)
+    try:
+        ran, violations = _core._pool_check_barriers(2, 40, late_ns=300_000)
+        counts = _core._pool_counts()
+    finally:
+        _core._pool_set_counting(False)
+        _core._pool_set_use_openmp(1)
+    assert (ran, violations) == (2, 0)
+    assert counts["barrier_waits"] >= 40 and counts["barrier_sleeps"] == 0, counts
+
+
+_PREPARED_POOL = """
+import time
+from lstmfast import _core
+_core._pool_set_never_spin(True)  # idle workers sleep at once after a job
+assert _core._pool_check_barriers(2, 3) == (2, 0)
+deadline = time.monotonic() + 60
+while _core._pool_sleeping_workers() != 1:
+    assert time.monotonic() < deadline, "the worker never went to sleep"
+    time.sleep(0.001)
+_core._pool_set_counting(True)
+_core._pool_prepare(1)           # a call of one thread wakes nobody
+assert _core._pool_counts()["prewakes"] == 0
+_core._pool_prepare(2)           # a call of two wakes the sleeping worker as it starts
+assert _core._pool_counts()["prewakes"] == 1, _core._pool_counts()
+assert _core._pool_check_barriers(2, 3) == (2, 0)
+print("ok")
+"""
+
+
+def test_a_call_wakes_the_sleeping_workers_as_it_starts():
+    _run_child(_PREPARED_POOL)
+
+
+# Jobs as parallel regions of torch's OpenMP runtime: in a child process that loads
+# torch (its wheels bring libgomp), every job forced onto the runtime's team, the
+# kernels against the reference and the barriers checked; then the default, which
+# takes the team only when its threads hold the cores.
+_OPENMP_POOL = """
+import numpy as np
+import torch
+import lstmfast
+from lstmfast import _core
+from test_fused import Case
+
+torch.set_num_threads(2)
+torch.ones(256, 256) @ torch.ones(256, 256)  # the runtime starts its threads
+_core._pool_set_use_openmp(2)
+assert _core._pool_openmp_found()
+for threads in (2, 3):
+    lstmfast.set_num_threads(threads)
+    assert _core._pool_check_barriers(threads, 500) == (threads, 0)
+    _core._pool_set_counting(False)
+    _core._pool_set_counting(True)  # from zero
+    for mode in ("LSTM", "GRU", "RNN_TANH"):
+        Case(mode, np.float32, T=6, N=5, I=7, H=37, seed=threads).check()
+        Case(mode, np.float64, T=5, N=3, I=4, H=20, L=2, bidirectional=True,
+             lengths=[5, 2, 4], seed=threads).check()
+    counts = _core._pool_counts()
+    assert counts["jobs_openmp"] >= 6 and counts["jobs"] == 0, counts
+_core._pool_set_use_openmp(0)
+_core._pool_set_counting(False)
+_core._pool_set_counting(True)
+assert _core._pool_check_barriers(2, 100) == (2, 0)
+assert _core._pool_counts()["jobs_openmp"] == 0
+print("ok")
+"""
+
+
+def test_jobs_run_as_regions_of_torchs_openmp_runtime():
+    pytest.importorskip("torch")
+    tests = os.path.dirname(os.path.abspath(__file__))
+    _run_child(f"import sys; sys.path.insert(0, {tests!r})\n" + _OPENMP_POOL)
+
+
 @pytest.fixture
 def never_spin():
     _core._pool_set_never_spin(True)

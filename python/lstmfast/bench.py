@@ -435,6 +435,12 @@ def main(argv=None):
     parser.add_argument("--variants", action="store_true",
                         help="instead of the grid, time the cells torch.nn lacks (peephole LSTM) against the "
                              "torch loop users run today and against lstmfast's plain layer, training and inference")
+    parser.add_argument("--patterns", action="store_true",
+                        help="instead of the grid, time the call patterns users meet, torch against "
+                             "lstmfast.torch, one process per measurement: calls after idle gaps, after "
+                             "torch's and OpenBLAS's pools ran, a one-step cell loop, the adapter's training step")
+    parser.add_argument("--pairs", type=int, default=5,
+                        help="with --patterns: process pairs (A B A B) per case (default 5; 2 with --quick)")
     parser.add_argument("--tiny", action="store_true",
                         help="with --models, --peers or --variants: tiny sizes, to test the command (the "
                              "figures mean nothing)")
@@ -442,8 +448,10 @@ def main(argv=None):
 
     if args.models is not None:
         return _main_models(parser, args)
+    if args.patterns:
+        return _main_patterns(parser, args)
     if args.tiny and not (args.peers or args.variants):
-        parser.error("--tiny goes with --models, --peers or --variants")
+        parser.error("--tiny goes with --models, --patterns, --peers or --variants")
     args.threads = args.threads or [1, 2]
 
     if args.quick:
@@ -559,6 +567,32 @@ def _main_models(parser, args):
     if any(t < 1 for t in threads):
         parser.error("--threads must be positive")
     return bench_models.run(names, threads, quick=args.quick, tiny=args.tiny, json_path=args.json)
+
+
+def _main_patterns(parser, args):
+    if args.plot or args.memory or args.no_torch:
+        parser.error("--patterns times torch against lstmfast.torch; --plot, --memory and --no-torch do not apply")
+    if _try_import_torch() is None:
+        parser.error("--patterns needs torch: pip install 'lstmfast[torch]'")
+    threads = args.threads or [2]
+    if len(threads) != 1 or threads[0] < 1:
+        parser.error("--patterns takes one positive --threads count")
+    pairs = 2 if args.quick and args.pairs == 5 else args.pairs
+    if pairs < 1:
+        parser.error("--pairs must be positive")
+    shapes = [s for s in args.shapes if s in bench_patterns_shapes()]
+    if not shapes:
+        parser.error(f"--patterns: --shapes among {', '.join(bench_patterns_shapes())}")
+    from lstmfast import bench_patterns
+
+    return bench_patterns.run(args.cells, shapes, threads[0], pairs, calls=10 if args.quick else 30,
+                              tiny=args.tiny, json_path=args.json)
+
+
+def bench_patterns_shapes():
+    from lstmfast import bench_patterns
+
+    return bench_patterns.SHAPES
 
 
 def _main_peers(parser, args):

@@ -1,0 +1,296 @@
+"""``python -m lstmfast.bench --patterns``: lstmfast against torch in the call patterns
+users meet, not only back to back.
+
+The grid times one call after another. Users call otherwise, and a thread pool's
+state between calls decides how fast the next one is:
+
+* ``gap``: calls with an idle gap before each (0, 1, 10 and 100 ms), as a server
+  answering requests: the figure is the median call, and each implementation's
+  slowdown against its own back-to-back call;
+* ``after pools``: lstmfast's back-to-back call in a process where torch's and
+  NumPy's OpenBLAS's thread pools have run first, against a fresh process;
+* ``cell loop``: a decoder stepping a cell once per token, its output fed back
+  through a linear layer (``lstmfast.torch``'s cell against torch's);
+* ``adapter training``: a training step (forward and backward) through
+  ``lstmfast.torch``'s layer against torch's.
+
+Every measurement is a fresh Python process, and the two implementations of a case
+run as process pairs, A B A B: the ratio of each pair is taken, and the table gives
+their median and their range. Workers are started as ``python -m
+lstmfast.bench_patterns --worker JOB`` and print one JSON line.
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+GAPS_MS = (0, 1, 10, 100)
+CELLS = ("LSTM", "GRU")
+SHAPES = ("stream", "small", "medium")
+IMPLEMENTATIONS = ("torch", "lstmfast")
+CELL_LOOP = {"I": 64, "H": 512, "N": 1, "steps": 100}  # a decoder's cell, stepped per token
+TRAINING = {"T": 100, "N": 32, "I": 256, "H": 256}
+TINY_SHAPE = (4, 2, 8, 8)
+
+
+# ---------------------------------------------------------------------------
+# Workers (one process each)
+
+
+def _torch(threads):
+    import torch
+
+    torch.set_num_threads(threads)
+    return torch
+
+
+def _layer(torch, impl, cell, I, H):  # noqa: E741
+    """torch's layer or lstmfast.torch's, with the same weights."""
+    torch.manual_seed(0)
+    module = getattr(torch.nn, cell)(I, H)
+    if impl == "lstmfast":
+        import lstmfast.torch as lt
+
+        fast = getattr(lt, cell)(I, H)
+        fast.load_state_dict(module.state_dict())
+        module = fast
+    return module
+
+
+def _call_times(fn, calls, gap_s=0.0, warmup=5):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(calls):
+        if gap_s:
+            time.sleep(gap_s)
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure_gap(job):
+    torch = _torch(job["threads"])
+    import lstmfast
+
+    lstmfast.set_num_threads(job["threads"])
+    T, N, I, H = job["shape"]  # noqa: E741
+    module = _layer(torch, job["impl"], job["cell"], I, H).eval()
+    x = torch.randn(T, N, I)
+    with torch.inference_mode():
+        times = _call_times(lambda: module(x), job["calls"], job["gap_ms"] / 1000)
+    return {"median": statistics.median(times), "times": times}
+
+
+def measure_after_pools(job):
+    """lstmfast's back-to-back call, in a fresh process or after torch's and NumPy's
+    OpenBLAS's pools ran (their threads stay, spinning or asleep)."""
+    torch = _torch(job["threads"])
+    import lstmfast
+
+    lstmfast.set_num_threads(job["threads"])
+    T, N, I, H = job["shape"]  # noqa: E741
+    if job["after"]:
+        other = getattr(torch.nn, job["cell"])(I, H).eval()
+        a = np.random.default_rng(0).standard_normal((512, 512))
+        with torch.inference_mode():
+            for _ in range(10):
+                other(torch.randn(T, N, I))
+                torch.randn(512, 512) @ torch.randn(512, 512)
+                a @ a  # NumPy's own OpenBLAS
+    module = _layer(torch, "lstmfast", job["cell"], I, H).eval()
+    x = torch.randn(T, N, I)
+    with torch.inference_mode():
+        times = _call_times(lambda: module(x), job["calls"])
+    return {"median": statistics.median(times), "times": times}
+
+
+def measure_cell_loop(job):
+    torch = _torch(job["threads"])
+    import lstmfast
+
+    lstmfast.set_num_threads(job["threads"])
+    I, H, N, steps = (job["loop"][k] for k in ("I", "H", "N", "steps"))  # noqa: E741
+    cell = _layer(torch, job["impl"], job["cell"] + "Cell", I, H).eval()
+    feedback = torch.nn.Linear(H, I)
+    x0 = torch.randn(N, I)
+
+    def generate():
+        x, h = x0, None
+        for _ in range(steps):
+            state = cell(x, h)
+            h = state
+            x = torch.tanh(feedback(state[0] if isinstance(state, tuple) else state))
+
+    with torch.inference_mode():
+        times = _call_times(generate, job["calls"], warmup=2)
+    return {"median": statistics.median(times), "times": times}
+
+
+def measure_training(job):
+    torch = _torch(job["threads"])
+    import lstmfast
+
+    lstmfast.set_num_threads(job["threads"])
+    T, N, I, H = (job["train"][k] for k in ("T", "N", "I", "H"))  # noqa: E741
+    module = _layer(torch, job["impl"], job["cell"], I, H).train()
+    x = torch.randn(T, N, I, requires_grad=True)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        module(x)[0].sum().backward()
+
+    times = _call_times(step, job["calls"], warmup=2)
+    return {"median": statistics.median(times), "times": times}
+
+
+WORKERS = {"gap": measure_gap, "after_pools": measure_after_pools, "cell_loop": measure_cell_loop,
+           "training": measure_training}
+
+
+def worker_main(argv):
+    if len(argv) != 3 or argv[1] != "--worker":
+        print("this is the worker of `python -m lstmfast.bench --patterns`; run that instead",
+              file=sys.stderr)
+        return 2
+    job = json.loads(argv[2])
+    print(json.dumps(WORKERS[job["kind"]](job)))
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# The parent: process pairs, ratios, the table
+
+
+def run_worker(job):
+    proc = subprocess.run([sys.executable, "-m", "lstmfast.bench_patterns", "--worker", json.dumps(job)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"bench_patterns worker {job['kind']} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def pairs(job, variants, count, label):
+    """``count`` rounds of one process per variant (dict name -> job update), A B A B;
+    returns {name: [median per process]}."""
+    medians = {name: [] for name in variants}
+    for _ in range(count):
+        for name, update in variants.items():
+            print(f"      {label} {name} ...", file=sys.stderr, flush=True)
+            medians[name].append(run_worker({**job, **update})["median"])
+    return medians
+
+
+def _ratios(numerators, denominators):
+    return [a / b for a, b in zip(numerators, denominators)]
+
+
+def summary(values):
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def cases(shapes, cells, threads, tiny):
+    from lstmfast import bench
+
+    for cell in cells:
+        for shape in shapes:
+            yield cell, shape, TINY_SHAPE if tiny else bench.SHAPES[shape]
+
+
+def run(cells, shapes, threads, pair_count, calls, tiny=False, json_path=None):
+    from lstmfast import bench
+    import torch
+
+    gaps = GAPS_MS[:2] if tiny else GAPS_MS
+    config = bench.configuration(torch, None)
+    print("lstmfast benchmark: call patterns, torch against lstmfast.torch, one process per measurement")
+    for key, value in config.items():
+        print(f"  {key:31s} {value}")
+    print(f"  {'threads':31s} {threads}")
+    print(f"  {'process pairs per case':31s} {pair_count}")
+    print(f"  {'timed calls per process':31s} {calls}")
+    print()
+    rows = []
+    base = {"threads": threads, "calls": calls}
+    impls = {impl: {"impl": impl} for impl in IMPLEMENTATIONS}
+    for cell, shape, dims in cases(shapes, cells, threads, tiny):
+        own_gap0 = {}
+        for gap in gaps:
+            label = f"gap {gap} ms {cell} {shape}"
+            got = pairs({**base, "kind": "gap", "cell": cell, "shape": dims, "gap_ms": gap}, impls,
+                        pair_count, label)
+            if gap == 0:
+                own_gap0 = {impl: statistics.median(got[impl]) for impl in IMPLEMENTATIONS}
+            rows.append({"pattern": "gap", "case": f"{cell} {shape}", "gap_ms": gap,
+                         "seconds": {impl: statistics.median(got[impl]) for impl in IMPLEMENTATIONS},
+                         "vs_back_to_back": {impl: statistics.median(got[impl]) / own_gap0[impl]
+                                             for impl in IMPLEMENTATIONS},
+                         "ratio": summary(_ratios(got["torch"], got["lstmfast"]))})
+        got = pairs({**base, "kind": "after_pools", "cell": cell, "shape": dims},
+                    {"fresh": {"after": False}, "after torch+OpenBLAS": {"after": True}}, pair_count,
+                    f"after pools {cell} {shape}")
+        rows.append({"pattern": "after pools", "case": f"{cell} {shape}",
+                     "seconds": {k: statistics.median(v) for k, v in got.items()},
+                     "ratio": summary(_ratios(got["after torch+OpenBLAS"], got["fresh"]))})
+    loop = {k: (2 if tiny else v) for k, v in CELL_LOOP.items()}
+    train = dict(zip("TNIH", TINY_SHAPE)) if tiny else TRAINING
+    for cell in cells:
+        got = pairs({**base, "kind": "cell_loop", "cell": cell, "loop": loop}, impls, pair_count,
+                    f"cell loop {cell}")
+        rows.append({"pattern": "cell loop", "case": f"{cell}Cell({loop['I']}, {loop['H']}) N={loop['N']}, "
+                                                      f"{loop['steps']} steps",
+                     "seconds": {impl: statistics.median(got[impl]) for impl in IMPLEMENTATIONS},
+                     "ratio": summary(_ratios(got["torch"], got["lstmfast"]))})
+        got = pairs({**base, "kind": "training", "cell": cell, "train": train}, impls, pair_count,
+                    f"adapter training {cell}")
+        rows.append({"pattern": "adapter training",
+                     "case": f"{cell} T={train['T']} N={train['N']} I={train['I']} H={train['H']}",
+                     "seconds": {impl: statistics.median(got[impl]) for impl in IMPLEMENTATIONS},
+                     "ratio": summary(_ratios(got["torch"], got["lstmfast"]))})
+    print_table(rows)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"config": config, "threads": threads, "pairs": pair_count, "calls": calls,
+                       "rows": rows}, f, indent=2)
+        print(f"wrote {json_path}")
+    return 0
+
+
+def _ms(seconds):
+    return f"{seconds * 1e3:9.3f}"
+
+
+def print_table(rows, file=None):
+    print("gap: median call after an idle gap; x own: against the same implementation back to back;",
+          file=file)
+    print("vs torch: torch's time over lstmfast's, median (min-max) over the process pairs", file=file)
+    header = (f"{'pattern':17s} {'case':34s} {'gap':>5s} {'torch ms':>9s} {'x own':>6s} "
+              f"{'lstmfast ms':>11s} {'x own':>6s} {'vs torch':>20s}")
+    print(header, file=file)
+    print("-" * len(header), file=file)
+    for r in rows:
+        s, q = r["seconds"], r["ratio"]
+        spread = f"{q['median']:.2f}x ({q['min']:.2f}-{q['max']:.2f})"
+        if r["pattern"] == "after pools":
+            print(f"{r['pattern']:17s} {r['case']:34s} {'-':>5s} {'fresh':>9s} {'':6s} "
+                  f"{_ms(s['fresh']):>11s} {'':6s} {'':>20s}", file=file)
+            after_over_fresh = f"after/fresh {q['median']:.2f}x"
+            print(f"{'':17s} {'':34s} {'-':>5s} {'after':>9s} {'':6s} "
+                  f"{_ms(s['after torch+OpenBLAS']):>11s} {'':6s} {after_over_fresh:>20s}", file=file)
+            continue
+        gap = f"{r['gap_ms']}" if "gap_ms" in r else "-"
+        own = r.get("vs_back_to_back", {})
+        own_t = f"{own['torch']:.2f}x" if own else ""
+        own_l = f"{own['lstmfast']:.2f}x" if own else ""
+        print(f"{r['pattern']:17s} {r['case']:34s} {gap:>5s} {_ms(s['torch'])} {own_t:>6s} "
+              f"{_ms(s['lstmfast']):>11s} {own_l:>6s} {spread:>20s}", file=file)
+
+
+if __name__ == "__main__":
+    sys.exit(worker_main(sys.argv))

@@ -185,6 +185,42 @@ def test_double_backward_matches_torch(kind, with_hx):
     assert expected[1].abs().max() > 0  # the penalty reached x
 
 
+@pytest.mark.parametrize("kind", list(LAYERS) + list(CELLS))
+def test_batched_gradients_check_as_torchs(kind):
+    # gradcheck's batched-gradient check vmaps the backward over a batch of output
+    # gradients (torch's first vmap, torch._vmap_internals); torch.func.vmap over a
+    # vjp is the other way in. Both must give torch's gradients.
+    cls, kwargs = {**LAYERS, **CELLS}[kind]
+    theirs, ours = twins(cls, kwargs)
+    x = (layer_input(theirs, T=3, N=2) if kind in LAYERS
+         else torch.randn(2, I, dtype=torch.float64)).requires_grad_()
+    params = dict(ours.named_parameters())
+
+    def run(module, x, *weights):
+        result = torch.func.functional_call(module, dict(zip(params, weights)), (x,))
+        return first_output(result)
+
+    assert torch.autograd.gradcheck(lambda x, *w: run(ours, x, *w), (x, *params.values()),
+                                    check_batched_grad=True)
+    out, vjp = torch.func.vjp(lambda x: run(ours, x, *params.values()), x)
+    grads = torch.randn((3,) + out.shape, dtype=torch.float64)
+    expected = torch.stack([torch.autograd.grad(run(theirs, x, *theirs.parameters()), x, g)[0]
+                            for g in grads])
+    assert_close(torch.func.vmap(vjp)(grads)[0], expected, 1e-10, "vmapped vjp")
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_cells_of_no_hidden_units_give_torchs_empty_results(kind):
+    cls, kwargs = CELLS[kind]
+    torch.manual_seed(0)
+    theirs = cls(I, 0, dtype=torch.float64, **kwargs)
+    ours = lt.accelerate(copy.deepcopy(theirs))
+    for x in (torch.randn(3, I, dtype=torch.float64), torch.randn(I, dtype=torch.float64)):
+        got, expected = all_outputs(ours(x)), all_outputs(theirs(x))
+        assert [t.shape for t in got] == [t.shape for t in expected]
+        assert all(t.numel() == 0 and t.dtype == torch.float64 for t in got)
+
+
 def test_double_backward_packed_sequence_with_dropout_masks():
     theirs, ours = twins(nn.LSTM, dict(num_layers=2, bidirectional=True))
     ours.dropout = theirs.dropout = 0.0  # same computation; the masks path is run in eval below

@@ -167,10 +167,28 @@ def _unsupported_reason(data, tensors):
     return None
 
 
+def _backward_through_torch_ops(grad_outputs):
+    """Whether a backward must differentiate torch's own ops instead of running the
+    fused BPTT: with ``create_graph=True`` (the fused backward gives numbers, not a
+    graph, and double backward needs one), and when the gradients are batched by a
+    vmap, as ``gradcheck(check_batched_grad=True)`` batches them (the kernels see no
+    batched tensors): ``torch.func``'s vmap, or the one gradcheck uses."""
+    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+        return True
+    return any(isinstance(g, torch.Tensor) and _batched_by_legacy_vmap(g) for g in grad_outputs)
+
+
+def _batched_by_legacy_vmap(t):
+    """Whether t is a batched tensor of torch's first vmap (torch._vmap_internals, which
+    gradcheck uses): its dispatch key Batched is not in the DispatchKey enum torch
+    exposes, so it is read from the key set's names."""
+    names = str(torch._C._dispatch_keys(t))
+    return "Batched" in names[names.find("(") + 1:names.rfind(")")].split(", ")
+
+
 def _differentiate_torch_graph(recompute, saved, needs_input_grad, grad_outputs):
-    """Gradients of ``recompute(*saved)`` (torch's own ops) with a graph of their own,
-    for a backward called with ``create_graph=True``: the fused backward gives
-    numbers only, so double backward differentiates torch's graph instead."""
+    """Gradients of ``recompute(*saved)`` (torch's own ops) with a graph of their own
+    (see _backward_through_torch_ops)."""
     with torch.enable_grad():
         outputs = recompute(*saved)
         wanted = [t for t, need in zip(saved, needs_input_grad) if need and t is not None]
@@ -428,7 +446,7 @@ class _RecurrentFunction(torch.autograd.Function):
         saved = ctx.saved_tensors  # raises if one was changed in place since forward
         settings = ctx.settings
         is_lstm = settings["mode"] in _CELL_STATE_MODES
-        if torch.is_grad_enabled():
+        if _backward_through_torch_ops((d_output, d_h_n, d_c_n)):
             grads = _differentiate_torch_graph(
                 lambda *t: _torch_stack(settings, *t), saved, ctx.needs_input_grad[1:],
                 (d_output, d_h_n, d_c_n if is_lstm else None))
@@ -1214,7 +1232,7 @@ class _CellFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_h1, d_c1=None):
         saved = ctx.saved_tensors  # raises if one was changed in place since forward
-        if torch.is_grad_enabled():
+        if _backward_through_torch_ops((d_h1, d_c1)):
             grads = _differentiate_torch_graph(
                 lambda *t: _torch_cell(ctx.mode, *t), saved, ctx.needs_input_grad[2:],
                 (d_h1, d_c1))
@@ -1368,7 +1386,8 @@ def _fused_cell_forward(self, input, hx):
         states = tuple(hx) if is_lstm and isinstance(hx, (tuple, list)) else (hx,)
     dim = input.dim() if isinstance(input, torch.Tensor) else 0
     if (dim not in (1, 2) or _in_torch_only_context() or input.shape[-1] != self.input_size
-            or len(states) not in (0, 2 if is_lstm else 1) or input.numel() == 0):
+            or len(states) not in (0, 2 if is_lstm else 1) or input.numel() == 0
+            or self.hidden_size == 0):  # torch's empty results
         return self._lstmfast_torch_class.forward(self, input, hx)
     state_shape = input.shape[:-1] + (self.hidden_size,)
     for state in states:

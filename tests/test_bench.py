@@ -119,11 +119,13 @@ def torch_threads_restored(threads_restored):
 def test_models_prints_and_writes_every_figure(tmp_path, capsys, bench_models):
     # One training model: its row has every field an inference row has, and more.
     out_json = tmp_path / "models.json"
-    rc = bench.main(["--models", "gru_forecaster", "--tiny", "--quick", "--json", str(out_json)])
+    rc = bench.main(["--models", "gru_forecaster", "--tiny", "--quick", "--pairs", "2",
+                     "--json", str(out_json)])
     assert rc == 0
     printed = capsys.readouterr().out
     for text in ("simd_target", "torch", "lstmfast threads", "speed-up", "RNN share", "RNN in model",
-                 "RNN alone", "alone f+b", "gru_forecaster", "max relative difference"):
+                 "RNN alone", "alone f+b", "gru_forecaster", "max relative difference", "(min-max)",
+                 "expected", "process pairs per model"):
         assert text in printed
 
     data = json.loads(out_json.read_text())
@@ -137,12 +139,53 @@ def test_models_prints_and_writes_every_figure(tmp_path, capsys, bench_models):
         assert set(row[key]) == {"torch", "accelerated"}, key
         assert all(v > 0 for v in row[key].values()), key
     assert all(0 < share <= 1 for share in row["rnn_share"].values())
-    for ratio, seconds in (("ratio", "seconds"), ("rnn_ratio_in_model", "rnn_seconds_in_model"),
+    for ratio, seconds in (("rnn_ratio_in_model", "rnn_seconds_in_model"),
                            ("rnn_ratio_alone", "rnn_alone_seconds"),
                            ("rnn_ratio_alone_step", "rnn_alone_step_seconds")):
         assert row[ratio] == pytest.approx(row[seconds]["torch"] / row[seconds]["accelerated"]), ratio
+    # Two process pairs: each implementation's median over its processes, the speed-up
+    # the median of the pairs' ratios, and the range of those.
+    per_process = row["seconds_per_process"]
+    assert row["pairs"] == 2 and all(len(per_process[impl]) == 2 for impl in per_process)
+    for impl in ("torch", "accelerated"):
+        assert row["seconds"][impl] == pytest.approx(np.median(per_process[impl]))
+    pair_ratios = [t / a for t, a in zip(per_process["torch"], per_process["accelerated"])]
+    assert row["ratio"] == pytest.approx(np.median(pair_ratios))
+    assert (row["ratio_min"], row["ratio_max"]) == pytest.approx((min(pair_ratios), max(pair_ratios)))
+    # The share-weighted expectation (Amdahl) from the RNN alone, forward and backward here.
+    share = row["rnn_alone_step_seconds"]["torch"] / row["seconds"]["torch"]
+    assert row["rnn_share_alone"] == pytest.approx(min(1.0, share))
+    expected = 1 / ((1 - row["rnn_share_alone"]) + row["rnn_share_alone"] / row["rnn_ratio_alone_step"])
+    assert row["expected"] == pytest.approx(expected)
+    assert row["of_expected"] == pytest.approx(row["ratio"] / expected)
     assert row["accelerated_modules"] == row["rnn_modules"] == 1
     assert row["rnn_calls_per_step"] == 1
+
+
+def test_patterns_prints_and_writes_every_figure(tmp_path, capsys):
+    pytest.importorskip("torch")
+    out_json = tmp_path / "patterns.json"
+    rc = bench.main(["--patterns", "--tiny", "--cells", "GRU", "--shapes", "stream", "--pairs", "2",
+                     "--json", str(out_json)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    for text in ("call patterns", "cpu features", "process pairs per case", "gap", "after pools",
+                 "cell loop", "adapter training", "vs torch", "x own"):
+        assert text in printed
+    data = json.loads(out_json.read_text())
+    assert data["pairs"] == 2
+    rows = data["rows"]
+    gaps = [r for r in rows if r["pattern"] == "gap"]
+    assert [r["gap_ms"] for r in gaps] == [0, 1]  # --tiny: the first two gaps
+    assert all(r["vs_back_to_back"][impl] == pytest.approx(1.0) for impl in ("torch", "lstmfast")
+               for r in gaps[:1])
+    (after,) = [r for r in rows if r["pattern"] == "after pools"]
+    assert set(after["seconds"]) == {"fresh", "after torch+OpenBLAS"}
+    assert {r["pattern"] for r in rows} == {"gap", "after pools", "cell loop", "adapter training"}
+    for r in rows:
+        assert all(v > 0 for v in r["seconds"].values())
+        q = r["ratio"]
+        assert q["min"] <= q["median"] <= q["max"]
 
 
 def test_models_refuses_a_model_whose_outputs_disagree(tmp_path, capsys, monkeypatch, bench_models):

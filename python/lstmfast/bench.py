@@ -439,8 +439,9 @@ def main(argv=None):
                         help="instead of the grid, time the call patterns users meet, torch against "
                              "lstmfast.torch, one process per measurement: calls after idle gaps, after "
                              "torch's and OpenBLAS's pools ran, a one-step cell loop, the adapter's training step")
-    parser.add_argument("--pairs", type=int, default=5,
-                        help="with --patterns: process pairs (A B A B) per case (default 5; 2 with --quick)")
+    parser.add_argument("--pairs", type=int,
+                        help="with --patterns or --models: process pairs (A B A B) per case (default 5; "
+                             "2 with --quick, 1 with --tiny)")
     parser.add_argument("--tiny", action="store_true",
                         help="with --models, --peers or --variants: tiny sizes, to test the command (the "
                              "figures mean nothing)")
@@ -566,7 +567,9 @@ def _main_models(parser, args):
     threads = args.threads or [2]
     if any(t < 1 for t in threads):
         parser.error("--threads must be positive")
-    return bench_models.run(names, threads, quick=args.quick, tiny=args.tiny, json_path=args.json)
+    pairs = _pairs(parser, args)
+    return bench_models.run(names, threads, quick=args.quick, tiny=args.tiny, json_path=args.json,
+                            pairs=pairs)
 
 
 def _main_patterns(parser, args):
@@ -577,9 +580,7 @@ def _main_patterns(parser, args):
     threads = args.threads or [2]
     if len(threads) != 1 or threads[0] < 1:
         parser.error("--patterns takes one positive --threads count")
-    pairs = 2 if args.quick and args.pairs == 5 else args.pairs
-    if pairs < 1:
-        parser.error("--pairs must be positive")
+    pairs = _pairs(parser, args)
     shapes = [s for s in args.shapes if s in bench_patterns_shapes()]
     if not shapes:
         parser.error(f"--patterns: --shapes among {', '.join(bench_patterns_shapes())}")
@@ -587,6 +588,14 @@ def _main_patterns(parser, args):
 
     return bench_patterns.run(args.cells, shapes, threads[0], pairs, calls=10 if args.quick else 30,
                               tiny=args.tiny, json_path=args.json)
+
+
+def _pairs(parser, args):
+    """Process pairs per case: --pairs, else 1 with --tiny, 2 with --quick, 5."""
+    pairs = args.pairs if args.pairs is not None else 1 if args.tiny else 2 if args.quick else 5
+    if pairs < 1:
+        parser.error("--pairs must be positive")
+    return pairs
 
 
 def bench_patterns_shapes():

@@ -682,33 +682,63 @@ def _ratio(a, b):
     return a / b if a and b else None
 
 
-def measure(name, mode, threads, tiny, repeats):
-    """Four processes: the model and its RNN modules alone, for each implementation."""
+def expected_speedup(share, rnn_ratio):
+    """The model's speed-up if only its RNN modules got faster, by rnn_ratio, and they
+    took `share` of torch's time (Amdahl); None when either is unknown."""
+    if not share or not rnn_ratio:
+        return None
+    return 1.0 / ((1.0 - share) + share / rnn_ratio)
+
+
+def measure(name, mode, threads, tiny, repeats, pairs):
+    """The model in `pairs` process pairs, torch and accelerated in turn (A B A B), then
+    its RNN modules alone, one process per implementation."""
     base = {"model": name, "mode": mode, "threads": threads, "tiny": tiny, "repeats": repeats.__dict__}
-    model, alone = {}, {}
-    for kind, into in (("model", model), ("alone", alone)):
+    runs = {impl: [] for impl in IMPLEMENTATIONS}
+    for p in range(pairs):
         for impl in IMPLEMENTATIONS:
-            print(f"      {name} {mode} t={threads}: {kind} {impl} ...", file=sys.stderr, flush=True)
-            into[impl] = run_worker({**base, "kind": kind, "impl": impl})
+            print(f"      {name} {mode} t={threads}: model {impl} (pair {p + 1}/{pairs}) ...",
+                  file=sys.stderr, flush=True)
+            runs[impl].append(run_worker({**base, "kind": "model", "impl": impl}))
+    alone = {}
+    for impl in IMPLEMENTATIONS:
+        print(f"      {name} {mode} t={threads}: alone {impl} ...", file=sys.stderr, flush=True)
+        alone[impl] = run_worker({**base, "kind": "alone", "impl": impl})
+
+    def median_of(key):
+        return {impl: statistics.median(r[key] for r in runs[impl]) for impl in IMPLEMENTATIONS}
+
+    pair_ratios = [t["seconds"] / a["seconds"] for t, a in zip(runs["torch"], runs["accelerated"])]
     row = {
-        "model": name, "mode": mode, "threads": threads, "dtype": "float32",
-        "seconds": {impl: model[impl]["seconds"] for impl in IMPLEMENTATIONS},
-        "repeats": {impl: model[impl]["repeats"] for impl in IMPLEMENTATIONS},
-        "rnn_share": {impl: model[impl]["rnn_share"] for impl in IMPLEMENTATIONS},
+        "model": name, "mode": mode, "threads": threads, "dtype": "float32", "pairs": pairs,
+        "seconds": median_of("seconds"),
+        "seconds_per_process": {impl: [r["seconds"] for r in runs[impl]] for impl in IMPLEMENTATIONS},
+        "repeats": {impl: runs[impl][0]["repeats"] for impl in IMPLEMENTATIONS},
+        "rnn_share": median_of("rnn_share"),
         # Hooks see module calls; backward runs in autograd's engine, outside them.
         "rnn_share_of": "call" if mode == "inference" else "forward",
-        "rnn_seconds_in_model": {impl: model[impl]["rnn_seconds"] for impl in IMPLEMENTATIONS},
+        "rnn_seconds_in_model": median_of("rnn_seconds"),
         "rnn_alone_seconds": {impl: alone[impl]["seconds"] for impl in IMPLEMENTATIONS},
-        "rnn_modules": model["torch"]["rnn_modules"],
-        "accelerated_modules": model["accelerated"]["accelerated_modules"],
+        "rnn_modules": runs["torch"][0]["rnn_modules"],
+        "accelerated_modules": runs["accelerated"][0]["accelerated_modules"],
         "rnn_calls_per_step": alone["torch"]["calls"],
+        "ratio": statistics.median(pair_ratios),
+        "ratio_min": min(pair_ratios), "ratio_max": max(pair_ratios),
     }
-    row["ratio"] = _ratio(row["seconds"]["torch"], row["seconds"]["accelerated"])
     row["rnn_ratio_in_model"] = _ratio(*(row["rnn_seconds_in_model"][i] for i in IMPLEMENTATIONS))
     row["rnn_ratio_alone"] = _ratio(*(row["rnn_alone_seconds"][i] for i in IMPLEMENTATIONS))
+    # The share of torch's time its RNN modules take, from the RNN alone: their forward
+    # (inference) or forward and backward (training, whose backward hooks cannot see),
+    # over torch's call or step.
     if mode == "training":
         row["rnn_alone_step_seconds"] = {impl: alone[impl]["step_seconds"] for impl in IMPLEMENTATIONS}
         row["rnn_ratio_alone_step"] = _ratio(*(row["rnn_alone_step_seconds"][i] for i in IMPLEMENTATIONS))
+        rnn_torch, rnn_ratio = row["rnn_alone_step_seconds"]["torch"], row["rnn_ratio_alone_step"]
+    else:
+        rnn_torch, rnn_ratio = row["rnn_alone_seconds"]["torch"], row["rnn_ratio_alone"]
+    row["rnn_share_alone"] = min(1.0, rnn_torch / row["seconds"]["torch"])
+    row["expected"] = expected_speedup(row["rnn_share_alone"], rnn_ratio)
+    row["of_expected"] = _ratio(row["ratio"], row["expected"])
     return row
 
 
@@ -726,15 +756,19 @@ def _fmt(value, spec, none="-"):
 
 def print_table(rows, file=None):
     header = (f"{'model':14s} {'mode':10s} {'thr':>3s} {'torch':>9s} {'accel':>9s} {'speed-up':>8s} "
+              f"{'(min-max)':>11s} {'expected':>8s} {'of exp.':>7s} "
               f"{'RNN share':>9s} {'(accel)':>7s} {'RNN in model':>12s} {'RNN alone':>9s} {'alone f+b':>9s} "
               f"{'swapped':>7s}")
     print(header, file=file)
     print("-" * len(header), file=file)
     for r in rows:
         star = "*" if r["rnn_share_of"] == "forward" else ""
+        spread = f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f})"
+        of_expected = _fmt(None if r["of_expected"] is None else 100 * r["of_expected"], ".0f") + "%"
         print(f"{r['model']:14s} {r['mode'] + star:10s} {r['threads']:3d} "
               f"{bench._fmt_time(r['seconds']['torch']):>9s} {bench._fmt_time(r['seconds']['accelerated']):>9s} "
-              f"{_fmt(r['ratio'], '.2f') + 'x':>8s} "
+              f"{_fmt(r['ratio'], '.2f') + 'x':>8s} {spread:>11s} "
+              f"{_fmt(r['expected'], '.2f') + 'x':>8s} {of_expected:>7s} "
               f"{100 * r['rnn_share']['torch']:8.0f}% {100 * r['rnn_share']['accelerated']:6.0f}% "
               f"{_fmt(r['rnn_ratio_in_model'], '.2f') + 'x':>12s} {_fmt(r['rnn_ratio_alone'], '.2f') + 'x':>9s} "
               f"{_fmt(r.get('rnn_ratio_alone_step'), '.2f') + ('x' if 'rnn_ratio_alone_step' in r else ''):>9s} "
@@ -743,8 +777,11 @@ def print_table(rows, file=None):
 
 LEGEND = """\
 torch, accel: median seconds per model call (inference) or training step (forward, loss,
-  backward, Adam step), each implementation in its own fresh process; speed-up = torch / accel
-  (above 1x: accelerated faster).
+  backward, Adam step), each process's median, the median over process pairs run in turn (torch,
+  accelerated, torch, ...), each a fresh process; speed-up = torch / accel (above 1x:
+  accelerated faster), the median of the pairs' ratios, and (min-max) their range.
+expected: the speed-up if only the RNN modules got faster, as fast as alone (RNN alone, or alone
+  f+b for training) and taking the share of torch's time they take alone; of exp.: speed-up over it.
 RNN share: time inside the RNN modules (forward hooks, in a separate repeat) over the time of the
   call, for torch and for the accelerated model. RNN in model: torch's RNN time / accelerated's,
   inside the model. RNN alone: the same for the RNN modules called alone with the inputs they had
@@ -754,7 +791,7 @@ RNN share: time inside the RNN modules (forward hooks, in a separate repeat) ove
 swapped: RNN modules that accelerate() replaced, of all the model's RNN modules."""
 
 
-def run(names, threads, quick=False, tiny=False, json_path=None):
+def run(names, threads, quick=False, tiny=False, json_path=None, pairs=5):
     """The whole ``--models`` benchmark; returns the exit code (1 if any model was refused)."""
     repeats = Repeats.for_run(quick, tiny)
     config = configuration(threads)
@@ -762,6 +799,7 @@ def run(names, threads, quick=False, tiny=False, json_path=None):
     for key, value in config.items():
         print(f"  {key:31s} {value}")
     print(f"  {'sizes':31s} {'tiny (a test of the command, not a benchmark)' if tiny else 'full'}")
+    print(f"  {'process pairs per model':31s} {pairs}")
     print(f"  {'agreement tolerance':31s} max|accelerated - torch| <= {AGREEMENT_RTOL:g} * max|torch|, "
           f"per output, loss and gradient ({INT8_AGREEMENT_RTOL:g} for int8 models)")
     print()
@@ -784,13 +822,13 @@ def run(names, threads, quick=False, tiny=False, json_path=None):
         for mode in spec.modes:
             for t in threads:
                 print(f"[{name}] {mode}, {t} threads ...", file=sys.stderr, flush=True)
-                row = measure(name, mode, t, tiny, repeats)
+                row = measure(name, mode, t, tiny, repeats, pairs)
                 row["shapes"] = spec.describe(spec.sizes[size_key])
                 row["max_rel_diff"] = check["max_rel_diff"]
                 rows.append(row)
                 print(f"      torch {bench._fmt_time(row['seconds']['torch'])}, accelerated "
-                      f"{bench._fmt_time(row['seconds']['accelerated'])}: {row['ratio']:.2f}x", file=sys.stderr,
-                      flush=True)
+                      f"{bench._fmt_time(row['seconds']['accelerated'])}: {row['ratio']:.2f}x "
+                      f"({row['ratio_min']:.2f}-{row['ratio_max']:.2f})", file=sys.stderr, flush=True)
     print()
     print_table(rows)
     print()

@@ -742,6 +742,10 @@ void register_pool(py::module_& m) {
         "Tests: what a call does as it starts (wakes the sleeping workers).");
   m.def("_pool_sleeping_workers", &lstmfast::pool_sleeping_workers,
         "Tests: the pool's workers asleep between jobs now.");
+  m.def("_pool_wake_cost_ns", &lstmfast::pool_wake_cost_ns,
+        "What waking a sleeping worker has cost lately (ns; 0 before the first).");
+  m.def("_pool_set_wake_cost_ns", &lstmfast::pool_set_wake_cost_ns, py::arg("ns"),
+        "Tests: sets the wake-up cost the pool has learned, until the next wake-up.");
   m.def(
       "_pool_spin_limits",
       [](const std::vector<long>& idle_waits_ns) {

@@ -104,6 +104,35 @@ void blas_alone_without_a_free_core(std::optional<BlasSingleThreaded>& region) {
   if (get_num_threads() > 1 && pool_usable_threads(step_threads()) <= 1) region.emplace();
 }
 
+// Multiply-adds of a forward of the stack (its products; the gate math is in proportion).
+double forward_work(const StackShape& s) {
+  double work = 0;
+  for (int64_t k = 0; k < s.L; ++k)
+    work += double(s.D) * double(s.T) * double(s.N) * double(gates_of(s.mode) * s.H) *
+            double(s.input_size(k) + s.H_out());
+  return work;
+}
+
+// A core's multiply-adds per nanosecond that the choice below assumes: below what
+// the kernels do at any shape (10-50 on the machines measured), so that a call
+// looks longer than it is, and goes alone only when it surely is short.
+constexpr double kWorkPerNs = 8;
+
+// Threads for a call's jobs (LayerShape::threads): step_threads(), but 1 when the
+// pool's workers sleep (the calls come apart) and the call would be done alone
+// before a woken worker could start (twice what waking one has cost lately,
+// thread_pool.h): on a virtual machine a halted CPU took 0.3 to 1.5 ms to start a
+// worker, longer than a whole LSTM T=100 N=1 H=128 forward (0.5 ms on one thread).
+// Returns the count, and wakes the workers when it is more than 1, so their
+// wake-up overlaps the call's serial work.
+int call_threads(double work) {
+  const int threads = step_threads();
+  if (threads <= 1) return 1;
+  if (pool_sleeping_workers() > 0 && work / kWorkPerNs < 2 * pool_wake_cost_ns()) return 1;
+  pool_prepare(threads);
+  return threads;
+}
+
 void require(bool ok, const std::string& message) {
   if (!ok) throw std::invalid_argument(message);
 }
@@ -432,7 +461,7 @@ void combine_biases(StackCache<Real>& c) {
 }
 
 template <typename Real>
-LayerShape layer_shape(const StackCache<Real>& c, int64_t layer, int64_t direction) {
+LayerShape layer_shape(const StackCache<Real>& c, int64_t layer, int64_t direction, int threads) {
   const StackShape& s = c.shape;
   LayerShape l;
   l.T = s.T;
@@ -452,7 +481,7 @@ LayerShape layer_shape(const StackCache<Real>& c, int64_t layer, int64_t directi
   l.lengths = c.lengths.empty() ? nullptr : c.lengths.data();
   l.rows = c.rows.empty() ? nullptr : c.rows.data();
   l.offsets = c.offsets.empty() ? nullptr : c.offsets.data();
-  l.threads = step_threads();
+  l.threads = threads;
   return l;
 }
 
@@ -525,8 +554,8 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
                                                 const Params<Real>* params, const int64_t* lengths,
                                                 const Real* const* dropout_masks,
                                                 const StackShape& shape) {
-  pool_prepare(step_threads());  // the workers wake while the call sorts, checks and lays out
   check_shape(shape);
+  const int threads = call_threads(forward_work(shape));
   check_reduced(params, shape);
   check_peepholes(params, shape);
   check_noise(params, shape);
@@ -534,7 +563,10 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   check_recurrent_dropout(params, shape);
   check_zoneout(params, shape);
   std::optional<BlasSingleThreaded> blas_alone;
-  blas_alone_without_a_free_core(blas_alone);
+  if (threads <= 1)
+    blas_alone.emplace();
+  else
+    blas_alone_without_a_free_core(blas_alone);
   auto cache = std::make_unique<StackCache<Real>>();
   StackCache<Real>& c = *cache;
   c.shape = shape;
@@ -684,7 +716,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       if (b.mask_sorted) sort_mask(b.mask_sorted, c, i);
       LayerWeights<Real> w = c.weights[i];
       widen_weights(w, wide[d]);
-      LayerShape ls = layer_shape(c, k, d);
+      LayerShape ls = layer_shape(c, k, d, threads);
       ls.round_bf16 = widen_all;
       cell.forward(out + d * H_out, D * H_out, h_n + i * N * H_out, c_n ? c_n + i * N * H : nullptr,
                    b, layer_in, h0 ? h0 + i * N * H_out : nullptr, c0 ? c0 + i * N * H : nullptr,
@@ -712,9 +744,12 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
   if (c.consumed.load())
     throw std::invalid_argument(
         "this forward's saved state was used up by a backward that consumed it");
-  pool_prepare(step_threads());
+  const int threads = call_threads(2 * forward_work(s));  // BPTT: about twice the forward
   std::optional<BlasSingleThreaded> blas_alone;
-  blas_alone_without_a_free_core(blas_alone);
+  if (threads <= 1)
+    blas_alone.emplace();
+  else
+    blas_alone_without_a_free_core(blas_alone);
   const bool lstm = s.mode == Mode::LSTM, gru = s.mode == Mode::GRU;
   const bool cell_state = has_cell_state(s.mode), ln = s.mode == Mode::LN_LSTM;
   const bool rec_masked = c.weights[0].rec_mask != nullptr;
@@ -810,7 +845,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       const LayerGrads<Real> dw{g.dW_ih,   g.dW_hh,   g.dW_hr,   g.db_ih, g.db_hh, Real(assign ? 0 : 1),
                                 g.dP_i,    g.dP_f,    g.dP_o,    g.dln_g_w, g.dln_g_b, g.dln_c_w,
                                 g.dln_c_b};
-      LayerShape shape = layer_shape(c, k, d);
+      LayerShape shape = layer_shape(c, k, d, threads);
       if (short_backward(c)) shape.threads = 1;
       cell.backward(dG_x_layer[d], dh0 ? dh0 + i * N * H_out : nullptr, dc0 ? dc0 + i * N * H : nullptr,
                     dw, b, dy_k ? dy_k + d * H_out : nullptr, D * H_out,

@@ -99,8 +99,13 @@ SpinLimits pool_spin_limits(const long* idle_waits_ns, int count, long* idle_lim
 // its CPU (see thread_pool.cpp).
 enum class Colocated { kSpin, kMove, kYield };
 
-// For tests: workers asleep between jobs now.
+// Workers asleep between jobs now.
 int pool_sleeping_workers();
+// What waking a sleeping worker has cost lately, in nanoseconds (0 before any was
+// woken): the time from the signal to the worker starting.
+double pool_wake_cost_ns();
+// For tests: sets what pool_wake_cost_ns() reports until the next wake-up.
+void pool_set_wake_cost_ns(double ns);
 
 // For tests: colocation's decision (thread_pool.cpp) for thread tid waiting on CPU
 // my_cpu, cpus[t] the CPU thread t of the job was last seen on, with the CPUs the

@@ -229,6 +229,49 @@ def test_a_call_wakes_the_sleeping_workers_as_it_starts():
     _run_child(_PREPARED_POOL)
 
 
+# A call of sleeping workers that would be done before one could start runs alone;
+# a longer one wakes them and runs on them. The learned wake-up cost is set here.
+_SHORT_CALLS_ALONE = """
+import time
+import numpy as np
+import lstmfast
+from lstmfast import _core
+lstmfast.set_num_threads(2)
+_core._pool_set_use_openmp(0)
+_core._pool_set_never_spin(True)  # idle workers sleep at once after a job
+assert _core._pool_check_barriers(2, 3) == (2, 0)
+deadline = time.monotonic() + 60
+while _core._pool_sleeping_workers() != 1:
+    assert time.monotonic() < deadline, "the worker never went to sleep"
+    time.sleep(0.001)
+short = lstmfast.LSTM(16, 32, seed=0).eval()  # T=40 N=2: about 0.2 M multiply-adds
+long = lstmfast.LSTM(256, 256, seed=0).eval()  # T=40 N=32: 268 M
+x_short = np.ones((40, 2, 16), np.float32)
+x_long = np.ones((40, 32, 256), np.float32)
+expected = short(x_short)[0]
+for wake_cost_ns, short_jobs in ((1e9, 0), (0.0, 1)):
+    _core._pool_set_wake_cost_ns(wake_cost_ns)
+    _core._pool_set_counting(False)
+    _core._pool_set_counting(True)
+    np.testing.assert_array_equal(short(x_short)[0], expected)
+    counts = _core._pool_counts()
+    assert (counts["jobs"], counts["prewakes"]) == (short_jobs, short_jobs), (wake_cost_ns, counts)
+    while _core._pool_sleeping_workers() != 1:
+        time.sleep(0.001)
+_core._pool_set_wake_cost_ns(200e3)  # a virtual machine's: the long call still wakes them
+_core._pool_set_counting(False)
+_core._pool_set_counting(True)
+long(x_long)
+counts = _core._pool_counts()
+assert counts["prewakes"] == 1 and counts["jobs"] >= 1, counts
+print("ok")
+"""
+
+
+def test_a_short_call_of_sleeping_workers_runs_alone():
+    _run_child(_SHORT_CALLS_ALONE)
+
+
 # Jobs as parallel regions of torch's OpenMP runtime: in a child process that loads
 # torch (its wheels bring libgomp), every job forced onto the runtime's team, the
 # kernels against the reference and the barriers checked; then the default, which

@@ -1,6 +1,6 @@
 // Continuous-time (leaky) RNN, one layer in one direction: forward, then backward
 // (BPTT). Compiled once per instruction set (see cell.h); arguments are documented
-// in lstmfast.h, the equations in VARIANTS.md D. With z = x W_ih^T + b_ih + h W_hh^T
+// in lstmfast.h, the equations in docs/cells.md. With z = x W_ih^T + b_ih + h W_hh^T
 // + b_hh, alpha = dt / tau, phi = tanh or relu and noise e (given per step):
 //   leak outside:  h' = (1 - alpha) h + alpha phi(z) + e
 //   leak inside:   h' = phi((1 - alpha) h + alpha z + e)

@@ -1,4 +1,4 @@
-// Layer-normalized LSTM (torchaudio's RNN-T form, VARIANTS.md B), one layer in one
+// Layer-normalized LSTM (torchaudio's RNN-T form, docs/cells.md), one layer in one
 // direction: forward, then backward (BPTT). Compiled once per instruction set (see
 // cell.h); arguments are documented in lstmfast.h.
 //

@@ -6,7 +6,7 @@
 //   c'    = f c + i g
 //   m     = o tanh(c')
 //   h'    = m W_hr^T with a projection (P > 0), else m
-// With peepholes (w.peephole; VARIANTS.md A) i and f also see c, and o sees c':
+// With peepholes (w.peephole; docs/cells.md) i and f also see c, and o sees c':
 //   i = sigmoid(pre_i + P_i c)   f = sigmoid(pre_f + P_f c)   o = sigmoid(pre_o + P_o c')
 #include "recurrent_gemm.h"
 

@@ -45,7 +45,7 @@ const CellInfo* find_cell(const char* name);
 
 // G: 4 (LSTM), 3 (GRU), 1 (RNN, CTRNN).
 int gates_of(Mode mode);
-// Continuous-time RNN (VARIANTS.md D): CTRNN_TANH or CTRNN_RELU.
+// Continuous-time RNN (docs/cells.md): CTRNN_TANH or CTRNN_RELU.
 inline bool is_ctrnn(Mode mode) { return mode == Mode::CTRNN_TANH || mode == Mode::CTRNN_RELU; }
 // Whether the cell carries c beside h (LSTM, LN_LSTM).
 inline bool has_cell_state(Mode mode) { return mode == Mode::LSTM || mode == Mode::LN_LSTM; }
@@ -72,7 +72,7 @@ struct LayerShape {
   bool relu = false;                 // RNN, CTRNN: relu instead of tanh
   double alpha = 1;                  // CTRNN: dt / tau, in (0, 1]
   bool leak_inside = false;          // CTRNN: h' = phi((1-alpha) h + alpha z) instead of
-                                     //   (1-alpha) h + alpha phi(z) (VARIANTS.md D)
+                                     //   (1-alpha) h + alpha phi(z) (docs/cells.md)
   double ln_eps = 1e-5;              // LN_LSTM: the layer norms' epsilon, > 0
   double zone_p_h = 0, zone_p_c = 0;  // zoneout (LayerWeights::zone_h) without masks: the keep-old
                                       //   factor of every unit of h, of c (eval: the probabilities)
@@ -158,14 +158,14 @@ struct LayerWeights {
   const ReducedMatrix* W_hh_r = nullptr;
   const ReducedMatrix* W_hr_r = nullptr;
   const ReducedProducts* products = nullptr;  // with reduced weights: the products to use (dispatch.h)
-  const Real* peephole = nullptr;  // peephole: LSTM [3H] P_i, P_f, P_o (VARIANTS.md A); nullptr = none
+  const Real* peephole = nullptr;  // peephole: LSTM [3H] P_i, P_f, P_o (docs/cells.md); nullptr = none
   const Real* noise = nullptr;     // noise: CTRNN [T, N, H] added to each step's state, in x's order
                                    //   (y's indexing); forward only: backward never reads it
   const Real* ln = nullptr;        // ln: LN_LSTM [10H] gamma_g, beta_g (4H each), gamma_c, beta_c (H each)
-  const Real* rec_mask = nullptr;  // rec_mask: [N, H_out] recurrent dropout (VARIANTS.md C), caller's rows:
+  const Real* rec_mask = nullptr;  // rec_mask: [N, H_out] recurrent dropout (docs/cells.md), caller's rows:
                                    //   multiplies h where it enters h W_hh^T, every step, every gate
   const Real* zone_h = nullptr;    // zone_h: [T, N, H_out] zoneout of h in x's order (y's indexing), 1 keeps
-                                   //   the old value: h' = m h + (1 - m) h~ (VARIANTS.md C, ESPnet); or
+                                   //   the old value: h' = m h + (1 - m) h~ (docs/cells.md, ESPnet); or
                                    //   nullptr: LayerShape::zone_p_h for every unit
   const Real* zone_c = nullptr;    // zone_c: [T, N, H] the same for c (LSTM)
   uint64_t zone_seed = 0;          // zone_seed: with LayerShape::zone_hashed, the masks are not arrays but

@@ -402,7 +402,7 @@ inline void direct_input_projection(Real* xproj, int64_t ldx, const Real* x,
 }
 
 // ---------------------------------------------------------------------------
-// Recurrent dropout (VARIANTS.md C): one mask per sequence on h where it enters the
+// Recurrent dropout (docs/cells.md): one mask per sequence on h where it enters the
 // recurrent product, the same for every gate and step. buf.hm holds h times the mask,
 // slot by slot like buf.h: the forward's products read it, and so does dW_hh, since
 // the weight gradient is taken with the h the product saw. Without the mask buf.hm is
@@ -455,7 +455,7 @@ inline void masked_dh(const LayerBuffers<Real>& buf, int64_t n, int64_t width, i
 }
 
 // ---------------------------------------------------------------------------
-// Zoneout (VARIANTS.md C, ESPnet's convention): after a cell's step, each unit keeps
+// Zoneout (docs/cells.md, ESPnet's convention): after a cell's step, each unit keeps
 // its old value with factor m (a mask of 0 and 1 per step in training, the
 // probability in eval): h_t = m h_{t-1} + (1 - m) h~_t, the same for c. What is
 // output and carried is the zoned h_t, c_t. In backward a step's gradient g of h_t

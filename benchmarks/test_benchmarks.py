@@ -1,6 +1,6 @@
 """pytest-benchmark suite: ``pytest benchmarks/ --benchmark-only``.
 
-Each group is one case of the DESIGN.md grid (cell, shape, mode); inside it the
+Each group is one case of the grid of docs/performance.md (cell, shape, mode); inside it the
 fused kernels, the NumPy reference and torch (when installed) are timed in the
 same run. Every case first checks the fused result against the reference.
 The thread count is LSTMFAST_NUM_THREADS (or all CPUs); torch gets the same.

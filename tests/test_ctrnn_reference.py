@@ -1,4 +1,4 @@
-"""The reference's continuous-time RNN (VARIANTS.md D) against independent oracles.
+"""The reference's continuous-time RNN (docs/cells.md, Continuous-time RNN) against independent oracles.
 
 * The published modules, transcribed as torch loops and differentiated by autograd:
   Yang & Wang's primer CTRNN (leak inside the relu: input2h and h2h are nn.Linear)

@@ -1,4 +1,4 @@
-"""Recurrent dropout against Keras 3's LSTMCell (VARIANTS.md C), an optional oracle:
+"""Recurrent dropout against Keras 3's LSTMCell (docs/cells.md, Recurrent dropout and zoneout), an optional oracle:
 skipped when keras is not installed or cannot run on torch here.
 
 Keras's cell (implementation=1, the one that applies recurrent dropout) multiplies

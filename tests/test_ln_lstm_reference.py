@@ -1,4 +1,4 @@
-"""The reference's layer-normalized LSTM (VARIANTS.md B) against torchaudio's RNN-T form.
+"""The reference's layer-normalized LSTM (docs/cells.md, Layer-normalized LSTM) against torchaudio's RNN-T form.
 
 torchaudio's ``_CustomLSTM(layer_norm=True)``, transcribed as a torch loop
 (``lstmfast.bench_variants.CustomLSTMLoop``, which the benchmark times), one module per

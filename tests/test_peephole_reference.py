@@ -1,4 +1,4 @@
-"""The reference's peephole LSTM (VARIANTS.md A) against independent oracles.
+"""The reference's peephole LSTM (docs/cells.md, Peephole LSTM) against independent oracles.
 
 Forward: an ONNX `LSTM` node with its peephole input P, run by ONNX Runtime
 (float32, with sequence lengths) and by onnx.reference (float64). Gradients: a
@@ -94,7 +94,7 @@ def test_forward_matches_onnx_reference_in_float64(bidirectional):
     p = make_problem("LSTM", T=T, N=N, I=I, H=H, bidirectional=bidirectional, peephole=True,
                      seed=4)
     model = onnx_lstm(p["params"], I, H, bidirectional, np.float64)
-    # onnx.reference ignores sequence_lens (VARIANTS.md): full lengths only.
+    # onnx.reference ignores sequence_lens (docs/cells.md): full lengths only.
     theirs = onnx_outputs(*ReferenceEvaluator(model).run(None, {
         "X": p["x"], "lengths": np.full(N, T, np.int32), "h0": p["h0"], "c0": p["c0"]}))
     for name, a, b in zip(("output", "h_n", "c_n"), run_forward(p)[:3], theirs):

@@ -1,4 +1,4 @@
-"""The reference's recurrent dropout and zoneout (VARIANTS.md C) against torch loops.
+"""The reference's recurrent dropout and zoneout (docs/cells.md, Recurrent dropout and zoneout) against torch loops.
 
 * Recurrent dropout: one mask per layer-direction on h_{t-1} where it enters the
   recurrent product, shared by all gates (Gal & Ghahramani; Keras with one mask). For

@@ -5,7 +5,7 @@ implementations in interleaved rounds (so machine noise hits them alike), takes
 the median per implementation, and prints ratios. Before timing, the fused result
 of each case is checked against the reference.
 
-The grid is the one in DESIGN.md: float32, one layer, one direction unless said.
+The grid is the one of docs/performance.md: float32, one layer, one direction unless said.
 ``--models`` times whole torch models instead, torch against ``accelerate(model)``,
 one process per measurement (see ``lstmfast.bench_models``). ``--peers`` times
 inference against torch and ONNX Runtime, in float32, int8 and bfloat16 (see
@@ -633,7 +633,7 @@ def _geomean(values):
 
 
 def summarize(results):
-    """Geometric-mean speedups over the DESIGN.md grid (no variants), per mode and thread count.
+    """Geometric-mean speedups over the grid of docs/performance.md (no variants), per mode and thread count.
 
     lstmfast here is the fused kernels when built, else the reference.
     """

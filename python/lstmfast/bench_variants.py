@@ -8,12 +8,12 @@ every gradient), three implementations are timed in interleaved blocks
 (``bench.time_interleaved``) after their outputs are checked against each other:
 
 * ``torch loop``: the variant written as users write it, a Python loop over torch ops
-  with autograd (for the peephole LSTM: the ONNX/TensorFlow equations of VARIANTS.md A;
+  with autograd (for the peephole LSTM: the ONNX/TensorFlow equations of docs/cells.md, Peephole LSTM;
   for the CTRNN: Yang & Wang's primer module, as published; for the layer-normalized
   LSTM: torchaudio's RNN-T ``_CustomLSTM(layer_norm=True)``, itself when torchaudio
   imports, else its code transcribed, ``CustomLSTMLoop``);
 * ``lstmfast``: the variant's lstmfast.torch module (fused forward and BPTT);
-  for the regularizers (VARIANTS.md C): a loop over ``nn.LSTMCell`` with one recurrent
+  for the regularizers (docs/cells.md, Recurrent dropout and zoneout): a loop over ``nn.LSTMCell`` with one recurrent
   dropout mask on h per sequence, and ESPnet's ZoneOutCell around ``nn.LSTMCell``);
 * ``plain``: lstmfast.torch's plain layer of the same shape (LSTM; RNN for the CTRNN;
   the LSTM without the regularizer for the regularizers).
@@ -282,25 +282,25 @@ _CELL_NAMES = {"cell.weight_ih": "lstm.weight_ih_l0", "cell.weight_hh": "lstm.we
 
 VARIANTS = {
     "peephole": {
-        "describe": "peephole LSTM (VARIANTS.md A)",
+        "describe": "peephole LSTM (docs/cells.md, Peephole LSTM)",
         "sizes": {"full": dict(T=100, N=8, I=256, H=256), "tiny": dict(T=4, N=2, I=3, H=5)},
         "modules": _peephole_modules,
         "loop_names": {},  # the loop's parameter names are ours without _l0
     },
     "ln_lstm": {
-        "describe": "layer-normalized LSTM (VARIANTS.md B), torchaudio's RNN-T form, eps 1e-3",
+        "describe": "layer-normalized LSTM (docs/cells.md, Layer-normalized LSTM), torchaudio's RNN-T form, eps 1e-3",
         "sizes": {"full": dict(T=100, N=8, I=512, H=512), "tiny": dict(T=4, N=2, I=3, H=5)},
         "modules": _ln_lstm_modules,
         "loop_names": _LN_LSTM_NAMES,
     },
     "ctrnn": {
-        "describe": "continuous-time RNN (VARIANTS.md D), leak inside the relu, alpha 0.2",
+        "describe": "continuous-time RNN (docs/cells.md, Continuous-time RNN), leak inside the relu, alpha 0.2",
         "sizes": {"full": dict(T=100, N=16, I=3, H=64), "tiny": dict(T=4, N=2, I=3, H=5)},
         "modules": _ctrnn_modules,
         "loop_names": _CTRNN_NAMES,
     },
     "rec_dropout": {
-        "describe": "LSTM with recurrent dropout 0.25 (VARIANTS.md C), one mask per sequence",
+        "describe": "LSTM with recurrent dropout 0.25 (docs/cells.md, Recurrent dropout and zoneout), one mask per sequence",
         "sizes": {"full": dict(T=100, N=16, I=256, H=256), "tiny": dict(T=4, N=2, I=3, H=5)},
         "modules": _regularizer_modules(RecurrentDropoutLoop, 0.25, {"recurrent_dropout": 0.25}),
         "loop_names": _CELL_NAMES,
@@ -308,7 +308,7 @@ VARIANTS = {
         "check_masks": lambda s: _check_masks("recurrent_dropout", s),
     },
     "zoneout": {
-        "describe": "LSTM with zoneout (0.1, 0.1) (VARIANTS.md C), ESPnet's convention",
+        "describe": "LSTM with zoneout (0.1, 0.1) (docs/cells.md, Recurrent dropout and zoneout), ESPnet's convention",
         "sizes": {"full": dict(T=100, N=16, I=256, H=256), "tiny": dict(T=4, N=2, I=3, H=5)},
         "modules": _regularizer_modules(ZoneoutLoop, 0.1, {"zoneout": (0.1, 0.1)}),
         "loop_names": _CELL_NAMES,

@@ -691,7 +691,7 @@ class _RNNBase(_Module):
         sequence for every step and gate; ``zoneout_mask`` a pair ``(m_h, m_c)`` (m_c None
         without a cell state), each with the shape of one direction's output in the
         caller's layout, H_out wide for h and H for c, optionally with a leading
-        ``D*num_layers``; 1 keeps the old value (VARIANTS.md C).
+        ``D*num_layers``; 1 keeps the old value (docs/cells.md, Recurrent dropout and zoneout).
         """
         return self._forward(x, hx, lengths, None, recurrent_dropout_mask, zoneout_mask)
 
@@ -945,7 +945,7 @@ class LSTM(_RNNBase):
     """Multi-layer LSTM, as ``torch.nn.LSTM`` (gates i, f, g, o; optional projection).
 
     ``peephole=True`` adds the peephole connections of the ONNX / TensorFlow form
-    (VARIANTS.md A): i and f also see the previous cell state, o the new one,
+    (docs/cells.md, Peephole LSTM): i and f also see the previous cell state, o the new one,
     through per-unit vectors ``weight_ci_l{k}``, ``weight_cf_l{k}``, ``weight_co_l{k}``
     (``(H,)`` each, plus ``_reverse``), drawn like the other parameters.
     """
@@ -988,7 +988,7 @@ class RNN(_RNNBase):
 
 class CTRNN(_RNNBase):
     """Continuous-time (leaky) RNN, the Euler step of tau dh/dt = -h + phi(...) with
-    ``alpha = dt / tau`` (VARIANTS.md D). With z = x W_ih^T + b_ih + h W_hh^T + b_hh:
+    ``alpha = dt / tau`` (docs/cells.md, Continuous-time RNN). With z = x W_ih^T + b_ih + h W_hh^T + b_hh:
 
     * ``leak="outside"`` (default): h' = (1 - alpha) h + alpha phi(z) + noise
     * ``leak="inside"``: h' = phi((1 - alpha) h + alpha z + noise), the form of Yang &
@@ -1051,7 +1051,7 @@ class CTRNN(_RNNBase):
 
 class LayerNormLSTM(_RNNBase):
     """Layer-normalized LSTM in the form of torchaudio's RNN-T predictor
-    (``torchaudio.models.rnnt._CustomLSTM(layer_norm=True)``, VARIANTS.md B):
+    (``torchaudio.models.rnnt._CustomLSTM(layer_norm=True)``, docs/cells.md, Layer-normalized LSTM):
 
         gates = LN_g(x W_ih^T + h W_hh^T)      one LayerNorm over all 4H, no linear biases
         i, f, o = sigmoid(gates), g = tanh(gates)   (torch's gate order i, f, g, o)
@@ -1192,7 +1192,7 @@ class _CellBase(_Module):
 
     def forward(self, x, hx=None, *, zoneout_mask=None, recurrent_dropout_mask=None):
         """``h1 = cell(x, h0)``; LSTMCell: ``h1, c1 = cell(x, (h0, c0))``, as torch.
-        With ``zoneout`` (ESPnet's ZoneOutCell, VARIANTS.md C) each unit keeps its old
+        With ``zoneout`` (ESPnet's ZoneOutCell, docs/cells.md, Recurrent dropout and zoneout) each unit keeps its old
         value where the mask (drawn per call in training, or ``zoneout_mask=(m_h, m_c)``
         of the state's shape) is 1; eval takes the expectation. With
         ``recurrent_dropout`` h is multiplied, where it enters the recurrent product, by a

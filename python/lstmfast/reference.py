@@ -69,7 +69,7 @@ def _linear_backward(dy, x, W, dW, db):
 
 def _recurrent_input(h, w):
     """h as the recurrent product h W_hh^T sees it: times the layer-direction's
-    recurrent dropout mask w["rec_mask"] (N, H_out) when there is one (VARIANTS.md C:
+    recurrent dropout mask w["rec_mask"] (N, H_out) when there is one (docs/cells.md, Recurrent dropout and zoneout:
     one mask shared by all gates, kept for the whole sequence)."""
     mask = w.get("rec_mask")
     return h if mask is None else h * mask
@@ -164,7 +164,7 @@ def lstm_cell_backward(dh_next, dc_next, cache, w, dw):
 
 
 # ----------------------------------------------------------------------------
-# Layer-normalized LSTM cell (VARIANTS.md B: torchaudio's RNN-T form)
+# Layer-normalized LSTM cell (docs/cells.md, Layer-normalized LSTM: torchaudio's RNN-T form)
 
 
 def layer_norm(a, weight, bias, eps):
@@ -318,7 +318,7 @@ def rnn_cell_backward(dh_next, cache, w, dw):
 
 
 # ----------------------------------------------------------------------------
-# Continuous-time (leaky) RNN cell (VARIANTS.md D)
+# Continuous-time (leaky) RNN cell (docs/cells.md, Continuous-time RNN)
 
 
 def ctrnn_cell_forward(x, h, w, nonlinearity, alpha, leak, noise=None):
@@ -464,7 +464,7 @@ def _layer_direction_forward(mode, x, h0, c0, w, lengths, reverse, noise=None,
     x: (T, N, I);  h0: (N, H_out);  c0: (N, H) or None;  lengths: (N,) ints in 1..T.
     reverse: walk t = T-1 down to 0 instead of 0 up to T-1.
     noise: a CTRNN's (T, N, H) noise, step t's at noise[t], or None.
-    zoneout: (m_h, m_c) (VARIANTS.md C, ESPnet's convention: 1 keeps the old value),
+    zoneout: (m_h, m_c) (docs/cells.md, Recurrent dropout and zoneout, ESPnet's convention: 1 keeps the old value),
         each None, a number (eval: the probability itself) or a (T, N, width) array:
             h_t = m_h h_{t-1} + (1 - m_h) h~_t,   c_t = m_c c_{t-1} + (1 - m_c) c~_t
         where h~_t, c~_t are the cell's step from (h_{t-1}, c_{t-1}); h~_t is computed

@@ -247,7 +247,7 @@ def _torch_layer_loop(s, x, h0, c0, masks, step):
 
 
 def _torch_ctrnn_stack(s, x, h0, c0, masks, *weights):
-    """A CTRNN stack (VARIANTS.md D) as a loop of torch ops (_torch_layer_loop); the
+    """A CTRNN stack (docs/cells.md, Continuous-time RNN) as a loop of torch ops (_torch_layer_loop); the
     noise, s["cell_options"]["noise"] ((L*D, T, N, H) or None), is a constant."""
     w = dict(zip(s["names"], weights))
     options = s["cell_options"]
@@ -267,7 +267,7 @@ def _torch_ctrnn_stack(s, x, h0, c0, masks, *weights):
 
 
 def _torch_ln_lstm_stack(s, x, h0, c0, masks, *weights):
-    """A layer-normalized LSTM stack (VARIANTS.md B, torchaudio's form) as a loop of
+    """A layer-normalized LSTM stack (docs/cells.md, Layer-normalized LSTM, torchaudio's form) as a loop of
     torch ops (_torch_layer_loop)."""
     w = dict(zip(s["names"], weights))
     eps = s["cell_options"]["layer_norm_eps"]
@@ -288,8 +288,8 @@ def _torch_ln_lstm_stack(s, x, h0, c0, masks, *weights):
 
 def _torch_loop_stack(s, x, h0, c0, masks, *weights):
     """An LSTM (peepholes and projection included), GRU or RNN stack, with recurrent
-    dropout and zoneout (VARIANTS.md C), as a loop of torch ops (_torch_layer_loop): what
-    torch's kernels cannot compute (peepholes: VARIANTS.md A; the regularizers). The
+    dropout and zoneout (docs/cells.md, Recurrent dropout and zoneout), as a loop of torch ops (_torch_layer_loop): what
+    torch's kernels cannot compute (peepholes: docs/cells.md, Peephole LSTM; the regularizers). The
     masks, s["cell_options"] (as the backends take them), are constants."""
     w = dict(zip(s["names"], weights))
     options = s.get("cell_options") or {}
@@ -485,7 +485,7 @@ class _FastRNNMixin:
     _lstmfast_backend = "fused"
     _lstmfast_quantized = False  # QuantizedLSTM / QuantizedGRU: int8 weights, inference only
     _lstmfast_autocast = True  # bfloat16 autocast runs on the bfloat16 weights path
-    recurrent_dropout = 0.0  # set by the constructors of LSTM, GRU and RNN (VARIANTS.md C)
+    recurrent_dropout = 0.0  # set by the constructors of LSTM, GRU and RNN (docs/cells.md, Recurrent dropout and zoneout)
     zoneout = (0.0, 0.0)
 
     def forward(self, input, hx=None, *, recurrent_dropout_mask=None,  # noqa: A002
@@ -804,7 +804,7 @@ def _autocast_dtypes(mode, proj_size, input_dtype):
 class LSTM(_FastRNNMixin, nn.LSTM):
     """``torch.nn.LSTM`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
     ``zoneout`` (a probability, or (p_h, p_c) for h and c)
-    add the regularizers of VARIANTS.md C (``lstmfast.LSTM``'s)."""
+    add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.LSTM``'s)."""
 
     _lstmfast_torch_class = nn.LSTM
 
@@ -816,7 +816,7 @@ class LSTM(_FastRNNMixin, nn.LSTM):
 class GRU(_FastRNNMixin, nn.GRU):
     """``torch.nn.GRU`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
     ``zoneout`` (a probability, or (p_h, p_c), p_c 0)
-    add the regularizers of VARIANTS.md C (``lstmfast.GRU``'s)."""
+    add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.GRU``'s)."""
 
     _lstmfast_torch_class = nn.GRU
 
@@ -828,7 +828,7 @@ class GRU(_FastRNNMixin, nn.GRU):
 class RNN(_FastRNNMixin, nn.RNN):
     """``torch.nn.RNN`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
     ``zoneout`` (a probability, or (p_h, p_c), p_c 0)
-    add the regularizers of VARIANTS.md C (``lstmfast.RNN``'s)."""
+    add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.RNN``'s)."""
 
     _lstmfast_torch_class = nn.RNN
 
@@ -911,7 +911,7 @@ class QuantizedGRU(_QuantizedRNNMixin, nnqd.GRU):
 
 
 class PeepholeLSTM(LSTM):
-    """An LSTM with peephole connections (VARIANTS.md A, the ONNX and TensorFlow
+    """An LSTM with peephole connections (docs/cells.md, Peephole LSTM, the ONNX and TensorFlow
     form), which torch.nn lacks: i and f also see the previous cell state, o the new
     one, through per-unit parameters ``weight_ci_l{k}``, ``weight_cf_l{k}``,
     ``weight_co_l{k}`` (``(hidden_size,)``, plus ``_reverse``), drawn as torch draws
@@ -1001,8 +1001,8 @@ def _torch_loop_forward(self, input, hx, stack, given=None):
 
 
 class LayerNormLSTM(LSTM):
-    """A layer-normalized LSTM in the form of torchaudio's RNN-T predictor (VARIANTS.md
-    B), which torch.nn lacks: no linear biases, one LayerNorm over the 4H gate
+    """A layer-normalized LSTM in the form of torchaudio's RNN-T predictor (docs/cells.md,
+    Layer-normalized LSTM), which torch.nn lacks: no linear biases, one LayerNorm over the 4H gate
     pre-activations and one over the new cell state, which is what is carried:
 
         gates = LN_g(x W_ih^T + h W_hh^T);  c' = LN_c(f c + i g);  h' = o tanh(c')
@@ -1117,7 +1117,7 @@ def _torchaudio_swaps():
 
 
 class CTRNN(RNN):
-    """A continuous-time (leaky) RNN (VARIANTS.md D), which torch.nn lacks: with
+    """A continuous-time (leaky) RNN (docs/cells.md, Continuous-time RNN), which torch.nn lacks: with
     z = x W_ih^T + b_ih + h W_hh^T + b_hh and alpha = dt / tau,
 
     * ``leak="outside"``: h' = (1 - alpha) h + alpha phi(z) + noise
@@ -1258,7 +1258,7 @@ class _FastCellMixin:
     """
 
     _lstmfast_backend = "fused"
-    zoneout = (0.0, 0.0)  # set by the constructors (VARIANTS.md C)
+    zoneout = (0.0, 0.0)  # set by the constructors (docs/cells.md, Recurrent dropout and zoneout)
     recurrent_dropout = 0.0
     _recurrent_dropout_mask = None  # kept for the steps of a sequence (Keras's convention)
 
@@ -1343,7 +1343,7 @@ def _masked_cell_step(cell, input, hx, mask):
 
 
 def _zoneout_cell_step(cell, input, hx, result, given):
-    """Zoneout of one cell step (VARIANTS.md C, ESPnet's ZoneOutCell: the convention of
+    """Zoneout of one cell step (docs/cells.md, Recurrent dropout and zoneout, ESPnet's ZoneOutCell: the convention of
     Tacotron 2's decoders): each unit keeps its old value with a mask drawn each call
     in training (1 keeps it), or given as ``zoneout_mask=(m_h, m_c)`` (training only),
     and with the probability's weight in eval: new = m old + (1 - m) new. Torch ops on

@@ -33,7 +33,7 @@ def test_example_runs(tmp_path, name, expected):
 
 
 def assert_reduced_precision_keeps_the_accuracy(stdout):
-    # README "Reduced precision": a trained classifier's accuracy within 0.5 points
+    # docs/guide.md "Reduced precision": a trained classifier's accuracy within 0.5 points
     # of float32's with its LSTM in int8 or under bfloat16 autocast.
     found = dict(re.findall(r"^(int8|bfloat16) test accuracy .* difference ([-+0-9.]+) points",
                             stdout, re.MULTILINE))

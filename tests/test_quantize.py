@@ -253,7 +253,7 @@ def test_reduced_layers_follow_the_reference_over_sequences(reduced_simd_target,
 @pytest.mark.parametrize("cls_name", ["LSTM", "GRU", "CTRNN"])  # LayerNormLSTM: test_torch_quantized
 def test_accuracy_contract_against_float32_on_random_weights(backend, precision, bound,
                                                              cls_name):
-    # README "Reduced precision": bfloat16 relative error <= 1e-2 against float32
+    # docs/guide.md "Reduced precision": bfloat16 relative error <= 1e-2 against float32
     # (relative to the largest output); int8's bound against torch's own int8 is in
     # test_torch_quantized.py, this one keeps it from drifting without torch.
     cls = getattr(lstmfast, cls_name)

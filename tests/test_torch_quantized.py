@@ -75,7 +75,7 @@ def test_accelerate_runs_torchs_int8_layers_on_the_kernels_with_their_weights(ki
 
 @pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
 def test_int8_error_is_no_larger_than_torchs_own(kind):
-    # README "Reduced precision": against float32, lstmfast's int8 output error is
+    # docs/guide.md "Reduced precision": against float32, lstmfast's int8 output error is
     # no larger than torch's quantize_dynamic error on the same model.
     torch.manual_seed(1)
     model = nn.Sequential(kind(64, 128, num_layers=2))

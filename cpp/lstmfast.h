@@ -170,7 +170,7 @@ struct LayerWeights {
   const Real* zone_c = nullptr;    // zone_c: [T, N, H] the same for c (LSTM)
   uint64_t zone_seed = 0;          // zone_seed: with LayerShape::zone_hashed, the masks are not arrays but
                                    //   drawn with probabilities zone_p_h, zone_p_c from this layer-direction's
-                                   //   seed by zoneout_keep (recurrent_gemm.h), in forward and again in backward
+                                   //   seed by zoneout_keep (regularizers.h), in forward and again in backward
 };
 
 // Gradients of one layer and direction: ADDED into (the caller zeroes them), or
@@ -204,7 +204,7 @@ struct LayerBuffers {
   Real* W_hh_t = nullptr; // W_hh_t: LSTM with P > 0, [H_out, G*H] scratch: W_hh^T laid out once per call for the few-row GEMM
   Real* W_hr_t = nullptr; // W_hr_t: [H, P] scratch: W_hr^T likewise (LSTM with P > 0)
   Real* W_hh_p = nullptr; // W_hh_p: without P, [packed_size(G, H, H_out)] scratch: W_hh packed once per call into
-                          //   gate-interleaved panels for the fused recurrent kernel (recurrent_gemm.h)
+                          //   gate-interleaved panels for the fused recurrent kernel (recurrent_product.h)
   Real* W_ih_p = nullptr; // W_ih_p: [packed_size(G, H, I)] scratch: W_ih packed likewise, for the input projection
                           //   of a few steps at a time on the pool; nullptr: projected at once by OpenBLAS
   Real* h = nullptr;      // h: [S+1, N, H_out] training / [2, N, H_out] inference: h per step, sorted rows, slot 0 = h0
@@ -218,7 +218,7 @@ struct LayerBuffers {
                           //   (row stride 4H), whose values each step reads before it writes
   Real* dG_in = nullptr;  // dG_in: GRU [S, N, 3H] gradient of the input pre-activations (x W_ih^T); differs from dG by r in the n block
   Real* W_hh_c = nullptr; // W_hh_c: LSTM without P, RNN: [packed_size(G, H, H)] scratch: W_hh packed once per
-                          //   backward by column blocks for dh = dG W_hh (recurrent_gemm.h)
+                          //   backward by column blocks for dh = dG W_hh (recurrent_product.h)
   Real* dh = nullptr;     // dh: [N, H_out] gradient flowing into h of the current step
   Real* dc = nullptr;     // dc: LSTM [N, H] gradient flowing into c of the current step
   Real* dhs = nullptr;    // dhs: LSTM with P > 0: [S, N, P] total gradient of h per step (for dW_hr)
@@ -380,7 +380,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
                     bool assign = false);
 
 // The zoneout seed of layer-direction ld (Params::zone_seed) from a call's seed:
-// splitmix64(seed + ld) (recurrent_gemm.h: zoneout_keep).
+// splitmix64(seed + ld) (regularizers.h: zoneout_keep).
 uint64_t zoneout_layer_seed(uint64_t seed, int64_t ld);
 
 // Threads in total for one call (the directions run concurrently when >= 2).

@@ -210,7 +210,7 @@ def initial_state(rng, layer, cls_name, N):
 @needs_fused
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("cls_name, options", CONFIGS)
-@pytest.mark.parametrize("N", [6, 2], ids=["widened", "in-place"])  # stack.cpp: kBf16InPlaceBatch
+@pytest.mark.parametrize("N", [6, 2], ids=["widened", "in-place"])  # drivers/stack.cpp: kBf16InPlaceBatch
 def test_reduced_layers_match_the_reference_in_one_step(reduced_simd_target, precision, cls_name,
                                                         options, N):
     # One step from a given state: every operand a product prepares (x, h0) is the
@@ -232,7 +232,7 @@ def test_reduced_layers_match_the_reference_in_one_step(reduced_simd_target, pre
 @pytest.mark.parametrize("precision", PRECISIONS)
 @pytest.mark.parametrize("cls_name, options", CONFIGS)
 @pytest.mark.parametrize("T, N", [(9, 5), (12, 3), (5, 2)],
-                         ids=["widened", "input-widened", "in-place"])  # stack.cpp: kWidenBf16Rows
+                         ids=["widened", "input-widened", "in-place"])  # drivers/stack.cpp: kWidenBf16Rows
 def test_reduced_layers_follow_the_reference_over_sequences(reduced_simd_target, precision,
                                                             cls_name, options, T, N):
     # Where an ulp of h flips one prepared value, that value moves by one step of

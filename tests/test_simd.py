@@ -1,6 +1,6 @@
 """The vector math of every compiled SIMD target, and the caller's floating-point state.
 
-exp, sigmoid and tanh (cpp/simd.h, reached through the test hook _core._activation)
+exp, sigmoid and tanh (cpp/runtime/simd.h, reached through the test hook _core._activation)
 are compared with NumPy in float64 over a dense range, tiny and huge inputs included,
 in units in the last place (ulp) of the result's dtype.
 """

@@ -151,7 +151,7 @@ def test_barriers_hold_with_spinning():
 
 
 # ------------------------------------------------------------------------------------------
-# The waiting policy's decisions (thread_pool.cpp), checked without timing where they can
+# The waiting policy's decisions (runtime/thread_pool.cpp), checked without timing where they can
 # be: on the policy itself, on counts of what the pool did, and with margins far beyond
 # any scheduling delay where threads must run.
 

@@ -1,5 +1,5 @@
 // The persistent pool (see thread_pool.h).
-#include "thread_pool.h"
+#include "runtime/thread_pool.h"
 
 #include <pthread.h>
 #include <sched.h>
@@ -25,7 +25,7 @@
 #include <unistd.h>
 #endif
 
-#include "denormals.h"
+#include "runtime/denormals.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "lstmfast.h"
-#include "reduced_products.h"
+#include "products/reduced_products.h"
 
 namespace lstmfast {
 
@@ -41,7 +41,7 @@ struct TypedKernels {
   const CellKernels<Real>& cell(Mode mode) const { return cells[static_cast<int>(mode)]; }
 };
 
-// C[n, M] = A[n, K] W^T with reduced weights (recurrent_gemm.h: reduced_product),
+// C[n, M] = A[n, K] W^T with reduced weights (layer_products.h: reduced_product),
 // by the given products, act giving the scratch for n prepared rows.
 using ReducedProductFn = void (*)(float* C, int64_t ldc, const float* A, const ReducedMatrix& W,
                                   int64_t n, const ReducedProducts& products,

@@ -1,7 +1,8 @@
 // The table of this instruction set's kernels (see dispatch.h), and the
 // activation test hook. Compiled once per instruction set.
-#include "dispatch.h"
-#include "recurrent_gemm.h"
+#include "runtime/dispatch.h"
+#include "cells/cell.h"
+#include "drivers/drivers.h"
 
 namespace lstmfast {
 namespace LSTMFAST_ISA {

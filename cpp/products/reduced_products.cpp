@@ -11,12 +11,12 @@
 #error "reduced_products.cpp is compiled once per instruction set: -DLSTMFAST_ISA=<name>"
 #endif
 
-#include "reduced_products.h"
+#include "products/reduced_products.h"
 
 #include <cstring>
 #include <type_traits>
 
-#include "simd.h"
+#include "runtime/simd.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>

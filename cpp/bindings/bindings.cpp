@@ -13,11 +13,11 @@
 #include <utility>
 #include <vector>
 
-#include "dispatch.h"
-#include "gemm.h"
+#include "runtime/dispatch.h"
+#include "runtime/gemm.h"
 #include "lstmfast.h"
-#include "thread_pool.h"
-#include "workspace.h"
+#include "runtime/thread_pool.h"
+#include "runtime/workspace.h"
 
 namespace py = pybind11;
 

@@ -1,4 +1,4 @@
-#include "workspace.h"
+#include "runtime/workspace.h"
 
 #include <cstdlib>
 #include <mutex>

@@ -8,7 +8,8 @@
 //   h'    = m W_hr^T with a projection (P > 0), else m
 // With peepholes (w.peephole; docs/cells.md) i and f also see c, and o sees c':
 //   i = sigmoid(pre_i + P_i c)   f = sigmoid(pre_f + P_f c)   o = sigmoid(pre_o + P_o c')
-#include "recurrent_gemm.h"
+#include "cells/cell.h"
+#include "drivers/drivers.h"
 
 namespace lstmfast {
 namespace LSTMFAST_ISA {
@@ -92,7 +93,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
     Real* m = P ? buf.m + (kTraining ? k * N * H : 0) : h_next;
     Real* gates = kTraining ? buf.gates + k * N * GH : nullptr;
 
-    mask_state(buf, k, s, 0, N, 0, H_out);  // recurrent dropout (recurrent_gemm.h)
+    mask_state(buf, k, s, 0, N, 0, H_out);  // recurrent dropout (regularizers.h)
     const Real* h_in = product_input(buf, k, s);
     if (direct)
       weight_product(buf.rec, GH, h_in, w.W_hh, w.W_hh_r, n, H_out, GH, buf, w, s.threads);

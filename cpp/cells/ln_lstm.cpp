@@ -9,7 +9,7 @@
 //   h'    = o tanh(c')
 //
 // A layer norm needs a whole row, while the recurrent product is shared by units
-// (recurrent_gemm.h). So a step has two phases with a barrier between them: each
+// (recurrent_product.h). So a step has two phases with a barrier between them: each
 // thread computes a for its unit blocks, all rows; then each thread takes its share
 // of the rows for the two layer norms, the activations and the state update.
 // Backward likewise: the row phase (through both layer norms) and, after a barrier,
@@ -19,7 +19,8 @@
 
 #include <type_traits>
 
-#include "recurrent_gemm.h"
+#include "cells/cell.h"
+#include "drivers/drivers.h"
 
 namespace lstmfast {
 namespace LSTMFAST_ISA {

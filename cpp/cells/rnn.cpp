@@ -2,7 +2,8 @@
 // Compiled once per instruction set (see cell.h); arguments are documented in lstmfast.h.
 //
 //   h' = act(x W_ih^T + h W_hh^T + b_ih + b_hh),  act = tanh or relu
-#include "recurrent_gemm.h"
+#include "cells/cell.h"
+#include "drivers/drivers.h"
 
 namespace lstmfast {
 namespace LSTMFAST_ISA {
@@ -45,7 +46,7 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
     const int64_t n = walk.active(k);
     const Real* h_prev = buf.h + slot(k, s.training) * N * H;
     Real* h_next = buf.h + slot(k + 1, s.training) * N * H;
-    mask_state(buf, k, s, 0, N, 0, H);  // recurrent dropout (recurrent_gemm.h)
+    mask_state(buf, k, s, 0, N, 0, H);  // recurrent dropout (regularizers.h)
     weight_product(buf.rec, H, product_input(buf, k, s), w.W_hh, w.W_hh_r, n, H, H, buf, w, s.threads);
     for (int64_t b = 0; b < n; ++b) {
       const int64_t at = walk.at(k, b);

@@ -22,12 +22,12 @@
 #include <sched.h>
 #endif
 
-#include "denormals.h"
-#include "dispatch.h"
-#include "gemm.h"
+#include "runtime/denormals.h"
+#include "runtime/dispatch.h"
+#include "runtime/gemm.h"
 #include "lstmfast.h"
-#include "thread_pool.h"
-#include "workspace.h"
+#include "runtime/thread_pool.h"
+#include "runtime/workspace.h"
 
 namespace lstmfast {
 
@@ -301,11 +301,11 @@ void round_rows_to_bfloat16(Real* out, const Real* x, int64_t n) {
 // float32 once per call (OpenBLAS's sgemm, or the fused float path) than in
 // place: in place, every row tile widens the weights again in registers, and
 // with AVX2 nothing multiplies bfloat16 itself. Below it (a short call, whose
-// products run in place anyway: cell.h's kDirectRowSteps), and for the step of
+// products run in place anyway: small_products.h's kDirectRowSteps), and for the step of
 // a few rows, the kernels stream half the bytes of float32.
 constexpr int64_t kWidenBf16Rows = 32;
 // Batch rows up to which the step multiplies by bfloat16 weights in place (as
-// cell.h's kSmallGemmRows); with more, the whole layer runs on widened weights.
+// kernel_unit.h's kSmallGemmRows); with more, the whole layer runs on widened weights.
 constexpr int64_t kBf16InPlaceBatch = 4;
 
 // Scratch for the float32 forms of a bfloat16 layer's weights (null: not widened).
@@ -506,7 +506,7 @@ void for_directions(int64_t D, F&& f) {
 // writes all 4H x H of it (16 MB per call for an LSTMCell of 1024), which one step
 // cannot repay, and a barrier per step costs more than a step's work at one row.
 // The forward of such calls takes the in-place path for the same reasons
-// (kDirectRowSteps in cell.h).
+// (kDirectRowSteps in small_products.h).
 constexpr int64_t kShortBackwardRowSteps = 16;
 
 template <typename Real>

@@ -1,4 +1,4 @@
-#include "gemm.h"
+#include "runtime/gemm.h"
 
 #include <cblas.h>
 

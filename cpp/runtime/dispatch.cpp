@@ -1,6 +1,6 @@
 // Run-time choice of the instruction set (see dispatch.h). Compiled without any
 // ISA flags: it only asks the CPU what it supports and hands out a target.
-#include "dispatch.h"
+#include "runtime/dispatch.h"
 
 #include <atomic>
 #include <stdexcept>

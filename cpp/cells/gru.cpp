@@ -6,7 +6,8 @@
 //   z  = sigmoid(gi_z + gh_z)
 //   n  = tanh(gi_n + r * gh_n)                      (gh_n = W_hn h + b_hn: b_hn stays inside r)
 //   h' = (1 - z) n + z h
-#include "recurrent_gemm.h"
+#include "cells/cell.h"
+#include "drivers/drivers.h"
 
 namespace lstmfast {
 namespace LSTMFAST_ISA {
@@ -58,7 +59,7 @@ void forward_direct(Real* y, int64_t ldy, Real* h_n, const LayerBuffers<Real>& b
     const int64_t n = walk.active(k);
     const Real* h_prev = buf.h + slot(k, kTraining) * N * H;
     Real* h_next = buf.h + slot(k + 1, kTraining) * N * H;
-    mask_state(buf, k, s, 0, N, 0, H);  // recurrent dropout (recurrent_gemm.h)
+    mask_state(buf, k, s, 0, N, 0, H);  // recurrent dropout (regularizers.h)
     weight_product(buf.rec, GH, product_input(buf, k, s), w.W_hh, w.W_hh_r, n, H, GH, buf, w,
                    s.threads);
     for (int64_t b = 0; b < n; ++b) {

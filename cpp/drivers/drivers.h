@@ -1,0 +1,215 @@
+// The time loops every cell's layer runs on the pool; the cells give the per-step
+// part as a lambda: forward_on_pool (packs W_hh and W_ih once per call, projects the
+// input a few steps ahead, then one recurrent_step per step with the cell's
+// epilogue), reduced_steps (the same with int8 or bfloat16 weights) and
+// backward_on_pool (the cell's pointwise backward, then dh = dG W_hh on the same
+// tiles, then the weight gradients). The cell files include this header, which
+// brings in every floor below it. Included only by the per-ISA kernel units.
+#pragma once
+
+#include "products/layer_products.h"
+#include "products/recurrent_product.h"
+#include "drivers/regularizers.h"
+
+namespace lstmfast {
+namespace LSTMFAST_ISA {
+
+// The input projection of a few steps at a time (forward_on_pool): each thread
+// projects the rows of the next steps onto its unit blocks, on W_ih packed as
+// W_hh is, just before the steps read them. Projected all at once (one OpenBLAS
+// GEMM per thread), xproj ([T, N, G*H]: 13 MB for LSTM N=32 H=256) had left the
+// caches by the time each step read its rows: a quarter of the gate math's time
+// went to those loads (AVX-512, one thread), and OpenBLAS first cleared all of
+// xproj in a pass of its own (beta 0).
+//
+// Bytes of xproj one chunk of steps may fill: they stay in L2 until read.
+constexpr int64_t kProjectionChunkBytes = 256 * 1024;
+
+// Whether the steps of a chunk read one contiguous block of rows of x: every walk
+// but the reverse one with lengths (each row then starts at its own end).
+template <typename Real>
+inline bool projection_in_chunks(const LayerShape& s, const LayerBuffers<Real>& buf) {
+  return buf.W_ih_p != nullptr && !(s.reverse && s.lengths);
+}
+
+// Steps per chunk: at least one.
+template <typename Real>
+inline int64_t projection_chunk_steps(int64_t ldx, const LayerShape& s) {
+  const int64_t step_bytes = s.N * ldx * static_cast<int64_t>(sizeof(Real));
+  return step_bytes >= kProjectionChunkBytes ? 1 : kProjectionChunkBytes / step_bytes;
+}
+
+// xproj rows of steps k0..k1-1 (rows ldx apart) = x W_ih^T for the units of blocks
+// u0..u1-1 (W_ih_p packed by pack_gate_panels): the rows of those steps' times are
+// one block of x, in its order, as xproj's (LayerShape::offsets when packed).
+template <typename Real, int G>
+inline void project_steps(Real* xproj, int64_t ldx, const Real* x, const Real* W_ih_p,
+                          const LayerShape& s, int64_t k0, int64_t k1, int64_t u0, int64_t u1) {
+  const int64_t t0 = s.reverse ? s.T - k1 : k0, t1 = s.reverse ? s.T - k0 : k1;
+  const int64_t r0 = s.offsets ? s.offsets[t0] : t0 * s.N;
+  const int64_t r1 = s.offsets ? s.offsets[t1] : t1 * s.N;
+  const int64_t H = s.H;
+  recurrent_step<Real, G>(x + r0 * s.I, s.I, r1 - r0, s.I, W_ih_p, H, u0, u1,
+                          [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
+                            Real* out = xproj + (r0 + b) * ldx + j;
+                            for (int g = 0; g < G; ++g) st(out + g * H, acc[g], lanes);
+                          });
+}
+
+// The steps of an inference layer with reduced W_hh and no projection, in one
+// pool job (few products per step and a job each, as the direct path has, paid
+// a wake-up per step and left the gate math to one thread). Every step:
+//   0. every few steps (as forward_on_pool: projection_in_chunks), the input
+//      projection of the next steps: the threads prepare their share of those
+//      rows of x, and after a barrier each multiplies them by its panels of W_ih
+//      into xproj (rows ldx apart);
+//   1. each thread multiplies h of the step (prepared: quantized or rounded) by
+//      its panels of W_hh for all running rows, into buf.rec;
+//   2. after a barrier, each thread takes its share of the N rows: for a running
+//      row b (b < n) step_row(k, b, true) does the cell's gate math, writing h of
+//      step k + 1 in slot (k + 1) & 1 of buf.h; a finished row keeps its h (copied
+//      here) and step_row(k, b, false) keeps the cell's other state; then the
+//      thread prepares its rows of the new h;
+//   3. a barrier, as h of step k + 1 is read whole by every thread.
+// Below kReducedSerialWork multiply-adds per step the calling thread does it all.
+// The rows of h are prepared into buf.act_state, those of x into buf.act.
+template <typename StepRow>
+inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_t ldx,
+                          const LayerWeights<float>& w, const LayerShape& s, StepRow&& step_row) {
+  const Walk walk(s);
+  const ReducedMatrix& W_hh = *w.W_hh_r;
+  const ReducedProducts& products = *w.products;
+  const int64_t N = s.N, K = W_hh.K, S = steps_of(s);
+  // W_ih widened to float32 (a bfloat16 layer without vdpbf16ps) or scattered rows:
+  // projected at once.
+  const bool chunked = w.W_ih_r && !(s.reverse && s.lengths);
+  if (!chunked) direct_input_projection(buf.xproj, ldx, x, w, ldx, buf, s);
+  const int64_t chunk = projection_chunk_steps<float>(ldx, s);
+  const int threads = s.threads <= 1 || N * W_hh.M * K < kReducedSerialWork ? 1 : s.threads;
+  auto body = [&](int tid, int nt) {
+    const int64_t p0 = W_hh.panels * tid / nt, p1 = W_hh.panels * (tid + 1) / nt;
+    const int64_t b0 = N * tid / nt, b1 = N * (tid + 1) / nt;
+    auto barrier = [nt] {
+      if (nt > 1) pool_barrier();
+    };
+    products.prepare_rows(*buf.act_state, buf.h, K, W_hh, b0, b1);
+    barrier();
+    for (int64_t k = 0; k < S; ++k) {
+      if (chunked && k % chunk == 0) {
+        const int64_t k1 = k + chunk < S ? k + chunk : S;
+        const int64_t t0 = s.reverse ? s.T - k1 : k, t1 = s.reverse ? s.T - k : k1;
+        const int64_t r0 = s.offsets ? s.offsets[t0] : t0 * N;
+        const int64_t rows = (s.offsets ? s.offsets[t1] : t1 * N) - r0;
+        const ReducedMatrix& W_ih = *w.W_ih_r;
+        products.prepare_rows(*buf.act, x + r0 * s.I, s.I, W_ih, rows * tid / nt,
+                              rows * (tid + 1) / nt);
+        barrier();
+        products.panels(buf.xproj + r0 * ldx, ldx, *buf.act, rows, W_ih, W_ih.panels * tid / nt,
+                        W_ih.panels * (tid + 1) / nt);
+      }
+      const int64_t n = walk.active(k);
+      products.panels(buf.rec, W_hh.M, *buf.act_state, n, W_hh, p0, p1);
+      barrier();
+      float* h_next = buf.h + ((k + 1) & 1) * N * K;
+      for (int64_t b = b0; b < b1; ++b) {
+        if (b >= n)  // finished rows keep their state
+          copy_row(h_next + b * K, buf.h + (k & 1) * N * K + b * K, K);
+        step_row(k, b, b < n);
+      }
+      products.prepare_rows(*buf.act_state, h_next, K, W_hh, b0, b1);
+      barrier();
+    }
+  };
+  if (threads <= 1)
+    body(0, 1);
+  else
+    run_on_pool(threads, body);
+}
+
+// The forward: each thread packs the panels and projects the inputs (rows ldx
+// apart) of its unit blocks (a few steps ahead, or all at once: see
+// projection_in_chunks), then runs step(k, n, mine) for every step k with n rows
+// running, a barrier after each (the next step needs all of h).
+template <typename Real, int G, typename Step>
+inline void forward_on_pool(const LayerBuffers<Real>& buf, const Real* x, int64_t ldx,
+                            const LayerWeights<Real>& w, const LayerShape& s, Step&& step) {
+  const Walk walk(s);
+  const int64_t H = s.H, S = steps_of(s);
+  const bool chunked = projection_in_chunks(s, buf);
+  const int64_t chunk = projection_chunk_steps<Real>(ldx, s);
+  auto body = [&](int tid, int nt) {
+    const UnitShare mine = unit_share<Real>(H, tid, nt);
+    pack_gate_panels<Real, G>(buf.W_hh_p, w.W_hh, H, H, mine.u0, mine.u1);
+    if (chunked)
+      pack_gate_panels<Real, G>(buf.W_ih_p, w.W_ih, H, s.I, mine.u0, mine.u1);
+    else
+      input_projection_units(buf.xproj, ldx, x, w.W_ih, G, H, mine.j0, mine.j1, s);
+    if (buf.hm) {  // recurrent dropout: each thread masks its units of h, all rows
+      mask_state(buf, 0, s, 0, s.N, mine.j0, mine.j1);
+      pool_barrier();
+    }
+    for (int64_t k = 0; k < S; ++k) {
+      if (chunked && k % chunk == 0)
+        project_steps<Real, G>(buf.xproj, ldx, x, buf.W_ih_p, s, k, k + chunk < S ? k + chunk : S,
+                               mine.u0, mine.u1);
+      step(k, walk.active(k), mine);
+      mask_state(buf, k + 1, s, 0, s.N, mine.j0, mine.j1);
+      pool_barrier();
+    }
+  };
+  run_on_pool(s.threads, body);
+}
+
+// The backward. A thread owns units j0..j1-1: at every step, last to first,
+// pointwise(k, n, mine) writes its units' gate gradients into dG (GK columns, rows
+// ldg apart) and leaves in dh the part of its gradient that bypasses W_hh; after a
+// barrier (dh needs every unit's dG) the thread computes its columns of
+// dh = dG W_hh (added to what pointwise left when accumulate_dh), which only its own
+// next step reads. After the loop, a barrier and its share of the weight gradients.
+//
+// With zoneout (zoneout_step) the cell's pointwise is wrapped: it is given (1 - m) of
+// the step's gradient (dy folded in, so the cell must read no dy: see zoneout_dy), and
+// m of it is added to dh (and dc) after, before dh = dG W_hh is added.
+template <typename Real, typename Pointwise>
+inline void backward_on_pool(Real* dG_x, const LayerGrads<Real>& dw, const LayerBuffers<Real>& buf,
+                             Real* dG, int64_t ldg, const Real* dG_in, int64_t GK,
+                             bool accumulate_dh, const Real* x, const LayerWeights<Real>& w,
+                             const LayerShape& s, Pointwise&& pointwise,
+                             const Real* dy = nullptr, int64_t lddy = 0) {
+  const Walk walk(s);
+  const int64_t N = s.N, H = s.H, S = steps_of(s);
+  const bool zoned = zoneout(w, s);
+  const bool cell_leaves_dh = accumulate_dh;  // the cell writes a bypass into dh itself
+  accumulate_dh = accumulate_dh || zoned;
+  auto body = [&](int tid, int nt) {
+    const UnitShare mine = unit_share<Real>(H, tid, nt);
+    if (buf.W_hh_c) pack_column_panels(buf.W_hh_c, w.W_hh, GK, H, mine.u0, mine.u1);
+    for (int64_t k = S - 1; k >= 0; --k) {
+      const int64_t n = walk.active(k);
+      if (mine.j1 > mine.j0) {
+        if (zoned)
+          zoneout_backward_before(buf, dy, lddy, w, s, k, n, mine.j0, mine.j1, mine.j0, mine.j1);
+        pointwise(k, n, mine);
+        if (zoned)
+          zoneout_backward_after(buf, w, s, n, mine.j0, mine.j1, mine.j0, mine.j1, cell_leaves_dh);
+      }
+      pool_barrier();
+      const Real* dG_step = dG + k * N * ldg;
+      // With recurrent dropout the product goes to dh_rec first: the mask applies to it alone.
+      Real* dh = buf.hm ? buf.dh_rec : buf.dh;
+      const bool accumulate = accumulate_dh && !buf.hm;
+      if (buf.W_hh_c)
+        dh_product(dh, dG_step, ldg, buf.W_hh_c, n, GK, H, mine.u0, mine.u1, accumulate);
+      else
+        dh_product_stored(dh, dG_step, ldg, w.W_hh, n, GK, H, mine.j0, mine.j1, accumulate);
+      if (buf.hm) masked_dh(buf, n, H, mine.j0, mine.j1, accumulate_dh);
+    }
+    pool_barrier();
+    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, ldg, dG_in, buf.hm ? buf.hm : buf.h, x,
+                           GK, s);
+  };
+  run_on_pool(s.threads, body);
+}
+
+}  // namespace LSTMFAST_ISA
+}  // namespace lstmfast

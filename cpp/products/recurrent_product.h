@@ -1,0 +1,287 @@
+// The forward's per-step recurrent product with the gate math in its epilogue.
+//
+// W_hh [G*H, K] is packed once per call into panels that interleave the G gates
+// of a block of U units (U = the vector width). Panel u is cut into chunks of C
+// gates (C = kChunkGates<G>), one after the other; chunk q holds, for k = 0..K-1
+// and gate g = q*C .. q*C+C-1, the U weights W_hh[g*H + u*U + l, k], l = 0..U-1
+// (zero past H), so a pass over one chunk reads memory in order. One micro-kernel
+// then computes all G gate pre-activations of a unit block for R batch rows in
+// registers (R x C vector accumulators per pass, k innermost) and hands them to
+// the cell's epilogue (add x W_ih^T and bias, activations, state update), so the
+// pre-activations never go to memory. Gates of a unit stay together, so a thread
+// owning a range of unit blocks does its whole share of a step with no other
+// thread's results but h of the step before.
+//
+// The backward's dh = dG W_hh runs on the same kind of tiles (pack_column_panels,
+// dh_product). Included only by the per-ISA kernel units (see kernel_unit.h).
+#pragma once
+
+#include <type_traits>
+
+#include "products/small_products.h"
+
+namespace lstmfast {
+namespace LSTMFAST_ISA {
+
+// Unit blocks of the panels: ceil(H / U).
+template <typename Real>
+inline int64_t unit_blocks(int64_t H) {
+  return (H + kWidth<Real> - 1) / kWidth<Real>;
+}
+
+// Gates interleaved in one chunk of a panel (see above): LSTM panels hold two
+// chunks of two gates, each read by its own pass of a tile.
+template <int G>
+constexpr int kChunkGates = G == 4 ? 2 : G;
+
+// Packs blocks u0..u1-1 of W_hh into panels (see above).
+//   panels: [unit_blocks(H), G / C, K, C, U] out with C = kChunkGates<G>;  W_hh: [G*H, K]
+template <typename Real, int G>
+inline void pack_gate_panels(Real* panels, const Real* W_hh, int64_t H, int64_t K, int64_t u0,
+                             int64_t u1) {
+  constexpr int64_t U = kWidth<Real>, C = kChunkGates<G>;
+  for (int64_t u = u0; u < u1; ++u)
+    for (int64_t g = 0; g < G; ++g) {
+      Real* chunk = panels + u * K * G * U + (g / C) * K * C * U;
+      for (int64_t l = 0; l < U; ++l) {
+        const int64_t unit = u * U + l;
+        const Real* w = W_hh + (g * H + unit) * K;
+        Real* dst = chunk + (g % C) * U + l;
+        if (unit < H)
+          for (int64_t k = 0; k < K; ++k) dst[k * C * U] = w[k];
+        else
+          for (int64_t k = 0; k < K; ++k) dst[k * C * U] = Real(0);
+      }
+    }
+}
+
+// acc[r][q * C + c] = sum over k of A[r, k] * chunk_q[k, c, :] for R rows of A
+// (lda apart) and NC chunks of C gates each (chunk_q = chunks + q * K * C * U).
+// With fewer than 8 accumulators the FMA latency would bound the loop, so even and
+// odd k then go to two sets of accumulators, added at the end.
+template <typename Real, int R, int C, int NC>
+inline void gate_tile(V<Real> (&acc)[R][NC * C], const Real* A, int64_t lda, const Real* chunks,
+                      int64_t K) {
+  constexpr int64_t U = kWidth<Real>, CU = C * U;
+  constexpr int NV = NC * C;  // vectors per row
+  const int64_t chunk_stride = K * CU;
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = V<Real>{};
+  int64_t k = 0;
+  if constexpr (R * NV < 8) {
+    V<Real> odd[R][NV];
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) odd[r][v] = V<Real>{};
+    for (; k + 2 <= K; k += 2)
+      for (int v = 0; v < NV; ++v) {
+        const Real* p = chunks + (v / C) * chunk_stride + k * CU + (v % C) * U;
+        const V<Real> b0 = simd::load<Real>(p);
+        const V<Real> b1 = simd::load<Real>(p + CU);
+        for (int r = 0; r < R; ++r) {
+          acc[r][v] += splat<Real>(A[r * lda + k]) * b0;
+          odd[r][v] += splat<Real>(A[r * lda + k + 1]) * b1;
+        }
+      }
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < NV; ++v) acc[r][v] += odd[r][v];
+  }
+  for (; k < K; ++k) {
+    V<Real> b[NV];
+    for (int v = 0; v < NV; ++v)
+      b[v] = simd::load<Real>(chunks + (v / C) * chunk_stride + k * CU + (v % C) * U);
+    for (int r = 0; r < R; ++r) {
+      const V<Real> a = splat<Real>(A[r * lda + k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+    }
+  }
+}
+
+// Rows of one register tile. A tile keeps R x (vectors) accumulators, the weight
+// vectors of one k and one broadcast row value in the 16 vector registers of AVX2,
+// and each weight vector loaded serves R rows. Measured single-threaded (float32,
+// AVX2, K = H = 256..1024, N = 8..64): GRU 4 rows x 3 gates runs at the sgemm rate;
+// LSTM 6 rows x one chunk of 2 gates, two passes, reaches 92-97% of it at H = 256..512
+// (3 rows x 4 gates needed 17 registers: 70-80%).
+template <int G>
+constexpr int kTileRows = G == 4 ? 6 : 4;
+// Accumulators one pass of a tile may keep: with the 32 vector registers of
+// AVX-512, a 6-row LSTM tile computes its four gates in one pass (24), each
+// broadcast row value serving four weight vectors instead of two.
+constexpr int kPassAccumulators = simd::kVectorBytes == 64 ? 24 : 8;
+
+// Tiles of R rows: every chunk in one pass when the accumulators fit (few rows),
+// else one pass per chunk.
+template <typename Real, int G, int R, typename Epilogue>
+inline void gate_rows(const Real* A, int64_t lda, const Real* panel, int64_t K, int64_t b0,
+                      int64_t j, int64_t lanes, Epilogue& epilogue) {
+  constexpr int64_t U = kWidth<Real>;
+  constexpr int C = kChunkGates<G>, chunks_per_pass = R * G <= kPassAccumulators ? G / C : 1;
+  V<Real> acc[R][G];
+  for (int q = 0; q < G / C; q += chunks_per_pass) {
+    V<Real> part[R][chunks_per_pass * C];
+    gate_tile<Real, R, C, chunks_per_pass>(part, A + b0 * lda, lda, panel + q * K * C * U, K);
+    for (int r = 0; r < R; ++r)
+      for (int v = 0; v < chunks_per_pass * C; ++v) acc[r][q * C + v] = part[r][v];
+  }
+  for (int r = 0; r < R; ++r) epilogue(b0 + r, j, lanes, acc[r]);
+}
+
+// f(b, rows) for the row tiles of 0..n-1: as few tiles as R rows allow, their
+// heights as even as can be (n = 8, R = 6: 4 + 4, not 6 + 2; a tile of few rows
+// waits on the FMA latency and reloads the panel for little work); rows is a
+// std::integral_constant, so each tile height is a compile-time constant of the
+// micro-kernel.
+template <int M, typename F>
+inline void last_row_tile(int64_t b, int64_t rest, F& f) {
+  if constexpr (M > 0) {
+    if (rest == M)
+      f(b, std::integral_constant<int, M>{});
+    else
+      last_row_tile<M - 1>(b, rest, f);
+  }
+}
+template <int R, typename F>
+inline void for_row_tiles(int64_t n, F&& f) {
+  const int64_t tiles = (n + R - 1) / R;
+  int64_t b = 0;
+  for (int64_t i = 0; i < tiles; ++i) {
+    const int64_t left = tiles - i, rows = (n - b + left - 1) / left;
+    if (rows == R)
+      f(b, std::integral_constant<int, R>{});
+    else
+      last_row_tile<R - 1>(b, rows, f);
+    b += rows;
+  }
+}
+
+// Unit blocks u0..u1-1 (units j0..j1-1) of thread tid of nt: the columns of W_hh it
+// packs and computes, and of h, c and the gate gradients it alone writes.
+// tid and nt also let a cell whose step needs whole rows (LN_LSTM) share the rows.
+struct UnitShare {
+  int64_t u0, u1, j0, j1;
+  int tid, nt;
+};
+template <typename Real>
+inline UnitShare unit_share(int64_t H, int tid, int nt) {
+  constexpr int64_t U = kWidth<Real>;
+  const int64_t blocks = unit_blocks<Real>(H);
+  const int64_t u0 = blocks * tid / nt, u1 = blocks * (tid + 1) / nt;
+  return {u0, u1, u0 * U, u1 * U < H ? u1 * U : H, tid, nt};
+}
+
+// One step's share of a thread: for unit blocks u0..u1-1 and rows 0..n-1,
+// epilogue(b, j, lanes, acc) with acc[g] the pre-activation h_prev[b] W_hh^T of
+// gate g at units j..j+lanes-1 (lanes < U only in the last block).
+//   h_prev: [n, K] (lda apart);  panels: from pack_gate_panels;  H: hidden units
+template <typename Real, int G, typename Epilogue>
+inline void recurrent_step(const Real* h_prev, int64_t lda, int64_t n, int64_t K,
+                           const Real* panels, int64_t H, int64_t u0, int64_t u1,
+                           Epilogue&& epilogue) {
+  constexpr int64_t U = kWidth<Real>;
+  constexpr int R = kTileRows<G>;
+  for (int64_t u = u0; u < u1; ++u) {
+    const Real* panel = panels + u * K * G * U;
+    const int64_t j = u * U, lanes = H - j < U ? H - j : U;
+    for_row_tiles<R>(n, [&](int64_t b, auto rows) {
+      gate_rows<Real, G, decltype(rows)::value>(h_prev, lda, panel, K, b, j, lanes, epilogue);
+    });
+  }
+}
+
+// The share of thread tid of nt in count items: [first, last).
+inline void share(int64_t count, int tid, int nt, int64_t& first, int64_t& last) {
+  first = count * tid / nt;
+  last = count * (tid + 1) / nt;
+}
+
+// xproj[:, g*H + j0 .. g*H + j1) = x W_ih[g*H + j0 .. g*H + j1)^T for every gate g:
+// the input projection of one thread's units (columns), all rows of x, ldx apart.
+template <typename Real>
+inline void input_projection_units(Real* xproj, int64_t ldx, const Real* x, const Real* W_ih,
+                                   int64_t G, int64_t H, int64_t j0, int64_t j1,
+                                   const LayerShape& s) {
+  if (j1 <= j0) return;
+  for (int64_t g = 0; g < G; ++g)
+    gemm<Real>(false, true, x_rows(s), j1 - j0, s.I, Real(1), x, s.I, W_ih + (g * H + j0) * s.I,
+               s.I, Real(0), xproj + g * H + j0, ldx);
+}
+
+// ---------------------------------------------------------------------------
+// Backward on the pool: thread tid owns units (columns of dh) j0..j1-1.
+
+// dh = dG W_hh (W_hh [GK, H] as stored) runs on the same tiles as the forward:
+// W_hh is packed once per call by column blocks, panel u holding for k = 0..GK-1
+// the U weights W_hh[k, u*U + l] (zero past H), and a tile computes 6 rows x 2
+// blocks from two panels read in order. OpenBLAS per step packed the thread's
+// slice of W_hh again at every step, which for few rows cost as much as the
+// product (LSTM N=8 H=256: 1024 x 128 weights per step per thread).
+//   panels: [unit_blocks(H), GK, U] out;  W_hh: [GK, H]
+template <typename Real>
+inline void pack_column_panels(Real* panels, const Real* W_hh, int64_t GK, int64_t H,
+                               int64_t u0, int64_t u1) {
+  constexpr int64_t U = kWidth<Real>;
+  for (int64_t u = u0; u < u1; ++u) {
+    Real* panel = panels + u * GK * U;
+    const int64_t j = u * U, lanes = H - j < U ? H - j : U;
+    for (int64_t k = 0; k < GK; ++k) {
+      copy_row(panel + k * U, W_hh + k * H + j, lanes);
+      if (lanes < U) zero_row(panel + k * U + lanes, U - lanes);
+    }
+  }
+}
+
+// dh[b, units of blocks u..u+NB-1] = (+= when accumulate) dG[b] W_hh[:, those units]
+// for R rows from b = 0 (dh's rows H apart, dG's ldg apart).
+template <typename Real, int R, int NB>
+inline void dh_tile(Real* dh, int64_t H, const Real* dG, int64_t ldg, const Real* panels,
+                    int64_t GK, int64_t u, bool accumulate) {
+  constexpr int64_t U = kWidth<Real>;
+  V<Real> acc[R][NB];
+  gate_tile<Real, R, 1, NB>(acc, dG, ldg, panels + u * GK * U, GK);
+  for (int r = 0; r < R; ++r)
+    for (int q = 0; q < NB; ++q) {
+      const int64_t j = (u + q) * U, lanes = H - j < U ? H - j : U;
+      Real* d = dh + r * H + j;
+      st(d, accumulate ? acc[r][q] + ld(d, lanes) : acc[r][q], lanes);
+    }
+}
+
+template <typename Real, int R>
+inline void dh_rows(Real* dh, int64_t H, const Real* dG, int64_t ldg, const Real* panels,
+                    int64_t GK, int64_t u, bool pair, bool accumulate) {
+  if (pair)
+    dh_tile<Real, R, 2>(dh, H, dG, ldg, panels, GK, u, accumulate);
+  else
+    dh_tile<Real, R, 1>(dh, H, dG, ldg, panels, GK, u, accumulate);
+}
+
+// dh[:n, units of blocks u0..u1-1] = (+= when accumulate) dG[:n, :GK] W_hh[:, those units].
+//   dh: [n, H];  dG: rows ldg apart;  panels: from pack_column_panels
+template <typename Real>
+inline void dh_product(Real* dh, const Real* dG, int64_t ldg, const Real* panels, int64_t n,
+                       int64_t GK, int64_t H, int64_t u0, int64_t u1, bool accumulate) {
+  constexpr int R = 6;  // x 2 blocks: 12 accumulators, as the forward's LSTM tile
+  for (int64_t u = u0; u < u1; u += 2) {
+    const bool pair = u + 1 < u1;
+    for_row_tiles<R>(n, [&](int64_t b, auto rows) {
+      dh_rows<Real, decltype(rows)::value>(dh + b * H, H, dG + b * ldg, ldg, panels, GK, u, pair,
+                                           accumulate);
+    });
+  }
+}
+
+// dh[:, j0:j1] = dG[n, GK] W_hh[:, j0:j1] (+ dh[:, j0:j1] when accumulate) on W_hh
+// as stored (times_stored_matrix), when there is no packed copy
+// (LayerBuffers::W_hh_c is null): the GRU's, and any short backward's. With the packed
+// copy of W_hh a GRU training step needed more memory than torch's (measured, 2
+// threads: N=8 H=256 10.6 against 9.9 MB; T=50 N=16 H=1024, one thread, 37.6
+// against 36.2 MB); without it, about 7% slower at N=8.
+template <typename Real>
+inline void dh_product_stored(Real* dh, const Real* dG, int64_t ldg, const Real* W_hh, int64_t n,
+                              int64_t GK, int64_t H, int64_t j0, int64_t j1, bool accumulate) {
+  if (n <= 0 || j1 <= j0) return;
+  times_stored_matrix(dh + j0, H, dG, ldg, W_hh + j0, H, n, GK, j1 - j0, accumulate);
+}
+
+}  // namespace LSTMFAST_ISA
+}  // namespace lstmfast

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import lstmfast
-from lstmfast.bench import SHAPES, fused_available
+from lstmfast.bench.common import SHAPES, fused_available
 
 try:
     import torch

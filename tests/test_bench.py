@@ -15,6 +15,7 @@ import pytest
 from conftest import BACKENDS
 
 bench = pytest.importorskip("lstmfast.bench")
+from lstmfast.bench import common  # noqa: E402
 pytestmark = pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")
 
 
@@ -54,11 +55,11 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys, threads_restored
 
 
 def test_the_header_names_the_cpu_extensions_and_the_blas_core(monkeypatch):
-    for name in bench.OPENBLAS_FORCING:
+    for name in common.OPENBLAS_FORCING:
         monkeypatch.delenv(name, raising=False)
     from lstmfast import _core
 
-    config = bench.configuration(None, None)
+    config = common.configuration(None, None)
     assert config["blas core"] == _core.blas_corename() != ""
     features = _core.cpu_features()
     if features:  # x86
@@ -70,14 +71,14 @@ def test_the_header_names_the_cpu_extensions_and_the_blas_core(monkeypatch):
 
 def test_a_forced_openblas_kernel_is_warned_of_and_not_the_ceiling(monkeypatch):
     monkeypatch.setenv("OPENBLAS_CORETYPE", "Haswell")
-    warning = bench.configuration(None, None)["warning"]
+    warning = common.configuration(None, None)["warning"]
     assert "OPENBLAS_CORETYPE=Haswell" in warning
     assert "env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE" in warning
     # The ceiling is the best of this process and a child without the variable, whose
     # OpenBLAS picks its own kernel.
     import subprocess
 
-    monkeypatch.setattr(bench, "gemm_gflops", lambda *args: 50.0)
+    monkeypatch.setattr(common, "gemm_gflops", lambda *args: 50.0)
     children = []
 
     def child(argv, env, **kwargs):
@@ -88,23 +89,23 @@ def test_a_forced_openblas_kernel_is_warned_of_and_not_the_ceiling(monkeypatch):
     from lstmfast import _core
 
     child_gflops = 80.0
-    assert bench.gemm_ceiling(1, "float32", 64, 0.01) == (80.0, "ChildCore")
+    assert common.gemm_ceiling(1, "float32", 64, 0.01) == (80.0, "ChildCore")
     child_gflops = 20.0
-    assert bench.gemm_ceiling(1, "float32", 64, 0.01) == (50.0, _core.blas_corename())
-    assert len(children) == 2 and not any(k in env for env in children for k in bench.OPENBLAS_FORCING)
+    assert common.gemm_ceiling(1, "float32", 64, 0.01) == (50.0, _core.blas_corename())
+    assert len(children) == 2 and not any(k in env for env in children for k in common.OPENBLAS_FORCING)
     monkeypatch.delenv("OPENBLAS_CORETYPE")
-    assert bench.gemm_ceiling(1, "float32", 64, 0.01) == (50.0, _core.blas_corename())
+    assert common.gemm_ceiling(1, "float32", 64, 0.01) == (50.0, _core.blas_corename())
     assert len(children) == 2  # nothing forced: no child
 
 
 # --- python -m lstmfast.bench --models -------------------------------------------
 
 @pytest.fixture
-def bench_models():
+def models():
     pytest.importorskip("torch")
-    from lstmfast import bench_models
+    from lstmfast.bench import models
 
-    return bench_models
+    return models
 
 
 @pytest.fixture
@@ -116,7 +117,7 @@ def torch_threads_restored(threads_restored):
     torch.set_num_threads(before)
 
 
-def test_models_prints_and_writes_every_figure(tmp_path, capsys, bench_models):
+def test_models_prints_and_writes_every_figure(tmp_path, capsys, models):
     # One training model: its row has every field an inference row has, and more.
     out_json = tmp_path / "models.json"
     rc = bench.main(["--models", "gru_forecaster", "--tiny", "--quick", "--pairs", "2",
@@ -188,24 +189,24 @@ def test_patterns_prints_and_writes_every_figure(tmp_path, capsys):
         assert q["min"] <= q["median"] <= q["max"]
 
 
-def test_models_refuses_a_model_whose_outputs_disagree(tmp_path, capsys, monkeypatch, bench_models):
-    real_load = bench_models.load_check_outputs
+def test_models_refuses_a_model_whose_outputs_disagree(tmp_path, capsys, monkeypatch, models):
+    real_load = models.load_check_outputs
 
     def load_with_a_wrong_accelerated_output(path):
         outputs = real_load(path)
         for key, value in outputs["accelerated"].items():
-            outputs["accelerated"][key] = value * (1 + 10 * bench_models.AGREEMENT_RTOL)
+            outputs["accelerated"][key] = value * (1 + 10 * models.AGREEMENT_RTOL)
         return outputs
 
     jobs = []
-    real_run_worker = bench_models.run_worker
+    real_run_worker = models.run_worker
 
     def recording_run_worker(job):
         jobs.append(job["kind"])
         return real_run_worker(job)
 
-    monkeypatch.setattr(bench_models, "load_check_outputs", load_with_a_wrong_accelerated_output)
-    monkeypatch.setattr(bench_models, "run_worker", recording_run_worker)
+    monkeypatch.setattr(models, "load_check_outputs", load_with_a_wrong_accelerated_output)
+    monkeypatch.setattr(models, "run_worker", recording_run_worker)
     out_json = tmp_path / "models.json"
     rc = bench.main(["--models", "wavernn_gen", "--tiny", "--quick", "--json", str(out_json)])
     assert rc != 0
@@ -217,44 +218,44 @@ def test_models_refuses_a_model_whose_outputs_disagree(tmp_path, capsys, monkeyp
     assert jobs == ["check"]  # nothing was timed
 
 
-def test_models_rejects_unknown_names(bench_models, capsys):
+def test_models_rejects_unknown_names(models, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--models", "crnn,no_such_model", "--tiny"])
     assert "no_such_model" in capsys.readouterr().err
 
 
-def _tiny_job(bench_models, name, mode, impl):
-    repeats = bench_models.Repeats.for_run(quick=True, tiny=True)
+def _tiny_job(models, name, mode, impl):
+    repeats = models.Repeats.for_run(quick=True, tiny=True)
     return {"model": name, "mode": mode, "impl": impl, "threads": 1, "tiny": True, "repeats": repeats.__dict__}
 
 
 @pytest.mark.parametrize("name", ["crnn", "crnn_int8", "gru_forecaster", "bilstm3", "deepspeech", "wavernn_gen",
                                   "tacotron_dec", "cell_loop"])
-def test_every_model_agrees_and_measures_in_process(name, tmp_path, bench_models, torch_threads_restored):
+def test_every_model_agrees_and_measures_in_process(name, tmp_path, models, torch_threads_restored):
     # The workers' own functions, in this process and at tiny sizes: every model builds,
     # its accelerated outputs (and gradients) agree with torch's, and each measure is sane.
-    spec = bench_models.MODELS[name]
+    spec = models.MODELS[name]
     path = tmp_path / "outputs.npz"
-    bench_models.model_outputs(name, True, 1, str(path))
-    error, where = bench_models.compare_outputs(bench_models.load_check_outputs(path))
+    models.model_outputs(name, True, 1, str(path))
+    error, where = models.compare_outputs(models.load_check_outputs(path))
     assert error <= spec.agreement_rtol, f"{name}: {where} differs by {error:.3g}"
     if name == "crnn_int8":  # torch's int8 LSTMs, run by lstmfast's int8 kernels once accelerated
-        model, _, _ = bench_models.build(name, tiny=True)
-        assert {type(m).__name__ for m in bench_models.rnn_modules(model)} == {"LSTM"}
-        assert bench_models.accelerated_count(lstmfast_torch().accelerate(model)) == 2
+        model, _, _ = models.build(name, tiny=True)
+        assert {type(m).__name__ for m in models.rnn_modules(model)} == {"LSTM"}
+        assert models.accelerated_count(lstmfast_torch().accelerate(model)) == 2
 
-    model, inputs, _ = bench_models.build(name, tiny=True)
+    model, inputs, _ = models.build(name, tiny=True)
     rnn_calls = []
-    for m in bench_models.rnn_modules(model):
+    for m in models.rnn_modules(model):
         m.register_forward_hook(lambda *args: rnn_calls.append(1))
     with __import__("torch").no_grad():
         model(*inputs)
     for mode in spec.modes:
-        for impl in bench_models.IMPLEMENTATIONS:
-            measured = bench_models.measure_model(_tiny_job(bench_models, name, mode, impl))
+        for impl in models.IMPLEMENTATIONS:
+            measured = models.measure_model(_tiny_job(models, name, mode, impl))
             assert measured["seconds"] > 0 and 0 < measured["rnn_share"] <= 1
-            assert measured["rnn_modules"] == len(bench_models.rnn_modules(model))
-            alone = bench_models.measure_rnn_alone(_tiny_job(bench_models, name, mode, impl))
+            assert measured["rnn_modules"] == len(models.rnn_modules(model))
+            alone = models.measure_rnn_alone(_tiny_job(models, name, mode, impl))
             assert alone["seconds"] > 0 and alone["calls"] == len(rnn_calls)
             assert ("step_seconds" in alone) == (mode == "training")
 
@@ -268,13 +269,13 @@ def lstmfast_torch():
 # --- python -m lstmfast.bench --peers ---------------------------------------------
 
 @pytest.fixture
-def bench_peers(monkeypatch):
-    from lstmfast import bench_peers
+def peers(monkeypatch):
+    from lstmfast.bench import peers
 
     # Blocks of one call at tiny sizes: the pause for spinning thread pools would be
     # nearly all of the test's time.
-    monkeypatch.setattr(bench, "_PAUSE", 0.0)
-    return bench_peers
+    monkeypatch.setattr(common, "PAUSE", 0.0)
+    return peers
 
 
 def _run_peers(tmp_path, *options):
@@ -287,7 +288,7 @@ def _run_peers(tmp_path, *options):
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("cell", ["LSTM", "GRU"])
-def test_onnx_graph_computes_torch_layer(cell, bias, bench_peers):
+def test_onnx_graph_computes_torch_layer(cell, bias, peers):
     torch = pytest.importorskip("torch")
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
@@ -303,7 +304,7 @@ def test_onnx_graph_computes_torch_layer(cell, bias, bench_peers):
     with torch.no_grad():
         expected = module(torch.from_numpy(x))[0].numpy()
 
-    model = bench_peers.onnx_model(cell, state, I, H)
+    model = peers.onnx_model(cell, state, I, H)
     assert [n.input for n in model.graph.node][0][-1] == ("B" if bias else "R")
     (y,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x})
     assert y.shape == (T, 1, N, H)
@@ -311,16 +312,16 @@ def test_onnx_graph_computes_torch_layer(cell, bias, bench_peers):
     assert err <= 1e-4, f"{cell}: ORT differs from torch by {err:.3g}"
 
 
-def test_onnx_graph_refuses_what_one_node_cannot_hold(bench_peers):
+def test_onnx_graph_refuses_what_one_node_cannot_hold(peers):
     state = {"weight_ih_l0": np.zeros((8, 3)), "weight_hh_l0": np.zeros((8, 2)),
              "weight_ih_l0_reverse": np.zeros((8, 3)), "weight_hh_l0_reverse": np.zeros((8, 2))}
     with pytest.raises(ValueError, match="one direction"):
-        bench_peers.onnx_model("LSTM", state, 3, 2)
+        peers.onnx_model("LSTM", state, 3, 2)
     with pytest.raises(ValueError, match="LSTM or GRU"):
-        bench_peers.onnx_model("RNN", state, 3, 2)
+        peers.onnx_model("RNN", state, 3, 2)
 
 
-def test_peers_time_every_precision_on_a_tiny_shape(tmp_path, capsys, bench_peers):
+def test_peers_time_every_precision_on_a_tiny_shape(tmp_path, capsys, peers):
     pytest.importorskip("torch")
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
@@ -338,10 +339,10 @@ def test_peers_time_every_precision_on_a_tiny_shape(tmp_path, capsys, bench_peer
         {"lstmfast int8", "lstmfast bfloat16"} if hasattr(lstmfast, "quantize") else set())
     rows = {r["cell"]: r for r in data["results"]}
     assert sorted(rows) == ["GRU", "LSTM"]
-    peers = {"torch float32", "torch int8", "torch bfloat16", "onnxruntime float32"}
-    assert set(rows["LSTM"]["seconds"]) == lstmfast_keys | peers | {"onnxruntime int8"}
+    peer_keys = {"torch float32", "torch int8", "torch bfloat16", "onnxruntime float32"}
+    assert set(rows["LSTM"]["seconds"]) == lstmfast_keys | peer_keys | {"onnxruntime int8"}
     # ORT has no integer GRU: its quantize_dynamic leaves the node alone, and the bench says so.
-    assert set(rows["GRU"]["seconds"]) == lstmfast_keys | peers
+    assert set(rows["GRU"]["seconds"]) == lstmfast_keys | peer_keys
     assert any("onnxruntime int8 GRU" in note and "float32" in note for note in data["notes"])
     assert any("DynamicQuantizeLSTM" in note for note in data["notes"])
 
@@ -350,7 +351,7 @@ def test_peers_time_every_precision_on_a_tiny_shape(tmp_path, capsys, bench_peer
         assert all(s > 0 for s in r["seconds"].values())
         for name, diff in r["max_rel_diff"].items():
             precision = name.split()[1]
-            assert diff <= bench_peers.TOLERANCE[precision], name
+            assert diff <= peers.TOLERANCE[precision], name
             if precision != "float32":
                 # really reduced: a peer that quietly stayed float32 would agree to 1e-6
                 assert diff > 1e-5, name
@@ -367,7 +368,7 @@ def test_peers_time_every_precision_on_a_tiny_shape(tmp_path, capsys, bench_peer
 
 
 @pytest.mark.parametrize("missing", ["onnxruntime", "torch", "lstmfast.quantize"])
-def test_peers_skip_a_missing_package_with_a_note(missing, tmp_path, capsys, monkeypatch, bench_peers):
+def test_peers_skip_a_missing_package_with_a_note(missing, tmp_path, capsys, monkeypatch, peers):
     import lstmfast
 
     installed = {who for who in ("torch", "onnxruntime") if importlib.util.find_spec(who)}
@@ -394,7 +395,7 @@ def test_peers_skip_a_missing_package_with_a_note(missing, tmp_path, capsys, mon
         assert f"{who} float32" in row["seconds"], who
 
 
-def test_peers_refuse_training_and_the_grid_only_options(bench_peers, capsys):
+def test_peers_refuse_training_and_the_grid_only_options(peers, capsys):
     for options in (["--modes", "training"], ["--memory"]):
         with pytest.raises(SystemExit):
             bench.main(["--peers", "--tiny", *options])
@@ -405,7 +406,7 @@ def test_peers_refuse_training_and_the_grid_only_options(bench_peers, capsys):
 
 def test_variants_time_every_variant_after_checking_it(tmp_path, capsys, monkeypatch):
     pytest.importorskip("torch")
-    monkeypatch.setattr(bench, "_PAUSE", 0.0)
+    monkeypatch.setattr(common, "PAUSE", 0.0)
     out_json = tmp_path / "variants.json"
     rc = bench.main(["--variants", "--tiny", "--threads", "1", "--rounds", "1", "--min-time", "0",
                      "--json", str(out_json)])
@@ -423,9 +424,9 @@ def test_variants_time_every_variant_after_checking_it(tmp_path, capsys, monkeyp
 
 def test_variants_refuse_an_implementation_that_disagrees(monkeypatch, capsys):
     torch = pytest.importorskip("torch")
-    from lstmfast import bench_variants
+    from lstmfast.bench import variants
 
-    real = bench_variants._peephole_modules
+    real = variants._peephole_modules
 
     def broken(sizes):
         loop, ours, plain = real(sizes)
@@ -433,6 +434,6 @@ def test_variants_refuse_an_implementation_that_disagrees(monkeypatch, capsys):
             ours.weight_co_l0.add_(0.5)
         return loop, ours, plain
 
-    monkeypatch.setitem(bench_variants.VARIANTS["peephole"], "modules", broken)
-    assert bench_variants.run(["peephole"], [1], 1, 0.0, tiny=True) == 1
+    monkeypatch.setitem(variants.VARIANTS["peephole"], "modules", broken)
+    assert variants.run(["peephole"], [1], 1, 0.0, tiny=True) == 1
     assert "REFUSED" in capsys.readouterr().out

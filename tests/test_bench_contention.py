@@ -1,4 +1,4 @@
-"""``python -m lstmfast.bench_contention`` end to end, on tiny sizes: it runs every
+"""``python -m lstmfast.bench.contention`` end to end, on tiny sizes: it runs every
 measurement in its own process, checks results there, and prints and writes the
 figures it promises. Timings are not asserted (speed is the benchmark's business)."""
 
@@ -8,15 +8,15 @@ import pytest
 
 from conftest import BACKENDS
 
-bench_contention = pytest.importorskip("lstmfast.bench_contention")
+contention = pytest.importorskip("lstmfast.bench.contention")
 pytestmark = pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")
 
 
 def test_prints_and_writes_every_figure(tmp_path, capsys):
     pytest.importorskip("torch")
     out_json = tmp_path / "contention.json"
-    rc = bench_contention.main(["--threads", "2", "--rounds", "1", "--width", "64", "--iters", "2",
-                                "--min-time", "0", "--shapes", "stream", "--json", str(out_json)])
+    rc = contention.main(["--threads", "2", "--rounds", "1", "--width", "64", "--iters", "2",
+                           "--min-time", "0", "--shapes", "stream", "--json", str(out_json)])
     assert rc == 0
     printed = capsys.readouterr().out
     for text in ("simd target", "threads: 2", "CRNN whole model", "the two BiLSTMs alone",

@@ -1,7 +1,7 @@
 """The reference's layer-normalized LSTM (docs/cells.md, Layer-normalized LSTM) against torchaudio's RNN-T form.
 
 torchaudio's ``_CustomLSTM(layer_norm=True)``, transcribed as a torch loop
-(``lstmfast.bench_variants.CustomLSTMLoop``, which the benchmark times), one module per
+(``lstmfast.oracles.CustomLSTMLoop``, which the benchmark times), one module per
 layer, fed our parameters
 through the documented key map (``lstmfast.interop.from_torchaudio_lstm``). When
 torchaudio itself imports, its module is the oracle too. Finite differences for every
@@ -17,7 +17,7 @@ from test_reference import assert_close, make_problem, run_backward, run_forward
 
 torch = pytest.importorskip("torch")
 
-from lstmfast.bench_variants import CustomLSTMLoop  # noqa: E402
+from lstmfast.oracles import CustomLSTMLoop  # noqa: E402
 
 
 def torchaudio_custom_lstm():

@@ -16,7 +16,7 @@ import lstmfast  # noqa: E402
 import lstmfast.torch as lt  # noqa: E402
 
 from conftest import assert_close  # noqa: E402
-from lstmfast.bench_variants import CustomLSTMLoop  # noqa: E402
+from lstmfast.oracles import CustomLSTMLoop  # noqa: E402
 from test_ln_lstm_reference import torchaudio_custom_lstm  # noqa: E402
 
 CONFIGS = [dict(), dict(num_layers=2, bidirectional=True), dict(batch_first=True, layer_norm_eps=1e-3)]

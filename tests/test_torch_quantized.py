@@ -94,7 +94,7 @@ def test_layer_norm_lstm_error_is_no_larger_than_torchs_own_of_torchaudios_modul
     # own reduced forms of torchaudio's _CustomLSTM (its code transcribed:
     # quantize_dynamic of its Linear layers, bfloat16 autocast), in the median over
     # models, as one model's largest error is one unit's.
-    from lstmfast.bench_variants import CustomLSTMLoop
+    from lstmfast.oracles import CustomLSTMLoop
     from lstmfast import LayerNormLSTM, quantize
 
     errors = {key: [] for key in ("torch int8", "ours int8", "torch bf16", "ours bf16")}

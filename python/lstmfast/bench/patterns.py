@@ -17,7 +17,7 @@ state between calls decides how fast the next one is:
 Every measurement is a fresh Python process, and the two implementations of a case
 run as process pairs, A B A B: the ratio of each pair is taken, and the table gives
 their median and their range. Workers are started as ``python -m
-lstmfast.bench_patterns --worker JOB`` and print one JSON line.
+lstmfast.bench.patterns --worker JOB`` and print one JSON line.
 """
 
 import json
@@ -27,6 +27,8 @@ import sys
 import time
 
 import numpy as np
+
+from lstmfast.bench import common
 
 GAPS_MS = (0, 1, 10, 100)
 CELLS = ("LSTM", "GRU")
@@ -169,10 +171,10 @@ def worker_main(argv):
 
 
 def run_worker(job):
-    proc = subprocess.run([sys.executable, "-m", "lstmfast.bench_patterns", "--worker", json.dumps(job)],
+    proc = subprocess.run([sys.executable, "-m", "lstmfast.bench.patterns", "--worker", json.dumps(job)],
                           capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f"bench_patterns worker {job['kind']} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"bench.patterns worker {job['kind']} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -196,19 +198,16 @@ def summary(values):
 
 
 def cases(shapes, cells, threads, tiny):
-    from lstmfast import bench
-
     for cell in cells:
         for shape in shapes:
-            yield cell, shape, TINY_SHAPE if tiny else bench.SHAPES[shape]
+            yield cell, shape, TINY_SHAPE if tiny else common.SHAPES[shape]
 
 
 def run(cells, shapes, threads, pair_count, calls, tiny=False, json_path=None):
-    from lstmfast import bench
     import torch
 
     gaps = GAPS_MS[:2] if tiny else GAPS_MS
-    config = bench.configuration(torch, None)
+    config = common.configuration(torch, None)
     print("lstmfast benchmark: call patterns, torch against lstmfast.torch, one process per measurement")
     for key, value in config.items():
         print(f"  {key:31s} {value}")

@@ -1,4 +1,4 @@
-"""``python -m lstmfast.bench_contention``: lstmfast sharing the cores with others.
+"""``python -m lstmfast.bench.contention``: lstmfast sharing the cores with others.
 
 Two questions the grid of ``python -m lstmfast.bench`` does not ask:
 
@@ -30,8 +30,10 @@ import subprocess
 import sys
 import time
 
-# name -> (T, N, I, H), as in lstmfast.bench
-SHAPES = {"stream": (100, 1, 128, 128), "small": (100, 8, 256, 256)}
+from lstmfast.bench import common
+
+# name -> (T, N, I, H): two of the grid's shapes
+SHAPES = {name: common.SHAPES[name] for name in ("stream", "small")}
 
 
 def _cpus():
@@ -169,7 +171,7 @@ def _measure(spec):
 
 def _in_process(spec, env=None):
     """Runs one measurement in a fresh interpreter; its result, or None if it failed."""
-    out = subprocess.run([sys.executable, "-m", "lstmfast.bench_contention", "--measure",
+    out = subprocess.run([sys.executable, "-m", "lstmfast.bench.contention", "--measure",
                           json.dumps(spec)], capture_output=True, text=True, env=env)
     if out.returncode != 0:
         print(f"  measurement failed: {spec}\n{out.stderr[-2000:]}", file=sys.stderr)
@@ -262,7 +264,7 @@ def run_oversubscription(args, report):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m lstmfast.bench_contention",
+    parser = argparse.ArgumentParser(prog="python -m lstmfast.bench.contention",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--measure", help=argparse.SUPPRESS)  # one measurement (internal)
     parser.add_argument("--threads", type=int, default=_cpus(),

@@ -30,7 +30,7 @@ import warnings
 import numpy as np
 
 import lstmfast
-from lstmfast import bench
+from lstmfast.bench import common
 
 PRECISIONS = ("float32", "int8", "bfloat16")
 PEERS = ("torch", "onnxruntime")
@@ -248,7 +248,7 @@ def import_peers(no_torch=False):
     if no_torch:
         notes.append("torch: left out (--no-torch)")
     else:
-        torch = bench._try_import_torch()
+        torch = common.try_import_torch()
         if torch is None:
             notes.append("torch: not installed; no torch figures (pip install torch)")
         else:
@@ -293,7 +293,7 @@ def measure_case(case, ctx, rounds, min_time, limiter):
                                      f"{difference:.3g} (tolerance {TOLERANCE[precision]})")
             runners[key(who, precision)] = run
             differences[key(who, precision)] = float(difference)
-    seconds = bench.time_interleaved(runners, case.threads, rounds, min_time, ctx.get("torch"), limiter)
+    seconds = common.time_interleaved(runners, case.threads, rounds, min_time, ctx.get("torch"), limiter)
     ratios = {}
     for mine, theirs in PAIRINGS:
         for who in PEERS:
@@ -307,12 +307,12 @@ def measure_case(case, ctx, rounds, min_time, limiter):
 def run(cells, shapes, threads, rounds, min_time, no_torch=False, tiny=False, json_path=None):
     modules, notes = import_peers(no_torch)
     torch = modules.get("torch")
-    limiter = bench._blas_thread_limiter()
-    backend = "fused" if bench.fused_available() else "numpy"
+    limiter = common.blas_thread_limiter()
+    backend = "fused" if common.fused_available() else "numpy"
     if backend == "numpy":
         notes.append("lstmfast: the fused kernels are not built; its figures are the NumPy reference's")
 
-    config = bench.configuration(torch, limiter)
+    config = common.configuration(torch, limiter)
     if torch is not None:
         config["torch cpu capability"] = torch.backends.cpu.get_cpu_capability()
         config["torch quantized engine"] = torch.backends.quantized.engine
@@ -337,9 +337,9 @@ def run(cells, shapes, threads, rounds, min_time, no_torch=False, tiny=False, js
             case_notes.append(text)
 
     if tiny:
-        cases = [bench.Case(c, "tiny", "inference", t, shape=TINY_SHAPE) for t in threads for c in cells]
+        cases = [common.Case(c, "tiny", "inference", t, shape=TINY_SHAPE) for t in threads for c in cells]
     else:
-        cases = [bench.Case(c, s, "inference", t) for t in threads for s in shapes for c in cells]
+        cases = [common.Case(c, s, "inference", t) for t in threads for s in shapes for c in cells]
     results = []
     saved_threads = lstmfast.get_num_threads()
     saved_torch_threads = torch.get_num_threads() if torch is not None else None
@@ -392,11 +392,11 @@ def print_table(results):
                 continue
             label = mine if mine == theirs else f"{mine}/{theirs}"
             print(f"{r['cell']:4s} {r['shape']:7s} {r['T']:4d} {r['N']:3d} {r['I']:5d} {r['H']:5d} {r['threads']:3d} "
-                  f"{label:13s} {bench._fmt_time(s.get(lf)):>9s} {_fmt_difference(d.get(lf)):>7s} "
-                  f"{bench._fmt_time(s.get(tt)):>9s} {_fmt_difference(d.get(tt)):>7s} "
-                  f"{bench._fmt_ratio(s.get(lf), s.get(tt)):>8s} "
-                  f"{bench._fmt_time(s.get(ort)):>11s} {_fmt_difference(d.get(ort)):>7s} "
-                  f"{bench._fmt_ratio(s.get(lf), s.get(ort)):>7s}")
+                  f"{label:13s} {common.fmt_time(s.get(lf)):>9s} {_fmt_difference(d.get(lf)):>7s} "
+                  f"{common.fmt_time(s.get(tt)):>9s} {_fmt_difference(d.get(tt)):>7s} "
+                  f"{common.fmt_ratio(s.get(lf), s.get(tt)):>8s} "
+                  f"{common.fmt_time(s.get(ort)):>11s} {_fmt_difference(d.get(ort)):>7s} "
+                  f"{common.fmt_ratio(s.get(lf), s.get(ort)):>7s}")
 
 
 def summarize(results):
@@ -412,7 +412,7 @@ def summarize(results):
                 ratios = [r["ratios"][name] for r in rows if name in r["ratios"]]
                 if not ratios:
                     continue
-                geomean = bench._geomean(ratios)
+                geomean = common.geomean(ratios)
                 figures[f"{name}, {threads} threads"] = {"geomean": geomean, "min": min(ratios), "cases": len(ratios)}
                 parts.append(f"  lstmfast {name}: geomean {geomean:.2f}x, min {min(ratios):.2f}x ({len(ratios)} case{'s' if len(ratios) > 1 else ''})")
         if parts:

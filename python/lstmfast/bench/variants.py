@@ -5,71 +5,41 @@ LSTM at the same shape (what the variant costs).
 Per variant, thread count and mode (inference: forward under inference_mode;
 training: forward, then backward of a fixed random projection of the outputs, with
 every gradient), three implementations are timed in interleaved blocks
-(``bench.time_interleaved``) after their outputs are checked against each other:
+(``lstmfast.bench.common.time_interleaved``) after their outputs are checked against
+each other:
 
 * ``torch loop``: the variant written as users write it, a Python loop over torch ops
-  with autograd (for the peephole LSTM: the ONNX/TensorFlow equations of docs/cells.md, Peephole LSTM;
-  for the CTRNN: Yang & Wang's primer module, as published; for the layer-normalized
-  LSTM: torchaudio's RNN-T ``_CustomLSTM(layer_norm=True)``, itself when torchaudio
-  imports, else its code transcribed, ``CustomLSTMLoop``);
+  with autograd, from ``lstmfast.oracles`` (for the peephole LSTM: the ONNX/TensorFlow
+  equations of docs/cells.md, Peephole LSTM; for the CTRNN: Yang & Wang's primer module,
+  as published; for the layer-normalized LSTM: torchaudio's RNN-T
+  ``_CustomLSTM(layer_norm=True)``, itself when torchaudio imports, else its code
+  transcribed, ``CustomLSTMLoop``; for the regularizers (docs/cells.md, Recurrent
+  dropout and zoneout): a loop over ``nn.LSTMCell`` with one recurrent dropout mask on h
+  per sequence, and ESPnet's ZoneOutCell around ``nn.LSTMCell``);
 * ``lstmfast``: the variant's lstmfast.torch module (fused forward and BPTT);
-  for the regularizers (docs/cells.md, Recurrent dropout and zoneout): a loop over ``nn.LSTMCell`` with one recurrent
-  dropout mask on h per sequence, and ESPnet's ZoneOutCell around ``nn.LSTMCell``);
 * ``plain``: lstmfast.torch's plain layer of the same shape (LSTM; RNN for the CTRNN;
   the LSTM without the regularizer for the regularizers).
 
 The regularizers are timed in training mode, each implementation drawing its own masks
 every call; they are checked with the same masks given to both.
 
-This module imports torch; ``lstmfast.bench`` imports it only for ``--variants``.
+This module imports torch; ``lstmfast.bench.cli`` imports it only for ``--variants``.
 """
 
 import json
 import sys
 
-import numpy as np
 import torch
 from torch import nn
 
 import lstmfast
 import lstmfast.interop
 import lstmfast.torch
-from lstmfast import bench
+from lstmfast.bench import common
+from lstmfast.oracles import CustomLSTMLoop, PeepholeLoop, PrimerCTRNN, RecurrentDropoutLoop, ZoneoutLoop
 
 AGREEMENT_RTOL = 1e-4
 MODES = ("inference", "training")
-
-
-class PeepholeLoop(nn.Module):
-    """A peephole LSTM as a Python loop of torch ops: i and f see c, o sees the new c."""
-
-    def __init__(self, input_size, hidden_size):
-        super().__init__()
-        H = hidden_size
-        self.weight_ih = nn.Parameter(torch.empty(4 * H, input_size))
-        self.weight_hh = nn.Parameter(torch.empty(4 * H, H))
-        self.bias_ih = nn.Parameter(torch.empty(4 * H))
-        self.bias_hh = nn.Parameter(torch.empty(4 * H))
-        self.weight_ci = nn.Parameter(torch.empty(H))
-        self.weight_cf = nn.Parameter(torch.empty(H))
-        self.weight_co = nn.Parameter(torch.empty(H))
-        for p in self.parameters():
-            nn.init.uniform_(p, -H ** -0.5, H ** -0.5)
-
-    def forward(self, x):  # (T, N, I)
-        N, H = x.shape[1], self.weight_hh.shape[1]
-        h = c = x.new_zeros(N, H)
-        outputs = []
-        for x_t in x:
-            gates = nn.functional.linear(x_t, self.weight_ih, self.bias_ih) + \
-                nn.functional.linear(h, self.weight_hh, self.bias_hh)
-            i, f, g, o = gates.chunk(4, 1)
-            i = torch.sigmoid(i + self.weight_ci * c)
-            f = torch.sigmoid(f + self.weight_cf * c)
-            c = f * c + i * torch.tanh(g)
-            h = torch.sigmoid(o + self.weight_co * c) * torch.tanh(c)
-            outputs.append(h)
-        return torch.stack(outputs), (h, c)
 
 
 def _peephole_modules(s):
@@ -80,32 +50,6 @@ def _peephole_modules(s):
                      "weight_co"):
             getattr(ours, name + "_l0").copy_(getattr(loop, name))
     return loop, ours, lstmfast.torch.LSTM(s["I"], s["H"])
-
-
-class PrimerCTRNN(nn.Module):
-    """Yang & Wang's CTRNN from their primer's code (the module computational
-    neuroscience tutorials copy), as published: input2h and h2h are nn.Linear, the
-    leak sits inside the relu, and forward loops over time."""
-
-    def __init__(self, input_size, hidden_size, dt=20.0, tau=100.0):
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.alpha = dt / tau
-        self.oneminusalpha = 1 - self.alpha
-        self.input2h = nn.Linear(input_size, hidden_size)
-        self.h2h = nn.Linear(hidden_size, hidden_size)
-
-    def recurrence(self, input, hidden):  # noqa: A002  (the published code's name)
-        pre_activation = self.input2h(input) + self.h2h(hidden)
-        return torch.relu(hidden * self.oneminusalpha + pre_activation * self.alpha)
-
-    def forward(self, x):  # (T, N, I)
-        hidden = x.new_zeros(x.shape[1], self.hidden_size)
-        outputs = []
-        for x_t in x:
-            hidden = self.recurrence(x_t, hidden)
-            outputs.append(hidden)
-        return torch.stack(outputs), hidden
 
 
 def _ctrnn_modules(s):
@@ -119,33 +63,6 @@ def _ctrnn_modules(s):
 
 _CTRNN_NAMES = {"input2h.weight": "weight_ih_l0", "input2h.bias": "bias_ih_l0",
                 "h2h.weight": "weight_hh_l0", "h2h.bias": "bias_hh_l0"}
-
-
-class CustomLSTMLoop(nn.Module):
-    """torchaudio.models.rnnt._CustomLSTM(layer_norm=True)'s code, transcribed (used when
-    torchaudio does not import): x2g, p2g without biases, g_norm over 4H, c_norm over H."""
-
-    def __init__(self, input_dim, hidden_dim, layer_norm=True, layer_norm_epsilon=1e-5):
-        super().__init__()
-        self.x2g = nn.Linear(input_dim, 4 * hidden_dim, bias=False)
-        self.p2g = nn.Linear(hidden_dim, 4 * hidden_dim, bias=False)
-        self.c_norm = nn.LayerNorm(hidden_dim, eps=layer_norm_epsilon)
-        self.g_norm = nn.LayerNorm(4 * hidden_dim, eps=layer_norm_epsilon)
-        self.hidden_dim = hidden_dim
-
-    def forward(self, input, state):  # noqa: A002  (the published code's name)
-        if state is None:
-            h = c = input.new_zeros(input.size(1), self.hidden_dim)
-        else:
-            h, c = state
-        outputs = []
-        for gates in self.x2g(input).unbind(0):
-            gates = self.g_norm(gates + self.p2g(h))
-            i, f, g, o = gates.chunk(4, 1)
-            c = self.c_norm(f.sigmoid() * c + i.sigmoid() * g.tanh())
-            h = o.sigmoid() * c.tanh()
-            outputs.append(h)
-        return torch.stack(outputs, dim=0), [h, c]
 
 
 def _custom_lstm_class():
@@ -183,69 +100,12 @@ def _ln_lstm_modules(s):
 _LN_LSTM_NAMES = {"module." + key: name + "_l0" for key, name in
                   lstmfast.interop.TORCHAUDIO_LSTM_KEYS.items()}
 
-class _Regularized(nn.Module):
-    """A module whose forward may run with masks fixed by the check (``fixed``: the masks
-    as lstmfast.torch's forward takes them), else draws its own in training."""
+
+class _Ours(nn.Module):
+    """lstmfast.torch.LSTM with a regularizer, given the check's masks when fixed (as the
+    regularized loops of lstmfast.oracles are)."""
 
     fixed = None
-
-
-class RecurrentDropoutLoop(_Regularized):
-    """Variational (Gal & Ghahramani) recurrent dropout as users write it: a loop over
-    nn.LSTMCell, one mask on h per sequence, kept for every step."""
-
-    def __init__(self, input_size, hidden_size, p):
-        super().__init__()
-        self.cell = nn.LSTMCell(input_size, hidden_size)
-        self.p = p
-
-    def forward(self, x):
-        N, H = x.shape[1], self.cell.hidden_size
-        h = c = x.new_zeros(N, H)
-        mask = None
-        if self.fixed is not None:
-            mask = self.fixed["recurrent_dropout_mask"][0]
-        elif self.training:
-            mask = x.new_full((N, H), 1 - self.p).bernoulli() / (1 - self.p)
-        outputs = []
-        for x_t in x:
-            h, c = self.cell(x_t, (h if mask is None else h * mask, c))
-            outputs.append(h)
-        return torch.stack(outputs), (h, c)
-
-
-class ZoneoutLoop(_Regularized):
-    """ESPnet's ZoneOutCell (Tacotron 2's decoders) around nn.LSTMCell, stepped over the
-    sequence: masks fresh each step, 1 keeps the old value; the expectation in eval."""
-
-    def __init__(self, input_size, hidden_size, p):
-        super().__init__()
-        self.cell = nn.LSTMCell(input_size, hidden_size)
-        self.p = p
-
-    def _zoneout(self, old, new, mask):
-        if mask is not None:
-            return mask * old + (1 - mask) * new
-        if self.training:
-            mask = old.new_empty(old.shape).bernoulli_(self.p)
-            return mask * old + (1 - mask) * new
-        return self.p * old + (1 - self.p) * new
-
-    def forward(self, x):
-        N, H = x.shape[1], self.cell.hidden_size
-        h = c = x.new_zeros(N, H)
-        outputs = []
-        for t, x_t in enumerate(x):
-            h_new, c_new = self.cell(x_t, (h, c))
-            masks = (None, None) if self.fixed is None else (
-                self.fixed["zoneout_mask"][0][0, t], self.fixed["zoneout_mask"][1][0, t])
-            h, c = self._zoneout(h, h_new, masks[0]), self._zoneout(c, c_new, masks[1])
-            outputs.append(h)
-        return torch.stack(outputs), (h, c)
-
-
-class _Ours(_Regularized):
-    """lstmfast.torch.LSTM with a regularizer, given the check's masks when fixed."""
 
     def __init__(self, layer):
         super().__init__()
@@ -370,7 +230,7 @@ def measure(name, threads, modes, rounds, min_time, tiny):
         for mode in (m for m in modes if m in spec.get("modes", MODES)):
             runners = {impl: _runner(m, x, upstream, mode)
                        for impl, m in (("torch loop", loop), ("lstmfast", ours), ("plain", plain))}
-            seconds = bench.time_interleaved(runners, t, rounds, min_time, torch, None)
+            seconds = common.time_interleaved(runners, t, rounds, min_time, torch, None)
             rows.append(dict(row_base, threads=t, mode=mode, seconds=seconds,
                              speedup=seconds["torch loop"] / seconds["lstmfast"],
                              cost=seconds["lstmfast"] / seconds["plain"]))
@@ -378,7 +238,7 @@ def measure(name, threads, modes, rounds, min_time, tiny):
 
 
 def run(names, threads, rounds, min_time, modes=MODES, tiny=False, json_path=None):
-    config = bench.configuration(torch, None)
+    config = common.configuration(torch, None)
     del config["reference_blas_threads_limited"]
     print("lstmfast benchmark: cell variants against the torch loops users run today")
     for key, value in config.items():
@@ -401,8 +261,8 @@ def run(names, threads, rounds, min_time, modes=MODES, tiny=False, json_path=Non
             print(f"{lead} REFUSED: lstmfast differs from the loop by {row['max_rel_diff']:.2g}")
             continue
         sec = row["seconds"]
-        print(f"{lead} {row['mode']:9s} {row['threads']:3d} {bench._fmt_time(sec['torch loop']):>11s} "
-              f"{bench._fmt_time(sec['lstmfast']):>10s} {bench._fmt_time(sec['plain']):>11s} "
+        print(f"{lead} {row['mode']:9s} {row['threads']:3d} {common.fmt_time(sec['torch loop']):>11s} "
+              f"{common.fmt_time(sec['lstmfast']):>10s} {common.fmt_time(sec['plain']):>11s} "
               f"{row['speedup']:7.2f}x {row['cost']:8.2f}x")
     print()
     print("vs loop: the torch loop's time over lstmfast's (above 1x: lstmfast faster); vs plain: "

@@ -229,6 +229,35 @@ def test_a_call_wakes_the_sleeping_workers_as_it_starts():
     _run_child(_PREPARED_POOL)
 
 
+# A worker woken by a call's start (pool_prepare) may look for work while the call
+# is publishing its first job: it must take the job together with the job's
+# generation, or, once done, it takes the same job again, on the caller's dead stack
+# frame, and the next job waits for it forever. The publishing is slowed here so
+# that the woken worker surely looks inside that window.
+_WOKEN_WORKER_TAKES_A_JOB_ONCE = """
+import time
+from lstmfast import _core
+_core._pool_set_use_openmp(0)
+_core._pool_set_never_spin(True)  # idle workers sleep at once after a job
+assert _core._pool_check_barriers(2, 3) == (2, 0)
+_core._pool_set_publish_delay_ns(5_000_000)
+for _ in range(5):
+    deadline = time.monotonic() + 60
+    while _core._pool_sleeping_workers() != 1:
+        assert time.monotonic() < deadline, "the worker never went to sleep"
+        time.sleep(0.001)
+    _core._pool_prepare(2)  # the wake-up is under way while the job is published
+    assert _core._pool_check_barriers(2, 20) == (2, 0)
+_core._pool_set_publish_delay_ns(0)
+assert _core._pool_check_barriers(2, 20) == (2, 0)
+print("ok")
+"""
+
+
+def test_a_worker_woken_as_a_call_starts_runs_its_job_once():
+    _run_child(_WOKEN_WORKER_TAKES_A_JOB_ONCE, timeout=60)
+
+
 # A call of sleeping workers that would be done before one could start runs alone;
 # a longer one wakes them and runs on them. The learned wake-up cost is set here.
 _SHORT_CALLS_ALONE = """

@@ -746,6 +746,8 @@ void register_pool(py::module_& m) {
         "What waking a sleeping worker has cost lately (ns; 0 before the first).");
   m.def("_pool_set_wake_cost_ns", &lstmfast::pool_set_wake_cost_ns, py::arg("ns"),
         "Tests: sets the wake-up cost the pool has learned, until the next wake-up.");
+  m.def("_pool_set_publish_delay_ns", &lstmfast::pool_set_publish_delay_ns, py::arg("ns"),
+        "Tests: a pause while a job is published to the workers (0: none).");
   m.def(
       "_pool_spin_limits",
       [](const std::vector<long>& idle_waits_ns) {

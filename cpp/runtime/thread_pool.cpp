@@ -41,6 +41,7 @@ using Clock = std::chrono::steady_clock;
 
 std::atomic<long> g_sleeps{0};            // waits that went to sleep (for tests)
 std::atomic<bool> g_never_spin{false};    // tests: every wait sleeps at once
+std::atomic<long> g_publish_delay_ns{0};  // tests: a pause while a job is being published
 std::atomic<bool> g_fit_to_cores{true};   // tests: false runs every job on all its threads
 
 // What the pool did, counted while g_counting is on (pool_set_counting): for
@@ -461,18 +462,32 @@ class Pool {
     finished_.store(0);  // the workers of the last job have all counted themselves
     job.allowed = &allowed_;
     job.cpu[0].store(current_cpu(), std::memory_order_relaxed);
+    if (g_counting.load(std::memory_order_relaxed)) g_jobs.fetch_add(1);
     {
+      // The job and its generation change together, under the lock the workers read
+      // them under. A worker woken by an earlier generation (pool_prepare's) that
+      // read this job with the generation before it would, once done, see "a new
+      // generation" and run the same job a second time, on a dead stack frame: it
+      // then waited at that job's barrier forever, and the next job for it (seen:
+      // a --peers run hung, the caller at a GRU job's barrier, the worker at an
+      // int8 LSTM's).
       std::lock_guard<std::mutex> lock(mutex_);
       job_ = &job;
       job_threads_ = job.threads;
+      const long delay_ns = g_publish_delay_ns.load(std::memory_order_relaxed);
+      if (delay_ns > 0) std::this_thread::sleep_for(std::chrono::nanoseconds(delay_ns));
+      signaled_at_.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
+      generation_.add(1);
     }
-    if (g_counting.load(std::memory_order_relaxed)) g_jobs.fetch_add(1);
-    signaled_at_.store(Clock::now().time_since_epoch().count(), std::memory_order_relaxed);
-    generation_.add(1);
     job.run(0);
     const unsigned workers = static_cast<unsigned>(job.threads - 1);
     wait_for(finished_, [workers](unsigned n) { return n == workers; }, Job::job_spin(),
              g_finish_waits, [&job] { return job.share_a_cpu(0); });
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      job_ = nullptr;  // the frame goes with this call: no worker may find it later
+      job_threads_ = 0;
+    }
     return true;
   }
 
@@ -728,6 +743,8 @@ int pool_usable_threads(int wanted) {
 }
 
 void pool_set_never_spin(bool never) { g_never_spin.store(never); }
+
+void pool_set_publish_delay_ns(long ns) { g_publish_delay_ns.store(ns); }
 
 void pool_set_fit_to_cores(bool fit) { g_fit_to_cores.store(fit); }
 

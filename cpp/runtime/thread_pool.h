@@ -106,6 +106,9 @@ int pool_sleeping_workers();
 double pool_wake_cost_ns();
 // For tests: sets what pool_wake_cost_ns() reports until the next wake-up.
 void pool_set_wake_cost_ns(double ns);
+// For tests: the caller pauses this long while it publishes a job to the workers,
+// which widens the window in which a worker woken before may look for work.
+void pool_set_publish_delay_ns(long ns);
 
 // For tests: colocation's decision (thread_pool.cpp) for thread tid waiting on CPU
 // my_cpu, cpus[t] the CPU thread t of the job was last seen on, with the CPUs the

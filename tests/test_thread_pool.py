@@ -203,7 +203,9 @@ def test_a_partner_late_by_a_few_hundred_microseconds_is_not_slept_on():
         _core._pool_set_counting(False)
         _core._pool_set_use_openmp(1)
     assert (ran, violations) == (2, 0)
-    assert counts["barrier_waits"] >= 40 and counts["barrier_sleeps"] == 0, counts
+    # A shared machine may hold a thread off its core now and then (seen: one run in
+    # a few dozen); a spin learned down sleeps at every barrier.
+    assert counts["barrier_waits"] >= 40 and counts["barrier_sleeps"] <= 4, counts
 
 
 _PREPARED_POOL = """

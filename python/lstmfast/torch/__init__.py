@@ -42,7 +42,7 @@ from torch.ao.nn.quantized import dynamic as nnqd
 from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
-from .modules import (_backend_weight, _check_ctrnn_options, _check_layer_norm_eps,
+from ..modules import (_backend_weight, _check_ctrnn_options, _check_layer_norm_eps,
                       _check_probability, _check_zoneout)
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "PeepholeLSTM", "CTRNN",
@@ -62,9 +62,9 @@ def _backend(name):
     if backend is not None:
         return backend
     if name == "numpy":
-        from . import reference as backend
+        from .. import reference as backend
     else:
-        from . import _fused as backend
+        from .. import _fused as backend
 
         if not getattr(backend, "available", False):
             raise NotImplementedError("lstmfast's fused kernels are not built")
@@ -297,7 +297,7 @@ def _torch_loop_stack(s, x, h0, c0, masks, *weights):
     zone = options.get("zoneout_masks") or (None, None)
     mode = s["mode"]
     if options.get("zoneout_seed") is not None:  # the masks the kernels draw from the seed
-        from .reference import zoneout_masks_from_seed
+        from ..reference import zoneout_masks_from_seed
 
         H = h0.shape[2] if c0 is None or not c0.numel() else c0.shape[2]
         zone = tuple(None if m is None else torch.from_numpy(m).to(x.dtype) for m in
@@ -747,7 +747,7 @@ def _bfloat16_autocast_forward(self, input, hx, hx_list):
     gate math stay float32 (README "Reduced precision"), and the results get the
     dtypes torch gives them (_autocast_dtypes). Training under autocast needs
     torch's backward: torch's path."""
-    from . import reference
+    from .. import reference
 
     needs_grad = torch.is_grad_enabled() and any(
         t.requires_grad for t in [input.data if isinstance(input, PackedSequence) else input]
@@ -842,7 +842,7 @@ def _int8_weight(qweight):
     values and its scale (per tensor, or per output row), when it is symmetric
     (zero point 0), which torch's dynamic quantization makes. Any other scheme is
     quantized again per output row from its float values."""
-    from . import reference
+    from .. import reference
 
     M = qweight.shape[0]
     scheme = qweight.qscheme()

@@ -1,6 +1,8 @@
 """lstmfast.torch: the torch.nn subclasses and accelerate(), against torch.nn itself."""
 
 import io
+import pickle
+import sys
 import warnings
 
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import lstmfast.torch as lt  # noqa: E402
+from lstmfast.torch import _backend as lt_backend  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
 
@@ -198,6 +201,19 @@ def test_state_dict_keys_and_save_load_round_trip(adapter_backend):
         assert torch.equal(loaded(x)[0], ours(x)[0])
 
 
+def test_public_names_live_in_lstmfast_torch_whichever_module_defines_them():
+    # pickle and torch.save record a class by __module__ and __qualname__: with
+    # lstmfast.torch recorded, a saved model loads across moves inside the package,
+    # and models saved when lstmfast.torch was one file load now.
+    for name in lt.__all__:
+        obj = getattr(lt, name)
+        assert obj.__module__ == "lstmfast.torch", name
+        assert getattr(sys.modules[obj.__module__], obj.__qualname__) is obj, name
+    saved = pickle.dumps(lt.PeepholeLSTM(2, 3), protocol=0)  # protocol 0 names classes as text
+    assert b"clstmfast.torch\nPeepholeLSTM\n" in saved
+    assert type(pickle.loads(saved)) is lt.PeepholeLSTM
+
+
 class _Classifier(torch.nn.Module):
     def __init__(self, rnn_cls):
         super().__init__()
@@ -259,7 +275,7 @@ def test_accelerate_swaps_nested_modules_in_place():
 
 
 def test_unsupported_dtype_falls_back_with_one_warning():
-    lt._warned.clear()
+    lt_backend._warned.clear()
     m = lt.GRU(3, 4).to(torch.bfloat16)
     x = torch.randn(5, 2, 3, dtype=torch.bfloat16)
     with pytest.warns(RuntimeWarning, match="bfloat16 is not supported"):

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 
 import lstmfast  # noqa: E402
 import lstmfast.torch as lt  # noqa: E402
+from lstmfast.torch.variants import _TorchaudioLSTMForward  # noqa: E402
 
 from conftest import assert_close  # noqa: E402
 from lstmfast.oracles import CustomLSTMLoop  # noqa: E402
@@ -122,7 +123,7 @@ def test_accelerate_swaps_torchaudio_custom_lstm_modules(monkeypatch):
 
     expected = run(model)
     lt.accelerate(model)
-    assert all(isinstance(m, lt._TorchaudioLSTMForward) for m in model)
+    assert all(isinstance(m, _TorchaudioLSTMForward) for m in model)
     got = run(model)
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -29,6 +29,7 @@ torch = pytest.importorskip("torch")
 from torch.nn.utils.rnn import PackedSequence  # noqa: E402
 
 import lstmfast.torch as lt  # noqa: E402
+from lstmfast.torch import _backend as lt_backend  # noqa: E402
 from conftest import assert_close  # noqa: E402
 
 # torch.testing._internal is torch's test support code, not a public API; importing
@@ -326,7 +327,7 @@ def test_error_sample_raises_like_torch(info, dtype, index):
     expected, expected_warnings = run(lambda: info.module_cls(*ci.args, **ci.kwargs))
     assert isinstance(expected, error.error_type) and re.search(error.error_regex, str(expected)), (
         f"torch itself: {expected!r}")
-    lt._warned.clear()  # the adapter warns once per process; each test sees the first time
+    lt_backend._warned.clear()  # the adapter warns once per process; each test sees the first time
     got, got_warnings = run(make_ours)
     assert type(got) is type(expected), f"ours raised {got!r}, torch {expected!r}"
     assert re.search(error.error_regex, str(got)) and str(got) == str(expected), (

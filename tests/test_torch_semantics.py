@@ -5,8 +5,11 @@ errors, torch.compile, restore(), and the cells. Each test runs the same module 
 plain torch.nn and as lstmfast.torch (accelerate() on a deep copy) and compares.
 """
 
+import contextlib
 import copy
+import importlib
 import io
+import pkgutil
 import re
 import warnings
 
@@ -15,6 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import lstmfast.torch as lt  # noqa: E402
+from lstmfast.torch import _backend as lt_backend  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
 
@@ -45,6 +49,29 @@ def twins(cls, kwargs, dtype=torch.float64, seed=0):
     ours = lt.accelerate(copy.deepcopy(theirs))
     assert type(ours).__module__ == "lstmfast.torch"
     return theirs, ours
+
+
+@contextlib.contextmanager
+def kernel_calls_recorded(calls):
+    """Each call of the kernels on a whole stack or on one cell step recorded in
+    ``calls`` as "layer" or "cell". The two functions are patched in every module of
+    lstmfast.torch that binds them, since each looks them up in its own namespace:
+    the autograd Functions call them when a gradient is needed, the layers and
+    cells when none is."""
+    package = importlib.import_module("lstmfast.torch")
+    modules = [importlib.import_module(f"{package.__name__}.{info.name}")
+               for info in pkgutil.iter_modules(package.__path__)]
+    patched = [(module, name, what, vars(module)[name])
+               for name, what in (("_stack_step", "layer"), ("_cell_step", "cell"))
+               for module in modules if name in vars(module)]
+    try:
+        for module, name, what, original in patched:
+            setattr(module, name, lambda *a, what=what, original=original:
+                    calls.append(what) or original(*a))
+        yield
+    finally:
+        for module, name, _, original in patched:
+            setattr(module, name, original)
 
 
 def layer_input(module, dtype=torch.float64, T=6, N=3, seed=1):
@@ -471,16 +498,12 @@ def test_torch_compile_runs_the_fused_kernels_and_matches():
     expected = model(x)
     lt.accelerate(model)
     calls = []
-    stack_step, cell_step = lt._stack_step, lt._cell_step
     torch._dynamo.reset()
     try:
-        lt._stack_step = lambda *a: calls.append("layer") or stack_step(*a)
-        lt._cell_step = lambda *a: calls.append("cell") or cell_step(*a)
-        with warnings.catch_warnings():
+        with kernel_calls_recorded(calls), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # dynamo's notes on what it does not trace
             got = torch.compile(model)(x)
     finally:
-        lt._stack_step, lt._cell_step = stack_step, cell_step
         torch._dynamo.reset()
     assert_close(got, expected, 1e-10, "compiled")
     assert calls.count("layer") >= 1 and calls.count("cell") >= 3
@@ -600,15 +623,9 @@ def test_cell_with_given_state_gets_its_gradient():
 def test_cells_and_layers_run_on_the_kernels(grad):
     cell, layer = twins(nn.GRUCell, {})[1], twins(nn.LSTM, {})[1]
     calls = []
-    stack_step, cell_step = lt._stack_step, lt._cell_step
-    try:
-        lt._stack_step = lambda *a: calls.append("layer") or stack_step(*a)
-        lt._cell_step = lambda *a: calls.append("cell") or cell_step(*a)
-        with torch.set_grad_enabled(grad):
-            h = cell(torch.randn(3, I, dtype=torch.float64))
-            out, _ = layer(torch.randn(6, 3, I, dtype=torch.float64))
-    finally:
-        lt._stack_step, lt._cell_step = stack_step, cell_step
+    with kernel_calls_recorded(calls), torch.set_grad_enabled(grad):
+        h = cell(torch.randn(3, I, dtype=torch.float64))
+        out, _ = layer(torch.randn(6, 3, I, dtype=torch.float64))
     assert calls == ["cell", "layer"]
     assert (h.grad_fn is not None, out.grad_fn is not None) == (grad, grad)
 
@@ -629,7 +646,7 @@ def test_unsupported_cell_dtype_falls_back_with_a_warning():
     theirs = nn.GRUCell(I, H, dtype=torch.bfloat16)
     ours = lt.accelerate(copy.deepcopy(theirs))
     x = torch.randn(3, I, dtype=torch.bfloat16)
-    lt._warned.discard(("GRUCell", "dtype torch.bfloat16"))
+    lt_backend._warned.discard(("GRUCell", "dtype torch.bfloat16"))
     with pytest.warns(RuntimeWarning, match=re.escape("dtype torch.bfloat16 is not supported")):
         got = ours(x)
     assert torch.equal(got, theirs(x))

@@ -1,0 +1,134 @@
+"""Which implementation computes a call: an lstmfast backend, or torch's own.
+
+``_backend`` gives lstmfast's fused kernels or its NumPy reference. Whatever the
+kernels cannot compute exactly as torch does goes to torch's own implementation;
+the tests that the forwards and backwards share to decide it are here (a malformed
+call is each forward's own test): a context only torch serves
+(``_in_torch_only_context``), a device or dtype the kernels lack
+(``_unsupported_reason``, warned of once by ``_warn_once``), a backward that needs a
+graph (``_backward_through_torch_ops``), and for ``torch.jit.script`` torch's class
+on the same parameters (``_as_class``). Also what every caller of a backend shares:
+tensors as arrays, and the cache of a module's weights packed for the kernels
+(``_packed_for``).
+"""
+
+import copy
+import threading
+import warnings
+import weakref
+
+import torch
+
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64)
+_warned = set()  # (class name, reason): warned of once per process
+
+
+_backends = {}
+
+
+def _backend(name):
+    backend = _backends.get(name)
+    if backend is not None:
+        return backend
+    if name == "numpy":
+        from .. import reference as backend
+    else:
+        from .. import _fused as backend
+
+        if not getattr(backend, "available", False):
+            raise NotImplementedError("lstmfast's fused kernels are not built")
+    _backends[name] = backend
+    return backend
+
+
+def _fused_backend_or_none():
+    try:
+        return _backend("fused")
+    except (ImportError, NotImplementedError):
+        return None
+
+
+def _warn_once(key, message):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=5)
+
+
+def _as_numpy(t):
+    """A NumPy view of a CPU tensor (no copy); the kernels copy non-contiguous input themselves."""
+    return t.detach().numpy()
+
+
+def _in_torch_only_context(autocast=True):
+    """True where only torch's own implementation can give torch's result: while
+    tracing (the kernels are invisible to the tracer), under a ``torch.func``
+    transform (they see no wrapped tensors), and under autocast (torch's dtype
+    rules; the layers serve bfloat16 autocast themselves and pass autocast=False).
+    Exporting is checked before (``torch.compiler.is_exporting``)."""
+    return (torch.jit.is_tracing() or (autocast and torch.is_autocast_enabled("cpu"))
+            or torch._C._are_functorch_transforms_active())
+
+
+def _unsupported_reason(data, tensors):
+    """Why the kernels cannot take this call, or None: a reason for a warning, or ""
+    when torch's path needs no warning (it raises, as for an input of another dtype
+    than the weights; a warning would only hide torch's error)."""
+    if not data.is_cpu:
+        return f"device {data.device.type}"
+    dtype = data.dtype
+    for t in tensors:
+        if t is not None and (t.dtype != dtype or not t.is_cpu):
+            return ""
+    if dtype not in _SUPPORTED_DTYPES:
+        return f"dtype {dtype}"
+    return None
+
+
+def _backward_through_torch_ops(grad_outputs):
+    """Whether a backward must differentiate torch's own ops instead of running the
+    fused BPTT: with ``create_graph=True`` (the fused backward gives numbers, not a
+    graph, and double backward needs one), and when the gradients are batched by a
+    vmap, as ``gradcheck(check_batched_grad=True)`` batches them (the kernels see no
+    batched tensors): ``torch.func``'s vmap, or the one gradcheck uses."""
+    if torch.is_grad_enabled() or torch._C._are_functorch_transforms_active():
+        return True
+    return any(isinstance(g, torch.Tensor) and _batched_by_legacy_vmap(g) for g in grad_outputs)
+
+
+def _batched_by_legacy_vmap(t):
+    """Whether t is a batched tensor of torch's first vmap (torch._vmap_internals, which
+    gradcheck uses): its dispatch key Batched is not in the DispatchKey enum torch
+    exposes, so it is read from the key set's names."""
+    names = str(torch._C._dispatch_keys(t))
+    return "Batched" in names[names.find("(") + 1:names.rfind(")")].split(", ")
+
+
+def _as_class(module, cls):
+    """A shallow twin of ``module`` of class ``cls``: the same parameter objects, its own
+    registries (so registering on one does not change the other)."""
+    twin = copy.copy(module)
+    for registry in ("_parameters", "_buffers", "_modules"):
+        setattr(twin, registry, dict(getattr(module, registry)))
+    twin.__class__ = cls
+    return twin
+
+
+# module -> (what its packed weights were made from, the packed weights): kept out
+# of the module itself, whose copies, pickles and state_dicts must not carry them.
+_packed_weights = weakref.WeakKeyDictionary()
+_packed_lock = threading.Lock()
+
+
+def _packed_for(module, source_key, make):
+    """``make()`` once per ``source_key`` of ``module`` (the packed weights of its
+    current parameters), cached until the key changes."""
+    with _packed_lock:
+        entry = _packed_weights.get(module)
+        if entry is not None and len(entry[0]) == len(source_key) and all(
+                a is b or (isinstance(a, tuple) and a == b) for a, b in zip(entry[0], source_key)):
+            return entry[1]
+    value = make()
+    with _packed_lock:
+        _packed_weights[module] = (source_key, value)
+    return value

@@ -1,0 +1,210 @@
+"""The autograd Functions: ``_RecurrentFunction`` (forward and BPTT of a whole stack)
+and ``_CellFunction`` (one step of one cell) on an lstmfast backend.
+
+``_stack_step`` and ``_cell_step`` are their calls of the backend, which the layers
+and cells also make directly when nothing needs a gradient (no autograd node). A
+backward that needs a graph differentiates the torch-op loops of loops.py instead of
+running the fused BPTT (``_differentiate_torch_graph``).
+"""
+
+import collections
+import sys
+import threading
+
+import numpy as np
+import torch
+
+from ._backend import _as_numpy, _backward_through_torch_ops, _fused_backend_or_none
+from .loops import _torch_cell, _torch_stack
+
+
+_CELL_STATE_MODES = ("LSTM", "LN_LSTM")  # the backends' modes whose state is (h, c)
+
+
+class _GradientArrays:
+    """Arrays for the parameter gradients that backward hands to autograd, each made
+    again once autograd has let go of it.
+
+    A cell stepped T times returns T sets of weight gradients, which autograd adds up
+    and frees one by one. New arrays each time meant new memory from the system each
+    time (glibc gives freed blocks of this size back to it at once), and the page
+    faults cost more than the backward: a 100-step LSTMCell(256) loop at N=1 took
+    298 ms a training step against torch's 99 ms, and 68 ms with malloc told to keep
+    its memory. An array is free again when nothing but this pool refers to it (the
+    tensor that torch.from_numpy made of it holds a reference until it is freed).
+    """
+
+    _PER_SHAPE = 4  # in flight per step: the one autograd is summing into, and the new one
+    _SHAPES = 16
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._free = collections.OrderedDict()  # (shape, dtype) -> arrays, most recent last
+
+    def empty(self, shape, dtype):
+        key = (tuple(shape), np.dtype(dtype))
+        with self._lock:
+            arrays = self._free.get(key)
+            if arrays is None:
+                arrays = self._free[key] = []
+                if len(self._free) > self._SHAPES:
+                    self._free.popitem(last=False)
+            else:
+                self._free.move_to_end(key)
+            for array in arrays:
+                # references: the list, this loop's name, getrefcount's argument
+                if sys.getrefcount(array) == 3:
+                    return array
+            array = np.empty(shape, dtype)
+            if len(arrays) < self._PER_SHAPE:
+                arrays.append(array)
+            return array
+
+
+_gradient_arrays = _GradientArrays()
+
+
+def _backward_new_gradients(backend, cache, d_output, d_h_n, d_c_n):
+    """backend.backward into gradient arrays of its own (the fused backend's come from
+    _gradient_arrays, filled without being cleared first)."""
+    if backend is _fused_backend_or_none():
+        return backend.fresh_gradients_backward(cache, d_output, d_h_n, d_c_n,
+                                                empty=_gradient_arrays.empty)
+    return backend.backward(cache, d_output, d_h_n, d_c_n)
+
+
+def _differentiate_torch_graph(recompute, saved, needs_input_grad, grad_outputs):
+    """Gradients of ``recompute(*saved)`` (torch's own ops) with a graph of their own
+    (see _backward_through_torch_ops)."""
+    with torch.enable_grad():
+        outputs = recompute(*saved)
+        wanted = [t for t, need in zip(saved, needs_input_grad) if need and t is not None]
+        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and o.requires_grad]
+        grads = torch.autograd.grad([o for o, _ in pairs], wanted, [g for _, g in pairs],
+                                    create_graph=True, allow_unused=True, materialize_grads=True)
+    grads = iter(grads)
+    return [next(grads) if need and t is not None else None
+            for t, need in zip(saved, needs_input_grad)]
+
+
+def _numpy_options(options):
+    """A backend's extra keyword arguments (settings["cell_options"]) with tensors, alone
+    or in a pair (zoneout's), as arrays."""
+    def as_numpy(value):
+        if isinstance(value, torch.Tensor):
+            return _as_numpy(value.detach().contiguous())
+        if isinstance(value, tuple):
+            return tuple(as_numpy(v) for v in value)
+        return value
+
+    return {key: as_numpy(value) for key, value in (options or {}).items()}
+
+
+def _stack_step(settings, x, h0, c0, masks, weights):
+    """The whole stack on the backend: output, h_n, c_n (an empty tensor but for
+    LSTM) as tensors, and the cache (None unless settings["keep_for_backward"])."""
+    is_lstm = settings["mode"] in _CELL_STATE_MODES
+    params = {name: _as_numpy(w) if isinstance(w, torch.Tensor) else w
+              for name, w in zip(settings["names"], weights)}
+    hx = (_as_numpy(h0), _as_numpy(c0)) if is_lstm else _as_numpy(h0)
+    dropout_masks = list(_as_numpy(masks)) if masks.numel() else None
+    options = _numpy_options(settings.get("cell_options"))
+    output, h_n, c_n, cache = settings["backend"].forward(
+        settings["mode"], _as_numpy(x), hx, params,
+        num_layers=settings["num_layers"], bidirectional=settings["bidirectional"],
+        proj_size=settings["proj_size"], lengths=settings["lengths"],
+        dropout_masks=dropout_masks, training=settings["keep_for_backward"], **options)
+    c_n = torch.from_numpy(c_n) if is_lstm else torch.empty(0, dtype=x.dtype)
+    return torch.from_numpy(output), torch.from_numpy(h_n), c_n, cache
+
+
+class _RecurrentFunction(torch.autograd.Function):
+    """Forward and BPTT of a whole stack through an lstmfast backend.
+
+    Inputs: a dict of static settings, x (T, N, I), h0, c0 (or an empty tensor for
+    non-LSTM), dropout masks (or an empty tensor), then the flat weights in the
+    module's ``_flat_weights_names`` order. All are saved for backward, so changing
+    one in place before backward raises torch's "modified by an inplace operation"
+    error (the kernels' cache reads x and the weights where they are).
+    """
+
+    @staticmethod
+    def forward(ctx, settings, x, h0, c0, masks, *weights):
+        out, h_n, c_n, ctx.cache = _stack_step(settings, x, h0, c0, masks, weights)
+        ctx.settings = settings
+        is_lstm = settings["mode"] in _CELL_STATE_MODES
+        ctx.save_for_backward(x, h0, c0 if is_lstm else None, masks, *weights)
+        if not is_lstm:
+            ctx.mark_non_differentiable(c_n)
+        return out, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, d_output, d_h_n, d_c_n):
+        saved = ctx.saved_tensors  # raises if one was changed in place since forward
+        settings = ctx.settings
+        is_lstm = settings["mode"] in _CELL_STATE_MODES
+        if _backward_through_torch_ops((d_output, d_h_n, d_c_n)):
+            grads = _differentiate_torch_graph(
+                lambda *t: _torch_stack(settings, *t), saved, ctx.needs_input_grad[1:],
+                (d_output, d_h_n, d_c_n if is_lstm else None))
+            return (None, *grads)
+        if ctx.cache is None:
+            raise RuntimeError("lstmfast: this forward kept nothing for backward")
+        dx, dh0, dc0, grads = _backward_new_gradients(
+            settings["backend"], ctx.cache, _as_numpy(d_output.contiguous()),
+            _as_numpy(d_h_n.contiguous()), _as_numpy(d_c_n.contiguous()) if is_lstm else None)
+        return (None, torch.from_numpy(dx), torch.from_numpy(dh0),
+                torch.from_numpy(dc0) if is_lstm else None, None,
+                *(torch.from_numpy(grads[name]) for name in settings["names"]))
+
+
+def _cell_step(backend, mode, keep, x, h0, c0, weights):
+    """One step on the kernels: x (N, I), h0 and c0 (N, H) (c0 None but for LSTM),
+    weights (weight_ih, weight_hh, bias_ih, bias_hh; biases may be None).
+    Returns h1, c1 (None but for LSTM) as tensors, and the cache (None unless keep)."""
+    N = x.shape[0]
+    h0 = h0.detach().numpy().reshape(1, N, -1)
+    hx = (h0, c0.detach().numpy().reshape(1, N, -1)) if c0 is not None else h0
+    x = x.detach().numpy().reshape(1, N, -1)
+    weights = [None if w is None else w.detach().numpy() for w in weights]
+    if backend is _fused_backend_or_none():
+        h1, c1, cache = backend.cell_forward(mode, x, hx, weights, keep)
+    else:  # the reference has no one-step entry: the stack with T = 1
+        names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+        params = {name: w for name, w in zip(names, weights) if w is not None}
+        _, h1, c1, cache = backend.forward(mode, x, hx, params, num_layers=1,
+                                           bidirectional=False, training=keep)
+    return torch.from_numpy(h1[0]), (None if c1 is None else torch.from_numpy(c1[0])), cache
+
+
+class _CellFunction(torch.autograd.Function):
+    """One step of one cell through the fused kernels, for autograd; the arguments
+    after the backend and mode are those of ``_cell_step``, weights spread out."""
+
+    @staticmethod
+    def forward(ctx, backend, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        h1, c1, ctx.cache = _cell_step(backend, mode, True, x, h0, c0, (w_ih, w_hh, b_ih, b_hh))
+        ctx.mode = mode
+        ctx.backend = backend
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
+        return h1 if c1 is None else (h1, c1)
+
+    @staticmethod
+    def backward(ctx, d_h1, d_c1=None):
+        saved = ctx.saved_tensors  # raises if one was changed in place since forward
+        if _backward_through_torch_ops((d_h1, d_c1)):
+            grads = _differentiate_torch_graph(
+                lambda *t: _torch_cell(ctx.mode, *t), saved, ctx.needs_input_grad[2:],
+                (d_h1, d_c1))
+            return (None, None, *grads)
+        x, h0, c0, w_ih, w_hh, b_ih, b_hh = saved
+        N = x.shape[0]
+        names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+        # h1 is both output[0] and h_n[0]: its gradient goes in as d_output.
+        dx, dh0, dc0, grads = _backward_new_gradients(
+            ctx.backend, ctx.cache, d_h1.detach().contiguous().numpy().reshape(1, N, -1), None,
+            None if c0 is None else d_c1.detach().contiguous().numpy().reshape(1, N, -1))
+        g = [None if w is None else torch.from_numpy(grads[name])
+             for name, w in zip(names, (w_ih, w_hh, b_ih, b_hh))]
+        return (None, None, torch.from_numpy(dx[0]), torch.from_numpy(dh0[0]),
+                None if c0 is None else torch.from_numpy(dc0[0]), *g)

@@ -1,0 +1,371 @@
+"""The layers ``LSTM``, ``GRU``, ``RNN``, and the forward every layer class of
+lstmfast.torch shares (``_FastRNNMixin``, also under variants.py and quantized.py).
+
+The forward follows torch's steps and calls torch's checks, then calls the kernels
+(``_layer_forward_on``) or hands the call to torch's forward; it draws the
+regularizers' masks (recurrent dropout, zoneout). Under CPU bfloat16 autocast it runs
+the kernels' bfloat16 weights path (``_bfloat16_autocast_forward``): that is the
+float layers' own forward under autocast, so it lives here, beside the call it makes.
+"""
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.rnn import PackedSequence
+
+from ..modules import _backend_weight, _check_probability, _check_zoneout
+from ._backend import (_as_class, _backend, _in_torch_only_context, _packed_for,
+                       _unsupported_reason, _warn_once)
+from .autograd import _RecurrentFunction, _stack_step
+from .loops import _torch_loop_forward, _torch_loop_stack
+
+
+def _packed_rows(batch_sizes, N):
+    """The rows t*N + n of a padded (T, N, ...) tensor that a PackedSequence with these
+    batch sizes holds, in its order, and each sequence's length."""
+    inside = torch.arange(N)[None, :] < batch_sizes[:, None]  # (T, N)
+    return inside.reshape(-1).nonzero().squeeze(1), inside.sum(0).numpy().astype(np.int64)
+
+
+def _set_regularizers(module, recurrent_dropout, zoneout):
+    module.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout,
+                                                  upper_open=True)
+    module.zoneout = _check_zoneout(zoneout, "LSTM" if module.mode == "LSTM" else "GRU")
+
+
+class _FastRNNMixin:
+    """The forward shared by the three layer classes; the rest is torch's nn.RNNBase.
+
+    It follows torch's own forward step by step and calls torch's own checks, so
+    shapes, errors and messages are torch's; where it is unsure (a malformed call),
+    it hands the call to torch's forward, which raises exactly what torch raises.
+    """
+
+    _lstmfast_backend = "fused"
+    _lstmfast_quantized = False  # QuantizedLSTM / QuantizedGRU: int8 weights, inference only
+    _lstmfast_autocast = True  # bfloat16 autocast runs on the bfloat16 weights path
+    recurrent_dropout = 0.0  # set by the constructors of LSTM, GRU and RNN (docs/cells.md, Recurrent dropout and zoneout)
+    zoneout = (0.0, 0.0)
+
+    def forward(self, input, hx=None, *, recurrent_dropout_mask=None,  # noqa: A002
+                zoneout_mask=None):
+        given = None
+        if recurrent_dropout_mask is not None or zoneout_mask is not None:
+            given = {"recurrent_dropout_mask": recurrent_dropout_mask, "zoneout_mask": zoneout_mask}
+        if torch.compiler.is_exporting():
+            return self._torch_forward(input, hx, given)
+        return _fused_layer_forward(self, input, hx, given)
+
+    def _regularized(self, given):
+        return bool(self.recurrent_dropout or any(self.zoneout) or given)
+
+    def extra_repr(self):
+        s = super().extra_repr()
+        if self.recurrent_dropout:
+            s += f", recurrent_dropout={self.recurrent_dropout}"
+        if any(self.zoneout):
+            s += f", zoneout={self.zoneout}"
+        return s
+
+    def _torch_forward(self, input, hx, given=None):
+        if self._regularized(given):  # torch has no recurrent dropout or zoneout
+            return _torch_loop_forward(self, input, hx, _torch_loop_stack, given)
+        return self._lstmfast_torch_class.forward(self, input, hx)
+
+    @property
+    def _lstmfast_mode(self):
+        """The backends' name of this layer's cell (a variant's differs from torch's mode)."""
+        return self.mode
+
+    def _lstmfast_cell_options(self, T, N, like, given):
+        """Keyword arguments of the backend forward beyond torch's, from ``given``, what
+        the caller passed beyond torch's arguments: here recurrent dropout's and
+        zoneout's masks (given, or drawn from torch's generator in training), or
+        zoneout's probabilities (eval); a variant's own otherwise."""
+        if not self._regularized(given):
+            return None
+        given = given or {}
+        LD = self.num_layers * (2 if self.bidirectional else 1)
+        H = self.hidden_size
+        H_out = self.proj_size if self.proj_size > 0 else H
+        options = {}
+
+        def checked(name, value, shape):
+            if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
+                got = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{name}: expected a tensor of shape {shape}, got {got}")
+            if not self.training:
+                raise ValueError(f"{name}: given in eval mode, where there is no mask")
+            return value.detach().to(like.dtype)
+
+        rec = given.get("recurrent_dropout_mask")
+        if rec is not None:
+            options["recurrent_dropout_masks"] = checked("recurrent_dropout_mask", rec, (LD, N, H_out))
+        elif self.training and self.recurrent_dropout > 0:
+            keep = 1.0 - self.recurrent_dropout
+            options["recurrent_dropout_masks"] = like.new_full((LD, N, H_out), keep).bernoulli() / keep
+        zone = given.get("zoneout_mask")
+        if zone is not None:
+            if not isinstance(zone, (tuple, list)) or len(zone) != 2:
+                raise ValueError("zoneout_mask: expected a pair (m_h, m_c)")
+            options["zoneout_masks"] = tuple(
+                None if m is None else checked(f"zoneout_mask[{i}]", m, (LD, T, N, width))
+                for i, (m, width) in enumerate(zip(zone, (H_out, H))))
+        elif any(self.zoneout):
+            # training: masks drawn inside the kernels from a seed of torch's generator
+            # (reference.zoneout_masks_from_seed), nothing stored; eval: the expectation
+            options["zoneout_masks"] = tuple(p or None for p in self.zoneout)
+            if self.training:
+                options["zoneout_seed"] = int(torch.randint(0, 2**62, (), dtype=torch.int64))
+        return options or None
+
+    def _lstmfast_weights(self):
+        """The weights for _layer_forward_on: the flat weights, their names, and
+        whether they are reduced (QuantizedLSTM / QuantizedGRU: packed int8); None
+        when only torch's forward can run them."""
+        self._update_flat_weights()
+        return list(self._flat_weights), list(self._flat_weights_names), False
+
+    def __prepare_scriptable__(self):
+        """``torch.jit.script`` compiles torch's class on the same parameters."""
+        return _as_class(self, self._lstmfast_torch_class)
+
+
+# torch.compile cannot trace into the kernels: the fused call runs eagerly behind a
+# graph break. Dynamo never traces torch's own nn.LSTM/GRU/RNN either (it runs
+# them eagerly), so a layer costs the same break either way; a cell costs one
+# break per call, where torch's cell compiles into the graph. Disabled also when
+# called eagerly, because dynamo would otherwise try to compile the frames this
+# function runs on behalf of a compiled caller (about 1 us per call).
+@torch.compiler.disable
+def _fused_layer_forward(self, input, hx, given=None):
+    packed = isinstance(input, PackedSequence)
+    data = input.data if packed else input
+    is_lstm = self.mode == "LSTM"
+    if hx is None:
+        hx_list = []
+    elif is_lstm and isinstance(hx, (tuple, list)) and len(hx) == 2:
+        hx_list = list(hx)
+    elif not is_lstm and isinstance(hx, torch.Tensor):
+        hx_list = [hx]
+    else:
+        return self._torch_forward(input, hx, given)  # torch's answer to a malformed hx
+    if not all(isinstance(h, torch.Tensor) for h in hx_list):
+        return self._torch_forward(input, hx, given)
+    if (_in_torch_only_context(autocast=False) or not isinstance(data, torch.Tensor)
+            or data.numel() == 0):
+        return self._torch_forward(input, hx, given)
+    if torch.is_autocast_enabled("cpu") and not self._lstmfast_quantized:
+        if not self._lstmfast_autocast or not _autocast_serves(self, data):
+            return self._torch_forward(input, hx, given)
+        return _bfloat16_autocast_forward(self, input, hx, hx_list)
+    weights = self._lstmfast_weights()
+    if weights is None:
+        return self._torch_forward(input, hx, given)
+    return _layer_forward_on(self, input, hx, hx_list, *weights, given=given)
+
+
+def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False, given=None):
+    """The rest of _fused_layer_forward with the given weights: tensors, or for
+    ``reduced`` the packed reduced weights (and bias tensors) of an inference-only path.
+    ``given``: what the caller passed beyond torch's arguments (a CTRNN's noise)."""
+    packed = isinstance(input, PackedSequence)
+    data = input.data if packed else input
+    is_lstm = self.mode == "LSTM"
+    tensors = [w for w in weights if isinstance(w, torch.Tensor)]
+    reason = _unsupported_reason(data, hx_list + tensors)
+    if reason is not None:
+        if reason:
+            _warn_once((type(self).__name__, reason),
+                       f"lstmfast.torch.{type(self).__name__}: {reason} is not supported by the "
+                       "fused kernels; using torch's implementation")
+        return self._torch_forward(input, hx, given)
+
+    D = 2 if self.bidirectional else 1
+    H_out = self.proj_size if self.proj_size > 0 else self.hidden_size
+    batch_sizes = rows = lengths = None
+    if packed:
+        x, batch_sizes, sorted_indices, unsorted_indices = input
+        N = int(batch_sizes[0])
+        T = batch_sizes.shape[0]
+        if hx is not None:
+            hx = self.permute_hidden(hx, sorted_indices)
+    else:
+        if data.dim() not in (2, 3) or any(h.dim() != data.dim() for h in hx_list):
+            return self._torch_forward(input, hx, given)  # raises torch's own error
+        batch_dim = 0 if self.batch_first else 1
+        x = input if input.dim() == 3 else input.unsqueeze(batch_dim)
+        if hx is not None and input.dim() == 2:
+            hx = tuple(h.unsqueeze(1) for h in hx) if is_lstm else hx.unsqueeze(1)
+        N = x.shape[batch_dim]
+    if hx is None:
+        h0 = torch.zeros(D * self.num_layers, N, H_out, dtype=data.dtype)
+        hx = (h0, torch.zeros(D * self.num_layers, N, self.hidden_size, dtype=data.dtype)) if is_lstm else h0
+    self.check_forward_args(x, hx, batch_sizes)  # torch's own checks and messages
+    if not packed:
+        x = x.transpose(0, 1) if self.batch_first else x
+        T = x.shape[0]
+    if packed:
+        rows, lengths = _packed_rows(batch_sizes, N)
+        x = x.new_zeros(T * N, x.shape[1]).index_copy(0, rows, x).view(T, N, -1)
+    h0, c0 = hx if is_lstm else (hx, torch.empty(0, dtype=data.dtype))
+
+    masks = torch.empty(0, dtype=data.dtype)
+    if self.training and self.dropout > 0 and self.num_layers > 1:
+        keep = 1.0 - self.dropout
+        shape = (self.num_layers - 1, T, N, D * H_out)
+        masks = (torch.bernoulli(torch.full(shape, keep, dtype=data.dtype)) / keep
+                 if keep > 0 else torch.zeros(shape, dtype=data.dtype))
+
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or h0.requires_grad or c0.requires_grad or any(w.requires_grad for w in tensors))
+    if needs_grad and reduced:  # reduced weights have no backward: torch's answer
+        return self._torch_forward(input, hx, given)
+    settings = {
+        "backend": _backend(self._lstmfast_backend),
+        "mode": self._lstmfast_mode,
+        "cell_options": self._lstmfast_cell_options(T, N, x, given),
+        "names": names,
+        "num_layers": self.num_layers,
+        "bidirectional": self.bidirectional,
+        "bias": self.bias,
+        "proj_size": self.proj_size,
+        "lengths": lengths,
+        "rows": rows,
+        "batch_sizes": batch_sizes,
+        "keep_for_backward": needs_grad,
+    }
+    options = settings["cell_options"]
+    if packed and sorted_indices is not None and options:
+        # masks and noise have their rows in the caller's batch order; x's here is the packed order
+        def to_packed_order(value, dim):
+            return value.index_select(dim, sorted_indices) if isinstance(value, torch.Tensor) else value
+
+        options = dict(options)
+        if options.get("noise") is not None:
+            options["noise"] = to_packed_order(options["noise"], 2)
+        if options.get("recurrent_dropout_masks") is not None:
+            options["recurrent_dropout_masks"] = to_packed_order(options["recurrent_dropout_masks"], 1)
+        if options.get("zoneout_masks") is not None:
+            options["zoneout_masks"] = tuple(to_packed_order(m, 2) for m in options["zoneout_masks"])
+        settings["cell_options"] = options
+    if needs_grad:
+        out, h_n, c_n = _RecurrentFunction.apply(settings, x, h0, c0, masks, *weights)
+    else:  # nothing to differentiate: the kernels alone, no autograd node
+        out, h_n, c_n, _ = _stack_step(settings, x, h0, c0, masks, weights)
+
+    if packed:
+        output = PackedSequence(out.reshape(T * N, -1).index_select(0, rows), batch_sizes,
+                                sorted_indices, unsorted_indices)
+        return output, self.permute_hidden((h_n, c_n) if is_lstm else h_n, unsorted_indices)
+    if input.dim() == 2:
+        output, h_n, c_n = out.squeeze(1), h_n.squeeze(1), c_n.squeeze(1) if is_lstm else c_n
+    else:
+        output = out.transpose(0, 1) if self.batch_first else out
+    return output, ((h_n, c_n) if is_lstm else h_n)
+
+
+def _autocast_serves(self, data):
+    """Whether the kernels give torch's result under this autocast: CPU bfloat16
+    autocast, float32 weights, input of float32 or bfloat16."""
+    if torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return False
+    self._update_flat_weights()
+    return (data.is_cpu and data.dtype in (torch.float32, torch.bfloat16)
+            and all(w.dtype == torch.float32 and w.is_cpu for w in self._flat_weights))
+
+
+def _bfloat16_autocast_forward(self, input, hx, hx_list):
+    """A layer under CPU bfloat16 autocast: torch multiplies by bfloat16 weights.
+    Here the weights are rounded to bfloat16 once (until they change), state and
+    gate math stay float32 (README "Reduced precision"), and the results get the
+    dtypes torch gives them (_autocast_dtypes). Training under autocast needs
+    torch's backward: torch's path."""
+    from .. import reference
+
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in [input.data if isinstance(input, PackedSequence) else input]
+        + hx_list + list(self._flat_weights))
+    if needs_grad:
+        return self._torch_forward(input, hx)
+    backend = _backend(self._lstmfast_backend)
+    weights = list(self._flat_weights)
+    names = list(self._flat_weights_names)
+    key = tuple((w.data_ptr(), w._version, tuple(w.shape)) for w in weights) + (backend,)
+
+    def make():
+        return [_backend_weight(backend, reference.BFloat16Weight(
+                    reference.to_bfloat16_bits(w.detach().numpy())))
+                if name.startswith("weight") else w.detach().clone()
+                for name, w in zip(names, weights)]
+
+    reduced = _packed_for(self, key, make)
+    data_dtype = (input.data if isinstance(input, PackedSequence) else input).dtype
+    as_float = [h.float() for h in hx_list]
+    if isinstance(input, PackedSequence):
+        input = PackedSequence(input.data.float(), input.batch_sizes, input.sorted_indices,
+                               input.unsorted_indices)
+    else:
+        input = input.float()
+    hx = None if hx is None else (tuple(as_float) if self.mode == "LSTM" else as_float[0])
+    with torch.autocast("cpu", enabled=False):
+        output, state = _layer_forward_on(self, input, hx, as_float, reduced, names, True)
+    out_dtype, h_dtype, c_dtype = _autocast_dtypes(self.mode, self.proj_size, data_dtype)
+    if isinstance(output, PackedSequence):
+        output = PackedSequence(output.data.to(out_dtype), output.batch_sizes,
+                                output.sorted_indices, output.unsorted_indices)
+    else:
+        output = output.to(out_dtype)
+    if self.mode == "LSTM":
+        return output, (state[0].to(h_dtype), state[1].to(c_dtype))
+    return output, state.to(h_dtype)
+
+
+def _autocast_dtypes(mode, proj_size, input_dtype):
+    """The dtypes of (output, h_n, c_n) that torch's layer returns under CPU bfloat16
+    autocast (torch 2.13; tests/test_torch_quantized.py compares them with torch's
+    wherever torch's kernels run). Autocast lowers the LSTM and RNN ops to bfloat16,
+    but not the GRU, whose results keep the input's dtype; a projected LSTM's
+    float32 input keeps c_n in float32 (it never passes through the projection)."""
+    bf16 = torch.bfloat16
+    if mode == "GRU":
+        return input_dtype, input_dtype, None
+    if mode == "LSTM":
+        return bf16, bf16, torch.float32 if proj_size and input_dtype == torch.float32 else bf16
+    return bf16, bf16, None
+
+
+class LSTM(_FastRNNMixin, nn.LSTM):
+    """``torch.nn.LSTM`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
+    ``zoneout`` (a probability, or (p_h, p_c) for h and c)
+    add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.LSTM``'s)."""
+
+    _lstmfast_torch_class = nn.LSTM
+
+    def __init__(self, *args, recurrent_dropout=0.0, zoneout=0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        _set_regularizers(self, recurrent_dropout, zoneout)
+
+
+class GRU(_FastRNNMixin, nn.GRU):
+    """``torch.nn.GRU`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
+    ``zoneout`` (a probability, or (p_h, p_c), p_c 0)
+    add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.GRU``'s)."""
+
+    _lstmfast_torch_class = nn.GRU
+
+    def __init__(self, *args, recurrent_dropout=0.0, zoneout=0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        _set_regularizers(self, recurrent_dropout, zoneout)
+
+
+class RNN(_FastRNNMixin, nn.RNN):
+    """``torch.nn.RNN`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
+    ``zoneout`` (a probability, or (p_h, p_c), p_c 0)
+    add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.RNN``'s)."""
+
+    _lstmfast_torch_class = nn.RNN
+
+    def __init__(self, *args, recurrent_dropout=0.0, zoneout=0.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        _set_regularizers(self, recurrent_dropout, zoneout)

@@ -7,7 +7,7 @@ One time step per call: decoders step them in loops, so this path is kept short.
 import torch
 from torch import nn
 
-from ..modules import _check_probability, _check_zoneout
+from ..modules.options import _check_probability, _check_zoneout
 from ._backend import _as_class, _backend, _in_torch_only_context, _unsupported_reason, _warn_once
 from .autograd import _CellFunction, _cell_step
 

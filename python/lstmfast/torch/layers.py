@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ..modules import _backend_weight, _check_probability, _check_zoneout
+from ..modules.options import _check_probability, _check_zoneout
+from ..modules.precision import _backend_weight
 from ._backend import (_as_class, _backend, _in_torch_only_context, _packed_for,
                        _unsupported_reason, _warn_once)
 from .autograd import _RecurrentFunction, _stack_step

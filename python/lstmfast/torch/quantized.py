@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch.ao.nn.quantized import dynamic as nnqd
 
-from ..modules import _backend_weight
+from ..modules.precision import _backend_weight
 from ._backend import _backend, _packed_for
 from .layers import _FastRNNMixin
 

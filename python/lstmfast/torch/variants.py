@@ -9,7 +9,7 @@ which runs on the LayerNormLSTM kernels.
 import torch
 from torch import nn
 
-from ..modules import _check_ctrnn_options, _check_layer_norm_eps
+from ..modules.options import _check_ctrnn_options, _check_layer_norm_eps
 from ._backend import _backend, _in_torch_only_context, _unsupported_reason
 from .autograd import _RecurrentFunction, _stack_step
 from .layers import LSTM, RNN, _fused_layer_forward

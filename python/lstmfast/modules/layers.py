@@ -1,0 +1,55 @@
+"""The layers of torch.nn: ``LSTM`` (with the peephole option), ``GRU``, ``RNN``.
+
+Each gives ``_RNNBase`` its backend mode and torch's constructor signature, followed
+by lstmfast's own options: ``dtype``, ``backend`` and ``seed`` (the package's
+docstring), then keyword-only ``peephole`` (LSTM), ``recurrent_dropout`` and
+``zoneout`` (docs/cells.md).
+"""
+
+from .base import _RNNBase
+from .options import _NONLINEARITIES
+
+
+class LSTM(_RNNBase):
+    """Multi-layer LSTM, as ``torch.nn.LSTM`` (gates i, f, g, o; optional projection).
+
+    ``peephole=True`` adds the peephole connections of the ONNX / TensorFlow form
+    (docs/cells.md, Peephole LSTM): i and f also see the previous cell state, o the new one,
+    through per-unit vectors ``weight_ci_l{k}``, ``weight_cf_l{k}``, ``weight_co_l{k}``
+    (``(H,)`` each, plus ``_reverse``), drawn like the other parameters.
+    """
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, dtype="float32",
+                 backend="fused", seed=None, *, peephole=False, recurrent_dropout=0.0,
+                 zoneout=0.0):
+        super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, proj_size, dtype, backend, seed, peephole,
+                         recurrent_dropout, zoneout)
+
+
+class GRU(_RNNBase):
+    """Multi-layer GRU, as ``torch.nn.GRU`` (gates r, z, n; reset applied after W_hn h)."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, dtype="float32", backend="fused",
+                 seed=None, *, proj_size=0, recurrent_dropout=0.0, zoneout=0.0):
+        super().__init__("GRU", input_size, hidden_size, num_layers, bias, batch_first,
+                         dropout, bidirectional, proj_size, dtype, backend, seed,
+                         recurrent_dropout=recurrent_dropout, zoneout=zoneout)
+
+
+class RNN(_RNNBase):
+    """Multi-layer Elman RNN with tanh or ReLU, as ``torch.nn.RNN``."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
+                 batch_first=False, dropout=0.0, bidirectional=False, dtype="float32",
+                 backend="fused", seed=None, *, proj_size=0, recurrent_dropout=0.0,
+                 zoneout=0.0):
+        if nonlinearity not in _NONLINEARITIES:
+            raise ValueError(
+                f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        self.nonlinearity = nonlinearity
+        super().__init__(_NONLINEARITIES[nonlinearity], input_size, hidden_size, num_layers,
+                         bias, batch_first, dropout, bidirectional, proj_size, dtype, backend,
+                         seed, recurrent_dropout=recurrent_dropout, zoneout=zoneout)

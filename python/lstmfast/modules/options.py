@@ -1,0 +1,180 @@
+"""The constructors' arguments, checked, and what each backend mode is.
+
+Each check names the argument in its message and returns the value as the layer
+keeps it. The torch adapter imports the checks of the options torch lacks
+(recurrent dropout, zoneout, a CTRNN's, a layer-normalized LSTM's), so both APIs take
+and refuse the same values. ``_check_sizes`` refuses at construction what the layer
+could never hold or compute; ``_load_backend`` resolves ``backend=``.
+"""
+
+import importlib
+import numbers
+import os
+
+import numpy as np
+
+_PACKAGE = __package__.rpartition(".")[0]  # "lstmfast": the backends are its modules
+_BACKENDS = ("fused", "numpy")
+_NONLINEARITIES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
+_CTRNN_MODES = {"tanh": "CTRNN_TANH", "relu": "CTRNN_RELU"}
+_LEAKS = ("outside", "inside")
+_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1, "CTRNN_TANH": 1, "CTRNN_RELU": 1,
+          "LN_LSTM": 4}
+_CELL_STATE_MODES = ("LSTM", "LN_LSTM")  # the state is a pair (h, c)
+_BLAS_MAX = 2**31 - 1  # the fused kernels' BLAS takes 32-bit dimensions
+_BYTES_PER_ARRAY = 1024  # rough cost of one parameter and its gradient as Python objects
+
+
+def _check_size(name, value, minimum=1):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+    value = int(value)
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_flag(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} should be of type bool, got: {type(value).__name__}")
+    return bool(value)
+
+
+def _check_dropout(value):
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
+            or not 0 <= value <= 1):
+        raise ValueError(
+            f"dropout should be a number in range [0, 1] (the probability of an element "
+            f"being zeroed), got {value!r}")
+    return float(value)
+
+
+def _check_probability(name, value, upper_open=False):
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real)
+            or not (0 <= value < 1 if upper_open else 0 <= value <= 1)):
+        bounds = "[0, 1)" if upper_open else "[0, 1]"
+        raise ValueError(f"{name} must be a probability in {bounds}, got {value!r}")
+    return float(value)
+
+
+def _check_zoneout(value, mode):
+    """zoneout: a probability (h and, with a cell state, c) or a pair (p_h, p_c)."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"zoneout: expected a probability or a pair (p_h, p_c), got {value!r}")
+        p_h, p_c = (_check_probability(f"zoneout[{i}]", v) for i, v in enumerate(value))
+    else:
+        p_h = _check_probability("zoneout", value)
+        p_c = p_h if mode in _CELL_STATE_MODES else 0.0
+    if p_c and mode not in _CELL_STATE_MODES:
+        raise ValueError(f"zoneout: p_c must be 0 for a cell without a cell state, got {p_c}")
+    return p_h, p_c
+
+
+def _check_ctrnn_options(alpha, leak, noise_std):
+    """A CTRNN's alpha, leak and noise_std, checked (both APIs): (float, str, float)."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha <= 1:
+        raise ValueError(f"alpha (dt / tau) must be a number in (0, 1], got {alpha!r}")
+    if leak not in _LEAKS:
+        raise ValueError(f"leak must be 'outside' or 'inside', got {leak!r}")
+    if (isinstance(noise_std, bool) or not isinstance(noise_std, numbers.Real)
+            or not 0 <= noise_std < float("inf")):
+        raise ValueError(f"noise_std must be a finite number >= 0, got {noise_std!r}")
+    return float(alpha), leak, float(noise_std)
+
+
+def _check_layer_norm_eps(eps):
+    """A layer-normalized LSTM's layer_norm_eps, checked (both APIs), as a float."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not 0 < eps < float("inf"):
+        raise ValueError(f"layer_norm_eps must be a finite number > 0, got {eps!r}")
+    return float(eps)
+
+
+def _resolve_dtype(dtype):
+    # np.dtype(None) is float64 and dtype == None compares as float64: exclude None first.
+    try:
+        resolved = None if dtype is None else np.dtype(dtype)
+    except (TypeError, ValueError):
+        resolved = None
+    if resolved is None or resolved.type not in (np.float32, np.float64):
+        raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    return resolved
+
+
+def _check_backend(backend):
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _check_seed(seed):
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed should be None or an int, got: {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    return int(seed)
+
+
+def _load_backend(backend):
+    """The module computing for ``backend``; NotImplementedError if it is not built."""
+    if backend == "numpy":
+        return importlib.import_module(_PACKAGE + ".reference")
+    name = _PACKAGE + "._fused"
+    try:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name != name:
+            raise
+        module = None
+    if module is None or not getattr(module, "available", False):
+        raise NotImplementedError(
+            "backend='fused': the fused C++ kernels are not built yet; use backend='numpy'")
+    return module
+
+
+def _physical_memory():
+    """Bytes of physical memory, or None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def _check_sizes(kind, mode, input_size, hidden_size, num_layers, bidirectional, proj_size,
+                 dtype, backend):
+    """Refuse sizes the layer could never hold or compute, before allocating anything.
+
+    ValueError for a dimension beyond the fused kernels' 32-bit BLAS; MemoryError when
+    the parameters and their gradients alone would need more than this machine's
+    physical memory (sums in Python ints: nothing overflows).
+    """
+    G, H, P = _GATES[mode], hidden_size, proj_size
+    H_out = P or H
+    D = 2 if bidirectional else 1
+    if backend == "fused":
+        for name, what, value in (
+                ("input_size", "input_size", input_size),
+                ("hidden_size", f"{G} gates * hidden_size", G * H),
+                ("hidden_size", f"{D} directions * hidden_size", D * H)):
+            if value > _BLAS_MAX:
+                raise ValueError(
+                    f"{name}: {what} = {value} exceeds the 32-bit BLAS interface of "
+                    f"backend='fused' (at most {_BLAS_MAX})")
+        if num_layers > _BLAS_MAX:
+            raise ValueError(
+                f"num_layers = {num_layers} exceeds what backend='fused' takes (at most "
+                f"{_BLAS_MAX})")
+    per_direction = G * H * (H_out + 2) + P * H  # weight_hh, both biases, weight_hr
+    elements = D * (G * H * input_size + per_direction)
+    elements += (num_layers - 1) * D * (G * H * D * H_out + per_direction)
+    arrays = num_layers * D * 5
+    needed = 2 * elements * dtype.itemsize + arrays * _BYTES_PER_ARRAY
+    available = _physical_memory()
+    if available is not None and needed > available:
+        raise MemoryError(
+            f"{kind}: the parameters and their gradients would need {needed} bytes "
+            f"({needed / 2**30:.3g} GiB), more than this machine's {available / 2**30:.3g} GiB "
+            f"of memory (input_size={input_size}, hidden_size={hidden_size}, "
+            f"num_layers={num_layers}, proj_size={proj_size}, dtype={dtype})")

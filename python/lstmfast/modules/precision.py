@@ -1,0 +1,78 @@
+"""How a reduced-precision layer (made by ``quantize``, in reduced.py) holds its
+weights and hands them to a backend.
+
+A reduced layer's ``_params`` hold read-only arrays: each weight ``weight_*`` as int8
+with a float32 ``weight_*_scale`` per row, or as uint16 bfloat16 bit patterns; every
+other parameter as float32. The backends take each weight as a
+``reference.Int8Weight`` / ``BFloat16Weight``, which the fused backend packs once for
+its kernels. The torch adapter packs its reduced weights with ``_backend_weight`` too.
+"""
+
+import importlib
+
+import numpy as np
+
+from .inputs import _shape_str, _to_numpy
+from .options import _PACKAGE
+
+_PRECISIONS = ("int8", "bfloat16")
+_WEIGHT_PREFIXES = ("weight_ih", "weight_hh", "weight_hr")
+
+
+def _read_only(array):
+    array = np.array(array, order="C")
+    array.flags.writeable = False
+    return array
+
+
+def _backend_weight(backend, weight):
+    """A reference.Int8Weight / BFloat16Weight as ``backend.forward`` takes it: packed
+    by the backend when it packs (the fused one), else as it is."""
+    pack = getattr(backend, "pack_weight", None)
+    return weight if pack is None else pack(weight)
+
+
+def _backend_weights(params, precision, backend):
+    """Parameters of a reduced layer as ``backend.forward`` takes them: each weight a
+    reference.Int8Weight / BFloat16Weight, packed by the backend when it packs."""
+    reference = importlib.import_module(_PACKAGE + ".reference")
+    out = {}
+    for name, value in params.items():
+        if name.endswith("_scale"):
+            continue
+        if name.startswith(_WEIGHT_PREFIXES):
+            value = _backend_weight(backend, reference.Int8Weight(value, params[name + "_scale"])
+                                    if precision == "int8" else reference.BFloat16Weight(value))
+        out[name] = value
+    return out
+
+
+def _checked_reduced_state(layer, state_dict):
+    """The parameters of reduced ``layer`` taken from ``state_dict``, read-only, after
+    checking names, dtypes (exactly those the layer holds: nothing is cast), shapes and
+    scales; KeyError, TypeError or ValueError, and nothing changes, otherwise."""
+    params, precision = layer._params, layer.precision
+    if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+        raise TypeError(
+            f"state_dict should be a mapping name -> array, got {type(state_dict).__name__}")
+    missing = [n for n in params if n not in state_dict]
+    unexpected = [n for n in state_dict.keys() if n not in params]
+    if missing or unexpected:
+        raise KeyError(
+            f"load_state_dict for a {precision} {type(layer).__name__}: missing key(s): "
+            f"{missing}; unexpected key(s): {unexpected} (expected exactly {list(params)})")
+    values = {}
+    for name, current in params.items():
+        value = _to_numpy(state_dict[name])
+        if value.dtype != current.dtype:
+            raise TypeError(
+                f"parameter {name!r}: a {precision} layer holds it as {current.dtype}, "
+                f"got {value.dtype}")
+        if value.shape != current.shape:
+            raise ValueError(
+                f"parameter {name!r}: expected shape {_shape_str(current.shape)}, "
+                f"got {_shape_str(value.shape)}")
+        if name.endswith("_scale") and not (np.isfinite(value).all() and (value > 0).all()):
+            raise ValueError(f"parameter {name!r}: scales must be positive and finite")
+        values[name] = _read_only(value)
+    return values

@@ -1,0 +1,78 @@
+"""``quantize``: an inference-only copy of a layer with int8 or bfloat16 weights.
+
+The copy is an instance of the layer's own class, so it is called, pickled and
+printed as the float layer is; ``precision`` tells it apart, and ``_Module`` (base.py)
+then keeps its read-only weights as precision.py describes. This module is above
+base.py, not in precision.py, because ``quantize`` takes layers only (``_RNNBase``),
+which precision.py, imported by base.py, cannot name without an import cycle.
+"""
+
+import importlib
+
+import numpy as np
+
+from .base import _RNNBase
+from .options import _PACKAGE
+from .precision import _PRECISIONS, _WEIGHT_PREFIXES, _read_only
+
+
+def quantize(layer, precision):
+    """An inference-only copy of ``layer`` with its weights in ``precision``.
+
+    ``layer``: an ``LSTM``, ``GRU``, ``RNN``, ``CTRNN`` or ``LayerNormLSTM`` of dtype
+    float32 (any options but zoneout). The layer norms' parameters stay float32.
+    ``precision``: ``"int8"``, weights per output row in symmetric int8 and the left
+    operand of every product quantized per row and per call (the contract is in
+    :mod:`lstmfast.reference`, "Reduced precision"), or ``"bfloat16"``, weights
+    rounded to bfloat16. State, gate math, inputs and outputs stay float32.
+
+    The result is a layer of the same class and options, in eval mode: forward takes
+    and returns what the float layer's does; ``backward`` raises RuntimeError. Its
+    ``state_dict`` holds each weight as ``weight_*`` int8 plus ``weight_*_scale``
+    float32 (int8), or as ``weight_*`` uint16 bfloat16 bit patterns (bfloat16), and
+    the biases as float32; ``load_state_dict`` takes such a dict back.
+    """
+    if not isinstance(layer, _RNNBase):
+        raise TypeError(
+            f"quantize: expected an lstmfast LSTM, GRU, RNN, CTRNN or LayerNormLSTM layer, "
+            f"got {type(layer).__name__}")
+    if precision not in _PRECISIONS:
+        raise ValueError(f"quantize: precision must be one of {_PRECISIONS}, got {precision!r}")
+    if layer.precision != "float32":
+        raise ValueError(
+            f"quantize: the layer is already {layer.precision}; quantize its float32 original")
+    if layer.dtype != np.float32:
+        raise TypeError(
+            f"quantize: reduced precision is for float32 layers, got a layer of dtype {layer.dtype}")
+    if any(layer.zoneout):
+        raise ValueError(f"quantize: zoneout={layer.zoneout} has no reduced-precision kernels; "
+                         f"quantize a layer without it")
+    reference = importlib.import_module(_PACKAGE + ".reference")
+    state = {}
+    for name, value in layer._params.items():
+        if not name.startswith(_WEIGHT_PREFIXES):
+            state[name] = value
+        elif precision == "int8":
+            state[name], state[name + "_scale"] = reference.quantize_int8(value)
+        else:
+            state[name] = reference.to_bfloat16_bits(value)
+    return _reduced_like(layer, precision, state)
+
+
+def _reduced_like(layer, precision, state):
+    """A reduced layer with ``layer``'s class and options holding ``state`` (checked as
+    load_state_dict checks a dict)."""
+    reduced = object.__new__(type(layer))
+    reduced.__setstate__({k: v for k, v in layer.__getstate__().items()
+                          if k not in ("_params", "grad")})
+    reduced.precision = precision
+    reduced.training = False
+    reduced.grad = {}
+    names = []
+    for name in layer._param_names():
+        names.append(name)
+        if precision == "int8" and name.startswith(_WEIGHT_PREFIXES):
+            names.append(name + "_scale")
+    reduced._params = {name: _read_only(state[name]) for name in names}
+    reduced.load_state_dict(state)
+    return reduced

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import BACKENDS
+from helpers import BACKENDS
 
 bench = pytest.importorskip("lstmfast.bench")
 from lstmfast.bench import common  # noqa: E402

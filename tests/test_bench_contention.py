@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from conftest import BACKENDS
+from helpers import BACKENDS
 
 contention = pytest.importorskip("lstmfast.bench.contention")
 pytestmark = pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")

@@ -8,7 +8,7 @@ import pytest
 
 import lstmfast
 
-from conftest import BACKENDS, assert_close, tolerance
+from helpers import BACKENDS, assert_close, tolerance
 
 needs_fused = pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")
 
@@ -34,16 +34,16 @@ def compare(fused, numpy, x, tol, **call):
     for layer in (fused, numpy):
         layer.zero_grad()
     outs = [layer(x, **call) for layer in (fused, numpy)]
-    assert_close(outs[0][0], outs[1][0], tol, "output")
-    assert_close(outs[0][1], outs[1][1], tol, "h_n")
+    assert_close(outs[0][0], outs[1][0], tol=tol, name="output")
+    assert_close(outs[0][1], outs[1][1], tol=tol, name="h_n")
     grad_out = np.random.default_rng(2).standard_normal(outs[1][0].shape).astype(x.dtype)
     grad_h = np.random.default_rng(3).standard_normal(outs[1][1].shape).astype(x.dtype)
     back = [layer.backward(grad_out, grad_h) for layer in (fused, numpy)]
-    assert_close(back[0][0], back[1][0], tol, "grad x")
-    assert_close(back[0][1], back[1][1], tol, "grad h0")
+    assert_close(back[0][0], back[1][0], tol=tol, name="grad x")
+    assert_close(back[0][1], back[1][1], tol=tol, name="grad h0")
     assert list(fused.grad) == list(numpy.grad)
     for name in numpy.grad:
-        assert_close(fused.grad[name], numpy.grad[name], tol, name)
+        assert_close(fused.grad[name], numpy.grad[name], tol=tol, name=name)
         assert np.abs(numpy.grad[name]).max() > 0, name
     return outs[0]
 

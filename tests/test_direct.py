@@ -14,8 +14,9 @@ import pytest
 
 import lstmfast
 from lstmfast import _core
-from test_fused import Case, _fused, assert_close
+from helpers import Case, assert_close
 
+_fused = pytest.importorskip("lstmfast._fused")
 pytestmark = pytest.mark.skipif(not _fused.available, reason="fused kernels not built")
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
@@ -60,13 +61,13 @@ def test_cell_steps_match_the_numpy_backend(simd_target, name, dtype, batched):
         for _ in range(3):  # a few steps, each from the state of the one before
             outs = [cell(x, out) for cell, out in zip((fused, numpy), outs)]
         for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in outs)):
-            assert_close(a, b, f"{name} {'train' if training else 'eval'} state")
+            assert_close(a, b, name=f"{name} {'train' if training else 'eval'} state")
     g = rng.standard_normal(lead + (13,)).astype(dtype)
     backs = [cell.backward(g) for cell in (fused, numpy)]
     dx, dx_ref = backs[0][0], backs[1][0]
-    assert_close(dx, dx_ref, f"{name} grad_x")
+    assert_close(dx, dx_ref, name=f"{name} grad_x")
     for key in fused.grad:
-        assert_close(fused.grad[key], numpy.grad[key], f"{name} grad[{key!r}]")
+        assert_close(fused.grad[key], numpy.grad[key], name=f"{name} grad[{key!r}]")
 
 
 def test_cell_sees_parameters_changed_in_place():
@@ -77,5 +78,5 @@ def test_cell_sees_parameters_changed_in_place():
     after = cell(x)[0]
     expected = lstmfast.LSTMCell(8, 5, seed=0, backend="numpy").eval()
     expected.weight_ih[...] *= 2
-    assert_close(after, expected(x)[0], "h after an in-place update")
+    assert_close(after, expected(x)[0], name="h after an in-place update")
     assert not np.allclose(before, after)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import lstmfast
-from conftest import BACKENDS
+from helpers import BACKENDS
 
 LAYERS = ["LSTM", "GRU", "RNN"]
 CELLS = ["LSTMCell", "GRUCell", "RNNCell"]

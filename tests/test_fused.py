@@ -14,91 +14,13 @@ from hypothesis import strategies as st
 
 from lstmfast import _core, reference
 
+from helpers import VARIANTS, Case, assert_close
+
 _fused = pytest.importorskip("lstmfast._fused")
 pytestmark = pytest.mark.skipif(not _fused.available, reason="fused kernels not built")
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
 DTYPES = (np.float32, np.float64)
-TOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-10}
-
-
-def assert_close(actual, expected, name):
-    """max|a - b| <= tol * max(1, max|expected|), the message showing the max diff and where."""
-    actual, expected = np.asarray(actual), np.asarray(expected)
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    assert actual.dtype == expected.dtype, f"{name}: dtype {actual.dtype} != {expected.dtype}"
-    if expected.size == 0:
-        return
-    a, e = actual.astype(np.float64), expected.astype(np.float64)
-    assert np.isfinite(a).all(), f"{name}: non-finite values"
-    scale = max(1.0, float(np.abs(e).max()))
-    bound = TOL[expected.dtype] * scale
-    diff = np.abs(a - e)
-    where = np.unravel_index(int(np.argmax(diff)), diff.shape)
-    assert diff[where] <= bound, (
-        f"{name}: max |diff| {diff[where]:.3e} at {tuple(int(i) for i in where)} "
-        f"(fused {a[where]!r}, reference {e[where]!r}) > {bound:.3e}")
-
-
-class Case:
-    """Inputs of one forward/backward: parameters, x, hx, masks and output gradients."""
-
-    def __init__(self, mode, dtype, T=5, N=3, I=4, H=6, L=1, bidirectional=False, bias=True,
-                 P=0, lengths=None, dropout=False, seed=0, scale=1.0, cell_options=None):
-        rng = np.random.default_rng(seed)
-        self.mode, self.dtype = mode, np.dtype(dtype)
-        self.cell_state = mode in reference.CELL_STATE_MODES
-        D = 2 if bidirectional else 1
-        H_out = P if P else H
-        bias = bias and mode != "LN_LSTM"  # its layer norms' biases take the place of these
-        self.params = reference.init_params(mode, I, H, L, bias, bidirectional, P, dtype, rng)
-        for name, value in self.params.items():  # layer norms away from their identity start
-            if name.startswith("ln_"):
-                self.params[name] = (value + 0.3 * rng.standard_normal(value.shape)).astype(dtype)
-        self.x = (scale * rng.standard_normal((T, N, I))).astype(dtype)
-        h0 = rng.standard_normal((L * D, N, H_out)).astype(dtype)
-        self.hx = (h0, rng.standard_normal((L * D, N, H)).astype(dtype)) if self.cell_state else h0
-        self.kwargs = dict(num_layers=L, bidirectional=bidirectional, proj_size=P,
-                           lengths=None if lengths is None else np.asarray(lengths, np.int64),
-                           dropout_masks=None, **(cell_options or {}))
-        if (cell_options or {}).get("noise") == "draw":
-            self.kwargs["noise"] = (0.2 * rng.standard_normal((L * D, T, N, H))).astype(dtype)
-        if dropout and L > 1:
-            self.kwargs["dropout_masks"] = [
-                ((rng.random((T, N, D * H_out)) > 0.25) / 0.75).astype(dtype)
-                for _ in range(L - 1)]
-        self.d_output = rng.standard_normal((T, N, D * H_out)).astype(dtype)
-        self.d_h_n = rng.standard_normal((L * D, N, H_out)).astype(dtype)
-        self.d_c_n = rng.standard_normal((L * D, N, H)).astype(dtype) if self.cell_state else None
-
-    def forward(self, backend, training=True):
-        return backend.forward(self.mode, self.x, self.hx, self.params, training=training,
-                               **self.kwargs)
-
-    def run(self, backend, with_state_grads=True, consume=False):
-        out = self.forward(backend)
-        d_h_n = self.d_h_n if with_state_grads else None
-        d_c_n = self.d_c_n if with_state_grads else None
-        back = backend.backward(out[3], self.d_output, d_h_n, d_c_n, consume=consume)
-        return out[:3], back
-
-    def check(self, with_state_grads=True, consume=False):
-        (y, h_n, c_n), (dx, dh0, dc0, grads) = self.run(_fused, with_state_grads, consume)
-        (ry, rh_n, rc_n), (rdx, rdh0, rdc0, rgrads) = self.run(reference, with_state_grads)
-        assert_close(y, ry, "output")
-        assert_close(h_n, rh_n, "h_n")
-        assert_close(dx, rdx, "dx")
-        assert_close(dh0, rdh0, "dh0")
-        if self.cell_state:
-            assert_close(c_n, rc_n, "c_n")
-            assert_close(dc0, rdc0, "dc0")
-        else:
-            assert c_n is None and dc0 is None
-        assert sorted(grads) == sorted(rgrads)
-        for name in rgrads:
-            assert_close(grads[name], rgrads[name], f"grads[{name!r}]")
-
-
 CONFIGS = {
     "one_layer": dict(),
     "bidirectional": dict(bidirectional=True),
@@ -179,9 +101,9 @@ def test_without_d_output(mode):
     want = reference.backward(rcache, np.zeros_like(case.d_output), case.d_h_n, case.d_c_n)
     for name, a, b in zip(("dx", "dh0", "dc0"), got[:3], want[:3]):
         if b is not None:
-            assert_close(a, b, name)
+            assert_close(a, b, name=name)
     for name in want[3]:
-        assert_close(got[3][name], want[3][name], name)
+        assert_close(got[3][name], want[3][name], name=name)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -219,10 +141,10 @@ def test_training_caches_alive_together_keep_their_own_memory():
         c = cases[i]
         back = _fused.backward(cache, c.d_output, c.d_h_n, c.d_c_n)
         (rdx, rdh0, _, rgrads) = expected[i][1]
-        assert_close(back[0], rdx, f"case {i} dx")
-        assert_close(back[1], rdh0, f"case {i} dh0")
+        assert_close(back[0], rdx, name=f"case {i} dx")
+        assert_close(back[1], rdh0, name=f"case {i} dh0")
         for name in rgrads:
-            assert_close(back[3][name], rgrads[name], f"case {i} grads[{name!r}]")
+            assert_close(back[3][name], rgrads[name], name=f"case {i} grads[{name!r}]")
 
     pending = {}
     for i in (0, 1):
@@ -232,15 +154,6 @@ def test_training_caches_alive_together_keep_their_own_memory():
     pending[3] = cases[3].forward(_fused)[3]
     for i in (1, 3, 2):
         finish(i, pending.pop(i))
-
-
-# The variants' own parameters and options: (mode, dtype, cell options); the
-# layer-normalized LSTM in float64 (see variant_configs).
-VARIANTS = {
-    "CTRNN_RELU": (np.float32, {"alpha": 0.3, "leak": "outside", "noise": "draw"}),
-    "CTRNN_TANH": (np.float32, {"alpha": 0.5, "leak": "inside"}),
-    "LN_LSTM": (np.float64, {"layer_norm_eps": 1e-3}),
-}
 
 
 @pytest.mark.parametrize("mode, config", [(mode, config) for mode in MODES for config in CONFIGS]
@@ -263,8 +176,8 @@ def test_fresh_gradients_overwrite_whatever_their_memory_held(mode, config, thre
     _, rback = case.run(reference)
     assert sorted(back[3]) == sorted(rback[3])
     for name in rback[3]:
-        assert_close(back[3][name], rback[3][name], f"grads[{name!r}]")
-    assert_close(back[0], rback[0], "dx")
+        assert_close(back[3][name], rback[3][name], name=f"grads[{name!r}]")
+    assert_close(back[0], rback[0], name="dx")
 
 
 def test_backward_adds_into_grads_and_can_run_twice():
@@ -278,7 +191,7 @@ def test_backward_adds_into_grads_and_can_run_twice():
     second = _fused.backward(cache, case.d_output, case.d_h_n, case.d_c_n, grads=grads)
     assert second[3] is grads
     for key in first[3]:
-        assert_close(grads[key], 2 * first[3][key], key)
+        assert_close(grads[key], 2 * first[3][key], name=key)
     for a, b in zip(first[:3], second[:3]):
         np.testing.assert_array_equal(a, b)
 
@@ -325,10 +238,10 @@ def test_concurrent_calls_from_python_threads():
     for t in threads:
         t.join()
     for (out, back), (rout, rback) in zip(results, expected):
-        assert_close(out[0], rout[0], "output")
-        assert_close(back[0], rback[0], "dx")
+        assert_close(out[0], rout[0], name="output")
+        assert_close(back[0], rback[0], name="dx")
         for name in rback[3]:
-            assert_close(back[3][name], rback[3][name], name)
+            assert_close(back[3][name], rback[3][name], name=name)
 
 
 # --- bad input: clear errors naming the argument --------------------------------

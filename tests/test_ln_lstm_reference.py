@@ -13,21 +13,11 @@ import pytest
 
 from lstmfast import interop, reference
 
-from test_reference import assert_close, make_problem, run_backward, run_forward
+from helpers import assert_close, make_problem, torchaudio_custom_lstm
 
 torch = pytest.importorskip("torch")
 
 from lstmfast.oracles import CustomLSTMLoop  # noqa: E402
-
-
-def torchaudio_custom_lstm():
-    """torchaudio's own module class, or None (with why) when torchaudio does not import
-    or does not match this torch."""
-    try:
-        from torchaudio.models.rnnt import _CustomLSTM
-    except Exception as exc:  # noqa: BLE001  (an ABI mismatch raises OSError/RuntimeError)
-        return None, f"torchaudio is not usable here ({type(exc).__name__}: {exc})"
-    return _CustomLSTM, None
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -66,7 +56,7 @@ def test_reference_matches_torchaudio_custom_lstm_as_a_torch_loop(dtype, num_lay
     def check(name, ours, theirs):
         theirs = theirs.detach().numpy() if hasattr(theirs, "detach") else theirs
         assert ours.dtype == dtype, name
-        assert_close(name, ours, theirs, rtol * max(1.0, np.abs(theirs).max()))
+        assert_close(ours, theirs, tol=rtol, name=name)
 
     check("output", output, out)
     check("h_n", h_n, h)
@@ -116,4 +106,4 @@ def test_torchaudio_itself_when_it_imports():
                                             bidirectional=False, layer_norm_eps=1e-3)
     out, (h, c) = theirs(torch.from_numpy(x), None)
     for name, a, b in (("output", output, out), ("h_n", h_n[0], h), ("c_n", c_n[0], c)):
-        assert_close(name, a, b.detach().numpy(), 1e-10)
+        assert_close(a, b.detach().numpy(), atol=1e-10, name=name)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import lstmfast
-from conftest import BACKENDS
+from helpers import BACKENDS
 
 STATM = "/proc/self/statm"
 pytestmark = [

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import lstmfast
-from conftest import assert_close, assert_tree_close
+from helpers import assert_close, assert_tree_close
 
 HAVE_TORCH = importlib.util.find_spec("torch") is not None
 

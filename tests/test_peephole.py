@@ -7,7 +7,7 @@ import pytest
 
 import lstmfast
 
-from conftest import BACKENDS, assert_close, tolerance
+from helpers import BACKENDS, assert_close, tolerance
 
 needs_fused = pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")
 
@@ -39,17 +39,17 @@ def test_fused_forward_and_backward_match_the_reference(simd_target, dtype, opti
     for layer in (fused, numpy):
         layer.zero_grad()
     outs = [layer(x, lengths=lengths) for layer in (fused, numpy)]
-    assert_close(outs[0][0], outs[1][0], tol, "output")
+    assert_close(outs[0][0], outs[1][0], tol=tol, name="output")
     for a, b, name in zip(outs[0][1], outs[1][1], ("h_n", "c_n")):
-        assert_close(a, b, tol, name)
+        assert_close(a, b, tol=tol, name=name)
     grad_out = rng.standard_normal(outs[1][0].shape).astype(dtype)
     back = [layer.backward(grad_out) for layer in (fused, numpy)]
-    assert_close(back[0][0], back[1][0], tol, "grad x")
+    assert_close(back[0][0], back[1][0], tol=tol, name="grad x")
     for a, b, name in zip(back[0][1], back[1][1], ("grad h0", "grad c0")):
-        assert_close(a, b, tol, name)
+        assert_close(a, b, tol=tol, name=name)
     assert list(fused.grad) == list(numpy.grad)
     for name in numpy.grad:
-        assert_close(fused.grad[name], numpy.grad[name], tol, name)
+        assert_close(fused.grad[name], numpy.grad[name], tol=tol, name=name)
     assert np.abs(fused.grad["weight_co_l0"]).max() > 0
 
 
@@ -90,7 +90,7 @@ def test_quantized_peephole_layers_keep_float_peepholes(precision):
     assert q.state_dict()["weight_ci_l0"].dtype == np.float32
     x = np.random.default_rng(7).standard_normal((1, 4, 8)).astype(np.float32)
     h0 = np.random.default_rng(8).standard_normal((1, 4, 16)).astype(np.float32)
-    assert_close(q(x, (h0, h0))[0], reference(x, (h0, h0))[0], 1e-5)
+    assert_close(q(x, (h0, h0))[0], reference(x, (h0, h0))[0], tol=1e-5)
     expected = layer(x, (h0, h0))[0]
     assert np.abs(q(x, (h0, h0))[0] - expected).max() <= 3e-2 * np.abs(expected).max()
 

@@ -16,7 +16,7 @@ import lstmfast
 from lstmfast import _core, reference
 from lstmfast._fused import pack_weight
 
-from conftest import BACKENDS, assert_close
+from helpers import BACKENDS, assert_close
 
 PRECISIONS = ("int8", "bfloat16")
 needs_fused = pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")
@@ -109,7 +109,7 @@ def test_the_reference_bfloat16_product_rounds_both_operands():
     W = reduced(random_weight(rng, 20, 45), "bfloat16")
     got = reference.times_transposed(x, W)
     assert got.dtype == np.float32
-    assert_close(got, bfloat16_product_exactly(x, W).astype(np.float32), 1e-6)
+    assert_close(got, bfloat16_product_exactly(x, W).astype(np.float32), tol=1e-6)
     # against the weights alone rounded, the activations' rounding shows
     weights_only = x.astype(np.float64) @ reference.from_bfloat16_bits(W.bits).astype(np.float64).T
     assert np.abs(got - weights_only).max() > 1e-4
@@ -144,7 +144,7 @@ def test_kernel_bfloat16_products_match_the_exact_products(reduced_simd_target, 
     x = rng.standard_normal((n, K)).astype(np.float32)
     W = reduced(random_weight(rng, M, K), "bfloat16")
     got = _core._reduced_matmul(x, pack_weight(W), threads)
-    assert_close(got, bfloat16_product_exactly(x, W).astype(np.float32), 1e-5)
+    assert_close(got, bfloat16_product_exactly(x, W).astype(np.float32), tol=1e-5)
 
 
 @needs_fused
@@ -185,10 +185,10 @@ CELL_STATE = ("LSTM", "LayerNormLSTM")
 
 def assert_all_close(got, expected, tol):
     """output, and h_n (and c_n) of a layer call: each within tol."""
-    assert_close(got[0], expected[0], tol, "output")
+    assert_close(got[0], expected[0], tol=tol, name="output")
     states = zip(*(r[1] if isinstance(r[1], tuple) else (r[1],) for r in (got, expected)))
     for name, (g, e) in zip(("h_n", "c_n"), states):
-        assert_close(g, e, tol, name)
+        assert_close(g, e, tol=tol, name=name)
 
 
 def layer_pair(cls_name, options, precision, I=11, H=16, seed=5):  # noqa: E741
@@ -376,7 +376,7 @@ def test_reduced_layers_serve_several_threads_at_once(precision, threads_restore
         if precision == "int8":  # exact integer sums: identical however the work was cut
             np.testing.assert_array_equal(got, want)
         else:  # OpenBLAS may take another thread count when the cores are busy
-            assert_close(got, want, 1e-5)
+            assert_close(got, want, tol=1e-5)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

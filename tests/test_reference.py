@@ -10,86 +10,13 @@ import pytest
 
 from lstmfast import reference
 
+from helpers import assert_close, make_problem, run_backward, run_forward
+
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1}
 
 
 # ----------------------------------------------------------------------------
 # Helpers
-
-
-def assert_close(name, actual, expected, atol):
-    """Assert |actual - expected| <= atol everywhere; the message shows the worst entry."""
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    if actual.size == 0:
-        return
-    diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
-    where = tuple(int(i) for i in np.unravel_index(np.argmax(diff), diff.shape))
-    assert diff[where] <= atol, (
-        f"{name}: max |difference| {diff[where]:.3e} > {atol:.3e} at index {where} "
-        f"(actual {float(actual[where]):.17g}, expected {float(expected[where]):.17g})")
-
-
-def make_problem(mode, *, T=3, N=2, I=3, H=4, num_layers=1, bidirectional=False, bias=True,
-                 proj_size=0, lengths=None, dropout=0.0, dtype=np.float64, seed=0,
-                 peephole=False, alpha=0.3, leak="outside", noise_std=0.2,
-                 recurrent_dropout=0.0, zoneout=None):
-    """Random inputs, parameters, dropout masks and loss weights for one configuration.
-    A CTRNN mode also gets alpha, leak and noise of noise_std (none for the others).
-    recurrent_dropout > 0 draws recurrent dropout masks; zoneout (p_h, p_c) draws zoneout
-    masks, or with eval=True in it, ("eval", p_h, p_c), gives the probabilities (eval)."""
-    rng = np.random.default_rng(seed)
-    D = 2 if bidirectional else 1
-    H_out = proj_size if proj_size > 0 else H
-    if mode == "LN_LSTM":
-        bias = False  # its layer norms' biases take the place of the linear ones
-    params = reference.init_params(mode, I, H, num_layers, bias, bidirectional, proj_size,
-                                   dtype, rng, peephole=peephole)
-    for name in params:  # layer norms away from their identity start
-        if name.startswith("ln_"):
-            params[name] = (params[name] + 0.3 * rng.standard_normal(params[name].shape)).astype(dtype)
-    x = rng.standard_normal((T, N, I)).astype(dtype)
-    h0 = (0.5 * rng.standard_normal((num_layers * D, N, H_out))).astype(dtype)
-    c0 = (0.5 * rng.standard_normal((num_layers * D, N, H))).astype(dtype)
-    masks = None
-    if dropout > 0:
-        masks = [((rng.random((T, N, D * H_out)) >= dropout) / (1 - dropout)).astype(dtype)
-                 for _ in range(num_layers - 1)]
-    R1 = rng.standard_normal((T, N, D * H_out)).astype(dtype)
-    R2 = rng.standard_normal((num_layers * D, N, H_out)).astype(dtype)
-    R3 = rng.standard_normal((num_layers * D, N, H)).astype(dtype)
-    regularizers = {}
-    if recurrent_dropout:
-        keep = rng.random((num_layers * D, N, H_out)) >= recurrent_dropout
-        regularizers["recurrent_dropout_masks"] = (keep / (1 - recurrent_dropout)).astype(dtype)
-    if zoneout is not None:
-        if zoneout[0] == "eval":
-            regularizers["zoneout_masks"] = zoneout[1:]
-        else:
-            widths = (H_out, H)
-            regularizers["zoneout_masks"] = tuple(
-                None if p is None else (rng.random((num_layers * D, T, N, width)) < p).astype(dtype)
-                for p, width in zip(zoneout, widths))
-    ctrnn = mode.startswith("CTRNN")
-    noise = None
-    if ctrnn and noise_std:
-        noise = (noise_std * rng.standard_normal((num_layers * D, T, N, H))).astype(dtype)
-    return {
-        "ctrnn": {"alpha": alpha, "leak": leak, "noise": noise} if ctrnn else {},
-        "regularizers": regularizers,
-        "mode": mode, "x": x, "h0": h0, "c0": c0 if mode in reference.CELL_STATE_MODES else None,
-        "params": params, "masks": masks, "R1": R1, "R2": R2, "R3": R3,
-        "lengths": None if lengths is None else np.array(lengths, dtype=np.int64),
-        "num_layers": num_layers, "bidirectional": bidirectional, "proj_size": proj_size,
-        "bias": bias,
-    }
-
-
-def run_forward(p, training=False):
-    hx = (p["h0"], p["c0"]) if p["mode"] in reference.CELL_STATE_MODES else p["h0"]
-    return reference.forward(
-        p["mode"], p["x"], hx, p["params"], num_layers=p["num_layers"],
-        bidirectional=p["bidirectional"], proj_size=p["proj_size"], lengths=p["lengths"],
-        dropout_masks=p["masks"], training=training, **p["ctrnn"], **p["regularizers"])
 
 
 def loss(p):
@@ -99,12 +26,6 @@ def loss(p):
     if c_n is not None:
         value += np.sum(c_n * p["R3"])
     return value
-
-
-def run_backward(p, grads=None):
-    _, _, _, cache = run_forward(p, training=True)
-    d_c_n = p["R3"] if p["mode"] in reference.CELL_STATE_MODES else None
-    return reference.backward(cache, p["R1"], p["R2"], d_c_n, grads=grads)
 
 
 def numeric_gradient(p, array, eps=1e-6):
@@ -192,8 +113,7 @@ def test_gradients_match_finite_differences(mode, name, config):
 
     def check(label, analytic, array):
         numeric = numeric_gradient(p, array)
-        atol = 1e-7 * max(1.0, np.max(np.abs(numeric)))
-        assert_close(f"{mode}-{name} d{label}", analytic, numeric, atol)
+        assert_close(analytic, numeric, tol=1e-7, name=f"{mode}-{name} d{label}")
 
     check("x", dx, p["x"])
     check("h0", dh0, p["h0"])
@@ -234,10 +154,10 @@ def test_lengths_equal_running_each_sequence_alone(mode):
         if p["ctrnn"].get("noise") is not None:
             alone["ctrnn"] = dict(p["ctrnn"], noise=p["ctrnn"]["noise"][:, :length, b:b + 1])
         output_b, h_n_b, c_n_b, _ = run_forward(alone)
-        assert_close(f"output[{b}]", output[:length, b:b + 1], output_b, 1e-14)
-        assert_close(f"h_n[{b}]", h_n[:, b:b + 1], h_n_b, 1e-14)
+        assert_close(output[:length, b:b + 1], output_b, atol=1e-14, name=f"output[{b}]")
+        assert_close(h_n[:, b:b + 1], h_n_b, atol=1e-14, name=f"h_n[{b}]")
         if c_n is not None:
-            assert_close(f"c_n[{b}]", c_n[:, b:b + 1], c_n_b, 1e-14)
+            assert_close(c_n[:, b:b + 1], c_n_b, atol=1e-14, name=f"c_n[{b}]")
 
 
 @pytest.mark.parametrize("mode", reference.MODES)
@@ -254,7 +174,7 @@ def test_float32_stays_float32(mode):
             assert r64 is None and mode not in reference.CELL_STATE_MODES
             continue
         assert r32.dtype == np.float32, name
-        assert_close(name, r32, r64, 1e-5 * max(1.0, np.max(np.abs(r64))))
+        assert_close(r32, r64, tol=1e-5, name=name, check_dtype=False)
     for key, g in grads32.items():
         assert g.dtype == np.float32, key
 
@@ -270,7 +190,7 @@ def test_backward_adds_into_grads(mode):
     assert returned is grads
     for key in p["params"]:
         assert grads[key] is arrays[key], f"{key}: not updated in place"
-        assert_close(key, grads[key], 2 * once[key], 1e-14)
+        assert_close(grads[key], 2 * once[key], atol=1e-14, name=key)
 
 
 @pytest.mark.parametrize("mode", reference.MODES)
@@ -402,10 +322,10 @@ def test_parity_with_torch(mode, config, dtype):
             assert a is None, name
             continue
         assert a.dtype == dtype, name
-        assert_close(f"{mode} {name}", a, b, rtol * max(1.0, np.max(np.abs(b))))
+        assert_close(a, b, tol=rtol, name=f"{mode} {name}")
     assert list(our_grads) == list(their_grads)
     for key, b in their_grads.items():
-        assert_close(f"{mode} d{key}", our_grads[key], b, rtol * max(1.0, np.max(np.abs(b))))
+        assert_close(our_grads[key], b, tol=rtol, name=f"{mode} d{key}")
 
 
 @pytest.mark.parametrize("mode", ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])

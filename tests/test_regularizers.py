@@ -6,8 +6,8 @@ every SIMD target."""
 import numpy as np
 import pytest
 
-from conftest import BACKENDS
-from test_fused import VARIANTS, Case, assert_close
+from helpers import BACKENDS
+from helpers import VARIANTS, Case, assert_close
 
 pytestmark = pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")
 
@@ -83,7 +83,7 @@ def test_masks_are_checked():
                                   recurrent_dropout_masks=mask, **case.kwargs)[0]
             expected = reference.forward(case.mode, case.x, case.hx, case.params,
                                          recurrent_dropout_masks=mask, **case.kwargs)[0]
-            assert_close(out, expected, "output")
+            assert_close(out, expected, name="output")
 
 
 def test_weight_gradient_uses_the_masked_h():
@@ -95,7 +95,7 @@ def test_weight_gradient_uses_the_masked_h():
     grads = case.run(_fused)[1][3]
     assert np.all(grads["weight_hh_l0"][:, 3] == 0)
     assert np.all(grads["weight_hh_l0"][:, 2] != 0)
-    assert_close(grads["weight_hh_l0"], case.run(reference)[1][3]["weight_hh_l0"], "dW_hh")
+    assert_close(grads["weight_hh_l0"], case.run(reference)[1][3]["weight_hh_l0"], name="dW_hh")
 
 
 # --- zoneout ---------------------------------------------------------------------------
@@ -161,7 +161,7 @@ def test_zoneout_fresh_gradients_overwrite_whatever_their_memory_held(threads_re
             empty=lambda shape, dtype: np.full(shape, np.nan, dtype))
         _, rback = case.run(reference)
         for name in rback[3]:
-            assert_close(back[3][name], rback[3][name], f"{mode} grads[{name!r}]")
+            assert_close(back[3][name], rback[3][name], name=f"{mode} grads[{name!r}]")
 
 
 def test_zoneout_is_refused_where_the_kernels_lack_it():
@@ -202,26 +202,26 @@ def test_numpy_cells_zone_out_as_espnet_zoneout_cell(kind, backend):
     new = plain(x, old if is_lstm else old[0])
     got, new = (got, new) if is_lstm else ((got,), (new,))
     for g, n, o, m in zip(got, new, old, masks):
-        assert_close(g, m * o + (1 - m) * n, "zoned state")
+        assert_close(g, m * o + (1 - m) * n, name="zoned state")
     # backward: (1 - m) of the gradient through the cell, m of it straight to the old state
     grads = [rng.standard_normal((2, 4)) for _ in got]
     back = ours.backward(*grads) if is_lstm else ours.backward(grads[0])
     plain_back = plain.backward(*[(1 - m) * g for g, m in zip(grads, masks)]) if is_lstm else \
         plain.backward((1 - masks[0]) * grads[0])
-    assert_close(back[0], plain_back[0], "grad x")
+    assert_close(back[0], plain_back[0], name="grad x")
     d_old = back[1] if is_lstm else (back[1],)
     d_plain = plain_back[1] if is_lstm else (plain_back[1],)
     for d, dp, g, m in zip(d_old, d_plain, grads, masks):
-        assert_close(d, dp + m * g, "grad of the old state")
+        assert_close(d, dp + m * g, name="grad of the old state")
     for name in plain.grad:
-        assert_close(ours.grad[name], plain.grad[name], name)
+        assert_close(ours.grad[name], plain.grad[name], name=name)
     ours.eval()
     plain.eval()
     got = ours(x, old if is_lstm else old[0])
     new = plain(x, old if is_lstm else old[0])
     got, new = (got, new) if is_lstm else ((got,), (new,))
     for g, n, o, p in zip(got, new, old, ours.zoneout):
-        assert_close(g, p * o + (1 - p) * n, "eval expectation")
+        assert_close(g, p * o + (1 - p) * n, name="eval expectation")
 
 
 # --- zoneout masks drawn inside the kernels ---------------------------------------------
@@ -269,7 +269,7 @@ def test_layers_draw_zoneout_masks_from_their_seed_in_both_backends():
         layer.backward(np.ones_like(out))
         results.append((out, layer.grad["weight_hh_l1"]))
     for a, b in zip(*results):
-        assert_close(a, b, "same seed, same masks")
+        assert_close(a, b, name="same seed, same masks")
 
 
 @pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell", "RNNCell"])
@@ -296,15 +296,15 @@ def test_cells_recurrent_dropout_is_the_layers_for_one_step(kind, backend):
                                              training=True)
     got = got if mode == "LSTM" else (got,)
     for g, e in zip(got, (h_n[0], c_n[0]) if mode == "LSTM" else (h_n[0],)):
-        assert_close(g, e, "state")
+        assert_close(g, e, name="state")
     dh = rng.standard_normal((2, 4))
     back = cell.backward(dh, np.zeros((2, 4))) if mode == "LSTM" else cell.backward(dh)
     dx, dh0, dc0, grads = reference.backward(cache, dh[None], None,
                                              np.zeros((1, 2, 4)) if mode == "LSTM" else None)
-    assert_close(back[0], dx[0], "grad x")
-    assert_close(back[1][0] if mode == "LSTM" else back[1], dh0[0], "grad h0")
+    assert_close(back[0], dx[0], name="grad x")
+    assert_close(back[1][0] if mode == "LSTM" else back[1], dh0[0], name="grad h0")
     for name, g in cell.grad.items():
-        assert_close(g, grads[name + "_l0"], name)
+        assert_close(g, grads[name + "_l0"], name=name)
     # drawn: kept for the steps of a sequence, new after a reset
     first = cell(x, state)
     again = cell(x, state)
@@ -343,4 +343,4 @@ def test_peephole_lstm_with_both_regularizers_matches_the_reference(simd_target,
         back = layer.backward(np.ones_like(out), (np.ones_like(h), np.ones_like(c)))
         results.append([out, h, c, back[0]] + [layer.grad[k] for k in sorted(layer.grad)])
     for a, b in zip(*results):
-        assert_close(a, b, "peephole with recurrent dropout and zoneout")
+        assert_close(a, b, name="peephole with recurrent dropout and zoneout")

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lstmfast
-from conftest import BACKENDS, assert_close, tolerance
+from helpers import BACKENDS, assert_close, tolerance
 
 pytestmark = pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")
 

@@ -18,8 +18,9 @@ import pytest
 
 import lstmfast
 from lstmfast import _core, reference
-from test_fused import Case, _fused, assert_close
+from helpers import Case, assert_close
 
+_fused = pytest.importorskip("lstmfast._fused")
 pytestmark = pytest.mark.skipif(not _fused.available, reason="fused kernels not built")
 
 MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
@@ -85,7 +86,7 @@ def _check_inference(case):
     want = case.forward(reference, training=False)
     for name, a, b in zip(("output", "h_n", "c_n"), got[:3], want[:3]):
         if b is not None:
-            assert_close(a, b, name)
+            assert_close(a, b, name=name)
 
 
 @pytest.mark.parametrize("threads", [2, 3])
@@ -312,7 +313,7 @@ import numpy as np
 import torch
 import lstmfast
 from lstmfast import _core
-from test_fused import Case
+from helpers import Case
 
 torch.set_num_threads(2)
 torch.ones(256, 256) @ torch.ones(256, 256)  # the runtime starts its threads

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import lstmfast
-from conftest import BACKENDS, assert_close
+from helpers import BACKENDS, assert_close
 
 FUSED = pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")
 

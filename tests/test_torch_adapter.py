@@ -13,35 +13,15 @@ import lstmfast.torch as lt  # noqa: E402
 from lstmfast.torch import _backend as lt_backend  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
-
-def _available_backends():
-    backends = ["numpy"]
-    try:
-        from lstmfast import _fused
-    except ImportError:
-        return backends
-    if getattr(_fused, "available", False):
-        backends.append("fused")
-    return backends
+from helpers import BACKENDS, assert_close, tolerance  # noqa: E402
 
 
-@pytest.fixture(params=_available_backends())
+@pytest.fixture(params=BACKENDS)
 def adapter_backend(request):
     return request.param
 
 
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 CLASSES = {"LSTM": (lt.LSTM, torch.nn.LSTM), "GRU": (lt.GRU, torch.nn.GRU), "RNN": (lt.RNN, torch.nn.RNN)}
-
-
-def assert_close(got, expected, tol, what):
-    got, expected = got.detach().double(), expected.detach().double()
-    assert got.shape == expected.shape, f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}"
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    diff = (got - expected).abs()
-    if diff.numel() and diff.max().item() > tol * scale:
-        where = np.unravel_index(int(diff.argmax()), tuple(diff.shape))
-        raise AssertionError(f"{what}: max |diff| {diff.max().item():.3g} at {where} > {tol * scale:.3g}")
 
 
 def make_pair(kind, backend, dtype, **kwargs):
@@ -105,11 +85,11 @@ def test_outputs_and_gradients_match_torch(adapter_backend, kind, kwargs, dtype,
         outs, grads = run_and_grads(ours, x, hx, upstream)
         ref_outs, ref_grads = run_and_grads(theirs, x, hx, upstream)
     for i, (a, b) in enumerate(zip(outs, ref_outs)):
-        assert_close(a, b, TOL[dtype], f"output {i}")
+        assert_close(a, b, tol=tolerance(dtype), name=f"output {i}")
     names = ["x"] + (["h0", "c0"] if (with_hx and kind == "LSTM") else ["h0"] if with_hx else [])
     names += [n for n, _ in ours.named_parameters()]
     for name, a, b in zip(names, grads, ref_grads):
-        assert_close(a, b, TOL[dtype], f"grad {name}")
+        assert_close(a, b, tol=tolerance(dtype), name=f"grad {name}")
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
@@ -157,7 +137,7 @@ def test_packed_sequence_any_order(adapter_backend, kind, bidirectional):
         (gx,) = torch.autograd.grad(loss, [xi])
         results.append((padded, *hs, gx))
     for i, (a, b) in enumerate(zip(*results)):
-        assert_close(a, b, TOL[dtype], f"packed result {i}")
+        assert_close(a, b, tol=tolerance(dtype), name=f"packed result {i}")
 
 
 def test_unbatched_input_matches_torch(adapter_backend):
@@ -166,8 +146,8 @@ def test_unbatched_input_matches_torch(adapter_backend):
     h0 = torch.randn(2, 4, dtype=torch.float64)
     (o1, h1), (o2, h2) = ours(x, h0), theirs(x, h0)
     assert o1.shape == (5, 4) and h1.shape == (2, 4)
-    assert_close(o1, o2, 1e-10, "output")
-    assert_close(h1, h2, 1e-10, "h_n")
+    assert_close(o1, o2, tol=1e-10, name="output")
+    assert_close(h1, h2, tol=1e-10, name="h_n")
 
 
 def test_no_grad_keeps_nothing_and_matches(adapter_backend):
@@ -177,7 +157,7 @@ def test_no_grad_keeps_nothing_and_matches(adapter_backend):
         out, _ = ours(x)
         ref, _ = theirs(x)
     assert out.grad_fn is None
-    assert_close(out, ref, 1e-5, "output")
+    assert_close(out, ref, tol=1e-5, name="output")
 
 
 def test_state_dict_keys_and_save_load_round_trip(adapter_backend):

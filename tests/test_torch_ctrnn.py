@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 import lstmfast  # noqa: E402
 import lstmfast.torch as lt  # noqa: E402
 
-from conftest import assert_close  # noqa: E402
+from helpers import assert_close  # noqa: E402
 
 CONFIGS = [dict(), dict(num_layers=2, bidirectional=True), dict(leak="inside", nonlinearity="tanh"),
            dict(batch_first=True, bias=False, leak="inside")]
@@ -46,12 +46,12 @@ def test_forward_and_gradients_match_the_reference(dtype, options):
     given = noise.numpy().transpose(0, 2, 1, 3) if module.batch_first else noise.numpy()
     expected, eh = twin(x.detach().numpy(), noise=given)
     tol = 1e-5 if dtype == torch.float32 else 1e-10
-    assert_close(out.detach().numpy(), expected, tol, "output")
-    assert_close(h_n.detach().numpy(), eh, tol, "h_n")
+    assert_close(out.detach().numpy(), expected, tol=tol, name="output")
+    assert_close(h_n.detach().numpy(), eh, tol=tol, name="h_n")
     dx, _ = twin.backward(grad_out.numpy())
-    assert_close(x.grad.numpy(), dx, tol, "grad x")
+    assert_close(x.grad.numpy(), dx, tol=tol, name="grad x")
     for name, p in module.named_parameters():
-        assert_close(p.grad.numpy(), twin.grad[name], tol, f"grad {name}")
+        assert_close(p.grad.numpy(), twin.grad[name], tol=tol, name=f"grad {name}")
 
 
 def test_the_torch_loop_computes_what_the_kernels_do():

@@ -30,7 +30,7 @@ from torch.nn.utils.rnn import PackedSequence  # noqa: E402
 
 import lstmfast.torch as lt  # noqa: E402
 from lstmfast.torch import _backend as lt_backend  # noqa: E402
-from conftest import assert_close  # noqa: E402
+from helpers import assert_close, tolerance  # noqa: E402
 
 # torch.testing._internal is torch's test support code, not a public API; importing
 # it freezes torch.backends' global flags for the whole process, which we undo so
@@ -50,7 +50,6 @@ MODULES = (torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN,
            torch.nn.LSTMCell, torch.nn.GRUCell, torch.nn.RNNCell)
 INFOS = [info for cls in MODULES for info in module_db if info.module_cls is cls]
 DTYPES = [torch.float32, torch.float64]
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 SEED = 0
 
 
@@ -209,7 +208,7 @@ def _assert_all_close(got, expected, dtype, names):
     assert len(got) == len(expected) == len(names)
     for name, a, b in zip(names, got, expected):
         assert a.dtype == b.dtype == dtype, f"{name}: dtype {a.dtype} != {b.dtype}"
-        assert_close(a.detach().numpy(), b.detach().numpy(), TOL[dtype], name)
+        assert_close(a.detach().numpy(), b.detach().numpy(), tol=tolerance(dtype), name=name)
 
 
 def _output_names(info, result):

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence  # noqa: E402
 
 import lstmfast  # noqa: E402
-from conftest import assert_close  # noqa: E402
+from helpers import assert_close  # noqa: E402
 
 # torch's own notice that it falls back from oneDNN for projections, not ours
 pytestmark = pytest.mark.filterwarnings(

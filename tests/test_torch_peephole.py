@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 import lstmfast  # noqa: E402
 import lstmfast.torch as lt  # noqa: E402
 
-from conftest import assert_close  # noqa: E402
+from helpers import assert_close  # noqa: E402
 
 CONFIGS = [dict(), dict(num_layers=2, bidirectional=True), dict(proj_size=3, num_layers=2),
            dict(batch_first=True, bias=False)]
@@ -43,13 +43,13 @@ def test_forward_and_gradients_match_the_reference(dtype, options):
     twin.train()
     expected, (eh, ec) = twin(x.detach().numpy())
     tol = 1e-5 if dtype == torch.float32 else 1e-10
-    assert_close(out.detach().numpy(), expected, tol, "output")
-    assert_close(h_n.detach().numpy(), eh, tol, "h_n")
-    assert_close(c_n.detach().numpy(), ec, tol, "c_n")
+    assert_close(out.detach().numpy(), expected, tol=tol, name="output")
+    assert_close(h_n.detach().numpy(), eh, tol=tol, name="h_n")
+    assert_close(c_n.detach().numpy(), ec, tol=tol, name="c_n")
     dx, _ = twin.backward(grad_out.numpy())
-    assert_close(x.grad.numpy(), dx, tol, "grad x")
+    assert_close(x.grad.numpy(), dx, tol=tol, name="grad x")
     for name, p in module.named_parameters():
-        assert_close(p.grad.numpy(), twin.grad[name], tol, f"grad {name}")
+        assert_close(p.grad.numpy(), twin.grad[name], tol=tol, name=f"grad {name}")
 
 
 def test_the_torch_loop_computes_what_the_kernels_do():
@@ -62,12 +62,12 @@ def test_the_torch_loop_computes_what_the_kernels_do():
             fused = module(given)
             loop = module._torch_forward(given, None)
         a, b = (fused[0].data, loop[0].data) if isinstance(given, type(packed)) else (fused[0], loop[0])
-        assert_close(a.numpy(), b.numpy(), 1e-12, "output")
-        assert_close(fused[1][1].numpy(), loop[1][1].numpy(), 1e-12, "c_n")
+        assert_close(a.numpy(), b.numpy(), tol=1e-12, name="output")
+        assert_close(fused[1][1].numpy(), loop[1][1].numpy(), tol=1e-12, name="c_n")
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's warnings on Python control flow
         traced = torch.jit.trace(module, (x,), check_trace=False)
-        assert_close(traced(x)[0].numpy(), module(x)[0].numpy(), 1e-12, "traced")
+        assert_close(traced(x)[0].numpy(), module(x)[0].numpy(), tol=1e-12, name="traced")
 
 
 def test_first_and_second_derivatives_pass_gradcheck():

@@ -18,7 +18,7 @@ from torch.ao.nn.quantized import dynamic as nnqd  # noqa: E402
 import lstmfast.torch as lt  # noqa: E402
 from lstmfast import reference  # noqa: E402
 
-from conftest import assert_close  # noqa: E402
+from helpers import assert_close  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning",
                                         "ignore::UserWarning")  # torch.ao's migration notes
@@ -66,9 +66,9 @@ def test_accelerate_runs_torchs_int8_layers_on_the_kernels_with_their_weights(ki
                                  params, num_layers=L, bidirectional=D == 2)
     out = got[0].transpose(0, 1) if options.get("batch_first") else got[0]
     # A few steps of the activation grid, as in test_quantize.py's sequence test.
-    assert_close(out.numpy(), expected[0], 2e-3, "output")
+    assert_close(out.numpy(), expected[0], tol=2e-3, name="output")
     h_n = got[1][0] if kind is nn.LSTM else got[1]
-    assert_close(h_n.numpy(), expected[1], 2e-3, "h_n")
+    assert_close(h_n.numpy(), expected[1], tol=2e-3, name="h_n")
     lt.restore(quantized)
     assert type(layer) is (nnqd.LSTM if kind is nn.LSTM else nnqd.GRU)
 
@@ -169,7 +169,7 @@ def test_what_the_int8_kernels_cannot_do_runs_torchs_forward():
     got, _ = int8(packed)
     assert isinstance(got, nn.utils.rnn.PackedSequence)
     unpacked = nn.utils.rnn.pad_packed_sequence(got)[0]
-    assert_close(unpacked[:, 0].numpy(), int8(x[:, :1])[0][:, 0].numpy(), 1e-6, "packed row 0")
+    assert_close(unpacked[:, 0].numpy(), int8(x[:, :1])[0][:, 0].numpy(), tol=1e-6, name="packed row 0")
 
 
 # ----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ torch = pytest.importorskip("torch")
 import lstmfast  # noqa: E402
 import lstmfast.torch as lt  # noqa: E402
 
-from conftest import assert_close  # noqa: E402
+from helpers import assert_close  # noqa: E402
 
 CLASSES = {"LSTM": (lt.LSTM, lstmfast.LSTM), "GRU": (lt.GRU, lstmfast.GRU),
            "RNN": (lt.RNN, lstmfast.RNN)}
@@ -58,11 +58,11 @@ def test_given_masks_match_the_reference(kind, dtype, options):
     expected, _ = twin(x.detach().numpy(), recurrent_dropout_mask=rec.numpy(),
                        zoneout_mask=tuple(caller_layout(m) for m in zone))
     tol = 1e-5 if dtype == torch.float32 else 1e-10
-    assert_close(out.detach().numpy(), expected, tol, "output")
+    assert_close(out.detach().numpy(), expected, tol=tol, name="output")
     dx, _ = twin.backward(grad_out.numpy())
-    assert_close(x.grad.numpy(), dx, tol, "grad x")
+    assert_close(x.grad.numpy(), dx, tol=tol, name="grad x")
     for name, p in module.named_parameters():
-        assert_close(p.grad.numpy(), twin.grad[name], tol, f"grad {name}")
+        assert_close(p.grad.numpy(), twin.grad[name], tol=tol, name=f"grad {name}")
 
 
 @pytest.mark.parametrize("kind", CLASSES)
@@ -259,12 +259,12 @@ def test_torch_cells_recurrent_dropout_matches_the_numpy_cells(kind):
     out.sum().backward()
     expected = twin(x.detach().numpy(), (h.detach().numpy(), c.numpy()) if is_lstm else h.detach().numpy(),
                     recurrent_dropout_mask=mask.numpy())
-    assert_close(out.detach().numpy(), expected[0] if is_lstm else expected, 1e-10, "h1")
+    assert_close(out.detach().numpy(), expected[0] if is_lstm else expected, tol=1e-10, name="h1")
     back = twin.backward(np.ones((2, 4)), np.zeros((2, 4))) if is_lstm else twin.backward(np.ones((2, 4)))
-    assert_close(x.grad.numpy(), back[0], 1e-10, "grad x")
-    assert_close(h.grad.numpy(), back[1][0] if is_lstm else back[1], 1e-10, "grad h")
+    assert_close(x.grad.numpy(), back[0], tol=1e-10, name="grad x")
+    assert_close(h.grad.numpy(), back[1][0] if is_lstm else back[1], tol=1e-10, name="grad h")
     for name, p in ours.named_parameters():
-        assert_close(p.grad.numpy(), twin.grad[name], 1e-10, name)
+        assert_close(p.grad.numpy(), twin.grad[name], tol=1e-10, name=name)
     first = ours(x, (h, c) if is_lstm else h)
     again = ours(x, (h, c) if is_lstm else h)
     torch.testing.assert_close(first, again, rtol=0, atol=0)  # the sequence's mask is kept
@@ -293,8 +293,8 @@ def test_peephole_lstm_with_both_regularizers(options):
     twin.load_state_dict({k: v.detach().numpy() for k, v in module.state_dict().items()})
     expected, _ = twin(x.detach().numpy(), recurrent_dropout_mask=rec.numpy(),
                        zoneout_mask=tuple(m.numpy() for m in zone))
-    assert_close(out.detach().numpy(), expected, 1e-10, "output")
+    assert_close(out.detach().numpy(), expected, tol=1e-10, name="output")
     dx, _ = twin.backward(grad_out.numpy())
-    assert_close(x.grad.numpy(), dx, 1e-10, "grad x")
+    assert_close(x.grad.numpy(), dx, tol=1e-10, name="grad x")
     for name, p in module.named_parameters():
-        assert_close(p.grad.numpy(), twin.grad[name], 1e-10, f"grad {name}")
+        assert_close(p.grad.numpy(), twin.grad[name], tol=1e-10, name=f"grad {name}")

@@ -22,11 +22,10 @@ from lstmfast.torch import _backend as lt_backend  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
 
-from test_torch_adapter import _available_backends, assert_close  # noqa: E402
+from helpers import BACKENDS, assert_close, tolerance  # noqa: E402
 
-pytestmark = pytest.mark.skipif("fused" not in _available_backends(), reason="the fused kernels are not built")
+pytestmark = pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")
 
-TOL = {torch.float32: 1e-5, torch.float64: 1e-10}
 LAYERS = {
     "LSTM": (nn.LSTM, dict(num_layers=2, bidirectional=True)),
     "LSTM-proj": (nn.LSTM, dict(proj_size=3, batch_first=True)),
@@ -107,7 +106,10 @@ def assert_same_outcome(got, expected, dtype=torch.float64, what=""):
     assert len(got) == len(expected)
     for i, (a, b) in enumerate(zip(got, expected)):
         assert a.dtype == b.dtype, f"{what}: output {i} dtype {a.dtype} != {b.dtype}"
-        assert_close(a, b, TOL.get(b.dtype, 1e-2), f"{what} output {i}")
+        # float32 and float64 at their tolerance; anything else (autocast's bfloat16,
+        # integer indices) to 1e-2
+        tol = tolerance(b.dtype) if b.dtype in (torch.float32, torch.float64) else 1e-2
+        assert_close(a, b, tol=tol, name=f"{what} output {i}")
 
 
 # --- functional_call and parametrizations --------------------------------------------
@@ -125,10 +127,10 @@ def test_functional_call_uses_the_given_parameters(kind):
         out.pow(2).sum().backward()
         grads.append((out, params))
     (out_t, p_t), (out_o, p_o) = grads
-    assert_close(out_o, out_t, 1e-10, "output")
+    assert_close(out_o, out_t, tol=1e-10, name="output")
     assert (out_o - first_output(ours(x))).abs().max() > 1e-3  # the stored weights were not used
     for name in p_t:
-        assert_close(p_o[name].grad, p_t[name].grad, 1e-10, f"grad {name}")
+        assert_close(p_o[name].grad, p_t[name].grad, tol=1e-10, name=f"grad {name}")
 
 
 PARAMETRIZATIONS = {
@@ -169,12 +171,12 @@ def test_parametrizations_drive_forward_and_get_gradients(kind, parametrization,
         out = first_output(module(x))
         out.sin().sum().backward()
         outs.append(out)
-    assert_close(outs[1], outs[0], 1e-10, "output")
+    assert_close(outs[1], outs[0], tol=1e-10, name="output")
     originals = [dict(m.parametrizations[name].named_parameters()) for m in (theirs, ours)]
     assert originals[0]
     for key in originals[0]:
         assert originals[0][key].grad is not None
-        assert_close(originals[1][key].grad, originals[0][key].grad, 1e-10, f"grad {key}")
+        assert_close(originals[1][key].grad, originals[0][key].grad, tol=1e-10, name=f"grad {key}")
 
 
 # --- autograd: double backward, version counters -------------------------------------
@@ -208,7 +210,7 @@ def test_double_backward_matches_torch(kind, with_hx):
     expected = _double_backward(theirs, x, hx)
     got = _double_backward(ours, x, hx)
     for i, (a, b) in enumerate(zip(got, expected)):
-        assert_close(a, b, 1e-10, f"double backward tensor {i}")
+        assert_close(a, b, tol=1e-10, name=f"double backward tensor {i}")
     assert expected[1].abs().max() > 0  # the penalty reached x
 
 
@@ -233,7 +235,7 @@ def test_batched_gradients_check_as_torchs(kind):
     grads = torch.randn((3,) + out.shape, dtype=torch.float64)
     expected = torch.stack([torch.autograd.grad(run(theirs, x, *theirs.parameters()), x, g)[0]
                             for g in grads])
-    assert_close(torch.func.vmap(vjp)(grads)[0], expected, 1e-10, "vmapped vjp")
+    assert_close(torch.func.vmap(vjp)(grads)[0], expected, tol=1e-10, name="vmapped vjp")
 
 
 @pytest.mark.parametrize("kind", list(CELLS))
@@ -264,7 +266,7 @@ def test_double_backward_packed_sequence_with_dropout_masks():
         g.pow(2).sum().backward()
         results.append([g, data.grad] + [q.grad for q in module.parameters()])
     for i, (a, b) in enumerate(zip(results[1], results[0])):
-        assert_close(a, b, 1e-10, f"tensor {i}")
+        assert_close(a, b, tol=1e-10, name=f"tensor {i}")
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "LSTMCell", "GRUCell"])
@@ -322,7 +324,7 @@ def test_jit_trace_records_torchs_operator_and_round_trips(kind):
         loaded = torch.jit.load(buf)
     expected = _Model(theirs)
     expected.head.load_state_dict(traced.head.state_dict())
-    assert_close(loaded(x), expected(x), 1e-10, "traced, saved and loaded")
+    assert_close(loaded(x), expected(x), tol=1e-10, name="traced, saved and loaded")
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU", "LSTMCell", "RNNCell-tanh"])
@@ -375,7 +377,7 @@ def test_onnx_export_runs_in_onnxruntime_as_torchs(kind, dynamo, tmp_path):
         results.append([torch.from_numpy(session.run(None, feed)[0])])
     assert_same_outcome(results[1], results[0], what="onnxruntime on the exported model")
     if not isinstance(results[0], tuple):
-        assert_close(results[1][0], first_output(theirs(x)).detach(), 1e-5, "vs torch eager")
+        assert_close(results[1][0], first_output(theirs(x)).detach(), tol=1e-5, name="vs torch eager")
 
 
 class _Float32(nn.Module):
@@ -505,7 +507,7 @@ def test_torch_compile_runs_the_fused_kernels_and_matches():
             got = torch.compile(model)(x)
     finally:
         torch._dynamo.reset()
-    assert_close(got, expected, 1e-10, "compiled")
+    assert_close(got, expected, tol=1e-10, name="compiled")
     assert calls.count("layer") >= 1 and calls.count("cell") >= 3
 
 
@@ -540,7 +542,7 @@ def test_accelerate_and_restore_reject_non_modules():
 @pytest.mark.parametrize("kind", list(CELLS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batched", [True, False])
-@pytest.mark.parametrize("backend", _available_backends())
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_cell_loop_outputs_and_gradients_match_torch(kind, dtype, batched, backend):
     cls, kwargs = CELLS[kind]
     theirs, ours = twins(cls, kwargs, dtype=dtype)
@@ -562,7 +564,7 @@ def test_cell_loop_outputs_and_gradients_match_torch(kind, dtype, batched, backe
         (y * weights).sum().backward()
         results.append([y, x.grad] + [p.grad for p in module.parameters()])
     for i, (a, b) in enumerate(zip(results[1], results[0])):
-        assert_close(a, b, TOL[dtype], f"{kind} tensor {i}")
+        assert_close(a, b, tol=tolerance(dtype), name=f"{kind} tensor {i}")
 
 
 @pytest.mark.parametrize("kind", list(CELLS))
@@ -588,9 +590,9 @@ def test_gradients_held_by_the_caller_are_never_written_again(kind):
         kept.append((per_step, [p.grad for p in params]))
     for step, (a, b) in enumerate(zip(kept[1][0], kept[0][0])):
         for i, (ga, gb) in enumerate(zip(a, b)):
-            assert_close(ga, gb, 1e-10, f"{kind} step {step} parameter {i}")
+            assert_close(ga, gb, tol=1e-10, name=f"{kind} step {step} parameter {i}")
     for i, (a, b) in enumerate(zip(kept[1][1], kept[0][1])):
-        assert_close(a, b, 1e-10, f"{kind} .grad {i}")
+        assert_close(a, b, tol=1e-10, name=f"{kind} .grad {i}")
 
 
 @pytest.mark.parametrize("kind", list(CELLS))
@@ -602,7 +604,7 @@ def test_cell_keeps_nothing_without_grad(kind):
         got, expected = ours(x), theirs(x)
     for a, b in zip(all_outputs(got), all_outputs(expected)):
         assert a.grad_fn is None
-        assert_close(a, b, 1e-10, "no_grad")
+        assert_close(a, b, tol=1e-10, name="no_grad")
 
 
 def test_cell_with_given_state_gets_its_gradient():
@@ -615,8 +617,8 @@ def test_cell_with_given_state_gets_its_gradient():
         h1, c1 = module(x, (h0, c0))
         (h1.sum() + 2 * c1.sum()).backward()
         grads.append((h0.grad, c0.grad))
-    assert_close(grads[1][0], grads[0][0], 1e-10, "dh0")
-    assert_close(grads[1][1], grads[0][1], 1e-10, "dc0")
+    assert_close(grads[1][0], grads[0][0], tol=1e-10, name="dh0")
+    assert_close(grads[1][1], grads[0][1], tol=1e-10, name="dc0")
 
 
 @pytest.mark.parametrize("grad", [True, False])
@@ -658,5 +660,5 @@ def test_module_double_backward_uses_numbers_as_torch_in_float32():
     x = layer_input(theirs, torch.float32)
     got, expected = _double_backward(ours, x, None), _double_backward(theirs, x, None)
     for i, (a, b) in enumerate(zip(got, expected)):
-        assert_close(a, b, 1e-5, f"tensor {i}")
+        assert_close(a, b, tol=1e-5, name=f"tensor {i}")
     assert np.isfinite(got[1].numpy()).all()

@@ -276,7 +276,7 @@ class Case:
 
 
 # The variants' own parameters and options: (mode, dtype, cell options); the
-# layer-normalized LSTM in float64 (see test_fused.py, variant_configs).
+# layer-normalized LSTM in float64 (see kernels/test_fused.py, variant_configs).
 VARIANTS = {
     "CTRNN_RELU": (np.float32, {"alpha": 0.3, "leak": "outside", "noise": "draw"}),
     "CTRNN_TANH": (np.float32, {"alpha": 0.5, "leak": "inside"}),

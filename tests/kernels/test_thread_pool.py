@@ -341,7 +341,7 @@ print("ok")
 
 def test_jobs_run_as_regions_of_torchs_openmp_runtime():
     pytest.importorskip("torch")
-    tests = os.path.dirname(os.path.abspath(__file__))
+    tests = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/, with helpers.py
     _run_child(f"import sys; sys.path.insert(0, {tests!r})\n" + _OPENMP_POOL)
 
 

@@ -11,7 +11,8 @@ pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+# the repository's examples/, two folders up from tests/api/
+EXAMPLES = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples"))
 
 
 @pytest.mark.parametrize("name, expected", [

@@ -1,5 +1,6 @@
 """lstmfast.LayerNormLSTM: the fused kernels against the reference (whose own oracles
-are in test_ln_lstm_reference.py and test_reference.py), and the layer's API.
+are in reference/test_ln_lstm_reference.py and reference/test_reference.py), and the
+layer's API.
 
 float32 results are compared with the float64 reference on the same (float32)
 parameters and inputs: two float32 computations through two layer norms each step

@@ -1,7 +1,7 @@
 """Recurrent dropout in the fused kernels against the reference (whose oracles are in
-test_regularizers_reference.py): every cell, every path (the pool's, the direct one of
-few rows, the short backward), projection, lengths, both directions, 1 and 2 threads,
-every SIMD target."""
+reference/test_regularizers_reference.py): every cell, every path (the pool's, the
+direct one of few rows, the short backward), projection, lengths, both directions, 1
+and 2 threads, every SIMD target."""
 
 import numpy as np
 import pytest

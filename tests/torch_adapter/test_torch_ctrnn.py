@@ -1,6 +1,6 @@
 """lstmfast.torch.CTRNN: the fused kernels under autograd against the NumPy reference
-(whose oracles are in test_ctrnn_reference.py), and its loop of torch ops, which serves
-where the kernels cannot, against the kernels."""
+(whose oracles are in reference/test_ctrnn_reference.py), and its loop of torch ops,
+which serves where the kernels cannot, against the kernels."""
 
 import warnings
 

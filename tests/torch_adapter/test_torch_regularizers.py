@@ -1,6 +1,6 @@
 """Recurrent dropout and zoneout in lstmfast.torch: the kernels under autograd against
 the NumPy reference with the same masks (whose oracles are in
-test_regularizers_reference.py), the torch loop that serves where the kernels cannot
+reference/test_regularizers_reference.py), the torch loop that serves where the kernels cannot
 against the kernels, and AWD-LSTM / fastai's weight dropout on W_hh."""
 
 import warnings

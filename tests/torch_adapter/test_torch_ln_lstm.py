@@ -1,7 +1,7 @@
 """lstmfast.torch.LayerNormLSTM and the accelerated torchaudio _CustomLSTM: the fused
 kernels under autograd against the NumPy reference (whose oracles are in
-test_ln_lstm_reference.py), and the loops of torch ops that serve where the kernels
-cannot, against the kernels."""
+reference/test_ln_lstm_reference.py), and the loops of torch ops that serve where the
+kernels cannot, against the kernels."""
 
 import sys
 import types
@@ -49,7 +49,7 @@ def test_forward_and_gradients_match_the_reference(dtype, options):
     out, (h_n, c_n) = module(x)
     grad_out, grad_c = torch.randn_like(out), torch.randn_like(c_n)
     ((out * grad_out).sum() + (c_n * grad_c).sum()).backward()
-    twin = numpy_twin(module, "float64")  # the exact result: see test_ln_lstm.py
+    twin = numpy_twin(module, "float64")  # the exact result: see kernels/test_ln_lstm.py
     expected, (eh, ec) = twin(x.detach().double().numpy())
     tol = 1e-5 if dtype == torch.float32 else 1e-10  # float32 against float64: dtypes differ on purpose
     assert_close(out.detach().numpy(), expected, tol=tol, name="output", check_dtype=False)

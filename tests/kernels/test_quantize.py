@@ -3,7 +3,8 @@
 Oracles: the reference's reduced products (lstmfast.reference, "Reduced
 precision"), themselves checked against exact integer and float64 arithmetic
 here, and the float32 layer for the accuracy contract. The torch side
-(quantize_dynamic, autocast, torch's own int8 error) is in test_torch_quantized.py.
+(quantize_dynamic, autocast, torch's own int8 error) is in
+torch_adapter/test_torch_quantized.py.
 """
 
 import pickle
@@ -255,7 +256,7 @@ def test_accuracy_contract_against_float32_on_random_weights(backend, precision,
                                                              cls_name):
     # docs/guide.md "Reduced precision": bfloat16 relative error <= 1e-2 against float32
     # (relative to the largest output); int8's bound against torch's own int8 is in
-    # test_torch_quantized.py, this one keeps it from drifting without torch.
+    # torch_adapter/test_torch_quantized.py, this one keeps it from drifting without torch.
     cls = getattr(lstmfast, cls_name)
     layer = cls(64, 128, num_layers=2, seed=9, backend=backend).eval()
     x = np.random.default_rng(10).standard_normal((50, 8, 64)).astype(np.float32)

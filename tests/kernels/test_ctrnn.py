@@ -1,5 +1,5 @@
 """lstmfast.CTRNN: the fused kernels against the reference (whose own oracles are in
-test_ctrnn_reference.py and test_reference.py), and the layer's API."""
+reference/test_ctrnn_reference.py and reference/test_reference.py), and the layer's API."""
 
 import pickle
 

@@ -65,7 +65,7 @@ def test_accelerate_runs_torchs_int8_layers_on_the_kernels_with_their_weights(ki
     expected = reference.forward(kind.__name__, x_tm.numpy(), (h0, h0) if kind is nn.LSTM else h0,
                                  params, num_layers=L, bidirectional=D == 2)
     out = got[0].transpose(0, 1) if options.get("batch_first") else got[0]
-    # A few steps of the activation grid, as in test_quantize.py's sequence test.
+    # A few steps of the activation grid, as in kernels/test_quantize.py's sequence test.
     assert_close(out.numpy(), expected[0], tol=2e-3, name="output")
     h_n = got[1][0] if kind is nn.LSTM else got[1]
     assert_close(h_n.numpy(), expected[1], tol=2e-3, name="h_n")

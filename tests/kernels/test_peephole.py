@@ -1,6 +1,6 @@
 """LSTM(peephole=True): the fused kernels against the reference, whose own oracles
 (finite differences, ONNX Runtime, onnx.reference, a torch-autograd loop) are in
-test_reference.py and test_peephole_reference.py."""
+reference/test_reference.py and reference/test_peephole_reference.py."""
 
 import numpy as np
 import pytest

@@ -1,6 +1,6 @@
 """lstmfast.torch.PeepholeLSTM: the fused kernels under autograd against the NumPy
-reference (whose oracles are in test_peephole_reference.py), and its loop of torch
-ops, which serves where the kernels cannot, against the kernels."""
+reference (whose oracles are in reference/test_peephole_reference.py), and its loop of
+torch ops, which serves where the kernels cannot, against the kernels."""
 
 import warnings
 

@@ -1,4 +1,4 @@
-"""One process of the data-parallel test (tests/test_distributed.py runs two).
+"""One process of the data-parallel test (tests/torch_adapter/test_distributed.py runs two).
 
     python ddp_worker.py RANK WORLD_SIZE PORT OUT_FILE
 

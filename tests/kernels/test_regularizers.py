@@ -6,8 +6,7 @@ and 2 threads, every SIMD target."""
 import numpy as np
 import pytest
 
-from helpers import BACKENDS
-from helpers import VARIANTS, Case, assert_close
+from helpers import BACKENDS, VARIANTS, Case, assert_close
 
 pytestmark = pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")
 

@@ -324,7 +324,7 @@ def _bfloat16_autocast_forward(self, input, hx, hx_list):
 
 def _autocast_dtypes(mode, proj_size, input_dtype):
     """The dtypes of (output, h_n, c_n) that torch's layer returns under CPU bfloat16
-    autocast (torch 2.13; tests/test_torch_quantized.py compares them with torch's
+    autocast (torch 2.13; tests/torch_adapter/test_torch_quantized.py compares them with torch's
     wherever torch's kernels run). Autocast lowers the LSTM and RNN ops to bfloat16,
     but not the GRU, whose results keep the input's dtype; a projected LSTM's
     float32 input keeps c_n in float32 (it never passes through the projection)."""

@@ -1,0 +1,82 @@
+"""Short calls of few rows: the weights used in place, and the cells' lean path.
+
+A forward of a few steps of at most 4 rows multiplies by W_ih, W_hh (and W_hr)
+as they lie, on the calling thread; longer ones pack the weights for the pool.
+These shapes sit on both sides of that choice (N = 1..4, T from 1 to past the
+point where packing pays), with sizes that are not a multiple of any vector
+width, and must match the reference on every SIMD target. The cells (one step
+per call, through their lean path) must match the NumPy backend, forward and
+backward, batched and not.
+"""
+
+import numpy as np
+import pytest
+
+import lstmfast
+from lstmfast import _core
+from helpers import Case, assert_close
+
+_fused = pytest.importorskip("lstmfast._fused")
+pytestmark = pytest.mark.skipif(not _fused.available, reason="fused kernels not built")
+
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("T", [1, 2, 5, 6, 17, 21])
+@pytest.mark.parametrize("N", [1, 2, 3, 4])
+@pytest.mark.parametrize("mode", MODES)
+def test_few_steps_few_rows_match_reference(simd_target, threads_restored, mode, N, T, threads):
+    lstmfast.set_num_threads(threads)
+    Case(mode, np.float32, T=T, N=N, I=37, H=19, seed=T * 5 + N).check()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("config", [
+    dict(bidirectional=True, lengths=[2, 1, 2]),
+    dict(L=2, P=7, H=13, N=2, lengths=[1, 2]),
+    dict(bias=False, N=4),
+])
+def test_short_calls_with_lengths_layers_projection(simd_target, dtype, config):
+    Case("LSTM", dtype, T=2, I=9, **{"H": 11, "N": 3, **config}).check()
+
+
+CELLS = {"LSTMCell": lstmfast.LSTMCell, "GRUCell": lstmfast.GRUCell, "RNNCell": lstmfast.RNNCell}
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["unbatched", "batched"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("name", list(CELLS))
+def test_cell_steps_match_the_numpy_backend(simd_target, name, dtype, batched):
+    fused = CELLS[name](21, 13, dtype=dtype, seed=3)
+    numpy = CELLS[name](21, 13, dtype=dtype, seed=3, backend="numpy")
+    rng = np.random.default_rng(7)
+    lead = (3,) if batched else ()
+    x = rng.standard_normal(lead + (21,)).astype(dtype)
+    h = rng.standard_normal(lead + (13,)).astype(dtype)
+    c = rng.standard_normal(lead + (13,)).astype(dtype)
+    hx = (h, c) if name == "LSTMCell" else h
+    for training in (False, True):
+        outs = [cell.train(training)(x, hx) for cell in (fused, numpy)]
+        for _ in range(3):  # a few steps, each from the state of the one before
+            outs = [cell(x, out) for cell, out in zip((fused, numpy), outs)]
+        for a, b in zip(*(o if isinstance(o, tuple) else (o,) for o in outs)):
+            assert_close(a, b, name=f"{name} {'train' if training else 'eval'} state")
+    g = rng.standard_normal(lead + (13,)).astype(dtype)
+    backs = [cell.backward(g) for cell in (fused, numpy)]
+    dx, dx_ref = backs[0][0], backs[1][0]
+    assert_close(dx, dx_ref, name=f"{name} grad_x")
+    for key in fused.grad:
+        assert_close(fused.grad[key], numpy.grad[key], name=f"{name} grad[{key!r}]")
+
+
+def test_cell_sees_parameters_changed_in_place():
+    cell = lstmfast.LSTMCell(8, 5, seed=0).eval()
+    x = np.ones(8, np.float32)
+    before = cell(x)[0]
+    cell.weight_ih[...] *= 2  # a live array: the next call must use the new values
+    after = cell(x)[0]
+    expected = lstmfast.LSTMCell(8, 5, seed=0, backend="numpy").eval()
+    expected.weight_ih[...] *= 2
+    assert_close(after, expected(x)[0], name="h after an in-place update")
+    assert not np.allclose(before, after)

@@ -1,5 +1,6 @@
 // The private extension module lstmfast._core. Thin by design: argument checks
-// with clear messages, GIL released around every kernel, no math here.
+// with clear messages, GIL released around every kernel, no math here. Long only
+// because every entry point's checks and docstrings are spelled out one by one.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>

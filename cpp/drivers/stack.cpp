@@ -1,6 +1,8 @@
 // The stack: layers x directions x lengths x dropout masks. Drives the
 // one-layer-one-direction kernels of the chosen instruction set (dispatch.h);
-// arguments are documented in lstmfast.h.
+// arguments are documented in lstmfast.h. Longer than most files: it also plans
+// every buffer of a call (the memory layout must be read in one place to be
+// checked), and the forward and backward walks over layers mirror each other.
 //
 // Per call: rows are sorted by length once (a permutation, no data moved: the
 // kernels index x and y through it), biases are combined once, all memory is

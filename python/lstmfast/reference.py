@@ -4,7 +4,9 @@ This module is the specification the C++ kernels are tested and benchmarked
 against. It is written to be read side by side with the equations in the
 torch.nn documentation, so it favours plain code over speed: one loop over time
 steps, one cell step per iteration, masks for sequence lengths. It imports NumPy
-and nothing else.
+and nothing else. It stays one file, longer than the package's others, so that the
+whole specification (every cell's forward and backward side by side, the stack
+around them) reads top to bottom and stays independent of the code it checks.
 
 Letters used for shapes everywhere:
     T  time steps            N  batch size          I  input features

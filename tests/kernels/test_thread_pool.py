@@ -196,17 +196,20 @@ def test_a_partner_late_by_a_few_hundred_microseconds_is_not_slept_on():
     # waits slept at every one (50 us ceiling). 300 us against a 2 ms spin: a sleep
     # here needs a thread kept from its core for over 1.7 ms.
     _core._pool_set_use_openmp(0)  # the pool's own threads, even where torch is loaded
+    _core._pool_set_fit_to_cores(False)  # both threads, whatever else the machine runs
     _core._pool_set_counting(True)
     try:
         ran, violations = _core._pool_check_barriers(2, 40, late_ns=300_000)
         counts = _core._pool_counts()
     finally:
         _core._pool_set_counting(False)
+        _core._pool_set_fit_to_cores(True)
         _core._pool_set_use_openmp(1)
     assert (ran, violations) == (2, 0)
-    # A shared machine may hold a thread off its core now and then (seen: one run in
-    # a few dozen); a spin learned down sleeps at every barrier.
-    assert counts["barrier_waits"] >= 40 and counts["barrier_sleeps"] <= 4, counts
+    # A loaded machine holds a thread off its core now and then, and the partner then
+    # sleeps, as it should (seen: up to 10 of 40 with another test suite on both
+    # cores); a spin learned down below the 300 us sleeps at every one of them.
+    assert counts["barrier_waits"] >= 40 and counts["barrier_sleeps"] < 20, counts
 
 
 _PREPARED_POOL = """
@@ -270,6 +273,7 @@ import lstmfast
 from lstmfast import _core
 lstmfast.set_num_threads(2)
 _core._pool_set_use_openmp(0)
+_core._pool_set_fit_to_cores(False)  # other processes' load must not decide the jobs here
 _core._pool_set_never_spin(True)  # idle workers sleep at once after a job
 assert _core._pool_check_barriers(2, 3) == (2, 0)
 deadline = time.monotonic() + 60

@@ -9,9 +9,11 @@ threadpoolctl) are imported only inside the functions that use them, so that the
 runs with ``--no-torch`` where torch is not installed.
 """
 
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -328,3 +330,29 @@ def configuration(torch, limiter):
     if warning:
         config["warning"] = warning
     return config
+
+
+# ---------------------------------------------------------------------------
+# Modes that measure in fresh processes (--models, --patterns): the parent starts
+# ``python -m MODULE --worker JOB`` and reads the JSON line the worker prints last.
+
+
+def worker_main(argv, workers, mode):
+    """A mode module's ``__main__``: runs ``workers[job["kind"]](job)`` for ``--worker JOB``
+    and prints its result as one JSON line."""
+    if len(argv) != 3 or argv[1] != "--worker":
+        print(f"this is the worker of `python -m lstmfast.bench {mode}`; run that instead",
+              file=sys.stderr)
+        return 2
+    job = json.loads(argv[2])
+    print(json.dumps(workers[job["kind"]](job)))
+    return 0
+
+
+def run_worker(module, job, what):
+    """Runs ``job`` in a fresh Python process of ``module``'s worker; its result."""
+    proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(job)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{module} worker {what} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])

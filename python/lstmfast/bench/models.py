@@ -33,7 +33,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -288,12 +287,7 @@ WORKERS = {"model": measure_model, "alone": measure_rnn_alone,
 
 
 def worker_main(argv):
-    if len(argv) != 3 or argv[1] != "--worker":
-        print("this is the worker of `python -m lstmfast.bench --models`; run that instead", file=sys.stderr)
-        return 2
-    job = json.loads(argv[2])
-    print(json.dumps(WORKERS[job["kind"]](job)))
-    return 0
+    return common.worker_main(argv, WORKERS, "--models")
 
 
 # ---------------------------------------------------------------------------
@@ -302,11 +296,7 @@ def worker_main(argv):
 
 def run_worker(job):
     """Run one job in a fresh Python process; its last line of output is the JSON result."""
-    proc = subprocess.run([sys.executable, "-m", "lstmfast.bench.models", "--worker", json.dumps(job)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench.models worker {job['kind']} {job['model']} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return common.run_worker("lstmfast.bench.models", job, f"{job['kind']} {job['model']}")
 
 
 def load_check_outputs(path):

@@ -22,7 +22,6 @@ lstmfast.bench.patterns --worker JOB`` and print one JSON line.
 
 import json
 import statistics
-import subprocess
 import sys
 import time
 
@@ -157,13 +156,7 @@ WORKERS = {"gap": measure_gap, "after_pools": measure_after_pools, "cell_loop": 
 
 
 def worker_main(argv):
-    if len(argv) != 3 or argv[1] != "--worker":
-        print("this is the worker of `python -m lstmfast.bench --patterns`; run that instead",
-              file=sys.stderr)
-        return 2
-    job = json.loads(argv[2])
-    print(json.dumps(WORKERS[job["kind"]](job)))
-    return 0
+    return common.worker_main(argv, WORKERS, "--patterns")
 
 
 # ---------------------------------------------------------------------------
@@ -171,11 +164,7 @@ def worker_main(argv):
 
 
 def run_worker(job):
-    proc = subprocess.run([sys.executable, "-m", "lstmfast.bench.patterns", "--worker", json.dumps(job)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bench.patterns worker {job['kind']} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return common.run_worker("lstmfast.bench.patterns", job, job["kind"])
 
 
 def pairs(job, variants, count, label):

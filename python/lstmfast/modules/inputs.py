@@ -93,18 +93,25 @@ def _per_layer_to_time_major(a, batched, batch_first):
 # a layer's call: x, hx, lengths, and backward's upstream gradients
 
 
-def _prepare_input(x, input_size, batch_first, dtype):
-    """``(x_tm, batched)``: x checked, time-major batched and contiguous."""
+def _checked_x(x, input_size, dtype, batched_ndim):
+    """``(x, batched)``: x as an array of ``dtype``, with ``batched_ndim`` dimensions
+    (batched) or one fewer (unbatched), and ``input_size`` features in the last; a layer's
+    x is batched at 3-D, a cell's at 2-D."""
     x = _as_input("x", x, dtype)
-    if x.ndim not in (2, 3):
+    if x.ndim not in (batched_ndim - 1, batched_ndim):
         raise ValueError(
-            f"x: expected a 3-D (batched) or 2-D (unbatched) array, got {x.ndim}-D "
-            f"with shape {_shape_str(x.shape)}")
+            f"x: expected a {batched_ndim}-D (batched) or {batched_ndim - 1}-D (unbatched) "
+            f"array, got {x.ndim}-D with shape {_shape_str(x.shape)}")
     if x.shape[-1] != input_size:
         raise ValueError(
             f"x: expected input_size={input_size} features in the last dimension, "
             f"got {x.shape[-1]} (shape {_shape_str(x.shape)})")
-    batched = x.ndim == 3
+    return x, x.ndim == batched_ndim
+
+
+def _prepare_input(x, input_size, batch_first, dtype):
+    """``(x_tm, batched)``: x checked, time-major batched and contiguous."""
+    x, batched = _checked_x(x, input_size, dtype, batched_ndim=3)
     if not batched:
         x_tm = x[:, None, :]
     elif batch_first:
@@ -233,16 +240,7 @@ def _prepare_grads(layer, grad_output, grad_h_n, batched, T, N):
 
 def _prepare_cell_input(x, input_size, dtype):
     """``(x_b, batched, N)``: x checked, as the backend's ``(1, N, I)``, contiguous."""
-    x = _as_input("x", x, dtype)
-    if x.ndim not in (1, 2):
-        raise ValueError(
-            f"x: expected a 2-D (batched) or 1-D (unbatched) array, got {x.ndim}-D "
-            f"with shape {_shape_str(x.shape)}")
-    if x.shape[-1] != input_size:
-        raise ValueError(
-            f"x: expected input_size={input_size} features in the last dimension, "
-            f"got {x.shape[-1]} (shape {_shape_str(x.shape)})")
-    batched = x.ndim == 2
+    x, batched = _checked_x(x, input_size, dtype, batched_ndim=2)
     N = x.shape[0] if batched else 1
     return np.ascontiguousarray(x[None] if batched else x[None, None]), batched, N
 

@@ -820,7 +820,7 @@ void register_simd(py::module_& m) {
   m.def(
       "simd_target_builds",
       [](const std::string& name) {
-        const lstmfast::SimdTarget& t = lstmfast::find_simd_target(name);
+        const lstmfast::SimdTarget& t = lstmfast::find_compiled_simd_target(name);
         return py::make_tuple(t.kernels->name, t.products->name);
       },
       py::arg("name"),

@@ -97,6 +97,14 @@ std::vector<std::string> compiled_simd_targets() {
   return names;
 }
 
+const SimdTarget& find_compiled_simd_target(const std::string& name) {
+  for (const SimdTarget& t : compiled())
+    if (name == t.name) return t;
+  std::string known;
+  for (const std::string& n : compiled_simd_targets()) known += (known.empty() ? "" : ", ") + n;
+  throw std::invalid_argument("unknown SIMD target '" + name + "'; this build has: " + known);
+}
+
 const SimdTarget& find_simd_target(const std::string& name) {
   for (const SimdTarget* t : supported())
     if (name == t->name) return *t;

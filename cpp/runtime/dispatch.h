@@ -103,6 +103,9 @@ std::vector<std::string> compiled_simd_targets();
 std::vector<std::pair<std::string, bool>> cpu_features();
 // The target of that name among them; throws std::invalid_argument when there is none.
 const SimdTarget& find_simd_target(const std::string& name);
+// The compiled target of that name, whether this CPU runs it or not (what it is
+// built of); throws std::invalid_argument when there is none.
+const SimdTarget& find_compiled_simd_target(const std::string& name);
 // Use the named target from now on (process-wide); throws std::invalid_argument
 // when it is unknown, not compiled or not supported by this CPU.
 void set_simd_target(const std::string& name);

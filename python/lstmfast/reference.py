@@ -32,10 +32,11 @@ then the parameter shapes and initialisation.
 
 import numpy as np
 
-MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_TANH", "CTRNN_RELU", "LN_LSTM")
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_TANH", "CTRNN_RELU", "LN_LSTM",
+         "GRU_RESET_BEFORE")
 
 GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1, "CTRNN_TANH": 1, "CTRNN_RELU": 1,
-         "LN_LSTM": 4}
+         "LN_LSTM": 4, "GRU_RESET_BEFORE": 3}
 
 #: The modes whose state is a pair (h, c).
 CELL_STATE_MODES = ("LSTM", "LN_LSTM")
@@ -284,6 +285,60 @@ def gru_cell_backward(dh_next, cache, w, dw):
     return dx, dh
 
 
+def gru_reset_before_cell_forward(x, h, w):
+    """One step of the GRU of the original paper (Cho et al., 2014): the reset gate
+    multiplies h before W_hn, as ONNX's GRU with ``linear_before_reset=0`` and Keras's
+    ``reset_after=False`` define it.
+
+    x: (N, I) input;  h: (N, H) previous hidden state.
+    Returns h_next (N, H) and the cache for gru_reset_before_cell_backward.
+
+        gi = x W_ih^T + b_ih                              (N, 3H), blocks r, z, n
+        r  = sigmoid(gi_r + h W_hr^T + b_hr)              (W_hr, W_hz, W_hn: the blocks of W_hh)
+        z  = sigmoid(gi_z + h W_hz^T + b_hz)
+        n  = tanh(gi_n + (r * h) W_hn^T + b_hn)
+        h_next = (1 - z) * n + z * h
+
+    With recurrent dropout the mask multiplies h in all three products (so n sees
+    r * (mask * h)); the update z * h takes h itself.
+    """
+    H = h.shape[1]
+    W_hh, b_hh = w["W_hh"], w["b_hh"]
+    gi = _linear(x, w["W_ih"], w["b_ih"])
+    h_rec = _recurrent_input(h, w)
+    gh_rz = _linear(h_rec, W_hh[:2 * H], None if b_hh is None else b_hh[:2 * H])
+    r = sigmoid(gi[:, 0 * H:1 * H] + gh_rz[:, 0 * H:1 * H])
+    z = sigmoid(gi[:, 1 * H:2 * H] + gh_rz[:, 1 * H:2 * H])
+    rh = r * h_rec
+    n = np.tanh(gi[:, 2 * H:3 * H] + _linear(rh, W_hh[2 * H:], None if b_hh is None else b_hh[2 * H:]))
+    h_next = (1 - z) * n + z * h
+    cache = (x, h, h_rec, r, z, n, rh)
+    return h_next, cache
+
+
+def gru_reset_before_cell_backward(dh_next, cache, w, dw):
+    """Backward of gru_reset_before_cell_forward.
+
+    dh_next: (N, H) gradient of the loss w.r.t. h_next.
+    Adds dW_ih, dW_hh, db_ih, db_hh into dw; returns dx (N, I), dh (N, H).
+    """
+    x, h, h_rec, r, z, n, rh = cache
+    H = h.shape[1]
+    W_hh, dW_hh, db_hh = w["W_hh"], dw["W_hh"], dw["b_hh"]
+    da_n = dh_next * (1 - z) * (1 - n * n)   # gradient w.r.t. the argument of tanh
+    da_z = dh_next * (h - n) * z * (1 - z)   # ... of the sigmoid giving z
+    drh = _linear_backward(da_n, rh, W_hh[2 * H:], dW_hh[2 * H:],
+                           None if db_hh is None else db_hh[2 * H:])
+    da_r = drh * h_rec * r * (1 - r)         # ... of the sigmoid giving r
+    dx = _linear_backward(np.concatenate([da_r, da_z, da_n], axis=1), x, w["W_ih"], dw["W_ih"],
+                          dw["b_ih"])
+    dh_rec = drh * r + _linear_backward(np.concatenate([da_r, da_z], axis=1), h_rec,
+                                        W_hh[:2 * H], dW_hh[:2 * H],
+                                        None if db_hh is None else db_hh[:2 * H])
+    dh = dh_next * z + _recurrent_input_backward(dh_rec, w)
+    return dx, dh
+
+
 # ----------------------------------------------------------------------------
 # Elman RNN cell
 
@@ -382,6 +437,8 @@ def _cell_step_forward(mode, x, h, c, w, noise=None):
         return ln_lstm_cell_forward(x, h, c, w)
     if mode == "GRU":
         h_next, cache = gru_cell_forward(x, h, w)
+    elif mode == "GRU_RESET_BEFORE":
+        h_next, cache = gru_reset_before_cell_forward(x, h, w)
     elif mode in ("CTRNN_TANH", "CTRNN_RELU"):
         h_next, cache = ctrnn_cell_forward(x, h, w, "tanh" if mode == "CTRNN_TANH" else "relu",
                                            w["alpha"], w["leak"], noise)
@@ -398,6 +455,8 @@ def _cell_step_backward(mode, dh_next, dc_next, cache, w, dw):
         return ln_lstm_cell_backward(dh_next, dc_next, cache, w, dw)
     if mode == "GRU":
         dx, dh = gru_cell_backward(dh_next, cache, w, dw)
+    elif mode == "GRU_RESET_BEFORE":
+        dx, dh = gru_reset_before_cell_backward(dh_next, cache, w, dw)
     elif mode in ("CTRNN_TANH", "CTRNN_RELU"):
         dx, dh = ctrnn_cell_backward(dh_next, cache, w, dw)
     else:

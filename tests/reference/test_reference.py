@@ -93,6 +93,9 @@ FD_CASES += [
                                                "dropout": 0.3, "num_layers": 2}),
     ("GRU", "zoneout", {"zoneout": (0.3, None), "bidirectional": True, "N": 3, "lengths": [3, 1, 2]}),
     ("RNN_RELU", "zoneout_eval", {"zoneout": ("eval", 0.25, None)}),
+    ("GRU_RESET_BEFORE", "recurrent_dropout", {"recurrent_dropout": 0.4, "bidirectional": True,
+                                               "N": 3, "lengths": [2, 3, 1]}),
+    ("GRU_RESET_BEFORE", "zoneout", {"zoneout": (0.3, None), "num_layers": 2}),
     ("LN_LSTM", "zoneout", {"zoneout": (0.3, 0.3)}),
     ("CTRNN_RELU", "leak_inside_lengths_dropout_bidirectional_two_layers", {
         "leak": "inside", "N": 3, "lengths": [1, 3, 2], "num_layers": 2, "bidirectional": True,

@@ -26,18 +26,34 @@ namespace lstmfast {
 // The cells. Adding one (README "Adding a cell"): a value here, its row in
 // stack.cpp's kCells, its kernel file (forward and BPTT side by side, as rnn.cpp)
 // and its entry in kernel_table.cpp.
-enum class Mode { LSTM, GRU, RNN_TANH, RNN_RELU, CTRNN_TANH, CTRNN_RELU, LN_LSTM };
-constexpr int kModes = 7;
+enum class Mode { LSTM, GRU, RNN_TANH, RNN_RELU, CTRNN_TANH, CTRNN_RELU, LN_LSTM, GRU_RESET_BEFORE };
+constexpr int kModes = 8;
 
-// What the stack and the bindings know of a cell; the kernels know the rest.
+// What the stack, the bindings and Python know of a cell; the kernels know the
+// rest. Exported to Python as _core.cells(), which the package reads instead of
+// keeping tables of its own (the NumPy reference keeps its own, tested to agree).
 struct CellInfo {
   Mode mode;
   const char* name;        // the mode's name in Python ("LSTM", "CTRNN_RELU", ...)
   int gates;               // G: pre-activation blocks of H per unit (x W_ih^T is [., G*H])
   bool cell_state;         // keeps c beside h (LSTM)
   bool relu;               // LayerShape::relu for the kernel: relu instead of tanh
-  bool saves_activations;  // training saves [S, N, H] activations in LayerBuffers::gates
-                           //   (CTRNN with the leak outside: h cannot give phi(z) back)
+  int saved_blocks;        // training saves [S, N, saved_blocks * H] in LayerBuffers::gates
+                           //   (LSTM i, f, g, o; GRU r, z, n, gh_n; CTRNN phi(z) with the
+                           //   leak outside, as h cannot give it back)
+  bool second_product;     // a step has two recurrent products, the second on u = f(first)
+                           //   (LayerBuffers::u; GRU_RESET_BEFORE: r * h times W_hn)
+  bool backward_on_stored_weights;  // dh = dG W_hh reads W_hh as stored, not packed
+                                    //   (dh_product_stored: the GRUs' memory)
+  bool continuous_time;    // takes alpha, leak and per-step noise (docs/cells.md, CTRNN)
+  // Parameters beyond torch's weight_ih, weight_hh, bias_ih, bias_hh (and weight_hr),
+  // comma-separated, each named as torch names the others (name_l{k}[_reverse]):
+  //   extra_params:    always present;  optional_params: present when given
+  const char* extra_params;
+  const char* optional_params;
+  // Features, comma-separated: projection, zoneout, recurrent_dropout, int8, bfloat16
+  // (training, lengths, both directions and layer dropout every cell has).
+  const char* features;
 };
 const CellInfo& cell_info(Mode mode);
 // The cell of a Python mode name; nullptr when there is none.
@@ -45,10 +61,12 @@ const CellInfo* find_cell(const char* name);
 
 // G: 4 (LSTM), 3 (GRU), 1 (RNN, CTRNN).
 int gates_of(Mode mode);
+// Whether the cell's CellInfo::features names `feature`.
+bool cell_supports(Mode mode, const char* feature);
 // Continuous-time RNN (docs/cells.md): CTRNN_TANH or CTRNN_RELU.
-inline bool is_ctrnn(Mode mode) { return mode == Mode::CTRNN_TANH || mode == Mode::CTRNN_RELU; }
+inline bool is_ctrnn(Mode mode) { return cell_info(mode).continuous_time; }
 // Whether the cell carries c beside h (LSTM, LN_LSTM).
-inline bool has_cell_state(Mode mode) { return mode == Mode::LSTM || mode == Mode::LN_LSTM; }
+inline bool has_cell_state(Mode mode) { return cell_info(mode).cell_state; }
 
 // ---------------------------------------------------------------------------
 // One layer, one direction.
@@ -211,7 +229,10 @@ struct LayerBuffers {
   Real* c = nullptr;      // c: LSTM, like h with width H: the cell state
   Real* m = nullptr;      // m: LSTM with P > 0: [S, N, H] training / [N, H] inference: o * tanh(c) before the projection
   Real* gates = nullptr;  // gates: training, [S, N, 4H]: LSTM (i, f, g, o) activated; GRU (r, z, n, W_hn h + b_hn);
-                          //   CTRNN with the leak outside [S, N, H]: phi(z); RNN unused
+                          //   CTRNN with the leak outside [S, N, H]: phi(z); RNN unused;
+                          //   GRU_RESET_BEFORE [S, N, 3H] r, z, n (inference: [N, 3H], one step)
+  Real* u = nullptr;      // u: the second recurrent product's input (CellInfo::second_product),
+                          //   training [S, N, H], inference [N, H]: GRU_RESET_BEFORE r * h
   // backward (scratch)
   Real* dG = nullptr;     // dG: [S, N, G*H] gradient of the recurrent pre-activations (h W_hh^T), per step, sorted rows;
                           //   nullptr (LSTM, GRU) when the backward consumes the cache: then written over gates
@@ -234,6 +255,7 @@ struct LayerBuffers {
                               //   recurrent product reads
   Real* mask_sorted = nullptr;  // mask_sorted: [N, H_out] the mask in sorted rows (filled by the stack)
   Real* dh_rec = nullptr;     // dh_rec: backward scratch [N, H_out]: dG W_hh before the mask
+  Real* du = nullptr;         // du: backward scratch [N, H]: the gradient of u (second_product)
   // zoneout (LayerWeights::zone_h); all null without it
   Real* zone_dh = nullptr;    // zone_dh: backward scratch [N, H_out]: the part of a step's dh that skips the cell
   Real* zone_dc = nullptr;    // zone_dc: [N, H] the same of dc (LSTM)

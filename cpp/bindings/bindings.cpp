@@ -605,6 +605,49 @@ void register_reduced(py::module_& m) {
       "Test hook: a @ W.T with the reduced weight w, by the current instruction set's kernel.");
 }
 
+// "a,b,c" as ["a", "b", "c"] ("" as []).
+py::list split_names(const char* names) {
+  py::list out;
+  std::string name;
+  for (const char* p = names;; ++p) {
+    if (*p == ',' || *p == '\0') {
+      if (!name.empty()) out.append(name);
+      name.clear();
+      if (*p == '\0') break;
+    } else {
+      name += *p;
+    }
+  }
+  return out;
+}
+
+// The cell table (lstmfast.h, CellInfo) as Python reads it: lstmfast/_cells.py.
+void register_cells(py::module_& m) {
+  m.def(
+      "cells",
+      []() {
+        py::list out;
+        for (int i = 0; i < lstmfast::kModes; ++i) {
+          const lstmfast::CellInfo& c = lstmfast::cell_info(lstmfast::Mode(i));
+          py::dict d;
+          d["name"] = c.name;
+          d["gates"] = c.gates;
+          d["cell_state"] = c.cell_state;
+          d["relu"] = c.relu;
+          d["continuous_time"] = c.continuous_time;
+          d["extra_params"] = split_names(c.extra_params);
+          d["optional_params"] = split_names(c.optional_params);
+          d["features"] = split_names(c.features);
+          out.append(d);
+        }
+        return out;
+      },
+      "The cells the kernels run, one dict each, in the order of the C++ Mode: name, gates "
+      "(G), cell_state, relu, continuous_time, extra_params and optional_params (parameter "
+      "names beyond torch's, without the _l{k} suffix), features (among projection, "
+      "zoneout, recurrent_dropout, int8, bfloat16).");
+}
+
 void register_rnn(py::module_& m) {
   py::class_<RnnCache>(m, "RnnCache",
                        "What a training forward keeps for backward (opaque; pass it to "
@@ -851,5 +894,6 @@ PYBIND11_MODULE(_core, m) {
   register_reduced(m);
   register_rnn(m);
   register_simd(m);
+  register_cells(m);
   register_pool(m);
 }

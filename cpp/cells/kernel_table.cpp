@@ -25,7 +25,7 @@ void activation(int which, const Real* x, Real* y, int64_t count) {
 
 template <typename Real>
 constexpr TypedKernels<Real> typed() {
-  static_assert(kModes == 7, "a cell was added to Mode: give it its kernels below");
+  static_assert(kModes == 8, "a cell was added to Mode: give it its kernels below");
   // One entry per Mode, in its order (tanh and relu share a kernel: LayerShape::relu).
   return {{{&lstm_forward<Real>, &lstm_backward<Real>},
            {&gru_forward<Real>, &gru_backward<Real>},
@@ -33,7 +33,8 @@ constexpr TypedKernels<Real> typed() {
            {&rnn_forward<Real>, &rnn_backward<Real>},
            {&ctrnn_forward<Real>, &ctrnn_backward<Real>},
            {&ctrnn_forward<Real>, &ctrnn_backward<Real>},
-           {&ln_lstm_forward<Real>, &ln_lstm_backward<Real>}},
+           {&ln_lstm_forward<Real>, &ln_lstm_backward<Real>},
+           {&gru_reset_before_forward<Real>, &gru_reset_before_backward<Real>}},
           &activation<Real>,
           &times_stored_matrix<Real>};
 }

@@ -325,21 +325,7 @@ void ln_lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& 
   backward_on_rows<Real>(dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
 }
 
-template void ln_lstm_forward<float>(float*, int64_t, float*, float*, const LayerBuffers<float>&,
-                                     const float*, const float*, const float*,
-                                     const LayerWeights<float>&, const LayerShape&);
-template void ln_lstm_forward<double>(double*, int64_t, double*, double*,
-                                      const LayerBuffers<double>&, const double*, const double*,
-                                      const double*, const LayerWeights<double>&,
-                                      const LayerShape&);
-template void ln_lstm_backward<float>(float*, float*, float*, const LayerGrads<float>&,
-                                      const LayerBuffers<float>&, const float*, int64_t,
-                                      const float*, const float*, const float*,
-                                      const LayerWeights<float>&, const LayerShape&);
-template void ln_lstm_backward<double>(double*, double*, double*, const LayerGrads<double>&,
-                                       const LayerBuffers<double>&, const double*, int64_t,
-                                       const double*, const double*, const double*,
-                                       const LayerWeights<double>&, const LayerShape&);
+LSTMFAST_INSTANTIATE_CELL(ln_lstm)
 
 }  // namespace LSTMFAST_ISA
 }  // namespace lstmfast

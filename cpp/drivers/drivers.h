@@ -129,8 +129,11 @@ inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_
 // The forward: each thread packs the panels and projects the inputs (rows ldx
 // apart) of its unit blocks (a few steps ahead, or all at once: see
 // projection_in_chunks), then runs step(k, n, mine) for every step k with n rows
-// running, a barrier after each (the next step needs all of h).
-template <typename Real, int G, typename Step>
+// running, a barrier after each (the next step needs all of h). With G0 < G the
+// step makes two recurrent products (CellInfo::second_product): W_hh's first G0
+// gates are packed as one set of panels and the other G - G0 after them, at
+// packed_size(G0, H, H).
+template <typename Real, int G, int G0 = G, typename Step>
 inline void forward_on_pool(const LayerBuffers<Real>& buf, const Real* x, int64_t ldx,
                             const LayerWeights<Real>& w, const LayerShape& s, Step&& step) {
   const Walk walk(s);
@@ -139,7 +142,13 @@ inline void forward_on_pool(const LayerBuffers<Real>& buf, const Real* x, int64_
   const int64_t chunk = projection_chunk_steps<Real>(ldx, s);
   auto body = [&](int tid, int nt) {
     const UnitShare mine = unit_share<Real>(H, tid, nt);
-    pack_gate_panels<Real, G>(buf.W_hh_p, w.W_hh, H, H, mine.u0, mine.u1);
+    if constexpr (G0 == G) {
+      pack_gate_panels<Real, G>(buf.W_hh_p, w.W_hh, H, H, mine.u0, mine.u1);
+    } else {
+      pack_gate_panels<Real, G0>(buf.W_hh_p, w.W_hh, H, H, mine.u0, mine.u1);
+      pack_gate_panels<Real, G - G0>(buf.W_hh_p + packed_size(G0, H, H), w.W_hh + G0 * H * H, H,
+                                     H, mine.u0, mine.u1);
+    }
     if (chunked)
       pack_gate_panels<Real, G>(buf.W_ih_p, w.W_ih, H, s.I, mine.u0, mine.u1);
     else
@@ -170,12 +179,28 @@ inline void forward_on_pool(const LayerBuffers<Real>& buf, const Real* x, int64_
 // With zoneout (zoneout_step) the cell's pointwise is wrapped: it is given (1 - m) of
 // the step's gradient (dy folded in, so the cell must read no dy: see zoneout_dy), and
 // m of it is added to dh (and dc) after, before dh = dG W_hh is added.
-template <typename Real, typename Pointwise>
+//
+// A cell with a second product (CellInfo::second_product: u = f(first) times the
+// last GK - GK0 rows of W_hh) gives second(k, n, mine, dh_rec, add): after the
+// barrier each thread computes its columns of du = dG[:, GK0:] W_hh[GK0:], and
+// second, for its own units, turns du into the first gates' gradients and the part
+// of h's gradient through u, which it writes (add: adds) to dh_rec; then
+// (another barrier) dh_rec += dG[:, :GK0] W_hh[:GK0]. The weight gradients of the
+// last rows take u in place of h.
+struct NoSecondProduct {
+  template <typename... A>
+  void operator()(A&&...) const {}
+};
+
+template <typename Real, typename Pointwise, typename Second = NoSecondProduct>
 inline void backward_on_pool(Real* dG_x, const LayerGrads<Real>& dw, const LayerBuffers<Real>& buf,
                              Real* dG, int64_t ldg, const Real* dG_in, int64_t GK,
                              bool accumulate_dh, const Real* x, const LayerWeights<Real>& w,
                              const LayerShape& s, Pointwise&& pointwise,
-                             const Real* dy = nullptr, int64_t lddy = 0) {
+                             const Real* dy = nullptr, int64_t lddy = 0, int64_t GK0 = 0,
+                             Second&& second = Second()) {
+  if (GK0 == 0) GK0 = GK;
+  const bool two_products = GK0 < GK;
   const Walk walk(s);
   const int64_t N = s.N, H = s.H, S = steps_of(s);
   const bool zoned = zoneout(w, s);
@@ -197,16 +222,23 @@ inline void backward_on_pool(Real* dG_x, const LayerGrads<Real>& dw, const Layer
       const Real* dG_step = dG + k * N * ldg;
       // With recurrent dropout the product goes to dh_rec first: the mask applies to it alone.
       Real* dh = buf.hm ? buf.dh_rec : buf.dh;
-      const bool accumulate = accumulate_dh && !buf.hm;
+      bool accumulate = accumulate_dh && !buf.hm;
+      if (two_products) {
+        dh_product_stored(buf.du, dG_step + GK0, ldg, w.W_hh + GK0 * H, n, GK - GK0, H, mine.j0,
+                          mine.j1, false);
+        second(k, n, mine, dh, accumulate);
+        accumulate = true;
+        pool_barrier();  // the first gates' gradients of every unit
+      }
       if (buf.W_hh_c)
-        dh_product(dh, dG_step, ldg, buf.W_hh_c, n, GK, H, mine.u0, mine.u1, accumulate);
+        dh_product(dh, dG_step, ldg, buf.W_hh_c, n, GK0, H, mine.u0, mine.u1, accumulate);
       else
-        dh_product_stored(dh, dG_step, ldg, w.W_hh, n, GK, H, mine.j0, mine.j1, accumulate);
+        dh_product_stored(dh, dG_step, ldg, w.W_hh, n, GK0, H, mine.j0, mine.j1, accumulate);
       if (buf.hm) masked_dh(buf, n, H, mine.j0, mine.j1, accumulate_dh);
     }
     pool_barrier();
     weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, ldg, dG_in, buf.hm ? buf.hm : buf.h, x,
-                           GK, s);
+                           GK, s, buf.u, GK0);
   };
   run_on_pool(s.threads, body);
 }

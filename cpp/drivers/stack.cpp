@@ -36,15 +36,26 @@ namespace lstmfast {
 namespace {
 
 // The cells, in Mode's order (lstmfast.h: CellInfo).
+constexpr const char* kPeepholes = "weight_ci,weight_cf,weight_co";
+constexpr const char* kLayerNorms = "ln_gates_weight,ln_gates_bias,ln_cell_weight,ln_cell_bias";
+constexpr const char* kAllFeatures = "zoneout,recurrent_dropout,int8,bfloat16";
+// Columns: mode, name, G, cell_state, relu, saved_blocks, second_product,
+// backward_on_stored_weights, continuous_time, extra_params, optional_params, features
+// (lstmfast.h, CellInfo).
 constexpr CellInfo kCells[] = {
-    // mode            name          gates c_state relu   saves phi(z)
-    {Mode::LSTM,       "LSTM",       4,    true,   false, false},
-    {Mode::GRU,        "GRU",        3,    false,  false, false},
-    {Mode::RNN_TANH,   "RNN_TANH",   1,    false,  false, false},
-    {Mode::RNN_RELU,   "RNN_RELU",   1,    false,  true,  false},
-    {Mode::CTRNN_TANH, "CTRNN_TANH", 1,    false,  false, true},
-    {Mode::CTRNN_RELU, "CTRNN_RELU", 1,    false,  true,  true},
-    {Mode::LN_LSTM,    "LN_LSTM",    4,    true,   false, false},
+    {Mode::LSTM, "LSTM", 4, true, false, 4, false, false, false, "", kPeepholes,
+     "projection,zoneout,recurrent_dropout,int8,bfloat16"},
+    {Mode::GRU, "GRU", 3, false, false, 4, false, true, false, "", "", kAllFeatures},
+    {Mode::RNN_TANH, "RNN_TANH", 1, false, false, 0, false, false, false, "", "", kAllFeatures},
+    {Mode::RNN_RELU, "RNN_RELU", 1, false, true, 0, false, false, false, "", "", kAllFeatures},
+    {Mode::CTRNN_TANH, "CTRNN_TANH", 1, false, false, 1, false, false, true, "", "",
+     "recurrent_dropout,int8,bfloat16"},
+    {Mode::CTRNN_RELU, "CTRNN_RELU", 1, false, true, 1, false, false, true, "", "",
+     "recurrent_dropout,int8,bfloat16"},
+    {Mode::LN_LSTM, "LN_LSTM", 4, true, false, 4, false, false, false, kLayerNorms, "",
+     "recurrent_dropout,int8,bfloat16"},
+    {Mode::GRU_RESET_BEFORE, "GRU_RESET_BEFORE", 3, false, false, 3, true, true, false, "", "",
+     "zoneout,recurrent_dropout"},
 };
 static_assert(sizeof(kCells) / sizeof(kCells[0]) == kModes, "one row of kCells per Mode");
 
@@ -59,6 +70,21 @@ const CellInfo* find_cell(const char* name) {
 }
 
 int gates_of(Mode mode) { return cell_info(mode).gates; }
+
+bool cell_supports(Mode mode, const char* feature) {
+  const std::string list = std::string(",") + cell_info(mode).features + ",";
+  return list.find(std::string(",") + feature + ",") != std::string::npos;
+}
+
+namespace {
+// "LSTM, GRU, RNN_TANH, RNN_RELU": the cells that support `feature`, for messages.
+std::string cells_supporting(const char* feature) {
+  std::string names;
+  for (const CellInfo& cell : kCells)
+    if (cell_supports(cell.mode, feature)) names += (names.empty() ? "" : ", ") + std::string(cell.name);
+  return names;
+}
+}  // namespace
 
 uint64_t zoneout_layer_seed(uint64_t seed, int64_t ld) {
   uint64_t x = seed + static_cast<uint64_t>(ld) + 0x9E3779B97F4A7C15ull;  // splitmix64
@@ -205,10 +231,10 @@ void check_zoneout(const Params<Real>* params, const StackShape& s) {
   const bool on_c = given_to_all_or_none(
                         params, s, [](const Params<Real>& p) { return p.zone_c; }, "zoneout masks") ||
                     s.zone_p_c != 0;
-  const bool plain_cell = s.mode == Mode::LSTM || s.mode == Mode::GRU || s.mode == Mode::RNN_TANH ||
-                          s.mode == Mode::RNN_RELU;
-  require(!(on_h || on_c) || plain_cell, "zoneout is supported for LSTM, GRU and RNN");
-  require(!on_c || s.mode == Mode::LSTM, "zoneout of c is for LSTM, which has a cell state");
+  require(!(on_h || on_c) || cell_supports(s.mode, "zoneout"),
+          std::string("zoneout is supported for ") + cells_supporting("zoneout") + ", not " +
+              cell_info(s.mode).name);
+  require(!on_c || has_cell_state(s.mode), "zoneout of c is for LSTM, which has a cell state");
   require(!(on_h || on_c) || params[0].W_hh_r == nullptr,
           "zoneout is not supported with reduced-precision weights");
   require(s.zone_p_h >= 0 && s.zone_p_h <= 1 && s.zone_p_c >= 0 && s.zone_p_c <= 1,
@@ -258,6 +284,10 @@ void check_reduced(const Params<Real>* params, const StackShape& s) {
                 (s.P == 0 ? p.W_hr_r == nullptr : fits(p.W_hr_r, s.P, s.H)),
             "reduced-precision weights of layer-direction " + std::to_string(i) +
                 " do not have the shapes of the layer's weights");
+    const bool int8 = p.W_hh_r->precision == Precision::Int8;
+    require(cell_supports(s.mode, int8 ? "int8" : "bfloat16"),
+            std::string(int8 ? "int8" : "bfloat16") + " weights are supported for " +
+                cells_supporting(int8 ? "int8" : "bfloat16") + ", not " + cell_info(s.mode).name);
     require(p.W_ih_r->precision == p.W_hh_r->precision &&
                 p.W_hh_r->precision == params[0].W_hh_r->precision,
             "reduced-precision weights must all have one precision");
@@ -598,13 +628,14 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
         b.h = cv.take<Real>((S + 1) * N * H_out);
         if (cell_state) b.c = cv.take<Real>((S + 1) * N * H);
         if (P) b.m = cv.take<Real>(S * N * H);
-        if (lstm || ln || s.mode == Mode::GRU) b.gates = cv.take<Real>(S * N * 4 * H);
+        const CellInfo& cell = cell_info(s.mode);
+        if (cell.saved_blocks && !(cell.continuous_time && s.leak_inside))
+          b.gates = cv.take<Real>(S * N * cell.saved_blocks * H);
+        if (cell.second_product) b.u = cv.take<Real>(S * N * H);
         if (ln) b.ln = cv.take<Real>(S * N * (5 * H + 2));
         if (rec_masked) b.hm = cv.take<Real>((S + 1) * N * H_out);
         if (zoned_h && (s.mode == Mode::RNN_TANH || s.mode == Mode::RNN_RELU))
           b.gates = cv.take<Real>(S * N * H);  // h~ of every step (rnn.cpp: raw_h)
-        if (cell_info(s.mode).saves_activations && !s.leak_inside)
-          b.gates = cv.take<Real>(S * N * H);
       }
       for (int64_t k = 1; k < L; ++k) inputs[k] = cv.take<Real>(Y);
     };
@@ -627,7 +658,9 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   // A training LSTM or GRU in x's order projects its inputs straight into its
   // saved gates: each step reads a row's pre-activations there before it writes
   // the row's gates.
-  const bool project_into_gates = training && (lstm || s.mode == Mode::GRU) && c.lengths.empty();
+  const bool project_into_gates =
+      training && (lstm || s.mode == Mode::GRU || s.mode == Mode::GRU_RESET_BEFORE) &&
+      c.lengths.empty();
   // Reduced weights (inference): products with them need no packed or transposed
   // float weights; int8 ones quantize their left operand into act_*.
   const bool reduced = params[0].W_hh_r != nullptr;
@@ -674,6 +707,10 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
         scratch[d].W_ih_p = cv.take<Real>(packed_size(gates_of(s.mode), H, widest_input));
       }
       if (!training) {
+        if (cell_info(s.mode).second_product) {  // one step's gates and u (see saved_blocks)
+          scratch[d].gates = cv.take<Real>(N * cell_info(s.mode).saved_blocks * H);
+          scratch[d].u = cv.take<Real>(N * H);
+        }
         scratch[d].h = cv.take<Real>(2 * N * H_out);
         if (rec_masked || widen_all) scratch[d].hm = cv.take<Real>(2 * N * H_out);
         if (cell_state) scratch[d].c = cv.take<Real>(2 * N * H);
@@ -778,7 +815,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       if (!(in_place && lstm && in_order)) dG_x[d] = cv.take<Real>(T * N * GH);
       if ((gru || !in_order) && !in_place) scratch[d].dG = cv.take<Real>(S * N * GH);
       if (gru && !in_order) scratch[d].dG_in = cv.take<Real>(S * N * GH);
-      if (!P && !gru && !short_backward(c))  // see dh_product_stored
+      if (!P && !cell_info(s.mode).backward_on_stored_weights && !short_backward(c))  // see dh_product_stored
         scratch[d].W_hh_c = cv.take<Real>(packed_size(gates_of(s.mode), H, H));
       scratch[d].dh = cv.take<Real>(N * H_out);
       if (cell_state) scratch[d].dc = cv.take<Real>(N * H);
@@ -797,6 +834,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
         scratch[d].dm = cv.take<Real>(N * H);
       }
       scratch[d].dsum = cv.take<Real>(GH);
+      if (cell_info(s.mode).second_product) scratch[d].du = cv.take<Real>(N * H);
       if (!c.peepholes.empty()) scratch[d].dpeep = cv.take<Real>(3 * H);
     }
     for (int64_t i = 0; i < std::min<int64_t>(L - 1, 2); ++i) between[i] = cv.take<Real>(Y);
@@ -834,6 +872,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       b.dc = scratch[d].dc;
       b.dhs = scratch[d].dhs;
       b.dm = scratch[d].dm;
+      b.du = scratch[d].du;
       b.dsum = scratch[d].dsum;
       b.dpeep = scratch[d].dpeep;
       b.dln_rows = scratch[d].dln_rows;

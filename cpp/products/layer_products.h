@@ -18,12 +18,14 @@ namespace LSTMFAST_ISA {
 // by times, then (after a barrier) the gate rows r0..r1 of dW_hh, dW_ih and both
 // bias gradients by each thread; each element is summed in the same order
 // whatever the thread count. dG's rows are ldg apart (GH, or 4H when written over
-// the GRU's saved gates), those of dG_in and dG_x GH.
+// the GRU's saved gates), those of dG_in and dG_x GH. Rows u_from.. of dW_hh take u
+// ([S, N, H]: a second product's input, CellInfo::second_product) in place of h.
 template <typename Real>
 inline void weight_gradients_share(int tid, int nt, Real* dG_x, const LayerGrads<Real>& dw,
                                    Real* dsum, const Real* dG, int64_t ldg, const Real* dG_in,
                                    const Real* h_prev, const Real* x, int64_t GH,
-                                   const LayerShape& s) {
+                                   const LayerShape& s, const Real* u = nullptr,
+                                   int64_t u_from = -1) {
   const Walk walk(s);
   const int64_t S = steps_of(s), N = s.N, H_out = h_out(s);
   int64_t first, last;
@@ -35,8 +37,15 @@ inline void weight_gradients_share(int tid, int nt, Real* dG_x, const LayerGrads
   share(GH, tid, nt, first, last);
   const int64_t rows = last - first;
   if (rows <= 0) return;
-  weight_gradient_product(dw.dW_hh + first * H_out, H_out, dG + first, ldg, h_prev, H_out, rows,
-                          S * N, H_out, dw.beta);
+  const int64_t split = u && u_from >= 0 && u_from < GH ? u_from : GH;
+  if (first < split)
+    weight_gradient_product(dw.dW_hh + first * H_out, H_out, dG + first, ldg, h_prev, H_out,
+                            (last < split ? last : split) - first, S * N, H_out, dw.beta);
+  if (last > split) {
+    const int64_t from = first > split ? first : split;
+    weight_gradient_product(dw.dW_hh + from * H_out, H_out, dG + from, ldg, u, H_out, last - from,
+                            S * N, H_out, dw.beta);
+  }
   auto bias_sums = [&](Real* db, const Real* a, int64_t lda) {  // db[first:last] += column sums
     Real* sum = dsum + first;
     for (int64_t j = 0; j < rows; ++j) sum[j] = Real(0);

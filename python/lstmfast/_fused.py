@@ -11,6 +11,7 @@ checked by the compiled module, whose errors name the offending argument.
 
 import numpy as np
 
+from . import _cells
 from ._config import get_num_threads
 from ._native import _core
 
@@ -19,8 +20,8 @@ available = hasattr(_core, "rnn_forward") and hasattr(_core, "rnn_backward")
 
 get_num_threads()  # settles the thread count (LSTMFAST_NUM_THREADS) in BLAS and the kernels
 
-MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_TANH", "CTRNN_RELU", "LN_LSTM")
-_CELL_STATE_MODES = ("LSTM", "LN_LSTM")
+MODES = _cells.MODES
+_CELL_STATE_MODES = _cells.CELL_STATE_MODES
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 _PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
 _PEEPHOLES = ("weight_ci", "weight_cf", "weight_co")

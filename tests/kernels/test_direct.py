@@ -19,7 +19,7 @@ from helpers import Case, assert_close
 _fused = pytest.importorskip("lstmfast._fused")
 pytestmark = pytest.mark.skipif(not _fused.available, reason="fused kernels not built")
 
-MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "GRU_RESET_BEFORE")
 
 
 @pytest.mark.parametrize("threads", [1, 2])

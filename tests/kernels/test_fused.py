@@ -19,7 +19,7 @@ from helpers import VARIANTS, Case, assert_close
 _fused = pytest.importorskip("lstmfast._fused")
 pytestmark = pytest.mark.skipif(not _fused.available, reason="fused kernels not built")
 
-MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "GRU_RESET_BEFORE")
 DTYPES = (np.float32, np.float64)
 CONFIGS = {
     "one_layer": dict(),

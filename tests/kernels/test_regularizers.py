@@ -12,7 +12,7 @@ pytestmark = pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kerne
 
 from lstmfast import _fused, reference  # noqa: E402
 
-MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_TANH", "CTRNN_RELU", "LN_LSTM")
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_TANH", "CTRNN_RELU", "LN_LSTM", "GRU_RESET_BEFORE")
 SHAPES = {  # T, N, H: the pool's path, the direct path of few rows, a short call
     "pool": dict(T=7, N=9, H=13),
     "direct": dict(T=3, N=2, H=6),
@@ -99,7 +99,7 @@ def test_weight_gradient_uses_the_masked_h():
 
 # --- zoneout ---------------------------------------------------------------------------
 
-ZONEOUT_MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+ZONEOUT_MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "GRU_RESET_BEFORE")
 
 
 def zoned_case(mode, shape, options, zoneout=(0.3, 0.4), eval_form=False, recurrent_dropout=0.0,
@@ -171,7 +171,7 @@ def test_zoneout_is_refused_where_the_kernels_lack_it():
                        zoneout_masks=(None, 0.1))
     ctrnn = reference.init_params("CTRNN_TANH", 4, 13, 1, True, False, 0, np.float32,
                                   np.random.default_rng(0))
-    with pytest.raises(ValueError, match="zoneout is supported for LSTM, GRU and RNN"):
+    with pytest.raises(ValueError, match=r"zoneout is supported for LSTM, GRU, RNN_TANH, RNN_RELU.*, not CTRNN_TANH"):
         _fused.forward("CTRNN_TANH", case.x, case.hx[0], ctrnn, num_layers=1, bidirectional=False,
                        zoneout_masks=(0.1, None))
     with pytest.raises(ValueError, match="probability must be in"):

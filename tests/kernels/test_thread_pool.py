@@ -23,7 +23,7 @@ from helpers import Case, assert_close
 _fused = pytest.importorskip("lstmfast._fused")
 pytestmark = pytest.mark.skipif(not _fused.available, reason="fused kernels not built")
 
-MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")
+MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "GRU_RESET_BEFORE")
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 5])
@@ -70,7 +70,7 @@ def test_many_rows_on_one_thread(simd_target, threads_restored, mode):
 # whose weight matrix has 2**20 elements or more over the pool by rows of W; these hidden
 # sizes (input size the same) reach that for W_ih and W_hh of each cell.
 
-BIG_HIDDEN = {"LSTM": 520, "GRU": 600, "RNN_TANH": 1030, "RNN_RELU": 1030}
+BIG_HIDDEN = {"LSTM": 520, "GRU": 600, "RNN_TANH": 1030, "RNN_RELU": 1030, "GRU_RESET_BEFORE": 600}
 
 
 @pytest.fixture

@@ -15,6 +15,7 @@ import warnings
 
 import numpy as np
 
+from .._cells import modes_with
 from .inputs import (_from_time_major, _prepare_grads, _prepare_hx, _prepare_input,
                      _prepare_lengths, _shape_str, _to_numpy)
 from .masks import _dropout_masks, _regularizer_args
@@ -297,7 +298,7 @@ class _RNNBase(_Module):
     peephole = False  # LSTM(peephole=True) sets it
     recurrent_dropout = 0.0
     zoneout = (0.0, 0.0)
-    _zoneout_modes = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU")  # where zoneout may be set
+    _zoneout_modes = modes_with("zoneout")  # where zoneout may be set (the cell table)
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,

@@ -13,14 +13,15 @@ import os
 
 import numpy as np
 
+from .._cells import CELL_STATE_MODES, GATES
+
 _PACKAGE = __package__.rpartition(".")[0]  # "lstmfast": the backends are its modules
 _BACKENDS = ("fused", "numpy")
 _NONLINEARITIES = {"tanh": "RNN_TANH", "relu": "RNN_RELU"}
 _CTRNN_MODES = {"tanh": "CTRNN_TANH", "relu": "CTRNN_RELU"}
 _LEAKS = ("outside", "inside")
-_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1, "CTRNN_TANH": 1, "CTRNN_RELU": 1,
-          "LN_LSTM": 4}
-_CELL_STATE_MODES = ("LSTM", "LN_LSTM")  # the state is a pair (h, c)
+_GATES = GATES  # the cell table's (_cells.py)
+_CELL_STATE_MODES = CELL_STATE_MODES  # the state is a pair (h, c)
 _BLAS_MAX = 2**31 - 1  # the fused kernels' BLAS takes 32-bit dimensions
 _BYTES_PER_ARRAY = 1024  # rough cost of one parameter and its gradient as Python objects
 

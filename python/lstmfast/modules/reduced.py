@@ -11,6 +11,7 @@ import importlib
 
 import numpy as np
 
+from .._cells import modes_with, supports
 from .base import _RNNBase
 from .options import _PACKAGE
 from .precision import _PRECISIONS, _WEIGHT_PREFIXES, _read_only
@@ -44,6 +45,9 @@ def quantize(layer, precision):
     if layer.dtype != np.float32:
         raise TypeError(
             f"quantize: reduced precision is for float32 layers, got a layer of dtype {layer.dtype}")
+    if not supports(layer._mode, precision):
+        raise ValueError(f"quantize: {precision} kernels are for the cells "
+                         f"{', '.join(modes_with(precision))}, not {layer._mode}")
     if any(layer.zoneout):
         raise ValueError(f"quantize: zoneout={layer.zoneout} has no reduced-precision kernels; "
                          f"quantize a layer without it")

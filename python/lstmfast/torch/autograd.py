@@ -14,11 +14,12 @@ import threading
 import numpy as np
 import torch
 
+from .._cells import CELL_STATE_MODES
 from ._backend import _as_numpy, _backward_through_torch_ops, _fused_backend_or_none
 from .loops import _torch_cell, _torch_stack
 
 
-_CELL_STATE_MODES = ("LSTM", "LN_LSTM")  # the backends' modes whose state is (h, c)
+_CELL_STATE_MODES = CELL_STATE_MODES  # the backends' modes whose state is (h, c)
 
 
 class _GradientArrays:

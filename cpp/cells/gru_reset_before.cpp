@@ -1,0 +1,108 @@
+// The GRU of the original paper (Cho et al., 2014), as ONNX's GRU with
+// linear_before_reset=0 and Keras's reset_after=False define it: the reset gate
+// multiplies h before W_hn, so a step makes two recurrent products (the second on
+// u = r * h; cell_driver.h, kFirstGates). One layer in one direction: forward, then
+// backward (BPTT). Compiled once per instruction set (see cell.h); arguments are
+// documented in lstmfast.h.
+//
+//   gi = x W_ih^T + b_ih                       blocks r, z, n of H each
+//   r  = sigmoid(gi_r + h W_hr^T + b_hr)        (W_hr, W_hz, W_hn: the blocks of W_hh)
+//   z  = sigmoid(gi_z + h W_hz^T + b_hz)
+//   u  = r * h
+//   n  = tanh(gi_n + u W_hn^T + b_hn)
+//   h' = (1 - z) n + z h
+// Every bias sits outside a product, so b_ih + b_hh is one bias (LayerWeights::bias).
+#include "cells/cell.h"
+#include "drivers/cell_driver.h"
+
+namespace lstmfast {
+namespace LSTMFAST_ISA {
+namespace {
+
+// Kept per row (training: every step; inference: the step's): r, z, n.
+template <typename Real>
+struct GruResetBeforeCell : NoBackwardStep {
+  static constexpr int kGates = 3, kFirstGates = 2, kSaved = 3;
+  static constexpr bool kCellState = false, kLeavesDh = true, kSplitInputGrads = false,
+                        kZoneoutRaw = false;
+  const Real* bias;  // [3H]
+  int64_t H;
+
+  GruResetBeforeCell(const LayerWeights<Real>& w, const LayerShape& s) : bias(w.bias), H(s.H) {}
+
+  // r and z from the first product; u = r * h for the second. saved may be where
+  // xp is (LayerBuffers::xproj): each value is read before it is written.
+  template <bool kTraining>
+  LSTMFAST_ALWAYS_INLINE void forward(const ForwardRow<Real>& row, int64_t j, int64_t lanes,
+                                      const V<Real>* rec) const {
+    const Real* xp = row.xp + j;
+    const Real* bj = bias + j;
+    const V<Real> r = simd::vsigmoid<Real>(rec[0] + ld(xp, lanes) + ld(bj, lanes));
+    const V<Real> z = simd::vsigmoid<Real>(rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
+    st(row.saved + j, r, lanes);
+    st(row.saved + H + j, z, lanes);
+    st(row.u + j, r * ld(row.h_rec + j, lanes), lanes);
+  }
+
+  template <bool kTraining>
+  LSTMFAST_ALWAYS_INLINE void forward_second(const ForwardRow<Real>& row, int64_t j,
+                                             int64_t lanes, const V<Real>* rec) const {
+    const V<Real> nn =
+        simd::vtanh(rec[0] + ld(row.xp + 2 * H + j, lanes) + ld(bias + 2 * H + j, lanes));
+    const V<Real> z = ld(row.saved + H + j, lanes);
+    const V<Real> h = nn + z * (ld(row.h_prev + j, lanes) - nn);
+    st(row.h_next + j, h, lanes);
+    st(row.y + j, h, lanes);
+    if constexpr (kTraining) st(row.saved + 2 * H + j, nn, lanes);
+  }
+
+  // z's and n's pre-activation gradients, and dh' z (the part of dh that bypasses
+  // W_hh); r's needs du = da_n W_hn first (backward_second_row).
+  void backward_row(const BackwardRow<Real>& row, int64_t, int64_t, int64_t, int64_t units) const {
+    const V<Real> one = splat<Real>(1);
+    const Real* saved = row.saved;
+    for_lanes<Real>(units, [&](int64_t j, int64_t n) {
+      V<Real> g = ld(row.dh + j, n);
+      if (row.dy) g += ld(row.dy + j, n);
+      const V<Real> z = ld(saved + H + j, n), nn = ld(saved + 2 * H + j, n);
+      st(row.dh + j, g * z, n);
+      st(row.dG + H + j, g * (ld(row.h_prev + j, n) - nn) * z * (one - z), n);
+      st(row.dG + 2 * H + j, g * (one - z) * (one - nn * nn), n);
+    });
+  }
+
+  // u = r * h_rec: r's pre-activation gradient du h_rec r (1 - r), and du r into h_rec's.
+  void backward_second_row(const BackwardRow<Real>& row, int64_t, int64_t, int64_t,
+                           int64_t units) const {
+    const V<Real> one = splat<Real>(1);
+    for_lanes<Real>(units, [&](int64_t j, int64_t n) {
+      const V<Real> du = ld(row.du + j, n), r = ld(row.saved + j, n);
+      st(row.dG + j, du * ld(row.h_rec + j, n) * r * (one - r), n);
+      const V<Real> through_u = du * r;
+      st(row.dh_rec + j, row.add_dh_rec ? ld(row.dh_rec + j, n) + through_u : through_u, n);
+    });
+  }
+};
+
+}  // namespace
+
+template <typename Real>
+void gru_reset_before_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n,
+                              const LayerBuffers<Real>& buf, const Real* x, const Real* h0,
+                              const Real* c0, const LayerWeights<Real>& w, const LayerShape& s) {
+  forward_layer(GruResetBeforeCell<Real>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+}
+
+template <typename Real>
+void gru_reset_before_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
+                               const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy,
+                               const Real* dh_n, const Real* dc_n, const Real* x,
+                               const LayerWeights<Real>& w, const LayerShape& s) {
+  GruResetBeforeCell<Real> cell(w, s);
+  backward_layer(cell, dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
+}
+
+LSTMFAST_INSTANTIATE_CELL(gru_reset_before)
+
+}  // namespace LSTMFAST_ISA
+}  // namespace lstmfast

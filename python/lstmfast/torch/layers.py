@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ..modules.options import _check_probability, _check_zoneout
+from ..modules.options import _check_flag, _check_probability, _check_zoneout
 from ..modules.precision import _backend_weight
 from ._backend import (_as_class, _backend, _in_torch_only_context, _packed_for,
                        _unsupported_reason, _warn_once)
@@ -351,13 +351,43 @@ class LSTM(_FastRNNMixin, nn.LSTM):
 class GRU(_FastRNNMixin, nn.GRU):
     """``torch.nn.GRU`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
     ``zoneout`` (a probability, or (p_h, p_c), p_c 0)
-    add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.GRU``'s)."""
+    add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.GRU``'s).
+
+    ``reset_after=False`` gives the GRU of the original paper (ONNX's
+    ``linear_before_reset=0``, Keras's ``reset_after=False``; ``lstmfast.GRU``'s), which
+    torch.nn lacks: n = tanh(W_in x + b_in + W_hn (r * h) + b_hn), on the same
+    parameters. Where only torch can compute (CUDA, other dtypes, tracing, export,
+    ``torch.func``, autocast, double backward) a loop of torch ops computes it."""
 
     _lstmfast_torch_class = nn.GRU
+    reset_after = True  # accelerate() swaps torch's GRU in without __init__
 
-    def __init__(self, *args, recurrent_dropout=0.0, zoneout=0.0, **kwargs):
+    def __init__(self, *args, recurrent_dropout=0.0, zoneout=0.0, reset_after=True, **kwargs):
         super().__init__(*args, **kwargs)
         _set_regularizers(self, recurrent_dropout, zoneout)
+        self.reset_after = _check_flag("reset_after", reset_after)
+
+    @property
+    def _lstmfast_mode(self):
+        return "GRU" if self.reset_after else "GRU_RESET_BEFORE"
+
+    @property
+    def _lstmfast_autocast(self):  # torch's ops under autocast for the GRU torch lacks
+        return self.reset_after
+
+    def _torch_forward(self, input, hx, given=None):
+        if not self.reset_after:  # torch has no such GRU: a loop of its ops
+            return _torch_loop_forward(self, input, hx, _torch_loop_stack, given)
+        return super()._torch_forward(input, hx, given)
+
+    def extra_repr(self):
+        return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
+
+    def __prepare_scriptable__(self):
+        if not self.reset_after:
+            raise TypeError("GRU(reset_after=False) cannot be scripted: torch has no such GRU "
+                            "to compile; use torch.jit.trace")
+        return super().__prepare_scriptable__()
 
 
 class RNN(_FastRNNMixin, nn.RNN):

@@ -144,6 +144,16 @@ def _torch_loop_stack(s, x, h0, c0, masks, *weights):
             r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
             n = torch.tanh(i_n + r * h_n)
             h_next = (1 - z) * n + z * h
+        elif mode == "GRU_RESET_BEFORE":  # r multiplies h before W_hn (gh's n block unused)
+            H = h.shape[1]
+            i_r, i_z, i_n = gi.chunk(3, 1)
+            h_r, h_z, _ = gh.chunk(3, 1)
+            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+            h_n = (r * h_rec) @ w["weight_hh" + sfx][2 * H:].T
+            if b_hh is not None:
+                h_n = h_n + b_hh[2 * H:]
+            n = torch.tanh(i_n + h_n)
+            h_next = (1 - z) * n + z * h
         else:
             a = gi + gh
             h_next = torch.relu(a) if mode == "RNN_RELU" else torch.tanh(a)
@@ -166,7 +176,7 @@ def _torch_stack(s, x, h0, c0, masks, *weights):
         return _torch_ln_lstm_stack(s, x, h0, c0, masks, *weights)
     if s["mode"].startswith("CTRNN"):
         return _torch_ctrnn_stack(s, x, h0, c0, masks, *weights)
-    if s.get("cell_options"):
+    if s.get("cell_options") or s["mode"] == "GRU_RESET_BEFORE":  # torch has no such GRU
         return _torch_loop_stack(s, x, h0, c0, masks, *weights)
     is_lstm = s["mode"] == "LSTM"
     D = 2 if s["bidirectional"] else 1

@@ -12,6 +12,8 @@
 //   n  = tanh(gi_n + u W_hn^T + b_hn)
 //   h' = (1 - z) n + z h
 // Every bias sits outside a product, so b_ih + b_hh is one bias (LayerWeights::bias).
+#include <type_traits>
+
 #include "cells/cell.h"
 #include "drivers/cell_driver.h"
 
@@ -27,8 +29,11 @@ struct GruResetBeforeCell : NoBackwardStep {
                         kZoneoutRaw = false;
   const Real* bias;  // [3H]
   int64_t H;
+  bool round_u;      // bfloat16 weights widened to float32: u, a product's left operand, is
+                     //   rounded to bfloat16 as h is (LayerShape::round_bf16)
 
-  GruResetBeforeCell(const LayerWeights<Real>& w, const LayerShape& s) : bias(w.bias), H(s.H) {}
+  GruResetBeforeCell(const LayerWeights<Real>& w, const LayerShape& s)
+      : bias(w.bias), H(s.H), round_u(s.round_bf16) {}
 
   // r and z from the first product; u = r * h for the second. saved may be where
   // xp is (LayerBuffers::xproj): each value is read before it is written.
@@ -41,7 +46,12 @@ struct GruResetBeforeCell : NoBackwardStep {
     const V<Real> z = simd::vsigmoid<Real>(rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
     st(row.saved + j, r, lanes);
     st(row.saved + H + j, z, lanes);
-    st(row.u + j, r * ld(row.h_rec + j, lanes), lanes);
+    // Rounding, h_rec is h rounded already (hm): u takes h itself (recurrent dropout and
+    // reduced weights exclude each other) and is rounded once, as the reference does.
+    V<Real> u = r * ld((round_u ? row.h_prev : row.h_rec) + j, lanes);
+    if constexpr (std::is_same<Real, float>::value)
+      if (round_u) u = simd::round_to_bfloat16(u);
+    st(row.u + j, u, lanes);
   }
 
   template <bool kTraining>

@@ -210,7 +210,7 @@ void cell_forward_reduced(const Cell& cell, Real* y, int64_t ldy, const LayerBuf
   if constexpr (std::is_same<Real, float>::value) {
     const Walk walk(s);
     const int64_t N = s.N, H = s.H, GH = Cell::kGates * H;
-    reduced_steps(buf, x, GH, w, s, [&](int64_t k, int64_t b, bool running) {
+    auto first = [&](int64_t k, int64_t b, bool running) {
       const int64_t prev = k & 1, next = (k + 1) & 1;
       if (running)
         cell_forward_row<Cell, false>(
@@ -218,7 +218,20 @@ void cell_forward_reduced(const Cell& cell, Real* y, int64_t ldy, const LayerBuf
             buf.rec + b * GH, H);
       else if (Cell::kCellState)  // reduced_steps keeps h of a finished row
         copy_row(buf.c + (next * N + b) * H, buf.c + (prev * N + b) * H, H);
-    });
+      else if (kSecondProduct<Cell>)  // u of a finished row is prepared, not multiplied
+        zero_row(buf.u + b * H, H);
+    };
+    if constexpr (kSecondProduct<Cell>) {
+      constexpr int64_t G0 = Cell::kFirstGates;
+      reduced_steps(buf, x, GH, w, s, first, G0 * H, [&](int64_t k, int64_t b, bool running) {
+        if (running)
+          cell_forward_row<Cell, false, true>(
+              cell, cell_row<Cell, false>(walk, buf, y, ldy, w, GH, k, b, k & 1, (k + 1) & 1),
+              buf.rec + b * GH + G0 * H, H);
+      });
+    } else {
+      reduced_steps(buf, x, GH, w, s, first);
+    }
   }
 }
 
@@ -267,7 +280,7 @@ void forward_layer(const Cell& cell, Real* y, int64_t ldy, Real* h_n, Real* c_n,
   if (Cell::kCellState) gather_state(buf.c, c0, H, walk);
   int64_t last;  // slot of the final state
   if (w.W_hh_r) {
-    if constexpr (!kSecondProduct<Cell>) cell_forward_reduced(cell, y, ldy, buf, x, w, s);
+    cell_forward_reduced(cell, y, ldy, buf, x, w, s);
     last = steps_of(s) & 1;
   } else {
     const bool direct = direct_weights(s);

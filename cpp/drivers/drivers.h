@@ -73,9 +73,22 @@ inline void project_steps(Real* xproj, int64_t ldx, const Real* x, const Real* W
 //   3. a barrier, as h of step k + 1 is read whole by every thread.
 // Below kReducedSerialWork multiply-adds per step the calling thread does it all.
 // The rows of h are prepared into buf.act_state, those of x into buf.act.
-template <typename StepRow>
+//
+// A second product (first_rows < W_hh.M: CellInfo::second_product) splits step 2:
+// step_row writes u of its rows (and zeroes a finished row's), the thread prepares
+// them, and after a barrier each thread multiplies u by its share of the panels
+// holding rows first_rows.. of W_hh; after another barrier second_row(k, b,
+// running) finishes its rows. The panel holding row first_rows when it is not a
+// multiple of kReducedPanel is multiplied by h and then by u: each product's
+// columns are read before the next one writes them.
+struct NoSecondRow {
+  void operator()(int64_t, int64_t, bool) const {}
+};
+
+template <typename StepRow, typename SecondRow = NoSecondRow>
 inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_t ldx,
-                          const LayerWeights<float>& w, const LayerShape& s, StepRow&& step_row) {
+                          const LayerWeights<float>& w, const LayerShape& s, StepRow&& step_row,
+                          int64_t first_rows = -1, SecondRow&& second_row = SecondRow()) {
   const Walk walk(s);
   const ReducedMatrix& W_hh = *w.W_hh_r;
   const ReducedProducts& products = *w.products;
@@ -86,8 +99,16 @@ inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_
   if (!chunked) direct_input_projection(buf.xproj, ldx, x, w, ldx, buf, s);
   const int64_t chunk = projection_chunk_steps<float>(ldx, s);
   const int threads = s.threads <= 1 || N * W_hh.M * K < kReducedSerialWork ? 1 : s.threads;
+  const bool two_products = first_rows >= 0 && first_rows < W_hh.M;
+  // Panels of the first product, and the first panel of the second.
+  const int64_t first_panels =
+      two_products ? (first_rows + kReducedPanel - 1) / kReducedPanel : W_hh.panels;
+  const int64_t second_from = two_products ? first_rows / kReducedPanel : W_hh.panels;
   auto body = [&](int tid, int nt) {
-    const int64_t p0 = W_hh.panels * tid / nt, p1 = W_hh.panels * (tid + 1) / nt;
+    const int64_t p0 = first_panels * tid / nt, p1 = first_panels * (tid + 1) / nt;
+    const int64_t second_panels = W_hh.panels - second_from;
+    const int64_t q0 = second_from + second_panels * tid / nt;
+    const int64_t q1 = second_from + second_panels * (tid + 1) / nt;
     const int64_t b0 = N * tid / nt, b1 = N * (tid + 1) / nt;
     auto barrier = [nt] {
       if (nt > 1) pool_barrier();
@@ -115,6 +136,13 @@ inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_
         if (b >= n)  // finished rows keep their state
           copy_row(h_next + b * K, buf.h + (k & 1) * N * K + b * K, K);
         step_row(k, b, b < n);
+      }
+      if (two_products) {
+        products.prepare_rows(*buf.act_state, buf.u, K, W_hh, b0, b1);
+        barrier();
+        products.panels(buf.rec, W_hh.M, *buf.act_state, n, W_hh, q0, q1);
+        barrier();
+        for (int64_t b = b0; b < b1; ++b) second_row(k, b, b < n);
       }
       products.prepare_rows(*buf.act_state, h_next, K, W_hh, b0, b1);
       barrier();

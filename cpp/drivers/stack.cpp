@@ -55,7 +55,7 @@ constexpr CellInfo kCells[] = {
     {Mode::LN_LSTM, "LN_LSTM", 4, true, false, 4, false, false, false, kLayerNorms, "",
      "recurrent_dropout,int8,bfloat16"},
     {Mode::GRU_RESET_BEFORE, "GRU_RESET_BEFORE", 3, false, false, 3, true, true, false, "", "",
-     "zoneout,recurrent_dropout"},
+     kAllFeatures},
 };
 static_assert(sizeof(kCells) / sizeof(kCells[0]) == kModes, "one row of kCells per Mode");
 

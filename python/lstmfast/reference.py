@@ -825,6 +825,10 @@ class Int8Weight:
         self.scale = np.asarray(scale, dtype=np.float32)
         self.shape = self.q.shape
 
+    def __getitem__(self, rows):
+        """Rows of W (a slice), each with its own scale."""
+        return Int8Weight(self.q[rows], self.scale[rows])
+
 
 class BFloat16Weight:
     """W in bfloat16, held as its bit patterns: bits (M, K) uint16."""
@@ -832,6 +836,10 @@ class BFloat16Weight:
     def __init__(self, bits):
         self.bits = np.asarray(bits, dtype=np.uint16)
         self.shape = self.bits.shape
+
+    def __getitem__(self, rows):
+        """Rows of W (a slice)."""
+        return BFloat16Weight(self.bits[rows])
 
 
 def quantize_int8(W):

@@ -45,6 +45,18 @@ def test_features_are_what_the_layers_accept(mode):
     if mode == "GRU_RESET_BEFORE":
         layer = lstmfast.GRU(3, 4, reset_after=False)
         for precision in ("int8", "bfloat16"):
-            assert not _cells.supports(mode, precision)
-            with pytest.raises(ValueError, match=f"quantize: {precision} kernels are for the cells"):
-                lstmfast.quantize(layer, precision)
+            if _cells.supports(mode, precision):
+                assert lstmfast.quantize(layer, precision).precision == precision
+            else:
+                with pytest.raises(ValueError, match=f"quantize: {precision} kernels are for"):
+                    lstmfast.quantize(layer, precision)
+
+
+def test_quantize_refuses_a_cell_whose_row_lacks_the_precision(monkeypatch):
+    import lstmfast
+
+    features = [f for f in _cells.CELLS["GRU"]["features"] if f != "int8"]
+    monkeypatch.setitem(_cells.CELLS["GRU"], "features", features)
+    with pytest.raises(ValueError, match="quantize: int8 kernels are for the cells .*not GRU"):
+        lstmfast.quantize(lstmfast.GRU(3, 4), "int8")
+    assert lstmfast.quantize(lstmfast.GRU(3, 4), "bfloat16").precision == "bfloat16"

@@ -180,6 +180,8 @@ CONFIGS = [
     ("CTRNN", dict(nonlinearity="tanh", leak="inside", alpha=0.2, num_layers=2, bidirectional=True)),
     ("LayerNormLSTM", dict()),
     ("LayerNormLSTM", dict(num_layers=2, bidirectional=True)),
+    ("GRU", dict(reset_after=False)),
+    ("GRU", dict(reset_after=False, num_layers=2, bidirectional=True)),
 ]
 CELL_STATE = ("LSTM", "LayerNormLSTM")
 
@@ -247,6 +249,23 @@ def test_reduced_layers_follow_the_reference_over_sequences(reduced_simd_target,
         assert_all_close(fused(x, lengths=lengths), numpy(x, lengths=lengths), 2e-3)
     hx = initial_state(rng, fused, cls_name, N)
     assert_all_close(fused(x, hx), numpy(x, hx), 2e-3)
+
+
+@needs_fused
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("H, N, threads", [(13, 5, 1), (24, 3, 1), (40, 6, 2), (300, 12, 2)])
+def test_reduced_gru_reset_before_second_product_across_panels(reduced_simd_target,
+                                                               threads_restored, precision, H, N,
+                                                               threads):
+    """The second product (u W_hn^T) starts at row 2H of W_hh, inside a panel of 16
+    rows unless 2H is a multiple of 16: that panel is multiplied by h and then by u.
+    (300, 12) has the pool share the panels (kReducedSerialWork)."""
+    lstmfast.set_num_threads(threads)
+    fused, numpy = layer_pair("GRU", dict(reset_after=False), precision, H=H)
+    rng = np.random.default_rng(H)
+    x = rng.standard_normal((7, N, 11)).astype(np.float32)
+    for lengths in (None, rng.integers(1, 8, N)):
+        assert_all_close(fused(x, lengths=lengths), numpy(x, lengths=lengths), 2e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -127,18 +127,98 @@ py::array_t<Real, py::array::c_style> checked(py::handle obj, const Name& name,
   return c_contiguous<Real>(a);
 }
 
-// The name torch gives parameter j (0..4; 5..7: the peephole LSTM's) of
-// layer-direction i, for messages.
-// Entries 5.. of a layer-direction are a variant's: the peephole LSTM's three, or
-// LN_LSTM's four layer-norm parameters.
-std::string param_name(int64_t i, int j, int64_t D, lstmfast::Mode mode = lstmfast::Mode::LSTM) {
-  static const char* names[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr",
-                                "weight_ci", "weight_cf", "weight_co"};
-  static const char* layer_norms[] = {"ln_gates_weight", "ln_gates_bias", "ln_cell_weight",
-                                      "ln_cell_bias"};
-  const char* name = j >= 5 && mode == lstmfast::Mode::LN_LSTM ? layer_norms[j - 5] : names[j];
-  return std::string("weights[") + std::to_string(i) + "][" + std::to_string(j) + "] (" + name +
-         "_l" + std::to_string(i / D) + (i % D ? "_reverse" : "") + ")";
+// "a,b,c" as {"a", "b", "c"} ("" as {}).
+std::vector<std::string> split_list(const char* names) {
+  std::vector<std::string> out;
+  std::string name;
+  for (const char* p = names;; ++p) {
+    if (*p == ',' || *p == '\0') {
+      if (!name.empty()) out.push_back(name);
+      name.clear();
+      if (*p == '\0') break;
+    } else {
+      name += *p;
+    }
+  }
+  return out;
+}
+
+// The parameters of a layer-direction by slot, as Params and Grads keep them:
+// torch's five (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr), then the cell's
+// extra and optional ones in the cell table's order (CellInfo: the peephole LSTM's
+// weight_ci, weight_cf, weight_co; LN_LSTM's four layer norms).
+std::vector<std::string> param_slots(lstmfast::Mode mode) {
+  std::vector<std::string> slots = {"weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"};
+  const lstmfast::CellInfo& cell = lstmfast::cell_info(mode);
+  for (const char* list : {cell.extra_params, cell.optional_params})
+    for (std::string& name : split_list(list)) slots.push_back(std::move(name));
+  return slots;
+}
+
+// The name torch gives parameter `slot` of layer-direction i ("weight_hh_l0_reverse").
+std::string param_key(const std::string& slot, int64_t i, int64_t D) {
+  return slot + "_l" + std::to_string(i / D) + (i % D ? "_reverse" : "");
+}
+
+// `params` (a dict from torch's parameter names to arrays) by layer-direction and
+// slot (None where absent); ValueError for a name no slot of this stack has.
+template <typename Name>
+std::vector<std::vector<py::object>> params_by_slot(py::handle params, const Name& what,
+                                                    lstmfast::Mode mode, int64_t LD, int64_t D) {
+  if (!py::isinstance<py::dict>(params))
+    throw py::type_error(name_str(what) + ": expected a dict from parameter names to arrays, got " +
+                         type_name(params));
+  py::dict dict = py::reinterpret_borrow<py::dict>(params);
+  const std::vector<std::string> slots = param_slots(mode);
+  std::vector<std::vector<py::object>> out(static_cast<size_t>(LD),
+                                           std::vector<py::object>(slots.size(), py::none()));
+  size_t found = 0;
+  for (int64_t i = 0; i < LD; ++i)
+    for (size_t j = 0; j < slots.size(); ++j) {
+      const std::string key = param_key(slots[j], i, D);
+      if (dict.contains(key)) {
+        out[i][j] = dict[py::str(key)];
+        ++found;
+      }
+    }
+  if (found != dict.size())
+    for (auto item : dict) {
+      const std::string key = py::str(item.first);
+      bool known = false;
+      for (int64_t i = 0; i < LD && !known; ++i)
+        for (const std::string& slot : slots) known = known || key == param_key(slot, i, D);
+      if (!known)
+        throw py::value_error(name_str(what) + ": '" + key + "' is not a parameter of this " +
+                              lstmfast::cell_info(mode).name + " stack (L*D = " +
+                              std::to_string(LD) + ")");
+    }
+  return out;
+}
+
+// `obj` as a dict with keys among `keys` only (None: empty), for the option arguments.
+py::dict option_dict(py::handle obj, const char* what, std::initializer_list<const char*> keys) {
+  if (obj.is_none()) return py::dict();
+  if (!py::isinstance<py::dict>(obj))
+    throw py::type_error(std::string(what) + ": expected a dict or None, got " + type_name(obj));
+  py::dict dict = py::reinterpret_borrow<py::dict>(obj);
+  for (auto item : dict) {
+    const std::string key = py::str(item.first);
+    bool known = false;
+    for (const char* k : keys) known = known || key == k;
+    if (!known) {
+      std::string names;
+      for (const char* k : keys) names += (names.empty() ? "'" : ", '") + std::string(k) + "'";
+      throw py::value_error(std::string(what) + ": unknown option '" + key + "' (known: " + names +
+                            ")");
+    }
+  }
+  return dict;
+}
+
+// d[key], or None (borrowed: d keeps it alive).
+py::handle option(const py::dict& d, const char* key) {
+  PyObject* value = PyDict_GetItemString(d.ptr(), key);
+  return value ? py::handle(value) : py::handle(Py_None);
 }
 
 // The cache of a training forward: the C++ cache and the arrays it points into.
@@ -171,16 +251,6 @@ std::vector<std::vector<int64_t>> param_shapes(const lstmfast::StackShape& s, in
             {GH}, {GH}, {s.H}, {s.H}};
   return {{GH, s.input_size(i / s.D)}, {GH, s.H_out()}, {GH}, {GH}, {s.P, s.H},
           {s.H}, {s.H}, {s.H}};
-}
-
-// Entries per layer-direction of a weights or grads list: torch's five, or eight
-// with an LSTM's peepholes (weight_ci, weight_cf, weight_co), or nine for LN_LSTM
-// (its four layer-norm parameters), the same for all.
-size_t entries_per_layer(py::handle first, lstmfast::Mode mode) {
-  if (mode == lstmfast::Mode::LN_LSTM) return 9;
-  const bool sequence = py::isinstance<py::sequence>(first) && !py::isinstance<py::str>(first);
-  const size_t n = sequence ? static_cast<size_t>(py::len(first)) : 5;
-  return n == 8 && mode == lstmfast::Mode::LSTM ? 8 : 5;
 }
 
 // Raises MemoryError with `message` (the GIL must be held).
@@ -277,18 +347,21 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
   s.N = x_obj.shape(1);
   s.I = x_obj.shape(2);
   const int64_t LD = s.L * s.D;
-  py::list weights = as_list(weights_obj, "weights", static_cast<size_t>(LD));
-  const size_t entries = entries_per_layer(weights[0], s.mode);
+  const std::vector<std::string> slots = param_slots(s.mode);
+  const auto weights = params_by_slot(weights_obj, "params", s.mode, LD, s.D);
+  auto param_name = [&](int64_t i, size_t j) {
+    return "params['" + param_key(slots[j], i, s.D) + "']";
+  };
   // H from weight_hh_l0: (G*H, H_out).
   {
-    py::list first = as_list(weights[0], "weights[0]", entries);
+    const py::object& first = weights[0][1];
     int64_t rows = -1;
-    if (py::isinstance<lstmfast::ReducedMatrix>(first[1]))
-      rows = first[1].cast<const lstmfast::ReducedMatrix&>().M;
-    else if (py::isinstance<py::array>(first[1]) && py::array(first[1]).ndim() == 2)
-      rows = py::array(first[1]).shape(0);
+    if (py::isinstance<lstmfast::ReducedMatrix>(first))
+      rows = first.cast<const lstmfast::ReducedMatrix&>().M;
+    else if (py::isinstance<py::array>(first) && py::array(first).ndim() == 2)
+      rows = py::array(first).shape(0);
     if (rows < 0 || rows % G != 0)
-      throw py::value_error(param_name(0, 1, s.D) + ": expected a 2-D array of G*H rows");
+      throw py::value_error(param_name(0, 1) + ": expected a 2-D array of G*H rows");
     s.H = rows / G;
   }
   if (s.P < 0 || (s.P > 0 && (!lstm || s.P >= s.H)))
@@ -299,36 +372,38 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
   auto rc = std::make_unique<RnnCache>();
   rc->keep_alive.push_back(x);
   std::vector<lstmfast::Params<Real>> params(static_cast<size_t>(LD));
+  const size_t extra_from = 5, optional_from = extra_from +
+      split_list(lstmfast::cell_info(s.mode).extra_params).size();
   for (int64_t i = 0; i < LD; ++i) {
-    auto entry_name = [&] { return "weights[" + std::to_string(i) + "]"; };
-    py::list entry = as_list(weights[i], entry_name, entries);
+    const std::vector<py::object>& entry = weights[i];
     const auto shapes = param_shapes(s, i);
     const Real* ptr[9] = {};
     const lstmfast::ReducedMatrix* reduced[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
-    for (int j = 0; j < static_cast<int>(entries); ++j) {
-      const bool required = j < 2 || (j == 4 && s.P > 0) || j >= 5;  // biases are optional
+    for (size_t j = 0; j < slots.size(); ++j) {
+      // biases and the optional parameters (peepholes) may be absent
+      const bool required = j < 2 || (j == 4 && s.P > 0) || (j >= extra_from && j < optional_from);
       if (entry[j].is_none()) {
-        if (required) throw py::value_error(param_name(i, j, s.D, s.mode) + ": missing");
+        if (required) throw py::value_error(param_name(i, j) + ": missing");
         continue;
       }
       if (j == 4 && s.P == 0)
-        throw py::value_error(param_name(i, j, s.D) + ": given but proj_size is 0");
+        throw py::value_error(param_name(i, j) + ": given but proj_size is 0");
       if ((j == 2 || j == 3) && s.mode == lstmfast::Mode::LN_LSTM)
-        throw py::value_error(param_name(i, j, s.D) +
+        throw py::value_error(param_name(i, j) +
                               ": LN_LSTM has no linear biases (its layer norms' biases take their "
                               "place); pass None");
       if ((j == 0 || j == 1 || j == 4) && py::isinstance<lstmfast::ReducedMatrix>(entry[j])) {
-        reduced[j] = checked_reduced<Real>(entry[j], param_name(i, j, s.D), shapes[j], s);
-        rc->keep_alive.push_back(py::reinterpret_borrow<py::object>(entry[j]));
+        reduced[j] = checked_reduced<Real>(entry[j], param_name(i, j), shapes[j], s);
+        rc->keep_alive.push_back(entry[j]);
         continue;
       }
-      auto a = checked<Real>(entry[j], [&] { return param_name(i, j, s.D, s.mode); }, shapes[j]);
+      auto a = checked<Real>(entry[j], [&] { return param_name(i, j); }, shapes[j]);
       ptr[j] = a.data();
       rc->keep_alive.push_back(a);
     }
     const bool any = reduced[0] || reduced[1] || reduced[4];
     if (any && (!reduced[0] || !reduced[1] || (s.P > 0 && !reduced[4])))
-      throw py::type_error(param_name(i, reduced[0] ? 1 : 0, s.D) +
+      throw py::type_error(param_name(i, reduced[0] ? 1 : 0) +
                            ": expected a reduced-precision weight like the others of the layer, "
                            "got a numpy array");
     if (s.mode == lstmfast::Mode::LN_LSTM) {
@@ -472,14 +547,14 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
     dc_n = checked<Real>(dc_n_obj, "d_c_n", {LD, s.N, s.H});
     dc_n_ptr = dc_n.data();
   }
-  py::list grads = as_list(grads_obj, "grads", static_cast<size_t>(LD));
+  const std::vector<std::string> slots = param_slots(s.mode);
+  const auto grads = params_by_slot(grads_obj, "grads", s.mode, LD, s.D);
   std::vector<lstmfast::Grads<Real>> g(static_cast<size_t>(LD));
   auto* cache = static_cast<lstmfast::StackCache<Real>*>(rc.cache.get());
   for (int64_t i = 0; i < LD; ++i) {
     const lstmfast::Params<Real>& p = cache->params[i];
     const bool ln = s.mode == lstmfast::Mode::LN_LSTM;
-    const size_t entries = ln ? 9 : p.P_i ? 8 : 5;
-    py::list entry = as_list(grads[i], "grads[" + std::to_string(i) + "]", entries);
+    const std::vector<py::object>& entry = grads[i];
     const auto shapes = param_shapes(s, i);
     const void* given[9] = {p.W_ih, p.W_hh, p.b_ih, p.b_hh, p.W_hr, p.P_i, p.P_f, p.P_o, nullptr};
     if (ln) {
@@ -489,8 +564,8 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
       given[8] = p.ln_c_b;
     }
     Real* ptr[9] = {};
-    for (int j = 0; j < static_cast<int>(entries); ++j) {
-      const std::string name = "grads" + param_name(i, j, s.D, s.mode).substr(7);
+    for (size_t j = 0; j < slots.size(); ++j) {
+      const std::string name = "grads['" + param_key(slots[j], i, s.D) + "']";
       if (!given[j]) {
         if (!entry[j].is_none()) throw py::value_error(name + ": the forward had no such parameter");
         continue;
@@ -657,13 +732,34 @@ void register_rnn(py::module_& m) {
 
   m.def(
       "rnn_forward",
-      [](const std::string& mode, py::handle x, py::handle h0, py::handle c0, py::handle weights,
+      [](const std::string& mode, py::handle x, py::handle h0, py::handle c0, py::handle params,
          int64_t num_layers, bool bidirectional, int64_t proj_size, py::handle lengths,
-         py::handle dropout_masks, bool training, double alpha, const std::string& leak,
-         py::handle noise, double layer_norm_eps, py::handle recurrent_dropout_masks,
-         py::handle zoneout_masks, py::handle zoneout_seed) {
+         py::handle dropout_masks, bool training, py::handle cell_options_obj,
+         py::handle regularizers_obj) {
         lstmfast::StackShape s;
         s.mode = parse_mode(mode);
+        const py::dict cell_options = option_dict(cell_options_obj, "cell_options",
+                                                  {"alpha", "leak", "noise", "layer_norm_eps"});
+        const py::dict regularizers = option_dict(
+            regularizers_obj, "regularizers",
+            {"recurrent_dropout_masks", "zoneout_masks", "zoneout_seed"});
+        auto number = [&](const char* key, double fallback) {
+          py::handle v = option(cell_options, key);
+          if (v.is_none()) return fallback;
+          if (!py::isinstance<py::float_>(v) && !py::isinstance<py::int_>(v))
+            throw py::type_error(std::string("cell_options['") + key + "']: expected a number, got " +
+                                 type_name(v));
+          return v.cast<double>();
+        };
+        const double alpha = number("alpha", 1.0), layer_norm_eps = number("layer_norm_eps", 1e-5);
+        py::handle leak_obj = option(cell_options, "leak");
+        if (!leak_obj.is_none() && !py::isinstance<py::str>(leak_obj))
+          throw py::type_error("cell_options['leak']: expected a str, got " + type_name(leak_obj));
+        const std::string leak = leak_obj.is_none() ? "outside" : leak_obj.cast<std::string>();
+        py::handle noise = option(cell_options, "noise");
+        py::handle recurrent_dropout_masks = option(regularizers, "recurrent_dropout_masks");
+        py::handle zoneout_masks = option(regularizers, "zoneout_masks");
+        py::handle zoneout_seed = option(regularizers, "zoneout_seed");
         if (leak != "outside" && leak != "inside")
           throw py::value_error("leak must be 'outside' or 'inside', got '" + leak + "'");
         if (!(alpha > 0 && alpha <= 1))
@@ -685,30 +781,29 @@ void register_rnn(py::module_& m) {
                                type_name(x));
         py::array xa = py::reinterpret_borrow<py::array>(x);
         if (xa.dtype().equal(py::dtype::of<float>()))
-          return rnn_forward<float>(s, xa, h0, c0, weights, lengths, dropout_masks, noise,
+          return rnn_forward<float>(s, xa, h0, c0, params, lengths, dropout_masks, noise,
                                     recurrent_dropout_masks, zoneout_masks, zoneout_seed);
         if (xa.dtype().equal(py::dtype::of<double>()))
-          return rnn_forward<double>(s, xa, h0, c0, weights, lengths, dropout_masks, noise,
+          return rnn_forward<double>(s, xa, h0, c0, params, lengths, dropout_masks, noise,
                                      recurrent_dropout_masks, zoneout_masks, zoneout_seed);
         throw py::type_error("x: expected dtype float32 or float64, got " +
                              std::string(py::str(xa.dtype())));
       },
-      py::arg("mode"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("weights"),
-      py::arg("num_layers"), py::arg("bidirectional"), py::arg("proj_size"), py::arg("lengths"),
-      py::arg("dropout_masks"), py::arg("training"), py::arg("alpha") = 1.0,
-      py::arg("leak") = "outside", py::arg("noise") = py::none(), py::arg("layer_norm_eps") = 1e-5,
-      py::arg("recurrent_dropout_masks") = py::none(), py::arg("zoneout_masks") = py::none(),
-      py::arg("zoneout_seed") = py::none(),
-      "Forward of a stack; weights: per layer-direction [W_ih, W_hh, b_ih, b_hh, W_hr] "
-      "(None where absent), and for a peephole LSTM also [P_i, P_f, P_o]. "
-      "CTRNN modes: alpha (dt / tau), leak ('outside' or 'inside') and noise "
-      "((L*D, T, N, H) added to each step's state, or None). LN_LSTM: per layer-direction "
-      "[W_ih, W_hh, None, None, None, ln_gates_weight, ln_gates_bias, ln_cell_weight, "
-      "ln_cell_bias] and layer_norm_eps. recurrent_dropout_masks: (L*D, N, H_out) multiplying h "
-      "where it enters the recurrent product, or None. zoneout_masks: "
-      "(m_h, m_c), each None, a probability (eval) or (L*D, T, N, width) masks, 1 keeping the "
-      "old value; with zoneout_seed (an int) masks are drawn with those probabilities inside the "
-      "kernels instead (reference.zoneout_masks_from_seed). "
+      py::arg("mode"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("params"),
+      py::kw_only(), py::arg("num_layers"), py::arg("bidirectional"), py::arg("proj_size") = 0,
+      py::arg("lengths") = py::none(), py::arg("dropout_masks") = py::none(),
+      py::arg("training") = false, py::arg("cell_options") = py::none(),
+      py::arg("regularizers") = py::none(),
+      "Forward of a stack. params: a dict from torch's parameter names (weight_ih_l0, "
+      "bias_hh_l1_reverse, ...) to arrays or packed reduced weights, for the names cells() "
+      "gives the mode (torch's five, and its extra_params and optional_params); absent "
+      "biases are zeros. cell_options: a dict with a CTRNN's alpha (dt / tau), leak "
+      "('outside' or 'inside') and noise ((L*D, T, N, H) added to each step's state), and "
+      "LN_LSTM's layer_norm_eps. regularizers: a dict with recurrent_dropout_masks "
+      "((L*D, N, H_out) multiplying h where it enters the recurrent product), zoneout_masks "
+      "((m_h, m_c), each None, a probability (eval) or (L*D, T, N, width) masks, 1 keeping "
+      "the old value) and zoneout_seed (an int: masks drawn with those probabilities inside "
+      "the kernels, reference.zoneout_masks_from_seed). "
       "Returns (y, h_n, c_n or None, cache or None).");
 
   m.def(
@@ -721,8 +816,8 @@ void register_rnn(py::module_& m) {
       },
       py::arg("cache"), py::arg("d_output"), py::arg("d_h_n"), py::arg("d_c_n"), py::arg("grads"),
       py::arg("consume") = false, py::arg("assign") = false,
-      "BPTT of a training forward; adds parameter gradients into grads (per layer-direction "
-      "[dW_ih, dW_hh, db_ih, db_hh, dW_hr], None where absent), or writes them over grads when "
+      "BPTT of a training forward; adds parameter gradients into grads (a dict from the "
+      "forward's parameter names to arrays of their shapes), or writes them over grads when "
       "assign=True (whatever grads held). Returns (dx, dh0, dc0 or None). "
       "consume=True writes the gate gradients over the cache's saved gates (less memory); the "
       "cache then serves no further backward (ValueError).");

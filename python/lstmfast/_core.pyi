@@ -1,6 +1,6 @@
 """lstmfast's compiled kernels (private; use the lstmfast package)."""
 
-from typing import Literal, Optional, Sequence
+from typing import Literal, Mapping, Optional, Sequence, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -8,7 +8,8 @@ import numpy.typing as npt
 __version__: str
 
 _Float = np.float32 | np.float64
-_Mode = Literal["LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_TANH", "CTRNN_RELU", "LN_LSTM"]
+_Mode = Literal["LSTM", "GRU", "RNN_TANH", "RNN_RELU", "CTRNN_TANH", "CTRNN_RELU", "LN_LSTM",
+                "GRU_RESET_BEFORE"]
 
 # --- BLAS --------------------------------------------------------------------
 
@@ -29,25 +30,44 @@ class RnnCache:
     @property
     def dtype(self) -> np.dtype: ...
 
+class _CellOptions(TypedDict, total=False):
+    alpha: float  # CTRNN: dt / tau, in (0, 1]
+    leak: Literal["outside", "inside"]  # CTRNN
+    noise: Optional[npt.NDArray[_Float]]  # CTRNN: (L*D, T, N, H) added to each step's state
+    layer_norm_eps: float  # LN_LSTM
+
+class _Regularizers(TypedDict, total=False):
+    recurrent_dropout_masks: Optional[npt.NDArray[_Float]]  # (L*D, N, H_out)
+    zoneout_masks: Optional[Sequence[object]]  # (m_h, m_c): None, a probability or (L*D, T, N, width)
+    zoneout_seed: Optional[int]  # draw the masks with those probabilities from this seed
+
+class _Cell(TypedDict):
+    name: str
+    gates: int
+    cell_state: bool
+    relu: bool
+    continuous_time: bool
+    extra_params: list[str]  # beyond torch's five, always present (without _l{k})
+    optional_params: list[str]  # present when given
+    features: list[str]  # among projection, zoneout, recurrent_dropout, int8, bfloat16
+
+def cells() -> list[_Cell]: ...
+
 def rnn_forward(
     mode: _Mode,
     x: npt.NDArray[_Float],  # (T, N, I)
     h0: npt.NDArray[_Float],  # (L*D, N, H_out)
     c0: Optional[npt.NDArray[_Float]],  # (L*D, N, H), LSTM only
-    weights: Sequence[Sequence[Optional[npt.NDArray[_Float]]]],  # per layer*D+direction: W_ih, W_hh, b_ih, b_hh, W_hr
+    params: Mapping[str, object],  # torch's names (weight_ih_l0, ...) -> arrays or ReducedWeight
+    *,
     num_layers: int,
     bidirectional: bool,
-    proj_size: int,
-    lengths: Optional[npt.NDArray[np.integer]],  # (N,), each in 1..T
-    dropout_masks: Optional[Sequence[npt.NDArray[_Float]]],  # num_layers-1 of (T, N, D*H_out)
-    training: bool,
-    alpha: float = 1.0,  # CTRNN: dt / tau, in (0, 1]
-    leak: Literal["outside", "inside"] = "outside",  # CTRNN
-    noise: Optional[npt.NDArray[_Float]] = None,  # CTRNN: (L*D, T, N, H) added to each step's state
-    layer_norm_eps: float = 1e-5,  # LN_LSTM
-    recurrent_dropout_masks: Optional[npt.NDArray[_Float]] = None,  # (L*D, N, H_out)
-    zoneout_masks: Optional[Sequence[object]] = None,  # (m_h, m_c): None, a probability or (L*D, T, N, width)
-    zoneout_seed: Optional[int] = None,  # draw the masks with those probabilities from this seed
+    proj_size: int = 0,
+    lengths: Optional[npt.NDArray[np.integer]] = None,  # (N,), each in 1..T
+    dropout_masks: Optional[Sequence[npt.NDArray[_Float]]] = None,  # num_layers-1 of (T, N, D*H_out)
+    training: bool = False,
+    cell_options: Optional[_CellOptions] = None,
+    regularizers: Optional[_Regularizers] = None,
 ) -> tuple[npt.NDArray[_Float], npt.NDArray[_Float], Optional[npt.NDArray[_Float]], Optional[RnnCache]]:
     """Returns (output (T, N, D*H_out), h_n, c_n or None, cache or None)."""
 
@@ -56,7 +76,7 @@ def rnn_backward(
     d_output: Optional[npt.NDArray[_Float]],
     d_h_n: Optional[npt.NDArray[_Float]],
     d_c_n: Optional[npt.NDArray[_Float]],
-    grads: Sequence[Sequence[Optional[npt.NDArray[_Float]]]],  # like weights; added into in place
+    grads: Mapping[str, npt.NDArray[_Float]],  # one per parameter of the forward; added into in place
     consume: bool = False,
     assign: bool = False,  # write the gradients over grads instead of adding into them
 ) -> tuple[npt.NDArray[_Float], npt.NDArray[_Float], Optional[npt.NDArray[_Float]]]:

@@ -5,8 +5,9 @@
 the cache differs: here it wraps what the C++ forward saved for BPTT (gate
 activations, cell states, h per step) in one block of memory.
 
-This module only maps names to lists and back; shapes, dtypes and lengths are
-checked by the compiled module, whose errors name the offending argument.
+This module passes the parameters to the compiled module by name, as the layers
+hold them; shapes, dtypes and lengths are checked there, and its errors name the
+offending argument.
 """
 
 import numpy as np
@@ -23,25 +24,7 @@ get_num_threads()  # settles the thread count (LSTMFAST_NUM_THREADS) in BLAS and
 MODES = _cells.MODES
 _CELL_STATE_MODES = _cells.CELL_STATE_MODES
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-_PARAMS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-_PEEPHOLES = ("weight_ci", "weight_cf", "weight_co")
-_LAYER_NORMS = ("ln_gates_weight", "ln_gates_bias", "ln_cell_weight", "ln_cell_bias")
-
-
-def _names(layer, direction, extras=()):
-    """Torch's names of the five parameters of one layer and direction, then a
-    variant's (``extras``: _PEEPHOLES or _LAYER_NORMS), in the compiled module's order."""
-    suffix = f"_l{layer}" + ("_reverse" if direction else "")
-    return [p + suffix for p in _PARAMS + tuple(extras)]
-
-
-def _extras(names):
-    """The variant's parameters beyond torch's five, judged from the names given."""
-    if "weight_ci_l0" in names:
-        return _PEEPHOLES
-    if "ln_gates_weight_l0" in names:
-        return _LAYER_NORMS
-    return ()
+_CELL_NAMES = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")  # cell_forward's
 
 
 class _Cache:
@@ -91,13 +74,14 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
     if zoneout_masks is not None:  # each None, a probability or masks
         zoneout_masks = [None if m is None else float(m) if np.ndim(m) == 0
                          else np.asarray(m, dtype=dtype) for m in zoneout_masks]
-    extras = _extras(params)
-    weights = [[_weight(params.get(name)) for name in _names(layer, direction, extras)]
-               for layer in range(num_layers) for direction in range(D)]
     output, h_n, c_n, core = _core.rnn_forward(
-        mode, x, h0, c0, weights, num_layers, bidirectional, proj_size, lengths,
-        dropout_masks, bool(training), float(alpha), leak, noise, float(layer_norm_eps),
-        recurrent_dropout_masks, zoneout_masks, zoneout_seed)
+        mode, x, h0, c0, {name: _weight(value) for name, value in params.items()},
+        num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size,
+        lengths=lengths, dropout_masks=dropout_masks, training=bool(training),
+        cell_options={"alpha": float(alpha), "leak": leak, "noise": noise,
+                      "layer_norm_eps": float(layer_norm_eps)},
+        regularizers={"recurrent_dropout_masks": recurrent_dropout_masks,
+                      "zoneout_masks": zoneout_masks, "zoneout_seed": zoneout_seed})
     cache = None
     if core is not None:
         shapes = {name: np.shape(params[name]) for name in params}
@@ -128,11 +112,8 @@ def fresh_gradients_backward(cache, d_output, d_h_n=None, d_c_n=None, consume=Fa
     ``empty`` makes the arrays (tests give one that fills them with NaN)."""
     _check_cache(cache)
     grads = {name: empty(shape, dtype=cache.dtype) for name, shape in cache.shapes.items()}
-    extras = _extras(cache.shapes)
-    targets = [[grads.get(name) for name in _names(layer, direction, extras)]
-               for layer in range(cache.num_layers) for direction in range(cache.D)]
     dx, dh0, dc0 = _core.rnn_backward(cache.core, *_output_grads(cache, d_output, d_h_n, d_c_n),
-                                      targets, consume, True)
+                                      grads, consume, True)
     return dx, dh0, dc0, grads
 
 
@@ -160,11 +141,12 @@ def cell_forward(mode, x, hx, weights, training=False):
     the state(s) (1, N, H) must already be arrays of one float dtype (the compiled
     module checks shapes and dtypes). Returns h_n, c_n (None but for LSTM), cache."""
     h0, c0 = hx if mode == "LSTM" else (hx, None)
-    _, h_n, c_n, core = _core.rnn_forward(mode, x, h0, c0, [weights + [None]], 1, False, 0,
-                                          None, None, bool(training))
+    params = {name: w for name, w in zip(_CELL_NAMES, weights) if w is not None}
+    _, h_n, c_n, core = _core.rnn_forward(mode, x, h0, c0, params, num_layers=1,
+                                          bidirectional=False, training=bool(training))
     cache = None
     if core is not None:
-        shapes = {name: np.shape(w) for name, w in zip(_names(0, 0), weights) if w is not None}
+        shapes = {name: np.shape(w) for name, w in params.items()}
         cache = _Cache(core, mode, 1, 1, x.dtype, shapes)
     return h_n, c_n, cache
 
@@ -184,24 +166,16 @@ def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False)
 
     # The kernels add into C-contiguous writeable arrays of the right dtype; any
     # other gradient array gets a zeroed stand-in, added into it afterwards.
-    targets, late = [], []
-    extras = _extras(cache.shapes)
-    for layer in range(cache.num_layers):
-        for direction in range(cache.D):
-            entry = []
-            for name in _names(layer, direction, extras):
-                if name not in cache.shapes:
-                    entry.append(None)
-                    continue
-                g = grads[name]
-                if (isinstance(g, np.ndarray) and g.dtype == dtype and g.flags.c_contiguous
-                        and g.flags.writeable and g.shape == cache.shapes[name]):
-                    entry.append(g)
-                else:
-                    stand_in = np.zeros(cache.shapes[name], dtype=dtype)
-                    late.append((name, stand_in))
-                    entry.append(stand_in)
-            targets.append(entry)
+    targets, late = {}, []
+    for name, shape in cache.shapes.items():
+        g = grads[name]
+        if (isinstance(g, np.ndarray) and g.dtype == dtype and g.flags.c_contiguous
+                and g.flags.writeable and g.shape == shape):
+            targets[name] = g
+        else:
+            stand_in = np.zeros(shape, dtype=dtype)
+            late.append((name, stand_in))
+            targets[name] = stand_in
     dx, dh0, dc0 = _core.rnn_backward(cache.core, *_output_grads(cache, d_output, d_h_n, d_c_n),
                                       targets, consume)
     for name, stand_in in late:

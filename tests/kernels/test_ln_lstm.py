@@ -138,7 +138,7 @@ def test_kernels_refuse_linear_biases_and_missing_norms():
     with pytest.raises(ValueError, match="bias_ih_l0.*no linear biases"):
         _fused.forward("LN_LSTM", x, hx, dict(params, bias_ih_l0=np.zeros(16, np.float32)),
                        num_layers=1, bidirectional=False)
-    with pytest.raises(ValueError, match=r"ln_cell_bias_l0\): missing"):
+    with pytest.raises(ValueError, match=r"params\['ln_cell_bias_l0'\]: missing"):
         _fused.forward("LN_LSTM", x, hx, {k: v for k, v in params.items() if k != "ln_cell_bias_l0"},
                        num_layers=1, bidirectional=False)
     with pytest.raises(ValueError, match="layer_norm_eps must be > 0"):

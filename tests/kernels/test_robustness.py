@@ -402,15 +402,12 @@ def valid_core_call(rng, mode, dtype, T, N, I, H, L, D, P, bias):  # noqa: E741
 
     params = reference.init_params(mode, I, H, L, bias, D == 2, P, dtype, rng)
     H_out = P or H
-    names = ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")
-    weights = [[params.get(f"{n}_l{k}" + ("_reverse" if d else "")) for n in names]
-               for k in range(L) for d in range(D)]
     x = rng.standard_normal((T, N, I)).astype(dtype)
     h0 = np.zeros((L * D, N, H_out), dtype)
     c0 = np.zeros((L * D, N, H), dtype) if mode == "LSTM" else None
-    return dict(mode=mode, x=x, h0=h0, c0=c0, weights=weights, num_layers=L,
+    return dict(mode=mode, x=x, h0=h0, c0=c0, params=params, num_layers=L,
                 bidirectional=D == 2, proj_size=P, lengths=None, dropout_masks=None,
-                training=True)
+                training=True, cell_options=None, regularizers=None)
 
 
 JUNK = [None, 0, -1, 3, 2**31, 2**63 - 1, 2**64, 1.5, float("nan"), "LSTM", b"x", [], [None],
@@ -431,9 +428,10 @@ def core_cases(draw):
                 P=draw(st.integers(0, H - 1)) if mode == "LSTM" and H > 1 else 0,
                 bias=draw(st.booleans()),
                 target=draw(st.sampled_from(
-                    ["x", "h0", "c0", "weights", "weight", "num_layers", "bidirectional",
-                     "proj_size", "lengths", "dropout_masks", "mode", "d_output", "d_h_n",
-                     "d_c_n", "grads", "grad", "cache"])),
+                    ["x", "h0", "c0", "params", "weight", "unknown_weight", "num_layers",
+                     "bidirectional", "proj_size", "lengths", "dropout_masks", "cell_options",
+                     "regularizers", "mode", "d_output", "d_h_n", "d_c_n", "grads", "grad",
+                     "cache"])),
                 junk=draw(st.integers(0, len(JUNK) - 1)),
                 where=draw(st.integers(0, 2**16)), seed=draw(st.integers(0, 2**32 - 1)))
 
@@ -447,29 +445,32 @@ def test_compiled_module_survives_junk(c):
     args = valid_core_call(rng, c["mode"], c["dtype"], c["T"], c["N"], c["I"], c["H"], c["L"],
                            c["D"], c["P"], c["bias"])
     junk, target, where = JUNK[c["junk"]], c["target"], c["where"]
-    if target == "weight":  # one entry inside the nested list
-        entry = args["weights"][where % len(args["weights"])]
-        entry[where % 5] = junk
+    names = sorted(args["params"])
+    if target == "weight":  # one parameter of the dict
+        args["params"][names[where % len(names)]] = junk
+    elif target == "unknown_weight":  # a name the stack has no parameter of
+        args["params"][f"weight_hh_l{c['L'] + where % 3}"] = junk
     elif target in args:
         args[target] = junk
-    status, result = call(_core.rnn_forward, *args.values())
-    if status == "raised" or target in args or target == "weight":
+    positional = [args.pop(k) for k in ("mode", "x", "h0", "c0", "params")]
+    status, result = call(_core.rnn_forward, *positional, **args)
+    if status == "raised" or target in args or target in ("weight", "unknown_weight", "params",
+                                                           "mode", "x", "h0", "c0"):
         return
+    params = positional[4]
     y, h_n, c_n, cache = result
-    LD = c["L"] * c["D"]
     d_output, d_h_n = np.ones_like(y), np.ones_like(h_n)
     d_c_n = None if c_n is None else np.ones_like(c_n)
-    grads = [[None if w is None else np.zeros_like(w) for w in entry] for entry in args["weights"]]
+    grads = {name: np.zeros_like(w) for name, w in params.items()}
     back = dict(cache=cache, d_output=d_output, d_h_n=d_h_n, d_c_n=d_c_n, grads=grads)
     if target == "grad":
-        grads[where % LD][where % 5] = junk
+        grads[names[where % len(names)]] = junk
     else:
         back[target] = junk
     call(_core.rnn_backward, *back.values())
     # the cache survives a rejected call, and the kernels still agree with themselves
     status, again = call(_core.rnn_backward, cache, d_output, d_h_n, d_c_n,
-                         [[None if w is None else np.zeros_like(w) for w in e]
-                          for e in args["weights"]])
+                         {name: np.zeros_like(w) for name, w in params.items()})
     assert status == "ok", again
 
 
@@ -639,8 +640,8 @@ def test_num_layers_beyond_int32_raises():
     from lstmfast import _core
 
     with pytest.raises(ValueError, match="num_layers must be in 1..2147483647"):
-        _core.rnn_forward("GRU", zeros(2, 1, 1), zeros(1, 1, 1), None, [], 2**62, True, 0,
-                          None, None, False)
+        _core.rnn_forward("GRU", zeros(2, 1, 1), zeros(1, 1, 1), None, {}, num_layers=2**62,
+                          bidirectional=True)
 
 
 # ------------------------------------------------------------------------------------------

@@ -59,22 +59,22 @@ template <typename Real, bool kRelu, bool kInside>
 struct CtrnnCell : NoBackwardStep {
   static constexpr int kGates = 1, kFirstGates = 1, kSaved = kInside ? 0 : 1;
   static constexpr bool kCellState = false, kLeavesDh = true, kSplitInputGrads = false,
-                        kZoneoutRaw = false;
+                        kZoneoutRaw = false, kNoise = true;
   const Real* bias;
   Real alpha;
 
   CtrnnCell(const LayerWeights<Real>& w, const LayerShape& s)
       : bias(w.bias), alpha(static_cast<Real>(s.alpha)) {}
 
-  template <bool kTraining>
-  LSTMFAST_ALWAYS_INLINE void forward(const ForwardRow<Real>& row, int64_t j, int64_t lanes,
+  template <bool kTraining, class Row>
+  LSTMFAST_ALWAYS_INLINE void forward(const Row& row, int64_t j, int64_t lanes,
                                       const V<Real>* rec) const {
-    const V<Real> z = rec[0] + ld(row.xp + j, lanes) + ld(bias + j, lanes);
+    const V<Real> z = rec[0] + ld(row.xp() + j, lanes) + ld(bias + j, lanes);
     const V<Real> h = ctrnn_update<Real, kRelu, kInside>(
-        z, ld(row.h_prev + j, lanes), row.noise ? row.noise + j : nullptr,
-        kTraining && row.saved ? row.saved + j : nullptr, lanes, alpha);
-    st(row.h_next + j, h, lanes);
-    st(row.y + j, h, lanes);
+        z, ld(row.h_prev() + j, lanes), row.noise() ? row.noise() + j : nullptr,
+        kTraining && row.saved() ? row.saved() + j : nullptr, lanes, alpha);
+    st(row.h_next() + j, h, lanes);
+    st(row.y() + j, h, lanes);
   }
 
   // With g = dh + dy the gradient of h':

@@ -18,27 +18,27 @@ template <typename Real>
 struct GruCell : NoBackwardStep {
   static constexpr int kGates = 3, kFirstGates = 3, kSaved = 4;
   static constexpr bool kCellState = false, kLeavesDh = true, kSplitInputGrads = true,
-                        kZoneoutRaw = false;
+                        kZoneoutRaw = false, kNoise = false;
   const Real* bias;  // [3H] b_ir + b_hr, b_iz + b_hz, b_in
   const Real* b_hn;  // [H]: stays inside r
   int64_t H;
 
   GruCell(const LayerWeights<Real>& w, const LayerShape& s) : bias(w.bias), b_hn(w.b_hn), H(s.H) {}
 
-  template <bool kTraining>
-  LSTMFAST_ALWAYS_INLINE void forward(const ForwardRow<Real>& row, int64_t j, int64_t lanes,
+  template <bool kTraining, class Row>
+  LSTMFAST_ALWAYS_INLINE void forward(const Row& row, int64_t j, int64_t lanes,
                                       const V<Real>* rec) const {
-    const Real* xp = row.xp + j;
+    const Real* xp = row.xp() + j;
     const Real* bj = bias + j;
     const V<Real> r = simd::vsigmoid<Real>(rec[0] + ld(xp, lanes) + ld(bj, lanes));
     const V<Real> z = simd::vsigmoid<Real>(rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
     const V<Real> ghn = rec[2] + ld(b_hn + j, lanes);
     const V<Real> nn = simd::vtanh(ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes) + r * ghn);
-    const V<Real> h = nn + z * (ld(row.h_prev + j, lanes) - nn);
-    st(row.h_next + j, h, lanes);
-    st(row.y + j, h, lanes);
+    const V<Real> h = nn + z * (ld(row.h_prev() + j, lanes) - nn);
+    st(row.h_next() + j, h, lanes);
+    st(row.y() + j, h, lanes);
     if constexpr (kTraining) {
-      Real* saved = row.saved + j;
+      Real* saved = row.saved() + j;
       st(saved, r, lanes);
       st(saved + H, z, lanes);
       st(saved + 2 * H, nn, lanes);

@@ -26,7 +26,7 @@ template <typename Real>
 struct GruResetBeforeCell : NoBackwardStep {
   static constexpr int kGates = 3, kFirstGates = 2, kSaved = 3;
   static constexpr bool kCellState = false, kLeavesDh = true, kSplitInputGrads = false,
-                        kZoneoutRaw = false;
+                        kZoneoutRaw = false, kNoise = false;
   const Real* bias;  // [3H]
   int64_t H;
   bool round_u;      // bfloat16 weights widened to float32: u, a product's left operand, is
@@ -37,33 +37,33 @@ struct GruResetBeforeCell : NoBackwardStep {
 
   // r and z from the first product; u = r * h for the second. saved may be where
   // xp is (LayerBuffers::xproj): each value is read before it is written.
-  template <bool kTraining>
-  LSTMFAST_ALWAYS_INLINE void forward(const ForwardRow<Real>& row, int64_t j, int64_t lanes,
+  template <bool kTraining, class Row>
+  LSTMFAST_ALWAYS_INLINE void forward(const Row& row, int64_t j, int64_t lanes,
                                       const V<Real>* rec) const {
-    const Real* xp = row.xp + j;
+    const Real* xp = row.xp() + j;
     const Real* bj = bias + j;
     const V<Real> r = simd::vsigmoid<Real>(rec[0] + ld(xp, lanes) + ld(bj, lanes));
     const V<Real> z = simd::vsigmoid<Real>(rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
-    st(row.saved + j, r, lanes);
-    st(row.saved + H + j, z, lanes);
+    st(row.saved() + j, r, lanes);
+    st(row.saved() + H + j, z, lanes);
     // Rounding, h_rec is h rounded already (hm): u takes h itself (recurrent dropout and
     // reduced weights exclude each other) and is rounded once, as the reference does.
-    V<Real> u = r * ld((round_u ? row.h_prev : row.h_rec) + j, lanes);
+    V<Real> u = r * ld((round_u ? row.h_prev() : row.h_rec()) + j, lanes);
     if constexpr (std::is_same<Real, float>::value)
       if (round_u) u = simd::round_to_bfloat16(u);
-    st(row.u + j, u, lanes);
+    st(row.u() + j, u, lanes);
   }
 
-  template <bool kTraining>
-  LSTMFAST_ALWAYS_INLINE void forward_second(const ForwardRow<Real>& row, int64_t j,
+  template <bool kTraining, class Row>
+  LSTMFAST_ALWAYS_INLINE void forward_second(const Row& row, int64_t j,
                                              int64_t lanes, const V<Real>* rec) const {
     const V<Real> nn =
-        simd::vtanh(rec[0] + ld(row.xp + 2 * H + j, lanes) + ld(bias + 2 * H + j, lanes));
-    const V<Real> z = ld(row.saved + H + j, lanes);
-    const V<Real> h = nn + z * (ld(row.h_prev + j, lanes) - nn);
-    st(row.h_next + j, h, lanes);
-    st(row.y + j, h, lanes);
-    if constexpr (kTraining) st(row.saved + 2 * H + j, nn, lanes);
+        simd::vtanh(rec[0] + ld(row.xp() + 2 * H + j, lanes) + ld(bias + 2 * H + j, lanes));
+    const V<Real> z = ld(row.saved() + H + j, lanes);
+    const V<Real> h = nn + z * (ld(row.h_prev() + j, lanes) - nn);
+    st(row.h_next() + j, h, lanes);
+    st(row.y() + j, h, lanes);
+    if constexpr (kTraining) st(row.saved() + 2 * H + j, nn, lanes);
   }
 
   // z's and n's pre-activation gradients, and dh' z (the part of dh that bypasses

@@ -43,7 +43,7 @@ template <typename Real>
 struct LstmCell {
   static constexpr int kGates = 4, kFirstGates = 4, kSaved = 4;
   static constexpr bool kCellState = true, kLeavesDh = false, kSplitInputGrads = false,
-                        kZoneoutRaw = false;
+                        kZoneoutRaw = false, kNoise = false;
   const Real* bias;  // [4H]
   const Real* peep;  // [3H] peepholes, or nullptr
   Real* dpeep;       // [3H] their gradients, summed over rows and steps (backward)
@@ -59,23 +59,23 @@ struct LstmCell {
         w(weights), s(shape), H(shape.H),
         c_unzoned(zoneout_c(weights, shape) ? buffers.zone_c_raw : nullptr) {}
 
-  template <bool kTraining>
-  LSTMFAST_ALWAYS_INLINE void forward(const ForwardRow<Real>& row, int64_t j, int64_t lanes,
+  template <bool kTraining, class Row>
+  LSTMFAST_ALWAYS_INLINE void forward(const Row& row, int64_t j, int64_t lanes,
                                       const V<Real>* rec) const {
-    const Real* xp = row.xp + j;
+    const Real* xp = row.xp() + j;
     const Real* bj = bias + j;
     const V<Real> a[4] = {rec[0] + ld(xp, lanes) + ld(bj, lanes),
                           rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes),
                           rec[2] + ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes),
                           rec[3] + ld(xp + 3 * H, lanes) + ld(bj + 3 * H, lanes)};
     V<Real> gate[4], c, h;
-    lstm_units<Real>(a, ld(row.c_prev + j, lanes), peep ? peep + j : nullptr, H, lanes, gate, c,
+    lstm_units<Real>(a, ld(row.c_prev() + j, lanes), peep ? peep + j : nullptr, H, lanes, gate, c,
                      h);
-    st(row.c_next + j, c, lanes);
-    st(row.h_next + j, h, lanes);
-    if (row.y) st(row.y + j, h, lanes);
+    st(row.c_next() + j, c, lanes);
+    st(row.h_next() + j, h, lanes);
+    if (row.y()) st(row.y() + j, h, lanes);
     if constexpr (kTraining) {
-      Real* saved = row.saved + j;
+      Real* saved = row.saved() + j;
       for (int g = 0; g < 4; ++g) st(saved + g * H, gate[g], lanes);
     }
   }
@@ -171,13 +171,13 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
     else
       step_gemm(buf.rec, h_in, w.W_hh, true, small ? buf.W_hh_t : nullptr, n, H_out, GH, false);
     for (int64_t b = 0; b < n; ++b) {
-      ForwardRow<Real> row{};
-      row.xp = buf.xproj + walk.x_row(k, b) * GH;
-      row.h_next = m + b * H;
-      row.y = P ? nullptr : y + walk.at(k, b) * ldy;
-      row.c_prev = c_prev + b * H;
-      row.c_next = c_next + b * H;
-      row.saved = kTraining ? gates + b * GH : nullptr;
+      RowPointers<Real> row;
+      row.xp_ = buf.xproj + walk.x_row(k, b) * GH;
+      row.h_next_ = m + b * H;
+      row.y_ = P ? nullptr : y + walk.at(k, b) * ldy;
+      row.c_prev_ = c_prev + b * H;
+      row.c_next_ = c_next + b * H;
+      row.saved_ = kTraining ? gates + b * GH : nullptr;
       cell_forward_row<LstmCell<Real>, kTraining>(cell, row, buf.rec + b * GH, H);
     }
     if (P) {

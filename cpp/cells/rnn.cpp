@@ -16,23 +16,23 @@ template <typename Real, bool kRelu>
 struct RnnCell : NoBackwardStep {
   static constexpr int kGates = 1, kFirstGates = 1, kSaved = 1;
   static constexpr bool kCellState = false, kLeavesDh = false, kSplitInputGrads = false,
-                        kZoneoutRaw = true;
+                        kZoneoutRaw = true, kNoise = false;
   const Real* bias;
   bool zoned_h;
 
   RnnCell(const LayerWeights<Real>& w, const LayerShape& s) : bias(w.bias), zoned_h(zoneout_h(w, s)) {}
 
-  template <bool kTraining>
-  LSTMFAST_ALWAYS_INLINE void forward(const ForwardRow<Real>& row, int64_t j, int64_t lanes,
+  template <bool kTraining, class Row>
+  LSTMFAST_ALWAYS_INLINE void forward(const Row& row, int64_t j, int64_t lanes,
                                       const V<Real>* rec) const {
-    const V<Real> a = rec[0] + ld(row.xp + j, lanes) + ld(bias + j, lanes);
+    const V<Real> a = rec[0] + ld(row.xp() + j, lanes) + ld(bias + j, lanes);
     V<Real> h;
     if constexpr (kRelu)
       h = simd::vmax<Real>(a, splat<Real>(0));
     else
       h = simd::vtanh(a);
-    st(row.h_next + j, h, lanes);
-    st(row.y + j, h, lanes);
+    st(row.h_next() + j, h, lanes);
+    st(row.y() + j, h, lanes);
   }
 
   // From h' (no pre-activation is kept): tanh' = 1 - h'^2, relu' = [h' > 0].

@@ -21,10 +21,11 @@
 //                     side's (GRU: r multiplies W_hn h), so dG_in is its own buffer
 //   kZoneoutRaw       with zoneout, training keeps the unzoned h~ in gates (the
 //                     backward takes the activation's derivative from it: RNN)
+//   kNoise            the cell adds per-step noise (LayerWeights::noise: CTRNN)
 //   kFirstGates       G0 = G, or fewer when a step makes a second product
 //                     (CellInfo::second_product): the first multiplies h by W_hh's
 //                     first G0 gates, the cell's forward writes u of each row
-//                     (ForwardRow::u), and the second multiplies u by the others
+//                     (row.u()), and the second multiplies u by the others
 //   forward<kTraining>(row, j, lanes, rec)  units j..j+lanes-1 of one row, rec[g]
 //                     the recurrent pre-activation of gate g < G0 (bias not added)
 //   forward_second<kTraining>(row, j, lanes, rec)  the same after the second
@@ -44,20 +45,40 @@
 namespace lstmfast {
 namespace LSTMFAST_ISA {
 
-// Where one row of one step reads and writes (sorted row b at step k). Pointers
-// are at the row's first unit; gate blocks are H apart.
+// Where one row of one step reads and writes (sorted row b at step k), as a cell's
+// forward reads it: row.xp(), row.h_prev(), ... Pointers are at the row's first
+// unit; gate blocks are H apart. Two kinds give the same calls: StepRows::Row works
+// each pointer out when the cell asks for it (inside the micro-kernel's epilogue,
+// called for every block of units of every row, a row of every pointer worked out
+// and passed as a struct made an Elman RNN 15% slower), RowPointers holds them (a
+// cell's own loop: the LSTM's projection).
+//   xp      x W_ih^T, G blocks
+//   h_prev  h of the step before;  h_next  h of this step, out;  y  the output row, out
+//   c_prev, c_next   the cell state (kCellState)
+//   saved   kSaved blocks kept for backward (training; a second-product cell's in
+//           inference too), else nullptr
+//   noise   per-step additive noise (kNoise), else nullptr
+//   h_rec   h as the product saw it (times the recurrent dropout mask; second product)
+//   u       the second product's input, out (second-product cells)
 template <typename Real>
-struct ForwardRow {
-  const Real* xp;      // x W_ih^T, G blocks
-  const Real* h_prev;  // h of the step before
-  Real* h_next;        // h of this step, out
-  Real* y;             // the output row, out
-  const Real* c_prev;  // c of the step before (kCellState), else nullptr
-  Real* c_next;        // c of this step, out (kCellState), else nullptr
-  Real* saved;         // kSaved blocks kept for backward (training), else nullptr
-  const Real* noise;   // per-step additive noise (CTRNN), else nullptr
-  const Real* h_rec;   // h as the product saw it (times the recurrent dropout mask)
-  Real* u;             // the second product's input, out (second-product cells), else nullptr
+struct RowPointers {
+  const Real* xp_ = nullptr;
+  const Real* h_prev_ = nullptr;
+  Real* h_next_ = nullptr;
+  Real* y_ = nullptr;
+  const Real* c_prev_ = nullptr;
+  Real* c_next_ = nullptr;
+  Real* saved_ = nullptr;
+  const Real* xp() const { return xp_; }
+  const Real* h_prev() const { return h_prev_; }
+  Real* h_next() const { return h_next_; }
+  Real* y() const { return y_; }
+  const Real* c_prev() const { return c_prev_; }
+  Real* c_next() const { return c_next_; }
+  Real* saved() const { return saved_; }
+  const Real* noise() const { return nullptr; }
+  const Real* h_rec() const { return nullptr; }
+  Real* u() const { return nullptr; }
 };
 
 template <typename Real>
@@ -118,9 +139,8 @@ inline Real* cell_zoneout_raw(const LayerBuffers<Real>& buf, const LayerShape& s
 
 // The forward of one row from the rows of buf.rec (the direct and reduced paths);
 // kSecond: the second product's part (rec from gate G0 on).
-template <class Cell, bool kTraining, bool kSecond = false, typename Real>
-inline void cell_forward_row(const Cell& cell, const ForwardRow<Real>& row, const Real* rec,
-                             int64_t H) {
+template <class Cell, bool kTraining, bool kSecond = false, class Row, typename Real>
+inline void cell_forward_row(const Cell& cell, const Row& row, const Real* rec, int64_t H) {
   constexpr int G = kSecond ? Cell::kGates - Cell::kFirstGates : Cell::kFirstGates;
   for_lanes<Real>(H, [&](int64_t j, int64_t lanes) {
     V<Real> acc[G];
@@ -132,26 +152,68 @@ inline void cell_forward_row(const Cell& cell, const ForwardRow<Real>& row, cons
   });
 }
 
+// The rows of step k: the step's bases, computed once, and row(b) the pointers of
+// sorted row b, only those the cell reads (its traits). The fused path calls row(b)
+// for every block of units of every row, inside the micro-kernel's epilogue: with
+// every pointer worked out there, an Elman RNN (one tanh per unit) ran 15% slower.
 template <class Cell, bool kTraining, typename Real>
-inline ForwardRow<Real> cell_row(const Walk& walk, const LayerBuffers<Real>& buf, Real* y,
-                                 int64_t ldy, const LayerWeights<Real>& w, int64_t ldx, int64_t k,
-                                 int64_t b, int64_t prev_slot, int64_t next_slot) {
-  const LayerShape& s = walk.s;
-  const int64_t N = s.N, H = s.H, at = walk.at(k, b);
-  ForwardRow<Real> row;
-  row.xp = buf.xproj + walk.x_row(k, b) * ldx;
-  row.h_prev = buf.h + (prev_slot * N + b) * H;
-  row.h_next = buf.h + (next_slot * N + b) * H;
-  row.y = y + at * ldy;
-  row.c_prev = Cell::kCellState ? buf.c + (prev_slot * N + b) * H : nullptr;
-  row.c_next = Cell::kCellState ? buf.c + (next_slot * N + b) * H : nullptr;
-  row.saved = cell_saved<Cell>(buf, s, k, b, kTraining);
-  row.noise = w.noise ? w.noise + at * H : nullptr;
-  row.h_rec = product_input(buf, k, s) + b * H;
-  Real* u = cell_u<Cell>(buf, s, k, kTraining);
-  row.u = u ? u + b * H : nullptr;
-  return row;
-}
+struct StepRows {
+  const Walk& walk;
+  int64_t k, H, ldx, ldy;
+  const Real* xproj;
+  const Real* h_prev;
+  Real* h_next;
+  Real* y;
+  const Real* c_prev = nullptr;
+  Real* c_next = nullptr;
+  Real* saved = nullptr;
+  const Real* noise = nullptr;
+  const Real* h_rec = nullptr;
+  Real* u = nullptr;
+
+  StepRows(const Walk& walk_, const LayerBuffers<Real>& buf, Real* y_, int64_t ldy_,
+           const LayerWeights<Real>& w, int64_t ldx_, int64_t k_, int64_t prev_slot,
+           int64_t next_slot)
+      : walk(walk_), k(k_), H(walk_.s.H), ldx(ldx_), ldy(ldy_), xproj(buf.xproj),
+        h_prev(buf.h + prev_slot * walk_.s.N * walk_.s.H),
+        h_next(buf.h + next_slot * walk_.s.N * walk_.s.H), y(y_) {
+    const LayerShape& s = walk.s;
+    if constexpr (Cell::kCellState) {
+      c_prev = buf.c + prev_slot * s.N * H;
+      c_next = buf.c + next_slot * s.N * H;
+    }
+    saved = cell_saved<Cell>(buf, s, k, 0, kTraining);
+    if constexpr (Cell::kNoise) noise = w.noise;
+    if constexpr (kSecondProduct<Cell>) {
+      h_rec = product_input(buf, k, s);
+      u = cell_u<Cell>(buf, s, k, kTraining);
+    }
+  }
+
+  // Sorted row b of the step: a view, its pointers worked out as the cell asks.
+  struct Row {
+    const StepRows& step;
+    int64_t b;
+    LSTMFAST_ALWAYS_INLINE const Real* xp() const {
+      return step.xproj + step.walk.x_row(step.k, b) * step.ldx;
+    }
+    LSTMFAST_ALWAYS_INLINE const Real* h_prev() const { return step.h_prev + b * step.H; }
+    LSTMFAST_ALWAYS_INLINE Real* h_next() const { return step.h_next + b * step.H; }
+    LSTMFAST_ALWAYS_INLINE Real* y() const { return step.y + step.walk.at(step.k, b) * step.ldy; }
+    LSTMFAST_ALWAYS_INLINE const Real* c_prev() const { return step.c_prev + b * step.H; }
+    LSTMFAST_ALWAYS_INLINE Real* c_next() const { return step.c_next + b * step.H; }
+    LSTMFAST_ALWAYS_INLINE Real* saved() const {
+      return step.saved ? step.saved + b * Cell::kSaved * step.H : nullptr;
+    }
+    LSTMFAST_ALWAYS_INLINE const Real* noise() const {
+      return step.noise ? step.noise + step.walk.at(step.k, b) * step.H : nullptr;
+    }
+    LSTMFAST_ALWAYS_INLINE const Real* h_rec() const { return step.h_rec + b * step.H; }
+    LSTMFAST_ALWAYS_INLINE Real* u() const { return step.u + b * step.H; }
+  };
+
+  LSTMFAST_ALWAYS_INLINE Row row(int64_t b) const { return Row{*this, b}; }
+};
 
 // Finished rows n..N-1 keep their state (units j0..j1-1), so the last slot holds
 // h_n (and c_n) and every saved row is finite for the weight-gradient GEMMs (u too).
@@ -184,18 +246,15 @@ void cell_forward_direct(const Cell& cell, Real* y, int64_t ldy, const LayerBuff
     constexpr int64_t G0 = Cell::kFirstGates;
     weight_product(buf.rec, GH, product_input(buf, k, s), w.W_hh, w.W_hh_r, n, H, G0 * H, buf, w,
                    s.threads);
+    const StepRows<Cell, kTraining, Real> rows(walk, buf, y, ldy, w, ldx, k, prev, next);
     for (int64_t b = 0; b < n; ++b)
-      cell_forward_row<Cell, kTraining>(
-          cell, cell_row<Cell, kTraining>(walk, buf, y, ldy, w, ldx, k, b, prev, next),
-          buf.rec + b * GH, H);
+      cell_forward_row<Cell, kTraining>(cell, rows.row(b), buf.rec + b * GH, H);
     if constexpr (kSecondProduct<Cell>) {  // float weights only (no reduced features)
       weight_product(buf.rec + G0 * H, GH, cell_u<Cell>(buf, s, k, kTraining), w.W_hh + G0 * H * H,
                      static_cast<const ReducedMatrix*>(nullptr), n, H, GH - G0 * H, buf, w,
                      s.threads);
       for (int64_t b = 0; b < n; ++b)
-        cell_forward_row<Cell, kTraining, true>(
-            cell, cell_row<Cell, kTraining>(walk, buf, y, ldy, w, ldx, k, b, prev, next),
-            buf.rec + b * GH + G0 * H, H);
+        cell_forward_row<Cell, kTraining, true>(cell, rows.row(b), buf.rec + b * GH + G0 * H, H);
     }
     keep_finished_rows<Cell>(buf, s, k, n, prev, next, 0, H);
     if (zoneout(w, s))
@@ -214,7 +273,7 @@ void cell_forward_reduced(const Cell& cell, Real* y, int64_t ldy, const LayerBuf
       const int64_t prev = k & 1, next = (k + 1) & 1;
       if (running)
         cell_forward_row<Cell, false>(
-            cell, cell_row<Cell, false>(walk, buf, y, ldy, w, GH, k, b, prev, next),
+            cell, StepRows<Cell, false, Real>(walk, buf, y, ldy, w, GH, k, prev, next).row(b),
             buf.rec + b * GH, H);
       else if (Cell::kCellState)  // reduced_steps keeps h of a finished row
         copy_row(buf.c + (next * N + b) * H, buf.c + (prev * N + b) * H, H);
@@ -226,7 +285,8 @@ void cell_forward_reduced(const Cell& cell, Real* y, int64_t ldy, const LayerBuf
       reduced_steps(buf, x, GH, w, s, first, G0 * H, [&](int64_t k, int64_t b, bool running) {
         if (running)
           cell_forward_row<Cell, false, true>(
-              cell, cell_row<Cell, false>(walk, buf, y, ldy, w, GH, k, b, k & 1, (k + 1) & 1),
+              cell,
+              StepRows<Cell, false, Real>(walk, buf, y, ldy, w, GH, k, k & 1, (k + 1) & 1).row(b),
               buf.rec + b * GH + G0 * H, H);
       });
     } else {
@@ -243,19 +303,19 @@ void cell_forward_fused(const Cell& cell, Real* y, int64_t ldy, const LayerBuffe
   const int64_t H = s.H;
   const int64_t ldx = cell_xproj_stride<Cell>(buf, H);
   constexpr int G0 = Cell::kFirstGates;
-  forward_on_pool<Real, G, G0>(buf, x, ldx, w, s, [&](int64_t k, int64_t n, const UnitShare& mine) {
+  // The step is inlined into the pool job: a call per step left the epilogue's setup
+  // out of the loop's reach (a CTRNN of 64 units, 3% slower).
+  auto step = [&](int64_t k, int64_t n, const UnitShare& mine) LSTMFAST_LAMBDA_INLINE {
     const int64_t prev = slot(k, kTraining), next = slot(k + 1, kTraining);
+    const StepRows<Cell, kTraining, Real> rows(walk, buf, y, ldy, w, ldx, k, prev, next);
     auto epilogue = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
-      cell.template forward<kTraining>(
-          cell_row<Cell, kTraining>(walk, buf, y, ldy, w, ldx, k, b, prev, next), j, lanes, acc);
+      cell.template forward<kTraining>(rows.row(b), j, lanes, acc);
     };
     recurrent_step<Real, G0>(product_input(buf, k, s), H, n, H, buf.W_hh_p, H, mine.u0, mine.u1,
                              epilogue);
     if constexpr (kSecondProduct<Cell>) {
       auto second = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
-        cell.template forward_second<kTraining>(
-            cell_row<Cell, kTraining>(walk, buf, y, ldy, w, ldx, k, b, prev, next), j, lanes,
-            acc);
+        cell.template forward_second<kTraining>(rows.row(b), j, lanes, acc);
       };
       pool_barrier();  // the second product reads u of every unit
       recurrent_step<Real, G - G0>(cell_u<Cell>(buf, s, k, kTraining), H, n, H,
@@ -266,7 +326,8 @@ void cell_forward_fused(const Cell& cell, Real* y, int64_t ldy, const LayerBuffe
       zoneout_step(buf, y, ldy, w, s, k, n, mine.j0, mine.j1, Cell::kCellState ? mine.j0 : 0,
                    Cell::kCellState ? mine.j1 : 0, cell_zoneout_raw<Cell>(buf, s, k));
     keep_finished_rows<Cell>(buf, s, k, n, prev, next, mine.j0, mine.j1);
-  });
+  };
+  forward_on_pool<Real, G, G0>(buf, x, ldx, w, s, step);
 }
 
 // One layer in one direction, forward: the path for this call, then h_n (and c_n).

@@ -58,10 +58,12 @@ inline void pack_gate_panels(Real* panels, const Real* W_hh, int64_t H, int64_t 
 // acc[r][q * C + c] = sum over k of A[r, k] * chunk_q[k, c, :] for R rows of A
 // (lda apart) and NC chunks of C gates each (chunk_q = chunks + q * K * C * U).
 // With fewer than 8 accumulators the FMA latency would bound the loop, so even and
-// odd k then go to two sets of accumulators, added at the end.
+// odd k then go to two sets of accumulators, added at the end. Always inlined: out of
+// line, the accumulators go through memory (an Elman RNN's step, whose tile GCC once
+// chose not to inline when its caller grew, ran 15% slower).
 template <typename Real, int R, int C, int NC>
-inline void gate_tile(V<Real> (&acc)[R][NC * C], const Real* A, int64_t lda, const Real* chunks,
-                      int64_t K) {
+LSTMFAST_ALWAYS_INLINE void gate_tile(V<Real> (&acc)[R][NC * C], const Real* A, int64_t lda,
+                                      const Real* chunks, int64_t K) {
   constexpr int64_t U = kWidth<Real>, CU = C * U;
   constexpr int NV = NC * C;  // vectors per row
   const int64_t chunk_stride = K * CU;

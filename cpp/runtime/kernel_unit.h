@@ -84,14 +84,22 @@ struct Walk {
   const LayerShape& s;
   explicit Walk(const LayerShape& shape) : s(shape) {}
 
-  int64_t row(int64_t b) const { return s.rows ? s.rows[b] : b; }
-  int64_t length(int64_t b) const { return s.lengths ? s.lengths[b] : s.T; }
+  // Always inlined: the micro-kernel's epilogues ask these of every row and block of
+  // units, and a call each there cost a CTRNN's step 10%.
+  LSTMFAST_ALWAYS_INLINE int64_t row(int64_t b) const { return s.rows ? s.rows[b] : b; }
+  LSTMFAST_ALWAYS_INLINE int64_t length(int64_t b) const {
+    return s.lengths ? s.lengths[b] : s.T;
+  }
   // Time visited by sorted row b at step k.
-  int64_t time(int64_t k, int64_t b) const { return s.reverse ? length(b) - 1 - k : k; }
+  LSTMFAST_ALWAYS_INLINE int64_t time(int64_t k, int64_t b) const {
+    return s.reverse ? length(b) - 1 - k : k;
+  }
   // Index of (time, batch row) into [T, N, ...] arrays.
-  int64_t at(int64_t k, int64_t b) const { return time(k, b) * s.N + row(b); }
+  LSTMFAST_ALWAYS_INLINE int64_t at(int64_t k, int64_t b) const {
+    return time(k, b) * s.N + row(b);
+  }
   // Row of x and of its projection for step k of sorted row b (see LayerShape::offsets).
-  int64_t x_row(int64_t k, int64_t b) const {
+  LSTMFAST_ALWAYS_INLINE int64_t x_row(int64_t k, int64_t b) const {
     return s.offsets ? s.offsets[time(k, b)] + b : at(k, b);
   }
   // Rows still running at step k: a prefix, since lengths are non-increasing.

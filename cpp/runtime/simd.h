@@ -36,8 +36,10 @@
 // declined to inline vtanh on its own (measured: 7% of an LSTM N=1 step in the call).
 #if defined(__GNUC__) || defined(__clang__)
 #define LSTMFAST_ALWAYS_INLINE inline __attribute__((always_inline))
+#define LSTMFAST_LAMBDA_INLINE __attribute__((always_inline))  // after a lambda's parameters
 #else
 #define LSTMFAST_ALWAYS_INLINE inline
+#define LSTMFAST_LAMBDA_INLINE
 #endif
 
 namespace lstmfast {

@@ -380,6 +380,31 @@ def test_onnx_export_runs_in_onnxruntime_as_torchs(kind, dynamo, tmp_path):
         assert_close(results[1][0], first_output(theirs(x)).detach(), tol=1e-5, name="vs torch eager")
 
 
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN-relu", "LSTMCell", "GRUCell"])
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_a_layer_exports_on_its_own_with_either_exporter(kind, dynamo, tmp_path):
+    """The module itself, not wrapped: the legacy exporter once passed every named
+    forward parameter with a default positionally (recurrent_dropout_mask,
+    zoneout_mask), and failed with a TypeError. Legacy export gives the standard node."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    cls, kwargs = {**LAYERS, **CELLS}[kind]
+    theirs, ours = twins(cls, {k: v for k, v in kwargs.items() if k != "num_layers"},
+                         dtype=torch.float32)
+    x = layer_input(theirs, torch.float32) if kind in LAYERS else torch.randn(3, I)
+    path = tmp_path / "ours.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer warnings
+        torch.onnx.export(ours, (x,), str(path), dynamo=dynamo)
+    if not dynamo and kind in LAYERS:
+        op = kind.split("-")[0]
+        assert op in [n.op_type for n in onnx.load(str(path)).graph.node]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    assert_close(torch.from_numpy(got), first_output(theirs(x)).detach(), tol=1e-5,
+                 name="onnxruntime on the exported module vs torch eager")
+
+
 class _Float32(nn.Module):
     def __init__(self, rnn):
         super().__init__()

@@ -10,6 +10,7 @@ from torch import nn
 from ..modules.options import _check_probability, _check_zoneout
 from ._backend import _as_class, _backend, _in_torch_only_context, _unsupported_reason, _warn_once
 from .autograd import _CellFunction, _cell_step
+from .layers import _regularizer_masks
 
 
 class _FastCellMixin:
@@ -35,8 +36,10 @@ class _FastCellMixin:
         (from torch's generator), which the steps after it keep, as Keras's cells do."""
         self._recurrent_dropout_mask = None
 
-    def forward(self, input, hx=None, *, zoneout_mask=None,  # noqa: A002  (torch's name)
-                recurrent_dropout_mask=None):
+    def forward(self, input, hx=None, **masks):  # noqa: A002  (torch's name)
+        """torch's forward; ``zoneout_mask=`` and ``recurrent_dropout_mask=`` (keywords), as
+        the layers' (``**masks`` for torch's legacy ONNX exporter: layers.py)."""
+        recurrent_dropout_mask, zoneout_mask = _regularizer_masks(type(self).__name__, masks)
         mask = _cell_recurrent_dropout_mask(self, input, recurrent_dropout_mask)
         if mask is not None:
             result = _masked_cell_step(self, input, hx, mask)

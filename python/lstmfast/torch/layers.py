@@ -28,10 +28,13 @@ def _packed_rows(batch_sizes, N):
     return inside.reshape(-1).nonzero().squeeze(1), inside.sum(0).numpy().astype(np.int64)
 
 
-def _set_regularizers(module, recurrent_dropout, zoneout):
-    module.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout,
-                                                  upper_open=True)
-    module.zoneout = _check_zoneout(zoneout, "LSTM" if module.mode == "LSTM" else "GRU")
+def _regularizer_masks(cls_name, masks):
+    """(recurrent_dropout_mask, zoneout_mask) of a forward's **masks; TypeError, as
+    Python raises it, for any other keyword."""
+    for name in masks:
+        if name not in ("recurrent_dropout_mask", "zoneout_mask"):
+            raise TypeError(f"{cls_name}.forward() got an unexpected keyword argument {name!r}")
+    return masks.get("recurrent_dropout_mask"), masks.get("zoneout_mask")
 
 
 class _FastRNNMixin:
@@ -45,11 +48,21 @@ class _FastRNNMixin:
     _lstmfast_backend = "fused"
     _lstmfast_quantized = False  # QuantizedLSTM / QuantizedGRU: int8 weights, inference only
     _lstmfast_autocast = True  # bfloat16 autocast runs on the bfloat16 weights path
-    recurrent_dropout = 0.0  # set by the constructors of LSTM, GRU and RNN (docs/cells.md, Recurrent dropout and zoneout)
+    recurrent_dropout = 0.0  # docs/cells.md, Recurrent dropout and zoneout
     zoneout = (0.0, 0.0)
 
-    def forward(self, input, hx=None, *, recurrent_dropout_mask=None,  # noqa: A002
-                zoneout_mask=None):
+    def __init__(self, *args, recurrent_dropout=0.0, zoneout=0.0, **kwargs):
+        """torch's constructor, then the regularizers torch lacks (keyword-only)."""
+        super().__init__(*args, **kwargs)
+        self.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout,
+                                                    upper_open=True)
+        self.zoneout = _check_zoneout(zoneout, "LSTM" if self.mode == "LSTM" else "GRU")
+
+    def forward(self, input, hx=None, **masks):  # noqa: A002  (torch's name)
+        """torch's forward; ``recurrent_dropout_mask=`` and ``zoneout_mask=`` (keywords)
+        give the regularizers' masks. They are taken as ``**masks`` because torch's
+        legacy ONNX exporter passes every named parameter with a default positionally."""
+        recurrent_dropout_mask, zoneout_mask = _regularizer_masks(type(self).__name__, masks)
         given = None
         if recurrent_dropout_mask is not None or zoneout_mask is not None:
             given = {"recurrent_dropout_mask": recurrent_dropout_mask, "zoneout_mask": zoneout_mask}
@@ -343,10 +356,6 @@ class LSTM(_FastRNNMixin, nn.LSTM):
 
     _lstmfast_torch_class = nn.LSTM
 
-    def __init__(self, *args, recurrent_dropout=0.0, zoneout=0.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        _set_regularizers(self, recurrent_dropout, zoneout)
-
 
 class GRU(_FastRNNMixin, nn.GRU):
     """``torch.nn.GRU`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
@@ -362,9 +371,8 @@ class GRU(_FastRNNMixin, nn.GRU):
     _lstmfast_torch_class = nn.GRU
     reset_after = True  # accelerate() swaps torch's GRU in without __init__
 
-    def __init__(self, *args, recurrent_dropout=0.0, zoneout=0.0, reset_after=True, **kwargs):
+    def __init__(self, *args, reset_after=True, **kwargs):
         super().__init__(*args, **kwargs)
-        _set_regularizers(self, recurrent_dropout, zoneout)
         self.reset_after = _check_flag("reset_after", reset_after)
 
     @property
@@ -396,7 +404,3 @@ class RNN(_FastRNNMixin, nn.RNN):
     add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.RNN``'s)."""
 
     _lstmfast_torch_class = nn.RNN
-
-    def __init__(self, *args, recurrent_dropout=0.0, zoneout=0.0, **kwargs):
-        super().__init__(*args, **kwargs)
-        _set_regularizers(self, recurrent_dropout, zoneout)

@@ -7,6 +7,7 @@ reference in :mod:`lstmfast.reference`.
 from ._native import _core
 from ._config import get_num_threads, set_num_threads, show_config
 from .interop import from_onnx_lstm
+from .onnx_nodes import from_onnx, run_onnx_node
 from .modules import CTRNN, GRU, LSTM, RNN, GRUCell, LayerNormLSTM, LSTMCell, RNNCell, quantize
 
 __version__ = _core.__version__
@@ -23,6 +24,8 @@ __all__ = [
     "RNNCell",
     "quantize",
     "from_onnx_lstm",
+    "from_onnx",
+    "run_onnx_node",
     "get_num_threads",
     "set_num_threads",
     "show_config",

@@ -1,12 +1,13 @@
-"""Layers and weights from other formats: ``from_onnx_lstm`` (needs the ``onnx``
-package, imported when called, not by ``import lstmfast``), and the key map between
+"""Layers and weights from other formats: ``from_onnx_lstm`` (one ONNX LSTM node,
+through onnx_nodes.py; needs the ``onnx`` package, imported when called, not by
+``import lstmfast``), and the key map between
 torchaudio's layer-normalized LSTM and ``LayerNormLSTM`` (``from_torchaudio_lstm``,
 ``to_torchaudio_lstm``).
 """
 
 import numpy as np
 
-from .modules import LSTM
+from .onnx_nodes import layer_from_onnx_node
 
 __all__ = ["from_onnx_lstm", "from_torchaudio_lstm", "to_torchaudio_lstm"]
 
@@ -58,12 +59,6 @@ def to_torchaudio_lstm(params, num_layers):
     return [{key: np.asarray(params[f"{name}_l{k}"]) for key, name in TORCHAUDIO_LSTM_KEYS.items()}
             for k in range(num_layers)]
 
-# ONNX orders an LSTM's gate blocks i, o, f, c and its peepholes i, o, f; lstmfast
-# (as torch) orders gates i, f, g (= c), o. Block j of ours is ONNX's block _GATES[j].
-_GATES = (0, 2, 3, 1)
-_PEEPHOLES = {"i": 0, "o": 1, "f": 2}
-_DEFAULT_ACTIVATIONS = ("sigmoid", "tanh", "tanh")
-
 
 def _lstm_node(graph, name):
     nodes = [n for n in graph.node if n.op_type == "LSTM" and (name is None or n.name == name)]
@@ -88,7 +83,8 @@ def from_onnx_lstm(node_or_model, initializers=None, *, name=None, dtype="float3
     cannot honour (``direction="reverse"``, ``clip``, ``input_forget``, activations
     other than sigmoid, tanh, tanh) raise ValueError, as does a weight that is not
     an initializer; the initial states and lengths are inputs of the call, not of
-    the layer.
+    the layer. The layer is in eval mode. ``lstmfast.from_onnx`` takes every
+    recurrent node of a model (onnx_nodes.py).
     """
     import onnx
     from onnx import numpy_helper
@@ -109,57 +105,5 @@ def from_onnx_lstm(node_or_model, initializers=None, *, name=None, dtype="float3
             "from_onnx_lstm: expected an onnx ModelProto, GraphProto or NodeProto, got "
             f"{type(node_or_model).__name__}")
 
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-    direction = attrs.get("direction", b"forward")
-    direction = direction.decode() if isinstance(direction, bytes) else direction
-    if direction not in ("forward", "bidirectional"):
-        raise ValueError(f"from_onnx_lstm: direction={direction!r} has no lstmfast layer "
-                         "(forward and bidirectional do)")
-    activations = tuple(a.decode().lower() if isinstance(a, bytes) else a.lower()
-                        for a in attrs.get("activations", ()))
-    if activations and activations[:3] != _DEFAULT_ACTIVATIONS or activations[3:] not in (
-            (), _DEFAULT_ACTIVATIONS):
-        raise ValueError(f"from_onnx_lstm: activations {activations} are not the LSTM's "
-                         f"{_DEFAULT_ACTIVATIONS}")
-    for unsupported in ("clip", "input_forget", "activation_alpha", "activation_beta"):
-        if attrs.get(unsupported):
-            raise ValueError(f"from_onnx_lstm: attribute {unsupported}={attrs[unsupported]!r} "
-                             "is not supported")
-
-    inputs = list(node.input) + [""] * (8 - len(node.input))
-
-    def initializer(index, what):
-        if not inputs[index]:
-            return None
-        if inputs[index] not in arrays:
-            raise ValueError(f"from_onnx_lstm: {what} ({inputs[index]!r}) must be an initializer")
-        return np.asarray(arrays[inputs[index]], dtype=np.float64)
-
-    W, R, B, P = (initializer(1, "W"), initializer(2, "R"), initializer(3, "B"),
-                  initializer(7, "P"))
-    if W is None or R is None:
-        raise ValueError("from_onnx_lstm: the node has no W or R")
-    D, GH, I = W.shape
-    H = int(attrs.get("hidden_size", GH // 4))
-    if GH != 4 * H or R.shape != (D, 4 * H, H) or D != (2 if direction == "bidirectional" else 1):
-        raise ValueError(f"from_onnx_lstm: W {W.shape} and R {R.shape} do not fit hidden_size={H} "
-                         f"and direction={direction!r}")
-
-    def blocks(a):  # ONNX's gate blocks along axis 0 in our order
-        return np.concatenate([a[k * H:(k + 1) * H] for k in _GATES])
-
-    layer = LSTM(I, H, bidirectional=D == 2, batch_first=attrs.get("layout", 0) == 1,
-                 dtype=dtype, backend=backend, peephole=P is not None)
-    state = {}
-    for d in range(D):
-        suffix = "_l0" + ("_reverse" if d else "")
-        state["weight_ih" + suffix] = blocks(W[d])
-        state["weight_hh" + suffix] = blocks(R[d])
-        bias = np.zeros(8 * H) if B is None else B[d]
-        state["bias_ih" + suffix] = blocks(bias[:4 * H])
-        state["bias_hh" + suffix] = blocks(bias[4 * H:])
-        if P is not None:
-            for gate, k in _PEEPHOLES.items():
-                state[f"weight_c{gate}" + suffix] = P[d, k * H:(k + 1) * H]
-    layer.load_state_dict(state)
-    return layer
+    return layer_from_onnx_node(node, arrays, dtype=dtype, backend=backend,
+                                caller="from_onnx_lstm")

@@ -437,3 +437,53 @@ def test_variants_refuse_an_implementation_that_disagrees(monkeypatch, capsys):
     monkeypatch.setitem(variants.VARIANTS["peephole"], "modules", broken)
     assert variants.run(["peephole"], [1], 1, 0.0, tiny=True) == 1
     assert "REFUSED" in capsys.readouterr().out
+
+
+def test_onnx_file_times_every_recurrent_node(tmp_path, capsys, monkeypatch, threads_restored):
+    pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    import onnx
+
+    import lstmfast
+    from lstmfast.bench import main
+
+    monkeypatch.setattr(common, "PAUSE", 0.0)
+    lstm = lstmfast.LSTM(3, 4, num_layers=2, seed=0).to_onnx()
+    gru = lstmfast.GRU(3, 5, seed=1, reset_after=False).to_onnx()
+    for node in gru.graph.node:  # a second model's nodes and weights, renamed, in the first
+        node.name = "g_" + node.name
+    for t in gru.graph.initializer:
+        if t.name.startswith(("W", "R", "B")):
+            t.name = "g_" + t.name
+            lstm.graph.initializer.append(t)
+    recurrent = [n for n in gru.graph.node if n.op_type == "GRU"][0]
+    recurrent.input[1:4] = ["g_" + name for name in recurrent.input[1:4]]
+    recurrent.input[0] = "input"
+    recurrent.input[5] = ""
+    recurrent.output[:] = ["gY", "gY_h"]
+    lstm.graph.node.append(recurrent)
+    path, out = tmp_path / "m.onnx", tmp_path / "r.json"
+    onnx.save(lstm, str(path))
+    main(["--onnx", str(path), "--onnx-shape", "4,2", "--threads", "1", "--rounds", "1",
+          "--min-time", "0.001", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert "against ONNX Runtime" in printed and "vs ORT" in printed
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["node"], r["op"], r["precision"]) for r in rows] == [
+        ("lstm_l0", "LSTM", "float32"), ("lstm_l0", "LSTM", "int8"),
+        ("lstm_l1", "LSTM", "float32"), ("lstm_l1", "LSTM", "int8"),
+        ("g_gru_l0", "GRU", "float32")]
+    for r in rows:
+        assert (r["T"], r["N"]) == (4, 2) and set(r["seconds"]) == {"lstmfast", "onnxruntime"}
+        assert r["ratio"] > 0
+
+
+def test_onnx_mode_refuses_a_bad_shape(capsys, tmp_path):
+    from lstmfast.bench import main
+
+    with pytest.raises(SystemExit):
+        main(["--onnx", str(tmp_path / "m.onnx"), "--onnx-shape", "4"])
+    assert "--onnx-shape: expected T,N" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--onnx-shape", "4,2"])
+    assert "--onnx-shape goes with --onnx" in capsys.readouterr().err

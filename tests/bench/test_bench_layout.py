@@ -14,7 +14,7 @@ import lstmfast.bench
 
 PACKAGE = pathlib.Path(lstmfast.bench.__file__).parent
 MODULES = sorted(p.stem for p in PACKAGE.glob("*.py"))
-MODES = {"grid", "models", "peers", "variants", "patterns", "contention"}
+MODES = {"grid", "models", "peers", "variants", "patterns", "contention", "onnx_file"}
 # What each module of the package may import of the package (at the top or inside a
 # function): the command line imports the modes, a mode imports common (models also
 # its models), common imports none of them.
@@ -22,7 +22,8 @@ ALLOWED = {"__init__": {"cli"}, "__main__": {"cli"}, "cli": MODES | {"common"}, 
            "model_zoo": set(), **{mode: {"common"} for mode in MODES}}
 ALLOWED["models"] = {"common", "model_zoo"}
 TORCH_FREE = ("lstmfast.bench", "lstmfast.bench.cli", "lstmfast.bench.common", "lstmfast.bench.grid",
-              "lstmfast.bench.peers", "lstmfast.bench.patterns", "lstmfast.bench.contention")
+              "lstmfast.bench.peers", "lstmfast.bench.patterns", "lstmfast.bench.contention",
+              "lstmfast.bench.onnx_file")
 
 
 def package_imports(name):

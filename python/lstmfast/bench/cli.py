@@ -47,11 +47,21 @@ def main(argv=None):
     parser.add_argument("--pairs", type=int,
                         help="with --patterns or --models: process pairs (A B A B) per case (default 5; "
                              "2 with --quick, 1 with --tiny)")
+    parser.add_argument("--onnx", metavar="FILE",
+                        help="time every LSTM, GRU and RNN node of an ONNX model: lstmfast "
+                             "(from_onnx) against ONNX Runtime running the node")
+    parser.add_argument("--onnx-shape", metavar="T,N",
+                        help="with --onnx: the sequence length and batch (default: the file's "
+                             "input shape where it gives it whole, else 100,8)")
     parser.add_argument("--tiny", action="store_true",
                         help="with --models, --peers or --variants: tiny sizes, to test the command (the "
                              "figures mean nothing)")
     args = parser.parse_args(argv)
 
+    if args.onnx is not None:
+        return _main_onnx(parser, args)
+    if args.onnx_shape is not None:
+        parser.error("--onnx-shape goes with --onnx")
     if args.models is not None:
         return _main_models(parser, args)
     if args.patterns:
@@ -77,6 +87,28 @@ def main(argv=None):
     return grid.run(args.cells, args.shapes, args.modes, args.threads, args.rounds, args.min_time,
                     no_torch=args.no_torch, variants=not args.no_variants, memory=args.memory,
                     json_path=args.json, plot_path=args.plot)
+
+
+def _main_onnx(parser, args):
+    if args.models is not None or args.peers or args.variants or args.patterns or args.plot:
+        parser.error("--onnx is a mode of its own")
+    shape = None
+    if args.onnx_shape is not None:
+        try:
+            shape = [int(v) for v in args.onnx_shape.split(",")]
+        except ValueError:
+            shape = []
+        if len(shape) != 2 or min(shape) < 1:
+            parser.error(f"--onnx-shape: expected T,N (two positive ints), got {args.onnx_shape!r}")
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError as exc:
+        parser.error(f"--onnx needs onnx and onnxruntime ({exc})")
+    from lstmfast.bench import onnx_file
+
+    return onnx_file.run(args.onnx, args.threads or [1, 2], shape, args.rounds, args.min_time,
+                         json_path=args.json)
 
 
 def _main_models(parser, args):

@@ -21,8 +21,6 @@ is printed beside its time, since a reduced precision is judged by both.
 
 import copy
 import json
-import logging
-import os
 import sys
 import tempfile
 import warnings
@@ -98,36 +96,6 @@ def onnx_model(cell, state_dict, input_size, hidden_size):
                               ir_version=ONNX_IR_VERSION)
     onnx.checker.check_model(model)
     return model
-
-
-def onnx_int8_model(model, workdir, name):
-    """``quantize_dynamic`` of ``model``, and the op types of the graph it returned.
-
-    ``reduce_range=True`` (7-bit weights): without it, on x86 CPUs without VNNI, ORT's
-    u8 x s8 products saturate their 16-bit pair sums (VPMADDUBSW), and the LSTM output
-    was off by about 0.2 on the grid; with it, by about 0.02, as torch's int8.
-    """
-    import onnx
-    from onnxruntime.quantization import quantize_dynamic
-
-    fp32_path = os.path.join(workdir, f"{name}.onnx")
-    int8_path = os.path.join(workdir, f"{name}.int8.onnx")
-    onnx.save(model, fp32_path)
-    # quantize_dynamic logs advice to pre-process the model (shape inference, graph
-    # optimizations), which has nothing to do on a single node.
-    logging.disable(logging.WARNING)
-    try:
-        quantize_dynamic(fp32_path, int8_path, reduce_range=True)
-    finally:
-        logging.disable(logging.NOTSET)
-    return int8_path, [node.op_type for node in onnx.load(int8_path).graph.node]
-
-
-def _ort_session(ort, model, threads):
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 # ---------------------------------------------------------------------------
@@ -213,15 +181,15 @@ def _build_onnxruntime(ctx, case, state, x, precision):
     ort = ctx["onnxruntime"]
     model = onnx_model(case.cell, state, case.I, case.H)
     if precision == "float32":
-        session = _ort_session(ort, model.SerializeToString(), case.threads)
+        session = common.ort_session(ort, model.SerializeToString(), case.threads)
     else:
-        path, op_types = onnx_int8_model(model, ctx["workdir"], f"{case.cell}_{case.shape_name}")
+        path, op_types = common.onnx_int8_model(model, ctx["workdir"], f"{case.cell}_{case.shape_name}")
         if not any(op.startswith("DynamicQuantize") for op in op_types):
             raise Skipped(f"onnxruntime int8 {case.cell}: quantize_dynamic leaves the {case.cell} node in "
                           f"float32 (its graph: {', '.join(op_types)}); nothing int8 to time")
         ctx["note"](f"onnxruntime int8 {case.cell}: quantize_dynamic(reduce_range=True) made the "
                     f"{case.cell} node {', '.join(op_types)}")
-        session = _ort_session(ort, path, case.threads)
+        session = common.ort_session(ort, path, case.threads)
 
     def run():
         return session.run(None, {"X": x})[0][:, 0]

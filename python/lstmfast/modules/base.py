@@ -370,6 +370,13 @@ class _RNNBase(_Module):
                               f"weight_co_l{k}{suffix}"]
         return names
 
+    def to_onnx(self, path=None):
+        """This layer as an ONNX model of standard LSTM / GRU / RNN nodes, written to
+        ``path`` when given, and returned (``lstmfast.onnx_nodes.to_onnx``)."""
+        from ..onnx_nodes import to_onnx
+
+        return to_onnx(self, path)
+
     def extra_repr(self):
         s = f"{self.input_size}, {self.hidden_size}"
         if self.proj_size != 0:

@@ -1,0 +1,329 @@
+"""ONNX's recurrent nodes as lstmfast layers and back: ``from_onnx`` finds every
+``LSTM``, ``GRU`` and ``RNN`` node of a model and gives each as a layer that computes
+what the node computes; ``run_onnx_node`` calls such a layer with the node's inputs
+and returns its outputs as ONNX lays them out; ``to_onnx`` (``layer.to_onnx``) writes
+a layer as a model of standard nodes. Needs the ``onnx`` package, imported when
+called, not by ``import lstmfast``.
+
+What a node's attributes become (docs/guide.md, "ONNX models"):
+- the gate blocks are reordered from ONNX's (LSTM i, o, f, c; GRU z, r, h) to
+  torch's (LSTM i, f, g, o; GRU r, z, n); ``B``'s halves become ``bias_ih`` and
+  ``bias_hh``, ``P`` the peephole LSTM's ``weight_c{i,f,o}``;
+- ``direction``: ``forward`` or ``bidirectional``; ``layout=1``: ``batch_first``;
+- ``linear_before_reset``: 1 is torch's GRU, 0 (ONNX's default) ``GRU(...,
+  reset_after=False)``;
+- ``activations``: each node's defaults (LSTM sigmoid, tanh, tanh; GRU sigmoid,
+  tanh; RNN tanh), or relu for an RNN.
+Everything else raises ValueError naming the node and the attribute: other
+activations (and ``activation_alpha`` / ``activation_beta``), ``clip``,
+``input_forget``, ``direction="reverse"``, and weights that are not initializers.
+"""
+
+import numpy as np
+
+from .modules import GRU, LSTM, RNN
+
+__all__ = ["from_onnx", "layer_from_onnx_node", "run_onnx_node", "to_onnx"]
+
+# Block j of ours is ONNX's block _ORDER[op][j].
+_ORDER = {"LSTM": (0, 2, 3, 1), "GRU": (1, 0, 2), "RNN": (0,)}
+_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+_PEEPHOLES = {"i": 0, "o": 1, "f": 2}  # ONNX's P: i, o, f
+_DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh"),
+                        "RNN": ("tanh",)}
+_STATE_INPUTS = {"LSTM": 3, "GRU": 2, "RNN": 1}  # outputs: Y, Y_h (, Y_c)
+
+
+def _node_label(node, index):
+    return node.name or f"{node.op_type}_{index}"
+
+
+def _attributes(node):
+    import onnx
+
+    values = {}
+    for a in node.attribute:
+        v = onnx.helper.get_attribute_value(a)
+        if isinstance(v, bytes):
+            v = v.decode()
+        elif isinstance(v, list):
+            v = [x.decode() if isinstance(x, bytes) else x for x in v]
+        values[a.name] = v
+    return values
+
+
+def layer_from_onnx_node(node, arrays, *, label=None, dtype="float32", backend="fused",
+                         caller="from_onnx"):
+    """The lstmfast layer computing ONNX node ``node`` (LSTM, GRU or RNN), its weights
+    from ``arrays`` (a mapping from input names to arrays: the graph's initializers).
+    ValueError names the node (``label``) and what cannot be honoured."""
+    op = node.op_type
+    label = label or node.name or op
+    if op not in _GATES:
+        raise ValueError(f"{caller}: node {label!r}: {op} is not a recurrent node lstmfast runs "
+                         "(LSTM, GRU, RNN)")
+
+    def refuse(what):
+        raise ValueError(f"{caller}: node {label!r}: {what}")
+
+    attrs = _attributes(node)
+    direction = attrs.get("direction", "forward")
+    if direction not in ("forward", "bidirectional"):
+        refuse(f"direction={direction!r} has no lstmfast layer (forward and bidirectional do)")
+    D = 2 if direction == "bidirectional" else 1
+    activations = tuple(a.lower() for a in attrs.get("activations", ()))
+    default = _DEFAULT_ACTIVATIONS[op]
+    nonlinearity = "tanh"
+    if activations:
+        per_direction = [activations[k:k + len(default)]
+                         for k in range(0, len(activations), len(default))]
+        if op == "RNN" and all(a == ("relu",) for a in per_direction):
+            nonlinearity = "relu"
+        elif len(activations) != D * len(default) or any(a != default for a in per_direction):
+            refuse(f"activations={list(activations)} are not the {op}'s {list(default)}"
+                   + (" or relu" if op == "RNN" else ""))
+    for attribute in ("clip", "input_forget", "activation_alpha", "activation_beta"):
+        if attrs.get(attribute):
+            refuse(f"attribute {attribute}={attrs[attribute]!r} is not supported")
+    layout = attrs.get("layout", 0)
+    if layout not in (0, 1):
+        refuse(f"layout={layout!r}: expected 0 or 1")
+
+    inputs = list(node.input) + [""] * (8 - len(node.input))
+
+    def initializer(index, what):
+        if not inputs[index]:
+            return None
+        if inputs[index] not in arrays:
+            refuse(f"{what} ({inputs[index]!r}) must be an initializer")
+        return np.asarray(arrays[inputs[index]], dtype=np.float64)
+
+    W, R, B = initializer(1, "W"), initializer(2, "R"), initializer(3, "B")
+    P = initializer(7, "P") if op == "LSTM" else None
+    if W is None or R is None:
+        refuse("the node has no W or R")
+    G = _GATES[op]
+    if W.ndim != 3 or W.shape[0] != D:
+        refuse(f"W {W.shape} does not fit direction={direction!r}")
+    _, GH, I = W.shape
+    H = int(attrs.get("hidden_size", GH // G))
+    if GH != G * H or R.shape != (D, G * H, H) or (B is not None and B.shape != (D, 2 * G * H)):
+        refuse(f"W {W.shape}, R {R.shape}"
+               + (f", B {B.shape}" if B is not None else "")
+               + f" do not fit hidden_size={H} and direction={direction!r}")
+    if P is not None and P.shape != (D, 3 * H):
+        refuse(f"P {P.shape} does not fit hidden_size={H}")
+
+    order = _ORDER[op]
+
+    def blocks(a):  # ONNX's gate blocks along axis 0, in our order
+        return np.concatenate([a[k * H:(k + 1) * H] for k in order])
+
+    options = dict(bidirectional=D == 2, batch_first=layout == 1, dtype=dtype, backend=backend)
+    if op == "LSTM":
+        layer = LSTM(I, H, peephole=P is not None, **options)
+    elif op == "GRU":
+        layer = GRU(I, H, reset_after=bool(attrs.get("linear_before_reset", 0)), **options)
+    else:
+        layer = RNN(I, H, nonlinearity=nonlinearity, **options)
+    state = {}
+    for d in range(D):
+        suffix = "_l0" + ("_reverse" if d else "")
+        state["weight_ih" + suffix] = blocks(W[d])
+        state["weight_hh" + suffix] = blocks(R[d])
+        bias = np.zeros(2 * G * H) if B is None else B[d]
+        state["bias_ih" + suffix] = blocks(bias[:G * H])
+        state["bias_hh" + suffix] = blocks(bias[G * H:])
+        if P is not None:
+            for gate, k in _PEEPHOLES.items():
+                state[f"weight_c{gate}" + suffix] = P[d, k * H:(k + 1) * H]
+    layer.load_state_dict(state)
+    return layer.eval()
+
+
+def from_onnx(model_or_path, *, dtype="float32", backend="fused"):
+    """Every ``LSTM``, ``GRU`` and ``RNN`` node of an ONNX model as an lstmfast layer.
+
+    ``model_or_path``: an ``onnx.ModelProto``, a ``GraphProto``, or the path of a
+    ``.onnx`` file. Returns a dict from node name (``{op_type}_{index}`` for an
+    unnamed node) to a layer in eval mode that computes what the node computes, with
+    torch's calling convention: ``layer(X)`` or ``layer(X, h0)`` (``(h0, c0)`` for an
+    LSTM) returns ``output, h_n`` (``output, (h_n, c_n)``); ``output`` is (T, N, D*H),
+    or (N, T, D*H) for ``layout=1`` (the layer is then batch_first), and ``h_n`` is
+    (D, N, H). ``lengths=`` takes the node's ``sequence_lens``. ``run_onnx_node`` gives
+    the node's own outputs (Y, Y_h, Y_c) from the node's inputs.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    if isinstance(model_or_path, (str, bytes)) or hasattr(model_or_path, "__fspath__"):
+        model_or_path = onnx.load(model_or_path)
+    if isinstance(model_or_path, onnx.ModelProto):
+        model_or_path = model_or_path.graph
+    if not isinstance(model_or_path, onnx.GraphProto):
+        raise TypeError("from_onnx: expected an onnx ModelProto, GraphProto or a path, got "
+                        f"{type(model_or_path).__name__}")
+    graph = model_or_path
+    arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    layers = {}
+    for index, node in enumerate(graph.node):
+        if node.op_type in _GATES and node.domain in ("", "ai.onnx"):
+            label = _node_label(node, index)
+            layers[label] = layer_from_onnx_node(node, arrays, label=label, dtype=dtype,
+                                                 backend=backend)
+    return layers
+
+
+def run_onnx_node(layer, X, sequence_lens=None, initial_h=None, initial_c=None):
+    """What the node ``layer`` came from outputs for these inputs, as ONNX lays them out:
+    ``(Y, Y_h)`` for a GRU or RNN, ``(Y, Y_h, Y_c)`` for an LSTM. With the node's
+    ``layout=0`` (the default) X is (T, N, I), Y (T, D, N, H), the states (D, N, H); with
+    ``layout=1`` X is (N, T, I), Y (N, T, D, H), the states (N, D, H). Steps past a
+    sequence's length are zeros in Y, as ONNX Runtime gives them."""
+    batch_first = layer.batch_first
+    X = np.asarray(X)
+    N = X.shape[0] if batch_first else X.shape[1]
+    D = 2 if layer.bidirectional else 1
+    H = layer.hidden_size
+
+    def state_in(s):  # ONNX's layout of a state -> the layer's (D, N, H)
+        if s is None:
+            return np.zeros((D, N, H), dtype=layer.dtype)
+        s = np.asarray(s, dtype=layer.dtype)
+        return np.ascontiguousarray(s.transpose(1, 0, 2)) if batch_first else s
+
+    def state_out(s):
+        return np.ascontiguousarray(s.transpose(1, 0, 2)) if batch_first else s
+
+    cell_state = isinstance(layer, LSTM)
+    hx = (state_in(initial_h), state_in(initial_c)) if cell_state else state_in(initial_h)
+    lengths = None if sequence_lens is None else np.asarray(sequence_lens, dtype=np.int64)
+    output, state = layer(X.astype(layer.dtype, copy=False), hx, lengths=lengths)
+    # output (T, N, D*H) or (N, T, D*H) -> Y (T, D, N, H) or (N, T, D, H)
+    if batch_first:
+        Y = output.reshape(N, -1, D, H)
+    else:
+        Y = output.reshape(output.shape[0], N, D, H).transpose(0, 2, 1, 3)
+    Y = np.ascontiguousarray(Y)
+    if cell_state:
+        return Y, state_out(state[0]), state_out(state[1])
+    return Y, state_out(state)
+
+
+def to_onnx(layer, path=None, *, opset=14):
+    """An ONNX model computing ``layer`` (an lstmfast ``LSTM``, ``GRU`` or ``RNN``, float32 or
+    float64) with ONNX's standard ``LSTM`` / ``GRU`` / ``RNN`` node per layer; written to
+    ``path`` when given, and returned.
+
+    Inputs: ``input`` ((T, N, I), or (N, T, I) when batch_first), ``lengths`` (int32 (N,),
+    each sequence's length), ``h0`` ((L*D, N, H)) and, for an LSTM, ``c0``; outputs:
+    ``output`` (the layer's layout, (.., D*H)), ``h_n`` (and ``c_n``), as the layer
+    returns them. A batch_first layer's input and output are transposed around the
+    nodes (ONNX Runtime refuses the nodes' ``layout=1``); ``GRU(reset_after=False)``
+    gives ``linear_before_reset=0``; peepholes give the LSTM's ``P``. ValueError for
+    what ONNX's nodes do not compute (a projection, reduced weights, zoneout,
+    the other cells). Recurrent dropout is the identity at inference and is left out."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    kinds = {"LSTM": "LSTM", "GRU": "GRU", "GRU_RESET_BEFORE": "GRU", "RNN_TANH": "RNN",
+             "RNN_RELU": "RNN"}
+    mode = layer._mode
+    if mode not in kinds or type(layer) not in (LSTM, GRU, RNN):
+        raise ValueError(f"to_onnx: {type(layer).__name__} has no standard ONNX node "
+                         "(LSTM, GRU and RNN layers do)")
+    if getattr(layer, "proj_size", 0):
+        raise ValueError("to_onnx: ONNX's LSTM has no projection (proj_size)")
+    if layer.precision != "float32":  # "float32" marks a float layer of either dtype
+        raise ValueError(f"to_onnx: {layer.precision} weights are not exported yet; export the "
+                         "float layer")
+    if any(layer.zoneout):
+        raise ValueError("to_onnx: ONNX's nodes have no zoneout (its eval form blends h)")
+    op = kinds[mode]
+    G, H, L = _GATES[op], layer.hidden_size, layer.num_layers
+    D = 2 if layer.bidirectional else 1
+    elem = TensorProto.DOUBLE if layer.dtype == np.float64 else TensorProto.FLOAT
+    params = layer.state_dict()
+    inverse = np.argsort(_ORDER[op])  # ONNX's block j is our block inverse[j]
+
+    def onnx_blocks(a):
+        return np.concatenate([a[k * H:(k + 1) * H] for k in inverse])
+
+    initializers, nodes = [], []
+
+    def constant(name, value):
+        initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    constant("split_states", np.full(L, D, dtype=np.int64))
+    state_names = ["h0", "c0"] if op == "LSTM" else ["h0"]
+    per_layer_states = {}
+    for s in state_names:
+        parts = [f"{s}_layer{k}" for k in range(L)]
+        if L > 1:
+            nodes.append(helper.make_node("Split", [s, "split_states"], parts, axis=0))
+        else:
+            nodes.append(helper.make_node("Identity", [s], parts))
+        per_layer_states[s] = parts
+
+    shape_out = constant("shape_out", np.array([0, 0, -1], dtype=np.int64))
+    x = "input"
+    if layer.batch_first:  # (N, T, I) -> (T, N, I)
+        nodes.append(helper.make_node("Transpose", ["input"], ["input_t"], perm=[1, 0, 2]))
+        x = "input_t"
+    outputs_h, outputs_c = [], []
+    for k in range(L):
+        suffixes = ["_l%d" % k + ("_reverse" if d else "") for d in range(D)]
+        W = np.stack([onnx_blocks(params["weight_ih" + s]) for s in suffixes])
+        R = np.stack([onnx_blocks(params["weight_hh" + s]) for s in suffixes])
+        inputs = [x, constant(f"W{k}", W), constant(f"R{k}", R)]
+        if layer.bias:
+            B = np.stack([np.concatenate([onnx_blocks(params["bias_ih" + s]),
+                                          onnx_blocks(params["bias_hh" + s])]) for s in suffixes])
+            inputs.append(constant(f"B{k}", B))
+        else:
+            inputs.append("")
+        inputs += ["lengths", per_layer_states["h0"][k]]
+        attributes = dict(hidden_size=H, direction="bidirectional" if D == 2 else "forward")
+        if op == "LSTM":
+            inputs.append(per_layer_states["c0"][k])
+            if layer.peephole:
+                P = np.stack([np.concatenate([params[f"weight_c{g}" + s] for g in "iof"])
+                              for s in suffixes])
+                inputs.append(constant(f"P{k}", P))
+        if op == "GRU":
+            attributes["linear_before_reset"] = 0 if mode == "GRU_RESET_BEFORE" else 1
+        if mode == "RNN_RELU":
+            attributes["activations"] = ["Relu"] * D
+        outs = [f"Y{k}", f"Y{k}_h"] + ([f"Y{k}_c"] if op == "LSTM" else [])
+        nodes.append(helper.make_node(op, inputs, outs, name=f"{op.lower()}_l{k}", **attributes))
+        # Y (T, D, N, H) -> (T, N, D, H) -> (T, N, D*H)
+        nodes.append(helper.make_node("Transpose", [f"Y{k}"], [f"Y{k}_t"], perm=[0, 2, 1, 3]))
+        last = k == L - 1
+        x = "output" if last and not layer.batch_first else f"layer{k}_out"
+        nodes.append(helper.make_node("Reshape", [f"Y{k}_t", shape_out], [x]))
+        for name, store in zip(outs[1:], (outputs_h, outputs_c)):
+            store.append(name)
+    if layer.batch_first:
+        nodes.append(helper.make_node("Transpose", [x], ["output"], perm=[1, 0, 2]))
+    nodes.append(helper.make_node("Concat", outputs_h, ["h_n"], axis=0))
+    if op == "LSTM":
+        nodes.append(helper.make_node("Concat", outputs_c, ["c_n"], axis=0))
+
+    I = layer.input_size
+    time_major = ["N", "T"] if layer.batch_first else ["T", "N"]
+    graph_inputs = [helper.make_tensor_value_info("input", elem, time_major + [I]),
+                    helper.make_tensor_value_info("lengths", TensorProto.INT32, ["N"])]
+    graph_outputs = [helper.make_tensor_value_info("output", elem, time_major + [D * H])]
+    for s, out in zip(state_names, ("h_n", "c_n")):
+        graph_inputs.append(helper.make_tensor_value_info(s, elem, [L * D, "N", H]))
+        graph_outputs.append(helper.make_tensor_value_info(out, elem, [L * D, "N", H]))
+    graph = helper.make_graph(nodes, f"lstmfast_{mode.lower()}", graph_inputs, graph_outputs,
+                              initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
+                              producer_name="lstmfast")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    if path is not None:
+        onnx.save(model, str(path))
+    return model

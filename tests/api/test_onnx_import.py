@@ -1,0 +1,229 @@
+"""lstmfast.from_onnx and run_onnx_node: every LSTM, GRU and RNN node of a model as a
+layer, against ONNX Runtime running the same node (the oracle), on random attribute
+combinations; and the attributes lstmfast refuses, each by name."""
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import lstmfast
+
+from helpers import assert_close
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def random_weights(op, I, H, D, rng, peepholes=False, bias=True):
+    G = GATES[op]
+    arrays = {"W": rng.uniform(-0.5, 0.5, (D, G * H, I)), "R": rng.uniform(-0.5, 0.5, (D, G * H, H))}
+    if bias:
+        arrays["B"] = rng.uniform(-0.5, 0.5, (D, 2 * G * H))
+    if peepholes:
+        arrays["P"] = rng.uniform(-0.5, 0.5, (D, 3 * H))
+    return arrays
+
+
+def recurrent_model(op, I, H, *, direction="forward", layout=0, rng=None, peepholes=False,
+                    bias=True, name="rnn", arrays=None, **attributes):
+    """One ONNX node of type op (weights random, or ``arrays``, as initializers) with
+    inputs X, sequence_lens, initial_h (and initial_c), outputs Y, Y_h (and Y_c)."""
+    D = 2 if direction == "bidirectional" else 1
+    if arrays is None:
+        arrays = random_weights(op, I, H, D, rng, peepholes, bias)
+    peepholes, bias = "P" in arrays, "B" in arrays
+    inputs = ["X", "W", "R", "B" if bias else "", "sequence_lens", "initial_h"]
+    outputs = ["Y", "Y_h"]
+    if op == "LSTM":
+        inputs += ["initial_c", "P" if peepholes else ""]
+        outputs.append("Y_c")
+    node = helper.make_node(op, inputs, outputs, name=name, hidden_size=H, direction=direction,
+                            layout=layout, **attributes)
+    F = TensorProto.FLOAT
+    batch, time = ("N", "T") if layout else ("T", "N")
+    state = ["N", D, H] if layout else [D, "N", H]
+    y = ["N", "T", D, H] if layout else ["T", D, "N", H]
+    graph_inputs = [helper.make_tensor_value_info("X", F, [batch, time, I]),
+                    helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["N"]),
+                    helper.make_tensor_value_info("initial_h", F, state)]
+    graph_outputs = [helper.make_tensor_value_info("Y", F, y),
+                     helper.make_tensor_value_info("Y_h", F, state)]
+    if op == "LSTM":
+        graph_inputs.append(helper.make_tensor_value_info("initial_c", F, state))
+        graph_outputs.append(helper.make_tensor_value_info("Y_c", F, state))
+    graph = helper.make_graph(
+        [node], "recurrent", graph_inputs, graph_outputs,
+        [numpy_helper.from_array(a.astype(np.float32), k) for k, a in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def onnxruntime_run(model, feeds):
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return session.run(None, {k: v for k, v in feeds.items() if k in names})
+
+
+@st.composite
+def node_cases(draw):
+    op = draw(st.sampled_from(["LSTM", "GRU", "RNN"]))
+    attributes = {}
+    if op == "GRU":
+        attributes["linear_before_reset"] = draw(st.sampled_from([0, 1]))
+    direction = draw(st.sampled_from(["forward", "bidirectional"]))
+    if op == "RNN" and draw(st.booleans()):
+        attributes["activations"] = ["Relu"] * (2 if direction == "bidirectional" else 1)
+    return dict(op=op, direction=direction, layout=draw(st.sampled_from([0, 1])),
+                attributes=attributes, T=draw(st.integers(1, 6)), N=draw(st.integers(1, 4)),
+                I=draw(st.integers(1, 5)), H=draw(st.integers(1, 9)),
+                lengths=draw(st.booleans()), states=draw(st.booleans()),
+                peepholes=op == "LSTM" and draw(st.booleans()), bias=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**32 - 1)))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=node_cases())
+def test_nodes_compute_what_onnxruntime_computes(c):
+    rng = np.random.default_rng(c["seed"])
+    T, N, I, H = c["T"], c["N"], c["I"], c["H"]
+    D = 2 if c["direction"] == "bidirectional" else 1
+    arrays = random_weights(c["op"], I, H, D, rng, c["peepholes"], c["bias"])
+    model = recurrent_model(c["op"], I, H, direction=c["direction"], layout=c["layout"],
+                            arrays=arrays, **c["attributes"])
+    X = rng.standard_normal((N, T, I) if c["layout"] else (T, N, I)).astype(np.float32)
+    lengths = rng.integers(1, T + 1, N).astype(np.int32) if c["lengths"] else np.full(N, T, np.int32)
+    state_shape = (N, D, H) if c["layout"] else (D, N, H)
+    initial = {k: (rng.standard_normal(state_shape) if c["states"] else np.zeros(state_shape))
+               .astype(np.float32) for k in ("initial_h", "initial_c")}
+    if c["layout"]:
+        # ONNX Runtime refuses layout=1, which only moves the batch axis first: the
+        # same node with layout=0 on the transposed inputs, its outputs transposed back.
+        time_major = recurrent_model(c["op"], I, H, direction=c["direction"], layout=0,
+                                     arrays=arrays, **c["attributes"])
+        states = {k: v.transpose(1, 0, 2) for k, v in initial.items()}
+        Y, *Y_states = onnxruntime_run(time_major, {"X": X.transpose(1, 0, 2),
+                                                    "sequence_lens": lengths, **states})
+        theirs = [Y.transpose(2, 0, 1, 3)] + [s.transpose(1, 0, 2) for s in Y_states]
+    else:
+        theirs = onnxruntime_run(model, {"X": X, "sequence_lens": lengths, **initial})
+    for backend in ("fused", "numpy"):
+        (name, layer), = lstmfast.from_onnx(model, backend=backend).items()
+        assert name == "rnn" and layer.batch_first == bool(c["layout"])
+        ours = lstmfast.run_onnx_node(layer, X, lengths if c["lengths"] else None,
+                                      initial["initial_h"] if c["states"] else None,
+                                      initial["initial_c"] if c["states"] else None)
+        assert len(ours) == len(theirs)
+        for label, a, b in zip(("Y", "Y_h", "Y_c"), ours, theirs):
+            assert_close(a, b, tol=1e-5, name=f"{backend} {label} ({c})")
+
+
+def test_every_recurrent_node_of_a_model_and_their_names(tmp_path):
+    rng = np.random.default_rng(0)
+    lstm = recurrent_model("LSTM", 3, 4, rng=rng, name="")
+    gru = recurrent_model("GRU", 3, 5, rng=rng, name="encoder_gru")
+    graph = lstm.graph
+    node = gru.graph.node[0]
+    renamed = {n: "gru_" + n for n in ("W", "R", "B")}
+    for t in gru.graph.initializer:
+        t.name = renamed[t.name]
+        graph.initializer.append(t)
+    node.input[1:4] = [renamed["W"], renamed["R"], renamed["B"]]
+    node.output[:] = ["Y2", "Y2_h"]
+    graph.node.append(node)
+    path = tmp_path / "two.onnx"
+    onnx.save(lstm, str(path))
+    layers = lstmfast.from_onnx(str(path))
+    assert list(layers) == ["LSTM_0", "encoder_gru"]
+    assert isinstance(layers["LSTM_0"], lstmfast.LSTM) and not layers["LSTM_0"].training
+    assert isinstance(layers["encoder_gru"], lstmfast.GRU)
+    assert layers["encoder_gru"].reset_after is False  # ONNX's default linear_before_reset=0
+
+
+@pytest.mark.parametrize("op, attributes, message", [
+    ("LSTM", dict(clip=3.0), "attribute clip=3.0 is not supported"),
+    ("LSTM", dict(input_forget=1), "attribute input_forget=1 is not supported"),
+    ("GRU", dict(direction="reverse"), "direction='reverse' has no lstmfast layer"),
+    ("GRU", dict(activations=["HardSigmoid", "Tanh"]), "activations=.*are not the GRU's"),
+    ("RNN", dict(activations=["Sigmoid"]), "activations=.*are not the RNN's"),
+    ("LSTM", dict(activations=["Sigmoid", "Tanh", "Tanh"], activation_alpha=[1.0]),
+     "attribute activation_alpha=\\[1.0\\] is not supported"),
+])
+def test_what_cannot_be_honoured_is_refused_by_name(op, attributes, message):
+    rng = np.random.default_rng(1)
+    direction = attributes.pop("direction", "forward")
+    model = recurrent_model(op, 2, 3, rng=rng, direction=direction, name="node7", **attributes)
+    with pytest.raises(ValueError, match=f"from_onnx: node 'node7': {message}"):
+        lstmfast.from_onnx(model)
+
+
+def test_weights_that_are_not_initializers_are_refused():
+    node = helper.make_node("GRU", ["X", "W", "R"], ["Y"], hidden_size=2, name="g")
+    graph = helper.make_graph([node], "g", [], [])
+    with pytest.raises(ValueError, match=r"node 'g': W \('W'\) must be an initializer"):
+        lstmfast.from_onnx(graph)
+    with pytest.raises(TypeError, match="from_onnx: expected an onnx ModelProto"):
+        lstmfast.from_onnx(42)
+
+
+# ------------------------------------------------------------------------------------------
+# export: layer.to_onnx, run by ONNX Runtime, and read back by from_onnx
+
+
+@pytest.mark.parametrize("kind, options", [
+    ("LSTM", dict()),
+    ("LSTM", dict(num_layers=2, bidirectional=True, peephole=True)),
+    ("GRU", dict(num_layers=3, batch_first=True)),
+    ("GRU", dict(reset_after=False, bidirectional=True, bias=False)),
+    ("RNN", dict(nonlinearity="relu", num_layers=2, batch_first=True, bidirectional=True)),
+    ("RNN", dict(dtype="float64")),
+    ("LSTM", dict(dtype="float64", bidirectional=True)),
+])
+def test_to_onnx_round_trips_through_onnxruntime(kind, options, tmp_path):
+    layer = getattr(lstmfast, kind)(4, 5, seed=2, **options).eval()
+    path = tmp_path / "layer.onnx"
+    model = layer.to_onnx(path)
+    rng = np.random.default_rng(3)
+    N, T = 3, 6
+    dtype = layer.dtype
+    x = rng.standard_normal((N, T, 4) if layer.batch_first else (T, N, 4)).astype(dtype)
+    D = 2 if layer.bidirectional else 1
+    h0 = rng.standard_normal((layer.num_layers * D, N, 5)).astype(dtype)
+    c0 = rng.standard_normal(h0.shape).astype(dtype)
+    # ONNX Runtime's recurrent nodes are float32: float64 runs on onnx.reference, which
+    # ignores sequence_lens (full lengths then).
+    lengths = np.array([6, 2, 4]) if dtype == np.float32 else np.full(N, T)
+    hx = (h0, c0) if kind == "LSTM" else h0
+    output, state = layer(x, hx, lengths=lengths)
+    feeds = {"input": x, "lengths": lengths.astype(np.int32), "h0": h0, "c0": c0}
+    if dtype == np.float32:
+        theirs = onnxruntime_run(onnx.load(str(path)), feeds)
+    else:
+        from onnx.reference import ReferenceEvaluator
+
+        evaluator = ReferenceEvaluator(onnx.load(str(path)))
+        theirs = evaluator.run(None, {k: v for k, v in feeds.items() if k in evaluator.input_names})
+    tol = 1e-5 if dtype == np.float32 else 1e-10
+    ours = [output] + (list(state) if kind == "LSTM" else [state])
+    for label, a, b in zip(("output", "h_n", "c_n"), ours, theirs):
+        assert_close(a, b, tol=tol, name=f"onnxruntime {label}")
+    if layer.num_layers == 1:  # one node: from_onnx gives the layer back
+        (back,) = lstmfast.from_onnx(model, dtype=layer.dtype.name).values()
+        for name, value in layer.state_dict().items():
+            assert_close(back.state_dict()[name], value, tol=tol, name=name)
+
+
+def test_to_onnx_refuses_what_the_nodes_do_not_compute():
+    with pytest.raises(ValueError, match="to_onnx: ONNX's LSTM has no projection"):
+        lstmfast.LSTM(4, 5, proj_size=2).to_onnx()
+    with pytest.raises(ValueError, match="to_onnx: ONNX's nodes have no zoneout"):
+        lstmfast.GRU(4, 5, zoneout=0.1).to_onnx()
+    with pytest.raises(ValueError, match="to_onnx: CTRNN has no standard ONNX node"):
+        lstmfast.CTRNN(4, 5).to_onnx()
+    with pytest.raises(ValueError, match="to_onnx: int8 weights are not exported yet"):
+        lstmfast.quantize(lstmfast.LSTM(4, 5), "int8").to_onnx()

@@ -296,3 +296,20 @@ def torchaudio_custom_lstm():
     except Exception as exc:  # noqa: BLE001  (an ABI mismatch raises OSError/RuntimeError)
         return None, f"torchaudio is not usable here ({type(exc).__name__}: {exc})"
     return _CustomLSTM, None
+
+
+def keras_on_torch():
+    """Keras 3 on its torch backend, or a skip saying why it cannot be had here."""
+    import os
+
+    import pytest
+
+    pytest.importorskip("torch")
+    os.environ.setdefault("KERAS_BACKEND", "torch")
+    try:
+        import keras
+    except Exception as exc:  # noqa: BLE001  (not installed, or no usable backend)
+        pytest.skip(f"keras is not usable here ({type(exc).__name__}: {exc})")
+    if keras.backend.backend() != "torch":
+        pytest.skip(f"keras runs on {keras.backend.backend()} in this process, not torch")
+    return keras

@@ -683,16 +683,7 @@ void register_reduced(py::module_& m) {
 // "a,b,c" as ["a", "b", "c"] ("" as []).
 py::list split_names(const char* names) {
   py::list out;
-  std::string name;
-  for (const char* p = names;; ++p) {
-    if (*p == ',' || *p == '\0') {
-      if (!name.empty()) out.append(name);
-      name.clear();
-      if (*p == '\0') break;
-    } else {
-      name += *p;
-    }
-  }
+  for (const std::string& name : split_list(names)) out.append(name);
   return out;
 }
 

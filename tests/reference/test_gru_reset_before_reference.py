@@ -7,12 +7,10 @@ Forward and gradients: Keras 3's GRUCell with ``reset_after=False`` on its torch
 backend, differentiated by autograd. Finite differences are in test_reference.py.
 """
 
-import os
-
 import numpy as np
 import pytest
 
-from helpers import assert_close, make_problem, run_backward, run_forward
+from helpers import assert_close, keras_on_torch, make_problem, run_backward, run_forward
 
 SUFFIXES = ("", "_reverse")
 MODE = "GRU_RESET_BEFORE"
@@ -100,18 +98,6 @@ def test_torch_order_gru_differs_from_it():
     ours = run_forward(p)[0]
     theirs = run_forward(dict(p, mode="GRU"))[0]
     assert np.max(np.abs(ours - theirs)) > 1e-3
-
-
-def keras_on_torch():
-    pytest.importorskip("torch")
-    os.environ.setdefault("KERAS_BACKEND", "torch")
-    try:
-        import keras
-    except Exception as exc:  # noqa: BLE001  (not installed, or no usable backend)
-        pytest.skip(f"keras is not usable here ({type(exc).__name__}: {exc})")
-    if keras.backend.backend() != "torch":
-        pytest.skip(f"keras runs on {keras.backend.backend()} in this process, not torch")
-    return keras
 
 
 def test_forward_and_gradients_match_keras_gru_cell_reset_after_false():

@@ -11,24 +11,11 @@ was 3e-7 off torch's float64 product here), so it is an oracle of the semantics,
 float64 rounding; a mask applied to the wrong term is off by orders more.
 """
 
-import os
-
 import pytest
 
-from helpers import assert_close, make_problem, run_backward, run_forward
+from helpers import assert_close, keras_on_torch, make_problem, run_backward, run_forward
 
 torch = pytest.importorskip("torch")
-
-
-def keras_on_torch():
-    os.environ.setdefault("KERAS_BACKEND", "torch")
-    try:
-        import keras
-    except Exception as exc:  # noqa: BLE001  (not installed, or no usable backend)
-        pytest.skip(f"keras is not usable here ({type(exc).__name__}: {exc})")
-    if keras.backend.backend() != "torch":
-        pytest.skip(f"keras runs on {keras.backend.backend()} in this process, not torch")
-    return keras
 
 
 def test_recurrent_dropout_matches_keras_lstm_cell_with_its_masks_set():

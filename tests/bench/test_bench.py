@@ -464,8 +464,8 @@ def test_onnx_file_times_every_recurrent_node(tmp_path, capsys, monkeypatch, thr
     lstm.graph.node.append(recurrent)
     path, out = tmp_path / "m.onnx", tmp_path / "r.json"
     onnx.save(lstm, str(path))
-    main(["--onnx", str(path), "--onnx-shape", "4,2", "--threads", "1", "--rounds", "1",
-          "--min-time", "0.001", "--json", str(out)])
+    assert main(["--onnx", str(path), "--onnx-shape", "4,2", "--threads", "1", "--rounds", "1",
+                 "--min-time", "0.001", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "against ONNX Runtime" in printed and "vs ORT" in printed
     rows = json.loads(out.read_text())["results"]

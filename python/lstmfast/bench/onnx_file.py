@@ -18,7 +18,7 @@ from lstmfast.bench import common
 DEFAULT_T, DEFAULT_N = 100, 8
 
 
-def _single_node_model(node, initializers, onnx):
+def _single_node_model(node, initializers):
     """The node alone: input X, its weights as initializers, output Y (no lengths, no
     initial states: zeros, as ONNX's defaults)."""
     from onnx import TensorProto, helper
@@ -58,7 +58,9 @@ def run(path, threads, shape=None, rounds=5, min_time=0.5, json_path=None):
     model = onnx.load(path)
     graph = model.graph
     layers = lstmfast.from_onnx(model)
-    recurrent = [(i, n) for i, n in enumerate(graph.node) if n.op_type in ("LSTM", "GRU", "RNN")]
+    # The nodes from_onnx took, in its order (standard domain only).
+    recurrent = [(i, n) for i, n in enumerate(graph.node)
+                 if n.op_type in ("LSTM", "GRU", "RNN") and n.domain in ("", "ai.onnx")]
     config = common.configuration(None, None)
     print("lstmfast benchmark: the recurrent nodes of an ONNX model, against ONNX Runtime")
     for k, v in config.items():
@@ -66,47 +68,47 @@ def run(path, threads, shape=None, rounds=5, min_time=0.5, json_path=None):
     print(f"  {'model':31s} {path}")
     print(f"  {'onnxruntime':31s} {ort.__version__}")
     results = []
-    workdir = tempfile.mkdtemp(prefix="lstmfast-onnx-")
-    for (index, node), (label, layer) in zip(recurrent, layers.items()):
-        layout = layer.batch_first
-        declared = _static_shape(graph, node.input[0])
-        if shape is not None or declared is None:
-            T, N = shape or (DEFAULT_T, DEFAULT_N)
-        else:
-            T, N = (declared[1], declared[0]) if layout else (declared[0], declared[1])
-        rng = np.random.default_rng(index)
-        x = rng.standard_normal((N, T, layer.input_size) if layout else (T, N, layer.input_size))
-        x = x.astype(np.float32)
-        alone = _single_node_model(node, graph.initializer, onnx)
-        variants = [("float32", layer, alone.SerializeToString())]
-        if node.op_type == "LSTM" and not layer.peephole:
-            int8_path, _ = common.onnx_int8_model(alone, workdir, f"node{index}")
-            variants.append(("int8", lstmfast.quantize(layer, "int8"), int8_path))
-        for t in threads:
-            for precision, ours, theirs_model in variants:
-                session = common.ort_session(ort, theirs_model, t)
-                Y_ours = lstmfast.run_onnx_node(ours, x)[0]
+    with tempfile.TemporaryDirectory(prefix="lstmfast-onnx-") as workdir:  # int8 models
+        for (index, node), (label, layer) in zip(recurrent, layers.items()):
+            layout = layer.batch_first
+            declared = _static_shape(graph, node.input[0])
+            if shape is not None or declared is None:
+                T, N = shape or (DEFAULT_T, DEFAULT_N)
+            else:
+                T, N = (declared[1], declared[0]) if layout else (declared[0], declared[1])
+            rng = np.random.default_rng(index)
+            I = layer.input_size
+            x = rng.standard_normal((N, T, I) if layout else (T, N, I)).astype(np.float32)
+            alone = _single_node_model(node, graph.initializer)
+            variants = [("float32", layer, alone.SerializeToString())]
+            if node.op_type == "LSTM" and not layer.peephole:
+                int8_path, _ = common.onnx_int8_model(alone, workdir, f"node{index}")
+                variants.append(("int8", lstmfast.quantize(layer, "int8"), int8_path))
+            for t in threads:
+                for precision, ours, theirs_model in variants:
+                    session = common.ort_session(ort, theirs_model, t)
+                    Y_ours = lstmfast.run_onnx_node(ours, x)[0]
 
-                def run_ours(ours=ours):
-                    return ours(x)
+                    def run_ours(ours=ours):
+                        return ours(x)
 
-                def run_theirs(session=session):
-                    return session.run(None, {"X": x})
+                    def run_theirs(session=session):
+                        return session.run(None, {"X": x})
 
-                Y_theirs = run_theirs()[0]
-                scale = max(1.0, float(np.abs(Y_theirs).max()))
-                difference = float(np.abs(Y_ours - Y_theirs).max()) / scale
-                bound = 1e-4 if precision == "float32" else 5e-2
-                if not difference <= bound:
-                    raise AssertionError(f"{label}: lstmfast {precision} differs from ONNX Runtime "
-                                         f"by {difference:.3g} (bound {bound})")
-                seconds = common.time_interleaved({"lstmfast": run_ours, "onnxruntime": run_theirs},
-                                                  t, rounds, min_time, None, None)
-                results.append({"node": label, "op": node.op_type, "precision": precision,
-                                "T": T, "N": N, "I": layer.input_size, "H": layer.hidden_size,
-                                "D": 2 if layer.bidirectional else 1, "threads": t,
-                                "seconds": seconds, "max_rel_diff": difference,
-                                "ratio": seconds["onnxruntime"] / seconds["lstmfast"]})
+                    Y_theirs = run_theirs()[0]
+                    scale = max(1.0, float(np.abs(Y_theirs).max()))
+                    difference = float(np.abs(Y_ours - Y_theirs).max()) / scale
+                    bound = 1e-4 if precision == "float32" else 5e-2
+                    if not difference <= bound:
+                        raise AssertionError(f"{label}: lstmfast {precision} differs from ONNX "
+                                             f"Runtime by {difference:.3g} (bound {bound})")
+                    runners = {"lstmfast": run_ours, "onnxruntime": run_theirs}
+                    seconds = common.time_interleaved(runners, t, rounds, min_time, None, None)
+                    results.append({"node": label, "op": node.op_type, "precision": precision,
+                                    "T": T, "N": N, "I": I, "H": layer.hidden_size,
+                                    "D": 2 if layer.bidirectional else 1, "threads": t,
+                                    "seconds": seconds, "max_rel_diff": difference,
+                                    "ratio": seconds["onnxruntime"] / seconds["lstmfast"]})
     print(f"{'node':20s} {'op':4s} {'prec':8s} {'T':>4s} {'N':>3s} {'I':>5s} {'H':>5s} {'D':>2s} "
           f"{'thr':>3s} {'onnxruntime':>12s} {'lstmfast':>10s} {'vs ORT':>7s}")
     for r in results:

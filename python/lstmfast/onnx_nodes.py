@@ -11,7 +11,7 @@ What a node's attributes become (docs/guide.md, "ONNX models"):
   ``bias_hh``, ``P`` the peephole LSTM's ``weight_c{i,f,o}``;
 - ``direction``: ``forward`` or ``bidirectional``; ``layout=1``: ``batch_first``;
 - ``linear_before_reset``: 1 is torch's GRU, 0 (ONNX's default) ``GRU(...,
-  reset_after=False)``;
+  linear_before_reset=False)``;
 - ``activations``: each node's defaults (LSTM sigmoid, tanh, tanh; GRU sigmoid,
   tanh; RNN tanh), or relu for an RNN.
 Everything else raises ValueError naming the node and the attribute: other
@@ -123,7 +123,7 @@ def layer_from_onnx_node(node, arrays, *, label=None, dtype="float32", backend="
     if op == "LSTM":
         layer = LSTM(I, H, peephole=P is not None, **options)
     elif op == "GRU":
-        layer = GRU(I, H, reset_after=bool(attrs.get("linear_before_reset", 0)), **options)
+        layer = GRU(I, H, linear_before_reset=bool(attrs.get("linear_before_reset", 0)), **options)
     else:
         layer = RNN(I, H, nonlinearity=nonlinearity, **options)
     state = {}
@@ -219,7 +219,7 @@ def to_onnx(layer, path=None, *, opset=14):
     each sequence's length), ``h0`` ((L*D, N, H)) and, for an LSTM, ``c0``; outputs:
     ``output`` (the layer's layout, (.., D*H)), ``h_n`` (and ``c_n``), as the layer
     returns them. A batch_first layer's input and output are transposed around the
-    nodes (ONNX Runtime refuses the nodes' ``layout=1``); ``GRU(reset_after=False)``
+    nodes (ONNX Runtime refuses the nodes' ``layout=1``); ``GRU(linear_before_reset=False)``
     gives ``linear_before_reset=0``; peepholes give the LSTM's ``P``. ValueError for
     what ONNX's nodes do not compute (a projection, reduced weights, zoneout,
     the other cells). Recurrent dropout is the identity at inference and is left out."""

@@ -43,7 +43,7 @@ def test_features_are_what_the_layers_accept(mode):
     assert ("zoneout" in _cells.CELLS[mode]["features"]) == (mode in _RNNBase._zoneout_modes)
     assert ("projection" in _cells.CELLS[mode]["features"]) == (mode == "LSTM")
     if mode == "GRU_RESET_BEFORE":
-        layer = lstmfast.GRU(3, 4, reset_after=False)
+        layer = lstmfast.GRU(3, 4, linear_before_reset=False)
         for precision in ("int8", "bfloat16"):
             if _cells.supports(mode, precision):
                 assert lstmfast.quantize(layer, precision).precision == precision

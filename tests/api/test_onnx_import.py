@@ -142,7 +142,7 @@ def test_every_recurrent_node_of_a_model_and_their_names(tmp_path):
     assert list(layers) == ["LSTM_0", "encoder_gru"]
     assert isinstance(layers["LSTM_0"], lstmfast.LSTM) and not layers["LSTM_0"].training
     assert isinstance(layers["encoder_gru"], lstmfast.GRU)
-    assert layers["encoder_gru"].reset_after is False  # ONNX's default linear_before_reset=0
+    assert layers["encoder_gru"].linear_before_reset is False  # ONNX's default linear_before_reset=0
 
 
 @pytest.mark.parametrize("op, attributes, message", [
@@ -179,7 +179,7 @@ def test_weights_that_are_not_initializers_are_refused():
     ("LSTM", dict()),
     ("LSTM", dict(num_layers=2, bidirectional=True, peephole=True)),
     ("GRU", dict(num_layers=3, batch_first=True)),
-    ("GRU", dict(reset_after=False, bidirectional=True, bias=False)),
+    ("GRU", dict(linear_before_reset=False, bidirectional=True, bias=False)),
     ("RNN", dict(nonlinearity="relu", num_layers=2, batch_first=True, bidirectional=True)),
     ("RNN", dict(dtype="float64")),
     ("LSTM", dict(dtype="float64", bidirectional=True)),

@@ -449,7 +449,7 @@ def test_onnx_file_times_every_recurrent_node(tmp_path, capsys, monkeypatch, thr
 
     monkeypatch.setattr(common, "PAUSE", 0.0)
     lstm = lstmfast.LSTM(3, 4, num_layers=2, seed=0).to_onnx()
-    gru = lstmfast.GRU(3, 5, seed=1, reset_after=False).to_onnx()
+    gru = lstmfast.GRU(3, 5, seed=1, linear_before_reset=False).to_onnx()
     for node in gru.graph.node:  # a second model's nodes and weights, renamed, in the first
         node.name = "g_" + node.name
     for t in gru.graph.initializer:

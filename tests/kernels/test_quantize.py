@@ -180,8 +180,8 @@ CONFIGS = [
     ("CTRNN", dict(nonlinearity="tanh", leak="inside", alpha=0.2, num_layers=2, bidirectional=True)),
     ("LayerNormLSTM", dict()),
     ("LayerNormLSTM", dict(num_layers=2, bidirectional=True)),
-    ("GRU", dict(reset_after=False)),
-    ("GRU", dict(reset_after=False, num_layers=2, bidirectional=True)),
+    ("GRU", dict(linear_before_reset=False)),
+    ("GRU", dict(linear_before_reset=False, num_layers=2, bidirectional=True)),
 ]
 CELL_STATE = ("LSTM", "LayerNormLSTM")
 
@@ -261,7 +261,7 @@ def test_reduced_gru_reset_before_second_product_across_panels(reduced_simd_targ
     rows unless 2H is a multiple of 16: that panel is multiplied by h and then by u.
     (300, 12) has the pool share the panels (kReducedSerialWork)."""
     lstmfast.set_num_threads(threads)
-    fused, numpy = layer_pair("GRU", dict(reset_after=False), precision, H=H)
+    fused, numpy = layer_pair("GRU", dict(linear_before_reset=False), precision, H=H)
     rng = np.random.default_rng(H)
     x = rng.standard_normal((7, N, 11)).astype(np.float32)
     for lengths in (None, rng.integers(1, 8, N)):

@@ -1,4 +1,4 @@
-"""lstmfast.torch.GRU(reset_after=False), the GRU of the original paper: the fused
+"""lstmfast.torch.GRU(linear_before_reset=False), the GRU of the original paper: the fused
 kernels under autograd against the NumPy reference (whose oracles, ONNX Runtime and
 Keras, are in reference/test_gru_reset_before_reference.py), and its loop of torch
 ops, which serves where the kernels cannot, against the kernels."""
@@ -23,7 +23,7 @@ def numpy_twin(module, dtype):
     layer = lstmfast.GRU(module.input_size, module.hidden_size, num_layers=module.num_layers,
                          bias=module.bias, batch_first=module.batch_first,
                          bidirectional=module.bidirectional, dtype=dtype, backend="numpy",
-                         reset_after=False)
+                         linear_before_reset=False)
     layer.load_state_dict({k: v.detach().numpy() for k, v in module.state_dict().items()})
     return layer
 
@@ -33,7 +33,7 @@ def numpy_twin(module, dtype):
 def test_forward_and_gradients_match_the_reference(dtype, options):
     torch.manual_seed(0)
     options = {"hidden_size": 7, **options}
-    module = lt.GRU(5, reset_after=False, **options).to(dtype)
+    module = lt.GRU(5, linear_before_reset=False, **options).to(dtype)
     x = torch.randn((3, 6, 5) if module.batch_first else (6, 3, 5), dtype=dtype, requires_grad=True)
     h0 = torch.randn(module.num_layers * (2 if module.bidirectional else 1), 3, module.hidden_size,
                      dtype=dtype, requires_grad=True)
@@ -55,7 +55,7 @@ def test_forward_and_gradients_match_the_reference(dtype, options):
 
 def test_it_is_not_torchs_gru():
     torch.manual_seed(3)
-    ours = lt.GRU(4, 6, reset_after=False)
+    ours = lt.GRU(4, 6, linear_before_reset=False)
     torchs = torch.nn.GRU(4, 6)
     torchs.load_state_dict(ours.state_dict())
     x = torch.randn(5, 2, 4)
@@ -65,7 +65,7 @@ def test_it_is_not_torchs_gru():
 
 def test_the_torch_loop_computes_what_the_kernels_do():
     torch.manual_seed(1)
-    module = lt.GRU(3, 4, num_layers=2, bidirectional=True, reset_after=False).double()
+    module = lt.GRU(3, 4, num_layers=2, bidirectional=True, linear_before_reset=False).double()
     x = torch.randn(5, 3, 3, dtype=torch.float64)
     packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False)
     for given in (x, x[:, 0], packed):
@@ -79,7 +79,7 @@ def test_the_torch_loop_computes_what_the_kernels_do():
         warnings.simplefilter("ignore")  # the tracer's warnings on Python control flow
         traced = torch.jit.trace(module, (x,), check_trace=False)
         assert_close(traced(x)[0].numpy(), module(x)[0].numpy(), tol=1e-12, name="traced")
-    with pytest.raises(TypeError, match="reset_after=False.*cannot be scripted"), \
+    with pytest.raises(TypeError, match="linear_before_reset=False.*cannot be scripted"), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script's own notice
         torch.jit.script(module)
@@ -87,7 +87,7 @@ def test_the_torch_loop_computes_what_the_kernels_do():
 
 def test_regularizers_match_the_loop():
     torch.manual_seed(4)
-    module = lt.GRU(3, 5, num_layers=2, reset_after=False, recurrent_dropout=0.3,
+    module = lt.GRU(3, 5, num_layers=2, linear_before_reset=False, recurrent_dropout=0.3,
                     zoneout=0.2).double().train()
     x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
     rec = (torch.rand(2, 2, 5, dtype=torch.float64) > 0.3).double() / 0.7
@@ -105,7 +105,7 @@ def test_regularizers_match_the_loop():
 
 def test_first_and_second_derivatives_pass_gradcheck():
     torch.manual_seed(2)
-    module = lt.GRU(3, 4, num_layers=2, reset_after=False).double()
+    module = lt.GRU(3, 4, num_layers=2, linear_before_reset=False).double()
     x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: module(x)[0], (x,))
     # double backward differentiates the torch loop's graph (_torch_loop_stack)
@@ -116,7 +116,7 @@ def test_first_and_second_derivatives_pass_gradcheck():
                             "ignore::UserWarning")  # torch.ao's migration notes
 def test_autocast_runs_the_loop_and_restore_keeps_it():
     torch.manual_seed(5)
-    module = lt.GRU(3, 4, reset_after=False)
+    module = lt.GRU(3, 4, linear_before_reset=False)
     x = torch.randn(5, 2, 3)
     with torch.no_grad():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -127,11 +127,11 @@ def test_autocast_runs_the_loop_and_restore_keeps_it():
     model = torch.nn.Sequential(module)
     assert type(lt.restore(model)[0]) is lt.GRU  # torch has no class that computes it
     quantized = lt.quantize_dynamic(model)
-    assert type(quantized[0]) is lt.GRU and not quantized[0].reset_after
+    assert type(quantized[0]) is lt.GRU and not quantized[0].linear_before_reset
 
 
-def test_bad_reset_after_is_refused():
-    with pytest.raises(TypeError, match="reset_after should be of type bool"):
-        lt.GRU(3, 4, reset_after="no")
-    assert "reset_after=False" in repr(lt.GRU(3, 4, reset_after=False))
-    assert "reset_after" not in repr(lt.GRU(3, 4))
+def test_bad_linear_before_reset_is_refused():
+    with pytest.raises(TypeError, match="linear_before_reset should be of type bool"):
+        lt.GRU(3, 4, linear_before_reset="no")
+    assert "linear_before_reset=False" in repr(lt.GRU(3, 4, linear_before_reset=False))
+    assert "linear_before_reset" not in repr(lt.GRU(3, 4))

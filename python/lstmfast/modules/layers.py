@@ -31,7 +31,7 @@ class LSTM(_RNNBase):
 class GRU(_RNNBase):
     """Multi-layer GRU, as ``torch.nn.GRU`` (gates r, z, n; reset applied after W_hn h).
 
-    ``reset_after=False`` gives the GRU of the original paper instead (docs/cells.md,
+    ``linear_before_reset=False`` gives the GRU of the original paper instead (docs/cells.md,
     GRU with the reset before W_hn): n = tanh(W_in x + b_in + W_hn (r * h) + b_hn), as
     ONNX's ``linear_before_reset=0`` and Keras's ``reset_after=False``; the same
     parameters, names and shapes."""
@@ -39,15 +39,15 @@ class GRU(_RNNBase):
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, dtype="float32", backend="fused",
                  seed=None, *, proj_size=0, recurrent_dropout=0.0, zoneout=0.0,
-                 reset_after=True):
-        self.reset_after = _check_flag("reset_after", reset_after)
-        super().__init__("GRU" if self.reset_after else "GRU_RESET_BEFORE", input_size,
+                 linear_before_reset=True):
+        self.linear_before_reset = _check_flag("linear_before_reset", linear_before_reset)
+        super().__init__("GRU" if self.linear_before_reset else "GRU_RESET_BEFORE", input_size,
                          hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, proj_size, dtype, backend, seed,
                          recurrent_dropout=recurrent_dropout, zoneout=zoneout)
 
     def _options_repr(self):
-        return "" if self.reset_after else ", reset_after=False"
+        return "" if self.linear_before_reset else ", linear_before_reset=False"
 
 
 class RNN(_RNNBase):

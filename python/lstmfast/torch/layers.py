@@ -362,38 +362,38 @@ class GRU(_FastRNNMixin, nn.GRU):
     ``zoneout`` (a probability, or (p_h, p_c), p_c 0)
     add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.GRU``'s).
 
-    ``reset_after=False`` gives the GRU of the original paper (ONNX's
+    ``linear_before_reset=False`` gives the GRU of the original paper (ONNX's
     ``linear_before_reset=0``, Keras's ``reset_after=False``; ``lstmfast.GRU``'s), which
     torch.nn lacks: n = tanh(W_in x + b_in + W_hn (r * h) + b_hn), on the same
     parameters. Where only torch can compute (CUDA, other dtypes, tracing, export,
     ``torch.func``, autocast, double backward) a loop of torch ops computes it."""
 
     _lstmfast_torch_class = nn.GRU
-    reset_after = True  # accelerate() swaps torch's GRU in without __init__
+    linear_before_reset = True  # accelerate() swaps torch's GRU in without __init__
 
-    def __init__(self, *args, reset_after=True, **kwargs):
+    def __init__(self, *args, linear_before_reset=True, **kwargs):
         super().__init__(*args, **kwargs)
-        self.reset_after = _check_flag("reset_after", reset_after)
+        self.linear_before_reset = _check_flag("linear_before_reset", linear_before_reset)
 
     @property
     def _lstmfast_mode(self):
-        return "GRU" if self.reset_after else "GRU_RESET_BEFORE"
+        return "GRU" if self.linear_before_reset else "GRU_RESET_BEFORE"
 
     @property
     def _lstmfast_autocast(self):  # torch's ops under autocast for the GRU torch lacks
-        return self.reset_after
+        return self.linear_before_reset
 
     def _torch_forward(self, input, hx, given=None):
-        if not self.reset_after:  # torch has no such GRU: a loop of its ops
+        if not self.linear_before_reset:  # torch has no such GRU: a loop of its ops
             return _torch_loop_forward(self, input, hx, _torch_loop_stack, given)
         return super()._torch_forward(input, hx, given)
 
     def extra_repr(self):
-        return super().extra_repr() + ("" if self.reset_after else ", reset_after=False")
+        return super().extra_repr() + ("" if self.linear_before_reset else ", linear_before_reset=False")
 
     def __prepare_scriptable__(self):
-        if not self.reset_after:
-            raise TypeError("GRU(reset_after=False) cannot be scripted: torch has no such GRU "
+        if not self.linear_before_reset:
+            raise TypeError("GRU(linear_before_reset=False) cannot be scripted: torch has no such GRU "
                             "to compile; use torch.jit.trace")
         return super().__prepare_scriptable__()
 

@@ -311,8 +311,11 @@ struct StackShape {
   double ln_eps = 1e-5;      // LN_LSTM (LayerShape)
   double zone_p_h = 0, zone_p_c = 0;  // zoneout without masks (LayerShape)
   bool zone_hashed = false;           // (LayerShape); Params::zone_seed per layer-direction
+  bool reverse = false;  // D = 1 walking each sequence from its end (ONNX's direction="reverse")
 
   int64_t H_out() const { return P > 0 ? P : H; }
+  // Whether direction d walks the steps from last to first (LayerShape::reverse).
+  bool walks_backward(int64_t d) const { return (d == 1) != reverse; }
   int64_t input_size(int64_t layer) const { return layer == 0 ? I : D * H_out(); }
 };
 

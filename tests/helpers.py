@@ -142,8 +142,10 @@ BACKENDS = ["numpy"] + (["fused"] if fused_available() else [])
 def make_problem(mode, *, T=3, N=2, I=3, H=4, num_layers=1, bidirectional=False, bias=True,
                  proj_size=0, lengths=None, dropout=0.0, dtype=np.float64, seed=0,
                  peephole=False, alpha=0.3, leak="outside", noise_std=0.2,
-                 recurrent_dropout=0.0, zoneout=None):
+                 recurrent_dropout=0.0, zoneout=None, options=None):
     """Random inputs, parameters, dropout masks and loss weights for one configuration.
+    options: more keyword arguments of the forward (ONNX's activations, clip,
+    input_forget, reverse).
     A CTRNN mode also gets alpha, leak and noise of noise_std (none for the others).
     recurrent_dropout > 0 draws recurrent dropout masks; zoneout (p_h, p_c) draws zoneout
     masks, or with eval=True in it, ("eval", p_h, p_c), gives the probabilities (eval)."""
@@ -185,6 +187,7 @@ def make_problem(mode, *, T=3, N=2, I=3, H=4, num_layers=1, bidirectional=False,
         noise = (noise_std * rng.standard_normal((num_layers * D, T, N, H))).astype(dtype)
     return {
         "ctrnn": {"alpha": alpha, "leak": leak, "noise": noise} if ctrnn else {},
+        "options": dict(options or {}),
         "regularizers": regularizers,
         "mode": mode, "x": x, "h0": h0, "c0": c0 if mode in reference.CELL_STATE_MODES else None,
         "params": params, "masks": masks, "R1": R1, "R2": R2, "R3": R3,
@@ -199,7 +202,8 @@ def run_forward(p, training=False):
     return reference.forward(
         p["mode"], p["x"], hx, p["params"], num_layers=p["num_layers"],
         bidirectional=p["bidirectional"], proj_size=p["proj_size"], lengths=p["lengths"],
-        dropout_masks=p["masks"], training=training, **p["ctrnn"], **p["regularizers"])
+        dropout_masks=p["masks"], training=training, **p["ctrnn"], **p["regularizers"],
+        **p["options"])
 
 
 def run_backward(p, grads=None):

@@ -724,8 +724,8 @@ void register_rnn(py::module_& m) {
   m.def(
       "rnn_forward",
       [](const std::string& mode, py::handle x, py::handle h0, py::handle c0, py::handle params,
-         int64_t num_layers, bool bidirectional, int64_t proj_size, py::handle lengths,
-         py::handle dropout_masks, bool training, py::handle cell_options_obj,
+         int64_t num_layers, bool bidirectional, bool reverse, int64_t proj_size,
+         py::handle lengths, py::handle dropout_masks, bool training, py::handle cell_options_obj,
          py::handle regularizers_obj) {
         lstmfast::StackShape s;
         s.mode = parse_mode(mode);
@@ -762,6 +762,9 @@ void register_rnn(py::module_& m) {
         s.ln_eps = layer_norm_eps;
         s.L = num_layers;
         s.D = bidirectional ? 2 : 1;
+        if (reverse && bidirectional)
+          throw py::value_error("reverse: a bidirectional stack already runs both ways");
+        s.reverse = reverse;
         s.P = proj_size;
         s.training = training;
         if (num_layers < 1 || num_layers > std::numeric_limits<int32_t>::max())
@@ -781,11 +784,12 @@ void register_rnn(py::module_& m) {
                              std::string(py::str(xa.dtype())));
       },
       py::arg("mode"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("params"),
-      py::kw_only(), py::arg("num_layers"), py::arg("bidirectional"), py::arg("proj_size") = 0,
-      py::arg("lengths") = py::none(), py::arg("dropout_masks") = py::none(),
-      py::arg("training") = false, py::arg("cell_options") = py::none(),
-      py::arg("regularizers") = py::none(),
-      "Forward of a stack. params: a dict from torch's parameter names (weight_ih_l0, "
+      py::kw_only(), py::arg("num_layers"), py::arg("bidirectional"), py::arg("reverse") = false,
+      py::arg("proj_size") = 0, py::arg("lengths") = py::none(),
+      py::arg("dropout_masks") = py::none(), py::arg("training") = false,
+      py::arg("cell_options") = py::none(), py::arg("regularizers") = py::none(),
+      "Forward of a stack (reverse: one direction walking each sequence from its end, as "
+      "ONNX's direction='reverse'). params: a dict from torch's parameter names (weight_ih_l0, "
       "bias_hh_l1_reverse, ...) to arrays or packed reduced weights, for the names cells() "
       "gives the mode (torch's five, and its extra_params and optional_params); absent "
       "biases are zeros. cell_options: a dict with a CTRNN's alpha (dt / tau), leak "

@@ -501,7 +501,7 @@ LayerShape layer_shape(const StackCache<Real>& c, int64_t layer, int64_t directi
   l.I = s.input_size(layer);
   l.H = s.H;
   l.P = s.P;
-  l.reverse = direction == 1;
+  l.reverse = s.walks_backward(direction);
   l.relu = cell_info(s.mode).relu;
   l.alpha = s.alpha;
   l.leak_inside = s.leak_inside;
@@ -678,7 +678,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
   ActivationScratch acts[2], acts_state[2];
   carve_scratch([&](Carver& cv) {
     for (int64_t d = 0; d < D; ++d) {
-      if (!(project_into_gates && d == 0)) scratch[d].xproj = cv.take<Real>(T * N * GH);
+      if (!(project_into_gates && !s.walks_backward(d))) scratch[d].xproj = cv.take<Real>(T * N * GH);
       scratch[d].rec = cv.take<Real>(N * GH);
       if (rec_masked) scratch[d].mask_sorted = cv.take<Real>(N * H_out);
       if (widen_input) wide[d].W_ih = cv.take<float>(GH * widest);
@@ -811,7 +811,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
   Real* packed_dx = nullptr;
   carve_scratch([&](Carver& cv) {
     for (int64_t d = 0; d < D; ++d) {
-      const bool in_order = d == 0 && c.lengths.empty();
+      const bool in_order = !s.walks_backward(d) && c.lengths.empty();
       if (!(in_place && lstm && in_order)) dG_x[d] = cv.take<Real>(T * N * GH);
       if ((gru || !in_order) && !in_place) scratch[d].dG = cv.take<Real>(S * N * GH);
       if (gru && !in_order) scratch[d].dG_in = cv.take<Real>(S * N * GH);

@@ -62,6 +62,7 @@ def rnn_forward(
     *,
     num_layers: int,
     bidirectional: bool,
+    reverse: bool = False,  # one direction walking each sequence from its end
     proj_size: int = 0,
     lengths: Optional[npt.NDArray[np.integer]] = None,  # (N,), each in 1..T
     dropout_masks: Optional[Sequence[npt.NDArray[_Float]]] = None,  # num_layers-1 of (T, N, D*H_out)

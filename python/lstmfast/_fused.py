@@ -8,11 +8,15 @@ activations, cell states, h per step) in one block of memory.
 This module passes the parameters to the compiled module by name, as the layers
 hold them; shapes, dtypes and lengths are checked there, and its errors name the
 offending argument.
+
+ONNX's options that the kernels do not compute yet (activations other than the
+cell's own, clip, input_forget) run in the reference, forward and backward: the
+slower path docs/onnx.md lists.
 """
 
 import numpy as np
 
-from . import _cells
+from . import _cells, reference
 from ._config import get_num_threads
 from ._native import _core
 
@@ -45,13 +49,28 @@ class _Cache:
         return self.core.nbytes
 
 
+def fused(mode, activations=None, clip=None, input_forget=False):
+    """Whether the kernels compute ``mode`` with these ONNX options (else the reference does)."""
+    return (clip is None and not input_forget
+            and (activations is None or reference.resolve_activations(mode, activations)
+                 == reference.resolve_activations(mode)))
+
+
 def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
             lengths=None, dropout_masks=None, training=False, alpha=1.0, leak="outside",
             noise=None, layer_norm_eps=1e-5, recurrent_dropout_masks=None, zoneout_masks=None,
-            zoneout_seed=None):
+            zoneout_seed=None, activations=None, clip=None, input_forget=False, reverse=False):
     """Forward pass of a stacked (bi)directional LSTM / GRU / RNN; as reference.forward."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not fused(mode, activations, clip, input_forget):
+        return reference.forward(
+            mode, x, hx, params, num_layers=num_layers, bidirectional=bidirectional,
+            proj_size=proj_size, lengths=lengths, dropout_masks=dropout_masks, training=training,
+            alpha=alpha, leak=leak, noise=noise, layer_norm_eps=layer_norm_eps,
+            recurrent_dropout_masks=recurrent_dropout_masks, zoneout_masks=zoneout_masks,
+            zoneout_seed=zoneout_seed, activations=activations, clip=clip,
+            input_forget=input_forget, reverse=reverse)
     x = np.asarray(x)
     if x.dtype not in _DTYPES:
         raise TypeError(f"x: expected dtype float32 or float64, got {x.dtype}")
@@ -76,8 +95,9 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
                          else np.asarray(m, dtype=dtype) for m in zoneout_masks]
     output, h_n, c_n, core = _core.rnn_forward(
         mode, x, h0, c0, {name: _weight(value) for name, value in params.items()},
-        num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size,
-        lengths=lengths, dropout_masks=dropout_masks, training=bool(training),
+        num_layers=num_layers, bidirectional=bidirectional, reverse=bool(reverse),
+        proj_size=proj_size, lengths=lengths, dropout_masks=dropout_masks,
+        training=bool(training),
         cell_options={"alpha": float(alpha), "leak": leak, "noise": noise,
                       "layer_norm_eps": float(layer_norm_eps)},
         regularizers={"recurrent_dropout_masks": recurrent_dropout_masks,
@@ -159,6 +179,8 @@ def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False)
     gradients are written over the saved gates instead of into scratch of the same
     size, and a later backward with this cache raises ValueError.
     """
+    if isinstance(cache, dict):  # a forward the reference computed (see fused)
+        return reference.backward(cache, d_output, d_h_n, d_c_n, grads=grads, consume=consume)
     if grads is None:
         return fresh_gradients_backward(cache, d_output, d_h_n, d_c_n, consume=consume)
     _check_cache(cache)

@@ -9,18 +9,22 @@ What a node's attributes become (docs/guide.md, "ONNX models"):
 - the gate blocks are reordered from ONNX's (LSTM i, o, f, c; GRU z, r, h) to
   torch's (LSTM i, f, g, o; GRU r, z, n); ``B``'s halves become ``bias_ih`` and
   ``bias_hh``, ``P`` the peephole LSTM's ``weight_c{i,f,o}``;
-- ``direction``: ``forward`` or ``bidirectional``; ``layout=1``: ``batch_first``;
+- ``direction``: ``forward``, ``reverse`` (``reverse=True``) or ``bidirectional``;
+  ``layout=1``: ``batch_first``;
 - ``linear_before_reset``: 1 is torch's GRU, 0 (ONNX's default) ``GRU(...,
   linear_before_reset=False)``;
-- ``activations``: each node's defaults (LSTM sigmoid, tanh, tanh; GRU sigmoid,
-  tanh; RNN tanh), or relu for an RNN.
-Everything else raises ValueError naming the node and the attribute: other
-activations (and ``activation_alpha`` / ``activation_beta``), ``clip``,
-``input_forget``, ``direction="reverse"``, and weights that are not initializers.
+- ``activations`` with ``activation_alpha`` / ``activation_beta`` (consumed in order
+  by the activations that read them, ONNX Runtime's defaults where the lists run
+  out), ``clip`` and ``input_forget``: the layers' options of the same names
+  (docs/onnx.md says which run in the kernels).
+ValueError names the node and the attribute for the rest: activation names ONNX
+Runtime does not know, directions of a bidirectional node with different
+activations, and weights that are not initializers.
 """
 
 import numpy as np
 
+from . import reference
 from .modules import GRU, LSTM, RNN
 
 __all__ = ["from_onnx", "layer_from_onnx_node", "run_onnx_node", "to_onnx"]
@@ -32,6 +36,10 @@ _PEEPHOLES = {"i": 0, "o": 1, "f": 2}  # ONNX's P: i, o, f
 _DEFAULT_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh"),
                         "RNN": ("tanh",)}
 _STATE_INPUTS = {"LSTM": 3, "GRU": 2, "RNN": 1}  # outputs: Y, Y_h (, Y_c)
+_ONNX_NAMES = {"sigmoid": "Sigmoid", "tanh": "Tanh", "relu": "Relu", "affine": "Affine",
+               "leakyrelu": "LeakyRelu", "thresholdedrelu": "ThresholdedRelu",
+               "scaledtanh": "ScaledTanh", "hardsigmoid": "HardSigmoid", "elu": "Elu",
+               "softsign": "Softsign", "softplus": "Softplus"}
 
 
 def _node_label(node, index):
@@ -68,23 +76,16 @@ def layer_from_onnx_node(node, arrays, *, label=None, dtype="float32", backend="
 
     attrs = _attributes(node)
     direction = attrs.get("direction", "forward")
-    if direction not in ("forward", "bidirectional"):
-        refuse(f"direction={direction!r} has no lstmfast layer (forward and bidirectional do)")
+    if direction not in ("forward", "reverse", "bidirectional"):
+        refuse(f"direction={direction!r}: expected 'forward', 'reverse' or 'bidirectional'")
     D = 2 if direction == "bidirectional" else 1
-    activations = tuple(a.lower() for a in attrs.get("activations", ()))
-    default = _DEFAULT_ACTIVATIONS[op]
-    nonlinearity = "tanh"
-    if activations:
-        per_direction = [activations[k:k + len(default)]
-                         for k in range(0, len(activations), len(default))]
-        if op == "RNN" and all(a == ("relu",) for a in per_direction):
-            nonlinearity = "relu"
-        elif len(activations) != D * len(default) or any(a != default for a in per_direction):
-            refuse(f"activations={list(activations)} are not the {op}'s {list(default)}"
-                   + (" or relu" if op == "RNN" else ""))
-    for attribute in ("clip", "input_forget", "activation_alpha", "activation_beta"):
-        if attrs.get(attribute):
-            refuse(f"attribute {attribute}={attrs[attribute]!r} is not supported")
+    activations = _node_activations(op, attrs, D, refuse)
+    clip = attrs.get("clip")
+    if clip is not None and not clip > 0:
+        refuse(f"clip={clip!r}: expected a number > 0")
+    input_forget = attrs.get("input_forget", 0)
+    if input_forget not in (0, 1):
+        refuse(f"input_forget={input_forget!r}: expected 0 or 1")
     layout = attrs.get("layout", 0)
     if layout not in (0, 1):
         refuse(f"layout={layout!r}: expected 0 or 1")
@@ -119,13 +120,14 @@ def layer_from_onnx_node(node, arrays, *, label=None, dtype="float32", backend="
     def blocks(a):  # ONNX's gate blocks along axis 0, in our order
         return np.concatenate([a[k * H:(k + 1) * H] for k in order])
 
-    options = dict(bidirectional=D == 2, batch_first=layout == 1, dtype=dtype, backend=backend)
+    options = dict(bidirectional=D == 2, batch_first=layout == 1, dtype=dtype, backend=backend,
+                   reverse=direction == "reverse", clip=clip, **activations)
     if op == "LSTM":
-        layer = LSTM(I, H, peephole=P is not None, **options)
+        layer = LSTM(I, H, peephole=P is not None, input_forget=bool(input_forget), **options)
     elif op == "GRU":
         layer = GRU(I, H, linear_before_reset=bool(attrs.get("linear_before_reset", 0)), **options)
     else:
-        layer = RNN(I, H, nonlinearity=nonlinearity, **options)
+        layer = RNN(I, H, **options)
     state = {}
     for d in range(D):
         suffix = "_l0" + ("_reverse" if d else "")
@@ -139,6 +141,40 @@ def layer_from_onnx_node(node, arrays, *, label=None, dtype="float32", backend="
                 state[f"weight_c{gate}" + suffix] = P[d, k * H:(k + 1) * H]
     layer.load_state_dict(state)
     return layer.eval()
+
+
+def _node_activations(op, attrs, D, refuse):
+    """The layer's activations, activation_alpha and activation_beta from a node's
+    attributes, as ONNX Runtime reads them: one name per activation of each
+    direction, and the alpha and beta lists consumed in order by the activations
+    that read them (its defaults when a list runs out)."""
+    names = attrs.get("activations")
+    if not names:
+        return {}
+    default = _DEFAULT_ACTIVATIONS[op]
+    if len(names) != D * len(default):
+        refuse(f"activations={list(names)}: a {op} of {D} direction(s) takes {D * len(default)}")
+    alphas, betas = list(attrs.get("activation_alpha", ())), list(attrs.get("activation_beta", ()))
+    triples = []
+    for name in names:
+        if name.lower() not in reference.ACTIVATIONS:
+            refuse(f"activations: {name!r} is not one of ONNX's (Affine, Elu, HardSigmoid, "
+                   "LeakyRelu, Relu, ScaledTanh, Sigmoid, Softplus, Softsign, Tanh, "
+                   "ThresholdedRelu)")
+        reads = reference.ACTIVATION_PARAMETERS.get(name.lower(), (False, False))
+        alpha = alphas.pop(0) if reads[0] and alphas else None
+        beta = betas.pop(0) if reads[1] and betas else None
+        triples.append(reference.resolve_activation((name, alpha, beta)))
+    per_direction = [tuple(triples[k:k + len(default)]) for k in range(0, len(triples), len(default))]
+    if any(t != per_direction[0] for t in per_direction):
+        refuse(f"activations={list(names)}: the two directions differ (an lstmfast layer "
+               "has one set)")
+    chosen = per_direction[0]
+    return {"activations": [n for n, _, _ in chosen],
+            "activation_alpha": [a if reference.ACTIVATION_PARAMETERS.get(n, (0, 0))[0] else None
+                                 for n, a, _ in chosen],
+            "activation_beta": [b if reference.ACTIVATION_PARAMETERS.get(n, (0, 0))[1] else None
+                                for n, _, b in chosen]}
 
 
 def from_onnx(model_or_path, *, dtype="float32", backend="fused"):
@@ -210,6 +246,21 @@ def run_onnx_node(layer, X, sequence_lens=None, initial_h=None, initial_c=None):
     return Y, state_out(state)
 
 
+def _activation_attributes(layer, D):
+    """A node's activations and their alpha and beta lists (each direction's in turn),
+    or none where the layer has the node's defaults."""
+    if layer._activations is None and layer._mode != "RNN_RELU":
+        return {}
+    triples = layer._activation_triples() * D
+    attributes = {"activations": [_ONNX_NAMES[name] for name, _, _ in triples]}
+    for index, key in ((0, "activation_alpha"), (1, "activation_beta")):
+        values = [triple[1 + index] for triple in triples
+                  if reference.ACTIVATION_PARAMETERS.get(triple[0], (False, False))[index]]
+        if values:
+            attributes[key] = values
+    return attributes
+
+
 def to_onnx(layer, path=None, *, opset=14):
     """An ONNX model computing ``layer`` (an lstmfast ``LSTM``, ``GRU`` or ``RNN``, float32 or
     float64) with ONNX's standard ``LSTM`` / ``GRU`` / ``RNN`` node per layer; written to
@@ -220,7 +271,8 @@ def to_onnx(layer, path=None, *, opset=14):
     ``output`` (the layer's layout, (.., D*H)), ``h_n`` (and ``c_n``), as the layer
     returns them. A batch_first layer's input and output are transposed around the
     nodes (ONNX Runtime refuses the nodes' ``layout=1``); ``GRU(linear_before_reset=False)``
-    gives ``linear_before_reset=0``; peepholes give the LSTM's ``P``. ValueError for
+    gives ``linear_before_reset=0``; peepholes give the LSTM's ``P``; ``activations``,
+    ``clip``, ``input_forget`` and ``reverse`` the attributes of the same names. ValueError for
     what ONNX's nodes do not compute (a projection, reduced weights, zoneout,
     the other cells). Recurrent dropout is the identity at inference and is left out."""
     import onnx
@@ -284,7 +336,8 @@ def to_onnx(layer, path=None, *, opset=14):
         else:
             inputs.append("")
         inputs += ["lengths", per_layer_states["h0"][k]]
-        attributes = dict(hidden_size=H, direction="bidirectional" if D == 2 else "forward")
+        attributes = dict(hidden_size=H, direction="bidirectional" if D == 2
+                          else "reverse" if layer.reverse else "forward")
         if op == "LSTM":
             inputs.append(per_layer_states["c0"][k])
             if layer.peephole:
@@ -293,8 +346,11 @@ def to_onnx(layer, path=None, *, opset=14):
                 inputs.append(constant(f"P{k}", P))
         if op == "GRU":
             attributes["linear_before_reset"] = 0 if mode == "GRU_RESET_BEFORE" else 1
-        if mode == "RNN_RELU":
-            attributes["activations"] = ["Relu"] * D
+        attributes.update(_activation_attributes(layer, D))
+        if layer.clip is not None:
+            attributes["clip"] = layer.clip
+        if layer.input_forget:
+            attributes["input_forget"] = 1
         outs = [f"Y{k}", f"Y{k}_h"] + ([f"Y{k}_c"] if op == "LSTM" else [])
         nodes.append(helper.make_node(op, inputs, outs, name=f"{op.lower()}_l{k}", **attributes))
         # Y (T, D, N, H) -> (T, N, D, H) -> (T, N, D*H)

@@ -85,6 +85,110 @@ def _recurrent_input_backward(dh_rec, w):
 
 
 # ----------------------------------------------------------------------------
+# Activations and clip (docs/cells.md, Activations, clip and the coupled gates)
+#
+# The LSTM, GRU and RNN cells take their activations from w["activations"]: one
+# (name, alpha, beta) triple per role, in ONNX's letters: f (the gates: LSTM i, f, o;
+# GRU r, z; the RNN's only one), g (LSTM's cell input, GRU's n) and h (LSTM's
+# output of c). torch's cells are the defaults below. w["clip"] (None or a number
+# c > 0) bounds every pre-activation of f and g to [-c, c] before the activation;
+# h's input c_t is not bounded (as ONNX Runtime computes it).
+
+
+def _hard_sigmoid(a, alpha, beta):
+    return np.clip(alpha * a + beta, 0, 1)
+
+
+#: name -> (y = function(a, alpha, beta), dy/da = derivative(a, y, alpha, beta)).
+#: ONNX's names, lower case; each derivative is written from what is cheapest.
+ACTIVATIONS = {
+    "sigmoid": (lambda a, al, be: sigmoid(a), lambda a, y, al, be: y * (1 - y)),
+    "tanh": (lambda a, al, be: np.tanh(a), lambda a, y, al, be: 1 - y * y),
+    "relu": (lambda a, al, be: np.maximum(a, 0), lambda a, y, al, be: (a > 0).astype(a.dtype)),
+    "affine": (lambda a, al, be: al * a + be, lambda a, y, al, be: np.full_like(a, al)),
+    "leakyrelu": (lambda a, al, be: np.where(a >= 0, a, al * a),
+                  lambda a, y, al, be: np.where(a >= 0, 1, al).astype(a.dtype)),
+    "thresholdedrelu": (lambda a, al, be: np.where(a > al, a, 0).astype(a.dtype),
+                        lambda a, y, al, be: (a > al).astype(a.dtype)),
+    "scaledtanh": (lambda a, al, be: al * np.tanh(be * a),
+                   lambda a, y, al, be: al * be * (1 - np.tanh(be * a) ** 2)),
+    "hardsigmoid": (_hard_sigmoid,
+                    lambda a, y, al, be: np.where((y > 0) & (y < 1), al, 0).astype(a.dtype)),
+    "elu": (lambda a, al, be: np.where(a >= 0, a, al * np.expm1(np.minimum(a, 0))),
+            lambda a, y, al, be: np.where(a >= 0, 1, al * np.exp(np.minimum(a, 0))).astype(a.dtype)),
+    "softsign": (lambda a, al, be: a / (1 + np.abs(a)),
+                 lambda a, y, al, be: 1 / (1 + np.abs(a)) ** 2),
+    "softplus": (lambda a, al, be: np.logaddexp(0, a).astype(a.dtype),
+                 lambda a, y, al, be: sigmoid(a)),
+}
+
+#: The activations each mode takes (f, g, h as the cell has them), and torch's choice.
+DEFAULT_ACTIVATIONS = {
+    "LSTM": ("sigmoid", "tanh", "tanh"),
+    "GRU": ("sigmoid", "tanh"),
+    "GRU_RESET_BEFORE": ("sigmoid", "tanh"),
+    "RNN_TANH": ("tanh",),
+    "RNN_RELU": ("relu",),
+}
+
+#: ONNX Runtime's alpha and beta where a node gives none: 0 unless listed here.
+ACTIVATION_DEFAULTS = {"leakyrelu": (0.01, 0.0), "hardsigmoid": (0.2, 0.5), "elu": (1.0, 0.0)}
+
+#: The activations that read alpha, beta (the others ignore them).
+ACTIVATION_PARAMETERS = {"affine": (True, True), "leakyrelu": (True, False),
+                         "thresholdedrelu": (True, False), "scaledtanh": (True, True),
+                         "hardsigmoid": (True, True), "elu": (True, False)}
+
+
+def resolve_activation(entry):
+    """One activation as a (name, alpha, beta) triple, from a name or (name, alpha) or
+    (name, alpha, beta), where a None or missing alpha or beta takes ONNX Runtime's
+    default."""
+    entry = (entry,) if isinstance(entry, str) else tuple(entry)
+    if not 1 <= len(entry) <= 3:
+        raise ValueError(f"activations: expected a name or (name, alpha, beta), got {entry!r}")
+    name, alpha, beta = entry + (None,) * (3 - len(entry))
+    if not isinstance(name, str) or name.lower() not in ACTIVATIONS:
+        raise ValueError(f"activations: {name!r} is not one of {sorted(ACTIVATIONS)}")
+    name = name.lower()
+    alpha_default, beta_default = ACTIVATION_DEFAULTS.get(name, (0.0, 0.0))
+    return (name, alpha_default if alpha is None else float(alpha),
+            beta_default if beta is None else float(beta))
+
+
+def resolve_activations(mode, activations=None):
+    """The (name, alpha, beta) triples of ``mode``'s roles: ``activations`` (what
+    resolve_activation takes, one per role) checked, or torch's when None."""
+    default = DEFAULT_ACTIVATIONS.get(mode)
+    if activations is None:
+        activations = default or ()
+    elif default is None:
+        raise ValueError(f"activations: {mode} takes none (only LSTM, GRU and RNN do)")
+    activations = tuple(activations)
+    if len(activations) != len(default or ()):
+        raise ValueError(f"activations: {mode} takes {len(default)} ({', '.join(default)}), "
+                         f"got {len(activations)}")
+    return tuple(resolve_activation(entry) for entry in activations)
+
+
+def _activate(w, role, a, clipped=True):
+    """y = activation ``role`` (0 f, 1 g, 2 h) of a, a bounded by w["clip"] first."""
+    name, alpha, beta = w["activations"][role]
+    if clipped and w["clip"] is not None:
+        a = np.clip(a, -w["clip"], w["clip"])
+    return ACTIVATIONS[name][0](a, alpha, beta)
+
+
+def _activate_prime(w, role, a, y, clipped=True):
+    """dy/da of y = _activate(w, role, a): zero where the clip bounded a."""
+    name, alpha, beta = w["activations"][role]
+    clip = w["clip"] if clipped else None
+    if clip is None:
+        return ACTIVATIONS[name][1](a, y, alpha, beta)
+    return ACTIVATIONS[name][1](np.clip(a, -clip, clip), y, alpha, beta) * (np.abs(a) <= clip)
+
+
+# ----------------------------------------------------------------------------
 # LSTM cell
 #
 # The cell weights ``w`` are a dict with keys W_ih, W_hh, b_ih, b_hh, W_hr and
@@ -109,23 +213,29 @@ def lstm_cell_forward(x, h, c, w):
     form), i and f also see the previous cell state and o the new one:
         i = sigmoid(gates_i + P_i * c)    f = sigmoid(gates_f + P_f * c)
         o = sigmoid(gates_o + P_o * c_next)
+    ONNX's options (w["activations"], w["clip"], w["input_forget"]): sigmoid is the
+    activation f, the first tanh g, the second h; every pre-activation of i, f, g and
+    o (peepholes included) is clipped; with input_forget (the coupled gates) f = 1 - i.
     """
     H = c.shape[1]
     peephole = w.get("P_i") is not None
     h_rec = _recurrent_input(h, w)
     gates = _linear(x, w["W_ih"], w["b_ih"]) + _linear(h_rec, w["W_hh"], w["b_hh"])
-    a_i, a_f, a_o = gates[:, 0 * H:1 * H], gates[:, 1 * H:2 * H], gates[:, 3 * H:4 * H]
+    a_i, a_f, a_g = gates[:, 0 * H:1 * H], gates[:, 1 * H:2 * H], gates[:, 2 * H:3 * H]
     if peephole:
         a_i, a_f = a_i + w["P_i"] * c, a_f + w["P_f"] * c
-    i = sigmoid(a_i)
-    f = sigmoid(a_f)
-    g = np.tanh(gates[:, 2 * H:3 * H])
+    i = _activate(w, 0, a_i)
+    f = 1 - i if w["input_forget"] else _activate(w, 0, a_f)
+    g = _activate(w, 1, a_g)
     c_next = f * c + i * g
-    o = sigmoid(a_o + w["P_o"] * c_next if peephole else a_o)
-    tanh_c_next = np.tanh(c_next)
-    m = o * tanh_c_next
+    a_o = gates[:, 3 * H:4 * H]
+    if peephole:
+        a_o = a_o + w["P_o"] * c_next
+    o = _activate(w, 0, a_o)
+    h_c_next = _activate(w, 2, c_next, clipped=False)
+    m = o * h_c_next
     h_next = m if w["W_hr"] is None else times_transposed(m, w["W_hr"])
-    cache = (x, h_rec, c, i, f, g, o, c_next, tanh_c_next, m)
+    cache = (x, h_rec, c, i, f, g, o, c_next, h_c_next, m, (a_i, a_f, a_g, a_o))
     return h_next, c_next, cache
 
 
@@ -135,31 +245,37 @@ def lstm_cell_backward(dh_next, dc_next, cache, w, dw):
     dh_next: (N, H_out), dc_next: (N, H) gradients of the loss w.r.t. h_next and c_next.
     Adds dW_ih, dW_hh, db_ih, db_hh, dW_hr (and dP_i, dP_f, dP_o) into dw; returns
     dx (N, I), dh (N, H_out), dc (N, H).
-    Derivatives are written from the saved activations: sigmoid' = s (1 - s), tanh' = 1 - t^2.
-    With peepholes, o's pre-activation depends on c_next, so its gradient is taken
-    first and flows into dc_next; i's and f's depend on c and flow into dc.
+    Derivatives are written from the saved activations (sigmoid' = s (1 - s), tanh' =
+    1 - t^2: _activate_prime). With peepholes, o's pre-activation depends on c_next, so
+    its gradient is taken first and flows into dc_next; i's and f's depend on c and
+    flow into dc. With input_forget, f = 1 - i passes its gradient to i, negated.
     """
-    x, h_rec, c, i, f, g, o, c_next, tanh_c_next, m = cache
+    x, h_rec, c, i, f, g, o, c_next, h_c_next, m, (a_i, a_f, a_g, a_o) = cache
     peephole = w.get("P_i") is not None
     if w["W_hr"] is None:
         dm = dh_next
     else:
         dm = dh_next @ w["W_hr"]
         dw["W_hr"] += dh_next.T @ m
-    da_o = dm * tanh_c_next * o * (1 - o)
-    dc_next = dc_next + dm * o * (1 - tanh_c_next * tanh_c_next)
+    da_o = dm * h_c_next * _activate_prime(w, 0, a_o, o)
+    dc_next = dc_next + dm * o * _activate_prime(w, 2, c_next, h_c_next, clipped=False)
     if peephole:
         dc_next = dc_next + da_o * w["P_o"]
-    da_i = dc_next * g * i * (1 - i)
-    da_f = dc_next * c * f * (1 - f)
-    dg = dc_next * i
+    di = dc_next * g
+    if w["input_forget"]:
+        di = di - dc_next * c
+        da_f = np.zeros_like(di)
+    else:
+        da_f = dc_next * c * _activate_prime(w, 0, a_f, f)
+    da_i = di * _activate_prime(w, 0, a_i, i)
+    da_g = dc_next * i * _activate_prime(w, 1, a_g, g)
     dc = dc_next * f
     if peephole:
         dc = dc + da_i * w["P_i"] + da_f * w["P_f"]
         dw["P_i"] += (da_i * c).sum(axis=0)
         dw["P_f"] += (da_f * c).sum(axis=0)
         dw["P_o"] += (da_o * c_next).sum(axis=0)
-    dgates = np.concatenate([da_i, da_f, dg * (1 - g * g), da_o], axis=1)
+    dgates = np.concatenate([da_i, da_f, da_g, da_o], axis=1)
     dx = _linear_backward(dgates, x, w["W_ih"], dw["W_ih"], dw["b_ih"])
     dh = _recurrent_input_backward(
         _linear_backward(dgates, h_rec, w["W_hh"], dw["W_hh"], dw["b_hh"]), w)
@@ -250,17 +366,22 @@ def gru_cell_forward(x, h, w):
         z  = sigmoid(gi_z + gh_z)
         n  = tanh(gi_n + r * gh_n)
         h_next = (1 - z) * n + z * h
+
+    ONNX's options (w["activations"], w["clip"]): sigmoid is the activation f, tanh
+    g; the pre-activations of r, z and n are clipped.
     """
     H = h.shape[1]
     gi = _linear(x, w["W_ih"], w["b_ih"])
     h_rec = _recurrent_input(h, w)
     gh = _linear(h_rec, w["W_hh"], w["b_hh"])
-    r = sigmoid(gi[:, 0 * H:1 * H] + gh[:, 0 * H:1 * H])
-    z = sigmoid(gi[:, 1 * H:2 * H] + gh[:, 1 * H:2 * H])
+    a_r = gi[:, 0 * H:1 * H] + gh[:, 0 * H:1 * H]
+    a_z = gi[:, 1 * H:2 * H] + gh[:, 1 * H:2 * H]
+    r, z = _activate(w, 0, a_r), _activate(w, 0, a_z)
     gh_n = gh[:, 2 * H:3 * H]
-    n = np.tanh(gi[:, 2 * H:3 * H] + r * gh_n)
+    a_n = gi[:, 2 * H:3 * H] + r * gh_n
+    n = _activate(w, 1, a_n)
     h_next = (1 - z) * n + z * h
-    cache = (x, h, h_rec, r, z, n, gh_n)
+    cache = (x, h, h_rec, r, z, n, gh_n, (a_r, a_z, a_n))
     return h_next, cache
 
 
@@ -270,13 +391,13 @@ def gru_cell_backward(dh_next, cache, w, dw):
     dh_next: (N, H) gradient of the loss w.r.t. h_next.
     Adds dW_ih, dW_hh, db_ih, db_hh into dw; returns dx (N, I), dh (N, H).
     """
-    x, h, h_rec, r, z, n, gh_n = cache
+    x, h, h_rec, r, z, n, gh_n, (a_r, a_z, a_n) = cache
     dn = dh_next * (1 - z)
     dz = dh_next * (h - n)
     dh = dh_next * z
-    da_n = dn * (1 - n * n)                 # gradient w.r.t. the argument of tanh
-    da_r = da_n * gh_n * r * (1 - r)        # ... of the sigmoid giving r
-    da_z = dz * z * (1 - z)                 # ... of the sigmoid giving z
+    da_n = dn * _activate_prime(w, 1, a_n, n)           # gradient w.r.t. the argument of tanh
+    da_r = da_n * gh_n * _activate_prime(w, 0, a_r, r)  # ... of the sigmoid giving r
+    da_z = dz * _activate_prime(w, 0, a_z, z)           # ... of the sigmoid giving z
     dgi = np.concatenate([da_r, da_z, da_n], axis=1)
     dgh = np.concatenate([da_r, da_z, da_n * r], axis=1)
     dx = _linear_backward(dgi, x, w["W_ih"], dw["W_ih"], dw["b_ih"])
@@ -300,19 +421,21 @@ def gru_reset_before_cell_forward(x, h, w):
         h_next = (1 - z) * n + z * h
 
     With recurrent dropout the mask multiplies h in all three products (so n sees
-    r * (mask * h)); the update z * h takes h itself.
+    r * (mask * h)); the update z * h takes h itself. ONNX's options as gru_cell_forward.
     """
     H = h.shape[1]
     W_hh, b_hh = w["W_hh"], w["b_hh"]
     gi = _linear(x, w["W_ih"], w["b_ih"])
     h_rec = _recurrent_input(h, w)
     gh_rz = _linear(h_rec, W_hh[:2 * H], None if b_hh is None else b_hh[:2 * H])
-    r = sigmoid(gi[:, 0 * H:1 * H] + gh_rz[:, 0 * H:1 * H])
-    z = sigmoid(gi[:, 1 * H:2 * H] + gh_rz[:, 1 * H:2 * H])
+    a_r = gi[:, 0 * H:1 * H] + gh_rz[:, 0 * H:1 * H]
+    a_z = gi[:, 1 * H:2 * H] + gh_rz[:, 1 * H:2 * H]
+    r, z = _activate(w, 0, a_r), _activate(w, 0, a_z)
     rh = r * h_rec
-    n = np.tanh(gi[:, 2 * H:3 * H] + _linear(rh, W_hh[2 * H:], None if b_hh is None else b_hh[2 * H:]))
+    a_n = gi[:, 2 * H:3 * H] + _linear(rh, W_hh[2 * H:], None if b_hh is None else b_hh[2 * H:])
+    n = _activate(w, 1, a_n)
     h_next = (1 - z) * n + z * h
-    cache = (x, h, h_rec, r, z, n, rh)
+    cache = (x, h, h_rec, r, z, n, rh, (a_r, a_z, a_n))
     return h_next, cache
 
 
@@ -322,14 +445,14 @@ def gru_reset_before_cell_backward(dh_next, cache, w, dw):
     dh_next: (N, H) gradient of the loss w.r.t. h_next.
     Adds dW_ih, dW_hh, db_ih, db_hh into dw; returns dx (N, I), dh (N, H).
     """
-    x, h, h_rec, r, z, n, rh = cache
+    x, h, h_rec, r, z, n, rh, (a_r, a_z, a_n) = cache
     H = h.shape[1]
     W_hh, dW_hh, db_hh = w["W_hh"], dw["W_hh"], dw["b_hh"]
-    da_n = dh_next * (1 - z) * (1 - n * n)   # gradient w.r.t. the argument of tanh
-    da_z = dh_next * (h - n) * z * (1 - z)   # ... of the sigmoid giving z
+    da_n = dh_next * (1 - z) * _activate_prime(w, 1, a_n, n)  # gradient w.r.t. the argument of tanh
+    da_z = dh_next * (h - n) * _activate_prime(w, 0, a_z, z)  # ... of the sigmoid giving z
     drh = _linear_backward(da_n, rh, W_hh[2 * H:], dW_hh[2 * H:],
                            None if db_hh is None else db_hh[2 * H:])
-    da_r = drh * h_rec * r * (1 - r)         # ... of the sigmoid giving r
+    da_r = drh * h_rec * _activate_prime(w, 0, a_r, r)        # ... of the sigmoid giving r
     dx = _linear_backward(np.concatenate([da_r, da_z, da_n], axis=1), x, w["W_ih"], dw["W_ih"],
                           dw["b_ih"])
     dh_rec = drh * r + _linear_backward(np.concatenate([da_r, da_z], axis=1), h_rec,
@@ -343,18 +466,21 @@ def gru_reset_before_cell_backward(dh_next, cache, w, dw):
 # Elman RNN cell
 
 
-def rnn_cell_forward(x, h, w, nonlinearity):
+def rnn_cell_forward(x, h, w):
     """One Elman RNN step.
 
-    x: (N, I) input;  h: (N, H) previous hidden state;  nonlinearity: "tanh" or "relu".
+    x: (N, I) input;  h: (N, H) previous hidden state.
     Returns h_next (N, H) and the cache for rnn_cell_backward.
 
         h_next = act(x W_ih^T + b_ih + h W_hh^T + b_hh)
+
+    act is w["activations"]'s only one: tanh (RNN_TANH), relu (RNN_RELU) or ONNX's
+    choice, its input clipped with w["clip"].
     """
     h_rec = _recurrent_input(h, w)
     a = _linear(x, w["W_ih"], w["b_ih"]) + _linear(h_rec, w["W_hh"], w["b_hh"])
-    h_next = np.tanh(a) if nonlinearity == "tanh" else np.maximum(a, 0)
-    cache = (x, h_rec, h_next, nonlinearity)
+    h_next = _activate(w, 0, a)
+    cache = (x, h_rec, a, h_next)
     return h_next, cache
 
 
@@ -364,11 +490,8 @@ def rnn_cell_backward(dh_next, cache, w, dw):
     dh_next: (N, H) gradient of the loss w.r.t. h_next.
     Adds dW_ih, dW_hh, db_ih, db_hh into dw; returns dx (N, I), dh (N, H).
     """
-    x, h_rec, h_next, nonlinearity = cache
-    if nonlinearity == "tanh":
-        da = dh_next * (1 - h_next * h_next)
-    else:
-        da = dh_next * (h_next > 0)
+    x, h_rec, a, h_next = cache
+    da = dh_next * _activate_prime(w, 0, a, h_next)
     dx = _linear_backward(da, x, w["W_ih"], dw["W_ih"], dw["b_ih"])
     dh = _recurrent_input_backward(_linear_backward(da, h_rec, w["W_hh"], dw["W_hh"], dw["b_hh"]), w)
     return dx, dh
@@ -443,7 +566,7 @@ def _cell_step_forward(mode, x, h, c, w, noise=None):
         h_next, cache = ctrnn_cell_forward(x, h, w, "tanh" if mode == "CTRNN_TANH" else "relu",
                                            w["alpha"], w["leak"], noise)
     else:
-        h_next, cache = rnn_cell_forward(x, h, w, "tanh" if mode == "RNN_TANH" else "relu")
+        h_next, cache = rnn_cell_forward(x, h, w)
     return h_next, None, cache
 
 
@@ -588,9 +711,11 @@ def _layer_direction_backward(mode, d_output, dh_n, dc_n, cache, w, dw):
     return dx, dh, dc
 
 
-def _cell_weights(arrays, layer, direction, alpha=1.0, leak="outside", eps=1e-5):
+def _cell_weights(arrays, layer, direction, alpha=1.0, leak="outside", eps=1e-5,
+                  activations=(), clip=None, input_forget=False):
     """The arrays of one layer and direction, from a dict keyed by torch's names,
-    the CTRNN's constants alpha and leak, and the layer norms' eps.
+    the CTRNN's constants alpha and leak, the layer norms' eps, and ONNX's options
+    (activations: resolve_activations's triples; clip; input_forget).
 
     Used for params (giving the cell weights w) and for grads (giving dw).
     """
@@ -611,6 +736,9 @@ def _cell_weights(arrays, layer, direction, alpha=1.0, leak="outside", eps=1e-5)
         "alpha": alpha,
         "leak": leak,
         "eps": eps,
+        "activations": activations,
+        "clip": clip,
+        "input_forget": input_forget,
     }
 
 
@@ -626,7 +754,7 @@ def _check_mode(mode):
 def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
             lengths=None, dropout_masks=None, training=False, alpha=1.0, leak="outside",
             noise=None, layer_norm_eps=1e-5, recurrent_dropout_masks=None, zoneout_masks=None,
-            zoneout_seed=None):
+            zoneout_seed=None, activations=None, clip=None, input_forget=False, reverse=False):
     """Forward pass of a stacked (bi)directional LSTM / GRU / RNN, as torch.nn computes it.
 
     mode: one of MODES.
@@ -655,6 +783,12 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         of 0s and 1s (1 keeps the old value), width H_out for h and H for c (cells with c).
     zoneout_seed: None, or an int: the masks are drawn with the probabilities of
         zoneout_masks (numbers) by zoneout_masks_from_seed, as the fused kernels draw them.
+    activations, clip, input_forget: ONNX's options of the LSTM, GRU and RNN modes
+        (Activations and clip above): activations None (torch's) or what
+        resolve_activations takes; clip None or a number > 0; input_forget (LSTM) True
+        couples f = 1 - i.
+    reverse: a one-direction stack (bidirectional False) whose every layer walks the
+        sequences from their ends, as ONNX's direction="reverse"; output stays in time order.
 
     Returns (output (T, N, D*H_out), h_n (L*D, N, H_out), c_n (L*D, N, H) or None, cache).
     Output of each direction is concatenated along the last axis, forward first; output
@@ -683,6 +817,19 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         if not ctrnn:
             raise ValueError(f"noise: only a CTRNN takes noise, not {mode}")
         noise = np.asarray(noise, dtype=dtype)
+    activations = resolve_activations(mode, activations)
+    if clip is not None:
+        if mode not in DEFAULT_ACTIVATIONS:
+            raise ValueError(f"clip: only LSTM, GRU and RNN modes clip, not {mode}")
+        if not clip > 0:
+            raise ValueError(f"clip must be > 0, got {clip}")
+        clip = float(clip)
+    if input_forget and mode != "LSTM":
+        raise ValueError(f"input_forget: only the LSTM couples its gates, not {mode}")
+    input_forget = bool(input_forget)
+    if reverse and bidirectional:
+        raise ValueError("reverse: a bidirectional stack already runs both ways")
+    reverse = bool(reverse)
 
     if zoneout_seed is not None:
         if zoneout_masks is None or any(m is not None and np.ndim(m) != 0 for m in zoneout_masks):
@@ -706,14 +853,15 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         outputs, direction_caches = [], []
         for direction in range(D):
             k = layer * D + direction
-            w = _cell_weights(params, layer, direction, alpha, leak, layer_norm_eps)
+            w = _cell_weights(params, layer, direction, alpha, leak, layer_norm_eps,
+                              activations, clip, input_forget)
             if recurrent_dropout_masks is not None:
                 w["rec_mask"] = np.asarray(recurrent_dropout_masks[k], dtype=dtype)
             zoneout = (None, None) if zoneout_masks is None else tuple(
                 m if m is None or m.ndim == 0 else m[k] for m in zoneout_masks)
             output, h, c, direction_cache = _layer_direction_forward(
                 mode, layer_input, h0[k], None if c0 is None else c0[k], w, lengths,
-                reverse=(direction == 1), noise=None if noise is None else noise[k],
+                reverse=(direction == 1) != reverse, noise=None if noise is None else noise[k],
                 zoneout=zoneout)
             outputs.append(output)
             h_n.append(h)
@@ -733,6 +881,7 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         cache = {
             "mode": mode, "num_layers": num_layers, "D": D, "dtype": dtype,
             "alpha": alpha, "leak": leak, "layer_norm_eps": layer_norm_eps,
+            "activations": activations, "clip": clip, "input_forget": input_forget,
             "recurrent_dropout_masks": recurrent_dropout_masks,
             "params": params, "dropout_masks": dropout_masks, "layers": layer_caches,
             "h0_shape": h0.shape, "c0_shape": None if c0 is None else c0.shape,
@@ -776,7 +925,8 @@ def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False)
         for direction in range(D):
             k = layer * D + direction
             w = _cell_weights(params, layer, direction, cache["alpha"], cache["leak"],
-                              cache["layer_norm_eps"])
+                              cache["layer_norm_eps"], cache["activations"], cache["clip"],
+                              cache["input_forget"])
             if cache["recurrent_dropout_masks"] is not None:
                 w["rec_mask"] = np.asarray(cache["recurrent_dropout_masks"][k], dtype=dtype)
             dw = _cell_weights(grads, layer, direction)

@@ -105,6 +105,25 @@ FD_CASES += [
     ("LSTM", "peephole_projection_bidirectional_lengths_two_layers", {
         "peephole": True, "proj_size": 2, "bidirectional": True, "num_layers": 2, "N": 3,
         "lengths": [2, 3, 1], "dropout": 0.3}),
+    # ONNX's options: activations (with alpha, beta), clip, the coupled gates, reverse
+    ("LSTM", "hard_sigmoid_clip", {"options": {
+        "activations": [("hardsigmoid", 0.3, 0.45), "tanh", "tanh"], "clip": 0.8}}),
+    ("LSTM", "input_forget_peephole_clip_lengths", {
+        "peephole": True, "N": 3, "lengths": [2, 3, 1],
+        "options": {"input_forget": True, "clip": 1.1}}),
+    ("LSTM", "other_activations_two_layers", {"num_layers": 2, "options": {
+        "activations": [("affine", 0.4, 0.3), ("scaledtanh", 1.3, 0.7), "softsign"]}}),
+    ("LSTM", "reverse_lengths_two_layers", {
+        "num_layers": 2, "N": 3, "lengths": [2, 3, 1], "options": {"reverse": True}}),
+    ("GRU", "activations_clip_bidirectional", {"bidirectional": True, "options": {
+        "activations": ["hardsigmoid", ("leakyrelu", 0.2)], "clip": 0.7}}),
+    ("GRU", "reverse_lengths", {"N": 3, "lengths": [3, 1, 2], "options": {"reverse": True}}),
+    ("GRU_RESET_BEFORE", "activations_clip", {"options": {
+        "activations": ["softsign", "elu"], "clip": 0.9}}),
+    ("RNN_TANH", "softplus_clip_reverse", {"N": 3, "lengths": [2, 3, 1], "options": {
+        "activations": ["softplus"], "clip": 0.6, "reverse": True}}),
+    ("RNN_TANH", "thresholded_relu", {"options": {"activations": [("thresholdedrelu", 0.1)]}}),
+    ("RNN_RELU", "clip", {"options": {"clip": 0.5}}),
 ]
 
 

@@ -19,7 +19,8 @@ from .._cells import modes_with
 from .inputs import (_from_time_major, _prepare_grads, _prepare_hx, _prepare_input,
                      _prepare_lengths, _shape_str, _to_numpy)
 from .masks import _dropout_masks, _regularizer_args
-from .options import (_CELL_STATE_MODES, _PACKAGE, _check_backend, _check_dropout, _check_flag,
+from .options import (_CELL_STATE_MODES, _PACKAGE, _check_activations, _check_backend,
+                      _check_clip, _check_dropout, _check_flag,
                       _check_probability, _check_seed, _check_size, _check_sizes, _check_zoneout,
                       _load_backend, _resolve_dtype)
 from .precision import _backend_weights, _checked_reduced_state
@@ -298,13 +299,22 @@ class _RNNBase(_Module):
     peephole = False  # LSTM(peephole=True) sets it
     recurrent_dropout = 0.0
     zoneout = (0.0, 0.0)
+    # ONNX's options (LSTM, GRU, RNN; docs/onnx.md): _activations holds the (name,
+    # alpha, beta) triples when they are not the cell's own, else None.
+    _activations = None
+    clip = None
+    input_forget = False
+    reverse = False
     _zoneout_modes = modes_with("zoneout")  # where zoneout may be set (the cell table)
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, proj_size=0,
                  dtype="float32", backend="fused", seed=None, peephole=False,
-                 recurrent_dropout=0.0, zoneout=0.0):
+                 recurrent_dropout=0.0, zoneout=0.0, activations=None, activation_alpha=None,
+                 activation_beta=None, clip=None, input_forget=False, reverse=False):
         self._mode = mode
+        self._set_onnx_options(activations, activation_alpha, activation_beta, clip,
+                               input_forget, reverse, bidirectional)
         self.peephole = _check_flag("peephole", peephole)
         self.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout,
                                                     upper_open=True)
@@ -346,6 +356,63 @@ class _RNNBase(_Module):
         for name, p in self._params.items():
             if p.shape != tuple(shapes[name]):
                 raise RuntimeError(f"internal error: {name} has shape {p.shape}, expected {shapes[name]}")
+
+    def _set_onnx_options(self, activations, activation_alpha, activation_beta, clip,
+                          input_forget, reverse, bidirectional):
+        triples = _check_activations(self._mode, activations, activation_alpha,
+                                     activation_beta)
+        reference = importlib.import_module(_PACKAGE + ".reference")
+        if triples is not None and triples != reference.resolve_activations(self._mode):
+            self._activations = triples
+        self.clip = _check_clip(clip)
+        if self.clip is not None and self._mode not in reference.DEFAULT_ACTIVATIONS:
+            raise ValueError(f"clip: only LSTM, GRU and RNN take it, not {type(self).__name__}")
+        self.input_forget = _check_flag("input_forget", input_forget)
+        if self.input_forget and self._mode != "LSTM":
+            raise ValueError(f"input_forget: only an LSTM couples its gates, not "
+                             f"{type(self).__name__}")
+        self.reverse = _check_flag("reverse", reverse)
+        if self.reverse and bidirectional:
+            raise ValueError("reverse: a bidirectional layer already runs both ways; "
+                             "reverse=True is for a layer of one direction")
+
+    def _activation_triples(self):
+        reference = importlib.import_module(_PACKAGE + ".reference")
+        return self._activations or reference.resolve_activations(self._mode)
+
+    @property
+    def activations(self):
+        """The activations (f, g, h as the cell has them: ONNX's names), torch's by default."""
+        return tuple(name for name, _, _ in self._activation_triples())
+
+    def _activation_parameter(self, index):
+        reference = importlib.import_module(_PACKAGE + ".reference")
+        return tuple(triple[1 + index]
+                     if reference.ACTIVATION_PARAMETERS.get(triple[0], (False, False))[index]
+                     else None for triple in self._activation_triples())
+
+    @property
+    def activation_alpha(self):
+        """Each activation's alpha (None for those that read none)."""
+        return self._activation_parameter(0)
+
+    @property
+    def activation_beta(self):
+        """Each activation's beta (None for those that read none)."""
+        return self._activation_parameter(1)
+
+    def _onnx_options(self):
+        """The forward's keyword arguments for ONNX's options that are set."""
+        options = {}
+        if self._activations is not None:
+            options["activations"] = self._activations
+        if self.clip is not None:
+            options["clip"] = self.clip
+        if self.input_forget:
+            options["input_forget"] = True
+        if self.reverse:
+            options["reverse"] = True
+        return options
 
     @property
     def _num_directions(self):
@@ -397,6 +464,17 @@ class _RNNBase(_Module):
             s += f", recurrent_dropout={self.recurrent_dropout}"
         if any(self.zoneout):
             s += f", zoneout={self.zoneout}"
+        if self._activations is not None:
+            s += f", activations={self.activations}"
+            for name in ("activation_alpha", "activation_beta"):
+                if any(v is not None for v in getattr(self, name)):
+                    s += f", {name}={getattr(self, name)}"
+        if self.clip is not None:
+            s += f", clip={self.clip}"
+        if self.input_forget:
+            s += ", input_forget=True"
+        if self.reverse:
+            s += ", reverse=True"
         return s + self._options_repr() + self._extra_repr_tail()
 
     def _options_repr(self):
@@ -436,7 +514,7 @@ class _RNNBase(_Module):
             num_layers=self.num_layers, bidirectional=self.bidirectional,
             proj_size=self.proj_size, lengths=lengths, dropout_masks=masks,
             layout=(batched, T, N), **self._cell_options(T, N, batched, given),
-            **_regularizer_args(self, T, N, batched, rec_mask, zone_mask))
+            **_regularizer_args(self, T, N, batched, rec_mask, zone_mask), **self._onnx_options())
         output = _from_time_major(output, batched, self.batch_first)
         if not batched:
             h_n = h_n[:, 0]

@@ -3,7 +3,8 @@
 Each gives ``_RNNBase`` its backend mode and torch's constructor signature, followed
 by lstmfast's own options: ``dtype``, ``backend`` and ``seed`` (the package's
 docstring), then keyword-only ``peephole`` (LSTM), ``recurrent_dropout`` and
-``zoneout`` (docs/cells.md).
+``zoneout`` (docs/cells.md), and ONNX's ``activations`` (with ``activation_alpha``,
+``activation_beta``), ``clip``, ``input_forget`` (LSTM) and ``reverse`` (docs/onnx.md).
 """
 
 from .base import _RNNBase
@@ -17,15 +18,22 @@ class LSTM(_RNNBase):
     (docs/cells.md, Peephole LSTM): i and f also see the previous cell state, o the new one,
     through per-unit vectors ``weight_ci_l{k}``, ``weight_cf_l{k}``, ``weight_co_l{k}``
     (``(H,)`` each, plus ``_reverse``), drawn like the other parameters.
+
+    ONNX's options (docs/onnx.md): ``activations`` (f, g, h; default ``("sigmoid",
+    "tanh", "tanh")``) with ``activation_alpha`` / ``activation_beta`` (one entry or
+    None per activation), ``clip`` (bounds every gate pre-activation), ``input_forget``
+    (f = 1 - i) and ``reverse`` (one direction, each sequence from its end).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, dtype="float32",
                  backend="fused", seed=None, *, peephole=False, recurrent_dropout=0.0,
-                 zoneout=0.0):
+                 zoneout=0.0, activations=None, activation_alpha=None, activation_beta=None,
+                 clip=None, input_forget=False, reverse=False):
         super().__init__("LSTM", input_size, hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, proj_size, dtype, backend, seed, peephole,
-                         recurrent_dropout, zoneout)
+                         recurrent_dropout, zoneout, activations, activation_alpha,
+                         activation_beta, clip, input_forget, reverse)
 
 
 class GRU(_RNNBase):
@@ -34,33 +42,53 @@ class GRU(_RNNBase):
     ``linear_before_reset=False`` gives the GRU of the original paper instead (docs/cells.md,
     GRU with the reset before W_hn): n = tanh(W_in x + b_in + W_hn (r * h) + b_hn), as
     ONNX's ``linear_before_reset=0`` and Keras's ``reset_after=False``; the same
-    parameters, names and shapes."""
+    parameters, names and shapes. ONNX's ``activations`` (f, g; default ``("sigmoid",
+    "tanh")``), ``activation_alpha`` / ``activation_beta``, ``clip`` and ``reverse``
+    as ``LSTM``'s."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, dtype="float32", backend="fused",
                  seed=None, *, proj_size=0, recurrent_dropout=0.0, zoneout=0.0,
-                 linear_before_reset=True):
+                 linear_before_reset=True, activations=None, activation_alpha=None,
+                 activation_beta=None, clip=None, reverse=False):
         self.linear_before_reset = _check_flag("linear_before_reset", linear_before_reset)
         super().__init__("GRU" if self.linear_before_reset else "GRU_RESET_BEFORE", input_size,
                          hidden_size, num_layers, bias, batch_first,
                          dropout, bidirectional, proj_size, dtype, backend, seed,
-                         recurrent_dropout=recurrent_dropout, zoneout=zoneout)
+                         recurrent_dropout=recurrent_dropout, zoneout=zoneout,
+                         activations=activations, activation_alpha=activation_alpha,
+                         activation_beta=activation_beta, clip=clip, reverse=reverse)
 
     def _options_repr(self):
         return "" if self.linear_before_reset else ", linear_before_reset=False"
 
 
 class RNN(_RNNBase):
-    """Multi-layer Elman RNN with tanh or ReLU, as ``torch.nn.RNN``."""
+    """Multi-layer Elman RNN with tanh or ReLU, as ``torch.nn.RNN``.
+
+    ONNX's ``activations`` (one name: ``("relu",)`` is ``nonlinearity="relu"``; another
+    of ONNX's replaces ``nonlinearity``, which must then stay "tanh"),
+    ``activation_alpha`` / ``activation_beta``, ``clip`` and ``reverse`` as ``LSTM``'s."""
 
     def __init__(self, input_size, hidden_size, num_layers=1, nonlinearity="tanh", bias=True,
                  batch_first=False, dropout=0.0, bidirectional=False, dtype="float32",
                  backend="fused", seed=None, *, proj_size=0, recurrent_dropout=0.0,
-                 zoneout=0.0):
+                 zoneout=0.0, activations=None, activation_alpha=None, activation_beta=None,
+                 clip=None, reverse=False):
         if nonlinearity not in _NONLINEARITIES:
             raise ValueError(
                 f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
+        if activations is not None and not isinstance(activations, str) and len(activations) == 1 \
+                and isinstance(activations[0], str):
+            chosen = activations[0].lower()
+            if nonlinearity != "tanh" and chosen != nonlinearity:
+                raise ValueError(f"activations={tuple(activations)} and nonlinearity="
+                                 f"{nonlinearity!r} disagree: give one of them")
+            if chosen in _NONLINEARITIES:
+                nonlinearity = chosen
         self.nonlinearity = nonlinearity
         super().__init__(_NONLINEARITIES[nonlinearity], input_size, hidden_size, num_layers,
                          bias, batch_first, dropout, bidirectional, proj_size, dtype, backend,
-                         seed, recurrent_dropout=recurrent_dropout, zoneout=zoneout)
+                         seed, recurrent_dropout=recurrent_dropout, zoneout=zoneout,
+                         activations=activations, activation_alpha=activation_alpha,
+                         activation_beta=activation_beta, clip=clip, reverse=reverse)

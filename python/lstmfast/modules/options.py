@@ -91,6 +91,53 @@ def _check_layer_norm_eps(eps):
     return float(eps)
 
 
+def _check_activations(mode, activations, activation_alpha, activation_beta):
+    """ONNX's activations of an LSTM (f, g, h), GRU (f, g) or RNN (f), with their
+    alpha and beta, one entry each (None: ONNX Runtime's default), checked: the
+    (name, alpha, beta) triples, or None for the cell's own (torch's)."""
+    reference = importlib.import_module(_PACKAGE + ".reference")
+    default = reference.DEFAULT_ACTIVATIONS.get(mode)
+    if activations is None:
+        if activation_alpha is not None or activation_beta is not None:
+            raise ValueError("activation_alpha, activation_beta: given without activations")
+        return None
+    if default is None:
+        raise ValueError(f"activations: only LSTM, GRU and RNN take them, not {mode}")
+    if isinstance(activations, str) or not all(isinstance(a, str) for a in activations):
+        raise TypeError(f"activations should be a sequence of names such as {default}, "
+                        f"got {activations!r}")
+    activations = tuple(activations)
+    n = len(activations)
+    extras = []
+    for name, values in (("activation_alpha", activation_alpha),
+                         ("activation_beta", activation_beta)):
+        values = (None,) * n if values is None else tuple(values)
+        if len(values) != n:
+            raise ValueError(f"{name}: expected one entry (or None) per activation, {n}, "
+                             f"got {len(values)}")
+        for v in values:
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real)):
+                raise TypeError(f"{name} should hold numbers or None, got {v!r}")
+        extras.append(values)
+    triples = reference.resolve_activations(mode, zip(activations, *extras))
+    for (act, alpha, beta), given_alpha, given_beta in zip(triples, *extras):
+        reads = reference.ACTIVATION_PARAMETERS.get(act, (False, False))
+        for name, given, read in (("activation_alpha", given_alpha, reads[0]),
+                                  ("activation_beta", given_beta, reads[1])):
+            if given is not None and not read:
+                raise ValueError(f"{name}: {act} takes none, got {given!r}")
+    return triples
+
+
+def _check_clip(clip):
+    """ONNX's cell clip: None, or a number > 0 bounding every gate pre-activation."""
+    if clip is None:
+        return None
+    if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not clip > 0:
+        raise ValueError(f"clip must be None or a number > 0, got {clip!r}")
+    return float(clip)
+
+
 def _resolve_dtype(dtype):
     # np.dtype(None) is float64 and dtype == None compares as float64: exclude None first.
     try:

@@ -51,6 +51,10 @@ def quantize(layer, precision):
     if any(layer.zoneout):
         raise ValueError(f"quantize: zoneout={layer.zoneout} has no reduced-precision kernels; "
                          f"quantize a layer without it")
+    unfused = sorted(set(layer._onnx_options()) - {"reverse"})
+    if unfused:
+        raise ValueError(f"quantize: {', '.join(unfused)} run in the reference, which has no "
+                         f"reduced-precision kernels; quantize a layer without them")
     reference = importlib.import_module(_PACKAGE + ".reference")
     state = {}
     for name, value in layer._params.items():

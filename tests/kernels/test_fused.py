@@ -44,12 +44,17 @@ CONFIGS = {
     # every row count from 13 down to 1 (whole register tiles and each remainder),
     # over a partial last block of units.
     "every_row_count": dict(T=13, N=13, H=19, I=5, lengths=list(range(13, 0, -1))),
+    # ONNX's direction="reverse": one direction from each sequence's end
+    "reverse": dict(cell_options={"reverse": True}),
+    "reverse_lengths_layers": dict(N=5, L=2, lengths=[3, 5, 1, 5, 2], cell_options={"reverse": True}),
+    "reverse_dropout_no_bias": dict(L=3, dropout=True, bias=False, cell_options={"reverse": True}),
 }
 LSTM_CONFIGS = {
     "proj": dict(H=8, P=3),
     "proj_layers_bidirectional": dict(H=8, P=5, L=2, bidirectional=True, dropout=True),
     "proj_lengths_bidirectional": dict(H=13, P=7, N=4, bidirectional=True, lengths=[3, 5, 1, 4]),
     "proj_no_bias_P1": dict(H=5, P=1, bias=False, L=2),
+    "proj_reverse_lengths": dict(H=8, P=3, N=3, lengths=[2, 5, 4], cell_options={"reverse": True}),
 }
 
 
@@ -168,7 +173,9 @@ def test_fresh_gradients_overwrite_whatever_their_memory_held(mode, config, thre
 
     lstmfast.set_num_threads(threads)
     dtype, options = VARIANTS.get(mode, (np.float32, None))
-    case = Case(mode, dtype, cell_options=options, **{**CONFIGS, **LSTM_CONFIGS}[config])
+    config = dict({**CONFIGS, **LSTM_CONFIGS}[config])
+    options = {**(options or {}), **config.pop("cell_options", {})}
+    case = Case(mode, dtype, cell_options=options, **config)
     cache = case.forward(_fused)[3]
     back = _fused.fresh_gradients_backward(
         cache, case.d_output, case.d_h_n, case.d_c_n,
@@ -320,10 +327,12 @@ def configs(draw):
     lengths = None
     if draw(st.booleans()):
         lengths = draw(st.lists(st.integers(1, T), min_size=N, max_size=N))
+    direction = draw(st.sampled_from(["forward", "reverse", "bidirectional"]))
     return dict(mode=mode, dtype=draw(st.sampled_from(DTYPES)), T=T, N=N,
                 I=draw(st.integers(1, 7)), H=H, P=P, L=L,
-                bidirectional=draw(st.booleans()), bias=draw(st.booleans()), lengths=lengths,
-                dropout=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+                bidirectional=direction == "bidirectional", bias=draw(st.booleans()),
+                lengths=lengths, dropout=draw(st.booleans()), seed=draw(st.integers(0, 2**16)),
+                cell_options={"reverse": True} if direction == "reverse" else None)
 
 
 @st.composite
@@ -341,6 +350,7 @@ def variant_configs(draw):
         options = {"alpha": draw(st.sampled_from([1.0, 0.5, 0.1])),
                    "leak": draw(st.sampled_from(["outside", "inside"])),
                    "noise": draw(st.sampled_from([None, "draw"]))}
+    options.update(config["cell_options"] or {})
     return dict(config, mode=mode, P=0, cell_options=options)
 
 

@@ -182,6 +182,9 @@ CONFIGS = [
     ("LayerNormLSTM", dict(num_layers=2, bidirectional=True)),
     ("GRU", dict(linear_before_reset=False)),
     ("GRU", dict(linear_before_reset=False, num_layers=2, bidirectional=True)),
+    ("LSTM", dict(reverse=True, num_layers=2)),
+    ("GRU", dict(reverse=True)),
+    ("RNN", dict(reverse=True, batch_first=True)),
 ]
 CELL_STATE = ("LSTM", "LayerNormLSTM")
 

@@ -165,10 +165,12 @@ def test_from_onnx_lstm_refuses_what_it_cannot_honour():
     p = make_problem("LSTM", I=3, H=2, peephole=True, dtype=np.float32)
     model = onnx_lstm(p["params"], 3, 2, False, np.float32)
     model.graph.node[0].attribute.append(helper.make_attribute("clip", 3.0))
-    with pytest.raises(ValueError, match="clip"):
+    assert lstmfast.from_onnx_lstm(model).clip == 3.0  # honoured (docs/onnx.md)
+    model.graph.node[0].attribute.append(helper.make_attribute("activations", ["Gelu"] * 3))
+    with pytest.raises(ValueError, match="activations: 'Gelu' is not one of ONNX's"):
         lstmfast.from_onnx_lstm(model)
-    node = helper.make_node("LSTM", ["X", "W", "R"], ["Y"], hidden_size=2, direction="reverse")
-    with pytest.raises(ValueError, match="direction='reverse'"):
+    node = helper.make_node("LSTM", ["X", "W", "R"], ["Y"], hidden_size=2, direction="sideways")
+    with pytest.raises(ValueError, match="direction='sideways'"):
         lstmfast.from_onnx_lstm(node, {"W": np.zeros((1, 8, 3)), "R": np.zeros((1, 8, 2))})
     with pytest.raises(TypeError, match="expected an onnx ModelProto"):
         lstmfast.from_onnx_lstm("model.onnx")

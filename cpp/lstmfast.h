@@ -51,7 +51,8 @@ struct CellInfo {
   //   extra_params:    always present;  optional_params: present when given
   const char* extra_params;
   const char* optional_params;
-  // Features, comma-separated: projection, zoneout, recurrent_dropout, int8, bfloat16
+  // Features, comma-separated: projection, zoneout, recurrent_dropout, int8, bfloat16,
+  // onnx_gates (GateOptions: hard sigmoid, clip, input_forget for inference)
   // (training, lengths, both directions and layer dropout every cell has).
   const char* features;
 };
@@ -80,6 +81,18 @@ inline bool has_cell_state(Mode mode) { return cell_info(mode).cell_state; }
 // per-step state buffers are in sorted order, indexed by step s (not time t).
 // At step s sorted row b reads and writes time t = s (forward) or
 // t = lengths[b] - 1 - s (reverse: each sequence starts at its own end).
+// ONNX's options of the LSTM, GRU and RNN nodes that the kernels compute
+// (docs/onnx.md), for inference: a training forward with them runs in the
+// reference. The cells take their ONNX path (cells/onnx_gates.h) when `onnx` is set.
+struct GateOptions {
+  bool onnx = false;          // any option below is set
+  bool hard_sigmoid = false;  // the gates' activation min(max(hs_alpha a + hs_beta, 0), 1)
+  double hs_alpha = 0.2, hs_beta = 0.5;  //   instead of sigmoid
+  double clip = 0;            // > 0: every pre-activation of the gates and the candidate
+                              //   is bounded to [-clip, clip] first; 0: none
+  bool input_forget = false;  // LSTM: f = 1 - i
+};
+
 struct LayerShape {
   int64_t T = 0;                     // time steps of x and y
   int64_t N = 0;                     // batch rows
@@ -106,6 +119,7 @@ struct LayerShape {
                                      //   rows, time by time (PackedSequence's layout in sorted order):
                                      //   sorted row b at time t is row offsets[t] + b; nullptr = x is [T, N, I]
   int threads = 1;                   // threads of the persistent pool this layer may use (thread_pool.h)
+  GateOptions gates;                 // ONNX's options (inference)
 
   int64_t H_out() const { return P > 0 ? P : H; }
   int64_t steps() const { return lengths ? lengths[0] : T; }
@@ -312,6 +326,7 @@ struct StackShape {
   double zone_p_h = 0, zone_p_c = 0;  // zoneout without masks (LayerShape)
   bool zone_hashed = false;           // (LayerShape); Params::zone_seed per layer-direction
   bool reverse = false;  // D = 1 walking each sequence from its end (ONNX's direction="reverse")
+  GateOptions gates;     // (LayerShape)
 
   int64_t H_out() const { return P > 0 ? P : H; }
   // Whether direction d walks the steps from last to first (LayerShape::reverse).

@@ -711,7 +711,7 @@ void register_cells(py::module_& m) {
       "The cells the kernels run, one dict each, in the order of the C++ Mode: name, gates "
       "(G), cell_state, relu, continuous_time, extra_params and optional_params (parameter "
       "names beyond torch's, without the _l{k} suffix), features (among projection, "
-      "zoneout, recurrent_dropout, int8, bfloat16).");
+      "zoneout, recurrent_dropout, int8, bfloat16, onnx_gates).");
 }
 
 void register_rnn(py::module_& m) {
@@ -729,8 +729,9 @@ void register_rnn(py::module_& m) {
          py::handle regularizers_obj) {
         lstmfast::StackShape s;
         s.mode = parse_mode(mode);
-        const py::dict cell_options = option_dict(cell_options_obj, "cell_options",
-                                                  {"alpha", "leak", "noise", "layer_norm_eps"});
+        const py::dict cell_options = option_dict(
+            cell_options_obj, "cell_options",
+            {"alpha", "leak", "noise", "layer_norm_eps", "clip", "input_forget", "hard_sigmoid"});
         const py::dict regularizers = option_dict(
             regularizers_obj, "regularizers",
             {"recurrent_dropout_masks", "zoneout_masks", "zoneout_seed"});
@@ -760,6 +761,35 @@ void register_rnn(py::module_& m) {
         if (!(layer_norm_eps > 0))
           throw py::value_error("layer_norm_eps must be > 0, got " + std::to_string(layer_norm_eps));
         s.ln_eps = layer_norm_eps;
+        // ONNX's options (inference): clip, input_forget, hard_sigmoid (alpha, beta)
+        const double clip = number("clip", 0.0);
+        if (!(clip >= 0))
+          throw py::value_error("cell_options['clip'] must be > 0 (or None), got " +
+                                std::to_string(clip));
+        s.gates.clip = clip;
+        py::handle input_forget = option(cell_options, "input_forget");
+        if (!input_forget.is_none() && !py::isinstance<py::bool_>(input_forget))
+          throw py::type_error("cell_options['input_forget']: expected a bool, got " +
+                               type_name(input_forget));
+        s.gates.input_forget = !input_forget.is_none() && input_forget.cast<bool>();
+        py::handle hard = option(cell_options, "hard_sigmoid");
+        if (!hard.is_none()) {
+          if (!py::isinstance<py::tuple>(hard) || py::len(hard) != 2)
+            throw py::type_error("cell_options['hard_sigmoid']: expected (alpha, beta), got " +
+                                 type_name(hard));
+          s.gates.hard_sigmoid = true;
+          s.gates.hs_alpha = hard.cast<py::tuple>()[0].cast<double>();
+          s.gates.hs_beta = hard.cast<py::tuple>()[1].cast<double>();
+        }
+        s.gates.onnx = s.gates.clip > 0 || s.gates.input_forget || s.gates.hard_sigmoid;
+        if (s.gates.onnx && training)
+          throw py::value_error("cell_options: clip, input_forget and hard_sigmoid are for "
+                                "inference (training=False); the reference trains with them");
+        if (s.gates.onnx && !lstmfast::cell_supports(s.mode, "onnx_gates"))
+          throw py::value_error(std::string("cell_options: clip, input_forget and hard_sigmoid "
+                                            "are not in the kernels of ") + mode);
+        if (s.gates.input_forget && s.mode != lstmfast::Mode::LSTM)
+          throw py::value_error("cell_options['input_forget']: only the LSTM couples its gates");
         s.L = num_layers;
         s.D = bidirectional ? 2 : 1;
         if (reverse && bidirectional)

@@ -6,7 +6,10 @@
 //   z  = sigmoid(gi_z + gh_z)
 //   n  = tanh(gi_n + r * gh_n)                      (gh_n = W_hn h + b_hn: b_hn stays inside r)
 //   h' = (1 - z) n + z h
+// ONNX's options (LayerShape::gates, inference): hard sigmoid for r and z, their
+// pre-activations and n's clipped; the cell's kOnnx path.
 #include "cells/cell.h"
+#include "cells/onnx_gates.h"
 #include "drivers/cell_driver.h"
 
 namespace lstmfast {
@@ -14,7 +17,7 @@ namespace LSTMFAST_ISA {
 namespace {
 
 // The cell for the drivers (cell_driver.h). Saved per row when training: r, z, n, gh_n.
-template <typename Real>
+template <typename Real, bool kOnnx = false>
 struct GruCell : NoBackwardStep {
   static constexpr int kGates = 3, kFirstGates = 3, kSaved = 4;
   static constexpr bool kCellState = false, kLeavesDh = true, kSplitInputGrads = true,
@@ -22,18 +25,29 @@ struct GruCell : NoBackwardStep {
   const Real* bias;  // [3H] b_ir + b_hr, b_iz + b_hz, b_in
   const Real* b_hn;  // [H]: stays inside r
   int64_t H;
+  OnnxGates<Real> onnx;
 
-  GruCell(const LayerWeights<Real>& w, const LayerShape& s) : bias(w.bias), b_hn(w.b_hn), H(s.H) {}
+  GruCell(const LayerWeights<Real>& w, const LayerShape& s)
+      : bias(w.bias), b_hn(w.b_hn), H(s.H), onnx(s.gates) {}
+
+  LSTMFAST_ALWAYS_INLINE V<Real> gate(V<Real> a) const {
+    if constexpr (kOnnx) return onnx.gate(a);
+    return simd::vsigmoid<Real>(a);
+  }
+  LSTMFAST_ALWAYS_INLINE V<Real> candidate(V<Real> a) const {
+    if constexpr (kOnnx) return onnx.candidate(a);
+    return simd::vtanh(a);
+  }
 
   template <bool kTraining, class Row>
   LSTMFAST_ALWAYS_INLINE void forward(const Row& row, int64_t j, int64_t lanes,
                                       const V<Real>* rec) const {
     const Real* xp = row.xp() + j;
     const Real* bj = bias + j;
-    const V<Real> r = simd::vsigmoid<Real>(rec[0] + ld(xp, lanes) + ld(bj, lanes));
-    const V<Real> z = simd::vsigmoid<Real>(rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
+    const V<Real> r = gate(rec[0] + ld(xp, lanes) + ld(bj, lanes));
+    const V<Real> z = gate(rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
     const V<Real> ghn = rec[2] + ld(b_hn + j, lanes);
-    const V<Real> nn = simd::vtanh(ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes) + r * ghn);
+    const V<Real> nn = candidate(ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes) + r * ghn);
     const V<Real> h = nn + z * (ld(row.h_prev() + j, lanes) - nn);
     st(row.h_next() + j, h, lanes);
     st(row.y() + j, h, lanes);
@@ -77,7 +91,10 @@ template <typename Real>
 void gru_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                  const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
                  const LayerShape& s) {
-  forward_layer(GruCell<Real>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  if (s.gates.onnx)  // inference only: the stack refuses a training forward with them
+    forward_layer(GruCell<Real, true>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  else
+    forward_layer(GruCell<Real>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
 }
 
 template <typename Real>

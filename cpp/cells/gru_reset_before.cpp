@@ -15,6 +15,7 @@
 #include <type_traits>
 
 #include "cells/cell.h"
+#include "cells/onnx_gates.h"
 #include "drivers/cell_driver.h"
 
 namespace lstmfast {
@@ -22,7 +23,8 @@ namespace LSTMFAST_ISA {
 namespace {
 
 // Kept per row (training: every step; inference: the step's): r, z, n.
-template <typename Real>
+// kOnnx: ONNX's options (inference only).
+template <typename Real, bool kOnnx = false>
 struct GruResetBeforeCell : NoBackwardStep {
   static constexpr int kGates = 3, kFirstGates = 2, kSaved = 3;
   static constexpr bool kCellState = false, kLeavesDh = true, kSplitInputGrads = false,
@@ -31,9 +33,19 @@ struct GruResetBeforeCell : NoBackwardStep {
   int64_t H;
   bool round_u;      // bfloat16 weights widened to float32: u, a product's left operand, is
                      //   rounded to bfloat16 as h is (LayerShape::round_bf16)
+  OnnxGates<Real> onnx;  // ONNX's options (kOnnx, inference): as GruCell's
 
   GruResetBeforeCell(const LayerWeights<Real>& w, const LayerShape& s)
-      : bias(w.bias), H(s.H), round_u(s.round_bf16) {}
+      : bias(w.bias), H(s.H), round_u(s.round_bf16), onnx(s.gates) {}
+
+  LSTMFAST_ALWAYS_INLINE V<Real> gate(V<Real> a) const {
+    if constexpr (kOnnx) return onnx.gate(a);
+    return simd::vsigmoid<Real>(a);
+  }
+  LSTMFAST_ALWAYS_INLINE V<Real> candidate(V<Real> a) const {
+    if constexpr (kOnnx) return onnx.candidate(a);
+    return simd::vtanh(a);
+  }
 
   // r and z from the first product; u = r * h for the second. saved may be where
   // xp is (LayerBuffers::xproj): each value is read before it is written.
@@ -42,8 +54,8 @@ struct GruResetBeforeCell : NoBackwardStep {
                                       const V<Real>* rec) const {
     const Real* xp = row.xp() + j;
     const Real* bj = bias + j;
-    const V<Real> r = simd::vsigmoid<Real>(rec[0] + ld(xp, lanes) + ld(bj, lanes));
-    const V<Real> z = simd::vsigmoid<Real>(rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
+    const V<Real> r = gate(rec[0] + ld(xp, lanes) + ld(bj, lanes));
+    const V<Real> z = gate(rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
     st(row.saved() + j, r, lanes);
     st(row.saved() + H + j, z, lanes);
     // Rounding, h_rec is h rounded already (hm): u takes h itself (recurrent dropout and
@@ -58,7 +70,7 @@ struct GruResetBeforeCell : NoBackwardStep {
   LSTMFAST_ALWAYS_INLINE void forward_second(const Row& row, int64_t j,
                                              int64_t lanes, const V<Real>* rec) const {
     const V<Real> nn =
-        simd::vtanh(rec[0] + ld(row.xp() + 2 * H + j, lanes) + ld(bias + 2 * H + j, lanes));
+        candidate(rec[0] + ld(row.xp() + 2 * H + j, lanes) + ld(bias + 2 * H + j, lanes));
     const V<Real> z = ld(row.saved() + H + j, lanes);
     const V<Real> h = nn + z * (ld(row.h_prev() + j, lanes) - nn);
     st(row.h_next() + j, h, lanes);
@@ -100,7 +112,10 @@ template <typename Real>
 void gru_reset_before_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n,
                               const LayerBuffers<Real>& buf, const Real* x, const Real* h0,
                               const Real* c0, const LayerWeights<Real>& w, const LayerShape& s) {
-  forward_layer(GruResetBeforeCell<Real>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  if (s.gates.onnx)  // inference only: the stack refuses a training forward with them
+    forward_layer(GruResetBeforeCell<Real, true>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  else
+    forward_layer(GruResetBeforeCell<Real>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
 }
 
 template <typename Real>

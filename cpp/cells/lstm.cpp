@@ -8,7 +8,10 @@
 //   h'    = m W_hr^T with a projection (P > 0), else m
 // With peepholes (w.peephole; docs/cells.md) i and f also see c, and o sees c':
 //   i = sigmoid(pre_i + P_i c)   f = sigmoid(pre_f + P_f c)   o = sigmoid(pre_o + P_o c')
+// ONNX's options (LayerShape::gates, inference): hard sigmoid for the gates, every
+// pre-activation but c's clipped, f = 1 - i (input_forget); the cell's kOnnx path.
 #include "cells/cell.h"
+#include "cells/onnx_gates.h"
 #include "drivers/cell_driver.h"
 
 namespace lstmfast {
@@ -18,28 +21,38 @@ namespace {
 // The cell update of `lanes` units from their four pre-activations a[0..3] (i, f,
 // g, o; bias included) and c: i, f, g, o activated, c' and h' = o tanh(c').
 //   peep: [3H] P_i, P_f, P_o from the first of these units on, H apart; nullptr = none
-template <typename Real>
+//   onnx: ONNX's options (kOnnx only)
+template <typename Real, bool kOnnx>
 LSTMFAST_ALWAYS_INLINE void lstm_units(const V<Real> (&a)[4], V<Real> c_prev, const Real* peep,
                                        int64_t H, int64_t lanes, V<Real> (&gate)[4], V<Real>& c,
-                                       V<Real>& h) {
+                                       V<Real>& h, const OnnxGates<Real>& onnx) {
   V<Real> a_i = a[0], a_f = a[1], a_o = a[3];
   if (peep) {
     a_i += ld(peep, lanes) * c_prev;
     a_f += ld(peep + H, lanes) * c_prev;
   }
-  gate[0] = simd::vsigmoid<Real>(a_i);
-  gate[1] = simd::vsigmoid<Real>(a_f);
-  gate[2] = simd::vtanh(a[2]);
+  if constexpr (kOnnx) {
+    gate[0] = onnx.gate(a_i);
+    gate[1] = onnx.input_forget ? onnx.one - gate[0] : onnx.gate(a_f);
+    gate[2] = onnx.candidate(a[2]);
+  } else {
+    gate[0] = simd::vsigmoid<Real>(a_i);
+    gate[1] = simd::vsigmoid<Real>(a_f);
+    gate[2] = simd::vtanh(a[2]);
+  }
   c = gate[1] * c_prev + gate[0] * gate[2];
   if (peep) a_o += ld(peep + 2 * H, lanes) * c;
-  gate[3] = simd::vsigmoid<Real>(a_o);
+  if constexpr (kOnnx)
+    gate[3] = onnx.gate(a_o);
+  else
+    gate[3] = simd::vsigmoid<Real>(a_o);
   h = gate[3] * simd::vtanh(c);
 }
 
 // The cell for the drivers (cell_driver.h). Saved per row when training: i, f, g, o.
 // With a projection (forward_steps) h_next is m and y is written after the
-// projection, so the row's y is nullptr.
-template <typename Real>
+// projection, so the row's y is nullptr. kOnnx: ONNX's options (inference only).
+template <typename Real, bool kOnnx = false>
 struct LstmCell {
   static constexpr int kGates = 4, kFirstGates = 4, kSaved = 4;
   static constexpr bool kCellState = true, kLeavesDh = false, kSplitInputGrads = false,
@@ -52,12 +65,13 @@ struct LstmCell {
   const LayerShape& s;
   int64_t H;
   const Real* c_unzoned;  // with zoneout of c: where backward_step leaves c~ of the step
+  OnnxGates<Real> onnx;
 
   LstmCell(const LayerBuffers<Real>& buffers, const LayerWeights<Real>& weights,
            const LayerShape& shape)
       : bias(weights.bias), peep(weights.peephole), dpeep(buffers.dpeep), buf(buffers),
         w(weights), s(shape), H(shape.H),
-        c_unzoned(zoneout_c(weights, shape) ? buffers.zone_c_raw : nullptr) {}
+        c_unzoned(zoneout_c(weights, shape) ? buffers.zone_c_raw : nullptr), onnx(shape.gates) {}
 
   template <bool kTraining, class Row>
   LSTMFAST_ALWAYS_INLINE void forward(const Row& row, int64_t j, int64_t lanes,
@@ -69,8 +83,8 @@ struct LstmCell {
                           rec[2] + ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes),
                           rec[3] + ld(xp + 3 * H, lanes) + ld(bj + 3 * H, lanes)};
     V<Real> gate[4], c, h;
-    lstm_units<Real>(a, ld(row.c_prev() + j, lanes), peep ? peep + j : nullptr, H, lanes, gate, c,
-                     h);
+    lstm_units<Real, kOnnx>(a, ld(row.c_prev() + j, lanes), peep ? peep + j : nullptr, H, lanes,
+                            gate, c, h, onnx);
     st(row.c_next() + j, c, lanes);
     st(row.h_next() + j, h, lanes);
     if (row.y()) st(row.y() + j, h, lanes);
@@ -136,7 +150,7 @@ struct LstmCell {
   }
 };
 
-template <typename Real, bool kTraining>
+template <typename Real, bool kTraining, bool kOnnx = false>
 void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                    const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
                    const LayerShape& s) {
@@ -148,7 +162,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
   else
     input_projection(buf.xproj, x, w.W_ih, GH, s);
   const bool small = !direct && uses_small_gemm(s);
-  const LstmCell<Real> cell(buf, w, s);
+  const LstmCell<Real, kOnnx> cell(buf, w, s);
   if (small) {
     transpose(buf.W_hh_t, w.W_hh, GH, H_out);
     if (P) transpose(buf.W_hr_t, w.W_hr, P, H);
@@ -178,7 +192,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
       row.c_prev_ = c_prev + b * H;
       row.c_next_ = c_next + b * H;
       row.saved_ = kTraining ? gates + b * GH : nullptr;
-      cell_forward_row<LstmCell<Real>, kTraining>(cell, row, buf.rec + b * GH, H);
+      cell_forward_row<LstmCell<Real, kOnnx>, kTraining>(cell, row, buf.rec + b * GH, H);
     }
     if (P) {
       if (s.round_bf16) round_to_bfloat16(m, m, n * H);  // inference: m is scratch
@@ -215,7 +229,12 @@ template <typename Real>
 void lstm_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                   const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
                   const LayerShape& s) {
-  if (s.P == 0)
+  if (s.gates.onnx) {  // inference only: the stack refuses a training forward with them
+    if (s.P == 0)
+      forward_layer(LstmCell<Real, true>(buf, w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+    else
+      forward_steps<Real, false, true>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  } else if (s.P == 0)
     forward_layer(LstmCell<Real>(buf, w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
   else if (s.training)
     forward_steps<Real, true>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);

@@ -2,7 +2,9 @@
 // Compiled once per instruction set (see cell.h); arguments are documented in lstmfast.h.
 //
 //   h' = act(x W_ih^T + h W_hh^T + b_ih + b_hh),  act = tanh or relu
+// ONNX's clip (LayerShape::gates, inference): the pre-activation bounded first.
 #include "cells/cell.h"
+#include "cells/onnx_gates.h"
 #include "drivers/cell_driver.h"
 
 namespace lstmfast {
@@ -12,20 +14,23 @@ namespace {
 // The cell for the drivers (cell_driver.h). With zoneout, training keeps h~ of
 // every step in buf.gates ([S, N, H]): the saved h is the zoned one, and tanh' and
 // relu' are taken from h~.
-template <typename Real, bool kRelu>
+template <typename Real, bool kRelu, bool kClip = false>
 struct RnnCell : NoBackwardStep {
   static constexpr int kGates = 1, kFirstGates = 1, kSaved = 1;
   static constexpr bool kCellState = false, kLeavesDh = false, kSplitInputGrads = false,
                         kZoneoutRaw = true, kNoise = false;
   const Real* bias;
   bool zoned_h;
+  OnnxGates<Real> onnx;  // kClip: ONNX's clip of the pre-activation (inference only)
 
-  RnnCell(const LayerWeights<Real>& w, const LayerShape& s) : bias(w.bias), zoned_h(zoneout_h(w, s)) {}
+  RnnCell(const LayerWeights<Real>& w, const LayerShape& s)
+      : bias(w.bias), zoned_h(zoneout_h(w, s)), onnx(s.gates) {}
 
   template <bool kTraining, class Row>
   LSTMFAST_ALWAYS_INLINE void forward(const Row& row, int64_t j, int64_t lanes,
                                       const V<Real>* rec) const {
-    const V<Real> a = rec[0] + ld(row.xp() + j, lanes) + ld(bias + j, lanes);
+    V<Real> a = rec[0] + ld(row.xp() + j, lanes) + ld(bias + j, lanes);
+    if constexpr (kClip) a = onnx.bound(a);
     V<Real> h;
     if constexpr (kRelu)
       h = simd::vmax<Real>(a, splat<Real>(0));
@@ -56,10 +61,17 @@ template <typename Real>
 void rnn_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                  const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
                  const LayerShape& s) {
-  if (s.relu)
-    forward_layer(RnnCell<Real, true>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
-  else
-    forward_layer(RnnCell<Real, false>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  auto run = [&](auto cell) { forward_layer(cell, y, ldy, h_n, c_n, buf, x, h0, c0, w, s); };
+  if (s.gates.onnx) {  // the clip, inference only: the stack refuses a training forward with it
+    if (s.relu)
+      run(RnnCell<Real, true, true>(w, s));
+    else
+      run(RnnCell<Real, false, true>(w, s));
+  } else if (s.relu) {
+    run(RnnCell<Real, true>(w, s));
+  } else {
+    run(RnnCell<Real, false>(w, s));
+  }
 }
 
 template <typename Real>

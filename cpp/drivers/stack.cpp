@@ -38,13 +38,13 @@ namespace {
 // The cells, in Mode's order (lstmfast.h: CellInfo).
 constexpr const char* kPeepholes = "weight_ci,weight_cf,weight_co";
 constexpr const char* kLayerNorms = "ln_gates_weight,ln_gates_bias,ln_cell_weight,ln_cell_bias";
-constexpr const char* kAllFeatures = "zoneout,recurrent_dropout,int8,bfloat16";
+constexpr const char* kAllFeatures = "zoneout,recurrent_dropout,int8,bfloat16,onnx_gates";
 // Columns: mode, name, G, cell_state, relu, saved_blocks, second_product,
 // backward_on_stored_weights, continuous_time, extra_params, optional_params, features
 // (lstmfast.h, CellInfo).
 constexpr CellInfo kCells[] = {
     {Mode::LSTM, "LSTM", 4, true, false, 4, false, false, false, "", kPeepholes,
-     "projection,zoneout,recurrent_dropout,int8,bfloat16"},
+     "projection,zoneout,recurrent_dropout,int8,bfloat16,onnx_gates"},
     {Mode::GRU, "GRU", 3, false, false, 4, false, true, false, "", "", kAllFeatures},
     {Mode::RNN_TANH, "RNN_TANH", 1, false, false, 0, false, false, false, "", "", kAllFeatures},
     {Mode::RNN_RELU, "RNN_RELU", 1, false, true, 0, false, false, false, "", "", kAllFeatures},
@@ -509,6 +509,7 @@ LayerShape layer_shape(const StackCache<Real>& c, int64_t layer, int64_t directi
   l.zone_p_h = s.zone_p_h;
   l.zone_p_c = s.zone_p_c;
   l.zone_hashed = s.zone_hashed;
+  l.gates = s.gates;
   l.training = s.training;
   l.lengths = c.lengths.empty() ? nullptr : c.lengths.data();
   l.rows = c.rows.empty() ? nullptr : c.rows.data();

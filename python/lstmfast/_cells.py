@@ -24,7 +24,8 @@ CELL_STATE_MODES = tuple(name for name, cell in CELLS.items() if cell["cell_stat
 
 def supports(mode, feature):
     """Whether the kernels of ``mode`` have ``feature`` (projection, zoneout,
-    recurrent_dropout, int8, bfloat16)."""
+    recurrent_dropout, int8, bfloat16, onnx_gates: ONNX's hard sigmoid, clip and
+    input_forget at inference)."""
     return feature in CELLS[mode]["features"]
 
 

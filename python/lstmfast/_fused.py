@@ -9,9 +9,10 @@ This module passes the parameters to the compiled module by name, as the layers
 hold them; shapes, dtypes and lengths are checked there, and its errors name the
 offending argument.
 
-ONNX's options that the kernels do not compute yet (activations other than the
-cell's own, clip, input_forget) run in the reference, forward and backward: the
-slower path docs/onnx.md lists.
+ONNX's options (docs/onnx.md): the kernels of the cells with the ``onnx_gates``
+feature compute hard sigmoid gates, clip and input_forget at inference; the other
+activations, and training with any of these, run in the reference, forward and
+backward.
 """
 
 import numpy as np
@@ -49,11 +50,27 @@ class _Cache:
         return self.core.nbytes
 
 
-def fused(mode, activations=None, clip=None, input_forget=False):
+def kernel_gate_options(mode, activations=None, clip=None, input_forget=False,
+                        training=False):
+    """The kernels' cell_options for ONNX's options: {} for none, a dict of clip,
+    input_forget and hard_sigmoid (alpha, beta) where the kernels compute them, or
+    None where the reference must."""
+    own = reference.resolve_activations(mode)
+    triples = own if activations is None else reference.resolve_activations(mode, activations)
+    if triples == own and clip is None and not input_forget:
+        return {}
+    if training or not _cells.supports(mode, "onnx_gates") or triples[1:] != own[1:]:
+        return None
+    gate, alpha, beta = triples[0]
+    if gate != own[0][0] and not (gate == "hardsigmoid" and own[0][0] == "sigmoid"):
+        return None
+    return {"clip": clip, "input_forget": bool(input_forget),
+            "hard_sigmoid": (alpha, beta) if gate == "hardsigmoid" else None}
+
+
+def fused(mode, activations=None, clip=None, input_forget=False, training=False):
     """Whether the kernels compute ``mode`` with these ONNX options (else the reference does)."""
-    return (clip is None and not input_forget
-            and (activations is None or reference.resolve_activations(mode, activations)
-                 == reference.resolve_activations(mode)))
+    return kernel_gate_options(mode, activations, clip, input_forget, training) is not None
 
 
 def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
@@ -63,7 +80,8 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
     """Forward pass of a stacked (bi)directional LSTM / GRU / RNN; as reference.forward."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if not fused(mode, activations, clip, input_forget):
+    gate_options = kernel_gate_options(mode, activations, clip, input_forget, training)
+    if gate_options is None:
         return reference.forward(
             mode, x, hx, params, num_layers=num_layers, bidirectional=bidirectional,
             proj_size=proj_size, lengths=lengths, dropout_masks=dropout_masks, training=training,
@@ -99,7 +117,7 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         proj_size=proj_size, lengths=lengths, dropout_masks=dropout_masks,
         training=bool(training),
         cell_options={"alpha": float(alpha), "leak": leak, "noise": noise,
-                      "layer_norm_eps": float(layer_norm_eps)},
+                      "layer_norm_eps": float(layer_norm_eps), **gate_options},
         regularizers={"recurrent_dropout_masks": recurrent_dropout_masks,
                       "zoneout_masks": zoneout_masks, "zoneout_seed": zoneout_seed})
     cache = None

@@ -106,14 +106,29 @@ def test_options_are_attributes_and_in_the_repr():
     assert relu.nonlinearity == "relu" and repr(relu) == "RNN(3, 4, nonlinearity=relu)"
 
 
-def test_reverse_quantizes_and_the_reference_options_do_not():
+def test_what_the_kernels_compute_quantizes_and_the_rest_does_not():
     x = np.random.default_rng(0).standard_normal((4, 2, 3)).astype(np.float32)
-    layer = lstmfast.GRU(3, 4, reverse=True, seed=0).eval()
-    assert lstmfast.quantize(layer, "int8").reverse
-    y, _ = lstmfast.quantize(layer, "int8")(x)
+    layer = lstmfast.GRU(3, 4, reverse=True, clip=1.0, activations=["hardsigmoid", "tanh"],
+                         seed=0).eval()
+    quantized = lstmfast.quantize(layer, "int8")
+    assert quantized.reverse and quantized.clip == 1.0
+    y, _ = quantized(x)
     assert y.shape == (4, 2, 4)
-    with pytest.raises(ValueError, match="quantize: clip run in the reference"):
-        lstmfast.quantize(lstmfast.LSTM(3, 4, clip=1.0), "int8")
+    with pytest.raises(ValueError, match="quantize: with these activations the layer runs in "
+                                         "the reference"):
+        lstmfast.quantize(lstmfast.LSTM(3, 4, activations=["softsign", "tanh", "tanh"]), "int8")
+
+
+def test_training_with_the_kernels_options_runs_on_the_reference():
+    """The kernels compute ONNX's options at inference; a training layer with them
+    takes the reference's path (docs/onnx.md), and both give the same forward."""
+    layer = lstmfast.LSTM(3, 4, clip=0.5, input_forget=True, seed=0)
+    assert layer._kernels_compute() and not layer._kernels_compute(training=True)
+    x = np.random.default_rng(1).standard_normal((5, 2, 3)).astype(np.float32) * 3
+    y_train, _ = layer(x)
+    layer.backward(np.ones_like(y_train))
+    y_eval, _ = layer.eval()(x)
+    assert_close(y_eval, y_train, name="output")
 
 
 @pytest.mark.parametrize("make, error, message", [

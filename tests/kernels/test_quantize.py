@@ -185,6 +185,11 @@ CONFIGS = [
     ("LSTM", dict(reverse=True, num_layers=2)),
     ("GRU", dict(reverse=True)),
     ("RNN", dict(reverse=True, batch_first=True)),
+    # ONNX's options the kernels compute at inference (docs/onnx.md)
+    ("LSTM", dict(activations=["hardsigmoid", "tanh", "tanh"], clip=0.9, input_forget=True)),
+    ("GRU", dict(activations=["hardsigmoid", "tanh"], clip=0.8, bidirectional=True)),
+    ("GRU", dict(linear_before_reset=False, clip=0.7)),
+    ("RNN", dict(clip=0.5, nonlinearity="relu")),
 ]
 CELL_STATE = ("LSTM", "LayerNormLSTM")
 

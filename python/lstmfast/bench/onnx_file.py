@@ -83,7 +83,7 @@ def run(path, threads, shape=None, rounds=5, min_time=0.5, json_path=None):
             variants = [("float32", layer, alone.SerializeToString())]
             # ONNX's options the kernels lack run in the reference (docs/onnx.md):
             # the table says so, and there is no int8 layer of them.
-            on_reference = bool(set(layer._onnx_options()) - {"reverse"})
+            on_reference = not layer._kernels_compute()
             if node.op_type == "LSTM" and not layer.peephole and not on_reference:
                 int8_path, _ = common.onnx_int8_model(alone, workdir, f"node{index}")
                 variants.append(("int8", lstmfast.quantize(layer, "int8"), int8_path))

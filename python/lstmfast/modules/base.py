@@ -414,6 +414,13 @@ class _RNNBase(_Module):
             options["reverse"] = True
         return options
 
+    def _kernels_compute(self, training=False):
+        """Whether the fused kernels compute this layer's forward (in training mode or
+        not): ONNX's options they lack send it to the reference (docs/onnx.md)."""
+        options = {k: v for k, v in self._onnx_options().items() if k != "reverse"}
+        return self.backend == "fused" and self._backend.fused(self._mode, training=training,
+                                                               **options)
+
     @property
     def _num_directions(self):
         return 2 if self.bidirectional else 1

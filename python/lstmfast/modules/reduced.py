@@ -51,10 +51,10 @@ def quantize(layer, precision):
     if any(layer.zoneout):
         raise ValueError(f"quantize: zoneout={layer.zoneout} has no reduced-precision kernels; "
                          f"quantize a layer without it")
-    unfused = sorted(set(layer._onnx_options()) - {"reverse"})
-    if unfused:
-        raise ValueError(f"quantize: {', '.join(unfused)} run in the reference, which has no "
-                         f"reduced-precision kernels; quantize a layer without them")
+    options = sorted(set(layer._onnx_options()) - {"reverse"})
+    if options and layer.backend == "fused" and not layer._kernels_compute():
+        raise ValueError(f"quantize: with these {', '.join(options)} the layer runs in the "
+                         f"reference, which has no reduced-precision kernels (docs/onnx.md)")
     reference = importlib.import_module(_PACKAGE + ".reference")
     state = {}
     for name, value in layer._params.items():

@@ -1,0 +1,44 @@
+// ONNX's options of the LSTM, GRU and RNN nodes (lstmfast.h GateOptions,
+// docs/onnx.md) as the cells apply them on their ONNX path: the gates' activation
+// (sigmoid or hard sigmoid) and the clip of every pre-activation of the gates and
+// of the candidate. A cell is instantiated with and without this path, so that
+// torch's cells pay nothing for it.
+#pragma once
+
+#include "runtime/kernel_unit.h"
+
+namespace lstmfast {
+namespace LSTMFAST_ISA {
+
+template <typename Real>
+struct OnnxGates {
+  bool clipped, hard_sigmoid, input_forget;
+  V<Real> lo, hi, alpha, beta, zero, one;
+
+  explicit OnnxGates(const GateOptions& o)
+      : clipped(o.clip > 0),
+        hard_sigmoid(o.hard_sigmoid),
+        input_forget(o.input_forget),
+        lo(splat<Real>(static_cast<Real>(-o.clip))),
+        hi(splat<Real>(static_cast<Real>(o.clip))),
+        alpha(splat<Real>(static_cast<Real>(o.hs_alpha))),
+        beta(splat<Real>(static_cast<Real>(o.hs_beta))),
+        zero(splat<Real>(0)),
+        one(splat<Real>(1)) {}
+
+  // a bounded to [-clip, clip] when there is a clip
+  LSTMFAST_ALWAYS_INLINE V<Real> bound(V<Real> a) const {
+    return clipped ? simd::vmin<Real>(simd::vmax<Real>(a, lo), hi) : a;
+  }
+  // A gate (LSTM i, f, o; GRU r, z): f in ONNX's letters.
+  LSTMFAST_ALWAYS_INLINE V<Real> gate(V<Real> a) const {
+    a = bound(a);
+    if (hard_sigmoid) return simd::vmin<Real>(simd::vmax<Real>(alpha * a + beta, zero), one);
+    return simd::vsigmoid<Real>(a);
+  }
+  // The candidate (LSTM g, GRU n): g in ONNX's letters, tanh.
+  LSTMFAST_ALWAYS_INLINE V<Real> candidate(V<Real> a) const { return simd::vtanh(bound(a)); }
+};
+
+}  // namespace LSTMFAST_ISA
+}  // namespace lstmfast

@@ -65,11 +65,12 @@ def layer_from_onnx_node(node, arrays, *, label=None, dtype="float32", backend="
     """The lstmfast layer computing ONNX node ``node`` (LSTM, GRU or RNN), its weights
     from ``arrays`` (a mapping from input names to arrays: the graph's initializers).
     ValueError names the node (``label``) and what cannot be honoured."""
-    op = node.op_type
-    label = label or node.name or op
-    if op not in _GATES:
-        raise ValueError(f"{caller}: node {label!r}: {op} is not a recurrent node lstmfast runs "
-                         "(LSTM, GRU, RNN)")
+    label = label or node.name or node.op_type
+    if node.op_type not in _GATES and node.op_type != "DynamicQuantizeLSTM":
+        raise ValueError(f"{caller}: node {label!r}: {node.op_type} is not a recurrent node "
+                         "lstmfast runs (LSTM, GRU, RNN, DynamicQuantizeLSTM)")
+    quantized = node.op_type == "DynamicQuantizeLSTM"  # ONNX Runtime's int8 LSTM
+    op = "LSTM" if quantized else node.op_type
 
     def refuse(what):
         raise ValueError(f"{caller}: node {label!r}: {what}")
@@ -90,16 +91,24 @@ def layer_from_onnx_node(node, arrays, *, label=None, dtype="float32", backend="
     if layout not in (0, 1):
         refuse(f"layout={layout!r}: expected 0 or 1")
 
-    inputs = list(node.input) + [""] * (8 - len(node.input))
+    inputs = list(node.input) + [""] * (12 - len(node.input))
 
-    def initializer(index, what):
+    def initializer(index, what, kind=np.float64):
         if not inputs[index]:
             return None
         if inputs[index] not in arrays:
             refuse(f"{what} ({inputs[index]!r}) must be an initializer")
-        return np.asarray(arrays[inputs[index]], dtype=np.float64)
+        return np.asarray(arrays[inputs[index]], dtype=kind)
 
-    W, R, B = initializer(1, "W"), initializer(2, "R"), initializer(3, "B")
+    if quantized:  # W (D, I, 4H), R (D, H, 4H) integers with their scales and zero points
+        integers = {name: _dequantizable(refuse, name, initializer(i, name, None),
+                                         initializer(scale, name + "_scale"),
+                                         initializer(scale + 1, name + "_zero_point", None))
+                    for i, scale, name in ((1, 8, "W"), (2, 10, "R"))}
+        W, R = (integers[name][2] for name in ("W", "R"))
+    else:
+        W, R = initializer(1, "W"), initializer(2, "R")
+    B = initializer(3, "B")
     P = initializer(7, "P") if op == "LSTM" else None
     if W is None or R is None:
         refuse("the node has no W or R")
@@ -140,7 +149,49 @@ def layer_from_onnx_node(node, arrays, *, label=None, dtype="float32", backend="
             for gate, k in _PEEPHOLES.items():
                 state[f"weight_c{gate}" + suffix] = P[d, k * H:(k + 1) * H]
     layer.load_state_dict(state)
-    return layer.eval()
+    layer.eval()
+    if quantized:
+        layer = _int8_layer(layer, integers, blocks, D)
+    return layer
+
+
+def _dequantizable(refuse, name, q, scale, zero_point):
+    """A DynamicQuantizeLSTM weight (D, K, 4H) as (q - zero_point (D, 4H, K) int32,
+    scale (D, 4H), the float weight (D, 4H, K)): ONNX Runtime's scale and zero point
+    are per direction or per direction and column."""
+    if q is None or scale is None:
+        refuse(f"{name} and {name}_scale are needed")
+    if q.ndim != 3 or q.dtype not in (np.int8, np.uint8):
+        refuse(f"{name}: expected int8 or uint8 of (D, K, 4H), got {q.dtype} {q.shape}")
+    D, _, GH = q.shape
+    zero_point = np.zeros(D) if zero_point is None else np.asarray(zero_point)
+    if scale.shape not in ((D,), (D, GH)) or zero_point.shape != scale.shape:
+        refuse(f"{name}_scale {scale.shape}, {name}_zero_point {zero_point.shape}: expected "
+               f"({D},) or ({D}, {GH}) each")
+    scale = np.broadcast_to(scale.reshape(D, -1), (D, GH))
+    zero_point = np.broadcast_to(zero_point.reshape(D, -1), (D, GH))
+    integers = q.astype(np.int32).transpose(0, 2, 1) - zero_point[:, :, None]
+    return integers, scale, integers * scale[:, :, None]
+
+
+def _int8_layer(layer, integers, blocks, D):
+    """``layer`` quantized to int8 holding a DynamicQuantizeLSTM's own integers and
+    scales where they fit lstmfast's contract (symmetric, |q| <= 127: what ONNX Runtime's
+    quantize_dynamic writes), else quantized again from the dequantized weights."""
+    from .modules.reduced import quantize
+
+    quantized = quantize(layer, "int8")
+    state = quantized.state_dict()
+    for name, slot in (("W", "weight_ih"), ("R", "weight_hh")):
+        q, scale, _ = integers[name]
+        if np.abs(q).max() > 127 or not (scale > 0).all():
+            return quantized
+        for d in range(D):
+            suffix = "_l0" + ("_reverse" if d else "")
+            state[slot + suffix] = blocks(q[d]).astype(np.int8)
+            state[slot + suffix + "_scale"] = blocks(scale[d]).astype(np.float32)
+    quantized.load_state_dict(state)
+    return quantized
 
 
 def _node_activations(op, attrs, D, refuse):
@@ -178,7 +229,9 @@ def _node_activations(op, attrs, D, refuse):
 
 
 def from_onnx(model_or_path, *, dtype="float32", backend="fused"):
-    """Every ``LSTM``, ``GRU`` and ``RNN`` node of an ONNX model as an lstmfast layer.
+    """Every ``LSTM``, ``GRU`` and ``RNN`` node of an ONNX model as an lstmfast layer,
+    and every ``DynamicQuantizeLSTM`` (ONNX Runtime's int8 LSTM) as an int8 ``LSTM``
+    (``lstmfast.quantize``'s) holding the node's own integers and scales.
 
     ``model_or_path``: an ``onnx.ModelProto``, a ``GraphProto``, or the path of a
     ``.onnx`` file. Returns a dict from node name (``{op_type}_{index}`` for an
@@ -202,12 +255,19 @@ def from_onnx(model_or_path, *, dtype="float32", backend="fused"):
     graph = model_or_path
     arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
     layers = {}
-    for index, node in enumerate(graph.node):
-        if node.op_type in _GATES and node.domain in ("", "ai.onnx"):
-            label = _node_label(node, index)
-            layers[label] = layer_from_onnx_node(node, arrays, label=label, dtype=dtype,
-                                                 backend=backend)
+    for index, node in recurrent_nodes(graph):
+        label = _node_label(node, index)
+        layers[label] = layer_from_onnx_node(node, arrays, label=label, dtype=dtype,
+                                             backend=backend)
     return layers
+
+
+def recurrent_nodes(graph):
+    """(index, node) of the nodes from_onnx takes, in the graph's order: LSTM, GRU and
+    RNN of the standard domain, and ONNX Runtime's DynamicQuantizeLSTM."""
+    return [(index, node) for index, node in enumerate(graph.node)
+            if (node.op_type in _GATES and node.domain in ("", "ai.onnx"))
+            or (node.op_type == "DynamicQuantizeLSTM" and node.domain == "com.microsoft")]
 
 
 def run_onnx_node(layer, X, sequence_lens=None, initial_h=None, initial_c=None):
@@ -272,9 +332,11 @@ def to_onnx(layer, path=None, *, opset=14):
     returns them. A batch_first layer's input and output are transposed around the
     nodes (ONNX Runtime refuses the nodes' ``layout=1``); ``GRU(linear_before_reset=False)``
     gives ``linear_before_reset=0``; peepholes give the LSTM's ``P``; ``activations``,
-    ``clip``, ``input_forget`` and ``reverse`` the attributes of the same names. ValueError for
-    what ONNX's nodes do not compute (a projection, reduced weights, zoneout,
-    the other cells). Recurrent dropout is the identity at inference and is left out."""
+    ``clip``, ``input_forget`` and ``reverse`` the attributes of the same names; an int8
+    LSTM (``lstmfast.quantize``) gives ONNX Runtime's ``DynamicQuantizeLSTM`` nodes holding
+    its integers, with its per-row scales as per-column ones. ValueError for what
+    ONNX's nodes do not compute (a projection, bfloat16 weights and int8 GRU or RNN,
+    zoneout, the other cells). Recurrent dropout is the identity at inference and is left out."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -286,8 +348,12 @@ def to_onnx(layer, path=None, *, opset=14):
                          "(LSTM, GRU and RNN layers do)")
     if getattr(layer, "proj_size", 0):
         raise ValueError("to_onnx: ONNX's LSTM has no projection (proj_size)")
-    if layer.precision != "float32":  # "float32" marks a float layer of either dtype
-        raise ValueError(f"to_onnx: {layer.precision} weights are not exported yet; export the "
+    # "float32" marks a float layer of either dtype; an int8 LSTM becomes ONNX
+    # Runtime's DynamicQuantizeLSTM, which has no GRU or RNN kin.
+    int8 = layer.precision == "int8"
+    if layer.precision != "float32" and not (int8 and mode == "LSTM"):
+        raise ValueError(f"to_onnx: {layer.precision} {type(layer).__name__} has no ONNX node "
+                         "(an int8 LSTM has ONNX Runtime's DynamicQuantizeLSTM); export the "
                          "float layer")
     if any(layer.zoneout):
         raise ValueError("to_onnx: ONNX's nodes have no zoneout (its eval form blends h)")
@@ -326,8 +392,12 @@ def to_onnx(layer, path=None, *, opset=14):
     outputs_h, outputs_c = [], []
     for k in range(L):
         suffixes = ["_l%d" % k + ("_reverse" if d else "") for d in range(D)]
-        W = np.stack([onnx_blocks(params["weight_ih" + s]) for s in suffixes])
-        R = np.stack([onnx_blocks(params["weight_hh" + s]) for s in suffixes])
+        if int8:  # DynamicQuantizeLSTM's W (D, I, 4H), R (D, H, 4H): our rows as columns
+            W = np.stack([onnx_blocks(params["weight_ih" + s]).T for s in suffixes])
+            R = np.stack([onnx_blocks(params["weight_hh" + s]).T for s in suffixes])
+        else:
+            W = np.stack([onnx_blocks(params["weight_ih" + s]) for s in suffixes])
+            R = np.stack([onnx_blocks(params["weight_hh" + s]) for s in suffixes])
         inputs = [x, constant(f"W{k}", W), constant(f"R{k}", R)]
         if layer.bias:
             B = np.stack([np.concatenate([onnx_blocks(params["bias_ih" + s]),
@@ -344,6 +414,13 @@ def to_onnx(layer, path=None, *, opset=14):
                 P = np.stack([np.concatenate([params[f"weight_c{g}" + s] for g in "iof"])
                               for s in suffixes])
                 inputs.append(constant(f"P{k}", P))
+            elif int8:
+                inputs.append("")
+        if int8:  # per column scales (our per row ones), zero points 0: symmetric
+            for name, slot in (("W", "weight_ih"), ("R", "weight_hh")):
+                scale = np.stack([onnx_blocks(params[slot + s + "_scale"]) for s in suffixes])
+                inputs += [constant(f"{name}{k}_scale", scale.astype(np.float32)),
+                           constant(f"{name}{k}_zero_point", np.zeros(scale.shape, np.int8))]
         if op == "GRU":
             attributes["linear_before_reset"] = 0 if mode == "GRU_RESET_BEFORE" else 1
         attributes.update(_activation_attributes(layer, D))
@@ -352,7 +429,13 @@ def to_onnx(layer, path=None, *, opset=14):
         if layer.input_forget:
             attributes["input_forget"] = 1
         outs = [f"Y{k}", f"Y{k}_h"] + ([f"Y{k}_c"] if op == "LSTM" else [])
-        nodes.append(helper.make_node(op, inputs, outs, name=f"{op.lower()}_l{k}", **attributes))
+        if int8:
+            nodes.append(helper.make_node("DynamicQuantizeLSTM", inputs, outs,
+                                          name=f"lstm_l{k}_quant", domain="com.microsoft",
+                                          **attributes))
+        else:
+            nodes.append(helper.make_node(op, inputs, outs, name=f"{op.lower()}_l{k}",
+                                          **attributes))
         # Y (T, D, N, H) -> (T, N, D, H) -> (T, N, D*H)
         nodes.append(helper.make_node("Transpose", [f"Y{k}"], [f"Y{k}_t"], perm=[0, 2, 1, 3]))
         last = k == L - 1
@@ -376,8 +459,10 @@ def to_onnx(layer, path=None, *, opset=14):
         graph_outputs.append(helper.make_tensor_value_info(out, elem, [L * D, "N", H]))
     graph = helper.make_graph(nodes, f"lstmfast_{mode.lower()}", graph_inputs, graph_outputs,
                               initializers)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)],
-                              producer_name="lstmfast")
+    opsets = [helper.make_opsetid("", opset)]
+    if int8:
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets, producer_name="lstmfast")
     model.ir_version = 8
     onnx.checker.check_model(model)
     if path is not None:

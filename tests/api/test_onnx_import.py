@@ -290,5 +290,124 @@ def test_to_onnx_refuses_what_the_nodes_do_not_compute():
         lstmfast.GRU(4, 5, zoneout=0.1).to_onnx()
     with pytest.raises(ValueError, match="to_onnx: CTRNN has no standard ONNX node"):
         lstmfast.CTRNN(4, 5).to_onnx()
-    with pytest.raises(ValueError, match="to_onnx: int8 weights are not exported yet"):
-        lstmfast.quantize(lstmfast.LSTM(4, 5), "int8").to_onnx()
+    with pytest.raises(ValueError, match="to_onnx: int8 GRU has no ONNX node"):
+        lstmfast.quantize(lstmfast.GRU(4, 5), "int8").to_onnx()
+    with pytest.raises(ValueError, match="to_onnx: bfloat16 LSTM has no ONNX node"):
+        lstmfast.quantize(lstmfast.LSTM(4, 5), "bfloat16").to_onnx()
+
+
+# ------------------------------------------------------------------------------------------
+# int8: ONNX Runtime's DynamicQuantizeLSTM both ways
+
+
+def quantize_dynamic(model, tmp_path):
+    """ONNX Runtime's quantize_dynamic of ``model`` (7-bit weights, as it advises on
+    CPUs without VNNI), loaded back."""
+    import logging
+
+    from onnxruntime.quantization import quantize_dynamic as ort_quantize_dynamic
+
+    onnx.save(model, str(tmp_path / "float.onnx"))
+    logging.disable(logging.WARNING)  # its advice to pre-process the model
+    try:
+        ort_quantize_dynamic(str(tmp_path / "float.onnx"), str(tmp_path / "int8.onnx"),
+                             reduce_range=True)
+    finally:
+        logging.disable(logging.NOTSET)
+    return onnx.load(str(tmp_path / "int8.onnx"))
+
+
+def int8_weights(model):
+    """Each DynamicQuantizeLSTM's W and R as dequantized (D, 4H, K) float arrays."""
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    weights = []
+    for node in model.graph.node:
+        if node.op_type == "DynamicQuantizeLSTM":
+            inputs = list(node.input)
+            for q, scale, zero in ((1, 8, 9), (2, 10, 11)):
+                D, _, GH = arrays[inputs[q]].shape
+                scale_ = np.broadcast_to(arrays[inputs[scale]].reshape(D, -1), (D, GH))
+                zero_ = np.broadcast_to(arrays[inputs[zero]].reshape(D, -1), (D, GH))
+                weights.append((arrays[inputs[q]].astype(np.float64) - zero_[:, None, :])
+                               * scale_[:, None, :])
+    return [w.transpose(0, 2, 1) for w in weights]
+
+
+@pytest.mark.parametrize("direction, attributes, peepholes", [
+    ("forward", {}, False),
+    ("bidirectional", {}, False),
+    ("reverse", {}, True),
+    ("forward", {"activations": ["HardSigmoid", "Tanh", "Tanh"], "clip": 2.0,
+                 "input_forget": 1}, False),
+])
+def test_dynamic_quantize_lstm_nodes_are_int8_layers_of_their_integers(
+        direction, attributes, peepholes, tmp_path):
+    rng = np.random.default_rng(4)
+    I, H, T, N = 7, 6, 5, 3
+    model = recurrent_model("LSTM", I, H, rng=rng, direction=direction, peepholes=peepholes,
+                            name="lstm", **attributes)
+    int8_model = quantize_dynamic(model, tmp_path)
+    assert [n.op_type for n in int8_model.graph.node] == ["DynamicQuantizeLSTM"]
+    (name, layer), = lstmfast.from_onnx(int8_model).items()
+    assert layer.precision == "int8" and layer._kernels_compute()
+    # the node's own integers and scales: lstmfast's weights dequantize to ONNX Runtime's
+    D = 2 if direction == "bidirectional" else 1
+    state = layer.state_dict()
+    theirs = int8_weights(int8_model)
+    order = [0, 2, 3, 1]  # our block j is ONNX's block order[j]
+    for name, W in zip(("weight_ih", "weight_hh"), theirs):
+        for d in range(D):
+            key = f"{name}_l0" + ("_reverse" if d else "")
+            ours = state[key].astype(np.float64) * state[key + "_scale"][:, None]
+            expected = np.concatenate([W[d][k * H:(k + 1) * H] for k in order])
+            assert_close(ours, expected, tol=1e-6, name=key)
+    X = rng.standard_normal((T, N, I)).astype(np.float32)
+    lengths = np.array([5, 2, 4], np.int32)
+    feeds = {"X": X, "sequence_lens": lengths,
+             "initial_h": np.zeros((D, N, H), np.float32), "initial_c": np.zeros((D, N, H), np.float32)}
+    theirs = onnxruntime_run(int8_model, feeds)
+    ours = lstmfast.run_onnx_node(layer, X, lengths)
+    # The kernels compute lstmfast's int8 contract exactly (its reference is the judge,
+    # tests/kernels/test_quantize.py); ONNX Runtime quantizes the activations its own way
+    # (per tensor, 8 bits), so the two int8 results differ by about one step of those.
+    for label, a, b in zip(("Y", "Y_h", "Y_c"), ours, theirs):
+        assert_close(a, b, tol=2e-2, name=f"{label} against ONNX Runtime's int8")
+    float_ours = lstmfast.run_onnx_node(lstmfast.from_onnx(model)["lstm"], X, lengths)
+    for label, a, b in zip(("Y", "Y_h", "Y_c"), ours, float_ours):
+        assert_close(a, b, tol=2e-2, name=f"{label} against the float node")
+
+
+@pytest.mark.parametrize("options", [dict(), dict(bidirectional=True, num_layers=2),
+                                     dict(peephole=True, reverse=True, batch_first=True)])
+def test_int8_layers_export_to_dynamic_quantize_lstm(options, tmp_path):
+    float_layer = lstmfast.LSTM(5, 4, seed=6, **options).eval()
+    layer = lstmfast.quantize(float_layer, "int8")
+    path = tmp_path / "int8.onnx"
+    model = layer.to_onnx(path)
+    assert {n.op_type for n in model.graph.node} >= {"DynamicQuantizeLSTM"}
+    rng = np.random.default_rng(7)
+    N, T, L, D = 3, 6, layer.num_layers, 2 if layer.bidirectional else 1
+    x = rng.standard_normal((N, T, 5) if layer.batch_first else (T, N, 5)).astype(np.float32)
+    h0 = rng.standard_normal((L * D, N, 4)).astype(np.float32)
+    c0 = rng.standard_normal((L * D, N, 4)).astype(np.float32)
+    lengths = np.array([6, 2, 4])
+    output, (h_n, c_n) = layer(x, (h0, c0), lengths=lengths)
+    theirs = onnxruntime_run(onnx.load(str(path)), {"input": x, "lengths": lengths.astype(np.int32),
+                                                    "h0": h0, "c0": c0})
+    for label, a, b in zip(("output", "h_n", "c_n"), (output, h_n, c_n), theirs):
+        assert_close(a, b, tol=2e-2, name=f"onnxruntime {label}")
+    if L == 1:  # one node: from_onnx gives the same integers and scales back
+        (back,) = lstmfast.from_onnx(model).values()
+        assert back.precision == "int8"
+        for name, value in layer.state_dict().items():
+            np.testing.assert_array_equal(back.state_dict()[name], value, err_msg=name)
+
+
+def test_dynamic_quantize_lstm_without_scales_is_refused():
+    node = helper.make_node("DynamicQuantizeLSTM", ["X", "W", "R"], ["Y"], hidden_size=2,
+                            name="q", domain="com.microsoft")
+    graph = helper.make_graph([node], "g", [], [], [
+        numpy_helper.from_array(np.zeros((1, 3, 8), np.int8), "W"),
+        numpy_helper.from_array(np.zeros((1, 2, 8), np.int8), "R")])
+    with pytest.raises(ValueError, match="node 'q': W and W_scale are needed"):
+        lstmfast.from_onnx(graph)

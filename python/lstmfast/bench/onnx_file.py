@@ -14,6 +14,7 @@ import numpy as np
 
 import lstmfast
 from lstmfast.bench import common
+from lstmfast.onnx_nodes import recurrent_nodes
 
 DEFAULT_T, DEFAULT_N = 100, 8
 
@@ -23,18 +24,24 @@ def _single_node_model(node, initializers):
     initial states: zeros, as ONNX's defaults)."""
     from onnx import TensorProto, helper
 
-    inputs = list(node.input) + [""] * (8 - len(node.input))
-    kept = ["X"] + inputs[1:4] + ["", "", "", inputs[7] if node.op_type == "LSTM" else ""]
+    inputs = list(node.input) + [""] * (12 - len(node.input))
+    lstm = node.op_type in ("LSTM", "DynamicQuantizeLSTM")
+    kept = ["X"] + inputs[1:4] + ["", "", "", inputs[7] if lstm else ""]
+    if node.op_type == "DynamicQuantizeLSTM":  # W, R scales and zero points
+        kept += inputs[8:12]
     while not kept[-1]:  # trailing optional inputs left out
         kept.pop()
     weights = {name for name in kept[1:] if name}
-    alone = helper.make_node(node.op_type, kept, ["Y"], name=node.name)
+    alone = helper.make_node(node.op_type, kept, ["Y"], name=node.name, domain=node.domain)
     alone.attribute.extend(node.attribute)
     graph = helper.make_graph(
         [alone], "node", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
         [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
         [t for t in initializers if t.name in weights])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    opsets = [helper.make_opsetid("", 14)]
+    if node.domain == "com.microsoft":
+        opsets.append(helper.make_opsetid("com.microsoft", 1))
+    model = helper.make_model(graph, opset_imports=opsets)
     model.ir_version = 8
     return model
 
@@ -58,9 +65,7 @@ def run(path, threads, shape=None, rounds=5, min_time=0.5, json_path=None):
     model = onnx.load(path)
     graph = model.graph
     layers = lstmfast.from_onnx(model)
-    # The nodes from_onnx took, in its order (standard domain only).
-    recurrent = [(i, n) for i, n in enumerate(graph.node)
-                 if n.op_type in ("LSTM", "GRU", "RNN") and n.domain in ("", "ai.onnx")]
+    recurrent = recurrent_nodes(graph)  # the nodes from_onnx took, in its order
     config = common.configuration(None, None)
     print("lstmfast benchmark: the recurrent nodes of an ONNX model, against ONNX Runtime")
     for k, v in config.items():
@@ -80,11 +85,13 @@ def run(path, threads, shape=None, rounds=5, min_time=0.5, json_path=None):
             I = layer.input_size
             x = rng.standard_normal((N, T, I) if layout else (T, N, I)).astype(np.float32)
             alone = _single_node_model(node, graph.initializer)
-            variants = [("float32", layer, alone.SerializeToString())]
+            # A DynamicQuantizeLSTM node is int8 on both sides, as the file has it.
+            variants = [(layer.precision, layer, alone.SerializeToString())]
             # ONNX's options the kernels lack run in the reference (docs/onnx.md):
             # the table says so, and there is no int8 layer of them.
             on_reference = not layer._kernels_compute()
-            if node.op_type == "LSTM" and not layer.peephole and not on_reference:
+            if (node.op_type == "LSTM" and not layer.peephole and not on_reference
+                    and layer.precision == "float32"):
                 int8_path, _ = common.onnx_int8_model(alone, workdir, f"node{index}")
                 variants.append(("int8", lstmfast.quantize(layer, "int8"), int8_path))
             for t in threads:

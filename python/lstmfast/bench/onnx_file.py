@@ -120,10 +120,11 @@ def run(path, threads, shape=None, rounds=5, min_time=0.5, json_path=None):
                                     "D": 2 if layer.bidirectional else 1, "threads": t,
                                     "seconds": seconds, "max_rel_diff": difference,
                                     "ratio": seconds["onnxruntime"] / seconds["lstmfast"]})
-    print(f"{'node':20s} {'op':4s} {'prec':8s} {'T':>4s} {'N':>3s} {'I':>5s} {'H':>5s} {'D':>2s} "
+    op_width = max([4] + [len(r["op"]) for r in results])
+    print(f"{'node':20s} {'op':{op_width}s} {'prec':8s} {'T':>4s} {'N':>3s} {'I':>5s} {'H':>5s} {'D':>2s} "
           f"{'thr':>3s} {'path':9s} {'onnxruntime':>12s} {'lstmfast':>10s} {'vs ORT':>7s}")
     for r in results:
-        print(f"{r['node'][:20]:20s} {r['op']:4s} {r['precision']:8s} {r['T']:4d} {r['N']:3d} "
+        print(f"{r['node'][:20]:20s} {r['op']:{op_width}s} {r['precision']:8s} {r['T']:4d} {r['N']:3d} "
               f"{r['I']:5d} {r['H']:5d} {r['D']:2d} {r['threads']:3d} {r['path']:9s} "
               f"{common.fmt_time(r['seconds']['onnxruntime']):>12s} "
               f"{common.fmt_time(r['seconds']['lstmfast']):>10s} {r['ratio']:6.2f}x")

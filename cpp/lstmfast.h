@@ -82,8 +82,9 @@ inline bool has_cell_state(Mode mode) { return cell_info(mode).cell_state; }
 // At step s sorted row b reads and writes time t = s (forward) or
 // t = lengths[b] - 1 - s (reverse: each sequence starts at its own end).
 // ONNX's options of the LSTM, GRU and RNN nodes that the kernels compute
-// (docs/onnx.md), for inference: a training forward with them runs in the
-// reference. The cells take their ONNX path (cells/onnx_gates.h) when `onnx` is set.
+// (docs/onnx.md): all of them at inference, all but the clip in training (the
+// reference trains with a clip). The cells take their ONNX path
+// (cells/onnx_gates.h) when `onnx` is set.
 struct GateOptions {
   bool onnx = false;          // any option below is set
   bool hard_sigmoid = false;  // the gates' activation min(max(hs_alpha a + hs_beta, 0), 1)

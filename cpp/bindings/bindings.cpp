@@ -782,9 +782,9 @@ void register_rnn(py::module_& m) {
           s.gates.hs_beta = hard.cast<py::tuple>()[1].cast<double>();
         }
         s.gates.onnx = s.gates.clip > 0 || s.gates.input_forget || s.gates.hard_sigmoid;
-        if (s.gates.onnx && training)
-          throw py::value_error("cell_options: clip, input_forget and hard_sigmoid are for "
-                                "inference (training=False); the reference trains with them");
+        if (s.gates.clip > 0 && training)
+          throw py::value_error("cell_options['clip'] is for inference (training=False); the "
+                                "reference trains with a clip");
         if (s.gates.onnx && !lstmfast::cell_supports(s.mode, "onnx_gates"))
           throw py::value_error(std::string("cell_options: clip, input_forget and hard_sigmoid "
                                             "are not in the kernels of ") + mode);

@@ -6,8 +6,8 @@
 //   z  = sigmoid(gi_z + gh_z)
 //   n  = tanh(gi_n + r * gh_n)                      (gh_n = W_hn h + b_hn: b_hn stays inside r)
 //   h' = (1 - z) n + z h
-// ONNX's options (LayerShape::gates, inference): hard sigmoid for r and z, their
-// pre-activations and n's clipped; the cell's kOnnx path.
+// ONNX's options (LayerShape::gates): hard sigmoid for r and z, their
+// pre-activations and n's clipped (inference); the cell's kOnnx path.
 #include "cells/cell.h"
 #include "cells/onnx_gates.h"
 #include "drivers/cell_driver.h"
@@ -37,6 +37,10 @@ struct GruCell : NoBackwardStep {
   LSTMFAST_ALWAYS_INLINE V<Real> candidate(V<Real> a) const {
     if constexpr (kOnnx) return onnx.candidate(a);
     return simd::vtanh(a);
+  }
+  LSTMFAST_ALWAYS_INLINE V<Real> gate_prime(V<Real> y) const {
+    if constexpr (kOnnx) return onnx.gate_prime(y);
+    return y * (splat<Real>(1) - y);
   }
 
   template <bool kTraining, class Row>
@@ -72,8 +76,8 @@ struct GruCell : NoBackwardStep {
       const V<Real> r = ld(saved + j, n), z = ld(saved + H + j, n);
       const V<Real> nn = ld(saved + 2 * H + j, n), ghn = ld(saved + 3 * H + j, n);
       const V<Real> da_n = dhj * (one - z) * (one - nn * nn);
-      const V<Real> da_r = da_n * ghn * r * (one - r);
-      const V<Real> da_z = dhj * (ld(row.h_prev + j, n) - nn) * z * (one - z);
+      const V<Real> da_r = da_n * ghn * gate_prime(r);
+      const V<Real> da_z = dhj * (ld(row.h_prev + j, n) - nn) * gate_prime(z);
       st(row.dh + j, dhj * z, n);
       st(row.dG_in + j, da_r, n);
       st(row.dG_in + H + j, da_z, n);
@@ -91,7 +95,7 @@ template <typename Real>
 void gru_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                  const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
                  const LayerShape& s) {
-  if (s.gates.onnx)  // inference only: the stack refuses a training forward with them
+  if (s.gates.onnx)
     forward_layer(GruCell<Real, true>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
   else
     forward_layer(GruCell<Real>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
@@ -102,8 +106,13 @@ void gru_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
                   const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
                   const Real* dc_n, const Real* x, const LayerWeights<Real>& w,
                   const LayerShape& s) {
-  GruCell<Real> cell(w, s);
-  backward_layer(cell, dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
+  auto run = [&](auto cell) {
+    backward_layer(cell, dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
+  };
+  if (s.gates.onnx)
+    run(GruCell<Real, true>(w, s));
+  else
+    run(GruCell<Real>(w, s));
 }
 
 LSTMFAST_INSTANTIATE_CELL(gru)

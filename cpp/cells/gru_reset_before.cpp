@@ -23,7 +23,7 @@ namespace LSTMFAST_ISA {
 namespace {
 
 // Kept per row (training: every step; inference: the step's): r, z, n.
-// kOnnx: ONNX's options (inference only).
+// kOnnx: ONNX's options.
 template <typename Real, bool kOnnx = false>
 struct GruResetBeforeCell : NoBackwardStep {
   static constexpr int kGates = 3, kFirstGates = 2, kSaved = 3;
@@ -33,7 +33,7 @@ struct GruResetBeforeCell : NoBackwardStep {
   int64_t H;
   bool round_u;      // bfloat16 weights widened to float32: u, a product's left operand, is
                      //   rounded to bfloat16 as h is (LayerShape::round_bf16)
-  OnnxGates<Real> onnx;  // ONNX's options (kOnnx, inference): as GruCell's
+  OnnxGates<Real> onnx;  // ONNX's options (kOnnx): as GruCell's
 
   GruResetBeforeCell(const LayerWeights<Real>& w, const LayerShape& s)
       : bias(w.bias), H(s.H), round_u(s.round_bf16), onnx(s.gates) {}
@@ -45,6 +45,10 @@ struct GruResetBeforeCell : NoBackwardStep {
   LSTMFAST_ALWAYS_INLINE V<Real> candidate(V<Real> a) const {
     if constexpr (kOnnx) return onnx.candidate(a);
     return simd::vtanh(a);
+  }
+  LSTMFAST_ALWAYS_INLINE V<Real> gate_prime(V<Real> y) const {
+    if constexpr (kOnnx) return onnx.gate_prime(y);
+    return y * (splat<Real>(1) - y);
   }
 
   // r and z from the first product; u = r * h for the second. saved may be where
@@ -88,7 +92,7 @@ struct GruResetBeforeCell : NoBackwardStep {
       if (row.dy) g += ld(row.dy + j, n);
       const V<Real> z = ld(saved + H + j, n), nn = ld(saved + 2 * H + j, n);
       st(row.dh + j, g * z, n);
-      st(row.dG + H + j, g * (ld(row.h_prev + j, n) - nn) * z * (one - z), n);
+      st(row.dG + H + j, g * (ld(row.h_prev + j, n) - nn) * gate_prime(z), n);
       st(row.dG + 2 * H + j, g * (one - z) * (one - nn * nn), n);
     });
   }
@@ -99,7 +103,7 @@ struct GruResetBeforeCell : NoBackwardStep {
     const V<Real> one = splat<Real>(1);
     for_lanes<Real>(units, [&](int64_t j, int64_t n) {
       const V<Real> du = ld(row.du + j, n), r = ld(row.saved + j, n);
-      st(row.dG + j, du * ld(row.h_rec + j, n) * r * (one - r), n);
+      st(row.dG + j, du * ld(row.h_rec + j, n) * gate_prime(r), n);
       const V<Real> through_u = du * r;
       st(row.dh_rec + j, row.add_dh_rec ? ld(row.dh_rec + j, n) + through_u : through_u, n);
     });
@@ -112,7 +116,7 @@ template <typename Real>
 void gru_reset_before_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n,
                               const LayerBuffers<Real>& buf, const Real* x, const Real* h0,
                               const Real* c0, const LayerWeights<Real>& w, const LayerShape& s) {
-  if (s.gates.onnx)  // inference only: the stack refuses a training forward with them
+  if (s.gates.onnx)
     forward_layer(GruResetBeforeCell<Real, true>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
   else
     forward_layer(GruResetBeforeCell<Real>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
@@ -123,8 +127,13 @@ void gru_reset_before_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrad
                                const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy,
                                const Real* dh_n, const Real* dc_n, const Real* x,
                                const LayerWeights<Real>& w, const LayerShape& s) {
-  GruResetBeforeCell<Real> cell(w, s);
-  backward_layer(cell, dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
+  auto run = [&](auto cell) {
+    backward_layer(cell, dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
+  };
+  if (s.gates.onnx)
+    run(GruResetBeforeCell<Real, true>(w, s));
+  else
+    run(GruResetBeforeCell<Real>(w, s));
 }
 
 LSTMFAST_INSTANTIATE_CELL(gru_reset_before)

@@ -8,8 +8,9 @@
 //   h'    = m W_hr^T with a projection (P > 0), else m
 // With peepholes (w.peephole; docs/cells.md) i and f also see c, and o sees c':
 //   i = sigmoid(pre_i + P_i c)   f = sigmoid(pre_f + P_f c)   o = sigmoid(pre_o + P_o c')
-// ONNX's options (LayerShape::gates, inference): hard sigmoid for the gates, every
-// pre-activation but c's clipped, f = 1 - i (input_forget); the cell's kOnnx path.
+// ONNX's options (LayerShape::gates): hard sigmoid for the gates, every
+// pre-activation but c's clipped (inference), f = 1 - i (input_forget); the cell's
+// kOnnx path. With input_forget i takes f's gradient too, negated.
 #include "cells/cell.h"
 #include "cells/onnx_gates.h"
 #include "drivers/cell_driver.h"
@@ -51,7 +52,7 @@ LSTMFAST_ALWAYS_INLINE void lstm_units(const V<Real> (&a)[4], V<Real> c_prev, co
 
 // The cell for the drivers (cell_driver.h). Saved per row when training: i, f, g, o.
 // With a projection (forward_steps) h_next is m and y is written after the
-// projection, so the row's y is nullptr. kOnnx: ONNX's options (inference only).
+// projection, so the row's y is nullptr. kOnnx: ONNX's options.
 template <typename Real, bool kOnnx = false>
 struct LstmCell {
   static constexpr int kGates = 4, kFirstGates = 4, kSaved = 4;
@@ -115,9 +116,15 @@ struct LstmCell {
   // of m (h' without projection). dG may point at the saved gates: every value is
   // read before any is written. With peepholes o's pre-activation saw c', so its
   // gradient joins dc' first; i's and f's saw c, so theirs join dc.
+  LSTMFAST_ALWAYS_INLINE V<Real> gate_prime(V<Real> y) const {
+    if constexpr (kOnnx) return onnx.gate_prime(y);
+    return y * (splat<Real>(1) - y);
+  }
+
   void backward_row(const BackwardRow<Real>& row, int64_t, int64_t b, int64_t j0,
                     int64_t units) const {
     const V<Real> one = splat<Real>(1);
+    const bool coupled = kOnnx && onnx.input_forget;
     const Real* gates = row.saved;
     const Real* c_next = c_unzoned ? c_unzoned + b * H + j0 : row.c_next;
     const Real* pp = peep ? peep + j0 : nullptr;
@@ -129,11 +136,11 @@ struct LstmCell {
       const V<Real> g = ld(gates + 2 * H + j, n), o = ld(gates + 3 * H + j, n);
       const V<Real> cn = ld(c_next + j, n), cp = ld(row.c_prev + j, n);
       const V<Real> tc = simd::vtanh(cn);  // recomputed: tanh(c') is not saved
-      const V<Real> da_o = dmj * tc * o * (one - o);
+      const V<Real> da_o = dmj * tc * gate_prime(o);
       V<Real> dcj = ld(row.dc + j, n) + dmj * o * (one - tc * tc);
       if (pp) dcj += da_o * ld(pp + 2 * H + j, n);
-      const V<Real> da_i = dcj * g * i * (one - i);
-      const V<Real> da_f = dcj * cp * f * (one - f);
+      const V<Real> da_i = (coupled ? dcj * (g - cp) : dcj * g) * gate_prime(i);
+      const V<Real> da_f = coupled ? splat<Real>(0) : dcj * cp * gate_prime(f);
       V<Real> dc_prev = dcj * f;
       if (pp) {
         dc_prev += da_i * ld(pp + j, n) + da_f * ld(pp + H + j, n);
@@ -229,9 +236,11 @@ template <typename Real>
 void lstm_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                   const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
                   const LayerShape& s) {
-  if (s.gates.onnx) {  // inference only: the stack refuses a training forward with them
+  if (s.gates.onnx) {
     if (s.P == 0)
       forward_layer(LstmCell<Real, true>(buf, w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+    else if (s.training)
+      forward_steps<Real, true, true>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
     else
       forward_steps<Real, false, true>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
   } else if (s.P == 0)
@@ -242,14 +251,16 @@ void lstm_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers
     forward_steps<Real, false>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
 }
 
+namespace {
+
 // The backward with a projection runs its own loop (the projection's product
 // between the cell and dh); without one, backward_layer.
-template <typename Real>
-void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
-                   const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
-                   const Real* dc_n, const Real* x, const LayerWeights<Real>& w,
-                   const LayerShape& s) {
-  LstmCell<Real> cell(buf, w, s);
+template <typename Real, bool kOnnx>
+void backward_of(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
+                 const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
+                 const Real* dc_n, const Real* x, const LayerWeights<Real>& w,
+                 const LayerShape& s) {
+  LstmCell<Real, kOnnx> cell(buf, w, s);
   if (w.peephole) zero_row(buf.dpeep, 3 * s.H);
   if (s.P == 0) {
     backward_layer(cell, dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
@@ -304,6 +315,19 @@ void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
   if (w.peephole) peephole_gradients(dw, buf.dpeep, H);
   // dW_hr += sum over steps of dh'^T m: one GEMM
   gemm<Real>(true, false, P, H, S * N, Real(1), buf.dhs, P, buf.m, H, dw.beta, dw.dW_hr, H);
+}
+
+}  // namespace
+
+template <typename Real>
+void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
+                   const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
+                   const Real* dc_n, const Real* x, const LayerWeights<Real>& w,
+                   const LayerShape& s) {
+  if (s.gates.onnx)
+    backward_of<Real, true>(dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
+  else
+    backward_of<Real, false>(dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
 }
 
 LSTMFAST_INSTANTIATE_CELL(lstm)

@@ -38,6 +38,13 @@ struct OnnxGates {
   }
   // The candidate (LSTM g, GRU n): g in ONNX's letters, tanh.
   LSTMFAST_ALWAYS_INLINE V<Real> candidate(V<Real> a) const { return simd::vtanh(bound(a)); }
+  // The gate's derivative from its value y (training, which has no clip: the
+  // reference trains with one): alpha where the hard sigmoid is not flat, else
+  // sigmoid's y (1 - y).
+  LSTMFAST_ALWAYS_INLINE V<Real> gate_prime(V<Real> y) const {
+    if (hard_sigmoid) return y > zero ? (y < one ? alpha : zero) : zero;
+    return y * (one - y);
+  }
 };
 
 }  // namespace LSTMFAST_ISA

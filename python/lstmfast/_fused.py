@@ -10,8 +10,8 @@ hold them; shapes, dtypes and lengths are checked there, and its errors name the
 offending argument.
 
 ONNX's options (docs/onnx.md): the kernels of the cells with the ``onnx_gates``
-feature compute hard sigmoid gates, clip and input_forget at inference; the other
-activations, and training with any of these, run in the reference, forward and
+feature compute hard sigmoid gates and input_forget, and the clip at inference; the
+other activations, and training with a clip, run in the reference, forward and
 backward.
 """
 
@@ -59,7 +59,9 @@ def kernel_gate_options(mode, activations=None, clip=None, input_forget=False,
     triples = own if activations is None else reference.resolve_activations(mode, activations)
     if triples == own and clip is None and not input_forget:
         return {}
-    if training or not _cells.supports(mode, "onnx_gates") or triples[1:] != own[1:]:
+    # The kernels train with ONNX's options but the clip (the reference does).
+    if ((training and clip is not None) or not _cells.supports(mode, "onnx_gates")
+            or triples[1:] != own[1:]):
         return None
     gate, alpha, beta = triples[0]
     if gate != own[0][0] and not (gate == "hardsigmoid" and own[0][0] == "sigmoid"):

@@ -1,6 +1,7 @@
-"""ONNX's options in the kernels (hard sigmoid gates, clip, input_forget; inference)
-against the reference, on every SIMD target, on one thread and on the pool, with
-lengths, both directions and layers; and what the kernels leave to the reference.
+"""ONNX's options in the kernels (hard sigmoid gates, clip, input_forget; the clip at
+inference only) against the reference, on every SIMD target, on one thread and on the
+pool, with lengths, both directions and layers; and what the kernels leave to the
+reference.
 ONNX Runtime is the oracle of the options themselves (api/test_onnx_import.py)."""
 
 import numpy as np
@@ -62,6 +63,35 @@ def test_float64_and_the_pool(mode, options, threads_restored):
     check_inference(mode, options, dict(N=16, H=96, I=32, T=4, lengths=list(range(4, 0, -1)) * 4))
 
 
+# What the kernels train with: all but the clip.
+TRAINING = [(mode, options) for mode, options in OPTIONS if "clip" not in options] + [
+    ("LSTM", {"activations": ["hardsigmoid", "tanh", "tanh"], "input_forget": True}),
+    ("GRU", {"activations": [("hardsigmoid", 0.3, 0.45), "tanh"]}),
+    ("GRU_RESET_BEFORE", {"activations": ["hardsigmoid", "tanh"]}),
+]
+
+
+@pytest.mark.parametrize("config", ["one_layer", "bidirectional_layers_lengths", "reverse"])
+@pytest.mark.parametrize("mode, options", TRAINING, ids=[f"{m}-{'-'.join(o)}" for m, o in TRAINING])
+def test_training_matches_reference(simd_target, mode, options, config):
+    """Forward, backward and every gradient, against the reference's."""
+    config = dict(CONFIGS[config])
+    assert _fused.kernel_gate_options(mode, training=True, **options) is not None
+    case = Case(mode, np.float64, cell_options={**options, **config.pop("cell_options", {})},
+                scale=2.0, **config)
+    case.check()
+    assert not isinstance(case.forward(_fused)[3], dict)  # the kernels' cache, not the reference's
+
+
+@pytest.mark.parametrize("mode, options", TRAINING, ids=[f"{m}-{'-'.join(o)}" for m, o in TRAINING])
+def test_training_float32_on_the_pool(mode, options, threads_restored):
+    import lstmfast
+
+    lstmfast.set_num_threads(2)
+    Case(mode, np.float32, cell_options=options, N=16, H=96, I=32, T=4,
+         lengths=list(range(4, 0, -1)) * 4).check()
+
+
 def test_projection_peepholes():
     check_inference("LSTM", {"activations": HARD, "clip": 0.8}, dict(P=3, H=7, L=2))
     case = Case("LSTM", np.float32, cell_options={"clip": 0.8, "input_forget": True})
@@ -75,7 +105,9 @@ def test_projection_peepholes():
 def test_what_the_kernels_leave_to_the_reference():
     gate_options = _fused.kernel_gate_options
     assert gate_options("LSTM") == {}
-    assert gate_options("LSTM", clip=1.0, training=True) is None  # training: the reference
+    assert gate_options("LSTM", clip=1.0, training=True) is None  # training a clip: the reference
+    assert gate_options("LSTM", input_forget=True, training=True) == {
+        "clip": None, "input_forget": True, "hard_sigmoid": None}
     assert gate_options("LSTM", activations=["softsign", "tanh", "tanh"]) is None
     assert gate_options("LSTM", activations=["hardsigmoid", "tanh", "relu"]) is None
     assert gate_options("RNN_TANH", activations=["hardsigmoid"]) is None
@@ -89,7 +121,7 @@ def test_what_the_kernels_leave_to_the_reference():
         _core.rnn_forward("CTRNN_TANH", x, case.hx, None, case.params, num_layers=1,
                           bidirectional=False, cell_options={"clip": 1.0})
     case = Case("LSTM", np.float32, T=2, N=1, I=3, H=4)
-    with pytest.raises(ValueError, match="clip, input_forget and hard_sigmoid are for inference"):
+    with pytest.raises(ValueError, match=r"cell_options\['clip'\] is for inference"):
         _core.rnn_forward("LSTM", x, *case.hx, case.params, num_layers=1, bidirectional=False,
                           training=True, cell_options={"clip": 1.0})
     with pytest.raises(ValueError, match="only the LSTM couples its gates"):

@@ -71,6 +71,9 @@ def layer_from_onnx_node(node, arrays, *, label=None, dtype="float32", backend="
                          "lstmfast runs (LSTM, GRU, RNN, DynamicQuantizeLSTM)")
     quantized = node.op_type == "DynamicQuantizeLSTM"  # ONNX Runtime's int8 LSTM
     op = "LSTM" if quantized else node.op_type
+    if quantized and np.dtype(dtype) != np.float32:
+        raise ValueError(f"{caller}: node {label!r}: a DynamicQuantizeLSTM gives an int8 layer, "
+                         f"whose dtype is float32, not {np.dtype(dtype)}")
 
     def refuse(what):
         raise ValueError(f"{caller}: node {label!r}: {what}")

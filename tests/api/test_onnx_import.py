@@ -411,3 +411,6 @@ def test_dynamic_quantize_lstm_without_scales_is_refused():
         numpy_helper.from_array(np.zeros((1, 2, 8), np.int8), "R")])
     with pytest.raises(ValueError, match="node 'q': W and W_scale are needed"):
         lstmfast.from_onnx(graph)
+    with pytest.raises(ValueError, match="node 'q': a DynamicQuantizeLSTM gives an int8 layer, "
+                                         "whose dtype is float32, not float64"):
+        lstmfast.from_onnx(graph, dtype="float64")

@@ -25,33 +25,20 @@ struct GruCell : NoBackwardStep {
   const Real* bias;  // [3H] b_ir + b_hr, b_iz + b_hz, b_in
   const Real* b_hn;  // [H]: stays inside r
   int64_t H;
-  OnnxGates<Real> onnx;
+  CellGates<Real, kOnnx> gates;  // torch's or ONNX's (onnx_gates.h)
 
   GruCell(const LayerWeights<Real>& w, const LayerShape& s)
-      : bias(w.bias), b_hn(w.b_hn), H(s.H), onnx(s.gates) {}
-
-  LSTMFAST_ALWAYS_INLINE V<Real> gate(V<Real> a) const {
-    if constexpr (kOnnx) return onnx.gate(a);
-    return simd::vsigmoid<Real>(a);
-  }
-  LSTMFAST_ALWAYS_INLINE V<Real> candidate(V<Real> a) const {
-    if constexpr (kOnnx) return onnx.candidate(a);
-    return simd::vtanh(a);
-  }
-  LSTMFAST_ALWAYS_INLINE V<Real> gate_prime(V<Real> y) const {
-    if constexpr (kOnnx) return onnx.gate_prime(y);
-    return y * (splat<Real>(1) - y);
-  }
+      : bias(w.bias), b_hn(w.b_hn), H(s.H), gates(s.gates) {}
 
   template <bool kTraining, class Row>
   LSTMFAST_ALWAYS_INLINE void forward(const Row& row, int64_t j, int64_t lanes,
                                       const V<Real>* rec) const {
     const Real* xp = row.xp() + j;
     const Real* bj = bias + j;
-    const V<Real> r = gate(rec[0] + ld(xp, lanes) + ld(bj, lanes));
-    const V<Real> z = gate(rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
+    const V<Real> r = gates.gate(rec[0] + ld(xp, lanes) + ld(bj, lanes));
+    const V<Real> z = gates.gate(rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
     const V<Real> ghn = rec[2] + ld(b_hn + j, lanes);
-    const V<Real> nn = candidate(ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes) + r * ghn);
+    const V<Real> nn = gates.candidate(ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes) + r * ghn);
     const V<Real> h = nn + z * (ld(row.h_prev() + j, lanes) - nn);
     st(row.h_next() + j, h, lanes);
     st(row.y() + j, h, lanes);
@@ -76,8 +63,8 @@ struct GruCell : NoBackwardStep {
       const V<Real> r = ld(saved + j, n), z = ld(saved + H + j, n);
       const V<Real> nn = ld(saved + 2 * H + j, n), ghn = ld(saved + 3 * H + j, n);
       const V<Real> da_n = dhj * (one - z) * (one - nn * nn);
-      const V<Real> da_r = da_n * ghn * gate_prime(r);
-      const V<Real> da_z = dhj * (ld(row.h_prev + j, n) - nn) * gate_prime(z);
+      const V<Real> da_r = da_n * ghn * gates.gate_prime(r);
+      const V<Real> da_z = dhj * (ld(row.h_prev + j, n) - nn) * gates.gate_prime(z);
       st(row.dh + j, dhj * z, n);
       st(row.dG_in + j, da_r, n);
       st(row.dG_in + H + j, da_z, n);

@@ -33,23 +33,10 @@ struct GruResetBeforeCell : NoBackwardStep {
   int64_t H;
   bool round_u;      // bfloat16 weights widened to float32: u, a product's left operand, is
                      //   rounded to bfloat16 as h is (LayerShape::round_bf16)
-  OnnxGates<Real> onnx;  // ONNX's options (kOnnx): as GruCell's
+  CellGates<Real, kOnnx> gates;  // torch's or ONNX's (onnx_gates.h)
 
   GruResetBeforeCell(const LayerWeights<Real>& w, const LayerShape& s)
-      : bias(w.bias), H(s.H), round_u(s.round_bf16), onnx(s.gates) {}
-
-  LSTMFAST_ALWAYS_INLINE V<Real> gate(V<Real> a) const {
-    if constexpr (kOnnx) return onnx.gate(a);
-    return simd::vsigmoid<Real>(a);
-  }
-  LSTMFAST_ALWAYS_INLINE V<Real> candidate(V<Real> a) const {
-    if constexpr (kOnnx) return onnx.candidate(a);
-    return simd::vtanh(a);
-  }
-  LSTMFAST_ALWAYS_INLINE V<Real> gate_prime(V<Real> y) const {
-    if constexpr (kOnnx) return onnx.gate_prime(y);
-    return y * (splat<Real>(1) - y);
-  }
+      : bias(w.bias), H(s.H), round_u(s.round_bf16), gates(s.gates) {}
 
   // r and z from the first product; u = r * h for the second. saved may be where
   // xp is (LayerBuffers::xproj): each value is read before it is written.
@@ -58,8 +45,8 @@ struct GruResetBeforeCell : NoBackwardStep {
                                       const V<Real>* rec) const {
     const Real* xp = row.xp() + j;
     const Real* bj = bias + j;
-    const V<Real> r = gate(rec[0] + ld(xp, lanes) + ld(bj, lanes));
-    const V<Real> z = gate(rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
+    const V<Real> r = gates.gate(rec[0] + ld(xp, lanes) + ld(bj, lanes));
+    const V<Real> z = gates.gate(rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
     st(row.saved() + j, r, lanes);
     st(row.saved() + H + j, z, lanes);
     // Rounding, h_rec is h rounded already (hm): u takes h itself (recurrent dropout and
@@ -74,7 +61,7 @@ struct GruResetBeforeCell : NoBackwardStep {
   LSTMFAST_ALWAYS_INLINE void forward_second(const Row& row, int64_t j,
                                              int64_t lanes, const V<Real>* rec) const {
     const V<Real> nn =
-        candidate(rec[0] + ld(row.xp() + 2 * H + j, lanes) + ld(bias + 2 * H + j, lanes));
+        gates.candidate(rec[0] + ld(row.xp() + 2 * H + j, lanes) + ld(bias + 2 * H + j, lanes));
     const V<Real> z = ld(row.saved() + H + j, lanes);
     const V<Real> h = nn + z * (ld(row.h_prev() + j, lanes) - nn);
     st(row.h_next() + j, h, lanes);
@@ -92,7 +79,7 @@ struct GruResetBeforeCell : NoBackwardStep {
       if (row.dy) g += ld(row.dy + j, n);
       const V<Real> z = ld(saved + H + j, n), nn = ld(saved + 2 * H + j, n);
       st(row.dh + j, g * z, n);
-      st(row.dG + H + j, g * (ld(row.h_prev + j, n) - nn) * gate_prime(z), n);
+      st(row.dG + H + j, g * (ld(row.h_prev + j, n) - nn) * gates.gate_prime(z), n);
       st(row.dG + 2 * H + j, g * (one - z) * (one - nn * nn), n);
     });
   }
@@ -103,7 +90,7 @@ struct GruResetBeforeCell : NoBackwardStep {
     const V<Real> one = splat<Real>(1);
     for_lanes<Real>(units, [&](int64_t j, int64_t n) {
       const V<Real> du = ld(row.du + j, n), r = ld(row.saved + j, n);
-      st(row.dG + j, du * ld(row.h_rec + j, n) * gate_prime(r), n);
+      st(row.dG + j, du * ld(row.h_rec + j, n) * gates.gate_prime(r), n);
       const V<Real> through_u = du * r;
       st(row.dh_rec + j, row.add_dh_rec ? ld(row.dh_rec + j, n) + through_u : through_u, n);
     });

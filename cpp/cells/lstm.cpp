@@ -22,31 +22,22 @@ namespace {
 // The cell update of `lanes` units from their four pre-activations a[0..3] (i, f,
 // g, o; bias included) and c: i, f, g, o activated, c' and h' = o tanh(c').
 //   peep: [3H] P_i, P_f, P_o from the first of these units on, H apart; nullptr = none
-//   onnx: ONNX's options (kOnnx only)
+//   gates: the gate functions, torch's or ONNX's (onnx_gates.h)
 template <typename Real, bool kOnnx>
 LSTMFAST_ALWAYS_INLINE void lstm_units(const V<Real> (&a)[4], V<Real> c_prev, const Real* peep,
                                        int64_t H, int64_t lanes, V<Real> (&gate)[4], V<Real>& c,
-                                       V<Real>& h, const OnnxGates<Real>& onnx) {
+                                       V<Real>& h, const CellGates<Real, kOnnx>& gates) {
   V<Real> a_i = a[0], a_f = a[1], a_o = a[3];
   if (peep) {
     a_i += ld(peep, lanes) * c_prev;
     a_f += ld(peep + H, lanes) * c_prev;
   }
-  if constexpr (kOnnx) {
-    gate[0] = onnx.gate(a_i);
-    gate[1] = onnx.input_forget ? onnx.one - gate[0] : onnx.gate(a_f);
-    gate[2] = onnx.candidate(a[2]);
-  } else {
-    gate[0] = simd::vsigmoid<Real>(a_i);
-    gate[1] = simd::vsigmoid<Real>(a_f);
-    gate[2] = simd::vtanh(a[2]);
-  }
+  gate[0] = gates.gate(a_i);
+  gate[1] = gates.coupled() ? splat<Real>(1) - gate[0] : gates.gate(a_f);
+  gate[2] = gates.candidate(a[2]);
   c = gate[1] * c_prev + gate[0] * gate[2];
   if (peep) a_o += ld(peep + 2 * H, lanes) * c;
-  if constexpr (kOnnx)
-    gate[3] = onnx.gate(a_o);
-  else
-    gate[3] = simd::vsigmoid<Real>(a_o);
+  gate[3] = gates.gate(a_o);
   h = gate[3] * simd::vtanh(c);
 }
 
@@ -66,13 +57,13 @@ struct LstmCell {
   const LayerShape& s;
   int64_t H;
   const Real* c_unzoned;  // with zoneout of c: where backward_step leaves c~ of the step
-  OnnxGates<Real> onnx;
+  CellGates<Real, kOnnx> gates;  // torch's or ONNX's (onnx_gates.h)
 
   LstmCell(const LayerBuffers<Real>& buffers, const LayerWeights<Real>& weights,
            const LayerShape& shape)
       : bias(weights.bias), peep(weights.peephole), dpeep(buffers.dpeep), buf(buffers),
         w(weights), s(shape), H(shape.H),
-        c_unzoned(zoneout_c(weights, shape) ? buffers.zone_c_raw : nullptr), onnx(shape.gates) {}
+        c_unzoned(zoneout_c(weights, shape) ? buffers.zone_c_raw : nullptr), gates(shape.gates) {}
 
   template <bool kTraining, class Row>
   LSTMFAST_ALWAYS_INLINE void forward(const Row& row, int64_t j, int64_t lanes,
@@ -85,7 +76,7 @@ struct LstmCell {
                           rec[3] + ld(xp + 3 * H, lanes) + ld(bj + 3 * H, lanes)};
     V<Real> gate[4], c, h;
     lstm_units<Real, kOnnx>(a, ld(row.c_prev() + j, lanes), peep ? peep + j : nullptr, H, lanes,
-                            gate, c, h, onnx);
+                            gate, c, h, gates);
     st(row.c_next() + j, c, lanes);
     st(row.h_next() + j, h, lanes);
     if (row.y()) st(row.y() + j, h, lanes);
@@ -101,12 +92,12 @@ struct LstmCell {
     if (!c_unzoned) return;
     const int64_t N = s.N, GH = 4 * H;
     for (int64_t b = 0; b < n; ++b) {
-      const Real* gates = buf.gates + (k * N + b) * GH;
+      const Real* saved = buf.gates + (k * N + b) * GH;
       const Real* c_prev = buf.c + (k * N + b) * H;
       for_lanes<Real>(j1 - j0, [&](int64_t jj, int64_t l) {
         const int64_t j = j0 + jj;
         st(buf.zone_c_raw + b * H + j,
-           ld(gates + H + j, l) * ld(c_prev + j, l) + ld(gates + j, l) * ld(gates + 2 * H + j, l),
+           ld(saved + H + j, l) * ld(c_prev + j, l) + ld(saved + j, l) * ld(saved + 2 * H + j, l),
            l);
       });
     }
@@ -116,31 +107,26 @@ struct LstmCell {
   // of m (h' without projection). dG may point at the saved gates: every value is
   // read before any is written. With peepholes o's pre-activation saw c', so its
   // gradient joins dc' first; i's and f's saw c, so theirs join dc.
-  LSTMFAST_ALWAYS_INLINE V<Real> gate_prime(V<Real> y) const {
-    if constexpr (kOnnx) return onnx.gate_prime(y);
-    return y * (splat<Real>(1) - y);
-  }
-
   void backward_row(const BackwardRow<Real>& row, int64_t, int64_t b, int64_t j0,
                     int64_t units) const {
     const V<Real> one = splat<Real>(1);
-    const bool coupled = kOnnx && onnx.input_forget;
-    const Real* gates = row.saved;
+    const bool coupled = gates.coupled();
+    const Real* saved = row.saved;
     const Real* c_next = c_unzoned ? c_unzoned + b * H + j0 : row.c_next;
     const Real* pp = peep ? peep + j0 : nullptr;
     Real* dpp = peep ? dpeep + j0 : nullptr;
     for_lanes<Real>(units, [&](int64_t j, int64_t n) {
       V<Real> dmj = ld(row.dh + j, n);
       if (row.dy) dmj += ld(row.dy + j, n);
-      const V<Real> i = ld(gates + j, n), f = ld(gates + H + j, n);
-      const V<Real> g = ld(gates + 2 * H + j, n), o = ld(gates + 3 * H + j, n);
+      const V<Real> i = ld(saved + j, n), f = ld(saved + H + j, n);
+      const V<Real> g = ld(saved + 2 * H + j, n), o = ld(saved + 3 * H + j, n);
       const V<Real> cn = ld(c_next + j, n), cp = ld(row.c_prev + j, n);
       const V<Real> tc = simd::vtanh(cn);  // recomputed: tanh(c') is not saved
-      const V<Real> da_o = dmj * tc * gate_prime(o);
+      const V<Real> da_o = dmj * tc * gates.gate_prime(o);
       V<Real> dcj = ld(row.dc + j, n) + dmj * o * (one - tc * tc);
       if (pp) dcj += da_o * ld(pp + 2 * H + j, n);
-      const V<Real> da_i = (coupled ? dcj * (g - cp) : dcj * g) * gate_prime(i);
-      const V<Real> da_f = coupled ? splat<Real>(0) : dcj * cp * gate_prime(f);
+      const V<Real> da_i = (coupled ? dcj * (g - cp) : dcj * g) * gates.gate_prime(i);
+      const V<Real> da_f = coupled ? splat<Real>(0) : dcj * cp * gates.gate_prime(f);
       V<Real> dc_prev = dcj * f;
       if (pp) {
         dc_prev += da_i * ld(pp + j, n) + da_f * ld(pp + H + j, n);

@@ -1,8 +1,8 @@
 // ONNX's options of the LSTM, GRU and RNN nodes (lstmfast.h GateOptions,
 // docs/onnx.md) as the cells apply them on their ONNX path: the gates' activation
 // (sigmoid or hard sigmoid) and the clip of every pre-activation of the gates and
-// of the candidate. A cell is instantiated with and without this path, so that
-// torch's cells pay nothing for it.
+// of the candidate. A cell is instantiated with and without this path
+// (CellGates<Real, kOnnx>), so that torch's cells pay nothing for it.
 #pragma once
 
 #include "runtime/kernel_unit.h"
@@ -45,6 +45,30 @@ struct OnnxGates {
     if (hard_sigmoid) return y > zero ? (y < one ? alpha : zero) : zero;
     return y * (one - y);
   }
+};
+
+// A cell's gate functions: torch's (sigmoid gates, tanh candidate) or, with kOnnx,
+// ONNX's options.
+template <typename Real, bool kOnnx>
+struct CellGates {
+  OnnxGates<Real> onnx;
+
+  explicit CellGates(const GateOptions& o) : onnx(o) {}
+
+  LSTMFAST_ALWAYS_INLINE V<Real> gate(V<Real> a) const {
+    if constexpr (kOnnx) return onnx.gate(a);
+    return simd::vsigmoid<Real>(a);
+  }
+  LSTMFAST_ALWAYS_INLINE V<Real> candidate(V<Real> a) const {
+    if constexpr (kOnnx) return onnx.candidate(a);
+    return simd::vtanh(a);
+  }
+  LSTMFAST_ALWAYS_INLINE V<Real> gate_prime(V<Real> y) const {
+    if constexpr (kOnnx) return onnx.gate_prime(y);
+    return y * (splat<Real>(1) - y);
+  }
+  // LSTM: f = 1 - i
+  bool coupled() const { return kOnnx && onnx.input_forget; }
 };
 
 }  // namespace LSTMFAST_ISA

@@ -82,10 +82,10 @@ template <typename Real>
 void gru_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                  const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
                  const LayerShape& s) {
-  if (s.gates.onnx)
-    forward_layer(GruCell<Real, true>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
-  else
-    forward_layer(GruCell<Real>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  with_gate_path(s, [&](auto onnx) {
+    constexpr bool kOnnx = decltype(onnx)::value;
+    forward_layer(GruCell<Real, kOnnx>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  });
 }
 
 template <typename Real>
@@ -93,13 +93,11 @@ void gru_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
                   const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
                   const Real* dc_n, const Real* x, const LayerWeights<Real>& w,
                   const LayerShape& s) {
-  auto run = [&](auto cell) {
+  with_gate_path(s, [&](auto onnx) {
+    constexpr bool kOnnx = decltype(onnx)::value;
+    GruCell<Real, kOnnx> cell(w, s);
     backward_layer(cell, dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
-  };
-  if (s.gates.onnx)
-    run(GruCell<Real, true>(w, s));
-  else
-    run(GruCell<Real>(w, s));
+  });
 }
 
 LSTMFAST_INSTANTIATE_CELL(gru)

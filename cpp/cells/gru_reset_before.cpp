@@ -103,10 +103,10 @@ template <typename Real>
 void gru_reset_before_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n,
                               const LayerBuffers<Real>& buf, const Real* x, const Real* h0,
                               const Real* c0, const LayerWeights<Real>& w, const LayerShape& s) {
-  if (s.gates.onnx)
-    forward_layer(GruResetBeforeCell<Real, true>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
-  else
-    forward_layer(GruResetBeforeCell<Real>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  with_gate_path(s, [&](auto onnx) {
+    constexpr bool kOnnx = decltype(onnx)::value;
+    forward_layer(GruResetBeforeCell<Real, kOnnx>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  });
 }
 
 template <typename Real>
@@ -114,13 +114,11 @@ void gru_reset_before_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrad
                                const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy,
                                const Real* dh_n, const Real* dc_n, const Real* x,
                                const LayerWeights<Real>& w, const LayerShape& s) {
-  auto run = [&](auto cell) {
+  with_gate_path(s, [&](auto onnx) {
+    constexpr bool kOnnx = decltype(onnx)::value;
+    GruResetBeforeCell<Real, kOnnx> cell(w, s);
     backward_layer(cell, dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
-  };
-  if (s.gates.onnx)
-    run(GruResetBeforeCell<Real, true>(w, s));
-  else
-    run(GruResetBeforeCell<Real>(w, s));
+  });
 }
 
 LSTMFAST_INSTANTIATE_CELL(gru_reset_before)

@@ -222,19 +222,15 @@ template <typename Real>
 void lstm_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                   const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
                   const LayerShape& s) {
-  if (s.gates.onnx) {
+  with_gate_path(s, [&](auto onnx) {
+    constexpr bool kOnnx = decltype(onnx)::value;
     if (s.P == 0)
-      forward_layer(LstmCell<Real, true>(buf, w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+      forward_layer(LstmCell<Real, kOnnx>(buf, w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
     else if (s.training)
-      forward_steps<Real, true, true>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+      forward_steps<Real, true, kOnnx>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
     else
-      forward_steps<Real, false, true>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
-  } else if (s.P == 0)
-    forward_layer(LstmCell<Real>(buf, w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
-  else if (s.training)
-    forward_steps<Real, true>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
-  else
-    forward_steps<Real, false>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+      forward_steps<Real, false, kOnnx>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  });
 }
 
 namespace {
@@ -310,10 +306,10 @@ void lstm_backward(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
                    const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy, const Real* dh_n,
                    const Real* dc_n, const Real* x, const LayerWeights<Real>& w,
                    const LayerShape& s) {
-  if (s.gates.onnx)
-    backward_of<Real, true>(dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
-  else
-    backward_of<Real, false>(dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
+  with_gate_path(s, [&](auto onnx) {
+    constexpr bool kOnnx = decltype(onnx)::value;
+    backward_of<Real, kOnnx>(dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
+  });
 }
 
 LSTMFAST_INSTANTIATE_CELL(lstm)

@@ -5,6 +5,8 @@
 // (CellGates<Real, kOnnx>), so that torch's cells pay nothing for it.
 #pragma once
 
+#include <type_traits>
+
 #include "runtime/kernel_unit.h"
 
 namespace lstmfast {
@@ -70,6 +72,17 @@ struct CellGates {
   // LSTM: f = 1 - i
   bool coupled() const { return kOnnx && onnx.input_forget; }
 };
+
+// run(std::bool_constant<kOnnx>()) with the path of this layer call: ONNX's when
+// LayerShape::gates.onnx is set, torch's otherwise. Each cell's forward and backward
+// choose their CellGates<Real, kOnnx> through it.
+template <typename Run>
+inline void with_gate_path(const LayerShape& s, Run&& run) {
+  if (s.gates.onnx)
+    run(std::true_type());
+  else
+    run(std::false_type());
+}
 
 }  // namespace LSTMFAST_ISA
 }  // namespace lstmfast

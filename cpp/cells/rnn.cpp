@@ -61,17 +61,15 @@ template <typename Real>
 void rnn_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                  const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
                  const LayerShape& s) {
-  auto run = [&](auto cell) { forward_layer(cell, y, ldy, h_n, c_n, buf, x, h0, c0, w, s); };
-  if (s.gates.onnx) {  // the clip, inference only: the stack refuses a training forward with it
+  // The clip (ONNX's only option of the RNN) is for inference: the stack refuses a
+  // training forward with it.
+  with_gate_path(s, [&](auto onnx) {
+    constexpr bool kClip = decltype(onnx)::value;
     if (s.relu)
-      run(RnnCell<Real, true, true>(w, s));
+      forward_layer(RnnCell<Real, true, kClip>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
     else
-      run(RnnCell<Real, false, true>(w, s));
-  } else if (s.relu) {
-    run(RnnCell<Real, true>(w, s));
-  } else {
-    run(RnnCell<Real, false>(w, s));
-  }
+      forward_layer(RnnCell<Real, false, kClip>(w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+  });
 }
 
 template <typename Real>

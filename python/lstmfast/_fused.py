@@ -55,6 +55,8 @@ def kernel_gate_options(mode, activations=None, clip=None, input_forget=False,
     """The kernels' cell_options for ONNX's options: {} for none, a dict of clip,
     input_forget and hard_sigmoid (alpha, beta) where the kernels compute them, or
     None where the reference must."""
+    if activations is None and clip is None and not input_forget:
+        return {}  # torch's cell: every forward call, so nothing is resolved
     own = reference.resolve_activations(mode)
     triples = own if activations is None else reference.resolve_activations(mode, activations)
     if triples == own and clip is None and not input_forget:

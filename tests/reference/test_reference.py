@@ -365,3 +365,14 @@ def test_param_order_matches_torch(mode, bidirectional):
                 bidirectional=bidirectional, proj_size=proj_size, dtype=torch.float64)
             assert [(k, tuple(v.shape)) for k, v in module.state_dict().items()] == \
                 list(shapes.items())
+
+
+def test_products_report_overflow_but_not_invalid():
+    # reference.product silences only "invalid" (BLAS kernels may leave it raised on
+    # finite data): a NaN still shows in the result, and an overflow still warns.
+    a = np.array([[np.inf, 1.0]], np.float32)
+    b = np.array([[0.0], [1.0]], np.float32)
+    assert np.isnan(reference.product(a, b)).all()
+    big = np.full((1, 2), 3e38, np.float32)
+    with pytest.warns(RuntimeWarning, match="overflow"):
+        reference.product(big, np.full((2, 1), 3e38, np.float32))

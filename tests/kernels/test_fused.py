@@ -378,3 +378,15 @@ def test_random_variant_configurations_match_reference(config, target):
 @given(config=configs(), target=st.sampled_from(CELL_TARGETS))
 def test_random_configurations_match_reference(config, target):
     check_on_target(config, target)
+
+
+@pytest.mark.parametrize("mode", ["LSTM", "GRU"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_input_projection_in_chunks_of_rows(simd_target, threads_restored, mode, threads):
+    # W_ih of more than 1 MiB a thread: the input is projected in chunks of at least
+    # 256 rows (cpp/drivers/drivers.h, kProjectionChunkRows); N=2 and T=300 make two
+    # whole chunks and a short last one.
+    import lstmfast
+
+    lstmfast.set_num_threads(threads)
+    Case(mode, np.float32, T=300, N=2, I=400, H=400, lengths=[300, 171]).check()

@@ -36,23 +36,29 @@ constexpr int kChunkGates = G == 4 ? 2 : G;
 
 // Packs blocks u0..u1-1 of W_hh into panels (see above).
 //   panels: [unit_blocks(H), G / C, K, C, U] out with C = kChunkGates<G>;  W_hh: [G*H, K]
+// Each gate's U rows are moved U columns at a time as a U x U block transposed in
+// registers (simd::transpose); columns past the last whole block one by one.
 template <typename Real, int G>
 inline void pack_gate_panels(Real* panels, const Real* W_hh, int64_t H, int64_t K, int64_t u0,
                              int64_t u1) {
   constexpr int64_t U = kWidth<Real>, C = kChunkGates<G>;
-  for (int64_t u = u0; u < u1; ++u)
+  for (int64_t u = u0; u < u1; ++u) {
+    const int64_t rows = H - u * U < U ? H - u * U : U;  // units of this block (zero past H)
     for (int64_t g = 0; g < G; ++g) {
-      Real* chunk = panels + u * K * G * U + (g / C) * K * C * U;
-      for (int64_t l = 0; l < U; ++l) {
-        const int64_t unit = u * U + l;
-        const Real* w = W_hh + (g * H + unit) * K;
-        Real* dst = chunk + (g % C) * U + l;
-        if (unit < H)
-          for (int64_t k = 0; k < K; ++k) dst[k * C * U] = w[k];
-        else
-          for (int64_t k = 0; k < K; ++k) dst[k * C * U] = Real(0);
+      Real* dst = panels + u * K * G * U + (g / C) * K * C * U + (g % C) * U;
+      const Real* w = W_hh + (g * H + u * U) * K;
+      int64_t k = 0;
+      for (; k + U <= K; k += U) {
+        V<Real> block[U];
+        for (int64_t l = 0; l < U; ++l)
+          block[l] = l < rows ? simd::load<Real>(w + l * K + k) : V<Real>{};
+        simd::transpose<Real>(block);
+        for (int64_t kk = 0; kk < U; ++kk) simd::store<Real>(dst + (k + kk) * C * U, block[kk]);
       }
+      for (; k < K; ++k)
+        for (int64_t l = 0; l < U; ++l) dst[k * C * U + l] = l < rows ? w[l * K + k] : Real(0);
     }
+  }
 }
 
 // acc[r][q * C + c] = sum over k of A[r, k] * chunk_q[k, c, :] for R rows of A

@@ -13,6 +13,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 // Every unit that includes this header gets its own copy of these inline
 // functions; a per-width inline namespace gives each copy its own symbol names,
@@ -97,6 +98,45 @@ using ivec_t = typename Vec<T>::int_type;
 template <typename T>
 inline vec_t<T> broadcast(T v) {
   return v - vec_t<T>{};
+}
+
+// Transposes the width x width block held in rows[0..width-1], in place: at each
+// stage (blocks of b = width/2 .. 1 lanes) the off-diagonal b x b blocks of every
+// 2b x 2b block swap, two rows at a time, each a two-source shuffle with constant
+// lanes. log2(width) stages of width shuffles, where a lane-by-lane copy moves
+// width^2 scalars (the packing of W_hh and W_ih per call: 12% of an LSTM N=1
+// H=128 inference call, one thread, AVX-512).
+namespace detail {
+template <typename T, int B, int... J>
+LSTMFAST_ALWAYS_INLINE vec_t<T> keep_even_blocks(vec_t<T> a, vec_t<T> c,
+                                                 std::integer_sequence<int, J...>) {
+  constexpr int W = Vec<T>::width;
+  return __builtin_shufflevector(a, c, ((J & B) ? W + J - B : J)...);
+}
+template <typename T, int B, int... J>
+LSTMFAST_ALWAYS_INLINE vec_t<T> keep_odd_blocks(vec_t<T> a, vec_t<T> c,
+                                                std::integer_sequence<int, J...>) {
+  constexpr int W = Vec<T>::width;
+  return __builtin_shufflevector(a, c, ((J & B) ? W + J : J + B)...);
+}
+template <typename T, int B>
+LSTMFAST_ALWAYS_INLINE void transpose_stage(vec_t<T>* rows) {
+  constexpr int W = Vec<T>::width;
+  if constexpr (B >= 1) {
+    for (int i = 0; i < W; ++i)
+      if ((i & B) == 0) {
+        const vec_t<T> a = rows[i], c = rows[i + B];
+        rows[i] = keep_even_blocks<T, B>(a, c, std::make_integer_sequence<int, W>{});
+        rows[i + B] = keep_odd_blocks<T, B>(a, c, std::make_integer_sequence<int, W>{});
+      }
+    transpose_stage<T, B / 2>(rows);
+  }
+}
+}  // namespace detail
+
+template <typename T>
+LSTMFAST_ALWAYS_INLINE void transpose(vec_t<T> (&rows)[Vec<T>::width]) {
+  detail::transpose_stage<T, Vec<T>::width / 2>(rows);
 }
 
 // Unaligned loads and stores; memcpy compiles to one vector move.

@@ -107,17 +107,28 @@ inline vec_t<T> broadcast(T v) {
 // width^2 scalars (the packing of W_hh and W_ih per call: 12% of an LSTM N=1
 // H=128 inference call, one thread, AVX-512).
 namespace detail {
+// Lanes L of a (0..width-1) and c (width..2 width-1): Clang's builtin, or GCC's
+// (__builtin_shufflevector came to GCC only in version 12).
+template <typename T, int... L>
+LSTMFAST_ALWAYS_INLINE vec_t<T> shuffle2(vec_t<T> a, vec_t<T> c) {
+#if defined(__clang__)
+  return __builtin_shufflevector(a, c, L...);
+#else
+  return __builtin_shuffle(a, c, ivec_t<T>{L...});
+#endif
+}
+
 template <typename T, int B, int... J>
 LSTMFAST_ALWAYS_INLINE vec_t<T> keep_even_blocks(vec_t<T> a, vec_t<T> c,
                                                  std::integer_sequence<int, J...>) {
   constexpr int W = Vec<T>::width;
-  return __builtin_shufflevector(a, c, ((J & B) ? W + J - B : J)...);
+  return shuffle2<T, ((J & B) ? W + J - B : J)...>(a, c);
 }
 template <typename T, int B, int... J>
 LSTMFAST_ALWAYS_INLINE vec_t<T> keep_odd_blocks(vec_t<T> a, vec_t<T> c,
                                                 std::integer_sequence<int, J...>) {
   constexpr int W = Vec<T>::width;
-  return __builtin_shufflevector(a, c, ((J & B) ? W + J : J + B)...);
+  return shuffle2<T, ((J & B) ? W + J : J + B)...>(a, c);
 }
 template <typename T, int B>
 LSTMFAST_ALWAYS_INLINE void transpose_stage(vec_t<T>* rows) {

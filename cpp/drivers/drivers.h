@@ -46,7 +46,8 @@ inline bool projection_in_chunks(const LayerShape& s, const LayerBuffers<Real>& 
 template <typename Real>
 inline int64_t projection_chunk_steps(int64_t ldx, const LayerShape& s, int64_t W_ih_share_bytes) {
   const int64_t step_bytes = s.N * ldx * static_cast<int64_t>(sizeof(Real));
-  const int64_t by_bytes = step_bytes >= kProjectionChunkBytes ? 1 : kProjectionChunkBytes / step_bytes;
+  const int64_t by_bytes =
+      step_bytes >= kProjectionChunkBytes ? 1 : kProjectionChunkBytes / step_bytes;
   if (W_ih_share_bytes <= kProjectionResidentBytes) return by_bytes;
   const int64_t by_rows = (kProjectionChunkRows + s.N - 1) / s.N;
   return by_bytes > by_rows ? by_bytes : by_rows;

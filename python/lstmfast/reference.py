@@ -1054,10 +1054,9 @@ def product(a, b):
     BLAS kernels do not promise clean IEEE flags, and NumPy turns the flags a product
     leaves into RuntimeWarnings: in one test run, a float32 product of a 1 x 5 row of h
     and a weight matrix, all finite, left "invalid" raised (not seen again in hundreds
-    of reruns). Not reporting "invalid"
-    alone hides nothing the result does not show: from finite operands a NaN needs an
-    infinity first, whose overflow is still reported, and a non-finite operand shows
-    in the result.
+    of reruns). Not reporting "invalid" alone hides nothing the result does not show:
+    from finite operands a NaN needs an infinity first, whose overflow is still
+    reported, and a non-finite operand shows in the result.
     """
     with np.errstate(invalid="ignore"):
         return a @ b

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 import lstmfast
-from lstmfast import _core
-from helpers import Case, assert_close
+from lstmfast import _core, reference
+from helpers import VARIANTS, Case, assert_close
 
 _fused = pytest.importorskip("lstmfast._fused")
 pytestmark = pytest.mark.skipif(not _fused.available, reason="fused kernels not built")
@@ -80,3 +80,46 @@ def test_cell_sees_parameters_changed_in_place():
     expected.weight_ih[...] *= 2
     assert_close(after, expected(x)[0], name="h after an in-place update")
     assert not np.allclose(before, after)
+
+
+# Weights of 2^18 elements and more (W_ih and W_hh together: kDirectPoolWeights) take
+# the direct path as one pool job: each thread multiplies x and h by its units' rows
+# of every gate and does those units' math. H = 250 leaves a partial vector in the
+# last thread's units; I brings each mode's weights just past the threshold. The
+# GRU with the reset gate first (a second product) keeps the single-thread path.
+POOL_INPUTS = {"LSTM": 70, "GRU": 110, "RNN_TANH": 800, "RNN_RELU": 800, "GRU_RESET_BEFORE": 110,
+               "CTRNN_RELU": 800, "CTRNN_TANH": 800}
+
+
+@pytest.fixture
+def pool_always_threaded():
+    """Jobs get their threads whatever the machine's load."""
+    _core._pool_set_fit_to_cores(False)
+    yield
+    _core._pool_set_fit_to_cores(True)
+    _core._pool_set_counting(False)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("config", [
+    dict(T=1, N=1),
+    dict(T=4, N=4, bidirectional=True, lengths=[4, 1, 3, 2]),
+    dict(T=3, N=2, L=2),
+], ids=["one_step", "bidirectional_lengths", "two_layers"])
+@pytest.mark.parametrize("mode", list(POOL_INPUTS))
+def test_direct_calls_of_large_weights_run_on_the_pool(simd_target, threads_restored,
+                                                       pool_always_threaded, mode, config, dtype):
+    lstmfast.set_num_threads(2)
+    options = VARIANTS[mode][1] if mode in VARIANTS else None
+    case = Case(mode, dtype, I=POOL_INPUTS[mode], H=250, seed=11, cell_options=options, **config)
+    case.check()  # training: forward and backward
+    _core._pool_set_wake_cost_ns(0.0)  # what waking the workers has cost is learned again
+    _core._pool_set_counting(True)
+    eval_out = case.forward(_fused, training=False)
+    jobs = _core._pool_counts()["jobs"]
+    for got, want, name in zip(eval_out[:3], case.forward(reference, training=False)[:3],
+                               ("output", "h_n", "c_n")):
+        if want is not None:
+            assert_close(got, want, name=f"eval {name}")
+    if mode != "GRU_RESET_BEFORE":
+        assert jobs >= 1, "the eval forward ran on the calling thread alone"

@@ -116,7 +116,8 @@ def test_direct_calls_of_large_weights_run_on_the_pool(simd_target, threads_rest
     _core._pool_set_wake_cost_ns(0.0)  # what waking the workers has cost is learned again
     _core._pool_set_counting(True)
     eval_out = case.forward(_fused, training=False)
-    jobs = _core._pool_counts()["jobs"]
+    counts = _core._pool_counts()
+    jobs = counts["jobs"] + counts["jobs_openmp"]  # torch's OpenMP team runs them once loaded
     for got, want, name in zip(eval_out[:3], case.forward(reference, training=False)[:3],
                                ("output", "h_n", "c_n")):
         if want is not None:

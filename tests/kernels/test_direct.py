@@ -1,7 +1,9 @@
 """Short calls of few rows: the weights used in place, and the cells' lean path.
 
 A forward of a few steps of at most 4 rows multiplies by W_ih, W_hh (and W_hr)
-as they lie, on the calling thread; longer ones pack the weights for the pool.
+as they lie, on the calling thread, or, with large weights and several threads, as
+one pool job whose threads each own a range of units; longer ones pack the weights
+for the pool.
 These shapes sit on both sides of that choice (N = 1..4, T from 1 to past the
 point where packing pays), with sizes that are not a multiple of any vector
 width, and must match the reference on every SIMD target. The cells (one step

@@ -124,6 +124,10 @@ py::array_t<Real, py::array::c_style> checked(py::handle obj, const Name& name,
   if (!same)
     throw py::value_error(name_str(name) + ": expected shape " + shape_str(shape) + ", got " +
                           shape_str(shape_of(a)));
+  // Most arguments already are what the kernels read: taken as they are, without
+  // numpy's conversion machinery (which a cell's one-step call would pay per array).
+  if (a.flags() & py::array::c_style)
+    return py::reinterpret_borrow<py::array_t<Real, py::array::c_style>>(a);
   return c_contiguous<Real>(a);
 }
 
@@ -147,11 +151,16 @@ std::vector<std::string> split_list(const char* names) {
 // torch's five (weight_ih, weight_hh, bias_ih, bias_hh, weight_hr), then the cell's
 // extra and optional ones in the cell table's order (CellInfo: the peephole LSTM's
 // weight_ci, weight_cf, weight_co; LN_LSTM's four layer norms).
-std::vector<std::string> param_slots(lstmfast::Mode mode) {
-  std::vector<std::string> slots = {"weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"};
-  const lstmfast::CellInfo& cell = lstmfast::cell_info(mode);
-  for (const char* list : {cell.extra_params, cell.optional_params})
-    for (std::string& name : split_list(list)) slots.push_back(std::move(name));
+// Made once per mode (the first call holds the GIL, which guards the statics).
+const std::vector<std::string>& param_slots(lstmfast::Mode mode) {
+  static std::vector<std::string> by_mode[lstmfast::kModes];
+  std::vector<std::string>& slots = by_mode[static_cast<int>(mode)];
+  if (slots.empty()) {
+    slots = {"weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"};
+    const lstmfast::CellInfo& cell = lstmfast::cell_info(mode);
+    for (const char* list : {cell.extra_params, cell.optional_params})
+      for (std::string& name : split_list(list)) slots.push_back(std::move(name));
+  }
   return slots;
 }
 
@@ -169,7 +178,7 @@ std::vector<std::vector<py::object>> params_by_slot(py::handle params, const Nam
     throw py::type_error(name_str(what) + ": expected a dict from parameter names to arrays, got " +
                          type_name(params));
   py::dict dict = py::reinterpret_borrow<py::dict>(params);
-  const std::vector<std::string> slots = param_slots(mode);
+  const std::vector<std::string>& slots = param_slots(mode);
   std::vector<std::vector<py::object>> out(static_cast<size_t>(LD),
                                            std::vector<py::object>(slots.size(), py::none()));
   size_t found = 0;
@@ -332,9 +341,12 @@ const lstmfast::ReducedMatrix* checked_reduced(py::handle obj, const std::string
   return &r;
 }
 
+// The parameters come as a dict (weights_obj), or already by layer-direction and slot
+// (by_slot: cell_step's).
 template <typename Real>
 py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle h0_obj,
-                      py::handle c0_obj, py::handle weights_obj, py::handle lengths_obj,
+                      py::handle c0_obj, py::handle weights_obj,
+                      const std::vector<std::vector<py::object>>* by_slot, py::handle lengths_obj,
                       py::handle masks_obj, py::handle noise_obj, py::handle rec_masks_obj,
                       py::handle zoneout_obj, py::handle zoneout_seed_obj) {
   const bool lstm = s.mode == lstmfast::Mode::LSTM;
@@ -347,8 +359,10 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
   s.N = x_obj.shape(1);
   s.I = x_obj.shape(2);
   const int64_t LD = s.L * s.D;
-  const std::vector<std::string> slots = param_slots(s.mode);
-  const auto weights = params_by_slot(weights_obj, "params", s.mode, LD, s.D);
+  const std::vector<std::string>& slots = param_slots(s.mode);
+  std::vector<std::vector<py::object>> from_dict;
+  if (!by_slot) from_dict = params_by_slot(weights_obj, "params", s.mode, LD, s.D);
+  const std::vector<std::vector<py::object>>& weights = by_slot ? *by_slot : from_dict;
   auto param_name = [&](int64_t i, size_t j) {
     return "params['" + param_key(slots[j], i, s.D) + "']";
   };
@@ -547,7 +561,7 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
     dc_n = checked<Real>(dc_n_obj, "d_c_n", {LD, s.N, s.H});
     dc_n_ptr = dc_n.data();
   }
-  const std::vector<std::string> slots = param_slots(s.mode);
+  const std::vector<std::string>& slots = param_slots(s.mode);
   const auto grads = params_by_slot(grads_obj, "grads", s.mode, LD, s.D);
   std::vector<lstmfast::Grads<Real>> g(static_cast<size_t>(LD));
   auto* cache = static_cast<lstmfast::StackCache<Real>*>(rc.cache.get());
@@ -805,10 +819,10 @@ void register_rnn(py::module_& m) {
                                type_name(x));
         py::array xa = py::reinterpret_borrow<py::array>(x);
         if (xa.dtype().equal(py::dtype::of<float>()))
-          return rnn_forward<float>(s, xa, h0, c0, params, lengths, dropout_masks, noise,
+          return rnn_forward<float>(s, xa, h0, c0, params, nullptr, lengths, dropout_masks, noise,
                                     recurrent_dropout_masks, zoneout_masks, zoneout_seed);
         if (xa.dtype().equal(py::dtype::of<double>()))
-          return rnn_forward<double>(s, xa, h0, c0, params, lengths, dropout_masks, noise,
+          return rnn_forward<double>(s, xa, h0, c0, params, nullptr, lengths, dropout_masks, noise,
                                      recurrent_dropout_masks, zoneout_masks, zoneout_seed);
         throw py::type_error("x: expected dtype float32 or float64, got " +
                              std::string(py::str(xa.dtype())));
@@ -830,6 +844,44 @@ void register_rnn(py::module_& m) {
       "the old value) and zoneout_seed (an int: masks drawn with those probabilities inside "
       "the kernels, reference.zoneout_masks_from_seed). "
       "Returns (y, h_n, c_n or None, cache or None).");
+
+  // One step of one layer with torch's four parameters: rnn_forward with T = 1, one
+  // layer, one direction and no options, without its generic argument handling (the
+  // keywords, the option dicts, the parameter dict's names), which cost a cell stepped
+  // in a loop more than its step (LSTM H=32: 12 us a call through rnn_forward).
+  m.def(
+      "cell_step",
+      [](const std::string& mode, py::handle x, py::handle h0, py::handle c0, py::handle w_ih,
+         py::handle w_hh, py::handle b_ih, py::handle b_hh, bool training) {
+        lstmfast::StackShape s;
+        s.mode = parse_mode(mode);
+        s.training = training;
+        if (!py::isinstance<py::array>(x))
+          throw py::type_error("x: expected a numpy array, got " + type_name(x));
+        py::array xa = py::reinterpret_borrow<py::array>(x);
+        if (xa.ndim() != 3 || xa.shape(0) != 1)
+          throw py::value_error("x: expected shape (1, N, I) (one step), got " +
+                                shape_str(shape_of(xa)));
+        std::vector<std::vector<py::object>> by_slot(
+            1, std::vector<py::object>(param_slots(s.mode).size(), py::none()));
+        const py::handle given[4] = {w_ih, w_hh, b_ih, b_hh};
+        for (int j = 0; j < 4; ++j) by_slot[0][j] = py::reinterpret_borrow<py::object>(given[j]);
+        const py::handle none = py::none();
+        if (xa.dtype().equal(py::dtype::of<float>()))
+          return rnn_forward<float>(s, xa, h0, c0, none, &by_slot, none, none, none, none, none,
+                                    none);
+        if (xa.dtype().equal(py::dtype::of<double>()))
+          return rnn_forward<double>(s, xa, h0, c0, none, &by_slot, none, none, none, none, none,
+                                     none);
+        throw py::type_error("x: expected dtype float32 or float64, got " +
+                             std::string(py::str(xa.dtype())));
+      },
+      py::arg("mode"), py::arg("x"), py::arg("h0"), py::arg("c0"), py::arg("weight_ih"),
+      py::arg("weight_hh"), py::arg("bias_ih"), py::arg("bias_hh"), py::arg("training"),
+      "One step of one cell: rnn_forward(mode, x, h0, c0, params, num_layers=1, "
+      "bidirectional=False, training=training) with x (1, N, I) and the four parameters "
+      "given by position (a bias may be None: zeros). Returns (y, h_n, c_n or None, cache "
+      "or None), as rnn_forward.");
 
   m.def(
       "rnn_backward",

@@ -161,27 +161,35 @@ int call_threads(double work) {
   return threads;
 }
 
-void require(bool ok, const std::string& message) {
+// Throws std::invalid_argument unless ok. The message is a literal, or a function
+// that puts it together: the checks run on every call (a cell stepped in a loop pays
+// them per step), and building their messages cost more than the step of a small cell.
+void require(bool ok, const char* message) {
   if (!ok) throw std::invalid_argument(message);
+}
+template <typename Message>
+void require(bool ok, const Message& message) {
+  if (!ok) throw std::invalid_argument(message());
 }
 
 void check_shape(const StackShape& s) {
   auto str = [](int64_t v) { return std::to_string(v); };
-  require(s.L >= 1, "num_layers must be >= 1, got " + str(s.L));
-  require(s.D == 1 || s.D == 2, "directions must be 1 or 2, got " + str(s.D));
-  require(s.T >= 1, "x must have at least one time step, got T = " + str(s.T));
-  require(s.N >= 1, "x must have at least one batch row, got N = " + str(s.N));
-  require(s.I >= 1, "input_size must be >= 1, got " + str(s.I));
-  require(s.H >= 1, "hidden_size must be >= 1, got " + str(s.H));
-  require(s.P >= 0, "proj_size must be >= 0, got " + str(s.P));
+  require(s.L >= 1, [&] { return "num_layers must be >= 1, got " + str(s.L); });
+  require(s.D == 1 || s.D == 2, [&] { return "directions must be 1 or 2, got " + str(s.D); });
+  require(s.T >= 1, [&] { return "x must have at least one time step, got T = " + str(s.T); });
+  require(s.N >= 1, [&] { return "x must have at least one batch row, got N = " + str(s.N); });
+  require(s.I >= 1, [&] { return "input_size must be >= 1, got " + str(s.I); });
+  require(s.H >= 1, [&] { return "hidden_size must be >= 1, got " + str(s.H); });
+  require(s.P >= 0, [&] { return "proj_size must be >= 0, got " + str(s.P); });
   require(s.P == 0 || s.mode == Mode::LSTM, "proj_size > 0 is only supported for LSTM");
   require(s.mode != Mode::LN_LSTM || s.ln_eps > 0,
-          "layer_norm_eps must be > 0, got " + std::to_string(s.ln_eps));
-  require(s.P < s.H || s.P == 0, "proj_size (" + str(s.P) +
-                                     ") must be smaller than hidden_size (" + str(s.H) + ")");
+          [&] { return "layer_norm_eps must be > 0, got " + std::to_string(s.ln_eps); });
+  require(s.P < s.H || s.P == 0, [&] {
+    return "proj_size (" + str(s.P) + ") must be smaller than hidden_size (" + str(s.H) + ")";
+  });
   // Written so that NaN fails too.
   require(!is_ctrnn(s.mode) || (s.alpha > 0 && s.alpha <= 1),
-          "alpha must be in (0, 1], got " + std::to_string(s.alpha));
+          [&] { return "alpha must be in (0, 1], got " + std::to_string(s.alpha); });
 }
 
 // LN_LSTM: all four layer-norm parameters of every layer-direction and no linear
@@ -204,11 +212,13 @@ void check_layer_norms(const Params<Real>* params, const StackShape& s) {
 // Whether layer-direction 0 is given what `of` picks (a pointer); every other must agree.
 template <typename Real, typename Of>
 bool given_to_all_or_none(const Params<Real>* params, const StackShape& s, Of of,
-                          const std::string& what) {
+                          const char* what) {
   const bool given = of(params[0]) != nullptr;
   for (int64_t i = 1; i < s.L * s.D; ++i)
     require((of(params[i]) != nullptr) == given,
-            what + " must be given for every layer and direction or none");
+            [&] {
+              return std::string(what) + " must be given for every layer and direction or none";
+            });
   return given;
 }
 
@@ -232,8 +242,10 @@ void check_zoneout(const Params<Real>* params, const StackShape& s) {
                         params, s, [](const Params<Real>& p) { return p.zone_c; }, "zoneout masks") ||
                     s.zone_p_c != 0;
   require(!(on_h || on_c) || cell_supports(s.mode, "zoneout"),
-          std::string("zoneout is supported for ") + cells_supporting("zoneout") + ", not " +
-              cell_info(s.mode).name);
+          [&] {
+            return std::string("zoneout is supported for ") + cells_supporting("zoneout") +
+                   ", not " + cell_info(s.mode).name;
+          });
   require(!on_c || has_cell_state(s.mode), "zoneout of c is for LSTM, which has a cell state");
   require(!(on_h || on_c) || params[0].W_hh_r == nullptr,
           "zoneout is not supported with reduced-precision weights");
@@ -282,12 +294,17 @@ void check_reduced(const Params<Real>* params, const StackShape& s) {
     require(!s.training, "reduced-precision weights are for inference only (training=False)");
     require(fits(p.W_ih_r, GH, s.input_size(i / s.D)) && fits(p.W_hh_r, GH, s.H_out()) &&
                 (s.P == 0 ? p.W_hr_r == nullptr : fits(p.W_hr_r, s.P, s.H)),
-            "reduced-precision weights of layer-direction " + std::to_string(i) +
-                " do not have the shapes of the layer's weights");
+            [&] {
+              return "reduced-precision weights of layer-direction " + std::to_string(i) +
+                     " do not have the shapes of the layer's weights";
+            });
     const bool int8 = p.W_hh_r->precision == Precision::Int8;
     require(cell_supports(s.mode, int8 ? "int8" : "bfloat16"),
-            std::string(int8 ? "int8" : "bfloat16") + " weights are supported for " +
-                cells_supporting(int8 ? "int8" : "bfloat16") + ", not " + cell_info(s.mode).name);
+            [&] {
+              return std::string(int8 ? "int8" : "bfloat16") + " weights are supported for " +
+                     cells_supporting(int8 ? "int8" : "bfloat16") + ", not " +
+                     cell_info(s.mode).name;
+            });
     require(p.W_ih_r->precision == p.W_hh_r->precision &&
                 p.W_hh_r->precision == params[0].W_hh_r->precision,
             "reduced-precision weights must all have one precision");
@@ -374,8 +391,10 @@ void sort_rows(std::vector<int64_t>& sorted, std::vector<int64_t>& rows, const i
   bool all_full = true;
   for (int64_t b = 0; b < N; ++b) {
     require(lengths[b] >= 1 && lengths[b] <= T,
-            "lengths[" + std::to_string(b) + "] = " + std::to_string(lengths[b]) +
-                " is outside 1..T = 1.." + std::to_string(T));
+            [&] {
+              return "lengths[" + std::to_string(b) + "] = " + std::to_string(lengths[b]) +
+                     " is outside 1..T = 1.." + std::to_string(T);
+            });
     all_full = all_full && lengths[b] == T;
   }
   if (all_full) return;

@@ -183,12 +183,10 @@ def cell_forward(mode, x, hx, weights, training=False):
     the state(s) (1, N, H) must already be arrays of one float dtype (the compiled
     module checks shapes and dtypes). Returns h_n, c_n (None but for LSTM), cache."""
     h0, c0 = hx if mode == "LSTM" else (hx, None)
-    params = {name: w for name, w in zip(_CELL_NAMES, weights) if w is not None}
-    _, h_n, c_n, core = _core.rnn_forward(mode, x, h0, c0, params, num_layers=1,
-                                          bidirectional=False, training=bool(training))
+    _, h_n, c_n, core = _core.cell_step(mode, x, h0, c0, *weights, bool(training))
     cache = None
     if core is not None:
-        shapes = {name: np.shape(w) for name, w in params.items()}
+        shapes = {name: np.shape(w) for name, w in zip(_CELL_NAMES, weights) if w is not None}
         cache = _Cache(core, mode, 1, 1, x.dtype, shapes)
     return h_n, c_n, cache
 

@@ -84,6 +84,72 @@ def test_cell_sees_parameters_changed_in_place():
     assert not np.allclose(before, after)
 
 
+STEP_MODES = ("LSTM", "GRU", "RNN_TANH", "RNN_RELU", "GRU_RESET_BEFORE")
+STEP_NAMES = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "training"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("mode", STEP_MODES)
+def test_cell_step_is_the_stacks_one_step(mode, dtype, bias, training):
+    """_core.cell_step (the cells' entry: parameters by position) computes what
+    rnn_forward computes for T = 1 and one layer, to the bit, and its cache serves the
+    same backward."""
+    case = Case(mode, dtype, T=1, N=3, I=11, H=7, seed=5, bias=bias)
+    x, params = case.x, case.params
+    h0, c0 = case.hx if case.cell_state else (case.hx, None)
+    weights = [params.get(name) for name in STEP_NAMES]
+    step = _core.cell_step(mode, x, h0, c0, *weights, training)
+    stack = _core.rnn_forward(mode, x, h0, c0, params, num_layers=1, bidirectional=False,
+                              training=training)
+    for got, want, name in zip(step[:3], stack[:3], ("y", "h_n", "c_n")):
+        if want is None:
+            assert got is None, name
+        else:
+            assert np.array_equal(got, want), name
+    out_ref = reference.forward(mode, x, (h0, c0) if c0 is not None else h0, params,
+                                num_layers=1, bidirectional=False)
+    assert_close(step[1], out_ref[1], name="h_n against the reference")
+    if not training:
+        assert step[3] is None
+        return
+    grads = [{name: np.zeros_like(w) for name, w in params.items()} for _ in range(2)]
+    backs = [_core.rnn_backward(cache, case.d_output, case.d_h_n, case.d_c_n, g)
+             for cache, g in ((step[3], grads[0]), (stack[3], grads[1]))]
+    for got, want in zip(backs[0], backs[1]):
+        assert (got is None and want is None) or np.array_equal(got, want)
+    for name in params:
+        assert np.array_equal(grads[0][name], grads[1][name]), name
+
+
+def test_cell_step_refuses_bad_arguments_by_name():
+    case = Case("LSTM", np.float32, T=1, N=2, I=5, H=4, seed=1)
+    x, (h0, c0), params = case.x, case.hx, case.params
+    weights = [params[name] for name in STEP_NAMES]
+    with pytest.raises(TypeError, match=r"x: expected a numpy array, got list"):
+        _core.cell_step("LSTM", x.tolist(), h0, c0, *weights, False)
+    with pytest.raises(ValueError, match=r"x: expected shape \(1, N, I\) \(one step\), got \(2, 5\)"):
+        _core.cell_step("LSTM", x[0], h0, c0, *weights, False)
+    with pytest.raises(ValueError, match=r"got \(2, 2, 5\)"):
+        _core.cell_step("LSTM", np.concatenate([x, x]), h0, c0, *weights, False)
+    with pytest.raises(TypeError, match=r"x: expected dtype float32 or float64, got int64"):
+        _core.cell_step("LSTM", x.astype(np.int64), h0, c0, *weights, False)
+    bad = list(weights)
+    bad[1] = weights[1].astype(np.float64)
+    with pytest.raises(TypeError, match=r"weight_hh_l0.*expected dtype float32"):
+        _core.cell_step("LSTM", x, h0, c0, *bad, False)
+    bad[1] = weights[1][:, :3]
+    with pytest.raises(ValueError, match=r"weight_hh_l0.*expected shape \(16, 4\), got \(16, 3\)"):
+        _core.cell_step("LSTM", x, h0, c0, *bad, False)
+    with pytest.raises(ValueError, match=r"weight_ih_l0.*missing"):
+        _core.cell_step("LSTM", x, h0, c0, None, *weights[1:], False)
+    with pytest.raises(ValueError, match=r"c0: expected shape \(1, 2, 4\)"):
+        _core.cell_step("LSTM", x, h0, c0[:, :1], *weights, False)
+    with pytest.raises(ValueError, match=r"mode must be one of"):
+        _core.cell_step("LSTMX", x, h0, c0, *weights, False)
+
+
 # Weights of 2^18 elements and more (W_ih and W_hh together: kDirectPoolWeights) take
 # the direct path as one pool job: each thread multiplies x and h by its units' rows
 # of every gate and does those units' math. H = 250 leaves a partial vector in the

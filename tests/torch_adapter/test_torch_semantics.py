@@ -632,6 +632,46 @@ def test_cell_keeps_nothing_without_grad(kind):
         assert_close(a, b, tol=1e-10, name="no_grad")
 
 
+CHANGES = {
+    "in_place": lambda m, g: m.weight_hh.mul_(0.5),
+    "new_storage": lambda m, g: setattr(m.weight_hh, "data", torch.randn(
+        m.weight_hh.shape, dtype=m.weight_hh.dtype, generator=g)),
+    # the same memory, shape and first element seen with other strides
+    "other_strides": lambda m, g: setattr(m.weight_hh, "data", m.weight_hh.data.as_strided(
+        m.weight_hh.shape, (1, m.weight_hh.shape[0]))),
+    "new_parameter": lambda m, g: setattr(m, "weight_ih", nn.Parameter(torch.randn(
+        m.weight_ih.shape, dtype=m.weight_ih.dtype, generator=g))),
+    "load_state_dict": lambda m, g: m.load_state_dict(
+        {k: torch.randn(v.shape, dtype=v.dtype, generator=g) for k, v in m.state_dict().items()}),
+}
+
+
+@pytest.mark.parametrize("change", list(CHANGES))
+@pytest.mark.parametrize("kind", list(CELLS))
+def test_cell_follows_every_change_of_its_weights(kind, change):
+    """A cell keeps NumPy views of its parameters between calls (cells.py,
+    _cell_weight_arrays): every way of changing a parameter must reach the next call."""
+    cls, kwargs = CELLS[kind]
+    theirs, ours = twins(cls, kwargs)
+    x, h = torch.randn(3, I, dtype=torch.float64), torch.randn(3, H, dtype=torch.float64)
+    hx = (h, torch.randn(3, H, dtype=torch.float64)) if cls is nn.LSTMCell else h
+    with torch.no_grad():
+        before = ours(x, hx)
+        assert_close(before, theirs(x, hx), tol=1e-10, name="before")
+        for module in (theirs, ours):
+            CHANGES[change](module, torch.Generator().manual_seed(9))
+        after = ours(x, hx)
+        assert_close(after, theirs(x, hx), tol=1e-10, name=f"after {change}")
+        assert not torch.allclose(all_outputs(after)[0], all_outputs(before)[0])
+        # A copy has its own parameters: changing them changes the copy alone.
+        ours_copy, theirs_copy = copy.deepcopy(ours), copy.deepcopy(theirs)
+        for module in (ours_copy, theirs_copy):
+            module.weight_hh.mul_(-1.0)
+        assert_close(ours_copy(x, hx), theirs_copy(x, hx), tol=1e-10, name="the changed copy")
+        assert_close(ours(x, hx), theirs(x, hx), tol=1e-10,
+                     name="the original after its copy changed")
+
+
 def test_cell_with_given_state_gets_its_gradient():
     theirs, ours = twins(nn.LSTMCell, {})
     x = torch.randn(3, I, dtype=torch.float64)

@@ -56,8 +56,9 @@ def _warn_once(key, message):
 
 
 def _as_numpy(t):
-    """A NumPy view of a CPU tensor (no copy); the kernels copy non-contiguous input themselves."""
-    return t.detach().numpy()
+    """A NumPy view of a CPU tensor (no copy); the kernels copy non-contiguous input themselves.
+    (detach only where needed: it makes a tensor, which a cell stepped in a loop pays per step.)"""
+    return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
 def _in_torch_only_context(autocast=True):

@@ -159,15 +159,19 @@ class _RecurrentFunction(torch.autograd.Function):
                 *(torch.from_numpy(grads[name]) for name in settings["names"]))
 
 
-def _cell_step(backend, mode, keep, x, h0, c0, weights):
+def _cell_step(backend, mode, keep, x, h0, c0, weights, weight_arrays=None):
     """One step on the kernels: x (N, I), h0 and c0 (N, H) (c0 None but for LSTM),
-    weights (weight_ih, weight_hh, bias_ih, bias_hh; biases may be None).
+    weights (weight_ih, weight_hh, bias_ih, bias_hh; biases may be None), or their
+    arrays already made (weight_arrays: cells._cell_weight_arrays).
     Returns h1, c1 (None but for LSTM) as tensors, and the cache (None unless keep)."""
     N = x.shape[0]
-    h0 = h0.detach().numpy().reshape(1, N, -1)
-    hx = (h0, c0.detach().numpy().reshape(1, N, -1)) if c0 is not None else h0
-    x = x.detach().numpy().reshape(1, N, -1)
-    weights = [None if w is None else w.detach().numpy() for w in weights]
+    h0 = _as_numpy(h0).reshape(1, N, -1)
+    hx = (h0, _as_numpy(c0).reshape(1, N, -1)) if c0 is not None else h0
+    x = _as_numpy(x).reshape(1, N, -1)
+    if weight_arrays is not None:
+        weights = weight_arrays
+    else:
+        weights = [None if w is None else _as_numpy(w) for w in weights]
     if backend is _fused_backend_or_none():
         h1, c1, cache = backend.cell_forward(mode, x, hx, weights, keep)
     else:  # the reference has no one-step entry: the stack with T = 1

@@ -72,6 +72,20 @@ def rnn_forward(
 ) -> tuple[npt.NDArray[_Float], npt.NDArray[_Float], Optional[npt.NDArray[_Float]], Optional[RnnCache]]:
     """Returns (output (T, N, D*H_out), h_n, c_n or None, cache or None)."""
 
+def cell_step(
+    mode: _Mode,
+    x: npt.NDArray[_Float],  # (1, N, I): one step
+    h0: npt.NDArray[_Float],  # (1, N, H)
+    c0: Optional[npt.NDArray[_Float]],  # (1, N, H), LSTM only
+    weight_ih: object,  # (G*H, I) array or ReducedWeight
+    weight_hh: object,  # (G*H, H) array or ReducedWeight
+    bias_ih: Optional[npt.NDArray[_Float]],  # (G*H,) or None (zeros)
+    bias_hh: Optional[npt.NDArray[_Float]],  # (G*H,) or None (zeros)
+    training: bool,
+) -> tuple[npt.NDArray[_Float], npt.NDArray[_Float], Optional[npt.NDArray[_Float]], Optional[RnnCache]]:
+    """rnn_forward for one step of one layer, one direction, no options, the parameters
+    by position (the cells' lean entry). Returns (output, h_n, c_n or None, cache or None)."""
+
 def rnn_backward(
     cache: RnnCache,
     d_output: Optional[npt.NDArray[_Float]],

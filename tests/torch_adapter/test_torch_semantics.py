@@ -632,15 +632,24 @@ def test_cell_keeps_nothing_without_grad(kind):
         assert_close(a, b, tol=1e-10, name="no_grad")
 
 
+def _weight(m, kind):
+    """A cell's weight_ih / weight_hh, or a layer's first ones (weight_ih_l0 ...)."""
+    return getattr(m, _weight_name(m, kind))
+
+
+def _weight_name(m, kind):
+    return f"weight_{kind}" + ("_l0" if isinstance(m, nn.RNNBase) else "")
+
+
 CHANGES = {
-    "in_place": lambda m, g: m.weight_hh.mul_(0.5),
-    "new_storage": lambda m, g: setattr(m.weight_hh, "data", torch.randn(
-        m.weight_hh.shape, dtype=m.weight_hh.dtype, generator=g)),
+    "in_place": lambda m, g: _weight(m, "hh").mul_(0.5),
+    "new_storage": lambda m, g: setattr(_weight(m, "hh"), "data", torch.randn(
+        _weight(m, "hh").shape, dtype=_weight(m, "hh").dtype, generator=g)),
     # the same memory, shape and first element seen with other strides
-    "other_strides": lambda m, g: setattr(m.weight_hh, "data", m.weight_hh.data.as_strided(
-        m.weight_hh.shape, (1, m.weight_hh.shape[0]))),
-    "new_parameter": lambda m, g: setattr(m, "weight_ih", nn.Parameter(torch.randn(
-        m.weight_ih.shape, dtype=m.weight_ih.dtype, generator=g))),
+    "other_strides": lambda m, g: setattr(_weight(m, "hh"), "data", _weight(m, "hh").data.as_strided(
+        _weight(m, "hh").shape, (1, _weight(m, "hh").shape[0]))),
+    "new_parameter": lambda m, g: setattr(m, _weight_name(m, "ih"), nn.Parameter(torch.randn(
+        _weight(m, "ih").shape, dtype=_weight(m, "ih").dtype, generator=g))),
     "load_state_dict": lambda m, g: m.load_state_dict(
         {k: torch.randn(v.shape, dtype=v.dtype, generator=g) for k, v in m.state_dict().items()}),
 }
@@ -650,7 +659,7 @@ CHANGES = {
 @pytest.mark.parametrize("kind", list(CELLS))
 def test_cell_follows_every_change_of_its_weights(kind, change):
     """A cell keeps NumPy views of its parameters between calls (cells.py,
-    _cell_weight_arrays): every way of changing a parameter must reach the next call."""
+    _backend._weight_arrays): every way of changing a parameter must reach the next call."""
     cls, kwargs = CELLS[kind]
     theirs, ours = twins(cls, kwargs)
     x, h = torch.randn(3, I, dtype=torch.float64), torch.randn(3, H, dtype=torch.float64)
@@ -670,6 +679,38 @@ def test_cell_follows_every_change_of_its_weights(kind, change):
         assert_close(ours_copy(x, hx), theirs_copy(x, hx), tol=1e-10, name="the changed copy")
         assert_close(ours(x, hx), theirs(x, hx), tol=1e-10,
                      name="the original after its copy changed")
+
+
+def assert_all_close(got, expected, name):
+    """Every tensor of a layer's result (output, h_n and c_n) within 1e-10."""
+    for i, (g, e) in enumerate(zip(all_outputs(got), all_outputs(expected), strict=True)):
+        assert_close(g, e, tol=1e-10, name=f"{name} [{i}]")
+
+
+@pytest.mark.parametrize("given_state", [False, True], ids=["zero_state", "given_state"])
+@pytest.mark.parametrize("change", list(CHANGES))
+@pytest.mark.parametrize("kind", list(LAYERS))
+def test_layer_follows_every_change_of_its_weights(kind, change, given_state):
+    """A layer called without autograd keeps NumPy views of its parameters between calls
+    (layers.py, _backend._weight_arrays) and makes its zero state as arrays: every way of
+    changing a parameter must reach the next call."""
+    cls, kwargs = LAYERS[kind]
+    theirs, ours = twins(cls, kwargs)
+    x = layer_input(theirs)
+    with torch.no_grad():
+        args = (x, theirs(x)[1]) if given_state else (x,)
+        before = ours(*args)
+        assert_all_close(before, theirs(*args), name="before")
+        for module in (theirs, ours):
+            CHANGES[change](module, torch.Generator().manual_seed(9))
+        after = ours(*args)
+        assert_all_close(after, theirs(*args), name=f"after {change}")
+        assert not torch.allclose(all_outputs(after)[0], all_outputs(before)[0])
+        ours_copy, theirs_copy = copy.deepcopy(ours), copy.deepcopy(theirs)
+        for module in (ours_copy, theirs_copy):
+            module.weight_hh_l0.mul_(-1.0)
+        assert_all_close(ours_copy(*args), theirs_copy(*args), name="the changed copy")
+        assert_all_close(ours(*args), theirs(*args), name="the original after its copy changed")
 
 
 def test_cell_with_given_state_gets_its_gradient():

@@ -101,13 +101,21 @@ def _numpy_options(options):
     return {key: as_numpy(value) for key, value in (options or {}).items()}
 
 
-def _stack_step(settings, x, h0, c0, masks, weights):
+def _array(value):
+    """An array as it is, a tensor as a NumPy view."""
+    return value if isinstance(value, np.ndarray) else _as_numpy(value)
+
+
+def _stack_step(settings, x, h0, c0, masks, weights, weight_arrays=None):
     """The whole stack on the backend: output, h_n, c_n (an empty tensor but for
-    LSTM) as tensors, and the cache (None unless settings["keep_for_backward"])."""
+    LSTM) as tensors, and the cache (None unless settings["keep_for_backward"]).
+    h0 and c0 may be arrays; weight_arrays: the weights' arrays already made
+    (_backend._weight_arrays)."""
     is_lstm = settings["mode"] in _CELL_STATE_MODES
-    params = {name: _as_numpy(w) if isinstance(w, torch.Tensor) else w
-              for name, w in zip(settings["names"], weights)}
-    hx = (_as_numpy(h0), _as_numpy(c0)) if is_lstm else _as_numpy(h0)
+    if weight_arrays is None:
+        weight_arrays = [_as_numpy(w) if isinstance(w, torch.Tensor) else w for w in weights]
+    params = dict(zip(settings["names"], weight_arrays))
+    hx = (_array(h0), _array(c0)) if is_lstm else _array(h0)
     dropout_masks = list(_as_numpy(masks)) if masks.numel() else None
     options = _numpy_options(settings.get("cell_options"))
     output, h_n, c_n, cache = settings["backend"].forward(
@@ -162,7 +170,7 @@ class _RecurrentFunction(torch.autograd.Function):
 def _cell_step(backend, mode, keep, x, h0, c0, weights, weight_arrays=None):
     """One step on the kernels: x (N, I), h0 and c0 (N, H) (c0 None but for LSTM),
     weights (weight_ih, weight_hh, bias_ih, bias_hh; biases may be None), or their
-    arrays already made (weight_arrays: cells._cell_weight_arrays).
+    arrays already made (weight_arrays: _backend._weight_arrays).
     Returns h1, c1 (None but for LSTM) as tensors, and the cache (None unless keep)."""
     N = x.shape[0]
     h0 = _as_numpy(h0).reshape(1, N, -1)

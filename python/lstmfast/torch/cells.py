@@ -4,14 +4,13 @@ zoneout.
 One time step per call: decoders step them in loops, so this path is kept short.
 """
 
-import weakref
 
 import torch
 from torch import nn
 
 from ..modules.options import _check_probability, _check_zoneout
-from ._backend import (_as_class, _as_numpy, _backend, _in_torch_only_context,
-                       _unsupported_reason, _warn_once)
+from ._backend import (_as_class, _backend, _in_torch_only_context,
+                       _unsupported_reason, _warn_once, _weight_arrays)
 from .autograd import _CellFunction, _cell_step
 from .layers import _regularizer_masks
 
@@ -153,26 +152,6 @@ def _cell_weights(cell):
                  for name in _CELL_WEIGHTS)
 
 
-# cell -> (what its weights' arrays were made from, the arrays): NumPy views of the
-# parameters, made once instead of at every step (a view costs about 1 us each). Kept
-# out of the module, whose copies and pickles must not carry them.
-_cell_arrays = weakref.WeakKeyDictionary()
-
-
-def _cell_weight_arrays(cell, weights):
-    """NumPy views of ``weights`` (no copy), remade when a weight's memory, shape or
-    strides are not those of its view (another parameter, ``param.data = ...``); an
-    optimizer's in-place update keeps the views valid. A view holds its tensor, so no
-    other tensor can take its memory while it is kept."""
-    key = tuple(None if w is None else (w.data_ptr(), w.shape, w.stride()) for w in weights)
-    entry = _cell_arrays.get(cell)
-    if entry is not None and entry[0] == key:
-        return entry[1]
-    arrays = [None if w is None else _as_numpy(w) for w in weights]
-    _cell_arrays[cell] = (key, arrays)
-    return arrays
-
-
 @torch.compiler.disable  # as layers._fused_layer_forward, which says why
 def _fused_cell_forward(self, input, hx):
     # Decoders call this once per step: every check here is paid per step, so the
@@ -216,7 +195,7 @@ def _fused_cell_forward(self, input, hx):
         result = _CellFunction.apply(backend, mode, x, h0, c0, *weights)
     else:  # nothing to differentiate: the kernels alone, no autograd node
         h1, c1, _ = _cell_step(backend, mode, False, x, h0, c0, weights,
-                               _cell_weight_arrays(self, weights))
+                               _weight_arrays(self, weights))
         result = (h1, c1) if is_lstm else h1
     if dim == 1:
         return (result[0].squeeze(0), result[1].squeeze(0)) if is_lstm else result.squeeze(0)

@@ -16,7 +16,7 @@ from torch.nn.utils.rnn import PackedSequence
 from ..modules.options import _check_flag, _check_probability, _check_zoneout
 from ..modules.precision import _backend_weight
 from ._backend import (_as_class, _backend, _in_torch_only_context, _packed_for,
-                       _unsupported_reason, _warn_once)
+                       _unsupported_reason, _warn_once, _weight_arrays)
 from .autograd import _RecurrentFunction, _stack_step
 from .loops import _torch_loop_forward, _torch_loop_stack
 
@@ -136,9 +136,18 @@ class _FastRNNMixin:
     def _lstmfast_weights(self):
         """The weights for _layer_forward_on: the flat weights, their names, and
         whether they are reduced (QuantizedLSTM / QuantizedGRU: packed int8); None
-        when only torch's forward can run them."""
+        when only torch's forward can run them. Read from the parameter registry when
+        every weight is there (torch's _update_flat_weights looks each up twice to see
+        whether one was replaced: about 5 us a call). A parametrization or a weight-norm
+        hook serves a weight through the attribute instead, and may compute it anew at
+        every lookup (spectral_norm's power iteration in training): then torch's own
+        update, so that the weights are the ones torch's forward would use."""
+        params = self._parameters
+        names = self._flat_weights_names
+        if all(name in params for name in names):
+            return [params[name] for name in names], list(names), False
         self._update_flat_weights()
-        return list(self._flat_weights), list(self._flat_weights_names), False
+        return list(self._flat_weights), list(names), False
 
     def __prepare_scriptable__(self):
         """``torch.jit.script`` compiles torch's class on the same parameters."""
@@ -212,17 +221,29 @@ def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False, g
         if hx is not None and input.dim() == 2:
             hx = tuple(h.unsqueeze(1) for h in hx) if is_lstm else hx.unsqueeze(1)
         N = x.shape[batch_dim]
-    if hx is None:
-        h0 = torch.zeros(D * self.num_layers, N, H_out, dtype=data.dtype)
-        hx = (h0, torch.zeros(D * self.num_layers, N, self.hidden_size, dtype=data.dtype)) if is_lstm else h0
-    self.check_forward_args(x, hx, batch_sizes)  # torch's own checks and messages
+    if hx is None:  # check_forward_args without the states': those made below fit
+        self.check_input(x, batch_sizes)
+    else:
+        self.check_forward_args(x, hx, batch_sizes)  # torch's own checks and messages
     if not packed:
         x = x.transpose(0, 1) if self.batch_first else x
         T = x.shape[0]
     if packed:
         rows, lengths = _packed_rows(batch_sizes, N)
         x = x.new_zeros(T * N, x.shape[1]).index_copy(0, rows, x).view(T, N, -1)
-    h0, c0 = hx if is_lstm else (hx, torch.empty(0, dtype=data.dtype))
+    states = [] if hx is None else list(hx) if is_lstm else [hx]
+    needs_grad = torch.is_grad_enabled() and (
+        x.requires_grad or any(t.requires_grad for t in states + tensors))
+    if needs_grad and reduced:  # reduced weights have no backward: torch's answer
+        return self._torch_forward(input, hx, given)
+    if hx is None:  # zeros; as arrays where no autograd node needs tensors
+        zeros = torch.zeros if needs_grad else _numpy_zeros
+        h0 = zeros(D * self.num_layers, N, H_out, dtype=data.dtype)
+        c0 = zeros(D * self.num_layers, N, self.hidden_size, dtype=data.dtype) if is_lstm else None
+    else:
+        h0, c0 = hx if is_lstm else (hx, None)
+    if c0 is None:
+        c0 = torch.empty(0, dtype=data.dtype)
 
     masks = torch.empty(0, dtype=data.dtype)
     if self.training and self.dropout > 0 and self.num_layers > 1:
@@ -231,10 +252,6 @@ def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False, g
         masks = (torch.bernoulli(torch.full(shape, keep, dtype=data.dtype)) / keep
                  if keep > 0 else torch.zeros(shape, dtype=data.dtype))
 
-    needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or h0.requires_grad or c0.requires_grad or any(w.requires_grad for w in tensors))
-    if needs_grad and reduced:  # reduced weights have no backward: torch's answer
-        return self._torch_forward(input, hx, given)
     settings = {
         "backend": _backend(self._lstmfast_backend),
         "mode": self._lstmfast_mode,
@@ -266,7 +283,8 @@ def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False, g
     if needs_grad:
         out, h_n, c_n = _RecurrentFunction.apply(settings, x, h0, c0, masks, *weights)
     else:  # nothing to differentiate: the kernels alone, no autograd node
-        out, h_n, c_n, _ = _stack_step(settings, x, h0, c0, masks, weights)
+        arrays = None if reduced else _weight_arrays(self, weights)
+        out, h_n, c_n, _ = _stack_step(settings, x, h0, c0, masks, weights, arrays)
 
     if packed:
         output = PackedSequence(out.reshape(T * N, -1).index_select(0, rows), batch_sizes,
@@ -277,6 +295,14 @@ def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False, g
     else:
         output = out.transpose(0, 1) if self.batch_first else out
     return output, ((h_n, c_n) if is_lstm else h_n)
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+
+def _numpy_zeros(*shape, dtype):
+    """torch.zeros as an array (about a microsecond less a call)."""
+    return np.zeros(shape, dtype=_NUMPY_DTYPES[dtype])
 
 
 def _autocast_serves(self, data):

@@ -87,7 +87,6 @@ struct GruResetBeforeCell : NoBackwardStep {
   // u = r * h_rec: r's pre-activation gradient du h_rec r (1 - r), and du r into h_rec's.
   void backward_second_row(const BackwardRow<Real>& row, int64_t, int64_t, int64_t,
                            int64_t units) const {
-    const V<Real> one = splat<Real>(1);
     for_lanes<Real>(units, [&](int64_t j, int64_t n) {
       const V<Real> du = ld(row.du + j, n), r = ld(row.saved + j, n);
       st(row.dG + j, du * ld(row.h_rec + j, n) * gates.gate_prime(r), n);

@@ -123,6 +123,49 @@ def test_cell_step_is_the_stacks_one_step(mode, dtype, bias, training):
         assert np.array_equal(grads[0][name], grads[1][name]), name
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("mode", STEP_MODES)
+def test_one_step_of_one_layer_takes_the_cells_entry(mode, dtype, monkeypatch):
+    """_fused.forward sends an inference call of one step of one layer (a stream fed a
+    frame at a time) to _core.cell_step, and gives what rnn_forward gives, to the bit;
+    any other call keeps rnn_forward."""
+    steps = []
+    cell_step = _core.cell_step
+    monkeypatch.setattr(_core, "cell_step", lambda *args: steps.append(args[0]) or cell_step(*args))
+    calls = [  # (Case arguments, forward's training, whether cell_step serves it)
+        (dict(T=1), False, True),
+        (dict(T=1, bias=False), False, True),
+        (dict(T=1), True, False),
+        (dict(T=2), False, False),
+        (dict(T=1, L=2), False, False),
+        (dict(T=1, bidirectional=True), False, False),
+        (dict(T=1, lengths=[1, 1, 1]), False, False),
+    ]
+    for config, training, lean in calls:
+        case = Case(mode, dtype, N=3, I=5, H=4, seed=2, **config)
+        steps.clear()
+        got = case.forward(_fused, training=training)
+        assert bool(steps) == lean, config
+        want = _core.rnn_forward(mode, case.x, *(case.hx if case.cell_state else (case.hx, None)),
+                                 case.params, training=training, **case.kwargs)
+        for g, w, name in zip(got[:3], want[:3], ("output", "h_n", "c_n")):
+            assert (g is None and w is None) or np.array_equal(g, w), (config, name)
+    # States of another dtype are converted to x's, as on the general path.
+    case = Case(mode, dtype, T=1, N=2, I=5, H=4, seed=3)
+    other = np.float64 if dtype == np.float32 else np.float32
+    states = case.hx if case.cell_state else (case.hx,)
+    converted = [h.astype(other) for h in states]
+    for hx in (converted, [h.astype(dtype) for h in converted]):
+        steps.clear()
+        got = _fused.forward(mode, case.x, tuple(hx) if case.cell_state else hx[0], case.params,
+                             num_layers=1, bidirectional=False)
+        assert steps and got[1].dtype == dtype
+        if hx is converted:
+            first = got
+    for g, w in zip(first[:3], got[:3]):
+        assert (g is None and w is None) or np.array_equal(g, w)
+
+
 def test_cell_step_refuses_bad_arguments_by_name():
     case = Case("LSTM", np.float32, T=1, N=2, I=5, H=4, seed=1)
     x, (h0, c0), params = case.x, case.hx, case.params

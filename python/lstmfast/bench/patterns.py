@@ -11,6 +11,8 @@ state between calls decides how fast the next one is:
   NumPy's OpenBLAS's thread pools have run first, against a fresh process;
 * ``cell loop``: a decoder stepping a cell once per token, its output fed back
   through a linear layer (``lstmfast.torch``'s cell against torch's);
+* ``frame loop``: a streaming model feeding its layer one frame per call, the state
+  carried from call to call (``lstmfast.torch``'s layer against torch's);
 * ``adapter training``: a training step (forward and backward) through
   ``lstmfast.torch``'s layer against torch's.
 
@@ -34,6 +36,7 @@ CELLS = ("LSTM", "GRU")
 SHAPES = ("stream", "small", "medium")
 IMPLEMENTATIONS = ("torch", "lstmfast")
 CELL_LOOP = {"I": 64, "H": 512, "N": 1, "steps": 100}  # a decoder's cell, stepped per token
+FRAME_LOOP = {"I": 64, "H": 128, "N": 1, "frames": 100}  # a streaming layer, fed a frame per call
 TRAINING = {"T": 100, "N": 32, "I": 256, "H": 256}
 TINY_SHAPE = (4, 2, 8, 8)
 
@@ -133,6 +136,25 @@ def measure_cell_loop(job):
     return {"median": statistics.median(times), "times": times}
 
 
+def measure_frame_loop(job):
+    torch = _torch(job["threads"])
+    import lstmfast
+
+    lstmfast.set_num_threads(job["threads"])
+    I, H, N, frames = (job["loop"][k] for k in ("I", "H", "N", "frames"))  # noqa: E741
+    layer = _layer(torch, job["impl"], job["cell"], I, H).eval()
+    stream = torch.randn(frames, 1, N, I)  # (T = 1, N, I) per frame
+
+    def feed():
+        state = None
+        for frame in stream:
+            _, state = layer(frame, state)
+
+    with torch.inference_mode():
+        times = _call_times(feed, job["calls"], warmup=2)
+    return {"median": statistics.median(times), "times": times}
+
+
 def measure_training(job):
     torch = _torch(job["threads"])
     import lstmfast
@@ -152,7 +174,7 @@ def measure_training(job):
 
 
 WORKERS = {"gap": measure_gap, "after_pools": measure_after_pools, "cell_loop": measure_cell_loop,
-           "training": measure_training}
+           "frame_loop": measure_frame_loop, "training": measure_training}
 
 
 def worker_main(argv):
@@ -227,12 +249,19 @@ def run(cells, shapes, threads, pair_count, calls, tiny=False, json_path=None):
                      "seconds": {k: statistics.median(v) for k, v in got.items()},
                      "ratio": summary(_ratios(got["after torch+OpenBLAS"], got["fresh"]))})
     loop = {k: (2 if tiny else v) for k, v in CELL_LOOP.items()}
+    frames = {k: (2 if tiny else v) for k, v in FRAME_LOOP.items()}
     train = dict(zip("TNIH", TINY_SHAPE)) if tiny else TRAINING
     for cell in cells:
         got = pairs({**base, "kind": "cell_loop", "cell": cell, "loop": loop}, impls, pair_count,
                     f"cell loop {cell}")
         rows.append({"pattern": "cell loop", "case": f"{cell}Cell({loop['I']}, {loop['H']}) N={loop['N']}, "
                                                       f"{loop['steps']} steps",
+                     "seconds": {impl: statistics.median(got[impl]) for impl in IMPLEMENTATIONS},
+                     "ratio": summary(_ratios(got["torch"], got["lstmfast"]))})
+        got = pairs({**base, "kind": "frame_loop", "cell": cell, "loop": frames}, impls, pair_count,
+                    f"frame loop {cell}")
+        rows.append({"pattern": "frame loop", "case": f"{cell}({frames['I']}, {frames['H']}) N={frames['N']}, "
+                                                       f"{frames['frames']} frames",
                      "seconds": {impl: statistics.median(got[impl]) for impl in IMPLEMENTATIONS},
                      "ratio": summary(_ratios(got["torch"], got["lstmfast"]))})
         got = pairs({**base, "kind": "training", "cell": cell, "train": train}, impls, pair_count,

@@ -4,7 +4,6 @@ zoneout.
 One time step per call: decoders step them in loops, so this path is kept short.
 """
 
-
 import torch
 from torch import nn
 

@@ -117,7 +117,7 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
         # cell_step, the same kernels without rnn_forward's keywords and option
         # dicts to parse (about 5 us of a call of 10 at H = 32).
         output, h_n, c_n, _ = _core.cell_step(
-            mode, x, h0, c0, *(_weight(params.get(name)) for name in _CELL_NAMES), False)
+            mode, x, h0, c0, *[_weight(params.get(name)) for name in _CELL_NAMES], False)
         return output, h_n, c_n, None
     if lengths is not None:
         lengths = np.asarray(lengths)

@@ -61,24 +61,15 @@ def _as_numpy(t):
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
-# module -> (what its weights' arrays were made from, the arrays): NumPy views of a
-# cell's or layer's parameters, made once instead of at every call (a view costs
-# about 1 us each). Kept out of the module, whose copies and pickles must not carry them.
-_module_arrays = weakref.WeakKeyDictionary()
-
-
 def _weight_arrays(module, weights):
-    """NumPy views of ``weights`` (tensors or None; no copy), remade when a weight's
-    memory, shape or strides are not those of its view (another parameter,
-    ``param.data = ...``); an optimizer's in-place update keeps the views valid. A view
-    holds its tensor, so no other tensor can take its memory while it is kept."""
+    """NumPy views of ``weights`` (tensors or None; no copy), made once instead of at
+    every call (a view costs about 1 us each) and remade when a weight's memory, shape
+    or strides are not those of its view (another parameter, ``param.data = ...``); an
+    optimizer's in-place update keeps the views valid. A view holds its tensor, so no
+    other tensor can take its memory while it is kept."""
     key = tuple(None if w is None else (w.data_ptr(), w.shape, w.stride()) for w in weights)
-    entry = _module_arrays.get(module)
-    if entry is not None and entry[0] == key:
-        return entry[1]
-    arrays = [None if w is None else _as_numpy(w) for w in weights]
-    _module_arrays[module] = (key, arrays)
-    return arrays
+    return _cached_for(_weight_views, module, key,
+                       lambda: [None if w is None else _as_numpy(w) for w in weights])
 
 
 def _in_torch_only_context(autocast=True):
@@ -135,21 +126,30 @@ def _as_class(module, cls):
     return twin
 
 
-# module -> (what its packed weights were made from, the packed weights): kept out
-# of the module itself, whose copies, pickles and state_dicts must not carry them.
+# module -> (what its packed weights were made from, the packed weights), and the same
+# for the NumPy views of its float weights (_weight_arrays): kept out of the module
+# itself, whose copies, pickles and state_dicts must not carry them. Two stores, so
+# that a layer run both ways (bfloat16 autocast and float32) keeps both.
 _packed_weights = weakref.WeakKeyDictionary()
-_packed_lock = threading.Lock()
+_weight_views = weakref.WeakKeyDictionary()
+_cache_lock = threading.Lock()
+
+
+def _cached_for(store, module, source_key, make):
+    """``make()`` once per ``source_key`` of ``module`` in ``store``, cached until the
+    key changes (its items compared by identity, tuples by value)."""
+    with _cache_lock:
+        entry = store.get(module)
+        if entry is not None and len(entry[0]) == len(source_key) and all(
+                a is b or (isinstance(a, tuple) and a == b) for a, b in zip(entry[0], source_key)):
+            return entry[1]
+    value = make()
+    with _cache_lock:
+        store[module] = (source_key, value)
+    return value
 
 
 def _packed_for(module, source_key, make):
     """``make()`` once per ``source_key`` of ``module`` (the packed weights of its
     current parameters), cached until the key changes."""
-    with _packed_lock:
-        entry = _packed_weights.get(module)
-        if entry is not None and len(entry[0]) == len(source_key) and all(
-                a is b or (isinstance(a, tuple) and a == b) for a, b in zip(entry[0], source_key)):
-            return entry[1]
-    value = make()
-    with _packed_lock:
-        _packed_weights[module] = (source_key, value)
-    return value
+    return _cached_for(_packed_weights, module, source_key, make)

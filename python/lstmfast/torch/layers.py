@@ -231,9 +231,8 @@ def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False, g
     if packed:
         rows, lengths = _packed_rows(batch_sizes, N)
         x = x.new_zeros(T * N, x.shape[1]).index_copy(0, rows, x).view(T, N, -1)
-    states = [] if hx is None else list(hx) if is_lstm else [hx]
     needs_grad = torch.is_grad_enabled() and (
-        x.requires_grad or any(t.requires_grad for t in states + tensors))
+        x.requires_grad or any(t.requires_grad for t in hx_list + tensors))
     if needs_grad and reduced:  # reduced weights have no backward: torch's answer
         return self._torch_forward(input, hx, given)
     if hx is None:  # zeros; as arrays where no autograd node needs tensors

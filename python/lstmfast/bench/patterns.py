@@ -204,6 +204,14 @@ def _ratios(numerators, denominators):
     return [a / b for a, b in zip(numerators, denominators)]
 
 
+def versus_torch(pattern, case, got, **extra):
+    """A row of torch against lstmfast.torch (got: each one's median per process):
+    the median of each, and the pairs' ratios."""
+    return {"pattern": pattern, "case": case, **extra,
+            "seconds": {impl: statistics.median(got[impl]) for impl in IMPLEMENTATIONS},
+            "ratio": summary(_ratios(got["torch"], got["lstmfast"]))}
+
+
 def summary(values):
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -237,11 +245,8 @@ def run(cells, shapes, threads, pair_count, calls, tiny=False, json_path=None):
                         pair_count, label)
             if gap == 0:
                 own_gap0 = {impl: statistics.median(got[impl]) for impl in IMPLEMENTATIONS}
-            rows.append({"pattern": "gap", "case": f"{cell} {shape}", "gap_ms": gap,
-                         "seconds": {impl: statistics.median(got[impl]) for impl in IMPLEMENTATIONS},
-                         "vs_back_to_back": {impl: statistics.median(got[impl]) / own_gap0[impl]
-                                             for impl in IMPLEMENTATIONS},
-                         "ratio": summary(_ratios(got["torch"], got["lstmfast"]))})
+            rows.append(versus_torch("gap", f"{cell} {shape}", got, gap_ms=gap, vs_back_to_back={
+                impl: statistics.median(got[impl]) / own_gap0[impl] for impl in IMPLEMENTATIONS}))
         got = pairs({**base, "kind": "after_pools", "cell": cell, "shape": dims},
                     {"fresh": {"after": False}, "after torch+OpenBLAS": {"after": True}}, pair_count,
                     f"after pools {cell} {shape}")
@@ -252,24 +257,16 @@ def run(cells, shapes, threads, pair_count, calls, tiny=False, json_path=None):
     frames = {k: (2 if tiny else v) for k, v in FRAME_LOOP.items()}
     train = dict(zip("TNIH", TINY_SHAPE)) if tiny else TRAINING
     for cell in cells:
-        got = pairs({**base, "kind": "cell_loop", "cell": cell, "loop": loop}, impls, pair_count,
-                    f"cell loop {cell}")
-        rows.append({"pattern": "cell loop", "case": f"{cell}Cell({loop['I']}, {loop['H']}) N={loop['N']}, "
-                                                      f"{loop['steps']} steps",
-                     "seconds": {impl: statistics.median(got[impl]) for impl in IMPLEMENTATIONS},
-                     "ratio": summary(_ratios(got["torch"], got["lstmfast"]))})
-        got = pairs({**base, "kind": "frame_loop", "cell": cell, "loop": frames}, impls, pair_count,
-                    f"frame loop {cell}")
-        rows.append({"pattern": "frame loop", "case": f"{cell}({frames['I']}, {frames['H']}) N={frames['N']}, "
-                                                       f"{frames['frames']} frames",
-                     "seconds": {impl: statistics.median(got[impl]) for impl in IMPLEMENTATIONS},
-                     "ratio": summary(_ratios(got["torch"], got["lstmfast"]))})
-        got = pairs({**base, "kind": "training", "cell": cell, "train": train}, impls, pair_count,
-                    f"adapter training {cell}")
-        rows.append({"pattern": "adapter training",
-                     "case": f"{cell} T={train['T']} N={train['N']} I={train['I']} H={train['H']}",
-                     "seconds": {impl: statistics.median(got[impl]) for impl in IMPLEMENTATIONS},
-                     "ratio": summary(_ratios(got["torch"], got["lstmfast"]))})
+        for pattern, kind, job, case in (
+                ("cell loop", "cell_loop", {"loop": loop},
+                 f"{cell}Cell({loop['I']}, {loop['H']}) N={loop['N']}, {loop['steps']} steps"),
+                ("frame loop", "frame_loop", {"loop": frames},
+                 f"{cell}({frames['I']}, {frames['H']}) N={frames['N']}, {frames['frames']} frames"),
+                ("adapter training", "training", {"train": train},
+                 f"{cell} T={train['T']} N={train['N']} I={train['I']} H={train['H']}")):
+            got = pairs({**base, "kind": kind, "cell": cell, **job}, impls, pair_count,
+                        f"{pattern} {cell}")
+            rows.append(versus_torch(pattern, case, got))
     print_table(rows)
     if json_path:
         with open(json_path, "w") as f:

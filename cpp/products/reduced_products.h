@@ -37,6 +37,17 @@ struct ActivationScratch {
   float* scale = nullptr;    // scale: [rows] per row
   int32_t* zero = nullptr;   // zero: [rows] zero point per row
   uint16_t* bf16 = nullptr;  // bf16: [rows, K_padded] bfloat16 bit patterns
+
+  // The same rows from row r on, for a product of those rows alone (K_padded: that
+  // of the W they were prepared for).
+  ActivationScratch from_row(int64_t r, int64_t K_padded) const {
+    ActivationScratch rows = *this;
+    if (q) rows.q += r * K_padded;
+    if (scale) rows.scale += r;
+    if (zero) rows.zero += r;
+    if (bf16) rows.bf16 += r * K_padded;
+    return rows;
+  }
 };
 
 // The products of one instruction set.

@@ -194,6 +194,12 @@ CONFIGS = [
 CELL_STATE = ("LSTM", "LayerNormLSTM")
 
 
+def flatten(result):
+    """output, h_n (and c_n) of a layer call as one array."""
+    states = result[1] if isinstance(result[1], tuple) else (result[1],)
+    return np.concatenate([a.ravel() for a in (result[0],) + states])
+
+
 def assert_all_close(got, expected, tol):
     """output, and h_n (and c_n) of a layer call: each within tol."""
     assert_close(got[0], expected[0], tol=tol, name="output")
@@ -274,6 +280,71 @@ def test_reduced_gru_reset_before_second_product_across_panels(reduced_simd_targ
     x = rng.standard_normal((7, N, 11)).astype(np.float32)
     for lengths in (None, rng.integers(1, 8, N)):
         assert_all_close(fused(x, lengths=lengths), numpy(x, lengths=lengths), 2e-3)
+
+
+@pytest.fixture
+def pool_counting_every_thread():
+    """Jobs run on all their threads whatever the machine's load, and are counted."""
+    _core._pool_set_fit_to_cores(False)
+    _core._pool_set_counting(True)
+    yield
+    _core._pool_set_counting(False)
+    _core._pool_set_fit_to_cores(True)
+
+
+def pool_jobs():
+    counts = _core._pool_counts()
+    return counts["jobs"] + counts["jobs_openmp"]
+
+
+# Layers whose step product is big enough for the pool (drivers/layer_products.h:
+# kReducedSerialWork, N * G * H * H >= 2^20 for every cell, the RNN's G = 1 too).
+# N = 17 gives every one of 2 or 3 threads at least kReducedRowsPerThread rows
+# (drivers.h): each runs the steps of its own rows, uneven shares, finishing rows
+# among them; N = 7 on 2 threads leaves the threads sharing W_hh's panels instead.
+@needs_fused
+@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("cls_name, options", [
+    ("LSTM", dict()),
+    ("GRU", dict()),
+    ("RNN", dict(nonlinearity="relu")),
+    ("GRU", dict(linear_before_reset=False)),
+    ("CTRNN", dict(alpha=0.5)),
+    ("LayerNormLSTM", dict()),
+    ("LSTM", dict(num_layers=2, bidirectional=True)),
+    ("GRU", dict(reverse=True)),
+])
+def test_reduced_layers_give_the_same_bits_on_any_number_of_threads(
+        reduced_simd_target, threads_restored, pool_counting_every_thread, precision, cls_name,
+        options):
+    rng = np.random.default_rng(12)
+    # Each product's element is computed the same way whichever thread computes it:
+    # int8 sums are exact, bfloat16 ones run in the same order. Without vdpbf16ps a
+    # bfloat16 layer of many rows multiplies widened weights with OpenBLAS, whose
+    # results may depend on its own thread count.
+    exact = precision == "int8" or _core.simd_target() == "avx512_bf16"
+    for N, H in ((17, 256), (7, 400)):
+        fused, numpy = layer_pair(cls_name, options, precision, H=H)
+        x = rng.standard_normal((6, N, 11)).astype(np.float32)
+        lengths = rng.integers(1, 7, N)
+        hx = initial_state(rng, fused, cls_name, N)
+        results = {}
+        for threads in (1, 2, 3):
+            lstmfast.set_num_threads(threads)
+            _core._pool_set_wake_cost_ns(0.0)  # short calls too wake the workers (learned again)
+            before = pool_jobs()
+            results[threads] = [fused(x), fused(x, lengths=lengths), fused(x, hx)]
+            if exact:  # the reduced steps, on the pool or not (torch's team, once loaded)
+                assert (pool_jobs() > before) == (threads > 1), (threads, _core._pool_counts())
+        for threads in (2, 3):
+            for got, want in zip(results[threads], results[1]):
+                if exact:
+                    np.testing.assert_array_equal(flatten(got), flatten(want))
+                else:
+                    assert_close(flatten(got), flatten(want), tol=1e-5)
+        if N == 17:  # the rows' own steps against the reference
+            lstmfast.set_num_threads(2)
+            assert_all_close(results[2][1], numpy(x, lengths=lengths), 2e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -138,6 +138,15 @@ inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_
   const int64_t first_panels =
       two_products ? (first_rows + kReducedPanel - 1) / kReducedPanel : W_hh.panels;
   const int64_t second_from = two_products ? first_rows / kReducedPanel : W_hh.panels;
+  // The gate math of rows b0..b1-1 at step k, n rows running, once the product is
+  // in buf.rec: h of step k + 1 into h_next; a finished row keeps its h (copied
+  // here) and step_row keeps the rest of its state.
+  auto step_rows = [&](int64_t k, int64_t n, int64_t b0, int64_t b1, float* h_next) {
+    for (int64_t b = b0; b < b1; ++b) {
+      if (b >= n) copy_row(h_next + b * K, buf.h + (k & 1) * N * K + b * K, K);
+      step_row(k, b, b < n);
+    }
+  };
   // A thread's own rows, multiplied by every panel, need no other thread's work:
   // the steps then run without a barrier (see kReducedRowsPerThread).
   const int64_t weight_bytes = W_hh.nbytes() + (chunked ? w.W_ih_r->nbytes() : 0);
@@ -162,10 +171,7 @@ inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_
       if (running > 0)
         products.panels(buf.rec + b0 * W_hh.M, W_hh.M, state, running, W_hh, 0, first_panels);
       float* h_next = buf.h + ((k + 1) & 1) * N * K;
-      for (int64_t b = b0; b < b1; ++b) {
-        if (b >= n) copy_row(h_next + b * K, buf.h + (k & 1) * N * K + b * K, K);
-        step_row(k, b, b < n);
-      }
+      step_rows(k, n, b0, b1, h_next);
       if (two_products) {
         products.prepare_rows(*buf.act_state, buf.u, K, W_hh, b0, b1);
         if (running > 0)
@@ -209,11 +215,7 @@ inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_
       products.panels(buf.rec, W_hh.M, *buf.act_state, n, W_hh, p0, p1);
       barrier();
       float* h_next = buf.h + ((k + 1) & 1) * N * K;
-      for (int64_t b = b0; b < b1; ++b) {
-        if (b >= n)  // finished rows keep their state
-          copy_row(h_next + b * K, buf.h + (k & 1) * N * K + b * K, K);
-        step_row(k, b, b < n);
-      }
+      step_rows(k, n, b0, b1, h_next);
       if (two_products) {
         products.prepare_rows(*buf.act_state, buf.u, K, W_hh, b0, b1);
         barrier();

@@ -59,6 +59,18 @@ def threads_restored():
     lstmfast.set_num_threads(before)
 
 
+@pytest.fixture
+def pool_always_threaded():
+    """Jobs run on all their threads even when the machine has no core free for them;
+    the pool stops counting what it did after the test."""
+    from lstmfast import _core
+
+    _core._pool_set_fit_to_cores(False)
+    yield
+    _core._pool_set_fit_to_cores(True)
+    _core._pool_set_counting(False)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request):
     """Every backend built in this install: always "numpy", "fused" once the kernels exist."""

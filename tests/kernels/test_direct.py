@@ -202,15 +202,6 @@ POOL_INPUTS = {"LSTM": 70, "GRU": 110, "RNN_TANH": 800, "RNN_RELU": 800, "GRU_RE
                "CTRNN_RELU": 800, "CTRNN_TANH": 800}
 
 
-@pytest.fixture
-def pool_always_threaded():
-    """Jobs get their threads whatever the machine's load."""
-    _core._pool_set_fit_to_cores(False)
-    yield
-    _core._pool_set_fit_to_cores(True)
-    _core._pool_set_counting(False)
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("config", [
     dict(T=1, N=1),

@@ -282,16 +282,6 @@ def test_reduced_gru_reset_before_second_product_across_panels(reduced_simd_targ
         assert_all_close(fused(x, lengths=lengths), numpy(x, lengths=lengths), 2e-3)
 
 
-@pytest.fixture
-def pool_counting_every_thread():
-    """Jobs run on all their threads whatever the machine's load, and are counted."""
-    _core._pool_set_fit_to_cores(False)
-    _core._pool_set_counting(True)
-    yield
-    _core._pool_set_counting(False)
-    _core._pool_set_fit_to_cores(True)
-
-
 def pool_jobs():
     counts = _core._pool_counts()
     return counts["jobs"] + counts["jobs_openmp"]
@@ -312,7 +302,7 @@ def pool_jobs():
     ("GRU", dict(reverse=True)),
 ])
 def test_reduced_layers_give_the_same_bits_on_any_number_of_threads(
-        reduced_simd_target, threads_restored, pool_counting_every_thread, precision, cls_name,
+        reduced_simd_target, threads_restored, pool_always_threaded, precision, cls_name,
         options):
     rng = np.random.default_rng(12)
     # Each product's element is computed the same way whichever thread computes it:

@@ -73,14 +73,6 @@ def test_many_rows_on_one_thread(simd_target, threads_restored, mode):
 BIG_HIDDEN = {"LSTM": 520, "GRU": 600, "RNN_TANH": 1030, "RNN_RELU": 1030, "GRU_RESET_BEFORE": 600}
 
 
-@pytest.fixture
-def every_thread():
-    """Jobs run on all their threads even when the machine has no core free for them."""
-    _core._pool_set_fit_to_cores(False)
-    yield
-    _core._pool_set_fit_to_cores(True)
-
-
 def _check_inference(case):
     got = case.forward(_fused, training=False)
     want = case.forward(reference, training=False)
@@ -91,8 +83,8 @@ def _check_inference(case):
 
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("mode", MODES)
-def test_short_calls_with_big_weights_on_the_pool(simd_target, threads_restored, every_thread,
-                                                  mode, threads):
+def test_short_calls_with_big_weights_on_the_pool(simd_target, threads_restored,
+                                                  pool_always_threaded, mode, threads):
     lstmfast.set_num_threads(threads)
     for T, N, lengths in ((1, 4, None), (3, 2, [3, 1])):
         case = Case(mode, np.float32, T=T, N=N, I=BIG_HIDDEN[mode], H=BIG_HIDDEN[mode],
@@ -103,7 +95,7 @@ def test_short_calls_with_big_weights_on_the_pool(simd_target, threads_restored,
 
 @pytest.mark.parametrize("threads", [2, 3])
 def test_short_projected_lstm_with_big_weights_on_the_pool(simd_target, threads_restored,
-                                                           every_thread, threads):
+                                                           pool_always_threaded, threads):
     lstmfast.set_num_threads(threads)
     # W_hr is 900 x 1200: above 2**20 as W_hh (4800 x 900) is
     case = Case("LSTM", np.float64, T=2, N=3, I=30, H=1200, P=900, scale=0.05)

@@ -964,6 +964,8 @@ void register_pool(py::module_& m) {
         "Tests: sets the wake-up cost the pool has learned, until the next wake-up.");
   m.def("_pool_set_publish_delay_ns", &lstmfast::pool_set_publish_delay_ns, py::arg("ns"),
         "Tests: a pause while a job is published to the workers (0: none).");
+  m.def("_pool_set_prewake_spin_ns", &lstmfast::pool_set_prewake_spin_ns, py::arg("ns"),
+        "Tests: how long workers woken as a call starts spin for its job (-1: default).");
   m.def(
       "_pool_spin_limits",
       [](const std::vector<long>& idle_waits_ns) {

@@ -31,7 +31,8 @@ void pool_run(int threads, PoolTask task, void* ctx);
 
 // A call that will run jobs of `threads` threads is starting: wakes the workers
 // that sleep between jobs now, so that their wake-up overlaps the call's serial
-// work (a no-op when they are awake, or inside a job).
+// work (a no-op when they are awake, inside a job, or when the job is bound for an
+// OpenMP team, whose threads those workers would take cores from).
 void pool_prepare(int threads);
 
 // The threads pool_run(wanted, ...) would take now: fewer than wanted when the
@@ -109,6 +110,9 @@ void pool_set_wake_cost_ns(double ns);
 // For tests: the caller pauses this long while it publishes a job to the workers,
 // which widens the window in which a worker woken before may look for work.
 void pool_set_publish_delay_ns(long ns);
+// For tests: how long the workers a call's start woke (pool_prepare) spin for its
+// job before they sleep again (-1: the default, 2 ms).
+void pool_set_prewake_spin_ns(long ns);
 
 // For tests: colocation's decision (thread_pool.cpp) for thread tid waiting on CPU
 // my_cpu, cpus[t] the CPU thread t of the job was last seen on, with the CPUs the

@@ -62,13 +62,14 @@ def threads_restored():
 @pytest.fixture
 def pool_always_threaded():
     """Jobs run on all their threads even when the machine has no core free for them;
-    the pool stops counting what it did after the test."""
+    after the test the pool stops counting what it did and learns its wake-up cost again."""
     from lstmfast import _core
 
     _core._pool_set_fit_to_cores(False)
     yield
     _core._pool_set_fit_to_cores(True)
     _core._pool_set_counting(False)
+    _core._pool_set_wake_cost_ns(-1)  # learned again, where a test fixed it
 
 
 @pytest.fixture(params=BACKENDS)

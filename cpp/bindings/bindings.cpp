@@ -961,7 +961,7 @@ void register_pool(py::module_& m) {
   m.def("_pool_wake_cost_ns", &lstmfast::pool_wake_cost_ns,
         "What waking a sleeping worker has cost lately (ns; 0 before the first).");
   m.def("_pool_set_wake_cost_ns", &lstmfast::pool_set_wake_cost_ns, py::arg("ns"),
-        "Tests: sets the wake-up cost the pool has learned, until the next wake-up.");
+        "Tests: fixes the wake-up cost the pool has learned at ns (negative: learned again).");
   m.def("_pool_set_publish_delay_ns", &lstmfast::pool_set_publish_delay_ns, py::arg("ns"),
         "Tests: a pause while a job is published to the workers (0: none).");
   m.def("_pool_set_prewake_spin_ns", &lstmfast::pool_set_prewake_spin_ns, py::arg("ns"),

@@ -45,6 +45,7 @@ std::atomic<long> g_sleeps{0};            // waits that went to sleep (for tests
 std::atomic<bool> g_never_spin{false};    // tests: every wait sleeps at once
 std::atomic<long> g_publish_delay_ns{0};  // tests: a pause while a job is being published
 std::atomic<long> g_prewake_spin_ns{-1};  // tests: how long prepare()'s workers spin (-1: kJobSpin)
+std::atomic<bool> g_wake_cost_fixed{false};  // tests: wake-ups leave the learned wake cost alone
 std::atomic<bool> g_fit_to_cores{true};   // tests: false runs every job on all its threads
 
 // What the pool did, counted while g_counting is on (pool_set_counting): for
@@ -577,8 +578,8 @@ class Pool {
         const double took = static_cast<double>(Clock::now().time_since_epoch().count() -
                                                 signaled_at_.load(std::memory_order_relaxed));
         const double before = wake_cost_.load(std::memory_order_relaxed);
-        if (took > 0) wake_cost_.store(before == 0 ? took : before + (took - before) / 8,
-                                       std::memory_order_relaxed);
+        if (took > 0 && !g_wake_cost_fixed.load(std::memory_order_relaxed))
+          wake_cost_.store(before == 0 ? took : before + (took - before) / 8, std::memory_order_relaxed);
       }
       Job* job;
       {
@@ -824,7 +825,9 @@ double pool_wake_cost_ns() {
 }
 
 void pool_set_wake_cost_ns(double ns) {
-  pool().set_wake_cost(std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double, std::nano>(ns)));
+  g_wake_cost_fixed.store(ns >= 0);
+  pool().set_wake_cost(std::chrono::duration_cast<Clock::duration>(
+      std::chrono::duration<double, std::nano>(std::max(ns, 0.0))));
 }
 
 Colocated colocation_action(int tid, int my_cpu, const int* cpus, int threads,

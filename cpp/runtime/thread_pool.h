@@ -105,7 +105,9 @@ int pool_sleeping_workers();
 // What waking a sleeping worker has cost lately, in nanoseconds (0 before any was
 // woken): the time from the signal to the worker starting.
 double pool_wake_cost_ns();
-// For tests: sets what pool_wake_cost_ns() reports until the next wake-up.
+// For tests: fixes what pool_wake_cost_ns() reports at ns, which wake-ups then leave
+// as it is (a test's own call wakes the workers, and would teach the pool another
+// cost before the call decided on it); a negative ns lets them learn it again, from 0.
 void pool_set_wake_cost_ns(double ns);
 // For tests: the caller pauses this long while it publishes a job to the workers,
 // which widens the window in which a worker woken before may look for work.

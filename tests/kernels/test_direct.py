@@ -215,7 +215,7 @@ def test_direct_calls_of_large_weights_run_on_the_pool(simd_target, threads_rest
     options = VARIANTS[mode][1] if mode in VARIANTS else None
     case = Case(mode, dtype, I=POOL_INPUTS[mode], H=250, seed=11, cell_options=options, **config)
     case.check()  # training: forward and backward
-    _core._pool_set_wake_cost_ns(0.0)  # what waking the workers has cost is learned again
+    _core._pool_set_wake_cost_ns(0.0)  # the call is never too short to wake the workers for
     _core._pool_set_counting(True)
     eval_out = case.forward(_fused, training=False)
     counts = _core._pool_counts()

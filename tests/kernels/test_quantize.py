@@ -319,7 +319,7 @@ def test_reduced_layers_give_the_same_bits_on_any_number_of_threads(
         for threads in (1, 2, 3):
             lstmfast.set_num_threads(threads)
             fused(x)  # a pool of more threads starts them, and its counts, now
-            _core._pool_set_wake_cost_ns(0.0)  # short calls too wake the workers (learned again)
+            _core._pool_set_wake_cost_ns(0.0)  # short calls too wake the workers
             _core._pool_set_counting(False)
             _core._pool_set_counting(True)  # from zero
             results[threads] = [fused(x), fused(x, lengths=lengths), fused(x, hx)]

@@ -284,6 +284,7 @@ for wake_cost_ns, short_jobs in ((1e9, 0), (0.0, 1)):
     np.testing.assert_array_equal(short(x_short)[0], expected)
     counts = _core._pool_counts()
     assert (counts["jobs"], counts["prewakes"]) == (short_jobs, short_jobs), (wake_cost_ns, counts)
+    assert _core._pool_wake_cost_ns() == wake_cost_ns  # fixed: the call's wake-up taught nothing
     while _core._pool_sleeping_workers() != 1:
         time.sleep(0.001)
 _core._pool_set_wake_cost_ns(200e3)  # a virtual machine's: the long call still wakes them
@@ -292,6 +293,12 @@ _core._pool_set_counting(True)
 long(x_long)
 counts = _core._pool_counts()
 assert counts["prewakes"] == 1 and counts["jobs"] >= 1, counts
+_core._pool_set_wake_cost_ns(-1)  # learned again, from zero, at the next wake-up
+assert _core._pool_wake_cost_ns() == 0
+while _core._pool_sleeping_workers() != 1:
+    time.sleep(0.001)
+long(x_long)
+assert _core._pool_wake_cost_ns() > 0
 print("ok")
 """
 

@@ -911,6 +911,8 @@ void register_pool(py::module_& m) {
         "Tests: every wait of the pool sleeps at once instead of spinning first.");
   m.def("_pool_set_fit_to_cores", &lstmfast::pool_set_fit_to_cores, py::arg("fit"),
         "Tests: False runs every job on all its threads, however busy the machine.");
+  m.def("_pool_set_others_running", &lstmfast::pool_set_others_running, py::arg("threads"),
+        "Tests: other runnable threads the pool counts, as if read (-1: it reads them).");
   m.def("_pool_sleeps", &lstmfast::pool_sleeps, "Tests: the pool's waits that went to sleep so far.");
   m.def("_pool_set_counting", &lstmfast::pool_set_counting, py::arg("on"),
         "Diagnosis: count the pool's jobs and waits from now on (zeroed when switched on).");

@@ -47,6 +47,7 @@ std::atomic<long> g_publish_delay_ns{0};  // tests: a pause while a job is being
 std::atomic<long> g_prewake_spin_ns{-1};  // tests: how long prepare()'s workers spin (-1: kJobSpin)
 std::atomic<bool> g_wake_cost_fixed{false};  // tests: wake-ups leave the learned wake cost alone
 std::atomic<bool> g_fit_to_cores{true};   // tests: false runs every job on all its threads
+std::atomic<int> g_others_running{-1};    // tests: other runnable threads, as if read (-1: read them)
 
 // What the pool did, counted while g_counting is on (pool_set_counting): for
 // diagnosis and for tests of its decisions. Off, a wait reads one relaxed flag.
@@ -321,7 +322,8 @@ int usable_threads(int wanted, int ours) {
     const int running = runnable_now();
     others.store(running < 0 ? 0 : std::max(0, running - ours), std::memory_order_relaxed);
   }
-  const int free = online_cpus() - others.load(std::memory_order_relaxed);
+  const int forced = g_others_running.load(std::memory_order_relaxed);
+  const int free = online_cpus() - (forced >= 0 ? forced : others.load(std::memory_order_relaxed));
   return std::max(1, std::min(wanted, free));
 }
 
@@ -519,8 +521,8 @@ class Pool {
     generation_.add(1);
   }
 
-  // The call's job runs elsewhere (on an OpenMP team): the workers prepare() woke
-  // go back to sleep instead of spinning on the cores that team needs.
+  // The call's job runs elsewhere (on an OpenMP team, or on the caller alone): the
+  // workers prepare() woke go back to sleep instead of spinning on cores others need.
   void cancel_prepare() {
     if (prewake_until_.load(std::memory_order_relaxed) != 0)
       prewake_until_.store(0, std::memory_order_relaxed);
@@ -743,6 +745,7 @@ void run_job(int threads, PoolTask task, void* ctx, bool fit_to_cores) {
   t_job = &job;
   if (job.threads > 1 && !pool().run(job)) {
     job.threads = 1;
+    pool().cancel_prepare();  // nothing for the workers this call woke
     if (g_counting.load(std::memory_order_relaxed)) g_jobs_alone.fetch_add(1);
   }
   if (job.threads == 1) job.run(0);
@@ -754,12 +757,16 @@ void run_job(int threads, PoolTask task, void* ctx, bool fit_to_cores) {
 
 void pool_run(int threads, PoolTask task, void* ctx) { run_job(threads, task, ctx, true); }
 
-// Not when the job is bound for an OpenMP team: a worker of ours spinning for it
-// would take a core from that team's thread, which then finishes its part of the job
-// late (LSTM int8 T=100 N=8 H=256, 2 threads, torch loaded: 3.6 ms a call against
-// 1.7 without torch).
+// Not when the job is bound for an OpenMP team, nor when the cores others leave free
+// will make it run on the caller alone: a worker of ours spinning for it would take a
+// core from that team's thread, which then finishes its part of the job late (LSTM
+// int8 T=100 N=8 H=256, 2 threads, torch loaded: 3.6 ms a call against 1.7 without
+// torch), or from the threads that keep the cores busy.
 void pool_prepare(int threads) {
-  if (threads > 1 && t_job == nullptr && !openmp_for_job(threads)) pool().prepare(threads);
+  if (threads <= 1 || t_job != nullptr || openmp_for_job(threads)) return;
+  if (g_fit_to_cores.load(std::memory_order_relaxed) && usable_threads(threads, 1 + pool().awake_workers()) < 2)
+    return;
+  pool().prepare(threads);
 }
 
 int pool_threads() { return t_job ? t_job->threads : 1; }
@@ -779,6 +786,8 @@ void pool_set_publish_delay_ns(long ns) { g_publish_delay_ns.store(ns); }
 void pool_set_prewake_spin_ns(long ns) { g_prewake_spin_ns.store(ns); }
 
 void pool_set_fit_to_cores(bool fit) { g_fit_to_cores.store(fit); }
+
+void pool_set_others_running(int threads) { g_others_running.store(threads); }
 
 void pool_set_use_openmp(int use) { g_use_openmp.store(use); }
 

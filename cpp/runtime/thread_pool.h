@@ -32,7 +32,8 @@ void pool_run(int threads, PoolTask task, void* ctx);
 // A call that will run jobs of `threads` threads is starting: wakes the workers
 // that sleep between jobs now, so that their wake-up overlaps the call's serial
 // work (a no-op when they are awake, inside a job, or when the job is bound for an
-// OpenMP team, whose threads those workers would take cores from).
+// OpenMP team or, the cores being busy, for the caller alone: those workers would
+// take cores from the threads that need them).
 void pool_prepare(int threads);
 
 // The threads pool_run(wanted, ...) would take now: fewer than wanted when the
@@ -51,6 +52,10 @@ void pool_set_never_spin(bool never);
 // For tests: when `fit` is false, every job runs on all the threads it asks for
 // (unless the pool is busy), however few cores the machine has free.
 void pool_set_fit_to_cores(bool fit);
+
+// For tests: the pool counts `threads` other runnable threads on the machine, as if
+// it had read them, when deciding how many cores a job may take (-1: it reads them).
+void pool_set_others_running(int threads);
 
 // For tests: where the process has loaded an OpenMP runtime (torch's), jobs run as
 // its parallel regions never (0), when the cores are busy (1, the default: see

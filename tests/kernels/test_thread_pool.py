@@ -208,6 +208,7 @@ _PREPARED_POOL = """
 import time
 from lstmfast import _core
 _core._pool_set_never_spin(True)  # idle workers sleep at once after a job
+_core._pool_set_others_running(0)  # the machine's load must not decide the wake-ups here
 assert _core._pool_check_barriers(2, 3) == (2, 0)
 deadline = time.monotonic() + 60
 while _core._pool_sleeping_workers() != 1:
@@ -237,6 +238,7 @@ import time
 from lstmfast import _core
 _core._pool_set_use_openmp(0)
 _core._pool_set_never_spin(True)  # idle workers sleep at once after a job
+_core._pool_set_others_running(0)  # the machine's load must not decide the wake-ups here
 assert _core._pool_check_barriers(2, 3) == (2, 0)
 _core._pool_set_publish_delay_ns(5_000_000)
 for _ in range(5):
@@ -368,6 +370,7 @@ def wait_for_sleepers(n, within):
 torch.set_num_threads(2)
 torch.ones(256, 256) @ torch.ones(256, 256)  # the runtime starts its threads
 _core._pool_set_use_openmp(0)
+_core._pool_set_others_running(0)  # the machine's load must not decide the wake-ups here
 _core._pool_set_never_spin(True)
 assert _core._pool_check_barriers(2, 3) == (2, 0)  # the pool starts its worker
 wait_for_sleepers(1, 60)
@@ -393,6 +396,52 @@ print("ok")
 def test_jobs_on_torchs_openmp_team_leave_the_cores_to_it():
     pytest.importorskip("torch")
     _run_child(_OPENMP_JOBS_LEAVE_THE_CORES, timeout=120)
+
+
+# The same when the cores are busy: a job that will run on the caller alone wakes no
+# worker at the call's start, and a worker woken before the job ran alone sleeps
+# again at once rather than spin on a core the machine's other threads are using.
+_ALONE_JOBS_LEAVE_THE_CORES = """
+import os, time
+import numpy as np
+import lstmfast
+from lstmfast import _core
+
+def wait_for_sleepers(n, within):
+    deadline = time.monotonic() + within
+    while _core._pool_sleeping_workers() != n:
+        assert time.monotonic() < deadline, f"{_core._pool_sleeping_workers()} workers asleep, not {n}"
+        time.sleep(0.001)
+
+busy = os.cpu_count()                              # every core taken by other threads
+lstmfast.set_num_threads(2)
+_core._pool_set_use_openmp(0)
+_core._pool_set_wake_cost_ns(0.0)                  # no call is too short to wake the workers
+_core._pool_set_never_spin(True)
+assert _core._pool_check_barriers(2, 3) == (2, 0)  # the pool starts its worker
+wait_for_sleepers(1, 60)
+_core._pool_set_never_spin(False)
+_core._pool_set_counting(True)
+_core._pool_set_others_running(busy)
+_core._pool_prepare(2)                             # bound for the caller alone: nobody woken
+assert _core._pool_counts()["prewakes"] == 0, _core._pool_counts()
+_core._pool_set_others_running(0)
+_core._pool_set_prewake_spin_ns(60_000_000_000)    # woken, the worker would spin for a minute
+_core._pool_prepare(2)
+assert _core._pool_counts()["prewakes"] == 1, _core._pool_counts()
+wait_for_sleepers(0, 60)                           # it is up, spinning
+_core._pool_set_others_running(busy)
+layer = lstmfast.LSTM(64, 256, seed=0).eval()
+layer(np.ones((20, 16, 64), np.float32))           # its jobs run alone ...
+counts = _core._pool_counts()
+assert counts["jobs_alone"] >= 1 and counts["jobs"] == 0 and counts["prewakes"] == 1, counts
+wait_for_sleepers(1, 20)                           # ... and the worker sleeps again
+print("ok")
+"""
+
+
+def test_jobs_left_no_core_leave_the_cores_to_others():
+    _run_child(_ALONE_JOBS_LEAVE_THE_CORES, timeout=120)
 
 
 @pytest.fixture

@@ -268,24 +268,32 @@ inline vec_t<double> pow2<double>(ivec_t<double> n) {
 
 }  // namespace detail
 
-// e^x. Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial in r.
-LSTMFAST_ALWAYS_INLINE vec_t<float> vexp(vec_t<float> x) {
+namespace detail {
+// e^r - 1 for x = n ln2 + r, |r| <= ln2/2 (Cephes expf's reduction and degree-6
+// polynomial, e^r = 1 + r + r^2 P(r)), x within the range where 2^n is a normal float.
+// vexp scales 1 + it by 2^n; vtanh keeps it apart from the 1, near 0 where they cancel.
+LSTMFAST_ALWAYS_INLINE vec_t<float> expm1_reduced(vec_t<float> x, ivec_t<float>& n) {
   using V = vec_t<float>;
-  x = vmin<float>(vmax<float>(x, broadcast(-87.3f)), broadcast(88.3f));
   V fn;
-  ivec_t<float> n;
-  detail::round_to_int<float>(x * 1.44269504088896341f, fn, n);
+  round_to_int<float>(x * 1.44269504088896341f, fn, n);
   // ln2 split in two so n*ln2_hi is exact.
   V r = x - fn * 0.693359375f;
   r = r - fn * -2.12194440e-4f;
-  const V r2 = r * r;
   V p = broadcast(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  const V y = p * r2 + r + 1.0f;
+  return p * (r * r) + r;
+}
+}  // namespace detail
+
+// e^x (Cephes expf).
+LSTMFAST_ALWAYS_INLINE vec_t<float> vexp(vec_t<float> x) {
+  x = vmin<float>(vmax<float>(x, broadcast(-87.3f)), broadcast(88.3f));
+  ivec_t<float> n;
+  const vec_t<float> y = detail::expm1_reduced(x, n) + 1.0f;
   return y * detail::pow2<float>(n);
 }
 
@@ -325,18 +333,8 @@ LSTMFAST_ALWAYS_INLINE vec_t<T> vsigmoid(vec_t<T> x) {
 LSTMFAST_ALWAYS_INLINE vec_t<float> vtanh(vec_t<float> x) {
   using V = vec_t<float>;
   const V two_x = vmin<float>(vmax<float>(x, broadcast(-9.0f)), broadcast(9.0f)) * 2.0f;
-  V fn;
   ivec_t<float> n;
-  detail::round_to_int<float>(two_x * 1.44269504088896341f, fn, n);
-  V r = two_x - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
-  V p = broadcast(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const V expm1_r = p * (r * r) + r;
+  const V expm1_r = detail::expm1_reduced(two_x, n);
   const V scale = detail::pow2<float>(n);
   const V e = expm1_r * scale + (scale - 1.0f);
   return e / (e + 2.0f);

@@ -455,6 +455,13 @@ class Pool {
     if (sched_getaffinity(0, sizeof(allowed_), &allowed_) != 0) CPU_ZERO(&allowed_);
   }
 
+  // The threads a job asking for `threads` takes now: with `fit`, no more than the
+  // cores that other running threads leave free (unless a test turned fitting off).
+  int threads_for(int threads, bool fit) const {
+    if (!fit || !g_fit_to_cores.load(std::memory_order_relaxed)) return threads;
+    return usable_threads(threads, 1 + awake_workers());
+  }
+
   // Runs the job on its threads (fewer when the machine has no free core for
   // them); false (nothing run) when another caller holds the pool or when one
   // thread is all it gets.
@@ -462,8 +469,7 @@ class Pool {
     std::unique_lock<std::mutex> busy(busy_, std::try_to_lock);
     if (!busy.owns_lock()) return false;
     const int asked = job.threads;
-    if (job.fit_to_cores && g_fit_to_cores.load(std::memory_order_relaxed))
-      job.threads = usable_threads(job.threads, 1 + awake_workers());
+    job.threads = threads_for(job.threads, job.fit_to_cores);
     if (g_counting.load(std::memory_order_relaxed) && job.threads < asked) g_jobs_fewer.fetch_add(1);
     if (job.threads <= 1) return false;
     if (!grow(job.threads - 1)) return false;
@@ -764,8 +770,7 @@ void pool_run(int threads, PoolTask task, void* ctx) { run_job(threads, task, ct
 // torch), or from the threads that keep the cores busy.
 void pool_prepare(int threads) {
   if (threads <= 1 || t_job != nullptr || openmp_for_job(threads)) return;
-  if (g_fit_to_cores.load(std::memory_order_relaxed) && usable_threads(threads, 1 + pool().awake_workers()) < 2)
-    return;
+  if (pool().threads_for(threads, true) < 2) return;  // as pool_run's jobs will be fitted
   pool().prepare(threads);
 }
 

@@ -350,15 +350,10 @@ def test_jobs_run_as_regions_of_torchs_openmp_runtime():
     _run_child(f"import sys; sys.path.insert(0, {tests!r})\n" + _OPENMP_POOL)
 
 
-# A job bound for torch's OpenMP team must leave the cores to that team: the call's
-# start wakes none of the pool's workers for it, and a worker woken before the job
-# went to the team (the cores looked free then) goes back to sleep at once instead
-# of spinning out its wait for a job that never comes. Spinning, it held a core the
-# team's thread needed: LSTM int8 T=100 N=8 H=256 on 2 threads took 3.6 ms a call
-# in a process with torch, 1.7 without.
-_OPENMP_JOBS_LEAVE_THE_CORES = """
+# The start of the children below: the pool with its one worker asleep, the pool's
+# counts from zero, and a wait for the number of sleeping workers.
+_SLEEPING_WORKER = """
 import time
-import torch
 from lstmfast import _core
 
 def wait_for_sleepers(n, within):
@@ -367,15 +362,29 @@ def wait_for_sleepers(n, within):
         assert time.monotonic() < deadline, f"{_core._pool_sleeping_workers()} workers asleep, not {n}"
         time.sleep(0.001)
 
+def start_a_sleeping_worker():
+    _core._pool_set_never_spin(True)
+    assert _core._pool_check_barriers(2, 3) == (2, 0)  # the pool starts its worker
+    wait_for_sleepers(1, 60)
+    _core._pool_set_never_spin(False)
+    _core._pool_set_counting(True)
+"""
+
+
+# A job bound for torch's OpenMP team must leave the cores to that team: the call's
+# start wakes none of the pool's workers for it, and a worker woken before the job
+# went to the team (the cores looked free then) goes back to sleep at once instead
+# of spinning out its wait for a job that never comes. Spinning, it held a core the
+# team's thread needed: LSTM int8 T=100 N=8 H=256 on 2 threads took 3.6 ms a call
+# in a process with torch, 1.7 without.
+_OPENMP_JOBS_LEAVE_THE_CORES = """
+import torch
+
 torch.set_num_threads(2)
 torch.ones(256, 256) @ torch.ones(256, 256)  # the runtime starts its threads
 _core._pool_set_use_openmp(0)
 _core._pool_set_others_running(0)  # the machine's load must not decide the wake-ups here
-_core._pool_set_never_spin(True)
-assert _core._pool_check_barriers(2, 3) == (2, 0)  # the pool starts its worker
-wait_for_sleepers(1, 60)
-_core._pool_set_never_spin(False)
-_core._pool_set_counting(True)
+start_a_sleeping_worker()
 _core._pool_set_use_openmp(2)
 _core._pool_prepare(2)                             # bound for the team: nobody woken
 assert _core._pool_counts()["prewakes"] == 0, _core._pool_counts()
@@ -395,33 +404,22 @@ print("ok")
 
 def test_jobs_on_torchs_openmp_team_leave_the_cores_to_it():
     pytest.importorskip("torch")
-    _run_child(_OPENMP_JOBS_LEAVE_THE_CORES, timeout=120)
+    _run_child(_SLEEPING_WORKER + _OPENMP_JOBS_LEAVE_THE_CORES, timeout=120)
 
 
 # The same when the cores are busy: a job that will run on the caller alone wakes no
 # worker at the call's start, and a worker woken before the job ran alone sleeps
 # again at once rather than spin on a core the machine's other threads are using.
 _ALONE_JOBS_LEAVE_THE_CORES = """
-import os, time
+import os
 import numpy as np
 import lstmfast
-from lstmfast import _core
-
-def wait_for_sleepers(n, within):
-    deadline = time.monotonic() + within
-    while _core._pool_sleeping_workers() != n:
-        assert time.monotonic() < deadline, f"{_core._pool_sleeping_workers()} workers asleep, not {n}"
-        time.sleep(0.001)
 
 busy = os.cpu_count()                              # every core taken by other threads
 lstmfast.set_num_threads(2)
 _core._pool_set_use_openmp(0)
 _core._pool_set_wake_cost_ns(0.0)                  # no call is too short to wake the workers
-_core._pool_set_never_spin(True)
-assert _core._pool_check_barriers(2, 3) == (2, 0)  # the pool starts its worker
-wait_for_sleepers(1, 60)
-_core._pool_set_never_spin(False)
-_core._pool_set_counting(True)
+start_a_sleeping_worker()
 _core._pool_set_others_running(busy)
 _core._pool_prepare(2)                             # bound for the caller alone: nobody woken
 assert _core._pool_counts()["prewakes"] == 0, _core._pool_counts()
@@ -441,7 +439,7 @@ print("ok")
 
 
 def test_jobs_left_no_core_leave_the_cores_to_others():
-    _run_child(_ALONE_JOBS_LEAVE_THE_CORES, timeout=120)
+    _run_child(_SLEEPING_WORKER + _ALONE_JOBS_LEAVE_THE_CORES, timeout=120)
 
 
 @pytest.fixture

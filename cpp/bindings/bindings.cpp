@@ -541,7 +541,8 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
 
 template <typename Real>
 py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_obj,
-                       py::handle dc_n_obj, py::handle grads_obj, bool consume, bool assign) {
+                       py::handle dc_n_obj, py::handle grads_obj, bool consume, bool assign,
+                       bool input_grad) {
   const lstmfast::StackShape& s = rc.shape;
   const bool cell_state = lstmfast::has_cell_state(s.mode);
   const int64_t LD = s.L * s.D;
@@ -600,18 +601,19 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
       g[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], ptr[5], ptr[6], ptr[7]};
     }
   }
-  py::array_t<Real> dx({s.T, s.N, s.I});
+  py::array_t<Real> dx(input_grad ? std::vector<int64_t>{s.T, s.N, s.I} : std::vector<int64_t>{0});
   py::array_t<Real> dh0({LD, s.N, s.H_out()});
   py::array_t<Real> dc0({cell_state ? LD : 0, s.N, s.H});
   try {
     py::gil_scoped_release release;
-    lstmfast::stack_backward<Real>(dx.mutable_data(), dh0.mutable_data(),
+    lstmfast::stack_backward<Real>(input_grad ? dx.mutable_data() : nullptr, dh0.mutable_data(),
                                    cell_state ? dc0.mutable_data() : nullptr, g.data(),
                                    dy_ptr, dh_n_ptr, dc_n_ptr, *cache, consume, assign);
   } catch (const std::bad_alloc&) {
     throw_memory_error("rnn_backward: cannot allocate the workspace for " + sizes_str(s));
   }
-  return py::make_tuple(dx, dh0, cell_state ? py::object(dc0) : py::none());
+  return py::make_tuple(input_grad ? py::object(dx) : py::none(), dh0,
+                        cell_state ? py::object(dc0) : py::none());
 }
 
 // Reduced-precision weights (lstmfast.quantize): packing and a product test hook.
@@ -886,16 +888,19 @@ void register_rnn(py::module_& m) {
   m.def(
       "rnn_backward",
       [](const RnnCache& cache, py::handle d_output, py::handle d_h_n, py::handle d_c_n,
-         py::handle grads, bool consume, bool assign) {
+         py::handle grads, bool consume, bool assign, bool input_grad) {
         if (cache.dtype.equal(py::dtype::of<float>()))
-          return rnn_backward<float>(cache, d_output, d_h_n, d_c_n, grads, consume, assign);
-        return rnn_backward<double>(cache, d_output, d_h_n, d_c_n, grads, consume, assign);
+          return rnn_backward<float>(cache, d_output, d_h_n, d_c_n, grads, consume, assign,
+                                     input_grad);
+        return rnn_backward<double>(cache, d_output, d_h_n, d_c_n, grads, consume, assign,
+                                    input_grad);
       },
       py::arg("cache"), py::arg("d_output"), py::arg("d_h_n"), py::arg("d_c_n"), py::arg("grads"),
-      py::arg("consume") = false, py::arg("assign") = false,
+      py::arg("consume") = false, py::arg("assign") = false, py::arg("input_grad") = true,
       "BPTT of a training forward; adds parameter gradients into grads (a dict from the "
       "forward's parameter names to arrays of their shapes), or writes them over grads when "
-      "assign=True (whatever grads held). Returns (dx, dh0, dc0 or None). "
+      "assign=True (whatever grads held). Returns (dx, dh0, dc0 or None); dx is None, and not "
+      "computed, with input_grad=False. "
       "consume=True writes the gate gradients over the cache's saved gates (less memory); the "
       "cache then serves no further backward (ValueError).");
 

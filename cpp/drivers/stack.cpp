@@ -914,7 +914,10 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
                     layer_in, c.weights[i], shape);
     });
     // dx = sum over directions of dG_x W_ih: one GEMM each, over all steps (over
-    // the running rows, then put in place, when x was packed).
+    // the running rows, then put in place, when x was packed). A caller whose input
+    // needs no gradient (data, not a layer below) passes dx null: this product is a
+    // third of the layer's non-recurrent work, and a stepped cell's W_ih read.
+    if (!dx_k) continue;
     const int64_t rows = packed_in ? c.offsets[T] : T * N;
     Real* dx_rows = packed_in ? packed_dx : dx_k;
     for (int64_t d = 0; d < D; ++d)

@@ -94,8 +94,9 @@ def rnn_backward(
     grads: Mapping[str, npt.NDArray[_Float]],  # one per parameter of the forward; added into in place
     consume: bool = False,
     assign: bool = False,  # write the gradients over grads instead of adding into them
-) -> tuple[npt.NDArray[_Float], npt.NDArray[_Float], Optional[npt.NDArray[_Float]]]:
-    """Returns (dx, dh0, dc0 or None)."""
+    input_grad: bool = True,  # False: dx is neither computed nor returned (None)
+) -> tuple[Optional[npt.NDArray[_Float]], npt.NDArray[_Float], Optional[npt.NDArray[_Float]]]:
+    """Returns (dx or None, dh0, dc0 or None)."""
 
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...

@@ -162,15 +162,17 @@ def pack_weight(weight):
     return _core.pack_bfloat16(weight.bits)
 
 
-def fresh_gradients_backward(cache, d_output, d_h_n=None, d_c_n=None, consume=False, empty=np.empty):
+def fresh_gradients_backward(cache, d_output, d_h_n=None, d_c_n=None, consume=False, empty=np.empty,
+                             input_grad=True):
     """``backward`` into new gradient arrays, which the kernels write without their
     being cleared first: a cell stepped in a loop gets a fresh set every step, and
     clearing them cost as much as filling them (4H x (I + H) values each).
-    ``empty`` makes the arrays (tests give one that fills them with NaN)."""
+    ``empty`` makes the arrays (tests give one that fills them with NaN).
+    ``input_grad=False``: dx is not computed, and None (see backward)."""
     _check_cache(cache)
     grads = {name: empty(shape, dtype=cache.dtype) for name, shape in cache.shapes.items()}
     dx, dh0, dc0 = _core.rnn_backward(cache.core, *_output_grads(cache, d_output, d_h_n, d_c_n),
-                                      grads, consume, True)
+                                      grads, consume, True, input_grad)
     return dx, dh0, dc0, grads
 
 
@@ -206,18 +208,24 @@ def cell_forward(mode, x, hx, weights, training=False):
     return h_n, c_n, cache
 
 
-def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False):
+def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False,
+             input_grad=True):
     """Backpropagation through time for a forward(..., training=True) call; as reference.backward.
 
     Parameter gradients are ADDED into ``grads`` in place; when None, new arrays are
     made and filled (see fresh_gradients_backward). With ``consume`` the gate
     gradients are written over the saved gates instead of into scratch of the same
-    size, and a later backward with this cache raises ValueError.
+    size, and a later backward with this cache raises ValueError. With
+    ``input_grad=False`` dx is None: the input's gradient is not computed (a third of
+    a layer's non-recurrent backward work, when its input is data).
     """
     if isinstance(cache, dict):  # a forward the reference computed (see fused)
-        return reference.backward(cache, d_output, d_h_n, d_c_n, grads=grads, consume=consume)
+        dx, dh0, dc0, grads = reference.backward(cache, d_output, d_h_n, d_c_n, grads=grads,
+                                                 consume=consume)
+        return (dx if input_grad else None), dh0, dc0, grads
     if grads is None:
-        return fresh_gradients_backward(cache, d_output, d_h_n, d_c_n, consume=consume)
+        return fresh_gradients_backward(cache, d_output, d_h_n, d_c_n, consume=consume,
+                                        input_grad=input_grad)
     _check_cache(cache)
     dtype = cache.dtype
 
@@ -234,7 +242,7 @@ def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False)
             late.append((name, stand_in))
             targets[name] = stand_in
     dx, dh0, dc0 = _core.rnn_backward(cache.core, *_output_grads(cache, d_output, d_h_n, d_c_n),
-                                      targets, consume)
+                                      targets, consume, False, input_grad)
     for name, stand_in in late:
         grads[name][...] += stand_in
     return dx, dh0, dc0, grads

@@ -187,6 +187,52 @@ def test_fresh_gradients_overwrite_whatever_their_memory_held(mode, config, thre
     assert_close(back[0], rback[0], name="dx")
 
 
+@pytest.mark.parametrize("config", ["one_layer", "three_layers_bidirectional", "lengths_unsorted",
+                                    "lengths_bidirectional_layers", "dropout", "N1", "T1"])
+@pytest.mark.parametrize("mode", MODES + tuple(VARIANTS))
+@pytest.mark.parametrize("fresh", [False, True], ids=["adding", "fresh"])
+def test_backward_without_input_gradient_gives_the_rest_unchanged(mode, config, fresh):
+    # input_grad=False skips dx (the input is data): every other result must be
+    # exactly that of the full backward, over every layer and direction, and the
+    # gradients between layers (dx of the layers above) must still be made.
+    dtype, options = VARIANTS.get(mode, (np.float64, None))
+    case = Case(mode, dtype, cell_options=options, **CONFIGS[config])
+    cache = case.forward(_fused)[3]
+    run = _fused.fresh_gradients_backward if fresh else _fused.backward
+    # the partial one first: the full one would leave its results in the scratch
+    partial = run(cache, case.d_output, case.d_h_n, case.d_c_n, input_grad=False)
+    full = run(cache, case.d_output, case.d_h_n, case.d_c_n)
+    assert full[0] is not None and full[0].shape == case.x.shape
+    assert partial[0] is None
+    for name, a, b in zip(("dh0", "dc0"), full[1:3], partial[1:3]):
+        if a is None:
+            assert b is None, name
+        else:
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    assert sorted(full[3]) == sorted(partial[3])
+    for name in full[3]:
+        np.testing.assert_array_equal(full[3][name], partial[3][name], err_msg=name)
+    _, rback = case.run(reference)
+    for name in rback[3]:
+        assert_close(partial[3][name], rback[3][name], name=f"grads[{name!r}]")
+
+
+def test_a_cell_step_backward_without_input_gradient():
+    case = Case("LSTM", np.float32, T=1, N=3)
+    h_n, c_n, cache = _fused.cell_forward(
+        "LSTM", case.x, case.hx, [case.params[k] for k in
+                                   ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")],
+        training=True)
+    dx, dh0, dc0, grads = _fused.fresh_gradients_backward(cache, case.d_output, case.d_h_n,
+                                                          case.d_c_n, input_grad=False)
+    _, rback = case.run(reference)
+    assert dx is None
+    assert_close(dh0, rback[1], name="dh0")
+    assert_close(dc0, rback[2], name="dc0")
+    for name in rback[3]:
+        assert_close(grads[name], rback[3][name], name=f"grads[{name!r}]")
+
+
 def test_backward_adds_into_grads_and_can_run_twice():
     case = Case("LSTM", np.float64, L=2, bidirectional=True, P=2)
     _, _, _, cache = case.forward(_fused)

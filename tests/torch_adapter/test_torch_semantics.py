@@ -592,6 +592,54 @@ def test_cell_loop_outputs_and_gradients_match_torch(kind, dtype, batched, backe
         assert_close(a, b, tol=tolerance(dtype), name=f"{kind} tensor {i}")
 
 
+@pytest.mark.parametrize("kind", list(LAYERS) + list(CELLS))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_input_of_data_gets_no_gradient_and_the_kernels_skip_it(kind, backend, monkeypatch):
+    # torch's autograd computes no gradient that no input needs; the kernels are told
+    # the same of the input (dx is a third of a layer's non-recurrent backward).
+    # The state's and the parameters' gradients must still be torch's.
+    from lstmfast.torch import autograd as lt_autograd
+
+    asked = []
+    original = lt_autograd._backward_new_gradients
+    monkeypatch.setattr(lt_autograd, "_backward_new_gradients",
+                        lambda *a, input_grad: asked.append(input_grad) or original(
+                            *a, input_grad=input_grad))
+    cls, kwargs = (LAYERS.get(kind) or CELLS[kind])
+    theirs, ours = twins(cls, kwargs)
+    ours._lstmfast_backend = backend
+    is_cell = kind in CELLS
+    x = layer_input(theirs, T=4) if not is_cell else torch.randn(
+        4, 3, I, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    results = []
+    for module in (theirs, ours):
+        h0 = torch.randn(3, H, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+        if not is_cell:
+            layers = module.num_layers * (2 if module.bidirectional else 1)
+            h0 = torch.randn(layers, 3, module.proj_size or H, dtype=torch.float64,
+                             generator=torch.Generator().manual_seed(6))
+        h0.requires_grad_(True)
+        if is_cell:
+            state = h0
+            if cls is nn.LSTMCell:
+                state = (h0, torch.zeros_like(h0))
+            outs = []
+            for t in range(x.shape[0]):
+                state = module(x[t], state)
+                outs.append(first_output(state))
+            y = torch.stack(outs)
+        else:
+            y = module(x, (h0, torch.zeros(layers, 3, H, dtype=torch.float64))
+                       if cls is nn.LSTM else h0)[0]
+        weights = torch.linspace(-1, 1, y.numel(), dtype=torch.float64).reshape(y.shape)
+        (y * weights).sum().backward()
+        assert x.grad is None
+        results.append([h0.grad] + [p.grad for p in module.parameters()])
+    for i, (a, b) in enumerate(zip(results[1], results[0])):
+        assert_close(a, b, tol=1e-10, name=f"{kind} gradient {i}")
+    assert asked and not any(asked), asked
+
+
 @pytest.mark.parametrize("kind", list(CELLS))
 def test_gradients_held_by_the_caller_are_never_written_again(kind):
     # The adapter makes each gradient array again once autograd has let go of it.

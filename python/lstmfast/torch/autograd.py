@@ -65,13 +65,21 @@ class _GradientArrays:
 _gradient_arrays = _GradientArrays()
 
 
-def _backward_new_gradients(backend, cache, d_output, d_h_n, d_c_n):
+def _backward_new_gradients(backend, cache, d_output, d_h_n, d_c_n, input_grad):
     """backend.backward into gradient arrays of its own (the fused backend's come from
-    _gradient_arrays, filled without being cleared first)."""
+    _gradient_arrays, filled without being cleared first). Without ``input_grad`` the
+    input's gradient is None, and the fused backend does not compute it, as torch's
+    autograd skips what no input needs."""
     if backend is _fused_backend_or_none():
         return backend.fresh_gradients_backward(cache, d_output, d_h_n, d_c_n,
-                                                empty=_gradient_arrays.empty)
-    return backend.backward(cache, d_output, d_h_n, d_c_n)
+                                                empty=_gradient_arrays.empty,
+                                                input_grad=input_grad)
+    dx, dh0, dc0, grads = backend.backward(cache, d_output, d_h_n, d_c_n)
+    return (dx if input_grad else None), dh0, dc0, grads
+
+
+def _tensor_or_none(array):
+    return None if array is None else torch.from_numpy(array)
 
 
 def _differentiate_torch_graph(recompute, saved, needs_input_grad, grad_outputs):
@@ -161,8 +169,9 @@ class _RecurrentFunction(torch.autograd.Function):
             raise RuntimeError("lstmfast: this forward kept nothing for backward")
         dx, dh0, dc0, grads = _backward_new_gradients(
             settings["backend"], ctx.cache, _as_numpy(d_output.contiguous()),
-            _as_numpy(d_h_n.contiguous()), _as_numpy(d_c_n.contiguous()) if is_lstm else None)
-        return (None, torch.from_numpy(dx), torch.from_numpy(dh0),
+            _as_numpy(d_h_n.contiguous()), _as_numpy(d_c_n.contiguous()) if is_lstm else None,
+            input_grad=ctx.needs_input_grad[1])
+        return (None, _tensor_or_none(dx), torch.from_numpy(dh0),
                 torch.from_numpy(dc0) if is_lstm else None, None,
                 *(torch.from_numpy(grads[name]) for name in settings["names"]))
 
@@ -216,8 +225,10 @@ class _CellFunction(torch.autograd.Function):
         # h1 is both output[0] and h_n[0]: its gradient goes in as d_output.
         dx, dh0, dc0, grads = _backward_new_gradients(
             ctx.backend, ctx.cache, d_h1.detach().contiguous().numpy().reshape(1, N, -1), None,
-            None if c0 is None else d_c1.detach().contiguous().numpy().reshape(1, N, -1))
+            None if c0 is None else d_c1.detach().contiguous().numpy().reshape(1, N, -1),
+            input_grad=ctx.needs_input_grad[2])
         g = [None if w is None else torch.from_numpy(grads[name])
              for name, w in zip(names, (w_ih, w_hh, b_ih, b_hh))]
-        return (None, None, torch.from_numpy(dx[0]), torch.from_numpy(dh0[0]),
+        return (None, None, None if dx is None else torch.from_numpy(dx[0]),
+                torch.from_numpy(dh0[0]),
                 None if c0 is None else torch.from_numpy(dc0[0]), *g)

@@ -84,7 +84,7 @@ inline void direct_gemm(Real* C, int64_t ldc, const Real* A, const Real* Wm, int
                         int64_t M, int threads) {
   if (threads <= 1 || M * K < kDirectSerialWeights) return row_gemm(C, ldc, A, Wm, n, K, M);
   auto body = [&](int tid, int nt) {
-    constexpr int64_t kRowsOfW = 8;  // whole tiles of row_dot_rows
+    constexpr int64_t kRowsOfW = kWidth<Real>;  // whole blocks of row_dot_rows at every R
     const int64_t tiles = (M + kRowsOfW - 1) / kRowsOfW;
     const int64_t m0 = tiles * tid / nt * kRowsOfW, m1 = tiles * (tid + 1) / nt * kRowsOfW;
     const int64_t end = m1 < M ? m1 : M;

@@ -154,6 +154,34 @@ LSTMFAST_ALWAYS_INLINE void transpose(vec_t<T> (&rows)[Vec<T>::width]) {
   detail::transpose_stage<T, Vec<T>::width / 2>(rows);
 }
 
+namespace detail {
+template <typename T, int B>
+LSTMFAST_ALWAYS_INLINE void lane_sums_stage(vec_t<T>* v) {
+  constexpr int W = Vec<T>::width;
+  if constexpr (B >= 1) {
+    for (int i = 0; i < B; ++i) {
+      const vec_t<T> a = v[i], c = v[i + B];
+      v[i] = keep_even_blocks<T, B>(a, c, std::make_integer_sequence<int, W>{}) +
+             keep_odd_blocks<T, B>(a, c, std::make_integer_sequence<int, W>{});
+    }
+    lane_sums_stage<T, B / 2>(v);
+  }
+}
+}  // namespace detail
+
+// The sums of the lanes of width vectors at once: lane j of the result is the sum
+// of v[j]'s lanes (v is overwritten). Each stage halves the vectors: lanes l and
+// l + b of a pair are added, one vector's in the low b-blocks and the other's in
+// the high ones, so every sum is added in the order of a halving tree (lane l + W/2
+// into l, then l + W/4, ...), the order of one vector's sum stored and folded. Two
+// shuffles and an add per vector, where a vector's sum alone costs about W
+// dependent steps (a dot product per row of a weight: small_products.h).
+template <typename T>
+LSTMFAST_ALWAYS_INLINE vec_t<T> lane_sums(vec_t<T> (&v)[Vec<T>::width]) {
+  detail::lane_sums_stage<T, Vec<T>::width / 2>(v);
+  return v[0];
+}
+
 // Unaligned loads and stores; memcpy compiles to one vector move.
 template <typename T>
 inline vec_t<T> load(const T* p) {

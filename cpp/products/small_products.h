@@ -220,47 +220,53 @@ constexpr int row_slots() {
   return R <= 1 ? 1 : R <= 2 ? 2 : R <= 4 ? 4 : 8;
 }
 
-// C[r, m] for R rows of A and W/S rows of W (W the vector width, S = row_slots<R>):
-// one accumulator a pair, W in all, summed together by simd::lane_sums. Summing
-// each alone (row_dot_tile) cost more than the multiply-adds at small K: a GRU
-// cell step of I=64, H=128 at N=1 took 7 of its 10.6 us in those sums. The sums
-// come out as row_dot_tile's (simd::lane_sums adds in lane_sum's order).
+// C[r, m] for R rows of A and the first `rows` of W/S rows of W (W the vector width,
+// S = row_slots<R>): one accumulator a pair, W in all, summed together by
+// simd::lane_sums. Summing each alone (row_dot_tile) cost more than the
+// multiply-adds at small K: a GRU cell step of I=64, H=128 at N=1 took 7 of its
+// 10.6 us in those sums. A block of fewer rows (the last of a weight) repeats its
+// last row in the slots past them and keeps only its own sums. The sums come out as
+// row_dot_tile's (simd::lane_sums adds in lane_sum's order).
 template <typename Real, int R>
 inline void row_dot_block(Real* C, int64_t ldc, const Real* A, int64_t lda, const Real* Wm,
-                          int64_t K) {
+                          int64_t K, int64_t rows) {
   constexpr int W = static_cast<int>(kWidth<Real>), S = row_slots<R>(), RB = W / S;
+  const Real* w_row[RB];
+  for (int m = 0; m < RB; ++m) w_row[m] = Wm + (m < rows ? m : rows - 1) * K;
   V<Real> acc[W];
   for (int i = 0; i < W; ++i) acc[i] = V<Real>{};
   for_lanes<Real>(K, [&](int64_t k, int64_t n) {
     V<Real> a[R];
     for (int r = 0; r < R; ++r) a[r] = ld(A + r * lda + k, n);
     for (int m = 0; m < RB; ++m) {
-      const V<Real> w = ld(Wm + m * K + k, n);
+      const V<Real> w = ld(w_row[m] + k, n);
       for (int r = 0; r < R; ++r) acc[m * S + r] += a[r] * w;
     }
   });
   const V<Real> sums = simd::lane_sums<Real>(acc);
   if constexpr (R == 1) {
-    st(C, sums, W);
+    st(C, sums, rows);
   } else {
     Real lanes[W];
     simd::store<Real>(lanes, sums);
-    for (int m = 0; m < RB; ++m)
+    for (int64_t m = 0; m < rows; ++m)
       for (int r = 0; r < R; ++r) C[r * ldc + m] = lanes[m * S + r];
   }
 }
 
 // R rows of A against every row of W: blocks of rows of W summed together
-// (row_dot_block), then single rows for the rest (and every row where the vector
-// is narrower than R's slots: the portable build's double).
+// (row_dot_block); single rows where the vector is narrower than R's slots (the
+// portable build's double).
 template <typename Real, int R>
 inline void row_dot_rows(Real* C, int64_t ldc, const Real* A, int64_t lda, const Real* Wm,
                          int64_t M, int64_t K) {
-  int64_t m = 0;
   constexpr int RB = static_cast<int>(kWidth<Real>) / row_slots<R>();
-  if constexpr (RB >= 1)
-    for (; m + RB <= M; m += RB) row_dot_block<Real, R>(C + m, ldc, A, lda, Wm + m * K, K);
-  for (; m < M; ++m) row_dot_tile<Real, R, 1>(C + m, ldc, A, lda, Wm + m * K, K);
+  if constexpr (RB >= 1) {
+    for (int64_t m = 0; m < M; m += RB)
+      row_dot_block<Real, R>(C + m, ldc, A, lda, Wm + m * K, K, M - m < RB ? M - m : RB);
+  } else {
+    for (int64_t m = 0; m < M; ++m) row_dot_tile<Real, R, 1>(C + m, ldc, A, lda, Wm + m * K, K);
+  }
 }
 
 // C[n, M] = A[n, K] W[M, K]^T, all row-major, C's rows ldc apart, A and W contiguous.

@@ -282,3 +282,122 @@ def test_dropout_follows_training_flag(adapter_backend):
     torch.manual_seed(1)
     e = m(x)[0]
     assert torch.equal(c, d) and not torch.equal(c, e)
+
+
+PLAIN_CONFIGS = [
+    ("LSTM", dict(input_size=3, hidden_size=5)),
+    ("LSTM", dict(input_size=3, hidden_size=5, num_layers=2, bidirectional=True, proj_size=2)),
+    ("LSTM", dict(input_size=4, hidden_size=3, batch_first=True, bias=False)),
+    ("GRU", dict(input_size=3, hidden_size=5, num_layers=2, bidirectional=True, batch_first=True)),
+    ("GRU", dict(input_size=3, hidden_size=17, linear_before_reset=False)),
+    ("RNN", dict(input_size=3, hidden_size=4, nonlinearity="relu", bias=False)),
+    ("RNN", dict(input_size=3, hidden_size=4, num_layers=2)),
+]
+
+
+@pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")
+@pytest.mark.parametrize("kind, kwargs", PLAIN_CONFIGS)
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("with_hx", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "frozen"])
+def test_plain_inference_calls_take_the_short_path_and_match_torch(kind, kwargs, T, with_hx, dtype,
+                                                                    context, monkeypatch):
+    # A stream's frames and a batch at inference skip the full path's steps
+    # (layers._plain_inference_forward): the results must be torch's all the same.
+    from lstmfast.torch import layers as lt_layers
+
+    taken = []
+    original = lt_layers._plain_inference_forward
+    monkeypatch.setattr(lt_layers, "_plain_inference_forward",
+                        lambda *a: taken.append(original(*a) is not None) or original(*a))
+    torch_kwargs = {k: v for k, v in kwargs.items() if k != "linear_before_reset"}
+    ours = CLASSES[kind][0](**kwargs).to(dtype).eval()
+    if kwargs.get("linear_before_reset", True):
+        theirs = CLASSES[kind][1](**torch_kwargs).to(dtype).eval()
+        theirs.load_state_dict(ours.state_dict())
+    else:  # torch has no such GRU: lstmfast's own loop of torch ops is the oracle
+        theirs = CLASSES[kind][0](**kwargs).to(dtype).eval()
+        theirs.load_state_dict(ours.state_dict())
+        theirs._lstmfast_backend = "numpy"
+    g = torch.Generator().manual_seed(11)
+    N, D = 3, 2 if kwargs.get("bidirectional") else 1
+    L, H = kwargs.get("num_layers", 1), kwargs["hidden_size"]
+    H_out = kwargs.get("proj_size", 0) or H
+    shape = (N, T, kwargs["input_size"]) if kwargs.get("batch_first") else (T, N, kwargs["input_size"])
+    x = torch.randn(shape, generator=g, dtype=dtype)
+    hx = None
+    if with_hx:
+        h0 = torch.randn(D * L, N, H_out, generator=g, dtype=dtype)
+        hx = (h0, torch.randn(D * L, N, H, generator=g, dtype=dtype)) if kind == "LSTM" else h0
+    if context == "frozen":
+        for module in (ours, theirs):
+            module.requires_grad_(False)
+        manager = torch.enable_grad()
+    else:
+        manager = getattr(torch, context)()
+    with manager, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*LSTM with projections is not supported with oneDNN.*")
+        got, expected = ours(x, hx), theirs(x, hx)
+    assert taken and taken[0], "the short path did not take the call"
+    flat = lambda r: [r[0]] + (list(r[1]) if isinstance(r[1], tuple) else [r[1]])  # noqa: E731
+    for i, (a, b) in enumerate(zip(flat(got), flat(expected))):
+        assert a.shape == b.shape and a.dtype == b.dtype, i
+        assert_close(a, b, tol=tolerance(dtype), name=f"result {i}")
+
+
+@pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")
+@pytest.mark.parametrize("case", ["packed", "unbatched", "hx_wrong_shape", "hx_wrong_dtype",
+                                  "input_wrong_size", "dropout_training", "recurrent_dropout",
+                                  "needs_grad", "autocast", "numpy_backend"])
+def test_calls_the_short_path_leaves_to_the_full_one(case, monkeypatch):
+    # Everything but the plain call goes the full way, which gives torch's results
+    # and raises torch's errors.
+    from lstmfast.torch import layers as lt_layers
+
+    taken = []
+    original = lt_layers._plain_inference_forward
+    monkeypatch.setattr(lt_layers, "_plain_inference_forward",
+                        lambda *a: taken.append(original(*a) is not None) or original(*a))
+    kwargs = dict(input_size=3, hidden_size=4, num_layers=2)
+    if case == "recurrent_dropout":
+        kwargs["recurrent_dropout"] = 0.5
+    if case == "dropout_training":
+        kwargs["dropout"] = 0.5
+    ours = lt.LSTM(**kwargs).train(case in ("dropout_training", "recurrent_dropout"))
+    theirs = torch.nn.LSTM(**{k: v for k, v in kwargs.items() if k != "recurrent_dropout"})
+    theirs.load_state_dict(ours.state_dict())
+    theirs.train(ours.training)
+    if case == "numpy_backend":
+        ours._lstmfast_backend = "numpy"
+    x = torch.randn(5, 2, 3)
+    hx = None
+    if case == "packed":
+        x = pack_padded_sequence(x, torch.tensor([5, 3]))
+    elif case == "unbatched":
+        x = x[:, 0]
+    elif case == "hx_wrong_shape":
+        hx = (torch.zeros(2, 3, 4), torch.zeros(2, 3, 4))
+    elif case == "hx_wrong_dtype":
+        hx = (torch.zeros(2, 2, 4, dtype=torch.float64), torch.zeros(2, 2, 4, dtype=torch.float64))
+    elif case == "input_wrong_size":
+        x = torch.randn(5, 2, 4)
+    with torch.enable_grad() if case == "needs_grad" else torch.no_grad():
+        if case == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ours(x, hx)
+        else:
+            try:
+                expected = theirs(x, hx)
+            except Exception as e:  # noqa: BLE001  (torch's error is the oracle)
+                with pytest.raises(type(e)) as raised:
+                    ours(x, hx)
+                assert str(raised.value) == str(e)
+            else:
+                if case not in ("dropout_training", "recurrent_dropout"):
+                    got = ours(x, hx)
+                    a, b = (got[0].data, expected[0].data) if case == "packed" else (got[0], expected[0])
+                    assert_close(a, b, tol=1e-5, name="output")
+                else:
+                    ours(x, hx)
+    assert taken and not any(taken), taken

@@ -53,20 +53,30 @@ def twins(cls, kwargs, dtype=torch.float64, seed=0):
 @contextlib.contextmanager
 def kernel_calls_recorded(calls):
     """Each call of the kernels on a whole stack or on one cell step recorded in
-    ``calls`` as "layer" or "cell". The two functions are patched in every module of
+    ``calls`` as "layer" or "cell". The functions are patched in every module of
     lstmfast.torch that binds them, since each looks them up in its own namespace:
     the autograd Functions call them when a gradient is needed, the layers and
-    cells when none is."""
+    cells when none is, and a plain layer call at inference takes the short path
+    (which calls the kernels when it returns a result)."""
     package = importlib.import_module("lstmfast.torch")
     modules = [importlib.import_module(f"{package.__name__}.{info.name}")
                for info in pkgutil.iter_modules(package.__path__)]
     patched = [(module, name, what, vars(module)[name])
-               for name, what in (("_stack_step", "layer"), ("_cell_step", "cell"))
+               for name, what in (("_stack_step", "layer"), ("_cell_step", "cell"),
+                                  ("_plain_inference_forward", "layer"))
                for module in modules if name in vars(module)]
+
+    def recording(what, original, short):
+        def call(*a):
+            result = original(*a)
+            if not short or result is not None:
+                calls.append(what)
+            return result
+        return call
+
     try:
         for module, name, what, original in patched:
-            setattr(module, name, lambda *a, what=what, original=original:
-                    calls.append(what) or original(*a))
+            setattr(module, name, recording(what, original, name == "_plain_inference_forward"))
         yield
     finally:
         for module, name, _, original in patched:

@@ -67,7 +67,15 @@ def _weight_arrays(module, weights):
     or strides are not those of its view (another parameter, ``param.data = ...``); an
     optimizer's in-place update keeps the views valid. A view holds its tensor, so no
     other tensor can take its memory while it is kept."""
-    key = tuple(None if w is None else (w.data_ptr(), w.shape, w.stride()) for w in weights)
+    # A loop, not a generator: this runs at every call of a layer or cell (a stream's
+    # frames), where a generator's setup costs more than the lookups.
+    key = []
+    for w in weights:
+        key.append(None if w is None else (w.data_ptr(), w.shape, w.stride()))
+    key = tuple(key)
+    entry = _weight_views.get(module)  # one read of a dict: no lock needed
+    if entry is not None and entry[0] == key:
+        return entry[1]
     return _cached_for(_weight_views, module, key,
                        lambda: [None if w is None else _as_numpy(w) for w in weights])
 

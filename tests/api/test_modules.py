@@ -636,3 +636,116 @@ def test_cell_backward_matches_one_step_layer(backend):
     assert_close(dc_c, dc_l[0])
     for name in cell.grad:
         assert_close(cell.grad[name], layer.grad[name + "_l0"], name=name)
+
+
+# ------------------------------------------------------------------------------------------
+# the short path of plain inference calls (_RNNBase._plain_inference_forward)
+
+PLAIN_CONFIGS = [
+    ("LSTM", dict()),
+    ("LSTM", dict(num_layers=2, bidirectional=True, proj_size=3)),
+    ("LSTM", dict(bias=False)),
+    ("LSTM", dict(peephole=True)),  # parameters beyond torch's four: not the lean entry
+    ("GRU", dict(num_layers=2, bidirectional=True)),
+    ("GRU", dict(linear_before_reset=False)),
+    ("RNN", dict(nonlinearity="relu", bias=False)),
+    ("RNN", dict(num_layers=3)),
+]
+
+
+def _short_path_spy(monkeypatch):
+    """A list that records, for each call, whether the short path took it."""
+    from lstmfast.modules import base
+
+    taken = []
+    original = base._RNNBase._plain_inference_forward
+
+    def spy(self, x, hx):
+        result = original(self, x, hx)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(base._RNNBase, "_plain_inference_forward", spy)
+    return taken
+
+
+@pytest.mark.skipif(not lstmfast._fused.available, reason="fused kernels not built")
+@pytest.mark.parametrize("kind, kwargs", PLAIN_CONFIGS)
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("with_hx", [False, True])
+@pytest.mark.parametrize("precision", ["float32", "float64", "int8", "bfloat16"])
+def test_plain_inference_calls_take_the_short_path_with_the_full_paths_results(
+        kind, kwargs, T, with_hx, precision, monkeypatch):
+    dtype = "float64" if precision == "float64" else "float32"
+    layer = make(kind, 5, 7, backend="fused", dtype=dtype, seed=2, **kwargs).eval()
+    if precision in ("int8", "bfloat16"):
+        layer = lstmfast.quantize(layer, precision)
+    rng = np.random.default_rng(4)
+    N, D = 3, 2 if kwargs.get("bidirectional") else 1
+    LD, H_out = kwargs.get("num_layers", 1) * D, kwargs.get("proj_size") or 7
+    x = randn(rng, T, N, 5, dtype=dtype)
+    hx = None
+    if with_hx:
+        h0 = randn(rng, LD, N, H_out, dtype=dtype)
+        hx = (h0, randn(rng, LD, N, 7, dtype=dtype)) if kind == "LSTM" else h0
+    taken = _short_path_spy(monkeypatch)
+    got = layer(x, hx)
+    assert taken == [True]
+    from lstmfast.modules import base
+
+    monkeypatch.setattr(base._RNNBase, "_plain_inference_forward", lambda self, x, hx: None)
+    expected = layer(x, hx)
+    for a, b in zip(_result_arrays(got), _result_arrays(expected)):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(RuntimeError):  # an eval-mode forward keeps nothing for backward
+        layer.backward(np.ones_like(got[0]))
+
+
+def _result_arrays(result):
+    """The arrays of (output, h_n) or (output, (h_n, c_n))."""
+    output, states = result
+    return [output] + (list(states) if isinstance(states, tuple) else [states])
+
+
+@pytest.mark.skipif(not lstmfast._fused.available, reason="fused kernels not built")
+@pytest.mark.parametrize("case", ["batch_first", "noncontiguous", "float64_x", "list_x", "unbatched",
+                                  "hx_wrong_shape", "hx_noncontiguous", "lengths", "training",
+                                  "zoneout", "clip", "ctrnn", "numpy_backend", "empty_batch"])
+def test_calls_the_short_path_leaves_to_the_full_one(case, monkeypatch):
+    # Everything but the plain call goes the full way, with its results and errors.
+    kwargs = {}
+    if case == "zoneout":
+        kwargs["zoneout"] = 0.3
+    if case == "clip":
+        kwargs["clip"] = 2.0
+    cls = "CTRNN" if case == "ctrnn" else "LSTM"
+    backend = "numpy" if case == "numpy_backend" else "fused"
+    layer = getattr(lstmfast, cls)(4, 6, backend=backend, seed=1, batch_first=case == "batch_first",
+                                   **kwargs)
+    layer.train(case == "training")
+    rng = np.random.default_rng(5)
+    x = randn(rng, 3, 2, 4)
+    hx, lengths = None, None
+    if case == "noncontiguous":
+        x = np.asfortranarray(x)
+    elif case == "float64_x":
+        x = x.astype("float64")
+    elif case == "list_x":
+        x = x.tolist()
+    elif case == "unbatched":
+        x = x[:, 0]
+    elif case == "hx_wrong_shape":
+        hx = (np.zeros((1, 3, 6), "float32"), np.zeros((1, 3, 6), "float32"))
+    elif case == "hx_noncontiguous":
+        hx = (np.zeros((6, 2, 1), "float32").T, np.zeros((1, 2, 6), "float32"))
+    elif case == "lengths":
+        lengths = [3, 2]
+    elif case == "empty_batch":
+        x = x[:, :0]
+    taken = _short_path_spy(monkeypatch)
+    try:
+        layer(x, hx, lengths)
+    except (TypeError, ValueError):
+        assert case in ("float64_x", "list_x", "hx_wrong_shape"), case
+    assert not any(taken), taken

@@ -826,3 +826,72 @@ def test_module_double_backward_uses_numbers_as_torch_in_float32():
     for i, (a, b) in enumerate(zip(got, expected)):
         assert_close(a, b, tol=1e-5, name=f"tensor {i}")
     assert np.isfinite(got[1].numpy()).all()
+
+
+@pytest.mark.parametrize("kind", list(CELLS))
+@pytest.mark.parametrize("with_hx", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("context", ["no_grad", "inference_mode", "frozen"])
+def test_plain_cell_steps_take_the_short_path_and_match_torch(kind, with_hx, dtype, context,
+                                                              monkeypatch):
+    # A decoder's step at inference skips the full path (cells._plain_cell_forward).
+    from lstmfast.torch import cells as lt_cells
+
+    taken = []
+    original = lt_cells._plain_cell_forward
+    monkeypatch.setattr(lt_cells, "_plain_cell_forward",
+                        lambda *a: taken.append(original(*a) is not None) or original(*a))
+    cls, kwargs = CELLS[kind]
+    theirs, ours = twins(cls, kwargs, dtype=dtype)
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, I, generator=g, dtype=dtype)
+    hx = None
+    if with_hx:
+        h = torch.randn(3, H, generator=g, dtype=dtype)
+        hx = (h, torch.randn(3, H, generator=g, dtype=dtype)) if cls is nn.LSTMCell else h
+    if context == "frozen":
+        for module in (ours, theirs):
+            module.requires_grad_(False)
+        manager = torch.enable_grad()
+    else:
+        manager = getattr(torch, context)()
+    with manager:
+        got, expected = ours(x, hx), theirs(x, hx)
+    assert taken == [True]
+    for i, (a, b) in enumerate(zip(all_outputs(got), all_outputs(expected))):
+        assert a.shape == b.shape and a.dtype == b.dtype, i
+        assert_close(a, b, tol=tolerance(dtype), name=f"{kind} result {i}")
+
+
+@pytest.mark.parametrize("case", ["unbatched", "hx_wrong_shape", "hx_wrong_dtype", "input_wrong_size",
+                                  "needs_grad", "autocast", "numpy_backend", "empty_batch"])
+def test_cell_calls_the_short_path_leaves_to_the_full_one(case, monkeypatch):
+    from lstmfast.torch import cells as lt_cells
+
+    taken = []
+    original = lt_cells._plain_cell_forward
+    monkeypatch.setattr(lt_cells, "_plain_cell_forward",
+                        lambda *a: taken.append(original(*a) is not None) or original(*a))
+    theirs, ours = twins(nn.LSTMCell, {}, dtype=torch.float32)
+    if case == "numpy_backend":
+        ours._lstmfast_backend = "numpy"
+    x = torch.randn(3, I)
+    hx = None
+    if case == "unbatched":
+        x = x[0]
+    elif case == "hx_wrong_shape":
+        hx = (torch.zeros(2, H), torch.zeros(2, H))
+    elif case == "hx_wrong_dtype":
+        hx = (torch.zeros(3, H, dtype=torch.float64), torch.zeros(3, H, dtype=torch.float64))
+    elif case == "input_wrong_size":
+        x = torch.randn(3, I + 1)
+    elif case == "empty_batch":
+        x = x[:0]
+    with torch.enable_grad() if case == "needs_grad" else torch.no_grad():
+        if case == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ours(x, hx)
+        else:
+            assert_same_outcome(outcome(lambda: ours(x, hx)), outcome(lambda: theirs(x, hx)),
+                                dtype=torch.float32, what=case)
+    assert not any(taken), taken

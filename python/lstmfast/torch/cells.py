@@ -4,6 +4,7 @@ zoneout.
 One time step per call: decoders step them in loops, so this path is kept short.
 """
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -140,6 +141,7 @@ def _zoneout_cell_step(cell, input, hx, result, given):
 
 
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _cell_weights(cell):
@@ -151,13 +153,56 @@ def _cell_weights(cell):
                  for name in _CELL_WEIGHTS)
 
 
+def _plain_cell_forward(self, input, hx, weights):
+    """A cell's step at inference in few steps (the call a decoder makes per token
+    under no_grad): a 2-D tensor, the state(s) whole or None, nothing to
+    differentiate, on the fused kernels. Returns None, for the full path to take the
+    call, unless every condition holds; the full path would then pass the kernels the
+    same arrays."""
+    dtype = input.dtype
+    if (type(input) is not torch.Tensor or input.dim() != 2 or dtype not in _NUMPY_DTYPES
+            or not input.is_cpu or input.shape[1] != self.input_size or input.shape[0] == 0
+            or self.hidden_size == 0 or self._lstmfast_backend != "fused"
+            or _in_torch_only_context()):
+        return None
+    grad = torch.is_grad_enabled()
+    for w in weights:
+        if w is not None and (w.dtype != dtype or not w.is_cpu or (grad and w.requires_grad)):
+            return None
+    if grad and input.requires_grad:
+        return None
+    is_lstm = self._lstmfast_mode == "LSTM"
+    N = input.shape[0]
+    if hx is None:
+        h0 = np.zeros((1, N, self.hidden_size), dtype=_NUMPY_DTYPES[dtype])
+        c0 = np.zeros_like(h0) if is_lstm else None
+    else:
+        states = tuple(hx) if is_lstm and isinstance(hx, (tuple, list)) else (hx,)
+        if len(states) != (2 if is_lstm else 1):
+            return None
+        for state in states:
+            if (type(state) is not torch.Tensor or state.dtype != dtype or not state.is_cpu
+                    or state.shape != (N, self.hidden_size) or (grad and state.requires_grad)):
+                return None
+        h0 = states[0].numpy()[None]
+        c0 = states[1].numpy()[None] if is_lstm else None
+    _, h_n, c_n, _ = _backend("fused")._core.cell_step(self._lstmfast_mode, input.numpy()[None], h0, c0,
+                                             *_weight_arrays(self, weights), False)
+    if is_lstm:
+        return torch.from_numpy(h_n[0]), torch.from_numpy(c_n[0])
+    return torch.from_numpy(h_n[0])
+
+
 @torch.compiler.disable  # as layers._fused_layer_forward, which says why
 def _fused_cell_forward(self, input, hx):
     # Decoders call this once per step: every check here is paid per step, so the
     # path is kept short (LSTM H=32: about 12 us a call over the kernels' 5 us).
+    weights = _cell_weights(self)
+    result = _plain_cell_forward(self, input, hx, weights)
+    if result is not None:
+        return result
     mode = self._lstmfast_mode
     is_lstm = mode == "LSTM"
-    weights = _cell_weights(self)
     if hx is None:
         states = ()
     else:

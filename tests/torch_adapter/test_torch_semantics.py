@@ -56,14 +56,15 @@ def kernel_calls_recorded(calls):
     ``calls`` as "layer" or "cell". The functions are patched in every module of
     lstmfast.torch that binds them, since each looks them up in its own namespace:
     the autograd Functions call them when a gradient is needed, the layers and
-    cells when none is, and a plain layer call at inference takes the short path
-    (which calls the kernels when it returns a result)."""
+    cells when none is, and a plain call at inference takes a short path (which
+    calls the kernels when it returns a result)."""
     package = importlib.import_module("lstmfast.torch")
     modules = [importlib.import_module(f"{package.__name__}.{info.name}")
                for info in pkgutil.iter_modules(package.__path__)]
     patched = [(module, name, what, vars(module)[name])
                for name, what in (("_stack_step", "layer"), ("_cell_step", "cell"),
-                                  ("_plain_inference_forward", "layer"))
+                                  ("_plain_inference_forward", "layer"),
+                                  ("_plain_cell_forward", "cell"))
                for module in modules if name in vars(module)]
 
     def recording(what, original, short):
@@ -76,7 +77,7 @@ def kernel_calls_recorded(calls):
 
     try:
         for module, name, what, original in patched:
-            setattr(module, name, recording(what, original, name == "_plain_inference_forward"))
+            setattr(module, name, recording(what, original, name.startswith("_plain_")))
         yield
     finally:
         for module, name, _, original in patched:

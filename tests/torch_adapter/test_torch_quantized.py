@@ -246,3 +246,36 @@ def test_packed_weights_stay_out_of_copies_and_saves(tmp_path):
         loaded = torch.load(tmp_path / "model.pt", weights_only=False)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             assert torch.equal(loaded(x)[0], out)
+
+
+@pytest.mark.parametrize("kind", [nn.LSTM, nn.GRU])
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("T", [1, 5])
+@pytest.mark.parametrize("with_hx", [False, True])
+def test_int8_plain_calls_take_the_short_path_with_the_full_paths_results(kind, options, T, with_hx,
+                                                                         monkeypatch):
+    # A stream's frame through torch's int8 layer: the short path
+    # (layers._plain_inference_forward) must give exactly what the full path gives.
+    from lstmfast.torch import layers as lt_layers
+
+    torch.manual_seed(1)
+    layer = lt.accelerate(torch_int8(nn.Sequential(kind(12, 24, **options))))[0]
+    N, D = 3, 2 if options.get("bidirectional") else 1
+    LD = options.get("num_layers", 1) * D
+    x = torch.randn(N, T, 12) if options.get("batch_first") else torch.randn(T, N, 12)
+    hx = None
+    if with_hx:
+        hx = (torch.randn(LD, N, 24), torch.randn(LD, N, 24)) if kind is nn.LSTM else torch.randn(LD, N, 24)
+    taken = []
+    original = lt_layers._plain_inference_forward
+    monkeypatch.setattr(lt_layers, "_plain_inference_forward",
+                        lambda *a: taken.append(original(*a) is not None) or original(*a))
+    with torch.no_grad():
+        got = layer(x, hx)
+        monkeypatch.setattr(lt_layers, "_plain_inference_forward", lambda *a: None)
+        expected = layer(x, hx)
+    assert taken == [True]
+    flat = lambda r: [r[0]] + (list(r[1]) if isinstance(r[1], tuple) else [r[1]])  # noqa: E731
+    for a, b in zip(flat(got), flat(expected)):
+        assert a.shape == b.shape
+        assert torch.equal(a, b)

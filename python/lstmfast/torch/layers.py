@@ -306,7 +306,8 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 def _plain_inference_forward(self, input, hx):
     """The call a stream makes at every frame, and a batch at inference: a plain
     (T, N, I) or (N, T, I) tensor, states given whole or None, nothing to
-    differentiate, no dropout, on the fused kernels. It costs a third of the full
+    differentiate, no dropout, on the fused kernels (float weights, or a quantized
+    layer's int8 ones). It costs a third of the full
     path (GRU(64, 128), one frame: 12 us against 34, of which the kernels 7): that
     path follows torch's forward step by step for every kind of call. Returns None,
     for the full path to take the call (and raise torch's errors), unless every
@@ -319,17 +320,25 @@ def _plain_inference_forward(self, input, hx):
     if (dtype not in _NUMPY_DTYPES or not input.is_cpu or input.numel() == 0
             or input.shape[2] != self.input_size or _in_torch_only_context()):
         return None
-    params = self._parameters
-    names = self._flat_weights_names
-    weights = []
-    for name in names:
-        w = params.get(name)
-        if w is None or w.dtype != dtype or not w.is_cpu:
-            return None  # served through a parametrization, or torch's path decides
-        weights.append(w)
     grad = torch.is_grad_enabled()
-    if grad and (input.requires_grad or any(w.requires_grad for w in weights)):
+    if grad and input.requires_grad:
         return None
+    if self._lstmfast_quantized:  # int8 weights packed once, float32 biases, no gradient
+        packed = self._lstmfast_weights()
+        if packed is None or dtype != torch.float32:
+            return None
+        weights, names, _ = packed
+        arrays = [w.numpy() if isinstance(w, torch.Tensor) else w for w in weights]
+    else:
+        params = self._parameters
+        names = self._flat_weights_names
+        weights = []
+        for name in names:
+            w = params.get(name)
+            if w is None or w.dtype != dtype or not w.is_cpu or (grad and w.requires_grad):
+                return None  # served through a parametrization, or torch's path decides
+            weights.append(w)
+        arrays = _weight_arrays(self, weights)
     is_lstm = self.mode == "LSTM"
     D = 2 if self.bidirectional else 1
     LD, H = D * self.num_layers, self.hidden_size
@@ -347,10 +356,9 @@ def _plain_inference_forward(self, input, hx):
                     or not state.is_cpu or state.shape != (LD, N, width)
                     or (grad and state.requires_grad)):
                 return None
-        arrays = tuple(state.numpy() for state in states)
-        hx_arrays = arrays if is_lstm else arrays[0]
+        state_arrays = tuple(state.numpy() for state in states)
+        hx_arrays = state_arrays if is_lstm else state_arrays[0]
     x = input.transpose(0, 1) if self.batch_first else input
-    arrays = _weight_arrays(self, weights)
     fused = _backend("fused")
     if x.shape[0] == 1 and D == 1 and self.num_layers == 1 and self.proj_size == 0:
         # one frame of one layer: the lean entry, as plain_forward takes it, with the
@@ -505,6 +513,6 @@ class RNN(_FastRNNMixin, nn.RNN):
 
 
 # The classes whose call _plain_inference_forward may take: torch's three layers
-# with nothing added to their forward (the variants' cells, a quantized layer's
-# weights and a subclass's overrides take the full path).
-_PLAIN_LAYERS = frozenset({LSTM, GRU, RNN})
+# with nothing added to their forward, and their int8 twins (quantized.py adds
+# them); the variants' cells and a subclass's overrides take the full path.
+_PLAIN_LAYERS = {LSTM, GRU, RNN}

@@ -11,7 +11,7 @@ from torch.ao.nn.quantized import dynamic as nnqd
 
 from ..modules.precision import _backend_weight
 from ._backend import _backend, _packed_for
-from .layers import _FastRNNMixin
+from .layers import _PLAIN_LAYERS, _FastRNNMixin
 
 
 def _int8_weight(qweight):
@@ -85,3 +85,6 @@ class QuantizedGRU(_QuantizedRNNMixin, nnqd.GRU):
     """``torch.ao.nn.quantized.dynamic.GRU`` computed by lstmfast's int8 kernels."""
 
     _lstmfast_torch_class = nnqd.GRU
+
+
+_PLAIN_LAYERS.update({QuantizedLSTM, QuantizedGRU})  # their plain calls take the short path

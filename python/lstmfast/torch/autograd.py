@@ -201,11 +201,13 @@ def _cell_step(backend, mode, keep, x, h0, c0, weights, weight_arrays=None):
 
 class _CellFunction(torch.autograd.Function):
     """One step of one cell through the fused kernels, for autograd; the arguments
-    after the backend and mode are those of ``_cell_step``, weights spread out."""
+    after the backend and mode are those of ``_cell_step``: the weights' arrays made
+    already (or None), then x, h0, c0 and the weights spread out."""
 
     @staticmethod
-    def forward(ctx, backend, mode, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
-        h1, c1, ctx.cache = _cell_step(backend, mode, True, x, h0, c0, (w_ih, w_hh, b_ih, b_hh))
+    def forward(ctx, backend, mode, weight_arrays, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+        h1, c1, ctx.cache = _cell_step(backend, mode, True, x, h0, c0, (w_ih, w_hh, b_ih, b_hh),
+                                       weight_arrays)
         ctx.mode = mode
         ctx.backend = backend
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
@@ -216,9 +218,9 @@ class _CellFunction(torch.autograd.Function):
         saved = ctx.saved_tensors  # raises if one was changed in place since forward
         if _backward_through_torch_ops((d_h1, d_c1)):
             grads = _differentiate_torch_graph(
-                lambda *t: _torch_cell(ctx.mode, *t), saved, ctx.needs_input_grad[2:],
+                lambda *t: _torch_cell(ctx.mode, *t), saved, ctx.needs_input_grad[3:],
                 (d_h1, d_c1))
-            return (None, None, *grads)
+            return (None, None, None, *grads)
         x, h0, c0, w_ih, w_hh, b_ih, b_hh = saved
         N = x.shape[0]
         names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
@@ -226,9 +228,9 @@ class _CellFunction(torch.autograd.Function):
         dx, dh0, dc0, grads = _backward_new_gradients(
             ctx.backend, ctx.cache, d_h1.detach().contiguous().numpy().reshape(1, N, -1), None,
             None if c0 is None else d_c1.detach().contiguous().numpy().reshape(1, N, -1),
-            input_grad=ctx.needs_input_grad[2])
+            input_grad=ctx.needs_input_grad[3])
         g = [None if w is None else torch.from_numpy(grads[name])
              for name, w in zip(names, (w_ih, w_hh, b_ih, b_hh))]
-        return (None, None, None if dx is None else torch.from_numpy(dx[0]),
+        return (None, None, None, None if dx is None else torch.from_numpy(dx[0]),
                 torch.from_numpy(dh0[0]),
                 None if c0 is None else torch.from_numpy(dc0[0]), *g)

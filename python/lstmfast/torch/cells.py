@@ -236,7 +236,10 @@ def _fused_cell_forward(self, input, hx):
     if torch.is_grad_enabled() and (
             x.requires_grad or h0.requires_grad or (c0 is not None and c0.requires_grad)
             or any(w is not None and w.requires_grad for w in weights)):
-        result = _CellFunction.apply(backend, mode, x, h0, c0, *weights)
+        # the weights' arrays made once, not at every step (_weight_arrays): a training
+        # loop steps the cell as often as inference does
+        result = _CellFunction.apply(backend, mode, _weight_arrays(self, weights), x, h0, c0,
+                                     *weights)
     else:  # nothing to differentiate: the kernels alone, no autograd node
         h1, c1, _ = _cell_step(backend, mode, False, x, h0, c0, weights,
                                _weight_arrays(self, weights))

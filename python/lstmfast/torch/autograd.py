@@ -147,7 +147,8 @@ class _RecurrentFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, settings, x, h0, c0, masks, *weights):
-        out, h_n, c_n, ctx.cache = _stack_step(settings, x, h0, c0, masks, weights)
+        out, h_n, c_n, ctx.cache = _stack_step(settings, x, h0, c0, masks, weights,
+                                               settings.get("weight_arrays"))
         ctx.settings = settings
         is_lstm = settings["mode"] in _CELL_STATE_MODES
         ctx.save_for_backward(x, h0, c0 if is_lstm else None, masks, *weights)

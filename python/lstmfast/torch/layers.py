@@ -284,6 +284,8 @@ def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False, g
             options["zoneout_masks"] = tuple(to_packed_order(m, 2) for m in options["zoneout_masks"])
         settings["cell_options"] = options
     if needs_grad:
+        if not reduced:  # the weights' views made once, not at every call (_weight_arrays)
+            settings["weight_arrays"] = _weight_arrays(self, weights)
         out, h_n, c_n = _RecurrentFunction.apply(settings, x, h0, c0, masks, *weights)
     else:  # nothing to differentiate: the kernels alone, no autograd node
         arrays = None if reduced else _weight_arrays(self, weights)

@@ -370,10 +370,11 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
   {
     const py::object& first = weights[0][1];
     int64_t rows = -1;
-    if (py::isinstance<lstmfast::ReducedMatrix>(first))
+    if (py::isinstance<py::array>(first)) {  // first: an array is a C check, a class a lookup
+      if (py::array(first).ndim() == 2) rows = py::array(first).shape(0);
+    } else if (py::isinstance<lstmfast::ReducedMatrix>(first)) {
       rows = first.cast<const lstmfast::ReducedMatrix&>().M;
-    else if (py::isinstance<py::array>(first) && py::array(first).ndim() == 2)
-      rows = py::array(first).shape(0);
+    }
     if (rows < 0 || rows % G != 0)
       throw py::value_error(param_name(0, 1) + ": expected a 2-D array of G*H rows");
     s.H = rows / G;
@@ -406,7 +407,8 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
         throw py::value_error(param_name(i, j) +
                               ": LN_LSTM has no linear biases (its layer norms' biases take their "
                               "place); pass None");
-      if ((j == 0 || j == 1 || j == 4) && py::isinstance<lstmfast::ReducedMatrix>(entry[j])) {
+      if ((j == 0 || j == 1 || j == 4) && !py::isinstance<py::array>(entry[j]) &&
+          py::isinstance<lstmfast::ReducedMatrix>(entry[j])) {
         reduced[j] = checked_reduced<Real>(entry[j], param_name(i, j), shapes[j], s);
         rc->keep_alive.push_back(entry[j]);
         continue;

@@ -52,7 +52,7 @@ struct CellInfo {
   const char* extra_params;
   const char* optional_params;
   // Features, comma-separated: projection, zoneout, recurrent_dropout, int8, bfloat16,
-  // onnx_gates (GateOptions: hard sigmoid, clip, input_forget for inference)
+  // onnx_gates (GateOptions: hard sigmoid, clip, input_forget)
   // (training, lengths, both directions and layer dropout every cell has).
   const char* features;
 };
@@ -82,8 +82,7 @@ inline bool has_cell_state(Mode mode) { return cell_info(mode).cell_state; }
 // At step s sorted row b reads and writes time t = s (forward) or
 // t = lengths[b] - 1 - s (reverse: each sequence starts at its own end).
 // ONNX's options of the LSTM, GRU and RNN nodes that the kernels compute
-// (docs/onnx.md): all of them at inference, all but the clip in training (the
-// reference trains with a clip). The cells take their ONNX path
+// (docs/onnx.md), at inference and in training. The cells take their ONNX path
 // (cells/onnx_gates.h) when `onnx` is set.
 struct GateOptions {
   bool onnx = false;          // any option below is set

@@ -779,7 +779,7 @@ void register_rnn(py::module_& m) {
         if (!(layer_norm_eps > 0))
           throw py::value_error("layer_norm_eps must be > 0, got " + std::to_string(layer_norm_eps));
         s.ln_eps = layer_norm_eps;
-        // ONNX's options (inference): clip, input_forget, hard_sigmoid (alpha, beta)
+        // ONNX's options: clip, input_forget, hard_sigmoid (alpha, beta)
         const double clip = number("clip", 0.0);
         if (!(clip >= 0))
           throw py::value_error("cell_options['clip'] must be > 0 (or None), got " +
@@ -800,9 +800,6 @@ void register_rnn(py::module_& m) {
           s.gates.hs_beta = hard.cast<py::tuple>()[1].cast<double>();
         }
         s.gates.onnx = s.gates.clip > 0 || s.gates.input_forget || s.gates.hard_sigmoid;
-        if (s.gates.clip > 0 && training)
-          throw py::value_error("cell_options['clip'] is for inference (training=False); the "
-                                "reference trains with a clip");
         if (s.gates.onnx && !lstmfast::cell_supports(s.mode, "onnx_gates"))
           throw py::value_error(std::string("cell_options: clip, input_forget and hard_sigmoid "
                                             "are not in the kernels of ") + mode);

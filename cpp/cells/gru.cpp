@@ -7,7 +7,8 @@
 //   n  = tanh(gi_n + r * gh_n)                      (gh_n = W_hn h + b_hn: b_hn stays inside r)
 //   h' = (1 - z) n + z h
 // ONNX's options (LayerShape::gates): hard sigmoid for r and z, their
-// pre-activations and n's clipped (inference); the cell's kOnnx path.
+// pre-activations and n's clipped; the cell's kOnnx path. Training with a clip keeps
+// the pre-activations of r, z and n in place of their values (OnnxGates::keep).
 #include "cells/cell.h"
 #include "cells/onnx_gates.h"
 #include "drivers/cell_driver.h"
@@ -16,7 +17,8 @@ namespace lstmfast {
 namespace LSTMFAST_ISA {
 namespace {
 
-// The cell for the drivers (cell_driver.h). Saved per row when training: r, z, n, gh_n.
+// The cell for the drivers (cell_driver.h). Saved per row when training: r, z, n
+// (CellGates::keep), gh_n.
 template <typename Real, bool kOnnx = false>
 struct GruCell : NoBackwardStep {
   static constexpr int kGates = 3, kFirstGates = 3, kSaved = 4;
@@ -35,18 +37,20 @@ struct GruCell : NoBackwardStep {
                                       const V<Real>* rec) const {
     const Real* xp = row.xp() + j;
     const Real* bj = bias + j;
-    const V<Real> r = gates.gate(rec[0] + ld(xp, lanes) + ld(bj, lanes));
-    const V<Real> z = gates.gate(rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
+    const V<Real> a_r = rec[0] + ld(xp, lanes) + ld(bj, lanes);
+    const V<Real> a_z = rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes);
+    const V<Real> r = gates.gate(a_r), z = gates.gate(a_z);
     const V<Real> ghn = rec[2] + ld(b_hn + j, lanes);
-    const V<Real> nn = gates.candidate(ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes) + r * ghn);
+    const V<Real> a_n = ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes) + r * ghn;
+    const V<Real> nn = gates.candidate(a_n);
     const V<Real> h = nn + z * (ld(row.h_prev() + j, lanes) - nn);
     st(row.h_next() + j, h, lanes);
     st(row.y() + j, h, lanes);
     if constexpr (kTraining) {
       Real* saved = row.saved() + j;
-      st(saved, r, lanes);
-      st(saved + H, z, lanes);
-      st(saved + 2 * H, nn, lanes);
+      st(saved, gates.keep(r, a_r), lanes);
+      st(saved + H, gates.keep(z, a_z), lanes);
+      st(saved + 2 * H, gates.keep(nn, a_n), lanes);
       st(saved + 3 * H, ghn, lanes);
     }
   }
@@ -60,11 +64,13 @@ struct GruCell : NoBackwardStep {
     for_lanes<Real>(units, [&](int64_t j, int64_t n) {
       V<Real> dhj = ld(row.dh + j, n);
       if (row.dy) dhj += ld(row.dy + j, n);
-      const V<Real> r = ld(saved + j, n), z = ld(saved + H + j, n);
-      const V<Real> nn = ld(saved + 2 * H + j, n), ghn = ld(saved + 3 * H + j, n);
-      const V<Real> da_n = dhj * (one - z) * (one - nn * nn);
-      const V<Real> da_r = da_n * ghn * gates.gate_prime(r);
-      const V<Real> da_z = dhj * (ld(row.h_prev + j, n) - nn) * gates.gate_prime(z);
+      const V<Real> kept_r = ld(saved + j, n), kept_z = ld(saved + H + j, n);
+      const V<Real> kept_n = ld(saved + 2 * H + j, n), ghn = ld(saved + 3 * H + j, n);
+      const V<Real> r = gates.kept_gate(kept_r), z = gates.kept_gate(kept_z);
+      const V<Real> nn = gates.kept_candidate(kept_n);
+      const V<Real> da_n = dhj * (one - z) * gates.kept_candidate_prime(kept_n, nn);
+      const V<Real> da_r = da_n * ghn * gates.kept_gate_prime(kept_r, r);
+      const V<Real> da_z = dhj * (ld(row.h_prev + j, n) - nn) * gates.kept_gate_prime(kept_z, z);
       st(row.dh + j, dhj * z, n);
       st(row.dG_in + j, da_r, n);
       st(row.dG_in + H + j, da_z, n);

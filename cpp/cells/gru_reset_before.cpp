@@ -22,8 +22,8 @@ namespace lstmfast {
 namespace LSTMFAST_ISA {
 namespace {
 
-// Kept per row (training: every step; inference: the step's): r, z, n.
-// kOnnx: ONNX's options.
+// Kept per row (training: every step; inference: the step's): r, z, n; training
+// with a clip keeps their pre-activations (CellGates::keep). kOnnx: ONNX's options.
 template <typename Real, bool kOnnx = false>
 struct GruResetBeforeCell : NoBackwardStep {
   static constexpr int kGates = 3, kFirstGates = 2, kSaved = 3;
@@ -45,10 +45,11 @@ struct GruResetBeforeCell : NoBackwardStep {
                                       const V<Real>* rec) const {
     const Real* xp = row.xp() + j;
     const Real* bj = bias + j;
-    const V<Real> r = gates.gate(rec[0] + ld(xp, lanes) + ld(bj, lanes));
-    const V<Real> z = gates.gate(rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes));
-    st(row.saved() + j, r, lanes);
-    st(row.saved() + H + j, z, lanes);
+    const V<Real> a_r = rec[0] + ld(xp, lanes) + ld(bj, lanes);
+    const V<Real> a_z = rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes);
+    const V<Real> r = gates.gate(a_r), z = gates.gate(a_z);
+    st(row.saved() + j, kTraining ? gates.keep(r, a_r) : r, lanes);
+    st(row.saved() + H + j, kTraining ? gates.keep(z, a_z) : z, lanes);
     // Rounding, h_rec is h rounded already (hm): u takes h itself (recurrent dropout and
     // reduced weights exclude each other) and is rounded once, as the reference does.
     V<Real> u = r * ld((round_u ? row.h_prev() : row.h_rec()) + j, lanes);
@@ -60,13 +61,14 @@ struct GruResetBeforeCell : NoBackwardStep {
   template <bool kTraining, class Row>
   LSTMFAST_ALWAYS_INLINE void forward_second(const Row& row, int64_t j,
                                              int64_t lanes, const V<Real>* rec) const {
-    const V<Real> nn =
-        gates.candidate(rec[0] + ld(row.xp() + 2 * H + j, lanes) + ld(bias + 2 * H + j, lanes));
-    const V<Real> z = ld(row.saved() + H + j, lanes);
+    const V<Real> a_n = rec[0] + ld(row.xp() + 2 * H + j, lanes) + ld(bias + 2 * H + j, lanes);
+    const V<Real> nn = gates.candidate(a_n);
+    const V<Real> kept_z = ld(row.saved() + H + j, lanes);
+    const V<Real> z = kTraining ? gates.kept_gate(kept_z) : kept_z;
     const V<Real> h = nn + z * (ld(row.h_prev() + j, lanes) - nn);
     st(row.h_next() + j, h, lanes);
     st(row.y() + j, h, lanes);
-    if constexpr (kTraining) st(row.saved() + 2 * H + j, nn, lanes);
+    if constexpr (kTraining) st(row.saved() + 2 * H + j, gates.keep(nn, a_n), lanes);
   }
 
   // z's and n's pre-activation gradients, and dh' z (the part of dh that bypasses
@@ -77,10 +79,11 @@ struct GruResetBeforeCell : NoBackwardStep {
     for_lanes<Real>(units, [&](int64_t j, int64_t n) {
       V<Real> g = ld(row.dh + j, n);
       if (row.dy) g += ld(row.dy + j, n);
-      const V<Real> z = ld(saved + H + j, n), nn = ld(saved + 2 * H + j, n);
+      const V<Real> kept_z = ld(saved + H + j, n), kept_n = ld(saved + 2 * H + j, n);
+      const V<Real> z = gates.kept_gate(kept_z), nn = gates.kept_candidate(kept_n);
       st(row.dh + j, g * z, n);
-      st(row.dG + H + j, g * (ld(row.h_prev + j, n) - nn) * gates.gate_prime(z), n);
-      st(row.dG + 2 * H + j, g * (one - z) * (one - nn * nn), n);
+      st(row.dG + H + j, g * (ld(row.h_prev + j, n) - nn) * gates.kept_gate_prime(kept_z, z), n);
+      st(row.dG + 2 * H + j, g * (one - z) * gates.kept_candidate_prime(kept_n, nn), n);
     });
   }
 
@@ -88,8 +91,9 @@ struct GruResetBeforeCell : NoBackwardStep {
   void backward_second_row(const BackwardRow<Real>& row, int64_t, int64_t, int64_t,
                            int64_t units) const {
     for_lanes<Real>(units, [&](int64_t j, int64_t n) {
-      const V<Real> du = ld(row.du + j, n), r = ld(row.saved + j, n);
-      st(row.dG + j, du * ld(row.h_rec + j, n) * gates.gate_prime(r), n);
+      const V<Real> du = ld(row.du + j, n), kept_r = ld(row.saved + j, n);
+      const V<Real> r = gates.kept_gate(kept_r);
+      st(row.dG + j, du * ld(row.h_rec + j, n) * gates.kept_gate_prime(kept_r, r), n);
       const V<Real> through_u = du * r;
       st(row.dh_rec + j, row.add_dh_rec ? ld(row.dh_rec + j, n) + through_u : through_u, n);
     });

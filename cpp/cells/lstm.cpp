@@ -9,8 +9,9 @@
 // With peepholes (w.peephole; docs/cells.md) i and f also see c, and o sees c':
 //   i = sigmoid(pre_i + P_i c)   f = sigmoid(pre_f + P_f c)   o = sigmoid(pre_o + P_o c')
 // ONNX's options (LayerShape::gates): hard sigmoid for the gates, every
-// pre-activation but c's clipped (inference), f = 1 - i (input_forget); the cell's
-// kOnnx path. With input_forget i takes f's gradient too, negated.
+// pre-activation but c's clipped, f = 1 - i (input_forget); the cell's kOnnx path.
+// With input_forget i takes f's gradient too, negated. Training with a clip keeps
+// the pre-activations in place of the gates (OnnxGates::keep).
 #include "cells/cell.h"
 #include "cells/onnx_gates.h"
 #include "drivers/cell_driver.h"
@@ -20,28 +21,41 @@ namespace LSTMFAST_ISA {
 namespace {
 
 // The cell update of `lanes` units from their four pre-activations a[0..3] (i, f,
-// g, o; bias included) and c: i, f, g, o activated, c' and h' = o tanh(c').
+// g, o; bias included) and c: i, f, g, o activated, c' and h' = o tanh(c'); the
+// pre-activations the gates took (peepholes included) in a.
 //   peep: [3H] P_i, P_f, P_o from the first of these units on, H apart; nullptr = none
 //   gates: the gate functions, torch's or ONNX's (onnx_gates.h)
 template <typename Real, bool kOnnx>
-LSTMFAST_ALWAYS_INLINE void lstm_units(const V<Real> (&a)[4], V<Real> c_prev, const Real* peep,
+LSTMFAST_ALWAYS_INLINE void lstm_units(V<Real> (&a)[4], V<Real> c_prev, const Real* peep,
                                        int64_t H, int64_t lanes, V<Real> (&gate)[4], V<Real>& c,
                                        V<Real>& h, const CellGates<Real, kOnnx>& gates) {
-  V<Real> a_i = a[0], a_f = a[1], a_o = a[3];
   if (peep) {
-    a_i += ld(peep, lanes) * c_prev;
-    a_f += ld(peep + H, lanes) * c_prev;
+    a[0] += ld(peep, lanes) * c_prev;
+    a[1] += ld(peep + H, lanes) * c_prev;
   }
-  gate[0] = gates.gate(a_i);
-  gate[1] = gates.coupled() ? splat<Real>(1) - gate[0] : gates.gate(a_f);
+  gate[0] = gates.gate(a[0]);
+  gate[1] = gates.coupled() ? splat<Real>(1) - gate[0] : gates.gate(a[1]);
   gate[2] = gates.candidate(a[2]);
   c = gate[1] * c_prev + gate[0] * gate[2];
-  if (peep) a_o += ld(peep + 2 * H, lanes) * c;
-  gate[3] = gates.gate(a_o);
+  if (peep) a[3] += ld(peep + 2 * H, lanes) * c;
+  gate[3] = gates.gate(a[3]);
   h = gate[3] * simd::vtanh(c);
 }
 
-// The cell for the drivers (cell_driver.h). Saved per row when training: i, f, g, o.
+// The four gates of a row from what training kept of them (CellGates::keep).
+template <typename Real, bool kOnnx>
+LSTMFAST_ALWAYS_INLINE void kept_gates(const Real* saved, int64_t H, int64_t lanes,
+                                       const CellGates<Real, kOnnx>& gates, V<Real> (&kept)[4],
+                                       V<Real> (&gate)[4]) {
+  for (int g = 0; g < 4; ++g) kept[g] = ld(saved + g * H, lanes);
+  gate[0] = gates.kept_gate(kept[0]);
+  gate[1] = gates.coupled() ? splat<Real>(1) - gate[0] : gates.kept_gate(kept[1]);
+  gate[2] = gates.kept_candidate(kept[2]);
+  gate[3] = gates.kept_gate(kept[3]);
+}
+
+// The cell for the drivers (cell_driver.h). Saved per row when training: i, f, g, o
+// (their pre-activations with a clip: CellGates::keep).
 // With a projection (forward_steps) h_next is m and y is written after the
 // projection, so the row's y is nullptr. kOnnx: ONNX's options.
 template <typename Real, bool kOnnx = false>
@@ -70,7 +84,7 @@ struct LstmCell {
                                       const V<Real>* rec) const {
     const Real* xp = row.xp() + j;
     const Real* bj = bias + j;
-    const V<Real> a[4] = {rec[0] + ld(xp, lanes) + ld(bj, lanes),
+    V<Real> a[4] = {rec[0] + ld(xp, lanes) + ld(bj, lanes),
                           rec[1] + ld(xp + H, lanes) + ld(bj + H, lanes),
                           rec[2] + ld(xp + 2 * H, lanes) + ld(bj + 2 * H, lanes),
                           rec[3] + ld(xp + 3 * H, lanes) + ld(bj + 3 * H, lanes)};
@@ -82,7 +96,7 @@ struct LstmCell {
     if (row.y()) st(row.y() + j, h, lanes);
     if constexpr (kTraining) {
       Real* saved = row.saved() + j;
-      for (int g = 0; g < 4; ++g) st(saved + g * H, gate[g], lanes);
+      for (int g = 0; g < 4; ++g) st(saved + g * H, gates.keep(gate[g], a[g]), lanes);
     }
   }
 
@@ -96,9 +110,9 @@ struct LstmCell {
       const Real* c_prev = buf.c + (k * N + b) * H;
       for_lanes<Real>(j1 - j0, [&](int64_t jj, int64_t l) {
         const int64_t j = j0 + jj;
-        st(buf.zone_c_raw + b * H + j,
-           ld(saved + H + j, l) * ld(c_prev + j, l) + ld(saved + j, l) * ld(saved + 2 * H + j, l),
-           l);
+        V<Real> kept[4], gate[4];
+        kept_gates(saved + j, H, l, gates, kept, gate);
+        st(buf.zone_c_raw + b * H + j, gate[1] * ld(c_prev + j, l) + gate[0] * gate[2], l);
       });
     }
   }
@@ -118,15 +132,18 @@ struct LstmCell {
     for_lanes<Real>(units, [&](int64_t j, int64_t n) {
       V<Real> dmj = ld(row.dh + j, n);
       if (row.dy) dmj += ld(row.dy + j, n);
-      const V<Real> i = ld(saved + j, n), f = ld(saved + H + j, n);
-      const V<Real> g = ld(saved + 2 * H + j, n), o = ld(saved + 3 * H + j, n);
+      V<Real> kept[4], gate[4];
+      kept_gates(saved + j, H, n, gates, kept, gate);
+      const V<Real> i = gate[0], f = gate[1], g = gate[2], o = gate[3];
       const V<Real> cn = ld(c_next + j, n), cp = ld(row.c_prev + j, n);
       const V<Real> tc = simd::vtanh(cn);  // recomputed: tanh(c') is not saved
-      const V<Real> da_o = dmj * tc * gates.gate_prime(o);
+      const V<Real> da_o = dmj * tc * gates.kept_gate_prime(kept[3], o);
       V<Real> dcj = ld(row.dc + j, n) + dmj * o * (one - tc * tc);
       if (pp) dcj += da_o * ld(pp + 2 * H + j, n);
-      const V<Real> da_i = (coupled ? dcj * (g - cp) : dcj * g) * gates.gate_prime(i);
-      const V<Real> da_f = coupled ? splat<Real>(0) : dcj * cp * gates.gate_prime(f);
+      const V<Real> da_i =
+          (coupled ? dcj * (g - cp) : dcj * g) * gates.kept_gate_prime(kept[0], i);
+      const V<Real> da_f =
+          coupled ? splat<Real>(0) : dcj * cp * gates.kept_gate_prime(kept[1], f);
       V<Real> dc_prev = dcj * f;
       if (pp) {
         dc_prev += da_i * ld(pp + j, n) + da_f * ld(pp + H + j, n);
@@ -137,7 +154,7 @@ struct LstmCell {
       st(row.dc + j, dc_prev, n);
       st(row.dG + j, da_i, n);
       st(row.dG + H + j, da_f, n);
-      st(row.dG + 2 * H + j, dcj * i * (one - g * g), n);
+      st(row.dG + 2 * H + j, dcj * i * gates.kept_candidate_prime(kept[2], g), n);
       st(row.dG + 3 * H + j, da_o, n);
     });
   }

@@ -1,8 +1,8 @@
 // ONNX's options of the LSTM, GRU and RNN nodes (lstmfast.h GateOptions,
 // docs/onnx.md) as the cells apply them on their ONNX path: the gates' activation
 // (sigmoid or hard sigmoid) and the clip of every pre-activation of the gates and
-// of the candidate. A cell is instantiated with and without this path
-// (CellGates<Real, kOnnx>), so that torch's cells pay nothing for it.
+// of the candidate, forward and backward. A cell is instantiated with and without
+// this path (CellGates<Real, kOnnx>), so that torch's cells pay nothing for it.
 #pragma once
 
 #include <type_traits>
@@ -40,12 +40,39 @@ struct OnnxGates {
   }
   // The candidate (LSTM g, GRU n): g in ONNX's letters, tanh.
   LSTMFAST_ALWAYS_INLINE V<Real> candidate(V<Real> a) const { return simd::vtanh(bound(a)); }
-  // The gate's derivative from its value y (training, which has no clip: the
-  // reference trains with one): alpha where the hard sigmoid is not flat, else
-  // sigmoid's y (1 - y).
+  // The gate's derivative from its value y: alpha where the hard sigmoid is not
+  // flat, else sigmoid's y (1 - y). The clip's part is not in it (kept_gate_prime).
   LSTMFAST_ALWAYS_INLINE V<Real> gate_prime(V<Real> y) const {
     if (hard_sigmoid) return y > zero ? (y < one ? alpha : zero) : zero;
     return y * (one - y);
+  }
+
+  // Training with a clip keeps each gate's (and the candidate's) pre-activation a in
+  // the cell's saved blocks instead of its value y. The derivative is zero where the
+  // clip bounded a (|a| > clip, as the reference has it), and y cannot tell that: many
+  // a near the bound round to the same y. Backward computes y again from a, bit for
+  // bit as forward did. Without a clip the value is kept, as torch's cells keep it.
+  //
+  // What forward keeps of a gate or the candidate of value y and pre-activation a.
+  LSTMFAST_ALWAYS_INLINE V<Real> keep(V<Real> y, V<Real> a) const { return clipped ? a : y; }
+  // The value of a kept gate, of a kept candidate.
+  LSTMFAST_ALWAYS_INLINE V<Real> kept_gate(V<Real> kept) const {
+    return clipped ? gate(kept) : kept;
+  }
+  LSTMFAST_ALWAYS_INLINE V<Real> kept_candidate(V<Real> kept) const {
+    return clipped ? candidate(kept) : kept;
+  }
+  // d y / d a of a kept gate (y = kept_gate(kept)) and of a kept candidate.
+  LSTMFAST_ALWAYS_INLINE V<Real> kept_gate_prime(V<Real> kept, V<Real> y) const {
+    return unclipped(kept, gate_prime(y));
+  }
+  LSTMFAST_ALWAYS_INLINE V<Real> kept_candidate_prime(V<Real> kept, V<Real> y) const {
+    return unclipped(kept, one - y * y);
+  }
+  // d: a derivative of a pre-activation a, zeroed where the clip bounded a.
+  LSTMFAST_ALWAYS_INLINE V<Real> unclipped(V<Real> a, V<Real> d) const {
+    if (!clipped) return d;
+    return (a >= lo) & (a <= hi) ? d : zero;
   }
 };
 
@@ -68,6 +95,28 @@ struct CellGates {
   LSTMFAST_ALWAYS_INLINE V<Real> gate_prime(V<Real> y) const {
     if constexpr (kOnnx) return onnx.gate_prime(y);
     return y * (splat<Real>(1) - y);
+  }
+  // What training keeps of a gate or the candidate, and what backward makes of it
+  // (OnnxGates::keep): torch's cells keep the values.
+  LSTMFAST_ALWAYS_INLINE V<Real> keep(V<Real> y, V<Real> a) const {
+    if constexpr (kOnnx) return onnx.keep(y, a);
+    return y;
+  }
+  LSTMFAST_ALWAYS_INLINE V<Real> kept_gate(V<Real> kept) const {
+    if constexpr (kOnnx) return onnx.kept_gate(kept);
+    return kept;
+  }
+  LSTMFAST_ALWAYS_INLINE V<Real> kept_candidate(V<Real> kept) const {
+    if constexpr (kOnnx) return onnx.kept_candidate(kept);
+    return kept;
+  }
+  LSTMFAST_ALWAYS_INLINE V<Real> kept_gate_prime(V<Real> kept, V<Real> y) const {
+    if constexpr (kOnnx) return onnx.kept_gate_prime(kept, y);
+    return y * (splat<Real>(1) - y);
+  }
+  LSTMFAST_ALWAYS_INLINE V<Real> kept_candidate_prime(V<Real> kept, V<Real> y) const {
+    if constexpr (kOnnx) return onnx.kept_candidate_prime(kept, y);
+    return splat<Real>(1) - y * y;
   }
   // LSTM: f = 1 - i
   bool coupled() const { return kOnnx && onnx.input_forget; }

@@ -654,8 +654,9 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
         if (cell.second_product) b.u = cv.take<Real>(S * N * H);
         if (ln) b.ln = cv.take<Real>(S * N * (5 * H + 2));
         if (rec_masked) b.hm = cv.take<Real>((S + 1) * N * H_out);
-        if (zoned_h && (s.mode == Mode::RNN_TANH || s.mode == Mode::RNN_RELU))
-          b.gates = cv.take<Real>(S * N * H);  // h~ of every step (rnn.cpp: raw_h)
+        // h~ of every step, or with a clip the pre-activation (rnn.cpp)
+        if ((zoned_h || s.gates.clip > 0) && (s.mode == Mode::RNN_TANH || s.mode == Mode::RNN_RELU))
+          b.gates = cv.take<Real>(S * N * H);
       }
       for (int64_t k = 1; k < L; ++k) inputs[k] = cv.take<Real>(Y);
     };

@@ -10,9 +10,8 @@ hold them; shapes, dtypes and lengths are checked there, and its errors name the
 offending argument.
 
 ONNX's options (docs/onnx.md): the kernels of the cells with the ``onnx_gates``
-feature compute hard sigmoid gates and input_forget, and the clip at inference; the
-other activations, and training with a clip, run in the reference, forward and
-backward.
+feature compute hard sigmoid gates, input_forget and the clip, forward and backward;
+the other activations run in the reference.
 """
 
 import numpy as np
@@ -54,8 +53,7 @@ class _Cache:
         return self.core.nbytes
 
 
-def kernel_gate_options(mode, activations=None, clip=None, input_forget=False,
-                        training=False):
+def kernel_gate_options(mode, activations=None, clip=None, input_forget=False):
     """The kernels' cell_options for ONNX's options: {} for none, a dict of clip,
     input_forget and hard_sigmoid (alpha, beta) where the kernels compute them, or
     None where the reference must."""
@@ -65,9 +63,7 @@ def kernel_gate_options(mode, activations=None, clip=None, input_forget=False,
     triples = own if activations is None else reference.resolve_activations(mode, activations)
     if triples == own and clip is None and not input_forget:
         return {}
-    # The kernels train with ONNX's options but the clip (the reference does).
-    if ((training and clip is not None) or not _cells.supports(mode, "onnx_gates")
-            or triples[1:] != own[1:]):
+    if not _cells.supports(mode, "onnx_gates") or triples[1:] != own[1:]:
         return None
     gate, alpha, beta = triples[0]
     if gate != own[0][0] and not (gate == "hardsigmoid" and own[0][0] == "sigmoid"):
@@ -76,9 +72,9 @@ def kernel_gate_options(mode, activations=None, clip=None, input_forget=False,
             "hard_sigmoid": (alpha, beta) if gate == "hardsigmoid" else None}
 
 
-def fused(mode, activations=None, clip=None, input_forget=False, training=False):
+def fused(mode, activations=None, clip=None, input_forget=False):
     """Whether the kernels compute ``mode`` with these ONNX options (else the reference does)."""
-    return kernel_gate_options(mode, activations, clip, input_forget, training) is not None
+    return kernel_gate_options(mode, activations, clip, input_forget) is not None
 
 
 def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
@@ -88,7 +84,7 @@ def forward(mode, x, hx, params, *, num_layers, bidirectional, proj_size=0,
     """Forward pass of a stacked (bi)directional LSTM / GRU / RNN; as reference.forward."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    gate_options = kernel_gate_options(mode, activations, clip, input_forget, training)
+    gate_options = kernel_gate_options(mode, activations, clip, input_forget)
     if gate_options is None:
         return reference.forward(
             mode, x, hx, params, num_layers=num_layers, bidirectional=bidirectional,

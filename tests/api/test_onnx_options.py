@@ -1,6 +1,7 @@
 """ONNX's options on the NumPy API's LSTM, GRU and RNN: ``reverse`` against torch.nn
-run on the reversed sequences (the oracle), the options the kernels do not compute
-yet taking the reference's path with backward, and every bad value refused by name.
+run on the reversed sequences (the oracle), training with the clip in the kernels,
+the options the kernels do not compute taking the reference's path with backward, and
+every bad value refused by name.
 ONNX Runtime is the oracle of the options themselves (test_onnx_import.py); finite
 differences check their gradients (reference/test_reference.py)."""
 
@@ -70,7 +71,7 @@ def test_reverse_is_torchs_layer_on_the_reversed_sequences(kind, backend):
 
 
 @pytest.mark.parametrize("kind, options", [
-    ("LSTM", dict(activations=["hardsigmoid", "tanh", "tanh"], clip=1.0, input_forget=True)),
+    ("LSTM", dict(activations=["hardsigmoid", "tanh", "relu"], clip=1.0, input_forget=True)),
     ("GRU", dict(activations=["softsign", "elu"], activation_alpha=[None, 0.5], clip=0.7,
                  bidirectional=True, num_layers=2)),
     ("RNN", dict(activations=["leakyrelu"], activation_alpha=[0.1], reverse=True)),
@@ -80,6 +81,7 @@ def test_options_outside_the_kernels_train_on_the_reference_path(kind, options):
     options the kernels lack run in the reference (docs/onnx.md)."""
     fused = getattr(lstmfast, kind)(3, 4, seed=1, **options)
     numpy = getattr(lstmfast, kind)(3, 4, seed=1, backend="numpy", **options)
+    assert not fused._kernels_compute()
     x = np.random.default_rng(2).standard_normal((5, 2, 3)).astype(np.float32)
     for layer in (fused, numpy):
         y, _ = layer(x, lengths=[5, 3])
@@ -119,16 +121,31 @@ def test_what_the_kernels_compute_quantizes_and_the_rest_does_not():
         lstmfast.quantize(lstmfast.LSTM(3, 4, activations=["softsign", "tanh", "tanh"]), "int8")
 
 
-def test_training_with_the_kernels_options_runs_on_the_reference():
-    """The kernels compute ONNX's options at inference; a training layer with them
-    takes the reference's path (docs/onnx.md), and both give the same forward."""
-    layer = lstmfast.LSTM(3, 4, clip=0.5, input_forget=True, seed=0)
-    assert layer._kernels_compute() and not layer._kernels_compute(training=True)
+@pytest.mark.parametrize("kind, options", [
+    ("LSTM", dict(clip=0.5, input_forget=True)),
+    ("GRU", dict(clip=0.6, activations=["hardsigmoid", "tanh"], bidirectional=True)),
+    ("GRU", dict(clip=0.7, linear_before_reset=False, num_layers=2)),
+    ("RNN", dict(clip=0.4, nonlinearity="relu", reverse=True)),
+])
+def test_training_with_a_clip_runs_in_the_kernels(kind, options):
+    """The kernels train with every option they compute, the clip included: the fused
+    layer's forward and gradients are its numpy twin's, from the kernels' cache."""
+    _fused = pytest.importorskip("lstmfast._fused")
+    if not _fused.available:
+        pytest.skip("fused kernels not built")
+    fused = getattr(lstmfast, kind)(3, 4, seed=0, **options)
+    numpy = getattr(lstmfast, kind)(3, 4, seed=0, backend="numpy", **options)
+    assert fused._kernels_compute()
     x = np.random.default_rng(1).standard_normal((5, 2, 3)).astype(np.float32) * 3
-    y_train, _ = layer(x)
-    layer.backward(np.ones_like(y_train))
-    y_eval, _ = layer.eval()(x)
-    assert_close(y_eval, y_train, name="output")
+    dy = np.random.default_rng(2).standard_normal((5, 2, 4 * fused._num_directions))
+    for layer in (fused, numpy):
+        y, _ = layer(x, lengths=[5, 3])
+        if layer is fused:
+            assert isinstance(layer._calls.pending, _fused._Cache)  # not the reference's
+        layer.backward(dy.astype(np.float32))
+    assert_close(fused(x)[0], numpy(x)[0], name="output")
+    for key in numpy.grad:
+        assert_close(fused.grad[key], numpy.grad[key], name=f"grad[{key}]")
 
 
 @pytest.mark.parametrize("make, error, message", [

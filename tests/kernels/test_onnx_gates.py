@@ -1,5 +1,5 @@
-"""ONNX's options in the kernels (hard sigmoid gates, clip, input_forget; the clip at
-inference only) against the reference, on every SIMD target, on one thread and on the
+"""ONNX's options in the kernels (hard sigmoid gates, clip, input_forget), inference
+and training, against the reference, on every SIMD target, on one thread and on the
 pool, with lengths, both directions and layers; and what the kernels leave to the
 reference.
 ONNX Runtime is the oracle of the options themselves (api/test_onnx_import.py)."""
@@ -63,11 +63,13 @@ def test_float64_and_the_pool(mode, options, threads_restored):
     check_inference(mode, options, dict(N=16, H=96, I=32, T=4, lengths=list(range(4, 0, -1)) * 4))
 
 
-# What the kernels train with: all but the clip.
-TRAINING = [(mode, options) for mode, options in OPTIONS if "clip" not in options] + [
+# What the kernels train with: every option, and each without the clip too.
+TRAINING = OPTIONS + [
     ("LSTM", {"activations": ["hardsigmoid", "tanh", "tanh"], "input_forget": True}),
+    ("LSTM", {"clip": 0.8, "input_forget": True}),
     ("GRU", {"activations": [("hardsigmoid", 0.3, 0.45), "tanh"]}),
     ("GRU_RESET_BEFORE", {"activations": ["hardsigmoid", "tanh"]}),
+    ("GRU_RESET_BEFORE", {"clip": 0.7}),
 ]
 
 
@@ -76,7 +78,7 @@ TRAINING = [(mode, options) for mode, options in OPTIONS if "clip" not in option
 def test_training_matches_reference(simd_target, mode, options, config):
     """Forward, backward and every gradient, against the reference's."""
     config = dict(CONFIGS[config])
-    assert _fused.kernel_gate_options(mode, training=True, **options) is not None
+    assert _fused.kernel_gate_options(mode, **options) is not None
     case = Case(mode, np.float64, cell_options={**options, **config.pop("cell_options", {})},
                 scale=2.0, **config)
     case.check()
@@ -105,8 +107,9 @@ def test_projection_peepholes():
 def test_what_the_kernels_leave_to_the_reference():
     gate_options = _fused.kernel_gate_options
     assert gate_options("LSTM") == {}
-    assert gate_options("LSTM", clip=1.0, training=True) is None  # training a clip: the reference
-    assert gate_options("LSTM", input_forget=True, training=True) == {
+    assert gate_options("LSTM", clip=1.0) == {"clip": 1.0, "input_forget": False,
+                                               "hard_sigmoid": None}
+    assert gate_options("LSTM", input_forget=True) == {
         "clip": None, "input_forget": True, "hard_sigmoid": None}
     assert gate_options("LSTM", activations=["softsign", "tanh", "tanh"]) is None
     assert gate_options("LSTM", activations=["hardsigmoid", "tanh", "relu"]) is None
@@ -120,10 +123,6 @@ def test_what_the_kernels_leave_to_the_reference():
     with pytest.raises(ValueError, match="not in the kernels of CTRNN_TANH"):
         _core.rnn_forward("CTRNN_TANH", x, case.hx, None, case.params, num_layers=1,
                           bidirectional=False, cell_options={"clip": 1.0})
-    case = Case("LSTM", np.float32, T=2, N=1, I=3, H=4)
-    with pytest.raises(ValueError, match=r"cell_options\['clip'\] is for inference"):
-        _core.rnn_forward("LSTM", x, *case.hx, case.params, num_layers=1, bidirectional=False,
-                          training=True, cell_options={"clip": 1.0})
     with pytest.raises(ValueError, match="only the LSTM couples its gates"):
         _core.rnn_forward("GRU", x, Case("GRU", np.float32, T=2, N=1, I=3, H=4).hx, None,
                           Case("GRU", np.float32, T=2, N=1, I=3, H=4).params, num_layers=1,

@@ -414,12 +414,11 @@ class _RNNBase(_Module):
             options["reverse"] = True
         return options
 
-    def _kernels_compute(self, training=False):
-        """Whether the fused kernels compute this layer's forward (in training mode or
-        not): ONNX's options they lack send it to the reference (docs/onnx.md)."""
+    def _kernels_compute(self):
+        """Whether the fused kernels compute this layer: ONNX's options they lack send
+        it to the reference (docs/onnx.md)."""
         options = {k: v for k, v in self._onnx_options().items() if k != "reverse"}
-        return self.backend == "fused" and self._backend.fused(self._mode, training=training,
-                                                               **options)
+        return self.backend == "fused" and self._backend.fused(self._mode, **options)
 
     @property
     def _num_directions(self):

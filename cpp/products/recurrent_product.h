@@ -138,34 +138,6 @@ inline void gate_rows(const Real* A, int64_t lda, const Real* panel, int64_t K, 
   for (int r = 0; r < R; ++r) epilogue(b0 + r, j, lanes, acc[r]);
 }
 
-// f(b, rows) for the row tiles of 0..n-1: as few tiles as R rows allow, their
-// heights as even as can be (n = 8, R = 6: 4 + 4, not 6 + 2; a tile of few rows
-// waits on the FMA latency and reloads the panel for little work); rows is a
-// std::integral_constant, so each tile height is a compile-time constant of the
-// micro-kernel.
-template <int M, typename F>
-inline void last_row_tile(int64_t b, int64_t rest, F& f) {
-  if constexpr (M > 0) {
-    if (rest == M)
-      f(b, std::integral_constant<int, M>{});
-    else
-      last_row_tile<M - 1>(b, rest, f);
-  }
-}
-template <int R, typename F>
-inline void for_row_tiles(int64_t n, F&& f) {
-  const int64_t tiles = (n + R - 1) / R;
-  int64_t b = 0;
-  for (int64_t i = 0; i < tiles; ++i) {
-    const int64_t left = tiles - i, rows = (n - b + left - 1) / left;
-    if (rows == R)
-      f(b, std::integral_constant<int, R>{});
-    else
-      last_row_tile<R - 1>(b, rows, f);
-    b += rows;
-  }
-}
-
 // Unit blocks u0..u1-1 (units j0..j1-1) of thread tid of nt: the columns of W_hh it
 // packs and computes, and of h, c and the gate gradients it alone writes.
 // tid and nt also let a cell whose step needs whole rows (LN_LSTM) share the rows.
@@ -287,7 +259,8 @@ inline void dh_product(Real* dh, const Real* dG, int64_t ldg, const Real* panels
 // (LayerBuffers::W_hh_c is null): the GRU's, and any short backward's. With the packed
 // copy of W_hh a GRU training step needed more memory than torch's (measured, 2
 // threads: N=8 H=256 10.6 against 9.9 MB; T=50 N=16 H=1024, one thread, 37.6
-// against 36.2 MB); without it, about 7% slower at N=8.
+// against 36.2 MB); without it, through OpenBLAS, about 7% slower at N=8 (see
+// tiled_gemm, which since reads it as stored).
 template <typename Real>
 inline void dh_product_stored(Real* dh, const Real* dG, int64_t ldg, const Real* W_hh, int64_t n,
                               int64_t GK, int64_t H, int64_t j0, int64_t j1, bool accumulate) {

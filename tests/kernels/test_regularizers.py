@@ -140,6 +140,22 @@ def test_zoneout_matches_the_reference(simd_target, threads_restored, mode, shap
                recurrent_dropout=0.25 if form == "masks_and_recurrent_dropout" else 0.0).check()
 
 
+@pytest.mark.parametrize("mode", ZONEOUT_MODES)
+@pytest.mark.parametrize("shape", ["pool", "direct"])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_zoneout_with_onnx_clip(simd_target, threads_restored, mode, shape, threads):
+    """Training with a clip keeps pre-activations where the cells keep their gates (and
+    the RNN where it keeps h~ for zoneout): zoneout and recurrent dropout read them."""
+    import lstmfast
+
+    lstmfast.set_num_threads(threads)
+    case = zoned_case(mode, shape, OPTIONS["layers_bidirectional_lengths"], recurrent_dropout=0.25)
+    case.x *= 2  # the clip then bounds many pre-activations
+    case.kwargs["clip"] = 0.6
+    assert _fused.kernel_gate_options(mode, clip=0.6) is not None
+    case.check()
+
+
 @pytest.mark.parametrize("form", ["masks", "eval"])
 @pytest.mark.parametrize("zoneout", [(0.3, 0.4), (0.3, None), (None, 0.4)])
 def test_zoneout_of_a_projected_lstm(simd_target, form, zoneout):

@@ -203,8 +203,10 @@ inline void small_gemm_streaming(Real* C, int64_t ldc, const Real* A, int64_t ld
 // thread, 31.5-36.3 to 29.5-33.6 ms at N=32 on two, and T=50 N=16 I=H=1024 on one
 // thread from 235 to 210 ms (Zen 4, AVX-512; with the AVX2 kernels 10% at N=8).
 // An LSTM's backward reads W_hh packed (pack_column_panels), as fast as these
-// tiles at N=8 and 2% faster at N=32 and 64.
-constexpr int64_t kTiledStoredRows = 64;
+// tiles at N=8 and 2% faster at N=32 and 64. The portable target (16-byte vectors,
+// no FMA) keeps OpenBLAS, whose own kernels for such a CPU were not measured
+// against these.
+constexpr int64_t kTiledStoredRows = simd::kVectorBytes >= 32 ? 64 : 0;
 
 template <typename Real>
 inline void tiled_gemm(Real* C, int64_t ldc, const Real* A, int64_t lda, const Real* B,

@@ -5,7 +5,9 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <new>
@@ -73,6 +75,29 @@ std::string shape_str(const std::vector<int64_t>& shape) {
   return out + ")";
 }
 
+// An expected shape of at most four dimensions, held in place: a one-step call checks
+// a dozen shapes, and vectors of them cost it an allocation each.
+struct Dims {
+  int64_t d[4] = {};
+  size_t n = 0;
+  Dims() = default;
+  Dims(std::initializer_list<int64_t> dims) {
+    for (int64_t v : dims) d[n++] = v;
+  }
+  size_t size() const { return n; }
+  int64_t operator[](size_t i) const { return d[i]; }
+  bool operator!=(const std::vector<int64_t>& shape) const {
+    if (shape.size() != n) return true;
+    for (size_t i = 0; i < n; ++i)
+      if (shape[i] != d[i]) return true;
+    return false;
+  }
+};
+
+std::string dims_str(const Dims& shape) {
+  return shape_str(std::vector<int64_t>(shape.d, shape.d + shape.n));
+}
+
 std::string type_name(py::handle obj) {
   return std::string(py::str(py::type::handle_of(obj).attr("__name__")));
 }
@@ -111,7 +136,7 @@ py::array_t<Real, Flags> c_contiguous(const py::array& a) {
 // another shape, both naming the argument.
 template <typename Real, typename Name>
 py::array_t<Real, py::array::c_style> checked(py::handle obj, const Name& name,
-                                              const std::vector<int64_t>& shape) {
+                                              const Dims& shape) {
   if (!py::isinstance<py::array>(obj))
     throw py::type_error(name_str(name) + ": expected a numpy array, got " + type_name(obj));
   auto a = py::reinterpret_borrow<py::array>(obj);
@@ -122,7 +147,7 @@ py::array_t<Real, py::array::c_style> checked(py::handle obj, const Name& name,
   bool same = a.ndim() == static_cast<py::ssize_t>(shape.size());
   for (size_t d = 0; same && d < shape.size(); ++d) same = a.shape(d) == shape[d];
   if (!same)
-    throw py::value_error(name_str(name) + ": expected shape " + shape_str(shape) + ", got " +
+    throw py::value_error(name_str(name) + ": expected shape " + dims_str(shape) + ", got " +
                           shape_str(shape_of(a)));
   // Most arguments already are what the kernels read: taken as they are, without
   // numpy's conversion machinery (which a cell's one-step call would pay per array).
@@ -145,6 +170,17 @@ std::vector<std::string> split_list(const char* names) {
     }
   }
   return out;
+}
+
+// The number of names in "a,b,c" (split_list's, without making them).
+size_t list_length(const char* names) {
+  size_t count = 0;
+  bool in_name = false;
+  for (const char* p = names; *p; ++p) {
+    if (*p != ',' && !in_name) ++count;
+    in_name = *p != ',';
+  }
+  return count;
 }
 
 // The parameters of a layer-direction by slot, as Params and Grads keep them:
@@ -253,13 +289,13 @@ py::list as_list(py::handle obj, const Name& name, size_t length) {
 
 // Shapes of the parameters of layer-direction i (zeros: must be None): torch's
 // five, then the peephole LSTM's three or LN_LSTM's four.
-std::vector<std::vector<int64_t>> param_shapes(const lstmfast::StackShape& s, int64_t i) {
+std::array<Dims, 9> param_shapes(const lstmfast::StackShape& s, int64_t i) {
   const int64_t GH = lstmfast::gates_of(s.mode) * s.H;
   if (s.mode == lstmfast::Mode::LN_LSTM)
-    return {{GH, s.input_size(i / s.D)}, {GH, s.H_out()}, {GH}, {GH}, {s.P, s.H},
-            {GH}, {GH}, {s.H}, {s.H}};
-  return {{GH, s.input_size(i / s.D)}, {GH, s.H_out()}, {GH}, {GH}, {s.P, s.H},
-          {s.H}, {s.H}, {s.H}};
+    return {Dims{GH, s.input_size(i / s.D)}, Dims{GH, s.H_out()}, Dims{GH}, Dims{GH},
+            Dims{s.P, s.H}, Dims{GH}, Dims{GH}, Dims{s.H}, Dims{s.H}};
+  return {Dims{GH, s.input_size(i / s.D)}, Dims{GH, s.H_out()}, Dims{GH}, Dims{GH},
+          Dims{s.P, s.H}, Dims{s.H}, Dims{s.H}, Dims{s.H}, Dims{}};
 }
 
 // Raises MemoryError with `message` (the GIL must be held).
@@ -325,7 +361,7 @@ const char* precision_name(lstmfast::Precision p) {
 // float32 inference only (ValueError naming the parameter otherwise).
 template <typename Real>
 const lstmfast::ReducedMatrix* checked_reduced(py::handle obj, const std::string& name,
-                                               const std::vector<int64_t>& shape,
+                                               const Dims& shape,
                                                const lstmfast::StackShape& s) {
   const auto& r = obj.cast<const lstmfast::ReducedMatrix&>();
   if (!std::is_same<Real, float>::value)
@@ -334,8 +370,8 @@ const lstmfast::ReducedMatrix* checked_reduced(py::handle obj, const std::string
   if (s.training)
     throw py::value_error(name + ": " + precision_name(r.precision) +
                           " weights are for inference only; pass training=False");
-  if (std::vector<int64_t>{r.M, r.K} != shape)
-    throw py::value_error(name + ": expected shape " + shape_str(shape) + ", got " +
+  if (shape != std::vector<int64_t>{r.M, r.K})
+    throw py::value_error(name + ": expected shape " + dims_str(shape) + ", got " +
                           precision_name(r.precision) + " weights of shape " +
                           shape_str({r.M, r.K}));
   return &r;
@@ -384,11 +420,21 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
                           ": must be 0, or for LSTM in 1..hidden_size-1");
   check_sizes(s, sizeof(Real));
   auto x = checked<Real>(x_obj, "x", {s.T, s.N, s.I});
-  auto rc = std::make_unique<RnnCache>();
-  rc->keep_alive.push_back(x);
+  // What the forward reads must outlive it: the caller holds the arrays it passed,
+  // this call the copies it made of them (a layout the kernels cannot read), and a
+  // training call's cache both, as backward reads them again.
+  std::unique_ptr<RnnCache> rc = s.training ? std::make_unique<RnnCache>() : nullptr;
+  std::vector<py::object> copies;
+  auto keep = [&](py::handle given, py::object array) {
+    if (rc)
+      rc->keep_alive.push_back(std::move(array));
+    else if (!array.is(given))
+      copies.push_back(std::move(array));
+  };
+  keep(x_obj, x);
   std::vector<lstmfast::Params<Real>> params(static_cast<size_t>(LD));
   const size_t extra_from = 5, optional_from = extra_from +
-      split_list(lstmfast::cell_info(s.mode).extra_params).size();
+      list_length(lstmfast::cell_info(s.mode).extra_params);
   for (int64_t i = 0; i < LD; ++i) {
     const std::vector<py::object>& entry = weights[i];
     const auto shapes = param_shapes(s, i);
@@ -410,12 +456,12 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
       if ((j == 0 || j == 1 || j == 4) && !py::isinstance<py::array>(entry[j]) &&
           py::isinstance<lstmfast::ReducedMatrix>(entry[j])) {
         reduced[j] = checked_reduced<Real>(entry[j], param_name(i, j), shapes[j], s);
-        rc->keep_alive.push_back(entry[j]);
+        keep(entry[j], entry[j]);
         continue;
       }
       auto a = checked<Real>(entry[j], [&] { return param_name(i, j); }, shapes[j]);
       ptr[j] = a.data();
-      rc->keep_alive.push_back(a);
+      keep(entry[j], a);
     }
     const bool any = reduced[0] || reduced[1] || reduced[4];
     if (any && (!reduced[0] || !reduced[1] || (s.P > 0 && !reduced[4])))
@@ -461,7 +507,7 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
       auto m = checked<Real>(list[k], "dropout_masks[" + std::to_string(k) + "]",
                              {s.T, s.N, s.D * s.H_out()});
       masks.push_back(m.data());
-      rc->keep_alive.push_back(m);
+      keep(list[k], m);
     }
   }
 
@@ -478,7 +524,7 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
   if (!rec_masks_obj.is_none()) {
     auto rec = checked<Real>(rec_masks_obj, "recurrent_dropout_masks", {LD, s.N, s.H_out()});
     for (int64_t i = 0; i < LD; ++i) params[i].rec_mask = rec.data() + i * s.N * s.H_out();
-    rc->keep_alive.push_back(rec);
+    keep(rec_masks_obj, rec);
   }
 
   // Zoneout: (m_h, m_c), each None, a probability (the same for every unit: eval) or
@@ -503,7 +549,7 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
       auto a = checked<Real>(m, names[which], {LD, s.T, s.N, widths[which]});
       for (int64_t i = 0; i < LD; ++i)
         (which == 0 ? params[i].zone_h : params[i].zone_c) = a.data() + i * s.T * s.N * widths[which];
-      rc->keep_alive.push_back(a);
+      keep(m, a);
     }
   }
 
@@ -532,7 +578,7 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
                        (s.training ? " (training)" : " (inference)"));
   }
   py::object cache_obj = py::none();
-  if (cache) {
+  if (cache && rc) {  // a training call's
     rc->shape = s;
     rc->dtype = py::dtype::of<Real>();
     rc->cache = std::move(cache);

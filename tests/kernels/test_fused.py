@@ -252,6 +252,7 @@ def test_backward_adds_into_grads_and_can_run_twice():
 def test_any_memory_layout():
     case = Case("LSTM", np.float32, T=4, N=3, I=5, H=6, L=2, bidirectional=True)
     (y, h_n, c_n), back = case.run(_fused)
+    inference = case.forward(_fused, training=False)[:3]
     # x as a transposed view, h0 and c0 Fortran-ordered, weights as strided views
     case.x = np.ascontiguousarray(case.x.transpose(1, 0, 2)).transpose(1, 0, 2)
     assert not case.x.flags.c_contiguous
@@ -261,6 +262,24 @@ def test_any_memory_layout():
     np.testing.assert_array_equal(y, y2)
     np.testing.assert_array_equal(h_n, h_n2)
     np.testing.assert_array_equal(back[0], back2[0])
+    # inference keeps no cache: the copies it makes must still live through the call
+    for got, expected in zip(case.forward(_fused, training=False)[:3], inference):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_one_step_of_any_memory_layout():
+    rng = np.random.default_rng(0)
+    H, I = 6, 5
+    weights = [rng.standard_normal(shape).astype(np.float32)
+               for shape in ((3 * H, I), (3 * H, H), (3 * H,), (3 * H,))]
+    x = rng.standard_normal((1, 2, I)).astype(np.float32)
+    h0 = rng.standard_normal((1, 2, H)).astype(np.float32)
+    expected = _core.cell_step("GRU", x, h0, None, *weights, False)
+    strided = [np.repeat(w, 2, axis=-1)[..., ::2] for w in weights]
+    assert not any(w.flags.c_contiguous for w in strided)
+    got = _core.cell_step("GRU", np.asfortranarray(x), np.asfortranarray(h0), None, *strided, False)
+    for a, b in zip(got[:2], expected[:2]):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("threads", [1, 2])

@@ -16,6 +16,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "products/row_tiles.h"
 #include "runtime/simd.h"
 
 #if defined(__AVX2__)
@@ -447,24 +448,6 @@ constexpr int panels_for_rows() {
 #endif
 }
 
-// f(b, rows) over tiles of R rows from b0 to b1, then one tile of the rows left;
-// rows is a std::integral_constant, so each tile height is a compile-time constant.
-template <int M, typename F>
-inline void last_row_tile(int64_t b, int64_t rest, F& f) {
-  if constexpr (M > 0) {
-    if (rest == M)
-      f(b, std::integral_constant<int, M>{});
-    else
-      last_row_tile<M - 1>(b, rest, f);
-  }
-}
-template <int R, typename F>
-inline void for_row_tiles(int64_t b0, int64_t b1, F&& f) {
-  int64_t b = b0;
-  for (; b + R <= b1; b += R) f(b, std::integral_constant<int, R>{});
-  last_row_tile<R - 1>(b, b1 - b, f);
-}
-
 // Panels p0..p1-1 in groups of P (then smaller ones) for one tile of R rows at b.
 template <int R, int P, bool kInt8>
 inline void tile_panels(float* C, int64_t ldc, const ActivationScratch& act, int64_t b,
@@ -495,9 +478,9 @@ void panels_of(float* C, int64_t ldc, const ActivationScratch& act, int64_t n, c
     const int64_t b1 = b0 + kRowBlock < n ? b0 + kRowBlock : n;
     for (int64_t q0 = p0; q0 < p1; q0 += block) {
       const int64_t q1 = q0 + block < p1 ? q0 + block : p1;
-      for_row_tiles<kRows>(b0, b1, [&](int64_t b, auto rows) {
+      for_row_tiles<kRows>(b1 - b0, [&](int64_t b, auto rows) {
         constexpr int R = decltype(rows)::value;
-        tile_panels<R, panels_for_rows<R>(), kInt8>(C, ldc, act, b, W, q0, q1, t);
+        tile_panels<R, panels_for_rows<R>(), kInt8>(C, ldc, act, b0 + b, W, q0, q1, t);
       });
     }
   }

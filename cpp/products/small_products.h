@@ -7,39 +7,12 @@
 
 #include <type_traits>
 
+#include "products/row_tiles.h"
 #include "runtime/gemm.h"
 #include "runtime/kernel_unit.h"
 
 namespace lstmfast {
 namespace LSTMFAST_ISA {
-
-// f(b, rows) for the row tiles of 0..n-1: as few tiles as R rows allow, their
-// heights as even as can be (n = 8, R = 6: 4 + 4, not 6 + 2; a tile of few rows
-// waits on the FMA latency and reloads the panel for little work); rows is a
-// std::integral_constant, so each tile height is a compile-time constant of the
-// micro-kernel.
-template <int M, typename F>
-inline void last_row_tile(int64_t b, int64_t rest, F& f) {
-  if constexpr (M > 0) {
-    if (rest == M)
-      f(b, std::integral_constant<int, M>{});
-    else
-      last_row_tile<M - 1>(b, rest, f);
-  }
-}
-template <int R, typename F>
-inline void for_row_tiles(int64_t n, F&& f) {
-  const int64_t tiles = (n + R - 1) / R;
-  int64_t b = 0;
-  for (int64_t i = 0; i < tiles; ++i) {
-    const int64_t left = tiles - i, rows = (n - b + left - 1) / left;
-    if (rows == R)
-      f(b, std::integral_constant<int, R>{});
-    else
-      last_row_tile<R - 1>(b, rows, f);
-    b += rows;
-  }
-}
 
 // ---------------------------------------------------------------------------
 // The per-step GEMM for few rows.

@@ -112,7 +112,7 @@ struct CellGates {
   }
   LSTMFAST_ALWAYS_INLINE V<Real> kept_gate_prime(V<Real> kept, V<Real> y) const {
     if constexpr (kOnnx) return onnx.kept_gate_prime(kept, y);
-    return y * (splat<Real>(1) - y);
+    return gate_prime(y);
   }
   LSTMFAST_ALWAYS_INLINE V<Real> kept_candidate_prime(V<Real> kept, V<Real> y) const {
     if constexpr (kOnnx) return onnx.kept_candidate_prime(kept, y);

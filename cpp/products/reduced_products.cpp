@@ -1,6 +1,6 @@
 // The reduced-precision products (reduced_products.h), compiled once per
-// instruction set: the portable loops, AVX2 (also the AVX-512 build without
-// extensions), AVX512_VNNI for int8 and AVX512_BF16 for bfloat16.
+// instruction set: the portable loops, AVX2, AVX-512 (int8 on vpmaddubsw; bfloat16
+// on AVX2's tile), AVX512_VNNI for int8 and AVX512_BF16 for bfloat16.
 //
 // Every panel kernel computes a register tile of R rows x P panels of 16 outputs,
 // k innermost: per step of k it loads one vector of each panel and broadcasts one
@@ -150,9 +150,10 @@ inline void store_columns(float* c, const float* out, int64_t columns) {
 // ---------------------------------------------------------------------------
 // int8 tiles
 
-#if defined(__AVX512VNNI__)
+#if defined(__AVX512BW__)
 
 // acc + the four u8 x s8 products of each 32-bit lane of a (u8) and w (s8), in int32.
+#if defined(__AVX512VNNI__)
 // GCC 12 copies every accumulator of a tile to another register around each
 // vpdpbusd it emits for the intrinsic (66 moves for 24 vpdpbusd in the 6 x 4 tile);
 // the instruction written out keeps each sum in its register.
@@ -164,8 +165,32 @@ inline __m512i dpbusd(__m512i acc, __m512i a, __m512i w) {
   return _mm512_dpbusd_epi32(acc, a, w);
 #endif
 }
+#else
+// Without VNNI (AVX-512 before Cascade Lake): vpmaddubsw sums pairs of products in
+// int16 (exact for 7-bit activations, as AVX2's), vpmaddwd the pairs in int32. The
+// same lanes and the same sums as vpdpbusd, in three instructions instead of one.
+// (This build had run AVX2's tile, whose 6 x 4 x 2 accumulators of 256 bits do not
+// fit 32 registers: every sum went through memory.)
+inline __m512i dpbusd(__m512i acc, __m512i a, __m512i w) {
+  const __m512i ones = _mm512_set1_epi16(1);
+#if defined(__GNUC__) && !defined(__clang__)
+  __m512i pairs;  // written out as vpdpbusd above: with the intrinsics GCC 12 kept the sums in memory
+  asm("vpmaddubsw %[w], %[a], %[t]\n\t"
+      "vpmaddwd %[ones], %[t], %[t]\n\t"
+      "vpaddd %[t], %[acc], %[acc]"
+      : [acc] "+v"(acc), [t] "=&v"(pairs)
+      : [a] "v"(a), [w] "v"(w), [ones] "v"(ones));
+  return acc;
+#else
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(a, w), ones));
+#endif
+}
+#endif
 
-// vpdpbusd: the four u8 x s8 products of a 32-bit lane summed into its int32.
+// The four u8 x s8 products of a 32-bit lane summed into its int32. The weights of
+// a group are loaded first and each row's broadcast used at once: R x P
+// accumulators, P weights, one broadcast (and without VNNI a product and the ones)
+// stay within the 32 registers.
 template <int R, int P>
 inline void int8_tile(float* C, int64_t ldc, const ActivationScratch& act, int64_t b,
                       const ReducedMatrix& W, int64_t panel, const Tile& t) {
@@ -175,15 +200,13 @@ inline void int8_tile(float* C, int64_t ldc, const ActivationScratch& act, int64
   for (int r = 0; r < R; ++r)
     for (int p = 0; p < P; ++p) acc[r][p] = _mm512_setzero_si512();
   for (int64_t g = 0; g < t.groups; ++g) {
-    __m512i a[R];
+    __m512i wv[P];
+    for (int p = 0; p < P; ++p) wv[p] = _mm512_loadu_si512(w + p * t.panel_stride + g * 64);
     for (int r = 0; r < R; ++r) {
       int32_t four;
       std::memcpy(&four, q + r * t.lda + g * 4, 4);
-      a[r] = _mm512_set1_epi32(four);
-    }
-    for (int p = 0; p < P; ++p) {
-      const __m512i wv = _mm512_loadu_si512(w + p * t.panel_stride + g * 64);
-      for (int r = 0; r < R; ++r) acc[r][p] = dpbusd(acc[r][p], a[r], wv);
+      const __m512i a = _mm512_set1_epi32(four);
+      for (int p = 0; p < P; ++p) acc[r][p] = dpbusd(acc[r][p], a, wv[p]);
     }
   }
   const int64_t m0 = panel * 16;

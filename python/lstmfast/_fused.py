@@ -187,6 +187,8 @@ def fresh_gradients_backward(cache, d_output, d_h_n=None, d_c_n=None, consume=Fa
     clearing them cost as much as filling them (4H x (I + H) values each).
     ``empty`` makes the arrays (tests give one that fills them with NaN).
     ``input_grad=False``: dx is not computed, and None (see backward)."""
+    if isinstance(cache, dict):  # a forward the reference computed (see fused)
+        return backward(cache, d_output, d_h_n, d_c_n, consume=consume, input_grad=input_grad)
     _check_cache(cache)
     grads = {name: empty(shape, dtype=cache.dtype) for name, shape in cache.shapes.items()}
     dx, dh0, dc0 = _core.rnn_backward(cache.core, *_output_grads(cache, d_output, d_h_n, d_c_n),

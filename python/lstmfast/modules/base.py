@@ -19,9 +19,8 @@ from .._cells import modes_with
 from .inputs import (_from_time_major, _prepare_grads, _prepare_hx, _prepare_input,
                      _prepare_lengths, _shape_str, _to_numpy)
 from .masks import _dropout_masks, _regularizer_args
-from .options import (_CELL_STATE_MODES, _PACKAGE, _check_activations, _check_backend,
-                      _check_clip, _check_dropout, _check_flag,
-                      _check_probability, _check_seed, _check_size, _check_sizes, _check_zoneout,
+from .options import (_CELL_STATE_MODES, _PACKAGE, _check_backend, _check_dropout,
+                      _check_flag, _GateOptions, _check_probability, _check_seed, _check_size, _check_sizes, _check_zoneout,
                       _load_backend, _resolve_dtype)
 from .precision import _backend_weights, _checked_reduced_state
 
@@ -292,19 +291,14 @@ class _Module:
         return s
 
 
-class _RNNBase(_Module):
+class _RNNBase(_GateOptions, _Module):
     """Shared by LSTM, GRU and RNN (and CTRNN, LayerNormLSTM): the constructor's checks
     and parameters, forward and backward from the caller's layout to the backend's."""
 
     peephole = False  # LSTM(peephole=True) sets it
     recurrent_dropout = 0.0
     zoneout = (0.0, 0.0)
-    # ONNX's options (LSTM, GRU, RNN; docs/onnx.md): _activations holds the (name,
-    # alpha, beta) triples when they are not the cell's own, else None.
-    _activations = None
-    clip = None
-    input_forget = False
-    reverse = False
+    reverse = False  # ONNX's direction="reverse"; its other options: _GateOptions
     _zoneout_modes = modes_with("zoneout")  # where zoneout may be set (the cell table)
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True,
@@ -357,59 +351,22 @@ class _RNNBase(_Module):
             if p.shape != tuple(shapes[name]):
                 raise RuntimeError(f"internal error: {name} has shape {p.shape}, expected {shapes[name]}")
 
+    @property
+    def _gate_options_mode(self):
+        return self._mode
+
     def _set_onnx_options(self, activations, activation_alpha, activation_beta, clip,
                           input_forget, reverse, bidirectional):
-        triples = _check_activations(self._mode, activations, activation_alpha,
-                                     activation_beta)
-        reference = importlib.import_module(_PACKAGE + ".reference")
-        if triples is not None and triples != reference.resolve_activations(self._mode):
-            self._activations = triples
-        self.clip = _check_clip(clip)
-        if self.clip is not None and self._mode not in reference.DEFAULT_ACTIVATIONS:
-            raise ValueError(f"clip: only LSTM, GRU and RNN take it, not {type(self).__name__}")
-        self.input_forget = _check_flag("input_forget", input_forget)
-        if self.input_forget and self._mode != "LSTM":
-            raise ValueError(f"input_forget: only an LSTM couples its gates, not "
-                             f"{type(self).__name__}")
+        self._set_gate_options(activations, activation_alpha, activation_beta, clip,
+                               input_forget)
         self.reverse = _check_flag("reverse", reverse)
         if self.reverse and bidirectional:
             raise ValueError("reverse: a bidirectional layer already runs both ways; "
                              "reverse=True is for a layer of one direction")
 
-    def _activation_triples(self):
-        reference = importlib.import_module(_PACKAGE + ".reference")
-        return self._activations or reference.resolve_activations(self._mode)
-
-    @property
-    def activations(self):
-        """The activations (f, g, h as the cell has them: ONNX's names), torch's by default."""
-        return tuple(name for name, _, _ in self._activation_triples())
-
-    def _activation_parameter(self, index):
-        reference = importlib.import_module(_PACKAGE + ".reference")
-        return tuple(triple[1 + index]
-                     if reference.ACTIVATION_PARAMETERS.get(triple[0], (False, False))[index]
-                     else None for triple in self._activation_triples())
-
-    @property
-    def activation_alpha(self):
-        """Each activation's alpha (None for those that read none)."""
-        return self._activation_parameter(0)
-
-    @property
-    def activation_beta(self):
-        """Each activation's beta (None for those that read none)."""
-        return self._activation_parameter(1)
-
     def _onnx_options(self):
         """The forward's keyword arguments for ONNX's options that are set."""
-        options = {}
-        if self._activations is not None:
-            options["activations"] = self._activations
-        if self.clip is not None:
-            options["clip"] = self.clip
-        if self.input_forget:
-            options["input_forget"] = True
+        options = self._gate_options()
         if self.reverse:
             options["reverse"] = True
         return options
@@ -470,15 +427,7 @@ class _RNNBase(_Module):
             s += f", recurrent_dropout={self.recurrent_dropout}"
         if any(self.zoneout):
             s += f", zoneout={self.zoneout}"
-        if self._activations is not None:
-            s += f", activations={self.activations}"
-            for name in ("activation_alpha", "activation_beta"):
-                if any(v is not None for v in getattr(self, name)):
-                    s += f", {name}={getattr(self, name)}"
-        if self.clip is not None:
-            s += f", clip={self.clip}"
-        if self.input_forget:
-            s += ", input_forget=True"
+        s += self._gate_options_repr()
         if self.reverse:
             s += ", reverse=True"
         return s + self._options_repr() + self._extra_repr_tail()

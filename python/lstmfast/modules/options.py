@@ -138,6 +138,81 @@ def _check_clip(clip):
     return float(clip)
 
 
+class _GateOptions:
+    """ONNX's activations (with their alpha and beta), clip and input_forget on a layer
+    of lstmfast's or lstmfast.torch's (docs/onnx.md): checked once, kept, and read back.
+    The class gives its backend mode as ``_gate_options_mode``."""
+
+    # the (name, alpha, beta) triples when they are not the cell's own, else None
+    _activations = None
+    clip = None
+    input_forget = False
+
+    def _set_gate_options(self, activations, activation_alpha, activation_beta, clip,
+                          input_forget):
+        reference = importlib.import_module(_PACKAGE + ".reference")
+        mode, owner = self._gate_options_mode, type(self).__name__
+        triples = _check_activations(mode, activations, activation_alpha, activation_beta)
+        if triples is not None and triples != reference.resolve_activations(mode):
+            self._activations = triples
+        self.clip = _check_clip(clip)
+        if self.clip is not None and mode not in reference.DEFAULT_ACTIVATIONS:
+            raise ValueError(f"clip: only LSTM, GRU and RNN take it, not {owner}")
+        self.input_forget = _check_flag("input_forget", input_forget)
+        if self.input_forget and mode != "LSTM":
+            raise ValueError(f"input_forget: only an LSTM couples its gates, not {owner}")
+
+    def _activation_triples(self):
+        reference = importlib.import_module(_PACKAGE + ".reference")
+        return self._activations or reference.resolve_activations(self._gate_options_mode)
+
+    @property
+    def activations(self):
+        """The activations (f, g, h as the cell has them: ONNX's names), torch's by default."""
+        return tuple(name for name, _, _ in self._activation_triples())
+
+    def _activation_parameter(self, index):
+        reference = importlib.import_module(_PACKAGE + ".reference")
+        return tuple(triple[1 + index]
+                     if reference.ACTIVATION_PARAMETERS.get(triple[0], (False, False))[index]
+                     else None for triple in self._activation_triples())
+
+    @property
+    def activation_alpha(self):
+        """Each activation's alpha (None for those that read none)."""
+        return self._activation_parameter(0)
+
+    @property
+    def activation_beta(self):
+        """Each activation's beta (None for those that read none)."""
+        return self._activation_parameter(1)
+
+    def _gate_options(self):
+        """The backends' keyword arguments for the options that are set."""
+        options = {}
+        if self._activations is not None:
+            options["activations"] = self._activations
+        if self.clip is not None:
+            options["clip"] = self.clip
+        if self.input_forget:
+            options["input_forget"] = True
+        return options
+
+    def _gate_options_repr(self):
+        """The options that are set, as extra_repr shows them."""
+        s = ""
+        if self._activations is not None:
+            s += f", activations={self.activations}"
+            for name in ("activation_alpha", "activation_beta"):
+                if any(v is not None for v in getattr(self, name)):
+                    s += f", {name}={getattr(self, name)}"
+        if self.clip is not None:
+            s += f", clip={self.clip}"
+        if self.input_forget:
+            s += ", input_forget=True"
+        return s
+
+
 def _resolve_dtype(dtype):
     # np.dtype(None) is float64 and dtype == None compares as float64: exclude None first.
     try:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ..modules.options import _check_flag, _check_probability, _check_zoneout
+from ..modules.options import _GateOptions, _check_flag, _check_probability, _check_zoneout
 from ..modules.precision import _backend_weight
 from ._backend import (_as_class, _backend, _in_torch_only_context, _packed_for,
                        _unsupported_reason, _warn_once, _weight_arrays)
@@ -37,7 +37,7 @@ def _regularizer_masks(cls_name, masks):
     return masks.get("recurrent_dropout_mask"), masks.get("zoneout_mask")
 
 
-class _FastRNNMixin:
+class _FastRNNMixin(_GateOptions):
     """The forward shared by the three layer classes; the rest is torch's nn.RNNBase.
 
     It follows torch's own forward step by step and calls torch's own checks, so
@@ -51,12 +51,26 @@ class _FastRNNMixin:
     recurrent_dropout = 0.0  # docs/cells.md, Recurrent dropout and zoneout
     zoneout = (0.0, 0.0)
 
-    def __init__(self, *args, recurrent_dropout=0.0, zoneout=0.0, **kwargs):
-        """torch's constructor, then the regularizers torch lacks (keyword-only)."""
+    def __init__(self, *args, recurrent_dropout=0.0, zoneout=0.0, activations=None,
+                 activation_alpha=None, activation_beta=None, clip=None, input_forget=False,
+                 **kwargs):
+        """torch's constructor, then what torch lacks (keyword-only): the regularizers
+        and ONNX's activations, clip and input_forget (_GateOptions)."""
         super().__init__(*args, **kwargs)
         self.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout,
                                                     upper_open=True)
         self.zoneout = _check_zoneout(zoneout, "LSTM" if self.mode == "LSTM" else "GRU")
+        self._set_gate_options(activations, activation_alpha, activation_beta, clip,
+                               input_forget)
+
+    @property
+    def _gate_options_mode(self):  # GRU and GRU_RESET_BEFORE take the same options
+        return self._lstmfast_mode
+
+    @property
+    def _lstmfast_beyond_torch(self):
+        """Whether no torch class computes this layer (restore leaves it as it is)."""
+        return bool(self._gate_options())
 
     def forward(self, input, hx=None, **masks):  # noqa: A002  (torch's name)
         """torch's forward; ``recurrent_dropout_mask=`` and ``zoneout_mask=`` (keywords)
@@ -79,10 +93,11 @@ class _FastRNNMixin:
             s += f", recurrent_dropout={self.recurrent_dropout}"
         if any(self.zoneout):
             s += f", zoneout={self.zoneout}"
-        return s
+        return s + self._gate_options_repr()
 
     def _torch_forward(self, input, hx, given=None):
-        if self._regularized(given):  # torch has no recurrent dropout or zoneout
+        # torch has no recurrent dropout, zoneout or ONNX's options: a loop of its ops
+        if self._regularized(given) or self._gate_options():
             return _torch_loop_forward(self, input, hx, _torch_loop_stack, given)
         return self._lstmfast_torch_class.forward(self, input, hx)
 
@@ -95,14 +110,14 @@ class _FastRNNMixin:
         """Keyword arguments of the backend forward beyond torch's, from ``given``, what
         the caller passed beyond torch's arguments: here recurrent dropout's and
         zoneout's masks (given, or drawn from torch's generator in training), or
-        zoneout's probabilities (eval); a variant's own otherwise."""
+        zoneout's probabilities (eval), and ONNX's options; a variant's own otherwise."""
+        options = self._gate_options()
         if not self._regularized(given):
-            return None
+            return options or None
         given = given or {}
         LD = self.num_layers * (2 if self.bidirectional else 1)
         H = self.hidden_size
         H_out = self.proj_size if self.proj_size > 0 else H
-        options = {}
 
         def checked(name, value, shape):
             if not isinstance(value, torch.Tensor) or tuple(value.shape) != shape:
@@ -151,6 +166,10 @@ class _FastRNNMixin:
 
     def __prepare_scriptable__(self):
         """``torch.jit.script`` compiles torch's class on the same parameters."""
+        if self._gate_options():
+            raise TypeError(f"{type(self).__name__} with ONNX's activations, clip or input_forget "
+                            "cannot be scripted: torch has no such layer to compile; use "
+                            "torch.jit.trace")
         return _as_class(self, self._lstmfast_torch_class)
 
 
@@ -162,7 +181,7 @@ class _FastRNNMixin:
 # function runs on behalf of a compiled caller (about 1 us per call).
 @torch.compiler.disable
 def _fused_layer_forward(self, input, hx, given=None):
-    if given is None and type(self) in _PLAIN_LAYERS:
+    if given is None and type(self) in _PLAIN_LAYERS and not self._gate_options():
         result = _plain_inference_forward(self, input, hx)
         if result is not None:
             return result
@@ -183,7 +202,8 @@ def _fused_layer_forward(self, input, hx, given=None):
             or data.numel() == 0):
         return self._torch_forward(input, hx, given)
     if torch.is_autocast_enabled("cpu") and not self._lstmfast_quantized:
-        if not self._lstmfast_autocast or not _autocast_serves(self, data):
+        if (not self._lstmfast_autocast or self._gate_options()
+                or not _autocast_serves(self, data)):
             return self._torch_forward(input, hx, given)
         return _bfloat16_autocast_forward(self, input, hx, hx_list)
     weights = self._lstmfast_weights()
@@ -460,7 +480,9 @@ def _autocast_dtypes(mode, proj_size, input_dtype):
 class LSTM(_FastRNNMixin, nn.LSTM):
     """``torch.nn.LSTM`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
     ``zoneout`` (a probability, or (p_h, p_c) for h and c)
-    add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.LSTM``'s)."""
+    add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.LSTM``'s);
+    ONNX's ``activations`` (with ``activation_alpha``, ``activation_beta``), ``clip`` and
+    ``input_forget`` are ``lstmfast.LSTM``'s too (docs/onnx.md)."""
 
     _lstmfast_torch_class = nn.LSTM
 
@@ -468,7 +490,9 @@ class LSTM(_FastRNNMixin, nn.LSTM):
 class GRU(_FastRNNMixin, nn.GRU):
     """``torch.nn.GRU`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
     ``zoneout`` (a probability, or (p_h, p_c), p_c 0)
-    add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.GRU``'s).
+    add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.GRU``'s);
+    ONNX's ``activations`` (with ``activation_alpha``, ``activation_beta``) and ``clip`` are
+    ``lstmfast.GRU``'s too (docs/onnx.md).
 
     ``linear_before_reset=False`` gives the GRU of the original paper (ONNX's
     ``linear_before_reset=0``, Keras's ``reset_after=False``; ``lstmfast.GRU``'s), which
@@ -491,6 +515,10 @@ class GRU(_FastRNNMixin, nn.GRU):
     def _lstmfast_autocast(self):  # torch's ops under autocast for the GRU torch lacks
         return self.linear_before_reset
 
+    @property
+    def _lstmfast_beyond_torch(self):
+        return not self.linear_before_reset or super()._lstmfast_beyond_torch
+
     def _torch_forward(self, input, hx, given=None):
         if not self.linear_before_reset:  # torch has no such GRU: a loop of its ops
             return _torch_loop_forward(self, input, hx, _torch_loop_stack, given)
@@ -509,7 +537,9 @@ class GRU(_FastRNNMixin, nn.GRU):
 class RNN(_FastRNNMixin, nn.RNN):
     """``torch.nn.RNN`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
     ``zoneout`` (a probability, or (p_h, p_c), p_c 0)
-    add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.RNN``'s)."""
+    add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.RNN``'s);
+    ONNX's ``activations`` (with ``activation_alpha``, ``activation_beta``) and ``clip`` are
+    ``lstmfast.RNN``'s too (docs/onnx.md)."""
 
     _lstmfast_torch_class = nn.RNN
 

@@ -95,13 +95,44 @@ def _torch_ln_lstm_stack(s, x, h0, c0, masks, *weights):
     return _torch_layer_loop(s, x, h0, c0, masks, step)
 
 
+# ONNX's activations (docs/cells.md, Activations, clip and the coupled gates) as torch
+# ops: name -> y = function(a, alpha, beta), as the reference computes them.
+_ACTIVATIONS = {
+    "sigmoid": lambda a, al, be: torch.sigmoid(a),
+    "tanh": lambda a, al, be: torch.tanh(a),
+    "relu": lambda a, al, be: torch.relu(a),
+    "affine": lambda a, al, be: al * a + be,
+    "leakyrelu": lambda a, al, be: torch.where(a >= 0, a, al * a),
+    "thresholdedrelu": lambda a, al, be: torch.where(a > al, a, torch.zeros_like(a)),
+    "scaledtanh": lambda a, al, be: al * torch.tanh(be * a),
+    "hardsigmoid": lambda a, al, be: torch.clamp(al * a + be, 0, 1),
+    "elu": lambda a, al, be: torch.where(a >= 0, a, al * torch.expm1(torch.clamp(a, max=0))),
+    "softsign": lambda a, al, be: a / (1 + torch.abs(a)),
+    "softplus": lambda a, al, be: torch.logaddexp(torch.zeros_like(a), a),
+}
+_OWN_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh"),
+                    "GRU_RESET_BEFORE": ("sigmoid", "tanh"), "RNN_TANH": ("tanh",),
+                    "RNN_RELU": ("relu",)}
+
+
 def _torch_loop_stack(s, x, h0, c0, masks, *weights):
     """An LSTM (peepholes and projection included), GRU or RNN stack, with recurrent
-    dropout and zoneout (docs/cells.md, Recurrent dropout and zoneout), as a loop of torch ops (_torch_layer_loop): what
-    torch's kernels cannot compute (peepholes: docs/cells.md, Peephole LSTM; the regularizers). The
-    masks, s["cell_options"] (as the backends take them), are constants."""
+    dropout and zoneout (docs/cells.md, Recurrent dropout and zoneout) and ONNX's
+    activations, clip and input_forget, as a loop of torch ops (_torch_layer_loop): what
+    torch's kernels cannot compute (peepholes: docs/cells.md, Peephole LSTM; the regularizers;
+    ONNX's options). The masks, s["cell_options"] (as the backends take them), are constants."""
     w = dict(zip(s["names"], weights))
     options = s.get("cell_options") or {}
+    triples = options.get("activations") or tuple(
+        (name, 0.0, 0.0) for name in _OWN_ACTIVATIONS.get(s["mode"], ()))
+    clip, input_forget = options.get("clip"), options.get("input_forget", False)
+
+    def act(role, a, clipped=True):  # activation role (0 f, 1 g, 2 h), clip first
+        name, alpha, beta = triples[role]
+        if clipped and clip is not None:
+            a = torch.clamp(a, -clip, clip)
+        return _ACTIVATIONS[name](a, alpha, beta)
+
     rec = options.get("recurrent_dropout_masks")
     zone = options.get("zoneout_masks") or (None, None)
     mode = s["mode"]
@@ -132,31 +163,32 @@ def _torch_loop_stack(s, x, h0, c0, masks, *weights):
             i, f, g, o = (gi + gh).chunk(4, 1)
             if "weight_ci" + sfx in w:  # peepholes: i and f see c, o the new c
                 i, f = i + w["weight_ci" + sfx] * c, f + w["weight_cf" + sfx] * c
-            c_next = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            i = act(0, i)
+            f = 1 - i if input_forget else act(0, f)  # ONNX's coupled gates
+            c_next = f * c + i * act(1, g)
             if "weight_co" + sfx in w:
                 o = o + w["weight_co" + sfx] * c_next
-            h_next = torch.sigmoid(o) * torch.tanh(c_next)
+            h_next = act(0, o) * act(2, c_next, clipped=False)
             if s["proj_size"]:
                 h_next = h_next @ w["weight_hr" + sfx].T
         elif mode == "GRU":
             i_r, i_z, i_n = gi.chunk(3, 1)
             h_r, h_z, h_n = gh.chunk(3, 1)
-            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
-            n = torch.tanh(i_n + r * h_n)
+            r, z = act(0, i_r + h_r), act(0, i_z + h_z)
+            n = act(1, i_n + r * h_n)
             h_next = (1 - z) * n + z * h
         elif mode == "GRU_RESET_BEFORE":  # r multiplies h before W_hn (gh's n block unused)
             H = h.shape[1]
             i_r, i_z, i_n = gi.chunk(3, 1)
             h_r, h_z, _ = gh.chunk(3, 1)
-            r, z = torch.sigmoid(i_r + h_r), torch.sigmoid(i_z + h_z)
+            r, z = act(0, i_r + h_r), act(0, i_z + h_z)
             h_n = (r * h_rec) @ w["weight_hh" + sfx][2 * H:].T
             if b_hh is not None:
                 h_n = h_n + b_hh[2 * H:]
-            n = torch.tanh(i_n + h_n)
+            n = act(1, i_n + h_n)
             h_next = (1 - z) * n + z * h
         else:
-            a = gi + gh
-            h_next = torch.relu(a) if mode == "RNN_RELU" else torch.tanh(a)
+            h_next = act(0, gi + gh)
         m_h, m_c = factor(zone[0], k, t), factor(zone[1], k, t)
         if m_h is not None:
             h_next = m_h * h + (1 - m_h) * h_next

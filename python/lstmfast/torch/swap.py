@@ -72,7 +72,8 @@ def _swap_all(model, table, what):
         raise TypeError(f"{what}: model must be a torch.nn.Module, got {type(model).__name__}")
     for module in model.modules():
         cls = _swapped_class(type(module), table)
-        if cls is not None and not (what == "restore" and not getattr(module, "linear_before_reset", True)):
+        if cls is not None and not (what == "restore"
+                                    and getattr(module, "_lstmfast_beyond_torch", False)):
             module.__class__ = cls
     return model
 
@@ -95,8 +96,9 @@ def accelerate(model):
 
 def restore(model):
     """Undo ``accelerate``: every lstmfast module in ``model`` becomes the torch class it
-    came from, with its parameters, hooks and state as they are. A ``GRU(linear_before_reset=
-    False)``, which no torch class computes, stays as it is. Returns ``model``."""
+    came from, with its parameters, hooks and state as they are. A layer that no torch
+    class computes (``GRU(linear_before_reset=False)``, ONNX's activations, clip or
+    input_forget) stays as it is. Returns ``model``."""
     back = {twin: custom for custom, twin in _torchaudio_swaps().items()}
     return _swap_all(model, {**_RESTORES, **back}, "restore")
 

@@ -1,0 +1,268 @@
+"""ONNX's options on lstmfast.torch's layers: ``activations`` (with ``activation_alpha`` and
+``activation_beta``), ``clip`` and ``input_forget``, as ``lstmfast.LSTM`` / ``GRU`` / ``RNN``
+take them (docs/onnx.md). The fused call under autograd against the NumPy layer with the
+same options (whose own oracle is ONNX Runtime: api/test_onnx_options.py), the loop of
+torch ops that serves where the kernels cannot against the kernels, and the refusals."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import lstmfast  # noqa: E402
+import lstmfast.torch as lt  # noqa: E402
+
+from helpers import assert_close  # noqa: E402
+
+# (class, constructor options): the sets the kernels compute (HardSigmoid gates, clip,
+# input_forget) and some the reference computes (other activations).
+CASES = [
+    ("LSTM", dict(activations=["HardSigmoid", "Tanh", "Tanh"], clip=1.5)),
+    ("LSTM", dict(input_forget=True, clip=2.0, num_layers=2, bidirectional=True)),
+    ("LSTM", dict(activations=["Sigmoid", "Elu", "Softsign"], activation_alpha=[None, 0.7, None],
+                  batch_first=True)),
+    ("PeepholeLSTM", dict(activations=["HardSigmoid", "Tanh", "Tanh"],
+                          activation_alpha=[0.25, None, None], activation_beta=[0.4, None, None],
+                          input_forget=True)),
+    ("GRU", dict(activations=["HardSigmoid", "Tanh"], clip=1.0, bidirectional=True)),
+    ("GRU", dict(activations=["HardSigmoid", "Tanh"], linear_before_reset=False, num_layers=2)),
+    ("GRU", dict(activations=["Sigmoid", "ScaledTanh"], activation_alpha=[None, 1.3],
+                 activation_beta=[None, 0.6])),
+    ("RNN", dict(activations=["LeakyRelu"], activation_alpha=[0.1], clip=3.0)),
+    ("RNN", dict(nonlinearity="relu", clip=0.5, bidirectional=True)),
+    ("RNN", dict(activations=["Softplus"])),
+]
+IDS = [f"{cls}-{'-'.join(sorted(o))}" for cls, o in CASES]
+
+NUMPY_CLASS = {"LSTM": "LSTM", "PeepholeLSTM": "LSTM", "GRU": "GRU", "RNN": "RNN"}
+
+
+def numpy_twin(module, cls, options, dtype):
+    """lstmfast's NumPy layer of the same kind and options, the module's weights loaded."""
+    kwargs = dict(num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
+                  bidirectional=module.bidirectional, dtype=dtype)
+    for name in ("activations", "activation_alpha", "activation_beta", "clip", "input_forget",
+                 "linear_before_reset", "nonlinearity"):
+        if name in options:
+            kwargs[name] = options[name]
+    if cls == "PeepholeLSTM":
+        kwargs["peephole"] = True
+    layer = getattr(lstmfast, NUMPY_CLASS[cls])(module.input_size, module.hidden_size, **kwargs)
+    layer.load_state_dict({k: v.detach().numpy() for k, v in module.state_dict().items()})
+    return layer
+
+
+def make(cls, options, dtype, seed=0):
+    torch.manual_seed(seed)
+    module_options = {k: v for k, v in options.items()}
+    return getattr(lt, cls)(4, 6, **module_options).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cls,options", CASES, ids=IDS)
+def test_forward_and_gradients_match_the_numpy_layer(dtype, cls, options):
+    module = make(cls, options, dtype)
+    N, T = 3, 5
+    D = 2 if module.bidirectional else 1
+    x = torch.randn((N, T, 4) if module.batch_first else (T, N, 4), dtype=dtype,
+                    requires_grad=True)
+    h0 = torch.randn(module.num_layers * D, N, 6, dtype=dtype, requires_grad=True)
+    lstm = module.mode == "LSTM"
+    c0 = torch.randn(module.num_layers * D, N, 6, dtype=dtype, requires_grad=True)
+    out, state = module(x, (h0, c0) if lstm else h0)
+    h_n = state[0] if lstm else state
+    grad_out, grad_h = torch.randn_like(out), torch.randn_like(h_n)
+    loss = (out * grad_out).sum() + (h_n * grad_h).sum()
+    grad_c = torch.randn_like(state[1]) if lstm else None
+    if lstm:
+        loss = loss + (state[1] * grad_c).sum()
+    loss.backward()
+
+    twin = numpy_twin(module, cls, options, "float32" if dtype == torch.float32 else "float64")
+    twin.train()
+    hx = (h0.detach().numpy(), c0.detach().numpy()) if lstm else h0.detach().numpy()
+    expected, expected_state = twin(x.detach().numpy(), hx)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    assert_close(out.detach().numpy(), expected, tol=tol, name="output")
+    if lstm:
+        assert_close(state[0].detach().numpy(), expected_state[0], tol=tol, name="h_n")
+        assert_close(state[1].detach().numpy(), expected_state[1], tol=tol, name="c_n")
+        dx, (dh0, dc0) = twin.backward(grad_out.numpy(), (grad_h.numpy(), grad_c.numpy()))
+        assert_close(c0.grad.numpy(), dc0, tol=tol, name="grad c0")
+    else:
+        assert_close(state.detach().numpy(), expected_state, tol=tol, name="h_n")
+        dx, dh0 = twin.backward(grad_out.numpy(), grad_h.numpy())
+    assert_close(x.grad.numpy(), dx, tol=tol, name="grad x")
+    assert_close(h0.grad.numpy(), dh0, tol=tol, name="grad h0")
+    for name, p in module.named_parameters():
+        assert_close(p.grad.numpy(), twin.grad[name], tol=tol, name=f"grad {name}")
+
+
+@pytest.mark.parametrize("cls,options", CASES, ids=IDS)
+def test_inference_without_a_graph_matches_the_numpy_layer(cls, options):
+    """The eval call with no gradient, which a plain layer sends down its short path."""
+    module = make(cls, options, torch.float32, seed=1).eval()
+    x = torch.randn((2, 7, 4) if module.batch_first else (7, 2, 4))
+    with torch.no_grad():
+        out, _ = module(x)
+    twin = numpy_twin(module, cls, options, "float32").eval()
+    expected, _ = twin(x.numpy())
+    assert_close(out.numpy(), expected, name="output")
+
+
+@pytest.mark.parametrize("cls,options", CASES, ids=IDS)
+def test_the_torch_loop_computes_what_the_kernels_do(cls, options):
+    """The loop of torch ops (CUDA, other dtypes, tracing, export, autocast, double
+    backward) on the options, against the kernels, with lengths and an unbatched input."""
+    module = make(cls, options, torch.float64, seed=2)
+    x = torch.randn((3, 5, 4) if module.batch_first else (5, 3, 4), dtype=torch.float64)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 2, 4]),
+                                                     batch_first=module.batch_first,
+                                                     enforce_sorted=False)
+    for given in (x, x[0] if module.batch_first else x[:, 0], packed):
+        with torch.no_grad():
+            fused = module(given)
+            loop = module._torch_forward(given, None)
+        a, b = ((fused[0].data, loop[0].data) if isinstance(given, type(packed))
+                else (fused[0], loop[0]))
+        assert_close(a.numpy(), b.numpy(), tol=1e-12, name="output")
+        fused_h = fused[1][0] if module.mode == "LSTM" else fused[1]
+        loop_h = loop[1][0] if module.mode == "LSTM" else loop[1]
+        assert_close(fused_h.numpy(), loop_h.numpy(), tol=1e-12, name="h_n")
+
+
+@pytest.mark.parametrize("cls,options", [CASES[0], CASES[4], CASES[7]], ids=[IDS[0], IDS[4], IDS[7]])
+def test_double_backward_differentiates_the_options(cls, options):
+    """A second derivative goes through the loop of torch ops: its first derivative
+    must be the kernels' (and so the NumPy layer's)."""
+    module = make(cls, options, torch.float64, seed=3)
+    x = torch.randn(4, 2, 4, dtype=torch.float64, requires_grad=True)
+    out, _ = module(x)
+    (g,) = torch.autograd.grad(out.pow(2).sum(), x, create_graph=True)
+    (g_kernels,) = torch.autograd.grad(module(x)[0].pow(2).sum(), x)
+    assert_close(g.detach().numpy(), g_kernels.numpy(), tol=1e-10, name="first derivative")
+    (gg,) = torch.autograd.grad(g.sum(), x)
+    # the same second derivative from the loop alone, with torch's autograd throughout
+    x2 = x.detach().requires_grad_(True)
+    (g2,) = torch.autograd.grad(module._torch_forward(x2, None)[0].pow(2).sum(), x2,
+                                create_graph=True)
+    (gg2,) = torch.autograd.grad(g2.sum(), x2)
+    assert_close(gg.numpy(), gg2.numpy(), tol=1e-10, name="second derivative")
+
+
+def test_the_options_change_the_result():
+    """Each option computes something else than torch's own layer on the same weights."""
+    torch.manual_seed(4)
+    x = torch.randn(6, 2, 4)
+    for cls, options in CASES:
+        module = make(cls, options, torch.float32, seed=5)
+        plain = make(cls, {k: v for k, v in options.items()
+                           if k in ("num_layers", "bidirectional", "batch_first",
+                                    "linear_before_reset", "nonlinearity")}, torch.float32, seed=5)
+        plain.load_state_dict(module.state_dict())
+        with torch.no_grad():
+            assert (module(x)[0] - plain(x)[0]).abs().max() > 1e-3, (cls, options)
+
+
+def test_attributes_and_repr():
+    module = lt.LSTM(3, 5, activations=["HardSigmoid", "Tanh", "Tanh"], clip=2, input_forget=True)
+    assert module.activations == ("hardsigmoid", "tanh", "tanh")
+    assert module.activation_alpha == (0.2, None, None)
+    assert module.activation_beta == (0.5, None, None)
+    assert module.clip == 2.0 and module.input_forget is True
+    text = repr(module)
+    assert "activations=('hardsigmoid', 'tanh', 'tanh')" in text
+    assert "clip=2.0" in text and "input_forget=True" in text
+    plain = lt.GRU(3, 5)
+    assert plain.activations == ("sigmoid", "tanh") and plain.clip is None
+    assert "activations" not in repr(plain)
+    # torch's own activations given by name are no option at all
+    assert lt.RNN(3, 5, activations=["Tanh"])._gate_options() == {}
+
+
+@pytest.mark.parametrize("make_layer,message", [
+    (lambda: lt.GRU(3, 4, input_forget=True), "input_forget: only an LSTM"),
+    (lambda: lt.LSTM(3, 4, activations=["Sigmoid", "Tanh"]), "LSTM takes 3"),
+    (lambda: lt.RNN(3, 4, activations=["Swish"]), "'Swish' is not one of"),
+    (lambda: lt.LSTM(3, 4, clip=0), "clip must be None or a number > 0"),
+    (lambda: lt.GRU(3, 4, activation_alpha=[0.1, None]), "given without activations"),
+    (lambda: lt.RNN(3, 4, activations=["Tanh"], activation_alpha=[0.3]), "tanh takes none"),
+    (lambda: lt.GRU(3, 4, activations=["HardSigmoid", "Tanh"], activation_beta=[0.1]),
+     "activation_beta: expected one entry"),
+])
+def test_bad_options_raise_value_errors_naming_them(make_layer, message):
+    with pytest.raises(ValueError, match=message):
+        make_layer()
+
+
+def test_the_variants_without_these_options_refuse_them():
+    with pytest.raises(TypeError):
+        lt.LayerNormLSTM(3, 4, clip=1.0)
+    with pytest.raises(TypeError):
+        lt.CTRNN(3, 4, activations=["Tanh"])
+
+
+def test_scripting_refuses_and_restore_keeps_the_layer():
+    module = lt.LSTM(3, 4, clip=1.0)
+    with pytest.raises(TypeError, match="clip or input_forget cannot be scripted"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script's own notice
+        torch.jit.script(module)
+    model = torch.nn.Sequential(module)
+    lt.restore(model)
+    assert type(model[0]) is lt.LSTM  # torch's LSTM would drop the clip
+    plain = lt.GRU(3, 4)
+    lt.restore(torch.nn.Sequential(plain))
+    assert type(plain) is torch.nn.GRU
+
+
+def test_trace_runs_the_loop():
+    module = make("GRU", CASES[4][1], torch.float32, seed=6)
+    x = torch.randn(5, 2, 4)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's warnings on Python control flow
+        traced = torch.jit.trace(module, (x,), check_trace=False)
+        expected = module(x)[0]
+        assert_close(traced(x)[0].numpy(), expected.numpy(), name="traced output")
+
+
+@pytest.mark.parametrize("activations", [["HardSigmoid", "Tanh"], None])
+def test_an_imported_onnx_layer_trains_in_torch(activations):
+    """A node's options and weights carried from from_onnx's layer to a torch layer, as
+    docs/torch.md shows it."""
+    pytest.importorskip("onnx")
+    source = lstmfast.GRU(4, 6, activations=activations,
+                          activation_alpha=activations and [0.3, None], linear_before_reset=False,
+                          clip=2.0, seed=7)
+    (node,) = lstmfast.from_onnx(source.to_onnx()).values()
+    gru = lt.GRU(node.input_size, node.hidden_size, activations=list(node.activations),
+                 activation_alpha=list(node.activation_alpha),
+                 activation_beta=list(node.activation_beta), clip=node.clip,
+                 linear_before_reset=node.linear_before_reset)
+    gru.load_state_dict({k: torch.from_numpy(v) for k, v in node.state_dict().items()})
+    x = np.random.default_rng(8).standard_normal((5, 2, 4)).astype(np.float32)
+    with torch.no_grad():
+        out, _ = gru(torch.from_numpy(x))
+    assert_close(out.numpy(), source(x)[0], name="output")
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+@pytest.mark.parametrize("cls,options", [CASES[0], CASES[4], CASES[7]], ids=[IDS[0], IDS[4], IDS[7]])
+def test_export_runs_the_options_in_onnxruntime(cls, options, dynamo, tmp_path):
+    """Both of torch's exporters write the loop's ops, which ONNX Runtime runs to the
+    kernels' result."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    module = make(cls, options, torch.float32, seed=9).eval()
+    x = torch.randn(6, 2, 4)
+    path = tmp_path / "layer.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer warnings
+        torch.onnx.export(module, (x,), str(path), dynamo=dynamo)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        expected = module(x)[0]
+    assert_close(got, expected.numpy(), name="onnxruntime on the exported layer")

@@ -202,6 +202,18 @@ def test_the_variants_without_these_options_refuse_them():
         lt.LayerNormLSTM(3, 4, clip=1.0)
     with pytest.raises(TypeError):
         lt.CTRNN(3, 4, activations=["Tanh"])
+    with pytest.raises(ValueError, match="int8 layers take none"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's migration notes
+        lt.QuantizedLSTM(3, 4, clip=1.0)
+
+
+def test_quantize_dynamic_leaves_such_a_layer_float():
+    model = torch.nn.Sequential(lt.LSTM(3, 4, clip=1.0), lt.GRU(4, 4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's migration notes
+        quantized = lt.quantize_dynamic(model)
+    assert type(quantized[0]) is lt.LSTM and quantized[0].clip == 1.0
+    assert type(quantized[1]) is lt.QuantizedGRU
 
 
 def test_scripting_refuses_and_restore_keeps_the_layer():

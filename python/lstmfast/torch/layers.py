@@ -62,6 +62,9 @@ class _FastRNNMixin(_GateOptions):
         self.zoneout = _check_zoneout(zoneout, "LSTM" if self.mode == "LSTM" else "GRU")
         self._set_gate_options(activations, activation_alpha, activation_beta, clip,
                                input_forget)
+        if self._lstmfast_quantized and self._gate_options():
+            raise ValueError(f"{type(self).__name__}: torch's int8 layers take none of ONNX's "
+                             "activations, clip or input_forget")
 
     @property
     def _gate_options_mode(self):  # GRU and GRU_RESET_BEFORE take the same options

@@ -109,7 +109,9 @@ def quantize_dynamic(model, qconfig_spec=None, dtype=torch.qint8, inplace=False)
     kernels (the other modules are quantized exactly as torch's function does).
     Arguments are torch's; ``dtype`` must be ``torch.qint8`` (torch.float16 layers
     would run torch's kernels: use torch's function for them). Layers already
-    accelerated are quantized too. Returns the quantized model.
+    accelerated are quantized too, but for those no torch class computes
+    (``GRU(linear_before_reset=False)``, ONNX's options), which stay float. Returns the
+    quantized model.
     """
     if dtype != torch.qint8:
         raise ValueError(

@@ -33,6 +33,8 @@ CASES = [
     ("RNN", dict(activations=["LeakyRelu"], activation_alpha=[0.1], clip=3.0)),
     ("RNN", dict(nonlinearity="relu", clip=0.5, bidirectional=True)),
     ("RNN", dict(activations=["Softplus"])),
+    ("RNN", dict(activations=["Affine"], activation_alpha=[0.5], activation_beta=[0.1])),
+    ("GRU", dict(activations=["Sigmoid", "ThresholdedRelu"], activation_alpha=[None, 0.2])),
 ]
 IDS = [f"{cls}-{'-'.join(sorted(o))}" for cls, o in CASES]
 

@@ -19,9 +19,9 @@ from .._cells import modes_with
 from .inputs import (_from_time_major, _prepare_grads, _prepare_hx, _prepare_input,
                      _prepare_lengths, _shape_str, _to_numpy)
 from .masks import _dropout_masks, _regularizer_args
-from .options import (_CELL_STATE_MODES, _PACKAGE, _check_backend, _check_dropout,
-                      _check_flag, _GateOptions, _check_probability, _check_seed, _check_size, _check_sizes, _check_zoneout,
-                      _load_backend, _resolve_dtype)
+from .options import (_CELL_STATE_MODES, _PACKAGE, _GateOptions, _check_backend, _check_dropout,
+                      _check_flag, _check_probability, _check_seed, _check_size, _check_sizes,
+                      _check_zoneout, _load_backend, _resolve_dtype)
 from .precision import _backend_weights, _checked_reduced_state
 
 

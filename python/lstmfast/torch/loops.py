@@ -110,9 +110,6 @@ _ACTIVATIONS = {
     "softsign": lambda a, al, be: a / (1 + torch.abs(a)),
     "softplus": lambda a, al, be: torch.logaddexp(torch.zeros_like(a), a),
 }
-_OWN_ACTIVATIONS = {"LSTM": ("sigmoid", "tanh", "tanh"), "GRU": ("sigmoid", "tanh"),
-                    "GRU_RESET_BEFORE": ("sigmoid", "tanh"), "RNN_TANH": ("tanh",),
-                    "RNN_RELU": ("relu",)}
 
 
 def _torch_loop_stack(s, x, h0, c0, masks, *weights):
@@ -123,8 +120,10 @@ def _torch_loop_stack(s, x, h0, c0, masks, *weights):
     ONNX's options). The masks, s["cell_options"] (as the backends take them), are constants."""
     w = dict(zip(s["names"], weights))
     options = s.get("cell_options") or {}
+    from ..reference import DEFAULT_ACTIVATIONS
+
     triples = options.get("activations") or tuple(
-        (name, 0.0, 0.0) for name in _OWN_ACTIVATIONS.get(s["mode"], ()))
+        (name, 0.0, 0.0) for name in DEFAULT_ACTIVATIONS.get(s["mode"], ()))
     clip, input_forget = options.get("clip"), options.get("input_forget", False)
 
     def act(role, a, clipped=True):  # activation role (0 f, 1 g, 2 h), clip first

@@ -6,6 +6,8 @@ independent oracles the tests compare lstmfast's cells with (docs/cells.md), and
 * ``PrimerCTRNN``: Yang & Wang's continuous-time RNN, their primer's module as published;
 * ``CustomLSTMLoop``: torchaudio's RNN-T ``_CustomLSTM(layer_norm=True)``, its code
   transcribed (for where torchaudio does not import);
+* ``HardSigmoidLSTMLoop``: Keras 2's LSTM with its default hard-sigmoid gates, ported to
+  torch as a loop (what tf2onnx exports with ONNX's HardSigmoid);
 * ``RecurrentDropoutLoop``: an ``nn.LSTMCell`` loop with one recurrent dropout mask on h
   per sequence; ``ZoneoutLoop``: ESPnet's ZoneOutCell around ``nn.LSTMCell``. Both take
   masks fixed by the caller (``fixed``), so that they can be compared with lstmfast's.
@@ -46,6 +48,36 @@ class PeepholeLoop(nn.Module):
             f = torch.sigmoid(f + self.weight_cf * c)
             c = f * c + i * torch.tanh(g)
             h = torch.sigmoid(o + self.weight_co * c) * torch.tanh(c)
+            outputs.append(h)
+        return torch.stack(outputs), (h, c)
+
+
+class HardSigmoidLSTMLoop(nn.Module):
+    """Keras 2's LSTM (``recurrent_activation="hard_sigmoid"``, its default) ported to torch
+    as a loop: the gates are clip(0.2 a + 0.5, 0, 1), the rest torch's LSTM (its gate
+    order and weight layout), as a user moving such a model to torch writes it."""
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__()
+        H = hidden_size
+        self.weight_ih = nn.Parameter(torch.empty(4 * H, input_size))
+        self.weight_hh = nn.Parameter(torch.empty(4 * H, H))
+        self.bias_ih = nn.Parameter(torch.empty(4 * H))
+        self.bias_hh = nn.Parameter(torch.empty(4 * H))
+        for p in self.parameters():
+            nn.init.uniform_(p, -H ** -0.5, H ** -0.5)
+
+    def forward(self, x):  # (T, N, I)
+        N, H = x.shape[1], self.weight_hh.shape[1]
+        h = c = x.new_zeros(N, H)
+        outputs = []
+        for x_t in x:
+            gates = nn.functional.linear(x_t, self.weight_ih, self.bias_ih) + \
+                nn.functional.linear(h, self.weight_hh, self.bias_hh)
+            i, f, g, o = gates.chunk(4, 1)
+            i, f, o = (torch.clamp(0.2 * a + 0.5, 0.0, 1.0) for a in (i, f, o))
+            c = f * c + i * torch.tanh(g)
+            h = o * torch.tanh(c)
             outputs.append(h)
         return torch.stack(outputs), (h, c)
 

@@ -418,13 +418,28 @@ def test_variants_time_every_variant_after_checking_it(tmp_path, capsys, monkeyp
     assert rc == 0
     rows = json.loads(out_json.read_text())["results"]
     assert {(r["variant"], r["mode"]) for r in rows} == {
-        (v, m) for v in ("peephole", "ln_lstm", "ctrnn") for m in ("inference", "training")} | {
+        (v, m) for v in ("peephole", "ln_lstm", "ctrnn", "hard_sigmoid")
+        for m in ("inference", "training")} | {
         ("rec_dropout", "training"), ("zoneout", "training")}
     for row in rows:
         assert row["max_rel_diff"] <= 1e-4
         assert set(row["seconds"]) == {"torch loop", "lstmfast", "plain"}
         assert all(t > 0 for t in row["seconds"].values())
     assert "vs loop" in capsys.readouterr().out
+
+
+def test_variants_take_a_subset_by_name(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("torch")
+    monkeypatch.setattr(common, "PAUSE", 0.0)
+    out_json = tmp_path / "variants.json"
+    rc = bench.main(["--variants", "hard_sigmoid,ctrnn", "--tiny", "--threads", "1", "--rounds",
+                     "1", "--min-time", "0", "--modes", "inference", "--json", str(out_json)])
+    assert rc == 0
+    rows = json.loads(out_json.read_text())["results"]
+    assert {r["variant"] for r in rows} == {"hard_sigmoid", "ctrnn"}
+    with pytest.raises(SystemExit):
+        bench.main(["--variants", "hard_sigmoid,nonesuch", "--tiny"])
+    assert "unknown nonesuch" in capsys.readouterr().err
 
 
 def test_variants_refuse_an_implementation_that_disagrees(monkeypatch, capsys):

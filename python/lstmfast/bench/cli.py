@@ -37,9 +37,11 @@ def main(argv=None):
                         help="instead of the grid, time inference against what a user would pick instead: "
                              "torch float32, int8 (quantize_dynamic) and bfloat16 (autocast), ONNX Runtime "
                              "float32 and int8, against lstmfast float32 and lstmfast.quantize's int8 and bfloat16")
-    parser.add_argument("--variants", action="store_true",
-                        help="instead of the grid, time the cells torch.nn lacks (peephole LSTM) against the "
-                             "torch loop users run today and against lstmfast's plain layer, training and inference")
+    parser.add_argument("--variants", nargs="?", const="all", metavar="NAME,...",
+                        help="instead of the grid, time the cells and options torch.nn lacks against the "
+                             "torch loop users run today and against lstmfast's plain layer, training and "
+                             "inference; all of them, or a comma-separated subset of: peephole, ln_lstm, "
+                             "ctrnn, rec_dropout, zoneout, hard_sigmoid")
     parser.add_argument("--patterns", action="store_true",
                         help="instead of the grid, time the call patterns users meet, torch against "
                              "lstmfast.torch, one process per measurement: calls after idle gaps, after "
@@ -67,7 +69,7 @@ def main(argv=None):
         return _main_models(parser, args)
     if args.patterns:
         return _main_patterns(parser, args)
-    if args.tiny and not (args.peers or args.variants):
+    if args.tiny and not (args.peers or args.variants is not None):
         parser.error("--tiny goes with --models, --patterns, --peers or --variants")
     args.threads = args.threads or [1, 2]
 
@@ -80,7 +82,7 @@ def main(argv=None):
         parser.error("--threads must be positive")
     if args.peers:
         return _main_peers(parser, args)
-    if args.variants:
+    if args.variants is not None:
         return _main_variants(parser, args)
     args.modes = args.modes or list(MODES)
     from lstmfast.bench import grid
@@ -91,7 +93,8 @@ def main(argv=None):
 
 
 def _main_onnx(parser, args):
-    if args.models is not None or args.peers or args.variants or args.patterns or args.plot:
+    if (args.models is not None or args.peers or args.variants is not None or args.patterns
+            or args.plot):
         parser.error("--onnx is a mode of its own")
     shape = None
     if args.onnx_shape is not None:
@@ -174,5 +177,9 @@ def _main_variants(parser, args):
         parser.error("--variants needs torch: pip install 'lstmfast[torch]'")
     from lstmfast.bench import variants
 
-    return variants.run(list(variants.VARIANTS), args.threads, args.rounds, args.min_time,
+    names = list(variants.VARIANTS) if args.variants == "all" else args.variants.split(",")
+    unknown = [n for n in names if n not in variants.VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)} (known: {', '.join(variants.VARIANTS)})")
+    return variants.run(names, args.threads, args.rounds, args.min_time,
                         modes=args.modes or variants.MODES, tiny=args.tiny, json_path=args.json)

@@ -10,7 +10,8 @@ each other:
 
 * ``torch loop``: the variant written as users write it, a Python loop over torch ops
   with autograd, from ``lstmfast.oracles`` (for the peephole LSTM: the ONNX/TensorFlow
-  equations of docs/cells.md, Peephole LSTM; for the CTRNN: Yang & Wang's primer module,
+  equations of docs/cells.md, Peephole LSTM; for the hard-sigmoid LSTM: Keras 2's LSTM
+  ported to torch; for the CTRNN: Yang & Wang's primer module,
   as published; for the layer-normalized LSTM: torchaudio's RNN-T
   ``_CustomLSTM(layer_norm=True)``, itself when torchaudio imports, else its code
   transcribed, ``CustomLSTMLoop``; for the regularizers (docs/cells.md, Recurrent
@@ -36,7 +37,8 @@ import lstmfast
 import lstmfast.interop
 import lstmfast.torch
 from lstmfast.bench import common
-from lstmfast.oracles import CustomLSTMLoop, PeepholeLoop, PrimerCTRNN, RecurrentDropoutLoop, ZoneoutLoop
+from lstmfast.oracles import (CustomLSTMLoop, HardSigmoidLSTMLoop, PeepholeLoop, PrimerCTRNN,
+                              RecurrentDropoutLoop, ZoneoutLoop)
 
 AGREEMENT_RTOL = 1e-4
 MODES = ("inference", "training")
@@ -48,6 +50,15 @@ def _peephole_modules(s):
     with torch.no_grad():
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_ci", "weight_cf",
                      "weight_co"):
+            getattr(ours, name + "_l0").copy_(getattr(loop, name))
+    return loop, ours, lstmfast.torch.LSTM(s["I"], s["H"])
+
+
+def _hard_sigmoid_modules(s):
+    loop = HardSigmoidLSTMLoop(s["I"], s["H"])
+    ours = lstmfast.torch.LSTM(s["I"], s["H"], activations=["HardSigmoid", "Tanh", "Tanh"])
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
             getattr(ours, name + "_l0").copy_(getattr(loop, name))
     return loop, ours, lstmfast.torch.LSTM(s["I"], s["H"])
 
@@ -158,6 +169,12 @@ VARIANTS = {
         "sizes": {"full": dict(T=100, N=16, I=3, H=64), "tiny": dict(T=4, N=2, I=3, H=5)},
         "modules": _ctrnn_modules,
         "loop_names": _CTRNN_NAMES,
+    },
+    "hard_sigmoid": {
+        "describe": "LSTM with Keras 2's hard-sigmoid gates (ONNX's HardSigmoid, alpha 0.2, beta 0.5)",
+        "sizes": {"full": dict(T=100, N=8, I=256, H=256), "tiny": dict(T=4, N=2, I=3, H=5)},
+        "modules": _hard_sigmoid_modules,
+        "loop_names": {},  # the loop's parameter names are ours without _l0
     },
     "rec_dropout": {
         "describe": "LSTM with recurrent dropout 0.25 (docs/cells.md, Recurrent dropout and zoneout), one mask per sequence",

@@ -199,6 +199,23 @@ def test_bad_options_raise_value_errors_naming_them(make_layer, message):
         make_layer()
 
 
+def test_an_rnn_takes_relu_as_its_nonlinearity():
+    """As lstmfast.RNN: activations=["Relu"] is nonlinearity="relu" (torch's own relu RNN,
+    whose kernels then run); another activation must leave nonlinearity at "tanh"."""
+    torch.manual_seed(10)
+    module = lt.RNN(3, 4, activations=["Relu"])
+    assert module.nonlinearity == "relu" and module.mode == "RNN_RELU"
+    assert module._gate_options() == {} and module.activations == ("relu",)
+    theirs = torch.nn.RNN(3, 4, nonlinearity="relu")
+    theirs.load_state_dict(module.state_dict())
+    x = torch.randn(5, 2, 3)
+    with torch.no_grad():
+        assert_close(module(x)[0].numpy(), theirs(x)[0].numpy(), name="output")
+    for activations in (["Tanh"], ["LeakyRelu"]):
+        with pytest.raises(ValueError, match="disagree"):
+            lt.RNN(3, 4, nonlinearity="relu", activations=activations)
+
+
 def test_the_variants_without_these_options_refuse_them():
     with pytest.raises(TypeError):
         lt.LayerNormLSTM(3, 4, clip=1.0)

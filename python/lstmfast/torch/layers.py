@@ -542,9 +542,21 @@ class RNN(_FastRNNMixin, nn.RNN):
     ``zoneout`` (a probability, or (p_h, p_c), p_c 0)
     add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.RNN``'s);
     ONNX's ``activations`` (with ``activation_alpha``, ``activation_beta``) and ``clip`` are
-    ``lstmfast.RNN``'s too (docs/onnx.md)."""
+    ``lstmfast.RNN``'s too (docs/onnx.md): ``activations=["Relu"]`` is
+    ``nonlinearity="relu"``; another of ONNX's replaces ``nonlinearity``, which must then
+    stay "tanh"."""
 
     _lstmfast_torch_class = nn.RNN
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self._activations is None:
+            return
+        if self.nonlinearity != "tanh":
+            raise ValueError(f"activations={self.activations} and nonlinearity="
+                             f"{self.nonlinearity!r} disagree: give one of them")
+        if self._activations == (("relu", 0.0, 0.0),):  # torch's own relu RNN
+            self.nonlinearity, self.mode, self._activations = "relu", "RNN_RELU", None
 
 
 # The classes whose call _plain_inference_forward may take: torch's three layers

@@ -10,7 +10,8 @@ tests/ is on sys.path (pyproject.toml, ``[tool.pytest.ini_options] pythonpath``)
   reference with random inputs and loss weights (the reference's tests);
 * ``Case`` / ``VARIANTS``: one forward/backward of the fused kernels and of the
   reference on the same inputs (the kernels' tests);
-* ``torchaudio_custom_lstm``: torchaudio's own layer-normalized LSTM, when it imports.
+* ``torchaudio_custom_lstm``: torchaudio's own layer-normalized LSTM, when it imports;
+* ``recurrent_model`` / ``random_weights``: an ONNX model of one LSTM, GRU or RNN node.
 """
 
 import importlib
@@ -317,3 +318,59 @@ def keras_on_torch():
     if keras.backend.backend() != "torch":
         pytest.skip(f"keras runs on {keras.backend.backend()} in this process, not torch")
     return keras
+
+
+# ------------------------------------------------------------------------------------------
+# ONNX models of one recurrent node (needs onnx, imported when called)
+
+ONNX_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def random_weights(op, I, H, D, rng, peepholes=False, bias=True):
+    """ONNX's W, R (and B, P) of a node, uniform in [-0.5, 0.5)."""
+    G = ONNX_GATES[op]
+    arrays = {"W": rng.uniform(-0.5, 0.5, (D, G * H, I)), "R": rng.uniform(-0.5, 0.5, (D, G * H, H))}
+    if bias:
+        arrays["B"] = rng.uniform(-0.5, 0.5, (D, 2 * G * H))
+    if peepholes:
+        arrays["P"] = rng.uniform(-0.5, 0.5, (D, 3 * H))
+    return arrays
+
+
+def recurrent_model(op, I, H, *, direction="forward", layout=0, rng=None, peepholes=False,
+                    bias=True, name="rnn", arrays=None, **attributes):
+    """One ONNX node of type op (weights random, or ``arrays``, as initializers) with
+    inputs X, sequence_lens, initial_h (and initial_c), outputs Y, Y_h (and Y_c)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    D = 2 if direction == "bidirectional" else 1
+    if arrays is None:
+        arrays = random_weights(op, I, H, D, rng, peepholes, bias)
+    peepholes, bias = "P" in arrays, "B" in arrays
+    inputs = ["X", "W", "R", "B" if bias else "", "sequence_lens", "initial_h"]
+    outputs = ["Y", "Y_h"]
+    if op == "LSTM":
+        inputs += ["initial_c", "P" if peepholes else ""]
+        outputs.append("Y_c")
+    node = helper.make_node(op, inputs, outputs, name=name, hidden_size=H, direction=direction,
+                            layout=layout, **attributes)
+    F = TensorProto.FLOAT
+    batch, time = ("N", "T") if layout else ("T", "N")
+    state = ["N", D, H] if layout else [D, "N", H]
+    y = ["N", "T", D, H] if layout else ["T", D, "N", H]
+    graph_inputs = [helper.make_tensor_value_info("X", F, [batch, time, I]),
+                    helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["N"]),
+                    helper.make_tensor_value_info("initial_h", F, state)]
+    graph_outputs = [helper.make_tensor_value_info("Y", F, y),
+                     helper.make_tensor_value_info("Y_h", F, state)]
+    if op == "LSTM":
+        graph_inputs.append(helper.make_tensor_value_info("initial_c", F, state))
+        graph_outputs.append(helper.make_tensor_value_info("Y_c", F, state))
+    graph = helper.make_graph(
+        [node], "recurrent", graph_inputs, graph_outputs,
+        [numpy_helper.from_array(a.astype(np.float32), k) for k, a in arrays.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model

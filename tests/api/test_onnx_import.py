@@ -9,60 +9,11 @@ from hypothesis import strategies as st
 
 import lstmfast
 
-from helpers import assert_close
+from helpers import assert_close, random_weights, recurrent_model
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper, numpy_helper  # noqa: E402
-
-GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
-
-
-def random_weights(op, I, H, D, rng, peepholes=False, bias=True):
-    G = GATES[op]
-    arrays = {"W": rng.uniform(-0.5, 0.5, (D, G * H, I)), "R": rng.uniform(-0.5, 0.5, (D, G * H, H))}
-    if bias:
-        arrays["B"] = rng.uniform(-0.5, 0.5, (D, 2 * G * H))
-    if peepholes:
-        arrays["P"] = rng.uniform(-0.5, 0.5, (D, 3 * H))
-    return arrays
-
-
-def recurrent_model(op, I, H, *, direction="forward", layout=0, rng=None, peepholes=False,
-                    bias=True, name="rnn", arrays=None, **attributes):
-    """One ONNX node of type op (weights random, or ``arrays``, as initializers) with
-    inputs X, sequence_lens, initial_h (and initial_c), outputs Y, Y_h (and Y_c)."""
-    D = 2 if direction == "bidirectional" else 1
-    if arrays is None:
-        arrays = random_weights(op, I, H, D, rng, peepholes, bias)
-    peepholes, bias = "P" in arrays, "B" in arrays
-    inputs = ["X", "W", "R", "B" if bias else "", "sequence_lens", "initial_h"]
-    outputs = ["Y", "Y_h"]
-    if op == "LSTM":
-        inputs += ["initial_c", "P" if peepholes else ""]
-        outputs.append("Y_c")
-    node = helper.make_node(op, inputs, outputs, name=name, hidden_size=H, direction=direction,
-                            layout=layout, **attributes)
-    F = TensorProto.FLOAT
-    batch, time = ("N", "T") if layout else ("T", "N")
-    state = ["N", D, H] if layout else [D, "N", H]
-    y = ["N", "T", D, H] if layout else ["T", D, "N", H]
-    graph_inputs = [helper.make_tensor_value_info("X", F, [batch, time, I]),
-                    helper.make_tensor_value_info("sequence_lens", TensorProto.INT32, ["N"]),
-                    helper.make_tensor_value_info("initial_h", F, state)]
-    graph_outputs = [helper.make_tensor_value_info("Y", F, y),
-                     helper.make_tensor_value_info("Y_h", F, state)]
-    if op == "LSTM":
-        graph_inputs.append(helper.make_tensor_value_info("initial_c", F, state))
-        graph_outputs.append(helper.make_tensor_value_info("Y_c", F, state))
-    graph = helper.make_graph(
-        [node], "recurrent", graph_inputs, graph_outputs,
-        [numpy_helper.from_array(a.astype(np.float32), k) for k, a in arrays.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 14)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
-
+from onnx import helper, numpy_helper  # noqa: E402
 
 def onnxruntime_run(model, feeds):
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

@@ -8,6 +8,8 @@ import warnings
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 torch = pytest.importorskip("torch")
 
@@ -297,3 +299,126 @@ def test_export_runs_the_options_in_onnxruntime(cls, options, dynamo, tmp_path):
     with torch.no_grad():
         expected = module(x)[0]
     assert_close(got, expected.numpy(), name="onnxruntime on the exported layer")
+
+
+# --- lstmfast.torch.from_onnx -----------------------------------------------------------
+
+EXPORTED_SETS = {"LSTM": [None, ["HardSigmoid", "Tanh", "Tanh"], ["Sigmoid", "Elu", "Tanh"]],
+                 "GRU": [None, ["HardSigmoid", "Tanh"], ["Softsign", "Tanh"]],
+                 "RNN": [None, ["Relu"], ["LeakyRelu"]]}
+
+
+@st.composite
+def onnx_node_cases(draw):
+    op = draw(st.sampled_from(["LSTM", "GRU", "RNN"]))
+    direction = draw(st.sampled_from(["forward", "bidirectional"]))
+    D = 2 if direction == "bidirectional" else 1
+    attributes = {}
+    activations = draw(st.sampled_from(EXPORTED_SETS[op]))
+    if activations:
+        attributes["activations"] = activations * D
+    if op == "GRU":
+        attributes["linear_before_reset"] = draw(st.sampled_from([0, 1]))
+    if draw(st.booleans()):
+        attributes["clip"] = draw(st.floats(0.2, 3.0).map(lambda v: round(v, 3)))
+    if op == "LSTM" and draw(st.booleans()):
+        attributes["input_forget"] = 1
+    return dict(op=op, direction=direction, attributes=attributes,
+                layout=draw(st.sampled_from([0, 1])), peepholes=op == "LSTM" and draw(st.booleans()),
+                T=draw(st.integers(1, 5)), N=draw(st.integers(1, 3)), I=draw(st.integers(1, 4)),
+                H=draw(st.integers(1, 6)), lengths=draw(st.booleans()), states=draw(st.booleans()),
+                seed=draw(st.integers(0, 2**32 - 1)))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(c=onnx_node_cases())
+def test_from_onnx_layers_compute_what_onnxruntime_computes(c):
+    """lstmfast.torch.from_onnx's layer of a node against ONNX Runtime running the node:
+    both layouts, lengths (a PackedSequence), initial states, both directions."""
+    pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    from helpers import random_weights, recurrent_model
+
+    rng = np.random.default_rng(c["seed"])
+    T, N, I, H = c["T"], c["N"], c["I"], c["H"]
+    D = 2 if c["direction"] == "bidirectional" else 1
+    arrays = random_weights(c["op"], I, H, D, rng, c["peepholes"])
+    model = recurrent_model(c["op"], I, H, direction=c["direction"], layout=c["layout"],
+                            arrays=arrays, **c["attributes"])
+    (layer,) = lt.from_onnx(model).values()
+    batch_first = c["layout"] == 1
+    X = rng.standard_normal((N, T, I) if batch_first else (T, N, I)).astype(np.float32)
+    lengths = rng.integers(1, T + 1, N).astype(np.int32) if c["lengths"] else np.full(N, T, np.int32)
+    states = [rng.standard_normal((D, N, H)).astype(np.float32) if c["states"]
+              else np.zeros((D, N, H), np.float32) for _ in range(2 if c["op"] == "LSTM" else 1)]
+    # ONNX Runtime refuses layout=1, which only moves the batch axis first: the same node
+    # with layout=0 on the time-major input, its outputs put batch first again.
+    time_major = recurrent_model(c["op"], I, H, direction=c["direction"], arrays=arrays,
+                                 **c["attributes"])
+    feeds = {"X": X.transpose(1, 0, 2) if batch_first else X, "sequence_lens": lengths,
+             **dict(zip(("initial_h", "initial_c"), states))}
+    session = ort.InferenceSession(time_major.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])
+    expected = [a for a, name in zip(session.run(None, feeds), ("Y", "Y_h", "Y_c"))]
+    if batch_first:
+        expected = [expected[0].transpose(2, 0, 1, 3)] + [a.transpose(1, 0, 2) for a in expected[1:]]
+    # Unbounded activations (Elu, LeakyRelu) can make the state grow without bound, and
+    # float32's rounding with it, in any two implementations: such runs are not compared.
+    assume(all(np.all(np.abs(a) < 100) for a in expected))
+
+    x = torch.from_numpy(X)
+    if c["lengths"]:
+        x = torch.nn.utils.rnn.pack_padded_sequence(x, torch.from_numpy(lengths).long(),
+                                                    batch_first=batch_first, enforce_sorted=False)
+    hx = [torch.from_numpy(s) for s in states]
+    with torch.no_grad():
+        out, state = layer(x, tuple(hx) if c["op"] == "LSTM" else hx[0])
+    if c["lengths"]:
+        out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=batch_first,
+                                                        total_length=T)
+    out = out.numpy()
+    Y = (out.reshape(N, T, D, H) if batch_first
+         else out.reshape(T, N, D, H).transpose(0, 2, 1, 3))
+    assert_close(Y, expected[0], name="Y")
+    finals = state if c["op"] == "LSTM" else (state,)
+    for got, want, name in zip(finals, expected[1:], ("Y_h", "Y_c")):
+        got = got.numpy()
+        assert_close(got.transpose(1, 0, 2) if batch_first else got, want, name=name)
+
+
+def test_from_onnx_refuses_what_a_torch_layer_cannot_hold(tmp_path):
+    pytest.importorskip("onnx")
+    from helpers import recurrent_model
+
+    model = recurrent_model("GRU", 3, 4, direction="reverse", rng=np.random.default_rng(0),
+                            name="backwards")
+    with pytest.raises(ValueError, match="node 'backwards': direction='reverse'"):
+        lt.from_onnx(model)
+    int8 = lstmfast.quantize(lstmfast.LSTM(3, 4), "int8")
+    with pytest.raises(ValueError, match="DynamicQuantizeLSTM holds int8 weights"):
+        lt.from_onnx(int8.to_onnx())
+    with pytest.raises(TypeError, match="dtype must be torch.float32 or torch.float64"):
+        lt.from_onnx(model, dtype=torch.float16)
+
+
+def test_from_onnx_gives_float64_layers_that_train():
+    pytest.importorskip("onnx")
+    from helpers import recurrent_model
+
+    model = recurrent_model("LSTM", 3, 4, rng=np.random.default_rng(1), peepholes=True,
+                            activations=["HardSigmoid", "Tanh", "Tanh"], clip=1.5)
+    (layer,) = lt.from_onnx(model, dtype=torch.float64).values()
+    assert type(layer) is lt.PeepholeLSTM and not layer.training
+    assert layer.weight_ih_l0.dtype == torch.float64 and layer.clip == 1.5
+    (numpy_layer,) = lstmfast.from_onnx(model, dtype="float64").values()
+    x = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    layer.train()
+    out, _ = layer(x)
+    out.sum().backward()
+    numpy_layer.train()
+    expected, _ = numpy_layer(x.detach().numpy())
+    assert_close(out.detach().numpy(), expected, name="output")
+    dx = numpy_layer.backward(np.ones_like(expected))[0]
+    assert_close(x.grad.numpy(), dx, name="grad x")
+    for name, p in layer.named_parameters():
+        assert_close(p.grad.numpy(), numpy_layer.grad[name], name=f"grad {name}")

@@ -23,10 +23,12 @@ for a cell one per call; the rest of the model compiles.
 
 ``accelerate(model)`` swaps the class of every torch RNN module inside ``model`` in
 place; ``restore(model)`` swaps them back. The modules keep their parameter objects,
-so optimizers built before the swap keep working.
+so optimizers built before the swap keep working. ``from_onnx(path)`` gives the
+recurrent nodes of an ONNX model as these layers.
 
 This is the only package of lstmfast that imports torch. Its modules, by job
 (each imports only those listed after it):
+  * ``onnx_layers``: from_onnx;
   * ``swap``: accelerate, restore, quantize_dynamic;
   * ``variants``: PeepholeLSTM, LayerNormLSTM, CTRNN (and torchaudio's RNN-T LSTM);
   * ``quantized``: QuantizedLSTM, QuantizedGRU (torch's dynamic int8 layers);
@@ -41,13 +43,15 @@ This is the only package of lstmfast that imports torch. Its modules, by job
 
 from .cells import GRUCell, LSTMCell, RNNCell
 from .layers import GRU, LSTM, RNN
+from .onnx_layers import from_onnx
 from .quantized import QuantizedGRU, QuantizedLSTM
 from .swap import accelerate, quantize_dynamic, restore
 from .variants import CTRNN, LayerNormLSTM, PeepholeLSTM
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "PeepholeLSTM", "CTRNN",
            "LayerNormLSTM",
-           "QuantizedLSTM", "QuantizedGRU", "accelerate", "restore", "quantize_dynamic"]
+           "QuantizedLSTM", "QuantizedGRU", "accelerate", "restore", "quantize_dynamic",
+           "from_onnx"]
 
 # The public names say they are lstmfast.torch's, as they did when it was one file.
 # pickle and torch.save record a class by its __module__: a model saved with

@@ -19,10 +19,9 @@ def from_onnx(model_or_path, *, dtype=torch.float32):
     (``layout=1`` is ``batch_first``; ``sequence_lens`` is a ``PackedSequence``), and
     trains like any torch module. ``dtype``: torch.float32 or torch.float64. ValueError
     names the node for what a torch layer cannot hold: ``direction="reverse"`` (torch's
-    layers run forwards or both ways: flip the input in time, or use
-    ``lstmfast.from_onnx``'s layer) and ``DynamicQuantizeLSTM`` (int8 weights, which
-    ``lstmfast.from_onnx`` gives as an int8 layer); and what ``lstmfast.from_onnx``
-    refuses.
+    layers run forwards or both ways; ``lstmfast.from_onnx``'s layer runs it) and
+    ``DynamicQuantizeLSTM`` (int8 weights, which ``lstmfast.from_onnx`` gives as an int8
+    layer); and what ``lstmfast.from_onnx`` refuses.
     """
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"from_onnx: dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -40,8 +39,8 @@ def _torch_layer(name, layer, dtype):
         refuse("a DynamicQuantizeLSTM holds int8 weights, which a torch layer does not: "
                "lstmfast.from_onnx gives it as an int8 layer")
     if layer.reverse:
-        refuse("direction='reverse': torch's layers run forwards or both ways (flip the "
-               "input in time, or use lstmfast.from_onnx's layer)")
+        refuse("direction='reverse': torch's layers run forwards or both ways "
+               "(lstmfast.from_onnx's layer runs it)")
     options = dict(batch_first=layer.batch_first, bidirectional=layer.bidirectional, dtype=dtype,
                    activations=list(layer.activations),
                    activation_alpha=list(layer.activation_alpha),

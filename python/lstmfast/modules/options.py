@@ -2,8 +2,8 @@
 
 Each check names the argument in its message and returns the value as the layer
 keeps it. The torch adapter imports the checks of the options torch lacks
-(recurrent dropout, zoneout, a CTRNN's, a layer-normalized LSTM's), so both APIs take
-and refuse the same values. ``_check_sizes`` refuses at construction what the layer
+(recurrent dropout, zoneout, a CTRNN's, a layer-normalized LSTM's) and ONNX's gate
+options (``_GateOptions``), so both APIs take and refuse the same values. ``_check_sizes`` refuses at construction what the layer
 could never hold or compute; ``_load_backend`` resolves ``backend=``.
 """
 

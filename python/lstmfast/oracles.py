@@ -20,19 +20,19 @@ import torch
 from torch import nn
 
 
-class PeepholeLoop(nn.Module):
-    """A peephole LSTM as a Python loop of torch ops: i and f see c, o sees the new c."""
+class _LSTMLoop(nn.Module):
+    """An LSTM as a Python loop of torch ops over time, on torch's weights and gate order
+    (i, f, g, o); ``cell(gates, c)`` of the subclass gives (h, c) of a step."""
 
-    def __init__(self, input_size, hidden_size):
+    def __init__(self, input_size, hidden_size, per_unit=()):
         super().__init__()
         H = hidden_size
         self.weight_ih = nn.Parameter(torch.empty(4 * H, input_size))
         self.weight_hh = nn.Parameter(torch.empty(4 * H, H))
         self.bias_ih = nn.Parameter(torch.empty(4 * H))
         self.bias_hh = nn.Parameter(torch.empty(4 * H))
-        self.weight_ci = nn.Parameter(torch.empty(H))
-        self.weight_cf = nn.Parameter(torch.empty(H))
-        self.weight_co = nn.Parameter(torch.empty(H))
+        for name in per_unit:  # vectors of H, after the four above
+            setattr(self, name, nn.Parameter(torch.empty(H)))
         for p in self.parameters():
             nn.init.uniform_(p, -H ** -0.5, H ** -0.5)
 
@@ -43,43 +43,35 @@ class PeepholeLoop(nn.Module):
         for x_t in x:
             gates = nn.functional.linear(x_t, self.weight_ih, self.bias_ih) + \
                 nn.functional.linear(h, self.weight_hh, self.bias_hh)
-            i, f, g, o = gates.chunk(4, 1)
-            i = torch.sigmoid(i + self.weight_ci * c)
-            f = torch.sigmoid(f + self.weight_cf * c)
-            c = f * c + i * torch.tanh(g)
-            h = torch.sigmoid(o + self.weight_co * c) * torch.tanh(c)
+            h, c = self.cell(gates.chunk(4, 1), c)
             outputs.append(h)
         return torch.stack(outputs), (h, c)
 
 
-class HardSigmoidLSTMLoop(nn.Module):
+class PeepholeLoop(_LSTMLoop):
+    """A peephole LSTM as a Python loop of torch ops: i and f see c, o sees the new c."""
+
+    def __init__(self, input_size, hidden_size):
+        super().__init__(input_size, hidden_size, ("weight_ci", "weight_cf", "weight_co"))
+
+    def cell(self, gates, c):
+        i, f, g, o = gates
+        i = torch.sigmoid(i + self.weight_ci * c)
+        f = torch.sigmoid(f + self.weight_cf * c)
+        c = f * c + i * torch.tanh(g)
+        return torch.sigmoid(o + self.weight_co * c) * torch.tanh(c), c
+
+
+class HardSigmoidLSTMLoop(_LSTMLoop):
     """Keras 2's LSTM (``recurrent_activation="hard_sigmoid"``, its default) ported to torch
     as a loop: the gates are clip(0.2 a + 0.5, 0, 1), the rest torch's LSTM (its gate
     order and weight layout), as a user moving such a model to torch writes it."""
 
-    def __init__(self, input_size, hidden_size):
-        super().__init__()
-        H = hidden_size
-        self.weight_ih = nn.Parameter(torch.empty(4 * H, input_size))
-        self.weight_hh = nn.Parameter(torch.empty(4 * H, H))
-        self.bias_ih = nn.Parameter(torch.empty(4 * H))
-        self.bias_hh = nn.Parameter(torch.empty(4 * H))
-        for p in self.parameters():
-            nn.init.uniform_(p, -H ** -0.5, H ** -0.5)
-
-    def forward(self, x):  # (T, N, I)
-        N, H = x.shape[1], self.weight_hh.shape[1]
-        h = c = x.new_zeros(N, H)
-        outputs = []
-        for x_t in x:
-            gates = nn.functional.linear(x_t, self.weight_ih, self.bias_ih) + \
-                nn.functional.linear(h, self.weight_hh, self.bias_hh)
-            i, f, g, o = gates.chunk(4, 1)
-            i, f, o = (torch.clamp(0.2 * a + 0.5, 0.0, 1.0) for a in (i, f, o))
-            c = f * c + i * torch.tanh(g)
-            h = o * torch.tanh(c)
-            outputs.append(h)
-        return torch.stack(outputs), (h, c)
+    def cell(self, gates, c):
+        i, f, g, o = gates
+        i, f, o = (torch.clamp(0.2 * a + 0.5, 0.0, 1.0) for a in (i, f, o))
+        c = f * c + i * torch.tanh(g)
+        return o * torch.tanh(c), c
 
 
 class PrimerCTRNN(nn.Module):

@@ -44,23 +44,24 @@ AGREEMENT_RTOL = 1e-4
 MODES = ("inference", "training")
 
 
-def _peephole_modules(s):
-    loop = PeepholeLoop(s["I"], s["H"])
-    ours = lstmfast.torch.PeepholeLSTM(s["I"], s["H"])
+def _lstm_loop_modules(loop, ours, s):
+    """(loop, ours with the loop's weights, the plain LSTM) for an LSTM loop of
+    lstmfast.oracles, whose parameters are ours without "_l0"."""
     with torch.no_grad():
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_ci", "weight_cf",
-                     "weight_co"):
-            getattr(ours, name + "_l0").copy_(getattr(loop, name))
+        for name, p in loop.named_parameters():
+            getattr(ours, name + "_l0").copy_(p)
     return loop, ours, lstmfast.torch.LSTM(s["I"], s["H"])
+
+
+def _peephole_modules(s):
+    return _lstm_loop_modules(PeepholeLoop(s["I"], s["H"]),
+                              lstmfast.torch.PeepholeLSTM(s["I"], s["H"]), s)
 
 
 def _hard_sigmoid_modules(s):
-    loop = HardSigmoidLSTMLoop(s["I"], s["H"])
-    ours = lstmfast.torch.LSTM(s["I"], s["H"], activations=["HardSigmoid", "Tanh", "Tanh"])
-    with torch.no_grad():
-        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
-            getattr(ours, name + "_l0").copy_(getattr(loop, name))
-    return loop, ours, lstmfast.torch.LSTM(s["I"], s["H"])
+    return _lstm_loop_modules(
+        HardSigmoidLSTMLoop(s["I"], s["H"]),
+        lstmfast.torch.LSTM(s["I"], s["H"], activations=["HardSigmoid", "Tanh", "Tanh"]), s)
 
 
 def _ctrnn_modules(s):

@@ -120,10 +120,9 @@ def _torch_loop_stack(s, x, h0, c0, masks, *weights):
     ONNX's options). The masks, s["cell_options"] (as the backends take them), are constants."""
     w = dict(zip(s["names"], weights))
     options = s.get("cell_options") or {}
-    from ..reference import DEFAULT_ACTIVATIONS
+    from ..reference import resolve_activations
 
-    triples = options.get("activations") or tuple(
-        (name, 0.0, 0.0) for name in DEFAULT_ACTIVATIONS.get(s["mode"], ()))
+    triples = options.get("activations") or resolve_activations(s["mode"])
     clip, input_forget = options.get("clip"), options.get("input_forget", False)
 
     def act(role, a, clipped=True):  # activation role (0 f, 1 g, 2 h), clip first

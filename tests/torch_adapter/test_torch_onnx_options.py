@@ -1,6 +1,6 @@
 """ONNX's options on lstmfast.torch's layers: ``activations`` (with ``activation_alpha`` and
-``activation_beta``), ``clip`` and ``input_forget``, as ``lstmfast.LSTM`` / ``GRU`` / ``RNN``
-take them (docs/onnx.md). The fused call under autograd against the NumPy layer with the
+``activation_beta``), ``clip``, ``input_forget`` and ``reverse``, as ``lstmfast.LSTM`` /
+``GRU`` / ``RNN`` take them (docs/onnx.md). The fused call under autograd against the NumPy layer with the
 same options (whose own oracle is ONNX Runtime: api/test_onnx_options.py), the loop of
 torch ops that serves where the kernels cannot against the kernels, and the refusals."""
 
@@ -37,6 +37,13 @@ CASES = [
     ("RNN", dict(activations=["Softplus"])),
     ("RNN", dict(activations=["Affine"], activation_alpha=[0.5], activation_beta=[0.1])),
     ("GRU", dict(activations=["Sigmoid", "ThresholdedRelu"], activation_alpha=[None, 0.2])),
+    # ONNX's direction="reverse": alone (torch's cells on the kernels), on a stack, with
+    # the other options, on the reference's activations
+    ("LSTM", dict(reverse=True)),
+    ("GRU", dict(reverse=True, num_layers=2, batch_first=True)),
+    ("RNN", dict(reverse=True, nonlinearity="relu", clip=2.0)),
+    ("PeepholeLSTM", dict(reverse=True, activations=["HardSigmoid", "Tanh", "Tanh"])),
+    ("GRU", dict(reverse=True, linear_before_reset=False, activations=["Sigmoid", "Softsign"])),
 ]
 IDS = [f"{cls}-{'-'.join(sorted(o))}" for cls, o in CASES]
 
@@ -48,7 +55,7 @@ def numpy_twin(module, cls, options, dtype):
     kwargs = dict(num_layers=module.num_layers, bias=module.bias, batch_first=module.batch_first,
                   bidirectional=module.bidirectional, dtype=dtype)
     for name in ("activations", "activation_alpha", "activation_beta", "clip", "input_forget",
-                 "linear_before_reset", "nonlinearity"):
+                 "reverse", "linear_before_reset", "nonlinearity"):
         if name in options:
             kwargs[name] = options[name]
     if cls == "PeepholeLSTM":
@@ -137,7 +144,10 @@ def test_the_torch_loop_computes_what_the_kernels_do(cls, options):
         assert_close(fused_h.numpy(), loop_h.numpy(), tol=1e-12, name="h_n")
 
 
-@pytest.mark.parametrize("cls,options", [CASES[0], CASES[4], CASES[7]], ids=[IDS[0], IDS[4], IDS[7]])
+SOME = [0, 4, 7, 13]  # HardSigmoid LSTM with clip, GRU, LeakyRelu RNN, reverse GRU stack
+
+
+@pytest.mark.parametrize("cls,options", [CASES[i] for i in SOME], ids=[IDS[i] for i in SOME])
 def test_double_backward_differentiates_the_options(cls, options):
     """A second derivative goes through the loop of torch ops: its first derivative
     must be the kernels' (and so the NumPy layer's)."""
@@ -195,6 +205,7 @@ def test_attributes_and_repr():
     (lambda: lt.RNN(3, 4, activations=["Tanh"], activation_alpha=[0.3]), "tanh takes none"),
     (lambda: lt.GRU(3, 4, activations=["HardSigmoid", "Tanh"], activation_beta=[0.1]),
      "activation_beta: expected one entry"),
+    (lambda: lt.LSTM(3, 4, reverse=True, bidirectional=True), "reverse: a bidirectional layer"),
 ])
 def test_bad_options_raise_value_errors_naming_them(make_layer, message):
     with pytest.raises(ValueError, match=message):
@@ -226,26 +237,33 @@ def test_the_variants_without_these_options_refuse_them():
     with pytest.raises(ValueError, match="int8 layers take none"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's migration notes
         lt.QuantizedLSTM(3, 4, clip=1.0)
+    with pytest.raises(ValueError, match="input_forget or reverse"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lt.QuantizedGRU(3, 4, reverse=True)
+    with pytest.raises(TypeError, match="reverse should be of type bool"):
+        lt.GRU(3, 4, reverse="yes")
 
 
 def test_quantize_dynamic_leaves_such_a_layer_float():
-    model = torch.nn.Sequential(lt.LSTM(3, 4, clip=1.0), lt.GRU(4, 4))
+    model = torch.nn.Sequential(lt.LSTM(3, 4, clip=1.0), lt.GRU(4, 4), lt.GRU(4, 4, reverse=True))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.ao's migration notes
         quantized = lt.quantize_dynamic(model)
     assert type(quantized[0]) is lt.LSTM and quantized[0].clip == 1.0
     assert type(quantized[1]) is lt.QuantizedGRU
+    assert type(quantized[2]) is lt.GRU and quantized[2].reverse
 
 
 def test_scripting_refuses_and_restore_keeps_the_layer():
     module = lt.LSTM(3, 4, clip=1.0)
-    with pytest.raises(TypeError, match="clip or input_forget cannot be scripted"), \
+    with pytest.raises(TypeError, match="input_forget or reverse cannot be scripted"), \
             warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.script's own notice
         torch.jit.script(module)
-    model = torch.nn.Sequential(module)
+    model = torch.nn.Sequential(module, lt.RNN(4, 4, reverse=True))
     lt.restore(model)
     assert type(model[0]) is lt.LSTM  # torch's LSTM would drop the clip
+    assert type(model[1]) is lt.RNN  # and torch's RNN would run forwards
     plain = lt.GRU(3, 4)
     lt.restore(torch.nn.Sequential(plain))
     assert type(plain) is torch.nn.GRU
@@ -282,7 +300,7 @@ def test_an_imported_onnx_layer_trains_in_torch(activations):
 
 
 @pytest.mark.parametrize("dynamo", [False, True])
-@pytest.mark.parametrize("cls,options", [CASES[0], CASES[4], CASES[7]], ids=[IDS[0], IDS[4], IDS[7]])
+@pytest.mark.parametrize("cls,options", [CASES[i] for i in SOME], ids=[IDS[i] for i in SOME])
 def test_export_runs_the_options_in_onnxruntime(cls, options, dynamo, tmp_path):
     """Both of torch's exporters write the loop's ops, which ONNX Runtime runs to the
     kernels' result."""
@@ -311,7 +329,7 @@ EXPORTED_SETS = {"LSTM": [None, ["HardSigmoid", "Tanh", "Tanh"], ["Sigmoid", "El
 @st.composite
 def onnx_node_cases(draw):
     op = draw(st.sampled_from(["LSTM", "GRU", "RNN"]))
-    direction = draw(st.sampled_from(["forward", "bidirectional"]))
+    direction = draw(st.sampled_from(["forward", "reverse", "bidirectional"]))
     D = 2 if direction == "bidirectional" else 1
     attributes = {}
     activations = draw(st.sampled_from(EXPORTED_SETS[op]))
@@ -334,7 +352,7 @@ def onnx_node_cases(draw):
 @given(c=onnx_node_cases())
 def test_from_onnx_layers_compute_what_onnxruntime_computes(c):
     """lstmfast.torch.from_onnx's layer of a node against ONNX Runtime running the node:
-    both layouts, lengths (a PackedSequence), initial states, both directions."""
+    both layouts, lengths (a PackedSequence), initial states, every direction."""
     pytest.importorskip("onnx")
     ort = pytest.importorskip("onnxruntime")
     from helpers import random_weights, recurrent_model
@@ -392,8 +410,6 @@ def test_from_onnx_refuses_what_a_torch_layer_cannot_hold(tmp_path):
 
     model = recurrent_model("GRU", 3, 4, direction="reverse", rng=np.random.default_rng(0),
                             name="backwards")
-    with pytest.raises(ValueError, match="node 'backwards': direction='reverse'"):
-        lt.from_onnx(model)
     int8 = lstmfast.quantize(lstmfast.LSTM(3, 4), "int8")
     with pytest.raises(ValueError, match="DynamicQuantizeLSTM holds int8 weights"):
         lt.from_onnx(int8.to_onnx())

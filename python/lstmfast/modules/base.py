@@ -298,7 +298,6 @@ class _RNNBase(_GateOptions, _Module):
     peephole = False  # LSTM(peephole=True) sets it
     recurrent_dropout = 0.0
     zoneout = (0.0, 0.0)
-    reverse = False  # ONNX's direction="reverse"; its other options: _GateOptions
     _zoneout_modes = modes_with("zoneout")  # where zoneout may be set (the cell table)
 
     def __init__(self, mode, input_size, hidden_size, num_layers=1, bias=True,
@@ -354,22 +353,6 @@ class _RNNBase(_GateOptions, _Module):
     @property
     def _gate_options_mode(self):
         return self._mode
-
-    def _set_onnx_options(self, activations, activation_alpha, activation_beta, clip,
-                          input_forget, reverse, bidirectional):
-        self._set_gate_options(activations, activation_alpha, activation_beta, clip,
-                               input_forget)
-        self.reverse = _check_flag("reverse", reverse)
-        if self.reverse and bidirectional:
-            raise ValueError("reverse: a bidirectional layer already runs both ways; "
-                             "reverse=True is for a layer of one direction")
-
-    def _onnx_options(self):
-        """The forward's keyword arguments for ONNX's options that are set."""
-        options = self._gate_options()
-        if self.reverse:
-            options["reverse"] = True
-        return options
 
     def _kernels_compute(self):
         """Whether the fused kernels compute this layer: ONNX's options they lack send
@@ -428,8 +411,6 @@ class _RNNBase(_GateOptions, _Module):
         if any(self.zoneout):
             s += f", zoneout={self.zoneout}"
         s += self._gate_options_repr()
-        if self.reverse:
-            s += ", reverse=True"
         return s + self._options_repr() + self._extra_repr_tail()
 
     def _options_repr(self):

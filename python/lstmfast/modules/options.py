@@ -139,14 +139,25 @@ def _check_clip(clip):
 
 
 class _GateOptions:
-    """ONNX's activations (with their alpha and beta), clip and input_forget on a layer
-    of lstmfast's or lstmfast.torch's (docs/onnx.md): checked once, kept, and read back.
-    The class gives its backend mode as ``_gate_options_mode``."""
+    """ONNX's activations (with their alpha and beta), clip and input_forget, and its
+    direction="reverse", on a layer of lstmfast's or lstmfast.torch's (docs/onnx.md):
+    checked once, kept, and read back. The class gives its backend mode as
+    ``_gate_options_mode``."""
 
     # the (name, alpha, beta) triples when they are not the cell's own, else None
     _activations = None
     clip = None
     input_forget = False
+    reverse = False  # one direction, each sequence from its own end to its start
+
+    def _set_onnx_options(self, activations, activation_alpha, activation_beta, clip,
+                          input_forget, reverse, bidirectional):
+        self._set_gate_options(activations, activation_alpha, activation_beta, clip,
+                               input_forget)
+        self.reverse = _check_flag("reverse", reverse)
+        if self.reverse and bidirectional:
+            raise ValueError("reverse: a bidirectional layer already runs both ways; "
+                             "reverse=True is for a layer of one direction")
 
     def _set_gate_options(self, activations, activation_alpha, activation_beta, clip,
                           input_forget):
@@ -198,6 +209,14 @@ class _GateOptions:
             options["input_forget"] = True
         return options
 
+    def _onnx_options(self):
+        """The backends' keyword arguments for ONNX's options that are set, reverse
+        included."""
+        options = self._gate_options()
+        if self.reverse:
+            options["reverse"] = True
+        return options
+
     def _gate_options_repr(self):
         """The options that are set, as extra_repr shows them."""
         s = ""
@@ -210,6 +229,8 @@ class _GateOptions:
             s += f", clip={self.clip}"
         if self.input_forget:
             s += ", input_forget=True"
+        if self.reverse:
+            s += ", reverse=True"
         return s
 
 

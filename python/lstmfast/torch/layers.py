@@ -53,18 +53,18 @@ class _FastRNNMixin(_GateOptions):
 
     def __init__(self, *args, recurrent_dropout=0.0, zoneout=0.0, activations=None,
                  activation_alpha=None, activation_beta=None, clip=None, input_forget=False,
-                 **kwargs):
+                 reverse=False, **kwargs):
         """torch's constructor, then what torch lacks (keyword-only): the regularizers
-        and ONNX's activations, clip and input_forget (_GateOptions)."""
+        and ONNX's activations, clip, input_forget and reverse (_GateOptions)."""
         super().__init__(*args, **kwargs)
         self.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout,
                                                     upper_open=True)
         self.zoneout = _check_zoneout(zoneout, "LSTM" if self.mode == "LSTM" else "GRU")
-        self._set_gate_options(activations, activation_alpha, activation_beta, clip,
-                               input_forget)
-        if self._lstmfast_quantized and self._gate_options():
+        self._set_onnx_options(activations, activation_alpha, activation_beta, clip,
+                               input_forget, reverse, self.bidirectional)
+        if self._lstmfast_quantized and self._onnx_options():
             raise ValueError(f"{type(self).__name__}: torch's int8 layers take none of ONNX's "
-                             "activations, clip or input_forget")
+                             "activations, clip, input_forget or reverse")
 
     @property
     def _gate_options_mode(self):  # GRU and GRU_RESET_BEFORE take the same options
@@ -73,7 +73,7 @@ class _FastRNNMixin(_GateOptions):
     @property
     def _lstmfast_beyond_torch(self):
         """Whether no torch class computes this layer (restore leaves it as it is)."""
-        return bool(self._gate_options())
+        return bool(self._onnx_options())
 
     def forward(self, input, hx=None, **masks):  # noqa: A002  (torch's name)
         """torch's forward; ``recurrent_dropout_mask=`` and ``zoneout_mask=`` (keywords)
@@ -100,7 +100,7 @@ class _FastRNNMixin(_GateOptions):
 
     def _torch_forward(self, input, hx, given=None):
         # torch has no recurrent dropout, zoneout or ONNX's options: a loop of its ops
-        if self._regularized(given) or self._gate_options():
+        if self._regularized(given) or self._onnx_options():
             return _torch_loop_forward(self, input, hx, _torch_loop_stack, given)
         return self._lstmfast_torch_class.forward(self, input, hx)
 
@@ -114,7 +114,7 @@ class _FastRNNMixin(_GateOptions):
         the caller passed beyond torch's arguments: here recurrent dropout's and
         zoneout's masks (given, or drawn from torch's generator in training), or
         zoneout's probabilities (eval), and ONNX's options; a variant's own otherwise."""
-        options = self._gate_options()
+        options = self._onnx_options()
         if not self._regularized(given):
             return options or None
         given = given or {}
@@ -169,10 +169,10 @@ class _FastRNNMixin(_GateOptions):
 
     def __prepare_scriptable__(self):
         """``torch.jit.script`` compiles torch's class on the same parameters."""
-        if self._gate_options():
-            raise TypeError(f"{type(self).__name__} with ONNX's activations, clip or input_forget "
-                            "cannot be scripted: torch has no such layer to compile; use "
-                            "torch.jit.trace")
+        if self._onnx_options():
+            raise TypeError(f"{type(self).__name__} with ONNX's activations, clip, input_forget "
+                            "or reverse cannot be scripted: torch has no such layer to compile; "
+                            "use torch.jit.trace")
         return _as_class(self, self._lstmfast_torch_class)
 
 
@@ -184,7 +184,7 @@ class _FastRNNMixin(_GateOptions):
 # function runs on behalf of a compiled caller (about 1 us per call).
 @torch.compiler.disable
 def _fused_layer_forward(self, input, hx, given=None):
-    if given is None and type(self) in _PLAIN_LAYERS and not self._gate_options():
+    if given is None and type(self) in _PLAIN_LAYERS and not self._onnx_options():
         result = _plain_inference_forward(self, input, hx)
         if result is not None:
             return result
@@ -205,7 +205,7 @@ def _fused_layer_forward(self, input, hx, given=None):
             or data.numel() == 0):
         return self._torch_forward(input, hx, given)
     if torch.is_autocast_enabled("cpu") and not self._lstmfast_quantized:
-        if (not self._lstmfast_autocast or self._gate_options()
+        if (not self._lstmfast_autocast or self._onnx_options()
                 or not _autocast_serves(self, data)):
             return self._torch_forward(input, hx, given)
         return _bfloat16_autocast_forward(self, input, hx, hx_list)
@@ -484,8 +484,9 @@ class LSTM(_FastRNNMixin, nn.LSTM):
     """``torch.nn.LSTM`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
     ``zoneout`` (a probability, or (p_h, p_c) for h and c)
     add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.LSTM``'s);
-    ONNX's ``activations`` (with ``activation_alpha``, ``activation_beta``), ``clip`` and
-    ``input_forget`` are ``lstmfast.LSTM``'s too (docs/onnx.md)."""
+    ONNX's ``activations`` (with ``activation_alpha``, ``activation_beta``), ``clip``,
+    ``input_forget`` and ``reverse`` (one direction, each sequence from its end) are
+    ``lstmfast.LSTM``'s too (docs/onnx.md)."""
 
     _lstmfast_torch_class = nn.LSTM
 
@@ -494,8 +495,8 @@ class GRU(_FastRNNMixin, nn.GRU):
     """``torch.nn.GRU`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
     ``zoneout`` (a probability, or (p_h, p_c), p_c 0)
     add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.GRU``'s);
-    ONNX's ``activations`` (with ``activation_alpha``, ``activation_beta``) and ``clip`` are
-    ``lstmfast.GRU``'s too (docs/onnx.md).
+    ONNX's ``activations`` (with ``activation_alpha``, ``activation_beta``), ``clip`` and
+    ``reverse`` are ``lstmfast.GRU``'s too (docs/onnx.md).
 
     ``linear_before_reset=False`` gives the GRU of the original paper (ONNX's
     ``linear_before_reset=0``, Keras's ``reset_after=False``; ``lstmfast.GRU``'s), which
@@ -541,8 +542,8 @@ class RNN(_FastRNNMixin, nn.RNN):
     """``torch.nn.RNN`` computed by lstmfast's fused kernels; ``recurrent_dropout=p`` and
     ``zoneout`` (a probability, or (p_h, p_c), p_c 0)
     add the regularizers of docs/cells.md, Recurrent dropout and zoneout (``lstmfast.RNN``'s);
-    ONNX's ``activations`` (with ``activation_alpha``, ``activation_beta``) and ``clip`` are
-    ``lstmfast.RNN``'s too (docs/onnx.md): ``activations=["Relu"]`` is
+    ONNX's ``activations`` (with ``activation_alpha``, ``activation_beta``), ``clip`` and
+    ``reverse`` are ``lstmfast.RNN``'s too (docs/onnx.md): ``activations=["Relu"]`` is
     ``nonlinearity="relu"``; another of ONNX's replaces ``nonlinearity``, which must then
     stay "tanh"."""
 

@@ -18,13 +18,15 @@ _VF_LAYER = {"LSTM": _VF.lstm, "GRU": _VF.gru, "RNN_TANH": _VF.rnn_tanh, "RNN_RE
 
 def _torch_layer_loop(s, x, h0, c0, masks, step):
     """The loop of the torch-op stacks below, with _torch_stack's contract: layers,
-    directions (the reverse one walks time backwards), dropout between layers, and
-    lengths: x is padded (T, N, I); with s["lengths"] a row holds its state past its
-    length and outputs 0 there (as the reference does), so the reverse direction starts
-    at each row's own end. ``step(k, sfx, t, x_t, h, c)`` gives (h_next, c_next) of
-    layer-direction k (parameter suffix sfx) at time t; c0 None: no cell state (c is
-    None throughout and c_n is None)."""
+    directions (the reverse one walks time backwards, as every layer does with ONNX's
+    reverse in s["cell_options"]), dropout between layers, and lengths: x is padded
+    (T, N, I); with s["lengths"] a row holds its state past its length and outputs 0
+    there (as the reference does), so a reverse walk starts at each row's own end.
+    ``step(k, sfx, t, x_t, h, c)`` gives (h_next, c_next) of layer-direction k
+    (parameter suffix sfx) at time t; c0 None: no cell state (c is None throughout and
+    c_n is None)."""
     D = 2 if s["bidirectional"] else 1
+    reverse = bool((s.get("cell_options") or {}).get("reverse"))
     T = x.shape[0]
     lengths = None if s["lengths"] is None else torch.as_tensor(s["lengths"], device=x.device)
     h_n, c_n = [], []
@@ -38,7 +40,7 @@ def _torch_layer_loop(s, x, h0, c0, masks, step):
             sfx = f"_l{layer}" + ("_reverse" if d else "")
             h, c = h0[k], None if c0 is None else c0[k]
             steps = [None] * T
-            for t in (reversed(range(T)) if d else range(T)):
+            for t in (reversed(range(T)) if d or reverse else range(T)):
                 h_next, c_next = step(k, sfx, t, layer_input[t], h, c)
                 if lengths is None:
                     steps[t], h, c = h_next, h_next, c_next

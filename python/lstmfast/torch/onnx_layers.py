@@ -17,11 +17,11 @@ def from_onnx(model_or_path, *, dtype=torch.float32):
 
     The layer computes what the node computes, with torch's calling convention
     (``layout=1`` is ``batch_first``; ``sequence_lens`` is a ``PackedSequence``), and
-    trains like any torch module. ``dtype``: torch.float32 or torch.float64. ValueError
-    names the node for what a torch layer cannot hold: ``direction="reverse"`` (torch's
-    layers run forwards or both ways; ``lstmfast.from_onnx``'s layer runs it) and
-    ``DynamicQuantizeLSTM`` (int8 weights, which ``lstmfast.from_onnx`` gives as an int8
-    layer); and what ``lstmfast.from_onnx`` refuses.
+    trains like any torch module; ``direction="reverse"`` is the layer's ``reverse=True``.
+    ``dtype``: torch.float32 or torch.float64. ValueError names the node for what a
+    torch layer cannot hold: ``DynamicQuantizeLSTM`` (int8 weights, which
+    ``lstmfast.from_onnx`` gives as an int8 layer); and what ``lstmfast.from_onnx``
+    refuses.
     """
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"from_onnx: dtype must be torch.float32 or torch.float64, got {dtype}")
@@ -38,10 +38,8 @@ def _torch_layer(name, layer, dtype):
     if layer.precision != "float32":
         refuse("a DynamicQuantizeLSTM holds int8 weights, which a torch layer does not: "
                "lstmfast.from_onnx gives it as an int8 layer")
-    if layer.reverse:
-        refuse("direction='reverse': torch's layers run forwards or both ways "
-               "(lstmfast.from_onnx's layer runs it)")
-    options = dict(batch_first=layer.batch_first, bidirectional=layer.bidirectional, dtype=dtype,
+    options = dict(batch_first=layer.batch_first, bidirectional=layer.bidirectional,
+                   reverse=layer.reverse, dtype=dtype,
                    activations=list(layer.activations),
                    activation_alpha=list(layer.activation_alpha),
                    activation_beta=list(layer.activation_beta), clip=layer.clip)

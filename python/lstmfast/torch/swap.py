@@ -97,8 +97,8 @@ def accelerate(model):
 def restore(model):
     """Undo ``accelerate``: every lstmfast module in ``model`` becomes the torch class it
     came from, with its parameters, hooks and state as they are. A layer that no torch
-    class computes (``GRU(linear_before_reset=False)``, ONNX's activations, clip or
-    input_forget) stays as it is. Returns ``model``."""
+    class computes (``GRU(linear_before_reset=False)``, ONNX's activations, clip,
+    input_forget or reverse) stays as it is. Returns ``model``."""
     back = {twin: custom for custom, twin in _torchaudio_swaps().items()}
     return _swap_all(model, {**_RESTORES, **back}, "restore")
 

@@ -423,8 +423,11 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
 // splitmix64(seed + ld) (regularizers.h: zoneout_keep).
 uint64_t zoneout_layer_seed(uint64_t seed, int64_t ld);
 
-// Threads in total for one call (the directions run concurrently when >= 2).
+// Threads for a call's jobs (the directions run in turn, each on all of them).
 void set_num_threads(int n);
+// For tests: calls whose steps are at most `work` multiply-adds run on the calling
+// thread alone (stack.cpp, call_threads); negative restores the default.
+void set_serial_step_work(double work);
 int get_num_threads();
 
 }  // namespace lstmfast

@@ -7,6 +7,23 @@ import pytest
 from helpers import BACKENDS, fused_available
 
 
+@pytest.fixture(autouse=True, scope="session")
+def small_steps_on_their_threads():
+    """A call whose steps are small runs on the calling thread alone, however many
+    threads are set (the floor of call_threads, stack.cpp). The suite's cases are
+    small so that they are many: each runs on the threads it asks for, so that the
+    pool's splits of rows and units are what they test. test_thread_pool.py checks
+    the floor itself."""
+    if not fused_available():
+        yield
+        return
+    from lstmfast import _core
+
+    _core._set_serial_step_work(0)
+    yield
+    _core._set_serial_step_work(-1)
+
+
 def _compiled_simd_targets(own_cell_kernels):
     """The SIMD targets compiled in; with own_cell_kernels, only those whose cell
     kernels are their own (avx512_vnni and avx512_bf16 run avx512's and differ only

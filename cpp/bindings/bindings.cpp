@@ -951,6 +951,9 @@ void register_rnn(py::module_& m) {
 
   m.def("set_num_threads", &lstmfast::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &lstmfast::get_num_threads);
+  m.def("_set_serial_step_work", &lstmfast::set_serial_step_work, py::arg("work"),
+        "Tests: calls whose steps are at most `work` multiply-adds run on the calling thread "
+        "(0: every call on its threads; negative: the default).");
 }
 
 // ---------------------------------------------------------------------------

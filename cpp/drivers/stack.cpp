@@ -141,21 +141,47 @@ double forward_work(const StackShape& s) {
   return work;
 }
 
+// Multiply-adds of one step of layer k, one direction (the directions run in turn,
+// each on every thread).
+double layer_step_work(const StackShape& s, int64_t k) {
+  return double(s.N) * double(gates_of(s.mode) * s.H) * double(s.input_size(k) + s.H_out());
+}
+
+// ... and of the stack's widest layer.
+double step_work(const StackShape& s) {
+  double widest = 0;
+  for (int64_t k = 0; k < s.L; ++k) widest = std::max(widest, layer_step_work(s, k));
+  return widest;
+}
+
+// Multiply-adds of a step up to which a call runs on the calling thread alone: a
+// second thread halves a step's products but adds a barrier at every step, which
+// costs more than such a step's share. Measured on a Zen 4 (2 cores), T=100,
+// I=H, float32 inference, one thread against two, the best of two rounds of 200
+// calls: GRU H=32 N=1 (6K a step) 30 against 38 us, RNN H=64 N=1 (8K) 41 against
+// 48, RNN H=32 N=8 (16K) 62 against 72; above, two threads win: RNN H=96 N=1 (18K)
+// 1.06x, GRU H=64 N=1 (25K) 1.36x, LSTM H=64 N=1 (33K) 1.44x.
+constexpr double kSerialStepWork = 16384;
+// The floor in force (set_serial_step_work: tests set it to 0, so that a small
+// case runs on the threads it asks for).
+std::atomic<double> g_serial_step_work{kSerialStepWork};
+
 // A core's multiply-adds per nanosecond that the choice below assumes: below what
 // the kernels do at any shape (10-50 on the machines measured), so that a call
 // looks longer than it is, and goes alone only when it surely is short.
 constexpr double kWorkPerNs = 8;
 
-// Threads for a call's jobs (LayerShape::threads): step_threads(), but 1 when the
-// pool's workers sleep (the calls come apart) and the call would be done alone
-// before a woken worker could start (twice what waking one has cost lately,
-// thread_pool.h): on a virtual machine a halted CPU took 0.3 to 1.5 ms to start a
-// worker, longer than a whole LSTM T=100 N=1 H=128 forward (0.5 ms on one thread).
-// Returns the count, and wakes the workers when it is more than 1, so their
-// wake-up overlaps the call's serial work.
-int call_threads(double work) {
+// Threads for a call's jobs: step_threads(), but 1 for steps of at most
+// kSerialStepWork (a layer's own steps decide its LayerShape::threads: layer_shape),
+// and 1 when the pool's workers sleep (the calls come
+// apart) and the call would be done alone before a woken worker could start (twice
+// what waking one has cost lately, thread_pool.h): on a virtual machine a halted
+// CPU took 0.3 to 1.5 ms to start a worker, longer than a whole LSTM T=100 N=1
+// H=128 forward (0.5 ms on one thread). Returns the count, and wakes the workers
+// when it is more than 1, so their wake-up overlaps the call's serial work.
+int call_threads(const StackShape& s, double work) {
   const int threads = step_threads();
-  if (threads <= 1) return 1;
+  if (threads <= 1 || step_work(s) <= g_serial_step_work.load()) return 1;
   if (pool_sleeping_workers() > 0 && work / kWorkPerNs < 2 * pool_wake_cost_ns()) return 1;
   pool_prepare(threads);
   return threads;
@@ -533,7 +559,7 @@ LayerShape layer_shape(const StackCache<Real>& c, int64_t layer, int64_t directi
   l.lengths = c.lengths.empty() ? nullptr : c.lengths.data();
   l.rows = c.rows.empty() ? nullptr : c.rows.data();
   l.offsets = c.offsets.empty() ? nullptr : c.offsets.data();
-  l.threads = threads;
+  l.threads = layer_step_work(s, layer) <= g_serial_step_work.load() ? 1 : threads;
   return l;
 }
 
@@ -600,6 +626,8 @@ void set_num_threads(int n) {
 
 int get_num_threads() { return g_num_threads.load(); }
 
+void set_serial_step_work(double work) { g_serial_step_work.store(work < 0 ? kSerialStepWork : work); }
+
 template <typename Real>
 std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, const Real* x,
                                                 const Real* h0, const Real* c0,
@@ -607,7 +635,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
                                                 const Real* const* dropout_masks,
                                                 const StackShape& shape) {
   check_shape(shape);
-  const int threads = call_threads(forward_work(shape));
+  const int threads = call_threads(shape, forward_work(shape));
   check_reduced(params, shape);
   check_peepholes(params, shape);
   check_noise(params, shape);
@@ -804,7 +832,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
   if (c.consumed.load())
     throw std::invalid_argument(
         "this forward's saved state was used up by a backward that consumed it");
-  const int threads = call_threads(2 * forward_work(s));  // BPTT: about twice the forward
+  const int threads = call_threads(s, 2 * forward_work(s));  // BPTT: about twice the forward
   std::optional<BlasSingleThreaded> blas_alone;
   if (threads <= 1)
     blas_alone.emplace();

@@ -125,10 +125,15 @@ print("ok")
 """
 
 
+# A child starts as the suite does: a call of small steps on the threads it asks for
+# (conftest.py).
+_CHILD_START = "from lstmfast import _core as _c; _c._set_serial_step_work(0); del _c\n"
+
+
 def _run_child(code, timeout=120):
     try:
-        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=timeout)
+        out = subprocess.run([sys.executable, "-c", _CHILD_START + code], capture_output=True,
+                             text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         pytest.fail(f"the child did not finish within {timeout} s: a wait was never woken")
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), out.stderr[-3000:]
@@ -274,9 +279,9 @@ deadline = time.monotonic() + 60
 while _core._pool_sleeping_workers() != 1:
     assert time.monotonic() < deadline, "the worker never went to sleep"
     time.sleep(0.001)
-short = lstmfast.LSTM(16, 32, seed=0).eval()  # T=40 N=2: about 0.2 M multiply-adds
+short = lstmfast.LSTM(16, 32, seed=0).eval()  # T=40 N=4: about 1 M multiply-adds
 long = lstmfast.LSTM(256, 256, seed=0).eval()  # T=40 N=32: 268 M
-x_short = np.ones((40, 2, 16), np.float32)
+x_short = np.ones((40, 4, 16), np.float32)  # 24576 a step: above the floor of small steps
 x_long = np.ones((40, 32, 256), np.float32)
 expected = short(x_short)[0]
 for wake_cost_ns, short_jobs in ((1e9, 0), (0.0, 1)):
@@ -307,6 +312,41 @@ print("ok")
 
 def test_a_short_call_of_sleeping_workers_runs_alone():
     _run_child(_SHORT_CALLS_ALONE)
+
+
+# A call whose steps are small runs on the calling thread, however many threads are
+# set: a barrier per step would cost more than the half of a step it saves. The floor
+# is 16384 multiply-adds a step of the widest layer-direction, N x gates x H x (its
+# input + H); the suite runs with it at 0 (conftest.py), this test at its default.
+SMALL_STEPS = [  # (mode, N, I, H, L, bidirectional, pooled)
+    ("GRU", 1, 32, 32, 1, False, False),  # 6144 a step
+    ("RNN_TANH", 8, 32, 32, 1, False, False),  # 16384: at the floor
+    ("RNN_TANH", 8, 33, 32, 1, False, True),  # 16640
+    ("LSTM", 2, 32, 32, 1, True, False),  # 16384 a direction: they run in turn
+    ("LSTM", 2, 2, 32, 2, False, False),  # layer 0 8704, layer 1 16384
+    ("RNN_TANH", 8, 1, 32, 2, True, True),  # layer 0 8448, layer 1 (64 inputs) 24576
+]
+
+
+@pytest.mark.parametrize("mode,N,I,H,L,bidirectional,pooled", SMALL_STEPS)
+def test_small_steps_run_on_the_calling_thread(threads_restored, pool_always_threaded, mode, N,
+                                               I, H, L, bidirectional, pooled):  # noqa: E741
+    lstmfast.set_num_threads(2)
+    _core._pool_set_wake_cost_ns(0)  # no call is too short for sleeping workers here
+    _core._set_serial_step_work(-1)  # the default
+    try:
+        case = Case(mode, np.float32, T=6, N=N, I=I, H=H, L=L, bidirectional=bidirectional)
+        _core._pool_set_counting(False)
+        _core._pool_set_counting(True)
+        case.check()  # forward and backward against the reference
+        counts = _core._pool_counts()
+    finally:
+        _core._set_serial_step_work(0)
+        _core._pool_set_counting(False)
+    # a job on the pool, on torch's OpenMP team (torch loaded by an earlier test) or,
+    # no core being free, on the caller: each asked for the threads
+    asked = counts["jobs"] + counts["jobs_openmp"] + counts["jobs_alone"]
+    assert (asked > 0) == pooled, counts
 
 
 # Jobs as parallel regions of torch's OpenMP runtime: in a child process that loads

@@ -146,8 +146,9 @@ def plain_forward(mode, x, hx, params, num_layers, bidirectional, proj_size):
     """forward at inference with nothing but torch's arguments, for the layers' short
     paths (a stream's frames): x an array of float32 or float64 and hx arrays of its
     dtype (the compiled module checks their shapes); params the arrays or packed
-    reduced weights by name. One step of one layer goes to the lean entry cell_step
-    directly. Returns output, h_n, c_n (None but for LSTM)."""
+    reduced weights (_core.ReducedWeight) by name, passed as they are. One step of one
+    layer goes to the lean entry cell_step directly. Returns output, h_n, c_n (None
+    but for LSTM)."""
     if mode in _CELL_STATE_MODES:
         h0, c0 = hx
     else:
@@ -155,12 +156,12 @@ def plain_forward(mode, x, hx, params, num_layers, bidirectional, proj_size):
     if (x.shape[0] == 1 and num_layers == 1 and not bidirectional and not proj_size
             and mode in _ONE_STEP_MODES and params.keys() <= _ONE_STEP_NAMES):
         output, h_n, c_n, _ = _core.cell_step(
-            mode, x, h0, c0, _weight(params["weight_ih_l0"]), _weight(params["weight_hh_l0"]),
-            _weight(params.get("bias_ih_l0")), _weight(params.get("bias_hh_l0")), False)
+            mode, x, h0, c0, params["weight_ih_l0"], params["weight_hh_l0"],
+            params.get("bias_ih_l0"), params.get("bias_hh_l0"), False)
         return output, h_n, c_n
     output, h_n, c_n, _ = _core.rnn_forward(
-        mode, x, h0, c0, {name: _weight(value) for name, value in params.items()},
-        num_layers=num_layers, bidirectional=bidirectional, proj_size=proj_size)
+        mode, x, h0, c0, params, num_layers=num_layers, bidirectional=bidirectional,
+        proj_size=proj_size)
     return output, h_n, c_n
 
 

@@ -472,30 +472,39 @@ class _RNNBase(_GateOptions, _Module):
         sizes (GRU(64, 128), one frame at N=1: 16 us a call, the kernels 7). Returns
         None, for the full path to take the call (and raise its errors), unless every
         condition holds; the full path would then pass the backend the same arrays."""
-        if (type(x) is not np.ndarray or x.ndim != 3 or self.batch_first or self.backend != "fused"
-                or x.dtype != self.dtype or not x.flags.c_contiguous or x.shape[2] != self.input_size
-                or x.shape[0] == 0 or x.shape[1] == 0 or any(self.zoneout)
-                or type(self)._cell_options is not _RNNBase._cell_options or self._onnx_options()):
+        # Every check is a plain attribute or a cheap test, cheapest first: a frame of a
+        # small layer costs a few microseconds in the kernels, and each property or
+        # helper called here added a tenth of one (the dtypes are numpy's builtin ones,
+        # one object each: another object of the same type takes the full path).
+        dtype = self.dtype
+        if (type(x) is not np.ndarray or x.ndim != 3 or x.dtype is not dtype or self.batch_first
+                or self.backend != "fused" or not x.flags.c_contiguous
+                or x.shape[2] != self.input_size or not x.shape[0] or not x.shape[1]
+                or self.zoneout[0] or self.zoneout[1]
+                or type(self)._cell_options is not _RNNBase._cell_options
+                or self._activations is not None or self.clip is not None or self.input_forget
+                or self.reverse):  # ONNX's options (_onnx_options), spelled out
             return None
-        N = x.shape[1]
-        LD = self.num_layers * self._num_directions
+        T, N = x.shape[0], x.shape[1]
+        LD = self.num_layers * (2 if self.bidirectional else 1)
         is_lstm = self._mode in _CELL_STATE_MODES
+        H_out = self.proj_size or self.hidden_size
         if hx is None:
-            h0 = np.zeros((LD, N, self._out_size), dtype=self.dtype)
-            states = (h0, np.zeros((LD, N, self.hidden_size), dtype=self.dtype)) if is_lstm else h0
+            h0 = np.zeros((LD, N, H_out), dtype=dtype)
+            states = (h0, np.zeros((LD, N, self.hidden_size), dtype=dtype)) if is_lstm else h0
         else:
             given = tuple(hx) if is_lstm and isinstance(hx, (tuple, list)) else (hx,)
             if len(given) != (2 if is_lstm else 1):
                 return None
-            for state, width in zip(given, (self._out_size, self.hidden_size)):
-                if (type(state) is not np.ndarray or state.dtype != self.dtype
+            for state, width in zip(given, (H_out, self.hidden_size)):
+                if (type(state) is not np.ndarray or state.dtype is not dtype
                         or state.shape != (LD, N, width) or not state.flags.c_contiguous):
                     return None
             states = given if is_lstm else given[0]
         output, h_n, c_n = self._backend.plain_forward(
             self._mode, x, states, self._forward_params(), self.num_layers, self.bidirectional,
             self.proj_size)
-        self._keep_pending(None, False, (True, x.shape[0], N))
+        self._keep_pending(None, False, (True, T, N))
         return (output, (h_n, c_n)) if is_lstm else (output, h_n)
 
     def _make_dropout_masks(self, T, N):

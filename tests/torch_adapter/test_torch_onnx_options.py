@@ -319,6 +319,76 @@ def test_export_runs_the_options_in_onnxruntime(cls, options, dynamo, tmp_path):
     assert_close(got, expected.numpy(), name="onnxruntime on the exported layer")
 
 
+NODE_OF = {"LSTM": "LSTM", "PeepholeLSTM": "LSTM", "GRU": "GRU", "RNN": "RNN"}
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+@pytest.mark.parametrize("cls,options", CASES, ids=IDS)
+def test_export_writes_standard_nodes(cls, options, dynamo, tmp_path):
+    """Both of torch's exporters write ONNX's node with the options as its attributes,
+    one per layer, so that ONNX Runtime runs inputs of any length and batch (a loop of
+    torch ops would be traced unrolled at the example's length)."""
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    module = make(cls, options, torch.float32, seed=11).eval()
+    lstm = module.mode == "LSTM"
+    LD = module.num_layers * (2 if module.bidirectional else 1)
+
+    def inputs(T, N, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn((N, T, 4) if module.batch_first else (T, N, 4), generator=g)
+        states = [torch.randn(LD, N, 6, generator=g) for _ in range(2 if lstm else 1)]
+        return x, tuple(states) if lstm else states[0]
+
+    state_names = ["h0", "c0"] if lstm else ["h0"]
+    batch_axis, time_axis = (0, 1) if module.batch_first else (1, 0)
+    axes = {"input": {time_axis: "T", batch_axis: "N"}, "output": {time_axis: "T", batch_axis: "N"}}
+    axes.update({name: {1: "N"} for name in state_names + ["h_n", "c_n"][:len(state_names)]})
+    path = tmp_path / "layer.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the exporters' deprecation and batch-size warnings
+        if dynamo:
+            T, N = torch.export.Dim("T"), torch.export.Dim("N")
+            states = ({1: N}, {1: N}) if lstm else {1: N}
+            torch.onnx.export(module, inputs(5, 2, 0), str(path), dynamo=True,
+                              dynamic_shapes=({time_axis: T, batch_axis: N}, states))
+        else:
+            torch.onnx.export(module, inputs(5, 2, 0), str(path), dynamo=False,
+                              input_names=["input"] + state_names,
+                              output_names=["output", "h_n", "c_n"][:1 + len(state_names)],
+                              dynamic_axes=axes)
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count(NODE_OF[cls]) == module.num_layers and "MatMul" not in ops, ops
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]  # input, then the states, in order
+    for T, N, seed in ((5, 2, 1), (9, 3, 2), (1, 1, 3)):
+        x, hx = inputs(T, N, seed)
+        states = hx if lstm else (hx,)
+        got = session.run(None, dict(zip(names, [x.numpy()] + [h.numpy() for h in states])))
+        with torch.no_grad():
+            out, state = module(x, hx)
+        expected = [out] + (list(state) if lstm else [state])
+        for name, a, b in zip(["output", "h_n", "c_n"], got, expected):
+            assert_close(a, b.numpy(), name=f"{name} at T={T} N={N}")
+
+
+@pytest.mark.parametrize("make_layer", [lambda: lt.CTRNN(4, 6, alpha=0.5),
+                                        lambda: lt.LSTM(4, 6, zoneout=0.1, clip=1.0),
+                                        lambda: lt.LSTM(4, 6, proj_size=3, reverse=True)],
+                         ids=["CTRNN", "zoneout", "proj_size"])
+def test_the_torchscript_exporter_warns_where_it_records_a_loop(make_layer, tmp_path):
+    """What no standard node computes is recorded as the loop of torch ops, unrolled at
+    the example's length: the exporter says so."""
+    pytest.importorskip("onnx")
+    module = make_layer().eval()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.onnx.export(module, (torch.randn(5, 2, 4),), str(tmp_path / "layer.onnx"),
+                          dynamo=False)
+    assert any("unrolled at the example input's number of steps" in str(w.message)
+               for w in caught), [str(w.message)[:80] for w in caught]
+
+
 # --- lstmfast.torch.from_onnx -----------------------------------------------------------
 
 EXPORTED_SETS = {"LSTM": [None, ["HardSigmoid", "Tanh", "Tanh"], ["Sigmoid", "Elu", "Tanh"]],

@@ -11,7 +11,8 @@ Everything the kernels cannot do exactly as torch does runs on torch's own
 implementation of the same module, so the result is torch's by construction:
   * CUDA, other dtypes, weights of another dtype than the input (with a warning
     the first time);
-  * tracing (``torch.jit.trace``, ONNX export), ``torch.export``, scripting (the
+  * tracing (``torch.jit.trace``, ONNX export; ONNX's options export as the
+    standard nodes that hold them: ``onnx_export``), ``torch.export``, scripting (the
     scripted module is the torch class, see ``__prepare_scriptable__``),
     ``torch.func`` transforms, and autocast;
   * input torch would reject: torch's forward raises its own error;
@@ -34,6 +35,8 @@ This is the only package of lstmfast that imports torch. Its modules, by job
   * ``quantized``: QuantizedLSTM, QuantizedGRU (torch's dynamic int8 layers);
   * ``cells``: LSTMCell, GRUCell, RNNCell;
   * ``layers``: LSTM, GRU, RNN, the forward all layers share, bfloat16 autocast;
+  * ``onnx_export``: ONNX's standard nodes, in either of torch's ONNX exporters, for
+    the options torch's layers lack;
   * ``autograd``: the autograd Functions and their calls of the backends;
   * ``loops``: loops of torch ops computing the same, for double backward and for
     what only torch can run;

@@ -19,6 +19,7 @@ from ._backend import (_as_class, _backend, _in_torch_only_context, _packed_for,
                        _unsupported_reason, _warn_once, _weight_arrays)
 from .autograd import _RecurrentFunction, _stack_step
 from .loops import _torch_loop_forward, _torch_loop_stack
+from .onnx_export import exported_as_nodes
 
 
 def _packed_rows(batch_sizes, N):
@@ -84,7 +85,7 @@ class _FastRNNMixin(_GateOptions):
         if recurrent_dropout_mask is not None or zoneout_mask is not None:
             given = {"recurrent_dropout_mask": recurrent_dropout_mask, "zoneout_mask": zoneout_mask}
         if torch.compiler.is_exporting():
-            return self._torch_forward(input, hx, given)
+            return _torch_only_forward(self, input, hx, given)
         return _fused_layer_forward(self, input, hx, given)
 
     def _regularized(self, given):
@@ -176,6 +177,14 @@ class _FastRNNMixin(_GateOptions):
         return _as_class(self, self._lstmfast_torch_class)
 
 
+def _torch_only_forward(self, input, hx, given):
+    """A call only torch can compute (export, tracing, torch.func; see
+    _in_torch_only_context): ONNX's standard nodes while exporting to ONNX a layer
+    whose options they hold (onnx_export.py), torch's class or the loop otherwise."""
+    result = exported_as_nodes(self, input, hx, given)
+    return result if result is not None else self._torch_forward(input, hx, given)
+
+
 # torch.compile cannot trace into the kernels: the fused call runs eagerly behind a
 # graph break. Dynamo never traces torch's own nn.LSTM/GRU/RNN either (it runs
 # them eagerly), so a layer costs the same break either way; a cell costs one
@@ -203,7 +212,7 @@ def _fused_layer_forward(self, input, hx, given=None):
         return self._torch_forward(input, hx, given)
     if (_in_torch_only_context(autocast=False) or not isinstance(data, torch.Tensor)
             or data.numel() == 0):
-        return self._torch_forward(input, hx, given)
+        return _torch_only_forward(self, input, hx, given)
     if torch.is_autocast_enabled("cpu") and not self._lstmfast_quantized:
         if (not self._lstmfast_autocast or self._onnx_options()
                 or not _autocast_serves(self, data)):
@@ -502,7 +511,8 @@ class GRU(_FastRNNMixin, nn.GRU):
     ``linear_before_reset=0``, Keras's ``reset_after=False``; ``lstmfast.GRU``'s), which
     torch.nn lacks: n = tanh(W_in x + b_in + W_hn (r * h) + b_hn), on the same
     parameters. Where only torch can compute (CUDA, other dtypes, tracing, export,
-    ``torch.func``, autocast, double backward) a loop of torch ops computes it."""
+    ``torch.func``, autocast, double backward) a loop of torch ops computes it; ONNX
+    export writes ONNX's GRU node with ``linear_before_reset=0`` (onnx_export.py)."""
 
     _lstmfast_torch_class = nn.GRU
     linear_before_reset = True  # accelerate() swaps torch's GRU in without __init__

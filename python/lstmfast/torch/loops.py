@@ -8,6 +8,8 @@ recurrent dropout and zoneout on CUDA, other dtypes, under tracing, export,
 ``torch.func`` or autocast). They import nothing of lstmfast.torch.
 """
 
+import warnings
+
 import torch
 from torch import _VF, nn
 from torch.nn.utils.rnn import PackedSequence
@@ -246,6 +248,13 @@ def _torch_loop_forward(self, input, hx, stack, given=None):
     _torch_ctrnn_stack or _torch_ln_lstm_stack), for what the kernels do not take; the layouts and checks of
     nn.LSTM / nn.RNN.forward."""
     is_lstm = self.mode == "LSTM"
+    if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
+        warnings.warn(
+            f"{type(self).__name__}: torch's TorchScript-based ONNX exporter records this "
+            "layer's loop unrolled at the example input's number of steps; the exported "
+            "graph computes inputs of that length only (longer ones lose their last steps). "
+            "Export with the example length you will run, or with dynamo=True, whose graph "
+            "holds that length fixed", UserWarning, stacklevel=3)
     packed = isinstance(input, PackedSequence)
     if packed:
         x, lengths = torch.nn.utils.rnn.pad_packed_sequence(input)  # the callers' row order

@@ -24,8 +24,8 @@ class PeepholeLSTM(LSTM):
     the others. Constructor and call are ``torch.nn.LSTM``'s; forward and BPTT run on
     lstmfast's fused kernels. Where only torch can compute (CUDA, other dtypes,
     tracing, export, ``torch.func``, autocast, double backward) a loop of torch ops
-    computes the same equations. ``lstmfast.LSTM(..., peephole=True)`` loads its
-    ``state_dict``.
+    computes the same equations; ONNX export writes ONNX's LSTM node with ``P``
+    (onnx_export.py). ``lstmfast.LSTM(..., peephole=True)`` loads its ``state_dict``.
     """
 
     _lstmfast_autocast = False  # torch's loop under autocast, as for torch's own ops

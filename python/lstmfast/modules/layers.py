@@ -8,7 +8,7 @@ docstring), then keyword-only ``peephole`` (LSTM), ``recurrent_dropout`` and
 """
 
 from .base import _RNNBase
-from .options import _NONLINEARITIES, _check_flag
+from .options import _NONLINEARITIES, _check_flag, _rnn_nonlinearity
 
 
 class LSTM(_RNNBase):
@@ -78,17 +78,11 @@ class RNN(_RNNBase):
         if nonlinearity not in _NONLINEARITIES:
             raise ValueError(
                 f"nonlinearity must be 'tanh' or 'relu', got {nonlinearity!r}")
-        if activations is not None and not isinstance(activations, str) and len(activations) == 1 \
-                and isinstance(activations[0], str):
-            chosen = activations[0].lower()
-            if nonlinearity != "tanh" and chosen != nonlinearity:
-                raise ValueError(f"activations={tuple(activations)} and nonlinearity="
-                                 f"{nonlinearity!r} disagree: give one of them")
-            if chosen in _NONLINEARITIES:
-                nonlinearity = chosen
-        self.nonlinearity = nonlinearity
         super().__init__(_NONLINEARITIES[nonlinearity], input_size, hidden_size, num_layers,
                          bias, batch_first, dropout, bidirectional, proj_size, dtype, backend,
                          seed, recurrent_dropout=recurrent_dropout, zoneout=zoneout,
                          activations=activations, activation_alpha=activation_alpha,
                          activation_beta=activation_beta, clip=clip, reverse=reverse)
+        # the parameters of both nonlinearities are the same: the mode may change now
+        self.nonlinearity = _rnn_nonlinearity(self, nonlinearity)
+        self._mode = _NONLINEARITIES[self.nonlinearity]

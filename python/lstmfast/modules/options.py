@@ -234,6 +234,23 @@ class _GateOptions:
         return s
 
 
+def _rnn_nonlinearity(layer, nonlinearity):
+    """An Elman RNN's nonlinearity once its ONNX options are set (_GateOptions, with
+    the mode of ``nonlinearity``), in both APIs: ONNX's ``Relu`` alone is
+    ``nonlinearity="relu"`` (torch's own relu RNN, whose kernels run) and clears the
+    activations; another activation replaces the nonlinearity, which must then be
+    "tanh". ValueError when they disagree."""
+    if layer._activations is None:
+        return nonlinearity
+    if nonlinearity != "tanh":
+        raise ValueError(f"activations={layer.activations} and nonlinearity="
+                         f"{nonlinearity!r} disagree: give one of them")
+    if layer._activations == (("relu", 0.0, 0.0),):
+        layer._activations = None
+        return "relu"
+    return nonlinearity
+
+
 def _resolve_dtype(dtype):
     # np.dtype(None) is float64 and dtype == None compares as float64: exclude None first.
     try:

@@ -13,7 +13,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ..modules.options import _GateOptions, _check_flag, _check_probability, _check_zoneout
+from ..modules.options import (_GateOptions, _check_flag, _check_probability, _check_zoneout,
+                               _rnn_nonlinearity)
 from ..modules.precision import _backend_weight
 from ._backend import (_as_class, _backend, _in_torch_only_context, _packed_for,
                        _unsupported_reason, _warn_once, _weight_arrays)
@@ -560,14 +561,9 @@ class RNN(_FastRNNMixin, nn.RNN):
     _lstmfast_torch_class = nn.RNN
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        if self._activations is None:
-            return
-        if self.nonlinearity != "tanh":
-            raise ValueError(f"activations={self.activations} and nonlinearity="
-                             f"{self.nonlinearity!r} disagree: give one of them")
-        if self._activations == (("relu", 0.0, 0.0),):  # torch's own relu RNN
-            self.nonlinearity, self.mode, self._activations = "relu", "RNN_RELU", None
+        super().__init__(*args, **kwargs)  # torch's reads nonlinearity, by keyword or place
+        self.nonlinearity = _rnn_nonlinearity(self, self.nonlinearity)
+        self.mode = "RNN_RELU" if self.nonlinearity == "relu" else "RNN_TANH"
 
 
 # The classes whose call _plain_inference_forward may take: torch's three layers

@@ -425,9 +425,9 @@ uint64_t zoneout_layer_seed(uint64_t seed, int64_t ld);
 
 // Threads for a call's jobs (the directions run in turn, each on all of them).
 void set_num_threads(int n);
+int get_num_threads();
 // For tests: calls whose steps are at most `work` multiply-adds run on the calling
 // thread alone (stack.cpp, call_threads); negative restores the default.
 void set_serial_step_work(double work);
-int get_num_threads();
 
 }  // namespace lstmfast

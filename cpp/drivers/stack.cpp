@@ -173,12 +173,12 @@ constexpr double kWorkPerNs = 8;
 
 // Threads for a call's jobs: step_threads(), but 1 for steps of at most
 // kSerialStepWork (a layer's own steps decide its LayerShape::threads: layer_shape),
-// and 1 when the pool's workers sleep (the calls come
-// apart) and the call would be done alone before a woken worker could start (twice
-// what waking one has cost lately, thread_pool.h): on a virtual machine a halted
-// CPU took 0.3 to 1.5 ms to start a worker, longer than a whole LSTM T=100 N=1
-// H=128 forward (0.5 ms on one thread). Returns the count, and wakes the workers
-// when it is more than 1, so their wake-up overlaps the call's serial work.
+// and 1 when the pool's workers sleep (the calls come apart) and the call would be
+// done alone before a woken worker could start (twice what waking one has cost
+// lately, thread_pool.h): on a virtual machine a halted CPU took 0.3 to 1.5 ms to
+// start a worker, longer than a whole LSTM T=100 N=1 H=128 forward (0.5 ms on one
+// thread). Returns the count, and wakes the workers when it is more than 1, so
+// their wake-up overlaps the call's serial work.
 int call_threads(const StackShape& s, double work) {
   const int threads = step_threads();
   if (threads <= 1 || step_work(s) <= g_serial_step_work.load()) return 1;
@@ -626,7 +626,9 @@ void set_num_threads(int n) {
 
 int get_num_threads() { return g_num_threads.load(); }
 
-void set_serial_step_work(double work) { g_serial_step_work.store(work < 0 ? kSerialStepWork : work); }
+void set_serial_step_work(double work) {
+  g_serial_step_work.store(work < 0 ? kSerialStepWork : work);
+}
 
 template <typename Real>
 std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, const Real* x,

@@ -711,7 +711,8 @@ def _result_arrays(result):
 @pytest.mark.skipif(not lstmfast._fused.available, reason="fused kernels not built")
 @pytest.mark.parametrize("case", ["batch_first", "noncontiguous", "float64_x", "list_x", "unbatched",
                                   "hx_wrong_shape", "hx_noncontiguous", "lengths", "training",
-                                  "zoneout", "clip", "ctrnn", "numpy_backend", "empty_batch"])
+                                  "zoneout", "clip", "activations", "input_forget", "reverse",
+                                  "big_endian_x", "ctrnn", "numpy_backend", "empty_batch"])
 def test_calls_the_short_path_leaves_to_the_full_one(case, monkeypatch):
     # Everything but the plain call goes the full way, with its results and errors.
     kwargs = {}
@@ -719,6 +720,10 @@ def test_calls_the_short_path_leaves_to_the_full_one(case, monkeypatch):
         kwargs["zoneout"] = 0.3
     if case == "clip":
         kwargs["clip"] = 2.0
+    if case == "activations":
+        kwargs["activations"] = ["HardSigmoid", "Tanh", "Tanh"]
+    if case in ("input_forget", "reverse"):
+        kwargs[case] = True
     cls = "CTRNN" if case == "ctrnn" else "LSTM"
     backend = "numpy" if case == "numpy_backend" else "fused"
     layer = getattr(lstmfast, cls)(4, 6, backend=backend, seed=1, batch_first=case == "batch_first",
@@ -731,6 +736,8 @@ def test_calls_the_short_path_leaves_to_the_full_one(case, monkeypatch):
         x = np.asfortranarray(x)
     elif case == "float64_x":
         x = x.astype("float64")
+    elif case == "big_endian_x":  # float32, but not numpy's builtin dtype object
+        x = x.astype(">f4")
     elif case == "list_x":
         x = x.tolist()
     elif case == "unbatched":
@@ -747,5 +754,5 @@ def test_calls_the_short_path_leaves_to_the_full_one(case, monkeypatch):
     try:
         layer(x, hx, lengths)
     except (TypeError, ValueError):
-        assert case in ("float64_x", "list_x", "hx_wrong_shape"), case
+        assert case in ("float64_x", "big_endian_x", "list_x", "hx_wrong_shape"), case
     assert not any(taken), taken

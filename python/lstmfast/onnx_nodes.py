@@ -309,18 +309,38 @@ def run_onnx_node(layer, X, sequence_lens=None, initial_h=None, initial_c=None):
     return Y, state_out(state)
 
 
-def _activation_attributes(layer, D):
-    """A node's activations and their alpha and beta lists (each direction's in turn),
-    or none where the layer has the node's defaults."""
-    if layer._activations is None and layer._mode != "RNN_RELU":
-        return {}
-    triples = layer._activation_triples() * D
-    attributes = {"activations": [_ONNX_NAMES[name] for name, _, _ in triples]}
-    for index, key in ((0, "activation_alpha"), (1, "activation_beta")):
-        values = [triple[1 + index] for triple in triples
-                  if reference.ACTIVATION_PARAMETERS.get(triple[0], (False, False))[index]]
-        if values:
-            attributes[key] = values
+# The node of each backend mode that has one.
+NODE_OF_MODE = {"LSTM": "LSTM", "GRU": "GRU", "GRU_RESET_BEFORE": "GRU", "RNN_TANH": "RNN",
+                "RNN_RELU": "RNN"}
+
+
+def node_attributes(mode, hidden_size, bidirectional, options):
+    """The attributes of the node of a layer of ``mode`` (NODE_OF_MODE) with ONNX's
+    ``options`` as the layers' ``_onnx_options()`` gives them (activations where not the
+    cell's own, clip, input_forget, reverse): the same for each of its layers. The
+    activations and their alpha and beta lists (each direction's in turn) are left out
+    where they are the node's defaults; to_onnx and lstmfast.torch's export share it."""
+    D = 2 if bidirectional else 1
+    attributes = {"hidden_size": hidden_size,
+                  "direction": "bidirectional" if D == 2
+                  else "reverse" if options.get("reverse") else "forward"}
+    if NODE_OF_MODE[mode] == "GRU":
+        attributes["linear_before_reset"] = 0 if mode == "GRU_RESET_BEFORE" else 1
+    triples = options.get("activations")
+    if triples is None and mode == "RNN_RELU":  # the RNN node's default is Tanh
+        triples = reference.resolve_activations(mode)
+    if triples is not None:
+        triples = list(triples) * D
+        attributes["activations"] = [_ONNX_NAMES[name] for name, _, _ in triples]
+        for index, key in ((0, "activation_alpha"), (1, "activation_beta")):
+            values = [float(triple[1 + index]) for triple in triples
+                      if reference.ACTIVATION_PARAMETERS.get(triple[0], (False, False))[index]]
+            if values:
+                attributes[key] = values
+    if options.get("clip") is not None:
+        attributes["clip"] = float(options["clip"])
+    if options.get("input_forget"):
+        attributes["input_forget"] = 1
     return attributes
 
 
@@ -343,10 +363,8 @@ def to_onnx(layer, path=None, *, opset=14):
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    kinds = {"LSTM": "LSTM", "GRU": "GRU", "GRU_RESET_BEFORE": "GRU", "RNN_TANH": "RNN",
-             "RNN_RELU": "RNN"}
     mode = layer._mode
-    if mode not in kinds or type(layer) not in (LSTM, GRU, RNN):
+    if mode not in NODE_OF_MODE or type(layer) not in (LSTM, GRU, RNN):
         raise ValueError(f"to_onnx: {type(layer).__name__} has no standard ONNX node "
                          "(LSTM, GRU and RNN layers do)")
     if getattr(layer, "proj_size", 0):
@@ -360,7 +378,7 @@ def to_onnx(layer, path=None, *, opset=14):
                          "float layer")
     if any(layer.zoneout):
         raise ValueError("to_onnx: ONNX's nodes have no zoneout (its eval form blends h)")
-    op = kinds[mode]
+    op = NODE_OF_MODE[mode]
     G, H, L = _GATES[op], layer.hidden_size, layer.num_layers
     D = 2 if layer.bidirectional else 1
     elem = TensorProto.DOUBLE if layer.dtype == np.float64 else TensorProto.FLOAT
@@ -370,6 +388,7 @@ def to_onnx(layer, path=None, *, opset=14):
     def onnx_blocks(a):
         return np.concatenate([a[k * H:(k + 1) * H] for k in inverse])
 
+    attributes = node_attributes(mode, H, layer.bidirectional, layer._onnx_options())
     initializers, nodes = [], []
 
     def constant(name, value):
@@ -409,8 +428,6 @@ def to_onnx(layer, path=None, *, opset=14):
         else:
             inputs.append("")
         inputs += ["lengths", per_layer_states["h0"][k]]
-        attributes = dict(hidden_size=H, direction="bidirectional" if D == 2
-                          else "reverse" if layer.reverse else "forward")
         if op == "LSTM":
             inputs.append(per_layer_states["c0"][k])
             if layer.peephole:
@@ -424,13 +441,6 @@ def to_onnx(layer, path=None, *, opset=14):
                 scale = np.stack([onnx_blocks(params[slot + s + "_scale"]) for s in suffixes])
                 inputs += [constant(f"{name}{k}_scale", scale.astype(np.float32)),
                            constant(f"{name}{k}_zero_point", np.zeros(scale.shape, np.int8))]
-        if op == "GRU":
-            attributes["linear_before_reset"] = 0 if mode == "GRU_RESET_BEFORE" else 1
-        attributes.update(_activation_attributes(layer, D))
-        if layer.clip is not None:
-            attributes["clip"] = layer.clip
-        if layer.input_forget:
-            attributes["input_forget"] = 1
         outs = [f"Y{k}", f"Y{k}_h"] + ([f"Y{k}_c"] if op == "LSTM" else [])
         if int8:
             nodes.append(helper.make_node("DynamicQuantizeLSTM", inputs, outs,

@@ -18,12 +18,8 @@ gate order through the same description (``_node_inputs``) in both.
 import torch
 from torch.nn.utils.rnn import PackedSequence
 
-from ..onnx_nodes import _ONNX_NAMES, _ORDER
-from ..reference import ACTIVATION_PARAMETERS
+from ..onnx_nodes import _ORDER, NODE_OF_MODE as _NODE, node_attributes
 from .loops import _torch_loop_stack
-
-_NODE = {"LSTM": "LSTM", "GRU": "GRU", "GRU_RESET_BEFORE": "GRU", "RNN_TANH": "RNN",
-         "RNN_RELU": "RNN"}
 
 
 def exported_as_nodes(module, input, hx, given):
@@ -63,7 +59,7 @@ def exported_as_nodes(module, input, hx, given):
     spec = {"mode": mode, "names": tuple(names), "num_layers": module.num_layers,
             "bidirectional": module.bidirectional, "bias": module.bias, "hidden_size": H,
             "peephole": peephole, "options": module._onnx_options(),
-            "triples": module._activation_triples()}
+            "attributes": node_attributes(mode, H, module.bidirectional, module._onnx_options())}
     if torch.jit.is_tracing():  # the TorchScript-based exporter
         results = _RecurrentNodes.apply(spec, x, h0, c0 if is_lstm else x.new_empty(0), *weights)
     else:
@@ -77,29 +73,6 @@ def exported_as_nodes(module, input, hx, given):
         return out, h_n
     c_n = results[2] if batched else results[2].squeeze(1)
     return out, (h_n, c_n)
-
-
-def _node_attributes(spec):
-    """The node's attributes (the same for each layer), by ONNX's names."""
-    D = 2 if spec["bidirectional"] else 1
-    options = spec["options"]
-    attributes = {"hidden_size": spec["hidden_size"],
-                  "direction": "bidirectional" if D == 2
-                  else "reverse" if options.get("reverse") else "forward"}
-    triples = list(spec["triples"]) * D  # each direction's in turn
-    attributes["activations"] = [_ONNX_NAMES[name] for name, _, _ in triples]
-    for index, key in ((0, "activation_alpha"), (1, "activation_beta")):
-        values = [float(t[1 + index]) for t in triples
-                  if ACTIVATION_PARAMETERS.get(t[0], (False, False))[index]]
-        if values:
-            attributes[key] = values
-    if options.get("clip") is not None:
-        attributes["clip"] = float(options["clip"])
-    if options.get("input_forget"):
-        attributes["input_forget"] = 1
-    if _NODE[spec["mode"]] == "GRU":
-        attributes["linear_before_reset"] = 0 if spec["mode"] == "GRU_RESET_BEFORE" else 1
-    return attributes
 
 
 def _node_inputs(ops, spec, w, k):
@@ -134,7 +107,7 @@ def _symbolic_nodes(spec, x, h0, c0, weights):
     """The layer as ONNX's nodes for torch's dynamo-based exporter; x (T, N, I)."""
     op, H, D = _NODE[spec["mode"]], spec["hidden_size"], 2 if spec["bidirectional"] else 1
     w = dict(zip(spec["names"], weights))
-    attributes = _node_attributes(spec)
+    attributes = spec["attributes"]
     T, N = x.shape[0], x.shape[1]
     outputs = 3 if op == "LSTM" else 2
     layer_in, h_outs, c_outs = x, [], []
@@ -201,7 +174,7 @@ class _RecurrentNodes(torch.autograd.Function):
         absent = g.op("prim::Constant")  # an input left out, as torch's own RNN symbolics do
         absent.setType(torch._C.OptionalType.ofTensor())
         attributes = {}
-        for name, value in _node_attributes(spec).items():
+        for name, value in spec["attributes"].items():
             sample = value[0] if isinstance(value, list) else value
             attributes[f"{name}_{_KIND[type(sample)]}"] = value
         layer_in, h_outs, c_outs = x, [], []

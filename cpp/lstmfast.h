@@ -43,6 +43,8 @@ struct CellInfo {
                            //   leak outside, as h cannot give it back)
   bool second_product;     // a step has two recurrent products, the second on u = f(first)
                            //   (LayerBuffers::u; GRU_RESET_BEFORE: r * h times W_hn)
+  int first_gates;         // G0: gates of the first product (the kernel's kFirstGates): G
+                           //   without a second product
   bool backward_on_stored_weights;  // dh = dG W_hh reads W_hh as stored, not packed
                                     //   (dh_product_stored: the GRUs' memory)
   bool continuous_time;    // takes alpha, leak and per-step noise (docs/cells.md, CTRNN)
@@ -176,6 +178,40 @@ ReducedMatrix pack_int8(const int8_t* q, const float* scale, int64_t M, int64_t 
 // bits: [M, K] row-major bfloat16 bit patterns.
 ReducedMatrix pack_bf16(const uint16_t* bits, int64_t M, int64_t K);
 
+// ---------------------------------------------------------------------------
+// Float weights packed once (inference: lstmfast.freeze).
+
+// W_ih or W_hh of one layer-direction laid out once into the gate panels that the
+// fused kernels of one instruction set read (recurrent_product.h: pack_gate_panels),
+// which a call otherwise makes from W at its start: for a stream's short calls, more
+// than the steps cost. Calls on the kernels that packed them read the panels; calls
+// on other kernels (a forced target), and the paths that read W as it lies (few
+// steps of a projected LSTM, the training backward), read W, which the caller keeps
+// alive and unchanged beside the panels.
+template <typename Real>
+struct PackedGates {
+  const void* kernels = nullptr;  // the kernel table (dispatch.h) that packed them
+  int gates = 0;                  // G of the cell
+  int first_gates = 0;            // W_hh: G0 gates (CellInfo::first_gates), then the other
+                                  //   G - G0 at packed_size(G0, H, K); W_ih: G
+  bool recurrent = false;         // W_hh, else W_ih
+  int64_t M = 0, K = 0;           // W: [M = G*H, K]
+  const Real* panels = nullptr;   // [packed_size(G, H, K)], 64-byte aligned, in storage
+  std::vector<Real> storage;
+
+  PackedGates() = default;
+  PackedGates(PackedGates&&) = default;  // the storage moves, the pointer stays valid
+  PackedGates& operator=(PackedGates&&) = default;
+  PackedGates(const PackedGates&) = delete;
+
+  int64_t nbytes() const { return static_cast<int64_t>(storage.size() * sizeof(Real)); }
+};
+
+// W: [M, K] row-major, M = G*H of `mode`'s cell; packed by the kernels in use.
+// Throws std::invalid_argument when M is not a multiple of G or a size is not positive.
+template <typename Real>
+PackedGates<Real> pack_gates(Mode mode, bool recurrent, const Real* W, int64_t M, int64_t K);
+
 // Parameters of one layer and direction (pointers into the caller's arrays).
 // With reduced weights (float32 inference only) the *_r pointers are set and the
 // float pointers are null.
@@ -190,6 +226,9 @@ struct LayerWeights {
   const ReducedMatrix* W_hh_r = nullptr;
   const ReducedMatrix* W_hr_r = nullptr;
   const ReducedProducts* products = nullptr;  // with reduced weights: the products to use (dispatch.h)
+  const Real* W_ih_p = nullptr;  // W_ih_p, W_hh_p: both or neither: W_ih and W_hh packed once
+  const Real* W_hh_p = nullptr;  //   (PackedGates::panels) by the kernels in use, read in place of
+                                 //   LayerBuffers' W_ih_p and W_hh_p, which are then not packed
   const Real* peephole = nullptr;  // peephole: LSTM [3H] P_i, P_f, P_o (docs/cells.md); nullptr = none
   const Real* noise = nullptr;     // noise: CTRNN [T, N, H] added to each step's state, in x's order
                                    //   (y's indexing); forward only: backward never reads it
@@ -359,6 +398,8 @@ struct Params {
   const Real* zone_h = nullptr;    // [T, N, H_out] zoneout masks (LayerWeights::zone_h), all or none
   const Real* zone_c = nullptr;    // [T, N, H] (LSTM)
   uint64_t zone_seed = 0;          // with StackShape::zone_hashed (LayerWeights::zone_seed)
+  const PackedGates<Real>* W_ih_p = nullptr;  // W_ih and W_hh packed once (lstmfast.freeze),
+  const PackedGates<Real>* W_hh_p = nullptr;  //   beside W_ih and W_hh; or nullptr
 };
 
 template <typename Real>

@@ -377,6 +377,47 @@ const lstmfast::ReducedMatrix* checked_reduced(py::handle obj, const std::string
   return &r;
 }
 
+// A float weight packed once for the fused kernels (lstmfast.freeze): the panels, and
+// a read-only copy of the weight that only this object holds, which the paths that
+// read W as it lies use and which Python gets back as `weight` (the frozen layer's
+// parameter). Both stay as they were made: the panels cannot go stale.
+struct PackedWeight {
+  py::array weight;  // float32 or float64, C-contiguous, not writeable
+  lstmfast::Mode mode = lstmfast::Mode::LSTM;
+  lstmfast::PackedGates<float> f32;  // the one of weight's dtype
+  lstmfast::PackedGates<double> f64;
+
+  template <typename Real>
+  const lstmfast::PackedGates<Real>& get() const {
+    if constexpr (std::is_same<Real, float>::value)
+      return f32;
+    else
+      return f64;
+  }
+  bool is_double() const { return weight.dtype().equal(py::dtype::of<double>()); }
+  bool recurrent() const { return is_double() ? f64.recurrent : f32.recurrent; }
+  int64_t nbytes() const { return is_double() ? f64.nbytes() : f32.nbytes(); }
+};
+
+// A packed weight standing for W_ih (recurrent false) or W_hh of the given shape in a
+// call of mode s.mode and dtype Real (TypeError or ValueError naming the parameter
+// otherwise); its float weight as the kernels read it.
+template <typename Real>
+py::array_t<Real, py::array::c_style> checked_packed(const PackedWeight& p, const std::string& name,
+                                                     bool recurrent, const Dims& shape,
+                                                     const lstmfast::StackShape& s) {
+  const char* role[2] = {"weight_ih", "weight_hh"};
+  if (p.recurrent() != recurrent)
+    throw py::value_error(name + ": expected " + role[recurrent] + " packed by pack_gates, got " +
+                          role[p.recurrent()] + " packed as such");
+  const lstmfast::CellInfo& packed = lstmfast::cell_info(p.mode);
+  const lstmfast::CellInfo& cell = lstmfast::cell_info(s.mode);
+  if (packed.gates != cell.gates || (recurrent && packed.first_gates != cell.first_gates))
+    throw py::value_error(name + ": packed for a " + packed.name + " layer, whose gates this " +
+                          cell.name + " call does not share");
+  return checked<Real>(p.weight, [&] { return name + " (packed)"; }, shape);
+}
+
 // The parameters come as a dict (weights_obj), or already by layer-direction and slot
 // (by_slot: cell_step's).
 template <typename Real>
@@ -410,6 +451,9 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
       if (py::array(first).ndim() == 2) rows = py::array(first).shape(0);
     } else if (py::isinstance<lstmfast::ReducedMatrix>(first)) {
       rows = first.cast<const lstmfast::ReducedMatrix&>().M;
+    } else if (py::isinstance<PackedWeight>(first)) {
+      const PackedWeight& p = first.cast<const PackedWeight&>();
+      if (p.weight.ndim() == 2) rows = p.weight.shape(0);
     }
     if (rows < 0 || rows % G != 0)
       throw py::value_error(param_name(0, 1) + ": expected a 2-D array of G*H rows");
@@ -440,6 +484,7 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
     const auto shapes = param_shapes(s, i);
     const Real* ptr[9] = {};
     const lstmfast::ReducedMatrix* reduced[5] = {nullptr, nullptr, nullptr, nullptr, nullptr};
+    const lstmfast::PackedGates<Real>*packed_ih = nullptr, *packed_hh = nullptr;
     for (size_t j = 0; j < slots.size(); ++j) {
       // biases and the optional parameters (peepholes) may be absent
       const bool required = j < 2 || (j == 4 && s.P > 0) || (j >= extra_from && j < optional_from);
@@ -456,6 +501,14 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
       if ((j == 0 || j == 1 || j == 4) && !py::isinstance<py::array>(entry[j]) &&
           py::isinstance<lstmfast::ReducedMatrix>(entry[j])) {
         reduced[j] = checked_reduced<Real>(entry[j], param_name(i, j), shapes[j], s);
+        keep(entry[j], entry[j]);
+        continue;
+      }
+      if (j < 2 && !py::isinstance<py::array>(entry[j]) && py::isinstance<PackedWeight>(entry[j])) {
+        const PackedWeight& p = entry[j].cast<const PackedWeight&>();
+        auto a = checked_packed<Real>(p, param_name(i, j), j == 1, shapes[j], s);
+        ptr[j] = a.data();
+        (j == 0 ? packed_ih : packed_hh) = &p.get<Real>();
         keep(entry[j], entry[j]);
         continue;
       }
@@ -478,6 +531,8 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
       params[i] = {ptr[0], ptr[1], ptr[2], ptr[3], ptr[4], reduced[0], reduced[1], reduced[4],
                    ptr[5], ptr[6], ptr[7]};
     }
+    params[i].W_ih_p = packed_ih;
+    params[i].W_hh_p = packed_hh;
   }
   auto h0 = checked<Real>(h0_obj, "h0", {LD, s.N, s.H_out()});
   py::array_t<Real, py::array::c_style> c0;
@@ -664,8 +719,67 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
                         cell_state ? py::object(dc0) : py::none());
 }
 
-// Reduced-precision weights (lstmfast.quantize): packing and a product test hook.
+// Reduced-precision weights (lstmfast.quantize): packing and a product test hook;
+// float weights packed once (lstmfast.freeze).
 void register_reduced(py::module_& m) {
+  py::class_<PackedWeight>(
+      m, "PackedWeight",
+      "A float weight_ih or weight_hh packed once for the fused kernels of the instruction set "
+      "in use (made by pack_gates); pass it to rnn_forward or cell_step in place of the weight. "
+      "Kernels of another instruction set read `weight` instead.")
+      .def_property_readonly("weight", [](const PackedWeight& p) { return p.weight; },
+                             "The weight packed: a read-only copy of the array given.")
+      .def_property_readonly("shape", [](const PackedWeight& p) {
+        return py::make_tuple(p.weight.shape(0), p.weight.shape(1));
+      })
+      .def_property_readonly("dtype", [](const PackedWeight& p) { return p.weight.dtype(); })
+      .def_property_readonly("mode", [](const PackedWeight& p) {
+        return std::string(lstmfast::cell_info(p.mode).name);
+      })
+      .def_property_readonly("recurrent", &PackedWeight::recurrent)
+      .def_property_readonly("target", [](const PackedWeight& p) {
+        const void* kernels = p.is_double() ? p.f64.kernels : p.f32.kernels;
+        return std::string(static_cast<const lstmfast::KernelTable*>(kernels)->name);
+      }, "The kernels whose layout the panels have (their build: generic, avx2 or avx512).")
+      .def_property_readonly("nbytes", &PackedWeight::nbytes, "Bytes of the panels.");
+
+  m.def(
+      "pack_gates",
+      [](const std::string& mode, py::handle weight_obj, bool recurrent) {
+        PackedWeight p;
+        p.mode = parse_mode(mode);
+        const char* name = recurrent ? "weight_hh" : "weight_ih";
+        if (!py::isinstance<py::array>(weight_obj))
+          throw py::type_error(std::string(name) + ": expected a numpy array, got " +
+                               type_name(weight_obj));
+        py::array w = py::reinterpret_borrow<py::array>(weight_obj);
+        const bool f64 = w.dtype().equal(py::dtype::of<double>());
+        if (w.ndim() != 2 || !(f64 || w.dtype().equal(py::dtype::of<float>())))
+          throw py::type_error(std::string(name) + ": expected a 2-D float32 or float64 array, got " +
+                               std::to_string(w.ndim()) + "-D " + std::string(py::str(w.dtype())));
+        const int64_t M = w.shape(0), K = w.shape(1), G = lstmfast::gates_of(p.mode);
+        if (M < 1 || K < 1 || M % G != 0)
+          throw py::value_error(std::string(name) + ": expected " + std::to_string(G) +
+                                "*H rows (the gates of " + mode + ") and at least one column, " +
+                                "got shape " + shape_str({M, K}));
+        // A copy of its own: no one else can write what the panels were made of.
+        p.weight = py::module_::import("numpy").attr("array")(w, py::arg("order") = "C");
+        py::setattr(p.weight.attr("flags"), "writeable", py::bool_(false));
+        {
+          py::gil_scoped_release release;
+          if (f64)
+            p.f64 = lstmfast::pack_gates<double>(p.mode, recurrent,
+                                                 static_cast<const double*>(p.weight.data()), M, K);
+          else
+            p.f32 = lstmfast::pack_gates<float>(p.mode, recurrent,
+                                                static_cast<const float*>(p.weight.data()), M, K);
+        }
+        return p;
+      },
+      py::arg("mode"), py::arg("weight"), py::arg("recurrent"),
+      "Packs weight_ih (recurrent=False) or weight_hh of a layer of `mode` once, for the fused "
+      "kernels in use; the PackedWeight keeps a read-only copy of it.");
+
   py::class_<lstmfast::ReducedMatrix>(
       m, "ReducedWeight",
       "A weight packed in int8 or bfloat16 for inference (made by pack_int8 or pack_bfloat16); "

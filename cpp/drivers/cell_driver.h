@@ -418,7 +418,8 @@ void forward_layer(const Cell& cell, Real* y, int64_t ldy, Real* h_n, Real* c_n,
     cell_forward_reduced(cell, y, ldy, buf, x, w, s);
     last = steps_of(s) & 1;
   } else {
-    const bool direct = direct_weights(s), on_pool = direct && direct_on_pool<Cell>(buf, w, s);
+    // Weights packed once leave a short call nothing to save by reading W in place.
+    const bool direct = !w.W_hh_p && direct_weights(s), on_pool = direct && direct_on_pool<Cell>(buf, w, s);
     if (on_pool && s.training)
       cell_forward_direct_on_pool<Cell, true>(cell, y, ldy, buf, x, w, s);
     else if (on_pool)

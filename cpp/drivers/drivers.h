@@ -233,8 +233,19 @@ inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_
     run_on_pool(threads, body);
 }
 
-// The forward: each thread packs the panels and projects the inputs (rows ldx
-// apart) of its unit blocks (a few steps ahead, or all at once: see
+// W_hh packed for the forward (W_ih with G0 = G): panels of the first G0 gates, then
+// of the other G - G0 at packed_size(G0, H, K) (CellInfo::second_product).
+template <typename Real, int G, int G0>
+inline void pack_recurrent_panels(Real* panels, const Real* W_hh, int64_t H, int64_t K,
+                                  int64_t u0, int64_t u1) {
+  pack_gate_panels<Real, G0>(panels, W_hh, H, K, u0, u1);
+  if constexpr (G0 < G)
+    pack_gate_panels<Real, G - G0>(panels + packed_size(G0, H, K), W_hh + G0 * H * K, H, K, u0,
+                                   u1);
+}
+
+// The forward: each thread packs the panels (unless LayerWeights holds them packed
+// once) and projects the inputs (rows ldx apart) of its unit blocks (a few steps ahead, or all at once: see
 // projection_in_chunks), then runs step(k, n, mine) for every step k with n rows
 // running, a barrier after each (the next step needs all of h). With G0 < G the
 // step makes two recurrent products (CellInfo::second_product): W_hh's first G0
@@ -250,17 +261,11 @@ inline void forward_on_pool(const LayerBuffers<Real>& buf, const Real* x, int64_
       ldx, s, G * H * s.I * static_cast<int64_t>(sizeof(Real)) / (s.threads > 1 ? s.threads : 1));
   auto body = [&](int tid, int nt) {
     const UnitShare mine = unit_share<Real>(H, tid, nt);
-    if constexpr (G0 == G) {
-      pack_gate_panels<Real, G>(buf.W_hh_p, w.W_hh, H, H, mine.u0, mine.u1);
-    } else {
-      pack_gate_panels<Real, G0>(buf.W_hh_p, w.W_hh, H, H, mine.u0, mine.u1);
-      pack_gate_panels<Real, G - G0>(buf.W_hh_p + packed_size(G0, H, H), w.W_hh + G0 * H * H, H,
-                                     H, mine.u0, mine.u1);
-    }
-    if (chunked)
-      pack_gate_panels<Real, G>(buf.W_ih_p, w.W_ih, H, s.I, mine.u0, mine.u1);
-    else
+    if (!w.W_hh_p) pack_recurrent_panels<Real, G, G0>(buf.W_hh_p, w.W_hh, H, H, mine.u0, mine.u1);
+    if (!chunked)
       input_projection_units(buf.xproj, ldx, x, w.W_ih, G, H, mine.j0, mine.j1, s);
+    else if (!w.W_ih_p)
+      pack_recurrent_panels<Real, G, G>(buf.W_ih_p, w.W_ih, H, s.I, mine.u0, mine.u1);
     if (buf.hm) {  // recurrent dropout: each thread masks its units of h, all rows
       mask_state(buf, 0, s, 0, s.N, mine.j0, mine.j1);
       pool_barrier();

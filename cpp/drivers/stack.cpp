@@ -39,22 +39,22 @@ namespace {
 constexpr const char* kPeepholes = "weight_ci,weight_cf,weight_co";
 constexpr const char* kLayerNorms = "ln_gates_weight,ln_gates_bias,ln_cell_weight,ln_cell_bias";
 constexpr const char* kAllFeatures = "zoneout,recurrent_dropout,int8,bfloat16,onnx_gates";
-// Columns: mode, name, G, cell_state, relu, saved_blocks, second_product,
+// Columns: mode, name, G, cell_state, relu, saved_blocks, second_product, first_gates,
 // backward_on_stored_weights, continuous_time, extra_params, optional_params, features
 // (lstmfast.h, CellInfo).
 constexpr CellInfo kCells[] = {
-    {Mode::LSTM, "LSTM", 4, true, false, 4, false, false, false, "", kPeepholes,
+    {Mode::LSTM, "LSTM", 4, true, false, 4, false, 4, false, false, "", kPeepholes,
      "projection,zoneout,recurrent_dropout,int8,bfloat16,onnx_gates"},
-    {Mode::GRU, "GRU", 3, false, false, 4, false, true, false, "", "", kAllFeatures},
-    {Mode::RNN_TANH, "RNN_TANH", 1, false, false, 0, false, false, false, "", "", kAllFeatures},
-    {Mode::RNN_RELU, "RNN_RELU", 1, false, true, 0, false, false, false, "", "", kAllFeatures},
-    {Mode::CTRNN_TANH, "CTRNN_TANH", 1, false, false, 1, false, false, true, "", "",
+    {Mode::GRU, "GRU", 3, false, false, 4, false, 3, true, false, "", "", kAllFeatures},
+    {Mode::RNN_TANH, "RNN_TANH", 1, false, false, 0, false, 1, false, false, "", "", kAllFeatures},
+    {Mode::RNN_RELU, "RNN_RELU", 1, false, true, 0, false, 1, false, false, "", "", kAllFeatures},
+    {Mode::CTRNN_TANH, "CTRNN_TANH", 1, false, false, 1, false, 1, false, true, "", "",
      "recurrent_dropout,int8,bfloat16"},
-    {Mode::CTRNN_RELU, "CTRNN_RELU", 1, false, true, 1, false, false, true, "", "",
+    {Mode::CTRNN_RELU, "CTRNN_RELU", 1, false, true, 1, false, 1, false, true, "", "",
      "recurrent_dropout,int8,bfloat16"},
-    {Mode::LN_LSTM, "LN_LSTM", 4, true, false, 4, false, false, false, kLayerNorms, "",
+    {Mode::LN_LSTM, "LN_LSTM", 4, true, false, 4, false, 4, false, false, kLayerNorms, "",
      "recurrent_dropout,int8,bfloat16"},
-    {Mode::GRU_RESET_BEFORE, "GRU_RESET_BEFORE", 3, false, false, 3, true, true, false, "", "",
+    {Mode::GRU_RESET_BEFORE, "GRU_RESET_BEFORE", 3, false, false, 3, true, 2, true, false, "", "",
      kAllFeatures},
 };
 static_assert(sizeof(kCells) / sizeof(kCells[0]) == kModes, "one row of kCells per Mode");
@@ -502,6 +502,11 @@ void combine_biases(StackCache<Real>& c) {
       for (int64_t j = 0; j < H; ++j) b_hn[j] = p.b_hh[2 * H + j];
     c.weights[i] = {p.W_ih, p.W_hh, p.W_hr, bias, b_hn, p.W_ih_r, p.W_hh_r, p.W_hr_r};
     if (p.W_hh_r) c.weights[i].products = &reduced_products();
+    // Panels packed by other kernels (a target forced since) have another layout.
+    if (p.W_ih_p && p.W_hh_p && p.W_ih_p->kernels == &kernels() && p.W_hh_p->kernels == &kernels()) {
+      c.weights[i].W_ih_p = p.W_ih_p->panels;
+      c.weights[i].W_hh_p = p.W_hh_p->panels;
+    }
     c.weights[i].noise = p.noise;
     c.weights[i].rec_mask = p.rec_mask;
     c.weights[i].zone_h = p.zone_h;
@@ -805,6 +810,12 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       b.mask_sorted = scratch[d].mask_sorted;
       if (b.mask_sorted) sort_mask(b.mask_sorted, c, i);
       LayerWeights<Real> w = c.weights[i];
+      if (b.W_hh_p && w.W_hh_p) {  // packed once: read in place, never written
+        b.W_hh_p = const_cast<Real*>(w.W_hh_p);
+        b.W_ih_p = const_cast<Real*>(w.W_ih_p);
+      } else {
+        w.W_ih_p = w.W_hh_p = nullptr;  // the path of this call reads no panels
+      }
       widen_weights(w, wide[d]);
       LayerShape ls = layer_shape(c, k, d, threads);
       ls.round_bf16 = widen_all;
@@ -959,7 +970,32 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
   }
 }
 
+template <typename Real>
+PackedGates<Real> pack_gates(Mode mode, bool recurrent, const Real* W, int64_t M, int64_t K) {
+  const CellInfo& cell = cell_info(mode);
+  if (M < 1 || K < 1 || M % cell.gates != 0)
+    throw std::invalid_argument("pack_gates: expected " + std::to_string(cell.gates) +
+                                "*H rows (the gates of " + cell.name +
+                                ") and at least one column, got (" + std::to_string(M) + ", " +
+                                std::to_string(K) + ")");
+  PackedGates<Real> p;
+  p.kernels = &kernels();
+  p.gates = cell.gates;
+  p.first_gates = recurrent ? cell.first_gates : cell.gates;
+  p.recurrent = recurrent;
+  p.M = M;
+  p.K = K;
+  constexpr int64_t kAlign = 64 / sizeof(Real);  // a panel row is one cache line of AVX-512
+  p.storage.resize(static_cast<size_t>(packed_size(cell.gates, M / cell.gates, K) + kAlign));
+  Real* panels = p.storage.data();
+  panels += (kAlign - (reinterpret_cast<uintptr_t>(panels) / sizeof(Real)) % kAlign) % kAlign;
+  kernels().get<Real>().pack_gates(panels, W, p.gates, p.first_gates, M / cell.gates, K);
+  p.panels = panels;
+  return p;
+}
+
 #define LSTMFAST_INSTANTIATE(Real)                                                               \
+  template PackedGates<Real> pack_gates<Real>(Mode, bool, const Real*, int64_t, int64_t);      \
   template std::unique_ptr<StackCache<Real>> stack_forward<Real>(                                \
       Real*, Real*, Real*, const Real*, const Real*, const Real*, const Params<Real>*,           \
       const int64_t*, const Real* const*, const StackShape&);                                    \

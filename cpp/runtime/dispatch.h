@@ -32,11 +32,17 @@ template <typename Real>
 using ProductFn = void (*)(Real* C, int64_t ldc, const Real* A, int64_t lda, const Real* B,
                            int64_t ldb, int64_t n, int64_t K, int64_t cols, bool accumulate);
 
+// panels = W [G*H, K] laid out as the forward packs it at the start of a call
+// (drivers.h: pack_recurrent_panels), G0 gates first: lstmfast::pack_gates.
+template <typename Real>
+using PackGatesFn = void (*)(Real* panels, const Real* W, int G, int G0, int64_t H, int64_t K);
+
 template <typename Real>
 struct TypedKernels {
   CellKernels<Real> cells[kModes];  // indexed by Mode
   ActivationFn<Real> activation;
   ProductFn<Real> product;
+  PackGatesFn<Real> pack_gates;
 
   const CellKernels<Real>& cell(Mode mode) const { return cells[static_cast<int>(mode)]; }
 };

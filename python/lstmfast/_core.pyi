@@ -58,7 +58,7 @@ def rnn_forward(
     x: npt.NDArray[_Float],  # (T, N, I)
     h0: npt.NDArray[_Float],  # (L*D, N, H_out)
     c0: Optional[npt.NDArray[_Float]],  # (L*D, N, H), LSTM only
-    params: Mapping[str, object],  # torch's names (weight_ih_l0, ...) -> arrays or ReducedWeight
+    params: Mapping[str, object],  # torch's names (weight_ih_l0, ...) -> arrays, ReducedWeight or PackedWeight
     *,
     num_layers: int,
     bidirectional: bool,
@@ -77,8 +77,8 @@ def cell_step(
     x: npt.NDArray[_Float],  # (1, N, I): one step
     h0: npt.NDArray[_Float],  # (1, N, H)
     c0: Optional[npt.NDArray[_Float]],  # (1, N, H), LSTM only
-    weight_ih: object,  # (G*H, I) array or ReducedWeight
-    weight_hh: object,  # (G*H, H) array or ReducedWeight
+    weight_ih: object,  # (G*H, I) array, ReducedWeight or PackedWeight
+    weight_hh: object,  # (G*H, H) array, ReducedWeight or PackedWeight
     bias_ih: Optional[npt.NDArray[_Float]],  # (G*H,) or None (zeros)
     bias_hh: Optional[npt.NDArray[_Float]],  # (G*H,) or None (zeros)
     training: bool,
@@ -100,6 +100,29 @@ def rnn_backward(
 
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
+
+# --- float weights packed once (lstmfast.freeze) ----------------------------------
+
+class PackedWeight:
+    """weight_ih or weight_hh packed for the fused kernels in use; passed to rnn_forward
+    and cell_step in place of the array."""
+
+    @property
+    def weight(self) -> npt.NDArray[_Float]: ...  # a read-only copy of the array packed
+    @property
+    def shape(self) -> tuple[int, int]: ...
+    @property
+    def dtype(self) -> np.dtype: ...
+    @property
+    def mode(self) -> str: ...
+    @property
+    def recurrent(self) -> bool: ...  # weight_hh, else weight_ih
+    @property
+    def target(self) -> str: ...  # the kernels whose panels these are: generic, avx2, avx512
+    @property
+    def nbytes(self) -> int: ...
+
+def pack_gates(mode: _Mode, weight: npt.NDArray[_Float], recurrent: bool) -> PackedWeight: ...
 
 # --- instruction sets ------------------------------------------------------------
 

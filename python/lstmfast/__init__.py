@@ -8,7 +8,8 @@ from ._native import _core
 from ._config import get_num_threads, set_num_threads, show_config
 from .interop import from_onnx_lstm
 from .onnx_nodes import from_onnx, run_onnx_node
-from .modules import CTRNN, GRU, LSTM, RNN, GRUCell, LayerNormLSTM, LSTMCell, RNNCell, quantize
+from .modules import (CTRNN, GRU, LSTM, RNN, GRUCell, LayerNormLSTM, LSTMCell, RNNCell, freeze,
+                      quantize)
 
 __version__ = _core.__version__
 
@@ -23,6 +24,7 @@ __all__ = [
     "GRUCell",
     "RNNCell",
     "quantize",
+    "freeze",
     "from_onnx_lstm",
     "from_onnx",
     "run_onnx_node",

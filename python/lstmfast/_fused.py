@@ -167,10 +167,18 @@ def plain_forward(mode, x, hx, params, num_layers, bidirectional, proj_size):
 
 def _weight(value):
     """A parameter for the compiled module: an array, a packed reduced weight
-    (_core.ReducedWeight, from pack_weight), or None."""
-    if value is None or isinstance(value, _core.ReducedWeight):
+    (_core.ReducedWeight, from pack_weight), a packed float weight
+    (_core.PackedWeight, from pack_gates), or None."""
+    if value is None or isinstance(value, (_core.ReducedWeight, _core.PackedWeight)):
         return value
     return np.asarray(value)
+
+
+def pack_gates(mode, weight, recurrent):
+    """weight_ih (recurrent False) or weight_hh of a float layer of ``mode`` packed once
+    for the kernels in use (a frozen layer's: lstmfast.freeze), given to forward in
+    place of the weight; its ``weight`` is a read-only copy of the array."""
+    return _core.pack_gates(mode, np.asarray(weight), bool(recurrent))
 
 
 def pack_weight(weight):

@@ -1,5 +1,5 @@
 """The layers and cells: ``LSTM``, ``GRU``, ``RNN``, ``LSTMCell``, ``GRUCell``, ``RNNCell``,
-the variants ``CTRNN`` and ``LayerNormLSTM``, and ``quantize``.
+the variants ``CTRNN`` and ``LayerNormLSTM``, ``quantize`` and ``freeze``.
 
 These classes mirror ``torch.nn``'s: same constructor arguments, parameter names and
 shapes, call signature, output shapes and ``state_dict`` keys. They check arguments,
@@ -76,7 +76,7 @@ Its modules, by job (each imports only modules listed after it):
   * ``layers``: LSTM (and its peephole option), GRU, RNN;
   * ``variants``: CTRNN, LayerNormLSTM;
   * ``cells``: LSTMCell, GRUCell, RNNCell;
-  * ``reduced``: quantize;
+  * ``reduced``: quantize and freeze;
   * ``base``: ``_Module`` (parameters, state_dict, pickling, train/eval, the pending
     forward of each thread, the backend's calls) and ``_RNNBase`` (the layers'
     constructor, forward and backward as steps);
@@ -90,11 +90,11 @@ Its modules, by job (each imports only modules listed after it):
 
 from .cells import GRUCell, LSTMCell, RNNCell
 from .layers import GRU, LSTM, RNN
-from .reduced import quantize
+from .reduced import freeze, quantize
 from .variants import CTRNN, LayerNormLSTM
 
 __all__ = ["LSTM", "GRU", "RNN", "CTRNN", "LayerNormLSTM", "LSTMCell", "GRUCell", "RNNCell",
-           "quantize"]
+           "quantize", "freeze"]
 
 # The public names say they are lstmfast.modules's, as they did when it was one file.
 # pickle records a class (and a function) by __module__ and __qualname__: a layer

@@ -22,7 +22,7 @@ from .masks import _dropout_masks, _regularizer_args
 from .options import (_CELL_STATE_MODES, _PACKAGE, _GateOptions, _check_backend, _check_dropout,
                       _check_flag, _check_probability, _check_seed, _check_size, _check_sizes,
                       _check_zoneout, _load_backend, _resolve_dtype)
-from .precision import _backend_weights, _checked_reduced_state
+from .precision import _backend_weights, _checked_reduced_state, _packed_float_weights, _read_only
 
 
 class _CallState(threading.local):
@@ -61,20 +61,25 @@ class _Module:
         self._grad_lock = threading.Lock()  # backward adds into self.grad one call at a time
 
     precision = "float32"  # or "int8" / "bfloat16" for a layer made by quantize()
-    _packed = None  # reduced layers: the backend's form of _params, made on first use
+    frozen = False  # True for a layer made by freeze() or quantize(): inference only,
+    #                 its parameters read-only and its weights packed once
+    _packed = None  # frozen layers: the backend's form of _params, made on first use
 
     @property
     def _trains(self):
-        """Whether a forward keeps what backward needs (reduced layers never do)."""
-        return self.training and self.precision == "float32"
+        """Whether a forward keeps what backward needs (frozen layers never do)."""
+        return self.training and not self.frozen
 
     def _forward_params(self):
         """The parameters as the backend takes them: the arrays themselves, or for a
-        reduced layer its weights packed once (see quantize)."""
-        if self.precision == "float32":
+        frozen layer its weights packed once (see freeze and quantize)."""
+        if not self.frozen:
             return self._params
         if self._packed is None:
-            self._packed = _backend_weights(self._params, self.precision, self._backend)
+            if self.precision != "float32":
+                self._packed = _backend_weights(self._params, self.precision, self._backend)
+            else:
+                self._packed = _packed_float_weights(self)
         return self._packed
 
     def _set_params(self, params):
@@ -102,6 +107,10 @@ class _Module:
                 raise AttributeError(
                     f"{name}: the parameters of a {self.precision} layer are read-only; "
                     f"quantize a float32 layer again, or use load_state_dict")
+            if self.frozen:
+                raise AttributeError(
+                    f"{name}: the parameters of a frozen layer are read-only; freeze the "
+                    f"original layer again, or use load_state_dict")
             params[name][...] = self._checked_param(name, value)
         else:
             object.__setattr__(self, name, value)
@@ -119,6 +128,10 @@ class _Module:
 
     def __setstate__(self, state):
         self.__dict__.update(state)
+        if self.precision != "float32":  # pickled before frozen was kept
+            self.frozen = True
+        if self.frozen and "_params" in state:  # arrays come back from a pickle writeable
+            self._params = {name: _read_only(value) for name, value in self._params.items()}
         self._backend = _load_backend(self.backend)
         self._calls = _CallState()
         self._grad_lock = threading.Lock()
@@ -180,6 +193,10 @@ class _Module:
         if shape_errors:
             raise ValueError(
                 f"load_state_dict for {type(self).__name__}: " + "; ".join(shape_errors))
+        if self.frozen:  # new read-only arrays, packed again on first use
+            self._params = {name: _read_only(values[name]) for name in self._params}
+            self._packed = None
+            return
         for name, value in values.items():
             self._params[name][...] = value
 
@@ -237,6 +254,10 @@ class _Module:
                 f"{type(self).__name__}.backward: this is a {self.precision} layer made by "
                 f"lstmfast.quantize, for inference only; train the float32 layer and quantize "
                 f"it again")
+        if self.frozen:
+            raise RuntimeError(
+                f"{type(self).__name__}.backward: this layer was made by lstmfast.freeze, for "
+                f"inference only; train the original layer and freeze it again")
         calls = self._calls
         if calls.pending is not None:
             return calls.layout
@@ -288,6 +309,8 @@ class _Module:
             s += f", backend={self.backend}"
         if self.precision != "float32":
             s += f", precision={self.precision}"
+        elif self.frozen:
+            s += ", frozen=True"
         return s
 
 

@@ -84,8 +84,8 @@ class _CellBase(_Module):
         cell_forward = getattr(self._backend, "cell_forward", None)
         if cell_forward is not None and N > 0 and zoneout is None and rec_mask is None:
             # the lean path of the fused backend
-            p = self._params
-            training = self.training
+            p = self._forward_params()
+            training = self._trains
             h_n, c_n, cache = cell_forward(
                 self._mode, x_b, hx_b,
                 [p["weight_ih"], p["weight_hh"], p.get("bias_ih"), p.get("bias_hh")], training)
@@ -95,7 +95,7 @@ class _CellBase(_Module):
             if rec_mask is not None:
                 extra["recurrent_dropout_masks"] = rec_mask
             _, h_n, c_n = self._run_forward(
-                x_b, hx_b, self._backend_params(self._params), num_layers=1,
+                x_b, hx_b, self._backend_params(self._forward_params()), num_layers=1,
                 bidirectional=False, proj_size=0, lengths=None, dropout_masks=None,
                 layout=(batched, N), **extra)
         h1 = h_n[0] if batched else h_n[0, 0]

@@ -1,5 +1,8 @@
-"""How a reduced-precision layer (made by ``quantize``, in reduced.py) holds its
+"""How a frozen layer (made by ``freeze`` or ``quantize``, in reduced.py) holds its
 weights and hands them to a backend.
+
+A layer made by ``freeze`` keeps its float parameters as read-only arrays; the
+backends take weight_ih and weight_hh packed once (``_packed_float_weights``).
 
 A reduced layer's ``_params`` hold read-only arrays: each weight ``weight_*`` as int8
 with a float32 ``weight_*_scale`` per row, or as uint16 bfloat16 bit patterns; every
@@ -44,6 +47,25 @@ def _backend_weights(params, precision, backend):
             value = _backend_weight(backend, reference.Int8Weight(value, params[name + "_scale"])
                                     if precision == "int8" else reference.BFloat16Weight(value))
         out[name] = value
+    return out
+
+
+def _packed_float_weights(layer):
+    """Parameters of a frozen float layer (freeze) as ``backend.forward`` takes them:
+    weight_ih and weight_hh packed once by the backend when it packs (the fused one,
+    where its kernels compute the layer and the LSTM has no projection), else the
+    arrays. A packed weight holds a read-only copy of its array, which the layer then
+    keeps as the parameter: one copy of the weights beside the panels."""
+    pack = getattr(layer._backend, "pack_gates", None)
+    kernels_compute = getattr(layer, "_kernels_compute", None)
+    out = dict(layer._params)
+    if (pack is None or getattr(layer, "proj_size", 0)
+            or (kernels_compute is not None and not kernels_compute())):
+        return out
+    for name, value in layer._params.items():
+        if name.startswith(("weight_ih", "weight_hh")):
+            out[name] = pack(layer._mode, value, recurrent=name.startswith("weight_hh"))
+            layer._params[name] = out[name].weight
     return out
 
 

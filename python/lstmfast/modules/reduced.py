@@ -1,10 +1,12 @@
-"""``quantize``: an inference-only copy of a layer with int8 or bfloat16 weights.
+"""``quantize`` and ``freeze``: inference-only copies of a layer whose weights are
+packed once, in int8 or bfloat16 (quantize) or in the layer's own float dtype (freeze).
 
-The copy is an instance of the layer's own class, so it is called, pickled and
-printed as the float layer is; ``precision`` tells it apart, and ``_Module`` (base.py)
-then keeps its read-only weights as precision.py describes. This module is above
-base.py, not in precision.py, because ``quantize`` takes layers only (``_RNNBase``),
-which precision.py, imported by base.py, cannot name without an import cycle.
+Each copy is an instance of the layer's own class, so it is called, pickled and
+printed as the layer is; ``frozen`` and ``precision`` tell it apart, and ``_Module``
+(base.py) then keeps its read-only weights as precision.py describes. This module is
+above base.py, not in precision.py, because both name the layer classes
+(``_RNNBase``, ``_Module``), which precision.py, imported by base.py, cannot name
+without an import cycle.
 """
 
 import importlib
@@ -12,7 +14,7 @@ import importlib
 import numpy as np
 
 from .._cells import modes_with, supports
-from .base import _RNNBase
+from .base import _Module, _RNNBase
 from .options import _PACKAGE
 from .precision import _PRECISIONS, _WEIGHT_PREFIXES, _read_only
 
@@ -67,6 +69,51 @@ def quantize(layer, precision):
     return _reduced_like(layer, precision, state)
 
 
+def freeze(layer):
+    """An inference-only copy of ``layer`` whose weights are packed once.
+
+    At the start of every call the fused kernels lay ``weight_ih`` and ``weight_hh``
+    out in the panels they read, and a call of a few steps reads the weights in place
+    instead (docs/design.md, "Frozen layers"): for a stream fed a frame or a chunk at
+    a time, the better part of the call. A frozen copy is given them laid out once.
+
+    ``layer``: any lstmfast layer or cell (``LSTM``, ``GRU``, ``RNN``, ``CTRNN``,
+    ``LayerNormLSTM``, ``LSTMCell``, ``GRUCell``, ``RNNCell``), float32 or float64, with
+    any options; not one made by ``quantize`` (its weights are packed already).
+
+    The result is of the same class and options, in eval mode, with ``frozen`` True:
+    forward takes and returns what the layer's does and computes the same function
+    (the kernels' packed path; for a call of a few steps the sums run in another
+    order than the unfrozen layer's, within the float32 tolerance of the tests).
+    ``backward`` raises RuntimeError. Its parameters are read-only copies of the
+    layer's: ``load_state_dict`` replaces them (and packs again); ``state_dict``,
+    pickling and ``to_onnx`` work as for the layer. The panels are those of the
+    instruction set in use when it is frozen (or first called after unpickling);
+    after ``set_simd_target`` chose another, calls read the weights as stored.
+
+    Nothing is packed where no panels are read: an LSTM with ``proj_size``, ONNX
+    options that the kernels lack, ``backend="numpy"``. The copy is then only
+    read-only and inference-only.
+    """
+    if not isinstance(layer, _Module):
+        raise TypeError(
+            f"freeze: expected an lstmfast layer or cell (LSTM, GRU, RNN, CTRNN, LayerNormLSTM, "
+            f"LSTMCell, GRUCell, RNNCell), got {type(layer).__name__}")
+    if layer.precision != "float32":
+        raise ValueError(
+            f"freeze: the layer is {layer.precision}, made by quantize, whose weights are "
+            f"packed already; freeze its float original, or use it as it is")
+    frozen = object.__new__(type(layer))
+    frozen.__setstate__({k: v for k, v in layer.__getstate__().items()
+                         if k not in ("_params", "grad")})
+    frozen.frozen = True
+    frozen.training = False
+    frozen.grad = {}
+    frozen._params = {name: _read_only(value) for name, value in layer._params.items()}
+    frozen._forward_params()  # packed now, not in the first call's time
+    return frozen
+
+
 def _reduced_like(layer, precision, state):
     """A reduced layer with ``layer``'s class and options holding ``state`` (checked as
     load_state_dict checks a dict)."""
@@ -74,6 +121,7 @@ def _reduced_like(layer, precision, state):
     reduced.__setstate__({k: v for k, v in layer.__getstate__().items()
                           if k not in ("_params", "grad")})
     reduced.precision = precision
+    reduced.frozen = True
     reduced.training = False
     reduced.grad = {}
     names = []

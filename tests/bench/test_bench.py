@@ -336,11 +336,12 @@ def test_peers_time_every_precision_on_a_tiny_shape(tmp_path, capsys, peers):
     printed = capsys.readouterr().out
     simd = lstmfast._config.simd_target()
     for text in ("simd_target", "onnxruntime", "torch quantized engine", "vs torch", "vs ORT", "int8/float32",
+                 "frozen/float32", "lstmfast frozen vs onnxruntime float32: geomean",
                  f"peers, inference, 1 thread, simd {simd}:", "lstmfast int8 vs torch int8: geomean",
                  "lstmfast float32 vs onnxruntime float32: geomean"):
         assert text in printed, text
 
-    lstmfast_keys = {"lstmfast float32"} | (
+    lstmfast_keys = {"lstmfast float32", "lstmfast frozen"} | (
         {"lstmfast int8", "lstmfast bfloat16"} if hasattr(lstmfast, "quantize") else set())
     rows = {r["cell"]: r for r in data["results"]}
     assert sorted(rows) == ["GRU", "LSTM"]
@@ -357,7 +358,7 @@ def test_peers_time_every_precision_on_a_tiny_shape(tmp_path, capsys, peers):
         for name, diff in r["max_rel_diff"].items():
             precision = name.split()[1]
             assert diff <= peers.TOLERANCE[precision], name
-            if precision != "float32":
+            if precision in ("int8", "bfloat16"):
                 # really reduced: a peer that quietly stayed float32 would agree to 1e-6
                 assert diff > 1e-5, name
         s = r["seconds"]
@@ -365,6 +366,7 @@ def test_peers_time_every_precision_on_a_tiny_shape(tmp_path, capsys, peers):
             mine, theirs = ratio_name.split(" vs ")
             assert ratio == pytest.approx(s[theirs] / s[f"lstmfast {mine}"]), ratio_name
         assert "float32 vs torch float32" in r["ratios"] and "float32 vs onnxruntime float32" in r["ratios"]
+        assert "frozen vs torch float32" in r["ratios"] and "frozen vs onnxruntime float32" in r["ratios"]
         if "lstmfast int8" in s:
             assert {"int8 vs torch int8", "int8 vs torch float32", "bfloat16 vs torch bfloat16"} <= set(r["ratios"])
     assert "int8 vs onnxruntime int8" in rows["LSTM"]["ratios"]
@@ -372,13 +374,13 @@ def test_peers_time_every_precision_on_a_tiny_shape(tmp_path, capsys, peers):
     assert data["summary"]["float32 vs torch float32, 1 threads"]["cases"] == 2
 
 
-@pytest.mark.parametrize("missing", ["onnxruntime", "torch", "lstmfast.quantize"])
+@pytest.mark.parametrize("missing", ["onnxruntime", "torch", "lstmfast.quantize", "lstmfast.freeze"])
 def test_peers_skip_a_missing_package_with_a_note(missing, tmp_path, capsys, monkeypatch, peers):
     import lstmfast
 
     installed = {who for who in ("torch", "onnxruntime") if importlib.util.find_spec(who)}
-    if missing == "lstmfast.quantize":
-        monkeypatch.delattr(lstmfast, "quantize", raising=False)
+    if missing.startswith("lstmfast."):
+        monkeypatch.delattr(lstmfast, missing.removeprefix("lstmfast."), raising=False)
     else:
         # None in sys.modules makes `import` raise ImportError, as when it is not installed.
         monkeypatch.setitem(sys.modules, missing, None)
@@ -389,6 +391,8 @@ def test_peers_skip_a_missing_package_with_a_note(missing, tmp_path, capsys, mon
     assert "lstmfast float32" in row["seconds"]
     if missing == "lstmfast.quantize":
         gone, note = {"lstmfast int8", "lstmfast bfloat16"}, "lstmfast int8: this lstmfast has no lstmfast.quantize"
+    elif missing == "lstmfast.freeze":
+        gone, note = {"lstmfast frozen"}, "lstmfast frozen: this lstmfast has no lstmfast.freeze"
     else:
         gone = {f"{missing} {p}" for p in ("float32", "int8", "bfloat16")}
         note = f"{missing}: not installed" if missing == "torch" else "onnxruntime: onnxruntime is not installed"
@@ -490,9 +494,9 @@ def test_onnx_file_times_every_recurrent_node(tmp_path, capsys, monkeypatch, thr
     assert "against ONNX Runtime" in printed and "vs ORT" in printed
     rows = json.loads(out.read_text())["results"]
     assert [(r["node"], r["op"], r["precision"]) for r in rows] == [
-        ("lstm_l0", "LSTM", "float32"), ("lstm_l0", "LSTM", "int8"),
-        ("lstm_l1", "LSTM", "float32"), ("lstm_l1", "LSTM", "int8"),
-        ("g_gru_l0", "GRU", "float32")]
+        ("lstm_l0", "LSTM", "float32"), ("lstm_l0", "LSTM", "frozen"), ("lstm_l0", "LSTM", "int8"),
+        ("lstm_l1", "LSTM", "float32"), ("lstm_l1", "LSTM", "frozen"), ("lstm_l1", "LSTM", "int8"),
+        ("g_gru_l0", "GRU", "float32"), ("g_gru_l0", "GRU", "frozen")]
     for r in rows:
         assert (r["T"], r["N"]) == (4, 2) and set(r["seconds"]) == {"lstmfast", "onnxruntime"}
         assert r["ratio"] > 0

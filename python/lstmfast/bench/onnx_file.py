@@ -1,8 +1,9 @@
 """``python -m lstmfast.bench --onnx FILE``: every LSTM, GRU and RNN node of an ONNX
 model, run by lstmfast (``lstmfast.from_onnx``) and by ONNX Runtime (the node alone,
 with its own attributes and weights), checked against each other and timed in
-interleaved rounds; int8 too for the LSTM nodes the kernels run (ONNX Runtime's
-``DynamicQuantizeLSTM`` against ``lstmfast.quantize``).
+interleaved rounds. Each float node also frozen (``lstmfast.freeze``: its weights
+packed once, as the session packs them), and int8 for the LSTM nodes the kernels run
+(ONNX Runtime's ``DynamicQuantizeLSTM`` against ``lstmfast.quantize``).
 
 Shapes: the node's input shape where the file gives it whole, else ``--onnx-shape T,N``
 (default 100,8)."""
@@ -87,6 +88,8 @@ def run(path, threads, shape=None, rounds=5, min_time=0.5, json_path=None):
             alone = _single_node_model(node, graph.initializer)
             # A DynamicQuantizeLSTM node is int8 on both sides, as the file has it.
             variants = [(layer.precision, layer, alone.SerializeToString())]
+            if layer.precision == "float32":
+                variants.append(("frozen", lstmfast.freeze(layer), variants[0][2]))
             # ONNX's options the kernels lack run in the reference (docs/onnx.md):
             # the table says so, and there is no int8 layer of them.
             on_reference = not layer._kernels_compute()
@@ -108,7 +111,7 @@ def run(path, threads, shape=None, rounds=5, min_time=0.5, json_path=None):
                     Y_theirs = run_theirs()[0]
                     scale = max(1.0, float(np.abs(Y_theirs).max()))
                     difference = float(np.abs(Y_ours - Y_theirs).max()) / scale
-                    bound = 1e-4 if precision == "float32" else 5e-2
+                    bound = 1e-4 if precision in ("float32", "frozen") else 5e-2
                     if not difference <= bound:
                         raise AssertionError(f"{label}: lstmfast {precision} differs from ONNX "
                                              f"Runtime by {difference:.3g} (bound {bound})")

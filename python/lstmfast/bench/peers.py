@@ -3,8 +3,9 @@ pick instead of it, precision matched with precision.
 
 The implementations, over the grid's cells, shapes and thread counts:
 
-* lstmfast float32 (the fused kernels), and ``lstmfast.quantize(layer, "int8")`` and
-  ``"bfloat16"``;
+* lstmfast float32 (the fused kernels), the same layer frozen (``lstmfast.freeze``: its
+  weights packed once, as ONNX Runtime's session packs them), and
+  ``lstmfast.quantize(layer, "int8")`` and ``"bfloat16"``;
 * torch float32: ``nn.LSTM`` / ``nn.GRU`` in eval mode under ``torch.inference_mode()``;
 * torch int8: ``torch.ao.quantization.quantize_dynamic`` with qint8 weights;
 * torch bfloat16: the float32 module under ``torch.autocast("cpu", dtype=torch.bfloat16)``;
@@ -31,13 +32,16 @@ import lstmfast
 from lstmfast.bench import common
 
 PRECISIONS = ("float32", "int8", "bfloat16")
+# lstmfast's, with "frozen": float32 from lstmfast.freeze.
+LSTMFAST_PRECISIONS = ("float32", "frozen", "int8", "bfloat16")
 PEERS = ("torch", "onnxruntime")
 # max |output - reference| / max(1, max |reference|): float32 as the rest of the bench;
 # the reduced bounds sit a few times above what int8 and bfloat16 weights give on the
 # grid (about 0.02 and 0.01), and far below what a mistake (a gate out of order) gives.
-TOLERANCE = {"float32": 1e-4, "int8": 0.1, "bfloat16": 0.05}
+TOLERANCE = {"float32": 1e-4, "frozen": 1e-4, "int8": 0.1, "bfloat16": 0.05}
 # The table's lines: lstmfast in one precision against the peers in another.
-PAIRINGS = (("float32", "float32"), ("int8", "int8"), ("bfloat16", "bfloat16"), ("int8", "float32"))
+PAIRINGS = (("float32", "float32"), ("frozen", "float32"), ("int8", "int8"), ("bfloat16", "bfloat16"),
+            ("int8", "float32"))
 TINY_SHAPE = (4, 2, 8, 8)
 
 # ONNX's gate blocks in torch's: LSTM iofc from ifgo, GRU zrh from rzn.
@@ -104,7 +108,12 @@ def onnx_model(cell, state_dict, input_size, hidden_size):
 
 
 def _build_lstmfast(ctx, case, layer, x, precision):
-    if precision != "float32":
+    if precision == "frozen":
+        freeze = getattr(lstmfast, "freeze", None)
+        if freeze is None:
+            raise Skipped("lstmfast frozen: this lstmfast has no lstmfast.freeze")
+        layer = freeze(layer)
+    elif precision != "float32":
         quantize = getattr(lstmfast, "quantize", None)
         if quantize is None:
             raise Skipped(f"lstmfast {precision}: this lstmfast has no lstmfast.quantize")
@@ -247,7 +256,7 @@ def measure_case(case, ctx, rounds, min_time, limiter):
     for who in ("lstmfast", *PEERS):
         if who != "lstmfast" and who not in ctx:
             continue
-        for precision in PRECISIONS:
+        for precision in LSTMFAST_PRECISIONS if who == "lstmfast" else PRECISIONS:
             if who == "onnxruntime" and precision == "bfloat16":
                 continue  # ORT's CPU LSTM and GRU kernels are float32 only
             try:
@@ -345,10 +354,11 @@ def _fmt_difference(value):
 
 
 def print_table(results):
-    header = (f"{'cell':4s} {'shape':7s} {'T':>4s} {'N':>3s} {'I':>5s} {'H':>5s} {'thr':>3s} {'precision':13s} "
+    header = (f"{'cell':4s} {'shape':7s} {'T':>4s} {'N':>3s} {'I':>5s} {'H':>5s} {'thr':>3s} {'precision':14s} "
               f"{'lstmfast':>9s} {'diff':>7s} {'torch':>9s} {'diff':>7s} {'vs torch':>8s} "
               f"{'onnxruntime':>11s} {'diff':>7s} {'vs ORT':>7s}")
-    print("precision a/b: lstmfast in a against the peers in b; vs: the peer's time over lstmfast's;")
+    print("precision a/b: lstmfast in a against the peers in b (frozen: float32, lstmfast.freeze);")
+    print("vs: the peer's time over lstmfast's;")
     print("diff: max |output - NumPy float32 reference| / max(1, max |reference|)")
     print(header)
     print("-" * len(header))
@@ -360,7 +370,7 @@ def print_table(results):
                 continue
             label = mine if mine == theirs else f"{mine}/{theirs}"
             print(f"{r['cell']:4s} {r['shape']:7s} {r['T']:4d} {r['N']:3d} {r['I']:5d} {r['H']:5d} {r['threads']:3d} "
-                  f"{label:13s} {common.fmt_time(s.get(lf)):>9s} {_fmt_difference(d.get(lf)):>7s} "
+                  f"{label:14s} {common.fmt_time(s.get(lf)):>9s} {_fmt_difference(d.get(lf)):>7s} "
                   f"{common.fmt_time(s.get(tt)):>9s} {_fmt_difference(d.get(tt)):>7s} "
                   f"{common.fmt_ratio(s.get(lf), s.get(tt)):>8s} "
                   f"{common.fmt_time(s.get(ort)):>11s} {_fmt_difference(d.get(ort)):>7s} "

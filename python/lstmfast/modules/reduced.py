@@ -74,7 +74,7 @@ def freeze(layer):
 
     At the start of every call the fused kernels lay ``weight_ih`` and ``weight_hh``
     out in the panels they read, and a call of a few steps reads the weights in place
-    instead (docs/design.md, "Frozen layers"): for a stream fed a frame or a chunk at
+    instead (docs/guide.md, "Frozen layers"): for a stream fed a frame or a chunk at
     a time, the better part of the call. A frozen copy is given them laid out once.
 
     ``layer``: any lstmfast layer or cell (``LSTM``, ``GRU``, ``RNN``, ``CTRNN``,

@@ -384,6 +384,8 @@ const lstmfast::ReducedMatrix* checked_reduced(py::handle obj, const std::string
 struct PackedWeight {
   py::array weight;  // float32 or float64, C-contiguous, not writeable
   lstmfast::Mode mode = lstmfast::Mode::LSTM;
+  bool double_precision = false;  // weight's dtype, kept: asking numpy costs a call
+  bool recurrent = false;         // weight_hh, else weight_ih
   lstmfast::PackedGates<float> f32;  // the one of weight's dtype
   lstmfast::PackedGates<double> f64;
 
@@ -394,10 +396,17 @@ struct PackedWeight {
     else
       return f64;
   }
-  bool is_double() const { return weight.dtype().equal(py::dtype::of<double>()); }
-  bool recurrent() const { return is_double() ? f64.recurrent : f32.recurrent; }
-  int64_t nbytes() const { return is_double() ? f64.nbytes() : f32.nbytes(); }
+  int64_t nbytes() const { return double_precision ? f64.nbytes() : f32.nbytes(); }
 };
+
+// Whether obj is a PackedWeight: its exact type, as nothing derives from it; cheaper
+// than py::isinstance, which looks the class up by its C++ type (a frozen cell's
+// one-step call checks both weights: py::isinstance there cost about 0.5 us a call).
+bool is_packed_weight(py::handle obj) {
+  static PyTypeObject* const type =
+      reinterpret_cast<PyTypeObject*>(py::type::of<PackedWeight>().ptr());
+  return Py_TYPE(obj.ptr()) == type;
+}
 
 // A packed weight standing for W_ih (recurrent false) or W_hh of the given shape in a
 // call of mode s.mode and dtype Real (TypeError or ValueError naming the parameter
@@ -407,9 +416,9 @@ py::array_t<Real, py::array::c_style> checked_packed(const PackedWeight& p, cons
                                                      bool recurrent, const Dims& shape,
                                                      const lstmfast::StackShape& s) {
   const char* role[2] = {"weight_ih", "weight_hh"};
-  if (p.recurrent() != recurrent)
+  if (p.recurrent != recurrent)
     throw py::value_error(name + ": expected " + role[recurrent] + " packed by pack_gates, got " +
-                          role[p.recurrent()] + " packed as such");
+                          role[p.recurrent] + " packed as such");
   const lstmfast::CellInfo& packed = lstmfast::cell_info(p.mode);
   const lstmfast::CellInfo& cell = lstmfast::cell_info(s.mode);
   if (packed.gates != cell.gates || (recurrent && packed.first_gates != cell.first_gates))
@@ -451,7 +460,7 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
       if (py::array(first).ndim() == 2) rows = py::array(first).shape(0);
     } else if (py::isinstance<lstmfast::ReducedMatrix>(first)) {
       rows = first.cast<const lstmfast::ReducedMatrix&>().M;
-    } else if (py::isinstance<PackedWeight>(first)) {
+    } else if (is_packed_weight(first)) {
       const PackedWeight& p = first.cast<const PackedWeight&>();
       if (p.weight.ndim() == 2) rows = p.weight.shape(0);
     }
@@ -498,17 +507,17 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
         throw py::value_error(param_name(i, j) +
                               ": LN_LSTM has no linear biases (its layer norms' biases take their "
                               "place); pass None");
-      if ((j == 0 || j == 1 || j == 4) && !py::isinstance<py::array>(entry[j]) &&
-          py::isinstance<lstmfast::ReducedMatrix>(entry[j])) {
-        reduced[j] = checked_reduced<Real>(entry[j], param_name(i, j), shapes[j], s);
-        keep(entry[j], entry[j]);
-        continue;
-      }
-      if (j < 2 && !py::isinstance<py::array>(entry[j]) && py::isinstance<PackedWeight>(entry[j])) {
+      if (j < 2 && is_packed_weight(entry[j])) {
         const PackedWeight& p = entry[j].cast<const PackedWeight&>();
         auto a = checked_packed<Real>(p, param_name(i, j), j == 1, shapes[j], s);
         ptr[j] = a.data();
         (j == 0 ? packed_ih : packed_hh) = &p.get<Real>();
+        keep(entry[j], entry[j]);
+        continue;
+      }
+      if ((j == 0 || j == 1 || j == 4) && !py::isinstance<py::array>(entry[j]) &&
+          py::isinstance<lstmfast::ReducedMatrix>(entry[j])) {
+        reduced[j] = checked_reduced<Real>(entry[j], param_name(i, j), shapes[j], s);
         keep(entry[j], entry[j]);
         continue;
       }
@@ -736,9 +745,9 @@ void register_reduced(py::module_& m) {
       .def_property_readonly("mode", [](const PackedWeight& p) {
         return std::string(lstmfast::cell_info(p.mode).name);
       })
-      .def_property_readonly("recurrent", &PackedWeight::recurrent)
+      .def_readonly("recurrent", &PackedWeight::recurrent)
       .def_property_readonly("target", [](const PackedWeight& p) {
-        const void* kernels = p.is_double() ? p.f64.kernels : p.f32.kernels;
+        const void* kernels = p.double_precision ? p.f64.kernels : p.f32.kernels;
         return std::string(static_cast<const lstmfast::KernelTable*>(kernels)->name);
       }, "The kernels whose layout the panels have (their build: generic, avx2 or avx512).")
       .def_property_readonly("nbytes", &PackedWeight::nbytes, "Bytes of the panels.");
@@ -748,12 +757,14 @@ void register_reduced(py::module_& m) {
       [](const std::string& mode, py::handle weight_obj, bool recurrent) {
         PackedWeight p;
         p.mode = parse_mode(mode);
+        p.recurrent = recurrent;
         const char* name = recurrent ? "weight_hh" : "weight_ih";
         if (!py::isinstance<py::array>(weight_obj))
           throw py::type_error(std::string(name) + ": expected a numpy array, got " +
                                type_name(weight_obj));
         py::array w = py::reinterpret_borrow<py::array>(weight_obj);
         const bool f64 = w.dtype().equal(py::dtype::of<double>());
+        p.double_precision = f64;
         if (w.ndim() != 2 || !(f64 || w.dtype().equal(py::dtype::of<float>())))
           throw py::type_error(std::string(name) + ": expected a 2-D float32 or float64 array, got " +
                                std::to_string(w.ndim()) + "-D " + std::string(py::str(w.dtype())));

@@ -288,6 +288,19 @@ void cell_forward_direct(const Cell& cell, Real* y, int64_t ldy, const LayerBuff
 // elements each, a job per product, the math on one thread).
 constexpr int64_t kDirectPoolWeights = int64_t(1) << 18;
 
+// Whether a short call whose weights come packed once (LayerWeights::W_hh_p) still
+// reads them in place: only when they fit in L1, where the packed path's setup
+// costs more than reading them where they lie (float32 LSTM, T = 1, N = 1, one
+// thread, Zen 4: H = 16 and 32 (8 and 32 KB of weights) 5.8 and 6.3 us in place,
+// 6.3 and 6.7 packed; H = 48 (72 KB) 7.2 and 7.1, H = 128 13.4 and 12.8; GRU H = 128, T = 10:
+// 52.8 against 36.5).
+constexpr int64_t kInPlacePackedBytes = 32 * 1024;
+template <class Cell, typename Real>
+inline bool in_place_beats_panels(const LayerShape& s) {
+  return Cell::kGates * s.H * (s.I + s.H) * static_cast<int64_t>(sizeof(Real)) <=
+         kInPlacePackedBytes;
+}
+
 // Whether cell_forward_direct_on_pool runs this direct call: more than one thread,
 // float weights, no projection, no second product, no regularizer that masks h or
 // mixes the step's units (cell_forward_direct keeps those).
@@ -418,8 +431,8 @@ void forward_layer(const Cell& cell, Real* y, int64_t ldy, Real* h_n, Real* c_n,
     cell_forward_reduced(cell, y, ldy, buf, x, w, s);
     last = steps_of(s) & 1;
   } else {
-    // Weights packed once leave a short call nothing to save by reading W in place.
-    const bool direct = !w.W_hh_p && direct_weights(s), on_pool = direct && direct_on_pool<Cell>(buf, w, s);
+    const bool direct = direct_weights(s) && (!w.W_hh_p || in_place_beats_panels<Cell, Real>(s));
+    const bool on_pool = direct && direct_on_pool<Cell>(buf, w, s);
     if (on_pool && s.training)
       cell_forward_direct_on_pool<Cell, true>(cell, y, ldy, buf, x, w, s);
     else if (on_pool)

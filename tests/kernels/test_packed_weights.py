@@ -198,3 +198,16 @@ def test_a_call_refuses_packed_weights_that_are_not_its_own():
     rnn = _core.pack_gates("RNN_TANH", np.zeros((4, 5), np.float32), False)
     with pytest.raises(ValueError, match=r"params\['weight_ih_l0'\]: packed for a RNN_TANH layer"):
         call("GRU", dict(ok, weight_ih_l0=rnn))
+
+
+def test_a_short_call_reads_weights_that_fit_in_l1_in_place():
+    # Packed once or not, a frame of a layer whose weights fit in L1 (32 KB: LSTM
+    # H=I=32 in float32) takes the in-place path (cell_driver.h,
+    # in_place_beats_panels): the same bits as the layer's own call. Past it the
+    # panels are read, and the sums run in their order.
+    small = make_problem("LSTM", T=1, N=1, I=32, H=32, dtype=np.float32, seed=7)
+    np.testing.assert_array_equal(fused_forward(small, packed(small["params"], "LSTM"))[0],
+                                  fused_forward(small, small["params"])[0])
+    large = make_problem("LSTM", T=1, N=1, I=48, H=48, dtype=np.float32, seed=7)
+    assert not np.array_equal(fused_forward(large, packed(large["params"], "LSTM"))[0],
+                              fused_forward(large, large["params"])[0])

@@ -374,6 +374,24 @@ def test_peers_time_every_precision_on_a_tiny_shape(tmp_path, capsys, peers):
     assert data["summary"]["float32 vs torch float32, 1 threads"]["cases"] == 2
 
 
+def test_peers_time_the_chunk_shape_when_asked_and_the_grid_by_default(tmp_path, peers,
+                                                                     monkeypatch):
+    # chunk (a stream fed ten frames per call) is no grid shape: only by name.
+    from lstmfast.bench import grid
+
+    asked = {}
+    monkeypatch.setattr(grid, "run", lambda cells, shapes, *a, **k: asked.setdefault("shapes", shapes) and 0)
+    bench.main([])
+    assert asked["shapes"] == ["stream", "small", "medium", "large", "wide"]
+    out_json = tmp_path / "chunk.json"
+    assert bench.main(["--peers", "--cells", "GRU", "--shapes", "chunk", "--threads", "1",
+                       "--rounds", "1", "--min-time", "0", "--no-torch", "--json",
+                       str(out_json)]) == 0
+    (row,) = json.loads(out_json.read_text())["results"]
+    assert (row["shape"], row["T"], row["N"], row["I"], row["H"]) == ("chunk", 10, 1, 128, 128)
+    assert {"lstmfast float32", "lstmfast frozen"} <= set(row["seconds"])
+
+
 @pytest.mark.parametrize("missing", ["onnxruntime", "torch", "lstmfast.quantize", "lstmfast.freeze"])
 def test_peers_skip_a_missing_package_with_a_note(missing, tmp_path, capsys, monkeypatch, peers):
     import lstmfast

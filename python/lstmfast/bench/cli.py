@@ -8,14 +8,15 @@ runs, since the torch-only ones import torch and the grid must run without it.
 
 import argparse
 
-from lstmfast.bench.common import CELLS, MODES, SHAPES, try_import_torch
+from lstmfast.bench.common import CELLS, GRID_SHAPES, MODES, SHAPES, try_import_torch
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m lstmfast.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a reduced grid that finishes in under a minute; with --models, fewer repeats")
     parser.add_argument("--cells", nargs="+", choices=CELLS, default=list(CELLS))
-    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(GRID_SHAPES),
+                        help="default: the grid's five; chunk (T=10, N=1, I=H=128) is asked for by name")
     parser.add_argument("--modes", nargs="+", choices=MODES, help="default: both")
     parser.add_argument("--threads", nargs="+", type=int,
                         help="thread counts (default: 1 2, and 2 with --models)")

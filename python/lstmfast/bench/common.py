@@ -22,14 +22,18 @@ import numpy as np
 import lstmfast
 from lstmfast import _core
 
-# name -> (T, N, I, H)
+# name -> (T, N, I, H): the grid's five (GRID_SHAPES, every mode's default), and
+# "chunk", a stream fed ten frames per call (--shapes chunk), where a call's fixed
+# costs (laying out the weights: lstmfast.freeze) weigh most.
 SHAPES = {
     "stream": (100, 1, 128, 128),
     "small": (100, 8, 256, 256),
     "medium": (100, 32, 256, 256),
     "large": (100, 64, 512, 512),
     "wide": (50, 16, 1024, 1024),
+    "chunk": (10, 1, 128, 128),
 }
+GRID_SHAPES = ("stream", "small", "medium", "large", "wide")
 CELLS = ("LSTM", "GRU")
 MODES = ("inference", "training")
 GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}

@@ -766,7 +766,8 @@ void register_reduced(py::module_& m) {
         const bool f64 = w.dtype().equal(py::dtype::of<double>());
         p.double_precision = f64;
         if (w.ndim() != 2 || !(f64 || w.dtype().equal(py::dtype::of<float>())))
-          throw py::type_error(std::string(name) + ": expected a 2-D float32 or float64 array, got " +
+          throw py::type_error(std::string(name) +
+                               ": expected a 2-D float32 or float64 array, got " +
                                std::to_string(w.ndim()) + "-D " + std::string(py::str(w.dtype())));
         const int64_t M = w.shape(0), K = w.shape(1), G = lstmfast::gates_of(p.mode);
         if (M < 1 || K < 1 || M % G != 0)

@@ -292,8 +292,8 @@ constexpr int64_t kDirectPoolWeights = int64_t(1) << 18;
 // reads them in place: only when they fit in L1, where the packed path's setup
 // costs more than reading them where they lie (float32 LSTM, T = 1, N = 1, one
 // thread, Zen 4: H = 16 and 32 (8 and 32 KB of weights) 5.8 and 6.3 us in place,
-// 6.3 and 6.7 packed; H = 48 (72 KB) 7.2 and 7.1, H = 128 13.4 and 12.8; GRU H = 128, T = 10:
-// 52.8 against 36.5).
+// 6.3 and 6.7 packed; H = 48 (72 KB) 7.2 and 7.1, H = 128 13.4 and 12.8; GRU
+// H = 128, T = 10: 52.8 against 36.5).
 constexpr int64_t kInPlacePackedBytes = 32 * 1024;
 template <class Cell, typename Real>
 inline bool in_place_beats_panels(const LayerShape& s) {

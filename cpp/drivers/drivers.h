@@ -245,12 +245,12 @@ inline void pack_recurrent_panels(Real* panels, const Real* W_hh, int64_t H, int
 }
 
 // The forward: each thread packs the panels (unless LayerWeights holds them packed
-// once) and projects the inputs (rows ldx apart) of its unit blocks (a few steps ahead, or all at once: see
-// projection_in_chunks), then runs step(k, n, mine) for every step k with n rows
-// running, a barrier after each (the next step needs all of h). With G0 < G the
-// step makes two recurrent products (CellInfo::second_product): W_hh's first G0
-// gates are packed as one set of panels and the other G - G0 after them, at
-// packed_size(G0, H, H).
+// once) and projects the inputs (rows ldx apart) of its unit blocks (a few steps
+// ahead, or all at once: see projection_in_chunks), then runs step(k, n, mine) for
+// every step k with n rows running, a barrier after each (the next step needs all
+// of h). With G0 < G the step makes two recurrent products
+// (CellInfo::second_product): W_hh's first G0 gates are packed as one set of panels
+// and the other G - G0 after them, at packed_size(G0, H, H).
 template <typename Real, int G, int G0 = G, typename Step>
 inline void forward_on_pool(const LayerBuffers<Real>& buf, const Real* x, int64_t ldx,
                             const LayerWeights<Real>& w, const LayerShape& s, Step&& step) {

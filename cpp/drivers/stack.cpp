@@ -503,7 +503,8 @@ void combine_biases(StackCache<Real>& c) {
     c.weights[i] = {p.W_ih, p.W_hh, p.W_hr, bias, b_hn, p.W_ih_r, p.W_hh_r, p.W_hr_r};
     if (p.W_hh_r) c.weights[i].products = &reduced_products();
     // Panels packed by other kernels (a target forced since) have another layout.
-    if (p.W_ih_p && p.W_hh_p && p.W_ih_p->kernels == &kernels() && p.W_hh_p->kernels == &kernels()) {
+    const void* in_use = &kernels();
+    if (p.W_ih_p && p.W_hh_p && p.W_ih_p->kernels == in_use && p.W_hh_p->kernels == in_use) {
       c.weights[i].W_ih_p = p.W_ih_p->panels;
       c.weights[i].W_hh_p = p.W_hh_p->panels;
     }

@@ -374,6 +374,35 @@ def test_peers_time_every_precision_on_a_tiny_shape(tmp_path, capsys, peers):
     assert data["summary"]["float32 vs torch float32, 1 threads"]["cases"] == 2
 
 
+def test_time_interleaved_runs_before_each_ahead_of_every_timed_call(monkeypatch):
+    monkeypatch.setattr(common, "PAUSE", 0.0)
+    log = []
+    seconds = common.time_interleaved({"a": lambda: log.append("a"), "b": lambda: log.append("b")},
+                                      1, 2, 0.0, None, None, before_each=lambda: log.append("-"))
+    assert set(seconds) == {"a", "b"}
+    # each block: one warm call, then timed calls, each right after a sweep
+    text = "".join(log)
+    assert text.count("-") == len(text) - text.count("-") - 4  # 2 rounds x 2 runners warm
+    assert "--" not in text and not text.endswith("-")
+    assert all(text[i + 1] in "ab" for i, c in enumerate(text) if c == "-")
+
+
+def test_evict_caches_writes_more_than_a_last_level_cache():
+    common.evict_caches()
+    assert common._sweep.nbytes == common.SWEEP_BYTES >= 64 << 20
+
+
+def test_peers_cold_says_so(tmp_path, capsys, peers):
+    data = _run_peers(tmp_path, "--cells", "GRU", "--cold", "--no-torch")
+    printed = capsys.readouterr().out
+    assert "caches cold" in printed and "sweep of 64 MB" in data["config"]["calls"]
+    (row,) = data["results"]
+    assert row["seconds"]["lstmfast frozen"] > 0
+    with pytest.raises(SystemExit):
+        bench.main(["--cold"])
+    assert "--cold goes with --peers" in capsys.readouterr().err
+
+
 def test_peers_time_the_chunk_shape_when_asked_and_the_grid_by_default(tmp_path, peers,
                                                                      monkeypatch):
     # chunk (a stream fed ten frames per call) is no grid shape: only by name.

@@ -37,7 +37,11 @@ def main(argv=None):
     parser.add_argument("--peers", action="store_true",
                         help="instead of the grid, time inference against what a user would pick instead: "
                              "torch float32, int8 (quantize_dynamic) and bfloat16 (autocast), ONNX Runtime "
-                             "float32 and int8, against lstmfast float32 and lstmfast.quantize's int8 and bfloat16")
+                             "float32 and int8, against lstmfast float32 (also frozen) and lstmfast.quantize's "
+                             "int8 and bfloat16")
+    parser.add_argument("--cold", action="store_true",
+                        help="with --peers: every timed call comes after a sweep of 64 MB of memory, which "
+                             "leaves the caches cold, as a call after other work finds them")
     parser.add_argument("--variants", nargs="?", const="all", metavar="NAME,...",
                         help="instead of the grid, time the cells and options torch.nn lacks against the "
                              "torch loop users run today and against lstmfast's plain layer, training and "
@@ -61,6 +65,8 @@ def main(argv=None):
                         help="with --models, --peers or --variants: tiny sizes, to test the command (the "
                              "figures mean nothing)")
     args = parser.parse_args(argv)
+    if args.cold and not args.peers:
+        parser.error("--cold goes with --peers")
 
     if args.onnx is not None:
         return _main_onnx(parser, args)
@@ -168,7 +174,7 @@ def _main_peers(parser, args):
     from lstmfast.bench import peers
 
     return peers.run(args.cells, args.shapes, args.threads, args.rounds, args.min_time,
-                     no_torch=args.no_torch, tiny=args.tiny, json_path=args.json)
+                     no_torch=args.no_torch, tiny=args.tiny, json_path=args.json, cold=args.cold)
 
 
 def _main_variants(parser, args):

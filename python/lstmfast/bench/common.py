@@ -256,10 +256,26 @@ def fused_available():
     return bool(getattr(_fused, "available", False))
 
 
-def time_interleaved(runners, threads, rounds, min_time, torch, limiter):
+# Bytes a sweep writes (evict_caches): more than the last-level cache of the
+# machines measured (32 MB on the Zen 4 and Xeon VMs), so that no weight survives it.
+SWEEP_BYTES = 64 << 20
+_sweep = None
+
+
+def evict_caches():
+    """Writes SWEEP_BYTES of memory: what a call finds after other work ran between
+    two calls (other layers of a model, other requests), its weights out of every cache."""
+    global _sweep
+    if _sweep is None:
+        _sweep = np.zeros(SWEEP_BYTES // 4, dtype=np.float32)
+    _sweep += 1.0
+
+
+def time_interleaved(runners, threads, rounds, min_time, torch, limiter, before_each=None):
     """Median seconds per call of each runner (name -> function of no argument), timed in
     interleaved rounds at ``threads`` threads. A runner named "reference" gets only
-    ``rounds`` blocks."""
+    ``rounds`` blocks. ``before_each``: called, untimed, before every timed call
+    (evict_caches for calls that find the caches cold)."""
     lstmfast.set_num_threads(threads)
     if torch is not None:
         torch.set_num_threads(threads)
@@ -281,6 +297,8 @@ def time_interleaved(runners, threads, rounds, min_time, torch, limiter):
                 block_start = time.perf_counter()
                 block = []
                 while not block or (time.perf_counter() - block_start < min_time / rounds and len(block) < 200):
+                    if before_each is not None:
+                        before_each()
                     t0 = time.perf_counter()
                     run()
                     block.append(time.perf_counter() - t0)

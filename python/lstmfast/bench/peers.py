@@ -13,6 +13,9 @@ The implementations, over the grid's cells, shapes and thread counts:
   its weights initializers, so that ORT packs them once when the session is created;
 * ONNX Runtime int8: ``onnxruntime.quantization.quantize_dynamic`` of that graph.
 
+With ``--cold`` every timed call comes after a sweep of memory that evicts the caches
+(``common.evict_caches``), as a server's call finds them after other work.
+
 A peer whose package is missing, or that cannot run a case as asked, is left out with
 a printed note that says why. Every implementation starts from the same weights and
 input, and its output is checked against the NumPy reference before any figure is
@@ -242,7 +245,7 @@ def import_peers(no_torch=False):
     return modules, notes
 
 
-def measure_case(case, ctx, rounds, min_time, limiter):
+def measure_case(case, ctx, rounds, min_time, limiter, cold=False):
     """One row: each implementation checked against the reference, then timed."""
     x, _ = case.make_inputs()
     reference_layer = getattr(lstmfast, case.cell)(case.I, case.H, backend="numpy", seed=0).eval()
@@ -270,7 +273,8 @@ def measure_case(case, ctx, rounds, min_time, limiter):
                                      f"{difference:.3g} (tolerance {TOLERANCE[precision]})")
             runners[key(who, precision)] = run
             differences[key(who, precision)] = float(difference)
-    seconds = common.time_interleaved(runners, case.threads, rounds, min_time, ctx.get("torch"), limiter)
+    seconds = common.time_interleaved(runners, case.threads, rounds, min_time, ctx.get("torch"), limiter,
+                                      before_each=common.evict_caches if cold else None)
     ratios = {}
     for mine, theirs in PAIRINGS:
         for who in PEERS:
@@ -281,7 +285,7 @@ def measure_case(case, ctx, rounds, min_time, limiter):
             "seconds": seconds, "max_rel_diff": differences, "ratios": ratios}
 
 
-def run(cells, shapes, threads, rounds, min_time, no_torch=False, tiny=False, json_path=None):
+def run(cells, shapes, threads, rounds, min_time, no_torch=False, tiny=False, json_path=None, cold=False):
     modules, notes = import_peers(no_torch)
     torch = modules.get("torch")
     limiter = common.blas_thread_limiter()
@@ -299,6 +303,8 @@ def run(cells, shapes, threads, rounds, min_time, no_torch=False, tiny=False, js
         config["onnx"] = onnx.__version__
         config["onnxruntime"] = modules["onnxruntime"].__version__
     config["implementations"] = ", ".join(["lstmfast", *modules])
+    config["calls"] = (f"each after a sweep of {common.SWEEP_BYTES >> 20} MB of memory (caches cold)"
+                       if cold else "back to back (caches warm)")
     print("lstmfast benchmark: inference against its peers")
     for name, value in config.items():
         print(f"  {name:31s} {value}")
@@ -325,7 +331,7 @@ def run(cells, shapes, threads, rounds, min_time, no_torch=False, tiny=False, js
             ctx = dict(modules, backend=backend, workdir=workdir, note=note)
             for i, case in enumerate(cases, 1):
                 print(f"[{i}/{len(cases)}] {case.label} ...", file=sys.stderr, flush=True)
-                results.append(measure_case(case, ctx, rounds, min_time, limiter))
+                results.append(measure_case(case, ctx, rounds, min_time, limiter, cold))
     finally:
         lstmfast.set_num_threads(saved_threads)
         if torch is not None:
@@ -338,7 +344,7 @@ def run(cells, shapes, threads, rounds, min_time, no_torch=False, tiny=False, js
         for text in case_notes:
             print(f"  {text}")
     print()
-    summary = summarize(results)
+    summary = summarize(results, cold)
     for line in summary["lines"]:
         print(line)
     if json_path:
@@ -377,7 +383,7 @@ def print_table(results):
                   f"{common.fmt_ratio(s.get(lf), s.get(ort)):>7s}")
 
 
-def summarize(results):
+def summarize(results, cold=False):
     """Geometric means of each ratio over the cases that have it, per thread count."""
     lines, figures = [], {}
     for threads in sorted({r["threads"] for r in results}):
@@ -394,6 +400,7 @@ def summarize(results):
                 figures[f"{name}, {threads} threads"] = {"geomean": geomean, "min": min(ratios), "cases": len(ratios)}
                 parts.append(f"  lstmfast {name}: geomean {geomean:.2f}x, min {min(ratios):.2f}x ({len(ratios)} case{'s' if len(ratios) > 1 else ''})")
         if parts:
-            lines.append(f"peers, inference, {threads} thread{'s' if threads > 1 else ''}, simd {simd}:")
+            lines.append(f"peers, inference, {threads} thread{'s' if threads > 1 else ''}, simd {simd}"
+                         f"{', caches cold' if cold else ''}:")
             lines += parts
     return {"lines": lines, "figures": figures}

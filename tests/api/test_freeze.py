@@ -98,6 +98,18 @@ def test_a_frozen_layer_takes_initial_states(name, make, packs):
 
 
 @needs_fused
+@pytest.mark.parametrize("name, make, packs", [c for c in LAYERS if c[2] and not c[0].endswith("Cell")],
+                         ids=[c[0] for c in LAYERS if c[2] and not c[0].endswith("Cell")])
+def test_a_frozen_layer_takes_lengths(name, make, packs):
+    rng = np.random.default_rng(7)
+    layer = make().eval()
+    frozen, twin = lstmfast.freeze(layer), reference_twin(layer, make)
+    x = inputs(layer, rng, 9, 4, np.float32)
+    lengths = [9, 3, 6, 1]
+    assert_tree_close(frozen(x, lengths=lengths), twin(x, lengths=lengths), name=name)
+
+
+@needs_fused
 def test_freezing_copies_the_layer_which_stays_as_it_was():
     layer = lstmfast.GRU(5, 8)
     frozen = lstmfast.freeze(layer)

@@ -191,12 +191,9 @@ ReducedMatrix pack_bf16(const uint16_t* bits, int64_t M, int64_t K);
 template <typename Real>
 struct PackedGates {
   const void* kernels = nullptr;  // the kernel table (dispatch.h) that packed them
-  int gates = 0;                  // G of the cell
-  int first_gates = 0;            // W_hh: G0 gates (CellInfo::first_gates), then the other
-                                  //   G - G0 at packed_size(G0, H, K); W_ih: G
-  bool recurrent = false;         // W_hh, else W_ih
-  int64_t M = 0, K = 0;           // W: [M = G*H, K]
-  const Real* panels = nullptr;   // [packed_size(G, H, K)], 64-byte aligned, in storage
+  const Real* panels = nullptr;   // [packed_size(G, H, K)], 64-byte aligned, in storage: W_hh's
+                                  //   first G0 gates (CellInfo::first_gates), then the other
+                                  //   G - G0 at packed_size(G0, H, K); W_ih's G together
   std::vector<Real> storage;
 
   PackedGates() = default;

@@ -461,8 +461,7 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
     } else if (py::isinstance<lstmfast::ReducedMatrix>(first)) {
       rows = first.cast<const lstmfast::ReducedMatrix&>().M;
     } else if (is_packed_weight(first)) {
-      const PackedWeight& p = first.cast<const PackedWeight&>();
-      if (p.weight.ndim() == 2) rows = p.weight.shape(0);
+      rows = first.cast<const PackedWeight&>().weight.shape(0);  // 2-D, as pack_gates made it
     }
     if (rows < 0 || rows % G != 0)
       throw py::value_error(param_name(0, 1) + ": expected a 2-D array of G*H rows");

@@ -979,18 +979,15 @@ PackedGates<Real> pack_gates(Mode mode, bool recurrent, const Real* W, int64_t M
                                 "*H rows (the gates of " + cell.name +
                                 ") and at least one column, got (" + std::to_string(M) + ", " +
                                 std::to_string(K) + ")");
+  const int G = cell.gates, G0 = recurrent ? cell.first_gates : G;
+  const int64_t H = M / G;
   PackedGates<Real> p;
   p.kernels = &kernels();
-  p.gates = cell.gates;
-  p.first_gates = recurrent ? cell.first_gates : cell.gates;
-  p.recurrent = recurrent;
-  p.M = M;
-  p.K = K;
   constexpr int64_t kAlign = 64 / sizeof(Real);  // a panel row is one cache line of AVX-512
-  p.storage.resize(static_cast<size_t>(packed_size(cell.gates, M / cell.gates, K) + kAlign));
+  p.storage.resize(static_cast<size_t>(packed_size(G, H, K) + kAlign));
   Real* panels = p.storage.data();
   panels += (kAlign - (reinterpret_cast<uintptr_t>(panels) / sizeof(Real)) % kAlign) % kAlign;
-  kernels().get<Real>().pack_gates(panels, W, p.gates, p.first_gates, M / cell.gates, K);
+  kernels().get<Real>().pack_gates(panels, W, G, G0, H, K);
   p.panels = panels;
   return p;
 }

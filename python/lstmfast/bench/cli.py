@@ -8,7 +8,7 @@ runs, since the torch-only ones import torch and the grid must run without it.
 
 import argparse
 
-from lstmfast.bench.common import CELLS, GRID_SHAPES, MODES, SHAPES, try_import_torch
+from lstmfast.bench.common import CELLS, GRID_SHAPES, MODES, SHAPES, SWEEP_BYTES, try_import_torch
 
 
 def main(argv=None):
@@ -40,8 +40,8 @@ def main(argv=None):
                              "float32 and int8, against lstmfast float32 (also frozen) and lstmfast.quantize's "
                              "int8 and bfloat16")
     parser.add_argument("--cold", action="store_true",
-                        help="with --peers: every timed call comes after a sweep of 64 MB of memory, which "
-                             "leaves the caches cold, as a call after other work finds them")
+                        help=f"with --peers: every timed call comes after a sweep of {SWEEP_BYTES >> 20} MB of "
+                             "memory, which leaves the caches cold, as a call after other work finds them")
     parser.add_argument("--variants", nargs="?", const="all", metavar="NAME,...",
                         help="instead of the grid, time the cells and options torch.nn lacks against the "
                              "torch loop users run today and against lstmfast's plain layer, training and "

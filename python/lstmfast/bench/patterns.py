@@ -12,7 +12,9 @@ state between calls decides how fast the next one is:
 * ``cell loop``: a decoder stepping a cell once per token, its output fed back
   through a linear layer (``lstmfast.torch``'s cell against torch's);
 * ``frame loop``: a streaming model feeding its layer one frame per call, the state
-  carried from call to call (``lstmfast.torch``'s layer against torch's);
+  carried from call to call (``lstmfast.torch``'s layer against torch's); ``chunk
+  loop``: the same fed ten frames per call; ``frozen ...``: the same two with
+  ``lstmfast.torch.freeze``'s copy of the layer (weights packed once) against torch's;
 * ``adapter training``: a training step (forward and backward) through
   ``lstmfast.torch``'s layer against torch's.
 
@@ -36,7 +38,8 @@ CELLS = ("LSTM", "GRU")
 SHAPES = ("stream", "small", "medium")
 IMPLEMENTATIONS = ("torch", "lstmfast")
 CELL_LOOP = {"I": 64, "H": 512, "N": 1, "steps": 100}  # a decoder's cell, stepped per token
-FRAME_LOOP = {"I": 64, "H": 128, "N": 1, "frames": 100}  # a streaming layer, fed a frame per call
+FRAME_LOOP = {"I": 64, "H": 128, "N": 1, "frames": 100, "per_call": 1}  # a stream, a frame a call
+CHUNK_LOOP = {**FRAME_LOOP, "per_call": 10}  # the same stream fed ten frames per call
 TRAINING = {"T": 100, "N": 32, "I": 256, "H": 256}
 TINY_SHAPE = (4, 2, 8, 8)
 
@@ -141,14 +144,18 @@ def measure_frame_loop(job):
     import lstmfast
 
     lstmfast.set_num_threads(job["threads"])
-    I, H, N, frames = (job["loop"][k] for k in ("I", "H", "N", "frames"))  # noqa: E741
+    I, H, N, frames, per_call = (job["loop"][k] for k in ("I", "H", "N", "frames", "per_call"))  # noqa: E741
     layer = _layer(torch, job["impl"], job["cell"], I, H).eval()
-    stream = torch.randn(frames, 1, N, I)  # (T = 1, N, I) per frame
+    if job.get("frozen") and job["impl"] == "lstmfast":
+        import lstmfast.torch as lt
+
+        layer = lt.freeze(layer)
+    stream = torch.randn(frames // per_call, per_call, N, I)  # (T = per_call, N, I) per call
 
     def feed():
         state = None
-        for frame in stream:
-            _, state = layer(frame, state)
+        for chunk in stream:
+            _, state = layer(chunk, state)
 
     with torch.inference_mode():
         times = _call_times(feed, job["calls"], warmup=2)
@@ -254,14 +261,18 @@ def run(cells, shapes, threads, pair_count, calls, tiny=False, json_path=None):
                      "seconds": {k: statistics.median(v) for k, v in got.items()},
                      "ratio": summary(_ratios(got["after torch+OpenBLAS"], got["fresh"]))})
     loop = {k: (2 if tiny else v) for k, v in CELL_LOOP.items()}
-    frames = {k: (2 if tiny else v) for k, v in FRAME_LOOP.items()}
+    frames = {k: (min(v, 2) if tiny else v) for k, v in FRAME_LOOP.items()}
+    chunks = {k: (min(v, 2) if tiny else v) for k, v in CHUNK_LOOP.items()}
     train = dict(zip("TNIH", TINY_SHAPE)) if tiny else TRAINING
     for cell in cells:
         for pattern, kind, job, case in (
                 ("cell loop", "cell_loop", {"loop": loop},
                  f"{cell}Cell({loop['I']}, {loop['H']}) N={loop['N']}, {loop['steps']} steps"),
-                ("frame loop", "frame_loop", {"loop": frames},
-                 f"{cell}({frames['I']}, {frames['H']}) N={frames['N']}, {frames['frames']} frames"),
+                *((f"{frozen}{name} loop", "frame_loop", {"loop": loop_of, "frozen": bool(frozen)},
+                   f"{cell}({loop_of['I']}, {loop_of['H']}) N={loop_of['N']}, "
+                   f"{loop_of['frames']} frames, {loop_of['per_call']} a call")
+                  for frozen in ("", "frozen ") for name, loop_of in (("frame", frames),
+                                                                     ("chunk", chunks))),
                 ("adapter training", "training", {"train": train},
                  f"{cell} T={train['T']} N={train['N']} I={train['I']} H={train['H']}")):
             got = pairs({**base, "kind": kind, "cell": cell, **job}, impls, pair_count,
@@ -284,7 +295,7 @@ def print_table(rows, file=None):
     print("gap: median call after an idle gap; x own: against the same implementation back to back;",
           file=file)
     print("vs torch: torch's time over lstmfast's, median (min-max) over the process pairs", file=file)
-    header = (f"{'pattern':17s} {'case':34s} {'gap':>5s} {'torch ms':>9s} {'x own':>6s} "
+    header = (f"{'pattern':17s} {'case':40s} {'gap':>5s} {'torch ms':>9s} {'x own':>6s} "
               f"{'lstmfast ms':>11s} {'x own':>6s} {'vs torch':>20s}")
     print(header, file=file)
     print("-" * len(header), file=file)
@@ -292,17 +303,17 @@ def print_table(rows, file=None):
         s, q = r["seconds"], r["ratio"]
         spread = f"{q['median']:.2f}x ({q['min']:.2f}-{q['max']:.2f})"
         if r["pattern"] == "after pools":
-            print(f"{r['pattern']:17s} {r['case']:34s} {'-':>5s} {'fresh':>9s} {'':6s} "
+            print(f"{r['pattern']:17s} {r['case']:40s} {'-':>5s} {'fresh':>9s} {'':6s} "
                   f"{_ms(s['fresh']):>11s} {'':6s} {'':>20s}", file=file)
             after_over_fresh = f"after/fresh {q['median']:.2f}x"
-            print(f"{'':17s} {'':34s} {'-':>5s} {'after':>9s} {'':6s} "
+            print(f"{'':17s} {'':40s} {'-':>5s} {'after':>9s} {'':6s} "
                   f"{_ms(s['after torch+OpenBLAS']):>11s} {'':6s} {after_over_fresh:>20s}", file=file)
             continue
         gap = f"{r['gap_ms']}" if "gap_ms" in r else "-"
         own = r.get("vs_back_to_back", {})
         own_t = f"{own['torch']:.2f}x" if own else ""
         own_l = f"{own['lstmfast']:.2f}x" if own else ""
-        print(f"{r['pattern']:17s} {r['case']:34s} {gap:>5s} {_ms(s['torch'])} {own_t:>6s} "
+        print(f"{r['pattern']:17s} {r['case']:40s} {gap:>5s} {_ms(s['torch'])} {own_t:>6s} "
               f"{_ms(s['lstmfast']):>11s} {own_l:>6s} {spread:>20s}", file=file)
 
 

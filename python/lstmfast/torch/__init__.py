@@ -30,7 +30,7 @@ recurrent nodes of an ONNX model as these layers.
 This is the only package of lstmfast that imports torch. Its modules, by job
 (each imports only those listed after it):
   * ``onnx_layers``: from_onnx;
-  * ``swap``: accelerate, restore, quantize_dynamic;
+  * ``swap``: accelerate, restore, quantize_dynamic, freeze;
   * ``variants``: PeepholeLSTM, LayerNormLSTM, CTRNN (and torchaudio's RNN-T LSTM);
   * ``quantized``: QuantizedLSTM, QuantizedGRU (torch's dynamic int8 layers);
   * ``cells``: LSTMCell, GRUCell, RNNCell;
@@ -48,13 +48,13 @@ from .cells import GRUCell, LSTMCell, RNNCell
 from .layers import GRU, LSTM, RNN
 from .onnx_layers import from_onnx
 from .quantized import QuantizedGRU, QuantizedLSTM
-from .swap import accelerate, quantize_dynamic, restore
+from .swap import accelerate, freeze, quantize_dynamic, restore
 from .variants import CTRNN, LayerNormLSTM, PeepholeLSTM
 
 __all__ = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell", "PeepholeLSTM", "CTRNN",
            "LayerNormLSTM",
            "QuantizedLSTM", "QuantizedGRU", "accelerate", "restore", "quantize_dynamic",
-           "from_onnx"]
+           "freeze", "from_onnx"]
 
 # The public names say they are lstmfast.torch's, as they did when it was one file.
 # pickle and torch.save record a class by its __module__: a model saved with

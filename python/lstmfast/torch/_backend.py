@@ -61,12 +61,15 @@ def _as_numpy(t):
     return t.detach().numpy() if t.requires_grad else t.numpy()
 
 
-def _weight_arrays(module, weights):
-    """NumPy views of ``weights`` (tensors or None; no copy), made once instead of at
-    every call (a view costs about 1 us each) and remade when a weight's memory, shape
-    or strides are not those of its view (another parameter, ``param.data = ...``); an
-    optimizer's in-place update keeps the views valid. A view holds its tensor, so no
-    other tensor can take its memory while it is kept."""
+def _weight_arrays(module, weights, names):
+    """NumPy views of ``weights`` (tensors or None, named ``names``; no copy), made once
+    instead of at every call (a view costs about 1 us each) and remade when a weight's
+    memory, shape or strides are not those of its view (another parameter,
+    ``param.data = ...``); an optimizer's in-place update keeps the views valid. A view
+    holds its tensor, so no other tensor can take its memory while it is kept.
+    A frozen module's (``freeze``) weight_ih and weight_hh come packed instead."""
+    if module._lstmfast_frozen:
+        return _frozen_weight_arrays(module, weights, names)
     # A loop, not a generator: this runs at every call of a layer or cell (a stream's
     # frames), where a generator's setup costs more than the lookups.
     key = []
@@ -78,6 +81,36 @@ def _weight_arrays(module, weights):
         return entry[1]
     return _cached_for(_weight_views, module, key,
                        lambda: [None if w is None else _as_numpy(w) for w in weights])
+
+
+def _frozen_weight_arrays(module, weights, names):
+    """_weight_arrays of a frozen module: weight_ih and weight_hh packed for the kernels
+    (``_fused.pack_gates``) where the module's kernels read packed weights
+    (``module._lstmfast_packs()``), the others as views. Packed again when a weight
+    changes where torch counts it (its version: ``load_state_dict``, ``copy_``, an
+    optimizer's step); a write through ``.data`` is not counted, and goes unseen."""
+    # Memory and version only (a loop, as above): a frozen module's weights keep their
+    # shapes, and this is paid at every frame of a stream (1.7 us with shapes and
+    # strides for an LSTM's four weights, 0.7 us without).
+    key = []
+    for w in weights:
+        key.append(None if w is None else (w.data_ptr(), w._version))
+    key = tuple(key)
+    entry = _weight_views.get(module)
+    if entry is not None and entry[0] == key:
+        return entry[1]
+
+    def make():
+        arrays = [None if w is None else _as_numpy(w) for w in weights]
+        if module._lstmfast_packs():
+            pack_gates = _backend("fused").pack_gates
+            for i, name in enumerate(names):
+                if arrays[i] is not None and name.startswith(("weight_ih", "weight_hh")):
+                    arrays[i] = pack_gates(module._lstmfast_mode, arrays[i],
+                                           name.startswith("weight_hh"))
+        return arrays
+
+    return _cached_for(_weight_views, module, key, make)
 
 
 def _in_torch_only_context(autocast=True):

@@ -23,6 +23,7 @@ class _FastCellMixin:
     """
 
     _lstmfast_backend = "fused"
+    _lstmfast_frozen = False  # freeze: weight_ih and weight_hh packed once (swap.py)
     zoneout = (0.0, 0.0)  # set by the constructors (docs/cells.md, Recurrent dropout and zoneout)
     recurrent_dropout = 0.0
     _recurrent_dropout_mask = None  # kept for the steps of a sequence (Keras's convention)
@@ -32,6 +33,10 @@ class _FastCellMixin:
         self.zoneout = _check_zoneout(zoneout, "LSTM" if isinstance(self, nn.LSTMCell) else "GRU")
         self.recurrent_dropout = _check_probability("recurrent_dropout", recurrent_dropout,
                                                     upper_open=True)
+
+    def _lstmfast_packs(self):
+        """Whether the kernels read weight_ih and weight_hh packed (see the layers')."""
+        return self._lstmfast_backend == "fused"
 
     def reset_recurrent_dropout_mask(self):
         """Start a new sequence: the next training step draws a new recurrent dropout mask
@@ -187,7 +192,7 @@ def _plain_cell_forward(self, input, hx, weights):
         h0 = states[0].numpy()[None]
         c0 = states[1].numpy()[None] if is_lstm else None
     _, h_n, c_n, _ = _backend("fused")._core.cell_step(self._lstmfast_mode, input.numpy()[None], h0, c0,
-                                             *_weight_arrays(self, weights), False)
+                                             *_weight_arrays(self, weights, _CELL_WEIGHTS), False)
     if is_lstm:
         return torch.from_numpy(h_n[0]), torch.from_numpy(c_n[0])
     return torch.from_numpy(h_n[0])
@@ -238,11 +243,11 @@ def _fused_cell_forward(self, input, hx):
             or any(w is not None and w.requires_grad for w in weights)):
         # the weights' arrays made once, not at every step (_weight_arrays): a training
         # loop steps the cell as often as inference does
-        result = _CellFunction.apply(backend, mode, _weight_arrays(self, weights), x, h0, c0,
-                                     *weights)
+        arrays = _weight_arrays(self, weights, _CELL_WEIGHTS)
+        result = _CellFunction.apply(backend, mode, arrays, x, h0, c0, *weights)
     else:  # nothing to differentiate: the kernels alone, no autograd node
         h1, c1, _ = _cell_step(backend, mode, False, x, h0, c0, weights,
-                               _weight_arrays(self, weights))
+                               _weight_arrays(self, weights, _CELL_WEIGHTS))
         result = (h1, c1) if is_lstm else h1
     if dim == 1:
         return (result[0].squeeze(0), result[1].squeeze(0)) if is_lstm else result.squeeze(0)

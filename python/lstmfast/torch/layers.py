@@ -50,6 +50,7 @@ class _FastRNNMixin(_GateOptions):
     _lstmfast_backend = "fused"
     _lstmfast_quantized = False  # QuantizedLSTM / QuantizedGRU: int8 weights, inference only
     _lstmfast_autocast = True  # bfloat16 autocast runs on the bfloat16 weights path
+    _lstmfast_frozen = False  # freeze: weight_ih and weight_hh packed once (swap.py)
     recurrent_dropout = 0.0  # docs/cells.md, Recurrent dropout and zoneout
     zoneout = (0.0, 0.0)
 
@@ -168,6 +169,15 @@ class _FastRNNMixin(_GateOptions):
             return [params[name] for name in names], list(names), False
         self._update_flat_weights()
         return list(self._flat_weights), list(names), False
+
+    def _lstmfast_packs(self):
+        """Whether the kernels read this layer's weight_ih and weight_hh packed, so that a
+        frozen layer is given them packed: the fused backend, no projection, and none of
+        ONNX's options that the kernels lack (they run in the reference)."""
+        if self._lstmfast_backend != "fused" or self.proj_size:
+            return False
+        options = {k: v for k, v in self._onnx_options().items() if k != "reverse"}
+        return _backend("fused").fused(self._lstmfast_mode, **options)
 
     def __prepare_scriptable__(self):
         """``torch.jit.script`` compiles torch's class on the same parameters."""
@@ -318,10 +328,10 @@ def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False, g
         settings["cell_options"] = options
     if needs_grad:
         if not reduced:  # the weights' views made once, not at every call (_weight_arrays)
-            settings["weight_arrays"] = _weight_arrays(self, weights)
+            settings["weight_arrays"] = _weight_arrays(self, weights, names)
         out, h_n, c_n = _RecurrentFunction.apply(settings, x, h0, c0, masks, *weights)
     else:  # nothing to differentiate: the kernels alone, no autograd node
-        arrays = None if reduced else _weight_arrays(self, weights)
+        arrays = None if reduced else _weight_arrays(self, weights, names)
         out, h_n, c_n, _ = _stack_step(settings, x, h0, c0, masks, weights, arrays)
 
     if packed:
@@ -373,7 +383,7 @@ def _plain_inference_forward(self, input, hx):
             if w is None or w.dtype != dtype or not w.is_cpu or (grad and w.requires_grad):
                 return None  # served through a parametrization, or torch's path decides
             weights.append(w)
-        arrays = _weight_arrays(self, weights)
+        arrays = _weight_arrays(self, weights, names)
     is_lstm = self.mode == "LSTM"
     D = 2 if self.bidirectional else 1
     LD, H = D * self.num_layers, self.hidden_size

@@ -1,5 +1,6 @@
 """``accelerate``, ``restore`` and ``quantize_dynamic``: the class of every torch RNN
-module inside a model swapped for lstmfast.torch's, in place, and back.
+module inside a model swapped for lstmfast.torch's, in place, and back; ``freeze``:
+an inference copy of a model with its recurrent weights packed once.
 
 Named swap, not accelerate: a submodule named as the function ``lstmfast.torch
 .accelerate`` would be hidden by it (``import lstmfast.torch.accelerate as m`` gives
@@ -14,8 +15,9 @@ from torch import nn
 from torch.ao.nn.quantized import dynamic as nnqd
 from torch.nn.utils import parametrize
 
-from .cells import GRUCell, LSTMCell, RNNCell
-from .layers import GRU, LSTM, RNN
+from ._backend import _SUPPORTED_DTYPES, _weight_arrays
+from .cells import _CELL_WEIGHTS, GRUCell, LSTMCell, RNNCell, _cell_weights, _FastCellMixin
+from .layers import GRU, LSTM, RNN, _FastRNNMixin
 from .quantized import QuantizedGRU, QuantizedLSTM
 from .variants import _TorchaudioLSTMForward
 
@@ -125,3 +127,44 @@ def quantize_dynamic(model, qconfig_spec=None, dtype=torch.qint8, inplace=False)
     model = torch.ao.quantization.quantize_dynamic(model, qconfig_spec, dtype=dtype,
                                                    inplace=True)
     return accelerate(model)
+
+
+def freeze(model):
+    """An inference copy of ``model`` whose recurrent layers and cells have their
+    weights packed once, as ``lstmfast.freeze`` packs a layer of the NumPy API.
+
+    Every call of a layer or cell otherwise lays ``weight_ih`` and ``weight_hh`` out
+    for the kernels anew (or, for a call of a few steps, reads them in place, at about
+    twice the cost per step), since torch's parameters may have changed since the last
+    call: for a stream fed a frame or a chunk of frames per call, most of the call.
+
+    ``model``: any ``torch.nn.Module``. The copy (``model`` is left as it is) is
+    accelerated (``accelerate``) and in eval mode; in every lstmfast.torch layer and
+    cell in it (not the int8 ones of ``quantize_dynamic``, packed already) the
+    parameters no longer require gradients and the weights are packed now. Calls
+    compute the same function, on the kernels' packed path. The packed weights are
+    made again at the next call after a weight changes where torch counts the change
+    (``load_state_dict``, ``copy_``, an optimizer's step; gradients flow to the input
+    and, if asked for again, to the parameters); a write through ``.data`` is not
+    counted and goes unseen: freeze again after one. Copies and pickles pack again at
+    their first call.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"freeze: model must be a torch.nn.Module, got {type(model).__name__}")
+    frozen = accelerate(copy.deepcopy(model)).eval()
+    for module in frozen.modules():
+        if not isinstance(module, (_FastRNNMixin, _FastCellMixin)) or getattr(
+                module, "_lstmfast_quantized", False):
+            continue
+        module._lstmfast_frozen = True
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(False)
+        if isinstance(module, _FastCellMixin):
+            weights, names = _cell_weights(module), _CELL_WEIGHTS
+        else:
+            weights, names, _ = module._lstmfast_weights()
+        dtypes = {w.dtype for w in weights if w is not None}
+        if (len(dtypes) == 1 and dtypes <= set(_SUPPORTED_DTYPES)
+                and all(w.is_cpu for w in weights if w is not None)):
+            _weight_arrays(module, weights, names)  # packed now, not in the first call's time
+    return frozen

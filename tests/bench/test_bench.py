@@ -187,7 +187,7 @@ def test_patterns_prints_and_writes_every_figure(tmp_path, capsys):
     (after,) = [r for r in rows if r["pattern"] == "after pools"]
     assert set(after["seconds"]) == {"fresh", "after torch+OpenBLAS"}
     assert {r["pattern"] for r in rows} == {"gap", "after pools", "cell loop", "frame loop",
-                                            "chunk loop", "frozen frame loop",
+                                            "chunk loop", "frozen cell loop", "frozen frame loop",
                                             "frozen chunk loop", "adapter training"}
     for r in rows:
         seconds, q = r["seconds"], r["ratio"]

@@ -50,9 +50,9 @@ def main(argv=None):
     parser.add_argument("--patterns", action="store_true",
                         help="instead of the grid, time the call patterns users meet, torch against "
                              "lstmfast.torch, one process per measurement: calls after idle gaps, after "
-                             "torch's and OpenBLAS's pools ran, a one-step cell loop, a layer fed one "
-                             "frame or ten frames per call (also frozen: lstmfast.torch.freeze), the "
-                             "adapter's training step")
+                             "torch's and OpenBLAS's pools ran, a one-step cell loop and a layer fed "
+                             "one frame or ten frames per call (each also frozen: "
+                             "lstmfast.torch.freeze), the adapter's training step")
     parser.add_argument("--pairs", type=int,
                         help="with --patterns or --models: process pairs (A B A B) per case (default 5; "
                              "2 with --quick, 1 with --tiny)")

@@ -13,8 +13,9 @@ state between calls decides how fast the next one is:
   through a linear layer (``lstmfast.torch``'s cell against torch's);
 * ``frame loop``: a streaming model feeding its layer one frame per call, the state
   carried from call to call (``lstmfast.torch``'s layer against torch's); ``chunk
-  loop``: the same fed ten frames per call; ``frozen ...``: the same two with
-  ``lstmfast.torch.freeze``'s copy of the layer (weights packed once) against torch's;
+  loop``: the same fed ten frames per call; ``frozen ...``: the cell loop and these
+  two with ``lstmfast.torch.freeze``'s copy of the module (weights packed once)
+  against torch's;
 * ``adapter training``: a training step (forward and backward) through
   ``lstmfast.torch``'s layer against torch's.
 
@@ -66,6 +67,16 @@ def _layer(torch, impl, cell, I, H):  # noqa: E741
         fast.load_state_dict(module.state_dict())
         module = fast
     return module
+
+
+def _frozen_if_asked(job, module):
+    """lstmfast.torch.freeze's copy of lstmfast's module for a job of a frozen row; torch's
+    module, and any module of another row, as it is."""
+    if not (job.get("frozen") and job["impl"] == "lstmfast"):
+        return module
+    import lstmfast.torch as lt
+
+    return lt.freeze(module)
 
 
 def _call_times(fn, calls, gap_s=0.0, warmup=5):
@@ -123,7 +134,7 @@ def measure_cell_loop(job):
 
     lstmfast.set_num_threads(job["threads"])
     I, H, N, steps = (job["loop"][k] for k in ("I", "H", "N", "steps"))  # noqa: E741
-    cell = _layer(torch, job["impl"], job["cell"] + "Cell", I, H).eval()
+    cell = _frozen_if_asked(job, _layer(torch, job["impl"], job["cell"] + "Cell", I, H).eval())
     feedback = torch.nn.Linear(H, I)
     x0 = torch.randn(N, I)
 
@@ -145,11 +156,7 @@ def measure_frame_loop(job):
 
     lstmfast.set_num_threads(job["threads"])
     I, H, N, frames, per_call = (job["loop"][k] for k in ("I", "H", "N", "frames", "per_call"))  # noqa: E741
-    layer = _layer(torch, job["impl"], job["cell"], I, H).eval()
-    if job.get("frozen") and job["impl"] == "lstmfast":
-        import lstmfast.torch as lt
-
-        layer = lt.freeze(layer)
+    layer = _frozen_if_asked(job, _layer(torch, job["impl"], job["cell"], I, H).eval())
     stream = torch.randn(frames // per_call, per_call, N, I)  # (T = per_call, N, I) per call
 
     def feed():
@@ -265,16 +272,18 @@ def run(cells, shapes, threads, pair_count, calls, tiny=False, json_path=None):
     chunks = {k: (min(v, 2) if tiny else v) for k, v in CHUNK_LOOP.items()}
     train = dict(zip("TNIH", TINY_SHAPE)) if tiny else TRAINING
     for cell in cells:
-        for pattern, kind, job, case in (
-                ("cell loop", "cell_loop", {"loop": loop},
-                 f"{cell}Cell({loop['I']}, {loop['H']}) N={loop['N']}, {loop['steps']} steps"),
-                *((f"{frozen}{name} loop", "frame_loop", {"loop": loop_of, "frozen": bool(frozen)},
-                   f"{cell}({loop_of['I']}, {loop_of['H']}) N={loop_of['N']}, "
-                   f"{loop_of['frames']} frames, {loop_of['per_call']} a call")
-                  for frozen in ("", "frozen ") for name, loop_of in (("frame", frames),
-                                                                     ("chunk", chunks))),
-                ("adapter training", "training", {"train": train},
-                 f"{cell} T={train['T']} N={train['N']} I={train['I']} H={train['H']}")):
+        loops = []
+        for frozen in ("", "frozen "):
+            loops += [
+                (f"{frozen}cell loop", "cell_loop", {"loop": loop, "frozen": bool(frozen)},
+                 f"{cell}Cell({loop['I']}, {loop['H']}) N={loop['N']}, {loop['steps']} steps")]
+            loops += [
+                (f"{frozen}{name} loop", "frame_loop", {"loop": of, "frozen": bool(frozen)},
+                 f"{cell}({of['I']}, {of['H']}) N={of['N']}, {of['frames']} frames, "
+                 f"{of['per_call']} a call") for name, of in (("frame", frames), ("chunk", chunks))]
+        loops.append(("adapter training", "training", {"train": train},
+                      f"{cell} T={train['T']} N={train['N']} I={train['I']} H={train['H']}"))
+        for pattern, kind, job, case in loops:
             got = pairs({**base, "kind": kind, "cell": cell, **job}, impls, pair_count,
                         f"{pattern} {cell}")
             rows.append(versus_torch(pattern, case, got))

@@ -225,6 +225,33 @@ def test_models_refuses_a_model_whose_outputs_disagree(tmp_path, capsys, monkeyp
     assert jobs == ["check"]  # nothing was timed
 
 
+def test_models_frozen_times_freezes_copy_for_inference(tmp_path, capsys, models, torch_threads_restored):
+    # --frozen: the inference rows time lstmfast.torch.freeze's copy, the training rows
+    # accelerate(model) as without it; the agreement check compares the same forms.
+    model, _, _ = models.build("cell_loop", True)
+    frozen = models._accelerated(model, "inference", True)
+    assert frozen is not model and all(m._lstmfast_frozen for m in models.rnn_modules(frozen))
+    trained = models._accelerated(model, "training", True)
+    assert trained is model and not any(m._lstmfast_frozen for m in models.rnn_modules(model))
+    assert all(p.requires_grad for p in model.parameters())
+    outputs_path = tmp_path / "outputs.npz"
+    models.model_outputs("cell_loop", True, 1, outputs_path, frozen=True)
+    error, _ = models.compare_outputs(models.load_check_outputs(outputs_path))
+    assert error <= models.AGREEMENT_RTOL
+    out_json = tmp_path / "models.json"
+    rc = bench.main(["--models", "wavernn_gen", "--tiny", "--quick", "--pairs", "1", "--frozen",
+                     "--json", str(out_json)])
+    assert rc == 0
+    assert "inference frozen (lstmfast.torch.freeze)" in capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    assert "freeze" in data["config"]["accelerated"]
+    (row,) = data["results"]
+    assert row["mode"] == "inference" and row["frozen"] is True
+    with pytest.raises(SystemExit):
+        bench.main(["--frozen"])
+    assert "--frozen goes with --models" in capsys.readouterr().err
+
+
 def test_models_rejects_unknown_names(models, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--models", "crnn,no_such_model", "--tiny"])

@@ -39,6 +39,9 @@ def main(argv=None):
                              "torch float32, int8 (quantize_dynamic) and bfloat16 (autocast), ONNX Runtime "
                              "float32 and int8, against lstmfast float32 (also frozen) and lstmfast.quantize's "
                              "int8 and bfloat16")
+    parser.add_argument("--frozen", action="store_true",
+                        help="with --models: the accelerated model of the inference rows is "
+                             "lstmfast.torch.freeze(model), its recurrent weights packed once")
     parser.add_argument("--cold", action="store_true",
                         help=f"with --peers: every timed call comes after a sweep of {SWEEP_BYTES >> 20} MB of "
                              "memory, which leaves the caches cold, as a call after other work finds them")
@@ -68,6 +71,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.cold and not args.peers:
         parser.error("--cold goes with --peers")
+    if args.frozen and args.models is None:
+        parser.error("--frozen goes with --models")
 
     if args.onnx is not None:
         return _main_onnx(parser, args)
@@ -138,7 +143,8 @@ def _main_models(parser, args):
     if any(t < 1 for t in threads):
         parser.error("--threads must be positive")
     pairs = _pairs(parser, args)
-    return models.run(names, threads, quick=args.quick, tiny=args.tiny, json_path=args.json, pairs=pairs)
+    return models.run(names, threads, quick=args.quick, tiny=args.tiny, json_path=args.json, pairs=pairs,
+                      frozen=args.frozen)
 
 
 def _main_patterns(parser, args):

@@ -143,8 +143,17 @@ def _prepare(job):
     lstmfast.set_num_threads(job["threads"])
     model, inputs, target = build(job["model"], job["tiny"])
     if job.get("impl") == "accelerated":
-        lstmfast.torch.accelerate(model)
+        model = _accelerated(model, job["mode"], job.get("frozen", False))
     return MODELS[job["model"]], model, inputs, target
+
+
+def _accelerated(model, mode, frozen):
+    """The accelerated form of ``model`` for ``mode``: with --frozen an inference copy
+    from lstmfast.torch.freeze (its recurrent weights packed once), else the model
+    itself, accelerated in place."""
+    if frozen and mode == "inference":
+        return lstmfast.torch.freeze(model)
+    return lstmfast.torch.accelerate(model)
 
 
 def measure_model(job):
@@ -252,18 +261,21 @@ def _tensors(value):
             yield from _tensors(v)
 
 
-def model_outputs(name, tiny, threads, path):
+def model_outputs(name, tiny, threads, path, frozen=False):
     """Both implementations of ``name`` from the same seed on the same input: their outputs
     (and for training the loss and every parameter gradient), saved to ``path`` as
-    ``torch/<key>`` and ``accelerated/<key>`` arrays."""
+    ``torch/<key>`` and ``accelerated/<key>`` arrays. ``frozen``: the accelerated
+    inference is lstmfast.torch.freeze's copy, as --frozen times it."""
     torch.set_num_threads(threads)
     lstmfast.set_num_threads(threads)
     spec = MODELS[name]
     reference, inputs, target = build(name, tiny)
-    accelerated = lstmfast.torch.accelerate(copy.deepcopy(reference))
+    accelerated = {mode: _accelerated(copy.deepcopy(reference), mode, frozen)
+                   for mode in spec.modes}
     arrays = {}
-    for impl, model in (("torch", reference), ("accelerated", accelerated)):
+    for impl in IMPLEMENTATIONS:
         for mode in spec.modes:
+            model = reference if impl == "torch" else accelerated[mode]
             if mode == "inference":
                 model.eval()
                 with torch.inference_mode():
@@ -279,11 +291,13 @@ def model_outputs(name, tiny, threads, path):
                 for pname, p in model.named_parameters():
                     arrays[f"{impl}/{mode}/grad {pname}"] = p.grad.numpy()
     np.savez(path, **arrays)
-    return {"arrays": len(arrays), "accelerated_modules": accelerated_count(accelerated)}
+    return {"arrays": len(arrays),
+            "accelerated_modules": accelerated_count(accelerated[spec.modes[0]])}
 
 
 WORKERS = {"model": measure_model, "alone": measure_rnn_alone,
-           "check": lambda job: model_outputs(job["model"], job["tiny"], job["threads"], job["path"])}
+           "check": lambda job: model_outputs(job["model"], job["tiny"], job["threads"], job["path"],
+                                              job.get("frozen", False))}
 
 
 def worker_main(argv):
@@ -329,10 +343,11 @@ def compare_outputs(outputs):
     return worst, where
 
 
-def check_agreement(name, tiny, threads):
+def check_agreement(name, tiny, threads, frozen=False):
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "outputs.npz")
-        info = run_worker({"kind": "check", "model": name, "tiny": tiny, "threads": threads, "path": path})
+        info = run_worker({"kind": "check", "model": name, "tiny": tiny, "threads": threads,
+                           "path": path, "frozen": frozen})
         outputs = load_check_outputs(path)
     error, where = compare_outputs(outputs)
     return {"max_rel_diff": float(error), "where": where, "compared": info["arrays"] // 2,
@@ -351,10 +366,11 @@ def expected_speedup(share, rnn_ratio):
     return 1.0 / ((1.0 - share) + share / rnn_ratio)
 
 
-def measure(name, mode, threads, tiny, repeats, pairs):
+def measure(name, mode, threads, tiny, repeats, pairs, frozen=False):
     """The model in `pairs` process pairs, torch and accelerated in turn (A B A B), then
     its RNN modules alone, one process per implementation."""
-    base = {"model": name, "mode": mode, "threads": threads, "tiny": tiny, "repeats": repeats.__dict__}
+    base = {"model": name, "mode": mode, "threads": threads, "tiny": tiny, "repeats": repeats.__dict__,
+            "frozen": frozen}
     runs = {impl: [] for impl in IMPLEMENTATIONS}
     for p in range(pairs):
         for impl in IMPLEMENTATIONS:
@@ -372,6 +388,7 @@ def measure(name, mode, threads, tiny, repeats, pairs):
     pair_ratios = [t["seconds"] / a["seconds"] for t, a in zip(runs["torch"], runs["accelerated"])]
     row = {
         "model": name, "mode": mode, "threads": threads, "dtype": "float32", "pairs": pairs,
+        "frozen": frozen and mode == "inference",
         "seconds": median_of("seconds"),
         "seconds_per_process": {impl: [r["seconds"] for r in runs[impl]] for impl in IMPLEMENTATIONS},
         "repeats": {impl: runs[impl][0]["repeats"] for impl in IMPLEMENTATIONS},
@@ -452,11 +469,15 @@ RNN share: time inside the RNN modules (forward hooks, in a separate repeat) ove
 swapped: RNN modules that accelerate() replaced, of all the model's RNN modules."""
 
 
-def run(names, threads, quick=False, tiny=False, json_path=None, pairs=5):
-    """The whole ``--models`` benchmark; returns the exit code (1 if any model was refused)."""
+def run(names, threads, quick=False, tiny=False, json_path=None, pairs=5, frozen=False):
+    """The whole ``--models`` benchmark; returns the exit code (1 if any model was refused).
+    ``frozen``: the accelerated model of the inference rows is lstmfast.torch.freeze's copy."""
     repeats = Repeats.for_run(quick, tiny)
     config = configuration(threads)
-    print("lstmfast whole-model benchmark: torch against lstmfast.torch.accelerate(model)")
+    config["accelerated"] = ("lstmfast.torch.freeze(model) for inference, accelerate(model) for "
+                             "training" if frozen else "lstmfast.torch.accelerate(model)")
+    print("lstmfast whole-model benchmark: torch against lstmfast.torch.accelerate(model)"
+          + (", inference frozen (lstmfast.torch.freeze)" if frozen else ""))
     for key, value in config.items():
         print(f"  {key:31s} {value}")
     print(f"  {'sizes':31s} {'tiny (a test of the command, not a benchmark)' if tiny else 'full'}")
@@ -470,7 +491,7 @@ def run(names, threads, quick=False, tiny=False, json_path=None, pairs=5):
     for name in names:
         spec = MODELS[name]
         print(f"[{name}] agreement check ...", file=sys.stderr, flush=True)
-        check = checks[name] = check_agreement(name, tiny, threads[0])
+        check = checks[name] = check_agreement(name, tiny, threads[0], frozen)
         line = (f"{name:14s} {', '.join(spec.modes)}: {spec.describe(spec.sizes[size_key])}\n"
                 f"{'':14s} accelerated vs torch over {check['compared']} arrays: max relative difference "
                 f"{check['max_rel_diff']:.2g} ({check['where']})")
@@ -483,7 +504,7 @@ def run(names, threads, quick=False, tiny=False, json_path=None, pairs=5):
         for mode in spec.modes:
             for t in threads:
                 print(f"[{name}] {mode}, {t} threads ...", file=sys.stderr, flush=True)
-                row = measure(name, mode, t, tiny, repeats, pairs)
+                row = measure(name, mode, t, tiny, repeats, pairs, frozen)
                 row["shapes"] = spec.describe(spec.sizes[size_key])
                 row["max_rel_diff"] = check["max_rel_diff"]
                 rows.append(row)

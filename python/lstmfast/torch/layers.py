@@ -396,13 +396,14 @@ def _plain_inference_forward(self, input, hx):
         states = tuple(hx) if is_lstm and isinstance(hx, (tuple, list)) else (hx,)
         if len(states) != (2 if is_lstm else 1):
             return None
+        arrays_of_states = []  # a loop, not generators: this runs at every frame of a stream
         for state, width in zip(states, (H_out, H)):
             if (type(state) is not torch.Tensor or state.dtype != dtype
                     or not state.is_cpu or state.shape != (LD, N, width)
                     or (grad and state.requires_grad)):
                 return None
-        state_arrays = tuple(state.numpy() for state in states)
-        hx_arrays = state_arrays if is_lstm else state_arrays[0]
+            arrays_of_states.append(state.numpy())
+        hx_arrays = tuple(arrays_of_states) if is_lstm else arrays_of_states[0]
     x = input.transpose(0, 1) if self.batch_first else input
     fused = _backend("fused")
     if x.shape[0] == 1 and D == 1 and self.num_layers == 1 and self.proj_size == 0:

@@ -229,6 +229,21 @@ def test_gradients_reach_the_input_and_parameters_asked_for_again(name, make, pa
     assert_packed(frozen, packs)
 
 
+def test_a_parametrized_weight_is_packed_as_computed():
+    from torch.nn.utils import parametrizations
+
+    module = made(lambda: lt.LSTM(5, 8), torch.float32).eval()
+    parametrizations.weight_norm(module, "weight_hh_l0")
+    frozen = lt.freeze(module)
+    x = torch.randn(7, 2, 5, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        frozen.parametrizations.weight_hh_l0.original0.mul_(2.0)  # a counted change
+        module.parametrizations.weight_hh_l0.original0.mul_(2.0)
+        for _ in range(2):
+            assert_same_function(frozen(x), module(x))
+    assert_packed(frozen, True)
+
+
 def test_copies_and_pickles_pack_again_at_their_first_call():
     module = made(lambda: lt.GRU(5, 8, num_layers=2), torch.float32).eval()
     frozen = lt.freeze(module)

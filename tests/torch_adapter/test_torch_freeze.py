@@ -82,7 +82,7 @@ def assert_same_function(got, want):
 
 def cached_arrays(module):
     entry = lt_backend._weight_views.get(module)
-    return None if entry is None else entry[1]
+    return None if entry is None else entry[1][0]
 
 
 def weight_names(module):

@@ -88,7 +88,11 @@ def _frozen_weight_arrays(module, weights, names):
     (``_fused.pack_gates``) where the module's kernels read packed weights
     (``module._lstmfast_packs()``), the others as views. Packed again when a weight
     changes where torch counts it (its version: ``load_state_dict``, ``copy_``, an
-    optimizer's step); a write through ``.data`` is not counted, and goes unseen."""
+    optimizer's step); a write through ``.data`` is not counted, and goes unseen.
+    The entry holds the weights it was made from, as the views of _weight_arrays do:
+    a packed weight is a copy, and without them a weight freed (``param.data = ...``,
+    a parametrization's weight computed anew at every call) could leave its memory to
+    a new tensor at version 0, which the key would take for the old one."""
     # Memory and version only (a loop, as above): a frozen module's weights keep their
     # shapes, and this is paid at every frame of a stream (1.7 us with shapes and
     # strides for an LSTM's four weights, 0.7 us without).
@@ -98,7 +102,7 @@ def _frozen_weight_arrays(module, weights, names):
     key = tuple(key)
     entry = _weight_views.get(module)
     if entry is not None and entry[0] == key:
-        return entry[1]
+        return entry[1][0]
 
     def make():
         arrays = [None if w is None else _as_numpy(w) for w in weights]
@@ -108,9 +112,9 @@ def _frozen_weight_arrays(module, weights, names):
                 if arrays[i] is not None and name.startswith(("weight_ih", "weight_hh")):
                     arrays[i] = pack_gates(module._lstmfast_mode, arrays[i],
                                            name.startswith("weight_hh"))
-        return arrays
+        return arrays, tuple(weights)
 
-    return _cached_for(_weight_views, module, key, make)
+    return _cached_for(_weight_views, module, key, make)[0]
 
 
 def _in_torch_only_context(autocast=True):

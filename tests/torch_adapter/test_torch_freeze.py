@@ -9,7 +9,6 @@ off the cache the calls use (a PackedWeight for each weight_ih and weight_hh).
 
 import copy
 import io
-import threading
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ import lstmfast.torch as lt  # noqa: E402
 from lstmfast.torch import _backend as lt_backend  # noqa: E402
 from torch.nn.utils.rnn import pack_padded_sequence  # noqa: E402
 
-from helpers import assert_close, fused_available  # noqa: E402
+from helpers import assert_close, fused_available, run_all  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not fused_available(), reason="the fused kernels are not built")
 
@@ -290,20 +289,19 @@ def test_threads_share_a_frozen_model():
     xs = [torch.randn(5, 2, 16, generator=torch.Generator().manual_seed(i)) for i in range(8)]
     with torch.no_grad():
         want = [module(x)[0] for x in xs]
-    got = [None] * len(xs)
 
-    def run(i):
+    def run(x):
         with torch.no_grad():
-            for _ in range(20):
-                got[i] = frozen(xs[i])[0]
+            return [frozen(x)[0] for _ in range(20)][-1]
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(xs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    got = run_all([lambda x=x: run(x) for x in xs])
     for a, b in zip(got, want, strict=True):
         assert_close(a.numpy(), b.numpy())
+
+
+def test_weights_the_kernels_do_not_take_are_left_to_torch_unpacked():
+    frozen = lt.freeze(lt.LSTM(4, 5).to(torch.float16))  # torch's implementation runs it
+    assert frozen._lstmfast_frozen and cached_arrays(frozen) is None
 
 
 @pytest.mark.parametrize("model", [lt.LSTM(2, 3).state_dict(), "model", None])

@@ -15,7 +15,7 @@ from torch import nn
 from torch.ao.nn.quantized import dynamic as nnqd
 from torch.nn.utils import parametrize
 
-from ._backend import _SUPPORTED_DTYPES, _weight_arrays
+from ._backend import _unsupported_reason, _weight_arrays
 from .cells import _CELL_WEIGHTS, GRUCell, LSTMCell, RNNCell, _cell_weights, _FastCellMixin
 from .layers import GRU, LSTM, RNN, _FastRNNMixin
 from .quantized import QuantizedGRU, QuantizedLSTM
@@ -163,8 +163,8 @@ def freeze(model):
             weights, names = _cell_weights(module), _CELL_WEIGHTS
         else:
             weights, names, _ = module._lstmfast_weights()
-        dtypes = {w.dtype for w in weights if w is not None}
-        if (len(dtypes) == 1 and dtypes <= set(_SUPPORTED_DTYPES)
-                and all(w.is_cpu for w in weights if w is not None)):
-            _weight_arrays(module, weights, names)  # packed now, not in the first call's time
+        # weights the kernels take (as a call's own test decides), packed now, not in the
+        # first call's time
+        if _unsupported_reason(weights[0], weights) is None:
+            _weight_arrays(module, weights, names)
     return frozen

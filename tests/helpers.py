@@ -11,10 +11,12 @@ tests/ is on sys.path (pyproject.toml, ``[tool.pytest.ini_options] pythonpath``)
 * ``Case`` / ``VARIANTS``: one forward/backward of the fused kernels and of the
   reference on the same inputs (the kernels' tests);
 * ``torchaudio_custom_lstm``: torchaudio's own layer-normalized LSTM, when it imports;
-* ``recurrent_model`` / ``random_weights``: an ONNX model of one LSTM, GRU or RNN node.
+* ``recurrent_model`` / ``random_weights``: an ONNX model of one LSTM, GRU or RNN node;
+* ``run_all``: callables run in threads of their own, all released at once.
 """
 
 import importlib
+import threading
 
 import numpy as np
 
@@ -374,3 +376,31 @@ def recurrent_model(op, I, H, *, direction="forward", layout=0, rng=None, peepho
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
+
+
+# ------------------------------------------------------------------------------------------
+# Threads
+
+
+def run_all(calls):
+    """Runs every zero-argument callable in its own thread, all released at once; returns
+    their results, or raises the first exception one of them raised."""
+    barrier = threading.Barrier(len(calls))
+    results, errors = [None] * len(calls), []
+
+    def work(i):
+        try:
+            barrier.wait()
+            results[i] = calls[i]()
+        except BaseException as exc:  # noqa: BLE001  (reported by the main thread)
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results

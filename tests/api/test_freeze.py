@@ -6,13 +6,12 @@ packed weights is in kernels/test_packed_weights.py.
 """
 
 import pickle
-import threading
 
 import numpy as np
 import pytest
 
 import lstmfast
-from helpers import BACKENDS, assert_close, assert_tree_close
+from helpers import BACKENDS, assert_close, assert_tree_close, run_all
 
 needs_fused = pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")
 
@@ -196,22 +195,12 @@ def test_a_frozen_layer_serves_several_threads_at_once(threads_restored):
     rng = np.random.default_rng(5)
     xs = [rng.standard_normal((T, 2, 16)).astype(np.float32) for T in (1, 3, 40, 7)]
     expected = [frozen(x)[0] for x in xs]
-    results, errors = {}, []
 
     def work(i):
-        try:
-            for _ in range(20):
-                results[i] = frozen(xs[i % 4])[0]
-                np.testing.assert_array_equal(results[i], expected[i % 4])
-        except Exception as exc:  # reported by the main thread
-            errors.append(exc)
+        for _ in range(20):
+            np.testing.assert_array_equal(frozen(xs[i % 4])[0], expected[i % 4])
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    run_all([lambda i=i: work(i) for i in range(8)])
 
 
 @needs_fused

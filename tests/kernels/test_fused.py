@@ -5,7 +5,6 @@ states, dx, dh0, dc0 and every parameter gradient, to 1e-5 (float32) / 1e-10
 (float64) relative to the largest magnitude of the reference.
 """
 
-import threading
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from hypothesis import strategies as st
 
 from lstmfast import _core, reference
 
-from helpers import VARIANTS, Case, assert_close
+from helpers import VARIANTS, Case, assert_close, run_all
 
 _fused = pytest.importorskip("lstmfast._fused")
 pytestmark = pytest.mark.skipif(not _fused.available, reason="fused kernels not built")
@@ -298,17 +297,7 @@ def test_concurrent_calls_from_python_threads():
     cases = [Case(mode, np.float64, L=2, bidirectional=True, N=4, lengths=[3, 5, 1, 2], seed=i)
              for i, mode in enumerate(MODES * 2)]
     expected = [c.run(reference) for c in cases]
-    results = [None] * len(cases)
-
-    def work(i):
-        for _ in range(5):
-            results[i] = cases[i].run(_fused)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_all([lambda c=c: [c.run(_fused) for _ in range(5)][-1] for c in cases])
     for (out, back), (rout, rback) in zip(results, expected):
         assert_close(out[0], rout[0], name="output")
         assert_close(back[0], rback[0], name="dx")

@@ -8,7 +8,6 @@ torch_adapter/test_torch_quantized.py.
 """
 
 import pickle
-import threading
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ import lstmfast
 from lstmfast import _core, reference
 from lstmfast._fused import pack_weight
 
-from helpers import BACKENDS, assert_close
+from helpers import BACKENDS, assert_close, run_all
 
 PRECISIONS = ("int8", "bfloat16")
 needs_fused = pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")
@@ -449,17 +448,7 @@ def test_reduced_layers_serve_several_threads_at_once(precision, threads_restore
     rng = np.random.default_rng(5)
     inputs = [rng.standard_normal((40, n, 32)).astype(np.float32) for n in (1, 3, 8, 1, 5, 2)]
     expected = [q(x)[0] for x in inputs]
-    results = [None] * len(inputs)
-
-    def run(i):
-        for _ in range(3):
-            results[i] = q(inputs[i])[0]
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_all([lambda x=x: [q(x)[0] for _ in range(3)][-1] for x in inputs])
     for got, want in zip(results, expected):
         if precision == "int8":  # exact integer sums: identical however the work was cut
             np.testing.assert_array_equal(got, want)

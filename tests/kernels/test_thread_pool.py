@@ -11,14 +11,13 @@ from one call to the next at a fixed thread count.
 import os
 import subprocess
 import sys
-import threading
 
 import numpy as np
 import pytest
 
 import lstmfast
 from lstmfast import _core, reference
-from helpers import Case, assert_close
+from helpers import Case, assert_close, run_all
 
 _fused = pytest.importorskip("lstmfast._fused")
 pytestmark = pytest.mark.skipif(not _fused.available, reason="fused kernels not built")
@@ -513,20 +512,7 @@ def test_oversubscribed_from_several_python_threads(threads_restored):
     lstmfast.set_num_threads(8)
     cases = [Case("LSTM", np.float32, T=25, N=n, I=16, H=32, seed=n) for n in (1, 3, 8, 2)]
     expected = [c.run(reference) for c in cases]
-    results, errors = [None] * len(cases), []
-
-    def work(i):
-        try:
-            results[i] = [cases[i].run(_fused) for _ in range(5)]
-        except BaseException as exc:  # noqa: BLE001  (reported below)
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(cases))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors[0]
+    results = run_all([lambda c=c: [c.run(_fused) for _ in range(5)] for c in cases])
     for i, runs in enumerate(results):
         (ry, rh_n, _), (rdx, _, _, rgrads) = expected[i]
         for (y, h_n, _), (dx, _, _, grads) in runs:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import lstmfast
-from helpers import BACKENDS, assert_close
+from helpers import BACKENDS, assert_close, run_all
 
 FUSED = pytest.mark.skipif("fused" not in BACKENDS, reason="the fused kernels are not built")
 
@@ -47,29 +47,6 @@ def inputs(seed, T=7, N=3, I=4):  # noqa: E741
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((T, N, I)).astype(np.float32)
     return x, rng.integers(1, T + 1, N)
-
-
-def run_all(calls):
-    """Runs every zero-argument callable in its own thread, all released at once."""
-    barrier = threading.Barrier(len(calls))
-    results, errors = [None] * len(calls), []
-
-    def work(i):
-        try:
-            barrier.wait()
-            results[i] = calls[i]()
-        except BaseException as exc:  # noqa: BLE001  (reported by the main thread)
-            errors.append(exc)
-            barrier.abort()
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return results
 
 
 # ------------------------------------------------------------------------------------------

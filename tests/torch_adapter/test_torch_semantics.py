@@ -547,6 +547,48 @@ def test_torch_compile_runs_the_fused_kernels_and_matches():
     assert calls.count("layer") >= 1 and calls.count("cell") >= 3
 
 
+def test_torch_compile_takes_the_short_inference_path_behind_its_graph_break(monkeypatch):
+    # Inference calls under a compiled caller take the short path too (behind
+    # torch.compiler.disable, where dynamo checks no frame): the full path costs
+    # twice as much a frame.
+    from lstmfast.torch import cells as lt_cells, layers as lt_layers
+
+    taken = []
+
+    def spy(module, name):
+        original = getattr(module, name)
+
+        def call(*a):
+            result = original(*a)
+            taken.append((name, result is not None))
+            return result
+        monkeypatch.setattr(module, name, call)
+
+    spy(lt_layers, "_plain_inference_forward")
+    spy(lt_cells, "_plain_cell_forward")
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"rnn": nn.GRU(I, H), "cell": nn.LSTMCell(H, H)})
+    x = layer_input(model["rnn"], dtype=torch.float32)
+
+    def forward(x):
+        y = model["rnn"](x)[0]
+        return model["cell"](y[-1])[0]
+
+    with torch.no_grad():
+        expected = forward(x)
+        lt.accelerate(model)
+        torch._dynamo.reset()
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # dynamo's notes on what it does not trace
+                got = torch.compile(forward)(x)
+        finally:
+            torch._dynamo.reset()
+    assert_close(got, expected, tol=1e-5, name="compiled")
+    assert ("_plain_inference_forward", True) in taken and ("_plain_cell_forward", True) in taken
+    assert all(ok for _, ok in taken), taken
+
+
 # --- restore ---------------------------------------------------------------------------
 
 

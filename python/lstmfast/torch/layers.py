@@ -204,7 +204,7 @@ def _torch_only_forward(self, input, hx, given):
 # function runs on behalf of a compiled caller (about 1 us per call).
 @torch.compiler.disable
 def _fused_layer_forward(self, input, hx, given=None):
-    if given is None and type(self) in _PLAIN_LAYERS and not self._onnx_options():
+    if given is None and type(self) in _PLAIN_LAYERS:
         result = _plain_inference_forward(self, input, hx)
         if result is not None:
             return result
@@ -351,26 +351,34 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 def _plain_inference_forward(self, input, hx):
     """The call a stream makes at every frame, and a batch at inference: a plain
     (T, N, I) or (N, T, I) tensor, states given whole or None, nothing to
-    differentiate, no dropout, on the fused kernels (float weights, or a quantized
-    layer's int8 ones). It costs about half the full path (GRU(64, 128), one frame at
-    N=1: 17 us against 33, of which the kernels 7 to 9), which follows torch's forward
-    step by step for every kind of call. Returns None, for the full path to take the
-    call (and raise torch's errors), unless every condition holds; with them the full
-    path would pass the kernels the same arrays."""
+    differentiate, no dropout, none of ONNX's options, on the fused kernels (float
+    weights, or a quantized layer's int8 ones). It costs about half the full path
+    (GRU(64, 128), one frame at N=1: 16.5 us against 32.5, of which the kernels 7),
+    which follows torch's forward step by step for every kind of call.
+    Returns None, for the full path to take the call (and raise torch's errors),
+    unless every condition holds; with them the full path would pass the kernels
+    the same arrays."""
+    # Every check is a plain attribute or a cheap test, cheapest first: each property
+    # or helper called here cost a frame a tenth of a microsecond or more.
     if (type(input) is not torch.Tensor or input.dim() != 3 or self._lstmfast_backend != "fused"
             or (self.training and self.dropout > 0 and self.num_layers > 1)
-            or self.recurrent_dropout or any(self.zoneout)):
+            or self.recurrent_dropout or self.zoneout[0] or self.zoneout[1]
+            or self._activations is not None or self.clip is not None or self.input_forget
+            or self.reverse):  # ONNX's options (_onnx_options), spelled out
         return None
     dtype = input.dtype
-    if (dtype not in _NUMPY_DTYPES or not input.is_cpu or input.numel() == 0
-            or input.shape[2] != self.input_size or _in_torch_only_context()):
+    T, N, I = input.shape
+    if self.batch_first:
+        T, N = N, T
+    if (dtype not in _NUMPY_DTYPES or not input.is_cpu or not T or not N
+            or I != self.input_size or _in_torch_only_context()):
         return None
     grad = torch.is_grad_enabled()
     if grad and input.requires_grad:
         return None
     if self._lstmfast_quantized:  # int8 weights packed once, float32 biases, no gradient
         packed = self._lstmfast_weights()
-        if packed is None or dtype != torch.float32:
+        if packed is None or dtype is not torch.float32:
             return None
         weights, names, _ = packed
         arrays = [w.numpy() if isinstance(w, torch.Tensor) else w for w in weights]
@@ -380,44 +388,45 @@ def _plain_inference_forward(self, input, hx):
         weights = []
         for name in names:
             w = params.get(name)
-            if w is None or w.dtype != dtype or not w.is_cpu or (grad and w.requires_grad):
+            if w is None or w.dtype is not dtype or not w.is_cpu or (grad and w.requires_grad):
                 return None  # served through a parametrization, or torch's path decides
             weights.append(w)
         arrays = _weight_arrays(self, weights, names)
     is_lstm = self.mode == "LSTM"
-    D = 2 if self.bidirectional else 1
-    LD, H = D * self.num_layers, self.hidden_size
-    H_out = self.proj_size if self.proj_size > 0 else H
-    N = input.shape[0 if self.batch_first else 1]
+    one_way = not self.bidirectional
+    LD, H = self.num_layers if one_way else 2 * self.num_layers, self.hidden_size
+    H_out = self.proj_size or H
     if hx is None:
         h0 = np.zeros((LD, N, H_out), dtype=_NUMPY_DTYPES[dtype])
-        hx_arrays = (h0, np.zeros((LD, N, H), dtype=h0.dtype)) if is_lstm else h0
+        c0 = np.zeros((LD, N, H), dtype=h0.dtype) if is_lstm else None
     else:
-        states = tuple(hx) if is_lstm and isinstance(hx, (tuple, list)) else (hx,)
-        if len(states) != (2 if is_lstm else 1):
-            return None
-        arrays_of_states = []  # a loop, not generators: this runs at every frame of a stream
-        for state, width in zip(states, (H_out, H)):
-            if (type(state) is not torch.Tensor or state.dtype != dtype
-                    or not state.is_cpu or state.shape != (LD, N, width)
-                    or (grad and state.requires_grad)):
+        if is_lstm:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
                 return None
-            arrays_of_states.append(state.numpy())
-        hx_arrays = tuple(arrays_of_states) if is_lstm else arrays_of_states[0]
+            h, c = hx
+        else:
+            h, c = hx, None
+        # one state at a time, not a loop: this runs at every frame of a stream
+        if (type(h) is not torch.Tensor or h.dtype is not dtype or not h.is_cpu
+                or h.shape != (LD, N, H_out) or (grad and h.requires_grad)):
+            return None
+        if c is not None and (type(c) is not torch.Tensor or c.dtype is not dtype or not c.is_cpu
+                              or c.shape != (LD, N, H) or (grad and c.requires_grad)):
+            return None
+        h0, c0 = h.numpy(), None if c is None else c.numpy()
     x = input.transpose(0, 1) if self.batch_first else input
-    fused = _backend("fused")
-    if x.shape[0] == 1 and D == 1 and self.num_layers == 1 and self.proj_size == 0:
+    core = _backend("fused")._core
+    if T == 1 and one_way and self.num_layers == 1 and not self.proj_size:
         # one frame of one layer: the lean entry, as plain_forward takes it, with the
         # weights by position (a dict of them for plain_forward costs 1.5 us a frame)
         if not self.bias:
             arrays = list(arrays) + [None, None]
-        h0, c0 = hx_arrays if is_lstm else (hx_arrays, None)
-        output, h_n, c_n, _ = fused._core.cell_step(self._lstmfast_mode, x.numpy(), h0, c0,
-                                                    *arrays, False)
+        output, h_n, c_n, _ = core.cell_step(self._lstmfast_mode, x.numpy(), h0, c0, *arrays,
+                                             False)
     else:
-        output, h_n, c_n = fused.plain_forward(
-            self._lstmfast_mode, x.numpy(), hx_arrays, dict(zip(names, arrays)),
-            self.num_layers, self.bidirectional, self.proj_size)
+        output, h_n, c_n = _backend("fused").plain_forward(
+            self._lstmfast_mode, x.numpy(), (h0, c0) if is_lstm else h0,
+            dict(zip(names, arrays)), self.num_layers, self.bidirectional, self.proj_size)
     output = torch.from_numpy(output)
     if self.batch_first:
         output = output.transpose(0, 1)

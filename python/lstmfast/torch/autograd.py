@@ -84,8 +84,14 @@ def _tensor_or_none(array):
 
 def _differentiate_torch_graph(recompute, saved, needs_input_grad, grad_outputs):
     """Gradients of ``recompute(*saved)`` (torch's own ops) with a graph of their own
-    (see _backward_through_torch_ops)."""
+    (see _backward_through_torch_ops). They are this node's partial derivatives: the
+    ops run on an alias of each input (a view, its own node), and the gradients are
+    taken at the aliases. Taken at the inputs themselves, they would also follow
+    every other path from the outputs to them: a cell's step t reads its weights
+    directly and through h of step t - 1, so each step added the steps before it
+    once more (a 2-step RNNCell loop's bias gradient was off by a third)."""
     with torch.enable_grad():
+        saved = [t.view_as(t) if t is not None and t.requires_grad else t for t in saved]
         outputs = recompute(*saved)
         wanted = [t for t, need in zip(saved, needs_input_grad) if need and t is not None]
         pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o is not None and o.requires_grad]

@@ -205,6 +205,18 @@ def fresh_gradients_backward(cache, d_output, d_h_n=None, d_c_n=None, consume=Fa
     return dx, dh0, dc0, grads
 
 
+def summing_backward(cache, d_output, d_h_n, d_c_n, grads, assign, input_grad=True):
+    """``backward`` adding the parameter gradients into ``grads`` (a dict of C-contiguous
+    writeable arrays of the cache's shapes and dtype, as ``cache.shapes`` names them),
+    or writing them there with ``assign`` (whatever the arrays held): a cell stepped in
+    a loop sums its steps' weight gradients in one set of arrays, which autograd then
+    takes once, instead of a set per step that autograd adds up."""
+    _check_cache(cache)
+    dx, dh0, dc0 = _core.rnn_backward(cache.core, *_output_grads(cache, d_output, d_h_n, d_c_n),
+                                      grads, False, bool(assign), input_grad)
+    return dx, dh0, dc0
+
+
 def _check_cache(cache):
     if cache is None:
         raise ValueError("backward needs the cache of a forward(..., training=True) call")

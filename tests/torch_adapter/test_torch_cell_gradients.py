@@ -1,7 +1,13 @@
-"""The gradients of a cell stepped in a loop, the way autograd walks its graph.
+"""A cell stepped in a loop sums its steps' weight gradients once per backward pass
+(autograd._WeightGradientSums) instead of handing autograd a set per step.
 
 Oracle: torch.nn's own cell with the same weights, run through the same loop, at the
-project's tolerance (float64, 1e-10).
+project's tolerance (float64, 1e-10). The cases are the ways autograd can walk a
+cell's graph: one pass, two passes over one graph (retain_graph), a pass that asks
+for the input's gradient only, two sequences in one pass or in two, a weight shared
+with another module, weights replaced or frozen between passes, double backward,
+several threads. That the steps do sum (and hand autograd no gradient of their own)
+is read off the steps' results.
 """
 
 import copy
@@ -10,11 +16,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 import lstmfast.torch as lt  # noqa: E402
+from lstmfast.torch import autograd as lt_autograd  # noqa: E402
 from torch import nn  # noqa: E402
 
-from helpers import assert_close, fused_available  # noqa: E402
+from helpers import assert_close, fused_available, run_all  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not fused_available(), reason="the fused kernels are not built")
+pytestmark = [
+    pytest.mark.skipif(not fused_available(), reason="the fused kernels are not built"),
+    pytest.mark.skipif(not lt_autograd._ENGINE_TELLS_PASSES,
+                       reason="this torch's engine does not tell its passes"),
+]
 
 CELLS = [nn.LSTMCell, nn.GRUCell, nn.RNNCell]
 I, H, N, T = 5, 7, 3, 6
@@ -53,6 +64,122 @@ def assert_same_grads(ours, theirs, what):
 
 
 @pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize("bias", [True, False])
+def test_one_pass_gives_torchs_gradients_and_the_steps_hand_autograd_none(cls, bias, monkeypatch):
+    steps = []
+    original = lt_autograd._CellFunction.backward
+
+    def spy(ctx, *grads):
+        result = original(ctx, *grads)
+        steps.append(result[-4:])
+        return result
+
+    monkeypatch.setattr(lt_autograd._CellFunction, "backward", staticmethod(spy))
+    theirs, ours = twins(cls, bias=bias)
+    x = sequence(1).requires_grad_(True)
+    x_ours = x.detach().clone().requires_grad_(True)
+    loss_of(theirs, x).backward()
+    loss_of(ours, x_ours).backward()
+    assert_same_grads(ours, theirs, "one pass")
+    assert_close(x_ours.grad, x.grad, tol=TOL, name="input gradient")
+    assert len(steps) == T and all(g is None for step in steps for g in step)
+
+
+@pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
+def test_two_passes_over_one_graph_add_up_as_torchs(cls):
+    theirs, ours = twins(cls)
+    for module in (theirs, ours):
+        loss = loss_of(module, sequence(2))
+        loss.backward(retain_graph=True)
+        loss.backward()
+    assert_same_grads(ours, theirs, "retain_graph")
+
+
+@pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
+def test_a_pass_for_the_input_alone_leaves_nothing_for_the_next(cls):
+    # The anchor does not run in a pass that does not reach the weights: the steps
+    # must not sum into arrays a later pass would then find.
+    theirs, ours = twins(cls)
+    for module in (theirs, ours):
+        x = sequence(3).requires_grad_(True)
+        (dx,) = torch.autograd.grad(loss_of(module, x), [x])
+        module.dx = dx
+        loss_of(module, sequence(4)).backward()
+    assert_close(ours.dx, theirs.dx, tol=TOL, name="input gradient")
+    assert_same_grads(ours, theirs, "after a pass for the input")
+    assert not lt_autograd._weight_gradient_sums[ours].sums
+
+
+@pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
+def test_gradients_of_the_weights_alone_through_autograd_grad(cls):
+    theirs, ours = twins(cls)
+    results = []
+    for module in (theirs, ours):
+        results.append(torch.autograd.grad(loss_of(module, sequence(5)), list(module.parameters())))
+    for i, (a, b) in enumerate(zip(*reversed(results))):
+        assert_close(a, b, tol=TOL, name=f"parameter {i}")
+
+
+@pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
+def test_two_sequences_in_one_pass_and_in_two(cls):
+    theirs, ours = twins(cls)
+    for module in (theirs, ours):
+        (loss_of(module, sequence(6)) + loss_of(module, sequence(7, T=3))).backward()
+    assert_same_grads(ours, theirs, "one pass")
+    for module in (theirs, ours):
+        first, second = loss_of(module, sequence(8)), loss_of(module, sequence(9, T=4))
+        second.backward()
+        first.backward()
+    assert_same_grads(ours, theirs, "two passes, in the other order")
+
+
+def test_a_weight_shared_with_another_module_gets_both_gradients():
+    theirs, ours = twins(nn.GRUCell)
+    for module in (theirs, ours):
+        head = nn.Linear(H, 3 * H, bias=False, dtype=torch.float64)
+        with torch.no_grad():
+            head.weight.copy_(torch.linspace(-1, 1, 3 * H * H, dtype=torch.float64).reshape(3 * H, H))
+        head.weight = module.weight_hh  # tied: the loss reads it outside the cell too
+        h = None
+        for t, x_t in enumerate(sequence(10)):
+            h = module(x_t, h)
+        (loss_of(module, sequence(11)) + head(h).square().sum()).backward()
+    assert_same_grads(ours, theirs, "tied weight")
+
+
+@pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
+def test_weights_replaced_or_frozen_between_passes(cls):
+    theirs, ours = twins(cls)
+    for module in (theirs, ours):
+        loss_of(module, sequence(12)).backward()
+        module.zero_grad()
+        module.weight_hh = nn.Parameter(module.weight_hh.detach() * 0.5)  # a new object
+        loss_of(module, sequence(13)).backward()
+    assert_same_grads(ours, theirs, "a weight replaced")
+    for module in (theirs, ours):
+        module.zero_grad(set_to_none=True)
+        module.weight_ih.requires_grad_(False)
+        loss_of(module, sequence(14)).backward()
+        assert module.weight_ih.grad is None
+        module.weight_ih.requires_grad_(True)
+        loss_of(module, sequence(15)).backward()
+    assert_same_grads(ours, theirs, "a weight frozen, then trained again")
+
+
+@pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
+def test_training_steps_with_an_optimizer_follow_torchs(cls):
+    theirs, ours = twins(cls)
+    for module in (theirs, ours):
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+        for step in range(3):
+            optimizer.zero_grad()
+            loss_of(module, sequence(16 + step)).backward()
+            optimizer.step()
+    for i, (a, b) in enumerate(zip(ours.parameters(), theirs.parameters())):
+        assert_close(a.detach(), b.detach(), tol=TOL, name=f"parameter {i} after 3 steps")
+
+
+@pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
 def test_double_backward_through_a_loop_counts_each_step_once(cls):
     theirs, ours = twins(cls)
     results = []
@@ -63,3 +190,15 @@ def test_double_backward_through_a_loop_counts_each_step_once(cls):
         results.append(grads + second)
     for i, (a, b) in enumerate(zip(*reversed(results))):
         assert_close(a, b, tol=TOL, name=f"gradient {i}")
+
+
+def test_cells_trained_in_threads_of_their_own():
+    pairs = [twins(nn.LSTMCell, seed=s) for s in range(4)]
+
+    def train(module, seed):
+        return lambda: loss_of(module, sequence(seed)).backward()
+
+    for k in (1, 0):  # theirs, then ours
+        run_all([train(pair[k], 30 + i) for i, pair in enumerate(pairs)])
+    for i, (theirs, ours) in enumerate(pairs):
+        assert_same_grads(ours, theirs, f"thread {i}")

@@ -10,6 +10,7 @@ running the fused BPTT (``_differentiate_torch_graph``).
 import collections
 import sys
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -206,17 +207,109 @@ def _cell_step(backend, mode, keep, x, h0, c0, weights, weight_arrays=None):
     return torch.from_numpy(h1[0]), (None if c1 is None else torch.from_numpy(c1[0])), cache
 
 
+_CELL_PARAMETER_NAMES = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
+# The engine's pass in progress, and whether it will run a node: what torch's own
+# multi-grad hooks ask (torch.autograd.graph); without them the steps' weight
+# gradients go to autograd one set per step.
+_ENGINE_TELLS_PASSES = (hasattr(torch._C, "_current_graph_task_id")
+                        and hasattr(torch._C, "_will_engine_execute_node"))
+
+
+class _WeightGradientSums:
+    """A stepped cell's weight gradients, summed over its steps in one set of arrays per
+    backward pass and handed to autograd once.
+
+    Each step's backward returned a full set of weight gradients (4H x (I + H) values)
+    for autograd to add up: for a 100-step LSTMCell(256) loop at N=1 those additions
+    took longer than the kernels' own backward. Here every step node takes one more
+    input, ``token``, the output of an anchor node (_WeightGradientAnchor) whose
+    inputs are the weights. The engine runs the anchor after every step node of the
+    pass that feeds it; each step adds its weight gradients into the pass's arrays
+    (the kernels' accumulating backward, the first step writing them), and the anchor
+    returns them as the weights' gradients. The arrays are kept per pass (the engine's
+    graph task id), so two passes over one graph (retain_graph) and passes that do not
+    reach the weights (``torch.autograd.grad`` of the input only: the anchor does not
+    run, and the steps then return their gradients as before) never mix. One anchor
+    serves the module's steps until its weights (the objects, or which of them require
+    a gradient) change."""
+
+    _PASSES = 8  # sums kept at once: passes that ended before the anchor ran (an error) drop out
+
+    def __init__(self, weights):
+        self.weights = weights
+        self.requires = tuple(w is not None and w.requires_grad for w in weights)
+        self.sums = collections.OrderedDict()  # graph task id -> the arrays by parameter name
+        self.lock = threading.Lock()
+        self.token = _WeightGradientAnchor.apply(self.sums, self.lock, *weights)
+        self.node = self.token.grad_fn
+
+    def serves(self, weights):
+        return (all(a is b for a, b in zip(self.weights, weights))
+                and self.requires == tuple(w is not None and w.requires_grad for w in weights))
+
+    def arrays_for_this_pass(self, shapes, dtype):
+        """The arrays the running pass sums into, and whether they are new (the step
+        then writes them instead of adding)."""
+        task = torch._C._current_graph_task_id()
+        with self.lock:
+            grads = self.sums.get(task)
+            if grads is not None:
+                return grads, False
+            while len(self.sums) >= self._PASSES:
+                self.sums.popitem(last=False)
+            grads = self.sums[task] = {name: _gradient_arrays.empty(shape, dtype)
+                                       for name, shape in shapes.items()}
+            return grads, True
+
+
+class _WeightGradientAnchor(torch.autograd.Function):
+    """The node between a cell's steps and its weights (_WeightGradientSums): its output
+    is a token every step node takes; its backward returns the steps' summed weight
+    gradients of the running pass."""
+
+    @staticmethod
+    def forward(ctx, sums, lock, w_ih, w_hh, b_ih, b_hh):
+        ctx.sums, ctx.lock = sums, lock
+        ctx.set_materialize_grads(False)  # the steps return no gradient for the token
+        return torch.zeros(())
+
+    @staticmethod
+    def backward(ctx, _):
+        with ctx.lock:
+            grads = ctx.sums.pop(torch._C._current_graph_task_id(), None)
+        if grads is None:  # no step summed here (a graph of torch ops: double backward)
+            return None, None, None, None, None, None
+        return (None, None, *(_tensor_or_none(grads.get(name)) for name in _CELL_PARAMETER_NAMES))
+
+
+_weight_gradient_sums = weakref.WeakKeyDictionary()  # module -> its _WeightGradientSums
+
+
+def _weight_gradient_sums_for(module, weights):
+    """The module's _WeightGradientSums for these weights (made under grad mode, as the
+    anchor must be a node of the graph), or None where they are not used: no weight
+    requires a gradient, or the engine does not tell its passes."""
+    if not _ENGINE_TELLS_PASSES or not any(w is not None and w.requires_grad for w in weights):
+        return None
+    sums = _weight_gradient_sums.get(module)
+    if sums is None or not sums.serves(weights):
+        sums = _weight_gradient_sums[module] = _WeightGradientSums(weights)
+    return sums
+
+
 class _CellFunction(torch.autograd.Function):
     """One step of one cell through the fused kernels, for autograd; the arguments
     after the backend and mode are those of ``_cell_step``: the weights' arrays made
-    already (or None), then x, h0, c0 and the weights spread out."""
+    already (or None), the module's _WeightGradientSums and its token (or None twice),
+    then x, h0, c0 and the weights spread out."""
 
     @staticmethod
-    def forward(ctx, backend, mode, weight_arrays, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
+    def forward(ctx, backend, mode, weight_arrays, sums, token, x, h0, c0, w_ih, w_hh, b_ih, b_hh):
         h1, c1, ctx.cache = _cell_step(backend, mode, True, x, h0, c0, (w_ih, w_hh, b_ih, b_hh),
                                        weight_arrays)
         ctx.mode = mode
         ctx.backend = backend
+        ctx.sums = sums
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh)
         return h1 if c1 is None else (h1, c1)
 
@@ -225,19 +318,26 @@ class _CellFunction(torch.autograd.Function):
         saved = ctx.saved_tensors  # raises if one was changed in place since forward
         if _backward_through_torch_ops((d_h1, d_c1)):
             grads = _differentiate_torch_graph(
-                lambda *t: _torch_cell(ctx.mode, *t), saved, ctx.needs_input_grad[3:],
+                lambda *t: _torch_cell(ctx.mode, *t), saved, ctx.needs_input_grad[5:],
                 (d_h1, d_c1))
-            return (None, None, None, *grads)
+            return (None, None, None, None, None, *grads)
         x, h0, c0, w_ih, w_hh, b_ih, b_hh = saved
         N = x.shape[0]
-        names = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")
         # h1 is both output[0] and h_n[0]: its gradient goes in as d_output.
-        dx, dh0, dc0, grads = _backward_new_gradients(
-            ctx.backend, ctx.cache, d_h1.detach().contiguous().numpy().reshape(1, N, -1), None,
-            None if c0 is None else d_c1.detach().contiguous().numpy().reshape(1, N, -1),
-            input_grad=ctx.needs_input_grad[3])
-        g = [None if w is None else torch.from_numpy(grads[name])
-             for name, w in zip(names, (w_ih, w_hh, b_ih, b_hh))]
-        return (None, None, None, None if dx is None else torch.from_numpy(dx[0]),
+        d_output = d_h1.detach().contiguous().numpy().reshape(1, N, -1)
+        d_c_n = None if c0 is None else d_c1.detach().contiguous().numpy().reshape(1, N, -1)
+        input_grad = ctx.needs_input_grad[5]
+        sums = ctx.sums
+        if sums is not None and torch._C._will_engine_execute_node(sums.node):
+            grads, new = sums.arrays_for_this_pass(ctx.cache.shapes, ctx.cache.dtype)
+            dx, dh0, dc0 = ctx.backend.summing_backward(ctx.cache, d_output, None, d_c_n, grads,
+                                                        new, input_grad)
+            g = [None, None, None, None]  # the anchor returns them, summed
+        else:
+            dx, dh0, dc0, grads = _backward_new_gradients(ctx.backend, ctx.cache, d_output, None,
+                                                          d_c_n, input_grad=input_grad)
+            g = [None if w is None else torch.from_numpy(grads[name])
+                 for name, w in zip(_CELL_PARAMETER_NAMES, (w_ih, w_hh, b_ih, b_hh))]
+        return (None, None, None, None, None, None if dx is None else torch.from_numpy(dx[0]),
                 torch.from_numpy(dh0[0]),
                 None if c0 is None else torch.from_numpy(dc0[0]), *g)

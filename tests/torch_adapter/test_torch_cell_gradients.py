@@ -1,5 +1,5 @@
-"""A cell stepped in a loop sums its steps' weight gradients once per backward pass
-(autograd._WeightGradientSums) instead of handing autograd a set per step.
+"""A cell (or a layer) stepped in a loop sums its steps' weight gradients once per
+backward pass (autograd._WeightGradientSums) instead of handing autograd a set per step.
 
 Oracle: torch.nn's own cell with the same weights, run through the same loop, at the
 project's tolerance (float64, 1e-10). The cases are the ways autograd can walk a
@@ -202,3 +202,93 @@ def test_cells_trained_in_threads_of_their_own():
         run_all([train(pair[k], 30 + i) for i, pair in enumerate(pairs)])
     for i, (theirs, ours) in enumerate(pairs):
         assert_same_grads(ours, theirs, f"thread {i}")
+
+
+# --- layers stepped a few steps per call ---------------------------------------------
+
+# name, torch's twin (None: lstmfast's own module on the NumPy reference backend, which
+# hands autograd its gradients per call, is the oracle), constructor arguments
+LAYERS = [
+    ("LSTM", nn.LSTM, dict()),
+    ("LSTM-2-layers-bidirectional", nn.LSTM, dict(num_layers=2, bidirectional=True)),
+    ("LSTM-proj", nn.LSTM, dict(proj_size=3)),
+    ("GRU", nn.GRU, dict(bias=False)),
+    ("RNN-relu", nn.RNN, dict(nonlinearity="relu")),
+    ("PeepholeLSTM", None, dict()),
+    ("LayerNormLSTM", None, dict()),
+    ("CTRNN", None, dict(alpha=0.5)),
+]
+
+
+def layer_twins(name, twin, kwargs):
+    torch.manual_seed(0)
+    if twin is not None:
+        theirs = twin(I, H, dtype=torch.float64, **kwargs)
+        return theirs, lt.accelerate(copy.deepcopy(theirs))
+    ours = getattr(lt, name)(I, H, **kwargs).double()
+    theirs = copy.deepcopy(ours)
+    theirs._lstmfast_backend = "numpy"
+    return theirs, ours
+
+
+def layer_loss_of(layer, x, per_call):
+    """A layer fed per_call steps per call, its state carried between the calls."""
+    state, outputs = None, []
+    for t in range(0, x.shape[0], per_call):
+        y, state = layer(x[t:t + per_call], state)
+        outputs.append(y)
+    return torch.cat(outputs).sin().sum()
+
+
+@pytest.mark.parametrize("name, twin, kwargs", LAYERS, ids=[c[0] for c in LAYERS])
+@pytest.mark.parametrize("per_call", [1, 2])
+def test_a_layer_stepped_in_a_loop_sums_its_calls(name, twin, kwargs, per_call, monkeypatch):
+    calls = []
+    original = lt_autograd._RecurrentFunction.backward
+
+    def spy(ctx, *grads):
+        result = original(ctx, *grads)
+        calls.append(result[6:])
+        return result
+
+    monkeypatch.setattr(lt_autograd._RecurrentFunction, "backward", staticmethod(spy))
+    theirs, ours = layer_twins(name, twin, kwargs)
+    x = sequence(40).requires_grad_(True)
+    x_ours = x.detach().clone().requires_grad_(True)
+    layer_loss_of(theirs, x, per_call).backward()
+    calls.clear()
+    layer_loss_of(ours, x_ours, per_call).backward()
+    assert_same_grads(ours, theirs, "one pass")
+    assert_close(x_ours.grad, x.grad, tol=TOL, name="input gradient")
+    assert len(calls) == T // per_call and all(g is None for call in calls for g in call)
+
+
+@pytest.mark.parametrize("name, twin, kwargs", LAYERS[:2] + LAYERS[5:6], ids=["LSTM", "LSTM-2-bi",
+                                                                             "PeepholeLSTM"])
+def test_a_stepped_layer_under_retain_graph_input_only_passes_and_an_optimizer(name, twin, kwargs):
+    theirs, ours = layer_twins(name, twin, kwargs)
+    for module in (theirs, ours):
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+        loss = layer_loss_of(module, sequence(41), 1)
+        loss.backward(retain_graph=True)
+        loss.backward()
+        optimizer.step()
+        x = sequence(42).requires_grad_(True)
+        (module.dx,) = torch.autograd.grad(layer_loss_of(module, x, 1), [x])
+        optimizer.zero_grad()
+        layer_loss_of(module, sequence(43), 3).backward()
+    assert_close(ours.dx, theirs.dx, tol=TOL, name="input gradient")
+    assert_same_grads(ours, theirs, "after an optimizer step and a pass for the input")
+    for i, (a, b) in enumerate(zip(ours.parameters(), theirs.parameters())):
+        assert_close(a.detach(), b.detach(), tol=TOL, name=f"parameter {i} after a step")
+
+
+def test_a_layer_with_a_parametrized_weight_takes_no_anchor():
+    # A parametrization computes the weight anew at every call: an anchor would serve
+    # one call only, so each call hands autograd its own gradients, as before.
+    theirs, ours = layer_twins("LSTM", nn.LSTM, dict())
+    for module in (theirs, ours):
+        nn.utils.parametrizations.weight_norm(module, "weight_hh_l0")
+        layer_loss_of(module, sequence(44), 2).backward()
+    assert_same_grads(ours, theirs, "weight_norm")
+    assert ours not in lt_autograd._weight_gradient_sums

@@ -146,14 +146,15 @@ class _RecurrentFunction(torch.autograd.Function):
     """Forward and BPTT of a whole stack through an lstmfast backend.
 
     Inputs: a dict of static settings, x (T, N, I), h0, c0 (or an empty tensor for
-    non-LSTM), dropout masks (or an empty tensor), then the flat weights in the
-    module's ``_flat_weights_names`` order. All are saved for backward, so changing
+    non-LSTM), dropout masks (or an empty tensor), the token of the module's
+    _WeightGradientSums (settings["weight_gradient_sums"]; or None), then the flat
+    weights in the module's ``_flat_weights_names`` order. All are saved for backward, so changing
     one in place before backward raises torch's "modified by an inplace operation"
     error (the kernels' cache reads x and the weights where they are).
     """
 
     @staticmethod
-    def forward(ctx, settings, x, h0, c0, masks, *weights):
+    def forward(ctx, settings, x, h0, c0, masks, token, *weights):
         out, h_n, c_n, ctx.cache = _stack_step(settings, x, h0, c0, masks, weights,
                                                settings.get("weight_arrays"))
         ctx.settings = settings
@@ -169,19 +170,30 @@ class _RecurrentFunction(torch.autograd.Function):
         settings = ctx.settings
         is_lstm = settings["mode"] in _CELL_STATE_MODES
         if _backward_through_torch_ops((d_output, d_h_n, d_c_n)):
+            needs = ctx.needs_input_grad
             grads = _differentiate_torch_graph(
-                lambda *t: _torch_stack(settings, *t), saved, ctx.needs_input_grad[1:],
+                lambda *t: _torch_stack(settings, *t), saved, needs[1:5] + needs[6:],
                 (d_output, d_h_n, d_c_n if is_lstm else None))
-            return (None, *grads)
+            return (None, *grads[:4], None, *grads[4:])
         if ctx.cache is None:
             raise RuntimeError("lstmfast: this forward kept nothing for backward")
-        dx, dh0, dc0, grads = _backward_new_gradients(
-            settings["backend"], ctx.cache, _as_numpy(d_output.contiguous()),
-            _as_numpy(d_h_n.contiguous()), _as_numpy(d_c_n.contiguous()) if is_lstm else None,
-            input_grad=ctx.needs_input_grad[1])
+        d_outputs = (_as_numpy(d_output.contiguous()), _as_numpy(d_h_n.contiguous()),
+                     _as_numpy(d_c_n.contiguous()) if is_lstm else None)
+        sums = settings.get("weight_gradient_sums")
+        # (a cache of the reference, which computes ONNX's activations the kernels lack,
+        # is a dict: its backward makes gradients of its own)
+        if (sums is not None and not isinstance(ctx.cache, dict)
+                and torch._C._will_engine_execute_node(sums.node)):
+            grads, new = sums.arrays_for_this_pass(ctx.cache.shapes, ctx.cache.dtype)
+            dx, dh0, dc0 = settings["backend"].summing_backward(
+                ctx.cache, *d_outputs, grads, new, ctx.needs_input_grad[1])
+            weight_grads = (None,) * len(settings["names"])  # the anchor returns them, summed
+        else:
+            dx, dh0, dc0, grads = _backward_new_gradients(
+                settings["backend"], ctx.cache, *d_outputs, input_grad=ctx.needs_input_grad[1])
+            weight_grads = tuple(torch.from_numpy(grads[name]) for name in settings["names"])
         return (None, _tensor_or_none(dx), torch.from_numpy(dh0),
-                torch.from_numpy(dc0) if is_lstm else None, None,
-                *(torch.from_numpy(grads[name]) for name in settings["names"]))
+                torch.from_numpy(dc0) if is_lstm else None, None, None, *weight_grads)
 
 
 def _cell_step(backend, mode, keep, x, h0, c0, weights, weight_arrays=None):
@@ -235,16 +247,17 @@ class _WeightGradientSums:
 
     _PASSES = 8  # sums kept at once: passes that ended before the anchor ran (an error) drop out
 
-    def __init__(self, weights):
-        self.weights = weights
+    def __init__(self, weights, names):
+        self.weights, self.names = weights, names
         self.requires = tuple(w is not None and w.requires_grad for w in weights)
         self.sums = collections.OrderedDict()  # graph task id -> the arrays by parameter name
         self.lock = threading.Lock()
-        self.token = _WeightGradientAnchor.apply(self.sums, self.lock, *weights)
+        self.token = _WeightGradientAnchor.apply(self.sums, self.lock, names, *weights)
         self.node = self.token.grad_fn
 
-    def serves(self, weights):
-        return (all(a is b for a, b in zip(self.weights, weights))
+    def serves(self, weights, names):
+        return (len(weights) == len(self.weights) and names == self.names
+                and all(a is b for a, b in zip(self.weights, weights))
                 and self.requires == tuple(w is not None and w.requires_grad for w in weights))
 
     def arrays_for_this_pass(self, shapes, dtype):
@@ -268,8 +281,8 @@ class _WeightGradientAnchor(torch.autograd.Function):
     gradients of the running pass."""
 
     @staticmethod
-    def forward(ctx, sums, lock, w_ih, w_hh, b_ih, b_hh):
-        ctx.sums, ctx.lock = sums, lock
+    def forward(ctx, sums, lock, names, *weights):
+        ctx.sums, ctx.lock, ctx.names = sums, lock, names
         ctx.set_materialize_grads(False)  # the steps return no gradient for the token
         return torch.zeros(())
 
@@ -278,22 +291,26 @@ class _WeightGradientAnchor(torch.autograd.Function):
         with ctx.lock:
             grads = ctx.sums.pop(torch._C._current_graph_task_id(), None)
         if grads is None:  # no step summed here (a graph of torch ops: double backward)
-            return None, None, None, None, None, None
-        return (None, None, *(_tensor_or_none(grads.get(name)) for name in _CELL_PARAMETER_NAMES))
+            return (None, None, None) + (None,) * len(ctx.names)
+        return (None, None, None, *(_tensor_or_none(grads.get(name)) for name in ctx.names))
 
 
 _weight_gradient_sums = weakref.WeakKeyDictionary()  # module -> its _WeightGradientSums
 
 
-def _weight_gradient_sums_for(module, weights):
-    """The module's _WeightGradientSums for these weights (made under grad mode, as the
-    anchor must be a node of the graph), or None where they are not used: no weight
-    requires a gradient, or the engine does not tell its passes."""
-    if not _ENGINE_TELLS_PASSES or not any(w is not None and w.requires_grad for w in weights):
+def _weight_gradient_sums_for(module, weights, names=_CELL_PARAMETER_NAMES):
+    """The module's _WeightGradientSums for these weights (``names``: the kernels' names
+    of them), made under grad mode, as the anchor must be a node of the graph; or None
+    where they are not used: no weight requires a gradient, a weight is computed at
+    every call (a parametrization's: a new tensor, which an anchor could serve for one
+    call only), or the engine does not tell its passes."""
+    if (not _ENGINE_TELLS_PASSES or not any(w is not None and w.requires_grad for w in weights)
+            or not all(w is None or w.is_leaf for w in weights)):
         return None
+    names = tuple(names)
     sums = _weight_gradient_sums.get(module)
-    if sums is None or not sums.serves(weights):
-        sums = _weight_gradient_sums[module] = _WeightGradientSums(weights)
+    if sums is None or not sums.serves(weights, names):
+        sums = _weight_gradient_sums[module] = _WeightGradientSums(weights, names)
     return sums
 
 

@@ -18,7 +18,7 @@ from ..modules.options import (_GateOptions, _check_flag, _check_probability, _c
 from ..modules.precision import _backend_weight
 from ._backend import (_as_class, _backend, _in_torch_only_context, _packed_for,
                        _unsupported_reason, _warn_once, _weight_arrays)
-from .autograd import _RecurrentFunction, _stack_step
+from .autograd import _RecurrentFunction, _stack_step, _weight_gradient_sums_for
 from .loops import _torch_loop_forward, _torch_loop_stack
 from .onnx_export import exported_as_nodes
 
@@ -329,7 +329,13 @@ def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False, g
     if needs_grad:
         if not reduced:  # the weights' views made once, not at every call (_weight_arrays)
             settings["weight_arrays"] = _weight_arrays(self, weights, names)
-        out, h_n, c_n = _RecurrentFunction.apply(settings, x, h0, c0, masks, *weights)
+        # a layer stepped in a loop sums its calls' weight gradients once per backward
+        # pass, as a cell does (autograd.py, _WeightGradientSums)
+        sums = settings["weight_gradient_sums"] = (
+            None if reduced or self._lstmfast_backend != "fused"
+            else _weight_gradient_sums_for(self, weights, names))
+        out, h_n, c_n = _RecurrentFunction.apply(settings, x, h0, c0, masks,
+                                                 None if sums is None else sums.token, *weights)
     else:  # nothing to differentiate: the kernels alone, no autograd node
         arrays = None if reduced else _weight_arrays(self, weights, names)
         out, h_n, c_n, _ = _stack_step(settings, x, h0, c0, masks, weights, arrays)

@@ -150,7 +150,7 @@ class _TorchaudioLSTMForward:
                     "cell_options": {"layer_norm_eps": g_norm.eps}, "keep_for_backward": needs_grad}
         masks = input.new_empty(0)
         if needs_grad:
-            out, h_n, c_n = _RecurrentFunction.apply(settings, input, h0, c0, masks, *weights)
+            out, h_n, c_n = _RecurrentFunction.apply(settings, input, h0, c0, masks, None, *weights)
         else:
             out, h_n, c_n, _ = _stack_step(settings, input, h0, c0, masks, weights)
         return out, [h_n[0], c_n[0]]

@@ -292,3 +292,28 @@ def test_a_layer_with_a_parametrized_weight_takes_no_anchor():
         layer_loss_of(module, sequence(44), 2).backward()
     assert_same_grads(ours, theirs, "weight_norm")
     assert ours not in lt_autograd._weight_gradient_sums
+
+
+def test_passes_that_fail_midway_leave_no_gradient_behind():
+    # A backward that raises after some steps summed leaves their sum unclaimed: it
+    # must neither reach a later pass nor pile up (at most _PASSES sums are kept).
+    theirs, ours = twins(nn.LSTMCell)
+
+    def failing_pass(module):
+        state, outputs = None, []
+        for t, x_t in enumerate(sequence(50)):
+            state = module(x_t, state)
+            if t == 2:
+                state[0].register_hook(lambda g: (_ for _ in ()).throw(RuntimeError("stop")))
+            outputs.append(state[0])
+        with pytest.raises(RuntimeError, match="stop"):
+            torch.stack(outputs).sum().backward()
+
+    for _ in range(lt_autograd._WeightGradientSums._PASSES + 2):
+        failing_pass(ours)
+    assert len(lt_autograd._weight_gradient_sums[ours].sums) == lt_autograd._WeightGradientSums._PASSES
+    failing_pass(theirs)
+    for module in (theirs, ours):
+        module.zero_grad(set_to_none=True)
+        loss_of(module, sequence(51)).backward()
+    assert_same_grads(ours, theirs, "after failed passes")

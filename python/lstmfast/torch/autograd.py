@@ -27,13 +27,15 @@ class _GradientArrays:
     """Arrays for the parameter gradients that backward hands to autograd, each made
     again once autograd has let go of it.
 
-    A cell stepped T times returns T sets of weight gradients, which autograd adds up
-    and frees one by one. New arrays each time meant new memory from the system each
-    time (glibc gives freed blocks of this size back to it at once), and the page
-    faults cost more than the backward: a 100-step LSTMCell(256) loop at N=1 took
-    298 ms a training step against torch's 99 ms, and 68 ms with malloc told to keep
-    its memory. An array is free again when nothing but this pool refers to it (the
-    tensor that torch.from_numpy made of it holds a reference until it is freed).
+    A backward pass hands autograd a set of weight gradients per pass and module
+    (_WeightGradientSums), or per call where that does not serve, and autograd frees
+    them after adding them up. New arrays each time meant new memory from the system
+    each time (glibc gives freed blocks of this size back to it at once), and the page
+    faults cost more than the backward: a 100-step LSTMCell(256) loop at N=1, a set
+    per step, took 298 ms a training step against torch's 99 ms, and 68 ms with malloc
+    told to keep its memory. An array is free again when nothing but this pool refers
+    to it (the tensor that torch.from_numpy made of it holds a reference until it is
+    freed).
     """
 
     _PER_SHAPE = 4  # in flight per step: the one autograd is summing into, and the new one

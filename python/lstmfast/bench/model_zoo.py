@@ -303,14 +303,17 @@ MODELS = {spec.name: spec for spec in [
         lambda s: (f"{s['steps']} steps of GRU({s['features']}, {s['hidden']}) at T=1, N=1, "
                    f"output fed back through linear({s['hidden']}, {s['features']}) + tanh")),
     ModelSpec(
-        "tacotron_dec", ("inference",),
+        "tacotron_dec", ("inference", "training"),
         {"full": dict(batch=4, mels=80, prenet=256, memory_size=512, memory_length=100, attention=128,
                       hidden=1024, steps=100),
          "tiny": dict(batch=2, mels=4, prenet=6, memory_size=5, memory_length=7, attention=3, hidden=8, steps=10)},
         _build_tacotron,
         lambda s: (f"{s['steps']} steps at N={s['batch']}: prenet, LSTMCell({s['prenet'] + s['memory_size']}, "
                    f"{s['hidden']}), additive attention over {s['memory_length']} encoder steps, "
-                   f"LSTMCell({s['hidden'] + s['memory_size']}, {s['hidden']}), linear to {s['mels']} mels")),
+                   f"LSTMCell({s['hidden'] + s['memory_size']}, {s['hidden']}), linear to {s['mels']} mels; "
+                   f"MSE against a target spectrogram, Adam"),
+        target=lambda s, g: torch.randn(s["batch"], s["steps"], s["mels"], generator=g),
+        loss=F.mse_loss),
     ModelSpec(
         "cell_loop", ("inference", "training"),
         {"full": dict(T=100, batch=1, features=256, hidden=256, outputs=16),

@@ -317,3 +317,17 @@ def test_passes_that_fail_midway_leave_no_gradient_behind():
         module.zero_grad(set_to_none=True)
         loss_of(module, sequence(51)).backward()
     assert_same_grads(ours, theirs, "after failed passes")
+
+
+@pytest.mark.parametrize("name, twin, kwargs", LAYERS[:1] + LAYERS[3:5], ids=["LSTM", "GRU", "RNN-relu"])
+def test_double_backward_through_a_stepped_layer_counts_each_call_once(name, twin, kwargs):
+    theirs, ours = layer_twins(name, twin, kwargs)
+    results = []
+    for module in (theirs, ours):
+        params = list(module.parameters())
+        grads = torch.autograd.grad(layer_loss_of(module, sequence(60, T=4), 1), params,
+                                    create_graph=True)
+        second = torch.autograd.grad(sum(g.square().sum() for g in grads), params)
+        results.append(grads + second)
+    for i, (a, b) in enumerate(zip(*reversed(results))):
+        assert_close(a, b, tol=TOL, name=f"gradient {i}")

@@ -192,17 +192,16 @@ def pack_weight(weight):
 def fresh_gradients_backward(cache, d_output, d_h_n=None, d_c_n=None, consume=False, empty=np.empty,
                              input_grad=True):
     """``backward`` into new gradient arrays, which the kernels write without their
-    being cleared first: a cell stepped in a loop gets a fresh set every step, and
-    clearing them cost as much as filling them (4H x (I + H) values each).
+    being cleared first: clearing a cell's step's set cost as much as filling it
+    (4H x (I + H) values each).
     ``empty`` makes the arrays (tests give one that fills them with NaN).
     ``input_grad=False``: dx is not computed, and None (see backward)."""
     if isinstance(cache, dict):  # a forward the reference computed (see fused)
         return backward(cache, d_output, d_h_n, d_c_n, consume=consume, input_grad=input_grad)
     _check_cache(cache)
     grads = {name: empty(shape, dtype=cache.dtype) for name, shape in cache.shapes.items()}
-    dx, dh0, dc0 = _core.rnn_backward(cache.core, *_output_grads(cache, d_output, d_h_n, d_c_n),
-                                      grads, consume, True, input_grad)
-    return dx, dh0, dc0, grads
+    return (*_backward_into(cache, d_output, d_h_n, d_c_n, grads, consume, True, input_grad),
+            grads)
 
 
 def summing_backward(cache, d_output, d_h_n, d_c_n, grads, assign, input_grad=True):
@@ -212,9 +211,14 @@ def summing_backward(cache, d_output, d_h_n, d_c_n, grads, assign, input_grad=Tr
     a loop sums its steps' weight gradients in one set of arrays, which autograd then
     takes once, instead of a set per step that autograd adds up."""
     _check_cache(cache)
-    dx, dh0, dc0 = _core.rnn_backward(cache.core, *_output_grads(cache, d_output, d_h_n, d_c_n),
-                                      grads, False, bool(assign), input_grad)
-    return dx, dh0, dc0
+    return _backward_into(cache, d_output, d_h_n, d_c_n, grads, False, assign, input_grad)
+
+
+def _backward_into(cache, d_output, d_h_n, d_c_n, grads, consume, assign, input_grad):
+    """The kernels' backward of a checked cache into ``grads`` (arrays they can write:
+    added into, or written with ``assign``); returns dx, dh0, dc0."""
+    return _core.rnn_backward(cache.core, *_output_grads(cache, d_output, d_h_n, d_c_n),
+                              grads, consume, bool(assign), input_grad)
 
 
 def _check_cache(cache):
@@ -282,8 +286,8 @@ def backward(cache, d_output, d_h_n=None, d_c_n=None, grads=None, consume=False,
             stand_in = np.zeros(shape, dtype=dtype)
             late.append((name, stand_in))
             targets[name] = stand_in
-    dx, dh0, dc0 = _core.rnn_backward(cache.core, *_output_grads(cache, d_output, d_h_n, d_c_n),
-                                      targets, consume, False, input_grad)
+    dx, dh0, dc0 = _backward_into(cache, d_output, d_h_n, d_c_n, targets, consume, False,
+                                  input_grad)
     for name, stand_in in late:
         grads[name][...] += stand_in
     return dx, dh0, dc0, grads

@@ -81,6 +81,22 @@ def _backward_new_gradients(backend, cache, d_output, d_h_n, d_c_n, input_grad):
     return (dx if input_grad else None), dh0, dc0, grads
 
 
+def _backward_gradients(backend, cache, sums, d_output, d_h_n, d_c_n, input_grad):
+    """The backward of one call (a cell's step, a layer's call): dx, dh0, dc0 and its
+    parameter gradients by name, or None for them where the module's
+    _WeightGradientSums took them (``sums``, when this pass will run its anchor: the
+    call adds them into the pass's arrays). Otherwise as _backward_new_gradients: a
+    cache of the reference (a dict: ONNX's activations the kernels lack) makes
+    gradients of its own."""
+    if (sums is not None and not isinstance(cache, dict)
+            and torch._C._will_engine_execute_node(sums.node)):
+        grads, new = sums.arrays_for_this_pass(cache.shapes, cache.dtype)
+        dx, dh0, dc0 = backend.summing_backward(cache, d_output, d_h_n, d_c_n, grads, new,
+                                                input_grad)
+        return dx, dh0, dc0, None
+    return _backward_new_gradients(backend, cache, d_output, d_h_n, d_c_n, input_grad=input_grad)
+
+
 def _tensor_or_none(array):
     return None if array is None else torch.from_numpy(array)
 
@@ -181,19 +197,12 @@ class _RecurrentFunction(torch.autograd.Function):
             raise RuntimeError("lstmfast: this forward kept nothing for backward")
         d_outputs = (_as_numpy(d_output.contiguous()), _as_numpy(d_h_n.contiguous()),
                      _as_numpy(d_c_n.contiguous()) if is_lstm else None)
-        sums = settings.get("weight_gradient_sums")
-        # (a cache of the reference, which computes ONNX's activations the kernels lack,
-        # is a dict: its backward makes gradients of its own)
-        if (sums is not None and not isinstance(ctx.cache, dict)
-                and torch._C._will_engine_execute_node(sums.node)):
-            grads, new = sums.arrays_for_this_pass(ctx.cache.shapes, ctx.cache.dtype)
-            dx, dh0, dc0 = settings["backend"].summing_backward(
-                ctx.cache, *d_outputs, grads, new, ctx.needs_input_grad[1])
-            weight_grads = (None,) * len(settings["names"])  # the anchor returns them, summed
-        else:
-            dx, dh0, dc0, grads = _backward_new_gradients(
-                settings["backend"], ctx.cache, *d_outputs, input_grad=ctx.needs_input_grad[1])
-            weight_grads = tuple(torch.from_numpy(grads[name]) for name in settings["names"])
+        dx, dh0, dc0, grads = _backward_gradients(
+            settings["backend"], ctx.cache, settings.get("weight_gradient_sums"), *d_outputs,
+            ctx.needs_input_grad[1])
+        names = settings["names"]
+        weight_grads = ((None,) * len(names) if grads is None  # the anchor returns them, summed
+                        else tuple(torch.from_numpy(grads[name]) for name in names))
         return (None, _tensor_or_none(dx), torch.from_numpy(dh0),
                 torch.from_numpy(dc0) if is_lstm else None, None, None, *weight_grads)
 
@@ -303,13 +312,15 @@ class _WeightGradientAnchor(torch.autograd.Function):
 _weight_gradient_sums = weakref.WeakKeyDictionary()  # module -> its _WeightGradientSums
 
 
-def _weight_gradient_sums_for(module, weights, names=_CELL_PARAMETER_NAMES):
+def _weight_gradient_sums_for(module, backend, weights, names=_CELL_PARAMETER_NAMES):
     """The module's _WeightGradientSums for these weights (``names``: the kernels' names
     of them), made under grad mode, as the anchor must be a node of the graph; or None
-    where they are not used: no weight requires a gradient, a weight is computed at
+    where they are not used: a backend other than the fused kernels (whose accumulating
+    backward the steps call), no weight requires a gradient, a weight is computed at
     every call (a parametrization's: a new tensor, which an anchor could serve for one
     call only), or the engine does not tell its passes."""
-    if (not _ENGINE_TELLS_PASSES or not any(w is not None and w.requires_grad for w in weights)
+    if (not _ENGINE_TELLS_PASSES or backend is not _fused_backend_or_none()
+            or not any(w is not None and w.requires_grad for w in weights)
             or not all(w is None or w.is_leaf for w in weights)):
         return None
     names = tuple(names)
@@ -348,18 +359,11 @@ class _CellFunction(torch.autograd.Function):
         # h1 is both output[0] and h_n[0]: its gradient goes in as d_output.
         d_output = d_h1.detach().contiguous().numpy().reshape(1, N, -1)
         d_c_n = None if c0 is None else d_c1.detach().contiguous().numpy().reshape(1, N, -1)
-        input_grad = ctx.needs_input_grad[5]
-        sums = ctx.sums
-        if sums is not None and torch._C._will_engine_execute_node(sums.node):
-            grads, new = sums.arrays_for_this_pass(ctx.cache.shapes, ctx.cache.dtype)
-            dx, dh0, dc0 = ctx.backend.summing_backward(ctx.cache, d_output, None, d_c_n, grads,
-                                                        new, input_grad)
-            g = [None, None, None, None]  # the anchor returns them, summed
-        else:
-            dx, dh0, dc0, grads = _backward_new_gradients(ctx.backend, ctx.cache, d_output, None,
-                                                          d_c_n, input_grad=input_grad)
-            g = [None if w is None else torch.from_numpy(grads[name])
-                 for name, w in zip(_CELL_PARAMETER_NAMES, (w_ih, w_hh, b_ih, b_hh))]
+        dx, dh0, dc0, grads = _backward_gradients(ctx.backend, ctx.cache, ctx.sums, d_output,
+                                                  None, d_c_n, ctx.needs_input_grad[5])
+        g = [None if grads is None or w is None  # (None: the anchor returns them, summed)
+             else torch.from_numpy(grads[name])
+             for name, w in zip(_CELL_PARAMETER_NAMES, (w_ih, w_hh, b_ih, b_hh))]
         return (None, None, None, None, None, None if dx is None else torch.from_numpy(dx[0]),
                 torch.from_numpy(dh0[0]),
                 None if c0 is None else torch.from_numpy(dc0[0]), *g)

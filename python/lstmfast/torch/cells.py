@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..modules.options import _check_probability, _check_zoneout
-from ._backend import (_as_class, _backend, _fused_backend_or_none, _in_torch_only_context,
+from ._backend import (_as_class, _backend, _in_torch_only_context,
                        _unsupported_reason, _warn_once, _weight_arrays)
 from .autograd import _CellFunction, _cell_step, _weight_gradient_sums_for
 from .layers import _regularizer_masks
@@ -253,8 +253,7 @@ def _fused_cell_forward(self, input, hx):
         # loop steps the cell as often as inference does
         arrays = _weight_arrays(self, weights, _CELL_WEIGHTS)
         # the steps' weight gradients summed once per backward pass (autograd.py)
-        sums = (_weight_gradient_sums_for(self, weights) if backend is _fused_backend_or_none()
-                else None)
+        sums = _weight_gradient_sums_for(self, backend, weights)
         result = _CellFunction.apply(backend, mode, arrays, sums,
                                      None if sums is None else sums.token, x, h0, c0, *weights)
     else:  # nothing to differentiate: the kernels alone, no autograd node

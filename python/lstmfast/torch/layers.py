@@ -331,9 +331,8 @@ def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False, g
             settings["weight_arrays"] = _weight_arrays(self, weights, names)
         # a layer stepped in a loop sums its calls' weight gradients once per backward
         # pass, as a cell does (autograd.py, _WeightGradientSums)
-        sums = settings["weight_gradient_sums"] = (
-            None if reduced or self._lstmfast_backend != "fused"
-            else _weight_gradient_sums_for(self, weights, names))
+        sums = settings["weight_gradient_sums"] = _weight_gradient_sums_for(
+            self, settings["backend"], weights, names)
         out, h_n, c_n = _RecurrentFunction.apply(settings, x, h0, c0, masks,
                                                  None if sums is None else sums.token, *weights)
     else:  # nothing to differentiate: the kernels alone, no autograd node

@@ -258,6 +258,11 @@ struct LayerGrads {
   Real* dln_g_b = nullptr;
   Real* dln_c_w = nullptr;  // dln_c_w, dln_c_b: [H] the cell layer norm's
   Real* dln_c_b = nullptr;
+  // Weight gradients handed back as gate gradients (GateGrads): no product with x or
+  // h, no bias sums; the recurrent gate gradients go to dG_rec when the cell's
+  // differ from the input side's (the GRU's), else nowhere (dG_x holds them).
+  bool deferred = false;
+  Real* dG_rec = nullptr;  // [S*N, G*H]
 };
 
 // Buffers of one layer and direction. The saved part (h, c, m, gates when
@@ -415,6 +420,19 @@ struct Grads {
   Real* dln_c_b = nullptr;
 };
 
+// What a backward hands back in place of its weight gradients (stack_backward's
+// gate_grads): a cell stepped in a loop keeps them, and its weights' gradients are
+// multiplied once per backward pass over all its steps (gate_weight_gradients)
+// instead of summed step by step, each step reading and writing all of them.
+// Only where hands_back_gate_grads says so.
+template <typename Real>
+struct GateGrads {
+  Real* input = nullptr;      // [T, N, G*H] out: the input side's, in x's order (dW_ih, db_ih)
+  Real* recurrent = nullptr;  // [T, N, G*H] out: the recurrent side's where they differ (GRU:
+                              //   r scales the n gate's), else nullptr (dW_hh, db_hh)
+  Real* h_prev = nullptr;     // [T, N, H] out: the state each step multiplied W_hh by
+};
+
 // What a training forward keeps for backward (opaque; workspace.h).
 class StackCacheBase {
  public:
@@ -452,10 +470,27 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
 //   dy: [T, N, D*H_out] gradient of y;  dh_n: [L*D, N, H_out];  dc_n: [L*D, N, H]; each nullptr = zeros
 // Throws std::invalid_argument when the cache was consumed already.
 // assign: the parameter gradients are written over instead of added into.
+// gate_grads: the parameter gradients are not computed (grads unused) and the gate
+// gradients come back there instead; needs hands_back_gate_grads and no consume.
 template <typename Real>
 void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, const Real* dy,
                     const Real* dh_n, const Real* dc_n, StackCache<Real>& cache, bool consume,
-                    bool assign = false);
+                    bool assign = false, const GateGrads<Real>* gate_grads = nullptr);
+
+// Whether a backward of this cache can hand back gate gradients (GateGrads): one
+// layer, one direction walked from the first step, no lengths, of an LSTM (without
+// projection or peepholes), GRU or RNN, without regularizers. Their weight
+// gradients are then products of the gate gradients with x and h alone.
+template <typename Real>
+bool hands_back_gate_grads(const StackCache<Real>& cache);
+
+// dW[G*H, width] = dG^T inputs (+ dW unless assign), and db[G*H] = the column sums
+// of dG (likewise; db may be nullptr): the weight gradients of the rows of many
+// steps at once (GateGrads), dG [rows, G*H] and inputs [rows, width]. On the pool,
+// each thread a share of the gate rows.
+template <typename Real>
+void gate_weight_gradients(Real* dW, Real* db, const Real* dG, const Real* inputs, int64_t rows,
+                           int64_t gate_rows, int64_t width, bool assign);
 
 // The zoneout seed of layer-direction ld (Params::zone_seed) from a call's seed:
 // splitmix64(seed + ld) (regularizers.h: zoneout_keep).

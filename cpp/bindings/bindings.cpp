@@ -650,10 +650,51 @@ py::tuple rnn_forward(lstmfast::StackShape s, const py::array& x_obj, py::handle
   return py::make_tuple(y, h_n, cell_state ? py::object(c_n) : py::none(), cache_obj);
 }
 
+// rnn_backward(..., gate_grads=True): the gate gradients and the states the steps
+// read (lstmfast::GateGrads) in place of the parameter gradients.
+template <typename Real>
+py::tuple gate_grads_backward(const RnnCache& rc, lstmfast::StackCache<Real>& cache,
+                              const Real* dy, const Real* dh_n, const Real* dc_n,
+                              py::handle grads_obj, bool consume, bool input_grad) {
+  const lstmfast::StackShape& s = rc.shape;
+  if (!grads_obj.is_none())
+    throw py::value_error("grads: must be None with gate_grads=True (no parameter gradient is "
+                          "computed)");
+  if (consume) throw py::value_error("consume: must be False with gate_grads=True");
+  if (!lstmfast::hands_back_gate_grads(cache))
+    throw py::value_error(
+        "gate_grads=True: this forward's backward cannot hand back gate gradients (it needs one "
+        "layer and direction walked forward, of an LSTM without projection or peepholes, a GRU "
+        "or an RNN, without lengths or regularizers: see RnnCache.hands_back_gate_grads)");
+  const bool cell_state = lstmfast::has_cell_state(s.mode);
+  const int64_t GH = lstmfast::cell_info(s.mode).gates * s.H;
+  py::array_t<Real> dx(input_grad ? std::vector<int64_t>{s.T, s.N, s.I} : std::vector<int64_t>{0});
+  py::array_t<Real> dh0({int64_t(1), s.N, s.H});
+  py::array_t<Real> dc0({cell_state ? int64_t(1) : int64_t(0), s.N, s.H});
+  py::array_t<Real> input({s.T, s.N, GH});
+  // Only the GRU's recurrent gate gradients differ from the input side's (r scales W_hn h).
+  const bool split = s.mode == lstmfast::Mode::GRU;
+  py::array_t<Real> recurrent(split ? std::vector<int64_t>{s.T, s.N, GH} : std::vector<int64_t>{0});
+  py::array_t<Real> h_prev({s.T, s.N, s.H});
+  lstmfast::GateGrads<Real> out{input.mutable_data(), split ? recurrent.mutable_data() : nullptr,
+                                h_prev.mutable_data()};
+  try {
+    py::gil_scoped_release release;
+    lstmfast::stack_backward<Real>(input_grad ? dx.mutable_data() : nullptr, dh0.mutable_data(),
+                                   cell_state ? dc0.mutable_data() : nullptr, nullptr, dy, dh_n,
+                                   dc_n, cache, false, false, &out);
+  } catch (const std::bad_alloc&) {
+    throw_memory_error("rnn_backward: cannot allocate the workspace for " + sizes_str(s));
+  }
+  return py::make_tuple(input_grad ? py::object(dx) : py::none(), dh0,
+                        cell_state ? py::object(dc0) : py::none(), input,
+                        split ? py::object(recurrent) : py::none(), h_prev);
+}
+
 template <typename Real>
 py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_obj,
                        py::handle dc_n_obj, py::handle grads_obj, bool consume, bool assign,
-                       bool input_grad) {
+                       bool input_grad, bool gate_grads) {
   const lstmfast::StackShape& s = rc.shape;
   const bool cell_state = lstmfast::has_cell_state(s.mode);
   const int64_t LD = s.L * s.D;
@@ -673,10 +714,12 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
     dc_n = checked<Real>(dc_n_obj, "d_c_n", {LD, s.N, s.H});
     dc_n_ptr = dc_n.data();
   }
+  auto* cache = static_cast<lstmfast::StackCache<Real>*>(rc.cache.get());
+  std::vector<lstmfast::Grads<Real>> g(static_cast<size_t>(LD));
+  if (gate_grads) return gate_grads_backward<Real>(rc, *cache, dy_ptr, dh_n_ptr, dc_n_ptr, grads_obj,
+                                                   consume, input_grad);
   const std::vector<std::string>& slots = param_slots(s.mode);
   const auto grads = params_by_slot(grads_obj, "grads", s.mode, LD, s.D);
-  std::vector<lstmfast::Grads<Real>> g(static_cast<size_t>(LD));
-  auto* cache = static_cast<lstmfast::StackCache<Real>*>(rc.cache.get());
   for (int64_t i = 0; i < LD; ++i) {
     const lstmfast::Params<Real>& p = cache->params[i];
     const bool ln = s.mode == lstmfast::Mode::LN_LSTM;
@@ -908,7 +951,19 @@ void register_rnn(py::module_& m) {
                        "What a training forward keeps for backward (opaque; pass it to "
                        "rnn_backward, which may be called more than once unless consume=True).")
       .def_property_readonly("nbytes", [](const RnnCache& c) { return c.cache->nbytes(); })
-      .def_property_readonly("dtype", [](const RnnCache& c) { return c.dtype; });
+      .def_property_readonly("dtype", [](const RnnCache& c) { return c.dtype; })
+      .def_property_readonly(
+          "hands_back_gate_grads",
+          [](const RnnCache& c) {
+            if (c.dtype.equal(py::dtype::of<float>()))
+              return lstmfast::hands_back_gate_grads(
+                  *static_cast<lstmfast::StackCache<float>*>(c.cache.get()));
+            return lstmfast::hands_back_gate_grads(
+                *static_cast<lstmfast::StackCache<double>*>(c.cache.get()));
+          },
+          "Whether rnn_backward(..., gate_grads=True) serves: one layer and direction walked "
+          "forward, of an LSTM without projection or peepholes, a GRU or an RNN, without "
+          "lengths or regularizers.");
 
   m.def(
       "rnn_forward",
@@ -1058,21 +1113,77 @@ void register_rnn(py::module_& m) {
   m.def(
       "rnn_backward",
       [](const RnnCache& cache, py::handle d_output, py::handle d_h_n, py::handle d_c_n,
-         py::handle grads, bool consume, bool assign, bool input_grad) {
+         py::handle grads, bool consume, bool assign, bool input_grad, bool gate_grads) {
         if (cache.dtype.equal(py::dtype::of<float>()))
           return rnn_backward<float>(cache, d_output, d_h_n, d_c_n, grads, consume, assign,
-                                     input_grad);
+                                     input_grad, gate_grads);
         return rnn_backward<double>(cache, d_output, d_h_n, d_c_n, grads, consume, assign,
-                                    input_grad);
+                                    input_grad, gate_grads);
       },
       py::arg("cache"), py::arg("d_output"), py::arg("d_h_n"), py::arg("d_c_n"), py::arg("grads"),
       py::arg("consume") = false, py::arg("assign") = false, py::arg("input_grad") = true,
+      py::arg("gate_grads") = false,
       "BPTT of a training forward; adds parameter gradients into grads (a dict from the "
       "forward's parameter names to arrays of their shapes), or writes them over grads when "
       "assign=True (whatever grads held). Returns (dx, dh0, dc0 or None); dx is None, and not "
       "computed, with input_grad=False. "
       "consume=True writes the gate gradients over the cache's saved gates (less memory); the "
-      "cache then serves no further backward (ValueError).");
+      "cache then serves no further backward (ValueError). "
+      "gate_grads=True (grads None; where cache.hands_back_gate_grads): no parameter gradient "
+      "is computed; returns (dx, dh0, dc0, dG_x, dG_h, h_prev): the gate gradients of the input "
+      "side (T, N, G*H), of the recurrent side where they differ (the GRU's; else None: dG_x "
+      "serves) and the state each step read (T, N, H). The weight gradients are then "
+      "dG_x^T x and dG_h^T h_prev, summed over every row of every step (gate_weight_gradients), "
+      "the biases' the column sums.");
+
+  m.def(
+      "gate_weight_gradients",
+      [](py::handle dW_obj, py::handle db_obj, py::handle dG_obj, py::handle inputs_obj,
+         bool assign) {
+        if (!py::isinstance<py::array>(dG_obj))
+          throw py::type_error("dG: expected a numpy array, got " + type_name(dG_obj));
+        auto run = [&](auto zero) {
+          using Real = decltype(zero);
+          auto dG = py::reinterpret_borrow<py::array>(dG_obj);
+          if (dG.ndim() != 2)
+            throw py::value_error("dG: expected 2 dimensions (rows, gate rows), got " +
+                                  std::to_string(dG.ndim()));
+          const int64_t rows = dG.shape(0), gate_rows = dG.shape(1);
+          if (!py::isinstance<py::array>(inputs_obj))
+            throw py::type_error("inputs: expected a numpy array, got " + type_name(inputs_obj));
+          const auto in = py::reinterpret_borrow<py::array>(inputs_obj);
+          if (in.ndim() != 2)
+            throw py::value_error("inputs: expected 2 dimensions (rows, width), got " +
+                                  std::to_string(in.ndim()));
+          const int64_t width = in.shape(1);
+          auto g = checked<Real>(dG_obj, "dG", {rows, gate_rows});
+          auto x = checked<Real>(inputs_obj, "inputs", {rows, width});
+          auto writable = [](py::handle obj, const char* name, const Dims& shape) {
+            auto a = checked<Real>(obj, name, shape);
+            if (!a.is(obj) || !a.writeable())
+              throw py::value_error(std::string(name) +
+                                    ": must be a writeable C-contiguous array (written in place)");
+            return a;
+          };
+          auto dW = writable(dW_obj, "dW", {gate_rows, width});
+          py::array_t<Real, py::array::c_style> db;
+          if (!db_obj.is_none()) db = writable(db_obj, "db", {gate_rows});
+          Real* db_ptr = db_obj.is_none() ? nullptr : db.mutable_data();
+          py::gil_scoped_release release;
+          lstmfast::gate_weight_gradients<Real>(dW.mutable_data(), db_ptr, g.data(), x.data(), rows,
+                                                gate_rows, width, assign);
+        };
+        auto dG = py::reinterpret_borrow<py::array>(dG_obj);
+        if (dG.dtype().equal(py::dtype::of<double>()))
+          run(double());
+        else
+          run(float());
+      },
+      py::arg("dW"), py::arg("db"), py::arg("dG"), py::arg("inputs"), py::arg("assign") = false,
+      "dW (+)= dG^T inputs and db (+)= the column sums of dG (db may be None), written over "
+      "with assign=True: the weight gradients of many rows at once from the gate gradients "
+      "rnn_backward(..., gate_grads=True) handed back (dG [rows, G*H], inputs [rows, I or H]), "
+      "on the kernels' threads.");
 
   m.def("set_num_threads", &lstmfast::set_num_threads, py::arg("n"));
   m.def("get_num_threads", &lstmfast::get_num_threads);

@@ -840,9 +840,12 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
 template <typename Real>
 void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, const Real* dy,
                     const Real* dh_n, const Real* dc_n, StackCache<Real>& c, bool consume,
-                    bool assign) {
+                    bool assign, const GateGrads<Real>* gate_grads) {
   const StackShape& s = c.shape;
   if (!s.training) throw std::invalid_argument("backward needs the cache of a training forward");
+  require(!gate_grads || (hands_back_gate_grads(c) && !consume),
+          "gate gradients are handed back only by one layer and direction walked forward, "
+          "without lengths, projection, peepholes or regularizers, and without consume");
   if (c.consumed.load())
     throw std::invalid_argument(
         "this forward's saved state was used up by a backward that consumed it");
@@ -875,7 +878,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
   carve_scratch([&](Carver& cv) {
     for (int64_t d = 0; d < D; ++d) {
       const bool in_order = !s.walks_backward(d) && c.lengths.empty();
-      if (!(in_place && lstm && in_order)) dG_x[d] = cv.take<Real>(T * N * GH);
+      if (!(in_place && lstm && in_order) && !gate_grads) dG_x[d] = cv.take<Real>(T * N * GH);
       if ((gru || !in_order) && !in_place) scratch[d].dG = cv.take<Real>(S * N * GH);
       if (gru && !in_order) scratch[d].dG_in = cv.take<Real>(S * N * GH);
       if (!P && !cell_info(s.mode).backward_on_stored_weights && !short_backward(c))  // see dh_product_stored
@@ -911,6 +914,11 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
   if (consume && c.consumed.exchange(true))
     throw std::invalid_argument(
         "this forward's saved state was used up by a backward that consumed it");
+  if (gate_grads) {
+    dG_x[0] = gate_grads->input;
+    // One layer walked forward without lengths: step k's rows are x's rows of time k.
+    std::memcpy(gate_grads->h_prev, c.saved[0].h, static_cast<size_t>(S * N * H_out) * sizeof(Real));
+  }
   ScopedFlushDenormals flush;
   const CellKernels<Real>& cell = kernels().get<Real>().cell(s.mode);
   for (int64_t k = L - 1; k >= 0; --k) {
@@ -945,10 +953,11 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
       b.zone_dc = scratch[d].zone_dc;
       b.zone_c_raw = scratch[d].zone_c_raw;
       if (b.mask_sorted) sort_mask(b.mask_sorted, c, i);
-      const Grads<Real>& g = grads[i];
+      const Grads<Real> g = gate_grads ? Grads<Real>{} : grads[i];
       const LayerGrads<Real> dw{g.dW_ih,   g.dW_hh,   g.dW_hr,   g.db_ih, g.db_hh, Real(assign ? 0 : 1),
                                 g.dP_i,    g.dP_f,    g.dP_o,    g.dln_g_w, g.dln_g_b, g.dln_c_w,
-                                g.dln_c_b};
+                                g.dln_c_b, gate_grads != nullptr,
+                                gate_grads ? gate_grads->recurrent : nullptr};
       LayerShape shape = layer_shape(c, k, d, threads);
       if (short_backward(c)) shape.threads = 1;
       cell.backward(dG_x_layer[d], dh0 ? dh0 + i * N * H_out : nullptr, dc0 ? dc0 + i * N * H : nullptr,
@@ -992,13 +1001,64 @@ PackedGates<Real> pack_gates(Mode mode, bool recurrent, const Real* W, int64_t M
   return p;
 }
 
+template <typename Real>
+bool hands_back_gate_grads(const StackCache<Real>& c) {
+  const StackShape& s = c.shape;
+  const LayerWeights<Real>& w = c.weights[0];
+  const bool plain_cell = s.mode == Mode::LSTM || s.mode == Mode::GRU ||
+                          s.mode == Mode::RNN_TANH || s.mode == Mode::RNN_RELU;
+  return s.training && plain_cell && s.L == 1 && s.D == 1 && s.P == 0 && !s.walks_backward(0) &&
+         c.lengths.empty() && c.peepholes.empty() && !w.rec_mask && !w.zone_h && !w.zone_c &&
+         s.zone_p_h == 0 && s.zone_p_c == 0;
+}
+
+template <typename Real>
+void gate_weight_gradients(Real* dW, Real* db, const Real* dG, const Real* inputs, int64_t rows,
+                           int64_t gate_rows, int64_t width, bool assign) {
+  const Real beta = assign ? Real(0) : Real(1);
+  // Each thread its gate rows of dW (one single-threaded OpenBLAS GEMM) and of db:
+  // OpenBLAS's own threads would wait beside the pool's, which may still spin after
+  // the backward's last step.
+  auto body = [&](int tid, int nt) {
+    const int64_t first = gate_rows * tid / nt, last = gate_rows * (tid + 1) / nt;
+    if (last <= first) return;
+    gemm<Real>(true, false, last - first, width, rows, Real(1), dG + first, gate_rows, inputs,
+               width, beta, dW + first * width, width);
+    if (!db) return;
+    if (assign) std::fill(db + first, db + last, Real(0));
+    for (int64_t r = 0; r < rows; ++r) {
+      const Real* g = dG + r * gate_rows;
+      for (int64_t j = first; j < last; ++j) db[j] += g[j];
+    }
+  };
+  struct Call {
+    static void task(void* ctx, int tid) { (*static_cast<decltype(body)*>(ctx))(tid, pool_threads()); }
+  };
+  const double work = double(rows) * double(gate_rows) * double(width);
+  int threads = step_threads();
+  if (threads > 1 && (work <= g_serial_step_work.load() ||
+                      (pool_sleeping_workers() > 0 && work / kWorkPerNs < 2 * pool_wake_cost_ns())))
+    threads = 1;
+  if (threads <= 1) {
+    BlasSingleThreaded single;
+    body(0, 1);
+    return;
+  }
+  BlasSingleThreaded single;
+  pool_run(threads, &Call::task, &body);
+}
+
 #define LSTMFAST_INSTANTIATE(Real)                                                               \
+  template bool hands_back_gate_grads<Real>(const StackCache<Real>&);                            \
+  template void gate_weight_gradients<Real>(Real*, Real*, const Real*, const Real*, int64_t,     \
+                                            int64_t, int64_t, bool);                             \
   template PackedGates<Real> pack_gates<Real>(Mode, bool, const Real*, int64_t, int64_t);      \
   template std::unique_ptr<StackCache<Real>> stack_forward<Real>(                                \
       Real*, Real*, Real*, const Real*, const Real*, const Real*, const Params<Real>*,           \
       const int64_t*, const Real* const*, const StackShape&);                                    \
   template void stack_backward<Real>(Real*, Real*, Real*, const Grads<Real>*, const Real*,       \
-                                     const Real*, const Real*, StackCache<Real>&, bool, bool);
+                                     const Real*, const Real*, StackCache<Real>&, bool, bool,  \
+                                     const GateGrads<Real>*);
 LSTMFAST_INSTANTIATE(float)
 LSTMFAST_INSTANTIATE(double)
 #undef LSTMFAST_INSTANTIATE

@@ -20,6 +20,8 @@ namespace LSTMFAST_ISA {
 // whatever the thread count. dG's rows are ldg apart (GH, or 4H when written over
 // the GRU's saved gates), those of dG_in and dG_x GH. Rows u_from.. of dW_hh take u
 // ([S, N, H]: a second product's input, CellInfo::second_product) in place of h.
+// With dw.deferred (GateGrads) the thread copies its gate columns of dG to dw.dG_rec
+// instead (when dG is not dG_in) and multiplies nothing.
 template <typename Real>
 inline void weight_gradients_share(int tid, int nt, Real* dG_x, const LayerGrads<Real>& dw,
                                    Real* dsum, const Real* dG, int64_t ldg, const Real* dG_in,
@@ -37,6 +39,11 @@ inline void weight_gradients_share(int tid, int nt, Real* dG_x, const LayerGrads
   share(GH, tid, nt, first, last);
   const int64_t rows = last - first;
   if (rows <= 0) return;
+  if (dw.deferred) {  // the caller multiplies (GateGrads): the recurrent side's, where distinct
+    if (dw.dG_rec && dG != dG_in)
+      for (int64_t r = 0; r < S * N; ++r) copy_row(dw.dG_rec + r * GH + first, dG + r * ldg + first, rows);
+    return;
+  }
   const int64_t split = u && u_from >= 0 && u_from < GH ? u_from : GH;
   if (first < split)
     weight_gradient_product(dw.dW_hh + first * H_out, H_out, dG + first, ldg, h_prev, H_out,

@@ -52,6 +52,11 @@ class _Cache:
     def nbytes(self):
         return self.core.nbytes
 
+    @property
+    def hands_back_gate_grads(self):
+        """Whether gate_gradients_backward serves this cache."""
+        return self.core.hands_back_gate_grads
+
 
 def kernel_gate_options(mode, activations=None, clip=None, input_forget=False):
     """The kernels' cell_options for ONNX's options: {} for none, a dict of clip,
@@ -212,6 +217,30 @@ def summing_backward(cache, d_output, d_h_n, d_c_n, grads, assign, input_grad=Tr
     takes once, instead of a set per step that autograd adds up."""
     _check_cache(cache)
     return _backward_into(cache, d_output, d_h_n, d_c_n, grads, False, assign, input_grad)
+
+
+def gate_gradients_backward(cache, d_output, d_h_n, d_c_n, input_grad=True):
+    """``backward`` without the parameter gradients, for a cache that
+    ``hands_back_gate_grads`` (one layer and direction walked forward, of an LSTM
+    without projection or peepholes, a GRU or an RNN, without lengths or
+    regularizers). Returns dx, dh0, dc0 and the gate gradients (dG_x, dG_h, h_prev):
+    the input side's (T, N, G*H), the recurrent side's where they differ (the GRU's;
+    else None: dG_x serves) and the state each step read (T, N, H). Over all of a
+    cell's steps the weight gradients are dG_x^T x and dG_h^T h_prev, the biases'
+    the column sums of dG_x and dG_h (gate_weight_gradients): one product per
+    backward pass where each step's backward read and wrote all of them."""
+    _check_cache(cache)
+    dx, dh0, dc0, dG_x, dG_h, h_prev = _core.rnn_backward(
+        cache.core, *_output_grads(cache, d_output, d_h_n, d_c_n), None, False, False,
+        input_grad, True)
+    return dx, dh0, dc0, (dG_x, dG_h, h_prev)
+
+
+def gate_weight_gradients(dW, db, dG, inputs, assign):
+    """dW (+)= dG^T inputs and db (+)= the column sums of dG (db may be None), over
+    every row: dG (rows, G*H) as gate_gradients_backward hands back (steps stacked),
+    inputs (rows, I or H) their x or h_prev. ``assign`` writes dW and db over."""
+    _core.gate_weight_gradients(dW, db, dG, inputs, bool(assign))
 
 
 def _backward_into(cache, d_output, d_h_n, d_c_n, grads, consume, assign, input_grad):

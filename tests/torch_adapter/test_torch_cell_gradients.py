@@ -1,13 +1,16 @@
-"""A cell (or a layer) stepped in a loop sums its steps' weight gradients once per
-backward pass (autograd._WeightGradientSums) instead of handing autograd a set per step.
+"""A cell (or a layer) stepped in a loop makes its weight gradients once per backward
+pass (autograd._WeightGradientSums) instead of handing autograd a set per step: its
+steps hand back their gate gradients, multiplied by the steps' inputs at once, or,
+where the kernels cannot hand them back (a stack, a projection), add their weight
+gradients into one set of arrays.
 
 Oracle: torch.nn's own cell with the same weights, run through the same loop, at the
 project's tolerance (float64, 1e-10). The cases are the ways autograd can walk a
 cell's graph: one pass, two passes over one graph (retain_graph), a pass that asks
 for the input's gradient only, two sequences in one pass or in two, a weight shared
 with another module, weights replaced or frozen between passes, double backward,
-several threads. That the steps do sum (and hand autograd no gradient of their own)
-is read off the steps' results.
+several threads. That the steps do so (and hand autograd no gradient of their own)
+is read off the steps' results, and which way each step took off the kernels' calls.
 """
 
 import copy
@@ -52,6 +55,20 @@ def loss_of(cell, x, state=None):
     return torch.stack(outputs).sin().sum()
 
 
+@pytest.fixture
+def routes(monkeypatch):
+    """The way each step's backward took, in order: "gates" (it handed back its gate
+    gradients) or "sums" (it added its weight gradients into the pass's arrays)."""
+    from lstmfast import _fused
+
+    taken = []
+    for name, route in (("gate_gradients_backward", "gates"), ("summing_backward", "sums")):
+        original = getattr(_fused, name)
+        monkeypatch.setattr(_fused, name, lambda *a, _o=original, _r=route, **k:
+                            taken.append(_r) or _o(*a, **k))
+    return taken
+
+
 def grads_of(module):
     return [None if p.grad is None else p.grad.clone() for p in module.parameters()]
 
@@ -65,7 +82,8 @@ def assert_same_grads(ours, theirs, what):
 
 @pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("bias", [True, False])
-def test_one_pass_gives_torchs_gradients_and_the_steps_hand_autograd_none(cls, bias, monkeypatch):
+def test_one_pass_gives_torchs_gradients_and_the_steps_hand_autograd_none(cls, bias, monkeypatch,
+                                                                         routes):
     steps = []
     original = lt_autograd._CellFunction.backward
 
@@ -83,6 +101,31 @@ def test_one_pass_gives_torchs_gradients_and_the_steps_hand_autograd_none(cls, b
     assert_same_grads(ours, theirs, "one pass")
     assert_close(x_ours.grad, x.grad, tol=TOL, name="input gradient")
     assert len(steps) == T and all(g is None for step in steps for g in step)
+    assert routes == ["gates"] * T
+
+
+@pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
+def test_float32_steps_give_torchs_gradients(cls):
+    # The weight gradients of float32 steps come from one product over all steps
+    # (OpenBLAS's sgemm): within float32's tolerance of torch's own cell.
+    torch.manual_seed(0)
+    theirs = cls(16, 24)
+    ours = lt.accelerate(copy.deepcopy(theirs))
+    x = torch.randn(12, 4, 16, generator=torch.Generator().manual_seed(9))
+    for module in (theirs, ours):
+        loss_of(module, x).backward()
+    for i, (a, b) in enumerate(zip(grads_of(ours), grads_of(theirs))):
+        assert_close(a, b, tol=1e-5, name=f"float32 parameter {i}")
+
+
+@pytest.mark.parametrize("frozen", ["weight_ih", "bias_hh", "weight_hh"])
+def test_a_frozen_weight_gets_no_gradient_and_the_others_torchs(frozen):
+    theirs, ours = twins(nn.GRUCell)
+    for module in (theirs, ours):
+        getattr(module, frozen).requires_grad_(False)
+        loss_of(module, sequence(7)).backward()
+        assert getattr(module, frozen).grad is None
+    assert_same_grads(ours, theirs, f"{frozen} frozen")
 
 
 @pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
@@ -107,7 +150,7 @@ def test_a_pass_for_the_input_alone_leaves_nothing_for_the_next(cls):
         loss_of(module, sequence(4)).backward()
     assert_close(ours.dx, theirs.dx, tol=TOL, name="input gradient")
     assert_same_grads(ours, theirs, "after a pass for the input")
-    assert not lt_autograd._weight_gradient_sums[ours].sums
+    assert not lt_autograd._weight_gradient_sums[ours].passes
 
 
 @pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
@@ -242,7 +285,8 @@ def layer_loss_of(layer, x, per_call):
 
 @pytest.mark.parametrize("name, twin, kwargs", LAYERS, ids=[c[0] for c in LAYERS])
 @pytest.mark.parametrize("per_call", [1, 2])
-def test_a_layer_stepped_in_a_loop_sums_its_calls(name, twin, kwargs, per_call, monkeypatch):
+def test_a_layer_stepped_in_a_loop_hands_autograd_no_gradient(name, twin, kwargs, per_call,
+                                                             monkeypatch, routes):
     calls = []
     original = lt_autograd._RecurrentFunction.backward
 
@@ -257,10 +301,28 @@ def test_a_layer_stepped_in_a_loop_sums_its_calls(name, twin, kwargs, per_call, 
     x_ours = x.detach().clone().requires_grad_(True)
     layer_loss_of(theirs, x, per_call).backward()
     calls.clear()
+    routes.clear()
     layer_loss_of(ours, x_ours, per_call).backward()
     assert_same_grads(ours, theirs, "one pass")
     assert_close(x_ours.grad, x.grad, tol=TOL, name="input gradient")
     assert len(calls) == T // per_call and all(g is None for call in calls for g in call)
+    # one layer of torch's cells hands back its gate gradients; the rest sum
+    route = "gates" if name in ("LSTM", "GRU", "RNN-relu") else "sums"
+    assert routes == [route] * (T // per_call)
+
+
+def test_a_pass_with_calls_of_both_ways_adds_them_up(routes):
+    # A layer called on a packed sequence (its steps sum) and stepped on plain ones
+    # (they hand back gate gradients) in one pass: both reach the weights' gradients.
+    theirs, ours = layer_twins("LSTM", nn.LSTM, dict())
+    pack = nn.utils.rnn.pack_padded_sequence
+    for module in (theirs, ours):
+        packed = pack(sequence(70), torch.tensor([6, 4, 2]))
+        y_packed, state = module(packed)
+        loss = nn.utils.rnn.pad_packed_sequence(y_packed)[0].cos().sum()
+        (loss + layer_loss_of(module, sequence(71), 2)).backward()
+    assert_same_grads(ours, theirs, "packed and stepped")
+    assert sorted(set(routes)) == ["gates", "sums"]
 
 
 @pytest.mark.parametrize("name, twin, kwargs", LAYERS[:2] + LAYERS[5:6], ids=["LSTM", "LSTM-2-bi",
@@ -311,7 +373,7 @@ def test_passes_that_fail_midway_leave_no_gradient_behind():
 
     for _ in range(lt_autograd._WeightGradientSums._PASSES + 2):
         failing_pass(ours)
-    assert len(lt_autograd._weight_gradient_sums[ours].sums) == lt_autograd._WeightGradientSums._PASSES
+    assert len(lt_autograd._weight_gradient_sums[ours].passes) == lt_autograd._WeightGradientSums._PASSES
     failing_pass(theirs)
     for module in (theirs, ours):
         module.zero_grad(set_to_none=True)

@@ -658,11 +658,13 @@ def test_an_input_of_data_gets_no_gradient_and_the_kernels_skip_it(kind, backend
     monkeypatch.setattr(lt_autograd, "_backward_new_gradients",
                         lambda *a, input_grad: asked.append(input_grad) or original(
                             *a, input_grad=input_grad))
-    if "fused" in BACKENDS:  # a cell's steps sum their weight gradients (autograd.py)
+    if "fused" in BACKENDS:  # the steps' backward for _WeightGradientSums (autograd.py)
         fused = importlib.import_module("lstmfast._fused")
-        summing = fused.summing_backward
+        summing, gates = fused.summing_backward, fused.gate_gradients_backward
         monkeypatch.setattr(fused, "summing_backward",
                             lambda *a: asked.append(a[-1]) or summing(*a))
+        monkeypatch.setattr(fused, "gate_gradients_backward",
+                            lambda *a: asked.append(a[-1]) or gates(*a))
     cls, kwargs = (LAYERS.get(kind) or CELLS[kind])
     theirs, ours = twins(cls, kwargs)
     ours._lstmfast_backend = backend

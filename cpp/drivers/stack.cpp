@@ -598,6 +598,49 @@ bool short_backward(const StackCache<Real>& c) {
   return steps(c) * c.shape.N <= kShortBackwardRowSteps;
 }
 
+// Elements of a weight from which a short backward still runs on every thread, each
+// multiplying dG by its share of the weight's columns (dh_product_stored for W_hh,
+// stored_product_on_pool for W_ih): streaming such a weight through one core takes
+// longer than waking the others, as in the forward (direct_gemm's
+// kDirectSerialWeights). A decoder's LSTMCell(1536, 1024) at N=4, two threads: the
+// step's backward without its weight gradients 3.0 ms on one thread.
+constexpr int64_t kShortBackwardSerialWeights = int64_t(1) << 20;
+
+template <typename Real>
+bool short_backward_alone(const StackCache<Real>& c) {
+  const StackShape& s = c.shape;
+  return short_backward(c) &&
+         gates_of(s.mode) * s.H * s.H_out() < kShortBackwardSerialWeights;
+}
+
+// C[rows, cols] = A[rows, K] B[K, cols] (+ C when accumulate), B as it lies (the
+// kernels' product): for a short backward with a big B (kShortBackwardSerialWeights)
+// each thread takes whole cache lines of B's columns; otherwise one call.
+template <typename Real>
+void stored_product_on_pool(Real* C, const Real* A, const Real* B, int64_t rows, int64_t K,
+                            int64_t cols, bool accumulate, int threads, bool short_call) {
+  const auto& kernels_of = kernels().get<Real>();
+  constexpr int64_t kLine = 64 / sizeof(Real);
+  // Each share at least two lines: the product's last vector may start before a share's
+  // end minus its width, which must stay inside the share.
+  if (threads <= 1 || !short_call || K * cols < kShortBackwardSerialWeights ||
+      cols < 2 * kLine * threads) {
+    kernels_of.product(C, cols, A, K, B, cols, rows, K, cols, accumulate);
+    return;
+  }
+  auto body = [&](int tid, int nt) {
+    const int64_t lines = (cols + kLine - 1) / kLine;
+    const int64_t c0 = lines * tid / nt * kLine;
+    const int64_t c1 = std::min(cols, lines * (tid + 1) / nt * kLine);
+    if (c1 > c0) kernels_of.product(C + c0, cols, A, K, B + c0, cols, rows, K, c1 - c0, accumulate);
+  };
+  struct Call {
+    static void task(void* ctx, int tid) { (*static_cast<decltype(body)*>(ctx))(tid, pool_threads()); }
+  };
+  BlasSingleThreaded single;
+  pool_run(threads, &Call::task, &body);
+}
+
 template <typename Real>
 void multiply(Real* a, const Real* mask, int64_t n) {
   for (int64_t i = 0; i < n; ++i) a[i] *= mask[i];
@@ -959,7 +1002,7 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
                                 g.dln_c_b, gate_grads != nullptr,
                                 gate_grads ? gate_grads->recurrent : nullptr};
       LayerShape shape = layer_shape(c, k, d, threads);
-      if (short_backward(c)) shape.threads = 1;
+      if (short_backward_alone(c)) shape.threads = 1;
       cell.backward(dG_x_layer[d], dh0 ? dh0 + i * N * H_out : nullptr, dc0 ? dc0 + i * N * H : nullptr,
                     dw, b, dy_k ? dy_k + d * H_out : nullptr, D * H_out,
                     dh_n ? dh_n + i * N * H_out : nullptr, dc_n ? dc_n + i * N * H : nullptr,
@@ -973,8 +1016,8 @@ void stack_backward(Real* dx, Real* dh0, Real* dc0, const Grads<Real>* grads, co
     const int64_t rows = packed_in ? c.offsets[T] : T * N;
     Real* dx_rows = packed_in ? packed_dx : dx_k;
     for (int64_t d = 0; d < D; ++d)
-      kernels().get<Real>().product(dx_rows, I, dG_x_layer[d], GH, c.weights[k * D + d].W_ih, I,
-                                    rows, GH, I, d > 0);
+      stored_product_on_pool(dx_rows, dG_x_layer[d], c.weights[k * D + d].W_ih, rows, GH, I, d > 0,
+                             threads, short_backward(c));
     if (packed_in) unpack_rows(dx_k, packed_dx, I, c);
     if (k > 0 && !c.masks.empty()) multiply(dx_k, c.masks[k - 1], Y);
   }

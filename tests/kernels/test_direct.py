@@ -226,3 +226,39 @@ def test_direct_calls_of_large_weights_run_on_the_pool(simd_target, threads_rest
             assert_close(got, want, name=f"eval {name}")
     if mode != "GRU_RESET_BEFORE":
         assert jobs >= 1, "the eval forward ran on the calling thread alone"
+
+
+# A short backward (at most 16 row-steps: a cell's step) of a weight of 2^20
+# elements and more runs on every thread (stack.cpp: kShortBackwardSerialWeights):
+# each multiplies dG by its share of W_hh's columns, and of W_ih's for dx when W_ih
+# is that big too. (I, H) per mode: W_hh just past the threshold, W_ih past it with a
+# partial cache line at its end.
+SHORT_BACKWARD_SIZES = {"LSTM": (523, 512), "GRU": (601, 592), "RNN_TANH": (1031, 1024),
+                        "RNN_RELU": (1031, 1024), "GRU_RESET_BEFORE": (601, 592),
+                        "CTRNN_TANH": (1031, 1024), "LN_LSTM": (523, 512)}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("config", [dict(T=1, N=3), dict(T=4, N=2), dict(T=2, N=2, L=2)],
+                         ids=["one_step", "four_steps", "two_layers"])
+@pytest.mark.parametrize("mode", list(SHORT_BACKWARD_SIZES))
+def test_short_backwards_of_large_weights_run_on_the_pool(simd_target, threads_restored,
+                                                          pool_always_threaded, mode, config,
+                                                          dtype):
+    lstmfast.set_num_threads(2)
+    I, H = SHORT_BACKWARD_SIZES[mode]
+    options = VARIANTS[mode][1] if mode in VARIANTS else None
+    case = Case(mode, dtype, I=I, H=H, seed=12, cell_options=options, **config)
+    cache = case.forward(_fused)[3]
+    _core._pool_set_wake_cost_ns(0.0)  # the call is never too short to wake the workers for
+    _core._pool_set_counting(True)
+    dx, dh0, dc0, grads = _fused.backward(cache, case.d_output, case.d_h_n, case.d_c_n)
+    counts = _core._pool_counts()
+    _, (rdx, rdh0, rdc0, rgrads) = case.run(reference)
+    assert_close(dx, rdx, name="dx")
+    assert_close(dh0, rdh0, name="dh0")
+    if dc0 is not None:
+        assert_close(dc0, rdc0, name="dc0")
+    for name in rgrads:
+        assert_close(grads[name], rgrads[name], name=f"grads[{name!r}]")
+    assert counts["jobs"] + counts["jobs_openmp"] >= 1, "the backward ran on the calling thread alone"

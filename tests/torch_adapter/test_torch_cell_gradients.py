@@ -105,6 +105,26 @@ def test_one_pass_gives_torchs_gradients_and_the_steps_hand_autograd_none(cls, b
 
 
 @pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
+def test_steps_kept_past_the_limit_are_multiplied_early_and_give_torchs_gradients(cls, monkeypatch):
+    # A pass keeps its steps' gate gradients up to about a set of weight gradients
+    # (here: no more than that, the floor taken away), then multiplies them into its
+    # arrays and drops them; the rest at the anchor.
+    monkeypatch.setattr(lt_autograd._PassGradients, "_KEPT_BYTES", 0)
+    products = []
+    original = lt_autograd._PassGradients._multiply_steps
+    monkeypatch.setattr(lt_autograd._PassGradients, "_multiply_steps",
+                        lambda self, wanted: products.append(len(self.steps)) or original(self, wanted))
+    theirs, ours = twins(cls)
+    long_sequence = sequence(8, T=4 * T)
+    for module in (theirs, ours):
+        loss_of(module, long_sequence).backward()
+    assert_same_grads(ours, theirs, "multiplied in parts")
+    # a step's records (N=3) take 3 x (G*H + H) values: a set of weight gradients,
+    # G*H x (I + H + 2), is reached every few steps
+    assert len(products) >= 3 and sum(products) == 4 * T and max(products) < 4 * T
+
+
+@pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
 def test_float32_steps_give_torchs_gradients(cls):
     # The weight gradients of float32 steps come from one product over all steps
     # (OpenBLAS's sgemm): within float32's tolerance of torch's own cell.
@@ -311,9 +331,13 @@ def test_a_layer_stepped_in_a_loop_hands_autograd_no_gradient(name, twin, kwargs
     assert routes == [route] * (T // per_call)
 
 
-def test_a_pass_with_calls_of_both_ways_adds_them_up(routes):
+@pytest.mark.parametrize("kept_bytes", [None, 0], ids=["kept_to_the_anchor", "multiplied_early"])
+def test_a_pass_with_calls_of_both_ways_adds_them_up(routes, kept_bytes, monkeypatch):
     # A layer called on a packed sequence (its steps sum) and stepped on plain ones
-    # (they hand back gate gradients) in one pass: both reach the weights' gradients.
+    # (they hand back gate gradients) in one pass: both reach the weights' gradients,
+    # whether the steps kept are multiplied at the anchor or before the packed call sums.
+    if kept_bytes is not None:
+        monkeypatch.setattr(lt_autograd._PassGradients, "_KEPT_BYTES", kept_bytes)
     theirs, ours = layer_twins("LSTM", nn.LSTM, dict())
     pack = nn.utils.rnn.pack_padded_sequence
     for module in (theirs, ours):

@@ -174,8 +174,8 @@ def test_patterns_prints_and_writes_every_figure(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     for text in ("call patterns", "cpu features", "process pairs per case", "gap", "after pools",
-                 "cell loop", "frame loop", "frozen chunk loop", "adapter training", "vs torch",
-                 "x own"):
+                 "cell loop", "frame loop", "frozen chunk loop", "adapter training",
+                 "frame training", "vs torch", "x own"):
         assert text in printed
     data = json.loads(out_json.read_text())
     assert data["pairs"] == 1
@@ -188,7 +188,8 @@ def test_patterns_prints_and_writes_every_figure(tmp_path, capsys):
     assert set(after["seconds"]) == {"fresh", "after torch+OpenBLAS"}
     assert {r["pattern"] for r in rows} == {"gap", "after pools", "cell loop", "frame loop",
                                             "chunk loop", "frozen cell loop", "frozen frame loop",
-                                            "frozen chunk loop", "adapter training"}
+                                            "frozen chunk loop", "adapter training",
+                                            "frame training"}
     for r in rows:
         seconds, q = r["seconds"], r["ratio"]
         assert all(v > 0 for v in seconds.values())

@@ -124,6 +124,22 @@ def test_steps_kept_past_the_limit_are_multiplied_early_and_give_torchs_gradient
     assert len(products) >= 3 and sum(products) == 4 * T and max(products) < 4 * T
 
 
+@pytest.mark.parametrize("hidden, batch, route", [(7, 8, "sums"), (7, 7, "gates"), (180, 8, "gates")],
+                         ids=["small_weights_8_rows", "small_weights_7_rows", "large_weights_8_rows"])
+def test_calls_of_many_rows_on_small_weights_sum_and_the_rest_hand_back_gates(hidden, batch, route,
+                                                                                routes):
+    # Weight gradients that stay in cache (at most 1 MB) and calls of 8 rows or more:
+    # each call's sum is a GEMM of its own, which beat multiplying them all at once.
+    torch.manual_seed(0)
+    theirs = nn.LSTMCell(I, hidden, dtype=torch.float64)
+    ours = lt.accelerate(copy.deepcopy(theirs))
+    x = torch.randn(4, batch, I, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    for module in (theirs, ours):
+        loss_of(module, x).backward()
+    assert_same_grads(ours, theirs, route)
+    assert routes == [route] * 4
+
+
 @pytest.mark.parametrize("cls", CELLS, ids=lambda c: c.__name__)
 def test_float32_steps_give_torchs_gradients(cls):
     # The weight gradients of float32 steps come from one product over all steps

@@ -12,7 +12,8 @@ The benchmark's modes, one module each:
 * ``variants`` (``--variants``): the cells torch.nn lacks against the torch loops users
   run today (``lstmfast.oracles``);
 * ``patterns`` (``--patterns``): the call patterns users meet (idle gaps, pools that ran
-  before, a cell stepped per token, the adapter's training step), in process pairs;
+  before, a cell stepped per token, the adapter's training step, also of a layer fed a
+  frame per call), in process pairs;
 * ``contention``: a command of its own, ``python -m lstmfast.bench.contention``:
   lstmfast beside torch's threads and other busy processes.
 

@@ -55,7 +55,8 @@ def main(argv=None):
                              "lstmfast.torch, one process per measurement: calls after idle gaps, after "
                              "torch's and OpenBLAS's pools ran, a one-step cell loop and a layer fed "
                              "one frame or ten frames per call (each also frozen: "
-                             "lstmfast.torch.freeze), the adapter's training step")
+                             "lstmfast.torch.freeze), the adapter's training step, of a whole "
+                             "sequence and of a layer fed a frame per call")
     parser.add_argument("--pairs", type=int,
                         help="with --patterns or --models: process pairs (A B A B) per case (default 5; "
                              "2 with --quick, 1 with --tiny)")

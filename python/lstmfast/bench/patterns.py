@@ -17,7 +17,9 @@ state between calls decides how fast the next one is:
   two with ``lstmfast.torch.freeze``'s copy of the module (weights packed once)
   against torch's;
 * ``adapter training``: a training step (forward and backward) through
-  ``lstmfast.torch``'s layer against torch's.
+  ``lstmfast.torch``'s layer against torch's; ``frame training``: the same for a
+  layer fed one frame per call, its state carried, and backpropagated through all
+  the frames at once (a recurrent agent's rollout).
 
 Every measurement is a fresh Python process, and the two implementations of a case
 run as process pairs, A B A B: the ratio of each pair is taken, and the table gives
@@ -42,6 +44,9 @@ CELL_LOOP = {"I": 64, "H": 512, "N": 1, "steps": 100}  # a decoder's cell, stepp
 FRAME_LOOP = {"I": 64, "H": 128, "N": 1, "frames": 100, "per_call": 1}  # a stream, a frame a call
 CHUNK_LOOP = {**FRAME_LOOP, "per_call": 10}  # the same stream fed ten frames per call
 TRAINING = {"T": 100, "N": 32, "I": 256, "H": 256}
+# A layer fed a frame per call in training (a recurrent agent's rollout over 16
+# environments, backpropagated through all its frames at once)
+FRAME_TRAINING = {"I": 64, "H": 256, "N": 16, "frames": 64}
 TINY_SHAPE = (4, 2, 8, 8)
 
 
@@ -187,8 +192,30 @@ def measure_training(job):
     return {"median": statistics.median(times), "times": times}
 
 
+def measure_frame_training(job):
+    torch = _torch(job["threads"])
+    import lstmfast
+
+    lstmfast.set_num_threads(job["threads"])
+    I, H, N, frames = (job["loop"][k] for k in ("I", "H", "N", "frames"))  # noqa: E741
+    layer = _layer(torch, job["impl"], job["cell"], I, H).train()
+    stream = torch.randn(frames, 1, N, I)
+
+    def step():
+        layer.zero_grad(set_to_none=True)
+        state, outputs = None, []
+        for frame in stream:
+            y, state = layer(frame, state)
+            outputs.append(y)
+        torch.cat(outputs).square().mean().backward()
+
+    times = _call_times(step, job["calls"], warmup=2)
+    return {"median": statistics.median(times), "times": times}
+
+
 WORKERS = {"gap": measure_gap, "after_pools": measure_after_pools, "cell_loop": measure_cell_loop,
-           "frame_loop": measure_frame_loop, "training": measure_training}
+           "frame_loop": measure_frame_loop, "training": measure_training,
+           "frame_training": measure_frame_training}
 
 
 def worker_main(argv):
@@ -283,6 +310,10 @@ def run(cells, shapes, threads, pair_count, calls, tiny=False, json_path=None):
                  f"{of['per_call']} a call") for name, of in (("frame", frames), ("chunk", chunks))]
         loops.append(("adapter training", "training", {"train": train},
                       f"{cell} T={train['T']} N={train['N']} I={train['I']} H={train['H']}"))
+        rollout = {k: (min(v, 2) if tiny else v) for k, v in FRAME_TRAINING.items()}
+        loops.append(("frame training", "frame_training", {"loop": rollout},
+                      f"{cell}({rollout['I']}, {rollout['H']}) N={rollout['N']}, "
+                      f"{rollout['frames']} frames"))
         for pattern, kind, job, case in loops:
             got = pairs({**base, "kind": kind, "cell": cell, **job}, impls, pair_count,
                         f"{pattern} {cell}")

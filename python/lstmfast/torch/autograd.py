@@ -92,7 +92,7 @@ def _backward_gradients(backend, cache, sums, x, d_output, d_h_n, d_c_n, input_g
     if (sums is not None and not isinstance(cache, dict)
             and torch._C._will_engine_execute_node(sums.node)):
         this_pass = sums.for_this_pass()
-        if cache.hands_back_gate_grads:
+        if this_pass.takes_gate_gradients(cache, d_output):
             dx, dh0, dc0, gates = backend.gate_gradients_backward(cache, d_output, d_h_n, d_c_n,
                                                                   input_grad)
             this_pass.add_step(cache, x, gates)
@@ -260,7 +260,20 @@ class _PassGradients:
 
     _KEPT_BYTES = 16 << 20
 
-    __slots__ = ("arrays", "steps", "shapes", "dtype", "kept_bytes", "limit_bytes")
+    # Where the steps' sums win: weight gradients of at most this many bytes (they stay
+    # in a core's cache while each call adds into them) and calls of more than
+    # _SUMMED_FROM_ROWS rows (T x N: each call's product is then a GEMM of its own).
+    # A layer fed a frame per call, 64 frames, one thread, Zen 4, AVX-512, float32,
+    # backward of the whole rollout, gate gradients against sums: GRU(64, 256) (1 MB
+    # of weight gradients) N=4 6.1 against 6.0 ms, N=8 10.3 against 8.6, N=32 28.7
+    # against 23.0; LSTM(64, 256) (1.3 MB) N=4 6.6 against 7.4, N=8 10.3 against 10.6,
+    # N=32 33.0 against 32.0; LSTM(256, 512) N=32 128 against 168 ms, GRU 92 against
+    # 89; GRU(512, 1024) N=32 385 against 466 ms.
+    _SUMMED_MAX_BYTES = 1 << 20
+    _SUMMED_FROM_ROWS = 8
+
+    __slots__ = ("arrays", "steps", "shapes", "dtype", "kept_bytes", "limit_bytes",
+                 "weight_bytes")
 
     def __init__(self):
         self.arrays = None  # name -> array, once steps summed or were multiplied into them
@@ -268,13 +281,24 @@ class _PassGradients:
         self.shapes = self.dtype = None
         self.kept_bytes = 0
         self.limit_bytes = None
+        self.weight_bytes = None
+
+    def takes_gate_gradients(self, cache, d_output):
+        """Whether a call (its cache, and the gradient of its output, (T, N, ...))
+        hands this pass its gate gradients rather than summing its weight gradients."""
+        if not cache.hands_back_gate_grads:
+            return False
+        if self.weight_bytes is None:  # a module's calls share their weights' shapes
+            self.weight_bytes = (sum(int(np.prod(shape)) for shape in cache.shapes.values())
+                                 * np.dtype(cache.dtype).itemsize)
+        return (self.weight_bytes > self._SUMMED_MAX_BYTES
+                or d_output.shape[0] * d_output.shape[1] < self._SUMMED_FROM_ROWS)
 
     def add_step(self, cache, x, gates):
         dG_x, dG_h, h_prev = gates
         if self.limit_bytes is None:
             self.shapes, self.dtype = cache.shapes, cache.dtype
-            weight_bytes = sum(int(np.prod(shape)) for shape in cache.shapes.values())
-            self.limit_bytes = max(self._KEPT_BYTES, weight_bytes * np.dtype(cache.dtype).itemsize)
+            self.limit_bytes = max(self._KEPT_BYTES, self.weight_bytes)
         rows = dG_x.shape[0] * dG_x.shape[1]
         self.steps.append((dG_x.reshape(rows, -1), None if dG_h is None else dG_h.reshape(rows, -1),
                            h_prev.reshape(rows, -1), x.reshape(rows, -1)))

@@ -179,13 +179,16 @@ constexpr double kWorkPerNs = 8;
 // start a worker, longer than a whole LSTM T=100 N=1 H=128 forward (0.5 ms on one
 // thread). Returns the count, and wakes the workers when it is more than 1, so
 // their wake-up overlaps the call's serial work.
-int call_threads(const StackShape& s, double work) {
+// threads_for: the same for a job of `work` multiply-adds whose steps are `step` each.
+int threads_for(double step, double work) {
   const int threads = step_threads();
-  if (threads <= 1 || step_work(s) <= g_serial_step_work.load()) return 1;
+  if (threads <= 1 || step <= g_serial_step_work.load()) return 1;
   if (pool_sleeping_workers() > 0 && work / kWorkPerNs < 2 * pool_wake_cost_ns()) return 1;
   pool_prepare(threads);
   return threads;
 }
+
+int call_threads(const StackShape& s, double work) { return threads_for(step_work(s), work); }
 
 // Throws std::invalid_argument unless ok. The message is a literal, or a function
 // that puts it together: the checks run on every call (a cell stepped in a loop pays
@@ -613,6 +616,20 @@ bool short_backward_alone(const StackCache<Real>& c) {
          gates_of(s.mode) * s.H * s.H_out() < kShortBackwardSerialWeights;
 }
 
+// Runs body(tid, nt) on `threads` pool threads (on the calling thread alone for one),
+// OpenBLAS single-threaded meanwhile: each thread's GEMMs are its own.
+template <typename F>
+void run_with_blas_alone(int threads, F& body) {
+  struct Call {
+    static void task(void* ctx, int tid) { (*static_cast<F*>(ctx))(tid, pool_threads()); }
+  };
+  BlasSingleThreaded single;
+  if (threads <= 1)
+    body(0, 1);
+  else
+    pool_run(threads, &Call::task, &body);
+}
+
 // C[rows, cols] = A[rows, K] B[K, cols] (+ C when accumulate), B as it lies (the
 // kernels' product): for a short backward with a big B (kShortBackwardSerialWeights)
 // each thread takes whole cache lines of B's columns; otherwise one call.
@@ -634,11 +651,7 @@ void stored_product_on_pool(Real* C, const Real* A, const Real* B, int64_t rows,
     const int64_t c1 = std::min(cols, lines * (tid + 1) / nt * kLine);
     if (c1 > c0) kernels_of.product(C + c0, cols, A, K, B + c0, cols, rows, K, c1 - c0, accumulate);
   };
-  struct Call {
-    static void task(void* ctx, int tid) { (*static_cast<decltype(body)*>(ctx))(tid, pool_threads()); }
-  };
-  BlasSingleThreaded single;
-  pool_run(threads, &Call::task, &body);
+  run_with_blas_alone(threads, body);
 }
 
 template <typename Real>
@@ -1074,21 +1087,8 @@ void gate_weight_gradients(Real* dW, Real* db, const Real* dG, const Real* input
       for (int64_t j = first; j < last; ++j) db[j] += g[j];
     }
   };
-  struct Call {
-    static void task(void* ctx, int tid) { (*static_cast<decltype(body)*>(ctx))(tid, pool_threads()); }
-  };
   const double work = double(rows) * double(gate_rows) * double(width);
-  int threads = step_threads();
-  if (threads > 1 && (work <= g_serial_step_work.load() ||
-                      (pool_sleeping_workers() > 0 && work / kWorkPerNs < 2 * pool_wake_cost_ns())))
-    threads = 1;
-  if (threads <= 1) {
-    BlasSingleThreaded single;
-    body(0, 1);
-    return;
-  }
-  BlasSingleThreaded single;
-  pool_run(threads, &Call::task, &body);
+  run_with_blas_alone(threads_for(work, work), body);  // one step: the whole product
 }
 
 #define LSTMFAST_INSTANTIATE(Real)                                                               \

@@ -124,12 +124,14 @@ def test_steps_kept_past_the_limit_are_multiplied_early_and_give_torchs_gradient
     assert len(products) >= 3 and sum(products) == 4 * T and max(products) < 4 * T
 
 
-@pytest.mark.parametrize("hidden, batch, route", [(7, 8, "sums"), (7, 7, "gates"), (180, 8, "gates")],
-                         ids=["small_weights_8_rows", "small_weights_7_rows", "large_weights_8_rows"])
-def test_calls_of_many_rows_on_small_weights_sum_and_the_rest_hand_back_gates(hidden, batch, route,
-                                                                                routes):
-    # Weight gradients that stay in cache (at most 1 MB) and calls of 8 rows or more:
-    # each call's sum is a GEMM of its own, which beat multiplying them all at once.
+@pytest.mark.parametrize("hidden, batch, route", [(7, 8, "sums"), (7, 7, "gates"), (180, 8, "gates"),
+                                                  (180, 64, "gates"), (180, 65, "sums")],
+                         ids=["small_weights_8_rows", "small_weights_7_rows", "large_weights_8_rows",
+                              "large_weights_64_rows", "large_weights_65_rows"])
+def test_calls_of_many_rows_sum_and_the_rest_hand_back_gates(hidden, batch, route, routes):
+    # Calls of 8 rows or more on weight gradients that stay in cache (at most 1 MB),
+    # and calls of more than 64 rows on any: each call's sum is a GEMM of its own,
+    # which beat multiplying them all at once.
     torch.manual_seed(0)
     theirs = nn.LSTMCell(I, hidden, dtype=torch.float64)
     ours = lt.accelerate(copy.deepcopy(theirs))
@@ -433,3 +435,21 @@ def test_double_backward_through_a_stepped_layer_counts_each_call_once(name, twi
         results.append(grads + second)
     for i, (a, b) in enumerate(zip(*reversed(results))):
         assert_close(a, b, tol=TOL, name=f"gradient {i}")
+
+
+@pytest.mark.parametrize("twin", [nn.LSTM, nn.GRU], ids=["LSTM", "GRU"])
+def test_a_batch_first_layer_stepped_in_a_loop_gives_torchs_gradients(twin, routes):
+    # batch_first: each call's input reaches the kernels as a transposed view, which
+    # the gate gradients' products must read in the kernels' (time-major) order.
+    torch.manual_seed(0)
+    theirs = twin(I, H, batch_first=True, dtype=torch.float64)
+    ours = lt.accelerate(copy.deepcopy(theirs))
+    x = sequence(80).transpose(0, 1)  # (N, T, I)
+    for module in (theirs, ours):
+        state, outputs = None, []
+        for t in range(0, x.shape[1], 2):
+            y, state = module(x[:, t:t + 2], state)
+            outputs.append(y)
+        torch.cat(outputs, 1).sin().sum().backward()
+    assert_same_grads(ours, theirs, "batch_first")
+    assert routes == ["gates"] * (T // 2)

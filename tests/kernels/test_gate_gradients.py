@@ -208,3 +208,32 @@ def test_gate_gradients_take_no_parameter_gradients_and_do_not_consume():
     for a, b in zip(first[3], again[3]):
         if a is not None:
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", (np.float32, np.float64), ids=["float32", "float64"])
+def test_gate_weight_gradients_on_two_threads(simd_target, threads_restored, pool_always_threaded,
+                                              dtype):
+    # Each thread takes its share of the gate rows (an odd count here): the same
+    # result as one thread's, and NumPy's.
+    import lstmfast
+    from lstmfast._native import _core
+
+    rng = np.random.default_rng(4)
+    dG = rng.standard_normal((150, 301)).astype(dtype)
+    inputs = rng.standard_normal((150, 77)).astype(dtype)
+    start_W, start_b = rng.standard_normal((301, 77)).astype(dtype), rng.standard_normal(301).astype(dtype)
+    results = []
+    for threads in (1, 2):
+        lstmfast.set_num_threads(threads)
+        _core._pool_set_wake_cost_ns(0.0)  # never too short to wake the workers for
+        _core._pool_set_counting(True)
+        dW, db = start_W.copy(), start_b.copy()
+        _fused.gate_weight_gradients(dW, db, dG, inputs, assign=False)
+        jobs = _core._pool_counts()
+        _core._pool_set_counting(False)
+        results.append((dW, db))
+        if threads == 2:
+            assert jobs["jobs"] + jobs["jobs_openmp"] >= 1, "ran on the calling thread alone"
+    for dW, db in results:
+        assert_close(dW, start_W + dG.T @ inputs, name="dW")
+        assert_close(db, start_b + dG.sum(axis=0), name="db")

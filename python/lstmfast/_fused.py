@@ -38,15 +38,27 @@ _ONE_STEP_NAMES = frozenset(_CELL_NAMES)
 class _Cache:
     """What a training forward keeps for backward: the C++ cache and the parameter layout."""
 
-    __slots__ = ("core", "mode", "num_layers", "D", "dtype", "shapes")
+    __slots__ = ("core", "mode", "num_layers", "D", "dtype", "_shapes", "_cell_weights")
 
-    def __init__(self, core, mode, num_layers, D, dtype, shapes):
+    def __init__(self, core, mode, num_layers, D, dtype, shapes, cell_weights=None):
         self.core = core
         self.mode = mode
         self.num_layers = num_layers
         self.D = D
         self.dtype = dtype
-        self.shapes = shapes  # name -> shape, for every parameter given to forward
+        self._shapes = shapes
+        self._cell_weights = cell_weights  # a cell step's, until its shapes are asked for
+
+    @property
+    def shapes(self):
+        """Name -> shape, for every parameter given to forward. A cell step's are
+        worked out when first asked for: most steps of a loop never are (their weight
+        gradients go to the pass's anchor), and the dict cost a step 1-2 us."""
+        if self._shapes is None:
+            self._shapes = {name: np.shape(w) for name, w in zip(_CELL_NAMES, self._cell_weights)
+                            if w is not None}
+            self._cell_weights = None
+        return self._shapes
 
     @property
     def nbytes(self):
@@ -277,8 +289,7 @@ def cell_forward(mode, x, hx, weights, training=False):
     _, h_n, c_n, core = _core.cell_step(mode, x, h0, c0, *weights, bool(training))
     cache = None
     if core is not None:
-        shapes = {name: np.shape(w) for name, w in zip(_CELL_NAMES, weights) if w is not None}
-        cache = _Cache(core, mode, 1, 1, x.dtype, shapes)
+        cache = _Cache(core, mode, 1, 1, x.dtype, None, tuple(weights))
     return h_n, c_n, cache
 
 

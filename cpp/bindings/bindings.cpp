@@ -715,11 +715,11 @@ py::tuple rnn_backward(const RnnCache& rc, py::handle dy_obj, py::handle dh_n_ob
     dc_n_ptr = dc_n.data();
   }
   auto* cache = static_cast<lstmfast::StackCache<Real>*>(rc.cache.get());
-  std::vector<lstmfast::Grads<Real>> g(static_cast<size_t>(LD));
   if (gate_grads) return gate_grads_backward<Real>(rc, *cache, dy_ptr, dh_n_ptr, dc_n_ptr, grads_obj,
                                                    consume, input_grad);
   const std::vector<std::string>& slots = param_slots(s.mode);
   const auto grads = params_by_slot(grads_obj, "grads", s.mode, LD, s.D);
+  std::vector<lstmfast::Grads<Real>> g(static_cast<size_t>(LD));
   for (int64_t i = 0; i < LD; ++i) {
     const lstmfast::Params<Real>& p = cache->params[i];
     const bool ln = s.mode == lstmfast::Mode::LN_LSTM;

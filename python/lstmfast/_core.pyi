@@ -29,6 +29,9 @@ class RnnCache:
     def nbytes(self) -> int: ...
     @property
     def dtype(self) -> np.dtype: ...
+    @property
+    def hands_back_gate_grads(self) -> bool:
+        """Whether rnn_backward(..., gate_grads=True) serves this cache."""
 
 class _CellOptions(TypedDict, total=False):
     alpha: float  # CTRNN: dt / tau, in (0, 1]
@@ -91,12 +94,23 @@ def rnn_backward(
     d_output: Optional[npt.NDArray[_Float]],
     d_h_n: Optional[npt.NDArray[_Float]],
     d_c_n: Optional[npt.NDArray[_Float]],
-    grads: Mapping[str, npt.NDArray[_Float]],  # one per parameter of the forward; added into in place
+    grads: Optional[Mapping[str, npt.NDArray[_Float]]],  # one per parameter of the forward; added
+                                                          # into in place (None with gate_grads)
     consume: bool = False,
     assign: bool = False,  # write the gradients over grads instead of adding into them
     input_grad: bool = True,  # False: dx is neither computed nor returned (None)
-) -> tuple[Optional[npt.NDArray[_Float]], npt.NDArray[_Float], Optional[npt.NDArray[_Float]]]:
-    """Returns (dx or None, dh0, dc0 or None)."""
+    gate_grads: bool = False,  # no parameter gradients: the gate gradients come back instead
+) -> tuple[Optional[npt.NDArray[_Float]], ...]:
+    """Returns (dx or None, dh0, dc0 or None); with gate_grads also (dG_x, dG_h or None,
+    h_prev): the weight gradients are then gate_weight_gradients' products of them."""
+
+def gate_weight_gradients(
+    dW: npt.NDArray[_Float],  # (G*H, width), written in place
+    db: Optional[npt.NDArray[_Float]],  # (G*H,), written in place
+    dG: npt.NDArray[_Float],  # (rows, G*H)
+    inputs: npt.NDArray[_Float],  # (rows, width): x or h_prev of those rows
+    assign: bool = False,  # write over dW and db instead of adding into them
+) -> None: ...
 
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...

@@ -82,7 +82,7 @@ def _backward_new_gradients(backend, cache, d_output, d_h_n, d_c_n, input_grad):
 
 
 def _backward_gradients(backend, cache, sums, x, d_output, d_h_n, d_c_n, input_grad):
-    """The backward of one call (a cell's step, a layer's call on ``x``, an array):
+    """The backward of one call (a cell's step, a layer's call on ``x``, a tensor):
     dx, dh0, dc0 and its parameter gradients by name, or None for them where the
     module's _WeightGradientSums takes them (``sums``, when this pass will run its
     anchor): the call hands it its gate gradients (_PassGradients.steps), or, where
@@ -95,9 +95,9 @@ def _backward_gradients(backend, cache, sums, x, d_output, d_h_n, d_c_n, input_g
         if this_pass.takes_gate_gradients(cache, d_output):
             dx, dh0, dc0, gates = backend.gate_gradients_backward(cache, d_output, d_h_n, d_c_n,
                                                                   input_grad)
-            this_pass.add_step(cache, x, gates)
+            this_pass.add_step(x, gates)
             return dx, dh0, dc0, None
-        grads, new = this_pass.arrays_for(cache)
+        grads, new = this_pass.arrays_for()
         dx, dh0, dc0 = backend.summing_backward(cache, d_output, d_h_n, d_c_n, grads, new,
                                                 input_grad)
         return dx, dh0, dc0, None
@@ -205,8 +205,8 @@ class _RecurrentFunction(torch.autograd.Function):
         d_outputs = (_as_numpy(d_output.contiguous()), _as_numpy(d_h_n.contiguous()),
                      _as_numpy(d_c_n.contiguous()) if is_lstm else None)
         dx, dh0, dc0, grads = _backward_gradients(
-            settings["backend"], ctx.cache, settings.get("weight_gradient_sums"),
-            _as_numpy(saved[0]), *d_outputs, ctx.needs_input_grad[1])
+            settings["backend"], ctx.cache, settings.get("weight_gradient_sums"), saved[0],
+            *d_outputs, ctx.needs_input_grad[1])
         names = settings["names"]
         weight_grads = ((None,) * len(names) if grads is None  # the anchor returns them
                         else tuple(torch.from_numpy(grads[name]) for name in names))
@@ -277,49 +277,47 @@ class _PassGradients:
     # I=H=256 trained on two threads ran 0.94x torch that way, 1.01x before).
     _GATES_MAX_ROWS = 64
 
-    __slots__ = ("arrays", "steps", "shapes", "dtype", "kept_bytes", "limit_bytes",
-                 "weight_bytes")
+    __slots__ = ("arrays", "steps", "shapes", "dtype", "weight_bytes", "kept_bytes")
 
     def __init__(self):
         self.arrays = None  # name -> array, once steps summed or were multiplied into them
         self.steps = []  # (dG_x, dG_h or None, h_prev, x) per step, each (rows, ...)
-        self.shapes = self.dtype = None
+        self.shapes = self.dtype = self.weight_bytes = None  # the module's, from its first call
         self.kept_bytes = 0
-        self.limit_bytes = None
-        self.weight_bytes = None
 
     def takes_gate_gradients(self, cache, d_output):
         """Whether a call (its cache, and the gradient of its output, (T, N, ...))
-        hands this pass its gate gradients rather than summing its weight gradients."""
+        hands this pass its gate gradients rather than summing its weight gradients.
+        Every call of the pass asks first: the first one's cache gives the module's
+        parameter shapes and dtype, which all its calls share."""
+        if self.shapes is None:
+            self.shapes, self.dtype = cache.shapes, cache.dtype
+            self.weight_bytes = (sum(int(np.prod(shape)) for shape in self.shapes.values())
+                                 * np.dtype(self.dtype).itemsize)
         if not cache.hands_back_gate_grads:
             return False
-        if self.weight_bytes is None:  # a module's calls share their weights' shapes
-            self.weight_bytes = (sum(int(np.prod(shape)) for shape in cache.shapes.values())
-                                 * np.dtype(cache.dtype).itemsize)
         rows = d_output.shape[0] * d_output.shape[1]
         return rows < self._SUMMED_FROM_ROWS or (
             rows <= self._GATES_MAX_ROWS and self.weight_bytes > self._SUMMED_MAX_BYTES)
 
-    def add_step(self, cache, x, gates):
+    def add_step(self, x, gates):
+        """Keeps a call's gate gradients (gate_gradients_backward's) and its input
+        ``x`` (a tensor)."""
         dG_x, dG_h, h_prev = gates
-        if self.limit_bytes is None:
-            self.shapes, self.dtype = cache.shapes, cache.dtype
-            self.limit_bytes = max(self._KEPT_BYTES, self.weight_bytes)
         rows = dG_x.shape[0] * dG_x.shape[1]
         self.steps.append((dG_x.reshape(rows, -1), None if dG_h is None else dG_h.reshape(rows, -1),
-                           h_prev.reshape(rows, -1), x.reshape(rows, -1)))
+                           h_prev.reshape(rows, -1), _as_numpy(x).reshape(rows, -1)))
         self.kept_bytes += dG_x.nbytes + h_prev.nbytes + (0 if dG_h is None else dG_h.nbytes)
-        if self.kept_bytes > self.limit_bytes:
+        if self.kept_bytes > max(self._KEPT_BYTES, self.weight_bytes):
             self._multiply_steps(self.shapes.keys())
 
-    def arrays_for(self, cache):
+    def arrays_for(self):
         """The arrays a step adds into, and whether they are new (the step then writes
         them instead of adding)."""
         if self.arrays is not None:
             return self.arrays, False
-        self.shapes, self.dtype = cache.shapes, cache.dtype
-        self.arrays = {name: _gradient_arrays.empty(shape, cache.dtype)
-                       for name, shape in cache.shapes.items()}
+        self.arrays = {name: _gradient_arrays.empty(shape, self.dtype)
+                       for name, shape in self.shapes.items()}
         return self.arrays, True
 
     def gradients(self, wanted):
@@ -488,8 +486,8 @@ class _CellFunction(torch.autograd.Function):
         # h1 is both output[0] and h_n[0]: its gradient goes in as d_output.
         d_output = d_h1.detach().contiguous().numpy().reshape(1, N, -1)
         d_c_n = None if c0 is None else d_c1.detach().contiguous().numpy().reshape(1, N, -1)
-        dx, dh0, dc0, grads = _backward_gradients(ctx.backend, ctx.cache, ctx.sums, _as_numpy(x),
-                                                  d_output, None, d_c_n, ctx.needs_input_grad[5])
+        dx, dh0, dc0, grads = _backward_gradients(ctx.backend, ctx.cache, ctx.sums, x, d_output,
+                                                  None, d_c_n, ctx.needs_input_grad[5])
         g = [None if grads is None or w is None  # (None: the anchor returns them)
              else torch.from_numpy(grads[name])
              for name, w in zip(_CELL_PARAMETER_NAMES, (w_ih, w_hh, b_ih, b_hh))]

@@ -252,7 +252,7 @@ def _fused_cell_forward(self, input, hx):
         # the weights' arrays made once, not at every step (_weight_arrays): a training
         # loop steps the cell as often as inference does
         arrays = _weight_arrays(self, weights, _CELL_WEIGHTS)
-        # the steps' weight gradients summed once per backward pass (autograd.py)
+        # the steps' weight gradients made once per backward pass (autograd.py)
         sums = _weight_gradient_sums_for(self, backend, weights)
         result = _CellFunction.apply(backend, mode, arrays, sums,
                                      None if sums is None else sums.token, x, h0, c0, *weights)

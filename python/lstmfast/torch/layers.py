@@ -329,7 +329,7 @@ def _layer_forward_on(self, input, hx, hx_list, weights, names, reduced=False, g
     if needs_grad:
         if not reduced:  # the weights' views made once, not at every call (_weight_arrays)
             settings["weight_arrays"] = _weight_arrays(self, weights, names)
-        # a layer stepped in a loop sums its calls' weight gradients once per backward
+        # a layer stepped in a loop makes its calls' weight gradients once per backward
         # pass, as a cell does (autograd.py, _WeightGradientSums)
         sums = settings["weight_gradient_sums"] = _weight_gradient_sums_for(
             self, settings["backend"], weights, names)

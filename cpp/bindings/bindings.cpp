@@ -1202,6 +1202,9 @@ void register_pool(py::module_& m) {
         "Tests: False runs every job on all its threads, however busy the machine.");
   m.def("_pool_set_others_running", &lstmfast::pool_set_others_running, py::arg("threads"),
         "Tests: other runnable threads the pool counts, as if read (-1: it reads them).");
+  m.def("_pool_set_runnable_reading", &lstmfast::pool_set_runnable_reading, py::arg("threads"),
+        "Tests: the machine's running threads the pool reads, ours included, in place of "
+        "/proc/loadavg (-1: it reads that).");
   m.def("_pool_sleeps", &lstmfast::pool_sleeps, "Tests: the pool's waits that went to sleep so far.");
   m.def("_pool_set_counting", &lstmfast::pool_set_counting, py::arg("on"),
         "Diagnosis: count the pool's jobs and waits from now on (zeroed when switched on).");

@@ -56,6 +56,10 @@ void pool_set_fit_to_cores(bool fit);
 // For tests: the pool counts `threads` other runnable threads on the machine, as if
 // it had read them, when deciding how many cores a job may take (-1: it reads them).
 void pool_set_others_running(int threads);
+// For tests: what the pool reads as the machine's running threads, theirs and ours,
+// in place of /proc/loadavg (-1: it reads that); the reads still come at most once a
+// millisecond and go through the pool's filter, as real ones.
+void pool_set_runnable_reading(int threads);
 
 // For tests: where the process has loaded an OpenMP runtime (torch's), jobs run as
 // its parallel regions never (0), when the cores are busy (1, the default: see

@@ -208,6 +208,71 @@ def test_a_partner_late_by_a_few_hundred_microseconds_is_not_slept_on():
     assert counts["barrier_waits"] >= 40 and counts["barrier_sleeps"] < 20, counts
 
 
+# Whether a job gets the cores, from the machine's running threads (/proc/loadavg, here
+# given in its place): others seen by one read alone are passing through (a kernel
+# thread that woke while the job's threads held every core), seen by two reads in a
+# row they hold the cores; a read with none before it for long is believed alone.
+# Where torch's OpenMP runtime is loaded, others are most likely its team, spinning
+# after torch's last op: every read is believed, and the job runs on that team.
+_JOB_AFTER_A_READ = """
+import time
+import numpy as np
+import lstmfast
+from lstmfast import _core
+lstmfast.set_num_threads(2)
+_core._pool_set_wake_cost_ns(0.0)  # no call is too short to wake the workers
+layer = lstmfast.LSTM(16, 64, seed=0).eval()
+x = np.ones((20, 4, 16), np.float32)
+busy = 64  # running threads, far more than the pool's
+
+def job_after(running):
+    time.sleep(0.003)  # past the pool's next read (one a millisecond at most)
+    _core._pool_set_runnable_reading(running)
+    _core._pool_set_counting(False)
+    _core._pool_set_counting(True)  # counts from zero
+    layer(x)
+    counts = _core._pool_counts()
+    where = [k for k in ("jobs", "jobs_alone", "jobs_openmp") if counts[k]]
+    assert len(where) == 1 and counts[where[0]] == 1, counts  # one job, after one read
+    return {"jobs": "pool", "jobs_alone": "alone", "jobs_openmp": "openmp"}[where[0]]
+"""
+
+_PASSING_THREADS = _JOB_AFTER_A_READ + """
+_core._pool_set_use_openmp(0)
+assert job_after(0) == "pool"
+assert job_after(busy) == "pool", "a thread seen once took a core from the job"
+assert job_after(busy) == "alone", "threads seen twice in a row left the job its cores"
+assert job_after(busy) == "alone"
+assert job_after(0) == "pool", "the cores, free again, were not taken at once"
+time.sleep(0.3)  # longer than a read vouches for the next
+assert job_after(busy) == "alone", "a read with none recent before it was not believed"
+print("ok")
+"""
+
+_PASSING_THREADS_WITH_OPENMP = _JOB_AFTER_A_READ + """
+import torch
+torch.set_num_threads(2)
+torch.ones(64, 64) @ torch.ones(64, 64)
+deadline = time.monotonic() + 5
+while not _core._pool_openmp_found():  # looked for at most every 100 ms
+    assert time.monotonic() < deadline, "torch's OpenMP runtime was not found"
+    time.sleep(0.05)
+assert job_after(0) == "pool"
+assert job_after(busy) == "openmp", "a read of torch's team spinning was not believed"
+assert job_after(0) == "pool"
+print("ok")
+"""
+
+
+def test_threads_seen_once_leave_a_job_its_cores():
+    _run_child(_PASSING_THREADS)
+
+
+def test_with_openmp_loaded_one_read_of_others_sends_the_job_to_its_team():
+    pytest.importorskip("torch")
+    _run_child(_PASSING_THREADS_WITH_OPENMP)
+
+
 _PREPARED_POOL = """
 import time
 from lstmfast import _core

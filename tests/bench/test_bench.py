@@ -174,7 +174,7 @@ def test_patterns_prints_and_writes_every_figure(tmp_path, capsys):
     assert rc == 0
     printed = capsys.readouterr().out
     for text in ("call patterns", "cpu features", "process pairs per case", "gap", "after pools",
-                 "cell loop", "frame loop", "frozen chunk loop", "adapter training",
+                 "numpy pipeline", "timeout=4", "cell loop", "frame loop", "frozen chunk loop", "adapter training",
                  "frame training", "vs torch", "x own"):
         assert text in printed
     data = json.loads(out_json.read_text())
@@ -186,14 +186,18 @@ def test_patterns_prints_and_writes_every_figure(tmp_path, capsys):
                for r in gaps[:1])
     (after,) = [r for r in rows if r["pattern"] == "after pools"]
     assert set(after["seconds"]) == {"fresh", "after torch+OpenBLAS"}
-    assert {r["pattern"] for r in rows} == {"gap", "after pools", "cell loop", "frame loop",
-                                            "chunk loop", "frozen cell loop", "frozen frame loop",
-                                            "frozen chunk loop", "adapter training",
-                                            "frame training"}
+    (pipeline,) = [r for r in rows if r["pattern"] == "numpy pipeline"]
+    assert set(pipeline["seconds"]) == {"OpenBLAS default", "OPENBLAS_THREAD_TIMEOUT=4"}
+    assert {r["pattern"] for r in rows} == {"gap", "after pools", "numpy pipeline", "cell loop",
+                                            "frame loop", "chunk loop", "frozen cell loop",
+                                            "frozen frame loop", "frozen chunk loop",
+                                            "adapter training", "frame training"}
     for r in rows:
         seconds, q = r["seconds"], r["ratio"]
         assert all(v > 0 for v in seconds.values())
-        over, under = ("after torch+OpenBLAS", "fresh") if r is after else ("torch", "lstmfast")
+        over, under = {"after pools": ("after torch+OpenBLAS", "fresh"),
+                       "numpy pipeline": ("OpenBLAS default", "OPENBLAS_THREAD_TIMEOUT=4")}.get(
+                           r["pattern"], ("torch", "lstmfast"))
         assert q["min"] == q["median"] == q["max"] == pytest.approx(seconds[over] / seconds[under])
 
 

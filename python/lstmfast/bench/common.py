@@ -409,9 +409,11 @@ def worker_main(argv, workers, mode):
 
 
 def run_worker(module, job, what):
-    """Runs ``job`` in a fresh Python process of ``module``'s worker; its result."""
+    """Runs ``job`` in a fresh Python process of ``module``'s worker; its result. The
+    job's ``env`` (a dict, if any) is added to the process's environment."""
+    env = {**os.environ, **job["env"]} if job.get("env") else None
     proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps(job)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{module} worker {what} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -9,6 +9,11 @@ state between calls decides how fast the next one is:
   slowdown against its own back-to-back call;
 * ``after pools``: lstmfast's back-to-back call in a process where torch's and
   NumPy's OpenBLAS's thread pools have run first, against a fresh process;
+* ``numpy pipeline``: a NumPy program without torch, a product of NumPy's own
+  OpenBLAS before every call of lstmfast's NumPy layer, its OpenBLAS threads
+  spinning for their default time after each product (they hold the cores, and
+  lstmfast's call runs on fewer threads) against ``OPENBLAS_THREAD_TIMEOUT=4`` (they
+  sleep at once): the median of the product and the call together;
 * ``cell loop``: a decoder stepping a cell once per token, its output fed back
   through a linear layer (``lstmfast.torch``'s cell against torch's);
 * ``frame loop``: a streaming model feeding its layer one frame per call, the state
@@ -40,6 +45,9 @@ GAPS_MS = (0, 1, 10, 100)
 CELLS = ("LSTM", "GRU")
 SHAPES = ("stream", "small", "medium")
 IMPLEMENTATIONS = ("torch", "lstmfast")
+PIPELINE_PRODUCT = 384  # NumPy's float64 product between calls: (384 x 384) @ (384 x 384)
+PIPELINE_VARIANTS = {"OpenBLAS default": {}, "OPENBLAS_THREAD_TIMEOUT=4": {
+    "env": {"OPENBLAS_THREAD_TIMEOUT": "4"}}}
 CELL_LOOP = {"I": 64, "H": 512, "N": 1, "steps": 100}  # a decoder's cell, stepped per token
 FRAME_LOOP = {"I": 64, "H": 128, "N": 1, "frames": 100, "per_call": 1}  # a stream, a frame a call
 CHUNK_LOOP = {**FRAME_LOOP, "per_call": 10}  # the same stream fed ten frames per call
@@ -133,6 +141,31 @@ def measure_after_pools(job):
     return {"median": statistics.median(times), "times": times}
 
 
+def measure_numpy_pipeline(job):
+    """A NumPy program's loop: NumPy's product, then lstmfast's NumPy layer. torch is
+    never imported (nor its OpenMP runtime loaded, which changes how lstmfast's pool
+    reads the machine: docs/architecture.md)."""
+    import lstmfast
+
+    lstmfast.set_num_threads(job["threads"])
+    T, N, I, H = job["shape"]  # noqa: E741
+    layer = getattr(lstmfast, job["cell"])(I, H, seed=0).eval()
+    x = np.random.default_rng(0).standard_normal((T, N, I)).astype(np.float32)
+    a = np.random.default_rng(1).standard_normal((job["product"], job["product"]))
+    calls = []
+
+    def iteration():
+        a @ a
+        t0 = time.perf_counter()
+        layer(x)
+        calls.append(time.perf_counter() - t0)
+
+    times = _call_times(iteration, job["calls"])
+    assert "torch" not in sys.modules
+    return {"median": statistics.median(times), "times": times,
+            "call_median": statistics.median(calls[-len(times):])}
+
+
 def measure_cell_loop(job):
     torch = _torch(job["threads"])
     import lstmfast
@@ -213,7 +246,8 @@ def measure_frame_training(job):
     return {"median": statistics.median(times), "times": times}
 
 
-WORKERS = {"gap": measure_gap, "after_pools": measure_after_pools, "cell_loop": measure_cell_loop,
+WORKERS = {"gap": measure_gap, "after_pools": measure_after_pools,
+           "numpy_pipeline": measure_numpy_pipeline, "cell_loop": measure_cell_loop,
            "frame_loop": measure_frame_loop, "training": measure_training,
            "frame_training": measure_frame_training}
 
@@ -294,6 +328,14 @@ def run(cells, shapes, threads, pair_count, calls, tiny=False, json_path=None):
         rows.append({"pattern": "after pools", "case": f"{cell} {shape}",
                      "seconds": {k: statistics.median(v) for k, v in got.items()},
                      "ratio": summary(_ratios(got["after torch+OpenBLAS"], got["fresh"]))})
+        product = 8 if tiny else PIPELINE_PRODUCT
+        got = pairs({**base, "kind": "numpy_pipeline", "cell": cell, "shape": dims,
+                     "product": product}, PIPELINE_VARIANTS, pair_count,
+                    f"numpy pipeline {cell} {shape}")
+        default, timeout = PIPELINE_VARIANTS
+        rows.append({"pattern": "numpy pipeline", "case": f"{cell} {shape}, {product}^2 product",
+                     "seconds": {k: statistics.median(v) for k, v in got.items()},
+                     "ratio": summary(_ratios(got[default], got[timeout]))})
     loop = {k: (2 if tiny else v) for k, v in CELL_LOOP.items()}
     frames = {k: (min(v, 2) if tiny else v) for k, v in FRAME_LOOP.items()}
     chunks = {k: (min(v, 2) if tiny else v) for k, v in CHUNK_LOOP.items()}
@@ -335,6 +377,10 @@ def print_table(rows, file=None):
     print("gap: median call after an idle gap; x own: against the same implementation back to back;",
           file=file)
     print("vs torch: torch's time over lstmfast's, median (min-max) over the process pairs", file=file)
+    print("numpy pipeline (no torch): NumPy's product and lstmfast's call, OpenBLAS's threads spinning",
+          file=file)
+    print("  for their default time after each product against OPENBLAS_THREAD_TIMEOUT=4; vs: default"
+          " over 4", file=file)
     header = (f"{'pattern':17s} {'case':40s} {'gap':>5s} {'torch ms':>9s} {'x own':>6s} "
               f"{'lstmfast ms':>11s} {'x own':>6s} {'vs torch':>20s}")
     print(header, file=file)
@@ -348,6 +394,13 @@ def print_table(rows, file=None):
             after_over_fresh = f"after/fresh {q['median']:.2f}x"
             print(f"{'':17s} {'':40s} {'-':>5s} {'after':>9s} {'':6s} "
                   f"{_ms(s['after torch+OpenBLAS']):>11s} {'':6s} {after_over_fresh:>20s}", file=file)
+            continue
+        if r["pattern"] == "numpy pipeline":  # no torch: OpenBLAS's spin, default against 2^4 cycles
+            default, timeout = PIPELINE_VARIANTS
+            print(f"{r['pattern']:17s} {r['case']:40s} {'-':>5s} {'default':>9s} {'':6s} "
+                  f"{_ms(s[default]):>11s} {'':6s} {'':>20s}", file=file)
+            print(f"{'':17s} {'':40s} {'-':>5s} {'timeout=4':>9s} {'':6s} "
+                  f"{_ms(s[timeout]):>11s} {'':6s} {spread:>20s}", file=file)
             continue
         gap = f"{r['gap_ms']}" if "gap_ms" in r else "-"
         own = r.get("vs_back_to_back", {})

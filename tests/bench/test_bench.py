@@ -164,6 +164,17 @@ def test_models_prints_and_writes_every_figure(tmp_path, capsys, models):
     assert row["rnn_calls_per_step"] == 1
 
 
+def test_numpy_pipeline_workers_run_with_each_variants_environment(monkeypatch):
+    from lstmfast.bench import patterns
+
+    monkeypatch.delenv("OPENBLAS_THREAD_TIMEOUT", raising=False)
+    job = {"kind": "numpy_pipeline", "threads": 1, "calls": 1, "cell": "GRU",
+           "shape": [2, 1, 4, 4], "product": 8}
+    seen = {name: patterns.run_worker({**job, **update})["openblas_thread_timeout"]
+            for name, update in patterns.PIPELINE_VARIANTS.items()}
+    assert seen == {"OpenBLAS default": None, "OPENBLAS_THREAD_TIMEOUT=4": "4"}
+
+
 def test_patterns_prints_and_writes_every_figure(tmp_path, capsys):
     pytest.importorskip("torch")
     out_json = tmp_path / "patterns.json"

@@ -33,6 +33,7 @@ lstmfast.bench.patterns --worker JOB`` and print one JSON line.
 """
 
 import json
+import os
 import statistics
 import sys
 import time
@@ -163,7 +164,8 @@ def measure_numpy_pipeline(job):
     times = _call_times(iteration, job["calls"])
     assert "torch" not in sys.modules
     return {"median": statistics.median(times), "times": times,
-            "call_median": statistics.median(calls[-len(times):])}
+            "call_median": statistics.median(calls[-len(times):]),
+            "openblas_thread_timeout": os.environ.get("OPENBLAS_THREAD_TIMEOUT")}
 
 
 def measure_cell_loop(job):
@@ -369,6 +371,14 @@ def run(cells, shapes, threads, pair_count, calls, tiny=False, json_path=None):
     return 0
 
 
+# The rows of lstmfast alone in two kinds of process, printed on two lines: the label
+# and the key in the row's seconds of each.
+TWO_VARIANT_ROWS = {
+    "after pools": (("fresh", "fresh"), ("after", "after torch+OpenBLAS")),
+    "numpy pipeline": tuple(zip(("default", "timeout=4"), PIPELINE_VARIANTS)),
+}
+
+
 def _ms(seconds):
     return f"{seconds * 1e3:9.3f}"
 
@@ -388,19 +398,13 @@ def print_table(rows, file=None):
     for r in rows:
         s, q = r["seconds"], r["ratio"]
         spread = f"{q['median']:.2f}x ({q['min']:.2f}-{q['max']:.2f})"
-        if r["pattern"] == "after pools":
-            print(f"{r['pattern']:17s} {r['case']:40s} {'-':>5s} {'fresh':>9s} {'':6s} "
-                  f"{_ms(s['fresh']):>11s} {'':6s} {'':>20s}", file=file)
-            after_over_fresh = f"after/fresh {q['median']:.2f}x"
-            print(f"{'':17s} {'':40s} {'-':>5s} {'after':>9s} {'':6s} "
-                  f"{_ms(s['after torch+OpenBLAS']):>11s} {'':6s} {after_over_fresh:>20s}", file=file)
-            continue
-        if r["pattern"] == "numpy pipeline":  # no torch: OpenBLAS's spin, default against 2^4 cycles
-            default, timeout = PIPELINE_VARIANTS
-            print(f"{r['pattern']:17s} {r['case']:40s} {'-':>5s} {'default':>9s} {'':6s} "
-                  f"{_ms(s[default]):>11s} {'':6s} {'':>20s}", file=file)
-            print(f"{'':17s} {'':40s} {'-':>5s} {'timeout=4':>9s} {'':6s} "
-                  f"{_ms(s[timeout]):>11s} {'':6s} {spread:>20s}", file=file)
+        if r["pattern"] in TWO_VARIANT_ROWS:  # lstmfast alone, in two kinds of process
+            (first, first_key), (second, second_key) = TWO_VARIANT_ROWS[r["pattern"]]
+            ratio = f"after/fresh {q['median']:.2f}x" if r["pattern"] == "after pools" else spread
+            print(f"{r['pattern']:17s} {r['case']:40s} {'-':>5s} {first:>9s} {'':6s} "
+                  f"{_ms(s[first_key]):>11s} {'':6s} {'':>20s}", file=file)
+            print(f"{'':17s} {'':40s} {'-':>5s} {second:>9s} {'':6s} "
+                  f"{_ms(s[second_key]):>11s} {'':6s} {ratio:>20s}", file=file)
             continue
         gap = f"{r['gap_ms']}" if "gap_ms" in r else "-"
         own = r.get("vs_back_to_back", {})

@@ -413,6 +413,32 @@ def test_small_steps_run_on_the_calling_thread(threads_restored, pool_always_thr
     assert (asked > 0) == pooled, counts
 
 
+# The input gradient of a whole sequence (dG W_ih over every step, after the time
+# loop) is a job of its own: each thread its rows, OpenBLAS single-threaded. On
+# OpenBLAS's own threads it ran beside the threads that had just run the loop's job,
+# still spinning (torch's OpenMP team in a torch process), at about half speed.
+@pytest.mark.parametrize("mode,bidirectional", [("LSTM", False), ("GRU", True)])
+def test_a_sequences_input_gradient_runs_on_the_pool(threads_restored, pool_always_threaded,
+                                                     mode, bidirectional):
+    lstmfast.set_num_threads(2)
+    _core._pool_set_wake_cost_ns(0)  # no call is too short for sleeping workers here
+    T, N, I, H = 12, 6, 9, 40  # 72 row-steps: not a short backward
+    case = Case(mode, np.float32, T=T, N=N, I=I, H=H, bidirectional=bidirectional)
+    jobs = {}
+    for input_grad in (False, True):
+        cache = case.forward(_fused)[3]
+        _core._pool_set_counting(False)
+        _core._pool_set_counting(True)
+        dx, *_ = _fused.backward(cache, case.d_output, case.d_h_n, case.d_c_n,
+                                 input_grad=input_grad)
+        counts = _core._pool_counts()
+        jobs[input_grad] = counts["jobs"] + counts["jobs_openmp"] + counts["jobs_alone"]
+    directions = 2 if bidirectional else 1
+    assert jobs[True] - jobs[False] == directions, jobs  # a product per direction
+    _, (dx_reference, _, _, _) = case.run(reference)
+    assert_close(dx, dx_reference, name="dx")
+
+
 # Jobs as parallel regions of torch's OpenMP runtime: in a child process that loads
 # torch (its wheels bring libgomp), every job forced onto the runtime's team, the
 # kernels against the reference and the barriers checked; then the default, which

@@ -276,10 +276,12 @@ struct LayerBuffers {
   Real* rec = nullptr;    // rec: [N, G*H] scratch: h W_hh^T of the current step
   Real* W_hh_t = nullptr; // W_hh_t: LSTM with P > 0, [H_out, G*H] scratch: W_hh^T laid out once per call for the few-row GEMM
   Real* W_hr_t = nullptr; // W_hr_t: [H, P] scratch: W_hr^T likewise (LSTM with P > 0)
-  Real* W_hh_p = nullptr; // W_hh_p: without P, [packed_size(G, H, H_out)] scratch: W_hh packed once per call into
+  Real* W_hh_p = nullptr; // W_hh_p: [packed_size(G, H, H_out)] scratch: W_hh packed once per call into
                           //   gate-interleaved panels for the fused recurrent kernel (recurrent_product.h)
   Real* W_ih_p = nullptr; // W_ih_p: [packed_size(G, H, I)] scratch: W_ih packed likewise, for the input projection
                           //   of a few steps at a time on the pool; nullptr: projected at once by OpenBLAS
+  Real* W_hr_p = nullptr; // W_hr_p: LSTM with P > 0, [packed_size(1, P, H)] scratch: W_hr packed likewise (one
+                          //   gate of P units), for the projection of m on the pool
   Real* h = nullptr;      // h: [S+1, N, H_out] training / [2, N, H_out] inference: h per step, sorted rows, slot 0 = h0
   Real* c = nullptr;      // c: LSTM, like h with width H: the cell state
   Real* m = nullptr;      // m: LSTM with P > 0: [S, N, H] training / [N, H] inference: o * tanh(c) before the projection

@@ -826,9 +826,11 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
         }
         scratch[d].act = &acts[d];
         scratch[d].act_state = &acts_state[d];
-      } else if (P) {  // the projected LSTM steps with OpenBLAS, or few rows with transposed weights
+      } else if (P) {  // the projected LSTM: few rows on transposed weights, else packed panels
         scratch[d].W_hh_t = cv.take<Real>(H_out * GH);
         scratch[d].W_hr_t = cv.take<Real>(H * P);
+        scratch[d].W_hh_p = cv.take<Real>(packed_size(gates_of(s.mode), H, H_out));
+        scratch[d].W_hr_p = cv.take<Real>(packed_size(1, P, H));
       } else {  // the fused kernel's packed panels
         scratch[d].W_hh_p = cv.take<Real>(packed_size(gates_of(s.mode), H, H_out));
         scratch[d].W_ih_p = cv.take<Real>(packed_size(gates_of(s.mode), H, widest_input));
@@ -876,6 +878,7 @@ std::unique_ptr<StackCache<Real>> stack_forward(Real* y, Real* h_n, Real* c_n, c
       b.W_hr_t = scratch[d].W_hr_t;
       b.W_hh_p = scratch[d].W_hh_p;
       b.W_ih_p = scratch[d].W_ih_p;
+      b.W_hr_p = scratch[d].W_hr_p;
       b.act = scratch[d].act;
       b.act_state = scratch[d].act_state;
       b.mask_sorted = scratch[d].mask_sorted;

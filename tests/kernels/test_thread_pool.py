@@ -42,6 +42,30 @@ def test_lengths_bidirectional_layers_on_the_pool(simd_target, threads_restored,
          lengths=[6, 1, 4, 6, 2, 3, 5]).check()
 
 
+# The LSTM with a projection runs its steps on the pool too: each thread's units of
+# the gates, then its columns of h' = m W_hr^T (P not a multiple of the vector width,
+# fewer unit blocks of P than threads at P=13), lengths, both directions, two layers.
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_projected_lstm_on_the_pool(simd_target, threads_restored, pool_always_threaded, dtype,
+                                    threads):
+    lstmfast.set_num_threads(threads)
+    _core._pool_set_wake_cost_ns(0)  # no call is too short for sleeping workers here
+    Case("LSTM", dtype, T=9, N=5, I=7, H=37, P=13, seed=threads).check()
+    Case("LSTM", dtype, T=30, N=1, I=5, H=40, P=17, seed=threads).check()
+    Case("LSTM", dtype, T=7, N=7, I=6, H=37, P=21, L=2, bidirectional=True,
+         lengths=[7, 1, 4, 7, 2, 3, 5], seed=threads).check()
+    if threads > 1:  # a job, where OpenBLAS had run each step's products
+        _core._pool_set_counting(False)
+        _core._pool_set_counting(True)
+        try:
+            Case("LSTM", dtype, T=9, N=5, I=7, H=37, P=13).forward(_fused, training=False)
+            counts = _core._pool_counts()
+        finally:
+            _core._pool_set_counting(False)
+        assert counts["jobs"] + counts["jobs_openmp"] == 1, counts
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_same_threads_same_bits_and_counts_may_change(threads_restored, mode):
     case = Case(mode, np.float32, T=5, N=6, I=7, H=40, lengths=[5, 2, 5, 3, 1, 4])

@@ -333,6 +333,77 @@ void lstm_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers
 
 namespace {
 
+// The backward of a projected layer on the pool (without recurrent dropout or
+// zoneout), the mirror of forward_projected_on_pool. At every step, last to first:
+// each thread adds its columns of dy into dh' (kept per step for dW_hr); after a
+// barrier, its units of dm = dh' W_hr and their gate gradients; after another
+// barrier, its columns of dh = dG W_hh, which only its own next step reads. Then the
+// weight gradients, each thread its gate rows (weight_gradients_share) and its rows
+// of dW_hr = dh'^T m.
+template <typename Real, bool kOnnx>
+void backward_projected_on_pool(const LstmCell<Real, kOnnx>& cell, Real* dG_x, Real* dh0,
+                                Real* dc0, const LayerGrads<Real>& dw,
+                                const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy,
+                                const Real* dh_n, const Real* dc_n, const Real* x,
+                                const LayerWeights<Real>& w, const LayerShape& s) {
+  const Walk walk(s);
+  const int64_t N = s.N, H = s.H, P = s.P, GH = 4 * H, S = steps_of(s);
+  Real* dG = input_gate_grads(dG_x, buf.dG ? buf.dG : buf.gates, s);  // see LayerBuffers::dG
+  gather_state(buf.dh, dh_n, P, walk);
+  gather_state(buf.dc, dc_n, H, walk);
+  auto body = [&](int tid, int nt) {
+    const UnitShare mine = unit_share<Real>(H, tid, nt);
+    const UnitShare columns = unit_share<Real>(P, tid, nt);  // of h'
+    const int64_t j0 = mine.j0, units = mine.j1 - mine.j0;
+    const int64_t p0 = columns.j0, width = columns.j1 - columns.j0;
+    auto barrier = [nt] {
+      if (nt > 1) pool_barrier();
+    };
+    for (int64_t k = S - 1; k >= 0; --k) {
+      const int64_t n = walk.active(k);
+      Real* dGk = dG + k * N * GH;
+      Real* dhk = buf.dhs + k * N * P;  // dh' in total: from step k + 1 and from y
+      for (int64_t b = 0; b < N; ++b) {
+        Real* out = dhk + b * P + p0;
+        if (b >= n) {
+          zero_row(out, width);
+          continue;
+        }
+        const Real* dyb = dy ? dy + walk.at(k, b) * lddy + p0 : nullptr;
+        const Real* in = buf.dh + b * P + p0;
+        for_lanes<Real>(width, [&](int64_t j, int64_t l) {
+          st(out + j, dyb ? ld(in + j, l) + ld(dyb + j, l) : ld(in + j, l), l);
+        });
+      }
+      barrier();
+      dh_product_stored(buf.dm, dhk, P, w.W_hr, n, P, H, j0, mine.j1, false);
+      for (int64_t b = 0; b < n; ++b) {
+        BackwardRow<Real> row{};
+        row.dG_in = row.dG = dGk + b * GH + j0;
+        row.dh = buf.dm + b * H + j0;
+        row.dc = buf.dc + b * H + j0;
+        row.saved = buf.gates + (k * N + b) * GH + j0;
+        row.c_prev = buf.c + (k * N + b) * H + j0;
+        row.c_next = buf.c + ((k + 1) * N + b) * H + j0;
+        cell.backward_row(row, k, b, j0, units);
+      }
+      for (int64_t b = n; b < N; ++b)
+        for (int g = 0; g < 4; ++g) zero_row(dGk + b * GH + g * H + j0, units);
+      barrier();
+      // finished rows keep their dh
+      dh_product_stored(buf.dh, dGk, GH, w.W_hh, n, GH, P, p0, columns.j1, false);
+    }
+    barrier();
+    weight_gradients_share(tid, nt, dG_x, dw, buf.dsum, dG, GH, dG, buf.h, x, GH, s);
+    if (width > 0)
+      gemm<Real>(true, false, width, H, S * N, Real(1), buf.dhs + p0, P, buf.m, H, dw.beta,
+                 dw.dW_hr + p0 * H, H);
+  };
+  run_on_pool(s.threads, body);
+  scatter_state(dh0, buf.dh, P, walk);
+  scatter_state(dc0, buf.dc, H, walk);
+}
+
 // The backward with a projection runs its own loop (the projection's product
 // between the cell and dh); without one, backward_layer.
 template <typename Real, bool kOnnx>
@@ -344,6 +415,11 @@ void backward_of(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
   if (w.peephole) zero_row(buf.dpeep, 3 * s.H);
   if (s.P == 0) {
     backward_layer(cell, dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
+    if (w.peephole) peephole_gradients(dw, buf.dpeep, s.H);
+    return;
+  }
+  if (!zoneout(w, s) && !buf.hm) {
+    backward_projected_on_pool(cell, dG_x, dh0, dc0, dw, buf, dy, lddy, dh_n, dc_n, x, w, s);
     if (w.peephole) peephole_gradients(dw, buf.dpeep, s.H);
     return;
   }

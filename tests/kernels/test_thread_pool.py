@@ -55,15 +55,18 @@ def test_projected_lstm_on_the_pool(simd_target, threads_restored, pool_always_t
     Case("LSTM", dtype, T=30, N=1, I=5, H=40, P=17, seed=threads).check()
     Case("LSTM", dtype, T=7, N=7, I=6, H=37, P=21, L=2, bidirectional=True,
          lengths=[7, 1, 4, 7, 2, 3, 5], seed=threads).check()
-    if threads > 1:  # a job, where OpenBLAS had run each step's products
-        _core._pool_set_counting(False)
-        _core._pool_set_counting(True)
-        try:
-            Case("LSTM", dtype, T=9, N=5, I=7, H=37, P=13).forward(_fused, training=False)
-            counts = _core._pool_counts()
-        finally:
+    if threads > 1:  # a job each way, where OpenBLAS had run each step's products
+        case = Case("LSTM", dtype, T=9, N=5, I=7, H=37, P=13)
+        jobs = []
+        for run in (lambda: case.forward(_fused, training=False),
+                    lambda: _fused.backward(case.forward(_fused)[3], case.d_output, input_grad=False)):
             _core._pool_set_counting(False)
-        assert counts["jobs"] + counts["jobs_openmp"] == 1, counts
+            _core._pool_set_counting(True)
+            run()
+            counts = _core._pool_counts()
+            jobs.append(counts["jobs"] + counts["jobs_openmp"])
+        _core._pool_set_counting(False)
+        assert jobs == [1, 2], jobs  # the backward's forward, then its own job
 
 
 @pytest.mark.parametrize("mode", MODES)

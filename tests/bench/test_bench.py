@@ -43,6 +43,7 @@ def test_bench_prints_and_writes_every_figure(tmp_path, capsys, threads_restored
             for variant in ("float64", "bidir", "2layer"):
                 assert (cell, "small", variant, mode) in cases
     assert ("LSTM", "lengths", "lengths", "training") in cases
+    assert ("LSTM", "proj", "proj", "training") in cases
     expected = {"reference", "fused"} | ({"torch"} if importlib.util.find_spec("torch") else set())
     for r in rows:
         # every row's ceiling is the GEMM of its own dtype at its thread count

@@ -26,7 +26,8 @@ def main(argv=None):
     parser.add_argument("--json", metavar="FILE", help="write the configuration and all figures to FILE")
     parser.add_argument("--plot", metavar="FILE.png", help="draw the speedups (needs matplotlib)")
     parser.add_argument("--no-variants", action="store_true",
-                        help="skip the variant cases (lengths, float64, bidirectional, 2 layers)")
+                        help="skip the variant cases (lengths, float64, bidirectional, 2 layers, "
+                             "an LSTM with a projection)")
     parser.add_argument("--memory", action="store_true",
                         help="also measure the peak memory of a training step of each grid case (fresh processes)")
     parser.add_argument("--models", nargs="?", const="all", metavar="NAME,...",

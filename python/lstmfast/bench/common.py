@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 
@@ -40,14 +41,18 @@ GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 PAUSE = 0.2  # seconds between timed blocks (see time_interleaved)
 
 
-def forward_flops(cell, T, N, I, H):
-    """2*T*N*G*H*(I+H): the two GEMMs of every step; pointwise work is not counted."""
+def forward_flops(cell, T, N, I, H, P=0):
+    """2*T*N*G*H*(I+H): the two GEMMs of every step; pointwise work is not counted.
+    With a projection (P > 0) the recurrent product reads P features, and the
+    projection adds 2*T*N*P*H."""
+    if P:
+        return 2.0 * T * N * (GATES[cell] * H * (I + P) + P * H)
     return 2.0 * T * N * GATES[cell] * H * (I + H)
 
 
-def case_flops(cell, mode, T, N, I, H):
+def case_flops(cell, mode, T, N, I, H, P=0):
     # Training is counted as three forwards: forward, and the two GEMMs of backward.
-    return forward_flops(cell, T, N, I, H) * (3 if mode == "training" else 1)
+    return forward_flops(cell, T, N, I, H, P) * (3 if mode == "training" else 1)
 
 
 def try_import_torch():
@@ -151,7 +156,8 @@ class Case:
 
     Variants beyond the plain grid: ``float64``; ``bidir`` (bidirectional);
     ``2layer`` (two stacked layers); ``lengths`` (a random length per sequence, as
-    a PackedSequence for torch, packed inside the timed call as a user must).
+    a PackedSequence for torch, packed inside the timed call as a user must);
+    ``proj`` (an LSTM with ``proj_size=H // 4``, as speech models' LSTMP layers).
     """
 
     def __init__(self, cell, shape_name, mode, threads, variant="", shape=None):
@@ -161,6 +167,8 @@ class Case:
         self.bidirectional = variant == "bidir"
         self.num_layers = 2 if variant == "2layer" else 1
         self.D = 2 if self.bidirectional else 1
+        self.P = self.H // 4 if variant == "proj" else 0
+        self.H_out = self.P or self.H
 
     @property
     def label(self):
@@ -168,10 +176,11 @@ class Case:
 
     @property
     def kwargs(self):
-        return dict(num_layers=self.num_layers, bidirectional=self.bidirectional)
+        extra = dict(proj_size=self.P) if self.P else {}
+        return dict(num_layers=self.num_layers, bidirectional=self.bidirectional, **extra)
 
     def flops(self):
-        f = case_flops(self.cell, self.mode, self.T, self.N, self.I, self.H) * self.D
+        f = case_flops(self.cell, self.mode, self.T, self.N, self.I, self.H, self.P) * self.D
         if self.num_layers == 2:  # the second layer reads D*H features
             f += case_flops(self.cell, self.mode, self.T, self.N, self.D * self.H, self.H) * self.D
         if self.lengths is not None:
@@ -181,7 +190,7 @@ class Case:
     def make_inputs(self):
         rng = np.random.default_rng(1)
         x = rng.standard_normal((self.T, self.N, self.I)).astype(self.dtype)
-        d_out = rng.standard_normal((self.T, self.N, self.D * self.H)).astype(self.dtype)
+        d_out = rng.standard_normal((self.T, self.N, self.D * self.H_out)).astype(self.dtype)
         return x, d_out
 
     @property
@@ -224,6 +233,10 @@ def torch_runner(torch, case, state_dict, x, d_out):
     lengths = None if case.lengths is None else torch.from_numpy(case.lengths)
 
     def call(inp):
+        if case.P:  # torch says, at every call, that its LSTM with a projection runs without oneDNN
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "LSTM with projections is not supported")
+                return module(inp)[0]
         if lengths is None:
             return module(inp)[0]
         packed = pack_padded_sequence(inp, lengths, enforce_sorted=False)

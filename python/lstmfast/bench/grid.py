@@ -31,6 +31,7 @@ VARIANTS = [
     ("GRU", "small", "bidir", None),
     ("LSTM", "small", "2layer", None),
     ("GRU", "small", "2layer", None),
+    ("LSTM", "proj", "proj", (100, 8, 256, 512)),
 ]
 
 

@@ -254,12 +254,10 @@ void forward_projected_on_pool(Real* y, int64_t ldy, Real* h_n, Real* c_n,
   auto body = [&](int tid, int nt) {
     const UnitShare mine = unit_share<Real>(H, tid, nt);
     const UnitShare columns = unit_share<Real>(P, tid, nt);  // of h' (W_hr's rows)
-    if (!w.W_hh_p) pack_gate_panels<Real, 4>(buf.W_hh_p, w.W_hh, H, P, mine.u0, mine.u1);
+    // (lstmfast.freeze packs nothing of a projected layer: the panels are made here)
+    pack_gate_panels<Real, 4>(buf.W_hh_p, w.W_hh, H, P, mine.u0, mine.u1);
     pack_gate_panels<Real, 1>(buf.W_hr_p, w.W_hr, P, H, columns.u0, columns.u1);
-    if (w.W_ih_p)
-      project_steps<Real, 4>(buf.xproj, GH, x, w.W_ih_p, s, 0, S, mine.u0, mine.u1);
-    else
-      input_projection_units(buf.xproj, GH, x, w.W_ih, 4, H, mine.j0, mine.j1, s);
+    input_projection_units(buf.xproj, GH, x, w.W_ih, 4, H, mine.j0, mine.j1, s);
     for (int64_t k = 0; k < S; ++k) {
       const int64_t n = walk.active(k);
       const Real* h_prev = buf.h + slot(k, kTraining) * N * P;

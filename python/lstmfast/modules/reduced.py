@@ -91,9 +91,10 @@ def freeze(layer):
     instruction set in use when it is frozen (or first called after unpickling);
     after ``set_simd_target`` chose another, calls read the weights as stored.
 
-    Nothing is packed where no panels are read: an LSTM with ``proj_size``, ONNX
-    options that the kernels lack, ``backend="numpy"``. The copy is then only
-    read-only and inference-only.
+    Nothing is packed for an LSTM with ``proj_size`` (its calls lay out ``W_hh`` and
+    ``W_hr`` together, at every call), nor where no panels are read: ONNX options
+    that the kernels lack, ``backend="numpy"``. The copy is then only read-only and
+    inference-only.
     """
     if not isinstance(layer, _Module):
         raise TypeError(

@@ -630,27 +630,35 @@ void run_with_blas_alone(int threads, F& body) {
     pool_run(threads, &Call::task, &body);
 }
 
+// Rows of A below which the product of many steps is not cut (one block of rows).
+constexpr int64_t kStoredProductBlockRows = 64;
+
 // C[rows, cols] = A[rows, K] B[K, cols] (+ C when accumulate), B as it lies (the
 // kernels' product): for a short backward with a big B (kShortBackwardSerialWeights)
 // each thread takes whole cache lines of B's columns; for the rows of many steps
-// each thread takes its share of the rows, OpenBLAS single-threaded in each. Called
-// with OpenBLAS's own threads, this product (dx of a whole sequence) ran beside the
-// threads that had just run the backward's job, spinning: torch's OpenMP team in a
-// torch process (LSTM T=100 N=32 I=H=256, 2 threads: the backward 45 ms instead of
-// 36, its dx product about 17 ms instead of 8).
+// (dx of a whole sequence) the threads take blocks of rows, OpenBLAS single-threaded
+// in each. Called with OpenBLAS's own threads, that product ran beside the threads
+// that had just run the backward's job, spinning: torch's OpenMP team in a torch
+// process (LSTM T=100 N=32 I=H=256, 2 threads: the backward 45 ms instead of 36, its
+// dx product about 17 ms instead of 8). The blocks are as many as the threads set
+// (step_threads), whatever threads the job gets (fewer when others hold the cores):
+// how a block's sums run depends on its rows, and each call at one setting must
+// give the same bits.
 template <typename Real>
 void stored_product_on_pool(Real* C, const Real* A, const Real* B, int64_t rows, int64_t K,
                             int64_t cols, bool accumulate, int threads, bool short_call) {
   const auto& kernels_of = kernels().get<Real>();
   if (!short_call) {
-    const double work = double(rows) * double(K) * double(cols);
-    const int nt = threads > 1 ? threads_for(work, work) : 1;
-    if (nt <= 1) return kernels_of.product(C, cols, A, K, B, cols, rows, K, cols, accumulate);
-    auto by_rows = [&](int tid, int n) {
-      const int64_t r0 = rows * tid / n, r1 = rows * (tid + 1) / n;
-      if (r1 > r0) kernels_of.product(C + r0 * cols, cols, A + r0 * K, K, B, cols, r1 - r0, K, cols, accumulate);
+    const int64_t blocks = std::min<int64_t>(step_threads(), std::max<int64_t>(1, rows / kStoredProductBlockRows));
+    if (blocks <= 1) return kernels_of.product(C, cols, A, K, B, cols, rows, K, cols, accumulate);
+    auto by_rows = [&](int tid, int nt) {
+      for (int64_t i = tid; i < blocks; i += nt) {
+        const int64_t r0 = rows * i / blocks, r1 = rows * (i + 1) / blocks;
+        kernels_of.product(C + r0 * cols, cols, A + r0 * K, K, B, cols, r1 - r0, K, cols, accumulate);
+      }
     };
-    return run_with_blas_alone(nt, by_rows);
+    const double work = double(rows) * double(K) * double(cols);
+    return run_with_blas_alone(threads > 1 ? threads_for(work, work) : 1, by_rows);
   }
   constexpr int64_t kLine = 64 / sizeof(Real);
   // Each share at least two lines: the product's last vector may start before a share's

@@ -64,10 +64,13 @@ inline void pack_gate_panels(Real* panels, const Real* W_hh, int64_t H, int64_t 
 // acc[r][q * C + c] = sum over k of A[r, k] * chunk_q[k, c, :] for R rows of A
 // (lda apart) and NC chunks of C gates each (chunk_q = chunks + q * K * C * U).
 // With fewer than 8 accumulators the FMA latency would bound the loop, so even and
-// odd k then go to two sets of accumulators, added at the end. Always inlined: out of
-// line, the accumulators go through memory (an Elman RNN's step, whose tile GCC once
-// chose not to inline when its caller grew, ran 15% slower).
-template <typename Real, int R, int C, int NC>
+// odd k then go to two sets of accumulators, added at the end. That is decided on
+// R x kSplitNV vectors when given: a caller whose tiles' widths depend on how the
+// work is shared among threads (dh_tile: one unit block or two) gives the widest,
+// so that each element is summed the same way whatever the thread count. Always
+// inlined: out of line, the accumulators go through memory (an Elman RNN's step,
+// whose tile GCC once chose not to inline when its caller grew, ran 15% slower).
+template <typename Real, int R, int C, int NC, int kSplitNV = 0>
 LSTMFAST_ALWAYS_INLINE void gate_tile(V<Real> (&acc)[R][NC * C], const Real* A, int64_t lda,
                                       const Real* chunks, int64_t K) {
   constexpr int64_t U = kWidth<Real>, CU = C * U;
@@ -76,7 +79,7 @@ LSTMFAST_ALWAYS_INLINE void gate_tile(V<Real> (&acc)[R][NC * C], const Real* A, 
   for (int r = 0; r < R; ++r)
     for (int v = 0; v < NV; ++v) acc[r][v] = V<Real>{};
   int64_t k = 0;
-  if constexpr (R * NV < 8) {
+  if constexpr (R * (kSplitNV > 0 ? kSplitNV : NV) < 8) {
     V<Real> odd[R][NV];
     for (int r = 0; r < R; ++r)
       for (int v = 0; v < NV; ++v) odd[r][v] = V<Real>{};
@@ -221,7 +224,7 @@ inline void dh_tile(Real* dh, int64_t H, const Real* dG, int64_t ldg, const Real
                     int64_t GK, int64_t u, bool accumulate) {
   constexpr int64_t U = kWidth<Real>;
   V<Real> acc[R][NB];
-  gate_tile<Real, R, 1, NB>(acc, dG, ldg, panels + u * GK * U, GK);
+  gate_tile<Real, R, 1, NB, 2>(acc, dG, ldg, panels + u * GK * U, GK);
   for (int r = 0; r < R; ++r)
     for (int q = 0; q < NB; ++q) {
       const int64_t j = (u + q) * U, lanes = H - j < U ? H - j : U;

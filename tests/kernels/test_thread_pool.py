@@ -42,6 +42,29 @@ def test_lengths_bidirectional_layers_on_the_pool(simd_target, threads_restored,
          lengths=[6, 1, 4, 6, 2, 3, 5]).check()
 
 
+# At one thread count set, a call whose jobs get fewer threads (others hold the cores,
+# and the pool fits its jobs to the cores left) gives the very same numbers: what
+# a thread computes may move, how each sum runs may not (H=40: three unit blocks,
+# cut 1 + 2 on two threads).
+@pytest.mark.parametrize("mode,P,bidirectional", [("LSTM", 0, False), ("LSTM", 0, True),
+                                                  ("GRU", 0, True), ("LSTM", 13, False)])
+def test_the_threads_a_job_gets_leave_the_bits(threads_restored, mode, P, bidirectional):
+    lstmfast.set_num_threads(2)
+    case = Case(mode, np.float32, T=24, N=6, I=9, H=40, P=P, L=2, bidirectional=bidirectional)
+    results = []
+    for busy in (0, os.cpu_count()):  # every thread the call asks for, then none
+        _core._pool_set_use_openmp(0)  # (the OpenMP team would take the job whole)
+        _core._pool_set_others_running(busy)
+        try:
+            (y, h_n, _), (dx, dh0, _, grads) = case.run(_fused)
+        finally:
+            _core._pool_set_others_running(-1)
+            _core._pool_set_use_openmp(1)
+        results.append([y, h_n, dx, dh0] + [grads[k] for k in sorted(grads)])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
 # The LSTM with a projection runs its steps on the pool too: each thread's units of
 # the gates, then its columns of h' = m W_hr^T (P not a multiple of the vector width,
 # fewer unit blocks of P than threads at P=13), lengths, both directions, two layers.
@@ -449,7 +472,7 @@ def test_a_sequences_input_gradient_runs_on_the_pool(threads_restored, pool_alwa
                                                      mode, bidirectional):
     lstmfast.set_num_threads(2)
     _core._pool_set_wake_cost_ns(0)  # no call is too short for sleeping workers here
-    T, N, I, H = 12, 6, 9, 40  # 72 row-steps: not a short backward
+    T, N, I, H = 24, 6, 9, 40  # 144 rows: two blocks of rows (kStoredProductBlockRows)
     case = Case(mode, np.float32, T=T, N=N, I=I, H=H, bidirectional=bidirectional)
     jobs = {}
     for input_grad in (False, True):

@@ -46,8 +46,10 @@ def test_lengths_bidirectional_layers_on_the_pool(simd_target, threads_restored,
 # and the pool fits its jobs to the cores left) gives the very same numbers: what
 # a thread computes may move, how each sum runs may not (H=40: three unit blocks,
 # cut 1 + 2 on two threads).
-@pytest.mark.parametrize("mode,P,bidirectional", [("LSTM", 0, False), ("LSTM", 0, True),
-                                                  ("GRU", 0, True), ("LSTM", 13, False)])
+@pytest.mark.parametrize("mode,P,bidirectional", [
+    ("LSTM", 0, False), ("LSTM", 0, True), ("LSTM", 13, False), ("GRU", 0, True),
+    ("RNN_TANH", 0, True), ("GRU_RESET_BEFORE", 0, True), ("LN_LSTM", 0, True),
+    ("CTRNN_TANH", 0, True)])
 def test_the_threads_a_job_gets_leave_the_bits(threads_restored, mode, P, bidirectional):
     lstmfast.set_num_threads(2)
     case = Case(mode, np.float32, T=24, N=6, I=9, H=40, P=P, L=2, bidirectional=bidirectional)

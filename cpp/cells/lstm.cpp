@@ -160,6 +160,43 @@ struct LstmCell {
   }
 };
 
+// Where step k of a projected layer reads and writes (sorted rows), for both of its
+// loops: h' (P wide) and c before and after the step (slots of buf.h and buf.c), m
+// (every step's when training, else one) and the gates kept for backward (training).
+template <typename Real, bool kTraining>
+struct ProjectedStep {
+  const Real* h_prev;
+  Real* h_next;
+  const Real* c_prev;
+  Real* c_next;
+  Real* m;
+  Real* gates;
+  int64_t H;
+  ProjectedStep(const LayerBuffers<Real>& buf, const LayerShape& s, int64_t k)
+      : h_prev(buf.h + slot(k, kTraining) * s.N * s.P),
+        h_next(buf.h + slot(k + 1, kTraining) * s.N * s.P),
+        c_prev(buf.c + slot(k, kTraining) * s.N * s.H),
+        c_next(buf.c + slot(k + 1, kTraining) * s.N * s.H),
+        m(buf.m + (kTraining ? k * s.N * s.H : 0)),
+        gates(kTraining ? buf.gates + k * s.N * 4 * s.H : nullptr),
+        H(s.H) {}
+  // Row b as the cell's forward reads it, xp its input projection: the cell writes m
+  // where h' would go, and y is written after the projection.
+  RowPointers<Real> row(int64_t b, const Real* xp) const {
+    RowPointers<Real> r;
+    r.xp_ = xp;
+    r.h_next_ = m + b * H;
+    r.c_prev_ = c_prev + b * H;
+    r.c_next_ = c_next + b * H;
+    r.saved_ = kTraining ? gates + b * 4 * H : nullptr;
+    return r;
+  }
+};
+
+// The projected layer's steps one after the other (P > 0: a layer without a
+// projection takes the drivers), each product on the weights in place, transposed or
+// through OpenBLAS: short calls, reduced weights and the regularizers
+// (projected_on_pool).
 template <typename Real, bool kTraining, bool kOnnx = false>
 void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers<Real>& buf,
                    const Real* x, const Real* h0, const Real* c0, const LayerWeights<Real>& w,
@@ -181,12 +218,7 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
   gather_state(buf.c, c0, H, walk);
   for (int64_t k = 0; k < S; ++k) {
     const int64_t n = walk.active(k);
-    const Real* h_prev = buf.h + slot(k, kTraining) * N * H_out;
-    Real* h_next = buf.h + slot(k + 1, kTraining) * N * H_out;
-    const Real* c_prev = buf.c + slot(k, kTraining) * N * H;
-    Real* c_next = buf.c + slot(k + 1, kTraining) * N * H;
-    Real* m = P ? buf.m + (kTraining ? k * N * H : 0) : h_next;
-    Real* gates = kTraining ? buf.gates + k * N * GH : nullptr;
+    const ProjectedStep<Real, kTraining> at(buf, s, k);
 
     mask_state(buf, k, s, 0, N, 0, H_out);  // recurrent dropout (regularizers.h)
     const Real* h_in = product_input(buf, k, s);
@@ -194,31 +226,22 @@ void forward_steps(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffer
       weight_product(buf.rec, GH, h_in, w.W_hh, w.W_hh_r, n, H_out, GH, buf, w, s.threads);
     else
       step_gemm(buf.rec, h_in, w.W_hh, true, small ? buf.W_hh_t : nullptr, n, H_out, GH, false);
-    for (int64_t b = 0; b < n; ++b) {
-      RowPointers<Real> row;
-      row.xp_ = buf.xproj + walk.x_row(k, b) * GH;
-      row.h_next_ = m + b * H;
-      row.y_ = P ? nullptr : y + walk.at(k, b) * ldy;
-      row.c_prev_ = c_prev + b * H;
-      row.c_next_ = c_next + b * H;
-      row.saved_ = kTraining ? gates + b * GH : nullptr;
-      cell_forward_row<LstmCell<Real, kOnnx>, kTraining>(cell, row, buf.rec + b * GH, H);
-    }
-    if (P) {
-      if (s.round_bf16) round_to_bfloat16(m, m, n * H);  // inference: m is scratch
-      if (direct)
-        weight_product(h_next, P, m, w.W_hr, w.W_hr_r, n, H, P, buf, w, s.threads);
-      else
-        step_gemm(h_next, m, w.W_hr, true, small ? buf.W_hr_t : nullptr, n, H, P, false);
-      for (int64_t b = 0; b < n; ++b) copy_row(y + walk.at(k, b) * ldy, h_next + b * P, P);
-    }
+    for (int64_t b = 0; b < n; ++b)
+      cell_forward_row<LstmCell<Real, kOnnx>, kTraining>(
+          cell, at.row(b, buf.xproj + walk.x_row(k, b) * GH), buf.rec + b * GH, H);
+    if (s.round_bf16) round_to_bfloat16(at.m, at.m, n * H);  // inference: m is scratch
+    if (direct)
+      weight_product(at.h_next, P, at.m, w.W_hr, w.W_hr_r, n, H, P, buf, w, s.threads);
+    else
+      step_gemm(at.h_next, at.m, w.W_hr, true, small ? buf.W_hr_t : nullptr, n, H, P, false);
+    for (int64_t b = 0; b < n; ++b) copy_row(y + walk.at(k, b) * ldy, at.h_next + b * P, P);
     if (zoneout(w, s)) zoneout_step(buf, y, ldy, w, s, k, n, 0, H_out, 0, H);
     // Finished rows keep their state, so the last slot holds h_n and c_n, and
     // every saved row is finite for the weight-gradient GEMMs.
     for (int64_t b = n; b < N; ++b) {
-      copy_row(h_next + b * H_out, h_prev + b * H_out, H_out);
-      copy_row(c_next + b * H, c_prev + b * H, H);
-      if (kTraining && P) zero_row(m + b * H, H);
+      copy_row(at.h_next + b * H_out, at.h_prev + b * H_out, H_out);
+      copy_row(at.c_next + b * H, at.c_prev + b * H, H);
+      if (kTraining) zero_row(at.m + b * H, H);
     }
   }
   scatter_state(h_n, buf.h + slot(S, kTraining) * N * H_out, H_out, walk);
@@ -260,36 +283,27 @@ void forward_projected_on_pool(Real* y, int64_t ldy, Real* h_n, Real* c_n,
     input_projection_units(buf.xproj, GH, x, w.W_ih, 4, H, mine.j0, mine.j1, s);
     for (int64_t k = 0; k < S; ++k) {
       const int64_t n = walk.active(k);
-      const Real* h_prev = buf.h + slot(k, kTraining) * N * P;
-      Real* h_next = buf.h + slot(k + 1, kTraining) * N * P;
-      const Real* c_prev = buf.c + slot(k, kTraining) * N * H;
-      Real* c_next = buf.c + slot(k + 1, kTraining) * N * H;
-      Real* m = buf.m + (kTraining ? k * N * H : 0);
-      Real* gates = kTraining ? buf.gates + k * N * GH : nullptr;
-      recurrent_step<Real, 4>(h_prev, P, n, P, buf.W_hh_p, H, mine.u0, mine.u1,
+      const ProjectedStep<Real, kTraining> at(buf, s, k);
+      recurrent_step<Real, 4>(at.h_prev, P, n, P, buf.W_hh_p, H, mine.u0, mine.u1,
                               [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc)
                                   LSTMFAST_LAMBDA_INLINE {
-                                    RowPointers<Real> row;
-                                    row.xp_ = buf.xproj + walk.x_row(k, b) * GH;
-                                    row.h_next_ = m + b * H;
-                                    row.c_prev_ = c_prev + b * H;
-                                    row.c_next_ = c_next + b * H;
-                                    row.saved_ = kTraining ? gates + b * GH : nullptr;
-                                    cell.template forward<kTraining>(row, j, lanes, acc);
+                                    cell.template forward<kTraining>(
+                                        at.row(b, buf.xproj + walk.x_row(k, b) * GH), j, lanes,
+                                        acc);
                                   });
       // Finished rows keep their state, so the last slot holds h_n and c_n, and
       // every saved row is finite for the weight-gradient GEMMs.
       for (int64_t b = n; b < N; ++b) {
-        copy_row(c_next + b * H + mine.j0, c_prev + b * H + mine.j0, mine.j1 - mine.j0);
-        if (kTraining) zero_row(m + b * H + mine.j0, mine.j1 - mine.j0);
-        copy_row(h_next + b * P + columns.j0, h_prev + b * P + columns.j0,
+        copy_row(at.c_next + b * H + mine.j0, at.c_prev + b * H + mine.j0, mine.j1 - mine.j0);
+        if (kTraining) zero_row(at.m + b * H + mine.j0, mine.j1 - mine.j0);
+        copy_row(at.h_next + b * P + columns.j0, at.h_prev + b * P + columns.j0,
                  columns.j1 - columns.j0);
       }
       if (nt > 1) pool_barrier();
-      recurrent_step<Real, 1>(m, H, n, H, buf.W_hr_p, P, columns.u0, columns.u1,
+      recurrent_step<Real, 1>(at.m, H, n, H, buf.W_hr_p, P, columns.u0, columns.u1,
                               [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc)
                                   LSTMFAST_LAMBDA_INLINE {
-                                    st(h_next + b * P + j, acc[0], lanes);
+                                    st(at.h_next + b * P + j, acc[0], lanes);
                                     st(y + walk.at(k, b) * ldy + j, acc[0], lanes);
                                   });
       if (k + 1 < S && nt > 1) pool_barrier();
@@ -331,6 +345,49 @@ void lstm_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers
 
 namespace {
 
+// dh' of step k in total (from step k + 1, in buf.dh, and from y: dy, rows lddy
+// apart, or nullptr), columns p0..p0+width-1 of every row, kept per step (buf.dhs)
+// for dW_hr; a finished row's is zero. Both of the projected backward's loops.
+template <typename Real>
+void total_dh_columns(Real* dhk, const LayerBuffers<Real>& buf, const Real* dy, int64_t lddy,
+                      const Walk& walk, int64_t k, int64_t n, int64_t p0, int64_t width) {
+  const int64_t P = walk.s.P;
+  for (int64_t b = 0; b < walk.s.N; ++b) {
+    Real* out = dhk + b * P + p0;
+    if (b >= n) {
+      zero_row(out, width);
+      continue;
+    }
+    const Real* dyb = dy ? dy + walk.at(k, b) * lddy + p0 : nullptr;
+    const Real* in = buf.dh + b * P + p0;
+    for_lanes<Real>(width, [&](int64_t j, int64_t l) {
+      st(out + j, dyb ? ld(in + j, l) + ld(dyb + j, l) : ld(in + j, l), l);
+    });
+  }
+}
+
+// The cell's backward of units j0..j0+units-1 of step k's rows, from dm (buf.dm) and
+// dc: their gate gradients into dGk and dc; a finished row's gate gradients are zero.
+// Both of the projected backward's loops.
+template <class Cell, typename Real>
+void projected_backward_rows(const Cell& cell, Real* dGk, const LayerBuffers<Real>& buf,
+                             const LayerShape& s, int64_t k, int64_t n, int64_t j0,
+                             int64_t units) {
+  const int64_t N = s.N, H = s.H, GH = 4 * H;
+  for (int64_t b = 0; b < n; ++b) {
+    BackwardRow<Real> row{};
+    row.dG_in = row.dG = dGk + b * GH + j0;
+    row.dh = buf.dm + b * H + j0;
+    row.dc = buf.dc + b * H + j0;
+    row.saved = buf.gates + (k * N + b) * GH + j0;
+    row.c_prev = buf.c + (k * N + b) * H + j0;
+    row.c_next = buf.c + ((k + 1) * N + b) * H + j0;
+    cell.backward_row(row, k, b, j0, units);
+  }
+  for (int64_t b = n; b < N; ++b)
+    for (int g = 0; g < 4; ++g) zero_row(dGk + b * GH + g * H + j0, units);
+}
+
 // The backward of a projected layer on the pool (without recurrent dropout or
 // zoneout), the mirror of forward_projected_on_pool. At every step, last to first:
 // each thread adds its columns of dy into dh' (kept per step for dW_hr); after a
@@ -360,33 +417,11 @@ void backward_projected_on_pool(const LstmCell<Real, kOnnx>& cell, Real* dG_x, R
     for (int64_t k = S - 1; k >= 0; --k) {
       const int64_t n = walk.active(k);
       Real* dGk = dG + k * N * GH;
-      Real* dhk = buf.dhs + k * N * P;  // dh' in total: from step k + 1 and from y
-      for (int64_t b = 0; b < N; ++b) {
-        Real* out = dhk + b * P + p0;
-        if (b >= n) {
-          zero_row(out, width);
-          continue;
-        }
-        const Real* dyb = dy ? dy + walk.at(k, b) * lddy + p0 : nullptr;
-        const Real* in = buf.dh + b * P + p0;
-        for_lanes<Real>(width, [&](int64_t j, int64_t l) {
-          st(out + j, dyb ? ld(in + j, l) + ld(dyb + j, l) : ld(in + j, l), l);
-        });
-      }
+      Real* dhk = buf.dhs + k * N * P;
+      total_dh_columns(dhk, buf, dy, lddy, walk, k, n, p0, width);
       barrier();
       dh_product_stored(buf.dm, dhk, P, w.W_hr, n, P, H, j0, mine.j1, false);
-      for (int64_t b = 0; b < n; ++b) {
-        BackwardRow<Real> row{};
-        row.dG_in = row.dG = dGk + b * GH + j0;
-        row.dh = buf.dm + b * H + j0;
-        row.dc = buf.dc + b * H + j0;
-        row.saved = buf.gates + (k * N + b) * GH + j0;
-        row.c_prev = buf.c + (k * N + b) * H + j0;
-        row.c_next = buf.c + ((k + 1) * N + b) * H + j0;
-        cell.backward_row(row, k, b, j0, units);
-      }
-      for (int64_t b = n; b < N; ++b)
-        for (int g = 0; g < 4; ++g) zero_row(dGk + b * GH + g * H + j0, units);
+      projected_backward_rows(cell, dGk, buf, s, k, n, j0, units);
       barrier();
       // finished rows keep their dh
       dh_product_stored(buf.dh, dGk, GH, w.W_hh, n, GH, P, p0, columns.j1, false);
@@ -432,30 +467,12 @@ void backward_of(Real* dG_x, Real* dh0, Real* dc0, const LayerGrads<Real>& dw,
     const int64_t n = walk.active(k);
     Real* dGk = dG + k * N * GH;
     if (zoned) zoneout_backward_before(buf, dy, lddy, w, s, k, n, 0, P, 0, H);
-    // dh' in total (from step k+1 and from y), saved for dW_hr; then dm = dh' W_hr.
+    // dh' in total, then dm = dh' W_hr.
     Real* dhk = buf.dhs + k * N * P;
-    for (int64_t b = 0; b < n; ++b) {
-      const Real* dyb = dy_cell ? dy_cell + walk.at(k, b) * lddy : nullptr;
-      for_lanes<Real>(P, [&](int64_t j, int64_t l) {
-        V<Real> v = ld(buf.dh + b * P + j, l);
-        if (dyb) v += ld(dyb + j, l);
-        st(dhk + b * P + j, v, l);
-      });
-    }
-    for (int64_t b = n; b < N; ++b) zero_row(dhk + b * P, P);
+    total_dh_columns(dhk, buf, dy_cell, lddy, walk, k, n, 0, P);
     step_gemm(buf.dm, dhk, w.W_hr, false, w.W_hr, n, P, H, false);
     cell.backward_step(k, n, 0, H);
-    for (int64_t b = 0; b < n; ++b) {
-      BackwardRow<Real> row{};
-      row.dG_in = row.dG = dGk + b * GH;
-      row.dh = buf.dm + b * H;
-      row.dc = buf.dc + b * H;
-      row.saved = buf.gates + (k * N + b) * GH;
-      row.c_prev = buf.c + (k * N + b) * H;
-      row.c_next = buf.c + ((k + 1) * N + b) * H;
-      cell.backward_row(row, k, b, 0, H);
-    }
-    for (int64_t b = n; b < N; ++b) zero_row(dGk + b * GH, GH);
+    projected_backward_rows(cell, dGk, buf, s, k, n, 0, H);
     // dh = dG W_hh for the running rows (times the recurrent dropout mask); finished
     // rows keep theirs.
     if (zoned) zoneout_backward_after(buf, w, s, n, 0, P, 0, H, false);

@@ -649,12 +649,14 @@ void stored_product_on_pool(Real* C, const Real* A, const Real* B, int64_t rows,
                             int64_t cols, bool accumulate, int threads, bool short_call) {
   const auto& kernels_of = kernels().get<Real>();
   if (!short_call) {
-    const int64_t blocks = std::min<int64_t>(step_threads(), std::max<int64_t>(1, rows / kStoredProductBlockRows));
+    const int64_t blocks = std::min<int64_t>(
+        step_threads(), std::max<int64_t>(1, rows / kStoredProductBlockRows));
     if (blocks <= 1) return kernels_of.product(C, cols, A, K, B, cols, rows, K, cols, accumulate);
     auto by_rows = [&](int tid, int nt) {
       for (int64_t i = tid; i < blocks; i += nt) {
         const int64_t r0 = rows * i / blocks, r1 = rows * (i + 1) / blocks;
-        kernels_of.product(C + r0 * cols, cols, A + r0 * K, K, B, cols, r1 - r0, K, cols, accumulate);
+        kernels_of.product(C + r0 * cols, cols, A + r0 * K, K, B, cols, r1 - r0, K, cols,
+                           accumulate);
       }
     };
     const double work = double(rows) * double(K) * double(cols);

@@ -392,14 +392,22 @@ void cell_forward_fused(const Cell& cell, Real* y, int64_t ldy, const LayerBuffe
   constexpr int G0 = Cell::kFirstGates;
   // The step is inlined into the pool job: a call per step left the epilogue's setup
   // out of the loop's reach (a CTRNN of 64 units, 3% slower).
-  auto step = [&](int64_t k, int64_t n, const UnitShare& mine) LSTMFAST_LAMBDA_INLINE {
+  // A cell of one product carries the input projection in a call of one row
+  // (recurrent_row_step_carrying; forward_on_pool gives it only then, so n is 1).
+  constexpr bool kCarry = G0 == G;
+  auto step = [&](int64_t k, int64_t n, const UnitShare& mine,
+                  const CarriedProjection<Real>* carried = nullptr) LSTMFAST_LAMBDA_INLINE {
     const int64_t prev = slot(k, kTraining), next = slot(k + 1, kTraining);
     const StepRows<Cell, kTraining, Real> rows(walk, buf, y, ldy, w, ldx, k, prev, next);
     auto epilogue = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
       cell.template forward<kTraining>(rows.row(b), j, lanes, acc);
     };
-    recurrent_step<Real, G0>(product_input(buf, k, s), H, n, H, buf.W_hh_p, H, mine.u0, mine.u1,
-                             epilogue);
+    if (carried)
+      recurrent_row_step_carrying<Real, G0>(product_input(buf, k, s), H, buf.W_hh_p, H, mine.u0,
+                                            mine.u1, *carried, epilogue);
+    else
+      recurrent_step<Real, G0>(product_input(buf, k, s), H, n, H, buf.W_hh_p, H, mine.u0,
+                               mine.u1, epilogue);
     if constexpr (kSecondProduct<Cell>) {
       auto second = [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
         cell.template forward_second<kTraining>(rows.row(b), j, lanes, acc);
@@ -414,7 +422,7 @@ void cell_forward_fused(const Cell& cell, Real* y, int64_t ldy, const LayerBuffe
                    Cell::kCellState ? mine.j1 : 0, cell_zoneout_raw<Cell>(buf, s, k));
     keep_finished_rows<Cell>(buf, s, k, n, prev, next, mine.j0, mine.j1);
   };
-  forward_on_pool<Real, G, G0>(buf, x, ldx, w, s, step);
+  forward_on_pool<Real, G, G0, kCarry>(buf, x, ldx, w, s, step);
 }
 
 // One layer in one direction, forward: the path for this call, then h_n (and c_n).

@@ -53,15 +53,22 @@ inline int64_t projection_chunk_steps(int64_t ldx, const LayerShape& s, int64_t 
   return by_bytes > by_rows ? by_bytes : by_rows;
 }
 
+// The rows r0..r1-1 of x (and of xproj) of steps k0..k1-1: the rows of those steps'
+// times are one block of x, in its order, as xproj's (LayerShape::offsets when
+// packed).
+inline void step_rows(const LayerShape& s, int64_t k0, int64_t k1, int64_t& r0, int64_t& r1) {
+  const int64_t t0 = s.reverse ? s.T - k1 : k0, t1 = s.reverse ? s.T - k0 : k1;
+  r0 = s.offsets ? s.offsets[t0] : t0 * s.N;
+  r1 = s.offsets ? s.offsets[t1] : t1 * s.N;
+}
+
 // xproj rows of steps k0..k1-1 (rows ldx apart) = x W_ih^T for the units of blocks
-// u0..u1-1 (W_ih_p packed by pack_gate_panels): the rows of those steps' times are
-// one block of x, in its order, as xproj's (LayerShape::offsets when packed).
+// u0..u1-1 (W_ih_p packed by pack_gate_panels).
 template <typename Real, int G>
 inline void project_steps(Real* xproj, int64_t ldx, const Real* x, const Real* W_ih_p,
                           const LayerShape& s, int64_t k0, int64_t k1, int64_t u0, int64_t u1) {
-  const int64_t t0 = s.reverse ? s.T - k1 : k0, t1 = s.reverse ? s.T - k0 : k1;
-  const int64_t r0 = s.offsets ? s.offsets[t0] : t0 * s.N;
-  const int64_t r1 = s.offsets ? s.offsets[t1] : t1 * s.N;
+  int64_t r0, r1;
+  step_rows(s, k0, k1, r0, r1);
   const int64_t H = s.H;
   recurrent_step<Real, G>(x + r0 * s.I, s.I, r1 - r0, s.I, W_ih_p, H, u0, u1,
                           [&](int64_t b, int64_t j, int64_t lanes, const V<Real>* acc) {
@@ -244,6 +251,31 @@ inline void pack_recurrent_panels(Real* panels, const Real* W_hh, int64_t H, int
                                    u1);
 }
 
+// The thread's shares of W_hh (bytes) with which a call of one row carries its input
+// projection: one that stays in L1 leaves the product no loads to wait on, and the
+// carrying only costs (LSTM I=H=32, one thread, Zen 4: 46.5 us a call apart, 51.5
+// carried); one streamed from L3 ran slower too, its loads interleaved with more
+// streams (I=64 H=512, 4 MB: 5.4 -> 5.8-6.0 ms), and a share of about the L2 gained
+// little (I=H=256, 1 MB: 1.74 -> 1.71-1.81 ms).
+constexpr int64_t kCarryingShareMinBytes = 32 * 1024;
+constexpr int64_t kCarryingShareMaxBytes = 512 * 1024;
+
+// What step k of a call of one row carries of the input projection
+// (recurrent_row_step_carrying): its slice of the inputs, for the rows of the next
+// chunk of kCarriedRows steps. False for a step of the last chunk.
+template <typename Real>
+inline bool carried_projection(CarriedProjection<Real>& cp, const Real* x, int64_t ldx,
+                               const LayerBuffers<Real>& buf, const LayerShape& s, int64_t k) {
+  const int64_t S = steps_of(s), next0 = (k / kCarriedRows + 1) * kCarriedRows;
+  if (next0 >= S) return false;
+  const int64_t next1 = next0 + kCarriedRows < S ? next0 + kCarriedRows : S, i = k % kCarriedRows;
+  int64_t r0, r1;
+  step_rows(s, next0, next1, r0, r1);
+  cp = {x + r0 * s.I, buf.xproj + r0 * ldx, buf.W_ih_p, r1 - r0, s.I, s.H, ldx,
+        s.I * i / kCarriedRows, s.I * (i + 1) / kCarriedRows};
+  return true;
+}
+
 // The forward: each thread packs the panels (unless LayerWeights holds them packed
 // once) and projects the inputs (rows ldx apart) of its unit blocks (a few steps
 // ahead, or all at once: see projection_in_chunks), then runs step(k, n, mine) for
@@ -251,14 +283,24 @@ inline void pack_recurrent_panels(Real* panels, const Real* W_hh, int64_t H, int
 // of h). With G0 < G the step makes two recurrent products
 // (CellInfo::second_product): W_hh's first G0 gates are packed as one set of panels
 // and the other G - G0 after them, at packed_size(G0, H, H).
-template <typename Real, int G, int G0 = G, typename Step>
+//
+// kCarry: the step takes a fourth argument, the input projection it carries along
+// (const CarriedProjection<Real>*, nullptr for none), which it hands to
+// recurrent_row_step_carrying. Given in a call of one row whose inputs are projected
+// in chunks: the first chunk of kCarriedRows steps is projected before its steps,
+// each later one by the steps before it.
+template <typename Real, int G, int G0 = G, bool kCarry = false, typename Step>
 inline void forward_on_pool(const LayerBuffers<Real>& buf, const Real* x, int64_t ldx,
                             const LayerWeights<Real>& w, const LayerShape& s, Step&& step) {
   const Walk walk(s);
   const int64_t H = s.H, S = steps_of(s);
   const bool chunked = projection_in_chunks(s, buf);
-  const int64_t chunk = projection_chunk_steps<Real>(
-      ldx, s, G * H * s.I * static_cast<int64_t>(sizeof(Real)) / (s.threads > 1 ? s.threads : 1));
+  const int64_t sharing = s.threads > 1 ? s.threads : 1;
+  const int64_t share_bytes = G0 * H * H * static_cast<int64_t>(sizeof(Real)) / sharing;
+  const bool carried = kCarry && chunked && s.N == 1 && share_bytes > kCarryingShareMinBytes &&
+                       share_bytes <= kCarryingShareMaxBytes;
+  const int64_t chunk = carried ? kCarriedRows : projection_chunk_steps<Real>(
+      ldx, s, G * H * s.I * static_cast<int64_t>(sizeof(Real)) / sharing);
   auto body = [&](int tid, int nt) {
     const UnitShare mine = unit_share<Real>(H, tid, nt);
     if (!w.W_hh_p) pack_recurrent_panels<Real, G, G0>(buf.W_hh_p, w.W_hh, H, H, mine.u0, mine.u1);
@@ -271,10 +313,16 @@ inline void forward_on_pool(const LayerBuffers<Real>& buf, const Real* x, int64_
       pool_barrier();
     }
     for (int64_t k = 0; k < S; ++k) {
-      if (chunked && k % chunk == 0)
+      if (chunked && k % chunk == 0 && (!carried || k == 0))
         project_steps<Real, G>(buf.xproj, ldx, x, buf.W_ih_p, s, k, k + chunk < S ? k + chunk : S,
                                mine.u0, mine.u1);
-      step(k, walk.active(k), mine);
+      if constexpr (kCarry) {
+        CarriedProjection<Real> cp;
+        const bool carries = carried && carried_projection(cp, x, ldx, buf, s, k);
+        step(k, walk.active(k), mine, carries ? &cp : nullptr);
+      } else {
+        step(k, walk.active(k), mine);
+      }
       mask_state(buf, k + 1, s, 0, s.N, mine.j0, mine.j1);
       // The next step reads every unit of h. After the last, the end of the job joins
       // the threads (as cell_forward_direct_on_pool's): no barrier before it, which

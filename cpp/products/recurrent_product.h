@@ -175,6 +175,131 @@ inline void recurrent_step(const Real* h_prev, int64_t lda, int64_t n, int64_t K
   }
 }
 
+// ---------------------------------------------------------------------------
+// A step of one row that carries part of the input projection along.
+//
+// With one row, a step's product reads all of W_hh from L2 for one multiply-add per
+// weight: the loads set its pace and the FMA units idle more than half the time,
+// while the input projection, run apart a chunk of steps at a time, is the
+// opposite (LSTM T=100 N=1 I=H=128, one thread, Zen 4: about 2.8 us a step for the
+// product, 1.1 for the projection). So while one chunk of kCarriedRows steps runs,
+// each step adds a slice of the inputs (columns k0..k1-1 of x) into the next
+// chunk's rows of xproj, its multiply-adds interleaved with the product's in one
+// loop: 401 -> 368 us for that layer (I=256: 516 -> 456). Each element of xproj
+// is still summed over k in order, as project_steps' tiles sum it, and kept in
+// xproj between slices, so the numbers do not change.
+constexpr int64_t kCarriedRows = 8;
+
+template <typename Real>
+struct CarriedProjection {
+  const Real* x;       // the first row of x to project (rows I apart)
+  Real* xproj;         // its row of xproj (rows ldx apart)
+  const Real* W_ih_p;  // W_ih packed as W_hh (pack_gate_panels, K = I)
+  int64_t rows, I, H, ldx;
+  int64_t k0, k1;  // the inputs this step adds in
+};
+
+// Gates of the carried projection per pass: 8 rows of 2 gates keep 16
+// accumulators beside the product's 2 x G (4 rows of 4 gates, or 16 rows of 1,
+// measured slower: more xproj traffic, or spills). A gate a pass for an odd G.
+template <int G>
+constexpr int kCarriedGates = G % 2 == 0 ? 2 : 1;
+
+// acc[v] = h W_hh^T of gate v for unit block u (one row: gate_tile<Real, 1, C, G / C>'s
+// sums, even and odd k apart), while rows CR of the carried projection get
+// x[:, k0:k1] W_ih[:, k0:k1]^T of the block's gates added in.
+template <typename Real, int G, int CR>
+LSTMFAST_ALWAYS_INLINE void carrying_gate_block(V<Real> (&acc)[G], const Real* h,
+                                                const Real* chunks, int64_t K,
+                                                const CarriedProjection<Real>& cp, int64_t u,
+                                                int64_t j, int64_t lanes) {
+  constexpr int64_t U = kWidth<Real>;
+  constexpr int C = kChunkGates<G>, CG = kCarriedGates<G>;
+  constexpr int64_t CU = C * U;
+  const int64_t chunk_stride = K * CU;
+  // Kept apart from acc until the end: the stores into xproj could alias acc (the
+  // caller's), which would then go through memory at every one of them.
+  V<Real> even[G], odd[G];
+  for (int v = 0; v < G; ++v) even[v] = odd[v] = V<Real>{};
+  int64_t kh = 0;
+  auto product_pair = [&]() LSTMFAST_LAMBDA_INLINE {
+    const V<Real> h0 = splat<Real>(h[kh]), h1 = splat<Real>(h[kh + 1]);
+    for (int v = 0; v < G; ++v) {
+      const Real* p = chunks + (v / C) * chunk_stride + kh * CU + (v % C) * U;
+      even[v] += h0 * simd::load<Real>(p);
+      odd[v] += h1 * simd::load<Real>(p + CU);
+    }
+    kh += 2;
+  };
+  const int64_t slice = cp.k1 - cp.k0;
+  if (slice > 0) {
+    constexpr int passes = G / CG;
+    // The product's K / 2 pairs of k spread evenly over the passes x slice steps of
+    // the projection, as a line is drawn on a grid (more pairs than steps, or fewer).
+    const int64_t steps = passes * slice, pairs = K / 2;
+    int64_t owed = 0;
+    for (int q = 0; q < passes; ++q) {
+      const Real* w[CG];
+      Real* out[CG];
+      for (int c = 0; c < CG; ++c) {
+        const int g = q * CG + c;
+        w[c] = cp.W_ih_p + u * cp.I * G * U + (g / C) * cp.I * CU + (g % C) * U;
+        out[c] = cp.xproj + g * cp.H + j;
+      }
+      V<Real> sum[CR][CG];
+      for (int r = 0; r < CR; ++r)
+        for (int c = 0; c < CG; ++c)
+          sum[r][c] = cp.k0 == 0 ? V<Real>{} : ld(out[c] + r * cp.ldx, lanes);
+      for (int64_t k = cp.k0; k < cp.k1; ++k) {
+        V<Real> wk[CG];
+        for (int c = 0; c < CG; ++c) wk[c] = simd::load<Real>(w[c] + k * CU);
+        for (int r = 0; r < CR; ++r) {
+          const V<Real> a = splat<Real>(cp.x[r * cp.I + k]);
+          for (int c = 0; c < CG; ++c) sum[r][c] += a * wk[c];
+        }
+        for (owed += pairs; owed >= steps; owed -= steps) product_pair();
+      }
+      for (int r = 0; r < CR; ++r)
+        for (int c = 0; c < CG; ++c) st(out[c] + r * cp.ldx, sum[r][c], lanes);
+    }
+  }
+  while (kh + 2 <= K) product_pair();
+  for (int v = 0; v < G; ++v) even[v] += odd[v];
+  if (kh < K) {
+    const V<Real> a = splat<Real>(h[kh]);
+    for (int v = 0; v < G; ++v)
+      even[v] += a * simd::load<Real>(chunks + (v / C) * chunk_stride + kh * CU + (v % C) * U);
+  }
+  for (int v = 0; v < G; ++v) acc[v] = even[v];
+}
+
+// carrying_gate_block for cp.rows (1..CR) rows, chosen in line: through
+// last_row_tile, called out of line, acc went through memory.
+template <typename Real, int G, int CR>
+LSTMFAST_ALWAYS_INLINE void carrying_gate_rows(V<Real> (&acc)[G], const Real* h, const Real* chunks,
+                                               int64_t K, const CarriedProjection<Real>& cp,
+                                               int64_t u, int64_t j, int64_t lanes) {
+  if constexpr (CR > 1) {
+    if (cp.rows < CR) return carrying_gate_rows<Real, G, CR - 1>(acc, h, chunks, K, cp, u, j, lanes);
+  }
+  carrying_gate_block<Real, G, CR>(acc, h, chunks, K, cp, u, j, lanes);
+}
+
+// recurrent_step for one row (n = 1) carrying cp (rows 1..kCarriedRows).
+template <typename Real, int G, typename Epilogue>
+inline void recurrent_row_step_carrying(const Real* h_prev, int64_t K, const Real* panels,
+                                        int64_t H, int64_t u0, int64_t u1,
+                                        const CarriedProjection<Real>& cp, Epilogue&& epilogue) {
+  constexpr int64_t U = kWidth<Real>;
+  for (int64_t u = u0; u < u1; ++u) {
+    const Real* panel = panels + u * K * G * U;
+    const int64_t j = u * U, lanes = H - j < U ? H - j : U;
+    V<Real> acc[G];
+    carrying_gate_rows<Real, G, kCarriedRows>(acc, h_prev, panel, K, cp, u, j, lanes);
+    epilogue(0, j, lanes, acc);
+  }
+}
+
 // The share of thread tid of nt in count items: [first, last).
 inline void share(int64_t count, int tid, int nt, int64_t& first, int64_t& last) {
   first = count * tid / nt;

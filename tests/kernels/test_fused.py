@@ -434,6 +434,45 @@ def test_random_configurations_match_reference(config, target):
     check_on_target(config, target)
 
 
+# A call of one row adds a slice of the next 8 steps' input projection into xproj
+# in the loop of each step's product (cpp/products/recurrent_product.h,
+# recurrent_row_step_carrying) when a thread's share of W_hh is between 32 and
+# 512 KB (cpp/drivers/drivers.h): calls long enough for the pool path (more than 20
+# row-steps), whole and partial chunks of 8 steps, fewer inputs than a chunk has
+# steps (slices of none), inputs and units that fill no vector, both directions,
+# lengths, two layers; training (check) and inference. GRU_RESET_BEFORE (two
+# products) never carries.
+CARRIED_CONFIGS = {
+    "T21": dict(T=21, I=4),
+    "I3": dict(T=30, I=3),
+    "I37_layers_bidirectional": dict(T=40, I=37, L=2, bidirectional=True, dropout=True),
+    "lengths": dict(T=30, I=9, lengths=[27]),
+    "reverse": dict(T=26, I=12, cell_options={"reverse": True}),  # (with lengths: projected apart)
+}
+FIRST_PRODUCT_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1, "GRU_RESET_BEFORE": 2}
+
+
+@pytest.mark.parametrize("config", list(CARRIED_CONFIGS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_one_row_carries_the_input_projection(simd_target, threads_restored, mode, dtype, config,
+                                              threads):
+    import lstmfast
+
+    lstmfast.set_num_threads(threads)
+    # units that give each thread about 128 KB of W_hh, and fill no vector
+    share = 128 * 1024 * threads / (FIRST_PRODUCT_GATES[mode] * np.dtype(dtype).itemsize)
+    case = Case(mode, dtype, N=1, H=int(share ** 0.5) + 3, **CARRIED_CONFIGS[config])
+    case.check()
+    y, h_n, c_n = case.forward(_fused, training=False)[:3]
+    ry, rh_n, rc_n = case.forward(reference, training=False)[:3]
+    assert_close(y, ry, name="output")
+    assert_close(h_n, rh_n, name="h_n")
+    if c_n is not None:
+        assert_close(c_n, rc_n, name="c_n")
+
+
 @pytest.mark.parametrize("mode", ["LSTM", "GRU"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_input_projection_in_chunks_of_rows(simd_target, threads_restored, mode, threads):

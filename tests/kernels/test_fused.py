@@ -436,8 +436,9 @@ def test_random_configurations_match_reference(config, target):
 
 # A call of one row adds a slice of the next 8 steps' input projection into xproj
 # in the loop of each step's product (cpp/products/recurrent_product.h,
-# recurrent_row_step_carrying) when a thread's share of W_hh is between 32 and
-# 512 KB (cpp/drivers/drivers.h): calls long enough for the pool path (more than 20
+# recurrent_row_step_carrying) with the AVX-512 kernels, when a thread's share of
+# W_hh is between 32 and 512 KB (cpp/drivers/drivers.h); the other targets run the
+# same calls apart, checked here too. Calls long enough for the pool path (more than 20
 # row-steps), whole and partial chunks of 8 steps, fewer inputs than a chunk has
 # steps (slices of none), inputs and units that fill no vector, both directions,
 # lengths, two layers; training (check) and inference. GRU_RESET_BEFORE (two

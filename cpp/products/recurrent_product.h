@@ -186,8 +186,8 @@ inline void recurrent_step(const Real* h_prev, int64_t lda, int64_t n, int64_t K
 // each step adds a slice of the inputs (columns k0..k1-1 of x) into the next
 // chunk's rows of xproj, its multiply-adds interleaved with the product's in one
 // loop: 401 -> 368 us for that layer (I=256: 516 -> 456). Each element of xproj
-// is still summed over k in order, as project_steps' tiles sum it, and kept in
-// xproj between slices, so the numbers do not change.
+// is still summed over k in order (kept in xproj between slices), as project_steps'
+// tiles of several rows sum it.
 constexpr int64_t kCarriedRows = 8;
 
 template <typename Real>
@@ -234,9 +234,10 @@ LSTMFAST_ALWAYS_INLINE void carrying_gate_block(V<Real> (&acc)[G], const Real* h
   const int64_t slice = cp.k1 - cp.k0;
   if (slice > 0) {
     constexpr int passes = G / CG;
-    // The product's K / 2 pairs of k spread evenly over the passes x slice steps of
-    // the projection, as a line is drawn on a grid (more pairs than steps, or fewer).
-    const int64_t steps = passes * slice, pairs = K / 2;
+    // The product's K / 2 pairs of k spread evenly over the projection's passes x
+    // slice iterations, as a line is drawn on a grid (more pairs than iterations, or
+    // fewer).
+    const int64_t iterations = passes * slice, pairs = K / 2;
     int64_t owed = 0;
     for (int q = 0; q < passes; ++q) {
       const Real* w[CG];
@@ -257,7 +258,7 @@ LSTMFAST_ALWAYS_INLINE void carrying_gate_block(V<Real> (&acc)[G], const Real* h
           const V<Real> a = splat<Real>(cp.x[r * cp.I + k]);
           for (int c = 0; c < CG; ++c) sum[r][c] += a * wk[c];
         }
-        for (owed += pairs; owed >= steps; owed -= steps) product_pair();
+        for (owed += pairs; owed >= iterations; owed -= iterations) product_pair();
       }
       for (int r = 0; r < CR; ++r)
         for (int c = 0; c < CG; ++c) st(out[c] + r * cp.ldx, sum[r][c], lanes);

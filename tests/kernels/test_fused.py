@@ -450,12 +450,13 @@ CARRIED_CONFIGS = {
     "lengths": dict(T=30, I=9, lengths=[27]),
     "reverse": dict(T=26, I=12, cell_options={"reverse": True}),  # (with lengths: projected apart)
 }
-FIRST_PRODUCT_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1, "GRU_RESET_BEFORE": 2}
+FIRST_PRODUCT_GATES = {"LSTM": 4, "GRU": 3, "RNN_TANH": 1, "RNN_RELU": 1, "GRU_RESET_BEFORE": 2,
+                       "CTRNN_RELU": 1, "CTRNN_TANH": 1}
 
 
 @pytest.mark.parametrize("config", list(CARRIED_CONFIGS))
 @pytest.mark.parametrize("dtype", DTYPES, ids=["float32", "float64"])
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", MODES + ("CTRNN_RELU", "CTRNN_TANH"))
 @pytest.mark.parametrize("threads", [1, 2])
 def test_one_row_carries_the_input_projection(simd_target, threads_restored, mode, dtype, config,
                                               threads):
@@ -464,7 +465,10 @@ def test_one_row_carries_the_input_projection(simd_target, threads_restored, mod
     lstmfast.set_num_threads(threads)
     # units that give each thread about 128 KB of W_hh, and fill no vector
     share = 128 * 1024 * threads / (FIRST_PRODUCT_GATES[mode] * np.dtype(dtype).itemsize)
-    case = Case(mode, dtype, N=1, H=int(share ** 0.5) + 3, **CARRIED_CONFIGS[config])
+    config = dict(CARRIED_CONFIGS[config])
+    if mode in VARIANTS:
+        config["cell_options"] = {**VARIANTS[mode][1], **config.get("cell_options", {})}
+    case = Case(mode, dtype, N=1, H=int(share ** 0.5) + 3, **config)
     case.check()
     y, h_n, c_n = case.forward(_fused, training=False)[:3]
     ry, rh_n, rc_n = case.forward(reference, training=False)[:3]

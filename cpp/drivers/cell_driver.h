@@ -393,11 +393,8 @@ void cell_forward_fused(const Cell& cell, Real* y, int64_t ldy, const LayerBuffe
   // The step is inlined into the pool job: a call per step left the epilogue's setup
   // out of the loop's reach (a CTRNN of 64 units, 3% slower).
   // A cell of one product carries the input projection in a call of one row
-  // (recurrent_row_step_carrying; forward_on_pool gives it only then, so n is 1),
-  // with AVX-512's 32 vector registers: the carried rows' 16 accumulators and the
-  // product's 2 x G do not fit in 16 (LSTM T=100 N=1 I=H=128, one thread, the AVX2
-  // kernels on a Zen 4: 410 -> 535 us carried; the portable ones 940 -> 1100-1130).
-  constexpr bool kCarry = G0 == G && simd::kVectorBytes == 64;
+  // (recurrent_row_step_carrying; forward_on_pool gives it only then, so n is 1).
+  constexpr bool kCarry = G0 == G && kCarryingFits;
   auto step = [&](int64_t k, int64_t n, const UnitShare& mine,
                   const CarriedProjection<Real>* carried = nullptr) LSTMFAST_LAMBDA_INLINE {
     const int64_t prev = slot(k, kTraining), next = slot(k + 1, kTraining);

@@ -313,7 +313,7 @@ inline void forward_on_pool(const LayerBuffers<Real>& buf, const Real* x, int64_
       pool_barrier();
     }
     for (int64_t k = 0; k < S; ++k) {
-      if (chunked && k % chunk == 0 && (!carried || k == 0))
+      if (chunked && (carried ? k == 0 : k % chunk == 0))
         project_steps<Real, G>(buf.xproj, ldx, x, buf.W_ih_p, s, k, k + chunk < S ? k + chunk : S,
                                mine.u0, mine.u1);
       if constexpr (kCarry) {

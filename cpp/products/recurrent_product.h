@@ -205,6 +205,12 @@ struct CarriedProjection {
 template <int G>
 constexpr int kCarriedGates = G % 2 == 0 ? 2 : 1;
 
+// Whether this target's kernels carry at all: with AVX-512's 32 vector registers.
+// In 16 the carried rows' 16 accumulators and the product's 2 x G spill (LSTM T=100
+// N=1 I=H=128, one thread, the AVX2 kernels on a Zen 4: 410 -> 535 us carried; the
+// portable ones 940 -> 1100-1130).
+constexpr bool kCarryingFits = simd::kVectorBytes == 64;
+
 // acc[v] = h W_hh^T of gate v for unit block u (one row: gate_tile<Real, 1, C, G / C>'s
 // sums, even and odd k apart), while rows CR of the carried projection get
 // x[:, k0:k1] W_ih[:, k0:k1]^T of the block's gates added in.

@@ -287,15 +287,37 @@ def job_after(running):
     where = [k for k in ("jobs", "jobs_alone", "jobs_openmp") if counts[k]]
     assert len(where) == 1 and counts[where[0]] == 1, counts  # one job, after one read
     return {"jobs": "pool", "jobs_alone": "alone", "jobs_openmp": "openmp"}[where[0]]
+
+def jobs_after(steps, tries=5):
+    # (running, expected, why) in turn; each read counts on the one before it being
+    # recent (kConfirmWithin, 100 ms). A process held off its core for that long (a
+    # loaded CI machine) makes a step's answer the other one: such a run says nothing
+    # and is run again, and only a run whose gaps all stayed short is judged.
+    for _ in range(tries):
+        answers, started, longest_gap = [], None, 0.0
+        for running, _, _ in steps:
+            before = time.monotonic()
+            answers.append(job_after(running))
+            after = time.monotonic()
+            if started is not None:  # the two reads lay within [started, after]
+                longest_gap = max(longest_gap, after - started)
+            started = before
+        if longest_gap < 0.08:
+            for answer, (running, expected, why) in zip(answers, steps):
+                assert answer == expected, (why, answers)
+            return
+    raise AssertionError(f"no run in {tries} kept its reads within 80 ms of each other")
 """
 
 _PASSING_THREADS = _JOB_AFTER_A_READ + """
 _core._pool_set_use_openmp(0)
-assert job_after(0) == "pool"
-assert job_after(busy) == "pool", "a thread seen once took a core from the job"
-assert job_after(busy) == "alone", "threads seen twice in a row left the job its cores"
-assert job_after(busy) == "alone"
-assert job_after(0) == "pool", "the cores, free again, were not taken at once"
+jobs_after([
+    (0, "pool", "no others"),
+    (busy, "pool", "a thread seen once took a core from the job"),
+    (busy, "alone", "threads seen twice in a row left the job its cores"),
+    (busy, "alone", "threads still there gave the cores back"),
+    (0, "pool", "the cores, free again, were not taken at once"),
+])
 time.sleep(0.3)  # longer than a read vouches for the next
 assert job_after(busy) == "alone", "a read with none recent before it was not believed"
 print("ok")

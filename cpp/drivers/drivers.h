@@ -83,7 +83,9 @@ inline void project_steps(Real* xproj, int64_t ldx, const Real* x, const Real* W
 //   0. every few steps (as forward_on_pool: projection_in_chunks), the input
 //      projection of the next steps: the threads prepare their share of those
 //      rows of x, and after a barrier each multiplies them by its panels of W_ih
-//      into xproj (rows ldx apart);
+//      into xproj (rows ldx apart); a call of one row on one thread carries it
+//      instead (see `carrying` below): each chunk's steps project the next chunk
+//      in the loops of step 1;
 //   1. each thread multiplies h of the step (prepared: quantized or rounded) by
 //      its panels of W_hh for all running rows, into buf.rec;
 //   2. after a barrier, each thread takes its share of the N rows: for a running
@@ -121,6 +123,21 @@ constexpr int64_t kReducedRowsPerThread = 4;
 // bfloat16 (12-16 MB) 0.79x-0.82x, its weights streamed from L3 twice over.
 constexpr int64_t kReducedRowSplitBytes = int64_t(6) << 20;
 
+// The thread's shares of W_hh (bytes) with which a call of one row carries its input
+// projection: one that stays in L1 leaves the product no loads to wait on, and the
+// carrying only costs (LSTM I=H=32, one thread, Zen 4: 46.5 us a call apart, 51.5
+// carried); one streamed from L3 ran slower too, its loads interleaved with more
+// streams (I=64 H=512, 4 MB: 5.4 -> 5.8-6.0 ms), and a share of about the L2 gained
+// little (I=H=256, 1 MB: 1.74 -> 1.71-1.81 ms).
+constexpr int64_t kCarryingShareMinBytes = 32 * 1024;
+constexpr int64_t kCarryingShareMaxBytes = 512 * 1024;
+// The same with int8 weights (reduced_steps), of which the carrying gained only up
+// to about 100 KB (T=100 N=1 I=H, one thread, AVX512_VNNI on a Zen 4, the same
+// calls alternated by process: LSTM H=96 36 KB 112 -> 109 us, H=128 64 KB 169 ->
+// 153, H=160 100 KB 217 -> 203; GRU H=128 48 KB 120 -> 116, H=160 75 KB 176 ->
+// 173) and nothing from 150 KB (LSTM H=192 and 256, GRU H=256: the same times).
+constexpr int64_t kCarryingInt8MaxBytes = 128 * 1024;
+
 struct NoSecondRow {
   void operator()(int64_t, int64_t, bool) const {}
 };
@@ -138,9 +155,18 @@ inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_
   const bool chunked = w.W_ih_r && !(s.reverse && s.lengths);
   if (!chunked) direct_input_projection(buf.xproj, ldx, x, w, ldx, buf, s);
   const int threads = s.threads <= 1 || N * W_hh.M * K < kReducedSerialWork ? 1 : s.threads;
-  const int64_t chunk =
-      projection_chunk_steps<float>(ldx, s, chunked ? w.W_ih_r->nbytes() / threads : 0);
   const bool two_products = first_rows >= 0 && first_rows < W_hh.M;
+  // A call of one row on one thread carries its input projection along
+  // (ReducedProducts::carrying_panels), where the kernels do and W_hh is read from
+  // L2 (kCarryingInt8MaxBytes): the steps of each chunk of kCarriedInputRows
+  // compute the next chunk's rows of xproj, a share of W_ih's panels each.
+  const bool carrying = products.carrying_panels && chunked && N == 1 && threads == 1 &&
+                        !two_products && S >= 2 * kCarriedInputRows &&
+                        W_hh.nbytes() > kCarryingShareMinBytes &&
+                        W_hh.nbytes() <= kCarryingInt8MaxBytes;
+  const int64_t chunk = carrying ? kCarriedInputRows
+                                 : projection_chunk_steps<float>(
+                                       ldx, s, chunked ? w.W_ih_r->nbytes() / threads : 0);
   // Panels of the first product, and the first panel of the second.
   const int64_t first_panels =
       two_products ? (first_rows + kReducedPanel - 1) / kReducedPanel : W_hh.panels;
@@ -148,7 +174,7 @@ inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_
   // The gate math of rows b0..b1-1 at step k, n rows running, once the product is
   // in buf.rec: h of step k + 1 into h_next; a finished row keeps its h (copied
   // here) and step_row keeps the rest of its state.
-  auto step_rows = [&](int64_t k, int64_t n, int64_t b0, int64_t b1, float* h_next) {
+  auto gate_math_rows = [&](int64_t k, int64_t n, int64_t b0, int64_t b1, float* h_next) {
     for (int64_t b = b0; b < b1; ++b) {
       if (b >= n) copy_row(h_next + b * K, buf.h + (k & 1) * N * K + b * K, K);
       step_row(k, b, b < n);
@@ -178,7 +204,7 @@ inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_
       if (running > 0)
         products.panels(buf.rec + b0 * W_hh.M, W_hh.M, state, running, W_hh, 0, first_panels);
       float* h_next = buf.h + ((k + 1) & 1) * N * K;
-      step_rows(k, n, b0, b1, h_next);
+      gate_math_rows(k, n, b0, b1, h_next);
       if (two_products) {
         products.prepare_rows(*buf.act_state, buf.u, K, W_hh, b0, b1);
         if (running > 0)
@@ -205,24 +231,45 @@ inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_
     };
     products.prepare_rows(*buf.act_state, buf.h, K, W_hh, b0, b1);
     barrier();
+    // carrying: the next chunk's rows (prepared in act at their own rows), when whole
+    ActivationScratch next_rows;
+    CarriedPanels next{};
+    bool next_carried = false;
     for (int64_t k = 0; k < S; ++k) {
       if (chunked && k % chunk == 0) {
         const int64_t k1 = k + chunk < S ? k + chunk : S;
-        const int64_t t0 = s.reverse ? s.T - k1 : k, t1 = s.reverse ? s.T - k : k1;
-        const int64_t r0 = s.offsets ? s.offsets[t0] : t0 * N;
-        const int64_t rows = (s.offsets ? s.offsets[t1] : t1 * N) - r0;
+        int64_t r0, r1;
+        step_rows(s, k, k1, r0, r1);
+        const int64_t rows = r1 - r0;
         const ReducedMatrix& W_ih = *w.W_ih_r;
-        products.prepare_rows(*buf.act, x + r0 * s.I, s.I, W_ih, rows * tid / nt,
-                              rows * (tid + 1) / nt);
-        barrier();
-        products.panels(buf.xproj + r0 * ldx, ldx, *buf.act, rows, W_ih, W_ih.panels * tid / nt,
-                        W_ih.panels * (tid + 1) / nt);
+        if (!next_carried) {
+          products.prepare_rows(*buf.act, x + r0 * s.I, s.I, W_ih, rows * tid / nt,
+                                rows * (tid + 1) / nt);
+          barrier();
+          products.panels(buf.xproj + r0 * ldx, ldx, *buf.act, rows, W_ih,
+                          W_ih.panels * tid / nt, W_ih.panels * (tid + 1) / nt);
+        }
+        int64_t n0 = 0, n1 = 0;
+        if (carrying && k1 < S) step_rows(s, k1, k1 + chunk < S ? k1 + chunk : S, n0, n1);
+        next_carried = n1 - n0 == kCarriedInputRows;
+        if (next_carried) {
+          products.prepare_rows(*buf.act, x, s.I, W_ih, n0, n1);
+          next_rows = buf.act->from_row(n0, W_ih.K_padded);
+          next = {buf.xproj + n0 * ldx, ldx, &next_rows, &W_ih, 0, 0};
+        }
       }
       const int64_t n = walk.active(k);
-      products.panels(buf.rec, W_hh.M, *buf.act_state, n, W_hh, p0, p1);
+      if (next_carried) {  // one row (N = 1), running (the next chunk is whole)
+        const int64_t i = k % chunk, panels = next.W_ih->panels;
+        next.c0 = panels * i / chunk;
+        next.c1 = panels * (i + 1) / chunk;
+        products.carrying_panels(buf.rec, *buf.act_state, W_hh, p0, p1, next);
+      } else {
+        products.panels(buf.rec, W_hh.M, *buf.act_state, n, W_hh, p0, p1);
+      }
       barrier();
       float* h_next = buf.h + ((k + 1) & 1) * N * K;
-      step_rows(k, n, b0, b1, h_next);
+      gate_math_rows(k, n, b0, b1, h_next);
       if (two_products) {
         products.prepare_rows(*buf.act_state, buf.u, K, W_hh, b0, b1);
         barrier();
@@ -250,15 +297,6 @@ inline void pack_recurrent_panels(Real* panels, const Real* W_hh, int64_t H, int
     pack_gate_panels<Real, G - G0>(panels + packed_size(G0, H, K), W_hh + G0 * H * K, H, K, u0,
                                    u1);
 }
-
-// The thread's shares of W_hh (bytes) with which a call of one row carries its input
-// projection: one that stays in L1 leaves the product no loads to wait on, and the
-// carrying only costs (LSTM I=H=32, one thread, Zen 4: 46.5 us a call apart, 51.5
-// carried); one streamed from L3 ran slower too, its loads interleaved with more
-// streams (I=64 H=512, 4 MB: 5.4 -> 5.8-6.0 ms), and a share of about the L2 gained
-// little (I=H=256, 1 MB: 1.74 -> 1.71-1.81 ms).
-constexpr int64_t kCarryingShareMinBytes = 32 * 1024;
-constexpr int64_t kCarryingShareMaxBytes = 512 * 1024;
 
 // What step k of a call of one row carries of the input projection
 // (recurrent_row_step_carrying): its slice of the inputs, for the rows of the next

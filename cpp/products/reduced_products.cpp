@@ -187,6 +187,29 @@ inline __m512i dpbusd(__m512i acc, __m512i a, __m512i w) {
 }
 #endif
 
+// The exact int32 sums of R rows x P panels (the first output m0 of W) back in
+// float32, into C (rows ldc apart, output m at C[m]): each row's zero point taken
+// out with W's row sums, then the row's and the output's scales.
+template <int R, int P>
+inline void store_int8_sums(float* C, int64_t ldc, const __m512i (&acc)[R][P],
+                            const float* row_scale, const int32_t* row_zero,
+                            const ReducedMatrix& W, int64_t m0) {
+  for (int p = 0; p < P; ++p) {
+    const int64_t columns = panel_columns(W, m0, p);
+    const __mmask16 keep = static_cast<__mmask16>((1u << columns) - 1);
+    const __m512i sums = _mm512_loadu_si512(W.row_sum + m0 + 16 * p);
+    const __m512 wscale = _mm512_loadu_ps(W.scale + m0 + 16 * p);
+    for (int r = 0; r < R; ++r) {
+      const __m512i exact =
+          _mm512_sub_epi32(acc[r][p], _mm512_mullo_epi32(_mm512_set1_epi32(row_zero[r]), sums));
+      const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(row_scale[r]), wscale);
+      // maskz: GCC 12 warns that _mm512_cvtepi32_ps reads an undefined register
+      _mm512_mask_storeu_ps(C + r * ldc + m0 + 16 * p, keep,
+                            _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, exact), scales));
+    }
+  }
+}
+
 // The four u8 x s8 products of a 32-bit lane summed into its int32. The weights of
 // a group are loaded first and each row's broadcast used at once: R x P
 // accumulators, P weights, one broadcast (and without VNNI a product and the ones)
@@ -209,21 +232,7 @@ inline void int8_tile(float* C, int64_t ldc, const ActivationScratch& act, int64
       for (int p = 0; p < P; ++p) acc[r][p] = dpbusd(acc[r][p], a, wv[p]);
     }
   }
-  const int64_t m0 = panel * 16;
-  for (int p = 0; p < P; ++p) {
-    const int64_t columns = panel_columns(W, m0, p);
-    const __mmask16 keep = static_cast<__mmask16>((1u << columns) - 1);
-    const __m512i sums = _mm512_loadu_si512(W.row_sum + m0 + 16 * p);
-    const __m512 wscale = _mm512_loadu_ps(W.scale + m0 + 16 * p);
-    for (int r = 0; r < R; ++r) {
-      const __m512i exact =
-          _mm512_sub_epi32(acc[r][p], _mm512_mullo_epi32(_mm512_set1_epi32(act.zero[b + r]), sums));
-      const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(act.scale[b + r]), wscale);
-      // maskz: GCC 12 warns that _mm512_cvtepi32_ps reads an undefined register
-      _mm512_mask_storeu_ps(C + r * ldc + m0 + 16 * p, keep,
-                            _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, exact), scales));
-    }
-  }
+  store_int8_sums<R, P>(C, ldc, acc, act.scale + b, act.zero + b, W, panel * 16);
 }
 
 #elif defined(__AVX2__)
@@ -488,12 +497,18 @@ inline void tile_panels(float* C, int64_t ldc, const ActivationScratch& act, int
 }
 
 template <bool kInt8>
-void panels_of(float* C, int64_t ldc, const ActivationScratch& act, int64_t n, const ReducedMatrix& W,
-               int64_t p0, int64_t p1) {
+Tile tile_of(const ReducedMatrix& W) {
   Tile t;
   t.lda = W.K_padded;
   t.groups = kInt8 ? W.K_padded / 4 : W.K_padded / 2;
   t.panel_stride = W.K_padded * kReducedPanel;
+  return t;
+}
+
+template <bool kInt8>
+void panels_of(float* C, int64_t ldc, const ActivationScratch& act, int64_t n, const ReducedMatrix& W,
+               int64_t p0, int64_t p1) {
+  const Tile t = tile_of<kInt8>(W);
   const int64_t panel_bytes = W.K_padded * kReducedPanel * (kInt8 ? 1 : 2);
   int64_t block = kPanelBlockBytes / panel_bytes / kPanels * kPanels;
   block = block > kPanels ? block : kPanels;
@@ -517,6 +532,84 @@ void panels(float* C, int64_t ldc, const ActivationScratch& act, int64_t n, cons
     panels_of<false>(C, ldc, act, n, W, p0, p1);
 }
 
+#if defined(__AVX512VNNI__)
+// int8_tile<1, P> of the one row of act at panel, while the carried rows get panel c
+// of W_ih (none when c < 0) in the same loop over the groups of k: per group P
+// weights and one broadcast for the row, one weight and a broadcast per carried row.
+template <int P>
+inline void carrying_int8_tile(float* C, const ActivationScratch& act, const ReducedMatrix& W,
+                               int64_t panel, const Tile& t, const CarriedPanels& cp, int64_t c,
+                               const Tile& ct) {
+  constexpr int CR = kCarriedInputRows;
+  const int8_t* w = W.q + panel * t.panel_stride;
+  __m512i acc[1][P];
+  for (int p = 0; p < P; ++p) acc[0][p] = _mm512_setzero_si512();
+  auto row_group = [&](int64_t g) LSTMFAST_LAMBDA_INLINE {
+    int32_t four;
+    std::memcpy(&four, act.q + g * 4, 4);
+    const __m512i a = _mm512_set1_epi32(four);
+    for (int p = 0; p < P; ++p)
+      acc[0][p] = dpbusd(acc[0][p], a, _mm512_loadu_si512(w + p * t.panel_stride + g * 64));
+  };
+  int64_t g = 0;
+  if (c >= 0) {
+    const int8_t* cw = cp.W_ih->q + c * ct.panel_stride;
+    const uint8_t* xq = cp.x->q;
+    __m512i carried[CR][1];
+    for (int r = 0; r < CR; ++r) carried[r][0] = _mm512_setzero_si512();
+    auto carried_group = [&](int64_t h) LSTMFAST_LAMBDA_INLINE {
+      const __m512i wv = _mm512_loadu_si512(cw + h * 64);
+      for (int r = 0; r < CR; ++r) {
+        int32_t four;
+        std::memcpy(&four, xq + r * ct.lda + h * 4, 4);
+        carried[r][0] = dpbusd(carried[r][0], _mm512_set1_epi32(four), wv);
+      }
+    };
+    const int64_t both = t.groups < ct.groups ? t.groups : ct.groups;
+    for (; g < both; ++g) {
+      row_group(g);
+      carried_group(g);
+    }
+    for (int64_t h = both; h < ct.groups; ++h) carried_group(h);
+    store_int8_sums<CR, 1>(cp.xproj, cp.ldx, carried, cp.x->scale, cp.x->zero, *cp.W_ih, c * 16);
+  }
+  for (; g < t.groups; ++g) row_group(g);
+  store_int8_sums<1, P>(C, 0, acc, act.scale, act.zero, W, panel * 16);
+}
+
+// The tiles of panels p..p1-1 in groups of Q (then smaller ones), tile m of the
+// tiles carrying the carried panels [c0 + carried m / tiles, c0 + carried (m + 1) /
+// tiles): the first in its loop, any more on their own.
+template <int Q>
+inline void carrying_tiles(float* C, const ActivationScratch& act, const ReducedMatrix& W,
+                           int64_t p, int64_t p1, const Tile& t, const CarriedPanels& cp,
+                           const Tile& ct, int64_t& m, int64_t tiles) {
+  const int64_t carried = cp.c1 - cp.c0;
+  for (; p + Q <= p1; p += Q, ++m) {
+    const int64_t a = cp.c0 + carried * m / tiles, b = cp.c0 + carried * (m + 1) / tiles;
+    carrying_int8_tile<Q>(C, act, W, p, t, cp, a < b ? a : -1, ct);
+    if (b - a > 1) panels_of<true>(cp.xproj, cp.ldx, *cp.x, kCarriedInputRows, *cp.W_ih, a + 1, b);
+  }
+  if constexpr (Q > 1) carrying_tiles<Q / 2>(C, act, W, p, p1, t, cp, ct, m, tiles);
+}
+
+void carrying_panels(float* C, const ActivationScratch& act, const ReducedMatrix& W, int64_t p0,
+                     int64_t p1, const CarriedPanels& cp) {
+  constexpr int P = panels_for_rows<1>();
+  int64_t tiles = 0, left = p1 - p0;
+  for (int q = P; q >= 1; q /= 2) {
+    tiles += left / q;
+    left %= q;
+  }
+  if (tiles == 0) {
+    panels_of<true>(cp.xproj, cp.ldx, *cp.x, kCarriedInputRows, *cp.W_ih, cp.c0, cp.c1);
+    return;
+  }
+  int64_t m = 0;
+  carrying_tiles<P>(C, act, W, p0, p1, tile_of<true>(W), cp, tile_of<true>(*cp.W_ih), m, tiles);
+}
+#endif
+
 #define LSTMFAST_STR2(x) #x
 #define LSTMFAST_STR(x) LSTMFAST_STR2(x)
 
@@ -529,7 +622,12 @@ const ReducedProducts reduced_products = {LSTMFAST_STR(LSTMFAST_ISA),
 #else
                                           false,
 #endif
-                                          &prepare_rows, &panels};
+                                          &prepare_rows, &panels,
+#if defined(__AVX512VNNI__)
+                                          &carrying_panels};
+#else
+                                          nullptr};
+#endif
 
 }  // namespace LSTMFAST_ISA
 }  // namespace lstmfast

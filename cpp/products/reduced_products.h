@@ -50,6 +50,21 @@ struct ActivationScratch {
   }
 };
 
+// What the recurrent product of one row carries along (ReducedProducts::
+// carrying_panels): panels c0..c1-1 of W_ih for kCarriedInputRows prepared rows of x,
+// into their rows of xproj. With one row a step's product reads each weight of W_hh
+// from L2 for one multiply-add and waits on the loads, while the input projection,
+// 8 rows for each weight, waits on the multiply-adds: in one loop each fills the
+// other's idle units.
+constexpr int64_t kCarriedInputRows = 8;
+struct CarriedPanels {
+  float* xproj;                 // the first of the rows, ldx apart
+  int64_t ldx;
+  const ActivationScratch* x;   // the rows prepared for W_ih, from the first
+  const ReducedMatrix* W_ih;
+  int64_t c0, c1;
+};
+
 // The products of one instruction set.
 struct ReducedProducts {
   const char* name;  // the instruction set they were compiled for
@@ -63,6 +78,11 @@ struct ReducedProducts {
   // rows ldc apart; columns past W.M are not written).
   void (*panels)(float* C, int64_t ldc, const ActivationScratch& act, int64_t n,
                  const ReducedMatrix& W, int64_t p0, int64_t p1);
+  // panels(C, 0, act, 1, W, p0, p1) for one int8 row while the carried panels are
+  // computed in the same loops; null where the kernels do not carry (only
+  // AVX512_VNNI's int8 tiles do: measured there, see reduced_steps).
+  void (*carrying_panels)(float* C, const ActivationScratch& act, const ReducedMatrix& W,
+                          int64_t p0, int64_t p1, const CarriedPanels& carried);
 };
 
 // The tables of the builds (reduced_products.cpp, one per instruction set).

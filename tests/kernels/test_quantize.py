@@ -335,6 +335,57 @@ def test_reduced_layers_give_the_same_bits_on_any_number_of_threads(
             assert_all_close(results[2][1], numpy(x, lengths=lengths), 2e-3)
 
 
+# A call of one int8 row carries its input projection along where the kernels can
+# (AVX512_VNNI; cpp/drivers/drivers.h, reduced_steps): each chunk of 8 steps projects
+# the next chunk's rows in the loops of its own products. Every sum is an exact
+# integer whoever computes it, so the row gives the same bits as in a batch of two,
+# which never carries. W_hh of about 64 KB (where it carries), outputs that fill no
+# panel of 16; whole and short chunks (T=21: the first projected before, the second
+# carried, the last short one projected apart), more inputs than units and fewer
+# (another count of groups of 4 in the two products), lengths, both directions, two
+# layers (the second's inputs prepared from the first's outputs). The GRU without linear_before_reset (two products) never carries.
+CARRIED_INT8 = {
+    "T21_I3": dict(T=21, I=3),
+    "T40_I200_bidirectional": dict(T=40, I=200, options=dict(bidirectional=True)),
+    "lengths": dict(T=30, I=37, lengths=27),
+    "reverse_two_layers": dict(T=26, I=12, options=dict(reverse=True, num_layers=2)),
+}
+CARRIED_INT8_CELLS = {"LSTM": ({}, 4), "GRU": ({}, 3), "RNN": (dict(nonlinearity="relu"), 1),
+                      "CTRNN": (dict(alpha=0.5), 1),
+                      "GRU_reset_before": (dict(linear_before_reset=False), 3)}
+
+
+@needs_fused
+@pytest.mark.parametrize("cell, config", [
+    (cell, config) for cell in CARRIED_INT8_CELLS for config in CARRIED_INT8
+    if not (cell == "CTRNN" and config.startswith("reverse"))])  # the CTRNN runs forwards only
+def test_one_int8_row_carries_the_input_projection(reduced_simd_target, threads_restored, cell,
+                                                   config):
+    lstmfast.set_num_threads(1)
+    cell_options, gates = CARRIED_INT8_CELLS[cell]
+    cfg = CARRIED_INT8[config]
+    options = {**cell_options, **cfg.get("options", {})}
+    H = int((64 * 1024 / gates) ** 0.5) + 3
+    fused, numpy = layer_pair(cell.split("_")[0], options, "int8", I=cfg["I"], H=H)
+    rng = np.random.default_rng(13)
+    T = cfg["T"]
+    x = rng.standard_normal((T, 2, cfg["I"])).astype(np.float32)
+    row, batch = {}, {}
+    if "lengths" in cfg:
+        row["lengths"], batch["lengths"] = np.array([cfg["lengths"]]), np.array([cfg["lengths"], T])
+    alone = fused(x[:, :1], **row)
+    in_a_batch = fused(x, **batch)
+    np.testing.assert_array_equal(flatten(alone), flatten(first_row(in_a_batch)))
+    assert_all_close(alone, numpy(x[:, :1], **row), 2e-3)
+
+
+def first_row(result):
+    """A layer call's output, h_n (and c_n), of its first row of the batch alone."""
+    states = result[1] if isinstance(result[1], tuple) else (result[1],)
+    states = tuple(s[:, :1] for s in states)
+    return result[0][:, :1], states if isinstance(result[1], tuple) else states[0]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("precision, bound", [("int8", 3e-2), ("bfloat16", 1e-2)])
 @pytest.mark.parametrize("cls_name", ["LSTM", "GRU", "CTRNN"])  # LayerNormLSTM: test_torch_quantized

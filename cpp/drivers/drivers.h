@@ -156,12 +156,12 @@ inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_
   if (!chunked) direct_input_projection(buf.xproj, ldx, x, w, ldx, buf, s);
   const int threads = s.threads <= 1 || N * W_hh.M * K < kReducedSerialWork ? 1 : s.threads;
   const bool two_products = first_rows >= 0 && first_rows < W_hh.M;
-  // A call of one row on one thread carries its input projection along
+  // An int8 call of one row on one thread carries its input projection along
   // (ReducedProducts::carrying_panels), where the kernels do and W_hh is read from
   // L2 (kCarryingInt8MaxBytes): the steps of each chunk of kCarriedInputRows
   // compute the next chunk's rows of xproj, a share of W_ih's panels each.
-  const bool carrying = products.carrying_panels && chunked && N == 1 && threads == 1 &&
-                        !two_products && S >= 2 * kCarriedInputRows &&
+  const bool carrying = products.carrying_panels && W_hh.precision == Precision::Int8 &&
+                        chunked && N == 1 && threads == 1 && !two_products && S >= 2 * kCarriedInputRows &&
                         W_hh.nbytes() > kCarryingShareMinBytes &&
                         W_hh.nbytes() <= kCarryingInt8MaxBytes;
   const int64_t chunk = carrying ? kCarriedInputRows

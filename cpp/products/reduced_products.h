@@ -78,9 +78,10 @@ struct ReducedProducts {
   // rows ldc apart; columns past W.M are not written).
   void (*panels)(float* C, int64_t ldc, const ActivationScratch& act, int64_t n,
                  const ReducedMatrix& W, int64_t p0, int64_t p1);
-  // panels(C, 0, act, 1, W, p0, p1) for one int8 row while the carried panels are
-  // computed in the same loops; null where the kernels do not carry (only
-  // AVX512_VNNI's int8 tiles do: measured there, see reduced_steps).
+  // panels(C, 0, act, 1, W, p0, p1) for one row while the carried panels are
+  // computed in the same loops, W and W_ih int8 (never bfloat16); null where the
+  // kernels do not carry (only AVX512_VNNI's int8 tiles do: measured there, see
+  // reduced_steps).
   void (*carrying_panels)(float* C, const ActivationScratch& act, const ReducedMatrix& W,
                           int64_t p0, int64_t p1, const CarriedPanels& carried);
 };

@@ -330,16 +330,18 @@ void lstm_forward(Real* y, int64_t ldy, Real* h_n, Real* c_n, const LayerBuffers
                   const LayerShape& s) {
   with_gate_path(s, [&](auto onnx) {
     constexpr bool kOnnx = decltype(onnx)::value;
-    if (s.P == 0)
+    if (s.P == 0) {
       forward_layer(LstmCell<Real, kOnnx>(buf, w, s), y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
-    else if (projected_on_pool(buf, w, s) && s.training)
-      forward_projected_on_pool<Real, true, kOnnx>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
-    else if (projected_on_pool(buf, w, s))
-      forward_projected_on_pool<Real, false, kOnnx>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
-    else if (s.training)
+    } else if (projected_on_pool(buf, w, s)) {
+      if (s.training)
+        forward_projected_on_pool<Real, true, kOnnx>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+      else
+        forward_projected_on_pool<Real, false, kOnnx>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+    } else if (s.training) {
       forward_steps<Real, true, kOnnx>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
-    else
+    } else {
       forward_steps<Real, false, kOnnx>(y, ldy, h_n, c_n, buf, x, h0, c0, w, s);
+    }
   });
 }
 

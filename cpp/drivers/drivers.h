@@ -161,8 +161,8 @@ inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_
   // L2 (kCarryingInt8MaxBytes): the steps of each chunk of kCarriedInputRows
   // compute the next chunk's rows of xproj, a share of W_ih's panels each.
   const bool carrying = products.carrying_panels && W_hh.precision == Precision::Int8 &&
-                        chunked && N == 1 && threads == 1 && !two_products && S >= 2 * kCarriedInputRows &&
-                        W_hh.nbytes() > kCarryingShareMinBytes &&
+                        chunked && N == 1 && threads == 1 && !two_products &&
+                        S >= 2 * kCarriedInputRows && W_hh.nbytes() > kCarryingShareMinBytes &&
                         W_hh.nbytes() <= kCarryingInt8MaxBytes;
   const int64_t chunk = carrying ? kCarriedInputRows
                                  : projection_chunk_steps<float>(
@@ -238,11 +238,11 @@ inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_
     for (int64_t k = 0; k < S; ++k) {
       if (chunked && k % chunk == 0) {
         const int64_t k1 = k + chunk < S ? k + chunk : S;
-        int64_t r0, r1;
-        step_rows(s, k, k1, r0, r1);
-        const int64_t rows = r1 - r0;
         const ReducedMatrix& W_ih = *w.W_ih_r;
-        if (!next_carried) {
+        if (!next_carried) {  // this chunk's rows, projected apart
+          int64_t r0, r1;
+          step_rows(s, k, k1, r0, r1);
+          const int64_t rows = r1 - r0;
           products.prepare_rows(*buf.act, x + r0 * s.I, s.I, W_ih, rows * tid / nt,
                                 rows * (tid + 1) / nt);
           barrier();

@@ -534,16 +534,19 @@ void panels(float* C, int64_t ldc, const ActivationScratch& act, int64_t n, cons
 
 #if defined(__AVX512VNNI__)
 // int8_tile<1, P> of the one row of act at panel, while the carried rows get panel c
-// of W_ih (none when c < 0) in the same loop over the groups of k: per group P
-// weights and one broadcast for the row, one weight and a broadcast per carried row.
+// of W_ih in the same loop over the groups of k: per group P weights and one
+// broadcast for the row, one weight and a broadcast per carried row.
 template <int P>
 inline void carrying_int8_tile(float* C, const ActivationScratch& act, const ReducedMatrix& W,
                                int64_t panel, const Tile& t, const CarriedPanels& cp, int64_t c,
                                const Tile& ct) {
   constexpr int CR = kCarriedInputRows;
   const int8_t* w = W.q + panel * t.panel_stride;
-  __m512i acc[1][P];
+  const int8_t* cw = cp.W_ih->q + c * ct.panel_stride;
+  const uint8_t* xq = cp.x->q;
+  __m512i acc[1][P], carried[CR][1];
   for (int p = 0; p < P; ++p) acc[0][p] = _mm512_setzero_si512();
+  for (int r = 0; r < CR; ++r) carried[r][0] = _mm512_setzero_si512();
   auto row_group = [&](int64_t g) LSTMFAST_LAMBDA_INLINE {
     int32_t four;
     std::memcpy(&four, act.q + g * 4, 4);
@@ -551,35 +554,29 @@ inline void carrying_int8_tile(float* C, const ActivationScratch& act, const Red
     for (int p = 0; p < P; ++p)
       acc[0][p] = dpbusd(acc[0][p], a, _mm512_loadu_si512(w + p * t.panel_stride + g * 64));
   };
-  int64_t g = 0;
-  if (c >= 0) {
-    const int8_t* cw = cp.W_ih->q + c * ct.panel_stride;
-    const uint8_t* xq = cp.x->q;
-    __m512i carried[CR][1];
-    for (int r = 0; r < CR; ++r) carried[r][0] = _mm512_setzero_si512();
-    auto carried_group = [&](int64_t h) LSTMFAST_LAMBDA_INLINE {
-      const __m512i wv = _mm512_loadu_si512(cw + h * 64);
-      for (int r = 0; r < CR; ++r) {
-        int32_t four;
-        std::memcpy(&four, xq + r * ct.lda + h * 4, 4);
-        carried[r][0] = dpbusd(carried[r][0], _mm512_set1_epi32(four), wv);
-      }
-    };
-    const int64_t both = t.groups < ct.groups ? t.groups : ct.groups;
-    for (; g < both; ++g) {
-      row_group(g);
-      carried_group(g);
+  auto carried_group = [&](int64_t g) LSTMFAST_LAMBDA_INLINE {
+    const __m512i wv = _mm512_loadu_si512(cw + g * 64);
+    for (int r = 0; r < CR; ++r) {
+      int32_t four;
+      std::memcpy(&four, xq + r * ct.lda + g * 4, 4);
+      carried[r][0] = dpbusd(carried[r][0], _mm512_set1_epi32(four), wv);
     }
-    for (int64_t h = both; h < ct.groups; ++h) carried_group(h);
-    store_int8_sums<CR, 1>(cp.xproj, cp.ldx, carried, cp.x->scale, cp.x->zero, *cp.W_ih, c * 16);
+  };
+  const int64_t both = t.groups < ct.groups ? t.groups : ct.groups;
+  for (int64_t g = 0; g < both; ++g) {
+    row_group(g);
+    carried_group(g);
   }
-  for (; g < t.groups; ++g) row_group(g);
+  for (int64_t g = both; g < t.groups; ++g) row_group(g);
+  for (int64_t g = both; g < ct.groups; ++g) carried_group(g);
+  store_int8_sums<CR, 1>(cp.xproj, cp.ldx, carried, cp.x->scale, cp.x->zero, *cp.W_ih, c * 16);
   store_int8_sums<1, P>(C, 0, acc, act.scale, act.zero, W, panel * 16);
 }
 
 // The tiles of panels p..p1-1 in groups of Q (then smaller ones), tile m of the
 // tiles carrying the carried panels [c0 + carried m / tiles, c0 + carried (m + 1) /
-// tiles): the first in its loop, any more on their own.
+// tiles): the first in its loop, any more on their own; a tile with none is
+// int8_tile's.
 template <int Q>
 inline void carrying_tiles(float* C, const ActivationScratch& act, const ReducedMatrix& W,
                            int64_t p, int64_t p1, const Tile& t, const CarriedPanels& cp,
@@ -587,7 +584,11 @@ inline void carrying_tiles(float* C, const ActivationScratch& act, const Reduced
   const int64_t carried = cp.c1 - cp.c0;
   for (; p + Q <= p1; p += Q, ++m) {
     const int64_t a = cp.c0 + carried * m / tiles, b = cp.c0 + carried * (m + 1) / tiles;
-    carrying_int8_tile<Q>(C, act, W, p, t, cp, a < b ? a : -1, ct);
+    if (a == b) {
+      int8_tile<1, Q>(C, 0, act, 0, W, p, t);
+      continue;
+    }
+    carrying_int8_tile<Q>(C, act, W, p, t, cp, a, ct);
     if (b - a > 1) panels_of<true>(cp.xproj, cp.ldx, *cp.x, kCarriedInputRows, *cp.W_ih, a + 1, b);
   }
   if constexpr (Q > 1) carrying_tiles<Q / 2>(C, act, W, p, p1, t, cp, ct, m, tiles);

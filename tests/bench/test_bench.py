@@ -497,6 +497,60 @@ def test_peers_skip_a_missing_package_with_a_note(missing, tmp_path, capsys, mon
         assert f"{who} float32" in row["seconds"], who
 
 
+def _peers_row(cell, seconds):
+    ratios = {f"{mine.split()[1]} vs {theirs}": seconds[theirs] / seconds[mine]
+              for mine in seconds if mine.startswith("lstmfast") for theirs in seconds
+              if not theirs.startswith("lstmfast")}
+    return {"cell": cell, "shape": "tiny", "threads": 1, "T": 4, "N": 2, "I": 8, "H": 8, "simd_target": "x",
+            "seconds": dict(seconds), "max_rel_diff": {name: 1e-7 for name in seconds}, "ratios": ratios}
+
+
+def test_combine_runs_gives_median_times_and_each_ratios_range(peers):
+    runs = [[_peers_row("LSTM", {"lstmfast float32": a, "onnxruntime float32": b, "torch float32": 5.0})]
+            for a, b in ((1.0, 3.0), (2.0, 2.0), (4.0, 2.5))]
+    del runs[1][0]["seconds"]["torch float32"]  # left out of one run: out of the combined row
+    (row,) = peers.combine_runs(runs)
+    assert row["seconds"] == {"lstmfast float32": 2.0, "onnxruntime float32": 2.5}
+    # the ratio of the median times, with the range of the runs' own ratios
+    assert row["ratios"] == {"float32 vs onnxruntime float32": 1.25}
+    assert row["ratio_range"] == {"float32 vs onnxruntime float32": [0.625, 3.0]}
+    with pytest.raises(ValueError, match="same cases"):
+        peers.combine_runs([runs[0], [_peers_row("GRU", {"lstmfast float32": 1.0})]])
+
+
+def test_peers_repeat_runs_each_time_in_a_fresh_process(tmp_path, capsys, peers, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("--repeat measured in the parent process")
+    monkeypatch.setattr(peers, "measure_case", not_here)
+    out_json = tmp_path / "repeat.json"
+    assert bench.main(["--peers", "--tiny", "--repeat", "2", "--cells", "GRU", "--threads", "1", "--rounds", "1",
+                       "--min-time", "0", "--no-torch", "--json", str(out_json)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out_json.read_text())
+    assert len(data["runs"]) == 2
+    (row,) = data["results"]
+    for name, seconds in row["seconds"].items():
+        assert seconds == pytest.approx(np.median([run[0]["seconds"][name] for run in data["runs"]])), name
+    for name, (least, most) in row["ratio_range"].items():
+        assert [least, most] == [min(run[0]["ratios"][name] for run in data["runs"]),
+                                 max(run[0]["ratios"][name] for run in data["runs"])], name
+    assert {"lstmfast float32", "lstmfast frozen", "onnxruntime float32"} <= set(row["seconds"])
+    for text in ("2 runs, each in a fresh process", "each ratio over the 2 runs",
+                 "the median times of 2 runs", "float32 vs onnxruntime float32"):
+        assert text in printed, text
+
+
+def test_repeat_goes_with_peers_and_is_positive(capsys):
+    for options in (["--repeat", "2"], ["--peers", "--repeat", "0"]):
+        with pytest.raises(SystemExit):
+            bench.main(options)
+    err = capsys.readouterr().err
+    assert "--repeat goes with --peers" in err and "--repeat must be positive, got 0" in err
+
+
 def test_peers_refuse_training_and_the_grid_only_options(peers, capsys):
     for options in (["--modes", "training"], ["--memory"]):
         with pytest.raises(SystemExit):

@@ -46,6 +46,10 @@ def main(argv=None):
     parser.add_argument("--cold", action="store_true",
                         help=f"with --peers: every timed call comes after a sweep of {SWEEP_BYTES >> 20} MB of "
                              "memory, which leaves the caches cold, as a call after other work finds them")
+    parser.add_argument("--repeat", type=int, default=1, metavar="R",
+                        help="with --peers: run the cases R times, each time in a fresh process, and give "
+                             "each time's median over the runs and the range of each ratio (default 1: one "
+                             "run, in this process)")
     parser.add_argument("--variants", nargs="?", const="all", metavar="NAME,...",
                         help="instead of the grid, time the cells and options torch.nn lacks against the "
                              "torch loop users run today and against lstmfast's plain layer, training and "
@@ -73,6 +77,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.cold and not args.peers:
         parser.error("--cold goes with --peers")
+    if args.repeat != 1 and not args.peers:
+        parser.error("--repeat goes with --peers")
     if args.frozen and args.models is None:
         parser.error("--frozen goes with --models")
 
@@ -180,8 +186,17 @@ def _main_peers(parser, args):
         parser.error("--peers: --plot and --memory do not apply")
     if args.modes and args.modes != ["inference"]:
         parser.error("--peers times inference only")
+    if args.repeat < 1:
+        parser.error(f"--repeat must be positive, got {args.repeat}")
     from lstmfast.bench import peers
 
+    if args.repeat > 1:
+        # The options of one run, as parsed (--quick already applied).
+        child = ["--cells", *args.cells, "--shapes", *args.shapes, "--threads", *map(str, args.threads),
+                 "--rounds", str(args.rounds), "--min-time", str(args.min_time)]
+        child += [flag for flag, on in (("--no-torch", args.no_torch), ("--tiny", args.tiny),
+                                        ("--cold", args.cold)) if on]
+        return peers.run_repeated(args.repeat, child, json_path=args.json, cold=args.cold)
     return peers.run(args.cells, args.shapes, args.threads, args.rounds, args.min_time,
                      no_torch=args.no_torch, tiny=args.tiny, json_path=args.json, cold=args.cold)
 

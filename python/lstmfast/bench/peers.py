@@ -14,7 +14,10 @@ The implementations, over the grid's cells, shapes and thread counts:
 * ONNX Runtime int8: ``onnxruntime.quantization.quantize_dynamic`` of that graph.
 
 With ``--cold`` every timed call comes after a sweep of memory that evicts the caches
-(``common.evict_caches``), as a server's call finds them after other work.
+(``common.evict_caches``), as a server's call finds them after other work. With
+``--repeat R`` the same cases run R times, each time in a fresh process, and the table
+gives each time's median over the runs and each ratio's range: one run cannot tell a
+change of a few percent from the host's moods.
 
 A peer whose package is missing, or that cannot run a case as asked, is left out with
 a printed note that says why. Every implementation starts from the same weights and
@@ -25,6 +28,9 @@ is printed beside its time, since a reduced precision is judged by both.
 
 import copy
 import json
+import os
+import statistics
+import subprocess
 import sys
 import tempfile
 import warnings
@@ -383,7 +389,7 @@ def print_table(results):
                   f"{common.fmt_ratio(s.get(lf), s.get(ort)):>7s}")
 
 
-def summarize(results, cold=False):
+def summarize(results, cold=False, runs=1):
     """Geometric means of each ratio over the cases that have it, per thread count."""
     lines, figures = [], {}
     for threads in sorted({r["threads"] for r in results}):
@@ -401,6 +407,99 @@ def summarize(results, cold=False):
                 parts.append(f"  lstmfast {name}: geomean {geomean:.2f}x, min {min(ratios):.2f}x ({len(ratios)} case{'s' if len(ratios) > 1 else ''})")
         if parts:
             lines.append(f"peers, inference, {threads} thread{'s' if threads > 1 else ''}, simd {simd}"
-                         f"{', caches cold' if cold else ''}:")
+                         f"{', caches cold' if cold else ''}"
+                         f"{f', the median times of {runs} runs' if runs > 1 else ''}:")
             lines += parts
     return {"lines": lines, "figures": figures}
+
+
+# ---------------------------------------------------------------------------
+# --repeat: the same cases in several fresh processes
+
+
+def combine_runs(runs):
+    """The results of several runs of the same cases (each a list of ``measure_case``
+    rows, in the same order) as one list of rows: each time the median over the runs,
+    each ratio that of the median times, and under ``ratio_range`` the least and the
+    most that ratio was in any one run. Implementations that a run left out are left
+    out."""
+    first = runs[0]
+    same_cases = all([(r["cell"], r["shape"], r["threads"]) for r in run] ==
+                     [(r["cell"], r["shape"], r["threads"]) for r in first] for run in runs)
+    if not same_cases:
+        raise ValueError("combine_runs: the runs did not time the same cases in the same order")
+    combined = []
+    for i, row in enumerate(first):
+        rows = [run[i] for run in runs]
+        names = [name for name in row["seconds"] if all(name in r["seconds"] for r in rows)]
+        seconds = {name: statistics.median(r["seconds"][name] for r in rows) for name in names}
+        differences = {name: max(r["max_rel_diff"][name] for r in rows) for name in names}
+        ratios, ratio_range = {}, {}
+        for ratio_name in row["ratios"]:
+            mine, theirs = ratio_name.split(" vs ")
+            if f"lstmfast {mine}" in seconds and theirs in seconds:
+                ratios[ratio_name] = seconds[theirs] / seconds[f"lstmfast {mine}"]
+                each = [r["ratios"][ratio_name] for r in rows]
+                ratio_range[ratio_name] = [min(each), max(each)]
+        combined.append({**{k: row[k] for k in ("cell", "shape", "threads", "T", "N", "I", "H", "simd_target")},
+                         "seconds": seconds, "max_rel_diff": differences, "ratios": ratios,
+                         "ratio_range": ratio_range})
+    return combined
+
+
+def print_ratio_ranges(results, runs):
+    print(f"each ratio over the {runs} runs: that of the median times (as above), and the least and the most "
+          f"it was in one run")
+    header = f"{'cell':4s} {'shape':7s} {'thr':>3s} {'ratio':38s} {'median':>7s} {'least':>7s} {'most':>7s}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        for name, ratio in r["ratios"].items():
+            least, most = r["ratio_range"][name]
+            print(f"{r['cell']:4s} {r['shape']:7s} {r['threads']:3d} {name:38s} {ratio:6.2f}x {least:6.2f}x "
+                  f"{most:6.2f}x")
+
+
+def run_repeated(repeat, child_options, json_path=None, cold=False):
+    """``--repeat``: runs ``python -m lstmfast.bench --peers`` with ``child_options``
+    ``repeat`` times, each in a fresh process, and prints what they timed together."""
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="lstmfast-peers-runs-") as workdir:
+        for i in range(repeat):
+            print(f"run {i + 1} of {repeat}, a fresh process:", file=sys.stderr, flush=True)
+            path = os.path.join(workdir, f"run{i}.json")
+            proc = subprocess.run([sys.executable, "-m", "lstmfast.bench", "--peers", *child_options,
+                                   "--json", path], stdout=subprocess.PIPE, text=True)
+            if proc.returncode != 0:
+                print(proc.stdout[-3000:])
+                print(f"run {i + 1} of {repeat} failed (exit status {proc.returncode})", file=sys.stderr)
+                return proc.returncode or 1
+            with open(path) as f:
+                runs.append(json.load(f))
+
+    config = runs[0]["config"]
+    results = combine_runs([run["results"] for run in runs])
+    notes = list(dict.fromkeys(note for run in runs for note in run["notes"]))
+    print(f"lstmfast benchmark: inference against its peers, {repeat} runs, each in a fresh process")
+    for name, value in config.items():
+        print(f"  {name:31s} {value}")
+    print()
+    print(f"the median over the {repeat} runs of each time")
+    print_table(results)
+    if notes:
+        print()
+        print("notes:")
+        for text in notes:
+            print(f"  {text}")
+    print()
+    print_ratio_ranges(results, repeat)
+    print()
+    summary = summarize(results, cold, runs=repeat)
+    for line in summary["lines"]:
+        print(line)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump({"config": config, "notes": notes, "tolerance": TOLERANCE, "results": results,
+                       "summary": summary["figures"], "runs": [run["results"] for run in runs]}, f, indent=2)
+        print(f"wrote {json_path}")
+    return 0

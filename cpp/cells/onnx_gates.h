@@ -30,12 +30,12 @@ struct OnnxGates {
 
   // a bounded to [-clip, clip] when there is a clip
   LSTMFAST_ALWAYS_INLINE V<Real> bound(V<Real> a) const {
-    return clipped ? simd::vmin<Real>(simd::vmax<Real>(a, lo), hi) : a;
+    return clipped ? simd::vmin<Real>(hi, simd::vmax<Real>(lo, a)) : a;  // NaN stays (simd.h)
   }
   // A gate (LSTM i, f, o; GRU r, z): f in ONNX's letters.
   LSTMFAST_ALWAYS_INLINE V<Real> gate(V<Real> a) const {
     a = bound(a);
-    if (hard_sigmoid) return simd::vmin<Real>(simd::vmax<Real>(alpha * a + beta, zero), one);
+    if (hard_sigmoid) return simd::vmin<Real>(one, simd::vmax<Real>(zero, alpha * a + beta));
     return simd::vsigmoid<Real>(a);
   }
   // The candidate (LSTM g, GRU n): g in ONNX's letters, tanh.
@@ -69,10 +69,11 @@ struct OnnxGates {
   LSTMFAST_ALWAYS_INLINE V<Real> kept_candidate_prime(V<Real> kept, V<Real> y) const {
     return unclipped(kept, one - y * y);
   }
-  // d: a derivative of a pre-activation a, zeroed where the clip bounded a.
+  // d: a derivative of a pre-activation a, zeroed where the clip bounded a (by a
+  // factor 0, as the reference: a NaN d stays NaN).
   LSTMFAST_ALWAYS_INLINE V<Real> unclipped(V<Real> a, V<Real> d) const {
     if (!clipped) return d;
-    return (a >= lo) & (a <= hi) ? d : zero;
+    return d * ((a >= lo) & (a <= hi) ? one : zero);
   }
 };
 

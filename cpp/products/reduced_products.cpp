@@ -60,6 +60,8 @@ inline V round_even(V x) {
 // widened to include 0, so that 0 is exact (rows of zeros, ReLU outputs);
 // q[r, K:K_padded] = 0. The same arithmetic as reference.quantize_activations: a
 // division per value (not a multiplication by 1 / scale, which rounds otherwise).
+// A row holding a NaN gets the scale NaN: every output of its product is NaN, as
+// in float arithmetic, where the NaN would reach every sum of the row.
 void quantize_rows(const ActivationScratch& act, const float* A, int64_t lda, const ReducedMatrix& W,
                    int64_t r0, int64_t r1) {
   const int64_t K = W.K, ldq = W.K_padded;
@@ -67,15 +69,19 @@ void quantize_rows(const ActivationScratch& act, const float* A, int64_t lda, co
     const float* a = A + r * lda;
     uint8_t* q = act.q + r * ldq;
     V lo_lanes = V{}, hi_lanes = V{};
+    VI nan_lanes = VI{};
     for (int64_t k = 0; k < K; k += kLanes) {  // NaN is passed over: comparisons with it fail
       const V v = load_lanes(a + k, K - k < kLanes ? K - k : kLanes);
       lo_lanes = v < lo_lanes ? v : lo_lanes;
       hi_lanes = v > hi_lanes ? v : hi_lanes;
+      nan_lanes |= v != v;
     }
     float lo = 0.0f, hi = 0.0f;
+    bool has_nan = false;
     for (int64_t l = 0; l < kLanes; ++l) {
       lo = lo_lanes[l] < lo ? lo_lanes[l] : lo;
       hi = hi_lanes[l] > hi ? hi_lanes[l] : hi;
+      has_nan = has_nan || nan_lanes[l] != 0;
     }
     float s = (hi - lo) / static_cast<float>(kActivationLevels);
     if (!(s > 0.0f) || !(s < 3.0e38f)) s = 1.0f;  // all zeros, or not finite: garbage in, no UB
@@ -92,7 +98,7 @@ void quantize_rows(const ActivationScratch& act, const float* A, int64_t lda, co
       std::memcpy(q + k, &bytes, static_cast<size_t>(n));
     }
     if (ldq > K) std::memset(q + K, 0, static_cast<size_t>(ldq - K));
-    act.scale[r] = s;
+    act.scale[r] = has_nan ? __builtin_nanf("") : s;
     act.zero[r] = static_cast<int32_t>(z);
   }
 }

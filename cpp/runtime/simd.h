@@ -8,7 +8,10 @@
 //
 // Accuracy: vexp/vsigmoid/vtanh follow Cephes (expf/exp, tanhf/tanh): a few ulps
 // in float32 and float64, no lookup tables. Inputs are clamped to the range where
-// the result is finite; NaN propagation is not guaranteed.
+// the result is finite; NaN goes through: every clamp takes x as minps/maxps's second
+// operand, the one they return when a lane is NaN (vmin below), so that a NaN in
+// the input, the state or a weight reaches the output as it does in the reference
+// and in torch (a model whose weights diverged must not give finite results).
 #pragma once
 
 #include <cstdint>
@@ -319,7 +322,7 @@ LSTMFAST_ALWAYS_INLINE vec_t<float> expm1_reduced(vec_t<float> x, ivec_t<float>&
 
 // e^x (Cephes expf).
 LSTMFAST_ALWAYS_INLINE vec_t<float> vexp(vec_t<float> x) {
-  x = vmin<float>(vmax<float>(x, broadcast(-87.3f)), broadcast(88.3f));
+  x = vmin<float>(broadcast(88.3f), vmax<float>(broadcast(-87.3f), x));
   ivec_t<float> n;
   const vec_t<float> y = detail::expm1_reduced(x, n) + 1.0f;
   return y * detail::pow2<float>(n);
@@ -328,7 +331,7 @@ LSTMFAST_ALWAYS_INLINE vec_t<float> vexp(vec_t<float> x) {
 // e^x. Cephes exp: x = n ln2 + r, then a Pade form e^r = 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2)).
 LSTMFAST_ALWAYS_INLINE vec_t<double> vexp(vec_t<double> x) {
   using V = vec_t<double>;
-  x = vmin<double>(vmax<double>(x, broadcast(-708.0)), broadcast(709.0));
+  x = vmin<double>(broadcast(709.0), vmax<double>(broadcast(-708.0), x));
   V fn;
   ivec_t<double> n;
   detail::round_to_int<double>(x * 1.4426950408889634073599, fn, n);
@@ -360,7 +363,7 @@ LSTMFAST_ALWAYS_INLINE vec_t<T> vsigmoid(vec_t<T> x) {
 // and a large-x form, each computed in full (measured: 2.44 ulps at most).
 LSTMFAST_ALWAYS_INLINE vec_t<float> vtanh(vec_t<float> x) {
   using V = vec_t<float>;
-  const V two_x = vmin<float>(vmax<float>(x, broadcast(-9.0f)), broadcast(9.0f)) * 2.0f;
+  const V two_x = vmin<float>(broadcast(9.0f), vmax<float>(broadcast(-9.0f), x)) * 2.0f;
   ivec_t<float> n;
   const V expm1_r = detail::expm1_reduced(two_x, n);
   const V scale = detail::pow2<float>(n);

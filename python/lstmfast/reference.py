@@ -104,7 +104,8 @@ def _hard_sigmoid(a, alpha, beta):
 ACTIVATIONS = {
     "sigmoid": (lambda a, al, be: sigmoid(a), lambda a, y, al, be: y * (1 - y)),
     "tanh": (lambda a, al, be: np.tanh(a), lambda a, y, al, be: 1 - y * y),
-    "relu": (lambda a, al, be: np.maximum(a, 0), lambda a, y, al, be: (a > 0).astype(a.dtype)),
+    # relu's derivative is 1 where a is NaN, as torch's relu passes the gradient there
+    "relu": (lambda a, al, be: np.maximum(a, 0), lambda a, y, al, be: ((a > 0) | np.isnan(a)).astype(a.dtype)),
     "affine": (lambda a, al, be: al * a + be, lambda a, y, al, be: np.full_like(a, al)),
     "leakyrelu": (lambda a, al, be: np.where(a >= 0, a, al * a),
                   lambda a, y, al, be: np.where(a >= 0, 1, al).astype(a.dtype)),
@@ -533,7 +534,7 @@ def ctrnn_cell_backward(dh_next, cache, w, dw):
     dh_next: (N, H). Adds dW_ih, dW_hh, db_ih, db_hh into dw; returns dx (N, I), dh (N, H).
     """
     x, h_rec, a, nonlinearity, alpha, leak = cache
-    act_prime = (1 - a * a) if nonlinearity == "tanh" else (a > 0)
+    act_prime = (1 - a * a) if nonlinearity == "tanh" else (a > 0) | np.isnan(a)  # relu: as ACTIVATIONS'
     if leak == "outside":  # h_next = (1 - alpha) h + alpha act(z)
         dz = alpha * dh_next * act_prime
         dh_leak = (1 - alpha) * dh_next
@@ -1008,17 +1009,21 @@ def quantize_activations(a):
     """Rows of a (n, K) float32 as a ~ scale[:, None] * (q - zero[:, None]), q in 0..127.
 
     Each row's range is widened to include 0, so that 0 is exact: scale = (hi - lo) / 127,
-    zero = round(-lo / scale). A row of zeros gets scale 1 and zero 0.
+    zero = round(-lo / scale). A row of zeros gets scale 1 and zero 0. A row holding a
+    NaN gets the scale NaN (its q and zero from its other values), so that its products
+    are NaN, as a float product of that row is.
     Returns q (n, K) int64, scale (n,) float32, zero (n,) int64.
     """
     a = np.asarray(a, dtype=np.float32)
-    lo = np.minimum(a.min(axis=1), 0)
-    hi = np.maximum(a.max(axis=1), 0)
+    with_nan = np.isnan(a).any(axis=1)
+    lo = np.minimum(np.fmin.reduce(a, axis=1, initial=0), 0)
+    hi = np.maximum(np.fmax.reduce(a, axis=1, initial=0), 0)
     scale = ((hi - lo) / np.float32(127)).astype(np.float32)
     scale[~((scale > 0) & np.isfinite(scale))] = 1
     zero = np.minimum(np.rint(-lo / scale), 127)  # above 127 only for a reset scale
     with np.errstate(invalid="ignore"):
         q = np.nan_to_num(np.rint(a / scale[:, None]) + zero[:, None], nan=0.0)
+    scale[with_nan] = np.nan
     return np.clip(q, 0, 127).astype(np.int64), scale, zero.astype(np.int64)
 
 

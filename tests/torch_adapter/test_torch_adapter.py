@@ -401,3 +401,35 @@ def test_calls_the_short_path_leaves_to_the_full_one(case, monkeypatch):
                 else:
                     ours(x, hx)
     assert taken and not any(taken), taken
+
+
+NAN_CASES = [("LSTM", {}), ("GRU", {}), ("RNN", {}), ("RNN", {"nonlinearity": "relu"})]
+
+
+@pytest.mark.parametrize("place", ["input", "weight_hh"])
+@pytest.mark.parametrize("kind, options", NAN_CASES, ids=["LSTM", "GRU", "RNN_tanh", "RNN_relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_nan_reaches_the_entries_torch_gives_nan(kind, options, dtype, place, adapter_backend):
+    # A diverged model must not look finite: NaN in the input or a weight gives NaN in
+    # the same outputs and gradients as torch's, the other entries equal.
+    ours, theirs = make_pair(kind, adapter_backend, dtype, input_size=3, hidden_size=4, **options)
+    x = torch.randn(5, 3, 3, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    if place == "input":
+        x[2, 1, 0] = float("nan")
+    results = []
+    for module in (ours, theirs):
+        if place == "weight_hh":
+            with torch.no_grad():
+                module.weight_hh_l0[1, 2] = float("nan")
+        xx = x.clone().requires_grad_(True)
+        y, _ = module(xx)
+        y.sum().backward()
+        results.append({"output": y.detach(), "input grad": xx.grad,
+                        **{name: p.grad for name, p in module.named_parameters()}})
+    got, expected = results
+    assert torch.isnan(expected["output"]).any()
+    for name in expected:
+        nan = torch.isnan(expected[name])
+        assert torch.equal(torch.isnan(got[name]), nan), name
+        assert_close(got[name].masked_fill(nan, 0), expected[name].masked_fill(nan, 0), name=name)
+

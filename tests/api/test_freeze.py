@@ -123,6 +123,25 @@ def test_freezing_copies_the_layer_which_stays_as_it_was():
     assert np.abs(layer.grad["weight_ih_l0"]).sum() > 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("copy_of", ["freeze", "int8", "bfloat16"])
+def test_a_copy_draws_its_noise_apart_from_its_layer(copy_of, backend):
+    # A CTRNN's noise (drawn in eval mode too) comes from the layer's random stream:
+    # the frozen or quantized copy has its own from the layer's state on, so that
+    # calling the original does not change what the copy computes, nor the reverse.
+    import copy
+
+    layer = lstmfast.CTRNN(3, 5, seed=1, noise_std=0.5, alpha=0.5, backend=backend).eval()
+    other = lstmfast.freeze(layer) if copy_of == "freeze" else lstmfast.quantize(layer, copy_of)
+    x = np.random.default_rng(0).standard_normal((4, 2, 3)).astype(np.float32)
+    other_next = copy.deepcopy(other)(x)[0]
+    layer(x), layer(x)
+    np.testing.assert_array_equal(other(x)[0], other_next)
+    layer_next = copy.deepcopy(layer)(x)[0]
+    other(x), other(x)
+    np.testing.assert_array_equal(layer(x)[0], layer_next)
+
+
 @needs_fused
 def test_a_frozen_layer_is_read_only_and_inference_only():
     frozen = lstmfast.freeze(lstmfast.LSTM(4, 6))

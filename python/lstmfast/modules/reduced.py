@@ -9,6 +9,7 @@ above base.py, not in precision.py, because both name the layer classes
 without an import cycle.
 """
 
+import copy
 import importlib
 
 import numpy as np
@@ -105,8 +106,7 @@ def freeze(layer):
             f"freeze: the layer is {layer.precision}, made by quantize, whose weights are "
             f"packed already; freeze its float original, or use it as it is")
     frozen = object.__new__(type(layer))
-    frozen.__setstate__({k: v for k, v in layer.__getstate__().items()
-                         if k not in ("_params", "grad")})
+    frozen.__setstate__(_options_of(layer))
     frozen.frozen = True
     frozen.training = False
     frozen.grad = {}
@@ -115,12 +115,21 @@ def freeze(layer):
     return frozen
 
 
+def _options_of(layer):
+    """``layer``'s state without its parameters and gradients, for a copy of another
+    kind. Its random streams (a CTRNN's noise, the dropout masks) are copied: the copy
+    draws its own from the layer's present state on, so that calling one never changes
+    what the other draws. The rest is shared (the dtype must stay numpy's own object:
+    the short path of a call compares it by identity)."""
+    state = {k: v for k, v in layer.__getstate__().items() if k not in ("_params", "grad")}
+    return {k: copy.deepcopy(v) if isinstance(v, np.random.Generator) else v for k, v in state.items()}
+
+
 def _reduced_like(layer, precision, state):
     """A reduced layer with ``layer``'s class and options holding ``state`` (checked as
     load_state_dict checks a dict)."""
     reduced = object.__new__(type(layer))
-    reduced.__setstate__({k: v for k, v in layer.__getstate__().items()
-                          if k not in ("_params", "grad")})
+    reduced.__setstate__(_options_of(layer))
     reduced.precision = precision
     reduced.frozen = True
     reduced.training = False

@@ -33,6 +33,7 @@ def make(kind, *args, **kwargs):
     (dict(dtype=None), ValueError, "dtype"),
     (dict(dtype="complex64"), ValueError, "dtype"),
     (dict(dtype="no-such-type"), ValueError, "dtype"),
+    (dict(dtype=np.dtype("float32").newbyteorder()), ValueError, "byte order"),
     (dict(backend="cuda"), ValueError, "backend"),
     (dict(backend=None), ValueError, "backend"),
     (dict(seed=-1), ValueError, "seed"),
@@ -290,21 +291,21 @@ def test_cell_hx(kind):
 # lengths
 
 
-@pytest.mark.parametrize("lengths, match", [
-    ([5, 5, 5], "one length per batch element"),
-    ([5], "one length per batch element"),
-    ([0, 5], r"1\.\.5"),
-    ([6, 5], r"1\.\.5"),
-    ([-1, 5], r"1\.\.5"),
-    ([2.0, 5.0], "integers"),
-    ([2.5, 5], "integers"),
-    ([True, True], "integers"),
-    (["2", "5"], "integers"),
-    ([[2, 5]], "1-D"),
-    (3, "1-D"),
+@pytest.mark.parametrize("lengths, exc, match", [
+    ([5, 5, 5], ValueError, "one length per batch element"),
+    ([5], ValueError, "one length per batch element"),
+    ([0, 5], ValueError, r"1\.\.5"),
+    ([6, 5], ValueError, r"1\.\.5"),
+    ([-1, 5], ValueError, r"1\.\.5"),
+    ([2.0, 5.0], TypeError, "integers, got dtype float64"),
+    ([2.5, 5], TypeError, "integers"),
+    ([True, True], TypeError, "integers, got dtype bool"),
+    (["2", "5"], TypeError, "integers"),
+    ([[2, 5]], ValueError, "1-D"),
+    (3, ValueError, "1-D"),
 ])
-def test_lengths(lengths, match):
-    with pytest.raises(ValueError, match=f"lengths.*{match}"):
+def test_lengths(lengths, exc, match):
+    with pytest.raises(exc, match=f"lengths.*{match}"):
         make("GRU", 3, 4)(x_batched(), lengths=lengths)
 
 

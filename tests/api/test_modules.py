@@ -200,6 +200,22 @@ def test_load_torch_state_dict_with_grad_tensors():
 
 
 @pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_load_a_bfloat16_torch_state_dict(dtype):
+    # NumPy has no bfloat16: such a checkpoint is cast to the layer's dtype as any other
+    import torch
+
+    tmod = torch.nn.GRU(3, 5, num_layers=2)
+    layer = make("GRU", 3, 5, num_layers=2, dtype=dtype)
+    layer.load_state_dict({k: v.bfloat16() for k, v in tmod.state_dict().items()})
+    for name, p in tmod.named_parameters():
+        value = getattr(layer, name)
+        assert value.dtype == dtype
+        np.testing.assert_array_equal(value, p.detach().bfloat16().double().numpy().astype(dtype))
+    assert not np.array_equal(layer.weight_hh_l0, tmod.weight_hh_l0.detach().numpy())  # really rounded
+
+
+@pytest.mark.skipif(not HAVE_TORCH, reason="needs torch")
 @pytest.mark.parametrize("kind, args, kwargs", [
     ("LSTM", (10, 20), {}),
     ("LSTM", (10, 20), dict(num_layers=2, bias=False, batch_first=True, dropout=0.5,

@@ -174,7 +174,7 @@ def same_outcome(fused, numpy, expected, what, compare):
 FORWARD_FAULTS = {
     None: None, "x_dtype": TypeError, "x_ndim": ValueError, "x_features": ValueError,
     "T0": ValueError, "hx_shape": ValueError, "hx_dtype": TypeError, "hx_structure": ValueError,
-    "lengths_count": ValueError, "lengths_range": ValueError, "lengths_float": ValueError,
+    "lengths_count": ValueError, "lengths_range": ValueError, "lengths_float": TypeError,
 }
 BACKWARD_FAULTS = {None: None, "grad_shape": ValueError, "grad_dtype": TypeError,
                    "grad_h_n_shape": ValueError, "grad_h_n_structure": ValueError}

@@ -145,6 +145,8 @@ class _Module:
     def _checked_param(self, name, value):
         """``value`` as an array of the layer dtype with the shape of parameter ``name``."""
         expected = self._params[name].shape
+        if str(getattr(value, "dtype", "")) == "torch.bfloat16":
+            value = value.float()  # NumPy has no bfloat16: a bf16 checkpoint is cast as any other
         try:
             array = _to_numpy(value)
         except (TypeError, ValueError, RuntimeError) as exc:

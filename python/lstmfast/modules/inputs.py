@@ -188,7 +188,7 @@ def _prepare_lengths(lengths, T, N):
             f"lengths: expected a 1-D sequence with one int per batch element, "
             f"got shape {_shape_str(array.shape)}")
     if array.dtype.kind not in "iu" and not (N == 0 and array.size == 0):
-        raise ValueError(f"lengths: expected integers, got dtype {array.dtype}")
+        raise TypeError(f"lengths: expected integers, got dtype {array.dtype}")  # a dtype: TypeError, as x's
     if array.shape[0] != N:
         raise ValueError(
             f"lengths: expected one length per batch element ({N}), got {array.shape[0]}")

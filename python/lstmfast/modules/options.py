@@ -259,6 +259,8 @@ def _resolve_dtype(dtype):
         resolved = None
     if resolved is None or resolved.type not in (np.float32, np.float64):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+    if not resolved.isnative:  # '>f4': the kernels and the arrays they return are native
+        raise ValueError(f"dtype must be 'float32' or 'float64' in the machine's byte order, got {dtype!r}")
     return resolved
 
 

@@ -433,3 +433,53 @@ def test_nan_reaches_the_entries_torch_gives_nan(kind, options, dtype, place, ad
         assert torch.equal(torch.isnan(got[name]), nan), name
         assert_close(got[name].masked_fill(nan, 0), expected[name].masked_fill(nan, 0), name=name)
 
+
+MODULES = {"LSTM": (lt.LSTM, torch.nn.LSTM), "GRU": (lt.GRU, torch.nn.GRU), "RNN": (lt.RNN, torch.nn.RNN),
+           "LSTMCell": (lt.LSTMCell, torch.nn.LSTMCell), "GRUCell": (lt.GRUCell, torch.nn.GRUCell),
+           "RNNCell": (lt.RNNCell, torch.nn.RNNCell)}
+
+
+def module_pair(name):
+    ours_cls, torch_cls = MODULES[name]
+    torch.manual_seed(0)
+    theirs = torch_cls(3, 4)
+    ours = ours_cls(3, 4)
+    ours.load_state_dict(theirs.state_dict())
+    return ours, theirs
+
+
+def module_input(name):
+    return torch.randn((2, 3) if name.endswith("Cell") else (5, 2, 3), generator=torch.Generator().manual_seed(1))
+
+
+def first(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_dispatch_modes_and_tensor_subclasses_see_torch_s_ops(name):
+    # The kernels read plain memory behind torch's back: FakeTensorMode has none to give
+    # them and FlopCounterMode would see no op, and a __torch_function__ subclass would
+    # come back a plain tensor. Such calls run torch's ops, as torch's module does.
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+
+    ours, theirs = module_pair(name)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        fake = module_input(name)
+        got, expected = first(ours(fake)), first(theirs(fake))
+    assert isinstance(got, FakeTensor) and got.shape == expected.shape
+
+    counts = []
+    for module in (ours, theirs):
+        with FlopCounterMode(display=False) as counter:
+            module(module_input(name))
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1]
+
+    class Tagged(torch.Tensor):
+        pass
+
+    got, expected = first(ours(module_input(name).as_subclass(Tagged))), first(theirs(module_input(name)))
+    assert type(got) is Tagged
+    assert_close(got.as_subclass(torch.Tensor).detach(), expected.detach())

@@ -120,24 +120,34 @@ def _frozen_weight_arrays(module, weights, names):
 def _in_torch_only_context(autocast=True):
     """True where only torch's own implementation can give torch's result: while
     tracing (the kernels are invisible to the tracer), under a ``torch.func``
-    transform (they see no wrapped tensors), and under autocast (torch's dtype
-    rules; the layers serve bfloat16 autocast themselves and pass autocast=False).
-    Exporting is checked before (``torch.compiler.is_exporting``)."""
+    transform (they see no wrapped tensors), under a dispatch mode that must see every
+    op (FakeTensorMode, which has no data to give the kernels; FlopCounterMode, which
+    would count nothing), and under autocast (torch's dtype rules; the layers serve
+    bfloat16 autocast themselves and pass autocast=False). Exporting is checked
+    before (``torch.compiler.is_exporting``)."""
     # torch._C._is_tracing is torch.jit.is_tracing outside a script, at half the cost
     # (this runs at every frame of a stream)
     return (torch._C._is_tracing() or (autocast and torch.is_autocast_enabled("cpu"))
-            or torch._C._are_functorch_transforms_active())
+            or torch._C._are_functorch_transforms_active() or torch._C._len_torch_dispatch_stack() > 0)
+
+
+# What the kernels read as plain memory: a subclass of Tensor (a __torch_function__
+# wrapper, a FakeTensor) goes through torch's ops, which keep its type and behaviour.
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 
 def _unsupported_reason(data, tensors):
     """Why the kernels cannot take this call, or None: a reason for a warning, or ""
     when torch's path needs no warning (it raises, as for an input of another dtype
-    than the weights; a warning would only hide torch's error)."""
+    than the weights; a warning would only hide torch's error; or a tensor subclass
+    that torch's ops serve as its author meant)."""
     if not data.is_cpu:
         return f"device {data.device.type}"
+    if type(data) not in _PLAIN_TENSORS:
+        return ""
     dtype = data.dtype
     for t in tensors:
-        if t is not None and (t.dtype != dtype or not t.is_cpu):
+        if t is not None and (t.dtype != dtype or not t.is_cpu or type(t) not in _PLAIN_TENSORS):
             return ""
     if dtype not in _SUPPORTED_DTYPES:
         return f"dtype {dtype}"

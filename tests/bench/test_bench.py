@@ -269,6 +269,15 @@ def test_models_frozen_times_freezes_copy_for_inference(tmp_path, capsys, models
     assert "--frozen goes with --models" in capsys.readouterr().err
 
 
+def test_models_time_the_modes_asked_for(tmp_path, capsys, models, torch_threads_restored):
+    out_json = tmp_path / "models.json"
+    assert bench.main(["--models", "cell_loop,wavernn_gen", "--modes", "training", "--tiny", "--quick",
+                       "--pairs", "1", "--threads", "1", "--json", str(out_json)]) == 0
+    rows = json.loads(out_json.read_text())["results"]
+    assert [(r["model"], r["mode"]) for r in rows] == [("cell_loop", "training")]
+    assert "not timed: it runs inference only, and --modes asked for training" in capsys.readouterr().out
+
+
 def test_models_rejects_unknown_names(models, capsys):
     with pytest.raises(SystemExit):
         bench.main(["--models", "crnn,no_such_model", "--tiny"])

@@ -72,7 +72,7 @@ def main(argv=None):
                         help="with --onnx: the sequence length and batch (default: the file's "
                              "input shape where it gives it whole, else 100,8)")
     parser.add_argument("--tiny", action="store_true",
-                        help="with --models, --peers or --variants: tiny sizes, to test the command (the "
+                        help="with --models, --patterns, --peers or --variants: tiny sizes, to test the command (the "
                              "figures mean nothing)")
     args = parser.parse_args(argv)
     if args.cold and not args.peers:
@@ -152,7 +152,7 @@ def _main_models(parser, args):
         parser.error("--threads must be positive")
     pairs = _pairs(parser, args)
     return models.run(names, threads, quick=args.quick, tiny=args.tiny, json_path=args.json, pairs=pairs,
-                      frozen=args.frozen)
+                      frozen=args.frozen, modes=args.modes)
 
 
 def _main_patterns(parser, args):

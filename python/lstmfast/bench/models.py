@@ -469,9 +469,11 @@ RNN share: time inside the RNN modules (forward hooks, in a separate repeat) ove
 swapped: RNN modules that accelerate() replaced, of all the model's RNN modules."""
 
 
-def run(names, threads, quick=False, tiny=False, json_path=None, pairs=5, frozen=False):
+def run(names, threads, quick=False, tiny=False, json_path=None, pairs=5, frozen=False, modes=None):
     """The whole ``--models`` benchmark; returns the exit code (1 if any model was refused).
-    ``frozen``: the accelerated model of the inference rows is lstmfast.torch.freeze's copy."""
+    ``frozen``: the accelerated model of the inference rows is lstmfast.torch.freeze's copy.
+    ``modes``: the modes timed (of those each model has; None: all of them); the
+    agreement check covers every mode of the model still."""
     repeats = Repeats.for_run(quick, tiny)
     config = configuration(threads)
     config["accelerated"] = ("lstmfast.torch.freeze(model) for inference, accelerate(model) for "
@@ -501,7 +503,11 @@ def run(names, threads, quick=False, tiny=False, json_path=None, pairs=5, frozen
         print(line, flush=True)
         if not check["agree"]:
             continue
-        for mode in spec.modes:
+        timed = [mode for mode in spec.modes if modes is None or mode in modes]
+        if not timed:
+            print(f"{'':14s} not timed: it runs {', '.join(spec.modes)} only, and --modes asked for "
+                  f"{', '.join(modes)}", flush=True)
+        for mode in timed:
             for t in threads:
                 print(f"[{name}] {mode}, {t} threads ...", file=sys.stderr, flush=True)
                 row = measure(name, mode, t, tiny, repeats, pairs, frozen)

@@ -79,8 +79,8 @@ def test_a_frozen_layer_computes_what_its_layer_does(name, make, packs, dtype, b
     expect_packed = packs and backend == "fused"
     for n in weights:
         assert isinstance(packed[n], lstmfast._core.PackedWeight) == expect_packed, n
-        if expect_packed:  # the layer's parameter is the packed weight's own copy
-            assert packed[n].weight is getattr(frozen, n)
+        if expect_packed:  # the layer's parameter is a view of the packed weight's own copy
+            assert getattr(frozen, n).base is packed[n].weight
 
 
 @needs_fused
@@ -162,6 +162,24 @@ def test_a_frozen_layer_is_read_only_and_inference_only():
     h = cell(np.ones((2, 4), np.float32))
     with pytest.raises(RuntimeError, match="made by lstmfast.freeze"):
         cell.backward(np.ones_like(h))
+
+
+@pytest.mark.parametrize("make", [
+    lambda: lstmfast.freeze(lstmfast.LSTM(4, 6)),
+    lambda: lstmfast.freeze(lstmfast.LSTM(4, 6, proj_size=3)),
+    lambda: lstmfast.freeze(lstmfast.GRU(4, 6, backend="numpy")),
+    lambda: lstmfast.quantize(lstmfast.GRU(4, 6), "int8"),
+    lambda: lstmfast.quantize(lstmfast.LSTM(4, 6), "bfloat16"),
+], ids=["frozen", "frozen_projected", "frozen_numpy", "int8", "bfloat16"])
+def test_a_frozen_layers_arrays_cannot_be_made_writeable_again(make):
+    # A write would reach the calls that read the array, not those that read the panels
+    # packed from it: each parameter is a view of a read-only array, whose flag stays.
+    import pickle
+
+    for layer in (make(), pickle.loads(pickle.dumps(make()))):
+        for name in layer.state_dict():
+            with pytest.raises(ValueError):
+                getattr(layer, name).flags.writeable = True
 
 
 def test_freeze_refuses_what_it_cannot_freeze():

@@ -23,9 +23,12 @@ _WEIGHT_PREFIXES = ("weight_ih", "weight_hh", "weight_hr")
 
 
 def _read_only(array):
-    array = np.array(array, order="C")
-    array.flags.writeable = False
-    return array
+    # A view of a read-only copy: an array that owns its memory could be made writeable
+    # again (flags.writeable = True), and a write would then reach the calls that read
+    # the array but not those that read the weights packed from it.
+    owner = np.array(array, order="C")
+    owner.flags.writeable = False
+    return owner.view()
 
 
 def _backend_weight(backend, weight):
@@ -65,7 +68,7 @@ def _packed_float_weights(layer):
     for name, value in layer._params.items():
         if name.startswith(("weight_ih", "weight_hh")):
             out[name] = pack(layer._mode, value, recurrent=name.startswith("weight_hh"))
-            layer._params[name] = out[name].weight
+            layer._params[name] = out[name].weight.view()  # a view, as _read_only's
     return out
 
 

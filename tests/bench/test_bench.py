@@ -269,13 +269,27 @@ def test_models_frozen_times_freezes_copy_for_inference(tmp_path, capsys, models
     assert "--frozen goes with --models" in capsys.readouterr().err
 
 
-def test_models_time_the_modes_asked_for(tmp_path, capsys, models, torch_threads_restored):
-    out_json = tmp_path / "models.json"
+def test_models_time_the_modes_asked_for(tmp_path, capsys, models, monkeypatch):
+    # Which (model, mode) pairs run is all this tests: the measurements are stand-ins.
+    measured = []
+
+    def measure(name, mode, threads, tiny, repeats, pairs, frozen):
+        measured.append((name, mode))
+        return {"model": name, "mode": mode, "threads": threads, "seconds": {"torch": 2.0, "accelerated": 1.0},
+                "ratio": 2.0, "ratio_min": 2.0, "ratio_max": 2.0, "expected": None, "of_expected": None,
+                "rnn_share": {"torch": 0.5, "accelerated": 0.5}, "rnn_share_of": "call",
+                "rnn_ratio_in_model": None, "rnn_ratio_alone": None, "accelerated_modules": 1, "rnn_modules": 1}
+
+    monkeypatch.setattr(models, "measure", measure)
+    monkeypatch.setattr(models, "check_agreement", lambda name, tiny, threads, frozen: {
+        "agree": True, "compared": 1, "max_rel_diff": 0.0, "where": "-"})
     assert bench.main(["--models", "cell_loop,wavernn_gen", "--modes", "training", "--tiny", "--quick",
-                       "--pairs", "1", "--threads", "1", "--json", str(out_json)]) == 0
-    rows = json.loads(out_json.read_text())["results"]
-    assert [(r["model"], r["mode"]) for r in rows] == [("cell_loop", "training")]
+                       "--threads", "1"]) == 0
+    assert measured == [("cell_loop", "training")]
     assert "not timed: it runs inference only, and --modes asked for training" in capsys.readouterr().out
+    measured.clear()
+    assert bench.main(["--models", "cell_loop", "--tiny", "--quick", "--threads", "1"]) == 0
+    assert measured == [("cell_loop", "inference"), ("cell_loop", "training")]  # every mode by default
 
 
 def test_models_rejects_unknown_names(models, capsys):

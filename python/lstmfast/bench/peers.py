@@ -311,13 +311,7 @@ def run(cells, shapes, threads, rounds, min_time, no_torch=False, tiny=False, js
     config["implementations"] = ", ".join(["lstmfast", *modules])
     config["calls"] = (f"each after a sweep of {common.SWEEP_BYTES >> 20} MB of memory (caches cold)"
                        if cold else "back to back (caches warm)")
-    print("lstmfast benchmark: inference against its peers")
-    for name, value in config.items():
-        print(f"  {name:31s} {value}")
-    for note in notes:
-        print(f"  note: {note}")
-    print()
-    sys.stdout.flush()
+    print_header("lstmfast benchmark: inference against its peers", config, notes)
 
     case_notes = []
 
@@ -343,22 +337,44 @@ def run(cells, shapes, threads, rounds, min_time, no_torch=False, tiny=False, js
         if torch is not None:
             torch.set_num_threads(saved_torch_threads)
 
+    report(results, case_notes, notes + case_notes, config, json_path, cold)
+    return 0
+
+
+def print_header(title, config, notes):
+    print(title)
+    for name, value in config.items():
+        print(f"  {name:31s} {value}")
+    for note in notes:
+        print(f"  note: {note}")
+    print()
+    sys.stdout.flush()
+
+
+def report(results, printed_notes, notes, config, json_path, cold=False, runs=None):
+    """The table of ``results``, the notes of its cases, with ``runs`` (each run's
+    results, --repeat) each ratio's range over them, the summary; and the JSON."""
     print_table(results)
-    if case_notes:
+    if printed_notes:
         print()
         print("notes:")
-        for text in case_notes:
+        for text in printed_notes:
             print(f"  {text}")
     print()
-    summary = summarize(results, cold)
+    if runs is not None:
+        print_ratio_ranges(results, len(runs))
+        print()
+    summary = summarize(results, cold, runs=1 if runs is None else len(runs))
     for line in summary["lines"]:
         print(line)
     if json_path:
+        data = {"config": config, "notes": notes, "tolerance": TOLERANCE, "results": results,
+                "summary": summary["figures"]}
+        if runs is not None:
+            data["runs"] = runs
         with open(json_path, "w") as f:
-            json.dump({"config": config, "notes": notes + case_notes, "tolerance": TOLERANCE,
-                       "results": results, "summary": summary["figures"]}, f, indent=2)
+            json.dump(data, f, indent=2)
         print(f"wrote {json_path}")
-    return 0
 
 
 def _fmt_difference(value):
@@ -477,29 +493,10 @@ def run_repeated(repeat, child_options, json_path=None, cold=False):
             with open(path) as f:
                 runs.append(json.load(f))
 
-    config = runs[0]["config"]
-    results = combine_runs([run["results"] for run in runs])
     notes = list(dict.fromkeys(note for run in runs for note in run["notes"]))
-    print(f"lstmfast benchmark: inference against its peers, {repeat} runs, each in a fresh process")
-    for name, value in config.items():
-        print(f"  {name:31s} {value}")
-    print()
+    print_header(f"lstmfast benchmark: inference against its peers, {repeat} runs, each in a fresh process",
+                 runs[0]["config"], [])
     print(f"the median over the {repeat} runs of each time")
-    print_table(results)
-    if notes:
-        print()
-        print("notes:")
-        for text in notes:
-            print(f"  {text}")
-    print()
-    print_ratio_ranges(results, repeat)
-    print()
-    summary = summarize(results, cold, runs=repeat)
-    for line in summary["lines"]:
-        print(line)
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump({"config": config, "notes": notes, "tolerance": TOLERANCE, "results": results,
-                       "summary": summary["figures"], "runs": [run["results"] for run in runs]}, f, indent=2)
-        print(f"wrote {json_path}")
+    report(combine_runs([run["results"] for run in runs]), notes, notes, runs[0]["config"], json_path, cold,
+           runs=[run["results"] for run in runs])
     return 0

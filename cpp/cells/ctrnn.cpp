@@ -20,18 +20,16 @@ namespace {
 template <typename Real, bool kRelu>
 inline V<Real> phi(V<Real> v) {
   if constexpr (kRelu)
-    return simd::vmax<Real>(splat<Real>(0), v);  // NaN stays NaN, as torch's relu
+    return simd::vrelu<Real>(v);
   else
     return simd::vtanh(v);
 }
 
-// g * phi'(v) where a = phi(v): relu' = [a > 0] (0 at 0, as torch), 1 where a is NaN
-// (torch's relu passes the gradient there), tanh' = 1 - a^2. relu's is a factor, as
-// the reference has it, so that a NaN g stays NaN.
+// g * phi'(v) where a = phi(v): relu' as simd::times_relu_prime, tanh' = 1 - a^2.
 template <typename Real, bool kRelu>
 inline V<Real> times_phi_prime(V<Real> g, V<Real> a) {
   if constexpr (kRelu)
-    return g * ((a > Real(0)) | (a != a) ? splat<Real>(1) : splat<Real>(0));
+    return simd::times_relu_prime<Real>(g, a);
   else
     return g * (splat<Real>(1) - a * a);
 }

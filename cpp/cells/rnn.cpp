@@ -41,14 +41,13 @@ struct RnnCell : NoBackwardStep {
   LSTMFAST_ALWAYS_INLINE V<Real> activation(V<Real> a) const {
     if constexpr (kClip) a = onnx.bound(a);
     if constexpr (kRelu)
-      return simd::vmax<Real>(splat<Real>(0), a);  // NaN stays NaN, as torch's relu
+      return simd::vrelu<Real>(a);
     else
       return simd::vtanh(a);
   }
 
   // From h' (h~ with zoneout, act(clip(a)) with a clip): tanh' = 1 - h'^2,
-  // relu' = [h' > 0] (1 where h' is NaN, as torch's relu; a factor, as the reference
-  // has it, so that a NaN dh stays NaN), and zero where the clip bounded a.
+  // relu' (simd::times_relu_prime), and zero where the clip bounded a.
   void backward_row(const BackwardRow<Real>& row, int64_t, int64_t, int64_t, int64_t units) const {
     const Real* h_next = zoned_h ? row.saved : row.h_next;
     for_lanes<Real>(units, [&](int64_t j, int64_t n) {
@@ -63,7 +62,7 @@ struct RnnCell : NoBackwardStep {
       }
       V<Real> da;
       if constexpr (kRelu)
-        da = dhj * ((h > Real(0)) | (h != h) ? splat<Real>(1) : splat<Real>(0));
+        da = simd::times_relu_prime<Real>(dhj, h);
       else
         da = dhj * (splat<Real>(1) - h * h);
       if constexpr (kClip) da = onnx.unclipped(a, da);

@@ -355,6 +355,20 @@ LSTMFAST_ALWAYS_INLINE vec_t<T> vsigmoid(vec_t<T> x) {
   return T(1) / (T(1) + vexp(-x));
 }
 
+// max(0, x), NaN kept (x second: see vmin), as torch's relu.
+template <typename T>
+LSTMFAST_ALWAYS_INLINE vec_t<T> vrelu(vec_t<T> x) {
+  return vmax<T>(vec_t<T>{}, x);
+}
+
+// g * relu'(v) from a = relu(v): 1 where a > 0 (0 at 0, as torch) and where a is NaN
+// (torch's relu passes the gradient there), else 0. A factor, as the reference has
+// it, not a select: a NaN g stays NaN.
+template <typename T>
+LSTMFAST_ALWAYS_INLINE vec_t<T> times_relu_prime(vec_t<T> g, vec_t<T> a) {
+  return g * ((a > T(0)) | (a != a) ? vec_t<T>{} + T(1) : vec_t<T>{});
+}
+
 // tanh(x) = e / (e + 2) with e = e^2x - 1, in float32. e comes from vexp's reduction,
 // 2x = n ln2 + r: e = 2^n (e^r - 1) + (2^n - 1), where e^r - 1 = r + r^2 P(r) keeps
 // its relative accuracy near r = 0 (n = 0 there, so small x lose nothing to

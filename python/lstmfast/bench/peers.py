@@ -494,9 +494,9 @@ def run_repeated(repeat, child_options, json_path=None, cold=False):
                 runs.append(json.load(f))
 
     notes = list(dict.fromkeys(note for run in runs for note in run["notes"]))
+    results_of_runs = [run["results"] for run in runs]
     print_header(f"lstmfast benchmark: inference against its peers, {repeat} runs, each in a fresh process",
                  runs[0]["config"], [])
     print(f"the median over the {repeat} runs of each time")
-    report(combine_runs([run["results"] for run in runs]), notes, notes, runs[0]["config"], json_path, cold,
-           runs=[run["results"] for run in runs])
+    report(combine_runs(results_of_runs), notes, notes, runs[0]["config"], json_path, cold, runs=results_of_runs)
     return 0

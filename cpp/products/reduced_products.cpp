@@ -1,6 +1,7 @@
 // The reduced-precision products (reduced_products.h), compiled once per
-// instruction set: the portable loops, AVX2, AVX-512 (int8 on vpmaddubsw; bfloat16
-// on AVX2's tile), AVX512_VNNI for int8 and AVX512_BF16 for bfloat16.
+// instruction set: the portable loops, AVX2, AVX-VNNI (AVX2 with int8 on the 256-bit
+// vpdpbusd), AVX-512 (int8 on vpmaddubsw; bfloat16 on AVX2's tile), AVX512_VNNI for
+// int8 and AVX512_BF16 for bfloat16.
 //
 // Every panel kernel computes a register tile of R rows x P panels of 16 outputs,
 // k innermost: per step of k it loads one vector of each panel and broadcasts one
@@ -243,6 +244,81 @@ inline void int8_tile(float* C, int64_t ldc, const ActivationScratch& act, int64
 
 #elif defined(__AVX2__)
 
+// The exact int32 sums of R rows x P panels, each panel two vectors of 8 outputs,
+// back in float32 as store_int8_sums above.
+template <int R, int P>
+inline void store_int8_sums(float* C, int64_t ldc, const __m256i (&acc)[R][P][2],
+                            const float* row_scale, const int32_t* row_zero,
+                            const ReducedMatrix& W, int64_t m0) {
+  for (int p = 0; p < P; ++p) {
+    const int64_t columns = panel_columns(W, m0, p);
+    for (int r = 0; r < R; ++r) {
+      alignas(32) float out[16];
+      float* c = C + r * ldc + m0 + 16 * p;
+      for (int v = 0; v < 2; ++v) {
+        const int64_t m = m0 + 16 * p + 8 * v;
+        const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W.row_sum + m));
+        const __m256i exact = _mm256_sub_epi32(
+            acc[r][p][v], _mm256_mullo_epi32(_mm256_set1_epi32(row_zero[r]), sums));
+        const __m256 scales = _mm256_mul_ps(_mm256_set1_ps(row_scale[r]), _mm256_loadu_ps(W.scale + m));
+        const __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(exact), scales);
+        if (columns == 16)
+          _mm256_storeu_ps(c + 8 * v, value);
+        else
+          _mm256_store_ps(out + 8 * v, value);
+      }
+      if (columns < 16) store_columns(c, out, columns);
+    }
+  }
+}
+
+#if defined(__AVXVNNI__)
+
+// AVX-VNNI (Alder Lake and later, Sierra Forest; Sapphire Rapids and Zen 5 have it
+// beside AVX-512): vpdpbusd on 256 bits in the VEX encoding, the four u8 x s8
+// products of a lane summed into its int32, the same sums as AVX2's below in one
+// instruction instead of three. The weight is the operand that may come from memory:
+// a tile keeps only its sums and a row's broadcast in the 16 registers, so it can
+// hold 12 sums (6 rows of a panel; fewer rows, more panels), enough to cover the
+// instruction's latency.
+inline __m256i dpbusd(__m256i acc, __m256i a, const int8_t* w) {
+#if defined(__GNUC__) && !defined(__clang__)
+  // Written out, as the 512-bit one above: GCC copies the sums around the intrinsic.
+  // {vex} (%{ %} in a template): the assembler would otherwise encode the AVX512_VNNI form.
+  asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(a), "m"(*reinterpret_cast<const __m256i*>(w)));
+  return acc;
+#else
+  return _mm256_dpbusd_avx_epi32(acc, a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+#endif
+}
+
+template <int R, int P>
+inline void int8_tile(float* C, int64_t ldc, const ActivationScratch& act, int64_t b,
+                      const ReducedMatrix& W, int64_t panel, const Tile& t) {
+  const int8_t* w = W.q + panel * t.panel_stride;
+  const uint8_t* q = act.q + b * t.lda;
+  // acc[r][2 p + v]: outputs 8 v .. 8 v + 7 of panel p. Two dimensions: with the
+  // [R][P][2] of the store GCC 12 kept a copy of every sum on the stack, a store per
+  // vpdpbusd.
+  __m256i acc[R][2 * P];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 2 * P; ++j) acc[r][j] = _mm256_setzero_si256();
+  for (int64_t g = 0; g < t.groups; ++g)
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, q + r * t.lda + g * 4, 4);
+      const __m256i a = _mm256_set1_epi32(four);
+      for (int j = 0; j < 2 * P; ++j)
+        acc[r][j] = dpbusd(acc[r][j], a, w + (j / 2) * t.panel_stride + g * 64 + (j % 2) * 32);
+    }
+  __m256i sums[R][P][2];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 2 * P; ++j) sums[r][j / 2][j % 2] = acc[r][j];
+  store_int8_sums<R, P>(C, ldc, sums, act.scale + b, act.zero + b, W, panel * 16);
+}
+
+#else
+
 // vpmaddubsw sums pairs of u8 x s8 products in int16 (exact: activations are 7-bit),
 // vpmaddwd the pairs in int32. Two groups of 4 k per pass, summed apart before they
 // join the row's sums: the chain of adds into each accumulator is then half as long
@@ -287,28 +363,10 @@ inline void int8_tile(float* C, int64_t ldc, const ActivationScratch& act, int64
         acc[r][p][1] = _mm256_add_epi32(acc[r][p][1], products(a, w1));
       }
     }
-  const int64_t m0 = panel * 16;
-  for (int p = 0; p < P; ++p) {
-    const int64_t columns = panel_columns(W, m0, p);
-    for (int r = 0; r < R; ++r) {
-      alignas(32) float out[16];
-      float* c = C + r * ldc + m0 + 16 * p;
-      for (int v = 0; v < 2; ++v) {
-        const int64_t m = m0 + 16 * p + 8 * v;
-        const __m256i sums = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(W.row_sum + m));
-        const __m256i exact = _mm256_sub_epi32(
-            acc[r][p][v], _mm256_mullo_epi32(_mm256_set1_epi32(act.zero[b + r]), sums));
-        const __m256 scales = _mm256_mul_ps(_mm256_set1_ps(act.scale[b + r]), _mm256_loadu_ps(W.scale + m));
-        const __m256 value = _mm256_mul_ps(_mm256_cvtepi32_ps(exact), scales);
-        if (columns == 16)
-          _mm256_storeu_ps(c + 8 * v, value);
-        else
-          _mm256_store_ps(out + 8 * v, value);
-      }
-      if (columns < 16) store_columns(c, out, columns);
-    }
-  }
+  store_int8_sums<R, P>(C, ldc, acc, act.scale + b, act.zero + b, W, panel * 16);
 }
+
+#endif
 
 #else  // portable: the same integer sums, one lane at a time
 
@@ -472,6 +530,8 @@ inline void bf16_tile(float* C, int64_t ldc, const ActivationScratch& act, int64
 // vpdpbusd into one register waits on its latency at every step).
 #if defined(__AVX512F__)
 constexpr int kRows = 6, kPanels = 4;  // 24 accumulators of the 32 vector registers
+#elif defined(__AVXVNNI__)
+constexpr int kRows = 6, kPanels = 1;  // 12 accumulators (two vectors a panel) of 16
 #elif defined(__AVX2__)
 constexpr int kRows = 4, kPanels = 1;  // 8 accumulators (two vectors a panel) of 16
 #else
@@ -481,6 +541,8 @@ template <int R>
 constexpr int panels_for_rows() {
 #if defined(__AVX512F__)
   return R >= 4 ? kPanels : R == 3 ? 6 : R == 2 ? 8 : 8;
+#elif defined(__AVXVNNI__)
+  return R >= 4 ? kPanels : R == 3 ? 2 : R == 2 ? 3 : 6;  // up to 12 sums
 #else
   return kPanels;
 #endif

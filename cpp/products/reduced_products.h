@@ -1,7 +1,7 @@
 // Products with reduced-precision weights (lstmfast.h: ReducedMatrix), for
 // inference: C[n, M] = A[n, K] W[M, K]^T with A float32. reduced_products.cpp is
-// compiled once per instruction set, its extensions included (AVX512_VNNI,
-// AVX512_BF16), and dispatch.h hands out the table of the one in use.
+// compiled once per instruction set, its extensions included (AVX-VNNI,
+// AVX512_VNNI, AVX512_BF16), and dispatch.h hands out the table of the one in use.
 //
 // A product runs in two passes, so that the rows of A are prepared once and
 // then read by every panel of W (and, on the pool, by every thread):
@@ -18,8 +18,8 @@
 //
 // Activations are quantized to 0..127, not 0..255: AVX2 has no instruction that
 // sums u8 x s8 products in int32 directly, and vpmaddubsw sums pairs of them in
-// int16 with saturation; 127 x 128 x 2 < 2^15 cannot saturate. With VNNI
-// (vpdpbusd sums four products in int32) the same 7-bit activations keep every
+// int16 with saturation; 127 x 128 x 2 < 2^15 cannot saturate. With VNNI, 256-bit
+// or 512-bit (vpdpbusd sums four products in int32) the same 7-bit activations keep every
 // instruction set on the same integers. torch's dynamic quantization (fbgemm,
 // reduce_range) uses the same 7-bit range.
 #pragma once
@@ -91,6 +91,9 @@ namespace generic {
 extern const ReducedProducts reduced_products;
 }
 namespace avx2 {
+extern const ReducedProducts reduced_products;
+}
+namespace avx2_vnni {
 extern const ReducedProducts reduced_products;
 }
 namespace avx512 {

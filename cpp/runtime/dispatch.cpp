@@ -16,6 +16,9 @@ const std::vector<SimdTarget>& compiled() {
 #ifdef LSTMFAST_HAVE_AVX2
     t.push_back({"avx2", &avx2::kernel_table, &avx2::reduced_products});
 #endif
+#ifdef LSTMFAST_HAVE_AVX2_VNNI
+    t.push_back({"avx2_vnni", &avx2::kernel_table, &avx2_vnni::reduced_products});
+#endif
 #ifdef LSTMFAST_HAVE_AVX512
     t.push_back({"avx512", &avx512::kernel_table, &avx512::reduced_products});
 #endif
@@ -40,6 +43,9 @@ bool cpu_supports(const std::string& name) {
                       __builtin_cpu_supports("avx512dq");
   const bool vnni = avx512 && __builtin_cpu_supports("avx512vnni");
   if (name == "avx2") return avx2;
+  // AVX-VNNI without AVX-512 (Alder Lake, Sierra Forest); where both are, avx512's
+  // targets come after it and the best of them is chosen.
+  if (name == "avx2_vnni") return avx2 && __builtin_cpu_supports("avxvnni");
   if (name == "avx512") return avx512;
   if (name == "avx512_vnni") return vnni;
   // Every CPU with AVX512_BF16 so far has VNNI too (Cooper Lake, Sapphire Rapids, Zen 4).

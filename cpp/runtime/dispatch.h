@@ -83,9 +83,10 @@ extern const KernelTable kernel_table;
 }
 
 // A target: a name, the cell kernels and the reduced-precision products it runs.
-// The instruction-set extensions that only the reduced products use (AVX512_VNNI,
-// AVX512_BF16) are targets of their own on top of avx512's cell kernels, so that
-// tests can force each level below the best one.
+// The instruction-set extensions that only the reduced products use are targets of
+// their own on top of the cell kernels of the width they extend: AVX-VNNI on avx2's,
+// AVX512_VNNI and AVX512_BF16 on avx512's, so that tests can force each level below
+// the best one.
 struct SimdTarget {
   const char* name;
   const KernelTable* kernels;
@@ -97,7 +98,7 @@ const SimdTarget& simd_target_in_use();
 // Its cell kernels and its reduced products.
 inline const KernelTable& kernels() { return *simd_target_in_use().kernels; }
 inline const ReducedProducts& reduced_products() { return *simd_target_in_use().products; }
-// Its name: "generic", "avx2", "avx512", "avx512_vnni" or "avx512_bf16".
+// Its name: "generic", "avx2", "avx2_vnni", "avx512", "avx512_vnni" or "avx512_bf16".
 const char* simd_target();
 // The targets compiled into this build AND supported by this CPU, best last.
 std::vector<std::string> simd_targets();

@@ -33,6 +33,8 @@
 #define LSTMFAST_SIMD_NAMESPACE width64_vnni
 #elif defined(__AVX512F__)
 #define LSTMFAST_SIMD_NAMESPACE width64
+#elif defined(__AVXVNNI__)
+#define LSTMFAST_SIMD_NAMESPACE width32_vnni
 #elif defined(__AVX__)
 #define LSTMFAST_SIMD_NAMESPACE width32
 #else

@@ -9,6 +9,7 @@ import numpy as np
 from ._native import _core
 
 _ENV_THREADS = "LSTMFAST_NUM_THREADS"
+_ENV_SIMD = "LSTMFAST_SIMD_TARGET"
 _MAX_THREADS = 2**31 - 1  # the compiled module takes a C int
 
 
@@ -55,6 +56,19 @@ def get_num_threads():
     return _num_threads
 
 
+def _simd_target_from_env():
+    """Use the SIMD target that ``LSTMFAST_SIMD_TARGET`` names, if it is set: a lower one
+    than the best, to compare instruction sets (child processes inherit it, as the
+    bench's do) or to step around a path. Unknown or unsupported names raise."""
+    value = os.environ.get(_ENV_SIMD, "").strip()
+    if not value or not hasattr(_core, "set_simd_target"):
+        return
+    try:
+        _core.set_simd_target(value)
+    except ValueError as e:
+        raise ValueError(f"{_ENV_SIMD}: {e}") from None
+
+
 def simd_target():
     """The instruction set the kernels dispatched to at import."""
     return _core.simd_target() if hasattr(_core, "simd_target") else "none (kernels not built)"
@@ -68,9 +82,12 @@ def show_config(file=None):
         f"lstmfast {__version__}",
         f"  python        {platform.python_version()} ({sys.platform}, {platform.machine()})",
         f"  numpy         {np.__version__}",
-        f"  simd target   {simd_target()}",
+        f"  simd target   {simd_target()} (env {_ENV_SIMD}={os.environ.get(_ENV_SIMD, '')!s})",
         f"  blas          OpenBLAS (scipy-openblas32): {_core.blas_config()}",
         f"  blas core     {_core.blas_corename()}",
         f"  threads       {get_num_threads()} (env {_ENV_THREADS}={os.environ.get(_ENV_THREADS, '')!s})",
     ]
     print("\n".join(lines), file=file)
+
+
+_simd_target_from_env()  # at import, before any kernel runs

@@ -70,6 +70,17 @@ def test_env_variable_sets_default_thread_count():
     assert bad.returncode != 0 and "LSTMFAST_NUM_THREADS" in bad.stderr
 
 
+def test_env_variable_forces_a_simd_target():
+    code = "import lstmfast; print(lstmfast._core.simd_target())"
+    env = dict(os.environ, LSTMFAST_SIMD_TARGET="generic")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "generic"
+    env["LSTMFAST_SIMD_TARGET"] = "avx9000"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0
+    assert "LSTMFAST_SIMD_TARGET: unknown or unsupported SIMD target 'avx9000'" in bad.stderr
+
+
 def test_show_config_reports_version_simd_blas_threads():
     buf = io.StringIO()
     lstmfast.show_config(file=buf)

@@ -119,9 +119,12 @@ def test_the_reference_bfloat16_product_rounds_both_operands():
 # the kernels' products against the reference's, on every instruction set
 
 
+# Row counts 1-7 and 70 reach the register tiles of every target (1-6 rows, with
+# more panels for fewer rows); M = 200 gives 13 panels, so that one and two rows run
+# whole groups of panels and the smaller ones of the remainder.
 @needs_fused
 @pytest.mark.parametrize("n, K, M", [(1, 5, 3), (3, 17, 33), (4, 64, 16), (7, 130, 100),
-                                     (70, 33, 50)])
+                                     (70, 33, 50), (1, 70, 200), (2, 40, 200), (5, 24, 72)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_int8_products_equal_the_reference_exactly(reduced_simd_target, n, K, M, threads):
     # Integer sums are exact on every path, and the scaling is the same float32

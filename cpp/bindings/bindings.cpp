@@ -1323,7 +1323,7 @@ void register_simd(py::module_& m) {
         return d;
       },
       "The instruction-set extensions that matter here (avx2, fma, avx512f, avx512_vnni, "
-      "avx512_bf16, avx_vnni) -> whether this CPU has each.");
+      "avx512_bf16, avx_vnni, amx) -> whether this CPU has each.");
   m.def("compiled_simd_targets", &lstmfast::compiled_simd_targets,
         "The instruction sets compiled in, whether this CPU supports them or not, worst first.");
   m.def("set_simd_target", &lstmfast::set_simd_target, py::arg("name"),

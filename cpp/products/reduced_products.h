@@ -105,5 +105,8 @@ extern const ReducedProducts reduced_products;
 namespace avx512_bf16 {
 extern const ReducedProducts reduced_products;
 }
+namespace avx512_amx {
+extern const ReducedProducts reduced_products;
+}
 
 }  // namespace lstmfast

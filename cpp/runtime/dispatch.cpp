@@ -5,6 +5,14 @@
 #include <atomic>
 #include <stdexcept>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace lstmfast {
 namespace {
 
@@ -28,10 +36,36 @@ const std::vector<SimdTarget>& compiled() {
 #ifdef LSTMFAST_HAVE_AVX512_BF16
     t.push_back({"avx512_bf16", &avx512::kernel_table, &avx512_bf16::reduced_products});
 #endif
+#ifdef LSTMFAST_HAVE_AVX512_AMX
+    t.push_back({"avx512_amx", &avx512::kernel_table, &avx512_amx::reduced_products});
+#endif
     return t;
   }();
   return targets;
 }
+
+#if defined(__x86_64__) || defined(__i386__)
+// The CPU has AMX-TILE, AMX-INT8 and AMX-BF16 (CPUID leaf 7, EDX bits 24, 25, 22),
+// and the operating system lets this process use the tile registers: Linux wants
+// each process to ask (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA, once; it then
+// holds for all its threads), and says no where the kernel or the hypervisor does
+// not save the tiles. Asked once; elsewhere than Linux, no.
+bool amx_usable() {
+  static const bool usable = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const unsigned amx = (1u << 22) | (1u << 24) | (1u << 25);
+    if ((edx & amx) != amx) return false;
+#if defined(__linux__)
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+    return false;
+#endif
+  }();
+  return usable;
+}
+#endif
 
 bool cpu_supports(const std::string& name) {
   if (name == "generic") return true;
@@ -49,7 +83,9 @@ bool cpu_supports(const std::string& name) {
   if (name == "avx512") return avx512;
   if (name == "avx512_vnni") return vnni;
   // Every CPU with AVX512_BF16 so far has VNNI too (Cooper Lake, Sapphire Rapids, Zen 4).
-  if (name == "avx512_bf16") return vnni && __builtin_cpu_supports("avx512bf16");
+  const bool bf16 = vnni && __builtin_cpu_supports("avx512bf16");
+  if (name == "avx512_bf16") return bf16;
+  if (name == "avx512_amx") return bf16 && amx_usable();
 #endif
   return false;
 }
@@ -92,7 +128,8 @@ std::vector<std::pair<std::string, bool>> cpu_features() {
            {"avx512f", __builtin_cpu_supports("avx512f")},
            {"avx512_vnni", __builtin_cpu_supports("avx512vnni")},
            {"avx512_bf16", __builtin_cpu_supports("avx512bf16")},
-           {"avx_vnni", __builtin_cpu_supports("avxvnni")}};
+           {"avx_vnni", __builtin_cpu_supports("avxvnni")},
+           {"amx", amx_usable()}};
 #endif
   return found;
 }

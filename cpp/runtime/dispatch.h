@@ -85,7 +85,7 @@ extern const KernelTable kernel_table;
 // A target: a name, the cell kernels and the reduced-precision products it runs.
 // The instruction-set extensions that only the reduced products use are targets of
 // their own on top of the cell kernels of the width they extend: AVX-VNNI on avx2's,
-// AVX512_VNNI and AVX512_BF16 on avx512's, so that tests can force each level below
+// AVX512_VNNI, AVX512_BF16 and AMX on avx512's, so that tests can force each level below
 // the best one.
 struct SimdTarget {
   const char* name;
@@ -98,7 +98,8 @@ const SimdTarget& simd_target_in_use();
 // Its cell kernels and its reduced products.
 inline const KernelTable& kernels() { return *simd_target_in_use().kernels; }
 inline const ReducedProducts& reduced_products() { return *simd_target_in_use().products; }
-// Its name: "generic", "avx2", "avx2_vnni", "avx512", "avx512_vnni" or "avx512_bf16".
+// Its name: "generic", "avx2", "avx2_vnni", "avx512", "avx512_vnni", "avx512_bf16" or
+// "avx512_amx".
 const char* simd_target();
 // The targets compiled into this build AND supported by this CPU, best last.
 std::vector<std::string> simd_targets();
@@ -106,7 +107,8 @@ std::vector<std::string> simd_targets();
 std::vector<std::string> compiled_simd_targets();
 // The instruction-set extensions the kernels and their peers care about, each with
 // whether this CPU has it: avx2, fma, avx512f, avx512_vnni, avx512_bf16, avx_vnni
-// (the 256-bit VEX form of VNNI). Empty off x86.
+// (the 256-bit VEX form of VNNI), amx (AMX-TILE, -INT8 and -BF16, and the operating
+// system's leave to use them). Empty off x86.
 std::vector<std::pair<std::string, bool>> cpu_features();
 // The target of that name among them; throws std::invalid_argument when there is none.
 const SimdTarget& find_simd_target(const std::string& name);

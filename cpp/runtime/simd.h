@@ -27,7 +27,9 @@
 // so the linker can never merge an AVX-512 body into the portable build (an ODR
 // violation that would crash on older CPUs), nor a body built with an extension
 // (VNNI, BF16) into the build without it.
-#if defined(__AVX512BF16__)
+#if defined(__AMX_TILE__)
+#define LSTMFAST_SIMD_NAMESPACE width64_amx
+#elif defined(__AVX512BF16__)
 #define LSTMFAST_SIMD_NAMESPACE width64_bf16
 #elif defined(__AVX512VNNI__)
 #define LSTMFAST_SIMD_NAMESPACE width64_vnni

@@ -64,7 +64,7 @@ def test_the_header_names_the_cpu_extensions_and_the_blas_core(monkeypatch):
     assert config["blas core"] == _core.blas_corename() != ""
     features = _core.cpu_features()
     if features:  # x86
-        assert set(features) == {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni"}
+        assert set(features) == {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx"}
         for name, present in features.items():
             assert (name in config["cpu features"].split(" (not:")[0].split()) == present
     assert "warning" not in config

@@ -44,8 +44,12 @@ constexpr int64_t kActivationLevels = 127;
 // against 199 at n = 64).
 constexpr int64_t kRowBlock = 64;
 #if defined(__AMX_TILE__)
-// Rows from which a product runs on AMX's tiles (below it, on AVX-512's).
-constexpr int64_t kAmxMinRows = 1;
+// Rows from which a product runs on AMX's tiles, below it on AVX-512's: a few int8
+// rows stream their weights as fast through vpdpbusd (measured, LSTM and GRU, T = 100,
+// one thread, AMX against AVX512_VNNI: 0.93-0.95x at N = 1, I = H = 128; 0.89-0.91x at
+// N = 2; 1.16-1.21x at N = 4, I = H = 256); bfloat16 has no such rows, as vdpbf16ps
+// is slow (1.6-1.7x on AMX at N = 1).
+constexpr int64_t kAmxMinInt8Rows = 4, kAmxMinBf16Rows = 1;
 #endif
 constexpr int64_t kPanelBlockBytes = 256 * 1024;
 
@@ -765,7 +769,7 @@ void amx_panels(float* C, int64_t ldc, const ActivationScratch& act, int64_t n, 
 void panels(float* C, int64_t ldc, const ActivationScratch& act, int64_t n, const ReducedMatrix& W,
             int64_t p0, int64_t p1) {
 #if defined(__AMX_TILE__)
-  if (n >= kAmxMinRows) {
+  if (n >= (W.precision == Precision::Int8 ? kAmxMinInt8Rows : kAmxMinBf16Rows)) {
     if (W.precision == Precision::Int8)
       amx_panels<true>(C, ldc, act, n, W, p0, p1);
     else

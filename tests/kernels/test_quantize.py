@@ -121,10 +121,13 @@ def test_the_reference_bfloat16_product_rounds_both_operands():
 
 # Row counts 1-7 and 70 reach the register tiles of every target (1-6 rows, with
 # more panels for fewer rows); M = 200 gives 13 panels, so that one and two rows run
-# whole groups of panels and the smaller ones of the remainder.
+# whole groups of panels and the smaller ones of the remainder. AMX's tiles take 16
+# rows and 64 bytes of k: 20 and 70 rows end in a shorter tile, K = 256 fills whole
+# steps of k, the others end in a shorter one.
 @needs_fused
 @pytest.mark.parametrize("n, K, M", [(1, 5, 3), (3, 17, 33), (4, 64, 16), (7, 130, 100),
-                                     (70, 33, 50), (1, 70, 200), (2, 40, 200), (5, 24, 72)])
+                                     (70, 33, 50), (1, 70, 200), (2, 40, 200), (5, 24, 72),
+                                     (20, 256, 40)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_int8_products_equal_the_reference_exactly(reduced_simd_target, n, K, M, threads):
     # Integer sums are exact on every path, and the scaling is the same float32
@@ -138,7 +141,8 @@ def test_kernel_int8_products_equal_the_reference_exactly(reduced_simd_target, n
 
 
 @needs_fused
-@pytest.mark.parametrize("n, K, M", [(1, 5, 3), (3, 17, 33), (7, 130, 100), (70, 33, 50)])
+@pytest.mark.parametrize("n, K, M", [(1, 5, 3), (3, 17, 33), (7, 130, 100), (70, 33, 50),
+                                     (20, 256, 40)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_bfloat16_products_match_the_exact_products(reduced_simd_target, n, K, M, threads):
     # Products of bfloat16 values are exact in float32: only the order of the
@@ -308,10 +312,10 @@ def test_reduced_layers_give_the_same_bits_on_any_number_of_threads(
         options):
     rng = np.random.default_rng(12)
     # Each product's element is computed the same way whichever thread computes it:
-    # int8 sums are exact, bfloat16 ones run in the same order. Without vdpbf16ps a
-    # bfloat16 layer of many rows multiplies widened weights with OpenBLAS, whose
+    # int8 sums are exact, bfloat16 ones run in the same order. Without vdpbf16ps or
+    # AMX a bfloat16 layer of many rows multiplies widened weights with OpenBLAS, whose
     # results may depend on its own thread count.
-    exact = precision == "int8" or _core.simd_target() == "avx512_bf16"
+    exact = precision == "int8" or _core.simd_target() in ("avx512_bf16", "avx512_amx")
     for N, H in ((17, 256), (7, 400)):
         fused, numpy = layer_pair(cls_name, options, precision, H=H)
         x = rng.standard_normal((6, N, 11)).astype(np.float32)

@@ -120,7 +120,11 @@ constexpr int64_t kReducedRowsPerThread = 4;
 // core), two threads, the same calls alternated in one process, split by rows
 // against by panels: LSTM and GRU of I=H=256 (N = 8, 32) 1.11x-1.55x, I=H=512
 // (N = 64; 1.5-4 MB) 1.04x-1.19x; I=H=1024 (N = 16): int8 (6-8 MB) 1.03x-1.08x,
-// bfloat16 (12-16 MB) 0.79x-0.82x, its weights streamed from L3 twice over.
+// bfloat16 (12-16 MB) 0.79x-0.82x, its weights streamed from L3 twice over. On AMX
+// a thread needs a whole tile of rows (ReducedProducts::full_tile_rows): measured on
+// an Emerald Rapids Xeon, two threads, LSTM and GRU, bfloat16 and int8, by panels
+// against by rows: N = 8 (tiles of 4 rows and an input projection of 4 rows a step
+// when split) 1.12x-1.46x; N = 32 (16 rows each) 0.67x-0.83x.
 constexpr int64_t kReducedRowSplitBytes = int64_t(6) << 20;
 
 // The thread's shares of W_hh (bytes) with which a call of one row carries its input
@@ -183,7 +187,10 @@ inline void reduced_steps(const LayerBuffers<float>& buf, const float* x, int64_
   // A thread's own rows, multiplied by every panel, need no other thread's work:
   // the steps then run without a barrier (see kReducedRowsPerThread).
   const int64_t weight_bytes = W_hh.nbytes() + (chunked ? w.W_ih_r->nbytes() : 0);
-  const bool by_rows = threads > 1 && N >= kReducedRowsPerThread * threads &&
+  const int64_t rows_per_thread = products.full_tile_rows > kReducedRowsPerThread
+                                      ? products.full_tile_rows
+                                      : kReducedRowsPerThread;
+  const bool by_rows = threads > 1 && N >= rows_per_thread * threads &&
                        weight_bytes <= kReducedRowSplitBytes && (!chunked || s.offsets || !s.rows);
   // The steps of rows b0..b1-1 alone: their rows of x projected step by step (x_row
   // of those rows is consecutive: packed, or in x's order), h prepared, multiplied

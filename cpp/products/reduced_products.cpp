@@ -874,6 +874,11 @@ const ReducedProducts reduced_products = {LSTMFAST_STR(LSTMFAST_ISA),
 #else
                                           false,
 #endif
+#if defined(__AMX_TILE__)
+                                          16,
+#else
+                                          0,
+#endif
                                           &prepare_rows, &panels,
 #if defined(__AVX512VNNI__)
                                           &carrying_panels};

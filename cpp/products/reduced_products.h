@@ -71,6 +71,11 @@ struct ReducedProducts {
   // Multiplies bfloat16 in hardware (vdpbf16ps): whole bfloat16 layers then run on
   // it; without, a layer of many rows runs on its weights widened to float32 (stack.cpp).
   bool native_bf16;
+  // Rows a tile needs to run at its rate: AMX's take 16, 0 for the others (whose
+  // tiles of a few rows are as fast). A layer's threads split its rows only when each
+  // gets that many (reduced_steps); with fewer they share each step's panels, and
+  // project their inputs in chunks of steps rather than a few rows a step.
+  int64_t full_tile_rows;
   // Rows r0..r1-1 of A (lda apart, W.K values each) into rows r0..r1-1 of act.
   void (*prepare_rows)(const ActivationScratch& act, const float* A, int64_t lda,
                        const ReducedMatrix& W, int64_t r0, int64_t r1);

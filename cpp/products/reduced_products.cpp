@@ -204,7 +204,16 @@ inline __m512i dpbusd(__m512i acc, __m512i a, __m512i w) {
 
 // The exact int32 sums of R rows x P panels (the first output m0 of W) back in
 // float32, into C (rows ldc apart, output m at C[m]): each row's zero point taken
-// out with W's row sums, then the row's and the output's scales.
+// out with W's row sums, then the row's and the output's scales (store_int8_row: one
+// row of one panel, keep its columns).
+inline void store_int8_row(float* c, __mmask16 keep, __m512i acc, float row_scale,
+                           int32_t row_zero, __m512i row_sums, __m512 wscale) {
+  const __m512i exact = _mm512_sub_epi32(acc, _mm512_mullo_epi32(_mm512_set1_epi32(row_zero), row_sums));
+  const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(row_scale), wscale);
+  // maskz: GCC 12 warns that _mm512_cvtepi32_ps reads an undefined register
+  _mm512_mask_storeu_ps(c, keep, _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, exact), scales));
+}
+
 template <int R, int P>
 inline void store_int8_sums(float* C, int64_t ldc, const __m512i (&acc)[R][P],
                             const float* row_scale, const int32_t* row_zero,
@@ -214,14 +223,8 @@ inline void store_int8_sums(float* C, int64_t ldc, const __m512i (&acc)[R][P],
     const __mmask16 keep = static_cast<__mmask16>((1u << columns) - 1);
     const __m512i sums = _mm512_loadu_si512(W.row_sum + m0 + 16 * p);
     const __m512 wscale = _mm512_loadu_ps(W.scale + m0 + 16 * p);
-    for (int r = 0; r < R; ++r) {
-      const __m512i exact =
-          _mm512_sub_epi32(acc[r][p], _mm512_mullo_epi32(_mm512_set1_epi32(row_zero[r]), sums));
-      const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(row_scale[r]), wscale);
-      // maskz: GCC 12 warns that _mm512_cvtepi32_ps reads an undefined register
-      _mm512_mask_storeu_ps(C + r * ldc + m0 + 16 * p, keep,
-                            _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, exact), scales));
-    }
+    for (int r = 0; r < R; ++r)
+      store_int8_row(C + r * ldc + m0 + 16 * p, keep, acc[r][p], row_scale[r], row_zero[r], sums, wscale);
   }
 }
 
@@ -287,22 +290,15 @@ inline void store_int8_sums(float* C, int64_t ldc, const __m256i (&acc)[R][P][2]
 // products of a lane summed into its int32, the same sums as AVX2's below in one
 // instruction instead of three. A tile holds 12 sums (6 rows of a panel; fewer rows,
 // more panels), enough to cover the instruction's latency, in the 16 registers.
+// w from a register or straight from memory ("xm"), as the tile below has room.
 inline __m256i dpbusd(__m256i acc, __m256i a, __m256i w) {
 #if defined(__GNUC__) && !defined(__clang__)
   // Written out, as the 512-bit one above: GCC copies the sums around the intrinsic.
   // {vex} (%{ %} in a template): the assembler would otherwise encode the AVX512_VNNI form.
-  asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(a), "x"(w));
+  asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(a), "xm"(w));
   return acc;
 #else
   return _mm256_dpbusd_avx_epi32(acc, a, w);
-#endif
-}
-inline __m256i dpbusd(__m256i acc, __m256i a, const int8_t* w) {
-#if defined(__GNUC__) && !defined(__clang__)
-  asm("%{vex%} vpdpbusd %2, %1, %0" : "+x"(acc) : "x"(a), "m"(*reinterpret_cast<const __m256i*>(w)));
-  return acc;
-#else
-  return _mm256_dpbusd_avx_epi32(acc, a, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
 #endif
 }
 
@@ -320,22 +316,20 @@ inline void int8_tile(float* C, int64_t ldc, const ActivationScratch& act, int64
   // The weights of a group in registers where they fit beside the sums and a
   // broadcast, else operands from memory (loaded again for each row).
   constexpr bool kWeightsInRegisters = R * 2 * P + 2 * P + 1 <= 16;
+  auto weights = [&](int64_t g, int j) LSTMFAST_LAMBDA_INLINE {
+    return _mm256_loadu_si256(
+        reinterpret_cast<const __m256i*>(w + (j / 2) * t.panel_stride + g * 64 + (j % 2) * 32));
+  };
   for (int64_t g = 0; g < t.groups; ++g) {
     __m256i wv[2 * P];
     if constexpr (kWeightsInRegisters)
-      for (int j = 0; j < 2 * P; ++j)
-        wv[j] = _mm256_loadu_si256(
-            reinterpret_cast<const __m256i*>(w + (j / 2) * t.panel_stride + g * 64 + (j % 2) * 32));
+      for (int j = 0; j < 2 * P; ++j) wv[j] = weights(g, j);
     for (int r = 0; r < R; ++r) {
       int32_t four;
       std::memcpy(&four, q + r * t.lda + g * 4, 4);
       const __m256i a = _mm256_set1_epi32(four);
-      for (int j = 0; j < 2 * P; ++j) {
-        if constexpr (kWeightsInRegisters)
-          acc[r][j] = dpbusd(acc[r][j], a, wv[j]);
-        else
-          acc[r][j] = dpbusd(acc[r][j], a, w + (j / 2) * t.panel_stride + g * 64 + (j % 2) * 32);
-      }
+      for (int j = 0; j < 2 * P; ++j)
+        acc[r][j] = dpbusd(acc[r][j], a, kWeightsInRegisters ? wv[j] : weights(g, j));
     }
   }
   __m256i sums[R][P][2];
@@ -667,6 +661,8 @@ TileConfig amx_config(int64_t rows, int64_t tail_bytes) {
 }
 
 // C tiles 0 (and 1 when two panels) += A B over all of k, for the configured rows.
+// Written out for the tail: GCC's tile intrinsics are macros that spell their tile
+// numbers into the instruction, so they cannot come from template parameters.
 template <bool kInt8, bool kTwo>
 inline void amx_sums(const uint8_t* a, int64_t lda_bytes, const uint8_t* w0, const uint8_t* w1,
                      int64_t steps, bool tail) {
@@ -715,13 +711,9 @@ inline void amx_store(float* C, int64_t ldc, const void* tile, int64_t rows,
     const int32_t* sums = static_cast<const int32_t*>(tile);
     const __m512i row_sums = _mm512_loadu_si512(W.row_sum + m0);
     const __m512 wscale = _mm512_loadu_ps(W.scale + m0);
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m512i exact = _mm512_sub_epi32(
-          _mm512_loadu_si512(sums + 16 * r), _mm512_mullo_epi32(_mm512_set1_epi32(act.zero[b + r]), row_sums));
-      const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(act.scale[b + r]), wscale);
-      _mm512_mask_storeu_ps(C + (b + r) * ldc + m0, keep,
-                            _mm512_mul_ps(_mm512_maskz_cvtepi32_ps(0xFFFF, exact), scales));
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      store_int8_row(C + (b + r) * ldc + m0, keep, _mm512_loadu_si512(sums + 16 * r),
+                     act.scale[b + r], act.zero[b + r], row_sums, wscale);
   } else {
     const float* sums = static_cast<const float*>(tile);
     for (int64_t r = 0; r < rows; ++r)
